@@ -1,0 +1,1 @@
+//! IMAP support: sans-I/O codec, rewriters and the session driver.

@@ -1,0 +1,19 @@
+//! mailfront: a TLS front proxy for email submission and access (RFC 8314).
+//!
+//! # Layout
+//! - [`config`]: the YAML model, defaults, and validation into a checked [`config::RuntimeConfig`].
+//! - [`tls`]: certificate store with SNI selection and hot reload, IANA names, self-signed fallback.
+//! - [`listener`] / [`server`]: accept loops, connection limits, graceful shutdown; [`server::run`]
+//!   takes already-bound listeners so tests run the proxy in-process on port 0.
+//! - [`session`]: per-connection context and the client stream that can be upgraded by STARTTLS.
+//! - [`backend`]: connecting to the cleartext backend with a deadline.
+//! - [`relay`]: the byte relay used once a protocol no longer needs parsing.
+//! - [`line`]: bounded line framing shared by the three protocol codecs.
+//! - [`smtp`], [`imap`], [`pop3`]: sans-I/O codecs and rewriters plus the session drivers.
+//! - [`metrics`]: Prometheus handles and the `/metrics`, `/healthz`, `/readyz` endpoint.
+#![forbid(unsafe_code)]
+
+pub mod imap;
+pub mod line;
+pub mod pop3;
+pub mod smtp;

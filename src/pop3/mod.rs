@@ -1,0 +1,1 @@
+//! POP3 support: sans-I/O codec, rewriters and the session driver.

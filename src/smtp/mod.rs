@@ -1,0 +1,1 @@
+//! SMTP support: sans-I/O codec, rewriters and the session driver.
