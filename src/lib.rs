@@ -3,17 +3,24 @@
 //! # Layout
 //! - [`config`]: the YAML model, defaults, and validation into a checked [`config::RuntimeConfig`].
 //! - [`tls`]: certificate store with SNI selection and hot reload, IANA names, self-signed fallback.
-//! - [`listener`] / [`server`]: accept loops, connection limits, graceful shutdown; [`server::run`]
-//!   takes already-bound listeners so tests run the proxy in-process on port 0.
-//! - [`session`]: per-connection context and the client stream that can be upgraded by STARTTLS.
-//! - [`backend`]: connecting to the cleartext backend with a deadline.
+//! - [`server`]: binding, accept loops, connection limits, certificate reload, graceful shutdown;
+//!   [`server::Server::run`] takes already-bound sockets so tests run the proxy in-process on port 0.
+//! - [`session`]: per-connection context and the client stream that STARTTLS upgrades.
+//! - [`backend`]: connecting to the cleartext backend with a deadline; byte counting.
 //! - [`relay`]: the byte relay used once a protocol no longer needs parsing.
 //! - [`line`]: bounded line framing shared by the three protocol codecs.
 //! - [`smtp`], [`imap`], [`pop3`]: sans-I/O codecs and rewriters plus the session drivers.
 //! - [`metrics`]: Prometheus handles and the `/metrics`, `/healthz`, `/readyz` endpoint.
 #![forbid(unsafe_code)]
 
+pub mod backend;
+pub mod config;
 pub mod imap;
 pub mod line;
+pub mod metrics;
 pub mod pop3;
+pub mod relay;
+pub mod server;
+pub mod session;
 pub mod smtp;
+pub mod tls;

@@ -1,1 +1,131 @@
-fn main() {}
+//! The `mailfront` binary: CLI, logging, signals and exit codes around [`mailfront::server`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mailfront::config::{self, LogFormat, RuntimeConfig};
+use mailfront::server::{self, Control, Server};
+use mailfront::tls::CertStore;
+
+#[derive(Parser)]
+#[command(
+    name = "mailfront",
+    version,
+    about = "TLS front proxy for email submission and access (RFC 8314)"
+)]
+struct Cli {
+    /// Configuration file (YAML). Without it, the built-in default (config.yaml.example) runs.
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and certificates, then exit 0 (valid) or 1.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(cli.config.as_deref()),
+        Command::Run => match run(cli.config.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mailfront: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn check(path: Option<&std::path::Path>) -> ExitCode {
+    let source = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "built-in default".into());
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{source}: invalid configuration:\n{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match CertStore::load(&config.tls.certificates, &config.hostname) {
+        Ok(store) => {
+            println!(
+                "{source}: configuration OK: {} listener(s), {} certificate(s){}",
+                config.listeners.len(),
+                store.loaded().len(),
+                if store.is_self_signed() {
+                    " (self-signed, none configured)"
+                } else {
+                    ""
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{source}: invalid configuration:\n{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &RuntimeConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let config = config::load(path).context("invalid configuration")?;
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let registry = prometheus::Registry::new();
+        let server = Server::new(config.clone(), &registry)?;
+        let bound = server::bind(&config).await?;
+        let control = Control::default();
+        spawn_signal_handlers(control.clone())?;
+        server.run(bound, control).await?;
+        Ok(())
+    })
+}
+
+/// SIGTERM/SIGINT begin a graceful shutdown; SIGHUP re-reads the certificates.
+fn spawn_signal_handlers(control: Control) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => { tracing::info!("SIGTERM received"); control.shutdown.cancel(); }
+                _ = interrupt.recv() => { tracing::info!("SIGINT received"); control.shutdown.cancel(); }
+                _ = hangup.recv() => { tracing::info!("SIGHUP received: reloading certificates"); control.reload.notify_one(); }
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,791 @@
+//! Configuration: the YAML model ([`Config`]), its defaults, and validation into a checked
+//! [`RuntimeConfig`] so the rest of the code never re-checks a value.
+//!
+//! Parsing ([`Config::from_yaml`]) is separate from file I/O ([`load`]), and validation reports
+//! every problem at once, each naming the key it is about.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The built-in default: `mailfront` with no `--config` runs exactly the shipped example.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config.yaml.example");
+
+/// One problem in a configuration, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted path of the key, e.g. `listeners[1].backend`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Everything wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+/// `protocol:` of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Smtp,
+    Imap,
+    Pop3,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Smtp => "smtp",
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `tls:` of a listener: TLS from the first byte (465/993/995) or after STARTTLS/STLS (587/143/110).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Implicit,
+    Starttls,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Implicit => "implicit",
+            TlsMode::Starttls => "starttls",
+        }
+    }
+}
+
+/// `tls.min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MinTlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A duration written as "30s", "5m", "1h" or "250ms".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text).map(ConfigDuration).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?}: write it like \"30s\", \"5m\", \"1h\" or \"250ms\""
+            ))
+        })
+    }
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.checked_mul(60)?),
+        "h" => Duration::from_secs(number.checked_mul(3600)?),
+        _ => return None,
+    };
+    Some(duration)
+}
+
+/// The file as written. Every struct refuses unknown keys, so a typo is an error, not a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub hostname: String,
+    #[serde(default)]
+    pub tls: TlsSection,
+    pub listeners: Vec<ListenerSection>,
+    #[serde(default)]
+    pub metrics: Option<MetricsSection>,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub timeouts: TimeoutsSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    #[serde(default)]
+    pub certificates: Vec<CertificateSection>,
+    #[serde(default = "default_min_version")]
+    pub min_version: MinTlsVersion,
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: ConfigDuration,
+    #[serde(default = "default_reload_interval")]
+    pub reload_interval: ConfigDuration,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            certificates: Vec::new(),
+            min_version: default_min_version(),
+            handshake_timeout: default_handshake_timeout(),
+            reload_interval: default_reload_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub name: String,
+    pub protocol: Protocol,
+    pub listen: String,
+    pub tls: TlsMode,
+    pub backend: String,
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    #[serde(default)]
+    pub require_tls_for_mail: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSection {
+    #[serde(default = "default_backend_connect")]
+    pub backend_connect: ConfigDuration,
+    #[serde(default = "default_idle")]
+    pub idle: ConfigDuration,
+    #[serde(default = "default_data_reply")]
+    pub data_reply: ConfigDuration,
+    #[serde(default = "default_relay_idle")]
+    pub relay_idle: ConfigDuration,
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: ConfigDuration,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        TimeoutsSection {
+            backend_connect: default_backend_connect(),
+            idle: default_idle(),
+            data_reply: default_data_reply(),
+            relay_idle: default_relay_idle(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    #[serde(default = "default_smtp_line")]
+    pub smtp_line: usize,
+    #[serde(default = "default_imap_line")]
+    pub imap_line: usize,
+    #[serde(default = "default_imap_literal")]
+    pub imap_literal: usize,
+    #[serde(default = "default_pop3_line")]
+    pub pop3_line: usize,
+    #[serde(default = "default_preauth_commands")]
+    pub preauth_commands: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            smtp_line: default_smtp_line(),
+            imap_line: default_imap_line(),
+            imap_literal: default_imap_literal(),
+            pop3_line: default_pop3_line(),
+            preauth_commands: default_preauth_commands(),
+        }
+    }
+}
+
+// Defaults live here, in one place; config.yaml.example documents the same values.
+fn default_min_version() -> MinTlsVersion {
+    MinTlsVersion::Tls12
+}
+fn default_handshake_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
+fn default_reload_interval() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(5))
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_backend_connect() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
+fn default_idle() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(300))
+}
+fn default_data_reply() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(600))
+}
+fn default_relay_idle() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(3600))
+}
+fn default_shutdown_grace() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(30))
+}
+fn default_smtp_line() -> usize {
+    4096
+}
+fn default_imap_line() -> usize {
+    8192
+}
+fn default_imap_literal() -> usize {
+    65536
+}
+fn default_pop3_line() -> usize {
+    512
+}
+fn default_preauth_commands() -> usize {
+    50
+}
+
+/// Default cap on concurrent sessions per listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// A backend address: kept as written, because a DNS name is resolved at each connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+fn parse_backend(text: &str) -> Result<BackendAddress, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(BackendAddress {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        });
+    }
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{text:?} has no valid port"))?;
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !valid_name {
+        return Err(format!("{host:?} is neither an IP address nor a DNS name"));
+    }
+    if port == 0 {
+        return Err("port 0 is not a valid backend port".to_owned());
+    }
+    Ok(BackendAddress {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// A listener after validation.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    pub listen: SocketAddr,
+    pub tls: TlsMode,
+    pub backend: BackendAddress,
+    pub max_connections: usize,
+    /// SMTP on a STARTTLS listener: refuse MAIL FROM before TLS (default true).
+    pub require_tls_for_mail: bool,
+}
+
+/// TLS settings after validation. Certificate files are loaded (and checked) by [`crate::tls`].
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub certificates: Vec<CertificateSection>,
+    pub min_version: MinTlsVersion,
+    pub handshake_timeout: Duration,
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub backend_connect: Duration,
+    pub idle: Duration,
+    pub data_reply: Duration,
+    pub relay_idle: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub smtp_line: usize,
+    pub imap_line: usize,
+    pub imap_literal: usize,
+    pub pop3_line: usize,
+    pub preauth_commands: usize,
+}
+
+/// The checked configuration the proxy runs with.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub hostname: String,
+    pub tls: TlsConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+impl Config {
+    /// Parses YAML text; unknown keys and wrong types are errors that name the key.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
+    }
+
+    /// Checks every value, reporting all problems at once. Relative certificate paths are
+    /// resolved against `base_dir` (the config file's directory).
+    pub fn validate(self, base_dir: &Path) -> Result<RuntimeConfig, ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem =
+            |key: String, message: String| problems.push(ConfigProblem { key, message });
+
+        if !is_valid_hostname(&self.hostname) {
+            problem(
+                "hostname".into(),
+                format!("{:?} is not a valid DNS host name", self.hostname),
+            );
+        }
+
+        let certificates = self
+            .tls
+            .certificates
+            .iter()
+            .map(|c| CertificateSection {
+                cert: base_dir.join(&c.cert),
+                key: base_dir.join(&c.key),
+            })
+            .collect::<Vec<_>>();
+        if self.tls.handshake_timeout.0.is_zero() {
+            problem("tls.handshake_timeout".into(), "must be more than 0".into());
+        }
+        if self.tls.reload_interval.0.is_zero() {
+            problem("tls.reload_interval".into(), "must be more than 0".into());
+        }
+
+        if self.listeners.is_empty() {
+            problem(
+                "listeners".into(),
+                "at least one listener is required".into(),
+            );
+        }
+        let mut listeners = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        let mut addresses = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = |field: &str| format!("listeners[{i}].{field}");
+            let name_ok = !l.name.is_empty()
+                && l.name.len() <= 64
+                && l.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok {
+                problem(
+                    key("name"),
+                    format!("{:?} must be 1-64 letters, digits, '-' or '_'", l.name),
+                );
+            } else if !names.insert(l.name.clone()) {
+                problem(
+                    key("name"),
+                    format!("{:?} is used by another listener", l.name),
+                );
+            }
+            let listen = match l.listen.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if addr.port() != 0 && !addresses.insert(addr) {
+                        problem(key("listen"), format!("{addr} is used by another listener"));
+                    }
+                    Some(addr)
+                }
+                Err(_) => {
+                    problem(
+                        key("listen"),
+                        format!(
+                            "{:?} is not an address:port (IPv6 as \"[::]:993\")",
+                            l.listen
+                        ),
+                    );
+                    None
+                }
+            };
+            let backend = match parse_backend(&l.backend) {
+                Ok(b) => Some(b),
+                Err(message) => {
+                    problem(key("backend"), message);
+                    None
+                }
+            };
+            if l.max_connections == Some(0) {
+                problem(key("max_connections"), "must be at least 1".into());
+            }
+            if l.require_tls_for_mail.is_some()
+                && (l.protocol != Protocol::Smtp || l.tls != TlsMode::Starttls)
+            {
+                problem(
+                    key("require_tls_for_mail"),
+                    "applies only to smtp listeners with tls: starttls".into(),
+                );
+            }
+            if let (Some(listen), Some(backend)) = (listen, backend) {
+                listeners.push(ListenerConfig {
+                    name: l.name.clone(),
+                    protocol: l.protocol,
+                    listen,
+                    tls: l.tls,
+                    backend,
+                    max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                    require_tls_for_mail: l.require_tls_for_mail.unwrap_or(true),
+                });
+            }
+        }
+
+        let metrics_listen = match &self.metrics {
+            None => None,
+            Some(m) => match m.listen.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    problem(
+                        "metrics.listen".into(),
+                        format!("{:?} is not an address:port", m.listen),
+                    );
+                    None
+                }
+            },
+        };
+
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            problem(
+                "log.level".into(),
+                format!(
+                    "{:?} is not a level (error, warn, info, debug, trace) or filter",
+                    self.log.level
+                ),
+            );
+        }
+
+        let t = &self.timeouts;
+        for (name, value) in [
+            ("timeouts.backend_connect", t.backend_connect),
+            ("timeouts.idle", t.idle),
+            ("timeouts.data_reply", t.data_reply),
+            ("timeouts.relay_idle", t.relay_idle),
+        ] {
+            if value.0.is_zero() {
+                problem(name.into(), "must be more than 0".into());
+            }
+        }
+
+        let lim = &self.limits;
+        for (name, value, minimum) in [
+            ("limits.smtp_line", lim.smtp_line, 512),
+            ("limits.imap_line", lim.imap_line, 1024),
+            ("limits.imap_literal", lim.imap_literal, 1024),
+            ("limits.pop3_line", lim.pop3_line, 255),
+            ("limits.preauth_commands", lim.preauth_commands, 1),
+        ] {
+            if value < minimum {
+                problem(
+                    name.into(),
+                    format!("{value} is below the minimum of {minimum}"),
+                );
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Ok(RuntimeConfig {
+            hostname: self.hostname.to_ascii_lowercase(),
+            tls: TlsConfig {
+                certificates,
+                min_version: self.tls.min_version,
+                handshake_timeout: self.tls.handshake_timeout.0,
+                reload_interval: self.tls.reload_interval.0,
+            },
+            listeners,
+            metrics_listen,
+            log_format: self.log.format,
+            log_level: self.log.level,
+            timeouts: Timeouts {
+                backend_connect: t.backend_connect.0,
+                idle: t.idle.0,
+                data_reply: t.data_reply.0,
+                relay_idle: t.relay_idle.0,
+                shutdown_grace: t.shutdown_grace.0,
+            },
+            limits: Limits {
+                smtp_line: lim.smtp_line,
+                imap_line: lim.imap_line,
+                imap_literal: lim.imap_literal,
+                pop3_line: lim.pop3_line,
+                preauth_commands: lim.preauth_commands,
+            },
+        })
+    }
+}
+
+/// Reads and validates a config file, or the embedded default when `path` is `None`.
+pub fn load(path: Option<&Path>) -> Result<RuntimeConfig, ConfigError> {
+    match path {
+        None => Config::from_yaml(EMBEDDED_DEFAULT)?.validate(Path::new(".")),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            Config::from_yaml(&text)?.validate(base)
+        }
+    }
+}
+
+fn is_valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(yaml: &str) -> Vec<ConfigProblem> {
+        match Config::from_yaml(yaml).and_then(|c| c.validate(Path::new("/"))) {
+            Err(ConfigError::Invalid(p)) => p,
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    const MINIMAL: &str = "hostname: mx.example.test\nlisteners:\n  - name: imaps\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n";
+
+    #[test]
+    fn shipped_example_is_valid_and_is_the_embedded_default() {
+        let config = load(None).unwrap();
+        assert_eq!(config.hostname, "mx.example.test");
+        assert_eq!(config.listeners.len(), 4);
+        assert!(config.tls.certificates.is_empty());
+        assert_eq!(config.timeouts.idle, Duration::from_secs(300));
+        let on_disk =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml.example"))
+                .unwrap();
+        assert_eq!(on_disk, EMBEDDED_DEFAULT);
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = Config::from_yaml(MINIMAL)
+            .unwrap()
+            .validate(Path::new("/"))
+            .unwrap();
+        assert_eq!(config.tls.min_version, MinTlsVersion::Tls12);
+        assert_eq!(config.tls.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(config.limits.smtp_line, 4096);
+        assert_eq!(config.listeners[0].max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.metrics_listen, None);
+    }
+
+    #[test]
+    fn unknown_key_at_every_depth_is_refused_and_named() {
+        let cases = [
+            ("hostnme: x\n", "hostnme"),
+            ("tls:\n  min_versoin: \"1.2\"\n", "min_versoin"),
+            ("log:\n  colour: true\n", "colour"),
+            ("timeouts:\n  idel: 5s\n", "idel"),
+            ("limits:\n  smtp_lines: 5\n", "smtp_lines"),
+            ("metrics:\n  listen: \"127.0.0.1:1\"\n  path: /m\n", "path"),
+        ];
+        for (extra, key) in cases {
+            let yaml = format!("{MINIMAL}{extra}");
+            let err = Config::from_yaml(&yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let in_listener =
+            MINIMAL.replace("    tls: implicit\n", "    tls: implicit\n    backnd: x\n");
+        assert!(
+            Config::from_yaml(&in_listener)
+                .unwrap_err()
+                .to_string()
+                .contains("backnd")
+        );
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once_with_its_key() {
+        let yaml = "hostname: \"bad host\"\nlisteners:\n  - name: a\n    protocol: smtp\n    listen: \"nowhere\"\n    tls: implicit\n    backend: \"10.0.0.5\"\n  - name: a\n    protocol: imap\n    listen: \"[::1]:0\"\n    tls: implicit\n    backend: \"host:99999\"\n    require_tls_for_mail: true\nmetrics:\n  listen: \"localhost\"\nlimits:\n  smtp_line: 10\n";
+        let keys: Vec<String> = problems(yaml).into_iter().map(|p| p.key).collect();
+        for expected in [
+            "hostname",
+            "listeners[0].listen",
+            "listeners[0].backend",
+            "listeners[1].name",
+            "listeners[1].backend",
+            "listeners[1].require_tls_for_mail",
+            "metrics.listen",
+            "limits.smtp_line",
+        ] {
+            assert!(
+                keys.iter().any(|k| k == expected),
+                "{expected} missing from {keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_enum_values_name_the_allowed_ones() {
+        let err = Config::from_yaml(&MINIMAL.replace("protocol: imap", "protocol: nntp"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("smtp") && err.contains("listeners"), "{err}");
+        let err = Config::from_yaml(&format!("{MINIMAL}tls:\n  min_version: \"1.1\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1.2"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_in_all_units_and_refuse_garbage() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("5 fortnights"), None);
+        assert_eq!(parse_duration("99999999999999999999h"), None);
+    }
+
+    #[test]
+    fn backend_accepts_ipv4_ipv6_and_dns_names() {
+        assert_eq!(
+            parse_backend("10.0.0.5:587").unwrap().to_string(),
+            "10.0.0.5:587"
+        );
+        assert_eq!(parse_backend("[::1]:143").unwrap().to_string(), "[::1]:143");
+        assert_eq!(
+            parse_backend("dovecot.mail.svc:143").unwrap().host,
+            "dovecot.mail.svc"
+        );
+        assert!(parse_backend("dovecot").is_err());
+        assert!(parse_backend("bad_name:1").is_err());
+    }
+
+    #[test]
+    fn relative_certificate_paths_resolve_against_the_config_directory() {
+        let yaml = format!(
+            "{MINIMAL}tls:\n  certificates:\n    - cert: tls/c.pem\n      key: tls/k.pem\n"
+        );
+        let config = Config::from_yaml(&yaml)
+            .unwrap()
+            .validate(Path::new("/etc/mailfront"))
+            .unwrap();
+        assert_eq!(
+            config.tls.certificates[0].cert,
+            Path::new("/etc/mailfront/tls/c.pem")
+        );
+    }
+}

@@ -1,0 +1,569 @@
+//! Prometheus metrics as a struct of typed handles registered on an injected registry, and the
+//! HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Label values come only from configuration (listener names, certificate names) or from closed
+//! sets (protocol, TLS version, IANA cipher and group names, reasons) — never from client input.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ListenerConfig, Protocol};
+use crate::tls::{HandshakeFailure, LoadedCertificate, TlsInfo};
+
+/// Authentication outcome as the backend reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthResult {
+    Success,
+    Failure,
+}
+
+/// Where an IMAP ID "tls" field came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSource {
+    /// Added to the client's own ID command.
+    Client,
+    /// Sent by mailfront before the client's first LOGIN/AUTHENTICATE.
+    Proxy,
+}
+
+/// Every metric family; [`ListenerMetrics`] holds the per-listener handles sessions use.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    connections_accepted: IntCounterVec,
+    connections_active: IntGaugeVec,
+    connections_refused: IntCounterVec,
+    handshakes: IntCounterVec,
+    handshake_failures: IntCounterVec,
+    handshake_duration: HistogramVec,
+    starttls_upgrades: IntCounterVec,
+    cleartext_auth_refused: IntCounterVec,
+    auth_outcomes: IntCounterVec,
+    messages_submitted: IntCounterVec,
+    message_size: HistogramVec,
+    received_fields: IntCounterVec,
+    imap_id_fields: IntCounterVec,
+    backend_connect_failures: IntCounterVec,
+    backend_connect_duration: HistogramVec,
+    relayed_bytes: IntCounterVec,
+    session_duration: HistogramVec,
+    certificate_not_after: IntGaugeVec,
+    certificate_reloads: IntCounterVec,
+    ready: IntGauge,
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const SESSION_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+];
+const SIZE_BUCKETS: &[f64] = &[
+    1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
+];
+
+impl Metrics {
+    /// Registers every family on `registry`, plus the process collector and build info.
+    pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+        let r = registry;
+        let l = &["listener", "protocol"][..];
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "mailfront_build_info",
+                "Build of the running mailfront; always 1.",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        r.register(Box::new(build_info))?;
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let ready = IntGauge::new(
+            "mailfront_ready",
+            "1 while every listener is bound with a certificate loaded and no shutdown has begun.",
+        )?;
+        r.register(Box::new(ready.clone()))?;
+        Ok(Metrics {
+            registry: registry.clone(),
+            connections_accepted: counter(
+                r,
+                "mailfront_connections_accepted_total",
+                "Client connections accepted.",
+                l,
+            )?,
+            connections_active: gauge(
+                r,
+                "mailfront_connections_active",
+                "Client sessions open now.",
+                l,
+            )?,
+            connections_refused: counter(
+                r,
+                "mailfront_connections_refused_total",
+                "Client connections closed at once because the listener's max_connections was reached.",
+                l,
+            )?,
+            handshakes: counter(
+                r,
+                "mailfront_tls_handshakes_total",
+                "Completed TLS handshakes (implicit and STARTTLS) by version, IANA cipher suite and IANA group.",
+                &["listener", "version", "cipher", "group"],
+            )?,
+            handshake_failures: counter(
+                r,
+                "mailfront_tls_handshake_failures_total",
+                "Failed TLS handshakes by reason.",
+                &["listener", "reason"],
+            )?,
+            handshake_duration: histogram(
+                r,
+                "mailfront_tls_handshake_duration_seconds",
+                "Time to complete a TLS handshake.",
+                &["listener"],
+                LATENCY_BUCKETS.to_vec(),
+            )?,
+            starttls_upgrades: counter(
+                r,
+                "mailfront_starttls_upgrades_total",
+                "Sessions upgraded to TLS by STARTTLS or STLS.",
+                l,
+            )?,
+            cleartext_auth_refused: counter(
+                r,
+                "mailfront_cleartext_auth_refused_total",
+                "Authentication attempts refused because the connection was not yet TLS (never forwarded).",
+                l,
+            )?,
+            auth_outcomes: counter(
+                r,
+                "mailfront_auth_outcomes_total",
+                "Authentication outcomes as the backend answered them.",
+                &["listener", "protocol", "result"],
+            )?,
+            messages_submitted: counter(
+                r,
+                "mailfront_messages_submitted_total",
+                "Messages the backend accepted through this listener.",
+                &["listener"],
+            )?,
+            message_size: histogram(
+                r,
+                "mailfront_message_size_bytes",
+                "Size of accepted messages as the client sent them.",
+                &["listener"],
+                SIZE_BUCKETS.to_vec(),
+            )?,
+            received_fields: counter(
+                r,
+                "mailfront_received_fields_added_total",
+                "Received header fields with the tls clause added to messages.",
+                &["listener"],
+            )?,
+            imap_id_fields: counter(
+                r,
+                "mailfront_imap_id_tls_fields_added_total",
+                "IMAP ID commands sent to the backend carrying the tls field.",
+                &["listener", "source"],
+            )?,
+            backend_connect_failures: counter(
+                r,
+                "mailfront_backend_connect_failures_total",
+                "Failed connections to the backend (refused, unreachable, timed out).",
+                &["listener"],
+            )?,
+            backend_connect_duration: histogram(
+                r,
+                "mailfront_backend_connect_duration_seconds",
+                "Time to connect to the backend.",
+                &["listener"],
+                LATENCY_BUCKETS.to_vec(),
+            )?,
+            relayed_bytes: counter(
+                r,
+                "mailfront_relayed_bytes_total",
+                "Bytes relayed, as application data.",
+                &["listener", "direction"],
+            )?,
+            session_duration: histogram(
+                r,
+                "mailfront_session_duration_seconds",
+                "Duration of client sessions.",
+                l,
+                SESSION_BUCKETS.to_vec(),
+            )?,
+            certificate_not_after: gauge(
+                r,
+                "mailfront_certificate_not_after_timestamp_seconds",
+                "notAfter of each certificate in service, as a Unix timestamp.",
+                &["certificate"],
+            )?,
+            certificate_reloads: counter(
+                r,
+                "mailfront_certificate_reloads_total",
+                "Certificate reloads by result; a failed reload keeps the previous certificates.",
+                &["result"],
+            )?,
+            ready,
+        })
+    }
+
+    /// Handles for one listener, with every fixed label combination created so series start at 0.
+    pub fn listener(&self, listener: &ListenerConfig) -> ListenerMetrics {
+        let name = listener.name.as_str();
+        let protocol = listener.protocol.as_str();
+        let lp = [name, protocol];
+        for reason in HandshakeFailure::ALL {
+            self.handshake_failures
+                .with_label_values(&[name, reason.as_str()]);
+        }
+        ListenerMetrics {
+            name: name.to_owned(),
+            protocol: listener.protocol,
+            accepted: self.connections_accepted.with_label_values(&lp),
+            active: self.connections_active.with_label_values(&lp),
+            refused: self.connections_refused.with_label_values(&lp),
+            handshakes: self.handshakes.clone(),
+            handshake_failures: self.handshake_failures.clone(),
+            handshake_duration: self.handshake_duration.with_label_values(&[name]),
+            starttls_upgrades: self.starttls_upgrades.with_label_values(&lp),
+            cleartext_auth_refused: self.cleartext_auth_refused.with_label_values(&lp),
+            auth_success: self
+                .auth_outcomes
+                .with_label_values(&[name, protocol, "success"]),
+            auth_failure: self
+                .auth_outcomes
+                .with_label_values(&[name, protocol, "failure"]),
+            messages_submitted: self.messages_submitted.with_label_values(&[name]),
+            message_size: self.message_size.with_label_values(&[name]),
+            received_fields: self.received_fields.with_label_values(&[name]),
+            id_from_client: self.imap_id_fields.with_label_values(&[name, "client"]),
+            id_from_proxy: self.imap_id_fields.with_label_values(&[name, "proxy"]),
+            backend_connect_failures: self.backend_connect_failures.with_label_values(&[name]),
+            backend_connect_duration: self.backend_connect_duration.with_label_values(&[name]),
+            bytes_to_backend: self
+                .relayed_bytes
+                .with_label_values(&[name, "client_to_backend"]),
+            bytes_to_client: self
+                .relayed_bytes
+                .with_label_values(&[name, "backend_to_client"]),
+            session_duration: self.session_duration.with_label_values(&lp),
+        }
+    }
+
+    /// Publishes the notAfter of the certificates now in service (replacing the previous set).
+    pub fn set_certificates(&self, certificates: &[LoadedCertificate]) {
+        self.certificate_not_after.reset();
+        for cert in certificates {
+            self.certificate_not_after
+                .with_label_values(&[cert.label.as_str()])
+                .set(cert.not_after);
+        }
+    }
+
+    pub fn certificate_reload(&self, success: bool) {
+        self.certificate_reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// The text exposition of everything registered.
+    pub fn encode(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec cannot fail for the text format except on invalid metric state.
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// Per-listener handles, resolved once so the session hot path never looks up labels by string.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub name: String,
+    pub protocol: Protocol,
+    pub accepted: IntCounter,
+    pub active: IntGauge,
+    pub refused: IntCounter,
+    handshakes: IntCounterVec,
+    handshake_failures: IntCounterVec,
+    pub handshake_duration: Histogram,
+    pub starttls_upgrades: IntCounter,
+    pub cleartext_auth_refused: IntCounter,
+    auth_success: IntCounter,
+    auth_failure: IntCounter,
+    pub messages_submitted: IntCounter,
+    pub message_size: Histogram,
+    pub received_fields: IntCounter,
+    id_from_client: IntCounter,
+    id_from_proxy: IntCounter,
+    pub backend_connect_failures: IntCounter,
+    pub backend_connect_duration: Histogram,
+    pub bytes_to_backend: IntCounter,
+    pub bytes_to_client: IntCounter,
+    pub session_duration: Histogram,
+}
+
+impl ListenerMetrics {
+    pub fn handshake_succeeded(&self, info: &TlsInfo, seconds: f64) {
+        self.handshakes
+            .with_label_values(&[
+                self.name.as_str(),
+                &info.version,
+                &info.cipher,
+                &info.group_label,
+            ])
+            .inc();
+        self.handshake_duration.observe(seconds);
+    }
+
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        self.handshake_failures
+            .with_label_values(&[self.name.as_str(), reason.as_str()])
+            .inc();
+    }
+
+    pub fn auth_outcome(&self, result: AuthResult) {
+        match result {
+            AuthResult::Success => self.auth_success.inc(),
+            AuthResult::Failure => self.auth_failure.inc(),
+        }
+    }
+
+    pub fn id_field_added(&self, source: IdSource) {
+        match source {
+            IdSource::Client => self.id_from_client.inc(),
+            IdSource::Proxy => self.id_from_proxy.inc(),
+        }
+    }
+
+    pub fn message_accepted(&self, size: u64) {
+        self.messages_submitted.inc();
+        self.message_size.observe(size as f64);
+    }
+}
+
+/// Readiness as the admin endpoint reports it.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn route(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.encode(),
+        ),
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" if readiness.get() => respond(StatusCode::OK, "text/plain", "ready\n"),
+        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// Serves the admin endpoint on an already-bound listener until `shutdown` fires.
+pub async fn serve_admin(
+    listener: TcpListener,
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, _) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = route(&req, &metrics, &readiness);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(io, service);
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Binds the admin endpoint; a separate step so the caller learns the bound address first.
+pub async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendAddress, TlsMode};
+
+    fn listener() -> ListenerConfig {
+        ListenerConfig {
+            name: "imaps".into(),
+            protocol: Protocol::Imap,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: TlsMode::Implicit,
+            backend: BackendAddress {
+                host: "127.0.0.1".into(),
+                port: 143,
+            },
+            max_connections: 1,
+            require_tls_for_mail: true,
+        }
+    }
+
+    #[test]
+    fn handshake_counter_carries_version_iana_cipher_and_group() {
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        let handles = metrics.listener(&listener());
+        let info = TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: "TLS_AES_128_GCM_SHA256".into(),
+            group: Some("x25519".into()),
+            group_label: "x25519".into(),
+            sni: None,
+        };
+        handles.handshake_succeeded(&info, 0.002);
+        handles.handshake_succeeded(&info, 0.002);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"mailfront_tls_handshakes_total{cipher="TLS_AES_128_GCM_SHA256",group="x25519",listener="imaps",version="TLSv1.3"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn fixed_label_sets_start_at_zero() {
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        metrics.listener(&listener());
+        let text = metrics.encode();
+        assert!(text.contains(
+            r#"mailfront_tls_handshake_failures_total{listener="imaps",reason="timeout"} 0"#
+        ));
+        assert!(text.contains(
+            r#"mailfront_auth_outcomes_total{listener="imaps",protocol="imap",result="failure"} 0"#
+        ));
+        assert!(text.contains(
+            r#"mailfront_cleartext_auth_refused_total{listener="imaps",protocol="imap"} 0"#
+        ));
+        assert!(text.contains("mailfront_build_info{version=\""));
+    }
+
+    #[test]
+    fn certificate_expiry_is_a_unix_timestamp_per_certificate() {
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        metrics.set_certificates(&[LoadedCertificate {
+            label: "mx.example.test".into(),
+            names: vec!["mx.example.test".into()],
+            not_after: 1_900_000_000,
+            self_signed: false,
+        }]);
+        assert!(metrics
+            .encode()
+            .contains(r#"mailfront_certificate_not_after_timestamp_seconds{certificate="mx.example.test"} 1900000000"#));
+    }
+}

@@ -1,0 +1,289 @@
+//! The proxy as a whole: bind, serve every listener, reload certificates, drain on shutdown.
+//!
+//! [`bind`] and [`Server::run`] are separate so tests bind port 0, learn the addresses, and run
+//! the proxy in-process; the binary is one more caller.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ListenerConfig, RuntimeConfig};
+use crate::metrics::{Metrics, Readiness};
+use crate::session::{ListenerContext, Session, serve_connection};
+use crate::tls::{self, CertStore, Handshaker, ReloadOutcome, TlsError};
+
+/// Sockets bound before the proxy starts.
+pub struct Bound {
+    pub listeners: Vec<(ListenerConfig, TcpListener)>,
+    pub admin: Option<TcpListener>,
+}
+
+impl Bound {
+    /// The address each listener is bound to, by name (tests bind port 0 and read this).
+    pub fn addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|(c, l)| l.local_addr().ok().map(|a| (c.name.clone(), a)))
+            .collect()
+    }
+
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listeners[{index}] ({name}): cannot listen on {addr}: {source}")]
+    Bind {
+        index: usize,
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics.listen: cannot listen on {addr}: {source}")]
+    BindAdmin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Binds every listener and the admin endpoint; an error names the listener.
+pub async fn bind(config: &RuntimeConfig) -> Result<Bound, StartError> {
+    let mut listeners = Vec::new();
+    for (index, l) in config.listeners.iter().enumerate() {
+        let listener = TcpListener::bind(l.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                index,
+                name: l.name.clone(),
+                addr: l.listen,
+                source,
+            })?;
+        listeners.push((l.clone(), listener));
+    }
+    let admin = match config.metrics_listen {
+        None => None,
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::BindAdmin { addr, source })?,
+        ),
+    };
+    Ok(Bound { listeners, admin })
+}
+
+/// How the outside world steers a running proxy.
+#[derive(Clone, Default)]
+pub struct Control {
+    /// Cancel to begin a graceful shutdown.
+    pub shutdown: CancellationToken,
+    /// Notify to re-read certificates now (SIGHUP).
+    pub reload: Arc<Notify>,
+}
+
+/// A configured proxy, ready to run.
+pub struct Server {
+    config: RuntimeConfig,
+    store: Arc<CertStore>,
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+}
+
+impl Server {
+    /// Loads certificates and registers metrics on `registry`.
+    pub fn new(config: RuntimeConfig, registry: &Registry) -> Result<Server, StartError> {
+        let store = Arc::new(CertStore::load(&config.tls.certificates, &config.hostname)?);
+        let metrics = Metrics::register(registry)?;
+        Ok(Server {
+            config,
+            store,
+            metrics,
+            readiness: Arc::new(Readiness::default()),
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn cert_store(&self) -> &Arc<CertStore> {
+        &self.store
+    }
+
+    /// Serves until `control.shutdown` is cancelled, then drains for the grace period.
+    pub async fn run(self, bound: Bound, control: Control) -> Result<(), StartError> {
+        let Server {
+            config,
+            store,
+            metrics,
+            readiness,
+        } = self;
+        if store.is_self_signed() {
+            tracing::warn!(
+                hostname = %config.hostname,
+                "NO CERTIFICATE CONFIGURED: serving a self-signed certificate that clients will not trust; set tls.certificates for production"
+            );
+        }
+        metrics.set_certificates(&store.loaded());
+        let tls_config = tls::server_config(&config.tls, store.clone())?;
+        let handshaker = Handshaker::new(tls_config, config.tls.handshake_timeout);
+
+        let tracker = TaskTracker::new();
+        // Sessions get their own token, cancelled only when the grace period runs out.
+        let sessions_cancel = CancellationToken::new();
+
+        if let Some(admin) = bound.admin {
+            tracing::info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
+            tokio::spawn(crate::metrics::serve_admin(
+                admin,
+                metrics.clone(),
+                readiness.clone(),
+                sessions_cancel.clone(),
+            ));
+        }
+
+        tracker.spawn(reload_certificates(
+            store.clone(),
+            metrics.clone(),
+            config.tls.reload_interval,
+            control.reload.clone(),
+            control.shutdown.clone(),
+        ));
+
+        for (listener_config, listener) in bound.listeners {
+            let context = Arc::new(ListenerContext {
+                hostname: config.hostname.clone(),
+                timeouts: config.timeouts.clone(),
+                limits: config.limits.clone(),
+                handshaker: handshaker.clone(),
+                metrics: metrics.listener(&listener_config),
+                config: listener_config,
+            });
+            tracing::info!(
+                listener = %context.config.name,
+                protocol = %context.config.protocol,
+                tls = context.config.tls.as_str(),
+                address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                backend = %context.config.backend,
+                "listening"
+            );
+            tracker.spawn(accept_loop(
+                listener,
+                context,
+                tracker.clone(),
+                control.shutdown.clone(),
+                sessions_cancel.clone(),
+            ));
+        }
+
+        readiness.set(true);
+        metrics.set_ready(true);
+        control.shutdown.cancelled().await;
+        readiness.set(false);
+        metrics.set_ready(false);
+        let grace = config.timeouts.shutdown_grace;
+        tracing::info!(
+            sessions = tracker.len(),
+            grace_s = grace.as_secs(),
+            "shutting down: no new connections, draining sessions"
+        );
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                sessions = tracker.len(),
+                "grace period over: closing the remaining sessions"
+            );
+            sessions_cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        }
+        sessions_cancel.cancel();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    context: Arc<ListenerContext>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    sessions_cancel: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(context.config.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, client_addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = %context.config.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        context.metrics.accepted.inc();
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            context.metrics.refused.inc();
+            tracing::warn!(listener = %context.config.name, client = %client_addr, limit = context.config.max_connections, "connection limit reached: closing");
+            drop(tcp);
+            continue;
+        };
+        let session = Session::new(context.clone(), client_addr, sessions_cancel.clone());
+        let active = context.metrics.active.clone();
+        tracker.spawn(async move {
+            active.inc();
+            serve_connection(tcp, session).await;
+            active.dec();
+            drop(permit);
+        });
+    }
+}
+
+async fn reload_certificates(
+    store: Arc<CertStore>,
+    metrics: Metrics,
+    interval: Duration,
+    reload: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let forced = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = reload.notified() => true,
+            () = tokio::time::sleep(interval) => false,
+        };
+        // File reads and key parsing are blocking work: keep them off the async workers.
+        let worker = store.clone();
+        let result = tokio::task::spawn_blocking(move || worker.reload(forced)).await;
+        match result {
+            Ok(Ok(ReloadOutcome::Reloaded)) => {
+                metrics.certificate_reload(true);
+                let loaded = store.loaded();
+                metrics.set_certificates(&loaded);
+                for cert in &loaded {
+                    tracing::info!(certificate = %cert.label, not_after = cert.not_after, "certificate loaded");
+                }
+            }
+            Ok(Ok(ReloadOutcome::Unchanged)) => {}
+            Ok(Err(e)) => {
+                metrics.certificate_reload(false);
+                tracing::error!(error = %e, "certificate reload failed: keeping the certificates in service");
+            }
+            Err(e) => tracing::error!(error = %e, "certificate reload task failed"),
+        }
+    }
+}

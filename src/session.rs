@@ -1,0 +1,351 @@
+//! One client connection: the client stream (plain until STARTTLS, or TLS from the start), the
+//! per-listener context every protocol driver needs, and the one log line at close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{self, BackendStream, ByteCounters, ConnectError};
+use crate::config::{Limits, ListenerConfig, Protocol, Timeouts, TlsMode};
+use crate::metrics::ListenerMetrics;
+use crate::relay::{self, RelayEnd};
+use crate::tls::{HandshakeError, Handshaker, TlsInfo};
+
+/// What every session on one listener shares.
+pub struct ListenerContext {
+    pub config: ListenerConfig,
+    /// Our own name, for Received "by" and for replies we write.
+    pub hostname: String,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub handshaker: Handshaker,
+    pub metrics: ListenerMetrics,
+}
+
+/// The client side of a session. STARTTLS turns `Plain` into `Tls` by [`ClientStream::upgrade`],
+/// which consumes the plain stream: whether a session is protected is a property of the value.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl ClientStream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientStream::Tls(_))
+    }
+
+    /// Runs the server handshake on a plain stream (after STARTTLS/STLS was answered). The caller
+    /// must have discarded whatever the client pipelined after the command (CERT VU#555316):
+    /// this reads only from the socket, never from any earlier buffer.
+    pub async fn upgrade(
+        self,
+        handshaker: &Handshaker,
+    ) -> Result<(ClientStream, TlsInfo, std::time::Duration), UpgradeError> {
+        match self {
+            ClientStream::Tls(_) => Err(UpgradeError::AlreadyTls),
+            ClientStream::Plain(tcp) => {
+                let (tls, info, took) = handshaker
+                    .accept(tcp)
+                    .await
+                    .map_err(UpgradeError::Handshake)?;
+                Ok((ClientStream::Tls(Box::new(tls)), info, took))
+            }
+        }
+    }
+
+    /// Sends TLS close_notify (RFC 8314 §3.4) or the TCP FIN, bounded by a short deadline.
+    pub async fn close(&mut self) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.shutdown()).await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("STARTTLS on a connection that is already TLS")]
+    AlreadyTls,
+    #[error(transparent)]
+    Handshake(HandshakeError),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Plain(s) => s.is_write_vectored(),
+            ClientStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Why a session ended, for the close log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The client said goodbye (QUIT/LOGOUT) or closed after a complete exchange.
+    ClientClosed,
+    BackendClosed,
+    ClientIdle,
+    BackendTimeout,
+    BackendUnavailable,
+    TlsHandshakeFailed,
+    Shutdown,
+    /// The client broke the protocol or a limit badly enough that we closed.
+    ProtocolViolation(String),
+    IoError(String),
+}
+
+impl EndReason {
+    pub fn as_str(&self) -> &str {
+        match self {
+            EndReason::ClientClosed => "client_closed",
+            EndReason::BackendClosed => "backend_closed",
+            EndReason::ClientIdle => "client_idle",
+            EndReason::BackendTimeout => "backend_timeout",
+            EndReason::BackendUnavailable => "backend_unavailable",
+            EndReason::TlsHandshakeFailed => "tls_handshake_failed",
+            EndReason::Shutdown => "shutdown",
+            EndReason::ProtocolViolation(_) => "protocol_violation",
+            EndReason::IoError(_) => "io_error",
+        }
+    }
+}
+
+/// Per-connection state that protocol drivers read and update.
+pub struct Session {
+    pub listener: Arc<ListenerContext>,
+    pub client_addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub counters: Arc<ByteCounters>,
+    /// Set once TLS is up (at accept for implicit listeners, after STARTTLS otherwise).
+    pub tls: Option<TlsInfo>,
+    pub started: Instant,
+}
+
+impl Session {
+    pub fn new(
+        listener: Arc<ListenerContext>,
+        client_addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Session {
+        Session {
+            listener,
+            client_addr,
+            shutdown,
+            counters: Arc::new(ByteCounters::default()),
+            tls: None,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn hostname(&self) -> &str {
+        &self.listener.hostname
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.listener.config.protocol
+    }
+
+    /// Records a finished handshake (implicit or STARTTLS) in the session, metrics and log.
+    pub fn tls_established(&mut self, info: TlsInfo, took: std::time::Duration, starttls: bool) {
+        let m = &self.listener.metrics;
+        m.handshake_succeeded(&info, took.as_secs_f64());
+        if starttls {
+            m.starttls_upgrades.inc();
+        }
+        tracing::info!(
+            listener = %self.listener.config.name,
+            client = %self.client_addr,
+            sni = info.sni.as_deref().unwrap_or("-"),
+            tls_version = %info.version,
+            cipher = %info.cipher,
+            group = %info.group_label,
+            starttls,
+            handshake_ms = took.as_millis() as u64,
+            "tls established"
+        );
+        self.tls = Some(info);
+    }
+
+    /// Connects to the backend, recording the time or failure.
+    pub async fn connect_backend(&self) -> Result<BackendStream, ConnectError> {
+        let started = Instant::now();
+        let m = &self.listener.metrics;
+        let result = backend::connect(
+            &self.listener.config.backend,
+            self.listener.timeouts.backend_connect,
+            self.counters.clone(),
+        )
+        .await;
+        match &result {
+            Ok(_) => m
+                .backend_connect_duration
+                .observe(started.elapsed().as_secs_f64()),
+            Err(e) => {
+                m.backend_connect_failures.inc();
+                tracing::warn!(listener = %self.listener.config.name, client = %self.client_addr, error = %e, "backend unavailable");
+            }
+        }
+        result
+    }
+
+    /// The reply a client gets when the backend cannot be reached: a protocol-correct goodbye
+    /// rather than a bare close.
+    pub fn backend_unavailable_reply(&self) -> String {
+        let host = self.hostname();
+        match self.protocol() {
+            Protocol::Smtp => {
+                format!("421 4.4.1 {host} Service not available, backend unreachable\r\n")
+            }
+            Protocol::Imap => {
+                format!("* BYE [UNAVAILABLE] {host} backend unavailable, try again later\r\n")
+            }
+            Protocol::Pop3 => "-ERR [SYS/TEMP] backend unavailable, try again later\r\n".to_owned(),
+        }
+    }
+
+    /// Relays bytes both ways until the end; used once parsing is no longer needed.
+    pub async fn relay<C>(&self, client: &mut C, backend: &mut BackendStream) -> EndReason
+    where
+        C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let idle = self.listener.timeouts.relay_idle;
+        tokio::select! {
+            end = relay::relay(client, backend, &self.counters, idle) => match end {
+                RelayEnd::Closed => EndReason::ClientClosed,
+                RelayEnd::Idle => EndReason::ClientIdle,
+                RelayEnd::Error(e) => EndReason::IoError(e.to_string()),
+            },
+            () = self.shutdown.cancelled() => EndReason::Shutdown,
+        }
+    }
+
+    /// The one line at close: who, what protected it, how much moved, how long, and why it ended.
+    pub fn log_close(&self, reason: &EndReason) {
+        let m = &self.listener.metrics;
+        let to_backend = self.counters.to_backend();
+        let to_client = self.counters.to_client();
+        m.bytes_to_backend.inc_by(to_backend);
+        m.bytes_to_client.inc_by(to_client);
+        let duration = self.started.elapsed();
+        m.session_duration.observe(duration.as_secs_f64());
+        let tls = self.tls.as_ref();
+        let detail = match reason {
+            EndReason::ProtocolViolation(d) | EndReason::IoError(d) => d.as_str(),
+            _ => "",
+        };
+        tracing::info!(
+            listener = %self.listener.config.name,
+            protocol = %self.protocol(),
+            client = %self.client_addr,
+            sni = tls.and_then(|t| t.sni.as_deref()).unwrap_or("-"),
+            tls_version = tls.map(|t| t.version.as_str()).unwrap_or("none"),
+            cipher = tls.map(|t| t.cipher.as_str()).unwrap_or("none"),
+            group = tls.map(|t| t.group_label.as_str()).unwrap_or("none"),
+            bytes_to_backend = to_backend,
+            bytes_to_client = to_client,
+            duration_ms = duration.as_millis() as u64,
+            reason = reason.as_str(),
+            detail,
+            "session closed"
+        );
+    }
+}
+
+/// Serves one accepted connection from start to close log. Never panics on input: every error
+/// ends in an [`EndReason`].
+pub async fn serve_connection(tcp: TcpStream, mut session: Session) {
+    let _ = tcp.set_nodelay(true);
+    let listener = session.listener.clone();
+    let client = match listener.config.tls {
+        TlsMode::Starttls => ClientStream::Plain(tcp),
+        TlsMode::Implicit => match listener.handshaker.accept(tcp).await {
+            Ok((tls, info, took)) => {
+                session.tls_established(info, took, false);
+                ClientStream::Tls(Box::new(tls))
+            }
+            Err(e) => {
+                listener.metrics.handshake_failed(e.reason);
+                tracing::debug!(listener = %listener.config.name, client = %session.client_addr, error = %e, "tls handshake failed");
+                session.log_close(&EndReason::TlsHandshakeFailed);
+                return;
+            }
+        },
+    };
+    let reason = protocol_session(client, &mut session).await;
+    session.log_close(&reason);
+}
+
+/// Hands the session to its protocol's driver.
+async fn protocol_session(client: ClientStream, session: &mut Session) -> EndReason {
+    match session.protocol() {
+        Protocol::Smtp | Protocol::Imap | Protocol::Pop3 => relay_session(client, session).await,
+    }
+}
+
+/// The foundation's protocol-agnostic path: connect, then relay bytes both ways. Protocol
+/// drivers replace it; it stays for tests of the TLS and listener layers.
+pub async fn relay_session(mut client: ClientStream, session: &mut Session) -> EndReason {
+    let mut backend = match session.connect_backend().await {
+        Ok(b) => b,
+        Err(_) => {
+            let reply = session.backend_unavailable_reply();
+            let _ = client.write_all(reply.as_bytes()).await;
+            client.close().await;
+            return EndReason::BackendUnavailable;
+        }
+    };
+    let reason = session.relay(&mut client, &mut backend).await;
+    client.close().await;
+    reason
+}

@@ -1,0 +1,155 @@
+//! IANA names for what a TLS handshake negotiated.
+//!
+//! The Received `tls`/`group` clauses (RFC 8314 §4.3), the IMAP ID "tls" field, logs and metric
+//! labels all use these names, from this one place. rustls spells TLS 1.3 suites `TLS13_…` and
+//! some groups in another case, and its `as_str()` is gone in 0.24, so the names are built from
+//! the 16-bit code points with our own tables.
+
+use std::borrow::Cow;
+
+/// IANA "TLS Cipher Suite Registry" names of every suite a rustls provider can negotiate, plus
+/// the CCM suite for completeness.
+const CIPHER_SUITES: &[(u16, &str)] = &[
+    (0x1301, "TLS_AES_128_GCM_SHA256"),
+    (0x1302, "TLS_AES_256_GCM_SHA384"),
+    (0x1303, "TLS_CHACHA20_POLY1305_SHA256"),
+    (0x1304, "TLS_AES_128_CCM_SHA256"),
+    (0xC02B, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+    (0xC02C, "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
+    (0xCCA9, "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"),
+    (0xC02F, "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
+    (0xC030, "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"),
+    (0xCCA8, "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"),
+];
+
+/// IANA "TLS Supported Groups" names.
+const GROUPS: &[(u16, &str)] = &[
+    (0x0017, "secp256r1"),
+    (0x0018, "secp384r1"),
+    (0x0019, "secp521r1"),
+    (0x001D, "x25519"),
+    (0x001E, "x448"),
+    (0x0100, "ffdhe2048"),
+    (0x0101, "ffdhe3072"),
+    (0x0102, "ffdhe4096"),
+    (0x0103, "ffdhe6144"),
+    (0x0104, "ffdhe8192"),
+    (0x0200, "MLKEM512"),
+    (0x0201, "MLKEM768"),
+    (0x0202, "MLKEM1024"),
+    (0x11EB, "SecP256r1MLKEM768"),
+    (0x11EC, "X25519MLKEM768"),
+    (0x11ED, "SecP384r1MLKEM1024"),
+];
+
+fn lookup(table: &[(u16, &'static str)], code: u16) -> Option<&'static str> {
+    table
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map(|(_, name)| *name)
+}
+
+/// The IANA name of a cipher suite, or `0x1301`-style hex for one we do not know.
+pub fn cipher_suite_name(code: u16) -> Cow<'static, str> {
+    match lookup(CIPHER_SUITES, code) {
+        Some(name) => Cow::Borrowed(name),
+        None => Cow::Owned(format!("0x{code:04x}")),
+    }
+}
+
+/// The IANA name of a key-exchange group, if known. The Received `group` clause must start with
+/// a letter (RFC 8314 §4.3 `dh-group`), so callers that write it leave it out when this is None.
+pub fn known_group_name(code: u16) -> Option<&'static str> {
+    lookup(GROUPS, code)
+}
+
+/// The IANA name of a key-exchange group, or `0x11ed`-style hex for logs and metrics.
+pub fn group_name(code: u16) -> Cow<'static, str> {
+    match known_group_name(code) {
+        Some(name) => Cow::Borrowed(name),
+        None => Cow::Owned(format!("0x{code:04x}")),
+    }
+}
+
+/// `TLSv1.2` / `TLSv1.3`: the OpenSSL/HAProxy spelling operators grep for.
+pub fn protocol_version_name(version: rustls::ProtocolVersion) -> Cow<'static, str> {
+    match u16::from(version) {
+        0x0303 => Cow::Borrowed("TLSv1.2"),
+        0x0304 => Cow::Borrowed("TLSv1.3"),
+        other => Cow::Owned(format!("0x{other:04x}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every suite and group our provider can negotiate has a registry name (no hex fallback).
+    #[test]
+    fn every_suite_and_group_of_our_provider_has_an_iana_name() {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        for suite in &provider.cipher_suites {
+            let code = u16::from(suite.suite());
+            assert!(
+                lookup(CIPHER_SUITES, code).is_some(),
+                "suite {code:#06x} has no IANA name"
+            );
+        }
+        for group in rustls::crypto::aws_lc_rs::ALL_KX_GROUPS {
+            let code = u16::from(group.name());
+            assert!(
+                known_group_name(code).is_some(),
+                "group {code:#06x} has no IANA name"
+            );
+        }
+    }
+
+    #[test]
+    fn names_follow_the_iana_spelling_not_rustls() {
+        let table = [
+            (0x1301, "TLS_AES_128_GCM_SHA256"),
+            (0x1302, "TLS_AES_256_GCM_SHA384"),
+            (0x1303, "TLS_CHACHA20_POLY1305_SHA256"),
+            (0xC02B, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+            (0xC02C, "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
+            (0xCCA9, "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"),
+            (0xC02F, "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
+            (0xC030, "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"),
+            (0xCCA8, "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"),
+        ];
+        for (code, name) in table {
+            assert_eq!(cipher_suite_name(code), name);
+        }
+        assert_eq!(group_name(0x001D), "x25519");
+        assert_eq!(group_name(0x0017), "secp256r1");
+        assert_eq!(group_name(0x0018), "secp384r1");
+        assert_eq!(group_name(0x11EC), "X25519MLKEM768");
+        assert_eq!(group_name(0x11EB), "SecP256r1MLKEM768");
+        assert_eq!(group_name(0x0201), "MLKEM768");
+    }
+
+    #[test]
+    fn unknown_codes_fall_back_to_four_hex_digits() {
+        assert_eq!(cipher_suite_name(0x00ff), "0x00ff");
+        assert_eq!(group_name(0xabcd), "0xabcd");
+        assert_eq!(known_group_name(0xabcd), None);
+    }
+
+    #[test]
+    fn provider_names_match_what_rustls_negotiates() {
+        // The rustls constants and our table agree on code points.
+        assert_eq!(
+            cipher_suite_name(u16::from(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)),
+            "TLS_AES_256_GCM_SHA384"
+        );
+        assert_eq!(group_name(u16::from(rustls::NamedGroup::X25519)), "x25519");
+        assert_eq!(
+            protocol_version_name(rustls::ProtocolVersion::TLSv1_3),
+            "TLSv1.3"
+        );
+        assert_eq!(
+            protocol_version_name(rustls::ProtocolVersion::TLSv1_2),
+            "TLSv1.2"
+        );
+    }
+}

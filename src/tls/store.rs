@@ -1,0 +1,289 @@
+//! The certificate store: an atomically swapped SNI map, so a reload never disturbs a handshake
+//! in progress or a live session, and a broken file on reload keeps the old certificates.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::TlsError;
+use crate::config::CertificateSection;
+
+/// One certificate as loaded, for logs and the expiry metric.
+#[derive(Debug, Clone)]
+pub struct LoadedCertificate {
+    /// A stable label: the first DNS name of the leaf (or its file path).
+    pub label: String,
+    /// DNS names the certificate is selected for.
+    pub names: Vec<String>,
+    /// notAfter of the leaf, as a Unix timestamp.
+    pub not_after: i64,
+    pub self_signed: bool,
+}
+
+struct CertMap {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the parent domain of a `*.parent` name.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+    loaded: Vec<LoadedCertificate>,
+    /// The bytes of every file as read, to notice changes cheaply.
+    fingerprint: Vec<u8>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Unchanged,
+    Reloaded,
+}
+
+/// Certificates chosen by SNI, swappable at run time.
+pub struct CertStore {
+    sources: Vec<CertificateSection>,
+    hostname: String,
+    provider: Arc<CryptoProvider>,
+    current: ArcSwap<CertMap>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertStore")
+            .field("sources", &self.sources)
+            .field("loaded", &self.current.load().loaded)
+            .finish()
+    }
+}
+
+impl CertStore {
+    /// Loads the configured certificates, or makes a self-signed one for `hostname` when none is
+    /// configured. Any unreadable, unparsable or mismatched file is an error naming it.
+    pub fn load(sources: &[CertificateSection], hostname: &str) -> Result<CertStore, TlsError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let map = build_map(sources, hostname, &provider)?;
+        Ok(CertStore {
+            sources: sources.to_vec(),
+            hostname: hostname.to_owned(),
+            provider,
+            current: ArcSwap::from_pointee(map),
+        })
+    }
+
+    /// Whether the store runs on a generated self-signed certificate.
+    pub fn is_self_signed(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// The certificates now in service.
+    pub fn loaded(&self) -> Vec<LoadedCertificate> {
+        self.current.load().loaded.clone()
+    }
+
+    /// Re-reads the files; swaps in the new set only if every file loads and the bytes changed
+    /// (or `force`). On error the old certificates stay in service.
+    pub fn reload(&self, force: bool) -> Result<ReloadOutcome, TlsError> {
+        if self.sources.is_empty() {
+            return Ok(ReloadOutcome::Unchanged);
+        }
+        if !force {
+            // A read error here is reported by the full load below.
+            if let Ok(fingerprint) = read_fingerprint(&self.sources) {
+                if fingerprint == self.current.load().fingerprint {
+                    return Ok(ReloadOutcome::Unchanged);
+                }
+            }
+        }
+        let map = build_map(&self.sources, &self.hostname, &self.provider)?;
+        if !force && map.fingerprint == self.current.load().fingerprint {
+            return Ok(ReloadOutcome::Unchanged);
+        }
+        self.current.store(Arc::new(map));
+        Ok(ReloadOutcome::Reloaded)
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let map = self.current.load();
+        let Some(name) = client_hello.server_name() else {
+            return Some(map.default.clone());
+        };
+        let name = name.to_ascii_lowercase();
+        if let Some(key) = map.exact.get(&name) {
+            return Some(key.clone());
+        }
+        if let Some((_, parent)) = name.split_once('.') {
+            if let Some(key) = map.wildcard.get(parent) {
+                return Some(key.clone());
+            }
+        }
+        Some(map.default.clone())
+    }
+}
+
+fn read_fingerprint(sources: &[CertificateSection]) -> std::io::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    for source in sources {
+        for path in [&source.cert, &source.key] {
+            let bytes = std::fs::read(path)?;
+            all.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            all.extend_from_slice(&bytes);
+        }
+    }
+    Ok(all)
+}
+
+fn build_map(
+    sources: &[CertificateSection],
+    hostname: &str,
+    provider: &CryptoProvider,
+) -> Result<CertMap, TlsError> {
+    if sources.is_empty() {
+        return self_signed_map(hostname, provider);
+    }
+    let mut exact = HashMap::new();
+    let mut wildcard = HashMap::new();
+    let mut loaded = Vec::new();
+    let mut default = None;
+    let mut fingerprint = Vec::new();
+    for (index, source) in sources.iter().enumerate() {
+        let cert_bytes = read_file(index, "cert", &source.cert)?;
+        let key_bytes = read_file(index, "key", &source.key)?;
+        for bytes in [&cert_bytes, &key_bytes] {
+            fingerprint.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            fingerprint.extend_from_slice(bytes);
+        }
+        let chain = CertificateDer::pem_slice_iter(&cert_bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_error(index, "cert", &source.cert, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(pem_error(
+                index,
+                "cert",
+                &source.cert,
+                "no CERTIFICATE in the file".into(),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
+            pem_error(
+                index,
+                "key",
+                &source.key,
+                format!("no usable private key: {e}"),
+            )
+        })?;
+        let certified =
+            CertifiedKey::from_der(chain, key, provider).map_err(|e| TlsError::Mismatch {
+                index,
+                problem: format!(
+                    "key {} does not belong to certificate {}: {e}",
+                    source.key.display(),
+                    source.cert.display()
+                ),
+            })?;
+        let info = describe(&certified, &source.cert.display().to_string(), false)
+            .map_err(|problem| pem_error(index, "cert", &source.cert, problem))?;
+        let certified = Arc::new(certified);
+        for name in &info.names {
+            let name = name.to_ascii_lowercase();
+            // The first certificate listed for a name wins, as the order in the file says.
+            if let Some(parent) = name.strip_prefix("*.") {
+                wildcard
+                    .entry(parent.to_owned())
+                    .or_insert_with(|| certified.clone());
+            } else {
+                exact.entry(name).or_insert_with(|| certified.clone());
+            }
+        }
+        default.get_or_insert_with(|| certified.clone());
+        loaded.push(info);
+    }
+    let Some(default) = default else {
+        return self_signed_map(hostname, provider);
+    };
+    Ok(CertMap {
+        exact,
+        wildcard,
+        default,
+        loaded,
+        fingerprint,
+    })
+}
+
+fn self_signed_map(hostname: &str, provider: &CryptoProvider) -> Result<CertMap, TlsError> {
+    let generated = rcgen::generate_simple_self_signed(vec![hostname.to_owned()])
+        .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+    let chain = vec![generated.cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+    let certified = CertifiedKey::from_der(chain, key, provider)
+        .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+    let info = describe(&certified, hostname, true).map_err(TlsError::SelfSigned)?;
+    let certified = Arc::new(certified);
+    Ok(CertMap {
+        exact: HashMap::from([(hostname.to_ascii_lowercase(), certified.clone())]),
+        wildcard: HashMap::new(),
+        default: certified,
+        loaded: vec![info],
+        fingerprint: Vec::new(),
+    })
+}
+
+fn read_file(index: usize, field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        index,
+        field,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn pem_error(index: usize, field: &'static str, path: &Path, problem: String) -> TlsError {
+    TlsError::Pem {
+        index,
+        field,
+        path: path.display().to_string(),
+        problem,
+    }
+}
+
+/// Reads the leaf's DNS names (SAN, else CN) and notAfter.
+fn describe(
+    certified: &CertifiedKey,
+    fallback_label: &str,
+    self_signed: bool,
+) -> Result<LoadedCertificate, String> {
+    let leaf = certified.end_entity_cert().map_err(|e| e.to_string())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("cannot parse certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push(dns.to_ascii_lowercase());
+            }
+        }
+    }
+    if names.is_empty() {
+        for cn in cert.subject().iter_common_name() {
+            if let Ok(cn) = cn.as_str() {
+                names.push(cn.to_ascii_lowercase());
+            }
+        }
+    }
+    Ok(LoadedCertificate {
+        label: names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| fallback_label.to_owned()),
+        names,
+        not_after: cert.validity().not_after.timestamp(),
+        self_signed,
+    })
+}
