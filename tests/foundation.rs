@@ -1,0 +1,662 @@
+//! The TLS front door: versions, suites, SNI, reload, backend failures, IPv6, curl, the CLI.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+
+fn both_versions() -> Vec<&'static rustls::SupportedProtocolVersion> {
+    vec![&rustls::version::TLS13, &rustls::version::TLS12]
+}
+
+/// The SHA-256 fingerprint-free way to tell certificates apart: the leaf's DER.
+fn leaf_der(stream: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<u8> {
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn implicit_tls_relays_both_ways_and_reports_iana_names() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("echo", "imap", "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+
+    let tls = tls_connect(
+        proxy.addr("echo"),
+        "mx.example.test",
+        client_config(&pki.ca_der, &both_versions(), None),
+    )
+    .await
+    .unwrap();
+    let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(u16::from(suite), 0x1302, "TLS 1.3 with AES-256-GCM first");
+    let mut tls = BufReader::new(tls);
+    assert_eq!(read_line(&mut tls).await, "hello from backend\r\n");
+    tls.get_mut()
+        .write_all(b"ping 8bit \xff\xfe\r\n")
+        .await
+        .unwrap();
+    let mut echoed = vec![0u8; 14];
+    tls.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping 8bit \xff\xfe\r\n");
+    eventually(|| backend.recorder.all() == b"ping 8bit \xff\xfe\r\n").await;
+
+    let text = proxy.metrics.encode();
+    assert!(
+        text.contains(r#"mailfront_tls_handshakes_total{cipher="TLS_AES_256_GCM_SHA384",group="X25519MLKEM768",listener="echo",version="TLSv1.3"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn tls12_with_an_ecdsa_certificate_negotiates_ecdhe_ecdsa_aead() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "pop3", "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let suites = vec![
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    let tls = tls_connect(
+        proxy.addr("e"),
+        "mx.example.test",
+        client_config(&pki.ca_der, &[&rustls::version::TLS12], Some(suites)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    eventually(|| {
+        proxy.metrics.encode().contains(
+            r#"cipher="TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",group="X25519MLKEM768",listener="e",version="TLSv1.2"} 1"#,
+        ) || proxy.metrics.encode().contains(
+            r#"cipher="TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",group="x25519",listener="e",version="TLSv1.2"} 1"#,
+        )
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn min_version_13_refuses_tls12() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    )
+    .replace(
+        "  reload_interval",
+        "  min_version: \"1.3\"\n  reload_interval",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let refused = tls_connect(
+        proxy.addr("e"),
+        "mx.example.test",
+        client_config(&pki.ca_der, &[&rustls::version::TLS12], None),
+    )
+    .await;
+    assert!(refused.is_err());
+    eventually(|| {
+        proxy.metrics.encode().contains(
+            r#"mailfront_tls_handshake_failures_total{listener="e",reason="protocol_version"} 1"#,
+        )
+    })
+    .await;
+    assert!(
+        backend.recorder.connections().is_empty(),
+        "no backend connection for a failed handshake"
+    );
+}
+
+#[tokio::test]
+async fn sni_chooses_between_certificates_and_unknown_names_get_the_first() {
+    let pki = Pki::new();
+    let first = pki.issue("first", &["mx.example.test"], false);
+    let second = pki.issue("second", &["imap.other.test", "*.wild.test"], true);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&first, &second],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let config = client_config(&pki.ca_der, &both_versions(), None);
+
+    let a = tls_connect(proxy.addr("e"), "mx.example.test", config.clone())
+        .await
+        .unwrap();
+    let b = tls_connect(proxy.addr("e"), "imap.other.test", config.clone())
+        .await
+        .unwrap();
+    let c = tls_connect(proxy.addr("e"), "host.wild.test", config.clone())
+        .await
+        .unwrap();
+    assert_ne!(leaf_der(&a), leaf_der(&b));
+    assert_eq!(
+        leaf_der(&b),
+        leaf_der(&c),
+        "wildcard name served by the second certificate"
+    );
+    // An unknown name gets the default certificate, which the client then rejects by name.
+    let verify_off = tls_connect(proxy.addr("e"), "unknown.test", config).await;
+    assert!(verify_off.is_err());
+
+    // TLS 1.2 with the RSA certificate negotiates an ECDHE_RSA suite.
+    let tls12 = tls_connect(
+        proxy.addr("e"),
+        "imap.other.test",
+        client_config(&pki.ca_der, &[&rustls::version::TLS12], None),
+    )
+    .await
+    .unwrap();
+    let suite = u16::from(tls12.get_ref().1.negotiated_cipher_suite().unwrap().suite());
+    assert_eq!(
+        mailfront::tls::names::cipher_suite_name(suite),
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"
+    );
+}
+
+#[tokio::test]
+async fn replaced_certificate_serves_new_handshakes_while_open_sessions_continue() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    // A fresh client each time: a resumed TLS 1.3 session would report the old peer certificate.
+    let config = || client_config(&pki.ca_der, &both_versions(), None);
+
+    let old = tls_connect(proxy.addr("e"), "mx.example.test", config())
+        .await
+        .unwrap();
+    let old_leaf = leaf_der(&old);
+    let mut old = BufReader::new(old);
+    assert_eq!(read_line(&mut old).await, "hello from backend\r\n");
+
+    // A broken file on reload keeps the old certificate in service.
+    std::fs::write(&cert.cert, "not a certificate").unwrap();
+    eventually(|| {
+        proxy
+            .metrics
+            .encode()
+            .contains(r#"mailfront_certificate_reloads_total{result="failure"}"#)
+    })
+    .await;
+    let still = tls_connect(proxy.addr("e"), "mx.example.test", config())
+        .await
+        .unwrap();
+    assert_eq!(leaf_der(&still), old_leaf);
+
+    // Kubernetes-style: a new pair is written and the file names now point at it.
+    let renewed = pki.issue("renewed", &["mx.example.test"], false);
+    std::fs::copy(&renewed.key, &cert.key).unwrap();
+    std::fs::copy(&renewed.cert, &cert.cert).unwrap();
+    eventually(|| {
+        proxy
+            .metrics
+            .encode()
+            .contains(r#"mailfront_certificate_reloads_total{result="success"} 1"#)
+    })
+    .await;
+    let new = tls_connect(proxy.addr("e"), "mx.example.test", config())
+        .await
+        .unwrap();
+    assert_ne!(leaf_der(&new), old_leaf);
+
+    // The session opened before the reload still relays.
+    old.get_mut().write_all(b"still here\r\n").await.unwrap();
+    assert_eq!(read_line(&mut old).await, "still here\r\n");
+}
+
+#[tokio::test]
+async fn sighup_style_reload_picks_up_a_symlink_swap() {
+    let pki = Pki::new();
+    let a = pki.issue("a", &["mx.example.test"], false);
+    let b = pki.issue("b", &["mx.example.test"], false);
+    // ..data -> a, as the kubelet lays out a Secret volume.
+    let dir = pki.dir.path().join("secret");
+    std::fs::create_dir(&dir).unwrap();
+    let data_a = pki.dir.path().join("data_a");
+    let data_b = pki.dir.path().join("data_b");
+    for (data, issued) in [(&data_a, &a), (&data_b, &b)] {
+        std::fs::create_dir(data).unwrap();
+        std::fs::copy(&issued.cert, data.join("tls.crt")).unwrap();
+        std::fs::copy(&issued.key, data.join("tls.key")).unwrap();
+    }
+    std::os::unix::fs::symlink(&data_a, dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.crt", dir.join("tls.crt")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", dir.join("tls.key")).unwrap();
+    let mounted = IssuedCert {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+    };
+
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&mounted],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    )
+    .replace("reload_interval: 100ms", "reload_interval: 1h");
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    // A fresh client each time: a resumed TLS 1.3 session would report the old peer certificate.
+    let config = || client_config(&pki.ca_der, &both_versions(), None);
+    let before = leaf_der(
+        &tls_connect(proxy.addr("e"), "mx.example.test", config())
+            .await
+            .unwrap(),
+    );
+
+    let tmp_link = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(&data_b, &tmp_link).unwrap();
+    std::fs::rename(&tmp_link, dir.join("..data")).unwrap();
+    proxy.control.reload.notify_one();
+    eventually(|| {
+        proxy
+            .metrics
+            .encode()
+            .contains(r#"mailfront_certificate_reloads_total{result="success"} 1"#)
+    })
+    .await;
+    let after = leaf_der(
+        &tls_connect(proxy.addr("e"), "mx.example.test", config())
+            .await
+            .unwrap(),
+    );
+    assert_ne!(before, after);
+}
+
+#[tokio::test]
+async fn unreachable_backend_gets_a_protocol_correct_goodbye() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    // A port that was just free: nothing listens there.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let yaml = config_yaml(
+        &[&cert],
+        &[
+            listener_yaml("smtp", "smtp", "implicit", dead),
+            listener_yaml("imap", "imap", "implicit", dead),
+            listener_yaml("pop3", "pop3", "implicit", dead),
+        ],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let config = client_config(&pki.ca_der, &both_versions(), None);
+    for (name, expected) in [
+        ("smtp", "421 4.4.1 "),
+        ("imap", "* BYE [UNAVAILABLE] "),
+        ("pop3", "-ERR "),
+    ] {
+        let tls = tls_connect(proxy.addr(name), "mx.example.test", config.clone())
+            .await
+            .unwrap();
+        let mut tls = BufReader::new(tls);
+        let line = read_line(&mut tls).await;
+        assert!(line.starts_with(expected), "{name}: {line:?}");
+        assert!(line.ends_with("\r\n"));
+    }
+    assert!(
+        proxy
+            .metrics
+            .encode()
+            .contains(r#"mailfront_backend_connect_failures_total{listener="imap"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn ipv6_listener_serves_when_the_host_has_ipv6() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    }
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("v6", "imap", "implicit", backend.addr)],
+        "",
+    )
+    .replace(
+        "listen: \"127.0.0.1:0\"\n    tls",
+        "listen: \"[::1]:0\"\n    tls",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    assert!(proxy.addr("v6").is_ipv6());
+    let tls = tls_connect(
+        proxy.addr("v6"),
+        "mx.example.test",
+        client_config(&pki.ca_der, &both_versions(), None),
+    )
+    .await
+    .unwrap();
+    let mut tls = BufReader::new(tls);
+    assert_eq!(read_line(&mut tls).await, "hello from backend\r\n");
+}
+
+#[tokio::test]
+async fn garbage_instead_of_a_client_hello_is_dropped_without_harm() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let mut seed = 0x1234_5678u32;
+    for len in [0usize, 1, 5, 100, 5000] {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr("e"))
+            .await
+            .unwrap();
+        let junk: Vec<u8> = (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (seed >> 16) as u8
+            })
+            .collect();
+        let _ = tcp.write_all(&junk).await;
+        let _ = tcp.write_all(b"\x16\x03\x01\x00\x05hello").await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut sink)).await;
+    }
+    // Still serving.
+    let tls = tls_connect(
+        proxy.addr("e"),
+        "mx.example.test",
+        client_config(&pki.ca_der, &both_versions(), None),
+    )
+    .await;
+    assert!(tls.is_ok());
+}
+
+/// openssl s_client: TLS 1.1 refused, 1.2 and 1.3 accepted.
+#[tokio::test]
+async fn openssl_s_client_tls11_refused_tls12_and_tls13_accepted() {
+    if !have("openssl") {
+        eprintln!("openssl not installed; skipping");
+        return;
+    }
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let addr = proxy.addr("e").to_string();
+    let ca = pki.ca_path();
+    let run = move |flag: &'static str| {
+        let addr = addr.clone();
+        let ca = ca.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "echo | timeout 10 openssl s_client -connect {addr} -servername mx.example.test -CAfile {} {flag} -verify_return_error 2>&1",
+                        ca.display()
+                    ))
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let tls11 = run("-tls1_1").await;
+    assert!(
+        !tls11.contains("Verify return code: 0 (ok)") || tls11.contains("Cipher is (NONE)"),
+        "{tls11}"
+    );
+    let tls12 = run("-tls1_2").await;
+    assert!(
+        tls12.contains("Protocol  : TLSv1.2") || tls12.contains("TLSv1.2"),
+        "{tls12}"
+    );
+    assert!(tls12.contains("Verify return code: 0 (ok)"), "{tls12}");
+    let tls13 = run("-tls1_3").await;
+    assert!(tls13.contains("TLSv1.3"), "{tls13}");
+    assert!(tls13.contains("Verify return code: 0 (ok)"), "{tls13}");
+}
+
+/// curl through the proxy against the fake IMAP, POP3 and SMTP servers.
+#[tokio::test]
+async fn curl_imaps_pop3s_and_smtps_through_the_proxy() {
+    if !have("curl") {
+        eprintln!("curl not installed; skipping");
+        return;
+    }
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let imap = FakeBackend::start(FakeKind::Imap).await;
+    let pop3 = FakeBackend::start(FakeKind::Pop3).await;
+    let smtp = FakeBackend::start(FakeKind::Smtp).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[
+            listener_yaml("imaps", "imap", "implicit", imap.addr),
+            listener_yaml("pop3s", "pop3", "implicit", pop3.addr),
+            listener_yaml("submissions", "smtp", "implicit", smtp.addr),
+        ],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let ca = pki.ca_path().display().to_string();
+    let resolve = |name: &str| format!("mx.example.test:{}:127.0.0.1", proxy.addr(name).port());
+    let curl = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new("curl").args(&args).output().unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        })
+    };
+
+    let url = format!(
+        "imaps://mx.example.test:{}/INBOX;UID=1",
+        proxy.addr("imaps").port()
+    );
+    let (ok, out) = curl(vec![
+        "-sS".into(),
+        "--max-time".into(),
+        "10".into(),
+        "--cacert".into(),
+        ca.clone(),
+        "--resolve".into(),
+        resolve("imaps"),
+        "-u".into(),
+        "user:secret".into(),
+        url,
+    ])
+    .await
+    .unwrap();
+    assert!(ok && out.contains("hello imap"), "imaps: {out}");
+
+    let url = format!("pop3s://mx.example.test:{}/1", proxy.addr("pop3s").port());
+    let (ok, out) = curl(vec![
+        "-sS".into(),
+        "--max-time".into(),
+        "10".into(),
+        "--cacert".into(),
+        ca.clone(),
+        "--resolve".into(),
+        resolve("pop3s"),
+        "-u".into(),
+        "user:secret".into(),
+        url,
+    ])
+    .await
+    .unwrap();
+    assert!(ok && out.contains("hello pop3"), "pop3s: {out}");
+
+    let mail = pki.dir.path().join("mail.eml");
+    std::fs::write(&mail, "Subject: curl test\r\n\r\nbody via curl\r\n").unwrap();
+    let url = format!(
+        "smtps://mx.example.test:{}",
+        proxy.addr("submissions").port()
+    );
+    let (ok, out) = curl(vec![
+        "-sS".into(),
+        "--max-time".into(),
+        "10".into(),
+        "--cacert".into(),
+        ca,
+        "--resolve".into(),
+        resolve("submissions"),
+        "-u".into(),
+        "user:secret".into(),
+        "--mail-from".into(),
+        "a@example.test".into(),
+        "--mail-rcpt".into(),
+        "b@example.test".into(),
+        "-T".into(),
+        mail.display().to_string(),
+        url,
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "smtps: {out}");
+    assert!(smtp.recorder.all_text().contains("body via curl"));
+}
+
+fn mailfront_check(config: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailfront"))
+        .args(["check", "--config", config])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_example_and_names_every_problem_in_a_broken_one() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml.example");
+    let (ok, out) = mailfront_check(example);
+    assert!(ok, "{out}");
+    assert!(out.contains("configuration OK"), "{out}");
+
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let other = pki.issue("other", &["x.test"], false);
+    let dir = pki.dir.path();
+    let cases: Vec<(String, &str)> = vec![
+        ("hostname: mx.example.test\nlisteners: []\ntypo: 1\n".into(), "typo"),
+        (
+            "hostname: mx.example.test\nlisteners:\n  - name: a\n    protocol: imap\n    listen: \"999.0.0.1:1\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n".into(),
+            "listeners[0].listen",
+        ),
+        (
+            format!(
+                "hostname: mx.example.test\ntls:\n  certificates:\n    - cert: {}/missing.pem\n      key: {}\nlisteners:\n  - name: a\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n",
+                dir.display(),
+                cert.key.display()
+            ),
+            "tls.certificates[0].cert",
+        ),
+        (
+            format!(
+                "hostname: mx.example.test\ntls:\n  certificates:\n    - cert: {}\n      key: {}\nlisteners:\n  - name: a\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n",
+                cert.cert.display(),
+                other.key.display()
+            ),
+            "does not belong",
+        ),
+    ];
+    for (i, (yaml, expected)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        let (ok, out) = mailfront_check(path.to_str().unwrap());
+        assert!(!ok, "case {i} should fail");
+        assert!(
+            out.contains(expected),
+            "case {i}: expected {expected:?} in {out}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn admin_endpoint_serves_metrics_health_and_readiness() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let admin = proxy.admin.unwrap();
+    let get = |path: &'static str| async move {
+        let Ok(mut tcp) = tokio::net::TcpStream::connect(admin).await else {
+            return String::new();
+        };
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        if tcp.write_all(request.as_bytes()).await.is_err() {
+            return String::new();
+        }
+        let mut out = String::new();
+        let _ = tcp.read_to_string(&mut out).await;
+        out
+    };
+    for _ in 0..50 {
+        if get("/readyz").await.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    let metrics = get("/metrics").await;
+    assert!(metrics.contains("mailfront_build_info"), "{metrics}");
+    assert!(metrics.contains(
+        "mailfront_certificate_not_after_timestamp_seconds{certificate=\"mx.example.test\"}"
+    ));
+    proxy.control.shutdown.cancel();
+    // Readiness turns false as soon as shutdown begins.
+    let mut turned = false;
+    for _ in 0..50 {
+        let r = tokio::time::timeout(Duration::from_secs(1), get("/readyz")).await;
+        // 503 while draining, or nothing at all once the proxy has stopped.
+        if matches!(r, Ok(ref s) if s.starts_with("HTTP/1.1 503") || s.is_empty()) || r.is_err() {
+            turned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(turned);
+}
