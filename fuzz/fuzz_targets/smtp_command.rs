@@ -59,9 +59,15 @@ fuzz_target!(|data: &[u8]| {
             let verdict = decide(state, ClientInput::Command(&command));
             // The central property: nothing but the allowed verbs crosses before TLS.
             if !state.client_tls && verdict == Verdict::Forward {
-                assert!(!matches!(command, Command::Auth(_) | Command::Xclient | Command::Xforward));
+                assert!(!matches!(
+                    command,
+                    Command::Auth(_) | Command::Xclient | Command::Xforward
+                ));
             }
         }
-        let _ = decide(&states[2], ClientInput::SaslResponse(SaslResponse::parse(text)));
+        let _ = decide(
+            &states[2],
+            ClientInput::SaslResponse(SaslResponse::parse(text)),
+        );
     }
 });

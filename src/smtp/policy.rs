@@ -138,9 +138,7 @@ fn decide_command(state: &GateState, command: &Command) -> Verdict {
             Verb::Auth => return Verdict::Reply(local_reply::MUST_STARTTLS),
             _ if state.require_tls_for_mail => return refuse(local_reply::MUST_STARTTLS),
             _ => {
-                if let Command::Mail(mail) = command
-                    && mail.requiretls
-                {
+                if matches!(command, Command::Mail(mail) if mail.requiretls) {
                     return Verdict::Reply(local_reply::REQUIRETLS_UNSUPPORTED);
                 }
             }

@@ -227,8 +227,9 @@ fn is_address_literal(s: &str) -> bool {
     let Some(inner) = s.strip_prefix('[').and_then(|s| s.strip_suffix(']')) else {
         return false;
     };
-    if let Some((tag, v6)) = inner.split_at_checked(5)
-        && tag.eq_ignore_ascii_case("IPv6:")
+    if let Some((_, v6)) = inner
+        .split_at_checked(5)
+        .filter(|(tag, _)| tag.eq_ignore_ascii_case("IPv6:"))
     {
         return v6.parse::<Ipv6Addr>().is_ok();
     }

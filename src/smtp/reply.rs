@@ -253,9 +253,7 @@ impl ReplyReceiver {
             self.clear();
             return Err(ReplyError::Malformed);
         };
-        if let Some(first) = self.code
-            && first != code
-        {
+        if let Some(first) = self.code.filter(|&first| first != code) {
             self.clear();
             return Err(ReplyError::InconsistentCode { first, got: code });
         }
