@@ -1,1 +1,25 @@
 //! SMTP support: sans-I/O codec, rewriters and the session driver.
+//!
+//! The pieces a session driver combines, in the order a session uses them:
+//! - [`reply::ReplyReceiver`] frames backend replies (greeting, then one per command, in order).
+//! - [`receiver::CommandReceiver`] frames client lines, one at a time, so the driver can switch
+//!   modes between lines; [`command::Command::parse`] types a command line and
+//!   [`command::SaslResponse::parse`] a line inside an AUTH exchange.
+//! - [`policy::decide`] is the gate: forward, answer locally, discard a BDAT chunk, or STARTTLS.
+//! - [`ehlo::rewrite_ehlo`] rewrites the backend's EHLO reply; [`ehlo::BackendCapabilities`]
+//!   feeds the gate.
+//! - After a backend 354, [`data::DataScanner`] streams the content and finds its end (and
+//!   refuses smuggling); for BDAT, [`bdat::ChunkReader`] counts the chunk and
+//!   [`bdat::first_chunk_command`] grows the first chunk by the Received field from
+//!   [`received::received_header`].
+//! - [`local_reply`] holds every reply mailfront writes itself.
+
+pub mod bdat;
+pub mod command;
+pub mod data;
+pub mod ehlo;
+pub mod local_reply;
+pub mod policy;
+pub mod received;
+pub mod receiver;
+pub mod reply;

@@ -1,0 +1,73 @@
+//! Client command framing, parsing and the policy gate: no panic, and the same lines whether
+//! the input arrives whole or split at a position taken from the first byte.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mailfront::smtp::command::{Command, SaslResponse};
+use mailfront::smtp::policy::{ClientInput, GateState, ListenerTls, Verdict, decide};
+use mailfront::smtp::receiver::{CommandReceiver, LineMode};
+
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    Line(Vec<u8>),
+    TooLong,
+}
+
+fn run(chunks: &[&[u8]], mode: LineMode) -> Vec<Event> {
+    // Small limits so over-long lines are reached often.
+    let mut receiver = CommandReceiver::new(64, 256);
+    let mut events = Vec::new();
+    for chunk in chunks {
+        let mut rest = *chunk;
+        while !rest.is_empty() {
+            let (n, result) = receiver.receive(rest, mode);
+            assert!(n <= rest.len());
+            rest = &rest[n..];
+            match result {
+                Ok(Some(line)) => events.push(Event::Line(line.into_text())),
+                Ok(None) => assert!(rest.is_empty()),
+                Err(_) => events.push(Event::TooLong),
+            }
+        }
+    }
+    events
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&first, input)) = data.split_first() else {
+        return;
+    };
+    let mode = if first & 1 == 0 {
+        LineMode::Command
+    } else {
+        LineMode::SaslResponse
+    };
+    let split = usize::from(first).min(input.len());
+    let whole = run(&[input], mode);
+    let (a, b) = input.split_at(split);
+    assert_eq!(run(&[a, b], mode), whole);
+
+    let states = [
+        GateState::new(ListenerTls::StartTls, true),
+        GateState::new(ListenerTls::StartTls, false),
+        GateState::new(ListenerTls::Implicit, true),
+    ];
+    for event in &whole {
+        let Event::Line(text) = event else { continue };
+        let command = Command::parse(text);
+        for state in &states {
+            let verdict = decide(state, ClientInput::Command(&command));
+            // The central property: nothing but the allowed verbs crosses before TLS.
+            if !state.client_tls && verdict == Verdict::Forward {
+                assert!(!matches!(
+                    command,
+                    Command::Auth(_) | Command::Xclient | Command::Xforward
+                ));
+            }
+        }
+        let _ = decide(
+            &states[2],
+            ClientInput::SaslResponse(SaslResponse::parse(text)),
+        );
+    }
+});

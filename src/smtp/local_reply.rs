@@ -1,0 +1,142 @@
+//! Replies mailfront writes itself (protocol-reference §2.12). Each carries an enhanced status
+//! code (RFC 3463) whether or not the backend advertises ENHANCEDSTATUSCODES: clients decide by
+//! the three-digit code.
+
+/// Answer to STARTTLS on a `starttls` listener before TLS (RFC 3207 §4); the driver then drops
+/// every byte buffered after the command and starts the handshake.
+pub const STARTTLS_READY: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
+/// Any command but EHLO, HELO, NOOP, RSET, QUIT, STARTTLS before TLS (RFC 3207 §4), and AUTH
+/// before TLS whatever its credential (RFC 8314 §4.1: one indication for valid and invalid).
+pub const MUST_STARTTLS: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
+/// STARTTLS when TLS is already active, implicit or upgraded (Postfix wording).
+pub const TLS_ALREADY_ACTIVE: &[u8] = b"554 5.5.1 Error: TLS already active\r\n";
+/// STARTTLS with parameters (RFC 3207 §4: 501).
+pub const STARTTLS_SYNTAX: &[u8] = b"501 5.5.4 Syntax: STARTTLS\r\n";
+/// MAIL with REQUIRETLS that cannot be honoured: an option not advertised is unknown
+/// (RFC 5321 §4.1.1.11: 555), as Postfix answers it.
+pub const REQUIRETLS_UNSUPPORTED: &[u8] = b"555 5.5.4 Unsupported option: REQUIRETLS\r\n";
+/// Client XCLIENT/XFORWARD: answered as an unknown X-command (RFC 5321 §4.1.5), revealing
+/// nothing about the backend trusting mailfront with them.
+pub const COMMAND_NOT_RECOGNIZED: &[u8] = b"500 5.5.1 Error: command not recognized\r\n";
+/// A command line over the limit (RFC 5321 §4.5.3.1.4, §4.2.2).
+pub const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Line too long\r\n";
+/// An AUTH line or SASL response over the limit (RFC 4954 §4).
+pub const AUTH_LINE_TOO_LONG: &[u8] = b"500 5.5.6 Authentication Exchange line is too long\r\n";
+/// A command line with a CR not followed by LF (RFC 5321 §2.3.8).
+pub const BARE_CR_IN_COMMAND: &[u8] = b"500 5.5.2 Error: bare CR in command line\r\n";
+/// MAIL without a parsable `FROM:<path>` (RFC 5321 §4.1.4: bad argument is 501).
+pub const MAIL_SYNTAX: &[u8] = b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
+/// BDAT without a valid chunk size (RFC 3030 §2).
+pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT <size> [LAST]\r\n";
+/// A transaction or AUTH command after STARTTLS before the new EHLO (RFC 3207 §4.2 reset).
+pub const SEND_EHLO_FIRST: &[u8] = b"503 5.5.1 Error: send HELO/EHLO first\r\n";
+/// AUTH after a successful AUTH (RFC 4954 §4: 503).
+pub const ALREADY_AUTHENTICATED: &[u8] = b"503 5.5.1 Error: already authenticated\r\n";
+/// BDAT when the backend does not offer CHUNKING (so mailfront does not either).
+pub const BDAT_NOT_SUPPORTED: &[u8] = b"502 5.5.1 Error: command not implemented\r\n";
+/// End of a message refused for a bare CR or LF (smuggling defence, policy "reject"): 554
+/// transaction failed, 5.6.0 "other media error" (RFC 3463): a permanent content error, so the
+/// client reports it instead of retrying the same bytes.
+pub const BARE_LINE_ENDING: &[u8] =
+    b"554 5.6.0 Message refused: bare CR or LF in message content\r\n";
+
+/// The greeting mailfront sends (RFC 5321 §4.2, §9.5 P5: the configured hostname).
+pub fn greeting(hostname: &str) -> Vec<u8> {
+    format!("220 {} ESMTP\r\n", reply_text(hostname)).into_bytes()
+}
+
+/// The backend could not be reached or went away (no RFC mandates 4.4.1).
+pub fn backend_unavailable(hostname: &str) -> Vec<u8> {
+    format!(
+        "421 4.4.1 {} Service not available, closing transmission channel\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
+}
+
+/// The backend broke the reply grammar; replies can no longer be matched to commands.
+pub fn backend_error(hostname: &str) -> Vec<u8> {
+    format!(
+        "421 4.3.0 {} Backend protocol error, closing transmission channel\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
+}
+
+/// A client or backend stayed silent past its deadline (RFC 5321 §4.5.3.2).
+pub fn timeout(hostname: &str) -> Vec<u8> {
+    format!(
+        "421 4.4.2 {} Error: timeout exceeded, closing transmission channel\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
+}
+
+/// Graceful shutdown: sent on the next command (RFC 5321 §3.8: 421 may answer any command).
+pub fn shutting_down(hostname: &str) -> Vec<u8> {
+    format!(
+        "421 4.3.2 {} Service shutting down, closing transmission channel\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
+}
+
+/// Keeps configured text from breaking the reply line: no CR, LF or other controls.
+fn reply_text(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::reply::Reply;
+
+    #[test]
+    fn every_constant_reply_is_one_well_formed_line_with_an_enhanced_code() {
+        for raw in [
+            STARTTLS_READY,
+            MUST_STARTTLS,
+            TLS_ALREADY_ACTIVE,
+            STARTTLS_SYNTAX,
+            REQUIRETLS_UNSUPPORTED,
+            COMMAND_NOT_RECOGNIZED,
+            LINE_TOO_LONG,
+            AUTH_LINE_TOO_LONG,
+            BARE_CR_IN_COMMAND,
+            MAIL_SYNTAX,
+            BDAT_SYNTAX,
+            SEND_EHLO_FIRST,
+            ALREADY_AUTHENTICATED,
+            BDAT_NOT_SUPPORTED,
+            BARE_LINE_ENDING,
+        ] {
+            let reply = Reply::parse(raw).unwrap();
+            assert!(reply.enhanced_status().is_some(), "{raw:?}");
+            assert!(raw.len() <= 512);
+        }
+    }
+
+    #[test]
+    fn hostname_replies_carry_the_hostname_and_cannot_be_split() {
+        assert_eq!(
+            greeting("mx.example.test"),
+            b"220 mx.example.test ESMTP\r\n"
+        );
+        let evil = "mx\r\n250 injected";
+        for raw in [
+            greeting(evil),
+            backend_unavailable(evil),
+            backend_error(evil),
+            timeout(evil),
+            shutting_down(evil),
+        ] {
+            assert!(Reply::parse(&raw).is_some(), "{raw:?}");
+            assert_eq!(raw.iter().filter(|&&b| b == b'\n').count(), 1);
+        }
+        assert!(backend_unavailable("h").starts_with(b"421 4.4.1 h "));
+        assert!(timeout("h").starts_with(b"421 4.4.2 h "));
+        assert!(shutting_down("h").starts_with(b"421 4.3.2 h "));
+    }
+}
