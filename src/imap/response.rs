@@ -189,9 +189,11 @@ impl ResponseReceiver {
         let mut consumed = 0;
         loop {
             let rest = buf.get(consumed..).unwrap_or_default();
+            let before = self.state.clone();
             let (used, event) = self.advance(rest);
             consumed += used;
-            if event.is_some() || used == 0 {
+            // A zero-length literal completes without input: progress is a state change too.
+            if event.is_some() || (used == 0 && self.state == before) {
                 return Step { consumed, event };
             }
         }
@@ -492,6 +494,12 @@ a3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n";
             got[1],
             ServerEvent::Rejected(ResponseError::ResponseTooLong { limit: 32 })
         );
+    }
+
+    #[test]
+    fn zero_length_literal_completes_without_more_input() {
+        let got = responses(b"* OK hi\r\n* ID (\"a\" {0}\r\n)\r\n");
+        assert_eq!(got[1].raw, b"* ID (\"a\" {0}\r\n)\r\n");
     }
 
     #[test]
