@@ -1,1 +1,18 @@
 //! IMAP support: sans-I/O codec, rewriters and the session driver.
+//!
+//! - [`codec`]: client-command receiver (tags, literals, AUTHENTICATE exchanges), bounded.
+//! - [`response`]: backend-response receiver (greeting, tagged completions, continuations).
+//! - [`capability`]: capability-list rewriting for the client's view.
+//! - [`id`]: ID parsing and rewriting with mailfront's `tls` field, and mailfront's own ID.
+//! - [`policy`]: the gate deciding forward / rewrite / refuse / STARTTLS per command.
+//! - [`reply`]: responses mailfront writes itself.
+
+pub mod capability;
+pub mod codec;
+pub mod id;
+pub mod policy;
+pub mod reply;
+pub mod response;
+
+#[cfg(test)]
+pub(crate) mod split;

@@ -1,1 +1,11 @@
 //! POP3 support: sans-I/O codec, rewriters and the session driver.
+//!
+//! - [`codec`]: command receiver (with AUTH exchanges) and response receiver, bounded.
+//! - [`capa`]: CAPA and greeting rewriting for the client's view.
+//! - [`policy`]: the gate deciding forward / refuse / STLS per command.
+//! - [`reply`]: responses mailfront writes itself.
+
+pub mod capa;
+pub mod codec;
+pub mod policy;
+pub mod reply;

@@ -1,0 +1,94 @@
+//! Responses mailfront writes to IMAP clients itself (RFC 9051 §7.1; RFC 5530 codes).
+
+/// `<tag> <status> <text>\r\n`.
+pub fn tagged(tag: &[u8], status: &str, text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(tag.len() + status.len() + text.len() + 4);
+    out.extend_from_slice(tag);
+    out.push(b' ');
+    out.extend_from_slice(status.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// LOGIN or AUTHENTICATE before TLS: one fixed answer whatever the credentials
+/// (RFC 8314 §4.1; RFC 5530 PRIVACYREQUIRED; wording after Dovecot's).
+pub fn privacy_required(tag: &[u8]) -> Vec<u8> {
+    tagged(
+        tag,
+        "NO",
+        "[PRIVACYREQUIRED] Cleartext authentication disallowed; use STARTTLS first",
+    )
+}
+
+/// STARTTLS accepted: TLS starts right after this line's CRLF (RFC 9051 §6.2.1).
+pub fn starttls_ok(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "OK", "Begin TLS negotiation now")
+}
+
+/// STARTTLS on an implicit-TLS port or a second time (RFC 9051 §6.2.1 "MUST always respond with
+/// a tagged BAD").
+pub fn starttls_refused(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "BAD", "TLS is already active")
+}
+
+/// STARTTLS with arguments or a literal.
+pub fn starttls_malformed(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "BAD", "STARTTLS takes no arguments")
+}
+
+/// A client ID before TLS is answered here, so the backend's first ID (the only one Dovecot
+/// trusts) is the one carrying the `tls` field after STARTTLS.
+pub fn id_before_tls(tag: &[u8]) -> Vec<u8> {
+    let mut out = b"* ID NIL\r\n".to_vec();
+    out.extend_from_slice(&tagged(tag, "OK", "ID completed"));
+    out
+}
+
+/// A client ID that cannot be parsed; never forwarded because its fields could not be checked.
+pub fn id_malformed(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "BAD", "Invalid ID parameters")
+}
+
+/// COMPRESS before authentication would hide the rest of the session from the parser; RFC 4978
+/// allows it only after authentication anyway.
+pub fn not_before_authentication(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "BAD", "Command not allowed before authentication")
+}
+
+/// The backend cannot be reached or broke the protocol (RFC 9051 §7.1.5; RFC 5530 UNAVAILABLE).
+pub fn bye_unavailable() -> Vec<u8> {
+    b"* BYE [UNAVAILABLE] Server temporarily unavailable\r\n".to_vec()
+}
+
+/// The backend greeted with PREAUTH: relaying it would hand out an authenticated session
+/// without credentials (protocol-reference §3.2).
+pub fn bye_preauth() -> Vec<u8> {
+    b"* BYE [UNAVAILABLE] Server misconfigured\r\n".to_vec()
+}
+
+/// The client was silent too long before authenticating.
+pub fn bye_idle_timeout() -> Vec<u8> {
+    b"* BYE Autologout; idle for too long\r\n".to_vec()
+}
+
+/// Too many commands before authentication (`limits.preauth_commands`).
+pub fn bye_too_many_commands() -> Vec<u8> {
+    b"* BYE Too many commands before authentication\r\n".to_vec()
+}
+
+/// The proxy is shutting down.
+pub fn bye_shutdown() -> Vec<u8> {
+    b"* BYE [UNAVAILABLE] Server shutting down\r\n".to_vec()
+}
+
+/// After a fatal [`crate::imap::codec::Rejection`].
+pub fn bye_protocol_error() -> Vec<u8> {
+    b"* BYE Protocol error\r\n".to_vec()
+}
+
+/// A `+` continuation mailfront sends itself (collect mode, RFC 9051 §7.5).
+pub fn continuation() -> Vec<u8> {
+    b"+ Ready for literal data\r\n".to_vec()
+}

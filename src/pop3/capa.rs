@@ -1,0 +1,143 @@
+//! Rewriting the backend's CAPA response for the client (RFC 2449 §5, RFC 2595 §4) and its
+//! greeting. Pure functions; lines not rewritten stay byte-exact.
+
+use crate::line::trim_line_end;
+
+/// Which advertisement the client must see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapaView {
+    /// A `tls: starttls` listener before STLS: `USER` and the `SASL` line hidden (no way to
+    /// authenticate in cleartext), `STLS` shown, as nginx does with `starttls only`.
+    Cleartext,
+    /// TLS active: the cleartext backend's `STLS` hidden, and `EXTERNAL` removed from `SASL`
+    /// because the client certificate never reaches the backend (RFC 8314 §4.2).
+    Tls,
+}
+
+fn first_word(line: &[u8]) -> &[u8] {
+    let content = trim_line_end(line);
+    let end = content
+        .iter()
+        .position(|&b| b == b' ')
+        .unwrap_or(content.len());
+    content.get(..end).unwrap_or_default()
+}
+
+/// Rewrites a whole multi-line CAPA response (`+OK …`, capability lines, `.`). Anything that is
+/// not a complete `+OK` multi-line response is returned unchanged.
+pub fn rewrite_capa(raw: &[u8], view: CapaView) -> Vec<u8> {
+    let lines: Vec<&[u8]> = raw.split_inclusive(|&b| b == b'\n').collect();
+    let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
+        return raw.to_vec();
+    };
+    if !first.starts_with(b"+OK") || trim_line_end(last) != b"." || lines.len() < 2 {
+        return raw.to_vec();
+    }
+    let body = lines.get(1..lines.len() - 1).unwrap_or_default();
+    let mut out = Vec::with_capacity(raw.len() + 8);
+    out.extend_from_slice(first);
+    let mut has_stls = false;
+    for line in body {
+        let word = first_word(line);
+        let is = |name: &str| word.eq_ignore_ascii_case(name.as_bytes());
+        has_stls |= is("STLS");
+        match view {
+            CapaView::Cleartext if is("USER") || is("SASL") => {}
+            CapaView::Tls if is("STLS") => {}
+            CapaView::Tls if is("SASL") => {
+                let content = trim_line_end(line);
+                let kept: Vec<&[u8]> = content
+                    .split(|&b| b == b' ')
+                    .filter(|token| !token.eq_ignore_ascii_case(b"EXTERNAL"))
+                    .collect();
+                if kept.len() > 1 {
+                    out.extend_from_slice(&kept.join(&b' '));
+                    out.extend_from_slice(line.get(content.len()..).unwrap_or_default());
+                }
+            }
+            _ => out.extend_from_slice(line),
+        }
+    }
+    if view == CapaView::Cleartext && !has_stls {
+        out.extend_from_slice(b"STLS\r\n");
+    }
+    out.extend_from_slice(last);
+    out
+}
+
+/// Removes Dovecot's `[XCLIENT]` code from a `+OK` greeting: it tells the client the server
+/// trusts XCLIENT from this peer, which is mailfront, not the client (protocol-reference O5).
+/// The APOP timestamp and the rest stay as sent.
+pub fn rewrite_greeting(raw: &[u8]) -> Vec<u8> {
+    let Some(rest) = raw.strip_prefix(b"+OK ") else {
+        return raw.to_vec();
+    };
+    let is_xclient = rest
+        .get(..9)
+        .is_some_and(|code| code.eq_ignore_ascii_case(b"[XCLIENT]"));
+    if !is_xclient {
+        return raw.to_vec();
+    }
+    let after = rest.get(9..).unwrap_or_default();
+    let after = after.strip_prefix(b" ").unwrap_or(after);
+    let mut out = b"+OK ".to_vec();
+    out.extend_from_slice(after);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPA: &[u8] = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nSTLS\r\nUSER\r\nSASL PLAIN LOGIN EXTERNAL\r\n.\r\n";
+
+    #[test]
+    fn cleartext_capa_hides_user_and_sasl_and_keeps_stls_o1() {
+        assert_eq!(
+            rewrite_capa(CAPA, CapaView::Cleartext),
+            b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nSTLS\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn cleartext_capa_adds_stls_when_the_backend_lacks_it() {
+        assert_eq!(
+            rewrite_capa(
+                b"+OK Capability list follows\r\nTOP\r\nUSER\r\n.\r\n",
+                CapaView::Cleartext
+            ),
+            b"+OK Capability list follows\r\nTOP\r\nSTLS\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn tls_capa_hides_stls_and_external_o1() {
+        assert_eq!(
+            rewrite_capa(CAPA, CapaView::Tls),
+            b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n"
+        );
+        assert_eq!(
+            rewrite_capa(b"+OK\r\nSASL EXTERNAL\r\n.\r\n", CapaView::Tls),
+            b"+OK\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn non_capa_input_is_unchanged() {
+        for raw in [&b"-ERR no\r\n"[..], b"+OK\r\n", b"+OK\r\nTOP\r\n", b""] {
+            assert_eq!(rewrite_capa(raw, CapaView::Cleartext), raw);
+        }
+    }
+
+    #[test]
+    fn xclient_greeting_code_is_removed_and_apop_timestamp_kept() {
+        assert_eq!(
+            rewrite_greeting(b"+OK [XCLIENT] Dovecot ready.\r\n"),
+            b"+OK Dovecot ready.\r\n"
+        );
+        assert_eq!(
+            rewrite_greeting(b"+OK POP3 ready <1896.697170952@dbc.mtview.ca.us>\r\n"),
+            b"+OK POP3 ready <1896.697170952@dbc.mtview.ca.us>\r\n"
+        );
+    }
+}
