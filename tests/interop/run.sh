@@ -1,0 +1,874 @@
+#!/usr/bin/env bash
+# mailfront interop suite: real Dovecot and Postfix behind mailfront, real clients in front.
+#
+#   tests/interop/run.sh [--keep] [--backend-only] [--no-install] [--no-testssl]
+#
+#   --keep          leave Dovecot, Postfix and mailfront running and print how to reach them
+#   --backend-only  start Dovecot and Postfix and check them directly (no mailfront needed)
+#   --no-install    never call apt-get (fail if a tool is missing)
+#   --no-testssl    skip the testssl.sh cases (they take most of the run time)
+#
+# Environment: MAILFRONT_BIN (default target/release/mailfront, then target/debug/mailfront,
+# else `cargo build --release`), INTEROP_DIR (use this directory instead of a fresh mktemp one).
+#
+# Needs root (Postfix refuses to start otherwise) and a Debian-like system. Touches no system
+# service: every daemon runs from its own configuration in the temp dir, on 127.0.0.1 high ports.
+# Output: one `PASS name` / `FAIL name: reason` line per case, then `N passed, N failed`.
+
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+MFI="$HERE/mfi.py"
+
+KEEP=0 BACKEND_ONLY=0 INSTALL=1 TESTSSL=1
+for arg in "$@"; do
+    case "$arg" in
+        --keep) KEEP=1 ;;
+        --backend-only) BACKEND_ONLY=1 ;;
+        --no-install) INSTALL=0 ;;
+        --no-testssl) TESTSSL=0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+log() { echo "[interop] $*" >&2; }
+die() { echo "[interop] fatal: $*" >&2; exit 2; }
+
+PASSED=0 FAILED=0
+pass() { echo "PASS $1"; PASSED=$((PASSED + 1)); }
+fail() { echo "FAIL $1: $2"; FAILED=$((FAILED + 1)); }
+
+# run_case NAME CMD...: PASS if CMD exits 0, else FAIL with the last line CMD wrote to stderr.
+run_case() {
+    local name=$1; shift
+    local err
+    if err=$("$@" 2>&1 >"$T/case-$name.out"); then
+        pass "$name"
+    else
+        err=$(printf '%s\n' "$err" | grep -v '^\s*$' | tail -n 1)
+        fail "$name" "${err:-exit status $?}"
+    fi
+}
+
+[ "$(id -u)" = 0 ] || die "run as root (Postfix's master refuses to start otherwise)"
+
+# ---------------------------------------------------------------------------------------------
+# 1. packages
+
+# libnet-ssleay-perl: swaks's TLS support (only a Recommends of swaks, so not pulled in here).
+PKGS=(dovecot-imapd dovecot-pop3d postfix swaks libnet-ssleay-perl curl openssl msmtp fetchmail
+      testssl.sh python3 ca-certificates)
+install_packages() {
+    local missing=() p
+    for p in "${PKGS[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+            missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$INSTALL" = 1 ] || die "missing packages: ${missing[*]} (and --no-install given)"
+    log "installing: ${missing[*]}"
+    # "No configuration": the postinst writes no /etc/postfix/main.cf and starts nothing.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    echo "postfix postfix/mailname string mx.example.test" | debconf-set-selections
+    # Refuse every service start from maintainer scripts while we install (exit 101 =
+    # "action forbidden"); an existing policy-rc.d is put back afterwards.
+    local policy=/usr/sbin/policy-rc.d saved=""
+    if [ -e "$policy" ]; then saved=$(mktemp); cp -p "$policy" "$saved"; fi
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"
+    local rc=0
+    apt-get update -qq || rc=$?
+    if [ $rc = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+            "${missing[@]}" >/dev/null || rc=$?
+    fi
+    if [ -n "$saved" ]; then mv -f "$saved" "$policy"; else rm -f "$policy"; fi
+    [ $rc = 0 ] || die "apt-get failed ($rc)"
+}
+install_packages
+for tool in dovecot doveadm postfix postconf swaks curl openssl msmtp fetchmail python3; do
+    command -v "$tool" >/dev/null || die "$tool not found after install"
+done
+TESTSSL_BIN=$(command -v testssl || command -v testssl.sh || true)
+
+# ---------------------------------------------------------------------------------------------
+# 2. temp dir, certificates, users
+
+if [ -n "${INTEROP_DIR:-}" ]; then
+    T=$INTEROP_DIR; mkdir -p "$T"
+else
+    T=$(mktemp -d /tmp/mailfront-interop.XXXXXX)
+fi
+# Daemons drop to dovecot/dovenull/postfix/nobody and must traverse into it.
+chmod 755 "$T"
+log "working directory: $T"
+
+PIDS_TO_KILL=()
+cleanup() {
+    local rc=$?
+    if [ "$KEEP" = 1 ]; then return; fi
+    [ -n "${MF_PID:-}" ] && kill "$MF_PID" 2>/dev/null && wait "$MF_PID" 2>/dev/null
+    [ -f "$T/postfix/etc/main.cf" ] && postfix -c "$T/postfix/etc" stop >/dev/null 2>&1
+    [ -f "$T/dovecot/dovecot.conf" ] && doveadm -c "$T/dovecot/dovecot.conf" stop >/dev/null 2>&1
+    local pid
+    for pid in "${PIDS_TO_KILL[@]}"; do kill "$pid" 2>/dev/null; done
+    # Give the masters a moment to take their children down, then remove the directory.
+    sleep 0.5
+    if [ -z "${INTEROP_DIR:-}" ] && [ "${INTEROP_KEEP_DIR:-0}" != 1 ]; then
+        rm -rf "$T"
+    fi
+    return $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+USER_NAME=user@example.test
+USER_PASS="interop-$(head -c 9 /dev/urandom | base64 | tr '+/' 'xy')"
+# A second, equally valid account used only for cleartext attempts before STARTTLS: if its name
+# or password ever shows up in a backend log, mailfront forwarded cleartext credentials.
+LEAK_USER=cleartext@example.test
+LEAK_PASS="leak-$(head -c 9 /dev/urandom | base64 | tr '+/' 'xy')"
+HOSTNAME_MF=mx.example.test
+MAILDIR="$T/mail/example.test/user"
+MAIL_UID=65534 MAIL_GID=65534   # nobody:nogroup owns the mailboxes (neither daemon allows root)
+
+mkdir -p "$T/tls" "$T/mail" "$T/dovecot" "$T/postfix/etc" "$T/postfix/spool" "$T/postfix/data"
+chown "$MAIL_UID:$MAIL_GID" "$T/mail"
+chown postfix: "$T/postfix/data"
+
+make_certs() {
+    local d=$T/tls
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -sha256 -subj "/CN=mailfront interop CA" \
+        -keyout "$d/ca.key" -out "$d/ca.crt" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        >/dev/null 2>&1 || return 1
+    openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=$HOSTNAME_MF" \
+        -keyout "$d/server.key" -out "$d/server.csr" >/dev/null 2>&1 || return 1
+    printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+        "extendedKeyUsage=serverAuth" \
+        "subjectAltName=DNS:localhost,DNS:$HOSTNAME_MF,IP:127.0.0.1" >"$d/server.ext"
+    openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+        -days 2 -sha256 -extfile "$d/server.ext" -out "$d/server-leaf.crt" >/dev/null 2>&1 || return 1
+    # `cert` holds the full chain, leaf first (config.yaml.example).
+    cat "$d/server-leaf.crt" "$d/ca.crt" >"$d/server.crt"
+    chmod 644 "$d"/*.crt "$d/ca.key" "$d/server.key"
+}
+make_certs || die "openssl could not make the test certificates"
+CA="$T/tls/ca.crt"
+
+read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
+        P_SMTPS P_SUBMISSION P_IMAPS P_POP3S P_IMAP P_POP3 P_METRICS \
+        < <(python3 "$MFI" freeports 10)
+
+# ---------------------------------------------------------------------------------------------
+# 3. Dovecot
+
+DOVECOT_LOG="$T/dovecot.log"
+DOVECOT_CONF="$T/dovecot/dovecot.conf"
+DOVECOT_AUTH_SOCKET="$T/dovecot/auth-postfix"   # Postfix smtpd's SASL socket
+
+write_dovecot_conf() {
+    local version major_minor
+    version=$(dovecot --version | awk '{print $1}')
+    major_minor=$(echo "$version" | cut -d. -f1,2)
+    # passwd-file: user:{PLAIN}password — test credentials, readable by the auth process.
+    printf '%s:{PLAIN}%s\n%s:{PLAIN}%s\n' "$USER_NAME" "$USER_PASS" "$LEAK_USER" "$LEAK_PASS" \
+        >"$T/dovecot/passwd"
+    chmod 644 "$T/dovecot/passwd"
+    mkdir -p "$T/dovecot/run" "$T/dovecot/state"
+    if [ "$(printf '%s\n2.4\n' "$major_minor" | sort -V | head -n1)" = "2.4" ]; then
+        # Dovecot 2.4 syntax. NOT exercised on Debian bookworm (2.3); written from the 2.4
+        # upgrade notes. imap_id_log is gone in 2.4: the ID is an `imap_id_received` debug event.
+        cat >"$DOVECOT_CONF" <<EOF
+dovecot_config_version = 2.4.0
+dovecot_storage_version = 2.4.0
+base_dir = $T/dovecot/run
+state_dir = $T/dovecot/state
+instance_name = mailfront-interop
+log_path = $DOVECOT_LOG
+protocols = imap pop3
+listen = 127.0.0.1
+ssl = no
+auth_allow_cleartext = yes
+auth_mechanisms = plain login
+auth_debug_passwords = yes
+log_debug = event=imap_id_received OR category=auth
+login_trusted_networks = 127.0.0.0/8
+default_internal_user = dovecot
+default_login_user = dovenull
+mail_driver = maildir
+mail_path = $T/mail/%{user|domain}/%{user|username}
+first_valid_uid = 1
+passdb passwd-file {
+  passwd_file_path = $T/dovecot/passwd
+}
+userdb static {
+  fields {
+    uid = $MAIL_UID
+    gid = $MAIL_GID
+    home = $T/mail/%{user|domain}/%{user|username}
+  }
+}
+EOF
+    else
+        # Dovecot 2.3 (Debian bookworm).
+        cat >"$DOVECOT_CONF" <<EOF
+base_dir = $T/dovecot/run
+state_dir = $T/dovecot/state
+instance_name = mailfront-interop
+log_path = $DOVECOT_LOG
+protocols = imap pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+# Log every password the auth process sees: the cleartext-leak check greps for LEAK_PASS.
+auth_debug = yes
+auth_debug_passwords = yes
+imap_id_log = *
+login_trusted_networks = 127.0.0.0/8
+default_internal_user = dovecot
+default_login_user = dovenull
+mail_location = maildir:$T/mail/%d/%n
+first_valid_uid = 1
+passdb {
+  driver = passwd-file
+  args = $T/dovecot/passwd
+}
+userdb {
+  driver = static
+  args = uid=$MAIL_UID gid=$MAIL_GID home=$T/mail/%d/%n
+}
+EOF
+    fi
+    cat >>"$DOVECOT_CONF" <<EOF
+service imap-login {
+  inet_listener imap {
+    address = 127.0.0.1
+    port = $P_DOVECOT_IMAP
+  }
+  inet_listener imaps {
+    port = 0
+  }
+}
+service pop3-login {
+  inet_listener pop3 {
+    address = 127.0.0.1
+    port = $P_DOVECOT_POP3
+  }
+  inet_listener pop3s {
+    port = 0
+  }
+}
+service auth {
+  unix_listener $DOVECOT_AUTH_SOCKET {
+    mode = 0666
+  }
+}
+EOF
+}
+
+start_dovecot() {
+    write_dovecot_conf
+    dovecot -c "$DOVECOT_CONF" 2>"$T/dovecot.start.err" || {
+        cat "$T/dovecot.start.err" >&2; return 1; }
+    python3 "$MFI" waitport --timeout 20 "$P_DOVECOT_IMAP" "$P_DOVECOT_POP3" || return 1
+    local _
+    for _ in $(seq 1 100); do [ -S "$DOVECOT_AUTH_SOCKET" ] && return 0; sleep 0.1; done
+    echo "no auth socket at $DOVECOT_AUTH_SOCKET" >&2
+    return 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# 4. Postfix: a private instance (own config, queue and data directories, log file)
+
+POSTFIX_CONF="$T/postfix/etc"
+POSTFIX_LOG="$T/postfix.log"
+
+write_postfix_conf() {
+    local daemon_dir meta_dir shlib_dir
+    daemon_dir=$(postconf -dh daemon_directory)
+    meta_dir=$(postconf -dh meta_directory)
+    shlib_dir=$(postconf -dh shlib_directory)
+    cat >"$POSTFIX_CONF/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $T/postfix/spool
+data_directory = $T/postfix/data
+command_directory = $(postconf -dh command_directory)
+daemon_directory = $daemon_dir
+meta_directory = $meta_dir
+shlib_directory = $shlib_dir
+mail_owner = postfix
+setgid_group = postdrop
+syslog_name = postfix-interop
+maillog_file = $POSTFIX_LOG
+maillog_file_prefixes = $T
+myhostname = backend.example.test
+mydomain = example.test
+myorigin = \$myhostname
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+local_transport = error:local delivery is disabled
+relayhost =
+default_transport = error:outbound mail is disabled in the interop suite
+smtp_dns_support_level = disabled
+biff = no
+append_dot_mydomain = no
+# Delivery: every example.test mailbox is a Maildir under $T/mail, which Dovecot reads too.
+virtual_mailbox_domains = example.test
+virtual_mailbox_base = $T/mail
+virtual_mailbox_maps = texthash:$POSTFIX_CONF/vmailbox
+virtual_uid_maps = static:$MAIL_UID
+virtual_gid_maps = static:$MAIL_GID
+virtual_minimum_uid = 1
+# AUTH through the Dovecot instance; cleartext allowed (mailfront terminates TLS in front).
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = $DOVECOT_AUTH_SOCKET
+smtpd_sasl_security_options = noanonymous
+smtpd_tls_security_level = none
+smtpd_tls_auth_only = no
+smtpd_relay_restrictions = permit_sasl_authenticated, reject
+smtpd_recipient_restrictions = permit_sasl_authenticated, reject
+# Log the whole SMTP dialogue of loopback clients: the cleartext-leak check greps this log for
+# the AUTH line and the password.
+debug_peer_list = 127.0.0.1
+debug_peer_level = 2
+EOF
+    printf '%s example.test/user/\n%s example.test/cleartext/\n' "$USER_NAME" "$LEAK_USER" \
+        >"$POSTFIX_CONF/vmailbox"
+    cat >"$POSTFIX_CONF/master.cf" <<EOF
+# service type  private unpriv  chroot  wakeup  maxproc command + args
+127.0.0.1:$P_POSTFIX inet n   -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+}
+
+start_postfix() {
+    write_postfix_conf
+    # `postfix start` runs post-install to create the queue directories with the right owners.
+    postfix -c "$POSTFIX_CONF" start >"$T/postfix.start.out" 2>&1 || {
+        cat "$T/postfix.start.out" >&2; return 1; }
+    python3 "$MFI" waitport --timeout 20 "$P_POSTFIX"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 5. mailfront
+
+MF_CONF="$T/mailfront.yaml"
+MF_LOG="$T/mailfront.log"
+
+find_mailfront() {
+    if [ -n "${MAILFRONT_BIN:-}" ]; then
+        [ -x "$MAILFRONT_BIN" ] || die "MAILFRONT_BIN=$MAILFRONT_BIN is not executable"
+        echo "$MAILFRONT_BIN"; return
+    fi
+    local b
+    for b in "$REPO/target/release/mailfront" "$REPO/target/debug/mailfront"; do
+        [ -x "$b" ] && { echo "$b"; return; }
+    done
+    command -v cargo >/dev/null || die "no mailfront binary and no cargo to build one"
+    log "building mailfront (cargo build --release)"
+    (cd "$REPO" && cargo build --release --quiet) >&2 || die "cargo build --release failed"
+    echo "$REPO/target/release/mailfront"
+}
+
+write_mailfront_conf() {
+    cat >"$MF_CONF" <<EOF
+# Written by tests/interop/run.sh; the format is config.yaml.example.
+hostname: $HOSTNAME_MF
+
+tls:
+  certificates:
+    - cert: $T/tls/server.crt
+      key: $T/tls/server.key
+  min_version: "1.2"
+  handshake_timeout: 10s
+  reload_interval: 5s
+
+listeners:
+  - name: submissions
+    protocol: smtp
+    listen: "127.0.0.1:$P_SMTPS"
+    tls: implicit
+    backend: "127.0.0.1:$P_POSTFIX"
+  - name: submission
+    protocol: smtp
+    listen: "127.0.0.1:$P_SUBMISSION"
+    tls: starttls
+    backend: "127.0.0.1:$P_POSTFIX"
+    require_tls_for_mail: true
+  - name: imaps
+    protocol: imap
+    listen: "127.0.0.1:$P_IMAPS"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_IMAP"
+  - name: imap
+    protocol: imap
+    listen: "127.0.0.1:$P_IMAP"
+    tls: starttls
+    backend: "127.0.0.1:$P_DOVECOT_IMAP"
+  - name: pop3s
+    protocol: pop3
+    listen: "127.0.0.1:$P_POP3S"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_POP3"
+  - name: pop3
+    protocol: pop3
+    listen: "127.0.0.1:$P_POP3"
+    tls: starttls
+    backend: "127.0.0.1:$P_DOVECOT_POP3"
+
+metrics:
+  listen: "127.0.0.1:$P_METRICS"
+
+log:
+  format: text
+  level: debug
+
+timeouts:
+  backend_connect: 10s
+  idle: 5m
+  data_reply: 10m
+  shutdown_grace: 2s
+EOF
+}
+
+start_mailfront() {
+    MF_BIN=$(find_mailfront)
+    write_mailfront_conf
+    log "mailfront: $MF_BIN --config $MF_CONF"
+    "$MF_BIN" --config "$MF_CONF" >"$MF_LOG" 2>&1 &
+    MF_PID=$!
+    if ! python3 "$MFI" waitport --timeout 30 \
+            "$P_SMTPS" "$P_SUBMISSION" "$P_IMAPS" "$P_IMAP" "$P_POP3S" "$P_POP3" 2>"$T/mf.wait.err"; then
+        echo "$(cat "$T/mf.wait.err"); mailfront log tail: $(tail -n 5 "$MF_LOG" | tr '\n' ' ')" >&2
+        return 1
+    fi
+    kill -0 "$MF_PID" 2>/dev/null || { echo "mailfront exited: $(tail -n 5 "$MF_LOG")" >&2; return 1; }
+}
+
+# ---------------------------------------------------------------------------------------------
+# 6. cases
+
+subject() { echo "interop-$1-$$-$(date +%s%N)"; }
+
+# check_received SUBJECT EXPECT_TLS [EXPECT_GROUP]
+check_received() {
+    local args=(check-received --maildir "$MAILDIR" --subject "$1" --hostname "$HOSTNAME_MF"
+                --expect-tls "$2" --expect-with ESMTPSA)
+    [ -n "${3:-}" ] && args+=(--expect-group "$3")
+    python3 "$MFI" "${args[@]}"
+}
+
+# --- backend fixtures, checked directly in cleartext ----------------------------------------
+
+case_backend_smtp() {
+    local s; s=$(subject backend-smtp)
+    python3 "$MFI" smtp-submit --mode plain --port "$P_POSTFIX" --user "$USER_NAME" \
+        --password "$USER_PASS" --sender "$USER_NAME" --rcpt "$USER_NAME" --subject "$s" >/dev/null &&
+    python3 - "$MAILDIR" "$s" <<'PY'
+import sys, time, os
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(os.environ["MFI"])))
+import mfi
+data = mfi.find_message(sys.argv[1], sys.argv[2], 20)
+rec = [v for n, v, _ in mfi.header_fields(data) if n.lower() == "received"]
+if not rec or "(Postfix)" not in rec[0] or "ESMTPA" not in rec[0]:
+    sys.exit(f"unexpected Received fields: {rec}")
+PY
+}
+
+case_backend_smtp_needs_auth() {
+    # Without AUTH, Postfix must refuse the recipient (submission semantics for the fixture).
+    if python3 "$MFI" smtp-submit --mode plain --port "$P_POSTFIX" --sender "$USER_NAME" \
+            --rcpt "$USER_NAME" --subject "$(subject backend-noauth)" >/dev/null 2>&1; then
+        echo "Postfix accepted mail without AUTH" >&2; return 1
+    fi
+}
+
+case_backend_imap() {
+    python3 "$MFI" imap-fetch --mode plain --port "$P_DOVECOT_IMAP" --user "$USER_NAME" \
+        --password "$USER_PASS" --id-name backend-direct-$$ --min-messages 1 >/dev/null &&
+    python3 - "$DOVECOT_LOG" "backend-direct-$$" <<'PY'
+import sys, time
+deadline = time.time() + 10
+while time.time() < deadline:
+    for line in open(sys.argv[1], errors="replace"):
+        if "ID sent:" in line and f"name={sys.argv[2]}" in line and "tls=forged-by-client" in line:
+            sys.exit(0)
+    time.sleep(0.2)
+sys.exit("Dovecot did not log the ID fields (imap_id_log)")
+PY
+}
+
+case_backend_pop3() {
+    python3 "$MFI" pop3-fetch --mode plain --port "$P_DOVECOT_POP3" --user "$USER_NAME" \
+        --password "$USER_PASS" --min-messages 1 >/dev/null
+}
+
+case_backend_logs_record_credentials() {
+    # The leak check below is only meaningful if the backends log what they are sent: the
+    # direct cleartext logins above must be visible in both logs.
+    local blob quiet=""
+    blob=$(printf '\0%s\0%s' "$USER_NAME" "$USER_PASS" | base64 -w0)
+    grep -qF -- "$blob" "$DOVECOT_LOG" || quiet+=" Dovecot has no AUTH blob;"
+    grep -qF -- "$blob" "$POSTFIX_LOG" || quiet+=" Postfix has no AUTH blob;"
+    [ -z "$quiet" ] || { echo "backend logging too quiet for the leak check:$quiet" >&2; return 1; }
+}
+
+# --- SMTP through mailfront ------------------------------------------------------------------
+
+swaks_common() {
+    swaks --server 127.0.0.1 --port "$1" --from "$USER_NAME" --to "$USER_NAME" \
+        --helo client.interop.test --auth PLAIN --auth-user "$USER_NAME" \
+        --auth-password "$USER_PASS" --tls-ca-path "$CA" --tls-verify --tls-sni "$HOSTNAME_MF" \
+        --h-Subject "$2" --body "swaks body" --timeout 20 "${@:3}"
+}
+
+case_swaks_465_tls12() {
+    local s; s=$(subject swaks-465)
+    local out
+    out=$(swaks_common "$P_SMTPS" "$s" --tls-on-connect --tls-protocol tlsv1_2 \
+            --tls-cipher ECDHE-RSA-AES128-GCM-SHA256 2>&1) ||
+        { echo "swaks failed: $(echo "$out" | grep -E '^(<~\*|\*\*\*)' | tail -n 1)" >&2; return 1; }
+    check_received "$s" TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+}
+
+case_swaks_587_starttls() {
+    local s; s=$(subject swaks-587)
+    local out cipher
+    out=$(swaks_common "$P_SUBMISSION" "$s" --tls 2>&1) ||
+        { echo "swaks failed: $(echo "$out" | grep -E '^(<~\*|<\*\*|\*\*\*)' | tail -n 1)" >&2; return 1; }
+    # "=== TLS started with cipher TLSv1.3:TLS_AES_256_GCM_SHA384:256"
+    cipher=$(echo "$out" | sed -n 's/.*TLS started with cipher [^:]*:\([^:]*\):.*/\1/p' | head -n1)
+    [ -n "$cipher" ] || { echo "swaks printed no cipher" >&2; return 1; }
+    check_received "$s" "$(python3 "$MFI" iana "$cipher")"
+}
+
+case_curl_587_tls12() {
+    local s; s=$(subject curl-587)
+    printf 'From: <%s>\r\nTo: <%s>\r\nSubject: %s\r\n\r\ncurl body\r\n' \
+        "$USER_NAME" "$USER_NAME" "$s" >"$T/$s.eml"
+    curl -sS --max-time 20 --ssl-reqd --cacert "$CA" --tls-max 1.2 \
+        --ciphers ECDHE-RSA-CHACHA20-POLY1305 --curves secp384r1 \
+        --connect-to "$HOSTNAME_MF:$P_SUBMISSION:127.0.0.1:$P_SUBMISSION" \
+        --url "smtp://$HOSTNAME_MF:$P_SUBMISSION/client.interop.test" --user "$USER_NAME:$USER_PASS" \
+        --mail-from "$USER_NAME" --mail-rcpt "$USER_NAME" --upload-file "$T/$s.eml" || return 1
+    check_received "$s" TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 secp384r1
+}
+
+case_curl_465_tls13() {
+    local s; s=$(subject curl-465)
+    printf 'From: <%s>\r\nTo: <%s>\r\nSubject: %s\r\n\r\ncurl body\r\n' \
+        "$USER_NAME" "$USER_NAME" "$s" >"$T/$s.eml"
+    curl -sS --max-time 20 --cacert "$CA" --tlsv1.3 --tls13-ciphers TLS_CHACHA20_POLY1305_SHA256 \
+        --curves X25519 \
+        --connect-to "$HOSTNAME_MF:$P_SMTPS:127.0.0.1:$P_SMTPS" \
+        --url "smtps://$HOSTNAME_MF:$P_SMTPS/client.interop.test" --user "$USER_NAME:$USER_PASS" \
+        --mail-from "$USER_NAME" --mail-rcpt "$USER_NAME" --upload-file "$T/$s.eml" || return 1
+    check_received "$s" TLS_CHACHA20_POLY1305_SHA256 x25519
+}
+
+# msmtp uses GnuTLS: versions and suites are pinned with a GnuTLS priority string.
+msmtp_send() { # PORT STARTTLS(on|off) PRIORITY SUBJECT
+    cat >"$T/msmtprc" <<EOF
+account interop
+host 127.0.0.1
+port $1
+tls on
+tls_starttls $2
+tls_trust_file $CA
+tls_host_override $HOSTNAME_MF
+tls_priorities $3
+auth plain
+user $USER_NAME
+password $USER_PASS
+from $USER_NAME
+domain client.interop.test
+timeout 20
+EOF
+    chmod 600 "$T/msmtprc"
+    printf 'From: <%s>\nTo: <%s>\nSubject: %s\n\nmsmtp body\n' "$USER_NAME" "$USER_NAME" "$4" |
+        msmtp -C "$T/msmtprc" -a interop "$USER_NAME"
+}
+
+case_msmtp_465_tls13() {
+    local s; s=$(subject msmtp-465)
+    msmtp_send "$P_SMTPS" off "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM" "$s" || return 1
+    check_received "$s" TLS_AES_128_GCM_SHA256
+}
+
+case_msmtp_587_tls12() {
+    local s; s=$(subject msmtp-587)
+    msmtp_send "$P_SUBMISSION" on \
+        "NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-256-GCM:-KX-ALL:+ECDHE-RSA" "$s" || return 1
+    check_received "$s" TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+}
+
+case_python_smtp() { # MODE PORT [--tls12 --cipher X ...]
+    local mode=$1 port=$2; shift 2
+    local s; s=$(subject "python-$mode")
+    local cipher
+    cipher=$(python3 "$MFI" smtp-submit --mode "$mode" --port "$port" --cafile "$CA" \
+        --user "$USER_NAME" --password "$USER_PASS" --sender "$USER_NAME" --rcpt "$USER_NAME" \
+        --subject "$s" "$@") || return 1
+    check_received "$s" "$cipher"
+}
+
+case_smtp_cleartext_refused() {
+    python3 "$MFI" smtp-cleartext-refused --port "$P_SUBMISSION" --user "$LEAK_USER" \
+        --password "$LEAK_PASS"
+}
+
+# --- IMAP / POP3 through mailfront -----------------------------------------------------------
+
+case_python_imap() { # MODE PORT ID_NAME [client options]
+    local mode=$1 port=$2 idname=$3; shift 3
+    local cipher
+    cipher=$(python3 "$MFI" imap-fetch --mode "$mode" --port "$port" --cafile "$CA" \
+        --user "$USER_NAME" --password "$USER_PASS" --id-name "$idname" --min-messages 1 "$@") ||
+        return 1
+    python3 "$MFI" imap-id-logged --log "$DOVECOT_LOG" --id-name "$idname" --expect-tls "$cipher"
+}
+
+case_python_pop3() { # MODE PORT [client options]
+    local mode=$1 port=$2; shift 2
+    python3 "$MFI" pop3-fetch --mode "$mode" --port "$port" --cafile "$CA" --user "$USER_NAME" \
+        --password "$USER_PASS" --min-messages 1 "$@" >/dev/null
+}
+
+curl_fetch() { # URL [curl options]: fetch and require a Received field in the output
+    local url=$1; shift
+    local out
+    out=$(curl -sS --max-time 20 --cacert "$CA" --user "$USER_NAME:$USER_PASS" \
+        --connect-to "$HOSTNAME_MF::127.0.0.1:" "$@" --url "$url") || return 1
+    echo "$out" | grep -qi '^Received:' || { echo "fetched message has no Received field" >&2; return 1; }
+}
+
+case_fetchmail() { # PROTO PORT SSLMODE(ssl|sslproto-starttls)
+    local proto=$1 port=$2 mode=$3
+    local rc=$T/fetchmailrc-$proto-$port out=$T/fetchmail-$proto-$port.mbox
+    local sslopt="ssl"
+    [ "$mode" = starttls ] && sslopt="sslproto tls1.2+"
+    cat >"$rc" <<EOF
+set no syslog
+set no bouncemail
+poll 127.0.0.1 with proto $proto port $port timeout 20
+    user "$USER_NAME" there with password "$USER_PASS" is root here
+    keep fetchall $sslopt sslcertck sslcertfile "$CA" sslcommonname "$HOSTNAME_MF"
+    mda "/bin/sh -c 'cat >> $out'"
+EOF
+    chmod 600 "$rc"
+    rm -f "$out"
+    local log
+    log=$(FETCHMAILHOME="$T" fetchmail -f "$rc" -N -v --pidfile "$T/fetchmail.pid" 2>&1)
+    local st=$?
+    if [ $st != 0 ] && [ $st != 1 ]; then  # 1 = no mail, impossible here but not an auth error
+        echo "fetchmail exit $st: $(echo "$log" | grep -iE 'error|fail|denied|refused' | tail -n1)" >&2
+        return 1
+    fi
+    grep -qi '^Received:' "$out" 2>/dev/null || { echo "fetchmail delivered nothing" >&2; return 1; }
+    if [ "$mode" = starttls ]; then
+        echo "$log" | grep -qiE 'STARTTLS|STLS' || { echo "fetchmail did not use STARTTLS" >&2; return 1; }
+    fi
+}
+
+case_imap_cleartext_refused() {
+    python3 "$MFI" imap-cleartext-refused --port "$P_IMAP" --user "$LEAK_USER" --password "$LEAK_PASS"
+}
+
+case_pop3_cleartext_refused() {
+    python3 "$MFI" pop3-cleartext-refused --port "$P_POP3" --user "$LEAK_USER" --password "$LEAK_PASS"
+}
+
+case_cleartext_not_in_logs() {
+    # Anything the cleartext cases sent must not have reached a backend. Dovecot logs every
+    # password it checks (auth_debug_passwords) and Postfix logs every loopback SMTP line
+    # (debug_peer_list), so a forwarded attempt would show up here.
+    local blob found=""
+    blob=$(printf '\0%s\0%s' "$LEAK_USER" "$LEAK_PASS" | base64 -w0)
+    local f
+    for f in "$DOVECOT_LOG" "$POSTFIX_LOG"; do
+        [ -f "$f" ] || continue
+        grep -qF -- "$LEAK_PASS" "$f" && found+=" password in $(basename "$f");"
+        grep -qF -- "$LEAK_USER" "$f" && found+=" user name in $(basename "$f");"
+        grep -qF -- "$blob" "$f" && found+=" AUTH PLAIN blob in $(basename "$f");"
+    done
+    [ -z "$found" ] || { echo "cleartext credentials reached a backend:$found" >&2; return 1; }
+}
+
+case_metrics() {
+    curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P_METRICS/healthz" |
+        grep -qx 200 || { echo "/healthz not 200" >&2; return 1; }
+    curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P_METRICS/readyz" |
+        grep -qx 200 || { echo "/readyz not 200" >&2; return 1; }
+    curl -sS --max-time 5 "http://127.0.0.1:$P_METRICS/metrics" | grep -q '^[a-z_]' ||
+        { echo "/metrics has no samples" >&2; return 1; }
+}
+
+case_config_check() {
+    "$MF_BIN" check --config "$MF_CONF"
+}
+
+# --- testssl.sh ------------------------------------------------------------------------------
+
+run_testssl() { # NAME PORT [--starttls smtp|imap|pop3]
+    local name=$1 port=$2; shift 2
+    # -p protocols, -s standard cipher categories, -f forward secrecy, -E every suite per
+    # protocol (to prove each one is forward secret). About 30-60 s per port; they run in parallel.
+    timeout 300 "$TESTSSL_BIN" --quiet --color 0 --warnings off --sneaky \
+        --connect-timeout 5 --openssl-timeout 10 -p -s -f -E \
+        --jsonfile "$T/testssl-$name.json" "$@" "127.0.0.1:$port" >"$T/testssl-$name.txt" 2>&1
+}
+
+# ---------------------------------------------------------------------------------------------
+# 7. run
+
+export MFI
+
+start_dovecot || die "Dovecot did not start (log: $(tail -n 5 "$DOVECOT_LOG" 2>/dev/null))"
+start_postfix || die "Postfix did not start (log: $(tail -n 5 "$POSTFIX_LOG" 2>/dev/null))"
+log "Dovecot imap 127.0.0.1:$P_DOVECOT_IMAP pop3 127.0.0.1:$P_DOVECOT_POP3; Postfix 127.0.0.1:$P_POSTFIX"
+
+run_case backend-postfix-auth-and-delivery case_backend_smtp
+run_case backend-postfix-requires-auth case_backend_smtp_needs_auth
+run_case backend-dovecot-imap-login-and-id-log case_backend_imap
+run_case backend-dovecot-pop3-login case_backend_pop3
+run_case backend-logs-record-credentials case_backend_logs_record_credentials
+
+if [ "$BACKEND_ONLY" = 0 ]; then
+    if start_mailfront 2>"$T/mf.start.err"; then
+        pass mailfront-starts
+        run_case mailfront-config-check case_config_check
+
+        # testssl.sh runs in the background while the client cases go on (2 cores, mostly
+        # waiting on handshakes).
+        TESTSSL_PIDS=()
+        if [ "$TESTSSL" = 1 ] && [ -n "$TESTSSL_BIN" ]; then
+            run_testssl smtps "$P_SMTPS" & TESTSSL_PIDS+=("smtps:$!")
+            run_testssl imaps "$P_IMAPS" & TESTSSL_PIDS+=("imaps:$!")
+            run_testssl pop3s "$P_POP3S" & TESTSSL_PIDS+=("pop3s:$!")
+            run_testssl submission "$P_SUBMISSION" --starttls smtp & TESTSSL_PIDS+=("submission:$!")
+            for p in "${TESTSSL_PIDS[@]}"; do PIDS_TO_KILL+=("${p#*:}"); done
+        fi
+
+        # SMTP first: the IMAP/POP3 cases read these messages.
+        run_case smtp-swaks-465-tls12 case_swaks_465_tls12
+        run_case smtp-swaks-587-starttls case_swaks_587_starttls
+        run_case smtp-curl-587-starttls-tls12 case_curl_587_tls12
+        run_case smtp-curl-465-tls13 case_curl_465_tls13
+        run_case smtp-msmtp-465-tls13 case_msmtp_465_tls13
+        run_case smtp-msmtp-587-starttls-tls12 case_msmtp_587_tls12
+        run_case smtp-python-465 case_python_smtp implicit "$P_SMTPS"
+        run_case smtp-python-587-starttls case_python_smtp starttls "$P_SUBMISSION"
+        run_case smtp-python-587-starttls-tls12 case_python_smtp starttls "$P_SUBMISSION" \
+            --tls12 --cipher ECDHE-RSA-AES256-GCM-SHA384
+        run_case smtp-587-cleartext-auth-refused case_smtp_cleartext_refused
+
+        run_case imap-python-993 case_python_imap implicit "$P_IMAPS" "py993-$$"
+        run_case imap-python-143-starttls case_python_imap starttls "$P_IMAP" "py143-$$"
+        run_case imap-python-993-tls12 case_python_imap implicit "$P_IMAPS" "py993t12-$$" \
+            --tls12 --cipher ECDHE-RSA-CHACHA20-POLY1305
+        run_case pop3-python-995 case_python_pop3 implicit "$P_POP3S"
+        run_case pop3-python-110-stls case_python_pop3 starttls "$P_POP3"
+        run_case imap-curl-993 curl_fetch "imaps://$HOSTNAME_MF:$P_IMAPS/INBOX;MAILINDEX=1"
+        run_case imap-curl-143-starttls curl_fetch "imap://$HOSTNAME_MF:$P_IMAP/INBOX;MAILINDEX=1" --ssl-reqd
+        run_case pop3-curl-995 curl_fetch "pop3s://$HOSTNAME_MF:$P_POP3S/1"
+        run_case pop3-curl-110-stls curl_fetch "pop3://$HOSTNAME_MF:$P_POP3/1" --ssl-reqd
+        run_case imap-fetchmail-993 case_fetchmail imap "$P_IMAPS" ssl
+        run_case pop3-fetchmail-110-stls case_fetchmail pop3 "$P_POP3" starttls
+        run_case imap-143-cleartext-login-refused case_imap_cleartext_refused
+        run_case pop3-110-cleartext-auth-refused case_pop3_cleartext_refused
+        run_case cleartext-credentials-never-reach-backend-logs case_cleartext_not_in_logs
+        run_case metrics-endpoints case_metrics
+
+        for p in "${TESTSSL_PIDS[@]}"; do
+            name=${p%%:*} pid=${p#*:}
+            if wait "$pid"; then :; else
+                st=$?
+                # testssl exits with the number of findings it considers problems; judge the JSON.
+                [ "$st" -ge 124 ] && { fail "testssl-$name" "timed out or killed ($st)"; continue; }
+            fi
+            if [ -s "$T/testssl-$name.json" ]; then
+                run_case "testssl-$name" python3 "$MFI" testssl-summary --require-cipher-list \
+                    "$T/testssl-$name.json"
+            else
+                fail "testssl-$name" "no JSON report ($(tail -n 2 "$T/testssl-$name.txt" | tr '\n' ' '))"
+            fi
+        done
+        [ "$TESTSSL" = 1 ] && [ -z "$TESTSSL_BIN" ] && fail testssl "testssl not installed"
+
+        if kill -0 "$MF_PID" 2>/dev/null; then
+            pass mailfront-still-running
+        else
+            fail mailfront-still-running "mailfront exited: $(tail -n 3 "$MF_LOG" | tr '\n' ' ')"
+        fi
+    else
+        fail mailfront-starts "$(tail -n 1 "$T/mf.start.err")"
+    fi
+fi
+
+echo "$PASSED passed, $FAILED failed"
+
+if [ "$KEEP" = 1 ]; then
+    cat <<EOF
+
+Left running (working directory $T; stop with: kill ${MF_PID:-<none>}; postfix -c $POSTFIX_CONF stop; doveadm -c $DOVECOT_CONF stop)
+  user $USER_NAME  password $USER_PASS  CA $CA
+  Dovecot log $DOVECOT_LOG   Postfix log $POSTFIX_LOG   mailfront log $MF_LOG
+  Maildir $MAILDIR
+  backends: Dovecot imap 127.0.0.1:$P_DOVECOT_IMAP pop3 127.0.0.1:$P_DOVECOT_POP3, Postfix smtp 127.0.0.1:$P_POSTFIX
+EOF
+    if [ "$BACKEND_ONLY" = 0 ]; then
+        cat <<EOF
+  mailfront: submissions $P_SMTPS, submission $P_SUBMISSION, imaps $P_IMAPS, imap $P_IMAP, pop3s $P_POP3S, pop3 $P_POP3, metrics $P_METRICS
+
+  swaks --server 127.0.0.1 --port $P_SMTPS --tls-on-connect --auth PLAIN --auth-user $USER_NAME --auth-password '$USER_PASS' --to $USER_NAME --tls-ca-path $CA --tls-verify --tls-sni $HOSTNAME_MF
+  swaks --server 127.0.0.1 --port $P_SUBMISSION --tls --auth PLAIN --auth-user $USER_NAME --auth-password '$USER_PASS' --to $USER_NAME --tls-ca-path $CA
+  curl --cacert $CA --connect-to $HOSTNAME_MF::127.0.0.1: --user '$USER_NAME:$USER_PASS' 'imaps://$HOSTNAME_MF:$P_IMAPS/INBOX;MAILINDEX=1'
+  curl --cacert $CA --connect-to $HOSTNAME_MF::127.0.0.1: --user '$USER_NAME:$USER_PASS' pop3s://$HOSTNAME_MF:$P_POP3S/1
+  openssl s_client -connect 127.0.0.1:$P_IMAPS -servername $HOSTNAME_MF -CAfile $CA -crlf
+  openssl s_client -connect 127.0.0.1:$P_SUBMISSION -starttls smtp -servername $HOSTNAME_MF -CAfile $CA -crlf
+  openssl s_client -connect 127.0.0.1:$P_IMAP -starttls imap -CAfile $CA -crlf
+  openssl s_client -connect 127.0.0.1:$P_POP3 -starttls pop3 -CAfile $CA -crlf
+EOF
+    else
+        cat <<EOF
+
+  swaks --server 127.0.0.1 --port $P_POSTFIX --auth PLAIN --auth-user $USER_NAME --auth-password '$USER_PASS' --to $USER_NAME
+  curl --user '$USER_NAME:$USER_PASS' 'imap://127.0.0.1:$P_DOVECOT_IMAP/INBOX;MAILINDEX=1'
+  curl --user '$USER_NAME:$USER_PASS' pop3://127.0.0.1:$P_DOVECOT_POP3/1
+EOF
+    fi
+fi
+
+[ "$FAILED" = 0 ]
