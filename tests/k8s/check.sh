@@ -201,6 +201,66 @@ any(d["kind"] == "Service" and d["spec"]["type"] == "LoadBalancer" and d["spec"]
 and all(p["containerPort"] > 1024 for p in one("Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"])'
 done
 
+# The config contract: every key of config.yaml.example (and the optional ones its comments
+# name) must be reachable from the chart's values, i.e. appear in the full render's config.yaml.
+if [ -n "${RENDERED[helm-full]:-}" ]; then
+  check "every config.yaml.example key is reachable from the chart's values" "$PY" - \
+    "$ROOT/config.yaml.example" "$WORK/helm-full.d/ConfigMap.$RELEASE-config.yaml" <<'EOF'
+import sys, yaml
+def paths(node, pre=""):
+    out = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.add(pre + k)
+            out |= paths(v, pre + k + ".")
+    elif isinstance(node, list):
+        for item in node:
+            out |= paths(item, pre[:-1] + "[].")
+    return out
+example = paths(yaml.safe_load(open(sys.argv[1])))
+# Optional keys that config.yaml.example shows in comments only.
+example |= {"tls.certificates[].cert", "tls.certificates[].key", "listeners[].max_connections"}
+rendered = paths(yaml.safe_load(yaml.safe_load(open(sys.argv[2]))["data"]["config.yaml"]))
+missing = sorted(example - rendered)
+extra = sorted(rendered - example)
+assert not missing, f"not reachable from values: {missing}"
+assert not extra, f"rendered keys unknown to config.yaml.example: {extra}"
+print(f"{len(example)} keys")
+EOF
+fi
+
+# Documentation that can be executed: the README's example values render, and its values
+# table names every key of values.yaml.
+readme=$CHART/README.md
+if "$PY" - "$readme" "$WORK/readme-values.yaml" >"$WORK/readme.log" 2>&1 <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+block = re.search(r"```yaml\n(.*?)```", text, re.S)
+assert block, "no ```yaml block in README"
+open(sys.argv[2], "w").write(block.group(1))
+EOF
+then
+  check "README example values render" helm template "$RELEASE" "$CHART" -f "$WORK/readme-values.yaml"
+else
+  fail "README example values render" "$WORK/readme.log"
+fi
+check "README values table covers every key of values.yaml" "$PY" - "$CHART/values.yaml" "$readme" <<'EOF'
+import sys, yaml
+values, readme = yaml.safe_load(open(sys.argv[1])), open(sys.argv[2]).read()
+missing = []
+def walk(d, pre=""):
+    for k, v in d.items():
+        key = pre + k
+        if f"| `{key}` |" in readme:
+            continue
+        if isinstance(v, dict) and v:
+            walk(v, key + ".")
+        else:
+            missing.append(key)
+walk(values)
+assert not missing, f"undocumented values: {missing}"
+EOF
+
 # ---------------------------------------------------------------------------------------------
 # Kubernetes schemas (offline). Custom resources are skipped here by kind, explicitly.
 
