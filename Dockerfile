@@ -11,6 +11,8 @@
 
 # Pin the toolchain: the same Cargo.lock with the same compiler gives the same binary.
 ARG RUST_VERSION=1.95
+# The builder's Debian must match the runtime's (distroless cc-debian12 = bookworm): the binary
+# links against glibc and must not need a newer one than the runtime ships.
 ARG DEBIAN_CODENAME=bookworm
 
 FROM docker.io/library/rust:${RUST_VERSION}-slim-${DEBIAN_CODENAME} AS build
@@ -18,6 +20,9 @@ WORKDIR /src
 # Cargo's registry and the target directory live in BuildKit cache mounts, so a source change
 # rebuilds only mailfront, never the dependency graph. --locked: Cargo.lock is the truth; a build
 # that would change it fails instead of resolving new versions.
+# Only what the mailfront binary is built from (.dockerignore keeps out the rest). Should
+# Cargo.toml ever name targets outside src/ ([[bench]], [[test]], build.rs), copy them here too:
+# cargo checks every declared target path. tests/k8s/check.sh guards this.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 # rustls uses aws-lc-rs, whose C part needs cc (gcc and libc6-dev are in the slim image already).

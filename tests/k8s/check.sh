@@ -201,6 +201,29 @@ any(d["kind"] == "Service" and d["spec"]["type"] == "LoadBalancer" and d["spec"]
 and all(p["containerPort"] > 1024 for p in one("Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"])'
 done
 
+check "NOTES.txt renders (default and full values)" bash -c '
+  helm install "$1" "$2" --namespace "$3" --dry-run=client | grep -q "SELF-SIGNED" &&
+  helm install "$1" "$2" --namespace "$3" --dry-run=client -f "$4" | grep -q "Certificates (reloaded"' \
+  _ "$RELEASE" "$CHART" "$NAMESPACE" "$FULL_VALUES"
+
+# The image builds from Cargo.toml, Cargo.lock, src/ and config.yaml.example only: every target
+# path Cargo.toml declares must be inside that context.
+check "Dockerfile build context holds every target Cargo.toml declares" "$PY" - "$ROOT/Cargo.toml" <<'EOF'
+import pathlib, sys, tomllib
+manifest = tomllib.load(open(sys.argv[1], "rb"))
+paths = [manifest.get("lib", {}).get("path", "src/lib.rs")]
+for kind in ("bin", "test", "bench", "example"):
+    paths += [t["path"] for t in manifest.get(kind, []) if "path" in t]
+build = manifest.get("package", {}).get("build")
+if isinstance(build, str):
+    paths.append(build)
+elif build is not False and (pathlib.Path(sys.argv[1]).parent / "build.rs").exists():
+    paths.append("build.rs")  # picked up by cargo without a `build` key
+outside = [p for p in paths if not p.startswith("src/")]
+assert not outside, f"outside the Docker build context (COPY them in Dockerfile, allow in .dockerignore): {outside}"
+print(paths)
+EOF
+
 # The config contract: every key of config.yaml.example (and the optional ones its comments
 # name) must be reachable from the chart's values, i.e. appear in the full render's config.yaml.
 if [ -n "${RENDERED[helm-full]:-}" ]; then
