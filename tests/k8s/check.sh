@@ -142,8 +142,11 @@ render() { # NAME CMD... -> $WORK/NAME.yaml
   local name=$1; shift
   if "$@" >"$WORK/$name.yaml" 2>"$WORK/$name.err"; then
     RENDERED[$name]=$WORK/$name.yaml
-    split_manifests "$WORK/$name.yaml" "$WORK/$name" >"$WORK/$name.split" 2>&1 &&
-      ok "render $name ($(cat "$WORK/$name.split"))" || fail "render $name: split" "$WORK/$name.split"
+    if split_manifests "$WORK/$name.yaml" "$WORK/$name" >"$WORK/$name.split" 2>&1; then
+      ok "render $name ($(cat "$WORK/$name.split"))"
+    else
+      fail "render $name: split" "$WORK/$name.split"
+    fi
   else
     fail "render $name" "$WORK/$name.err"
   fi
@@ -201,6 +204,7 @@ any(d["kind"] == "Service" and d["spec"]["type"] == "LoadBalancer" and d["spec"]
 and all(p["containerPort"] > 1024 for p in one("Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"])'
 done
 
+# shellcheck disable=SC2016 # $1.. are the inner shell's arguments
 check "NOTES.txt renders (default and full values)" bash -c '
   helm install "$1" "$2" --namespace "$3" --dry-run=client | grep -q "SELF-SIGNED" &&
   helm install "$1" "$2" --namespace "$3" --dry-run=client -f "$4" | grep -q "Certificates (reloaded"' \
@@ -352,8 +356,9 @@ else
       -keyout "$certs/tls.key" -out "$certs/tls.crt" >"$WORK/openssl.log" 2>&1; then
     for r in helm-default helm-full kustomize; do
       [ -n "${RENDERED[$r]:-}" ] || continue
-      cm=$(ls "$WORK/$r.d"/ConfigMap.*config*.yaml 2>/dev/null | head -n 1)
-      if [ -z "$cm" ]; then fail "mailfront check --config ($r): no config ConfigMap"; continue; fi
+      cms=("$WORK/$r.d"/ConfigMap.*config*.yaml)
+      cm=${cms[0]}
+      if [ ! -f "$cm" ]; then fail "mailfront check --config ($r): no config ConfigMap"; continue; fi
       "$PY" - "$cm" "$WORK/$r.config.yaml" "$certs" <<'EOF'
 import re, sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))["data"]["config.yaml"]
