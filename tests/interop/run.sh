@@ -59,7 +59,7 @@ run_case() {
 
 # libnet-ssleay-perl: swaks's TLS support (only a Recommends of swaks, so not pulled in here).
 PKGS=(dovecot-imapd dovecot-pop3d postfix swaks libnet-ssleay-perl curl openssl msmtp fetchmail
-      testssl.sh python3 ca-certificates)
+      testssl.sh python3 ca-certificates prometheus)
 install_packages() {
     local missing=() p
     for p in "${PKGS[@]}"; do
@@ -731,8 +731,19 @@ case_metrics() {
         grep -qx 200 || { echo "/healthz not 200" >&2; return 1; }
     curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P_METRICS/readyz" |
         grep -qx 200 || { echo "/readyz not 200" >&2; return 1; }
-    curl -sS --max-time 5 "http://127.0.0.1:$P_METRICS/metrics" | grep -q '^[a-z_]' ||
-        { echo "/metrics has no samples" >&2; return 1; }
+    curl -sS --max-time 5 "http://127.0.0.1:$P_METRICS/metrics" >"$T/metrics.txt" ||
+        { echo "/metrics did not answer" >&2; return 1; }
+    grep -q '^mailfront_tls_handshakes_total{.*version="TLSv1.3"' "$T/metrics.txt" ||
+        { echo "no TLSv1.3 handshakes counted" >&2; return 1; }
+    grep -q '^mailfront_tls_handshakes_total{.*version="TLSv1.2"' "$T/metrics.txt" ||
+        { echo "no TLSv1.2 handshakes counted" >&2; return 1; }
+}
+
+# promtool's linter over a scrape of the proxy after every client above has used it.
+case_metrics_promtool() {
+    local out
+    out=$(promtool check metrics <"$T/metrics.txt" 2>&1) || { echo "$out" >&2; return 1; }
+    [ -z "$out" ] || { echo "$out" >&2; return 1; }
 }
 
 case_config_check() {
@@ -810,6 +821,7 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         run_case pop3-110-cleartext-auth-refused case_pop3_cleartext_refused
         run_case cleartext-credentials-never-reach-backend-logs case_cleartext_not_in_logs
         run_case metrics-endpoints case_metrics
+        run_case metrics-promtool-check case_metrics_promtool
 
         for p in "${TESTSSL_PIDS[@]}"; do
             name=${p%%:*} pid=${p#*:}
