@@ -25,6 +25,8 @@ WORKDIR /src
 # cargo checks every declared target path. tests/k8s/check.sh guards this.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The built-in default configuration is compiled in (include_str! in src/config.rs).
+COPY config.yaml.example ./
 # rustls uses aws-lc-rs, whose C part needs cc (gcc and libc6-dev are in the slim image already).
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \

@@ -111,25 +111,41 @@ impl<'de> Deserialize<'de> for ConfigDuration {
         let text = String::deserialize(deserializer)?;
         parse_duration(&text).map(ConfigDuration).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                "invalid duration {text:?}: write it like \"30s\", \"5m\", \"1h\" or \"250ms\""
+                "invalid duration {text:?}: write it like \"30s\", \"5m\", \"1h\", \"1m30s\" or \"250ms\""
             ))
         })
     }
 }
 
+/// Parses "250ms", "30s", "5m", "1h" and sums of them like "1m30s".
 fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let duration = match unit.trim() {
-        "ms" => Duration::from_millis(number),
-        "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.checked_mul(60)?),
-        "h" => Duration::from_secs(number.checked_mul(3600)?),
-        _ => return None,
-    };
-    Some(duration)
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let (number, after) = rest.split_at(digits);
+        let number: u64 = number.parse().ok()?;
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_len);
+        let part = match unit {
+            "ms" => Duration::from_millis(number),
+            "s" => Duration::from_secs(number),
+            "m" => Duration::from_secs(number.checked_mul(60)?),
+            "h" => Duration::from_secs(number.checked_mul(3600)?),
+            _ => return None,
+        };
+        total = total.checked_add(part)?;
+        rest = next;
+    }
+    Some(total)
 }
 
 /// The file as written. Every struct refuses unknown keys, so a typo is an error, not a default.
@@ -753,6 +769,10 @@ mod tests {
         assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
         assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h0m5s"), Some(Duration::from_secs(3605)));
+        assert_eq!(parse_duration("1m 30s"), None);
+        assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("5 fortnights"), None);

@@ -1,0 +1,277 @@
+//! Metrics and logs as an operator reads them: handshake counters by version and IANA cipher,
+//! cleartext refusals, readiness, and JSON logs that carry the cipher but never a secret.
+
+mod common;
+
+use std::io::{BufRead, BufReader as StdBufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn handshake_counters_carry_exact_versions_and_iana_ciphers_and_cleartext_auth_is_counted() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let imap = FakeBackend::start(FakeKind::Imap).await;
+    let smtp = FakeBackend::start(FakeKind::Smtp).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[
+            listener_yaml("imaps", "imap", "implicit", imap.addr),
+            listener_yaml("submission", "smtp", "starttls", smtp.addr),
+        ],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let admin = proxy.admin.unwrap();
+
+    // Two TLS 1.3 sessions with CHACHA20, three TLS 1.2 sessions with ECDHE-ECDSA AES-128-GCM.
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    for _ in 0..2 {
+        let config = client_config(
+            &pki.ca_der,
+            &[&rustls::version::TLS13],
+            Some(vec![cs::TLS13_CHACHA20_POLY1305_SHA256]),
+        );
+        let tls = tls_connect(proxy.addr("imaps"), "mx.example.test", config)
+            .await
+            .unwrap();
+        let mut tls = BufReader::new(tls);
+        assert!(read_line(&mut tls).await.starts_with("* OK"));
+    }
+    for _ in 0..3 {
+        let config = client_config(
+            &pki.ca_der,
+            &[&rustls::version::TLS12],
+            Some(vec![cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]),
+        );
+        let tls = tls_connect(proxy.addr("imaps"), "mx.example.test", config)
+            .await
+            .unwrap();
+        let mut tls = BufReader::new(tls);
+        assert!(read_line(&mut tls).await.starts_with("* OK"));
+    }
+
+    // A cleartext AUTH on the STARTTLS submission listener is refused and counted.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("submission"))
+        .await
+        .unwrap();
+    let mut plain = BufReader::new(tcp);
+    assert!(read_smtp_reply(&mut plain).await.starts_with("220"));
+    plain
+        .get_mut()
+        .write_all(b"EHLO client.example\r\n")
+        .await
+        .unwrap();
+    read_smtp_reply(&mut plain).await;
+    plain
+        .get_mut()
+        .write_all(b"AUTH PLAIN AHVzZXIAc2VjcmV0\r\n")
+        .await
+        .unwrap();
+    assert!(read_smtp_reply(&mut plain).await.starts_with("530 5.7.0"));
+
+    let ready = http_get(admin, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let metrics = http_get(admin, "/metrics").await;
+    let handshakes: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mailfront_tls_handshakes_total{"))
+        .collect();
+    assert_eq!(
+        handshakes.len(),
+        2,
+        "exactly two version/cipher series: {handshakes:#?}"
+    );
+    assert!(
+        handshakes
+            .iter()
+            .any(|l| l.contains(r#"cipher="TLS_CHACHA20_POLY1305_SHA256""#)
+                && l.contains(r#"version="TLSv1.3""#)
+                && l.ends_with(" 2")),
+        "{handshakes:#?}"
+    );
+    assert!(
+        handshakes.iter().any(|l| l
+            .contains(r#"cipher="TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256""#)
+            && l.contains(r#"version="TLSv1.2""#)
+            && l.ends_with(" 3")),
+        "{handshakes:#?}"
+    );
+    assert!(
+        metrics.contains(
+            r#"mailfront_cleartext_auth_refused_total{listener="submission",protocol="smtp"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        !smtp.recorder.all_text().contains("AUTH"),
+        "the backend never saw the AUTH"
+    );
+}
+
+/// The real binary, logging JSON to stderr; lines are collected on a thread.
+struct Binary {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Binary {
+    fn start(config: &std::path::Path) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mailfront"))
+            .args(["--config", config.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in StdBufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Binary {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing all of `needles`.
+    fn wait_for(&mut self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                self.seen.push(line.clone());
+                if needles.iter().all(|n| line.contains(n)) {
+                    return line;
+                }
+            }
+        }
+        panic!(
+            "no log line with {needles:?}; saw:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
+        }
+        self.seen
+    }
+}
+
+fn json_field(line: &str, key: &str) -> Option<String> {
+    let pattern = format!("\"{key}\":");
+    let start = line.find(&pattern)? + pattern.len();
+    let rest = line[start..].trim_start();
+    if let Some(rest) = rest.strip_prefix('"') {
+        rest.split('"').next().map(str::to_owned)
+    } else {
+        rest.split([',', '}']).next().map(str::to_owned)
+    }
+}
+
+#[tokio::test]
+async fn json_log_of_an_authenticated_session_carries_the_cipher_and_no_secret() {
+    const PASSWORD: &str = "correct-horse-battery-staple-7781";
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let imap = FakeBackend::start_with(
+        FakeKind::Imap,
+        FakeOptions {
+            password: PASSWORD.into(),
+            ..FakeOptions::default()
+        },
+    )
+    .await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("imaps", "imap", "implicit", imap.addr)],
+        "log:\n  format: json\n  level: trace,hyper=info,rustls=info\n",
+    );
+    let path = pki.dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut binary = Binary::start(&path);
+    let listening = binary.wait_for(&["listening", "imaps"]);
+    let address: std::net::SocketAddr = json_field(&listening, "address").unwrap().parse().unwrap();
+
+    let tls = tls_connect(
+        address,
+        "mx.example.test",
+        client_config(&pki.ca_der, &[&rustls::version::TLS13], None),
+    )
+    .await
+    .unwrap();
+    let cipher = mailfront::tls::names::cipher_suite_name(u16::from(
+        tls.get_ref().1.negotiated_cipher_suite().unwrap().suite(),
+    ))
+    .into_owned();
+    let mut tls = BufReader::new(tls);
+    read_line(&mut tls).await;
+    tls.get_mut()
+        .write_all(format!("a1 LOGIN alice \"{PASSWORD}\"\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_until_tag(&mut tls, "a1").await.contains("a1 OK"));
+    let plain = base64_encode(format!("\0alice\0{PASSWORD}").as_bytes());
+    tls.get_mut().write_all(b"a2 LOGOUT\r\n").await.unwrap();
+    read_until_tag(&mut tls, "a2").await;
+    drop(tls);
+    binary.wait_for(&["session closed", "imaps"]);
+    let lines = binary.stop();
+
+    let established = lines
+        .iter()
+        .find(|l| l.contains("tls established"))
+        .expect("a TLS event");
+    assert_eq!(
+        json_field(established, "cipher").as_deref(),
+        Some(cipher.as_str())
+    );
+    let closed = lines.iter().find(|l| l.contains("session closed")).unwrap();
+    assert_eq!(
+        json_field(closed, "cipher").as_deref(),
+        Some(cipher.as_str())
+    );
+    let auth = lines
+        .iter()
+        .find(|l| json_field(l, "message").is_some_and(|m| m.to_ascii_lowercase().contains("auth")))
+        .unwrap_or_else(|| panic!("an authentication event in:\n{}", lines.join("\n")));
+    assert_eq!(
+        json_field(auth, "cipher").as_deref(),
+        Some(cipher.as_str()),
+        "{auth}"
+    );
+    for line in &lines {
+        assert!(line.starts_with('{'), "every line is JSON: {line}");
+        assert!(!line.contains(PASSWORD), "password leaked: {line}");
+        assert!(!line.contains(&plain), "SASL payload leaked: {line}");
+    }
+}
