@@ -244,4 +244,20 @@ mod tests {
             assert_eq!(rw(&once, view), once);
         }
     }
+
+    #[test]
+    fn capabilities_are_read_from_untagged_data_and_response_codes() {
+        let tokens = |raw: &[u8]| capabilities(raw).map(|t| t.concat());
+        assert_eq!(
+            capabilities(b"* CAPABILITY IMAP4rev1 ID\r\n"),
+            Some(vec![&b"IMAP4rev1"[..], b"ID"])
+        );
+        assert_eq!(
+            capabilities(b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID] ready\r\n"),
+            Some(vec![&b"IMAP4rev1"[..], b"SASL-IR", b"ID"])
+        );
+        assert_eq!(tokens(b"* OK [CAPABILITY] ready\r\n"), Some(Vec::new()));
+        assert_eq!(capabilities(b"* OK ready\r\n"), None);
+        assert_eq!(capabilities(b"* ID (\"name\" \"x\")\r\n"), None);
+    }
 }

@@ -682,3 +682,34 @@ impl Driver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::codec::{ClientEvent, CommandReceiver};
+
+    fn first_command(line: &[u8]) -> CommandStart {
+        match CommandReceiver::default().next(line).event {
+            Some(ClientEvent::Command(cmd)) => cmd,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_logged_mechanism_never_carries_credentials() {
+        assert_eq!(
+            mechanism(&first_command(b"a LOGIN alice s3cret\r\n")),
+            "LOGIN"
+        );
+        assert_eq!(
+            mechanism(&first_command(
+                b"a authenticate plain AGFsaWNlAHMzY3JldA==\r\n"
+            )),
+            "AUTHENTICATE PLAIN"
+        );
+        assert_eq!(
+            mechanism(&first_command(b"a AUTHENTICATE scram-sha-256 =\r\n")),
+            "AUTHENTICATE SCRAM-SHA-256"
+        );
+    }
+}

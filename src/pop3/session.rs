@@ -433,3 +433,26 @@ fn log_auth(session: &Session, mechanism: &str, ok: bool) {
         "authentication"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pop3::codec::{ClientEvent, CommandReceiver};
+
+    fn command(line: &[u8]) -> Command {
+        match CommandReceiver::default().next(line).event {
+            Some(ClientEvent::Command(cmd)) => cmd,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_logged_mechanism_never_carries_credentials() {
+        assert_eq!(mechanism(&command(b"pass s3cret\r\n")), "PASS");
+        assert_eq!(mechanism(&command(b"APOP alice 0123abcd\r\n")), "APOP");
+        assert_eq!(
+            mechanism(&command(b"AUTH plain AGFsaWNlAHMzY3JldA==\r\n")),
+            "AUTH PLAIN"
+        );
+    }
+}
