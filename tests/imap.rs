@@ -154,7 +154,6 @@ async fn client_without_id_gets_one_proxy_id_before_login_and_never_sees_our_tag
         "{reply}"
     );
     assert!(!reply.contains("* ID") && !reply.contains("mf"), "{reply}");
-    // A wrong password first does not cause a second ID.
     let seen = first_connection(&s.backend);
     let id_line = seen.lines().next().unwrap();
     assert!(id_line.starts_with("mf"), "{seen}");
