@@ -88,6 +88,23 @@ pub fn rewrite_response(raw: &[u8], view: CapabilityView) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The capability tokens a response carries (untagged `* CAPABILITY …` or a `[CAPABILITY …]`
+/// code), so the driver can learn whether the backend supports ID; `None` when it carries none.
+pub fn capabilities(raw: &[u8]) -> Option<Vec<&[u8]>> {
+    let line_len = raw
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(raw.len(), |p| p + 1);
+    let content = trim_line_end(raw.get(..line_len)?);
+    let (start, end) = capability_span(content)?;
+    let list = content.get(start..end)?;
+    Some(
+        list.split(|&b| b == b' ')
+            .filter(|t| !t.is_empty())
+            .collect(),
+    )
+}
+
 /// The byte range of the capability list in a first line, if it has one.
 fn capability_span(content: &[u8]) -> Option<(usize, usize)> {
     let first_space = content.iter().position(|&b| b == b' ')?;
@@ -226,5 +243,21 @@ mod tests {
             );
             assert_eq!(rw(&once, view), once);
         }
+    }
+
+    #[test]
+    fn capabilities_are_read_from_untagged_data_and_response_codes() {
+        let tokens = |raw: &[u8]| capabilities(raw).map(|t| t.concat());
+        assert_eq!(
+            capabilities(b"* CAPABILITY IMAP4rev1 ID\r\n"),
+            Some(vec![&b"IMAP4rev1"[..], b"ID"])
+        );
+        assert_eq!(
+            capabilities(b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID] ready\r\n"),
+            Some(vec![&b"IMAP4rev1"[..], b"SASL-IR", b"ID"])
+        );
+        assert_eq!(tokens(b"* OK [CAPABILITY] ready\r\n"), Some(Vec::new()));
+        assert_eq!(capabilities(b"* OK ready\r\n"), None);
+        assert_eq!(capabilities(b"* ID (\"name\" \"x\")\r\n"), None);
     }
 }

@@ -6,6 +6,7 @@
 //! - [`id`]: ID parsing and rewriting with mailfront's `tls` field, and mailfront's own ID.
 //! - [`policy`]: the gate deciding forward / rewrite / refuse / STARTTLS per command.
 //! - [`reply`]: responses mailfront writes itself.
+//! - [`session`]: the driver that runs them against the client and backend streams.
 
 pub mod capability;
 pub mod codec;
@@ -13,6 +14,7 @@ pub mod id;
 pub mod policy;
 pub mod reply;
 pub mod response;
+pub mod session;
 
 #[cfg(test)]
 pub(crate) mod split;

@@ -4,8 +4,10 @@
 //! - [`capa`]: CAPA and greeting rewriting for the client's view.
 //! - [`policy`]: the gate deciding forward / refuse / STLS per command.
 //! - [`reply`]: responses mailfront writes itself.
+//! - [`session`]: the driver that runs them against the client and backend streams.
 
 pub mod capa;
 pub mod codec;
 pub mod policy;
 pub mod reply;
+pub mod session;

@@ -94,10 +94,10 @@ impl CertStore {
         }
         if !force {
             // A read error here is reported by the full load below.
-            if let Ok(fingerprint) = read_fingerprint(&self.sources) {
-                if fingerprint == self.current.load().fingerprint {
-                    return Ok(ReloadOutcome::Unchanged);
-                }
+            if let Ok(fingerprint) = read_fingerprint(&self.sources)
+                && fingerprint == self.current.load().fingerprint
+            {
+                return Ok(ReloadOutcome::Unchanged);
             }
         }
         let map = build_map(&self.sources, &self.hostname, &self.provider)?;
@@ -119,10 +119,10 @@ impl ResolvesServerCert for CertStore {
         if let Some(key) = map.exact.get(&name) {
             return Some(key.clone());
         }
-        if let Some((_, parent)) = name.split_once('.') {
-            if let Some(key) = map.wildcard.get(parent) {
-                return Some(key.clone());
-            }
+        if let Some((_, parent)) = name.split_once('.')
+            && let Some(key) = map.wildcard.get(parent)
+        {
+            return Some(key.clone());
         }
         Some(map.default.clone())
     }

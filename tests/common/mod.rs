@@ -1,6 +1,8 @@
 //! Shared test harness: a test CA and certificates, the proxy run in-process on port 0, fake
 //! backends that record every byte they receive, and a real rustls client.
 #![allow(dead_code)]
+// Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -266,6 +268,10 @@ pub struct FakeOptions {
     pub pop3_capa: Vec<String>,
     /// The password that logs in.
     pub password: String,
+    /// IMAP: the greeting carries `[CAPABILITY …]` (else clients must ask).
+    pub imap_greeting_capabilities: bool,
+    /// IMAP: greet with `* PREAUTH` (a misconfigured backend trusting the proxy).
+    pub imap_preauth: bool,
 }
 
 impl Default for FakeOptions {
@@ -301,6 +307,8 @@ impl Default for FakeOptions {
             .map(|s| s.to_string())
             .collect(),
             password: "secret".into(),
+            imap_greeting_capabilities: true,
+            imap_preauth: false,
         }
     }
 }
@@ -519,10 +527,14 @@ pub fn base64_decode(input: &str) -> Option<Vec<u8>> {
 async fn fake_imap(stream: RecordingStream, options: &FakeOptions) -> std::io::Result<()> {
     let mut stream = BufReader::new(stream);
     let caps = &options.imap_capabilities;
-    stream
-        .get_mut()
-        .write_all(format!("* OK [CAPABILITY {caps}] fake IMAP ready\r\n").as_bytes())
-        .await?;
+    let greeting = if options.imap_preauth {
+        "* PREAUTH fake IMAP ready, logged in as you\r\n".to_string()
+    } else if options.imap_greeting_capabilities {
+        format!("* OK [CAPABILITY {caps}] fake IMAP ready\r\n")
+    } else {
+        "* OK fake IMAP ready\r\n".to_string()
+    };
+    stream.get_mut().write_all(greeting.as_bytes()).await?;
     let mut line = Vec::new();
     loop {
         line.clear();

@@ -1,0 +1,621 @@
+//! IMAP through the proxy: the ID `tls` field, capability views, no cleartext login, STARTTLS
+//! injection defence, limits, and the byte relay after login — with a real rustls client, Python
+//! imaplib and curl against the recording fake backend.
+// Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const HOST: &str = "mx.example.test";
+
+fn versions() -> Vec<&'static rustls::SupportedProtocolVersion> {
+    vec![&rustls::version::TLS13, &rustls::version::TLS12]
+}
+
+struct Setup {
+    pki: Pki,
+    backend: FakeBackend,
+    proxy: Proxy,
+}
+
+async fn setup(tls: &str, options: FakeOptions, extra: &str) -> Setup {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &[HOST], false);
+    let backend = FakeBackend::start_with(FakeKind::Imap, options).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("imap", "imap", tls, backend.addr)],
+        extra,
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    Setup {
+        pki,
+        backend,
+        proxy,
+    }
+}
+
+impl Setup {
+    fn config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        client_config(&self.pki.ca_der, &versions(), None)
+    }
+
+    /// Implicit TLS: the stream, the greeting and the IANA name of the negotiated suite.
+    async fn connect(
+        &self,
+    ) -> (
+        BufReader<tokio_rustls::client::TlsStream<TcpStream>>,
+        String,
+        String,
+    ) {
+        let tls = tls_connect(self.proxy.addr("imap"), HOST, self.config())
+            .await
+            .unwrap();
+        let cipher = cipher_of(&tls);
+        let mut tls = BufReader::new(tls);
+        let greeting = read_line(&mut tls).await;
+        (tls, greeting, cipher)
+    }
+
+    async fn connect_plain(&self) -> (BufReader<TcpStream>, String) {
+        let tcp = TcpStream::connect(self.proxy.addr("imap")).await.unwrap();
+        let mut tcp = BufReader::new(tcp);
+        let greeting = read_line(&mut tcp).await;
+        (tcp, greeting)
+    }
+
+    fn metrics(&self) -> String {
+        self.proxy.metrics.encode()
+    }
+}
+
+fn cipher_of<S>(tls: &tokio_rustls::client::TlsStream<S>) -> String {
+    let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    mailfront::tls::names::cipher_suite_name(u16::from(suite)).into_owned()
+}
+
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(s: &mut BufReader<S>, bytes: &[u8]) {
+    s.get_mut().write_all(bytes).await.unwrap();
+}
+
+async fn command<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    tag: &str,
+    line: &str,
+) -> String {
+    send(s, format!("{tag} {line}\r\n").as_bytes()).await;
+    read_until_tag(s, tag).await
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+/// Everything the backend received on its first connection, as text.
+fn first_connection(backend: &FakeBackend) -> String {
+    String::from_utf8_lossy(&backend.recorder.connections()[0]).into_owned()
+}
+
+#[tokio::test]
+async fn client_id_arrives_with_the_negotiated_cipher_and_without_forged_fields() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let (mut c, greeting, cipher) = s.connect().await;
+    assert!(greeting.starts_with("* OK [CAPABILITY "), "{greeting}");
+    let reply = command(
+        &mut c,
+        "a",
+        r#"ID ("name" "mutt" "TLS" "forged" "X-Originating-IP" "1.2.3.4" "x-multiplex" "0")"#,
+    )
+    .await;
+    assert!(reply.contains("* ID (\"name\" \"fake\")"), "{reply}");
+    assert!(reply.contains("a OK"), "{reply}");
+    assert!(
+        command(&mut c, "b", "LOGIN u secret")
+            .await
+            .contains("b OK")
+    );
+
+    let seen = first_connection(&s.backend);
+    assert!(
+        seen.starts_with(&format!(
+            "a ID (\"name\" \"mutt\" \"tls\" \"{cipher}\")\r\n"
+        )),
+        "{seen}"
+    );
+    assert!(!seen.contains("forged") && !seen.contains("1.2.3.4") && !seen.contains("multiplex"));
+    assert_eq!(count(&seen, " ID "), 1, "no second ID of ours: {seen}");
+    assert!(s.metrics().contains(
+        r#"mailfront_imap_id_tls_fields_added_total{listener="imap",source="client"} 1"#
+    ));
+}
+
+#[tokio::test]
+async fn id_nil_becomes_a_list_holding_only_our_field() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let (mut c, _, cipher) = s.connect().await;
+    assert!(command(&mut c, "a", "ID NIL").await.contains("a OK"));
+    eventually(|| s.backend.recorder.all_text() == format!("a ID (\"tls\" \"{cipher}\")\r\n"))
+        .await;
+}
+
+#[tokio::test]
+async fn client_without_id_gets_one_proxy_id_before_login_and_never_sees_our_tag() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let (mut c, _, cipher) = s.connect().await;
+    let reply = command(&mut c, "a", "LOGIN u secret").await;
+    assert!(
+        reply.starts_with("a OK [CAPABILITY IMAP4rev1 IDLE]"),
+        "{reply}"
+    );
+    assert!(!reply.contains("* ID") && !reply.contains("mf"), "{reply}");
+    let seen = first_connection(&s.backend);
+    let id_line = seen.lines().next().unwrap();
+    assert!(id_line.starts_with("mf"), "{seen}");
+    assert!(
+        id_line.ends_with(&format!(" ID (\"tls\" \"{cipher}\")")),
+        "{id_line}"
+    );
+    assert_eq!(seen.lines().nth(1), Some("a LOGIN u secret"));
+    assert_eq!(count(&seen, " ID "), 1);
+    assert!(
+        s.metrics().contains(
+            r#"mailfront_imap_id_tls_fields_added_total{listener="imap",source="proxy"} 1"#
+        )
+    );
+    assert!(s.metrics().contains(
+        r#"mailfront_auth_outcomes_total{listener="imap",protocol="imap",result="success"} 1"#
+    ));
+}
+
+#[tokio::test]
+async fn failed_login_sends_no_second_id_and_a_pipelined_command_waits_for_the_answer() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let (mut c, _, _) = s.connect().await;
+    send(&mut c, b"a LOGIN u wrong\r\nb NOOP\r\n").await;
+    let reply = read_until_tag(&mut c, "b").await;
+    assert!(reply.contains("a NO [AUTHENTICATIONFAILED]"), "{reply}");
+    assert!(reply.contains("b OK"), "{reply}");
+    // After NO the proxy still parses: LOGIN, then a pipelined SELECT that runs after OK.
+    send(&mut c, b"c LOGIN u secret\r\nd SELECT INBOX\r\n").await;
+    let reply = read_until_tag(&mut c, "d").await;
+    assert!(
+        reply.contains("c OK") && reply.contains("d OK [READ-WRITE]"),
+        "{reply}"
+    );
+    let seen = first_connection(&s.backend);
+    assert_eq!(count(&seen, " ID "), 1, "{seen}");
+    assert!(s.metrics().contains(
+        r#"mailfront_auth_outcomes_total{listener="imap",protocol="imap",result="failure"} 1"#
+    ));
+}
+
+#[tokio::test]
+async fn login_with_literal_passwords_works_and_the_session_is_relayed() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let (mut c, _, _) = s.connect().await;
+    send(&mut c, b"a LOGIN u {6}\r\n").await;
+    assert!(read_line(&mut c).await.starts_with("+"));
+    send(&mut c, b"secret\r\n").await;
+    assert!(read_until_tag(&mut c, "a").await.contains("a OK"));
+    let select = command(&mut c, "b", "SELECT INBOX").await;
+    assert!(select.contains("* 1 EXISTS"), "{select}");
+    let fetch = command(&mut c, "c", "FETCH 1 BODY[]").await;
+    assert!(fetch.contains("hello imap"), "{fetch}");
+
+    // Non-synchronising literals for both arguments.
+    let (mut c, _, _) = s.connect().await;
+    send(&mut c, b"a LOGIN {1+}\r\nu {6+}\r\nsecret\r\n").await;
+    assert!(read_until_tag(&mut c, "a").await.contains("a OK"));
+    assert!(command(&mut c, "b", "NOOP").await.contains("b OK"));
+}
+
+#[tokio::test]
+async fn authenticate_plain_works_with_an_initial_response_and_with_a_continuation() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let ir = base64_encode(b"\0u\0secret");
+    let (mut c, _, _) = s.connect().await;
+    let reply = command(&mut c, "a", &format!("AUTHENTICATE PLAIN {ir}")).await;
+    assert!(reply.contains("a OK"), "{reply}");
+    assert!(command(&mut c, "b", "LIST \"\" *").await.contains("INBOX"));
+
+    let (mut c, _, _) = s.connect().await;
+    send(&mut c, b"a AUTHENTICATE PLAIN\r\n").await;
+    assert!(read_line(&mut c).await.starts_with("+"));
+    send(&mut c, format!("{ir}\r\n").as_bytes()).await;
+    assert!(read_until_tag(&mut c, "a").await.contains("a OK"));
+
+    // A cancelled exchange gets the backend's BAD and the session goes on.
+    let (mut c, _, _) = s.connect().await;
+    send(&mut c, b"a AUTHENTICATE PLAIN\r\n").await;
+    assert!(read_line(&mut c).await.starts_with("+"));
+    send(&mut c, b"*\r\n").await;
+    assert!(read_until_tag(&mut c, "a").await.contains("a BAD"));
+    assert!(command(&mut c, "b", "NOOP").await.contains("b OK"));
+}
+
+#[tokio::test]
+async fn implicit_tls_capabilities_hide_starttls_and_logindisabled() {
+    let options = FakeOptions {
+        imap_capabilities: "IMAP4rev1 ID STARTTLS LOGINDISABLED AUTH=PLAIN AUTH=EXTERNAL".into(),
+        ..FakeOptions::default()
+    };
+    let s = setup("implicit", options, "").await;
+    let (mut c, greeting, _) = s.connect().await;
+    assert_eq!(
+        greeting,
+        "* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] fake IMAP ready\r\n"
+    );
+    let reply = command(&mut c, "a", "CAPABILITY").await;
+    assert!(
+        reply.starts_with("* CAPABILITY IMAP4rev1 ID AUTH=PLAIN\r\n"),
+        "{reply}"
+    );
+    assert!(command(&mut c, "b", "STARTTLS").await.contains("b BAD"));
+}
+
+#[tokio::test]
+async fn starttls_listener_shows_logindisabled_and_refuses_credentials_before_tls() {
+    let s = setup("starttls", FakeOptions::default(), "").await;
+    let (mut c, greeting) = s.connect_plain().await;
+    assert!(
+        greeting.contains("STARTTLS") && greeting.contains("LOGINDISABLED"),
+        "{greeting}"
+    );
+    assert!(!greeting.contains("AUTH="), "{greeting}");
+    let caps = command(&mut c, "a", "CAPABILITY").await;
+    assert!(
+        caps.contains("STARTTLS") && caps.contains("LOGINDISABLED"),
+        "{caps}"
+    );
+    assert!(!caps.contains("AUTH="), "{caps}");
+
+    let refused = "NO [PRIVACYREQUIRED] Cleartext authentication disallowed; use STARTTLS first";
+    assert!(
+        command(&mut c, "b", "LOGIN u secret")
+            .await
+            .contains(refused)
+    );
+    assert!(
+        command(&mut c, "c", "LOGIN u wrong")
+            .await
+            .contains(refused)
+    );
+    let ir = base64_encode(b"\0u\0secret");
+    let reply = command(&mut c, "d", &format!("AUTHENTICATE PLAIN {ir}")).await;
+    assert!(reply.contains(refused));
+    assert!(
+        command(&mut c, "e", "AUTHENTICATE PLAIN")
+            .await
+            .contains(refused)
+    );
+    // A synchronising literal is refused before any `+`: the password is never asked for.
+    send(&mut c, b"f LOGIN u {6}\r\n").await;
+    assert!(read_line(&mut c).await.starts_with(&format!("f {refused}")));
+    assert!(command(&mut c, "g", "NOOP").await.contains("g OK"));
+    // ID before TLS is answered here, so the backend's first ID is the one with tls.
+    assert!(command(&mut c, "h", "ID NIL").await.contains("* ID NIL"));
+
+    let seen = s.backend.recorder.all_text();
+    assert!(
+        !seen.contains("LOGIN") && !seen.contains("AUTHENTICATE"),
+        "{seen}"
+    );
+    assert!(!seen.contains("secret") && !seen.contains(&ir) && !seen.contains(" ID "));
+    assert!(
+        s.metrics().contains(
+            r#"mailfront_cleartext_auth_refused_total{listener="imap",protocol="imap"} 5"#
+        )
+    );
+}
+
+#[tokio::test]
+async fn login_pipelined_after_starttls_is_discarded_and_login_works_after_tls() {
+    let s = setup("starttls", FakeOptions::default(), "").await;
+    let (mut c, _) = s.connect_plain().await;
+    send(&mut c, b"a STARTTLS\r\nb LOGIN u secret\r\n").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "a OK Begin TLS negotiation now\r\n"
+    );
+    let tls = tls_upgrade(c.into_inner(), HOST, s.config()).await.unwrap();
+    let cipher = cipher_of(&tls);
+    let mut c = BufReader::new(tls);
+    let caps = command(&mut c, "c", "CAPABILITY").await;
+    assert!(
+        !caps.contains("STARTTLS") && !caps.contains("LOGINDISABLED"),
+        "{caps}"
+    );
+    assert!(caps.contains("AUTH=PLAIN"), "{caps}");
+    assert!(
+        !caps.contains("b OK"),
+        "the pipelined LOGIN never ran: {caps}"
+    );
+    assert!(command(&mut c, "d", "STARTTLS").await.contains("d BAD"));
+    assert!(
+        command(&mut c, "e", "LOGIN u secret")
+            .await
+            .contains("e OK")
+    );
+
+    let seen = first_connection(&s.backend);
+    assert!(!seen.contains("b LOGIN"), "{seen}");
+    let id = seen.lines().find(|l| l.contains(" ID ")).unwrap();
+    assert!(
+        id.ends_with(&format!("ID (\"tls\" \"{cipher}\")")),
+        "{seen}"
+    );
+    assert!(seen.find(" ID ").unwrap() < seen.find("e LOGIN").unwrap());
+    assert!(
+        s.metrics()
+            .contains(r#"mailfront_starttls_upgrades_total{listener="imap",protocol="imap"} 1"#)
+            || s.metrics()
+                .contains(r#"mailfront_starttls_upgrades_total{listener="imap"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn a_greeting_without_capabilities_is_probed_and_the_probe_stays_hidden() {
+    let options = FakeOptions {
+        imap_greeting_capabilities: false,
+        ..FakeOptions::default()
+    };
+    let s = setup("implicit", options, "").await;
+    let (mut c, greeting, cipher) = s.connect().await;
+    assert_eq!(greeting, "* OK fake IMAP ready\r\n");
+    let reply = command(&mut c, "a", "LOGIN u secret").await;
+    assert!(!reply.contains("CAPABILITY IMAP4rev1 SASL-IR"), "{reply}");
+    assert!(reply.starts_with("a OK"), "{reply}");
+    let seen = first_connection(&s.backend);
+    let lines: Vec<&str> = seen.lines().collect();
+    assert!(
+        lines[0].starts_with("mf") && lines[0].ends_with(" CAPABILITY"),
+        "{seen}"
+    );
+    assert!(
+        lines[1].ends_with(&format!(" ID (\"tls\" \"{cipher}\")")),
+        "{seen}"
+    );
+    assert_eq!(lines[2], "a LOGIN u secret");
+}
+
+#[tokio::test]
+async fn a_backend_without_id_gets_no_id() {
+    let options = FakeOptions {
+        imap_capabilities: "IMAP4rev1 AUTH=PLAIN".into(),
+        ..FakeOptions::default()
+    };
+    let s = setup("implicit", options, "").await;
+    let (mut c, _, _) = s.connect().await;
+    assert!(
+        command(&mut c, "a", "LOGIN u secret")
+            .await
+            .contains("a OK")
+    );
+    assert_eq!(first_connection(&s.backend), "a LOGIN u secret\r\n");
+}
+
+#[tokio::test]
+async fn a_preauth_greeting_is_never_relayed() {
+    let options = FakeOptions {
+        imap_preauth: true,
+        ..FakeOptions::default()
+    };
+    let s = setup("implicit", options, "").await;
+    let (mut c, greeting, _) = s.connect().await;
+    assert_eq!(greeting, "* BYE [UNAVAILABLE] Server misconfigured\r\n");
+    assert_eq!(read_line(&mut c).await, "", "closed");
+}
+
+#[tokio::test]
+async fn too_many_commands_before_login_end_the_session() {
+    let s = setup(
+        "implicit",
+        FakeOptions::default(),
+        "limits:\n  preauth_commands: 3\n",
+    )
+    .await;
+    let (mut c, _, _) = s.connect().await;
+    for tag in ["a", "b", "c"] {
+        assert!(command(&mut c, tag, "NOOP").await.contains(" OK"));
+    }
+    send(&mut c, b"d NOOP\r\n").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "* BYE Too many commands before authentication\r\n"
+    );
+    assert_eq!(read_line(&mut c).await, "");
+}
+
+#[tokio::test]
+async fn oversized_literals_are_refused_protocol_correctly() {
+    let s = setup(
+        "implicit",
+        FakeOptions::default(),
+        "limits:\n  imap_literal: 1024\n",
+    )
+    .await;
+    let (mut c, _, _) = s.connect().await;
+    // Synchronising: BAD instead of `+`; the client sends nothing more and the session goes on.
+    send(&mut c, b"a LOGIN u {5000}\r\n").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "a BAD [TOOBIG] Literal too big\r\n"
+    );
+    assert!(command(&mut c, "b", "NOOP").await.contains("b OK"));
+    // Non-synchronising: the octets are already coming, so BAD, BYE and close.
+    send(&mut c, b"c LOGIN u {5000+}\r\n").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "c BAD [TOOBIG] Literal too big\r\n"
+    );
+    assert_eq!(read_line(&mut c).await, "* BYE Protocol error\r\n");
+    assert_eq!(read_line(&mut c).await, "");
+    assert!(!s.backend.recorder.all_text().contains("LOGIN"));
+}
+
+#[tokio::test]
+async fn an_idle_client_gets_bye_before_login() {
+    let s = setup(
+        "implicit",
+        FakeOptions::default(),
+        "timeouts:\n  idle: 300ms\n",
+    )
+    .await;
+    let (mut c, _, _) = s.connect().await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        read_line(&mut c).await,
+        "* BYE Autologout; idle for too long\r\n"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn shutdown_before_login_says_bye() {
+    let s = setup(
+        "implicit",
+        FakeOptions::default(),
+        "timeouts:\n  shutdown_grace: 100ms\n",
+    )
+    .await;
+    let (mut c, _, _) = s.connect().await;
+    s.proxy.control.shutdown.cancel();
+    assert_eq!(
+        read_line(&mut c).await,
+        "* BYE [UNAVAILABLE] Server shutting down\r\n"
+    );
+}
+
+/// Runs a Python snippet; `None` when python3 is missing.
+fn python(code: &str) -> Option<(bool, String)> {
+    if !have("python3") {
+        eprintln!("python3 not found; skipping");
+        return None;
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), text))
+}
+
+#[tokio::test]
+async fn python_imaplib_logs_in_over_implicit_tls_and_after_starttls() {
+    let pki_setup = setup("implicit", FakeOptions::default(), "").await;
+    let ca = pki_setup.pki.ca_path();
+    let port = pki_setup.proxy.addr("imap").port();
+    let code = format!(
+        r#"
+import imaplib, ssl, socket
+ctx = ssl.create_default_context(cafile={ca:?})
+class C(imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout=None):
+        return ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port}), 10), server_hostname="{HOST}")
+m = C("{HOST}", {port}, ssl_context=ctx)
+assert "STARTTLS" not in m.capabilities, m.capabilities
+m.login("u", "secret")
+typ, data = m.select("INBOX")
+assert typ == "OK", (typ, data)
+typ, data = m.fetch("1", "(BODY[])")
+print(data[0][1].decode())
+m.logout()
+"#,
+        ca = ca.display().to_string()
+    );
+    let code_clone = code.clone();
+    let Some((ok, out)) = tokio::task::spawn_blocking(move || python(&code_clone))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    assert!(ok && out.contains("hello imap"), "{out}");
+    assert!(
+        pki_setup
+            .backend
+            .recorder
+            .all_text()
+            .contains("\"tls\" \"TLS_")
+    );
+
+    let s = setup("starttls", FakeOptions::default(), "").await;
+    let ca = s.pki.ca_path();
+    let port = s.proxy.addr("imap").port();
+    let code = format!(
+        r#"
+import imaplib, ssl, socket
+ctx = ssl.create_default_context(cafile={ca:?})
+class C(imaplib.IMAP4):
+    def _create_socket(self, timeout=None):
+        return socket.create_connection(("127.0.0.1", {port}), 10)
+m = C("{HOST}", {port})
+assert "LOGINDISABLED" in m.capabilities, m.capabilities
+m.starttls(ssl_context=ctx)
+assert "LOGINDISABLED" not in m.capabilities, m.capabilities
+m.login("u", "secret")
+typ, data = m.select("INBOX")
+assert typ == "OK", (typ, data)
+print("selected", data)
+m.logout()
+"#,
+        ca = ca.display().to_string()
+    );
+    let (ok, out) = tokio::task::spawn_blocking(move || python(&code))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ok && out.contains("selected"), "{out}");
+    let seen = s.backend.recorder.all_text();
+    assert!(
+        seen.contains("\"tls\" \"TLS_") && seen.contains("LOGIN"),
+        "{seen}"
+    );
+}
+
+#[tokio::test]
+async fn curl_fetches_over_imaps_and_the_backend_learns_the_cipher() {
+    if !have("curl") {
+        eprintln!("curl not found; skipping");
+        return;
+    }
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let port = s.proxy.addr("imap").port();
+    let ca = s.pki.ca_path();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "--cacert",
+                &ca.display().to_string(),
+                "--resolve",
+                &format!("{HOST}:{port}:127.0.0.1"),
+                "--user",
+                "u:secret",
+                &format!("imaps://{HOST}:{port}/INBOX;UID=1"),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("hello imap"),
+        "{text}"
+    );
+    let seen = s.backend.recorder.all_text();
+    assert!(seen.contains(" ID (\"tls\" \"TLS_"), "{seen}");
+}
