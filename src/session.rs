@@ -329,7 +329,8 @@ pub async fn serve_connection(tcp: TcpStream, mut session: Session) {
 /// Hands the session to its protocol's driver.
 async fn protocol_session(client: ClientStream, session: &mut Session) -> EndReason {
     match session.protocol() {
-        Protocol::Smtp | Protocol::Imap | Protocol::Pop3 => relay_session(client, session).await,
+        Protocol::Smtp => crate::smtp::session::serve(client, session).await,
+        Protocol::Imap | Protocol::Pop3 => relay_session(client, session).await,
     }
 }
 
