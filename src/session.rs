@@ -329,25 +329,8 @@ pub async fn serve_connection(tcp: TcpStream, mut session: Session) {
 /// Hands the session to its protocol's driver.
 async fn protocol_session(client: ClientStream, session: &mut Session) -> EndReason {
     match session.protocol() {
+        Protocol::Smtp => crate::smtp::session::serve(client, session).await,
         Protocol::Imap => crate::imap::session::serve(client, session).await,
         Protocol::Pop3 => crate::pop3::session::serve(client, session).await,
-        Protocol::Smtp => relay_session(client, session).await,
     }
-}
-
-/// The foundation's protocol-agnostic path: connect, then relay bytes both ways. Protocol
-/// drivers replace it; it stays for tests of the TLS and listener layers.
-pub async fn relay_session(mut client: ClientStream, session: &mut Session) -> EndReason {
-    let mut backend = match session.connect_backend().await {
-        Ok(b) => b,
-        Err(_) => {
-            let reply = session.backend_unavailable_reply();
-            let _ = client.write_all(reply.as_bytes()).await;
-            client.close().await;
-            return EndReason::BackendUnavailable;
-        }
-    };
-    let reason = session.relay(&mut client, &mut backend).await;
-    client.close().await;
-    reason
 }

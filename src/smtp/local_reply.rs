@@ -45,6 +45,24 @@ pub fn greeting(hostname: &str) -> Vec<u8> {
     format!("220 {} ESMTP\r\n", reply_text(hostname)).into_bytes()
 }
 
+/// mailfront's answer to HELO: the backend's 250 text would name the backend (§9.5 P5).
+pub fn helo_reply(hostname: &str) -> Vec<u8> {
+    format!("250 {}\r\n", reply_text(hostname)).into_bytes()
+}
+
+/// QUIT when no backend is left to answer it (after a refused message closed it).
+pub const CLOSING: &[u8] = b"221 2.0.0 Bye\r\n";
+
+/// The next command after a message refused for a bare CR/LF: the backend connection was
+/// dropped to abort that message (no end of data may ever reach it), so the session ends.
+pub fn closing_after_refusal(hostname: &str) -> Vec<u8> {
+    format!(
+        "421 4.7.0 {} Error: message refused, closing transmission channel\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
+}
+
 /// The backend could not be reached or went away (no RFC mandates 4.4.1).
 pub fn backend_unavailable(hostname: &str) -> Vec<u8> {
     format!(
@@ -111,6 +129,7 @@ mod tests {
             ALREADY_AUTHENTICATED,
             BDAT_NOT_SUPPORTED,
             BARE_LINE_ENDING,
+            CLOSING,
         ] {
             let reply = Reply::parse(raw).unwrap();
             assert!(reply.enhanced_status().is_some(), "{raw:?}");
@@ -131,6 +150,8 @@ mod tests {
             backend_error(evil),
             timeout(evil),
             shutting_down(evil),
+            helo_reply(evil),
+            closing_after_refusal(evil),
         ] {
             assert!(Reply::parse(&raw).is_some(), "{raw:?}");
             assert_eq!(raw.iter().filter(|&&b| b == b'\n').count(), 1);

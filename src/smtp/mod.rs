@@ -13,6 +13,7 @@
 //!   [`bdat::first_chunk_command`] grows the first chunk by the Received field from
 //!   [`received::received_header`].
 //! - [`local_reply`] holds every reply mailfront writes itself.
+//! - [`session::serve`] is the driver that runs all of the above over a client and a backend.
 
 pub mod bdat;
 pub mod command;
@@ -23,3 +24,4 @@ pub mod policy;
 pub mod received;
 pub mod receiver;
 pub mod reply;
+pub mod session;

@@ -272,6 +272,12 @@ pub struct FakeOptions {
     pub imap_greeting_capabilities: bool,
     /// IMAP: greet with `* PREAUTH` (a misconfigured backend trusting the proxy).
     pub imap_preauth: bool,
+    /// SMTP: the greeting line(s), CRLF included.
+    pub smtp_greeting: String,
+    /// SMTP: answer DATA with 554 instead of 354.
+    pub refuse_data: bool,
+    /// SMTP: after the 354, read one content line and close the connection.
+    pub die_in_data: bool,
 }
 
 impl Default for FakeOptions {
@@ -309,6 +315,9 @@ impl Default for FakeOptions {
             password: "secret".into(),
             imap_greeting_capabilities: true,
             imap_preauth: false,
+            smtp_greeting: "220 backend.test ESMTP fake\r\n".into(),
+            refuse_data: false,
+            die_in_data: false,
         }
     }
 }
@@ -376,8 +385,11 @@ async fn fake_smtp(stream: RecordingStream, options: &FakeOptions) -> std::io::R
     let mut stream = BufReader::new(stream);
     stream
         .get_mut()
-        .write_all(b"220 backend.test ESMTP fake\r\n")
+        .write_all(options.smtp_greeting.as_bytes())
         .await?;
+    if !options.smtp_greeting.starts_with("220") {
+        return Ok(());
+    }
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -420,11 +432,18 @@ async fn fake_smtp(stream: RecordingStream, options: &FakeOptions) -> std::io::R
             || upper.starts_with("NOOP")
         {
             "250 2.0.0 OK\r\n".into()
+        } else if upper == "DATA" && options.refuse_data {
+            "554 5.5.1 Error: no valid recipients\r\n".into()
         } else if upper == "DATA" {
             stream
                 .get_mut()
                 .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                 .await?;
+            if options.die_in_data {
+                line.clear();
+                stream.read_until(b'\n', &mut line).await?;
+                return Ok(());
+            }
             // Read content until a line that is exactly ".\r\n".
             let mut size = 0usize;
             loop {

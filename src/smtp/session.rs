@@ -1,0 +1,1018 @@
+//! The SMTP session driver: owns the client and backend streams of one submission session and
+//! drives the sans-I/O pieces of this module over them, from the greeting to QUIT.
+//!
+//! Shape of a session:
+//! - Connect to the backend and wait for its greeting. A 220 is answered with mailfront's own
+//!   greeting (the backend's text may name internal hosts, §9.5 P5); any other greeting (554,
+//!   421) is passed on and the session closes.
+//! - Client lines are framed one at a time ([`CommandReceiver`]) and judged by the gate
+//!   ([`policy::decide`]). Forwarded commands are written at once (PIPELINING, RFC 2920); each
+//!   leaves an entry in one queue of expected replies, and replies mailfront writes itself take
+//!   their place in the same queue, so the client gets exactly one reply per command, in order.
+//!   After a command that ends a pipeline group (EHLO, DATA, AUTH, NOOP, QUIT, …), or after any
+//!   command when the backend does not offer PIPELINING, nothing more is written to the backend
+//!   until the replies are in (§9.5 P2). Whenever the client's input is used up, the queue is
+//!   drained before the client is read again: every queued command can be answered without
+//!   more client input, so this never deadlocks and keeps memory O(one read buffer).
+//! - STARTTLS (587) is answered here with 220 after every earlier reply went out; whatever the
+//!   client pipelined after it is dropped (CERT VU#555316), the handshake runs, and the backend
+//!   session simply continues: the client's new EHLO is forwarded and its reply re-rewritten for
+//!   the TLS view.
+//! - After the backend's 354 the Received field is written (TLS sessions only), then the content
+//!   streams through [`DataScanner`] byte-exact. BDAT chunks stream by count; the first chunk of
+//!   a transaction carries the field and its announced size grows to match.
+//!
+//! Decisions where the brief left a choice:
+//! - Bare CR/LF in DATA content (smuggling defence): the backend connection is dropped at once,
+//!   so the truncated message can never be completed, the rest of the content is consumed, the
+//!   client gets `554 5.6.0` at its real end of data, and then `421` to the next command (QUIT
+//!   still gets 221). No transparent reconnect: an authenticated session cannot be rebuilt
+//!   without replaying the client's credentials, which mailfront never keeps.
+//! - A backend that fails while content streams: the rest of the message is consumed, then the
+//!   client gets `421 4.4.1` and the session closes; never a 250 the backend did not send.
+//! - `auth_outcome` counts the backend's 235 as success and 535 as failure; other AUTH replies
+//!   (501 after `*`, 504, 454, 534) are logged but not counted.
+//! - A message is counted and logged only on the backend's 2xx to the end of data or to
+//!   `BDAT … LAST`; its size is the client's octets (the Received field not included).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::backend::BackendStream;
+use crate::config::TlsMode;
+use crate::metrics::AuthResult;
+use crate::session::{ClientStream, EndReason, Session, UpgradeError};
+use crate::smtp::bdat::{self, ChunkReader};
+use crate::smtp::command::{Bdat, Command, SaslResponse, Verb};
+use crate::smtp::data::{DataEvent, DataScanner};
+use crate::smtp::ehlo::{BackendCapabilities, EhloContext, rewrite_ehlo};
+use crate::smtp::local_reply;
+use crate::smtp::policy::{self, ClientInput, GateState, ListenerTls, Verdict};
+use crate::smtp::received::{ReceivedId, ReceivedInfo, TlsCipher, WithProtocol, received_header};
+use crate::smtp::receiver::{CommandReceiver, DEFAULT_AUTH_LINE_LIMIT, Line, LineError, LineMode};
+use crate::smtp::reply::{Reply, ReplyReceiver};
+use crate::tls::TlsInfo;
+
+/// One read from the client: also the most message content held at once.
+const CLIENT_READ_BUFFER: usize = 64 * 1024;
+/// One read from the backend (replies only; the reply receiver bounds each reply).
+const BACKEND_READ_BUFFER: usize = 16 * 1024;
+/// Replies queued for the client are written out once they pass this (a client pipelining a
+/// whole read buffer of short commands).
+const CLIENT_OUTPUT_HIGH_WATER: usize = 64 * 1024;
+/// Octets taken off the backend's `SIZE` so the Received field never pushes a message that
+/// passed `MAIL SIZE=` over the backend's limit (§9.1 D5). The field is about 250 octets.
+const RECEIVED_SIZE_RESERVE: u64 = 1024;
+/// Longest SASL mechanism name kept for logs (RFC 4422 §3.1: at most 20 characters).
+const MAX_MECHANISM_LOG: usize = 20;
+
+/// Serves one SMTP submission session (465 or 587) until QUIT, an error or shutdown.
+pub async fn serve(mut client: ClientStream, session: &mut Session) -> EndReason {
+    let listener = session.listener.clone();
+    let backend = match session.connect_backend().await {
+        Ok(backend) => backend,
+        Err(_) => {
+            let reply = local_reply::backend_unavailable(&listener.hostname);
+            let _ = tokio::time::timeout(listener.timeouts.idle, client.write_all(&reply)).await;
+            client.close().await;
+            return EndReason::BackendUnavailable;
+        }
+    };
+    let mut driver = Driver::new(session, backend);
+    let reason = match driver.greet().await {
+        Err(reason) => reason,
+        Ok(()) => loop {
+            match driver.run(&mut client).await {
+                Err(reason) => break reason,
+                Ok(StartTls) => match client.upgrade(&listener.handshaker).await {
+                    Ok((upgraded, info, took)) => {
+                        client = upgraded;
+                        driver.tls_started(info, took);
+                    }
+                    Err(e) => {
+                        if let UpgradeError::Handshake(h) = &e {
+                            listener.metrics.handshake_failed(h.reason);
+                        }
+                        tracing::debug!(listener = %listener.config.name, client = %driver.session.client_addr, error = %e, "STARTTLS handshake failed");
+                        // The stream was consumed by the failed handshake: nothing to close.
+                        return EndReason::TlsHandshakeFailed;
+                    }
+                },
+            }
+        },
+    };
+    driver.flush_client(&mut client).await.ok();
+    client.close().await;
+    reason
+}
+
+/// The driver asks its caller to run the STARTTLS handshake (the caller owns the stream).
+struct StartTls;
+
+/// A reply the driver waits for, and what it means for the session.
+#[derive(Debug)]
+enum Expect {
+    Ehlo {
+        name: Vec<u8>,
+    },
+    Helo {
+        name: Vec<u8>,
+    },
+    Auth,
+    /// Our `*` ending an exchange after an over-long SASL line: its 501 is swallowed.
+    AuthCancel,
+    Mail,
+    Rcpt {
+        path: Option<Vec<u8>>,
+    },
+    Data,
+    DataEnd {
+        size: u64,
+    },
+    Bdat {
+        last: bool,
+        /// Client octets of the transaction's chunks so far.
+        size: u64,
+    },
+    Quit,
+    Other,
+}
+
+/// One entry of the reply queue: in command order.
+#[derive(Debug)]
+enum Pending {
+    Backend(Expect),
+    Local(Vec<u8>),
+}
+
+/// What the next client bytes are.
+#[derive(Debug)]
+enum Mode {
+    Command,
+    /// The line after a backend 334 (RFC 4954 §4): never a command.
+    Sasl,
+    /// Message content after a 354. `failed`: the backend went away; consume to the end.
+    Data {
+        scanner: DataScanner,
+        failed: bool,
+    },
+    /// A BDAT chunk: forwarded, or dropped for a refused BDAT.
+    Chunk {
+        reader: ChunkReader,
+        forward: bool,
+        failed: bool,
+    },
+    /// A message was refused for a bare CR/LF and the backend connection dropped.
+    Closing,
+}
+
+/// What the client said in its last EHLO/HELO (after TLS, RFC 3207 §4.2).
+#[derive(Debug, Clone)]
+struct Greeting {
+    ehlo: bool,
+    name: Vec<u8>,
+}
+
+/// The mail transaction as mailfront follows it.
+#[derive(Debug, Default)]
+struct Transaction {
+    /// RCPTs the backend accepted since its 2xx to MAIL, and the last one's path.
+    accepted_rcpts: u32,
+    recipient: Option<Vec<u8>>,
+    /// A BDAT was sent in this transaction (the next chunk is not a first chunk).
+    bdat_started: bool,
+    bdat_size: u64,
+    /// The id written in this transaction's Received field, for the accept log line.
+    received_id: Option<ReceivedId>,
+}
+
+impl Transaction {
+    /// RSET, a new MAIL or EHLO, or the end of a message: the next chunk is a first chunk.
+    fn restart_content(&mut self) {
+        self.bdat_started = false;
+        self.bdat_size = 0;
+        self.received_id = None;
+    }
+}
+
+struct Driver<'s> {
+    session: &'s mut Session,
+    /// `None` once dropped to abort a refused message.
+    backend: Option<BackendStream>,
+    gate: GateState,
+    caps: BackendCapabilities,
+    greeting: Option<Greeting>,
+    tx: Transaction,
+    /// Mechanism of the AUTH exchange in progress, for logs.
+    auth_mechanism: String,
+    messages: u64,
+    mode: Mode,
+    pending: VecDeque<Pending>,
+    receiver: CommandReceiver,
+    replies: ReplyReceiver,
+    cin: Vec<u8>,
+    cin_pos: usize,
+    cin_len: usize,
+    bin: Vec<u8>,
+    bin_pos: usize,
+    bin_len: usize,
+    /// Replies for the client, written before every wait.
+    cout: Vec<u8>,
+}
+
+impl<'s> Driver<'s> {
+    fn new(session: &'s mut Session, backend: BackendStream) -> Self {
+        let config = &session.listener.config;
+        let listener = match config.tls {
+            TlsMode::Implicit => ListenerTls::Implicit,
+            TlsMode::Starttls => ListenerTls::StartTls,
+        };
+        let gate = GateState::new(listener, config.require_tls_for_mail);
+        let receiver =
+            CommandReceiver::new(session.listener.limits.smtp_line, DEFAULT_AUTH_LINE_LIMIT);
+        Driver {
+            session,
+            backend: Some(backend),
+            gate,
+            caps: BackendCapabilities::default(),
+            greeting: None,
+            tx: Transaction::default(),
+            auth_mechanism: String::new(),
+            messages: 0,
+            mode: Mode::Command,
+            pending: VecDeque::new(),
+            receiver,
+            replies: ReplyReceiver::default(),
+            cin: vec![0; CLIENT_READ_BUFFER],
+            cin_pos: 0,
+            cin_len: 0,
+            bin: vec![0; BACKEND_READ_BUFFER],
+            bin_pos: 0,
+            bin_len: 0,
+            cout: Vec::new(),
+        }
+    }
+
+    fn hostname(&self) -> &str {
+        &self.session.listener.hostname
+    }
+
+    fn cipher(&self) -> &str {
+        self.session
+            .tls
+            .as_ref()
+            .map_or("none", |t| t.cipher.as_str())
+    }
+
+    /// Waits for the backend's greeting; a 220 gets our own greeting, anything else is passed
+    /// on and ends the session (RFC 5321 §3.1).
+    async fn greet(&mut self) -> Result<(), EndReason> {
+        let idle = self.session.listener.timeouts.idle;
+        let reply = self.read_reply(idle).await?;
+        if reply.code() == 220 {
+            let greeting = local_reply::greeting(self.hostname());
+            self.cout.extend_from_slice(&greeting);
+            Ok(())
+        } else {
+            tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, code = reply.code(), "backend refused the session at greeting");
+            self.cout.extend_from_slice(reply.raw());
+            Err(EndReason::BackendUnavailable)
+        }
+    }
+
+    /// Records the finished STARTTLS handshake and resets what RFC 3207 §4.2 says to forget.
+    fn tls_started(&mut self, info: TlsInfo, took: Duration) {
+        self.session.tls_established(info, took, true);
+        self.gate.client_tls = true;
+        self.gate.needs_ehlo = true;
+        self.greeting = None;
+        self.tx = Transaction::default();
+        self.mode = Mode::Command;
+        self.receiver.reset();
+        self.cin_pos = 0;
+        self.cin_len = 0;
+    }
+
+    /// Processes client input until the session ends or STARTTLS needs the stream.
+    async fn run(&mut self, client: &mut ClientStream) -> Result<StartTls, EndReason> {
+        loop {
+            if self.cin_pos >= self.cin_len {
+                if matches!(self.mode, Mode::Command | Mode::Sasl | Mode::Closing) {
+                    self.drain(client).await?;
+                }
+                self.read_client(client).await?;
+                continue;
+            }
+            match self.mode {
+                Mode::Command | Mode::Sasl | Mode::Closing => {
+                    let line_mode = match self.mode {
+                        Mode::Sasl => LineMode::SaslResponse,
+                        _ => LineMode::Command,
+                    };
+                    let input = self.cin.get(self.cin_pos..self.cin_len).unwrap_or_default();
+                    let (n, result) = self.receiver.receive(input, line_mode);
+                    self.cin_pos += n.max(1).min(input.len());
+                    match result {
+                        Ok(None) => {}
+                        Ok(Some(line)) => {
+                            if let Some(start_tls) = self.on_line(client, line).await? {
+                                return Ok(start_tls);
+                            }
+                        }
+                        Err(error) => self.on_line_too_long(client, error).await?,
+                    }
+                }
+                Mode::Data { .. } => self.data_step(client).await?,
+                Mode::Chunk { .. } => self.chunk_step(client).await?,
+            }
+            if self.cout.len() > CLIENT_OUTPUT_HIGH_WATER {
+                self.flush_client(client).await?;
+            }
+        }
+    }
+
+    /// One complete client line, outside message content.
+    async fn on_line(
+        &mut self,
+        client: &mut ClientStream,
+        line: Line,
+    ) -> Result<Option<StartTls>, EndReason> {
+        if self.session.shutdown.is_cancelled() {
+            return Err(self.shutting_down());
+        }
+        match self.mode {
+            Mode::Sasl => {
+                self.on_sasl_line(client, &line).await?;
+                return Ok(None);
+            }
+            Mode::Closing => {
+                self.drain(client).await?;
+                return Err(self.close_after_refusal(line.text()));
+            }
+            _ => {}
+        }
+        let command = Command::parse(line.text());
+        match policy::decide(&self.gate, ClientInput::Command(&command)) {
+            Verdict::Forward => self.forward(client, &command, &line).await?,
+            Verdict::Reply(reply) => {
+                if command.verb() == Verb::Auth && reply == local_reply::MUST_STARTTLS {
+                    self.cleartext_auth_refused();
+                }
+                self.local(reply);
+            }
+            Verdict::DiscardChunk { octets, reply } => {
+                self.local(reply);
+                self.start_chunk(octets, false);
+            }
+            Verdict::StartTls => {
+                // Every earlier command gets its reply before the 220 (RFC 2920 §3.1).
+                self.drain(client).await?;
+                self.cout.extend_from_slice(local_reply::STARTTLS_READY);
+                self.flush_client(client).await?;
+                let dropped = self.cin_len.saturating_sub(self.cin_pos);
+                if dropped > 0 {
+                    tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, octets = dropped, "discarded client bytes pipelined after STARTTLS");
+                }
+                // CERT VU#555316: nothing sent before the handshake is ever executed.
+                self.cin_pos = 0;
+                self.cin_len = 0;
+                self.receiver.reset();
+                return Ok(Some(StartTls));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A line inside an AUTH exchange: forwarded verbatim, never parsed as a command.
+    async fn on_sasl_line(
+        &mut self,
+        client: &mut ClientStream,
+        line: &Line,
+    ) -> Result<(), EndReason> {
+        self.mode = Mode::Command;
+        let response = SaslResponse::parse(line.text());
+        match policy::decide(&self.gate, ClientInput::SaslResponse(response)) {
+            Verdict::Forward => {
+                self.send_backend(&line.to_wire()).await?;
+                self.pending.push_back(Pending::Backend(Expect::Auth));
+            }
+            Verdict::Reply(reply) | Verdict::DiscardChunk { reply, .. } => {
+                self.cancel_auth(reply).await?;
+            }
+            Verdict::StartTls => self.cancel_auth(local_reply::MUST_STARTTLS).await?,
+        }
+        self.drain(client).await
+    }
+
+    /// Ends the backend's AUTH exchange with `*` (its 501 is swallowed) and answers `reply`.
+    async fn cancel_auth(&mut self, reply: &'static [u8]) -> Result<(), EndReason> {
+        self.send_backend(b"*\r\n").await?;
+        self.pending.push_back(Pending::Backend(Expect::AuthCancel));
+        self.local(reply);
+        Ok(())
+    }
+
+    async fn on_line_too_long(
+        &mut self,
+        client: &mut ClientStream,
+        error: LineError,
+    ) -> Result<(), EndReason> {
+        match (&self.mode, error) {
+            (Mode::Closing, _) => {
+                self.drain(client).await?;
+                Err(self.close_after_refusal(b""))
+            }
+            (Mode::Sasl, _) => {
+                self.mode = Mode::Command;
+                self.cancel_auth(error.reply()).await?;
+                self.drain(client).await
+            }
+            // The same answer as for any AUTH before TLS, whatever the credential's length.
+            (_, LineError::AuthTooLong { .. }) if !self.gate.client_tls => {
+                self.cleartext_auth_refused();
+                self.local(local_reply::MUST_STARTTLS);
+                Ok(())
+            }
+            _ => {
+                self.local(error.reply());
+                Ok(())
+            }
+        }
+    }
+
+    fn cleartext_auth_refused(&self) {
+        self.session.listener.metrics.cleartext_auth_refused.inc();
+        tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, result = "refused_cleartext", cipher = "none", "smtp authentication refused before TLS");
+    }
+
+    /// Sends a command the gate let through and queues its reply.
+    async fn forward(
+        &mut self,
+        client: &mut ClientStream,
+        command: &Command,
+        line: &Line,
+    ) -> Result<(), EndReason> {
+        let expect = match command {
+            Command::Ehlo(name) | Command::Helo(name) => {
+                self.gate.needs_ehlo = false;
+                self.tx.restart_content();
+                let name = name.clone();
+                if matches!(command, Command::Ehlo(_)) {
+                    Expect::Ehlo { name }
+                } else {
+                    Expect::Helo { name }
+                }
+            }
+            Command::Auth(auth) => {
+                self.auth_mechanism = mechanism_for_log(&auth.mechanism);
+                Expect::Auth
+            }
+            Command::Mail(_) => {
+                self.tx.restart_content();
+                Expect::Mail
+            }
+            Command::Rcpt(rcpt) => Expect::Rcpt {
+                path: rcpt.forward_path.clone(),
+            },
+            Command::Data => Expect::Data,
+            Command::Bdat(bdat) => return self.forward_bdat(client, *bdat, line).await,
+            Command::Rset => {
+                self.tx.restart_content();
+                Expect::Other
+            }
+            Command::Quit => Expect::Quit,
+            _ => Expect::Other,
+        };
+        self.send_backend(&line.to_wire()).await?;
+        self.pending.push_back(Pending::Backend(expect));
+        if command.verb().ends_pipeline_group() || !self.caps.pipelining {
+            self.drain(client).await?;
+        }
+        Ok(())
+    }
+
+    /// BDAT (RFC 3030): the first chunk of a transaction over TLS carries the Received field
+    /// and announces its grown size (§9.1 R12); later chunks keep the client's line.
+    async fn forward_bdat(
+        &mut self,
+        client: &mut ClientStream,
+        bdat: Bdat,
+        line: &Line,
+    ) -> Result<(), EndReason> {
+        let mut wire = line.to_wire();
+        if !self.tx.bdat_started && self.session.tls.is_some() {
+            // The RCPT replies decide the `for` clause: let them arrive first.
+            self.drain(client).await?;
+            let header = self.received_field();
+            match bdat::first_chunk_command(bdat, header.len()) {
+                Ok(command) => {
+                    wire = command;
+                    wire.extend_from_slice(&header);
+                    self.session.listener.metrics.received_fields.inc();
+                }
+                Err(_) => {
+                    self.local(local_reply::BDAT_SYNTAX);
+                    self.start_chunk(bdat.size, false);
+                    return Ok(());
+                }
+            }
+        }
+        self.tx.bdat_started = true;
+        self.tx.bdat_size = self.tx.bdat_size.saturating_add(bdat.size);
+        self.send_backend(&wire).await?;
+        self.pending.push_back(Pending::Backend(Expect::Bdat {
+            last: bdat.last,
+            size: self.tx.bdat_size,
+        }));
+        self.start_chunk(bdat.size, true);
+        if bdat.size == 0 && !self.caps.pipelining {
+            self.drain(client).await?;
+        }
+        Ok(())
+    }
+
+    fn start_chunk(&mut self, octets: u64, forward: bool) {
+        if octets > 0 {
+            self.mode = Mode::Chunk {
+                reader: ChunkReader::new(octets),
+                forward,
+                failed: false,
+            };
+        }
+    }
+
+    /// Streams message content after a 354 up to `<CRLF>.<CRLF>`.
+    async fn data_step(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+        let Mode::Data { scanner, failed } = &mut self.mode else {
+            return Ok(());
+        };
+        let input = self.cin.get(self.cin_pos..self.cin_len).unwrap_or_default();
+        let step = scanner.scan(input);
+        self.cin_pos += step.consumed;
+        if !*failed {
+            let timeout = self.session.listener.timeouts.idle;
+            for part in step.forward_parts(input) {
+                if !part.is_empty()
+                    && write_backend(&mut self.backend, part, timeout)
+                        .await
+                        .is_err()
+                {
+                    *failed = true;
+                    break;
+                }
+            }
+        }
+        let size = scanner.size();
+        let failed = *failed;
+        match step.event {
+            DataEvent::NeedMore => Ok(()),
+            DataEvent::Refusing(kind) => {
+                // data.rs: never send an end of data for this message; closing the
+                // connection makes the backend abandon the transaction (RFC 5321 §3.8).
+                self.backend = None;
+                tracing::warn!(listener = %self.session.listener.config.name, client = %self.session.client_addr, bare = ?kind, "bare line ending in message content: message refused, backend connection closed");
+                Ok(())
+            }
+            DataEvent::EndRefused(_) => {
+                self.mode = Mode::Closing;
+                self.tx = Transaction::default();
+                self.local(local_reply::BARE_LINE_ENDING);
+                Ok(())
+            }
+            DataEvent::End => {
+                self.mode = Mode::Command;
+                if failed {
+                    return Err(self.backend_lost());
+                }
+                self.pending
+                    .push_back(Pending::Backend(Expect::DataEnd { size }));
+                // End of data ends a pipeline group (RFC 2920 §3.1).
+                self.drain(client).await
+            }
+        }
+    }
+
+    /// Streams (or drops) the octets of one BDAT chunk.
+    async fn chunk_step(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+        let Mode::Chunk {
+            reader,
+            forward,
+            failed,
+        } = &mut self.mode
+        else {
+            return Ok(());
+        };
+        let input = self.cin.get(self.cin_pos..self.cin_len).unwrap_or_default();
+        let n = reader.take(input);
+        self.cin_pos += n;
+        if *forward && !*failed {
+            let part = input.get(..n).unwrap_or_default();
+            let timeout = self.session.listener.timeouts.idle;
+            if write_backend(&mut self.backend, part, timeout)
+                .await
+                .is_err()
+            {
+                *failed = true;
+            }
+        }
+        if !reader.is_done() {
+            return Ok(());
+        }
+        let (forward, failed) = (*forward, *failed);
+        self.mode = Mode::Command;
+        if failed {
+            return Err(self.backend_lost());
+        }
+        if forward && !self.caps.pipelining {
+            self.drain(client).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every queued local reply and waits for every backend reply, in order.
+    async fn drain(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+        loop {
+            match self.pending.front() {
+                None => return Ok(()),
+                Some(Pending::Local(_)) => {
+                    if let Some(Pending::Local(reply)) = self.pending.pop_front() {
+                        self.cout.extend_from_slice(&reply);
+                    }
+                }
+                Some(Pending::Backend(expect)) => {
+                    let timeouts = &self.session.listener.timeouts;
+                    let timeout = match expect {
+                        Expect::DataEnd { .. } | Expect::Bdat { .. } => timeouts.data_reply,
+                        _ => timeouts.idle,
+                    };
+                    self.flush_client(client).await?;
+                    let reply = self.read_reply(timeout).await?;
+                    if let Some(Pending::Backend(expect)) = self.pending.pop_front() {
+                        self.on_reply(expect, reply).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Relays (or rewrites) one backend reply and updates the session from it.
+    async fn on_reply(&mut self, expect: Expect, reply: Reply) -> Result<(), EndReason> {
+        if reply.code() == 421 && !matches!(expect, Expect::AuthCancel) {
+            // The backend is closing (§9.5 P3): pass it on and close both sides.
+            self.cout.extend_from_slice(reply.raw());
+            return Err(EndReason::BackendClosed);
+        }
+        match expect {
+            Expect::Ehlo { name } => {
+                self.caps = BackendCapabilities::from_ehlo(&reply);
+                self.gate.backend_requiretls = self.caps.requiretls;
+                self.gate.backend_chunking = self.caps.chunking;
+                if reply.is_positive() {
+                    self.greeting = Some(Greeting { ehlo: true, name });
+                }
+                let ctx = EhloContext {
+                    client_tls: self.gate.client_tls,
+                    listener: self.gate.listener,
+                    hostname: Some(&self.session.listener.hostname),
+                    size_reserve: RECEIVED_SIZE_RESERVE,
+                };
+                let rewritten = rewrite_ehlo(&reply, &ctx);
+                self.cout.extend_from_slice(&rewritten);
+            }
+            Expect::Helo { name } => {
+                self.caps = BackendCapabilities::default();
+                self.gate.backend_requiretls = false;
+                self.gate.backend_chunking = false;
+                if reply.is_positive() {
+                    self.greeting = Some(Greeting { ehlo: false, name });
+                    let helo = local_reply::helo_reply(self.hostname());
+                    self.cout.extend_from_slice(&helo);
+                } else {
+                    self.cout.extend_from_slice(reply.raw());
+                }
+            }
+            Expect::Auth => {
+                self.on_auth_reply(&reply);
+                self.cout.extend_from_slice(reply.raw());
+            }
+            Expect::AuthCancel => {}
+            Expect::Mail => {
+                if reply.is_positive() {
+                    self.tx.accepted_rcpts = 0;
+                    self.tx.recipient = None;
+                }
+                self.cout.extend_from_slice(reply.raw());
+            }
+            Expect::Rcpt { path } => {
+                if reply.is_positive() {
+                    self.tx.accepted_rcpts = self.tx.accepted_rcpts.saturating_add(1);
+                    self.tx.recipient = path;
+                }
+                self.cout.extend_from_slice(reply.raw());
+            }
+            Expect::Data => {
+                self.cout.extend_from_slice(reply.raw());
+                if reply.code() == 354 {
+                    self.start_data().await?;
+                }
+            }
+            Expect::DataEnd { size } | Expect::Bdat { last: true, size } => {
+                if reply.is_positive() {
+                    self.message_accepted(size, &reply);
+                } else {
+                    tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, size, code = reply.code(), "message not accepted by the backend");
+                }
+                self.tx.restart_content();
+                self.cout.extend_from_slice(reply.raw());
+            }
+            Expect::Bdat { last: false, .. } | Expect::Other => {
+                self.cout.extend_from_slice(reply.raw());
+            }
+            Expect::Quit => {
+                self.cout.extend_from_slice(reply.raw());
+                return Err(EndReason::ClientClosed);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_auth_reply(&mut self, reply: &Reply) {
+        let code = reply.code();
+        if code == 334 {
+            self.mode = Mode::Sasl;
+            return;
+        }
+        let result = match code {
+            235 => {
+                self.gate.authenticated = true;
+                self.session
+                    .listener
+                    .metrics
+                    .auth_outcome(AuthResult::Success);
+                "success"
+            }
+            535 => {
+                self.session
+                    .listener
+                    .metrics
+                    .auth_outcome(AuthResult::Failure);
+                "failure"
+            }
+            _ => "not_completed",
+        };
+        tracing::info!(
+            listener = %self.session.listener.config.name,
+            client = %self.session.client_addr,
+            mechanism = %self.auth_mechanism,
+            result,
+            code,
+            cipher = %self.cipher(),
+            "smtp authentication"
+        );
+    }
+
+    fn message_accepted(&mut self, size: u64, reply: &Reply) {
+        self.messages = self.messages.saturating_add(1);
+        self.session.listener.metrics.message_accepted(size);
+        let queue_reply = String::from_utf8_lossy(reply.lines().next().unwrap_or_default());
+        tracing::info!(
+            listener = %self.session.listener.config.name,
+            client = %self.session.client_addr,
+            size,
+            message = self.messages,
+            cipher = %self.cipher(),
+            received_id = self.tx.received_id.as_ref().map_or("-", |id| id.as_str()),
+            reply = %queue_reply,
+            "message accepted"
+        );
+    }
+
+    /// After the backend's 354: the Received field first (TLS only), then content.
+    async fn start_data(&mut self) -> Result<(), EndReason> {
+        if self.session.tls.is_some() {
+            let header = self.received_field();
+            self.send_backend(&header).await?;
+            self.session.listener.metrics.received_fields.inc();
+        }
+        self.mode = Mode::Data {
+            scanner: DataScanner::new(),
+            failed: false,
+        };
+        Ok(())
+    }
+
+    /// The Received field for the current transaction (RFC 5321 §4.4, RFC 8314 §4.3).
+    fn received_field(&mut self) -> Vec<u8> {
+        let id = ReceivedId::random();
+        let Some(tls) = self.session.tls.as_ref() else {
+            return Vec::new();
+        };
+        let (iana_name, code) = match tls.cipher.strip_prefix("0x") {
+            Some(hex) => (None, u16::from_str_radix(hex, 16).unwrap_or(0)),
+            None => (Some(tls.cipher.as_str()), 0),
+        };
+        let (ehlo, helo) = self
+            .greeting
+            .as_ref()
+            .map_or((true, &b""[..]), |g| (g.ehlo, g.name.as_slice()));
+        let recipient = (self.tx.accepted_rcpts == 1)
+            .then_some(self.tx.recipient.as_deref())
+            .flatten();
+        let header = received_header(&ReceivedInfo {
+            helo,
+            client_ip: self.session.client_addr.ip(),
+            hostname: &self.session.listener.hostname,
+            protocol: WithProtocol::for_session(ehlo, self.gate.authenticated),
+            id: &id,
+            recipient,
+            cipher: TlsCipher { iana_name, code },
+            group: tls.group.as_deref(),
+            date: OffsetDateTime::now_utc(),
+        });
+        self.tx.received_id = Some(id);
+        header
+    }
+
+    /// After a refused message: QUIT gets 221, anything else 421; the session ends either way.
+    fn close_after_refusal(&mut self, line: &[u8]) -> EndReason {
+        if Command::parse(line) == Command::Quit {
+            self.cout.extend_from_slice(local_reply::CLOSING);
+            return EndReason::ClientClosed;
+        }
+        let reply = local_reply::closing_after_refusal(self.hostname());
+        self.cout.extend_from_slice(&reply);
+        EndReason::ProtocolViolation("bare CR or LF in message content".to_owned())
+    }
+
+    fn local(&mut self, reply: &[u8]) {
+        self.pending.push_back(Pending::Local(reply.to_vec()));
+    }
+
+    fn shutting_down(&mut self) -> EndReason {
+        let reply = local_reply::shutting_down(self.hostname());
+        self.cout.extend_from_slice(&reply);
+        EndReason::Shutdown
+    }
+
+    fn backend_lost(&mut self) -> EndReason {
+        let reply = local_reply::backend_unavailable(self.hostname());
+        self.cout.extend_from_slice(&reply);
+        EndReason::BackendClosed
+    }
+
+    /// Writes to the backend; on failure the client gets 421 and the session ends.
+    async fn send_backend(&mut self, bytes: &[u8]) -> Result<(), EndReason> {
+        let timeout = self.session.listener.timeouts.idle;
+        match write_backend(&mut self.backend, bytes, timeout).await {
+            Ok(()) => Ok(()),
+            Err(BackendWriteError::Timeout) => {
+                let reply = local_reply::timeout(self.hostname());
+                self.cout.extend_from_slice(&reply);
+                Err(EndReason::BackendTimeout)
+            }
+            Err(BackendWriteError::Closed) => Err(self.backend_lost()),
+        }
+    }
+
+    /// Reads one complete backend reply within `timeout`.
+    async fn read_reply(&mut self, timeout: Duration) -> Result<Reply, EndReason> {
+        loop {
+            if self.bin_pos < self.bin_len {
+                let input = self.bin.get(self.bin_pos..self.bin_len).unwrap_or_default();
+                let (n, result) = self.replies.receive(input);
+                self.bin_pos += n;
+                match result {
+                    Ok(Some(reply)) => return Ok(reply),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(listener = %self.session.listener.config.name, client = %self.session.client_addr, error = %e, "backend broke the reply grammar");
+                        let reply = local_reply::backend_error(self.hostname());
+                        self.cout.extend_from_slice(&reply);
+                        return Err(EndReason::ProtocolViolation(format!("backend: {e}")));
+                    }
+                }
+            }
+            let Some(backend) = self.backend.as_mut() else {
+                return Err(self.backend_lost());
+            };
+            let read = tokio::select! {
+                biased;
+                () = self.session.shutdown.cancelled() => return Err(self.shutting_down()),
+                read = tokio::time::timeout(timeout, backend.read(&mut self.bin)) => read,
+            };
+            match read {
+                Err(_) => {
+                    tracing::warn!(listener = %self.session.listener.config.name, client = %self.session.client_addr, timeout_s = timeout.as_secs(), "backend reply timed out");
+                    let reply = local_reply::timeout(self.hostname());
+                    self.cout.extend_from_slice(&reply);
+                    return Err(EndReason::BackendTimeout);
+                }
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(self.backend_lost()),
+                Ok(Ok(n)) => {
+                    self.bin_pos = 0;
+                    self.bin_len = n;
+                }
+            }
+        }
+    }
+
+    /// Reads the next client bytes, writing every queued reply first.
+    async fn read_client(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+        self.flush_client(client).await?;
+        if self.session.shutdown.is_cancelled() {
+            return Err(self.shutting_down());
+        }
+        let idle = self.session.listener.timeouts.idle;
+        let read = tokio::select! {
+            biased;
+            () = self.session.shutdown.cancelled() => return Err(self.shutting_down()),
+            read = tokio::time::timeout(idle, client.read(&mut self.cin)) => read,
+        };
+        match read {
+            Err(_) => {
+                let reply = local_reply::timeout(self.hostname());
+                self.cout.extend_from_slice(&reply);
+                Err(EndReason::ClientIdle)
+            }
+            Ok(Ok(0)) => Err(EndReason::ClientClosed),
+            Ok(Err(e)) => Err(EndReason::IoError(format!("client read: {e}"))),
+            Ok(Ok(n)) => {
+                self.cin_pos = 0;
+                self.cin_len = n;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the queued client output.
+    async fn flush_client(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+        if self.cout.is_empty() {
+            return Ok(());
+        }
+        let idle = self.session.listener.timeouts.idle;
+        let write = async {
+            client.write_all(&self.cout).await?;
+            client.flush().await
+        };
+        let result = tokio::time::timeout(idle, write).await;
+        self.cout.clear();
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(EndReason::IoError(format!("client write: {e}"))),
+            Err(_) => Err(EndReason::ClientIdle),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum BackendWriteError {
+    Timeout,
+    Closed,
+}
+
+async fn write_backend(
+    backend: &mut Option<BackendStream>,
+    bytes: &[u8],
+    timeout: Duration,
+) -> Result<(), BackendWriteError> {
+    let Some(backend) = backend.as_mut() else {
+        return Err(BackendWriteError::Closed);
+    };
+    match tokio::time::timeout(timeout, backend.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(BackendWriteError::Closed),
+        Err(_) => Err(BackendWriteError::Timeout),
+    }
+}
+
+/// The mechanism name as logged: SASL names are `[A-Z0-9-_]{1,20}` (RFC 4422 §3.1); anything
+/// else is client text and is not logged.
+fn mechanism_for_log(mechanism: &[u8]) -> String {
+    let valid = !mechanism.is_empty()
+        && mechanism.len() <= MAX_MECHANISM_LOG
+        && mechanism
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+    if valid {
+        String::from_utf8_lossy(mechanism).to_ascii_uppercase()
+    } else {
+        "invalid".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_well_formed_mechanism_names_reach_the_log() {
+        assert_eq!(mechanism_for_log(b"plain"), "PLAIN");
+        assert_eq!(mechanism_for_log(b"SCRAM-SHA-256"), "SCRAM-SHA-256");
+        assert_eq!(mechanism_for_log(b""), "invalid");
+        assert_eq!(mechanism_for_log(b"AGFsaWNlAHNlY3JldA=="), "invalid");
+        assert_eq!(mechanism_for_log(&[b'A'; 21]), "invalid");
+    }
+}

@@ -1,0 +1,1043 @@
+//! SMTP submission through the proxy (465 implicit TLS, 587 STARTTLS) to a fake backend that
+//! records every byte: the Received field, byte-exact content, the TLS gate, smuggling, and
+//! real clients.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use mailfront::smtp::received::check_received_abnf;
+use mailfront::tls::names::{cipher_suite_name, known_group_name};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const HOST: &str = "mx.example.test";
+const HELO: &str = "client.example.org";
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A proxy with `submissions` (465, implicit) and `submission` (587, starttls) in front of one
+/// fake SMTP backend.
+struct Env {
+    pki: Pki,
+    backend: FakeBackend,
+    proxy: Proxy,
+    config: Arc<rustls::ClientConfig>,
+}
+
+async fn env_with(options: FakeOptions, listener_extra: &str, extra: &str) -> Env {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &[HOST], false);
+    let backend = FakeBackend::start_with(FakeKind::Smtp, options).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[
+            listener_yaml("submissions", "smtp", "implicit", backend.addr),
+            listener_yaml("submission", "smtp", "starttls", backend.addr) + listener_extra,
+        ],
+        extra,
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let config = client_config(
+        &pki.ca_der,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+        None,
+    );
+    Env {
+        pki,
+        backend,
+        proxy,
+        config,
+    }
+}
+
+async fn env() -> Env {
+    env_with(FakeOptions::default(), "", "").await
+}
+
+/// One SMTP client connection, TLS or not, with what its TLS negotiated.
+struct Client {
+    io: BufReader<Box<dyn Io>>,
+    cipher: Option<String>,
+    group: Option<String>,
+}
+
+impl Client {
+    fn tls<S: Io + 'static>(stream: tokio_rustls::client::TlsStream<S>) -> Client {
+        let conn = stream.get_ref().1;
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .map(|s| cipher_suite_name(u16::from(s.suite())).into_owned());
+        let group = conn
+            .negotiated_key_exchange_group()
+            .and_then(|g| known_group_name(u16::from(g.name())))
+            .map(str::to_owned);
+        Client {
+            io: BufReader::new(Box::new(stream)),
+            cipher,
+            group,
+        }
+    }
+
+    async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        let io = self.io.get_mut();
+        io.write_all(bytes.as_ref()).await.unwrap();
+        io.flush().await.unwrap();
+    }
+
+    async fn reply(&mut self) -> String {
+        read_smtp_reply(&mut self.io).await
+    }
+
+    async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n")).await;
+        self.reply().await
+    }
+
+    /// Reads until the proxy closes; returns what came.
+    async fn rest(&mut self) -> String {
+        let mut all = Vec::new();
+        let _ = tokio::time::timeout(TIMEOUT, self.io.read_to_end(&mut all)).await;
+        String::from_utf8_lossy(&all).into_owned()
+    }
+}
+
+/// 465: TLS, greeting checked, EHLO sent.
+async fn implicit(env: &Env) -> Client {
+    let tls = tls_connect(env.proxy.addr("submissions"), HOST, env.config.clone())
+        .await
+        .unwrap();
+    let mut c = Client::tls(tls);
+    let greeting = c.reply().await;
+    assert_eq!(greeting, format!("220 {HOST} ESMTP\r\n"));
+    let ehlo = c.cmd(&format!("EHLO {HELO}")).await;
+    assert!(ehlo.starts_with(&format!("250-{HOST}")), "{ehlo}");
+    c
+}
+
+/// 587 in cleartext: greeting read, nothing sent.
+async fn plain(env: &Env) -> Client {
+    let tcp = TcpStream::connect(env.proxy.addr("submission"))
+        .await
+        .unwrap();
+    let mut c = Client {
+        io: BufReader::new(Box::new(tcp)),
+        cipher: None,
+        group: None,
+    };
+    let greeting = c.reply().await;
+    assert_eq!(greeting, format!("220 {HOST} ESMTP\r\n"));
+    c
+}
+
+/// 587: EHLO, STARTTLS, handshake, EHLO again. Returns the client and both EHLO replies.
+async fn starttls(env: &Env) -> (Client, String, String) {
+    let tcp = TcpStream::connect(env.proxy.addr("submission"))
+        .await
+        .unwrap();
+    let mut io = BufReader::new(tcp);
+    assert_eq!(
+        read_smtp_reply(&mut io).await,
+        format!("220 {HOST} ESMTP\r\n")
+    );
+    io.get_mut()
+        .write_all(format!("EHLO {HELO}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let before = read_smtp_reply(&mut io).await;
+    io.get_mut().write_all(b"STARTTLS\r\n").await.unwrap();
+    assert_eq!(
+        read_smtp_reply(&mut io).await,
+        "220 2.0.0 Ready to start TLS\r\n"
+    );
+    assert!(io.buffer().is_empty());
+    let tls = tls_upgrade(io.into_inner(), HOST, env.config.clone())
+        .await
+        .unwrap();
+    let mut c = Client::tls(tls);
+    let after = c.cmd(&format!("EHLO {HELO}")).await;
+    (c, before, after)
+}
+
+fn auth_plain(password: &str) -> String {
+    format!(
+        "AUTH PLAIN {}",
+        base64_encode(format!("\0user\0{password}").as_bytes())
+    )
+}
+
+/// What the backend received on one connection: command lines, and message contents (DATA up
+/// to but not including the final `.CRLF`; BDAT chunks of one transaction concatenated).
+#[derive(Debug, Default)]
+struct Transcript {
+    commands: Vec<String>,
+    messages: Vec<Vec<u8>>,
+}
+
+fn transcript(bytes: &[u8]) -> Transcript {
+    let mut t = Transcript::default();
+    let mut rest = bytes;
+    let mut bdat = Vec::new();
+    let next_line = |rest: &mut &[u8]| -> Option<Vec<u8>> {
+        let end = rest.iter().position(|&b| b == b'\n')? + 1;
+        let (line, tail) = rest.split_at(end);
+        *rest = tail;
+        Some(line.to_vec())
+    };
+    while let Some(line) = next_line(&mut rest) {
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        let upper = text.to_ascii_uppercase();
+        t.commands.push(text.clone());
+        if upper == "DATA" {
+            let mut content = Vec::new();
+            while let Some(l) = next_line(&mut rest) {
+                if l == b".\r\n" {
+                    break;
+                }
+                content.extend_from_slice(&l);
+            }
+            t.messages.push(content);
+        } else if let Some(args) = upper.strip_prefix("BDAT ") {
+            let mut words = args.split_whitespace();
+            let n: usize = words.next().unwrap().parse().unwrap();
+            let (chunk, tail) = rest.split_at(n.min(rest.len()));
+            bdat.extend_from_slice(chunk);
+            rest = tail;
+            if words.next() == Some("LAST") {
+                t.messages.push(std::mem::take(&mut bdat));
+            }
+        }
+    }
+    t
+}
+
+fn all_messages(backend: &FakeBackend) -> Vec<Vec<u8>> {
+    backend
+        .recorder
+        .connections()
+        .iter()
+        .flat_map(|c| transcript(c).messages)
+        .collect()
+}
+
+fn all_commands(backend: &FakeBackend) -> Vec<String> {
+    backend
+        .recorder
+        .connections()
+        .iter()
+        .flat_map(|c| transcript(c).commands)
+        .collect()
+}
+
+/// Splits a message the backend got into our Received field and the rest.
+fn split_received(message: &[u8]) -> (String, Vec<u8>) {
+    assert!(
+        message.starts_with(b"Received: "),
+        "{:?}",
+        String::from_utf8_lossy(&message[..message.len().min(200)])
+    );
+    let mut end = 0;
+    loop {
+        let nl = message[end..].iter().position(|&b| b == b'\n').unwrap() + end + 1;
+        end = nl;
+        if !matches!(message.get(end), Some(b' ' | b'\t')) {
+            break;
+        }
+    }
+    (
+        String::from_utf8(message[..end].to_vec()).unwrap(),
+        message[end..].to_vec(),
+    )
+}
+
+/// Checks the field against the RFC 8314 ABNF and against what the client negotiated.
+fn check_field(field: &str, client: &Client, with: &str) {
+    check_received_abnf(field).unwrap_or_else(|e| panic!("{e}\n{field}"));
+    assert!(
+        field.starts_with(&format!("Received: from {HELO} (unknown [127.0.0.1])")),
+        "{field}"
+    );
+    assert!(
+        field.contains(&format!("by {HOST} (mailfront) with {with} id ")),
+        "{field}"
+    );
+    let cipher = client.cipher.as_deref().unwrap();
+    let tls_clause = match &client.group {
+        Some(group) => format!("\ttls {cipher} group {group};"),
+        None => format!("\ttls {cipher};"),
+    };
+    assert!(field.contains(&tls_clause), "{field}");
+    assert_eq!(field.matches("Received:").count(), 1);
+}
+
+fn metric(env: &Env, name: &str, listener: &str) -> u64 {
+    let text = env.proxy.metrics.encode();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| l.contains(&format!("listener=\"{listener}\"")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// A body with headers, dot-stuffed lines (as sent on the wire) and 8-bit text.
+fn tricky_body() -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(b"From: a@example.test\r\nTo: b@example.test\r\nSubject: test\r\n");
+    body.extend_from_slice(b"TLS-Required: No\r\n\r\n");
+    body.extend_from_slice(b"..a line that started with a dot\r\n");
+    body.extend_from_slice(b"...\r\n");
+    body.extend_from_slice(b"8-bit: gr\xc3\xbc\xc3\x9fe \xff\xfe\r\n");
+    body.extend_from_slice(b"QUIT\r\nMAIL FROM:<x@y>\r\n");
+    body.extend_from_slice(b"\r\nlast line\r\n");
+    body
+}
+
+/// MAIL, RCPT, DATA, content, end; returns the final reply.
+async fn send_message(c: &mut Client, body: &[u8]) -> String {
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    c.send(body).await;
+    c.send(b".\r\n").await;
+    c.reply().await
+}
+
+#[tokio::test]
+async fn implicit_tls_message_gets_one_received_field_and_is_otherwise_byte_identical() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
+    let body = tricky_body();
+    let reply = send_message(&mut c, &body).await;
+    assert!(reply.starts_with("250 2.0.0 Ok: queued"), "{reply}");
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+
+    let messages = all_messages(&env.backend);
+    assert_eq!(messages.len(), 1);
+    let (field, rest) = split_received(&messages[0]);
+    check_field(&field, &c, "ESMTPSA");
+    assert!(field.contains("\tfor <b@example.test>\r\n"), "{field}");
+    assert_eq!(rest, body, "content after the field is byte-identical");
+    assert_eq!(
+        metric(&env, "mailfront_received_fields_added_total", "submissions"),
+        1
+    );
+    assert_eq!(
+        metric(&env, "mailfront_messages_submitted_total", "submissions"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn starttls_message_gets_one_received_field_and_is_otherwise_byte_identical() {
+    let env = env().await;
+    let (mut c, _, _) = starttls(&env).await;
+    let body = tricky_body();
+    let reply = send_message(&mut c, &body).await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    let messages = all_messages(&env.backend);
+    assert_eq!(messages.len(), 1);
+    let (field, rest) = split_received(&messages[0]);
+    check_field(&field, &c, "ESMTPS");
+    assert_eq!(rest, body);
+    assert!(String::from_utf8_lossy(&rest).contains("TLS-Required: No\r\n"));
+    assert_eq!(
+        metric(&env, "mailfront_starttls_upgrades_total", "submission"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn twenty_megabyte_body_streams_through_unchanged() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    let line =
+        b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\xc3\xa9x\r\n";
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    let mut i = 0;
+    while body.len() < 20 * 1024 * 1024 {
+        if i % 1000 == 0 {
+            body.extend_from_slice(b"..dot-stuffed\r\n");
+        }
+        body.extend_from_slice(line);
+        i += 1;
+    }
+    let started = std::time::Instant::now();
+    let reply = send_message(&mut c, &body).await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    let messages = all_messages(&env.backend);
+    let (field, rest) = split_received(&messages[0]);
+    check_field(&field, &c, "ESMTPS");
+    assert!(rest == body, "20 MB body differs");
+    eprintln!("20 MB through the proxy in {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn two_messages_in_one_session_each_get_exactly_one_field() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    let first = b"Subject: one\r\n\r\nfirst\r\n".to_vec();
+    let second = b"Subject: two\r\n\r\n.\r\n".to_vec(); // ends with a (stuffed) dot line
+    let second_wire = b"Subject: two\r\n\r\n..\r\n".to_vec();
+    assert!(send_message(&mut c, &first).await.starts_with("250 "));
+    assert!(c.cmd("RSET").await.starts_with("250"));
+    assert!(send_message(&mut c, &second_wire).await.starts_with("250 "));
+    let messages = all_messages(&env.backend);
+    assert_eq!(messages.len(), 2);
+    let (f1, r1) = split_received(&messages[0]);
+    let (f2, r2) = split_received(&messages[1]);
+    check_field(&f1, &c, "ESMTPS");
+    check_field(&f2, &c, "ESMTPS");
+    assert_ne!(f1, f2, "each message has its own id");
+    assert_eq!(r1, first);
+    assert_eq!(r2, second_wire);
+    assert_ne!(r2, second);
+    assert_eq!(
+        metric(&env, "mailfront_messages_submitted_total", "submissions"),
+        2
+    );
+}
+
+#[tokio::test]
+async fn pipelined_mail_rcpt_data_in_one_write_get_replies_in_order() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    c.send(
+        "MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nXCLIENT ADDR=1.2.3.4\r\n\
+         RCPT TO:<c@example.test>\r\nDATA\r\n",
+    )
+    .await;
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("500 5.5.1"));
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("354"));
+    // End of data and the next commands in one write (§9.2 D3).
+    c.send("Subject: p\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250 2.0.0 Ok: queued"));
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("221"));
+    let messages = all_messages(&env.backend);
+    let (field, rest) = split_received(&messages[0]);
+    check_field(&field, &c, "ESMTPS");
+    assert!(
+        !field.contains("for <"),
+        "two recipients: no for clause\n{field}"
+    );
+    assert_eq!(rest, b"Subject: p\r\n\r\nbody\r\n");
+    assert!(!env.backend.recorder.all_text().contains("XCLIENT"));
+}
+
+#[tokio::test]
+async fn bdat_chunks_carry_the_field_in_the_first_chunk_only() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    let ehlo = c.cmd(&format!("EHLO {HELO}")).await;
+    assert!(ehlo.contains("CHUNKING"), "{ehlo}");
+    c.send("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("250"));
+    // Chunk content that looks like commands and an end of data stays content (§9.1 R13).
+    let chunk1 = b"Subject: bdat\r\n\r\n.\r\nQUIT\r\n";
+    let chunk2 = b"binary \x00\xff\r\n";
+    c.send(format!("BDAT {}\r\n", chunk1.len())).await;
+    c.send(chunk1).await;
+    assert!(c.reply().await.starts_with("250"));
+    // A chunk and the next BDAT in one write.
+    let mut w = format!("BDAT {}\r\n", chunk2.len()).into_bytes();
+    w.extend_from_slice(chunk2);
+    w.extend_from_slice(b"BDAT 0 LAST\r\n");
+    c.send(w).await;
+    assert!(c.reply().await.starts_with("250"));
+    let last = c.reply().await;
+    assert!(last.starts_with("250 2.0.0 Ok: queued"), "{last}");
+
+    // A second transaction: BDAT 0 LAST alone becomes BDAT h LAST with the field.
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    assert!(c.cmd("BDAT 0 LAST").await.starts_with("250"));
+
+    let conns = env.backend.recorder.connections();
+    let t = transcript(&conns[0]);
+    let bdats: Vec<&String> = t
+        .commands
+        .iter()
+        .filter(|c| c.starts_with("BDAT"))
+        .collect();
+    assert_eq!(bdats.len(), 4, "{bdats:?}");
+    assert_eq!(t.messages.len(), 2);
+    let (field, rest) = split_received(&t.messages[0]);
+    check_field(&field, &c, "ESMTPS");
+    assert_eq!(*bdats[0], format!("BDAT {}", chunk1.len() + field.len()));
+    assert_eq!(*bdats[1], format!("BDAT {}", chunk2.len()));
+    assert_eq!(*bdats[2], "BDAT 0 LAST");
+    assert_eq!(rest, [&chunk1[..], &chunk2[..]].concat());
+    let (field2, rest2) = split_received(&t.messages[1]);
+    check_field(&field2, &c, "ESMTPS");
+    assert_eq!(*bdats[3], format!("BDAT {} LAST", field2.len()));
+    assert!(rest2.is_empty());
+    assert_eq!(
+        metric(&env, "mailfront_messages_submitted_total", "submissions"),
+        2
+    );
+}
+
+#[tokio::test]
+async fn bdat_is_refused_and_its_chunk_dropped_when_the_backend_has_no_chunking() {
+    let mut options = FakeOptions::default();
+    options.ehlo_extensions.retain(|e| e != "CHUNKING");
+    let env = env_with(options, "", "").await;
+    let mut c = implicit(&env).await;
+    let ehlo = c.cmd(&format!("EHLO {HELO}")).await;
+    assert!(!ehlo.contains("CHUNKING"), "{ehlo}");
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    c.send("BDAT 12 LAST\r\nQUIT\r\nQUIT\r\nNOOP\r\n").await;
+    assert!(c.reply().await.starts_with("502 5.5.1"));
+    assert!(
+        c.reply().await.starts_with("250"),
+        "the chunk was dropped, NOOP runs"
+    );
+    let commands = all_commands(&env.backend);
+    assert!(
+        !commands
+            .iter()
+            .any(|c| c.starts_with("BDAT") || c == "QUIT")
+    );
+}
+
+#[tokio::test]
+async fn commands_pipelined_after_starttls_are_discarded_never_executed() {
+    let env = env().await;
+    // One write: the AUTH after STARTTLS must never run (CERT VU#555316).
+    let injected = format!(
+        "STARTTLS\r\n{}\r\nMAIL FROM:<evil@x>\r\n",
+        auth_plain("secret")
+    );
+    let tcp = TcpStream::connect(env.proxy.addr("submission"))
+        .await
+        .unwrap();
+    let mut io = BufReader::new(tcp);
+    read_smtp_reply(&mut io).await;
+    io.get_mut()
+        .write_all(format!("EHLO {HELO}\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_smtp_reply(&mut io).await;
+    io.get_mut().write_all(injected.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_smtp_reply(&mut io).await,
+        "220 2.0.0 Ready to start TLS\r\n"
+    );
+    let tls = tls_upgrade(io.into_inner(), HOST, env.config.clone())
+        .await
+        .unwrap();
+    let mut t = Client::tls(tls);
+    let ehlo = t.cmd(&format!("EHLO {HELO}")).await;
+    assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
+    let quit = t.cmd("QUIT").await;
+    assert!(
+        quit.starts_with("221"),
+        "no 235 or other reply first: {quit}"
+    );
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("AUTH"), "{all}");
+    assert!(!all.contains("evil"), "{all}");
+    assert!(!all.contains("STARTTLS"), "{all}");
+}
+
+#[tokio::test]
+async fn cleartext_auth_gets_530_whatever_the_credential_and_never_reaches_the_backend() {
+    let env = env().await;
+    let mut c = plain(&env).await;
+    let ehlo = c.cmd(&format!("EHLO {HELO}")).await;
+    let right = c.cmd(&auth_plain("secret")).await;
+    let wrong = c.cmd(&auth_plain("wrong")).await;
+    let login = c.cmd("AUTH LOGIN").await;
+    let mut long = auth_plain("secret");
+    long.push_str(&"A".repeat(20_000));
+    let too_long = c.cmd(&long).await;
+    assert_eq!(right, "530 5.7.0 Must issue a STARTTLS command first\r\n");
+    assert_eq!(right, wrong);
+    assert_eq!(right, login);
+    assert_eq!(right, too_long);
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    assert!(
+        ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+        "{ehlo}"
+    );
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("AUTH"), "{all}");
+    assert_eq!(
+        metric(&env, "mailfront_cleartext_auth_refused_total", "submission"),
+        4
+    );
+}
+
+#[tokio::test]
+async fn mail_before_tls_is_refused_with_530_and_never_forwarded() {
+    let env = env().await;
+    let mut c = plain(&env).await;
+    c.cmd(&format!("EHLO {HELO}")).await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.test>").await,
+        "530 5.7.0 Must issue a STARTTLS command first\r\n"
+    );
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.test> REQUIRETLS").await,
+        "530 5.7.0 Must issue a STARTTLS command first\r\n"
+    );
+    assert!(
+        c.cmd("RCPT TO:<b@example.test>")
+            .await
+            .starts_with("530 5.7.0")
+    );
+    assert!(c.cmd("NOOP").await.starts_with("250"));
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("MAIL") && !all.contains("RCPT"), "{all}");
+}
+
+#[tokio::test]
+async fn requiretls_mail_before_tls_is_refused_even_when_mail_is_allowed_in_cleartext() {
+    let mut options = FakeOptions::default();
+    options.ehlo_extensions.push("REQUIRETLS".into());
+    let env = env_with(options, "    require_tls_for_mail: false\n", "").await;
+    let mut c = plain(&env).await;
+    let ehlo = c.cmd(&format!("EHLO {HELO}")).await;
+    assert!(!ehlo.contains("REQUIRETLS"), "{ehlo}");
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.test> REQUIRETLS").await,
+        "555 5.5.4 Unsupported option: REQUIRETLS\r\n"
+    );
+    // Cleartext mail is allowed here, and gets no Received field (not received over TLS).
+    let body = b"Subject: clear\r\n\r\nhi\r\n";
+    assert!(send_message(&mut c, body).await.starts_with("250 "));
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("REQUIRETLS"), "{all}");
+    assert_eq!(all_messages(&env.backend), vec![body.to_vec()]);
+}
+
+#[tokio::test]
+async fn requiretls_after_tls_is_offered_and_forwarded_only_when_the_backend_offers_it() {
+    // Backend without REQUIRETLS: removed from EHLO, MAIL gets 555 and is not forwarded.
+    let env = env().await;
+    let (mut c, _, after) = starttls(&env).await;
+    assert!(!after.contains("REQUIRETLS"), "{after}");
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.test> REQUIRETLS").await,
+        "555 5.5.4 Unsupported option: REQUIRETLS\r\n"
+    );
+    assert!(!env.backend.recorder.all_text().contains("REQUIRETLS"));
+
+    // Backend with REQUIRETLS: offered after TLS, forwarded.
+    let mut options = FakeOptions::default();
+    options.ehlo_extensions.push("REQUIRETLS".into());
+    let env = env_with(options, "", "").await;
+    let (mut c, before, after) = starttls(&env).await;
+    assert!(!before.contains("REQUIRETLS"), "{before}");
+    assert!(
+        after.contains("250 REQUIRETLS") || after.contains("250-REQUIRETLS"),
+        "{after}"
+    );
+    assert!(
+        c.cmd("MAIL FROM:<a@example.test> REQUIRETLS")
+            .await
+            .starts_with("250")
+    );
+    assert!(
+        env.backend
+            .recorder
+            .all_text()
+            .contains("MAIL FROM:<a@example.test> REQUIRETLS\r\n")
+    );
+}
+
+#[tokio::test]
+async fn ehlo_offers_starttls_and_no_auth_before_tls_and_auth_without_starttls_after() {
+    let env = env().await;
+    let (mut c, before, after) = starttls(&env).await;
+    assert!(before.starts_with(&format!("250-{HOST}")), "{before}");
+    assert!(before.contains("STARTTLS"), "{before}");
+    assert!(!before.contains("AUTH"), "{before}");
+    assert!(!before.contains("XCLIENT"), "{before}");
+    assert!(after.contains("AUTH PLAIN LOGIN"), "{after}");
+    assert!(!after.contains("STARTTLS"), "{after}");
+    assert!(!after.contains("XCLIENT"), "{after}");
+    assert!(!after.contains("backend.test"), "{after}");
+    assert!(c.cmd("STARTTLS").await.starts_with("554 5.5.1"));
+    // On 465 STARTTLS is neither offered nor accepted.
+    let mut i = implicit(&env).await;
+    let ehlo = i.cmd(&format!("EHLO {HELO}")).await;
+    assert!(
+        !ehlo.contains("STARTTLS") && ehlo.contains("AUTH"),
+        "{ehlo}"
+    );
+    assert!(i.cmd("STARTTLS").await.starts_with("554 5.5.1"));
+    assert!(i.cmd("HELO x").await == format!("250 {HOST}\r\n"));
+    assert!(!env.backend.recorder.all_text().contains("STARTTLS"));
+}
+
+#[tokio::test]
+async fn mail_after_starttls_without_a_new_ehlo_is_refused_and_not_forwarded() {
+    let env = env().await;
+    let tcp = TcpStream::connect(env.proxy.addr("submission"))
+        .await
+        .unwrap();
+    let mut io = BufReader::new(tcp);
+    read_smtp_reply(&mut io).await;
+    io.get_mut()
+        .write_all(b"EHLO a\r\nSTARTTLS\r\n")
+        .await
+        .unwrap();
+    read_smtp_reply(&mut io).await;
+    read_smtp_reply(&mut io).await;
+    let tls = tls_upgrade(io.into_inner(), HOST, env.config.clone())
+        .await
+        .unwrap();
+    let mut c = Client::tls(tls);
+    assert!(c.cmd("MAIL FROM:<a@b>").await.starts_with("503 5.5.1"));
+    assert!(!env.backend.recorder.all_text().contains("MAIL"));
+}
+
+#[tokio::test]
+async fn xclient_and_xforward_from_a_client_are_refused_and_never_forwarded() {
+    let env = env().await;
+    let mut c = plain(&env).await;
+    assert!(c.cmd("XCLIENT LOGIN=victim").await.starts_with("500 5.5.1"));
+    let mut c = implicit(&env).await;
+    assert!(c.cmd("XCLIENT ADDR=1.2.3.4").await.starts_with("500 5.5.1"));
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
+    assert!(c.cmd("xclient\tLOGIN=root").await.starts_with("500 5.5.1"));
+    assert!(c.cmd("XFORWARD NAME=x").await.starts_with("500 5.5.1"));
+    let all = env.backend.recorder.all_text().to_ascii_uppercase();
+    assert!(
+        !all.contains("XCLIENT") && !all.contains("XFORWARD"),
+        "{all}"
+    );
+}
+
+#[tokio::test]
+async fn auth_after_tls_is_relayed_with_continuations_cancel_and_outcomes_counted() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd(&auth_plain("wrong")).await.starts_with("535"));
+    // Continuation, then `*` cancels; the backend's 501 is relayed.
+    assert_eq!(c.cmd("AUTH PLAIN").await, "334 \r\n");
+    assert!(c.cmd("*").await.starts_with("501"));
+    // Continuation carrying a line that looks like a command: it is SASL data, not QUIT.
+    assert_eq!(c.cmd("AUTH PLAIN").await, "334 \r\n");
+    assert!(c.cmd("QUIT").await.starts_with("535"));
+    assert_eq!(c.cmd("AUTH PLAIN").await, "334 \r\n");
+    let response = base64_encode(b"\0user\0secret");
+    assert!(c.cmd(&response).await.starts_with("235"));
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("503 5.5.1"));
+    let body = b"Subject: auth\r\n\r\nx\r\n";
+    assert!(send_message(&mut c, body).await.starts_with("250 "));
+    let (field, _) = split_received(&all_messages(&env.backend)[0]);
+    check_field(&field, &c, "ESMTPSA");
+    let text = env.proxy.metrics.encode();
+    assert!(
+        text.contains(r#"mailfront_auth_outcomes_total{listener="submissions",protocol="smtp",result="success"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"mailfront_auth_outcomes_total{listener="submissions",protocol="smtp",result="failure"} 2"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn bare_lf_smuggling_never_reaches_the_backend_as_a_command() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    c.send(
+        "Subject: smuggle\r\n\r\nhello\n.\nMAIL FROM:<smuggled@evil>\nRCPT TO:<victim@x>\nDATA\n\
+         forged\n.\r\n",
+    )
+    .await;
+    // The refused message ends at the real <CRLF>.<CRLF>... which the smuggled text lacks
+    // until here:
+    c.send("more\r\n.\r\n").await;
+    assert_eq!(
+        c.reply().await,
+        "554 5.6.0 Message refused: bare CR or LF in message content\r\n"
+    );
+    let next = c.cmd("MAIL FROM:<a@example.test>").await;
+    assert!(next.starts_with("421 "), "{next}");
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("smuggled"), "{all}");
+    assert!(!all.contains("\n.\n"), "{all}");
+    let commands = all_commands(&env.backend);
+    assert!(
+        !commands
+            .iter()
+            .any(|c| c.contains("smuggled") || c.contains("victim")),
+        "{commands:?}"
+    );
+    assert_eq!(
+        metric(&env, "mailfront_messages_submitted_total", "submissions"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn refused_data_never_gets_our_field_sent_and_the_session_stays_in_step() {
+    let options = FakeOptions {
+        refuse_data: true,
+        ..FakeOptions::default()
+    };
+    let env = env_with(options, "", "").await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("554"));
+    assert!(c.cmd("NOOP").await.starts_with("250"));
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("Received:"), "{all}");
+    assert!(all.ends_with("DATA\r\nNOOP\r\n"), "{all}");
+    assert_eq!(
+        metric(&env, "mailfront_received_fields_added_total", "submissions"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn backend_dying_mid_data_gives_the_client_421_never_250() {
+    let options = FakeOptions {
+        die_in_data: true,
+        ..FakeOptions::default()
+    };
+    let env = env_with(options, "", "").await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    let mut body = Vec::new();
+    for _ in 0..20_000 {
+        body.extend_from_slice(b"some content line of a message being submitted\r\n");
+    }
+    c.send(&body).await;
+    c.send(".\r\n").await;
+    let reply = c.reply().await;
+    assert!(reply.starts_with("421 4.4.1"), "{reply}");
+    assert_eq!(
+        metric(&env, "mailfront_messages_submitted_total", "submissions"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn over_long_command_line_gets_500_5_5_2_and_the_session_goes_on() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    let long = format!("NOOP {}\r\nNOOP\r\n", "x".repeat(5000));
+    c.send(long).await;
+    assert_eq!(c.reply().await, "500 5.5.2 Line too long\r\n");
+    assert!(c.reply().await.starts_with("250"));
+    let all = env.backend.recorder.all_text();
+    assert!(
+        !all.contains("xxxx"),
+        "nothing of the long line was forwarded"
+    );
+}
+
+#[tokio::test]
+async fn backend_greeting_554_is_passed_on_and_the_session_closes() {
+    let options = FakeOptions {
+        smtp_greeting: "554 5.3.2 backend busy\r\n".into(),
+        ..FakeOptions::default()
+    };
+    let env = env_with(options, "", "").await;
+    let tls = tls_connect(env.proxy.addr("submissions"), HOST, env.config.clone())
+        .await
+        .unwrap();
+    let mut c = Client::tls(tls);
+    assert_eq!(c.reply().await, "554 5.3.2 backend busy\r\n");
+    assert_eq!(c.rest().await, "");
+}
+
+#[tokio::test]
+async fn idle_client_gets_421_4_4_2_and_is_closed() {
+    let env = env_with(FakeOptions::default(), "", "timeouts:\n  idle: 300ms\n").await;
+    let mut c = implicit(&env).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rest = c.rest().await;
+    assert!(rest.starts_with("421 4.4.2 "), "{rest}");
+}
+
+#[tokio::test]
+async fn shutdown_sends_421_4_3_2_between_commands() {
+    let env = env_with(
+        FakeOptions::default(),
+        "",
+        "timeouts:\n  shutdown_grace: 100ms\n",
+    )
+    .await;
+    let mut c = implicit(&env).await;
+    env.proxy.control.shutdown.cancel();
+    let rest = c.rest().await;
+    assert!(rest.starts_with("421 4.3.2 "), "{rest}");
+}
+
+/// swaks, a real SMTP client, through 465 (implicit TLS) and 587 (STARTTLS) with AUTH PLAIN.
+#[tokio::test]
+async fn swaks_submits_through_465_and_587() {
+    if !have("swaks") {
+        eprintln!("swaks not installed; skipping");
+        return;
+    }
+    let env = env().await;
+    for (listener, tls_flag) in [("submissions", "--tls-on-connect"), ("submission", "--tls")] {
+        let port = env.proxy.addr(listener).port();
+        let body = format!("swaks body via {listener}");
+        let args: Vec<String> = [
+            "--server",
+            &format!("127.0.0.1:{port}"),
+            tls_flag,
+            "--ehlo",
+            HELO,
+            "--from",
+            "a@example.test",
+            "--to",
+            "b@example.test",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "user",
+            "--auth-password",
+            "secret",
+            "--body",
+            &body,
+            "--timeout",
+            "10",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("swaks")
+                .args(&args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{listener}: {text}");
+        assert!(text.contains("235"), "{text}");
+        assert!(!text.contains("XCLIENT"), "{text}");
+    }
+    let messages = all_messages(&env.backend);
+    assert_eq!(messages.len(), 2);
+    for (message, listener) in messages.iter().zip(["submissions", "submission"]) {
+        let (field, rest) = split_received(message);
+        check_received_abnf(&field).unwrap();
+        assert!(field.contains(" with ESMTPSA id "), "{field}");
+        assert!(String::from_utf8_lossy(&rest).contains(&format!("swaks body via {listener}")));
+    }
+}
+
+/// curl: smtps:// on 465 and smtp:// with --ssl-reqd (STARTTLS) on 587.
+#[tokio::test]
+async fn curl_submits_through_465_and_587() {
+    if !have("curl") {
+        eprintln!("curl not installed; skipping");
+        return;
+    }
+    let env = env().await;
+    let mail = env.pki.dir.path().join("mail.eml");
+    std::fs::write(
+        &mail,
+        "Subject: curl\r\n\r\n.leading dot\r\nbody via curl\r\n",
+    )
+    .unwrap();
+    for (listener, scheme, extra) in [
+        ("submissions", "smtps", None),
+        ("submission", "smtp", Some("--ssl-reqd")),
+    ] {
+        let port = env.proxy.addr(listener).port();
+        let mut args: Vec<String> = vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "10".into(),
+            "--cacert".into(),
+            env.pki.ca_path().display().to_string(),
+            "--resolve".into(),
+            format!("{HOST}:{port}:127.0.0.1"),
+            "-u".into(),
+            "user:secret".into(),
+            "--mail-from".into(),
+            "a@example.test".into(),
+            "--mail-rcpt".into(),
+            "b@example.test".into(),
+            "-T".into(),
+            mail.display().to_string(),
+            format!("{scheme}://{HOST}:{port}/{HELO}"),
+        ];
+        if let Some(flag) = extra {
+            args.insert(0, flag.into());
+        }
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(&args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{listener}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let messages = all_messages(&env.backend);
+    assert_eq!(messages.len(), 2);
+    for message in &messages {
+        let (field, rest) = split_received(message);
+        check_received_abnf(&field).unwrap();
+        assert!(
+            field.starts_with(&format!("Received: from {HELO} ")),
+            "{field}"
+        );
+        // curl dot-stuffs the leading dot; the backend gets it stuffed, byte-exact.
+        assert_eq!(
+            rest,
+            b"Subject: curl\r\n\r\n..leading dot\r\nbody via curl\r\n"
+        );
+    }
+}
+
+/// The whole session written one byte per write: framing does not depend on how reads fall,
+/// including a CR and its LF in different reads inside the content.
+#[tokio::test]
+async fn a_session_written_one_byte_at_a_time_gives_the_same_result() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    let body = b"Subject: bytes\r\n\r\n..dot\r\nline\r\n";
+    let mut session =
+        b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n".to_vec();
+    for byte in session.drain(..) {
+        c.send([byte]).await;
+    }
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("354"));
+    for &byte in body.iter().chain(b".\r\nQUIT\r\n") {
+        c.send([byte]).await;
+    }
+    assert!(c.reply().await.starts_with("250 2.0.0 Ok: queued"));
+    assert!(c.reply().await.starts_with("221"));
+    let (field, rest) = split_received(&all_messages(&env.backend)[0]);
+    check_field(&field, &c, "ESMTPS");
+    assert_eq!(rest, body);
+}
