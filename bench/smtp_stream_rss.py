@@ -76,8 +76,9 @@ def submit(port, mib):
     for cmd in (b"EHLO bench.example\r\n", b"AUTH PLAIN AHVzZXIAc2VjcmV0\r\n", b"MAIL FROM:<a@example.test>\r\n",
                 b"RCPT TO:<b@example.test>\r\n", b"DATA\r\n"):
         s.sendall(cmd); r = reply()
-    line = (b"x" * 998 + b"\r\n")
-    block = b"Subject: bench\r\n\r\n" + line * 1024  # ~1 MiB
+    line = b"x" * 510 + b"\r\n"
+    block = line * 2048  # exactly 1 MiB of 512-octet lines
+    s.sendall(b"Subject: bench\r\n\r\n")
     start = time.monotonic()
     for _ in range(mib):
         s.sendall(block)
@@ -121,7 +122,7 @@ log:
         hwm0, rss0 = hwm_kib(proxy.pid)
         final, took, cipher = await loop.run_in_executor(None, submit, port, args.mib)
         hwm1, rss1 = hwm_kib(proxy.pid)
-        size = args.mib * (len(b"x" * 998) + 2) * 1024
+        size = args.mib * 1024 * 1024 + len(b"Subject: bench\r\n\r\n")
         print(f"message: {args.mib} MiB content ({size} octets) over {cipher[1]} {cipher[0]}")
         print(f"backend reply: {final.decode().strip()}; backend received {stats.bytes} octets in {stats.messages} message(s)")
         print(f"Received field at the backend: {stats.received_field.decode(errors='replace')!r}")
