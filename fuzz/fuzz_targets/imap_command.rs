@@ -3,9 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mailfront::config::TlsMode;
 use mailfront::imap::codec::{ClientEvent, CommandReceiver, Limits};
 use mailfront::imap::id::{parse_id_command, rewrite_client_id};
-use mailfront::imap::policy::{Decision, GateState, ListenerTls, decide};
+use mailfront::imap::policy::{Decision, GateState, decide};
 
 /// Plays a driver: the gate decides each command, SASL ends on a client `*`.
 fn run(input: &[u8], chunk: usize, state: GateState) -> Vec<ClientEvent> {
@@ -53,9 +54,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let state = GateState {
         listener: if selector & 0x80 == 0 {
-            ListenerTls::StartTls
+            TlsMode::Starttls
         } else {
-            ListenerTls::Implicit
+            TlsMode::Implicit
         },
         tls_active: selector & 0x40 != 0,
         backend_has_id: selector & 0x20 != 0,

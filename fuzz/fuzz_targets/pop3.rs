@@ -3,12 +3,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mailfront::config::TlsMode;
 use mailfront::pop3::capa::{CapaView, rewrite_capa, rewrite_greeting};
 use mailfront::pop3::codec::{
     ClientEvent, CommandLimits, CommandReceiver, Expect, ResponseLimits, ResponseReceiver,
     ServerEvent,
 };
-use mailfront::pop3::policy::{Decision, GateState, ListenerTls, decide};
+use mailfront::pop3::policy::{Decision, GateState, decide};
 
 fn run_client(input: &[u8], chunk: usize, state: GateState) -> Vec<ClientEvent> {
     let mut rx = CommandReceiver::new(CommandLimits {
@@ -83,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
     let chunk = usize::from(selector & 0x3f) + 1;
     if selector & 0x80 == 0 {
         let state = GateState {
-            listener: ListenerTls::StartTls,
+            listener: TlsMode::Starttls,
             tls_active: selector & 0x40 != 0,
         };
         let whole = run_client(input, input.len(), state);

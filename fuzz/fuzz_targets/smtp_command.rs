@@ -3,8 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mailfront::config::TlsMode;
 use mailfront::smtp::command::{Command, SaslResponse};
-use mailfront::smtp::policy::{ClientInput, GateState, ListenerTls, Verdict, decide};
+use mailfront::smtp::policy::{ClientInput, GateState, Verdict, decide};
 use mailfront::smtp::receiver::{CommandReceiver, LineMode};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -48,9 +49,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(run(&[a, b], mode), whole);
 
     let states = [
-        GateState::new(ListenerTls::StartTls, true),
-        GateState::new(ListenerTls::StartTls, false),
-        GateState::new(ListenerTls::Implicit, true),
+        GateState::new(TlsMode::Starttls, true),
+        GateState::new(TlsMode::Starttls, false),
+        GateState::new(TlsMode::Implicit, true),
     ];
     for event in &whole {
         let Event::Line(text) = event else { continue };

@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mailfront::config::TlsMode;
 use mailfront::smtp::ehlo::{BackendCapabilities, EhloContext, rewrite_ehlo};
-use mailfront::smtp::policy::ListenerTls;
 use mailfront::smtp::reply::{Reply, ReplyReceiver};
 
 fn run(chunks: &[&[u8]]) -> Vec<Result<Reply, ()>> {
@@ -39,9 +39,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = reply.enhanced_status();
         let _ = BackendCapabilities::from_ehlo(reply);
         for (client_tls, listener) in [
-            (false, ListenerTls::StartTls),
-            (true, ListenerTls::StartTls),
-            (true, ListenerTls::Implicit),
+            (false, TlsMode::Starttls),
+            (true, TlsMode::Starttls),
+            (true, TlsMode::Implicit),
         ] {
             let ctx = EhloContext {
                 client_tls,

@@ -730,7 +730,8 @@ fn literal_at_end(content: &[u8]) -> Option<LiteralSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::imap::policy::{Decision, GateState, ListenerTls, decide};
+    use crate::config::TlsMode;
+    use crate::imap::policy::{Decision, GateState, decide};
     use crate::imap::split::{CHUNKS, drive};
 
     /// Plays a simple driver: AUTHENTICATE enters SASL until a line `end-sasl`, ID is collected,
@@ -1052,7 +1053,7 @@ mod tests {
     #[test]
     fn login_with_literal_password_before_tls_is_refused_without_forwarding_the_literal() {
         let plain = GateState {
-            listener: ListenerTls::StartTls,
+            listener: TlsMode::Starttls,
             tls_active: false,
             backend_has_id: true,
             id_sent: false,
@@ -1113,7 +1114,7 @@ mod tests {
             panic!()
         };
         let plain = GateState {
-            listener: ListenerTls::StartTls,
+            listener: TlsMode::Starttls,
             tls_active: false,
             backend_has_id: true,
             id_sent: false,

@@ -4,22 +4,14 @@
 //! It holds mailfront's central security property for IMAP: no credential is forwarded before
 //! TLS, and the answer to a refused LOGIN/AUTHENTICATE is the same whatever the credentials.
 
+use crate::config::TlsMode;
 use crate::imap::codec::CommandStart;
 use crate::imap::reply;
-
-/// How the listener the client connected to does TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerTls {
-    /// TLS from the first byte (993).
-    Implicit,
-    /// Cleartext until STARTTLS (143).
-    StartTls,
-}
 
 /// The session facts the gate depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GateState {
-    pub listener: ListenerTls,
+    pub listener: TlsMode,
     /// TLS is active on the client side (implicit, or after STARTTLS).
     pub tls_active: bool,
     /// The backend advertises `ID`; without it no ID is sent (it would answer BAD).
@@ -64,7 +56,7 @@ pub fn decide(state: &GateState, cmd: &CommandStart) -> Decision {
             return Decision::Reply(reply::starttls_malformed(tag));
         }
         return match (state.listener, state.tls_active) {
-            (ListenerTls::StartTls, false) => Decision::StartTls(reply::starttls_ok(tag)),
+            (TlsMode::Starttls, false) => Decision::StartTls(reply::starttls_ok(tag)),
             _ => Decision::Reply(reply::starttls_refused(tag)),
         };
     }
@@ -106,7 +98,7 @@ mod tests {
     }
 
     const STARTTLS_PLAIN: GateState = GateState {
-        listener: ListenerTls::StartTls,
+        listener: TlsMode::Starttls,
         tls_active: false,
         backend_has_id: true,
         id_sent: false,
@@ -116,7 +108,7 @@ mod tests {
         ..STARTTLS_PLAIN
     };
     const IMPLICIT: GateState = GateState {
-        listener: ListenerTls::Implicit,
+        listener: TlsMode::Implicit,
         tls_active: true,
         backend_has_id: true,
         id_sent: false,

@@ -19,11 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::backend::BackendStream;
-use crate::config::TlsMode;
 use crate::imap::capability::{self, CapabilityView};
 use crate::imap::codec::{self, ClientEvent, CommandReceiver, CommandStart};
 use crate::imap::id;
-use crate::imap::policy::{self, Decision, GateState, ListenerTls};
+use crate::imap::policy::{self, Decision, GateState};
 use crate::imap::reply;
 use crate::imap::response::{ResponseLimits, ResponseReceiver, ServerEvent, Status};
 use crate::metrics::{AuthResult, IdSource};
@@ -201,10 +200,7 @@ impl Driver {
             literal: limits.imap_literal,
             collect: codec::DEFAULT_COLLECT_LIMIT.max(line),
         };
-        let listener = match session.listener.config.tls {
-            TlsMode::Implicit => ListenerTls::Implicit,
-            TlsMode::Starttls => ListenerTls::StartTls,
-        };
+        let listener = session.listener.config.tls;
         Driver {
             rx: CommandReceiver::new(rx_limits),
             rx_limits,

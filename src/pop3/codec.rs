@@ -497,8 +497,9 @@ fn starts_with_word(content: &[u8], word: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TlsMode;
     use crate::imap::split::{CHUNKS, drive};
-    use crate::pop3::policy::{Decision, GateState, ListenerTls, decide};
+    use crate::pop3::policy::{Decision, GateState, decide};
 
     /// A driver stand-in: AUTH with a mechanism begins SASL, a line `end` ends it.
     fn client_events(input: &[u8], chunk: usize, limits: CommandLimits) -> Vec<ClientEvent> {
@@ -648,7 +649,7 @@ mod tests {
             panic!()
         };
         let plain = GateState {
-            listener: ListenerTls::StartTls,
+            listener: TlsMode::Starttls,
             tls_active: false,
         };
         assert_eq!(
@@ -661,7 +662,7 @@ mod tests {
     #[test]
     fn pipelined_user_and_pass_before_tls_get_two_replies_and_nothing_is_forwarded_o3() {
         let plain = GateState {
-            listener: ListenerTls::StartTls,
+            listener: TlsMode::Starttls,
             tls_active: false,
         };
         for chunk in CHUNKS {

@@ -1,14 +1,14 @@
 //! The POP3 gate: one pure function deciding what happens to each client command in the
 //! AUTHORIZATION state (RFC 2595 §4, RFC 8314 §4.1, RFC 5034).
 
-pub use crate::imap::policy::ListenerTls;
+pub use crate::config::TlsMode;
 use crate::pop3::codec::{Command, Expect};
 use crate::pop3::reply;
 
 /// The session facts the gate depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GateState {
-    pub listener: ListenerTls,
+    pub listener: TlsMode,
     /// TLS is active on the client side (implicit, or after STLS).
     pub tls_active: bool,
 }
@@ -34,7 +34,7 @@ pub fn decide(state: &GateState, cmd: &Command) -> Decision {
             return Decision::Reply(reply::stls_malformed());
         }
         return match (state.listener, state.tls_active) {
-            (ListenerTls::StartTls, false) => Decision::StartTls(reply::stls_ok()),
+            (TlsMode::Starttls, false) => Decision::StartTls(reply::stls_ok()),
             _ => Decision::Reply(reply::stls_refused()),
         };
     }
@@ -71,15 +71,15 @@ mod tests {
     }
 
     const PLAIN: GateState = GateState {
-        listener: ListenerTls::StartTls,
+        listener: TlsMode::Starttls,
         tls_active: false,
     };
     const UPGRADED: GateState = GateState {
-        listener: ListenerTls::StartTls,
+        listener: TlsMode::Starttls,
         tls_active: true,
     };
     const IMPLICIT: GateState = GateState {
-        listener: ListenerTls::Implicit,
+        listener: TlsMode::Implicit,
         tls_active: true,
     };
 

@@ -13,7 +13,6 @@ use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::backend::BackendStream;
-use crate::config::TlsMode;
 use crate::imap::session::write_timed;
 use crate::metrics::AuthResult;
 use crate::pop3::capa::{self, CapaView};
@@ -21,7 +20,7 @@ use crate::pop3::codec::{
     ClientEvent, Command, CommandLimits, CommandReceiver, Expect, ResponseLimits, ResponseReceiver,
     ServerEvent, Status,
 };
-use crate::pop3::policy::{self, Decision, GateState, ListenerTls};
+use crate::pop3::policy::{self, Decision, GateState};
 use crate::pop3::reply;
 use crate::session::{ClientStream, EndReason, Session};
 
@@ -128,10 +127,7 @@ impl Driver {
             command: limits.pop3_line.max(16),
             ..CommandLimits::default()
         };
-        let listener = match session.listener.config.tls {
-            TlsMode::Implicit => ListenerTls::Implicit,
-            TlsMode::Starttls => ListenerTls::StartTls,
-        };
+        let listener = session.listener.config.tls;
         Driver {
             rx: CommandReceiver::new(rx_limits),
             rx_limits,

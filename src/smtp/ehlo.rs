@@ -19,7 +19,7 @@
 //! Everything else passes unchanged, text byte-exact; the continuation markers are rebuilt so
 //! the last line uses `250 `.
 
-use crate::smtp::policy::ListenerTls;
+use crate::config::TlsMode;
 use crate::smtp::reply::Reply;
 
 /// SASL mechanisms never offered to clients.
@@ -29,7 +29,7 @@ const UNRELAYABLE_MECHANISMS: [&[u8]; 4] = [b"EXTERNAL", b"GSSAPI", b"GS2-KRB5",
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EhloContext<'a> {
     pub client_tls: bool,
-    pub listener: ListenerTls,
+    pub listener: TlsMode,
     /// Replaces the domain on the first line; `None` keeps the backend's.
     pub hostname: Option<&'a str>,
     /// Octets subtracted from the backend's `SIZE` limit (0: unchanged).
@@ -109,7 +109,7 @@ pub fn rewrite_ehlo(reply: &Reply, ctx: &EhloContext<'_>) -> Vec<u8> {
             out.push(kept);
         }
     }
-    if ctx.listener == ListenerTls::StartTls && !ctx.client_tls {
+    if ctx.listener == TlsMode::Starttls && !ctx.client_tls {
         out.push(b"STARTTLS".to_vec());
     }
     let code = reply.code().to_string();
@@ -229,7 +229,7 @@ mod tests {
 250-REQUIRETLS\r\n\
 250 CHUNKING\r\n";
 
-    fn ctx(client_tls: bool, listener: ListenerTls) -> EhloContext<'static> {
+    fn ctx(client_tls: bool, listener: TlsMode) -> EhloContext<'static> {
         EhloContext {
             client_tls,
             listener,
@@ -251,7 +251,7 @@ mod tests {
     fn before_tls_on_a_starttls_listener_auth_is_hidden_and_our_starttls_is_offered() {
         let out = rewrite_ehlo(
             &Reply::parse(BACKEND).unwrap(),
-            &ctx(false, ListenerTls::StartTls),
+            &ctx(false, TlsMode::Starttls),
         );
         assert_eq!(
             keywords(&out),
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn after_tls_auth_is_kept_without_unrelayable_mechanisms_and_no_starttls() {
-        for listener in [ListenerTls::StartTls, ListenerTls::Implicit] {
+        for listener in [TlsMode::Starttls, TlsMode::Implicit] {
             let out = rewrite_ehlo(&Reply::parse(BACKEND).unwrap(), &ctx(true, listener));
             assert_eq!(
                 keywords(&out),
@@ -300,36 +300,24 @@ mod tests {
     #[test]
     fn requiretls_is_not_invented_when_the_backend_lacks_it() {
         let raw = b"250-b\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n";
-        let out = rewrite_ehlo(
-            &Reply::parse(raw).unwrap(),
-            &ctx(true, ListenerTls::Implicit),
-        );
+        let out = rewrite_ehlo(&Reply::parse(raw).unwrap(), &ctx(true, TlsMode::Implicit));
         assert_eq!(keywords(&out), vec!["AUTH PLAIN", "8BITMIME"]);
     }
 
     #[test]
     fn auth_line_with_only_unrelayable_mechanisms_disappears() {
         let raw = b"250-b\r\n250-AUTH GSSAPI EXTERNAL\r\n250-AUTH=DIGEST-MD5\r\n250 X\r\n";
-        let out = rewrite_ehlo(
-            &Reply::parse(raw).unwrap(),
-            &ctx(true, ListenerTls::Implicit),
-        );
+        let out = rewrite_ehlo(&Reply::parse(raw).unwrap(), &ctx(true, TlsMode::Implicit));
         assert_eq!(keywords(&out), vec!["X"]);
     }
 
     #[test]
     fn continuation_markers_stay_correct_when_the_last_line_is_removed() {
         let raw = b"250-b\r\n250-PIPELINING\r\n250 STARTTLS\r\n";
-        let out = rewrite_ehlo(
-            &Reply::parse(raw).unwrap(),
-            &ctx(true, ListenerTls::Implicit),
-        );
+        let out = rewrite_ehlo(&Reply::parse(raw).unwrap(), &ctx(true, TlsMode::Implicit));
         assert_eq!(out, b"250-b\r\n250 PIPELINING\r\n");
         let raw = b"250-b\r\n250 XCLIENT NAME\r\n";
-        let out = rewrite_ehlo(
-            &Reply::parse(raw).unwrap(),
-            &ctx(true, ListenerTls::Implicit),
-        );
+        let out = rewrite_ehlo(&Reply::parse(raw).unwrap(), &ctx(true, TlsMode::Implicit));
         assert_eq!(out, b"250 b\r\n");
     }
 
@@ -337,7 +325,7 @@ mod tests {
     fn a_single_line_reply_gains_starttls_as_a_continuation() {
         let out = rewrite_ehlo(
             &Reply::parse(b"250 backend\r\n").unwrap(),
-            &ctx(false, ListenerTls::StartTls),
+            &ctx(false, TlsMode::Starttls),
         );
         assert_eq!(out, b"250-backend\r\n250 STARTTLS\r\n");
     }
@@ -345,10 +333,7 @@ mod tests {
     #[test]
     fn keywords_are_matched_case_insensitively() {
         let raw = b"250-b\r\n250-starttls\r\n250-Auth plain\r\n250-xClient NAME\r\n250 ok\r\n";
-        let out = rewrite_ehlo(
-            &Reply::parse(raw).unwrap(),
-            &ctx(false, ListenerTls::StartTls),
-        );
+        let out = rewrite_ehlo(&Reply::parse(raw).unwrap(), &ctx(false, TlsMode::Starttls));
         assert_eq!(keywords(&out), vec!["ok", "STARTTLS"]);
     }
 
@@ -356,7 +341,7 @@ mod tests {
     fn the_first_line_carries_our_hostname_when_given() {
         let context = EhloContext {
             hostname: Some("mx.example.test"),
-            ..ctx(true, ListenerTls::Implicit)
+            ..ctx(true, TlsMode::Implicit)
         };
         let out = rewrite_ehlo(&Reply::parse(BACKEND).unwrap(), &context);
         assert!(out.starts_with(b"250-mx.example.test Hello client [10.0.0.1]\r\n"));
@@ -374,7 +359,7 @@ mod tests {
     fn size_shrinks_by_the_reserve_and_zero_stays_unlimited() {
         let context = EhloContext {
             size_reserve: 1024,
-            ..ctx(true, ListenerTls::Implicit)
+            ..ctx(true, TlsMode::Implicit)
         };
         let out = rewrite_ehlo(
             &Reply::parse(b"250-b\r\n250 SIZE 10240000\r\n").unwrap(),
@@ -390,10 +375,7 @@ mod tests {
     #[test]
     fn error_replies_pass_unchanged() {
         let raw = b"550 5.7.1 go away\r\n";
-        let out = rewrite_ehlo(
-            &Reply::parse(raw).unwrap(),
-            &ctx(false, ListenerTls::StartTls),
-        );
+        let out = rewrite_ehlo(&Reply::parse(raw).unwrap(), &ctx(false, TlsMode::Starttls));
         assert_eq!(out, raw);
     }
 

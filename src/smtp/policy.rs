@@ -27,22 +27,14 @@
 //! forwarded when the client connection is TLS. An exchange can only start after TLS (rule 3),
 //! so the cleartext case refuses defensively.
 
+use crate::config::TlsMode;
 use crate::smtp::command::{Command, SaslResponse, SyntaxError, Verb};
 use crate::smtp::local_reply;
-
-/// How a listener offers TLS (config `tls: implicit | starttls`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerTls {
-    /// TLS from the first byte (port 465, RFC 8314 §3.3).
-    Implicit,
-    /// Cleartext until STARTTLS (port 587, RFC 3207).
-    StartTls,
-}
 
 /// What the gate needs to know about the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GateState {
-    pub listener: ListenerTls,
+    pub listener: TlsMode,
     /// The client connection is TLS now.
     pub client_tls: bool,
     /// Listener option: refuse every transaction command before TLS (default true).
@@ -59,10 +51,10 @@ pub struct GateState {
 
 impl GateState {
     /// The state of a new session on a listener, before any command.
-    pub fn new(listener: ListenerTls, require_tls_for_mail: bool) -> Self {
+    pub fn new(listener: TlsMode, require_tls_for_mail: bool) -> Self {
         GateState {
             listener,
-            client_tls: listener == ListenerTls::Implicit,
+            client_tls: listener == TlsMode::Implicit,
             require_tls_for_mail,
             backend_requiretls: false,
             backend_chunking: false,
@@ -122,7 +114,7 @@ fn decide_command(state: &GateState, command: &Command) -> Verdict {
 
     // 2. STARTTLS is answered here, never forwarded.
     if verb == Verb::StartTls {
-        return if state.client_tls || state.listener == ListenerTls::Implicit {
+        return if state.client_tls || state.listener == TlsMode::Implicit {
             Verdict::Reply(local_reply::TLS_ALREADY_ACTIVE)
         } else if let Command::Invalid { error, .. } = command {
             Verdict::Reply(error.reply())
@@ -185,7 +177,7 @@ mod tests {
     fn plain() -> GateState {
         GateState {
             backend_chunking: true,
-            ..GateState::new(ListenerTls::StartTls, true)
+            ..GateState::new(TlsMode::Starttls, true)
         }
     }
 
@@ -201,7 +193,7 @@ mod tests {
     fn implicit() -> GateState {
         GateState {
             backend_chunking: true,
-            ..GateState::new(ListenerTls::Implicit, true)
+            ..GateState::new(TlsMode::Implicit, true)
         }
     }
 
@@ -465,7 +457,7 @@ mod tests {
 
     #[test]
     fn new_session_state_follows_the_listener() {
-        assert!(GateState::new(ListenerTls::Implicit, true).client_tls);
-        assert!(!GateState::new(ListenerTls::StartTls, true).client_tls);
+        assert!(GateState::new(TlsMode::Implicit, true).client_tls);
+        assert!(!GateState::new(TlsMode::Starttls, true).client_tls);
     }
 }

@@ -42,7 +42,6 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::BackendStream;
-use crate::config::TlsMode;
 use crate::metrics::AuthResult;
 use crate::session::{ClientStream, EndReason, Session, UpgradeError};
 use crate::smtp::bdat::{self, ChunkReader};
@@ -50,7 +49,7 @@ use crate::smtp::command::{Bdat, Command, SaslResponse, Verb};
 use crate::smtp::data::{DataEvent, DataScanner};
 use crate::smtp::ehlo::{BackendCapabilities, EhloContext, rewrite_ehlo};
 use crate::smtp::local_reply;
-use crate::smtp::policy::{self, ClientInput, GateState, ListenerTls, Verdict};
+use crate::smtp::policy::{self, ClientInput, GateState, Verdict};
 use crate::smtp::received::{ReceivedId, ReceivedInfo, TlsCipher, WithProtocol, received_header};
 use crate::smtp::receiver::{CommandReceiver, DEFAULT_AUTH_LINE_LIMIT, Line, LineError, LineMode};
 use crate::smtp::reply::{Reply, ReplyReceiver};
@@ -226,10 +225,7 @@ struct Driver<'s> {
 impl<'s> Driver<'s> {
     fn new(session: &'s mut Session, backend: BackendStream) -> Self {
         let config = &session.listener.config;
-        let listener = match config.tls {
-            TlsMode::Implicit => ListenerTls::Implicit,
-            TlsMode::Starttls => ListenerTls::StartTls,
-        };
+        let listener = config.tls;
         let gate = GateState::new(listener, config.require_tls_for_mail);
         let receiver =
             CommandReceiver::new(session.listener.limits.smtp_line, DEFAULT_AUTH_LINE_LIMIT);
