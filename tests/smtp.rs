@@ -1041,3 +1041,280 @@ async fn a_session_written_one_byte_at_a_time_gives_the_same_result() {
     check_field(&field, &c, "ESMTPS");
     assert_eq!(rest, body);
 }
+
+// ---- Review of §9.1–9.6 and §9.10 edge cases ----
+
+/// Reads until the proxy ends the connection; `Ok` only for a clean end (close_notify on TLS).
+async fn read_to_close(c: &mut Client) -> std::io::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    tokio::time::timeout(TIMEOUT, c.io.read_to_end(&mut all))
+        .await
+        .expect("the proxy closes the connection")?;
+    Ok(all)
+}
+
+/// §9.1 R1, R7, R10: an empty message and one whose first line starts with a dot each get
+/// exactly one field on top; after HELO it says `with SMTP`; the pre-TLS EHLO name is gone.
+#[tokio::test]
+async fn empty_and_leading_dot_messages_get_one_field_and_the_pre_tls_ehlo_name_never_appears() {
+    let env = env().await;
+    let tcp = TcpStream::connect(env.proxy.addr("submission"))
+        .await
+        .unwrap();
+    let mut io = BufReader::new(tcp);
+    read_smtp_reply(&mut io).await;
+    io.get_mut()
+        .write_all(b"EHLO pre-tls.example\r\nSTARTTLS\r\n")
+        .await
+        .unwrap();
+    assert!(read_smtp_reply(&mut io).await.starts_with("250"));
+    assert!(read_smtp_reply(&mut io).await.starts_with("220"));
+    let tls = tls_upgrade(io.into_inner(), HOST, env.config.clone())
+        .await
+        .unwrap();
+    let mut c = Client::tls(tls);
+    assert_eq!(
+        c.cmd(&format!("HELO {HELO}")).await,
+        format!("250 {HOST}\r\n")
+    );
+    // An empty message: DATA then the end at once.
+    assert!(send_message(&mut c, b"").await.starts_with("250 "));
+    // The first content line starts with a (stuffed) dot.
+    let dotted = b"..first line\r\nSubject: x\r\n".to_vec();
+    assert!(send_message(&mut c, &dotted).await.starts_with("250 "));
+    let messages = all_messages(&env.backend);
+    assert_eq!(messages.len(), 2);
+    let (f1, r1) = split_received(&messages[0]);
+    let (f2, r2) = split_received(&messages[1]);
+    for field in [&f1, &f2] {
+        check_field(field, &c, "SMTP");
+        assert!(!field.contains("pre-tls"), "{field}");
+    }
+    assert!(r1.is_empty());
+    assert_eq!(r2, dotted);
+}
+
+/// §9.3 T2: `STARTTLS foo` gets 501 and nothing changes: still cleartext, still gated.
+#[tokio::test]
+async fn starttls_with_a_parameter_gets_501_and_the_session_stays_cleartext() {
+    let env = env().await;
+    let mut c = plain(&env).await;
+    c.cmd(&format!("EHLO {HELO}")).await;
+    assert_eq!(
+        c.cmd("STARTTLS foo").await,
+        "501 5.5.4 Syntax: STARTTLS\r\n"
+    );
+    assert!(c.cmd("MAIL FROM:<a@b>").await.starts_with("530 5.7.0"));
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("STARTTLS") && !all.contains("MAIL"), "{all}");
+}
+
+/// §9.3 T5 (and T1 for bytes sent after the 220): a failed handshake closes the connection;
+/// the cleartext that broke it never runs and nothing reaches the backend.
+#[tokio::test]
+async fn a_failed_handshake_after_starttls_closes_and_nothing_runs_in_cleartext() {
+    let env = env().await;
+    let tcp = TcpStream::connect(env.proxy.addr("submission"))
+        .await
+        .unwrap();
+    let mut io = BufReader::new(tcp);
+    read_smtp_reply(&mut io).await;
+    io.get_mut()
+        .write_all(format!("EHLO {HELO}\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_smtp_reply(&mut io).await;
+    io.get_mut().write_all(b"STARTTLS\r\n").await.unwrap();
+    assert!(read_smtp_reply(&mut io).await.starts_with("220 2.0.0"));
+    io.get_mut()
+        .write_all(b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(TIMEOUT, io.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the proxy closed the connection");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(!text.contains("250") && !text.contains("354"), "{text}");
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("evil") && !all.contains("MAIL"), "{all}");
+}
+
+/// §9.4 A5: a 10 000-octet XOAUTH2 initial response is forwarded whole; an AUTH line or a SASL
+/// response over the limit gets `500 5.5.6`, nothing of it is forwarded, and the session goes
+/// on in step (the backend's exchange is cancelled with `*`, its 501 swallowed).
+#[tokio::test]
+async fn a_10000_octet_xoauth2_is_forwarded_and_longer_auth_lines_get_500_5_5_6() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    let ir = "A".repeat(10_000);
+    let reply = c.cmd(&format!("AUTH XOAUTH2 {ir}")).await;
+    assert!(
+        reply.starts_with("502"),
+        "the backend's own answer: {reply}"
+    );
+    assert!(
+        env.backend
+            .recorder
+            .all_text()
+            .contains(&format!("AUTH XOAUTH2 {ir}\r\n"))
+    );
+    let long = "B".repeat(13_000);
+    assert_eq!(
+        c.cmd(&format!("AUTH XOAUTH2 {long}")).await,
+        "500 5.5.6 Authentication Exchange line is too long\r\n"
+    );
+    assert_eq!(c.cmd("AUTH PLAIN").await, "334 \r\n");
+    assert_eq!(
+        c.cmd(&"C".repeat(13_000)).await,
+        "500 5.5.6 Authentication Exchange line is too long\r\n"
+    );
+    assert!(c.cmd("NOOP").await.starts_with("250"), "still in step");
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("BBBB") && !all.contains("CCCC"), "{all}");
+}
+
+/// §9.5 P2: a backend that closes on any command sent before its reply to a group-ending
+/// command (Postfix `smtpd_forbid_unauth_pipelining`), with and without PIPELINING, never
+/// sees mailfront pipeline what the client pipelined.
+#[tokio::test]
+async fn nothing_reaches_the_backend_before_the_reply_it_must_wait_for() {
+    for pipelining in [true, false] {
+        let mut options = FakeOptions {
+            strict_sync: true,
+            ..FakeOptions::default()
+        };
+        if !pipelining {
+            options.ehlo_extensions.retain(|e| e != "PIPELINING");
+        }
+        let env = env_with(options, "", "").await;
+        let mut c = implicit(&env).await;
+        c.send(format!(
+            "EHLO {HELO}\r\nNOOP\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n\
+             RCPT TO:<c@example.test>\r\nDATA\r\nSubject: s\r\n\r\nbody\r\n.\r\nNOOP\r\nRSET\r\n\
+             MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nBDAT 3\r\nabcBDAT 2 LAST\r\n\
+             xyVRFY x\r\nQUIT\r\n"
+        ))
+        .await;
+        let mut replies = Vec::new();
+        for _ in 0..15 {
+            replies.push(c.reply().await);
+        }
+        assert!(
+            replies.iter().all(|r| !r.starts_with("554")),
+            "pipelining={pipelining}: {replies:?}"
+        );
+        assert!(
+            replies[6].starts_with("250 2.0.0 Ok: queued"),
+            "{replies:?}"
+        );
+        assert!(
+            replies[12].starts_with("250 2.0.0 Ok: queued"),
+            "{replies:?}"
+        );
+        assert!(replies[14].starts_with("221"), "{replies:?}");
+        assert_eq!(all_messages(&env.backend).len(), 2);
+    }
+}
+
+/// §9.5 P3: a backend 421 is relayed and both connections are closed.
+#[tokio::test]
+async fn a_backend_421_is_relayed_and_both_sides_are_closed() {
+    let options = FakeOptions {
+        smtp_421_on: Some("NOOP".into()),
+        ..FakeOptions::default()
+    };
+    let env = env_with(options, "", "").await;
+    let mut c = implicit(&env).await;
+    c.send("NOOP\r\nRSET\r\n").await;
+    assert_eq!(c.reply().await, "421 4.3.0 backend.test going down\r\n");
+    let rest = read_to_close(&mut c).await.unwrap();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(!env.backend.recorder.all_text().contains("RSET"));
+}
+
+/// House rule (no panic on input): a BDAT size past u64 is a syntax error, its "chunk" is then
+/// read as commands (the backend never saw the BDAT either), and the session goes on.
+#[tokio::test]
+async fn a_bdat_size_past_u64_gets_501_and_the_session_goes_on() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    c.send("BDAT 18446744073709551616 LAST\r\nNOOP\r\nBDAT 99999999999999999999999999\r\n")
+        .await;
+    assert_eq!(c.reply().await, "501 5.5.4 Syntax: BDAT <size> [LAST]\r\n");
+    assert!(c.reply().await.starts_with("250"));
+    assert_eq!(c.reply().await, "501 5.5.4 Syntax: BDAT <size> [LAST]\r\n");
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    assert!(!env.backend.recorder.all_text().contains("BDAT"));
+}
+
+/// §9.10 G2: QUIT gets its 221, then close_notify before the connection ends (RFC 8314 §3.4):
+/// rustls reports a TCP end without close_notify as an error.
+#[tokio::test]
+async fn quit_gets_221_then_close_notify_before_the_connection_ends() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    let rest = read_to_close(&mut c).await.expect("clean TLS close");
+    assert!(rest.is_empty());
+}
+
+/// §9.5 P1 at scale, and bounded memory: thousands of pipelined RCPTs (forwarded without
+/// waiting) mixed with locally refused XCLIENTs get every reply, in order.
+#[tokio::test]
+async fn thousands_of_pipelined_commands_with_local_replies_mixed_in_get_every_reply_in_order() {
+    let env = env().await;
+    let c = implicit(&env).await;
+    let (read, mut write) = tokio::io::split(c.io);
+    let mut read = BufReader::new(read);
+    const N: usize = 3000;
+    let writer = tokio::spawn(async move {
+        let mut batch = b"MAIL FROM:<a@example.test>\r\n".to_vec();
+        for _ in 0..N {
+            batch.extend_from_slice(b"RCPT TO:<b@example.test>\r\nXCLIENT ADDR=1.2.3.4\r\n");
+        }
+        batch.extend_from_slice(b"QUIT\r\n");
+        write.write_all(&batch).await.unwrap();
+        write.flush().await.unwrap();
+        write
+    });
+    assert!(read_smtp_reply(&mut read).await.starts_with("250"));
+    for i in 0..N {
+        let rcpt = read_smtp_reply(&mut read).await;
+        assert!(rcpt.starts_with("250"), "{i}: {rcpt}");
+        let xclient = read_smtp_reply(&mut read).await;
+        assert!(xclient.starts_with("500 5.5.1"), "{i}: {xclient}");
+    }
+    assert!(read_smtp_reply(&mut read).await.starts_with("221"));
+    let _write = writer.await.unwrap();
+    let all = env.backend.recorder.all_text();
+    assert_eq!(all.matches("RCPT TO:").count(), N);
+    assert!(!all.contains("XCLIENT"));
+}
+
+/// House rule (a deadline on every wait, writes included): a client that pipelines without
+/// ever reading its replies is dropped once a write to it has stalled for the idle timeout,
+/// instead of pinning the session and its buffers.
+#[tokio::test]
+async fn a_client_that_never_reads_its_replies_is_dropped_after_the_idle_timeout() {
+    let env = env_with(FakeOptions::default(), "", "timeouts:\n  idle: 500ms\n").await;
+    let mut c = plain(&env).await;
+    let batch = b"XCLIENT\r\n".repeat(10_000);
+    let started = std::time::Instant::now();
+    let mut sent = 0usize;
+    let ended = loop {
+        let io = c.io.get_mut();
+        match tokio::time::timeout(Duration::from_secs(10), io.write_all(&batch)).await {
+            Ok(Ok(())) => sent += batch.len(),
+            Ok(Err(_)) => break true,
+            Err(_) => break false,
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+    };
+    assert!(ended, "the proxy kept the session after {sent} octets");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

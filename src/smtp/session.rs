@@ -62,6 +62,11 @@ const BACKEND_READ_BUFFER: usize = 16 * 1024;
 /// Replies queued for the client are written out once they pass this (a client pipelining a
 /// whole read buffer of short commands).
 const CLIENT_OUTPUT_HIGH_WATER: usize = 64 * 1024;
+/// Most replies owed to the client at once. Past this the backend's replies are waited for
+/// before the next command is read, so a client pipelining without end (BDAT chunks whose
+/// reads all end mid-chunk, where the read-boundary drain never runs) cannot grow the queue, or
+/// fill the backend's reply buffer until both sides stall.
+const MAX_PENDING_REPLIES: usize = 1000;
 /// Octets taken off the backend's `SIZE` so the Received field never pushes a message that
 /// passed `MAIL SIZE=` over the backend's limit (§9.1 D5). The field is about 250 octets.
 const RECEIVED_SIZE_RESERVE: u64 = 1024;
@@ -301,6 +306,10 @@ impl<'s> Driver<'s> {
                 }
                 self.read_client(client).await?;
                 continue;
+            }
+            if self.pending.len() >= MAX_PENDING_REPLIES && matches!(self.mode, Mode::Command) {
+                // Between commands every queued command is complete, so each can be answered.
+                self.drain(client).await?;
             }
             match self.mode {
                 Mode::Command | Mode::Sasl | Mode::Closing => {
@@ -1002,6 +1011,53 @@ fn mechanism_for_log(mechanism: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// §9.2 D5: the SIZE reserve covers the longest field mailfront can write, so a message
+    /// that passed `MAIL SIZE=` is never refused only because of the field.
+    #[test]
+    fn the_size_reserve_covers_the_longest_possible_received_field() {
+        let label = "a".repeat(63);
+        let domain = [label.as_str(); 4].join(".");
+        assert_eq!(domain.len(), 255);
+        let local = "l".repeat(256 - 1 - 95);
+        let recipient = format!("{local}@{}", [&label[..], &label[..31]].join("."));
+        assert_eq!(recipient.len(), 256);
+        let cipher = (0..=u16::MAX)
+            .map(crate::tls::names::cipher_suite_name)
+            .max_by_key(|n| n.len())
+            .unwrap();
+        let group = (0..=u16::MAX)
+            .filter_map(crate::tls::names::known_group_name)
+            .max_by_key(|n| n.len())
+            .unwrap();
+        let id = ReceivedId::random();
+        let ip: std::net::IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe".parse().unwrap();
+        let mut longest = 0;
+        for helo in [domain.as_bytes(), &[b'(', 200][..].repeat(300)] {
+            let header = received_header(&ReceivedInfo {
+                helo,
+                client_ip: ip,
+                hostname: &domain,
+                protocol: WithProtocol::Esmtpsa,
+                id: &id,
+                recipient: Some(recipient.as_bytes()),
+                cipher: TlsCipher {
+                    iana_name: Some(&cipher),
+                    code: 0,
+                },
+                group: Some(group),
+                date: OffsetDateTime::now_utc(),
+            });
+            let text = String::from_utf8(header.clone()).unwrap();
+            assert!(text.contains(&format!("for <{recipient}>")), "{text}");
+            longest = longest.max(header.len());
+        }
+        eprintln!("longest Received field: {longest} octets");
+        assert!(
+            longest as u64 <= RECEIVED_SIZE_RESERVE,
+            "{longest} > {RECEIVED_SIZE_RESERVE}"
+        );
+    }
 
     #[test]
     fn only_well_formed_mechanism_names_reach_the_log() {

@@ -278,6 +278,12 @@ pub struct FakeOptions {
     pub refuse_data: bool,
     /// SMTP: after the 354, read one content line and close the connection.
     pub die_in_data: bool,
+    /// SMTP: like Postfix `smtpd_forbid_unauth_pipelining`, answer `554 5.5.0` and close when
+    /// a command arrives before the reply to a group-ending command (RFC 2920 §3.1), or before
+    /// any reply when PIPELINING is not advertised.
+    pub strict_sync: bool,
+    /// SMTP: answer a command starting with this (upper case) with 421 and close.
+    pub smtp_421_on: Option<String>,
 }
 
 impl Default for FakeOptions {
@@ -318,6 +324,8 @@ impl Default for FakeOptions {
             smtp_greeting: "220 backend.test ESMTP fake\r\n".into(),
             refuse_data: false,
             die_in_data: false,
+            strict_sync: false,
+            smtp_421_on: None,
         }
     }
 }
@@ -398,6 +406,25 @@ async fn fake_smtp(stream: RecordingStream, options: &FakeOptions) -> std::io::R
         }
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = text.to_ascii_uppercase();
+        let pipelining = options.ehlo_extensions.iter().any(|e| e == "PIPELINING");
+        let group_end = !["MAIL", "RCPT", "RSET", "BDAT"]
+            .iter()
+            .any(|v| upper.starts_with(v));
+        if options.strict_sync
+            && (group_end || (!pipelining && !upper.starts_with("BDAT")))
+            && sent_too_early(&mut stream).await
+        {
+            return desync(&mut stream).await;
+        }
+        if let Some(verb) = &options.smtp_421_on
+            && upper.starts_with(verb.as_str())
+        {
+            let mut stream = stream.into_inner();
+            stream
+                .write_all(b"421 4.3.0 backend.test going down\r\n")
+                .await?;
+            return stream.shutdown().await;
+        }
         let reply: String = if upper.starts_with("EHLO") {
             let mut r = String::from("250-backend.test\r\n");
             for (i, ext) in options.ehlo_extensions.iter().enumerate() {
@@ -456,6 +483,9 @@ async fn fake_smtp(stream: RecordingStream, options: &FakeOptions) -> std::io::R
                 }
                 size += line.len();
             }
+            if options.strict_sync && sent_too_early(&mut stream).await {
+                return desync(&mut stream).await;
+            }
             format!("250 2.0.0 Ok: queued as FAKE{size}\r\n")
         } else if upper.starts_with("BDAT ") {
             let mut parts = upper.split_whitespace().skip(1);
@@ -463,6 +493,9 @@ async fn fake_smtp(stream: RecordingStream, options: &FakeOptions) -> std::io::R
             let last = parts.next() == Some("LAST");
             let mut chunk = vec![0u8; size];
             stream.read_exact(&mut chunk).await?;
+            if options.strict_sync && !pipelining && sent_too_early(&mut stream).await {
+                return desync(&mut stream).await;
+            }
             if last {
                 format!("250 2.0.0 Ok: queued as BDAT{size}\r\n")
             } else {
@@ -478,6 +511,25 @@ async fn fake_smtp(stream: RecordingStream, options: &FakeOptions) -> std::io::R
         };
         stream.get_mut().write_all(reply.as_bytes()).await?;
     }
+}
+
+/// Whether the client sent more before this reply was written (waits briefly to see).
+async fn sent_too_early(stream: &mut BufReader<RecordingStream>) -> bool {
+    if !stream.buffer().is_empty() {
+        return true;
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_millis(30), stream.fill_buf()).await,
+        Ok(Ok(buf)) if !buf.is_empty()
+    )
+}
+
+async fn desync(stream: &mut BufReader<RecordingStream>) -> std::io::Result<()> {
+    stream
+        .get_mut()
+        .write_all(b"554 5.5.0 Error: SMTP protocol synchronization\r\n")
+        .await?;
+    stream.get_mut().shutdown().await
 }
 
 fn auth_plain_reply(b64: &str, password: &str) -> String {
