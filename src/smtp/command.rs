@@ -72,6 +72,10 @@ pub enum SyntaxError {
     /// see two commands where mailfront saw one (RFC 5321 §2.3.8), so it is never forwarded.
     #[error("bare CR in command line")]
     BareCr,
+    /// A NUL inside a command line. A backend written in C may end the line there and act on a
+    /// prefix mailfront never judged (`XCLIENT\0…`), so it is never forwarded.
+    #[error("NUL in command line")]
+    Nul,
     /// `MAIL` without a parsable `FROM:<path>`: its parameters (REQUIRETLS) cannot be checked.
     #[error("MAIL without a parsable FROM:<path>")]
     Mail,
@@ -88,6 +92,7 @@ impl SyntaxError {
     pub fn reply(self) -> &'static [u8] {
         match self {
             SyntaxError::BareCr => local_reply::BARE_CR_IN_COMMAND,
+            SyntaxError::Nul => local_reply::NUL_IN_COMMAND,
             SyntaxError::Mail => local_reply::MAIL_SYNTAX,
             SyntaxError::Bdat => local_reply::BDAT_SYNTAX,
             SyntaxError::StartTls => local_reply::STARTTLS_SYNTAX,
@@ -190,6 +195,12 @@ impl Command {
             return Command::Invalid {
                 verb,
                 error: SyntaxError::BareCr,
+            };
+        }
+        if line.contains(&0) {
+            return Command::Invalid {
+                verb,
+                error: SyntaxError::Nul,
             };
         }
         let invalid = |error| Command::Invalid { verb, error };
@@ -592,6 +603,19 @@ mod tests {
         assert_eq!(Command::parse(b"XCLIENT LOGIN=victim"), Command::Xclient);
         assert_eq!(Command::parse(b"  xclient\tADDR=1.2.3.4"), Command::Xclient);
         assert_eq!(Command::parse(b"XFORWARD NAME=x"), Command::Xforward);
+    }
+
+    #[test]
+    fn nul_inside_a_command_line_is_invalid_and_keeps_its_verb() {
+        assert_eq!(
+            Command::parse(b"XCLIENT\0ADDR=1.2.3.4"),
+            Command::Invalid {
+                verb: Verb::Unknown,
+                error: SyntaxError::Nul
+            }
+        );
+        assert_eq!(Command::parse(b"AUTH PLAIN a\0b").verb(), Verb::Auth);
+        assert_eq!(SyntaxError::Nul.reply(), local_reply::NUL_IN_COMMAND);
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Line too long\r\n";
 pub const AUTH_LINE_TOO_LONG: &[u8] = b"500 5.5.6 Authentication Exchange line is too long\r\n";
 /// A command line with a CR not followed by LF (RFC 5321 §2.3.8).
 pub const BARE_CR_IN_COMMAND: &[u8] = b"500 5.5.2 Error: bare CR in command line\r\n";
+/// A NUL in a command line is never forwarded (see `SyntaxError::Nul`).
+pub const NUL_IN_COMMAND: &[u8] = b"500 5.5.2 Error: NUL in command line\r\n";
 /// MAIL without a parsable `FROM:<path>` (RFC 5321 §4.1.4: bad argument is 501).
 pub const MAIL_SYNTAX: &[u8] = b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
 /// BDAT without a valid chunk size (RFC 3030 §2).
@@ -123,6 +125,7 @@ mod tests {
             LINE_TOO_LONG,
             AUTH_LINE_TOO_LONG,
             BARE_CR_IN_COMMAND,
+            NUL_IN_COMMAND,
             MAIL_SYNTAX,
             BDAT_SYNTAX,
             SEND_EHLO_FIRST,
