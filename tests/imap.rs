@@ -651,7 +651,8 @@ async fn non_synchronizing_and_literal8_login_before_tls_is_refused_and_parsing_
     send(
         &mut c,
         b"a LOGIN {5+}\r\nalice {6+}\r\nsecret\r\nb NOOP\r\n\
-          c LOGIN ~{5+}\r\nalice ~{11+}\r\nd LOGOUT\r\n\r\ne NOOP\r\n",
+          c LOGIN ~{5+}\r\nalice ~{11+}\r\nd LOGOUT\r\n\r\n\
+          f ID (\"name\" {4+}\r\nmutt \"tls\" \"forged\")\r\ne NOOP\r\n",
     )
     .await;
     let mut reply = read_until_tag(&mut c, "e").await;
@@ -663,6 +664,7 @@ async fn non_synchronizing_and_literal8_login_before_tls_is_refused_and_parsing_
         format!("a {refused}\r\n"),
         "b OK NOOP completed\r\n".into(),
         format!("c {refused}\r\n"),
+        "* ID NIL\r\nf OK ID completed\r\n".into(),
         "e OK NOOP completed\r\n".into(),
     ] {
         assert_eq!(count(&reply, &want), 1, "{want:?} in {reply:?}");
@@ -833,4 +835,21 @@ async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
         "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
     );
     assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn logout_ends_with_close_notify_before_and_after_login_g2() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    // read_line fails on a TCP close without close_notify (rustls: unexpected EOF).
+    let (mut c, _, _) = s.connect().await;
+    assert!(command(&mut c, "a", "LOGOUT").await.contains("a OK"));
+    assert_eq!(read_line(&mut c).await, "");
+    let (mut c, _, _) = s.connect().await;
+    assert!(
+        command(&mut c, "a", "LOGIN u secret")
+            .await
+            .contains("a OK")
+    );
+    assert!(command(&mut c, "b", "LOGOUT").await.contains("b OK"));
+    assert_eq!(read_line(&mut c).await, "");
 }

@@ -179,6 +179,8 @@ async fn starttls_listener_hides_user_and_sasl_and_refuses_credentials_before_tl
         "APOP u 0123456789abcdef0123456789abcdef".into(),
         format!("AUTH PLAIN {ir}"),
         "AUTH PLAIN".into(),
+        // Mechanism discovery: nothing to list before TLS (CAPA shows no SASL either).
+        "AUTH".into(),
     ] {
         assert_eq!(line(&mut c, &cmd).await, REFUSED, "{cmd}");
     }
@@ -476,4 +478,18 @@ async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
         "-ERR [SYS/TEMP] Server temporarily unavailable\r\n"
     );
     assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn quit_ends_with_close_notify_before_and_after_login_g2() {
+    let s = setup("implicit", "").await;
+    // read_line fails on a TCP close without close_notify (rustls: unexpected EOF).
+    let mut c = s.connect().await;
+    assert_eq!(line(&mut c, "QUIT").await, "+OK Logging out.\r\n");
+    assert_eq!(read_line(&mut c).await, "");
+    let mut c = s.connect().await;
+    assert_eq!(line(&mut c, "USER u").await, "+OK\r\n");
+    assert_eq!(line(&mut c, "PASS secret").await, "+OK Logged in.\r\n");
+    assert_eq!(line(&mut c, "QUIT").await, "+OK Logging out.\r\n");
+    assert_eq!(read_line(&mut c).await, "");
 }

@@ -401,7 +401,11 @@ impl Driver {
                 write_timed(backend, &cmd.raw, session).await
             }
             Decision::Reply(answer) => {
-                let credential = ["USER", "PASS", "APOP", "AUTH"].iter().any(|k| cmd.is(k));
+                // A bare AUTH is mechanism discovery (RFC 1734 style), not an attempt: refused
+                // before TLS like the rest, but not counted as one.
+                let discovery = cmd.is("AUTH") && !cmd.has_arguments();
+                let credential =
+                    !discovery && ["USER", "PASS", "APOP", "AUTH"].iter().any(|k| cmd.is(k));
                 if credential && !self.gate.tls_active {
                     session.listener.metrics.cleartext_auth_refused.inc();
                     tracing::info!(
