@@ -322,7 +322,7 @@ async fn unreachable_backend_gets_a_protocol_correct_goodbye() {
     for (name, expected) in [
         ("smtp", "421 4.4.1 "),
         ("imap", "* BYE [UNAVAILABLE] "),
-        ("pop3", "-ERR "),
+        ("pop3", "-ERR [SYS/TEMP] "),
     ] {
         let tls = tls_connect(proxy.addr(name), "mx.example.test", config.clone())
             .await

@@ -619,3 +619,237 @@ async fn curl_fetches_over_imaps_and_the_backend_learns_the_cipher() {
     let seen = s.backend.recorder.all_text();
     assert!(seen.contains(" ID (\"tls\" \"TLS_"), "{seen}");
 }
+
+#[tokio::test]
+async fn sasl_ir_is_hidden_before_starttls_and_shown_after_i1() {
+    let s = setup("starttls", FakeOptions::default(), "").await;
+    let (mut c, greeting) = s.connect_plain().await;
+    assert!(!greeting.contains("SASL-IR"), "{greeting}");
+    let caps = command(&mut c, "a", "CAPABILITY").await;
+    assert!(
+        !caps.contains("SASL-IR") && !caps.contains("AUTH="),
+        "{caps}"
+    );
+    send(&mut c, b"b STARTTLS\r\n").await;
+    assert!(read_line(&mut c).await.starts_with("b OK"));
+    let tls = tls_upgrade(c.into_inner(), HOST, s.config()).await.unwrap();
+    let mut c = BufReader::new(tls);
+    let caps = command(&mut c, "c", "CAPABILITY").await;
+    assert!(
+        caps.contains("SASL-IR") && caps.contains("AUTH=PLAIN"),
+        "{caps}"
+    );
+}
+
+#[tokio::test]
+async fn non_synchronizing_and_literal8_login_before_tls_is_refused_and_parsing_stays_in_step_i2_i6()
+ {
+    let s = setup("starttls", FakeOptions::default(), "").await;
+    let (mut c, _) = s.connect_plain().await;
+    let refused = "NO [PRIVACYREQUIRED] Cleartext authentication disallowed; use STARTTLS first";
+    // Everything in one segment: the literals are read and dropped, never taken for commands.
+    send(
+        &mut c,
+        b"a LOGIN {5+}\r\nalice {6+}\r\nsecret\r\nb NOOP\r\n\
+          c LOGIN ~{5+}\r\nalice ~{11+}\r\nd LOGOUT\r\n\r\n\
+          f ID (\"name\" {4+}\r\nmutt \"tls\" \"forged\")\r\ne NOOP\r\n",
+    )
+    .await;
+    let mut reply = read_until_tag(&mut c, "e").await;
+    if !reply.contains("b OK") {
+        // Answers given here may overtake forwarded ones; tags tell them apart (RFC 9051 §5.5).
+        reply.push_str(&read_until_tag(&mut c, "b").await);
+    }
+    for want in [
+        format!("a {refused}\r\n"),
+        "b OK NOOP completed\r\n".into(),
+        format!("c {refused}\r\n"),
+        "* ID NIL\r\nf OK ID completed\r\n".into(),
+        "e OK NOOP completed\r\n".into(),
+    ] {
+        assert_eq!(count(&reply, &want), 1, "{want:?} in {reply:?}");
+    }
+    assert!(!reply.contains('+') && !reply.contains("d "), "{reply}");
+    let seen = s.backend.recorder.all_text();
+    assert_eq!(seen, "b NOOP\r\ne NOOP\r\n");
+}
+
+#[tokio::test]
+async fn an_initial_response_is_refused_here_when_the_backend_lacks_sasl_ir_i10() {
+    let options = FakeOptions {
+        imap_capabilities: "IMAP4rev1 ID AUTH=PLAIN".into(),
+        ..FakeOptions::default()
+    };
+    let s = setup("implicit", options, "").await;
+    let (mut c, greeting, _) = s.connect().await;
+    assert!(!greeting.contains("SASL-IR"), "{greeting}");
+    let ir = base64_encode(b"\0u\0secret");
+    let reply = command(&mut c, "a", &format!("AUTHENTICATE PLAIN {ir}")).await;
+    assert_eq!(
+        reply,
+        "a BAD SASL-IR not supported; send AUTHENTICATE without it\r\n"
+    );
+    // A literal is never an initial response (RFC 9051 §6.2.2): refused before any `+`.
+    send(&mut c, b"b AUTHENTICATE PLAIN {20}\r\n").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "b BAD Initial response must not be a literal\r\n"
+    );
+    // Without the initial response the exchange works.
+    send(&mut c, b"c AUTHENTICATE PLAIN\r\n").await;
+    assert!(read_line(&mut c).await.starts_with("+"));
+    send(&mut c, format!("{ir}\r\n").as_bytes()).await;
+    assert!(read_until_tag(&mut c, "c").await.contains("c OK"));
+    let seen = first_connection(&s.backend);
+    assert_eq!(count(&seen, &ir), 1, "{seen}");
+    assert!(!seen.contains("a AUTHENTICATE") && !seen.contains("b AUTHENTICATE"));
+}
+
+#[tokio::test]
+async fn lines_pipelined_past_an_authenticate_exchange_never_reach_the_backend_as_commands_i10() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let (mut c, _, _) = s.connect().await;
+    // Cancel, then a forged ID and a NOOP, all before the backend asked for anything.
+    send(
+        &mut c,
+        b"a AUTHENTICATE PLAIN\r\n*\r\nb ID (\"x-originating-ip\" \"1.2.3.4\" \"tls\" \"forged\")\r\nc NOOP\r\n",
+    )
+    .await;
+    let reply = read_until_tag(&mut c, "c").await;
+    assert!(reply.starts_with("+ \r\na BAD"), "{reply}");
+    assert!(reply.contains("* ID NIL\r\nb OK"), "{reply}");
+    assert!(reply.ends_with("c OK NOOP completed\r\n"), "{reply}");
+    let seen = first_connection(&s.backend);
+    assert!(
+        !seen.contains("1.2.3.4") && !seen.contains("forged"),
+        "{seen}"
+    );
+    assert!(
+        seen.ends_with("a AUTHENTICATE PLAIN\r\n*\r\nc NOOP\r\n"),
+        "{seen}"
+    );
+}
+
+#[tokio::test]
+async fn a_pipelined_command_reaches_the_backend_only_after_the_authentication_answer_i11() {
+    let options = FakeOptions {
+        slow_auth: true,
+        ..FakeOptions::default()
+    };
+    let s = setup("implicit", options, "").await;
+    // The fake answers NO if `b` arrived before its answer to `a`.
+    let (mut c, _, _) = s.connect().await;
+    send(&mut c, b"a LOGIN u secret\r\nb SELECT INBOX\r\n").await;
+    let reply = read_until_tag(&mut c, "b").await;
+    assert!(
+        reply.contains("a OK") && reply.contains("b OK [READ-WRITE]"),
+        "{reply}"
+    );
+
+    let ir = base64_encode(b"\0u\0secret");
+    let (mut c, _, _) = s.connect().await;
+    send(
+        &mut c,
+        format!("a AUTHENTICATE PLAIN {ir}\r\nb SELECT INBOX\r\n").as_bytes(),
+    )
+    .await;
+    let reply = read_until_tag(&mut c, "b").await;
+    assert!(
+        reply.contains("a OK") && reply.contains("b OK [READ-WRITE]"),
+        "{reply}"
+    );
+    // Held bytes go in order, once.
+    let seen = s.backend.recorder.connections()[1].clone();
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(
+        seen.ends_with(&format!("a AUTHENTICATE PLAIN {ir}\r\nb SELECT INBOX\r\n")),
+        "{seen}"
+    );
+}
+
+#[tokio::test]
+async fn an_id_with_literals_is_rewritten_and_a_second_id_is_answered_here_i8_i9() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let (mut c, _, cipher) = s.connect().await;
+    send(&mut c, b"a ID (\"name\" {4}\r\n").await;
+    assert!(read_line(&mut c).await.starts_with("+"));
+    send(&mut c, b"mutt {3+}\r\nTLS \"forged\")\r\n").await;
+    let reply = read_until_tag(&mut c, "a").await;
+    assert!(
+        reply.contains("* ID (\"name\" \"fake\")\r\na OK"),
+        "{reply}"
+    );
+    // The backend already learned the cipher: a second ID never reaches it.
+    let reply = command(&mut c, "b", "ID (\"tls\" \"forged-again\")").await;
+    assert_eq!(reply, "* ID NIL\r\nb OK ID completed\r\n");
+    assert!(
+        command(&mut c, "c", "LOGIN u secret")
+            .await
+            .contains("c OK")
+    );
+    let seen = first_connection(&s.backend);
+    assert_eq!(
+        seen,
+        format!("a ID (\"name\" \"mutt\" \"tls\" \"{cipher}\")\r\nc LOGIN u secret\r\n")
+    );
+}
+
+#[tokio::test]
+async fn a_client_id_never_reaches_a_backend_without_id_i7() {
+    let options = FakeOptions {
+        imap_capabilities: "IMAP4rev1 AUTH=PLAIN".into(),
+        ..FakeOptions::default()
+    };
+    let s = setup("implicit", options, "").await;
+    let (mut c, _, _) = s.connect().await;
+    let reply = command(&mut c, "a", "ID (\"tls\" \"forged\")").await;
+    assert_eq!(reply, "* ID NIL\r\na OK ID completed\r\n");
+    assert!(
+        command(&mut c, "b", "LOGIN u secret")
+            .await
+            .contains("b OK")
+    );
+    assert_eq!(first_connection(&s.backend), "b LOGIN u secret\r\n");
+}
+
+#[tokio::test]
+async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
+    let options = FakeOptions {
+        silent_auth: true,
+        ..FakeOptions::default()
+    };
+    let s = setup("implicit", options, "timeouts:\n  idle: 400ms\n").await;
+    let (mut c, _, _) = s.connect().await;
+    send(&mut c, b"a LOGIN u secret\r\n").await;
+    let started = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            r = tokio::io::AsyncBufReadExt::fill_buf(&mut c) => { r.unwrap(); break; }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "no timeout");
+        send(&mut c, b"x").await;
+    }
+    assert_eq!(
+        read_line(&mut c).await,
+        "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
+    );
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn logout_ends_with_close_notify_before_and_after_login_g2() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    // read_line fails on a TCP close without close_notify (rustls: unexpected EOF).
+    let (mut c, _, _) = s.connect().await;
+    assert!(command(&mut c, "a", "LOGOUT").await.contains("a OK"));
+    assert_eq!(read_line(&mut c).await, "");
+    let (mut c, _, _) = s.connect().await;
+    assert!(
+        command(&mut c, "a", "LOGIN u secret")
+            .await
+            .contains("a OK")
+    );
+    assert!(command(&mut c, "b", "LOGOUT").await.contains("b OK"));
+    assert_eq!(read_line(&mut c).await, "");
+}

@@ -23,9 +23,13 @@ struct Setup {
 }
 
 async fn setup(tls: &str, extra: &str) -> Setup {
+    setup_with(tls, FakeOptions::default(), extra).await
+}
+
+async fn setup_with(tls: &str, options: FakeOptions, extra: &str) -> Setup {
     let pki = Pki::new();
     let cert = pki.issue("mx", &[HOST], false);
-    let backend = FakeBackend::start(FakeKind::Pop3).await;
+    let backend = FakeBackend::start_with(FakeKind::Pop3, options).await;
     let yaml = config_yaml(
         &[&cert],
         &[listener_yaml("pop3", "pop3", tls, backend.addr)],
@@ -175,6 +179,8 @@ async fn starttls_listener_hides_user_and_sasl_and_refuses_credentials_before_tl
         "APOP u 0123456789abcdef0123456789abcdef".into(),
         format!("AUTH PLAIN {ir}"),
         "AUTH PLAIN".into(),
+        // Mechanism discovery: nothing to list before TLS (CAPA shows no SASL either).
+        "AUTH".into(),
     ] {
         assert_eq!(line(&mut c, &cmd).await, REFUSED, "{cmd}");
     }
@@ -374,4 +380,116 @@ async fn curl_fetches_over_pop3s() {
         out.status.success() && text.contains("hello pop3"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn lines_pipelined_past_an_auth_exchange_never_reach_the_backend_as_commands_o4_o5() {
+    let s = setup("implicit", "").await;
+    let mut c = s.connect().await;
+    // Cancel, then XCLIENT (Dovecot trusts it from mailfront) before the backend asked for a
+    // response: one line per `+`, the rest is parsed as commands again after the -ERR.
+    send(
+        &mut c,
+        b"AUTH PLAIN\r\n*\r\nXCLIENT ADDR=1.2.3.4\r\nNOOP\r\n",
+    )
+    .await;
+    assert_eq!(read_line(&mut c).await, "+ \r\n");
+    assert!(read_line(&mut c).await.starts_with("-ERR [AUTH]"));
+    assert_eq!(read_line(&mut c).await, "-ERR Command not permitted\r\n");
+    assert!(read_line(&mut c).await.starts_with("-ERR Unknown"));
+    assert_eq!(s.backend.recorder.all_text(), "AUTH PLAIN\r\n*\r\nNOOP\r\n");
+}
+
+#[tokio::test]
+async fn auth_without_a_mechanism_lists_mechanisms_over_tls_without_external_o4() {
+    let s = setup("implicit", "").await;
+    let mut c = s.connect().await;
+    assert_eq!(multiline(&mut c, "AUTH").await, "+OK\r\nPLAIN\r\n.\r\n");
+    // An empty initial response is forwarded as is; the backend decides.
+    assert!(
+        line(&mut c, "AUTH PLAIN =")
+            .await
+            .starts_with("-ERR [AUTH]")
+    );
+    let ir = base64_encode(b"\0u\0secret");
+    assert_eq!(
+        line(&mut c, &format!("AUTH PLAIN {ir}")).await,
+        "+OK Logged in.\r\n"
+    );
+    assert!(multiline(&mut c, "LIST").await.ends_with(".\r\n"));
+    assert_eq!(
+        s.backend.recorder.all_text(),
+        format!("AUTH\r\nAUTH PLAIN =\r\nAUTH PLAIN {ir}\r\nLIST\r\n")
+    );
+}
+
+#[tokio::test]
+async fn apop_sees_the_backend_timestamp_and_logs_in_over_tls_o6() {
+    let greeting = "+OK fake POP3 ready <1896.697170952@backend.test>\r\n";
+    let options = FakeOptions {
+        pop3_greeting: greeting.into(),
+        slow_auth: true,
+        ..FakeOptions::default()
+    };
+    let s = setup_with("implicit", options, "").await;
+    let tls = tls_connect(s.proxy.addr("pop3"), HOST, s.config())
+        .await
+        .unwrap();
+    let mut c = BufReader::new(tls);
+    assert_eq!(
+        read_line(&mut c).await,
+        greeting,
+        "byte-exact, timestamp kept"
+    );
+    // STAT waits for the APOP answer (the fake refuses if it arrives early).
+    send(
+        &mut c,
+        b"APOP u c4c9334bac560ecc979e58001b3e22fb\r\nSTAT\r\n",
+    )
+    .await;
+    assert_eq!(read_line(&mut c).await, "+OK Logged in.\r\n");
+    assert!(read_line(&mut c).await.starts_with("+OK 1 "));
+    assert!(s.metrics().contains(
+        r#"mailfront_auth_outcomes_total{listener="pop3",protocol="pop3",result="success"} 1"#
+    ));
+}
+
+#[tokio::test]
+async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
+    let options = FakeOptions {
+        silent_auth: true,
+        ..FakeOptions::default()
+    };
+    let s = setup_with("implicit", options, "timeouts:\n  idle: 400ms\n").await;
+    let mut c = s.connect().await;
+    send(&mut c, b"USER u\r\nPASS secret\r\n").await;
+    assert_eq!(read_line(&mut c).await, "+OK\r\n");
+    let started = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            r = tokio::io::AsyncBufReadExt::fill_buf(&mut c) => { r.unwrap(); break; }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "no timeout");
+        send(&mut c, b"x").await;
+    }
+    assert_eq!(
+        read_line(&mut c).await,
+        "-ERR [SYS/TEMP] Server temporarily unavailable\r\n"
+    );
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn quit_ends_with_close_notify_before_and_after_login_g2() {
+    let s = setup("implicit", "").await;
+    // read_line fails on a TCP close without close_notify (rustls: unexpected EOF).
+    let mut c = s.connect().await;
+    assert_eq!(line(&mut c, "QUIT").await, "+OK Logging out.\r\n");
+    assert_eq!(read_line(&mut c).await, "");
+    let mut c = s.connect().await;
+    assert_eq!(line(&mut c, "USER u").await, "+OK\r\n");
+    assert_eq!(line(&mut c, "PASS secret").await, "+OK Logged in.\r\n");
+    assert_eq!(line(&mut c, "QUIT").await, "+OK Logging out.\r\n");
+    assert_eq!(read_line(&mut c).await, "");
 }

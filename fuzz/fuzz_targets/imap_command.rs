@@ -60,6 +60,7 @@ fuzz_target!(|data: &[u8]| {
         },
         tls_active: selector & 0x40 != 0,
         backend_has_id: selector & 0x20 != 0,
+        backend_has_sasl_ir: selector & 0x10 != 0,
         id_sent: false,
     };
     let whole = run(input, input.len(), state);

@@ -10,7 +10,9 @@ use crate::line::trim_line_end;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CapabilityView {
     /// A `tls: starttls` listener before STARTTLS: `STARTTLS` and `LOGINDISABLED` shown, every
-    /// `AUTH=` removed (RFC 9051 §6.2.3, §6.2.2), as nginx does with `starttls only`.
+    /// `AUTH=` removed (RFC 9051 §6.2.3, §6.2.2), as nginx does with `starttls only`. `SASL-IR`
+    /// goes too: with no mechanism to use it is noise (protocol-reference §3.2), and a client
+    /// must re-read capabilities after STARTTLS anyway (RFC 9051 §6.2.1).
     Cleartext,
     /// TLS is active (implicit, or after STARTTLS): the cleartext backend's `STARTTLS` and
     /// `LOGINDISABLED` are removed (RFC 9051 §6.2.1 "SHOULD NOT advertise the STARTTLS
@@ -23,8 +25,8 @@ fn is_removed(token: &[u8], view: CapabilityView) -> bool {
     let upper = |s: &str| token.eq_ignore_ascii_case(s.as_bytes());
     match view {
         CapabilityView::Cleartext => {
-            token.len() >= 5
-                && token
+            upper("SASL-IR")
+                || token
                     .get(..5)
                     .is_some_and(|p| p.eq_ignore_ascii_case(b"AUTH="))
         }
@@ -156,10 +158,17 @@ mod tests {
             b"* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=LOGIN ID\r\n",
             CapabilityView::Cleartext,
         );
+        assert_eq!(out, b"* CAPABILITY IMAP4rev1 ID STARTTLS LOGINDISABLED\r\n");
+    }
+
+    #[test]
+    fn sasl_ir_is_hidden_before_tls_and_shown_after() {
+        let caps = b"* CAPABILITY IMAP4rev1 sasl-ir AUTH=PLAIN\r\n";
         assert_eq!(
-            out,
-            b"* CAPABILITY IMAP4rev1 SASL-IR ID STARTTLS LOGINDISABLED\r\n"
+            rw(caps, CapabilityView::Cleartext),
+            b"* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n"
         );
+        assert_eq!(rw(caps, CapabilityView::Tls), caps);
     }
 
     #[test]

@@ -314,6 +314,11 @@ impl CommandReceiver {
         }
     }
 
+    /// True during an AUTHENTICATE exchange: the next client line is a SASL response.
+    pub fn in_sasl(&self) -> bool {
+        self.state == State::Sasl
+    }
+
     /// The backend sent the tagged completion of the AUTHENTICATE command.
     pub fn end_sasl(&mut self) {
         if self.state == State::Sasl {
@@ -1056,6 +1061,7 @@ mod tests {
             listener: TlsMode::Starttls,
             tls_active: false,
             backend_has_id: true,
+            backend_has_sasl_ir: true,
             id_sent: false,
         };
         for input in [
@@ -1117,6 +1123,7 @@ mod tests {
             listener: TlsMode::Starttls,
             tls_active: false,
             backend_has_id: true,
+            backend_has_sasl_ir: true,
             id_sent: false,
         };
         assert_eq!(

@@ -266,7 +266,7 @@ fn our_pairs<'a>(ours: &'a [(&'a str, &'a str)]) -> Vec<(&'a [u8], Option<&'a [u
 /// client field is harmless while refusing the command would break clients for nothing.
 pub fn rewrite_client_id(cmd: &IdCommand, ours: &[(&str, &str)]) -> Vec<u8> {
     let ours = our_pairs(ours);
-    let room = MAX_PAIRS - ours.len();
+    let room = MAX_PAIRS.saturating_sub(ours.len());
     let clients = cmd.params.iter().flatten().filter(|pair| {
         !is_reserved_field(&pair.field)
             && !ours

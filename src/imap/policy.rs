@@ -16,6 +16,9 @@ pub struct GateState {
     pub tls_active: bool,
     /// The backend advertises `ID`; without it no ID is sent (it would answer BAD).
     pub backend_has_id: bool,
+    /// The backend advertises `SASL-IR` (RFC 4959); without it an initial response is refused
+    /// here, as the backend would, and never forwarded.
+    pub backend_has_sasl_ir: bool,
     /// An ID carrying mailfront's fields (its own, or a rewritten client ID) already reached the
     /// backend in this session.
     pub id_sent: bool,
@@ -33,7 +36,7 @@ pub enum Decision {
     /// command; if `sasl`, call [`crate::imap::codec::CommandReceiver::begin_sasl`]. Hold any
     /// further client bytes until the command's tagged completion: OK → relay mode.
     Authenticate { inject_id: bool, sasl: bool },
-    /// A client ID over TLS: call `collect_command()`, parse the
+    /// The first client ID over TLS to a backend with `ID`: call `collect_command()`, parse the
     /// [`crate::imap::codec::ClientEvent::Collected`] command with
     /// [`crate::imap::id::parse_id_command`] and forward
     /// [`crate::imap::id::rewrite_client_id`] (or answer [`reply::id_malformed`] on error), then
@@ -45,6 +48,14 @@ pub enum Decision {
     /// never run after the upgrade: CERT VU#555316, RFC 9051 §6.2.1), then run the TLS
     /// handshake and start a fresh command receiver.
     StartTls(Vec<u8>),
+}
+
+/// `AUTHENTICATE mech <initial response>` (RFC 4959 §7: the response follows the mechanism).
+fn has_initial_response(cmd: &CommandStart) -> bool {
+    let args = cmd.arguments();
+    args.iter()
+        .position(|&b| b == b' ')
+        .is_some_and(|space| args.get(space + 1..).is_some_and(|ir| !ir.is_empty()))
 }
 
 /// Decides what happens to a command in the not-authenticated state.
@@ -64,20 +75,30 @@ pub fn decide(state: &GateState, cmd: &CommandStart) -> Decision {
         if cleartext {
             return Decision::Reply(reply::privacy_required(tag));
         }
+        let sasl = cmd.is("AUTHENTICATE");
+        if sasl && cmd.literal.is_some() {
+            // RFC 9051 §6.2.2: the initial response "MUST be transmitted outside of a quoted
+            // string or literal"; the SASL exchange could not be followed after one.
+            return Decision::Reply(reply::authenticate_malformed(tag));
+        }
+        if sasl && has_initial_response(cmd) && !state.backend_has_sasl_ir {
+            // Not advertised to the client either (the view is the backend's list), so this is
+            // the backend's own answer to an unexpected initial response (RFC 4959 §3).
+            return Decision::Reply(reply::sasl_ir_unsupported(tag));
+        }
         return Decision::Authenticate {
             inject_id: state.backend_has_id && !state.id_sent,
-            sasl: cmd.is("AUTHENTICATE"),
+            sasl,
         };
     }
     if cmd.is("ID") {
-        if cleartext {
-            return Decision::Reply(reply::id_before_tls(tag));
+        // Answered here before TLS (the backend's first ID must carry `tls`), when the backend
+        // lacks ID (a client `tls` field must never reach it unchecked), and after our fields
+        // went once (the backend learns the cipher exactly once; Dovecot trusts only the first).
+        if cleartext || !state.backend_has_id || state.id_sent {
+            return Decision::Reply(reply::id_nil(tag));
         }
-        return if state.backend_has_id {
-            Decision::RewriteId
-        } else {
-            Decision::Forward
-        };
+        return Decision::RewriteId;
     }
     if cmd.is("COMPRESS") {
         return Decision::Reply(reply::not_before_authentication(tag));
@@ -101,6 +122,7 @@ mod tests {
         listener: TlsMode::Starttls,
         tls_active: false,
         backend_has_id: true,
+        backend_has_sasl_ir: true,
         id_sent: false,
     };
     const STARTTLS_UPGRADED: GateState = GateState {
@@ -111,6 +133,7 @@ mod tests {
         listener: TlsMode::Implicit,
         tls_active: true,
         backend_has_id: true,
+        backend_has_sasl_ir: true,
         id_sent: false,
     };
 
@@ -189,16 +212,53 @@ mod tests {
                     id_sent: true,
                     ..IMPLICIT
                 },
-                b"a ID NIL\r\n",
-                RewriteId,
+                b"a ID (\"tls\" \"forged\")\r\n",
+                Reply(reply::id_nil(b"a")),
             ),
             (
                 GateState {
                     backend_has_id: false,
                     ..IMPLICIT
                 },
-                b"a ID NIL\r\n",
-                Forward,
+                b"a ID (\"tls\" \"forged\")\r\n",
+                Reply(reply::id_nil(b"a")),
+            ),
+            // AUTHENTICATE: an initial response only where the backend takes one; never a
+            // literal.
+            (
+                IMPLICIT,
+                b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+                auth(true, true),
+            ),
+            (IMPLICIT, b"a AUTHENTICATE PLAIN =\r\n", auth(true, true)),
+            (
+                GateState {
+                    backend_has_sasl_ir: false,
+                    ..IMPLICIT
+                },
+                b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+                Reply(reply::sasl_ir_unsupported(b"a")),
+            ),
+            (
+                GateState {
+                    backend_has_sasl_ir: false,
+                    ..IMPLICIT
+                },
+                b"a AUTHENTICATE PLAIN\r\n",
+                auth(true, true),
+            ),
+            (
+                IMPLICIT,
+                b"a AUTHENTICATE PLAIN {8+}\r\n",
+                Reply(reply::authenticate_malformed(b"a")),
+            ),
+            (
+                GateState {
+                    backend_has_sasl_ir: false,
+                    ..STARTTLS_PLAIN
+                },
+                b"a AUTHENTICATE PLAIN {8}\r\n",
+                privacy(b"a"),
             ),
             // Everything else passes.
             (STARTTLS_PLAIN, b"a CAPABILITY\r\n", Forward),

@@ -33,14 +33,31 @@ pub fn starttls_refused(tag: &[u8]) -> Vec<u8> {
     tagged(tag, "BAD", "TLS is already active")
 }
 
+/// AUTHENTICATE with a literal (RFC 9051 §6.2.2: never inside a quoted string or literal).
+pub fn authenticate_malformed(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "BAD", "Initial response must not be a literal")
+}
+
+/// AUTHENTICATE with an initial response when the backend lacks SASL-IR, which the client was
+/// not shown either: the backend's own answer would be BAD (RFC 4959 §3).
+pub fn sasl_ir_unsupported(tag: &[u8]) -> Vec<u8> {
+    tagged(
+        tag,
+        "BAD",
+        "SASL-IR not supported; send AUTHENTICATE without it",
+    )
+}
+
 /// STARTTLS with arguments or a literal.
 pub fn starttls_malformed(tag: &[u8]) -> Vec<u8> {
     tagged(tag, "BAD", "STARTTLS takes no arguments")
 }
 
-/// A client ID before TLS is answered here, so the backend's first ID (the only one Dovecot
-/// trusts) is the one carrying the `tls` field after STARTTLS.
-pub fn id_before_tls(tag: &[u8]) -> Vec<u8> {
+/// A client ID answered here (see [`crate::imap::policy::decide`]): before TLS, so the
+/// backend's first ID (the only one Dovecot trusts) is the one carrying the `tls` field after
+/// STARTTLS; when the backend lacks ID; and after mailfront's fields already went once.
+/// RFC 2971 §3.2 allows NIL: "no information".
+pub fn id_nil(tag: &[u8]) -> Vec<u8> {
     let mut out = b"* ID NIL\r\n".to_vec();
     out.extend_from_slice(&tagged(tag, "OK", "ID completed"));
     out

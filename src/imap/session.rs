@@ -14,6 +14,12 @@
 //!    exactly once before authentication.
 //! 4. LOGIN/AUTHENTICATE is forwarded and every later client byte held until its tagged
 //!    completion: OK → relay; NO/BAD → keep parsing (RFC 9051 §6.2.2, protocol-reference §3.5).
+//!    During AUTHENTICATE one client line goes to the backend per `+` it sent: a line pipelined
+//!    past the exchange would otherwise reach the backend as a command nobody checked.
+//!
+//! Timeouts: a wait for the backend starts when something is forwarded; client bytes that are
+//! only held (not parsed) do not extend it, so a silent backend cannot be kept alive by a
+//! trickling client.
 
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -181,6 +187,9 @@ struct Driver {
     /// LOGIN/AUTHENTICATE waiting for our ID's completion before it is forwarded.
     deferred: Option<(CommandStart, bool)>,
     auth: Option<Auth>,
+    /// `+` continuations the backend sent during AUTHENTICATE and the client has not answered
+    /// yet: how many SASL response lines may go on.
+    sasl_credit: usize,
     /// The forwarded command whose literal is still to come (for a refused synchronising one).
     streaming_tag: Option<Vec<u8>>,
     /// Client commands forwarded and not yet completed.
@@ -209,6 +218,7 @@ impl Driver {
                 listener,
                 tls_active: session.tls.is_some(),
                 backend_has_id: false,
+                backend_has_sasl_ir: false,
                 id_sent: false,
             },
             cbuf: Vec::new(),
@@ -217,6 +227,7 @@ impl Driver {
             own: None,
             deferred: None,
             auth: None,
+            sasl_credit: 0,
             streaming_tag: None,
             outstanding: 0,
             commands: 0,
@@ -244,7 +255,9 @@ impl Driver {
 
     fn learn(&mut self, raw: &[u8]) {
         if let Some(tokens) = capability::capabilities(raw) {
-            self.gate.backend_has_id = tokens.iter().any(|t| t.eq_ignore_ascii_case(b"ID"));
+            let has = |name: &[u8]| tokens.iter().any(|t| t.eq_ignore_ascii_case(name));
+            self.gate.backend_has_id = has(b"ID");
+            self.gate.backend_has_sasl_ir = has(b"SASL-IR");
         }
     }
 
@@ -364,13 +377,19 @@ impl Driver {
                 return Outcome::StartTls;
             }
             let read_client = self.starttls.is_none() && self.cbuf.len() < self.hold_limit;
-            let waiting_backend = self.outstanding > 0 || self.own.is_some();
+            // After a SASL `+` it is the client's turn.
+            let waiting_backend =
+                (self.outstanding > 0 || self.own.is_some()) && self.sasl_credit == 0;
             tokio::select! {
                 r = client.read(&mut cchunk), if read_client => match r {
                     Ok(0) => return Outcome::End(EndReason::ClientClosed),
                     Ok(n) => {
                         self.cbuf.extend_from_slice(cchunk.get(..n).unwrap_or_default());
-                        self.deadline = Instant::now() + idle;
+                        // Held bytes do not extend a wait for the backend; parsed ones restart
+                        // it in `on_client`.
+                        if !waiting_backend {
+                            self.deadline = Instant::now() + idle;
+                        }
                     }
                     Err(e) => return Outcome::End(EndReason::IoError(e.to_string())),
                 },
@@ -448,6 +467,9 @@ impl Driver {
                     _ => {}
                 }
             }
+            if response.is_continuation() && self.auth.is_some() && self.rx.in_sasl() {
+                self.sasl_credit = self.sasl_credit.saturating_add(1);
+            }
             let completed = match &response.kind {
                 crate::imap::response::ResponseKind::Tagged { tag } => Some(tag.clone()),
                 _ => None,
@@ -467,6 +489,7 @@ impl Driver {
                     let ok = response.status == Some(Status::Ok);
                     self.log_auth(session, ok);
                     self.auth = None;
+                    self.sasl_credit = 0;
                     if ok {
                         // Post-authentication capabilities pass untouched (RFC 9051 §6.2.2).
                         if let Err(e) = write_timed(client, &response.raw, session).await {
@@ -520,8 +543,11 @@ impl Driver {
             if self.own.is_some() || self.starttls.is_some() {
                 return Outcome::Continue;
             }
-            // While LOGIN/AUTHENTICATE is in flight only its own remaining parts go on.
-            if self.auth.is_some() && self.rx.is_idle() {
+            // While LOGIN/AUTHENTICATE is in flight only its own remaining parts go on, and a
+            // SASL response only when the backend asked for one (RFC 9051 §6.2.2).
+            if self.auth.is_some()
+                && (self.rx.is_idle() || (self.rx.in_sasl() && self.sasl_credit == 0))
+            {
                 return Outcome::Continue;
             }
             let step = self.rx.next(&self.cbuf);
@@ -529,6 +555,8 @@ impl Driver {
             let Some(event) = step.event else {
                 return Outcome::Continue;
             };
+            // A parsed client event is acted on now: whatever we wait for next starts here.
+            self.deadline = Instant::now() + session.listener.timeouts.idle;
             let result = match event {
                 ClientEvent::Command(cmd) => {
                     self.commands += 1;
@@ -547,7 +575,10 @@ impl Driver {
                     write_timed(backend, &segment.raw, session).await
                 }
                 ClientEvent::Literal(octets) => write_timed(backend, &octets, session).await,
-                ClientEvent::SaslResponse(line) => write_timed(backend, &line.raw, session).await,
+                ClientEvent::SaslResponse(line) => {
+                    self.sasl_credit = self.sasl_credit.saturating_sub(1);
+                    write_timed(backend, &line.raw, session).await
+                }
                 ClientEvent::ContinuationRequired(_) => {
                     write_timed(client, &reply::continuation(), session).await
                 }

@@ -65,6 +65,24 @@ pub fn rewrite_capa(raw: &[u8], view: CapaView) -> Vec<u8> {
     out
 }
 
+/// Rewrites the multi-line answer to `AUTH` with no argument (the RFC 1734-style mechanism
+/// list, one per line): `EXTERNAL` goes, as from CAPA's `SASL` line, because the client
+/// certificate never reaches the backend (RFC 8314 §4.2). Anything else is returned unchanged.
+pub fn rewrite_mechanisms(raw: &[u8]) -> Vec<u8> {
+    let lines: Vec<&[u8]> = raw.split_inclusive(|&b| b == b'\n').collect();
+    let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
+        return raw.to_vec();
+    };
+    if !first.starts_with(b"+OK") || trim_line_end(last) != b"." || lines.len() < 2 {
+        return raw.to_vec();
+    }
+    lines
+        .iter()
+        .filter(|line| !first_word(line).eq_ignore_ascii_case(b"EXTERNAL"))
+        .flat_map(|line| line.iter().copied())
+        .collect()
+}
+
 /// Removes Dovecot's `[XCLIENT]` code from a `+OK` greeting: it tells the client the server
 /// trusts XCLIENT from this peer, which is mailfront, not the client (protocol-reference O5).
 /// The APOP timestamp and the rest stay as sent.
@@ -120,6 +138,17 @@ mod tests {
             rewrite_capa(b"+OK\r\nSASL EXTERNAL\r\n.\r\n", CapaView::Tls),
             b"+OK\r\n.\r\n"
         );
+    }
+
+    #[test]
+    fn the_auth_mechanism_list_loses_external_and_keeps_the_rest_byte_exact_o4() {
+        assert_eq!(
+            rewrite_mechanisms(b"+OK\r\nPLAIN\r\nexternal\r\nLOGIN\n.\r\n"),
+            b"+OK\r\nPLAIN\r\nLOGIN\n.\r\n"
+        );
+        for raw in [&b"-ERR no\r\n"[..], b"+OK\r\n", b""] {
+            assert_eq!(rewrite_mechanisms(raw), raw);
+        }
     }
 
     #[test]

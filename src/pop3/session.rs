@@ -5,7 +5,13 @@
 //! fixed `-ERR` and never forwarded (RFC 8314 §4.1); STLS is answered here and whatever was
 //! pipelined after it is dropped (RFC 2595 §4, CERT VU#555316). CAPA is rewritten for the
 //! client's view. PASS/APOP/AUTH hold every later client byte until the backend's answer:
-//! `+OK` → relay (RFC 1939 §6), `-ERR` → keep parsing.
+//! `+OK` → relay (RFC 1939 §6), `-ERR` → keep parsing. During AUTH one client line goes to the
+//! backend per `+` challenge it sent (RFC 5034 §4): a line pipelined past the exchange (say
+//! `XCLIENT`, which Dovecot trusts from mailfront) would otherwise reach the backend as a
+//! command nobody checked.
+//!
+//! Timeouts: a wait for the backend starts when something is forwarded; client bytes that are
+//! only held do not extend it.
 
 use std::collections::VecDeque;
 
@@ -97,6 +103,8 @@ enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Sent {
     Capa,
+    /// `AUTH` with no argument: the mechanism list.
+    Mechanisms,
     /// PASS, APOP or AUTH with a mechanism: its `+OK` ends AUTHORIZATION.
     Auth(String),
     Quit,
@@ -117,6 +125,8 @@ struct Driver {
     commands: usize,
     starttls: Option<Vec<u8>>,
     quit: bool,
+    /// `+` challenges the backend sent during AUTH that the client has not answered yet.
+    sasl_credit: usize,
     deadline: Instant,
 }
 
@@ -144,6 +154,7 @@ impl Driver {
             commands: 0,
             starttls: None,
             quit: false,
+            sasl_credit: 0,
             deadline: Instant::now() + session.listener.timeouts.idle,
         }
     }
@@ -199,13 +210,18 @@ impl Driver {
             }
             let read_client =
                 self.greeted && self.starttls.is_none() && self.cbuf.len() < self.hold_limit;
-            let waiting_backend = !self.greeted || !self.sent.is_empty();
+            // After a SASL `+` it is the client's turn.
+            let waiting_backend = !self.greeted || (!self.sent.is_empty() && self.sasl_credit == 0);
             tokio::select! {
                 r = client.read(&mut cchunk), if read_client => match r {
                     Ok(0) => return Outcome::End(EndReason::ClientClosed),
                     Ok(n) => {
                         self.cbuf.extend_from_slice(cchunk.get(..n).unwrap_or_default());
-                        self.deadline = Instant::now() + idle;
+                        // Held bytes do not extend a wait for the backend; parsed ones restart
+                        // it in `on_client`.
+                        if !waiting_backend {
+                            self.deadline = Instant::now() + idle;
+                        }
                     }
                     Err(e) => return Outcome::End(EndReason::IoError(e.to_string())),
                 },
@@ -277,6 +293,9 @@ impl Driver {
                 }
                 ServerEvent::Response(response) => response,
             };
+            if !response.is_final() && self.rx.in_sasl() {
+                self.sasl_credit = self.sasl_credit.saturating_add(1);
+            }
             let sent = if response.is_final() {
                 self.sent.pop_front()
             } else {
@@ -284,6 +303,7 @@ impl Driver {
             };
             let shown = match (&sent, response.status) {
                 (Some(Sent::Capa), Status::Ok) => capa::rewrite_capa(&response.raw, self.view()),
+                (Some(Sent::Mechanisms), Status::Ok) => capa::rewrite_mechanisms(&response.raw),
                 _ => response.raw.clone(),
             };
             if let Err(e) = write_timed(client, &shown, session).await {
@@ -293,6 +313,7 @@ impl Driver {
                 && response.is_final()
             {
                 let ok = response.authenticated();
+                self.sasl_credit = 0;
                 log_auth(session, mechanism, ok);
                 if ok {
                     return Some(Outcome::Authenticated);
@@ -312,13 +333,15 @@ impl Driver {
             if self.starttls.is_some() {
                 return None;
             }
-            // While PASS/APOP/AUTH is unanswered only its SASL responses go on.
-            if self.auth_in_flight() && !self.rx.in_sasl() {
+            // While PASS/APOP/AUTH is unanswered only its SASL responses go on, one per `+`.
+            if self.auth_in_flight() && (!self.rx.in_sasl() || self.sasl_credit == 0) {
                 return None;
             }
             let step = self.rx.next(&self.cbuf);
             self.cbuf.drain(..step.consumed);
             let event = step.event?;
+            // A parsed client event is acted on now: whatever we wait for next starts here.
+            self.deadline = Instant::now() + session.listener.timeouts.idle;
             let result = match event {
                 ClientEvent::Command(cmd) => {
                     self.commands += 1;
@@ -330,7 +353,10 @@ impl Driver {
                     }
                     self.on_command(cmd, client, backend, session).await
                 }
-                ClientEvent::SaslResponse { raw, .. } => write_timed(backend, &raw, session).await,
+                ClientEvent::SaslResponse { raw, .. } => {
+                    self.sasl_credit = self.sasl_credit.saturating_sub(1);
+                    write_timed(backend, &raw, session).await
+                }
                 ClientEvent::Rejected(rejection) => {
                     let out = rejection.reply();
                     if rejection.fatal {
@@ -360,6 +386,7 @@ impl Driver {
                 let sent = match expect {
                     Expect::Authentication | Expect::Sasl => Sent::Auth(mechanism(&cmd)),
                     _ if cmd.is("CAPA") => Sent::Capa,
+                    _ if cmd.is("AUTH") => Sent::Mechanisms,
                     _ if cmd.is("QUIT") => {
                         self.quit = true;
                         Sent::Quit
@@ -374,7 +401,11 @@ impl Driver {
                 write_timed(backend, &cmd.raw, session).await
             }
             Decision::Reply(answer) => {
-                let credential = ["USER", "PASS", "APOP", "AUTH"].iter().any(|k| cmd.is(k));
+                // A bare AUTH is mechanism discovery (RFC 1734 style), not an attempt: refused
+                // before TLS like the rest, but not counted as one.
+                let discovery = cmd.is("AUTH") && !cmd.has_arguments();
+                let credential =
+                    !discovery && ["USER", "PASS", "APOP", "AUTH"].iter().any(|k| cmd.is(k));
                 if credential && !self.gate.tls_active {
                     session.listener.metrics.cleartext_auth_refused.inc();
                     tracing::info!(

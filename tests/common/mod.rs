@@ -284,6 +284,14 @@ pub struct FakeOptions {
     pub strict_sync: bool,
     /// SMTP: answer a command starting with this (upper case) with 421 and close.
     pub smtp_421_on: Option<String>,
+    /// IMAP/POP3: before answering LOGIN/AUTHENTICATE/PASS/APOP/AUTH, wait a little and refuse
+    /// (`NO`/`-ERR … early bytes`) if more client bytes already arrived: proves the proxy holds
+    /// pipelined commands until the answer.
+    pub slow_auth: bool,
+    /// IMAP/POP3: never answer LOGIN/AUTHENTICATE/PASS/APOP/AUTH (a hung backend).
+    pub silent_auth: bool,
+    /// POP3: the greeting line, CRLF included.
+    pub pop3_greeting: String,
 }
 
 impl Default for FakeOptions {
@@ -326,6 +334,9 @@ impl Default for FakeOptions {
             die_in_data: false,
             strict_sync: false,
             smtp_421_on: None,
+            slow_auth: false,
+            silent_auth: false,
+            pop3_greeting: "+OK fake POP3 ready\r\n".into(),
         }
     }
 }
@@ -592,6 +603,33 @@ pub fn base64_decode(input: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// For `slow_auth` / `silent_auth`: `Some(reply)` replaces the backend's answer to an
+/// authentication command. Hangs for `silent_auth`.
+async fn auth_gate(
+    stream: &mut BufReader<RecordingStream>,
+    options: &FakeOptions,
+    early: String,
+) -> std::io::Result<Option<String>> {
+    if options.silent_auth {
+        // Keep reading (and recording) but never answer.
+        let mut sink = Vec::new();
+        loop {
+            sink.clear();
+            if stream.read_until(b'\n', &mut sink).await? == 0 {
+                return Ok(Some(String::new()));
+            }
+        }
+    }
+    if options.slow_auth {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let more = tokio::time::timeout(Duration::from_millis(50), stream.fill_buf()).await;
+        if matches!(more, Ok(Ok(buf)) if !buf.is_empty()) {
+            return Ok(Some(early));
+        }
+    }
+    Ok(None)
+}
+
 /// A small IMAP server: greeting, CAPABILITY, ID, LOGIN (quoted, atom or literal password),
 /// AUTHENTICATE PLAIN (SASL-IR or continuation), LIST, SELECT/EXAMINE, FETCH 1, LOGOUT;
 /// anything else gets a tagged OK.
@@ -630,9 +668,20 @@ async fn fake_imap(stream: RecordingStream, options: &FakeOptions) -> std::io::R
         let tag = words.next().unwrap_or("*").to_string();
         let cmd = words.next().unwrap_or("").to_ascii_uppercase();
         let args = words.next().unwrap_or("").to_string();
+        let gated = if cmd == "LOGIN" || cmd == "AUTHENTICATE" {
+            auth_gate(
+                &mut stream,
+                options,
+                format!("{tag} NO early bytes arrived before this answer\r\n"),
+            )
+            .await?
+        } else {
+            None
+        };
         let out = match cmd.as_str() {
             "CAPABILITY" => format!("* CAPABILITY {caps}\r\n{tag} OK CAPABILITY completed\r\n"),
             "ID" => format!("* ID (\"name\" \"fake\")\r\n{tag} OK ID completed\r\n"),
+            "LOGIN" | "AUTHENTICATE" if gated.is_some() => gated.unwrap_or_default(),
             "LOGIN" => {
                 if text.contains(&options.password) {
                     format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
@@ -703,7 +752,7 @@ async fn fake_pop3(stream: RecordingStream, options: &FakeOptions) -> std::io::R
     let mut stream = BufReader::new(stream);
     stream
         .get_mut()
-        .write_all(b"+OK fake POP3 ready\r\n")
+        .write_all(options.pop3_greeting.as_bytes())
         .await?;
     let mut line = Vec::new();
     let body = "Subject: hi\r\n\r\nhello pop3\r\n";
@@ -714,7 +763,22 @@ async fn fake_pop3(stream: RecordingStream, options: &FakeOptions) -> std::io::R
         }
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = text.to_ascii_uppercase();
-        let out = if upper == "CAPA" {
+        let authenticating = ["PASS ", "APOP ", "AUTH "]
+            .iter()
+            .any(|k| upper.starts_with(k));
+        let gated = if authenticating {
+            auth_gate(
+                &mut stream,
+                options,
+                "-ERR early bytes arrived before this answer\r\n".into(),
+            )
+            .await?
+        } else {
+            None
+        };
+        let out = if let Some(early) = gated {
+            early
+        } else if upper == "CAPA" {
             let mut r = String::from("+OK Capability list follows\r\n");
             for c in &options.pop3_capa {
                 r.push_str(c);
@@ -730,6 +794,10 @@ async fn fake_pop3(stream: RecordingStream, options: &FakeOptions) -> std::io::R
             } else {
                 "-ERR [AUTH] Authentication failed.\r\n".into()
             }
+        } else if upper == "AUTH" {
+            "+OK\r\nPLAIN\r\nEXTERNAL\r\n.\r\n".into()
+        } else if upper.starts_with("APOP ") {
+            "+OK Logged in.\r\n".into()
         } else if upper.starts_with("AUTH PLAIN") {
             let ir = if text.len() > "AUTH PLAIN ".len() {
                 text["AUTH PLAIN ".len()..].to_string()
