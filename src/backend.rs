@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::BackendAddress;
@@ -22,6 +22,8 @@ pub enum ConnectError {
     Resolve { backend: String, source: io::Error },
     #[error("backend {backend}: {source}")]
     Connect { backend: String, source: io::Error },
+    #[error("backend {backend}: cannot send the PROXY protocol header: {source}")]
+    ProxyHeader { backend: String, source: io::Error },
 }
 
 /// Bytes moved to and from the backend, shared between a session and whoever reports on it.
@@ -115,11 +117,17 @@ impl AsyncWrite for BackendStream {
     }
 }
 
-/// Connects to `backend`, trying each resolved address in turn, all within `timeout`.
+/// Connects to `backend`, trying each resolved address in turn, then writes `preamble` (the
+/// PROXY protocol header, or nothing) before anything else, all within `timeout`.
+///
+/// The preamble is written straight to the socket in one call on a fresh connection (a few
+/// hundred bytes always fit the send buffer), so the receiver never sees a partial header
+/// (protocol reference §6.1). It is counted in the bytes sent to the backend.
 pub async fn connect(
     backend: &BackendAddress,
     timeout: Duration,
     counters: Arc<ByteCounters>,
+    preamble: &[u8],
 ) -> Result<BackendStream, ConnectError> {
     let name = backend.to_string();
     let attempt = async {
@@ -131,16 +139,38 @@ pub async fn connect(
             })?
             .collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        let mut connected = None;
         for addr in addrs {
             match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => {
+                    connected = Some(stream);
+                    break;
+                }
                 Err(e) => last = e,
             }
         }
-        Err(ConnectError::Connect {
-            backend: name.clone(),
-            source: last,
-        })
+        let Some(mut stream) = connected else {
+            return Err(ConnectError::Connect {
+                backend: name.clone(),
+                source: last,
+            });
+        };
+        // Mail protocols are chatty request/response exchanges: do not let Nagle delay replies
+        // (nor hold back the PROXY header).
+        let _ = stream.set_nodelay(true);
+        if !preamble.is_empty() {
+            stream
+                .write_all(preamble)
+                .await
+                .map_err(|source| ConnectError::ProxyHeader {
+                    backend: name.clone(),
+                    source,
+                })?;
+            counters
+                .to_backend
+                .fetch_add(preamble.len() as u64, Ordering::Relaxed);
+        }
+        Ok(stream)
     };
     let stream =
         tokio::time::timeout(timeout, attempt)
@@ -149,8 +179,6 @@ pub async fn connect(
                 backend: name.clone(),
                 timeout,
             })??;
-    // Mail protocols are chatty request/response exchanges: do not let Nagle delay replies.
-    let _ = stream.set_nodelay(true);
     Ok(BackendStream {
         inner: stream,
         counters,

@@ -209,6 +209,8 @@ pub struct ListenerSection {
     pub max_connections: Option<usize>,
     #[serde(default)]
     pub require_tls_for_mail: Option<bool>,
+    #[serde(default)]
+    pub backend_proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -398,6 +400,9 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// SMTP on a STARTTLS listener: refuse MAIL FROM before TLS (default true).
     pub require_tls_for_mail: bool,
+    /// Send a PROXY protocol v2 header first on every backend connection, so the backend sees
+    /// the client's address (Postfix `smtpd_upstream_proxy_protocol`, Dovecot `haproxy = yes`).
+    pub backend_proxy_protocol: bool,
 }
 
 /// TLS settings after validation. Certificate files are loaded (and checked) by [`crate::tls`].
@@ -548,6 +553,7 @@ impl Config {
                     backend,
                     max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                     require_tls_for_mail: l.require_tls_for_mail.unwrap_or(true),
+                    backend_proxy_protocol: l.backend_proxy_protocol,
                 });
             }
         }
@@ -795,6 +801,38 @@ mod tests {
         );
         assert!(parse_backend("dovecot").is_err());
         assert!(parse_backend("bad_name:1").is_err());
+    }
+
+    #[test]
+    fn backend_proxy_protocol_defaults_off_and_takes_only_a_boolean() {
+        let config = Config::from_yaml(MINIMAL)
+            .unwrap()
+            .validate(Path::new("/"))
+            .unwrap();
+        assert!(!config.listeners[0].backend_proxy_protocol);
+        assert!(
+            load(None)
+                .unwrap()
+                .listeners
+                .iter()
+                .all(|l| !l.backend_proxy_protocol),
+            "the shipped listeners keep talking plain to their backends"
+        );
+        let on = MINIMAL.replace(
+            "    tls: implicit\n",
+            "    tls: implicit\n    backend_proxy_protocol: true\n",
+        );
+        let config = Config::from_yaml(&on)
+            .unwrap()
+            .validate(Path::new("/"))
+            .unwrap();
+        assert!(config.listeners[0].backend_proxy_protocol);
+        let bad = MINIMAL.replace(
+            "    tls: implicit\n",
+            "    tls: implicit\n    backend_proxy_protocol: v2\n",
+        );
+        let err = Config::from_yaml(&bad).unwrap_err().to_string();
+        assert!(err.contains("listeners"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   [`server::Server::run`] takes already-bound sockets so tests run the proxy in-process on port 0.
 //! - [`session`]: per-connection context and the client stream that STARTTLS upgrades.
 //! - [`backend`]: connecting to the cleartext backend with a deadline; byte counting.
+//! - [`proxy_protocol`]: the HAProxy PROXY v2 header optionally sent first to the backend.
 //! - [`relay`]: the byte relay used once a protocol no longer needs parsing.
 //! - [`line`]: bounded line framing shared by the three protocol codecs.
 //! - [`smtp`], [`imap`], [`pop3`]: sans-I/O codecs and rewriters plus the session drivers.
@@ -19,6 +20,7 @@ pub mod imap;
 pub mod line;
 pub mod metrics;
 pub mod pop3;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod server;
 pub mod session;

@@ -514,6 +514,7 @@ mod tests {
             },
             max_connections: 1,
             require_tls_for_mail: true,
+            backend_proxy_protocol: false,
         }
     }
 

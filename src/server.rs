@@ -242,7 +242,15 @@ async fn accept_loop(
             drop(tcp);
             continue;
         };
-        let session = Session::new(context.clone(), client_addr, sessions_cancel.clone());
+        // The address the client reached (for the PROXY header); the bound address if the
+        // socket cannot say, which only differs for wildcard binds.
+        let local_addr = tcp.local_addr().unwrap_or(context.config.listen);
+        let session = Session::new(
+            context.clone(),
+            client_addr,
+            local_addr,
+            sessions_cancel.clone(),
+        );
         let active = context.metrics.active.clone();
         tracker.spawn(async move {
             active.inc();

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{self, BackendStream, ByteCounters, ConnectError};
 use crate::config::{Limits, ListenerConfig, Protocol, Timeouts, TlsMode};
 use crate::metrics::ListenerMetrics;
+use crate::proxy_protocol;
 use crate::relay::{self, RelayEnd};
 use crate::tls::{HandshakeError, Handshaker, TlsInfo};
 
@@ -165,6 +166,9 @@ impl EndReason {
 pub struct Session {
     pub listener: Arc<ListenerContext>,
     pub client_addr: SocketAddr,
+    /// The address the client connected to (our side of the client socket): the destination in
+    /// the PROXY protocol header.
+    pub local_addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub counters: Arc<ByteCounters>,
     /// Set once TLS is up (at accept for implicit listeners, after STARTTLS otherwise).
@@ -176,11 +180,13 @@ impl Session {
     pub fn new(
         listener: Arc<ListenerContext>,
         client_addr: SocketAddr,
+        local_addr: SocketAddr,
         shutdown: CancellationToken,
     ) -> Session {
         Session {
             listener,
             client_addr,
+            local_addr,
             shutdown,
             counters: Arc::new(ByteCounters::default()),
             tls: None,
@@ -217,14 +223,22 @@ impl Session {
         self.tls = Some(info);
     }
 
-    /// Connects to the backend, recording the time or failure.
+    /// Connects to the backend, recording the time or failure. With `backend_proxy_protocol`
+    /// the PROXY v2 header is the first thing written. It describes the session as it is at
+    /// connect time: a STARTTLS listener is still cleartext then, so its header has no SSL TLV.
     pub async fn connect_backend(&self) -> Result<BackendStream, ConnectError> {
         let started = Instant::now();
         let m = &self.listener.metrics;
+        let preamble = if self.listener.config.backend_proxy_protocol {
+            proxy_protocol::encode_v2(self.client_addr, self.local_addr, self.tls.as_ref())
+        } else {
+            Vec::new()
+        };
         let result = backend::connect(
             &self.listener.config.backend,
             self.listener.timeouts.backend_connect,
             self.counters.clone(),
+            &preamble,
         )
         .await;
         match &result {

@@ -1,0 +1,443 @@
+//! HAProxy PROXY protocol version 2 (`doc/proxy-protocol.txt`), sent to the backend so that
+//! Postfix (`smtpd_upstream_proxy_protocol = haproxy`) and Dovecot (`haproxy = yes`) see the
+//! client's address instead of mailfront's, and their per-IP throttling works per client.
+//!
+//! Sans-I/O: [`encode_v2`] turns the two endpoints and what TLS negotiated into the bytes the
+//! session writes first on the backend connection, in one write (§2.2: "the sender must ensure
+//! that all the protocol header is sent at once").
+//!
+//! What is sent, and why (protocol reference §6.2, §9.9):
+//! - `PP2_TYPE_SSL` only when TLS is up: its `PP2_CLIENT_SSL` bit makes Dovecot treat the session
+//!   as TLS-secured, so it must never be claimed for a cleartext client. `verify` is non-zero
+//!   because no client certificate is ever requested; no CERT bits, no CN.
+//! - `PP2_TYPE_AUTHORITY` only for an SNI that is a plain DNS name: Dovecot rejects the whole
+//!   connection when the value is not a valid DNS name.
+//! - Never `PP2_TYPE_ALPN`: Dovecot rejects the connection unless it equals the service's
+//!   protocol, and mail clients rarely send ALPN anyway.
+//! - The whole header stays far below Postfix's 536-byte peek ([`POSTFIX_HEADER_LIMIT`]).
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use crate::tls::TlsInfo;
+
+/// The 12-byte signature every v2 header starts with (§2.2).
+pub const SIGNATURE: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+/// Version 2, command PROXY: the connection is relayed for the addresses that follow.
+pub const VERSION_PROXY: u8 = 0x21;
+/// Version 2, command LOCAL: a connection of the proxy's own (health check); no addresses.
+pub const VERSION_LOCAL: u8 = 0x20;
+/// AF_INET + STREAM.
+pub const FAMILY_TCP4: u8 = 0x11;
+/// AF_INET6 + STREAM.
+pub const FAMILY_TCP6: u8 = 0x21;
+/// AF_UNSPEC + UNSPEC, used with LOCAL.
+pub const FAMILY_UNSPEC: u8 = 0x00;
+
+pub const PP2_TYPE_AUTHORITY: u8 = 0x02;
+pub const PP2_TYPE_SSL: u8 = 0x20;
+pub const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
+pub const PP2_SUBTYPE_SSL_CIPHER: u8 = 0x23;
+pub const PP2_CLIENT_SSL: u8 = 0x01;
+/// `verify` of `PP2_TYPE_SSL`: zero means "a client certificate was presented and verified";
+/// mailfront never asks for one, so any non-zero value is the truth. HAProxy sends 1 here too.
+pub const VERIFY_NO_CLIENT_CERT: u32 = 1;
+
+/// Postfix peeks at most this many bytes for the whole header (`HAPROXY_HEADER_MAX_LEN`);
+/// Dovecot's limit (1500) is larger.
+pub const POSTFIX_HEADER_LIMIT: usize = 536;
+/// Longest DNS name sent as AUTHORITY (RFC 1035 §2.3.4, without the root dot).
+pub const MAX_AUTHORITY_LEN: usize = 253;
+/// Longest TLS version or cipher string put in an SSL sub-TLV. IANA cipher names are at most
+/// about 50 characters; anything longer (an unexpected label) is left out rather than truncated.
+pub const MAX_SSL_STRING_LEN: usize = 64;
+
+/// The header for a relayed connection: `client` is the peer of the client-facing socket,
+/// `local` the address the client connected to, `tls` what was negotiated if TLS is up now.
+///
+/// Addresses: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, from a dual-stack socket) is sent
+/// as IPv4 (§6.1). Both addresses share one family; if they still differ after that, the IPv4
+/// one is written as an IPv4-mapped IPv6 address and the header is TCP6, which loses nothing.
+pub fn encode_v2(client: SocketAddr, local: SocketAddr, tls: Option<&TlsInfo>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(128);
+    let family = match (unmap(client.ip()), unmap(local.ip())) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            body.extend_from_slice(&src.octets());
+            body.extend_from_slice(&dst.octets());
+            FAMILY_TCP4
+        }
+        (src, dst) => {
+            body.extend_from_slice(&as_v6(src).octets());
+            body.extend_from_slice(&as_v6(dst).octets());
+            FAMILY_TCP6
+        }
+    };
+    body.extend_from_slice(&client.port().to_be_bytes());
+    body.extend_from_slice(&local.port().to_be_bytes());
+
+    if let Some(tls) = tls {
+        let mut ssl = Vec::with_capacity(64);
+        ssl.push(PP2_CLIENT_SSL);
+        ssl.extend_from_slice(&VERIFY_NO_CLIENT_CERT.to_be_bytes());
+        if let Some(version) = ssl_string(&tls.version) {
+            push_tlv(&mut ssl, PP2_SUBTYPE_SSL_VERSION, version);
+        }
+        if let Some(cipher) = ssl_string(&tls.cipher) {
+            push_tlv(&mut ssl, PP2_SUBTYPE_SSL_CIPHER, cipher);
+        }
+        push_tlv(&mut body, PP2_TYPE_SSL, &ssl);
+        if let Some(name) = tls.sni.as_deref().and_then(authority) {
+            push_tlv(&mut body, PP2_TYPE_AUTHORITY, name.as_bytes());
+        }
+    }
+
+    let mut header = Vec::with_capacity(16 + body.len());
+    header.extend_from_slice(&SIGNATURE);
+    header.push(VERSION_PROXY);
+    header.push(family);
+    // Bounded by the named limits above (at most a few hundred bytes), so this never saturates.
+    let len = u16::try_from(body.len()).unwrap_or(u16::MAX);
+    header.extend_from_slice(&len.to_be_bytes());
+    header.extend_from_slice(&body);
+    header
+}
+
+/// The LOCAL header (§9.9 X6): for a connection of mailfront's own, such as a health check; the
+/// receiver uses the real endpoints.
+pub fn encode_v2_local() -> Vec<u8> {
+    let mut header = Vec::with_capacity(16);
+    header.extend_from_slice(&SIGNATURE);
+    header.push(VERSION_LOCAL);
+    header.push(FAMILY_UNSPEC);
+    header.extend_from_slice(&0u16.to_be_bytes());
+    header
+}
+
+/// The SNI as AUTHORITY, if it is a DNS host name Dovecot will accept: letters, digits and
+/// hyphens in labels of 1-63 octets, no hyphen at a label's ends, at most 253 octets, not an IP
+/// literal (§9.9 X4). rustls has already lowercased it; lowercasing again costs nothing.
+fn authority(sni: &str) -> Option<String> {
+    let name = sni.strip_suffix('.').unwrap_or(sni);
+    let valid = !name.is_empty()
+        && name.len() <= MAX_AUTHORITY_LEN
+        && name.parse::<IpAddr>().is_err()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        // A name whose last label is all digits reads as an address to many parsers.
+        && !name
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()));
+    valid.then(|| name.to_ascii_lowercase())
+}
+
+/// A version or cipher string, if it is short printable ASCII.
+fn ssl_string(value: &str) -> Option<&[u8]> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_SSL_STRING_LEN
+        && value.bytes().all(|b| b.is_ascii_graphic());
+    ok.then_some(value.as_bytes())
+}
+
+fn push_tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
+    let len = u16::try_from(value.len()).unwrap_or(u16::MAX);
+    out.push(kind);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(value.get(..usize::from(len)).unwrap_or(value));
+}
+
+fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn as_v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header taken apart field by field, the way a receiver reads it.
+    #[derive(Debug, PartialEq)]
+    struct Decoded {
+        command: u8,
+        family: u8,
+        src: IpAddr,
+        dst: IpAddr,
+        sport: u16,
+        dport: u16,
+        tlvs: Vec<(u8, Vec<u8>)>,
+    }
+
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> &'a [u8] {
+        let (head, tail) = bytes.split_at(n);
+        *bytes = tail;
+        head
+    }
+
+    fn be16(b: &[u8]) -> u16 {
+        u16::from_be_bytes([b[0], b[1]])
+    }
+
+    fn tlvs(mut rest: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            let kind = take(&mut rest, 1)[0];
+            let len = be16(take(&mut rest, 2)) as usize;
+            out.push((kind, take(&mut rest, len).to_vec()));
+        }
+        out
+    }
+
+    fn decode(header: &[u8]) -> Decoded {
+        let mut rest = header;
+        assert_eq!(take(&mut rest, 12), SIGNATURE);
+        let ver_cmd = take(&mut rest, 1)[0];
+        assert_eq!(ver_cmd >> 4, 2, "version nibble");
+        let family = take(&mut rest, 1)[0];
+        let len = be16(take(&mut rest, 2)) as usize;
+        assert_eq!(rest.len(), len, "len covers exactly the rest");
+        let (src, dst) = match family {
+            FAMILY_TCP4 => {
+                let s: [u8; 4] = take(&mut rest, 4).try_into().unwrap();
+                let d: [u8; 4] = take(&mut rest, 4).try_into().unwrap();
+                (IpAddr::from(s), IpAddr::from(d))
+            }
+            FAMILY_TCP6 => {
+                let s: [u8; 16] = take(&mut rest, 16).try_into().unwrap();
+                let d: [u8; 16] = take(&mut rest, 16).try_into().unwrap();
+                (IpAddr::from(s), IpAddr::from(d))
+            }
+            other => panic!("unexpected family {other:#x}"),
+        };
+        let sport = be16(take(&mut rest, 2));
+        let dport = be16(take(&mut rest, 2));
+        Decoded {
+            command: ver_cmd & 0x0F,
+            family,
+            src,
+            dst,
+            sport,
+            dport,
+            tlvs: tlvs(rest),
+        }
+    }
+
+    fn tls(cipher: &str, sni: Option<&str>) -> TlsInfo {
+        TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: cipher.into(),
+            group: Some("X25519MLKEM768".into()),
+            group_label: "X25519MLKEM768".into(),
+            sni: sni.map(str::to_owned),
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv4_cleartext_header_matches_the_reference_bytes() {
+        let h = encode_v2(addr("192.0.2.7:50000"), addr("198.51.100.1:587"), None);
+        let mut expected = SIGNATURE.to_vec();
+        expected.extend_from_slice(&[0x21, 0x11, 0x00, 0x0C]);
+        expected.extend_from_slice(&[192, 0, 2, 7, 198, 51, 100, 1]);
+        expected.extend_from_slice(&[0xC3, 0x50, 0x02, 0x4B]);
+        assert_eq!(h, expected);
+    }
+
+    #[test]
+    fn ipv6_cleartext_header_matches_the_reference_bytes() {
+        let h = encode_v2(addr("[2001:db8::1]:40000"), addr("[2001:db8::2]:993"), None);
+        let mut expected = SIGNATURE.to_vec();
+        expected.extend_from_slice(&[0x21, 0x21, 0x00, 0x24]);
+        expected.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        expected.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        expected.extend_from_slice(&[0x9C, 0x40, 0x03, 0xE1]);
+        assert_eq!(h, expected);
+    }
+
+    #[test]
+    fn ipv4_mapped_peer_is_sent_as_tcp4_with_both_addresses_mapped_down() {
+        let d = decode(&encode_v2(
+            addr("[::ffff:203.0.113.9]:1234"),
+            addr("[::ffff:10.0.0.1]:465"),
+            None,
+        ));
+        assert_eq!(d.family, FAMILY_TCP4);
+        assert_eq!(d.src, addr("203.0.113.9:0").ip());
+        assert_eq!(d.dst, addr("10.0.0.1:0").ip());
+        assert_eq!((d.sport, d.dport), (1234, 465));
+    }
+
+    #[test]
+    fn mixed_families_are_sent_as_tcp6_with_the_ipv4_side_mapped_up() {
+        let d = decode(&encode_v2(
+            addr("203.0.113.9:1234"),
+            addr("[2001:db8::2]:465"),
+            None,
+        ));
+        assert_eq!(d.family, FAMILY_TCP6);
+        assert_eq!(d.src, addr("[::ffff:203.0.113.9]:0").ip());
+        assert_eq!(d.dst, addr("[2001:db8::2]:0").ip());
+    }
+
+    #[test]
+    fn cleartext_client_gets_no_ssl_tlv_and_no_authority() {
+        let d = decode(&encode_v2(addr("127.0.0.2:1"), addr("127.0.0.1:2"), None));
+        assert_eq!(d.command, 0x1);
+        assert!(d.tlvs.is_empty(), "{:?}", d.tlvs);
+    }
+
+    #[test]
+    fn tls_client_gets_ssl_tlv_with_client_bit_nonzero_verify_version_and_iana_cipher() {
+        let info = tls("TLS_AES_256_GCM_SHA384", Some("mx.example.test"));
+        let d = decode(&encode_v2(
+            addr("127.0.0.2:5555"),
+            addr("127.0.0.1:993"),
+            Some(&info),
+        ));
+        assert_eq!(d.src, addr("127.0.0.2:0").ip());
+        let kinds: Vec<u8> = d.tlvs.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, [PP2_TYPE_SSL, PP2_TYPE_AUTHORITY]);
+        let ssl = &d.tlvs[0].1;
+        assert_eq!(ssl[0], PP2_CLIENT_SSL, "SSL bit only, no CERT bits");
+        let verify = u32::from_be_bytes(ssl[1..5].try_into().unwrap());
+        assert_ne!(verify, 0, "no client certificate was verified");
+        let subs = tlvs(&ssl[5..]);
+        assert_eq!(
+            subs,
+            [
+                (PP2_SUBTYPE_SSL_VERSION, b"TLSv1.3".to_vec()),
+                (PP2_SUBTYPE_SSL_CIPHER, b"TLS_AES_256_GCM_SHA384".to_vec()),
+            ]
+        );
+        assert_eq!(d.tlvs[1].1, b"mx.example.test");
+    }
+
+    #[test]
+    fn no_alpn_tlv_is_ever_sent() {
+        let info = tls("TLS_AES_128_GCM_SHA256", Some("imap.example.test"));
+        for h in [
+            encode_v2(addr("127.0.0.2:1"), addr("127.0.0.1:2"), Some(&info)),
+            encode_v2(addr("[::1]:1"), addr("[::1]:2"), Some(&info)),
+            encode_v2(addr("127.0.0.2:1"), addr("127.0.0.1:2"), None),
+        ] {
+            assert!(decode(&h).tlvs.iter().all(|(k, _)| *k != 0x01));
+        }
+    }
+
+    #[test]
+    fn authority_is_sent_only_for_a_valid_dns_name() {
+        for (sni, expected) in [
+            (None, None),
+            (Some("mx.example.test"), Some("mx.example.test")),
+            (Some("MX.Example.Test"), Some("mx.example.test")),
+            (Some("mx.example.test."), Some("mx.example.test")),
+            (Some("localhost"), Some("localhost")),
+            (Some("192.0.2.1"), None),
+            (Some("::1"), None),
+            (Some("under_score.example"), None),
+            (Some("-bad.example"), None),
+            (Some("bad-.example"), None),
+            (Some("a..b"), None),
+            (Some(""), None),
+            (Some("tab\there.example"), None),
+            (Some("host.123"), None),
+        ] {
+            let info = tls("TLS_AES_128_GCM_SHA256", sni);
+            let d = decode(&encode_v2(
+                addr("127.0.0.2:1"),
+                addr("127.0.0.1:2"),
+                Some(&info),
+            ));
+            let got = d
+                .tlvs
+                .iter()
+                .find(|(k, _)| *k == PP2_TYPE_AUTHORITY)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap());
+            assert_eq!(got.as_deref(), expected, "sni {sni:?}");
+        }
+        let long_label = format!("{}.example", "a".repeat(64));
+        assert_eq!(authority(&long_label), None);
+        let too_long = vec!["a".repeat(63); 5].join(".");
+        assert!(too_long.len() > MAX_AUTHORITY_LEN);
+        assert_eq!(authority(&too_long), None);
+    }
+
+    #[test]
+    fn header_with_every_tlv_and_the_longest_sni_fits_postfixs_536_byte_peek() {
+        // 253 octets: four labels of 63 with dots, minus one character.
+        let longest = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        assert_eq!(longest.len(), MAX_AUTHORITY_LEN);
+        let info = tls(
+            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+            Some(&longest),
+        );
+        let h = encode_v2(
+            addr("[2001:db8::1]:65535"),
+            addr("[2001:db8::2]:65535"),
+            Some(&info),
+        );
+        let d = decode(&h);
+        assert_eq!(d.family, FAMILY_TCP6);
+        assert!(
+            d.tlvs
+                .iter()
+                .any(|(k, v)| *k == PP2_TYPE_AUTHORITY && v.len() == 253)
+        );
+        assert!(h.len() <= POSTFIX_HEADER_LIMIT, "{} bytes", h.len());
+        // Even the worst case the limits allow: the longest strings each sub-TLV may carry.
+        let worst = TlsInfo {
+            version: "v".repeat(MAX_SSL_STRING_LEN),
+            cipher: "c".repeat(MAX_SSL_STRING_LEN),
+            ..info
+        };
+        let h = encode_v2(
+            addr("[2001:db8::1]:1"),
+            addr("[2001:db8::2]:2"),
+            Some(&worst),
+        );
+        assert!(h.len() <= POSTFIX_HEADER_LIMIT, "{} bytes", h.len());
+    }
+
+    #[test]
+    fn overlong_or_unprintable_ssl_strings_are_left_out_not_truncated() {
+        let mut info = tls(&"X".repeat(MAX_SSL_STRING_LEN + 1), None);
+        info.version = "TLS v1".into();
+        let d = decode(&encode_v2(
+            addr("127.0.0.2:1"),
+            addr("127.0.0.1:2"),
+            Some(&info),
+        ));
+        let ssl = &d.tlvs[0].1;
+        assert_eq!(ssl.len(), 5, "only client and verify: {ssl:?}");
+    }
+
+    #[test]
+    fn local_header_has_command_local_unspec_family_and_zero_length() {
+        let mut expected = SIGNATURE.to_vec();
+        expected.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        assert_eq!(encode_v2_local(), expected);
+    }
+}
