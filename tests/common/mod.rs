@@ -221,6 +221,9 @@ pub enum FakeKind {
 pub struct FakeBackend {
     pub addr: SocketAddr,
     pub recorder: Recorder,
+    /// With `FakeOptions::expect_proxy_v2`: the PROXY v2 header of each connection, whole
+    /// (signature to the last TLV), kept out of `recorder`.
+    pub proxy_headers: Recorder,
 }
 
 impl FakeBackend {
@@ -232,13 +235,27 @@ impl FakeBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let recorder = Recorder::default();
+        let proxy_headers = Recorder::default();
         let r = recorder.clone();
+        let headers = proxy_headers.clone();
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            while let Ok((mut stream, _)) = listener.accept().await {
                 let index = r.new_connection();
                 let r = r.clone();
                 let options = options.clone();
+                let headers = headers.clone();
                 tokio::spawn(async move {
+                    if options.expect_proxy_v2 {
+                        // Like Postfix/Dovecot: the header must come first, whole, before we
+                        // greet; anything else and the connection is dropped.
+                        match tokio::time::timeout(TIMEOUT, read_proxy_v2(&mut stream)).await {
+                            Ok(Ok(header)) => {
+                                let i = headers.new_connection();
+                                headers.append(i, &header);
+                            }
+                            _ => return,
+                        }
+                    }
                     let stream = RecordingStream {
                         inner: stream,
                         recorder: r,
@@ -253,8 +270,31 @@ impl FakeBackend {
                 });
             }
         });
-        FakeBackend { addr, recorder }
+        FakeBackend {
+            addr,
+            recorder,
+            proxy_headers,
+        }
     }
+}
+
+/// The PROXY v2 signature (HAProxy `doc/proxy-protocol.txt` §2.2).
+pub const PROXY_V2_SIGNATURE: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+
+/// Reads one PROXY v2 header: 16 fixed bytes, then `len` more. Fails on a wrong signature.
+async fn read_proxy_v2(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut header = vec![0u8; 16];
+    stream.read_exact(&mut header).await?;
+    if header[..12] != PROXY_V2_SIGNATURE {
+        return Err(std::io::Error::other("no PROXY v2 signature"));
+    }
+    let len = usize::from(u16::from_be_bytes([header[14], header[15]]));
+    let mut rest = vec![0u8; len];
+    stream.read_exact(&mut rest).await?;
+    header.extend_from_slice(&rest);
+    Ok(header)
 }
 
 /// Knobs for fake backends.
@@ -292,6 +332,9 @@ pub struct FakeOptions {
     pub silent_auth: bool,
     /// POP3: the greeting line, CRLF included.
     pub pop3_greeting: String,
+    /// Read a PROXY protocol v2 header first (into `FakeBackend::proxy_headers`) and drop the
+    /// connection if there is none, as Postfix/Dovecot configured for HAProxy do.
+    pub expect_proxy_v2: bool,
 }
 
 impl Default for FakeOptions {
@@ -337,6 +380,7 @@ impl Default for FakeOptions {
             slow_auth: false,
             silent_auth: false,
             pop3_greeting: "+OK fake POP3 ready\r\n".into(),
+            expect_proxy_v2: false,
         }
     }
 }
