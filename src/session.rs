@@ -242,9 +242,13 @@ impl Session {
         )
         .await;
         match &result {
-            Ok(_) => m
-                .backend_connect_duration
-                .observe(started.elapsed().as_secs_f64()),
+            Ok(_) => {
+                m.backend_connect_duration
+                    .observe(started.elapsed().as_secs_f64());
+                if !preamble.is_empty() {
+                    tracing::debug!(listener = %self.listener.config.name, client = %self.client_addr, bytes = preamble.len(), tls = self.tls.is_some(), "proxy protocol v2 header sent to the backend");
+                }
+            }
             Err(e) => {
                 m.backend_connect_failures.inc();
                 tracing::warn!(listener = %self.listener.config.name, client = %self.client_addr, error = %e, "backend unavailable");

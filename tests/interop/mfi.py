@@ -70,6 +70,31 @@ def client_context(args):
     return ctx
 
 
+class SourcedSMTP_SSL(smtplib.SMTP_SSL):
+    """SMTP_SSL that sends `sni` (not the connect host) and connects from `source_address`."""
+
+    def __init__(self, *a, sni=None, **kw):
+        self._sni = sni
+        super().__init__(*a, **kw)
+
+    def _get_socket(self, host, port, timeout):
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        return self.context.wrap_socket(sock, server_hostname=self._sni or host)
+
+
+class SourcedIMAP4_SSL(imaplib.IMAP4_SSL):
+    """IMAP4_SSL that connects from `source` (a local address) and sends `sni`."""
+
+    def __init__(self, *a, source=None, sni=None, **kw):
+        self._source, self._sni = source, sni
+        super().__init__(*a, **kw)
+
+    def _create_socket(self, timeout):
+        src = (self._source, 0) if self._source else None
+        sock = socket.create_connection((self.host, self.port), timeout, src)
+        return self.ssl_context.wrap_socket(sock, server_hostname=self._sni or self.host)
+
+
 def cipher_of(sock):
     name, version, _bits = sock.cipher()
     return iana_name(name), version
@@ -133,8 +158,10 @@ def cmd_smtp_submit(args):
     """Submit one message with smtplib; print the IANA cipher it negotiated (if any)."""
     ctx = client_context(args) if args.mode != "plain" else None
     if args.mode == "implicit":
-        s = smtplib.SMTP_SSL(args.host, args.port, context=ctx, timeout=20,
-                             local_hostname="client.interop.test")
+        src = (args.source, 0) if args.source else None
+        s = SourcedSMTP_SSL(args.host, args.port, context=ctx, timeout=20,
+                            local_hostname="client.interop.test", source_address=src,
+                            sni=args.sni)
     else:
         s = smtplib.SMTP(args.host, args.port, timeout=20, local_hostname="client.interop.test")
     try:
@@ -294,7 +321,8 @@ def cmd_imap_fetch(args):
     ctx = client_context(args)
     try:
         if args.mode == "implicit":
-            m = imaplib.IMAP4_SSL(args.host, args.port, ssl_context=ctx, timeout=20)
+            m = SourcedIMAP4_SSL(args.host, args.port, ssl_context=ctx, timeout=20,
+                                 source=args.source, sni=args.sni)
         else:
             m = imaplib.IMAP4(args.host, args.port, timeout=20)
             if args.mode == "starttls":
@@ -473,6 +501,36 @@ def cmd_imap_id_logged(args):
         time.sleep(0.2)
 
 
+def cmd_log_line(args):
+    """Wait for one line of a log that contains every --contains string; print it."""
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            with open(args.log, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if all(c in line for c in args.contains):
+                        # Dovecot's auth_debug lines end with the SASL response: never copy it.
+                        print(line.split("resp=")[0].strip())
+                        return
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise Fail(f"no line with {args.contains} in {args.log} within {args.timeout}s")
+        time.sleep(0.2)
+
+
+def cmd_received_from(args):
+    """The backend's (topmost) Received field of a delivered message names `--addr` as the
+    client: with PROXY protocol, Postfix records the client, not mailfront. Prints the field."""
+    data = find_message(args.maildir, args.subject, args.timeout)
+    received = [v for (n, v, _) in header_fields(data) if n.lower() == "received"]
+    if not received:
+        raise Fail("no Received field")
+    if f"[{args.addr}]" not in received[0]:
+        raise Fail(f"first Received does not name [{args.addr}]: {received[0]!r}")
+    print(received[0])
+
+
 def cmd_testssl_summary(args):
     """Summarise testssl.sh flat JSON: no SSLv2/3 or TLS 1.0/1.1, no weak ciphers, FS everywhere."""
     with open(args.json, encoding="utf-8") as f:
@@ -556,6 +614,8 @@ def main():
         p.add_argument("--tls12", action="store_true", help="cap the client at TLS 1.2")
         p.add_argument("--cipher", help="OpenSSL cipher list for TLS 1.2")
         p.add_argument("--curve", help="the one key-exchange group to offer")
+        p.add_argument("--source", help="local address to connect from (implicit TLS only)")
+        p.add_argument("--sni", help="TLS server name to send (default: --host)")
         if user:
             p.add_argument("--user", required=True)
             p.add_argument("--password", required=True)
@@ -625,6 +685,19 @@ def main():
     p.add_argument("--expect-tls", required=True)
     p.add_argument("--timeout", type=float, default=10)
     p.set_defaults(func=cmd_imap_id_logged)
+
+    p = sub.add_parser("log-line")
+    p.add_argument("--log", required=True)
+    p.add_argument("--contains", action="append", required=True)
+    p.add_argument("--timeout", type=float, default=10)
+    p.set_defaults(func=cmd_log_line)
+
+    p = sub.add_parser("received-from")
+    p.add_argument("--maildir", required=True)
+    p.add_argument("--subject", required=True)
+    p.add_argument("--addr", required=True)
+    p.add_argument("--timeout", type=float, default=20)
+    p.set_defaults(func=cmd_received_from)
 
     p = sub.add_parser("testssl-summary")
     p.add_argument("json")

@@ -160,7 +160,12 @@ CA="$T/tls/ca.crt"
 
 read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
         P_SMTPS P_SUBMISSION P_IMAPS P_POP3S P_IMAP P_POP3 P_METRICS \
-        < <(python3 "$MFI" freeports 10)
+        P_DOVECOT_IMAP_PP P_POSTFIX_PP P_IMAPS_PP P_SMTPS_PP \
+        < <(python3 "$MFI" freeports 14)
+# *_PP: backend ports that require a PROXY protocol v2 header, and the mailfront listeners with
+# backend_proxy_protocol: true in front of them. The client cases connect from 127.0.0.2 so the
+# backends' records can tell the client's address from mailfront's (127.0.0.1).
+PP_CLIENT=127.0.0.2
 
 # ---------------------------------------------------------------------------------------------
 # 3. Dovecot
@@ -244,10 +249,17 @@ userdb {
 EOF
     fi
     cat >>"$DOVECOT_CONF" <<EOF
+# The PROXY protocol listener below accepts headers only from here (mailfront).
+haproxy_trusted_networks = 127.0.0.0/8
 service imap-login {
   inet_listener imap {
     address = 127.0.0.1
     port = $P_DOVECOT_IMAP
+  }
+  inet_listener imap_haproxy {
+    address = 127.0.0.1
+    port = $P_DOVECOT_IMAP_PP
+    haproxy = yes
   }
   inet_listener imaps {
     port = 0
@@ -274,7 +286,8 @@ start_dovecot() {
     write_dovecot_conf
     dovecot -c "$DOVECOT_CONF" 2>"$T/dovecot.start.err" || {
         cat "$T/dovecot.start.err" >&2; return 1; }
-    python3 "$MFI" waitport --timeout 20 "$P_DOVECOT_IMAP" "$P_DOVECOT_POP3" || return 1
+    python3 "$MFI" waitport --timeout 20 "$P_DOVECOT_IMAP" "$P_DOVECOT_POP3" "$P_DOVECOT_IMAP_PP" ||
+        return 1
     local _
     for _ in $(seq 1 100); do [ -S "$DOVECOT_AUTH_SOCKET" ] && return 0; sleep 0.1; done
     echo "no auth socket at $DOVECOT_AUTH_SOCKET" >&2
@@ -346,6 +359,8 @@ EOF
     cat >"$POSTFIX_CONF/master.cf" <<EOF
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 127.0.0.1:$P_POSTFIX inet n   -       n       -       -       smtpd
+127.0.0.1:$P_POSTFIX_PP inet n -      n       -       -       smtpd
+  -o smtpd_upstream_proxy_protocol=haproxy
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -377,7 +392,7 @@ start_postfix() {
     # `postfix start` runs post-install to create the queue directories with the right owners.
     postfix -c "$POSTFIX_CONF" start >"$T/postfix.start.out" 2>&1 || {
         cat "$T/postfix.start.out" >&2; return 1; }
-    python3 "$MFI" waitport --timeout 20 "$P_POSTFIX"
+    python3 "$MFI" waitport --timeout 20 "$P_POSTFIX" "$P_POSTFIX_PP"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -446,6 +461,18 @@ listeners:
     listen: "127.0.0.1:$P_POP3"
     tls: starttls
     backend: "127.0.0.1:$P_DOVECOT_POP3"
+  - name: imaps-pp
+    protocol: imap
+    listen: "127.0.0.1:$P_IMAPS_PP"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_IMAP_PP"
+    backend_proxy_protocol: true
+  - name: submissions-pp
+    protocol: smtp
+    listen: "127.0.0.1:$P_SMTPS_PP"
+    tls: implicit
+    backend: "127.0.0.1:$P_POSTFIX_PP"
+    backend_proxy_protocol: true
 
 metrics:
   listen: "127.0.0.1:$P_METRICS"
@@ -469,7 +496,8 @@ start_mailfront() {
     "$MF_BIN" --config "$MF_CONF" >"$MF_LOG" 2>&1 &
     MF_PID=$!
     if ! python3 "$MFI" waitport --timeout 30 \
-            "$P_SMTPS" "$P_SUBMISSION" "$P_IMAPS" "$P_IMAP" "$P_POP3S" "$P_POP3" 2>"$T/mf.wait.err"; then
+            "$P_SMTPS" "$P_SUBMISSION" "$P_IMAPS" "$P_IMAP" "$P_POP3S" "$P_POP3" \
+            "$P_IMAPS_PP" "$P_SMTPS_PP" 2>"$T/mf.wait.err"; then
         echo "$(cat "$T/mf.wait.err"); mailfront log tail: $(tail -n 5 "$MF_LOG" | tr '\n' ' ')" >&2
         return 1
     fi
@@ -706,6 +734,42 @@ case_imap_cleartext_refused() {
     python3 "$MFI" imap-cleartext-refused --port "$P_IMAP" --user "$LEAK_USER" --password "$LEAK_PASS"
 }
 
+# --- PROXY protocol v2 to the backend ---------------------------------------------------------
+
+case_imap_proxy_protocol() {
+    # imaplib over implicit TLS from $PP_CLIENT with SNI: Dovecot (haproxy = yes) must log the
+    # login with rip=$PP_CLIENT, i.e. the header's source, not mailfront's 127.0.0.1. The SNI
+    # travels as PP2_TYPE_AUTHORITY, which Dovecot rejects unless it is a valid DNS name.
+    local idname="pp993-$$" cipher
+    cipher=$(python3 "$MFI" imap-fetch --mode implicit --port "$P_IMAPS_PP" --cafile "$CA" \
+        --user "$USER_NAME" --password "$USER_PASS" --id-name "$idname" --min-messages 1 \
+        --source "$PP_CLIENT" --sni "$HOSTNAME_MF") || return 1
+    python3 "$MFI" imap-id-logged --log "$DOVECOT_LOG" --id-name "$idname" --expect-tls "$cipher" ||
+        return 1
+    python3 "$MFI" log-line --log "$DOVECOT_LOG" --contains "Login: user=<$USER_NAME>" \
+        --contains "rip=$PP_CLIENT," || return 1
+    # The auth request (auth_debug): secured=tls comes from the header's PP2_TYPE_SSL (the plain
+    # listener's logins say just "secured", from login_trusted_networks), local_name from
+    # PP2_TYPE_AUTHORITY, real_rip is mailfront.
+    python3 "$MFI" log-line --log "$DOVECOT_LOG" --contains "service=imap" \
+        --contains "secured=tls" --contains "rip=$PP_CLIENT" --contains "real_rip=127.0.0.1" \
+        --contains "local_name=$HOSTNAME_MF"
+}
+
+case_smtp_proxy_protocol() {
+    # smtplib SMTP_SSL from $PP_CLIENT: Postfix (smtpd_upstream_proxy_protocol = haproxy) must
+    # record $PP_CLIENT as the client, in its log and in the Received field it adds.
+    local s; s=$(subject pp465)
+    local cipher
+    cipher=$(python3 "$MFI" smtp-submit --mode implicit --port "$P_SMTPS_PP" --cafile "$CA" \
+        --user "$USER_NAME" --password "$USER_PASS" --sender "$USER_NAME" --rcpt "$USER_NAME" \
+        --subject "$s" --source "$PP_CLIENT" --sni "$HOSTNAME_MF") || return 1
+    check_received "$s" "$cipher" || return 1
+    python3 "$MFI" received-from --maildir "$MAILDIR" --subject "$s" --addr "$PP_CLIENT" || return 1
+    python3 "$MFI" log-line --log "$POSTFIX_LOG" --contains "connect from" \
+        --contains "[$PP_CLIENT]"
+}
+
 case_pop3_cleartext_refused() {
     python3 "$MFI" pop3-cleartext-refused --port "$P_POP3" --user "$LEAK_USER" --password "$LEAK_PASS"
 }
@@ -817,6 +881,8 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         run_case pop3-curl-110-stls curl_fetch "pop3://$HOSTNAME_MF:$P_POP3/1" --ssl-reqd
         run_case imap-fetchmail-993 case_fetchmail imap "$P_IMAPS" ssl
         run_case pop3-fetchmail-110-stls case_fetchmail pop3 "$P_POP3" starttls
+        run_case imap-proxy-protocol-993-dovecot-sees-client case_imap_proxy_protocol
+        run_case smtp-proxy-protocol-465-postfix-sees-client case_smtp_proxy_protocol
         run_case imap-143-cleartext-login-refused case_imap_cleartext_refused
         run_case pop3-110-cleartext-auth-refused case_pop3_cleartext_refused
         run_case cleartext-credentials-never-reach-backend-logs case_cleartext_not_in_logs
@@ -863,6 +929,7 @@ EOF
     if [ "$BACKEND_ONLY" = 0 ]; then
         cat <<EOF
   mailfront: submissions $P_SMTPS, submission $P_SUBMISSION, imaps $P_IMAPS, imap $P_IMAP, pop3s $P_POP3S, pop3 $P_POP3, metrics $P_METRICS
+  with PROXY v2 to the backend: imaps-pp $P_IMAPS_PP (Dovecot haproxy $P_DOVECOT_IMAP_PP), submissions-pp $P_SMTPS_PP (Postfix haproxy $P_POSTFIX_PP)
 
   swaks --server 127.0.0.1 --port $P_SMTPS --tls-on-connect --auth PLAIN --auth-user $USER_NAME --auth-password '$USER_PASS' --to $USER_NAME --tls-ca-path $CA --tls-verify --tls-sni $HOSTNAME_MF
   swaks --server 127.0.0.1 --port $P_SUBMISSION --tls --auth PLAIN --auth-user $USER_NAME --auth-password '$USER_PASS' --to $USER_NAME --tls-ca-path $CA

@@ -246,7 +246,8 @@ def paths(node, pre=""):
     return out
 example = paths(yaml.safe_load(open(sys.argv[1])))
 # Optional keys that config.yaml.example shows in comments only.
-example |= {"tls.certificates[].cert", "tls.certificates[].key", "listeners[].max_connections"}
+example |= {"tls.certificates[].cert", "tls.certificates[].key", "listeners[].max_connections",
+            "listeners[].backend_proxy_protocol"}
 rendered = paths(yaml.safe_load(yaml.safe_load(open(sys.argv[2]))["data"]["config.yaml"]))
 missing = sorted(example - rendered)
 extra = sorted(rendered - example)

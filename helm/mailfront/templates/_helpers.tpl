@@ -119,6 +119,7 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- $l := dict "name" .name "protocol" .protocol "tls" .tls "backend" .backend "listen" (printf "%s:%d" $.Values.bindAddress (int .containerPort)) }}
 {{- if hasKey . "require_tls_for_mail" }}{{ $_ := set $l "require_tls_for_mail" .require_tls_for_mail }}{{ end }}
 {{- if hasKey . "max_connections" }}{{ $_ := set $l "max_connections" .max_connections }}{{ end }}
+{{- if hasKey . "backend_proxy_protocol" }}{{ $_ := set $l "backend_proxy_protocol" .backend_proxy_protocol }}{{ end }}
 {{- $listeners = append $listeners $l }}
 {{- end }}
 {{- $_ := set $cfg "listeners" $listeners }}
