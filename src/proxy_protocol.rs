@@ -26,14 +26,10 @@ pub const SIGNATURE: [u8; 12] = [
 ];
 /// Version 2, command PROXY: the connection is relayed for the addresses that follow.
 pub const VERSION_PROXY: u8 = 0x21;
-/// Version 2, command LOCAL: a connection of the proxy's own (health check); no addresses.
-pub const VERSION_LOCAL: u8 = 0x20;
 /// AF_INET + STREAM.
 pub const FAMILY_TCP4: u8 = 0x11;
 /// AF_INET6 + STREAM.
 pub const FAMILY_TCP6: u8 = 0x21;
-/// AF_UNSPEC + UNSPEC, used with LOCAL.
-pub const FAMILY_UNSPEC: u8 = 0x00;
 
 pub const PP2_TYPE_AUTHORITY: u8 = 0x02;
 pub const PP2_TYPE_SSL: u8 = 0x20;
@@ -100,17 +96,6 @@ pub fn encode_v2(client: SocketAddr, local: SocketAddr, tls: Option<&TlsInfo>) -
     let len = u16::try_from(body.len()).unwrap_or(u16::MAX);
     header.extend_from_slice(&len.to_be_bytes());
     header.extend_from_slice(&body);
-    header
-}
-
-/// The LOCAL header (§9.9 X6): for a connection of mailfront's own, such as a health check; the
-/// receiver uses the real endpoints.
-pub fn encode_v2_local() -> Vec<u8> {
-    let mut header = Vec::with_capacity(16);
-    header.extend_from_slice(&SIGNATURE);
-    header.push(VERSION_LOCAL);
-    header.push(FAMILY_UNSPEC);
-    header.extend_from_slice(&0u16.to_be_bytes());
     header
 }
 
@@ -432,12 +417,5 @@ mod tests {
         ));
         let ssl = &d.tlvs[0].1;
         assert_eq!(ssl.len(), 5, "only client and verify: {ssl:?}");
-    }
-
-    #[test]
-    fn local_header_has_command_local_unspec_family_and_zero_length() {
-        let mut expected = SIGNATURE.to_vec();
-        expected.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
-        assert_eq!(encode_v2_local(), expected);
     }
 }
