@@ -9,7 +9,7 @@
 //! - [`backend`]: connecting to the cleartext backend with a deadline; byte counting.
 //! - [`proxy_protocol`]: the HAProxy PROXY v2 header optionally sent first to the backend.
 //! - [`relay`]: the byte relay used once a protocol no longer needs parsing.
-//! - [`line`]: bounded line framing shared by the three protocol codecs.
+//! - [`line`](mod@line): bounded line framing shared by the three protocol codecs.
 //! - [`smtp`], [`imap`], [`pop3`]: sans-I/O codecs and rewriters plus the session drivers.
 //! - [`metrics`]: Prometheus handles and the `/metrics`, `/healthz`, `/readyz` endpoint.
 #![forbid(unsafe_code)]
