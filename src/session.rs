@@ -130,6 +130,45 @@ impl AsyncWrite for ClientStream {
     }
 }
 
+/// Writes all of `bytes` and flushes, within `session`'s idle timeout: a peer that stops reading
+/// cannot pin the session (or its buffers) forever.
+pub(crate) async fn write_timed<W>(
+    stream: &mut W,
+    bytes: &[u8],
+    session: &Session,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let limit = session.listener.timeouts.idle;
+    match tokio::time::timeout(limit, async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    })
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+    }
+}
+
+/// STARTTLS/STLS, once the protocol driver has answered the command and dropped whatever the
+/// client pipelined after it: runs the handshake; a failure is counted and logged here, and the
+/// session ends (the stream was consumed, so there is nothing left to close).
+pub async fn upgrade_client(
+    client: ClientStream,
+    listener: &ListenerContext,
+    client_addr: SocketAddr,
+) -> Result<(ClientStream, TlsInfo, std::time::Duration), EndReason> {
+    client.upgrade(&listener.handshaker).await.map_err(|e| {
+        if let UpgradeError::Handshake(h) = &e {
+            listener.metrics.handshake_failed(h.reason);
+        }
+        tracing::debug!(listener = %listener.config.name, client = %client_addr, error = %e, "STARTTLS handshake failed");
+        EndReason::TlsHandshakeFailed
+    })
+}
+
 /// Why a session ended, for the close log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndReason {
@@ -286,6 +325,27 @@ impl Session {
             },
             () = self.shutdown.cancelled() => EndReason::Shutdown,
         }
+    }
+
+    /// The switch after a successful login (IMAP, POP3): bytes held on either side go first, in
+    /// order, then a plain relay with no more parsing until the end.
+    pub async fn relay_after_login(
+        &self,
+        client: &mut ClientStream,
+        backend: &mut BackendStream,
+        held_client: &[u8],
+        held_backend: &[u8],
+    ) -> EndReason {
+        if !held_client.is_empty() && write_timed(backend, held_client, self).await.is_err() {
+            client.close().await;
+            return EndReason::BackendClosed;
+        }
+        if !held_backend.is_empty() && write_timed(client, held_backend, self).await.is_err() {
+            return EndReason::ClientClosed;
+        }
+        let reason = self.relay(client, backend).await;
+        client.close().await;
+        reason
     }
 
     /// The one line at close: who, what protected it, how much moved, how long, and why it ended.

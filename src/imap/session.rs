@@ -21,7 +21,7 @@
 //! only held (not parsed) do not extend it, so a silent backend cannot be kept alive by a
 //! trickling client.
 
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::backend::BackendStream;
@@ -32,7 +32,7 @@ use crate::imap::policy::{self, Decision, GateState};
 use crate::imap::reply;
 use crate::imap::response::{ResponseLimits, ResponseReceiver, ServerEvent, Status};
 use crate::metrics::{AuthResult, IdSource};
-use crate::session::{ClientStream, EndReason, Session};
+use crate::session::{ClientStream, EndReason, Session, upgrade_client, write_timed};
 
 /// One read from either side.
 const READ_CHUNK: usize = 16 * 1024;
@@ -59,71 +59,25 @@ pub async fn serve(client: ClientStream, session: &mut Session) -> EndReason {
             }
             Outcome::StartTls => {
                 // The pipelined bytes were dropped by the driver; the handshake reads the socket.
-                match client.upgrade(&session.listener.handshaker).await {
+                match upgrade_client(client, &session.listener, session.client_addr).await {
                     Ok((upgraded, info, took)) => {
                         client = upgraded;
                         session.tls_established(info, took, true);
                         driver.tls_started(session);
                     }
-                    Err(e) => {
-                        if let crate::session::UpgradeError::Handshake(h) = &e {
-                            session.listener.metrics.handshake_failed(h.reason);
-                        }
-                        tracing::debug!(listener = %session.listener.config.name, client = %session.client_addr, error = %e, "starttls handshake failed");
-                        return EndReason::TlsHandshakeFailed;
-                    }
+                    Err(reason) => return reason,
                 }
             }
             Outcome::Authenticated => {
-                // Bytes held on either side go first, then no more parsing (RFC 8314 is done).
                 let held_client = std::mem::take(&mut driver.cbuf);
                 let held_backend = std::mem::take(&mut driver.bbuf);
-                if !held_client.is_empty()
-                    && write_timed(&mut backend, &held_client, session)
-                        .await
-                        .is_err()
-                {
-                    client.close().await;
-                    return EndReason::BackendClosed;
-                }
-                if !held_backend.is_empty()
-                    && write_timed(&mut client, &held_backend, session)
-                        .await
-                        .is_err()
-                {
-                    return EndReason::ClientClosed;
-                }
                 drop(driver);
-                let reason = session.relay(&mut client, &mut backend).await;
-                client.close().await;
-                return reason;
+                return session
+                    .relay_after_login(&mut client, &mut backend, &held_client, &held_backend)
+                    .await;
             }
         }
         outcome = driver.run(&mut client, &mut backend, session).await;
-    }
-}
-
-/// Writes all of `bytes`, bounded by the idle timeout (a peer that stops reading cannot pin us).
-pub(crate) async fn write_timed<W>(
-    stream: &mut W,
-    bytes: &[u8],
-    session: &Session,
-) -> Result<(), std::io::Error>
-where
-    W: AsyncWrite + Unpin + ?Sized,
-{
-    let limit = session.listener.timeouts.idle;
-    match tokio::time::timeout(limit, async {
-        stream.write_all(bytes).await?;
-        stream.flush().await
-    })
-    .await
-    {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "write timed out",
-        )),
     }
 }
 

@@ -19,7 +19,6 @@ use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::backend::BackendStream;
-use crate::imap::session::write_timed;
 use crate::metrics::AuthResult;
 use crate::pop3::capa::{self, CapaView};
 use crate::pop3::codec::{
@@ -28,7 +27,7 @@ use crate::pop3::codec::{
 };
 use crate::pop3::policy::{self, Decision, GateState};
 use crate::pop3::reply;
-use crate::session::{ClientStream, EndReason, Session};
+use crate::session::{ClientStream, EndReason, Session, upgrade_client, write_timed};
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -51,42 +50,23 @@ pub async fn serve(client: ClientStream, session: &mut Session) -> EndReason {
                 client.close().await;
                 return reason;
             }
-            Outcome::StartTls => match client.upgrade(&session.listener.handshaker).await {
-                Ok((upgraded, info, took)) => {
-                    client = upgraded;
-                    session.tls_established(info, took, true);
-                    driver.tls_started(session);
-                }
-                Err(e) => {
-                    if let crate::session::UpgradeError::Handshake(h) = &e {
-                        session.listener.metrics.handshake_failed(h.reason);
+            Outcome::StartTls => {
+                match upgrade_client(client, &session.listener, session.client_addr).await {
+                    Ok((upgraded, info, took)) => {
+                        client = upgraded;
+                        session.tls_established(info, took, true);
+                        driver.tls_started(session);
                     }
-                    tracing::debug!(listener = %session.listener.config.name, client = %session.client_addr, error = %e, "stls handshake failed");
-                    return EndReason::TlsHandshakeFailed;
+                    Err(reason) => return reason,
                 }
-            },
+            }
             Outcome::Authenticated => {
                 let held_client = std::mem::take(&mut driver.cbuf);
                 let held_backend = std::mem::take(&mut driver.bbuf);
-                if !held_client.is_empty()
-                    && write_timed(&mut backend, &held_client, session)
-                        .await
-                        .is_err()
-                {
-                    client.close().await;
-                    return EndReason::BackendClosed;
-                }
-                if !held_backend.is_empty()
-                    && write_timed(&mut client, &held_backend, session)
-                        .await
-                        .is_err()
-                {
-                    return EndReason::ClientClosed;
-                }
                 drop(driver);
-                let reason = session.relay(&mut client, &mut backend).await;
-                client.close().await;
-                return reason;
+                return session
+                    .relay_after_login(&mut client, &mut backend, &held_client, &held_backend)
+                    .await;
             }
         }
         outcome = driver.run(&mut client, &mut backend, session).await;

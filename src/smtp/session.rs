@@ -43,7 +43,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::BackendStream;
 use crate::metrics::AuthResult;
-use crate::session::{ClientStream, EndReason, Session, UpgradeError};
+use crate::session::{ClientStream, EndReason, Session, upgrade_client};
 use crate::smtp::bdat::{self, ChunkReader};
 use crate::smtp::command::{Bdat, Command, SaslResponse, Verb};
 use crate::smtp::data::{DataEvent, DataScanner};
@@ -91,20 +91,15 @@ pub async fn serve(mut client: ClientStream, session: &mut Session) -> EndReason
         Ok(()) => loop {
             match driver.run(&mut client).await {
                 Err(reason) => break reason,
-                Ok(StartTls) => match client.upgrade(&listener.handshaker).await {
-                    Ok((upgraded, info, took)) => {
-                        client = upgraded;
-                        driver.tls_started(info, took);
-                    }
-                    Err(e) => {
-                        if let UpgradeError::Handshake(h) = &e {
-                            listener.metrics.handshake_failed(h.reason);
+                Ok(StartTls) => {
+                    match upgrade_client(client, &listener, driver.session.client_addr).await {
+                        Ok((upgraded, info, took)) => {
+                            client = upgraded;
+                            driver.tls_started(info, took);
                         }
-                        tracing::debug!(listener = %listener.config.name, client = %driver.session.client_addr, error = %e, "STARTTLS handshake failed");
-                        // The stream was consumed by the failed handshake: nothing to close.
-                        return EndReason::TlsHandshakeFailed;
+                        Err(reason) => return reason,
                     }
-                },
+                }
             }
         },
     };
