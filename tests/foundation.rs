@@ -21,15 +21,12 @@ fn leaf_der(stream: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> 
 
 #[tokio::test]
 async fn implicit_tls_relays_both_ways_and_reports_iana_names() {
-    let pki = Pki::new();
-    let cert = pki.issue("mx", &["mx.example.test"], false);
-    let backend = FakeBackend::start(FakeKind::Imap).await;
-    let yaml = config_yaml(
-        &[&cert],
-        &[listener_yaml("echo", "imap", "implicit", backend.addr)],
-        "",
-    );
-    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let OneListener {
+        pki,
+        cert: _,
+        backend,
+        proxy,
+    } = one_listener(FakeKind::Imap, "echo", "imap").await;
 
     let tls = tls_connect(
         proxy.addr("echo"),
@@ -70,15 +67,12 @@ async fn implicit_tls_relays_both_ways_and_reports_iana_names() {
 
 #[tokio::test]
 async fn tls12_with_an_ecdsa_certificate_negotiates_ecdhe_ecdsa_aead() {
-    let pki = Pki::new();
-    let cert = pki.issue("mx", &["mx.example.test"], false);
-    let backend = FakeBackend::start(FakeKind::Echo).await;
-    let yaml = config_yaml(
-        &[&cert],
-        &[listener_yaml("e", "pop3", "implicit", backend.addr)],
-        "",
-    );
-    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let OneListener {
+        pki,
+        cert: _,
+        backend: _,
+        proxy,
+    } = one_listener(FakeKind::Echo, "e", "pop3").await;
     let suites = vec![
         rustls::crypto::aws_lc_rs::cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
     ];
@@ -187,15 +181,12 @@ async fn sni_chooses_between_certificates_and_unknown_names_get_the_first() {
 
 #[tokio::test]
 async fn replaced_certificate_serves_new_handshakes_while_open_sessions_continue() {
-    let pki = Pki::new();
-    let cert = pki.issue("mx", &["mx.example.test"], false);
-    let backend = FakeBackend::start(FakeKind::Imap).await;
-    let yaml = config_yaml(
-        &[&cert],
-        &[listener_yaml("e", "imap", "implicit", backend.addr)],
-        "",
-    );
-    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let OneListener {
+        pki,
+        cert,
+        backend: _,
+        proxy,
+    } = one_listener(FakeKind::Imap, "e", "imap").await;
     // A fresh client each time: a resumed TLS 1.3 session would report the old peer certificate.
     let config = || client_config(&pki.ca_der, &both_versions(), None);
 
@@ -373,15 +364,12 @@ async fn ipv6_listener_serves_when_the_host_has_ipv6() {
 
 #[tokio::test]
 async fn garbage_instead_of_a_client_hello_is_dropped_without_harm() {
-    let pki = Pki::new();
-    let cert = pki.issue("mx", &["mx.example.test"], false);
-    let backend = FakeBackend::start(FakeKind::Echo).await;
-    let yaml = config_yaml(
-        &[&cert],
-        &[listener_yaml("e", "imap", "implicit", backend.addr)],
-        "",
-    );
-    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let OneListener {
+        pki,
+        cert: _,
+        backend: _,
+        proxy,
+    } = one_listener(FakeKind::Echo, "e", "imap").await;
     let mut seed = 0x1234_5678u32;
     for len in [0usize, 1, 5, 100, 5000] {
         let mut tcp = tokio::net::TcpStream::connect(proxy.addr("e"))
@@ -415,15 +403,12 @@ async fn openssl_s_client_tls11_refused_tls12_and_tls13_accepted() {
         eprintln!("openssl not installed; skipping");
         return;
     }
-    let pki = Pki::new();
-    let cert = pki.issue("mx", &["mx.example.test"], false);
-    let backend = FakeBackend::start(FakeKind::Echo).await;
-    let yaml = config_yaml(
-        &[&cert],
-        &[listener_yaml("e", "imap", "implicit", backend.addr)],
-        "",
-    );
-    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let OneListener {
+        pki,
+        cert: _,
+        backend: _,
+        proxy,
+    } = one_listener(FakeKind::Echo, "e", "imap").await;
     let addr = proxy.addr("e").to_string();
     let ca = pki.ca_path();
     let run = move |flag: &'static str| {
@@ -622,15 +607,12 @@ fn check_accepts_the_shipped_example_and_names_every_problem_in_a_broken_one() {
 
 #[tokio::test]
 async fn admin_endpoint_serves_metrics_health_and_readiness() {
-    let pki = Pki::new();
-    let cert = pki.issue("mx", &["mx.example.test"], false);
-    let backend = FakeBackend::start(FakeKind::Echo).await;
-    let yaml = config_yaml(
-        &[&cert],
-        &[listener_yaml("e", "imap", "implicit", backend.addr)],
-        "",
-    );
-    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let OneListener {
+        pki: _pki,
+        cert: _,
+        backend: _,
+        proxy,
+    } = one_listener(FakeKind::Echo, "e", "imap").await;
     let admin = proxy.admin.unwrap();
     let get = |path: &'static str| async move {
         let Ok(mut tcp) = tokio::net::TcpStream::connect(admin).await else {

@@ -183,6 +183,33 @@ pub fn config_yaml(certs: &[&IssuedCert], listeners: &[String], extra: &str) -> 
     yaml
 }
 
+/// The most common setup: a test CA with one certificate for mx.example.test, a fake backend,
+/// and the proxy with one implicit-TLS listener in front of it.
+pub struct OneListener {
+    pub pki: Pki,
+    pub cert: IssuedCert,
+    pub backend: FakeBackend,
+    pub proxy: Proxy,
+}
+
+pub async fn one_listener(kind: FakeKind, name: &str, protocol: &str) -> OneListener {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(kind).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml(name, protocol, "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    OneListener {
+        pki,
+        cert,
+        backend,
+        proxy,
+    }
+}
+
 /// What a fake backend received, per connection.
 #[derive(Clone, Default)]
 pub struct Recorder(pub Arc<Mutex<Vec<Vec<u8>>>>);
