@@ -231,7 +231,10 @@ mod tests {
     #[test]
     fn a_crlf_split_across_chunks_is_one_line_end_and_a_violation_is_latched() {
         assert_eq!(verdict(&[b"line one\r", b"\nline two\r\n"], 512), Ok(()));
-        assert_eq!(verdict(&[b"line one\r", b"\r\n"], 512), Err(BareLineEnding::Cr));
+        assert_eq!(
+            verdict(&[b"line one\r", b"\r\n"], 512),
+            Err(BareLineEnding::Cr)
+        );
         assert_eq!(verdict(&[b"line one\r", b""], 512), Err(BareLineEnding::Cr));
         let mut scanner = ContentScanner::new();
         assert_eq!(scanner.scan(b"a\nb", false), Err(BareLineEnding::Lf));

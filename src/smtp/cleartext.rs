@@ -110,14 +110,20 @@ mod tests {
                 ),
             ),
             ("ehlo", Action::Reply(cleartext_ehlo(HOST))),
-            ("HELO client", Action::Reply(b"250 mx.example.test\r\n".to_vec())),
+            (
+                "HELO client",
+                Action::Reply(b"250 mx.example.test\r\n".to_vec()),
+            ),
             ("NOOP", Action::Reply(OK.to_vec())),
             ("NOOP anything", Action::Reply(OK.to_vec())),
             ("RSET", Action::Reply(OK.to_vec())),
             ("QUIT", Action::Quit),
             ("STARTTLS", Action::StartTls),
             ("STARTTLS x", Action::Reply(STARTTLS_SYNTAX.to_vec())),
-            ("AUTH PLAIN AGFsaWNlAHNlY3JldA==", Action::Reply(MUST_STARTTLS.to_vec())),
+            (
+                "AUTH PLAIN AGFsaWNlAHNlY3JldA==",
+                Action::Reply(MUST_STARTTLS.to_vec()),
+            ),
             ("AUTH LOGIN", Action::Reply(MUST_STARTTLS.to_vec())),
             ("MAIL FROM:<a@b>", Action::Reply(MUST_STARTTLS.to_vec())),
             ("RCPT TO:<a@b>", Action::Reply(MUST_STARTTLS.to_vec())),
@@ -163,7 +169,10 @@ mod tests {
             ),
             ("VRFY bob", Action::Reply(MUST_STARTTLS.to_vec())),
             ("EHLO x", Action::Reply(cleartext_ehlo(HOST))),
-            ("AUTH PLAIN AGFsaWNlAHNlY3JldA==", Action::Reply(MUST_STARTTLS.to_vec())),
+            (
+                "AUTH PLAIN AGFsaWNlAHNlY3JldA==",
+                Action::Reply(MUST_STARTTLS.to_vec()),
+            ),
         ];
         for (line, expected) in table {
             let command = Command::parse(line.as_bytes());
@@ -173,7 +182,8 @@ mod tests {
 
     #[test]
     fn a_pipelined_cleartext_dialogue_gets_every_reply_in_order_however_it_is_read() {
-        let mut input = b"EHLO a\r\nNOOP\r\nAUTH PLAIN AGFsaWNl\r\nNOOP\nRSET\r\nMAIL\0\r\n".to_vec();
+        let mut input =
+            b"EHLO a\r\nNOOP\r\nAUTH PLAIN AGFsaWNl\r\nNOOP\nRSET\r\nMAIL\0\r\n".to_vec();
         input.extend_from_slice(b"AUTH XOAUTH2 ");
         input.extend(std::iter::repeat_n(b'A', 13_000));
         input.extend_from_slice(b"\r\nHELP\r\nQUIT\r\n");

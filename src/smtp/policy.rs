@@ -505,7 +505,11 @@ mod tests {
             decide(&plain(), ClientInput::Command(&command)),
             reply(BARE_LF_IN_COMMAND)
         );
-        for bytes in [&b"AUTH PLAIN AGFsaWNl\n"[..], b"AUTH PLAIN a\rb\r\n", b"AUTH\0\r\n"] {
+        for bytes in [
+            &b"AUTH PLAIN AGFsaWNl\n"[..],
+            b"AUTH PLAIN a\rb\r\n",
+            b"AUTH\0\r\n",
+        ] {
             let command = Command::from_line(&line(bytes, LineMode::Command));
             assert_eq!(
                 decide(&plain(), ClientInput::Command(&command)),

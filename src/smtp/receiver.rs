@@ -303,10 +303,17 @@ mod tests {
         for split in 0..=corpus.len() {
             let (a, b) = corpus.split_at(split);
             let mut rx = CommandReceiver::default();
-            assert_eq!(run(&mut rx, &[a, b], LineMode::Command), expected, "{split}");
+            assert_eq!(
+                run(&mut rx, &[a, b], LineMode::Command),
+                expected,
+                "{split}"
+            );
         }
         let mut rx = CommandReceiver::default();
-        assert_eq!(run(&mut rx, &chunked(corpus, 1), LineMode::Command), expected);
+        assert_eq!(
+            run(&mut rx, &chunked(corpus, 1), LineMode::Command),
+            expected
+        );
     }
 
     #[test]

@@ -59,12 +59,12 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::BackendStream;
+use crate::config::TlsMode;
 use crate::metrics::AuthResult;
 use crate::session::{ClientStream, EndReason, Session, upgrade_client};
 use crate::smtp::bdat::{self, ChunkReader, ContentScanner};
 use crate::smtp::cleartext::{self, Action};
 use crate::smtp::command::{Bdat, Command, SaslResponse, Verb};
-use crate::config::TlsMode;
 use crate::smtp::data::{BareLineEnding, DataEvent, DataScanner};
 use crate::smtp::ehlo::{BackendCapabilities, EhloContext, rewrite_ehlo};
 use crate::smtp::local_reply;
