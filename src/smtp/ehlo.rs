@@ -250,6 +250,17 @@ mod tests {
     }
 
     #[test]
+    fn binarymime_is_never_offered_because_bdat_content_must_have_crlf_line_ends() {
+        let raw = b"250-backend.local\r\n250-CHUNKING\r\n250-binarymime\r\n250 8BITMIME\r\n";
+        let reply = Reply::parse(raw).unwrap();
+        assert!(BackendCapabilities::from_ehlo(&reply).binarymime);
+        for tls in [false, true] {
+            let out = rewrite_ehlo(&reply, &ctx(tls, TlsMode::Implicit));
+            assert_eq!(keywords(&out), vec!["CHUNKING", "8BITMIME"]);
+        }
+    }
+
+    #[test]
     fn before_tls_on_a_starttls_listener_auth_is_hidden_and_our_starttls_is_offered() {
         let out = rewrite_ehlo(
             &Reply::parse(BACKEND).unwrap(),
