@@ -236,8 +236,10 @@ async fn implicit_pop3_without_sni_sends_ssl_tlv_but_no_authority() {
     assert_eq!(h.tlv(TYPE_AUTHORITY), None, "no SNI, no AUTHORITY");
 }
 
+/// A STARTTLS SMTP listener connects the backend only after the handshake (nothing reaches a
+/// backend before TLS), so its one header carries the TLS details.
 #[tokio::test]
-async fn starttls_smtp_header_is_cleartext_at_connect_and_there_is_only_one() {
+async fn starttls_smtp_header_carries_tls_and_there_is_only_one() {
     let e = env(FakeKind::Smtp, "smtp", "starttls", "127.0.0.1:0").await;
     let source = client_source().await;
     let tcp = connect_from(source, e.proxy.addr("l")).await;
@@ -254,8 +256,16 @@ async fn starttls_smtp_header_is_cleartext_at_connect_and_there_is_only_one() {
     let _ = read_smtp_reply(&mut io).await;
     io.get_mut().write_all(b"STARTTLS\r\n").await.unwrap();
     assert!(read_smtp_reply(&mut io).await.starts_with("220 2.0.0"));
+    assert!(
+        e.backend.proxy_headers.connections().is_empty(),
+        "no backend connection before TLS"
+    );
     let config = client_config(&e.pki.ca_der, &[&rustls::version::TLS13], None);
     let tls = tls_upgrade(io.into_inner(), HOST, config).await.unwrap();
+    let cipher = {
+        let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+        mailfront::tls::names::cipher_suite_name(u16::from(suite)).into_owned()
+    };
     let mut io = BufReader::new(tls);
     io.get_mut()
         .write_all(b"EHLO client.test\r\n")
@@ -269,18 +279,28 @@ async fn starttls_smtp_header_is_cleartext_at_connect_and_there_is_only_one() {
     let _ = read_smtp_reply(&mut io).await;
 
     let headers = e.backend.proxy_headers.connections();
-    assert_eq!(headers.len(), 1, "STARTTLS does not reconnect or resend");
+    assert_eq!(headers.len(), 1, "one connection, one header");
     let h = decode(&headers[0]);
     assert_eq!(h.ver_cmd, 0x21);
     assert_eq!(h.src, client_addr);
     assert_eq!(h.dst, e.proxy.addr("l"));
+    let (client, _, subs) = h.ssl().expect("PP2_TYPE_SSL: the client is TLS at connect");
+    assert_eq!(client, 0x01);
     assert!(
-        h.tlvs.is_empty(),
-        "the client was cleartext when the backend was connected: {:?}",
-        h.tlvs
+        subs.contains(&(SUBTYPE_SSL_VERSION, b"TLSv1.3".to_vec())),
+        "{subs:?}"
     );
-    // The backend saw the session continue normally after the header.
-    assert!(e.backend.recorder.all_text().contains("AUTH PLAIN"));
+    assert!(
+        subs.contains(&(SUBTYPE_SSL_CIPHER, cipher.into_bytes())),
+        "{subs:?}"
+    );
+    // The backend's first command is the client's post-TLS EHLO.
+    assert!(
+        e.backend
+            .recorder
+            .all_text()
+            .starts_with("EHLO client.test\r\nAUTH PLAIN")
+    );
 }
 
 #[tokio::test]

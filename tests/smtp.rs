@@ -176,6 +176,8 @@ fn auth_plain(password: &str) -> String {
 struct Transcript {
     commands: Vec<String>,
     messages: Vec<Vec<u8>>,
+    /// A BDAT chunk got fewer octets than it announced (the connection ended first).
+    truncated: bool,
 }
 
 fn transcript(bytes: &[u8]) -> Transcript {
@@ -204,6 +206,7 @@ fn transcript(bytes: &[u8]) -> Transcript {
         } else if let Some(args) = upper.strip_prefix("BDAT ") {
             let mut words = args.split_whitespace();
             let n: usize = words.next().unwrap().parse().unwrap();
+            t.truncated |= n > rest.len();
             let (chunk, tail) = rest.split_at(n.min(rest.len()));
             bdat.extend_from_slice(chunk);
             rest = tail;
@@ -1317,4 +1320,393 @@ async fn a_client_that_never_reads_its_replies_is_dropped_after_the_idle_timeout
     };
     assert!(ended, "the proxy kept the session after {sent} octets");
     assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+// ---- Issue 11: nothing before TLS reaches the backend; line endings are framing too ----
+
+fn backend_connections(env: &Env) -> usize {
+    env.backend.recorder.connections().len()
+}
+
+/// RFC 8314 §4.1: cleartext idlers on a STARTTLS listener hold no backend connection (before,
+/// each held one, and a few hundred exhausted the backend's process limit).
+#[tokio::test]
+async fn two_hundred_idle_cleartext_connections_open_no_backend_connection() {
+    let env = env().await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(plain(&env).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(backend_connections(&env), 0);
+    // They are live sessions: each still answers.
+    for c in idle.iter_mut().step_by(40) {
+        assert_eq!(c.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+    }
+    drop(idle);
+    assert_eq!(backend_connections(&env), 0);
+}
+
+/// The whole cleartext dialogue is answered by mailfront (greeting, EHLO with only PIPELINING,
+/// ENHANCEDSTATUSCODES and STARTTLS, HELO, NOOP, RSET, QUIT, and refusals, pipelined replies in
+/// order) and the backend is never even connected.
+#[tokio::test]
+async fn the_cleartext_dialogue_is_answered_locally_and_nothing_reaches_the_backend() {
+    let env = env().await;
+    let mut c = plain(&env).await;
+    assert_eq!(
+        c.cmd(&format!("EHLO {HELO}")).await,
+        format!("250-{HOST}\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n")
+    );
+    assert_eq!(c.cmd("HELO x").await, format!("250 {HOST}\r\n"));
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+    assert_eq!(c.cmd("RSET").await, "250 2.0.0 Ok\r\n");
+    let must = "530 5.7.0 Must issue a STARTTLS command first\r\n";
+    // Pipelined: one write, replies in order.
+    c.send(format!(
+        "{}\r\nAUTH LOGIN\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n\
+         DATA\r\nVRFY root\r\nFOO\r\nBDAT 4 LAST\r\nxyz\nNOOP\r\nEHLO lf\nXCLIENT ADDR=1.2.3.4\r\n\
+         NOOP\r\n",
+        auth_plain("secret")
+    ))
+    .await;
+    for expected in [must, must, must, must, must, must, must, must] {
+        assert_eq!(c.reply().await, expected);
+    }
+    assert_eq!(c.reply().await, "250 2.0.0 Ok\r\n", "the chunk was dropped");
+    assert_eq!(
+        c.reply().await,
+        "500 5.5.2 Error: bare LF in command line\r\n"
+    );
+    assert!(c.reply().await.starts_with("500 5.5.1"));
+    assert_eq!(c.reply().await, "250 2.0.0 Ok\r\n");
+    assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
+    assert_eq!(c.rest().await, "");
+    assert_eq!(backend_connections(&env), 0);
+    assert_eq!(
+        metric(&env, "mailfront_cleartext_auth_refused_total", "submission"),
+        2
+    );
+    assert_eq!(
+        metric(
+            &env,
+            "mailfront_backend_connect_duration_seconds_count",
+            "submission"
+        ),
+        0
+    );
+}
+
+/// After STARTTLS the backend is connected (its greeting swallowed), the client's new EHLO is
+/// the first thing it receives, the client sees the backend's capabilities (rewritten as on
+/// 465), and AUTH and a message go through with the Received field.
+#[tokio::test]
+async fn after_starttls_the_backend_is_connected_and_auth_and_a_message_go_through() {
+    let env = env().await;
+    let (mut c, before, after) = starttls(&env).await;
+    assert!(
+        !before.contains("AUTH") && !before.contains("SIZE"),
+        "{before}"
+    );
+    assert!(after.starts_with(&format!("250-{HOST}\r\n")), "{after}");
+    assert!(after.contains("AUTH PLAIN LOGIN"), "{after}");
+    assert!(after.contains("SIZE 104856576"), "{after}");
+    assert!(after.contains("CHUNKING"), "{after}");
+    assert!(
+        !after.contains("STARTTLS") && !after.contains("XCLIENT"),
+        "{after}"
+    );
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
+    let body = b"Subject: after starttls\r\n\r\nhello\r\n";
+    assert!(send_message(&mut c, body).await.starts_with("250 "));
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    let conns = env.backend.recorder.connections();
+    assert_eq!(conns.len(), 1);
+    let t = transcript(&conns[0]);
+    assert_eq!(t.commands[0], format!("EHLO {HELO}"), "{:?}", t.commands);
+    let (field, rest) = split_received(&t.messages[0]);
+    check_field(&field, &c, "ESMTPSA");
+    assert_eq!(rest, body);
+}
+
+/// A backend that is unreachable or refuses the session once TLS is up: the client gets
+/// `421 4.4.1` at once and the session ends.
+#[tokio::test]
+async fn a_backend_refusing_after_starttls_gives_421_4_4_1_at_once() {
+    let options = FakeOptions {
+        smtp_greeting: "554 5.3.2 backend.test busy\r\n".into(),
+        ..FakeOptions::default()
+    };
+    let env = env_with(options, "", "").await;
+    let mut c = plain(&env).await;
+    assert_eq!(c.cmd("STARTTLS").await, "220 2.0.0 Ready to start TLS\r\n");
+    let io = std::mem::replace(&mut c.io, BufReader::new(Box::new(tokio::io::empty())));
+    let tls = tls_upgrade(io.into_inner(), HOST, env.config.clone())
+        .await
+        .unwrap();
+    let mut t = Client::tls(tls);
+    let rest = t.rest().await;
+    assert!(rest.starts_with(&format!("421 4.4.1 {HOST} ")), "{rest}");
+    assert!(!rest.contains("backend.test"), "{rest}");
+}
+
+/// `require_tls_for_mail: false`: the backend is connected at the first cleartext MAIL, the
+/// client's EHLO is replayed (its reply swallowed), and the session relays as before. A later
+/// STARTTLS drops that connection and connects afresh after the handshake.
+#[tokio::test]
+async fn without_require_tls_for_mail_a_cleartext_mail_connects_lazily() {
+    let env = env_with(
+        FakeOptions::default(),
+        "    require_tls_for_mail: false\n",
+        "",
+    )
+    .await;
+    let mut c = plain(&env).await;
+    let ehlo = c.cmd(&format!("EHLO {HELO}")).await;
+    assert!(ehlo.ends_with("250 STARTTLS\r\n"), "{ehlo}");
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+    assert_eq!(
+        c.cmd("RCPT TO:<b@example.test>").await,
+        "503 5.5.1 Error: need MAIL command\r\n"
+    );
+    assert!(c.cmd("VRFY root").await.starts_with("530 5.7.0"));
+    assert_eq!(backend_connections(&env), 0);
+    let body = b"Subject: clear\r\n\r\nhi\r\n";
+    assert!(send_message(&mut c, body).await.starts_with("250 "));
+    assert_eq!(backend_connections(&env), 1);
+    let first = transcript(&env.backend.recorder.connections()[0]);
+    assert_eq!(
+        first.commands[..3],
+        [
+            format!("EHLO {HELO}"),
+            "MAIL FROM:<a@example.test>".to_owned(),
+            "RCPT TO:<b@example.test>".to_owned()
+        ]
+    );
+    assert_eq!(first.messages, vec![body.to_vec()], "no field in cleartext");
+
+    // STARTTLS on the same session: the cleartext backend connection is dropped and a new one
+    // made after the handshake.
+    assert_eq!(c.cmd("STARTTLS").await, "220 2.0.0 Ready to start TLS\r\n");
+    let io = std::mem::replace(&mut c.io, BufReader::new(Box::new(tokio::io::empty())));
+    let tls = tls_upgrade(io.into_inner(), HOST, env.config.clone())
+        .await
+        .unwrap();
+    let mut t = Client::tls(tls);
+    let after = t.cmd(&format!("EHLO {HELO}")).await;
+    assert!(after.contains("AUTH PLAIN"), "{after}");
+    assert!(t.cmd(&auth_plain("secret")).await.starts_with("235"));
+    assert!(send_message(&mut t, body).await.starts_with("250 "));
+    let conns = env.backend.recorder.connections();
+    assert_eq!(conns.len(), 2);
+    let second = transcript(&conns[1]);
+    assert_eq!(second.commands[0], format!("EHLO {HELO}"));
+    let (field, rest) = split_received(&second.messages[0]);
+    check_field(&field, &t, "ESMTPSA");
+    assert_eq!(rest, body);
+    assert!(!conns[0].windows(4).any(|w| w == b"AUTH"));
+}
+
+/// A bare LF ending a command line, a bare CR or a NUL inside one: `500 5.5.2`, never
+/// forwarded, before TLS, after TLS before AUTH, and after AUTH; the session stays in step.
+#[tokio::test]
+async fn bare_lf_bare_cr_and_nul_in_command_lines_are_refused_and_never_forwarded() {
+    let env = env().await;
+    let bad: [(&[u8], &str); 5] = [
+        (
+            b"MAIL FROM:<lf@evil.test>\n",
+            "500 5.5.2 Error: bare LF in command line\r\n",
+        ),
+        (
+            b"RCPT TO:<cr@evil.test>\rDATA\r\n",
+            "500 5.5.2 Error: bare CR in command line\r\n",
+        ),
+        (
+            b"NOOP nul@evil.test\0\r\n",
+            "500 5.5.2 Error: NUL in command line\r\n",
+        ),
+        (b"NOOP\n", "500 5.5.2 Error: bare LF in command line\r\n"),
+        (
+            b"RSET\r\rQUIT\r\n",
+            "500 5.5.2 Error: bare CR in command line\r\n",
+        ),
+    ];
+    // Before TLS (STARTTLS listener): refused locally like any other line (530 for MAIL).
+    let mut c = plain(&env).await;
+    for (line, expected) in bad {
+        c.send(line).await;
+        let reply = c.reply().await;
+        assert!(
+            reply == expected || reply.starts_with("530 5.7.0"),
+            "{line:?}: {reply}"
+        );
+    }
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+    // After TLS, before and after authentication.
+    let (mut t, _, _) = starttls(&env).await;
+    for authenticated in [false, true] {
+        if authenticated {
+            assert!(t.cmd(&auth_plain("secret")).await.starts_with("235"));
+        }
+        for (line, expected) in bad {
+            t.send(line).await;
+            assert_eq!(t.reply().await, expected, "{line:?}");
+        }
+        assert!(t.cmd("NOOP").await.starts_with("250"), "still in step");
+    }
+    let mut i = implicit(&env).await;
+    for (line, expected) in bad {
+        i.send(line).await;
+        assert_eq!(i.reply().await, expected, "{line:?}");
+    }
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("evil"), "{all:?}");
+    assert!(!all.contains('\0'));
+    assert!(!all.contains("QUIT"));
+    assert_eq!(all.matches('\n').count(), all.matches("\r\n").count());
+}
+
+/// SASL responses after a 334 are framing too: a bare LF, bare CR or NUL cancels the exchange
+/// with mailfront's own `*` (the backend's 501 swallowed) and gets `500 5.5.2`; the response
+/// never reaches the backend.
+#[tokio::test]
+async fn bare_line_endings_in_auth_continuations_and_cancels_are_refused_and_never_forwarded() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    let secret = base64_encode(b"\0user\0secret");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (format!("{secret}\n").into_bytes(), "bare LF"),
+        (b"*\n".to_vec(), "bare LF"),
+        (format!("{secret}\rQUIT\r\n").into_bytes(), "bare CR"),
+        (format!("{secret}\0\r\n").into_bytes(), "NUL"),
+    ];
+    for (line, kind) in &cases {
+        assert_eq!(c.cmd("AUTH PLAIN").await, "334 \r\n");
+        c.send(line).await;
+        assert_eq!(
+            c.reply().await,
+            format!("500 5.5.2 Error: {kind} in command line\r\n"),
+            "{line:?}"
+        );
+        assert!(c.cmd("NOOP").await.starts_with("250"), "still in step");
+    }
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains(&secret), "{all:?}");
+    assert_eq!(all.matches("*\r\n").count(), cases.len());
+    // A clean `*` is still the client's cancel, relayed; a clean response logs in.
+    assert_eq!(c.cmd("AUTH PLAIN").await, "334 \r\n");
+    assert!(c.cmd("*").await.starts_with("501"));
+    assert_eq!(c.cmd("AUTH PLAIN").await, "334 \r\n");
+    assert!(c.cmd(&secret).await.starts_with("235"));
+}
+
+/// A CR ending one read and its LF starting the next are one good CRLF; a line of exactly the
+/// limit (4096 octets, CRLF included) is forwarded and one octet more is refused whole.
+#[tokio::test]
+async fn a_crlf_split_across_reads_and_a_line_of_exactly_the_limit_are_accepted() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    c.send("NOOP split\r").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send("\n").await;
+    assert!(c.reply().await.starts_with("250"));
+    let exact = format!("NOOP {}", "e".repeat(4096 - 7));
+    c.send(format!("{exact}\r")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send("\n").await;
+    assert!(c.reply().await.starts_with("250"), "exactly the limit");
+    let over = format!("NOOP {}", "o".repeat(4096 - 6));
+    c.send(format!("{over}\r")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send("\n").await;
+    assert_eq!(c.reply().await, "500 5.5.2 Line too long\r\n");
+    assert!(c.cmd("NOOP").await.starts_with("250"));
+    let all = env.backend.recorder.all_text();
+    assert!(all.contains("NOOP split\r\n"));
+    assert!(all.contains(&format!("{exact}\r\n")));
+    assert!(!all.contains("ooo"));
+}
+
+/// BDAT content is held to DATA's rule: a bare LF or bare CR anywhere in the message (within a
+/// chunk, at a chunk boundary, or as its last octet) refuses it with `554 5.6.0`, the backend
+/// connection is dropped so the message never completes, and the next command gets 421.
+#[tokio::test]
+async fn bdat_with_a_bare_cr_or_lf_is_refused_like_data_and_never_completes() {
+    let env = env().await;
+    let cases: [&[&[u8]]; 4] = [
+        &[b"Subject: x\r\n\r\nsmuggled\n.\nMAIL FROM:<evil@x>\r\n"],
+        &[b"Subject: x\r\n\r\nfirst\r", b"second chunk\r\n"],
+        &[b"Subject: x\r\n\r\nlast octet is a CR\r"],
+        &[b"Subject: x\r\n\r\nline\r", b""],
+    ];
+    for chunks in cases {
+        let mut c = implicit(&env).await;
+        c.send("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n")
+            .await;
+        assert!(c.reply().await.starts_with("250"));
+        assert!(c.reply().await.starts_with("250"));
+        let mut replies = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = if i + 1 == chunks.len() { " LAST" } else { "" };
+            let mut w = format!("BDAT {}{last}\r\n", chunk.len()).into_bytes();
+            w.extend_from_slice(chunk);
+            c.send(w).await;
+            let reply = c.reply().await;
+            let refused = reply.starts_with("554");
+            replies.push(reply);
+            if refused {
+                break;
+            }
+        }
+        assert_eq!(
+            replies.last().unwrap(),
+            "554 5.6.0 Message refused: bare CR or LF in message content\r\n",
+            "{chunks:?}: {replies:?}"
+        );
+        let next = c.cmd("NOOP").await;
+        assert!(next.starts_with("421 "), "{next}");
+    }
+    // Pipelined: the earlier chunk's reply is read before the backend is dropped, in order.
+    let mut c = implicit(&env).await;
+    c.send(
+        "MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nBDAT 5\r\nabcde\
+         BDAT 4 LAST\r\nab\ncNOOP\r\n",
+    )
+    .await;
+    for _ in 0..3 {
+        assert!(c.reply().await.starts_with("250"));
+    }
+    assert!(c.reply().await.starts_with("554 5.6.0"));
+    assert!(c.reply().await.starts_with("421 "));
+    // No message was ever complete at the backend: any LAST chunk it was announced is short.
+    for conn in env.backend.recorder.connections() {
+        let t = transcript(&conn);
+        assert!(t.messages.is_empty() || t.truncated, "{:?}", t.commands);
+        assert!(!String::from_utf8_lossy(&conn).contains("evil"));
+    }
+    assert_eq!(
+        metric(&env, "mailfront_messages_submitted_total", "submissions"),
+        0
+    );
+}
+
+/// A CR ending one BDAT chunk and the LF starting the next are one CRLF: accepted.
+#[tokio::test]
+async fn bdat_with_a_crlf_split_across_chunks_is_accepted() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    let chunk1 = b"Subject: split\r\n\r\nline one\r";
+    let chunk2 = b"\nline two\r\n";
+    c.send([format!("BDAT {}\r\n", chunk1.len()).as_bytes(), chunk1].concat())
+        .await;
+    assert!(c.reply().await.starts_with("250"));
+    c.send([format!("BDAT {} LAST\r\n", chunk2.len()).as_bytes(), chunk2].concat())
+        .await;
+    let last = c.reply().await;
+    assert!(last.starts_with("250 2.0.0 Ok: queued"), "{last}");
+    let (field, rest) = split_received(&all_messages(&env.backend)[0]);
+    check_field(&field, &c, "ESMTPS");
+    assert_eq!(rest, [&chunk1[..], &chunk2[..]].concat());
 }

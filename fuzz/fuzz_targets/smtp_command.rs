@@ -6,11 +6,11 @@ use libfuzzer_sys::fuzz_target;
 use mailfront::config::TlsMode;
 use mailfront::smtp::command::{Command, SaslResponse};
 use mailfront::smtp::policy::{ClientInput, GateState, Verdict, decide};
-use mailfront::smtp::receiver::{CommandReceiver, LineMode};
+use mailfront::smtp::receiver::{CommandReceiver, Line, LineMode};
 
 #[derive(Debug, PartialEq, Eq)]
 enum Event {
-    Line(Vec<u8>),
+    Line(Line),
     TooLong,
 }
 
@@ -25,7 +25,7 @@ fn run(chunks: &[&[u8]], mode: LineMode) -> Vec<Event> {
             assert!(n <= rest.len());
             rest = &rest[n..];
             match result {
-                Ok(Some(line)) => events.push(Event::Line(line.into_text())),
+                Ok(Some(line)) => events.push(Event::Line(line)),
                 Ok(None) => assert!(rest.is_empty()),
                 Err(_) => events.push(Event::TooLong),
             }
@@ -54,10 +54,21 @@ fuzz_target!(|data: &[u8]| {
         GateState::new(TlsMode::Implicit, true),
     ];
     for event in &whole {
-        let Event::Line(text) = event else { continue };
-        let command = Command::parse(text);
+        let Event::Line(line) = event else { continue };
+        let text = line.text();
+        // Line endings are framing: nothing forwarded may hold a bare CR, a NUL, or have
+        // been ended by a bare LF, in any state.
+        let clean = !line.ends_with_bare_lf() && !text.contains(&b'\r') && !text.contains(&0);
+        let sasl = SaslResponse::from_line(line);
+        if decide(&states[2], ClientInput::SaslResponse(sasl)) == Verdict::Forward {
+            assert!(clean);
+        }
+        let command = Command::from_line(line);
         for state in &states {
             let verdict = decide(state, ClientInput::Command(&command));
+            if verdict == Verdict::Forward {
+                assert!(clean);
+            }
             // The central property: nothing but the allowed verbs crosses before TLS.
             if !state.client_tls && verdict == Verdict::Forward {
                 assert!(!matches!(
@@ -66,9 +77,5 @@ fuzz_target!(|data: &[u8]| {
                 ));
             }
         }
-        let _ = decide(
-            &states[2],
-            ClientInput::SaslResponse(SaslResponse::parse(text)),
-        );
     }
 });

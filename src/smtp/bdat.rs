@@ -5,8 +5,17 @@
 //! `BDAT <size + header_len> [LAST]` followed by the header and then the client's octets
 //! (protocol-reference §2.7); later chunks keep their command line. RSET or a new MAIL makes the
 //! next chunk a first chunk again. A refused BDAT still has its octets consumed and dropped.
+//!
+//! Smuggling (CVE-2023-51764 family): chunk content is framed by count, but a message received
+//! by BDAT may later be relayed with DATA, where a bare CR or LF can end it early. So BDAT content
+//! is held to the same rule as DATA content ([`crate::smtp::data`]): lines end with CRLF only.
+//! [`ContentScanner`] checks the message across its chunks (a CR ending one chunk and the LF
+//! starting the next are one CRLF); on a violation the driver sends nothing more, drops the
+//! backend connection so the message can never complete, and answers `554 5.6.0` (the DATA
+//! policy). BINARYMIME is therefore not offered to clients.
 
 use crate::smtp::command::Bdat;
+use crate::smtp::data::BareLineEnding;
 
 /// Counts down the octets of one chunk as they arrive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +45,54 @@ impl ChunkReader {
             .min(input.len());
         self.remaining -= n as u64;
         n
+    }
+}
+
+/// Checks the content of one BDAT message, chunk after chunk and read after read, for bare CR
+/// and bare LF (RFC 5321 §2.3.8). Split-invariant: the verdict does not depend on where chunk or
+/// read boundaries fall.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContentScanner {
+    /// The last octet so far was a CR (its LF may start the next read or chunk).
+    after_cr: bool,
+    violation: Option<BareLineEnding>,
+}
+
+impl ContentScanner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Scans the next octets of the message; `ends_message` when they end it (the last octet of
+    /// a `LAST` chunk), where a trailing CR can no longer be completed. `Err` on the first bare
+    /// CR or LF; every later call returns the same error. Forward these octets only on `Ok`.
+    pub fn scan(&mut self, input: &[u8], ends_message: bool) -> Result<(), BareLineEnding> {
+        if let Some(kind) = self.violation {
+            return Err(kind);
+        }
+        for &byte in input {
+            let found = match (self.after_cr, byte) {
+                (true, b'\n') => None,
+                (true, _) => Some(BareLineEnding::Cr),
+                (false, b'\n') => Some(BareLineEnding::Lf),
+                (false, _) => None,
+            };
+            if let Some(kind) = found {
+                self.violation = Some(kind);
+                return Err(kind);
+            }
+            self.after_cr = byte == b'\r';
+        }
+        if ends_message && self.after_cr {
+            self.violation = Some(BareLineEnding::Cr);
+            return Err(BareLineEnding::Cr);
+        }
+        Ok(())
+    }
+
+    /// The message ends here (`BDAT 0 LAST`): `Err` when its last octet was a bare CR.
+    pub fn finish(&mut self) -> Result<(), BareLineEnding> {
+        self.scan(b"", true)
     }
 }
 
@@ -122,6 +179,66 @@ mod tests {
         assert_eq!(&input[..n], b"abcde");
         assert!(reader.is_done());
         assert_eq!(reader.take(b"more"), 0);
+    }
+
+    /// The verdict for a message sent as `chunks` (the last one `LAST`), each chunk read in
+    /// pieces of `reads` octets, as the driver feeds the scanner.
+    fn verdict(chunks: &[&[u8]], reads: usize) -> Result<(), BareLineEnding> {
+        let mut scanner = ContentScanner::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            if chunk.is_empty() && last {
+                return scanner.finish();
+            }
+            let mut reader = ChunkReader::new(chunk.len() as u64);
+            for piece in chunk.chunks(reads.max(1)) {
+                let n = reader.take(piece);
+                scanner.scan(&piece[..n], last && reader.is_done())?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bdat_content_with_a_bare_cr_or_lf_is_refused_wherever_the_boundaries_fall() {
+        let cases: [(&[u8], Result<(), BareLineEnding>); 12] = [
+            (b"Subject: x\r\n\r\nbody\r\n", Ok(())),
+            (b"", Ok(())),
+            (b"no line end at all", Ok(())),
+            (b"\r\n.\r\nQUIT\r\n", Ok(())),
+            (b"a\nb\r\n", Err(BareLineEnding::Lf)),
+            (b"\n", Err(BareLineEnding::Lf)),
+            (b"a\rb\r\n", Err(BareLineEnding::Cr)),
+            (b"a\r\r\n", Err(BareLineEnding::Cr)),
+            (b"body\r\n.\n", Err(BareLineEnding::Lf)),
+            (b"ends with a CR\r", Err(BareLineEnding::Cr)),
+            (b"\r", Err(BareLineEnding::Cr)),
+            (b"x\r\n\n", Err(BareLineEnding::Lf)),
+        ];
+        for (message, expected) in cases {
+            for reads in [1, 2, 3, 7, 512] {
+                // Every way of cutting the message into two chunks, and a trailing BDAT 0 LAST.
+                for cut in 0..=message.len() {
+                    let (a, b) = message.split_at(cut);
+                    assert_eq!(verdict(&[a, b], reads), expected, "{message:?} at {cut}");
+                    assert_eq!(verdict(&[a, b, b""], reads), expected, "{message:?}");
+                }
+                assert_eq!(verdict(&[message], reads), expected, "{message:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_crlf_split_across_chunks_is_one_line_end_and_a_violation_is_latched() {
+        assert_eq!(verdict(&[b"line one\r", b"\nline two\r\n"], 512), Ok(()));
+        assert_eq!(
+            verdict(&[b"line one\r", b"\r\n"], 512),
+            Err(BareLineEnding::Cr)
+        );
+        assert_eq!(verdict(&[b"line one\r", b""], 512), Err(BareLineEnding::Cr));
+        let mut scanner = ContentScanner::new();
+        assert_eq!(scanner.scan(b"a\nb", false), Err(BareLineEnding::Lf));
+        assert_eq!(scanner.scan(b"clean\r\n", false), Err(BareLineEnding::Lf));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! 530 as any other AUTH, RFC 8314 §4.1).
 
 use crate::smtp::local_reply;
+use crate::smtp::receiver::Line;
 
 /// The command verb, matched case-insensitively (RFC 5321 §2.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,6 +73,11 @@ pub enum SyntaxError {
     /// see two commands where mailfront saw one (RFC 5321 §2.3.8), so it is never forwarded.
     #[error("bare CR in command line")]
     BareCr,
+    /// A line ended by an LF without CR (RFC 5321 §2.3.8). Postfix before 3.9 ends a command
+    /// there too, other servers do not: never forwarded, so mailfront and the backend can never
+    /// disagree on where a command ends.
+    #[error("bare LF in command line")]
+    BareLf,
     /// A NUL inside a command line. A backend written in C may end the line there and act on a
     /// prefix mailfront never judged (`XCLIENT\0…`), so it is never forwarded.
     #[error("NUL in command line")]
@@ -92,6 +98,7 @@ impl SyntaxError {
     pub fn reply(self) -> &'static [u8] {
         match self {
             SyntaxError::BareCr => local_reply::BARE_CR_IN_COMMAND,
+            SyntaxError::BareLf => local_reply::BARE_LF_IN_COMMAND,
             SyntaxError::Nul => local_reply::NUL_IN_COMMAND,
             SyntaxError::Mail => local_reply::MAIL_SYNTAX,
             SyntaxError::Bdat => local_reply::BDAT_SYNTAX,
@@ -184,6 +191,20 @@ pub enum Command {
 }
 
 impl Command {
+    /// Parses one framed line: [`Command::parse`] of its text, except that a line ended by a
+    /// bare LF is [`SyntaxError::BareLf`] (a bare CR or NUL inside wins, as the first fault).
+    pub fn from_line(line: &Line) -> Command {
+        let command = Command::parse(line.text());
+        match command {
+            Command::Invalid { .. } => command,
+            _ if line.ends_with_bare_lf() => Command::Invalid {
+                verb: command.verb(),
+                error: SyntaxError::BareLf,
+            },
+            _ => command,
+        }
+    }
+
     /// Parses one command line, given without its line terminator.
     pub fn parse(line: &[u8]) -> Command {
         let line = trim_separators(line);
@@ -264,9 +285,27 @@ pub enum SaslResponse {
     Cancel,
     /// Anything else (base64 expected); forwarded verbatim for the backend to judge.
     Data,
+    /// A line whose framing a backend could read differently (bare CR, bare LF, NUL): never
+    /// forwarded; the exchange is cancelled instead.
+    Invalid(SyntaxError),
 }
 
 impl SaslResponse {
+    /// Classifies one framed SASL line: a bare LF ending it, or a CR or NUL inside it, make it
+    /// [`SaslResponse::Invalid`] (a `*` included), whatever the rest.
+    pub fn from_line(line: &Line) -> SaslResponse {
+        let text = line.text();
+        if text.contains(&b'\r') {
+            SaslResponse::Invalid(SyntaxError::BareCr)
+        } else if text.contains(&0) {
+            SaslResponse::Invalid(SyntaxError::Nul)
+        } else if line.ends_with_bare_lf() {
+            SaslResponse::Invalid(SyntaxError::BareLf)
+        } else {
+            SaslResponse::parse(text)
+        }
+    }
+
     /// Classifies one SASL line, given without its line terminator.
     pub fn parse(line: &[u8]) -> SaslResponse {
         if line == b"*" {

@@ -11,6 +11,8 @@
 //!   backend never sees the client certificate), GSSAPI, GS2-KRB5 and DIGEST-MD5 (they can
 //!   negotiate a security layer that would make the rest of the session opaque,
 //!   protocol-reference §2.5, §9.4 A6). REQUIRETLS is kept only when the backend advertised it.
+//! - BINARYMIME is removed: mailfront holds BDAT content to CRLF line ends like DATA content
+//!   (smuggling defence, see [`crate::smtp::bdat`]), so a binary body could not pass.
 //! - `SIZE n` optionally shrinks by a reserve for the Received field mailfront adds, so a
 //!   message that passes `MAIL SIZE=` is not refused with 552 because of it (§9.1 D5).
 //! - The first line's domain becomes mailfront's hostname when one is given (§9.5 P5); the
@@ -146,7 +148,7 @@ fn first_line(text: &[u8], hostname: Option<&str>) -> Vec<u8> {
 fn keep_keyword(text: &[u8], ctx: &EhloContext<'_>) -> Option<Vec<u8>> {
     let keyword = words(text).next().unwrap_or_default();
     let is = |name: &[u8]| keyword.eq_ignore_ascii_case(name);
-    if is(b"STARTTLS") || is(b"XCLIENT") || is(b"XFORWARD") {
+    if is(b"STARTTLS") || is(b"XCLIENT") || is(b"XFORWARD") || is(b"BINARYMIME") {
         return None;
     }
     let legacy_auth = keyword
@@ -245,6 +247,17 @@ mod tests {
             .skip(1)
             .map(|l| String::from_utf8_lossy(l).into_owned())
             .collect()
+    }
+
+    #[test]
+    fn binarymime_is_never_offered_because_bdat_content_must_have_crlf_line_ends() {
+        let raw = b"250-backend.local\r\n250-CHUNKING\r\n250-binarymime\r\n250 8BITMIME\r\n";
+        let reply = Reply::parse(raw).unwrap();
+        assert!(BackendCapabilities::from_ehlo(&reply).binarymime);
+        for tls in [false, true] {
+            let out = rewrite_ehlo(&reply, &ctx(tls, TlsMode::Implicit));
+            assert_eq!(keywords(&out), vec!["CHUNKING", "8BITMIME"]);
+        }
     }
 
     #[test]

@@ -24,8 +24,15 @@ pub const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Line too long\r\n";
 pub const AUTH_LINE_TOO_LONG: &[u8] = b"500 5.5.6 Authentication Exchange line is too long\r\n";
 /// A command line with a CR not followed by LF (RFC 5321 §2.3.8).
 pub const BARE_CR_IN_COMMAND: &[u8] = b"500 5.5.2 Error: bare CR in command line\r\n";
+/// A command line ended by an LF without CR (RFC 5321 §2.3.8; see `SyntaxError::BareLf`).
+pub const BARE_LF_IN_COMMAND: &[u8] = b"500 5.5.2 Error: bare LF in command line\r\n";
 /// A NUL in a command line is never forwarded (see `SyntaxError::Nul`).
 pub const NUL_IN_COMMAND: &[u8] = b"500 5.5.2 Error: NUL in command line\r\n";
+/// NOOP and RSET answered by mailfront before TLS, when no backend is connected yet.
+pub const OK: &[u8] = b"250 2.0.0 Ok\r\n";
+/// RCPT or DATA before TLS with no transaction open (no MAIL ever reached a backend), with
+/// `require_tls_for_mail: false` (RFC 5321 §4.1.4: 503 bad sequence).
+pub const NEED_MAIL: &[u8] = b"503 5.5.1 Error: need MAIL command\r\n";
 /// MAIL without a parsable `FROM:<path>` (RFC 5321 §4.1.4: bad argument is 501).
 pub const MAIL_SYNTAX: &[u8] = b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
 /// BDAT without a valid chunk size (RFC 3030 §2).
@@ -45,6 +52,17 @@ pub const BARE_LINE_ENDING: &[u8] =
 /// The greeting mailfront sends (RFC 5321 §4.2, §9.5 P5: the configured hostname).
 pub fn greeting(hostname: &str) -> Vec<u8> {
     format!("220 {} ESMTP\r\n", reply_text(hostname)).into_bytes()
+}
+
+/// mailfront's own EHLO reply before TLS on a `starttls` listener, when no backend is
+/// connected: nothing of the backend's (its AUTH, SIZE or name) is shown before TLS, and the
+/// client asks again after the handshake (RFC 3207 §4.2), getting the backend's list then.
+pub fn cleartext_ehlo(hostname: &str) -> Vec<u8> {
+    format!(
+        "250-{}\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
 }
 
 /// mailfront's answer to HELO: the backend's 250 text would name the backend (§9.5 P5).
@@ -125,7 +143,10 @@ mod tests {
             LINE_TOO_LONG,
             AUTH_LINE_TOO_LONG,
             BARE_CR_IN_COMMAND,
+            BARE_LF_IN_COMMAND,
             NUL_IN_COMMAND,
+            OK,
+            NEED_MAIL,
             MAIL_SYNTAX,
             BDAT_SYNTAX,
             SEND_EHLO_FIRST,
@@ -159,6 +180,19 @@ mod tests {
             assert!(Reply::parse(&raw).is_some(), "{raw:?}");
             assert_eq!(raw.iter().filter(|&&b| b == b'\n').count(), 1);
         }
+        let ehlo = cleartext_ehlo(evil);
+        let reply = Reply::parse(&ehlo).unwrap();
+        assert_eq!(reply.code(), 250);
+        assert_eq!(
+            reply.lines().collect::<Vec<_>>(),
+            [
+                &b"mx??250?injected"[..],
+                b"PIPELINING",
+                b"ENHANCEDSTATUSCODES",
+                b"STARTTLS"
+            ]
+        );
+        assert_eq!(ehlo.iter().filter(|&&b| b == b'\n').count(), 4);
         assert!(backend_unavailable("h").starts_with(b"421 4.4.1 h "));
         assert!(timeout("h").starts_with(b"421 4.4.2 h "));
         assert!(shutting_down("h").starts_with(b"421 4.3.2 h "));

@@ -8,10 +8,12 @@
 //!    trusts mailfront's address, so a forwarded `XCLIENT LOGIN=` is an authentication bypass).
 //! 2. STARTTLS → `554 5.5.1` when TLS is active or the listener is implicit; `501 5.5.4` with
 //!    parameters; otherwise [`Verdict::StartTls`] (RFC 3207 §4). Never forwarded.
-//! 3. Before TLS: EHLO, HELO, NOOP, RSET, QUIT are forwarded; AUTH gets `530 5.7.0` whatever
-//!    its argument (RFC 8314 §4.1); with `require_tls_for_mail` every other command gets
-//!    `530 5.7.0` (RFC 3207 §4); otherwise MAIL with REQUIRETLS gets `555 5.5.4` (REQUIRETLS is
-//!    never advertised before TLS, RFC 8689; Postfix answers the same).
+//! 3. Before TLS: EHLO, HELO, NOOP, RSET, QUIT pass (the driver answers them itself while no
+//!    backend is connected, see [`crate::smtp::cleartext`]); AUTH gets `530 5.7.0` whatever its
+//!    argument (RFC 8314 §4.1); with `require_tls_for_mail` every other command gets
+//!    `530 5.7.0` (RFC 3207 §4); otherwise MAIL, RCPT, DATA and BDAT pass (MAIL with REQUIRETLS
+//!    gets `555 5.5.4`: REQUIRETLS is never advertised before TLS, RFC 8689; Postfix answers the
+//!    same) and every other command still gets `530 5.7.0`.
 //! 4. A line with unusable syntax gets its own reply ([`SyntaxError::reply`]).
 //! 5. After a STARTTLS upgrade and before the new EHLO/HELO: MAIL, RCPT, DATA, BDAT, AUTH get
 //!    `503 5.5.1` (RFC 3207 §4.2: the backend still holds the pre-TLS EHLO state).
@@ -24,7 +26,8 @@
 //! line and must be consumed and dropped, never read as commands (RFC 3030 §4.2).
 //!
 //! SASL lines after a backend 334 are a separate input ([`ClientInput::SaslResponse`]): they are
-//! forwarded when the client connection is TLS. An exchange can only start after TLS (rule 3),
+//! forwarded when the client connection is TLS and their framing is clean (a bare CR, bare LF or
+//! NUL gets its `500 5.5.2`, and the driver cancels the exchange). An exchange can only start after TLS (rule 3),
 //! so the cleartext case refuses defensively.
 
 use crate::config::TlsMode;
@@ -91,6 +94,7 @@ pub enum Verdict {
 /// The gate. Pure: the same state and line always give the same verdict.
 pub fn decide(state: &GateState, input: ClientInput<'_>) -> Verdict {
     match input {
+        ClientInput::SaslResponse(SaslResponse::Invalid(error)) => Verdict::Reply(error.reply()),
         ClientInput::SaslResponse(_) if state.client_tls => Verdict::Forward,
         ClientInput::SaslResponse(_) => Verdict::Reply(local_reply::MUST_STARTTLS),
         ClientInput::Command(command) => decide_command(state, command),
@@ -129,11 +133,12 @@ fn decide_command(state: &GateState, command: &Command) -> Verdict {
             Verb::Ehlo | Verb::Helo | Verb::Noop | Verb::Rset | Verb::Quit => {}
             Verb::Auth => return Verdict::Reply(local_reply::MUST_STARTTLS),
             _ if state.require_tls_for_mail => return refuse(local_reply::MUST_STARTTLS),
-            _ => {
+            Verb::Mail | Verb::Rcpt | Verb::Data | Verb::Bdat => {
                 if matches!(command, Command::Mail(mail) if mail.requiretls) {
                     return Verdict::Reply(local_reply::REQUIRETLS_UNSUPPORTED);
                 }
             }
+            _ => return Verdict::Reply(local_reply::MUST_STARTTLS),
         }
     }
 
@@ -289,6 +294,9 @@ mod tests {
             (lax, "DATA", FORWARD),
             (lax, "AUTH PLAIN AGFsaWNlAHNlY3JldA==", reply(MUST_STARTTLS)),
             (lax, "XCLIENT ADDR=1.2.3.4", reply(COMMAND_NOT_RECOGNIZED)),
+            (lax, "VRFY bob", reply(MUST_STARTTLS)),
+            (lax, "FOO", reply(MUST_STARTTLS)),
+            (lax, "NOOP", FORWARD),
             (lax, "MAIL TO:<x>", reply(MAIL_SYNTAX)),
             // After STARTTLS, before the new EHLO.
             (after_starttls, "MAIL FROM:<a@b>", reply(SEND_EHLO_FIRST)),
@@ -453,6 +461,82 @@ mod tests {
                 Verdict::Reply(MUST_STARTTLS)
             );
         }
+    }
+
+    #[test]
+    fn bad_line_endings_are_refused_in_every_state_and_auth_before_tls_keeps_its_530() {
+        use crate::smtp::receiver::{CommandReceiver, LineMode};
+        let line = |bytes: &[u8], mode| {
+            let (_, result) = CommandReceiver::default().receive(bytes, mode);
+            result.unwrap().unwrap()
+        };
+        let lax = GateState {
+            require_tls_for_mail: false,
+            ..plain()
+        };
+        let authed = GateState {
+            authenticated: true,
+            ..upgraded()
+        };
+        let cases: [(&[u8], &[u8]); 5] = [
+            (b"EHLO a\n", BARE_LF_IN_COMMAND),
+            (b"NOOP\rMAIL FROM:<a@b>\r\n", BARE_CR_IN_COMMAND),
+            (b"RSET\0XCLIENT\r\n", NUL_IN_COMMAND),
+            (b"MAIL FROM:<a@b>\n", BARE_LF_IN_COMMAND),
+            (b"RCPT TO:<a@b>\rDATA\r\n", BARE_CR_IN_COMMAND),
+        ];
+        for (bytes, expected) in cases {
+            let command = Command::from_line(&line(bytes, LineMode::Command));
+            for state in [upgraded(), implicit(), authed] {
+                assert_eq!(
+                    decide(&state, ClientInput::Command(&command)),
+                    reply(expected),
+                    "{bytes:?}"
+                );
+            }
+            for state in [lax, plain()] {
+                let before = decide(&state, ClientInput::Command(&command));
+                assert!(before == reply(expected) || before == reply(MUST_STARTTLS));
+            }
+        }
+        // STARTTLS ended by a bare LF is not a STARTTLS: no handshake starts.
+        let command = Command::from_line(&line(b"STARTTLS\n", LineMode::Command));
+        assert_eq!(
+            decide(&plain(), ClientInput::Command(&command)),
+            reply(BARE_LF_IN_COMMAND)
+        );
+        for bytes in [
+            &b"AUTH PLAIN AGFsaWNl\n"[..],
+            b"AUTH PLAIN a\rb\r\n",
+            b"AUTH\0\r\n",
+        ] {
+            let command = Command::from_line(&line(bytes, LineMode::Command));
+            assert_eq!(
+                decide(&plain(), ClientInput::Command(&command)),
+                reply(MUST_STARTTLS)
+            );
+            assert_ne!(
+                decide(&upgraded(), ClientInput::Command(&command)),
+                Verdict::Forward
+            );
+        }
+        let sasl: [(&[u8], &[u8]); 5] = [
+            (b"AGFsaWNl\n", BARE_LF_IN_COMMAND),
+            (b"*\n", BARE_LF_IN_COMMAND),
+            (b"AGFs\raWNl\r\n", BARE_CR_IN_COMMAND),
+            (b"*\r\r\n", BARE_CR_IN_COMMAND),
+            (b"AG\0\r\n", NUL_IN_COMMAND),
+        ];
+        for (bytes, expected) in sasl {
+            let response = SaslResponse::from_line(&line(bytes, LineMode::SaslResponse));
+            assert_eq!(
+                decide(&upgraded(), ClientInput::SaslResponse(response)),
+                reply(expected),
+                "{bytes:?}"
+            );
+        }
+        let ok = SaslResponse::from_line(&line(b"*\r\n", LineMode::SaslResponse));
+        assert_eq!(ok, SaslResponse::Cancel);
     }
 
     #[test]

@@ -52,6 +52,8 @@ impl LineError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Line {
     text: Vec<u8>,
+    /// Ended by an LF with no CR before it.
+    bare_lf: bool,
 }
 
 impl Line {
@@ -60,9 +62,16 @@ impl Line {
         &self.text
     }
 
-    /// The line as forwarded: byte-exact, always ended by CRLF. A bare-LF-terminated line is
-    /// normalised to CRLF (Postfix `smtpd_forbid_bare_newline=normalize`), so the backend never
-    /// sees a terminator it might frame differently from mailfront.
+    /// Whether the line ended with a bare LF instead of CRLF (RFC 5321 §2.3.8). Postfix before
+    /// 3.9 and Dovecot take a bare LF as a line end, other servers do not: a line framed this
+    /// way is never forwarded (the driver refuses it with `500 5.5.2`), so the backend can never
+    /// split the client's bytes differently from mailfront.
+    pub fn ends_with_bare_lf(&self) -> bool {
+        self.bare_lf
+    }
+
+    /// The line as forwarded: byte-exact, always ended by CRLF (mailfront's own terminator;
+    /// lines ended by a bare LF are refused before they get here).
     pub fn to_wire(&self) -> Vec<u8> {
         let mut wire = Vec::with_capacity(self.text.len() + 2);
         wire.extend_from_slice(&self.text);
@@ -143,9 +152,12 @@ impl CommandReceiver {
             Ok(Some(n)) => {
                 let (line, _) = input.split_at(n);
                 self.partial.extend_from_slice(line);
+                // Judged on the whole line: a CR at the end of one read and its LF at the start
+                // of the next are one good CRLF.
+                let bare_lf = !self.partial.ends_with(b"\r\n");
                 let text = trim_line_end(&self.partial).to_vec();
                 self.partial.clear();
-                (n, Ok(Some(Line { text })))
+                (n, Ok(Some(Line { text, bare_lf })))
             }
             Ok(None) => {
                 self.partial.extend_from_slice(input);
@@ -200,6 +212,8 @@ mod tests {
     #[derive(Debug, PartialEq, Eq)]
     enum Event {
         Line(Vec<u8>),
+        /// A line ended by a bare LF.
+        BareLf(Vec<u8>),
         TooLong(LineError),
     }
 
@@ -212,6 +226,9 @@ mod tests {
                 assert!(n > 0 && n <= rest.len());
                 rest = &rest[n..];
                 match result {
+                    Ok(Some(line)) if line.ends_with_bare_lf() => {
+                        events.push(Event::BareLf(line.into_text()))
+                    }
                     Ok(Some(line)) => events.push(Event::Line(line.into_text())),
                     Ok(None) => assert!(rest.is_empty()),
                     Err(e) => events.push(Event::TooLong(e)),
@@ -242,10 +259,61 @@ mod tests {
     }
 
     #[test]
-    fn bare_lf_line_is_normalised_to_crlf_when_forwarded() {
+    fn a_line_ended_by_a_bare_lf_is_marked_and_a_crlf_split_across_reads_is_not() {
         let mut rx = CommandReceiver::default();
         let (_, r) = rx.receive(b"NOOP\n", LineMode::Command);
-        assert_eq!(r.unwrap().unwrap().to_wire(), b"NOOP\r\n");
+        assert!(r.unwrap().unwrap().ends_with_bare_lf());
+        let (_, r) = rx.receive(b"NOOP\r\n", LineMode::Command);
+        let line = r.unwrap().unwrap();
+        assert!(!line.ends_with_bare_lf());
+        assert_eq!(line.to_wire(), b"NOOP\r\n");
+        // CR at the end of one read, LF at the start of the next: one good CRLF.
+        let (_, r) = rx.receive(b"NOOP\r", LineMode::Command);
+        assert_eq!(r, Ok(None));
+        let (_, r) = rx.receive(b"\nQUIT\r\n", LineMode::Command);
+        let line = r.unwrap().unwrap();
+        assert_eq!(line.text(), b"NOOP");
+        assert!(!line.ends_with_bare_lf());
+        // A CR inside the line and a bare LF at its end, in the SASL mode as well.
+        let (_, r) = rx.receive(b"*\n", LineMode::SaslResponse);
+        assert!(r.unwrap().unwrap().ends_with_bare_lf());
+        let (_, r) = rx.receive(b"AGFsaWNl\r\r\n", LineMode::SaslResponse);
+        let line = r.unwrap().unwrap();
+        assert!(!line.ends_with_bare_lf());
+        assert_eq!(line.text(), b"AGFsaWNl\r");
+    }
+
+    #[test]
+    fn line_endings_are_judged_the_same_however_the_reads_fall() {
+        let corpus: &[u8] = b"EHLO a\r\nNOOP\nRSET\r\r\nMAIL\0x\r\n\r\n\n\rQUIT\r\n";
+        let mut whole = CommandReceiver::default();
+        let expected = run(&mut whole, &[corpus], LineMode::Command);
+        assert_eq!(
+            expected,
+            vec![
+                Event::Line(b"EHLO a".to_vec()),
+                Event::BareLf(b"NOOP".to_vec()),
+                Event::Line(b"RSET\r".to_vec()),
+                Event::Line(b"MAIL\0x".to_vec()),
+                Event::Line(b"".to_vec()),
+                Event::BareLf(b"".to_vec()),
+                Event::Line(b"\rQUIT".to_vec()),
+            ]
+        );
+        for split in 0..=corpus.len() {
+            let (a, b) = corpus.split_at(split);
+            let mut rx = CommandReceiver::default();
+            assert_eq!(
+                run(&mut rx, &[a, b], LineMode::Command),
+                expected,
+                "{split}"
+            );
+        }
+        let mut rx = CommandReceiver::default();
+        assert_eq!(
+            run(&mut rx, &chunked(corpus, 1), LineMode::Command),
+            expected
+        );
     }
 
     #[test]
@@ -286,6 +354,15 @@ mod tests {
         let (_, r) = rx.receive(b"NOOP 123456789\r\n", LineMode::Command);
         assert!(r.unwrap().is_some());
         let (_, r) = rx.receive(b"NOOP 1234567890\r\n", LineMode::Command);
+        assert_eq!(r, Err(LineError::CommandTooLong { limit: 16 }));
+        // The same with the CR as the last octet of one read and the LF in the next.
+        let (_, r) = rx.receive(b"NOOP 123456789\r", LineMode::Command);
+        assert_eq!(r, Ok(None));
+        let (_, r) = rx.receive(b"\n", LineMode::Command);
+        assert!(!r.unwrap().unwrap().ends_with_bare_lf());
+        let (_, r) = rx.receive(b"NOOP 1234567890\r", LineMode::Command);
+        assert_eq!(r, Ok(None));
+        let (_, r) = rx.receive(b"\n", LineMode::Command);
         assert_eq!(r, Err(LineError::CommandTooLong { limit: 16 }));
     }
 

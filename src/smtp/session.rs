@@ -2,9 +2,21 @@
 //! drives the sans-I/O pieces of this module over them, from the greeting to QUIT.
 //!
 //! Shape of a session:
-//! - Connect to the backend and wait for its greeting. A 220 is answered with mailfront's own
-//!   greeting (the backend's text may name internal hosts, §9.5 P5); any other greeting (554,
-//!   421) is passed on and the session closes.
+//! - Implicit TLS (465): connect to the backend and wait for its greeting. A 220 is answered
+//!   with mailfront's own greeting (the backend's text may name internal hosts, §9.5 P5); any
+//!   other greeting (554, 421) is passed on and the session closes.
+//! - STARTTLS (587): nothing reaches a backend before TLS (RFC 8314 §4.1). mailfront greets at
+//!   once and answers the cleartext dialogue itself ([`cleartext::respond`]); the backend is
+//!   connected after the handshake (so a PROXY v2 header carries the TLS details), its greeting
+//!   swallowed (the client already has ours; anything but 220, or no backend, gives the client
+//!   `421 4.4.1` at once and ends the session), and the client's new EHLO (RFC 3207 §4.2) is
+//!   the first command it sees. Idle cleartext clients hold no backend connection.
+//! - With `require_tls_for_mail: false`, a cleartext MAIL connects lazily: the client's EHLO or
+//!   HELO is replayed (re-emitted by mailfront, its reply swallowed but its capabilities
+//!   learned), then the session relays in cleartext as before. A later STARTTLS drops that
+//!   backend connection (after every earlier reply came in) and connects afresh after the
+//!   handshake: the new connection's PROXY header then carries TLS, and RFC 3207 §4.2 resets
+//!   the session state anyway, so nothing is lost by reconnecting.
 //! - Client lines are framed one at a time ([`CommandReceiver`]) and judged by the gate
 //!   ([`policy::decide`]). Forwarded commands are written at once (PIPELINING, RFC 2920); each
 //!   leaves an entry in one queue of expected replies, and replies mailfront writes itself take
@@ -15,9 +27,12 @@
 //!   drained before the client is read again: every queued command can be answered without
 //!   more client input, so this never deadlocks and keeps memory O(one read buffer).
 //! - STARTTLS (587) is answered here with 220 after every earlier reply went out; whatever the
-//!   client pipelined after it is dropped (CERT VU#555316), the handshake runs, and the backend
-//!   session simply continues: the client's new EHLO is forwarded and its reply re-rewritten for
-//!   the TLS view.
+//!   client pipelined after it is dropped (CERT VU#555316), then the handshake runs.
+//! - Before authentication and after it, a command or SASL line ended by a bare LF, or holding a
+//!   bare CR or a NUL, is refused with `500 5.5.2` and never forwarded: a backend that frames
+//!   lines differently (Postfix before 3.9 ends a command at a bare LF) could otherwise see
+//!   commands mailfront never judged. Inside an AUTH exchange the backend's exchange is
+//!   cancelled with mailfront's own `*`.
 //! - After the backend's 354 the Received field is written (TLS sessions only), then the content
 //!   streams through [`DataScanner`] byte-exact. BDAT chunks stream by count; the first chunk of
 //!   a transaction carries the field and its announced size grows to match.
@@ -26,7 +41,9 @@
 //! - Bare CR/LF in DATA content (smuggling defence): the backend connection is dropped at once,
 //!   so the truncated message can never be completed, the rest of the content is consumed, the
 //!   client gets `554 5.6.0` at its real end of data, and then `421` to the next command (QUIT
-//!   still gets 221). No transparent reconnect: an authenticated session cannot be rebuilt
+//!   still gets 221). BDAT content gets the same treatment ([`bdat::ContentScanner`]): the
+//!   replies owed for earlier commands are read first, then the backend is dropped, the rest of
+//!   the chunk consumed, and `554 5.6.0` answers the chunk's BDAT. No transparent reconnect: an authenticated session cannot be rebuilt
 //!   without replaying the client's credentials, which mailfront never keeps.
 //! - A backend that fails while content streams: the rest of the message is consumed, then the
 //!   client gets `421 4.4.1` and the session closes; never a 250 the backend did not send.
@@ -42,11 +59,13 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::BackendStream;
+use crate::config::TlsMode;
 use crate::metrics::AuthResult;
 use crate::session::{ClientStream, EndReason, Session, upgrade_client};
-use crate::smtp::bdat::{self, ChunkReader};
+use crate::smtp::bdat::{self, ChunkReader, ContentScanner};
+use crate::smtp::cleartext::{self, Action};
 use crate::smtp::command::{Bdat, Command, SaslResponse, Verb};
-use crate::smtp::data::{DataEvent, DataScanner};
+use crate::smtp::data::{BareLineEnding, DataEvent, DataScanner};
 use crate::smtp::ehlo::{BackendCapabilities, EhloContext, rewrite_ehlo};
 use crate::smtp::local_reply;
 use crate::smtp::policy::{self, ClientInput, GateState, Verdict};
@@ -76,17 +95,31 @@ const MAX_MECHANISM_LOG: usize = 20;
 /// Serves one SMTP submission session (465 or 587) until QUIT, an error or shutdown.
 pub async fn serve(mut client: ClientStream, session: &mut Session) -> EndReason {
     let listener = session.listener.clone();
-    let backend = match session.connect_backend().await {
-        Ok(backend) => backend,
-        Err(_) => {
-            let reply = local_reply::backend_unavailable(&listener.hostname);
-            let _ = tokio::time::timeout(listener.timeouts.idle, client.write_all(&reply)).await;
-            client.close().await;
-            return EndReason::BackendUnavailable;
+    let starttls = listener.config.tls == TlsMode::Starttls && !client.is_tls();
+    let backend = if starttls {
+        // RFC 8314 §4.1: nothing reaches a backend before TLS; it is connected after STARTTLS.
+        Link::NotYet
+    } else {
+        match session.connect_backend().await {
+            Ok(backend) => Link::Up(backend),
+            Err(_) => {
+                let reply = local_reply::backend_unavailable(&listener.hostname);
+                let _ =
+                    tokio::time::timeout(listener.timeouts.idle, client.write_all(&reply)).await;
+                client.close().await;
+                return EndReason::BackendUnavailable;
+            }
         }
     };
     let mut driver = Driver::new(session, backend);
-    let reason = match driver.greet().await {
+    let greeted = if starttls {
+        let greeting = local_reply::greeting(driver.hostname());
+        driver.cout.extend_from_slice(&greeting);
+        Ok(())
+    } else {
+        driver.greet().await
+    };
+    let reason = match greeted {
         Err(reason) => reason,
         Ok(()) => loop {
             match driver.run(&mut client).await {
@@ -96,6 +129,9 @@ pub async fn serve(mut client: ClientStream, session: &mut Session) -> EndReason
                         Ok((upgraded, info, took)) => {
                             client = upgraded;
                             driver.tls_started(info, took);
+                            if let Err(reason) = driver.connect_after_tls().await {
+                                break reason;
+                            }
                         }
                         Err(reason) => return reason,
                     }
@@ -111,6 +147,26 @@ pub async fn serve(mut client: ClientStream, session: &mut Session) -> EndReason
 /// The driver asks its caller to run the STARTTLS handshake (the caller owns the stream).
 struct StartTls;
 
+/// The backend connection of a session.
+#[derive(Debug)]
+enum Link {
+    /// Not connected yet: a `starttls` session before TLS (or before its first cleartext MAIL,
+    /// with `require_tls_for_mail: false`), or between a lax session's STARTTLS and handshake.
+    NotYet,
+    Up(BackendStream),
+    /// Dropped on purpose to abort a message refused for a bare CR/LF.
+    Dropped,
+}
+
+impl Link {
+    fn stream(&mut self) -> Option<&mut BackendStream> {
+        match self {
+            Link::Up(stream) => Some(stream),
+            Link::NotYet | Link::Dropped => None,
+        }
+    }
+}
+
 /// A reply the driver waits for, and what it means for the session.
 #[derive(Debug)]
 enum Expect {
@@ -119,6 +175,11 @@ enum Expect {
     },
     Helo {
         name: Vec<u8>,
+    },
+    /// The client's EHLO/HELO replayed on a lazily connected backend: the reply is swallowed
+    /// (the client had mailfront's own), its capabilities kept.
+    Replay {
+        ehlo: bool,
     },
     Auth,
     /// Our `*` ending an exchange after an over-long SASL line: its 501 is swallowed.
@@ -163,6 +224,10 @@ enum Mode {
         reader: ChunkReader,
         forward: bool,
         failed: bool,
+        /// The chunk of a `BDAT … LAST`.
+        last: bool,
+        /// The message was refused for a bare CR/LF: consume the rest, then close.
+        refused: bool,
     },
     /// A message was refused for a bare CR/LF and the backend connection dropped.
     Closing,
@@ -186,6 +251,8 @@ struct Transaction {
     bdat_size: u64,
     /// The id written in this transaction's Received field, for the accept log line.
     received_id: Option<ReceivedId>,
+    /// Line endings of the BDAT message so far, across its chunks.
+    content: ContentScanner,
 }
 
 impl Transaction {
@@ -194,13 +261,13 @@ impl Transaction {
         self.bdat_started = false;
         self.bdat_size = 0;
         self.received_id = None;
+        self.content = ContentScanner::new();
     }
 }
 
 struct Driver<'s> {
     session: &'s mut Session,
-    /// `None` once dropped to abort a refused message.
-    backend: Option<BackendStream>,
+    backend: Link,
     gate: GateState,
     caps: BackendCapabilities,
     greeting: Option<Greeting>,
@@ -223,7 +290,7 @@ struct Driver<'s> {
 }
 
 impl<'s> Driver<'s> {
-    fn new(session: &'s mut Session, backend: BackendStream) -> Self {
+    fn new(session: &'s mut Session, backend: Link) -> Self {
         let config = &session.listener.config;
         let listener = config.tls;
         let gate = GateState::new(listener, config.require_tls_for_mail);
@@ -231,7 +298,7 @@ impl<'s> Driver<'s> {
             CommandReceiver::new(session.listener.limits.smtp_line, DEFAULT_AUTH_LINE_LIMIT);
         Driver {
             session,
-            backend: Some(backend),
+            backend,
             gate,
             caps: BackendCapabilities::default(),
             greeting: None,
@@ -290,6 +357,70 @@ impl<'s> Driver<'s> {
         self.receiver.reset();
         self.cin_pos = 0;
         self.cin_len = 0;
+        self.caps = BackendCapabilities::default();
+        self.gate.backend_requiretls = false;
+        self.gate.backend_chunking = false;
+    }
+
+    /// After the STARTTLS handshake: connects the backend (now that `session.tls` is set, a
+    /// PROXY v2 header carries the TLS details) and swallows its greeting. A backend left
+    /// connected in cleartext (lax mode) was dropped at STARTTLS, so this always connects.
+    async fn connect_after_tls(&mut self) -> Result<(), EndReason> {
+        if matches!(self.backend, Link::NotYet) {
+            self.connect().await?;
+        }
+        Ok(())
+    }
+
+    /// Connects to the backend and reads its greeting, which the client never sees: it already
+    /// had mailfront's. Anything but a 220 ends the session with `421 4.4.1` (RFC 5321 §3.1).
+    async fn connect(&mut self) -> Result<(), EndReason> {
+        match self.session.connect_backend().await {
+            Ok(stream) => self.backend = Link::Up(stream),
+            Err(_) => {
+                let reply = local_reply::backend_unavailable(self.hostname());
+                self.cout.extend_from_slice(&reply);
+                return Err(EndReason::BackendUnavailable);
+            }
+        }
+        self.bin_pos = 0;
+        self.bin_len = 0;
+        self.replies = ReplyReceiver::default();
+        let idle = self.session.listener.timeouts.idle;
+        let reply = self.read_reply(idle).await?;
+        if reply.code() == 220 {
+            return Ok(());
+        }
+        tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, code = reply.code(), "backend refused the session at greeting");
+        self.backend = Link::Dropped;
+        let reply = local_reply::backend_unavailable(self.hostname());
+        self.cout.extend_from_slice(&reply);
+        Err(EndReason::BackendUnavailable)
+    }
+
+    /// A cleartext MAIL with `require_tls_for_mail: false`: connects, and replays the client's
+    /// EHLO/HELO so the backend session is in the state the client believes it is in. The
+    /// replayed line is written by mailfront from the parsed name (no CR, LF or NUL in it).
+    async fn connect_lazily(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+        // Every earlier (local) reply goes out first, so a failure's 421 comes in order.
+        self.drain(client).await?;
+        self.connect().await?;
+        if let Some(greeting) = self.greeting.clone() {
+            let verb: &[u8] = if greeting.ehlo { b"EHLO" } else { b"HELO" };
+            let mut line = verb.to_vec();
+            if !greeting.name.is_empty() {
+                line.push(b' ');
+                line.extend_from_slice(&greeting.name);
+            }
+            line.extend_from_slice(b"\r\n");
+            self.send_backend(&line).await?;
+            self.pending.push_back(Pending::Backend(Expect::Replay {
+                ehlo: greeting.ehlo,
+            }));
+            // EHLO ends a pipeline group (RFC 2920 §3.1), and its capabilities decide the rest.
+            self.drain(client).await?;
+        }
+        Ok(())
     }
 
     /// Processes client input until the session ends or STARTTLS needs the stream.
@@ -354,7 +485,33 @@ impl<'s> Driver<'s> {
             }
             _ => {}
         }
-        let command = Command::parse(line.text());
+        let command = Command::from_line(&line);
+        if matches!(self.backend, Link::NotYet) {
+            let hostname = self.session.listener.hostname.clone();
+            match cleartext::respond(&self.gate, &hostname, &command) {
+                Action::Reply(reply) => {
+                    if command.verb() == Verb::Auth && reply == local_reply::MUST_STARTTLS {
+                        self.cleartext_auth_refused();
+                    }
+                    self.local_cleartext(&command);
+                    self.pending.push_back(Pending::Local(reply));
+                    return Ok(None);
+                }
+                Action::DiscardChunk { octets, reply } => {
+                    self.local(reply);
+                    self.start_chunk(octets, false, false);
+                    return Ok(None);
+                }
+                Action::StartTls => return self.start_tls(client).await.map(Some),
+                Action::Quit => {
+                    self.local(local_reply::CLOSING);
+                    self.drain(client).await?;
+                    return Err(EndReason::ClientClosed);
+                }
+                // Then the gate's own verdict below forwards it.
+                Action::Connect => self.connect_lazily(client).await?,
+            }
+        }
         match policy::decide(&self.gate, ClientInput::Command(&command)) {
             Verdict::Forward => self.forward(client, &command, &line).await?,
             Verdict::Reply(reply) => {
@@ -365,25 +522,52 @@ impl<'s> Driver<'s> {
             }
             Verdict::DiscardChunk { octets, reply } => {
                 self.local(reply);
-                self.start_chunk(octets, false);
+                self.start_chunk(octets, false, false);
             }
-            Verdict::StartTls => {
-                // Every earlier command gets its reply before the 220 (RFC 2920 §3.1).
-                self.drain(client).await?;
-                self.cout.extend_from_slice(local_reply::STARTTLS_READY);
-                self.flush_client(client).await?;
-                let dropped = self.cin_len.saturating_sub(self.cin_pos);
-                if dropped > 0 {
-                    tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, octets = dropped, "discarded client bytes pipelined after STARTTLS");
-                }
-                // CERT VU#555316: nothing sent before the handshake is ever executed.
-                self.cin_pos = 0;
-                self.cin_len = 0;
-                self.receiver.reset();
-                return Ok(Some(StartTls));
-            }
+            Verdict::StartTls => return self.start_tls(client).await.map(Some),
         }
         Ok(None)
+    }
+
+    /// What a locally answered cleartext command changes: the EHLO/HELO name (replayed on a
+    /// lazy connect, never written into a Received field: that needs the post-TLS greeting).
+    fn local_cleartext(&mut self, command: &Command) {
+        match command {
+            Command::Ehlo(name) | Command::Helo(name) => {
+                self.greeting = Some(Greeting {
+                    ehlo: matches!(command, Command::Ehlo(_)),
+                    name: name.clone(),
+                });
+                self.tx.restart_content();
+            }
+            Command::Rset => self.tx.restart_content(),
+            _ => {}
+        }
+    }
+
+    /// STARTTLS: answers 220 once every earlier reply went out, drops what was pipelined after
+    /// it, and hands the stream over for the handshake.
+    async fn start_tls(&mut self, client: &mut ClientStream) -> Result<StartTls, EndReason> {
+        // Every earlier command gets its reply before the 220 (RFC 2920 §3.1).
+        self.drain(client).await?;
+        if matches!(self.backend, Link::Up(_)) {
+            // A lax session that sent mail in cleartext: the backend is connected afresh after
+            // the handshake (RFC 3207 §4.2 resets the session anyway), so the new connection's
+            // PROXY header carries TLS and nothing of the cleartext session carries over.
+            self.backend = Link::NotYet;
+            tracing::debug!(listener = %self.session.listener.config.name, client = %self.session.client_addr, "cleartext backend connection dropped at STARTTLS");
+        }
+        self.cout.extend_from_slice(local_reply::STARTTLS_READY);
+        self.flush_client(client).await?;
+        let dropped = self.cin_len.saturating_sub(self.cin_pos);
+        if dropped > 0 {
+            tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, octets = dropped, "discarded client bytes pipelined after STARTTLS");
+        }
+        // CERT VU#555316: nothing sent before the handshake is ever executed.
+        self.cin_pos = 0;
+        self.cin_len = 0;
+        self.receiver.reset();
+        Ok(StartTls)
     }
 
     /// A line inside an AUTH exchange: forwarded verbatim, never parsed as a command.
@@ -393,7 +577,7 @@ impl<'s> Driver<'s> {
         line: &Line,
     ) -> Result<(), EndReason> {
         self.mode = Mode::Command;
-        let response = SaslResponse::parse(line.text());
+        let response = SaslResponse::from_line(line);
         match policy::decide(&self.gate, ClientInput::SaslResponse(response)) {
             Verdict::Forward => {
                 self.send_backend(&line.to_wire()).await?;
@@ -502,6 +686,10 @@ impl<'s> Driver<'s> {
         bdat: Bdat,
         line: &Line,
     ) -> Result<(), EndReason> {
+        if bdat.last && bdat.size == 0 && self.tx.content.finish().is_err() {
+            // The message would end with a bare CR: it must never complete.
+            return self.refuse_bdat(client, BareLineEnding::Cr, false).await;
+        }
         let mut wire = line.to_wire();
         if !self.tx.bdat_started && self.session.tls.is_some() {
             // The RCPT replies decide the `for` clause: let them arrive first.
@@ -515,7 +703,7 @@ impl<'s> Driver<'s> {
                 }
                 Err(_) => {
                     self.local(local_reply::BDAT_SYNTAX);
-                    self.start_chunk(bdat.size, false);
+                    self.start_chunk(bdat.size, false, false);
                     return Ok(());
                 }
             }
@@ -527,21 +715,48 @@ impl<'s> Driver<'s> {
             last: bdat.last,
             size: self.tx.bdat_size,
         }));
-        self.start_chunk(bdat.size, true);
+        self.start_chunk(bdat.size, true, bdat.last);
         if bdat.size == 0 && !self.caps.pipelining {
             self.drain(client).await?;
         }
         Ok(())
     }
 
-    fn start_chunk(&mut self, octets: u64, forward: bool) {
+    fn start_chunk(&mut self, octets: u64, forward: bool, last: bool) {
         if octets > 0 {
             self.mode = Mode::Chunk {
                 reader: ChunkReader::new(octets),
                 forward,
                 failed: false,
+                last,
+                refused: false,
             };
         }
+    }
+
+    /// A BDAT message with a bare CR/LF (the DATA smuggling policy): the BDAT just sent is the
+    /// last command queued, and its reply can never come (its chunk will not be completed).
+    /// The replies to every earlier command are read first, then the backend connection is
+    /// dropped so the message can never complete, and `554 5.6.0` answers this BDAT. The rest
+    /// of the chunk (`in_chunk`) is consumed; the next command gets 421 (QUIT 221).
+    async fn refuse_bdat(
+        &mut self,
+        client: &mut ClientStream,
+        kind: BareLineEnding,
+        in_chunk: bool,
+    ) -> Result<(), EndReason> {
+        if in_chunk {
+            self.pending.pop_back();
+        }
+        self.drain(client).await?;
+        self.backend = Link::Dropped;
+        tracing::warn!(listener = %self.session.listener.config.name, client = %self.session.client_addr, bare = ?kind, "bare line ending in BDAT content: message refused, backend connection closed");
+        self.tx = Transaction::default();
+        self.local(local_reply::BARE_LINE_ENDING);
+        if !in_chunk {
+            self.mode = Mode::Closing;
+        }
+        Ok(())
     }
 
     /// Streams message content after a 354 up to `<CRLF>.<CRLF>`.
@@ -572,7 +787,7 @@ impl<'s> Driver<'s> {
             DataEvent::Refusing(kind) => {
                 // data.rs: never send an end of data for this message; closing the
                 // connection makes the backend abandon the transaction (RFC 5321 §3.8).
-                self.backend = None;
+                self.backend = Link::Dropped;
                 tracing::warn!(listener = %self.session.listener.config.name, client = %self.session.client_addr, bare = ?kind, "bare line ending in message content: message refused, backend connection closed");
                 Ok(())
             }
@@ -601,6 +816,8 @@ impl<'s> Driver<'s> {
             reader,
             forward,
             failed,
+            last,
+            refused,
         } = &mut self.mode
         else {
             return Ok(());
@@ -608,20 +825,49 @@ impl<'s> Driver<'s> {
         let input = self.cin.get(self.cin_pos..self.cin_len).unwrap_or_default();
         let n = reader.take(input);
         self.cin_pos += n;
-        if *forward && !*failed {
+        let mut violation = None;
+        if *forward && !*failed && !*refused {
             let part = input.get(..n).unwrap_or_default();
-            let timeout = self.session.listener.timeouts.idle;
-            if write_backend(&mut self.backend, part, timeout)
-                .await
-                .is_err()
-            {
-                *failed = true;
+            match self.tx.content.scan(part, *last && reader.is_done()) {
+                Ok(()) => {
+                    let timeout = self.session.listener.timeouts.idle;
+                    if write_backend(&mut self.backend, part, timeout)
+                        .await
+                        .is_err()
+                    {
+                        *failed = true;
+                    }
+                }
+                Err(kind) => {
+                    // Nothing of this read is sent: the backend is about to be dropped.
+                    *refused = true;
+                    violation = Some(kind);
+                }
             }
         }
-        if !reader.is_done() {
+        let done = reader.is_done();
+        if let Some(kind) = violation {
+            // The mode is taken out while earlier replies are read, then put back.
+            let mode = std::mem::replace(&mut self.mode, Mode::Command);
+            self.refuse_bdat(client, kind, true).await?;
+            self.mode = mode;
+        }
+        let Mode::Chunk {
+            forward,
+            failed,
+            refused,
+            ..
+        } = self.mode
+        else {
+            return Ok(());
+        };
+        if !done {
             return Ok(());
         }
-        let (forward, failed) = (*forward, *failed);
+        if refused {
+            self.mode = Mode::Closing;
+            return Ok(());
+        }
         self.mode = Mode::Command;
         if failed {
             return Err(self.backend_lost());
@@ -681,6 +927,18 @@ impl<'s> Driver<'s> {
                 };
                 let rewritten = rewrite_ehlo(&reply, &ctx);
                 self.cout.extend_from_slice(&rewritten);
+            }
+            Expect::Replay { ehlo } => {
+                self.caps = if ehlo {
+                    BackendCapabilities::from_ehlo(&reply)
+                } else {
+                    BackendCapabilities::default()
+                };
+                self.gate.backend_requiretls = self.caps.requiretls;
+                self.gate.backend_chunking = self.caps.chunking;
+                if !reply.is_positive() {
+                    tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, code = reply.code(), "backend refused the replayed EHLO/HELO");
+                }
             }
             Expect::Helo { name } => {
                 self.caps = BackendCapabilities::default();
@@ -895,7 +1153,7 @@ impl<'s> Driver<'s> {
                     }
                 }
             }
-            let Some(backend) = self.backend.as_mut() else {
+            let Some(backend) = self.backend.stream() else {
                 return Err(self.backend_lost());
             };
             let read = tokio::select! {
@@ -974,11 +1232,11 @@ enum BackendWriteError {
 }
 
 async fn write_backend(
-    backend: &mut Option<BackendStream>,
+    backend: &mut Link,
     bytes: &[u8],
     timeout: Duration,
 ) -> Result<(), BackendWriteError> {
-    let Some(backend) = backend.as_mut() else {
+    let Some(backend) = backend.stream() else {
         return Err(BackendWriteError::Closed);
     };
     match tokio::time::timeout(timeout, backend.write_all(bytes)).await {
