@@ -1,6 +1,7 @@
 //! TLS: the certificate store with SNI selection and hot reload, the rustls server configuration,
 //! the handshake with its deadline, and what it negotiated ([`TlsInfo`]).
 
+pub mod hello;
 pub mod names;
 mod store;
 
@@ -8,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::TlsAcceptor;
+use rustls::server::{Accepted, Acceptor};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{MinTlsVersion, TlsConfig};
@@ -88,19 +90,25 @@ impl TlsInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeFailure {
     Timeout,
+    /// The client offers no TLS version this server accepts (TLS 1.0/1.1, or TLS 1.2 when
+    /// `tls.min_version` is 1.3).
     ProtocolVersion,
     NoSharedCipher,
     BadCertificate,
+    /// The connection closed (FIN or reset) before the client sent a single octet: a TCP health
+    /// check from a load balancer or kubelet, not a TLS client.
+    ClosedBeforeHello,
     Io,
     Other,
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 6] = [
+    pub const ALL: [HandshakeFailure; 7] = [
         HandshakeFailure::Timeout,
         HandshakeFailure::ProtocolVersion,
         HandshakeFailure::NoSharedCipher,
         HandshakeFailure::BadCertificate,
+        HandshakeFailure::ClosedBeforeHello,
         HandshakeFailure::Io,
         HandshakeFailure::Other,
     ];
@@ -111,19 +119,24 @@ impl HandshakeFailure {
             HandshakeFailure::ProtocolVersion => "protocol_version",
             HandshakeFailure::NoSharedCipher => "no_shared_cipher",
             HandshakeFailure::BadCertificate => "bad_certificate",
+            HandshakeFailure::ClosedBeforeHello => "closed_before_hello",
             HandshakeFailure::Io => "io",
             HandshakeFailure::Other => "other",
         }
     }
 
     fn classify(err: &std::io::Error) -> HandshakeFailure {
-        use rustls::{AlertDescription as A, Error as E, PeerIncompatible as P};
-        let Some(tls) = err
+        match err
             .get_ref()
             .and_then(|e| e.downcast_ref::<rustls::Error>())
-        else {
-            return HandshakeFailure::Io;
-        };
+        {
+            Some(tls) => HandshakeFailure::classify_tls(tls),
+            None => HandshakeFailure::Io,
+        }
+    }
+
+    fn classify_tls(tls: &rustls::Error) -> HandshakeFailure {
+        use rustls::{AlertDescription as A, Error as E, PeerIncompatible as P};
         match tls {
             E::PeerIncompatible(
                 P::Tls12NotOffered
@@ -178,17 +191,42 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The versions a server with this minimum accepts, as wire values for [`hello::Offered`]; the
+/// same set [`server_config`] gives rustls.
+fn accepted_versions(min: MinTlsVersion) -> &'static [u16] {
+    match min {
+        MinTlsVersion::Tls12 => &[hello::TLS1_3, hello::TLS1_2],
+        MinTlsVersion::Tls13 => &[hello::TLS1_3],
+    }
+}
+
+/// A fatal protocol_version alert (RFC 8446 §6.2, RFC 5246 §7.2.2) in a plaintext record.
+/// rustls sends handshake_failure for a TLS 1.0/1.1 ClientHello (it misses signature_algorithms
+/// before the version is looked at); a client told protocol_version can say why it failed.
+const PROTOCOL_VERSION_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 70];
+
+/// Octets read from the socket at a time once the first record has been looked at.
+const READ_CHUNK: usize = 4096;
+
 /// Runs server handshakes with one deadline covering the whole exchange.
 #[derive(Clone)]
 pub struct Handshaker {
-    acceptor: TlsAcceptor,
+    config: Arc<ServerConfig>,
+    accepted: &'static [u16],
     timeout: Duration,
 }
 
 impl Handshaker {
-    pub fn new(config: Arc<ServerConfig>, timeout: Duration) -> Handshaker {
+    /// `min_version` must be the one `config` was built with ([`server_config`]): it decides
+    /// which ClientHellos count as `protocol_version` failures.
+    pub fn new(
+        config: Arc<ServerConfig>,
+        timeout: Duration,
+        min_version: MinTlsVersion,
+    ) -> Handshaker {
         Handshaker {
-            acceptor: TlsAcceptor::from(config),
+            config,
+            accepted: accepted_versions(min_version),
             timeout,
         }
     }
@@ -203,19 +241,140 @@ impl Handshaker {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let started = Instant::now();
-        match tokio::time::timeout(self.timeout, self.acceptor.accept(io)).await {
+        match tokio::time::timeout(self.timeout, self.handshake(io)).await {
             Err(_) => Err(HandshakeError {
                 reason: HandshakeFailure::Timeout,
                 message: format!("no handshake within {:?}", self.timeout),
             }),
-            Ok(Err(e)) => Err(HandshakeError {
-                reason: HandshakeFailure::classify(&e),
-                message: e.to_string(),
-            }),
+            Ok(Err(e)) => Err(e),
             Ok(Ok(stream)) => {
                 let info = TlsInfo::from_connection(stream.get_ref().1);
                 Ok((stream, info, started.elapsed()))
             }
         }
+    }
+
+    /// Reads the ClientHello through rustls' [`Acceptor`], keeping the first record long enough
+    /// to read its versions ([`hello::sniff`]), then finishes the handshake in tokio-rustls.
+    ///
+    /// The only cost on a successful handshake is one copy of the first record (≤ 16 KiB + 5,
+    /// typically under 2 KiB) from this buffer into rustls'; [`tokio::net::TcpStream::peek`]
+    /// would avoid it but cannot wait for the rest of a record split across TCP segments (a
+    /// post-quantum key share makes most ClientHellos two segments) without polling.
+    async fn handshake<IO>(&self, mut io: IO) -> Result<TlsStream<IO>, HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut acceptor = Acceptor::default();
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        let mut sniff = hello::Sniff::NeedMore;
+        let mut received_any = false;
+        let accepted: Accepted = loop {
+            // Everything read goes to rustls; `buf` keeps bytes only while the first record
+            // is incomplete, so it never holds more than `hello::MAX_FIRST_RECORD`.
+            let limit = if sniff == hello::Sniff::NeedMore {
+                hello::MAX_FIRST_RECORD.saturating_sub(buf.len())
+            } else {
+                buf.clear();
+                READ_CHUNK
+            };
+            let start = buf.len();
+            buf.reserve(limit.min(READ_CHUNK));
+            let n = match (&mut io).take(limit as u64).read_buf(&mut buf).await {
+                Ok(n) => n,
+                Err(e) if !received_any && is_reset(&e) => return Err(closed_before_hello()),
+                Err(e) => return Err(self.failure(HandshakeFailure::Io, sniff, e.to_string())),
+            };
+            if n == 0 {
+                if !received_any {
+                    return Err(closed_before_hello());
+                }
+                return Err(self.failure(
+                    HandshakeFailure::Io,
+                    sniff,
+                    "connection closed before the ClientHello was complete".to_owned(),
+                ));
+            }
+            received_any = true;
+            if let Err(e) = feed(&mut acceptor, buf.get(start..).unwrap_or_default()) {
+                // rustls refuses to buffer more: a ClientHello beyond any sane size.
+                return Err(self.failure(HandshakeFailure::Other, sniff, e.to_string()));
+            }
+            if sniff == hello::Sniff::NeedMore {
+                sniff = hello::sniff(&buf);
+            }
+            match acceptor.accept() {
+                Ok(Some(accepted)) => break accepted,
+                Ok(None) => {}
+                Err((e, mut alert)) => {
+                    let error =
+                        self.failure(HandshakeFailure::classify_tls(&e), sniff, e.to_string());
+                    let mut out = Vec::new();
+                    if error.reason == HandshakeFailure::ProtocolVersion {
+                        out.extend_from_slice(&PROTOCOL_VERSION_ALERT);
+                    } else {
+                        while alert.write(&mut out).is_ok_and(|n| n > 0) {}
+                    }
+                    // Best effort: the client may already be gone; the deadline bounds it.
+                    let _ = io.write_all(&out).await;
+                    let _ = io.flush().await;
+                    return Err(error);
+                }
+            }
+        };
+        StartHandshake::from_parts(accepted, io)
+            .into_stream(self.config.clone())
+            .await
+            .map_err(|e| self.failure(HandshakeFailure::classify(&e), sniff, e.to_string()))
+    }
+
+    /// The failure to report: `protocol_version` when the ClientHello offered no version this
+    /// server accepts, whatever rustls tripped over first; otherwise rustls' reason.
+    fn failure(
+        &self,
+        reason: HandshakeFailure,
+        sniff: hello::Sniff,
+        message: String,
+    ) -> HandshakeError {
+        match sniff {
+            hello::Sniff::Offered(offered) if !offered.any_of(self.accepted) => HandshakeError {
+                reason: HandshakeFailure::ProtocolVersion,
+                message: format!(
+                    "client offers at most {}: {message}",
+                    offered
+                        .highest()
+                        .map(
+                            |v| names::protocol_version_name(rustls::ProtocolVersion::from(v))
+                                .into_owned()
+                        )
+                        .unwrap_or_else(|| "no known version".to_owned())
+                ),
+            },
+            _ => HandshakeError { reason, message },
+        }
+    }
+}
+
+/// Hands `bytes` to the acceptor, all of them (rustls takes at most one buffer's worth a call).
+fn feed(acceptor: &mut Acceptor, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        if acceptor.read_tls(&mut bytes)? == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn closed_before_hello() -> HandshakeError {
+    HandshakeError {
+        reason: HandshakeFailure::ClosedBeforeHello,
+        message: "connection closed before any ClientHello octet".to_owned(),
     }
 }
