@@ -378,3 +378,128 @@ fn closed_before_hello() -> HandshakeError {
         message: "connection closed before any ClientHello octet".to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use tokio::io::{DuplexStream, duplex};
+
+    const TLS1_0_HELLO: &[u8] = include_bytes!("../../tests/data/client_hello/openssl-tls1_0.bin");
+    const TLS1_2_HELLO: &[u8] = include_bytes!("../../tests/data/client_hello/openssl-tls1_2.bin");
+
+    fn handshaker(min: MinTlsVersion, timeout: Duration) -> Handshaker {
+        let tls = TlsConfig {
+            certificates: Vec::new(),
+            min_version: min,
+            handshake_timeout: timeout,
+            reload_interval: Duration::from_secs(5),
+        };
+        let store = Arc::new(CertStore::load(&[], "mx.example.test").unwrap());
+        Handshaker::new(server_config(&tls, store).unwrap(), timeout, min)
+    }
+
+    /// A ClientHello as rustls sends it: TLS 1.2 and 1.3, an X25519MLKEM768 key share.
+    fn rustls_hello() -> Vec<u8> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from("mx.example.test").unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    /// Writes `bytes` one octet at a time, then waits for the server's answer until it closes.
+    async fn dribble(mut client: DuplexStream, bytes: Vec<u8>) -> Vec<u8> {
+        for b in bytes {
+            client.write_all(&[b]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Enough to see the server's first flight; the test drops the server side after.
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), client.read(&mut chunk)).await
+        {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(chunk.get(..n).unwrap());
+        }
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_hello_arriving_octet_by_octet_is_answered_with_a_server_hello() {
+        let (client, server) = duplex(64);
+        let client = tokio::spawn(dribble(client, rustls_hello()));
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_secs(5));
+        // The client reads the first flight and hangs up: an I/O failure, nothing else.
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::Io);
+        let answer = client.await.unwrap();
+        // A handshake record carrying a ServerHello (RFC 8446 §4.1.3).
+        assert_eq!(answer.first(), Some(&22));
+        assert_eq!(answer.get(5), Some(&2), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_tls1_0_hello_octet_by_octet_is_a_protocol_version_failure() {
+        let (client, server) = duplex(64);
+        let client = tokio::spawn(dribble(client, TLS1_0_HELLO.to_vec()));
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_secs(5));
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::ProtocolVersion);
+        assert!(err.message.contains("TLSv1"), "{}", err.message);
+        assert_eq!(client.await.unwrap(), PROTOCOL_VERSION_ALERT);
+    }
+
+    #[tokio::test]
+    async fn a_tls1_2_hello_is_a_protocol_version_failure_only_under_min_1_3() {
+        let (client, server) = duplex(4096);
+        let client = tokio::spawn(dribble(client, TLS1_2_HELLO.to_vec()));
+        let h = handshaker(MinTlsVersion::Tls13, Duration::from_secs(5));
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::ProtocolVersion);
+        assert_eq!(client.await.unwrap(), PROTOCOL_VERSION_ALERT);
+
+        let (client, server) = duplex(4096);
+        let client = tokio::spawn(dribble(client, TLS1_2_HELLO.to_vec()));
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_secs(5));
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::Io);
+        assert_eq!(client.await.unwrap().get(5), Some(&2));
+    }
+
+    #[tokio::test]
+    async fn closing_before_a_byte_is_not_an_io_failure_but_closing_midway_is() {
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_secs(5));
+        let (client, server) = duplex(64);
+        drop(client);
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::ClosedBeforeHello);
+
+        let (mut client, server) = duplex(64);
+        client.write_all(&TLS1_0_HELLO[..20]).await.unwrap();
+        drop(client);
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::Io);
+    }
+
+    #[tokio::test]
+    async fn silence_is_a_timeout() {
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_millis(50));
+        let (_client, server) = duplex(64);
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::Timeout);
+    }
+}
