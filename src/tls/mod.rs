@@ -257,10 +257,11 @@ impl Handshaker {
     /// Reads the ClientHello through rustls' [`Acceptor`], keeping the first record long enough
     /// to read its versions ([`hello::sniff`]), then finishes the handshake in tokio-rustls.
     ///
-    /// The only cost on a successful handshake is one copy of the first record (≤ 16 KiB + 5,
-    /// typically under 2 KiB) from this buffer into rustls'; [`tokio::net::TcpStream::peek`]
-    /// would avoid it but cannot wait for the rest of a record split across TCP segments (a
-    /// post-quantum key share makes most ClientHellos two segments) without polling.
+    /// The only cost on a successful handshake is one extra copy of the ClientHello (typically
+    /// under 2 KiB), from this buffer into rustls'; after the hello, tokio-rustls reads the
+    /// socket directly. [`tokio::net::TcpStream::peek`] would save that copy but cannot wait
+    /// for the rest of a record split across TCP segments (a post-quantum key share makes most
+    /// ClientHellos two segments) without polling.
     async fn handshake<IO>(&self, mut io: IO) -> Result<TlsStream<IO>, HandshakeError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
