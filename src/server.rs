@@ -137,7 +137,11 @@ impl Server {
         }
         metrics.set_certificates(&store.loaded());
         let tls_config = tls::server_config(&config.tls, store.clone())?;
-        let handshaker = Handshaker::new(tls_config, config.tls.handshake_timeout);
+        let handshaker = Handshaker::new(
+            tls_config,
+            config.tls.handshake_timeout,
+            config.tls.min_version,
+        );
 
         let tracker = TaskTracker::new();
         // Sessions get their own token, cancelled only when the grace period runs out.

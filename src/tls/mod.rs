@@ -1,6 +1,7 @@
 //! TLS: the certificate store with SNI selection and hot reload, the rustls server configuration,
 //! the handshake with its deadline, and what it negotiated ([`TlsInfo`]).
 
+pub mod hello;
 pub mod names;
 mod store;
 
@@ -8,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::TlsAcceptor;
+use rustls::server::{Accepted, Acceptor};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{MinTlsVersion, TlsConfig};
@@ -88,19 +90,25 @@ impl TlsInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeFailure {
     Timeout,
+    /// The client offers no TLS version this server accepts (TLS 1.0/1.1, or TLS 1.2 when
+    /// `tls.min_version` is 1.3).
     ProtocolVersion,
     NoSharedCipher,
     BadCertificate,
+    /// The connection closed (FIN or reset) before the client sent a single octet: a TCP health
+    /// check from a load balancer or kubelet, not a TLS client.
+    ClosedBeforeHello,
     Io,
     Other,
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 6] = [
+    pub const ALL: [HandshakeFailure; 7] = [
         HandshakeFailure::Timeout,
         HandshakeFailure::ProtocolVersion,
         HandshakeFailure::NoSharedCipher,
         HandshakeFailure::BadCertificate,
+        HandshakeFailure::ClosedBeforeHello,
         HandshakeFailure::Io,
         HandshakeFailure::Other,
     ];
@@ -111,19 +119,24 @@ impl HandshakeFailure {
             HandshakeFailure::ProtocolVersion => "protocol_version",
             HandshakeFailure::NoSharedCipher => "no_shared_cipher",
             HandshakeFailure::BadCertificate => "bad_certificate",
+            HandshakeFailure::ClosedBeforeHello => "closed_before_hello",
             HandshakeFailure::Io => "io",
             HandshakeFailure::Other => "other",
         }
     }
 
     fn classify(err: &std::io::Error) -> HandshakeFailure {
-        use rustls::{AlertDescription as A, Error as E, PeerIncompatible as P};
-        let Some(tls) = err
+        match err
             .get_ref()
             .and_then(|e| e.downcast_ref::<rustls::Error>())
-        else {
-            return HandshakeFailure::Io;
-        };
+        {
+            Some(tls) => HandshakeFailure::classify_tls(tls),
+            None => HandshakeFailure::Io,
+        }
+    }
+
+    fn classify_tls(tls: &rustls::Error) -> HandshakeFailure {
+        use rustls::{AlertDescription as A, Error as E, PeerIncompatible as P};
         match tls {
             E::PeerIncompatible(
                 P::Tls12NotOffered
@@ -178,17 +191,42 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The versions a server with this minimum accepts, as wire values for [`hello::Offered`]; the
+/// same set [`server_config`] gives rustls.
+fn accepted_versions(min: MinTlsVersion) -> &'static [u16] {
+    match min {
+        MinTlsVersion::Tls12 => &[hello::TLS1_3, hello::TLS1_2],
+        MinTlsVersion::Tls13 => &[hello::TLS1_3],
+    }
+}
+
+/// A fatal protocol_version alert (RFC 8446 §6.2, RFC 5246 §7.2.2) in a plaintext record.
+/// rustls sends handshake_failure for a TLS 1.0/1.1 ClientHello (it misses signature_algorithms
+/// before the version is looked at); a client told protocol_version can say why it failed.
+const PROTOCOL_VERSION_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 70];
+
+/// Octets read from the socket at a time once the first record has been looked at.
+const READ_CHUNK: usize = 4096;
+
 /// Runs server handshakes with one deadline covering the whole exchange.
 #[derive(Clone)]
 pub struct Handshaker {
-    acceptor: TlsAcceptor,
+    config: Arc<ServerConfig>,
+    accepted: &'static [u16],
     timeout: Duration,
 }
 
 impl Handshaker {
-    pub fn new(config: Arc<ServerConfig>, timeout: Duration) -> Handshaker {
+    /// `min_version` must be the one `config` was built with ([`server_config`]): it decides
+    /// which ClientHellos count as `protocol_version` failures.
+    pub fn new(
+        config: Arc<ServerConfig>,
+        timeout: Duration,
+        min_version: MinTlsVersion,
+    ) -> Handshaker {
         Handshaker {
-            acceptor: TlsAcceptor::from(config),
+            config,
+            accepted: accepted_versions(min_version),
             timeout,
         }
     }
@@ -203,19 +241,266 @@ impl Handshaker {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let started = Instant::now();
-        match tokio::time::timeout(self.timeout, self.acceptor.accept(io)).await {
+        match tokio::time::timeout(self.timeout, self.handshake(io)).await {
             Err(_) => Err(HandshakeError {
                 reason: HandshakeFailure::Timeout,
                 message: format!("no handshake within {:?}", self.timeout),
             }),
-            Ok(Err(e)) => Err(HandshakeError {
-                reason: HandshakeFailure::classify(&e),
-                message: e.to_string(),
-            }),
+            Ok(Err(e)) => Err(e),
             Ok(Ok(stream)) => {
                 let info = TlsInfo::from_connection(stream.get_ref().1);
                 Ok((stream, info, started.elapsed()))
             }
         }
+    }
+
+    /// Reads the ClientHello through rustls' [`Acceptor`], keeping the first record long enough
+    /// to read its versions ([`hello::sniff`]), then finishes the handshake in tokio-rustls.
+    ///
+    /// The only cost on a successful handshake is one extra copy of the ClientHello (typically
+    /// under 2 KiB), from this buffer into rustls'; after the hello, tokio-rustls reads the
+    /// socket directly. [`tokio::net::TcpStream::peek`] would save that copy but cannot wait
+    /// for the rest of a record split across TCP segments (a post-quantum key share makes most
+    /// ClientHellos two segments) without polling.
+    async fn handshake<IO>(&self, mut io: IO) -> Result<TlsStream<IO>, HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut acceptor = Acceptor::default();
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        let mut sniff = hello::Sniff::NeedMore;
+        let mut received_any = false;
+        let accepted: Accepted = loop {
+            // Everything read goes to rustls; `buf` keeps bytes only while the first record
+            // is incomplete, so it never holds more than `hello::MAX_FIRST_RECORD`.
+            let limit = if sniff == hello::Sniff::NeedMore {
+                hello::MAX_FIRST_RECORD.saturating_sub(buf.len())
+            } else {
+                buf.clear();
+                READ_CHUNK
+            };
+            let start = buf.len();
+            buf.reserve(limit.min(READ_CHUNK));
+            let n = match (&mut io).take(limit as u64).read_buf(&mut buf).await {
+                Ok(n) => n,
+                Err(e) if !received_any && is_reset(&e) => return Err(closed_before_hello()),
+                Err(e) => return Err(self.failure(HandshakeFailure::Io, sniff, e.to_string())),
+            };
+            if n == 0 {
+                if !received_any {
+                    return Err(closed_before_hello());
+                }
+                return Err(self.failure(
+                    HandshakeFailure::Io,
+                    sniff,
+                    "connection closed before the ClientHello was complete".to_owned(),
+                ));
+            }
+            received_any = true;
+            if let Err(e) = feed(&mut acceptor, buf.get(start..).unwrap_or_default()) {
+                // rustls refuses to buffer more: a ClientHello beyond any sane size.
+                return Err(self.failure(HandshakeFailure::Other, sniff, e.to_string()));
+            }
+            if sniff == hello::Sniff::NeedMore {
+                sniff = hello::sniff(&buf);
+            }
+            match acceptor.accept() {
+                Ok(Some(accepted)) => break accepted,
+                Ok(None) => {}
+                Err((e, mut alert)) => {
+                    let error =
+                        self.failure(HandshakeFailure::classify_tls(&e), sniff, e.to_string());
+                    let mut out = Vec::new();
+                    if error.reason == HandshakeFailure::ProtocolVersion {
+                        out.extend_from_slice(&PROTOCOL_VERSION_ALERT);
+                    } else {
+                        while alert.write(&mut out).is_ok_and(|n| n > 0) {}
+                    }
+                    // Best effort: the client may already be gone; the deadline bounds it.
+                    let _ = io.write_all(&out).await;
+                    let _ = io.flush().await;
+                    return Err(error);
+                }
+            }
+        };
+        StartHandshake::from_parts(accepted, io)
+            .into_stream(self.config.clone())
+            .await
+            .map_err(|e| self.failure(HandshakeFailure::classify(&e), sniff, e.to_string()))
+    }
+
+    /// The failure to report: `protocol_version` when the ClientHello offered no version this
+    /// server accepts, whatever rustls tripped over first; otherwise rustls' reason.
+    fn failure(
+        &self,
+        reason: HandshakeFailure,
+        sniff: hello::Sniff,
+        message: String,
+    ) -> HandshakeError {
+        match sniff {
+            hello::Sniff::Offered(offered) if !offered.any_of(self.accepted) => HandshakeError {
+                reason: HandshakeFailure::ProtocolVersion,
+                message: format!(
+                    "client offers at most {}: {message}",
+                    offered
+                        .highest()
+                        .map(
+                            |v| names::protocol_version_name(rustls::ProtocolVersion::from(v))
+                                .into_owned()
+                        )
+                        .unwrap_or_else(|| "no known version".to_owned())
+                ),
+            },
+            _ => HandshakeError { reason, message },
+        }
+    }
+}
+
+/// Hands `bytes` to the acceptor, all of them (rustls takes at most one buffer's worth a call).
+fn feed(acceptor: &mut Acceptor, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        if acceptor.read_tls(&mut bytes)? == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn closed_before_hello() -> HandshakeError {
+    HandshakeError {
+        reason: HandshakeFailure::ClosedBeforeHello,
+        message: "connection closed before any ClientHello octet".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use tokio::io::{DuplexStream, duplex};
+
+    const TLS1_0_HELLO: &[u8] = include_bytes!("../../tests/data/client_hello/openssl-tls1_0.bin");
+    const TLS1_2_HELLO: &[u8] = include_bytes!("../../tests/data/client_hello/openssl-tls1_2.bin");
+
+    fn handshaker(min: MinTlsVersion, timeout: Duration) -> Handshaker {
+        let tls = TlsConfig {
+            certificates: Vec::new(),
+            min_version: min,
+            handshake_timeout: timeout,
+            reload_interval: Duration::from_secs(5),
+        };
+        let store = Arc::new(CertStore::load(&[], "mx.example.test").unwrap());
+        Handshaker::new(server_config(&tls, store).unwrap(), timeout, min)
+    }
+
+    /// A ClientHello as rustls sends it: TLS 1.2 and 1.3, an X25519MLKEM768 key share.
+    fn rustls_hello() -> Vec<u8> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from("mx.example.test").unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    /// Writes `bytes` one octet at a time, then waits for the server's answer until it closes.
+    async fn dribble(mut client: DuplexStream, bytes: Vec<u8>) -> Vec<u8> {
+        for b in bytes {
+            client.write_all(&[b]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Enough to see the server's first flight; the test drops the server side after.
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), client.read(&mut chunk)).await
+        {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(chunk.get(..n).unwrap());
+        }
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_hello_arriving_octet_by_octet_is_answered_with_a_server_hello() {
+        let (client, server) = duplex(64);
+        let client = tokio::spawn(dribble(client, rustls_hello()));
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_secs(5));
+        // The client reads the first flight and hangs up: an I/O failure, nothing else.
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::Io);
+        let answer = client.await.unwrap();
+        // A handshake record carrying a ServerHello (RFC 8446 §4.1.3).
+        assert_eq!(answer.first(), Some(&22));
+        assert_eq!(answer.get(5), Some(&2), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_tls1_0_hello_octet_by_octet_is_a_protocol_version_failure() {
+        let (client, server) = duplex(64);
+        let client = tokio::spawn(dribble(client, TLS1_0_HELLO.to_vec()));
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_secs(5));
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::ProtocolVersion);
+        assert!(err.message.contains("TLSv1"), "{}", err.message);
+        assert_eq!(client.await.unwrap(), PROTOCOL_VERSION_ALERT);
+    }
+
+    #[tokio::test]
+    async fn a_tls1_2_hello_is_a_protocol_version_failure_only_under_min_1_3() {
+        let (client, server) = duplex(4096);
+        let client = tokio::spawn(dribble(client, TLS1_2_HELLO.to_vec()));
+        let h = handshaker(MinTlsVersion::Tls13, Duration::from_secs(5));
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::ProtocolVersion);
+        assert_eq!(client.await.unwrap(), PROTOCOL_VERSION_ALERT);
+
+        let (client, server) = duplex(4096);
+        let client = tokio::spawn(dribble(client, TLS1_2_HELLO.to_vec()));
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_secs(5));
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::Io);
+        assert_eq!(client.await.unwrap().get(5), Some(&2));
+    }
+
+    #[tokio::test]
+    async fn closing_before_a_byte_is_not_an_io_failure_but_closing_midway_is() {
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_secs(5));
+        let (client, server) = duplex(64);
+        drop(client);
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::ClosedBeforeHello);
+
+        let (mut client, server) = duplex(64);
+        client.write_all(&TLS1_0_HELLO[..20]).await.unwrap();
+        drop(client);
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::Io);
+    }
+
+    #[tokio::test]
+    async fn silence_is_a_timeout() {
+        let h = handshaker(MinTlsVersion::Tls12, Duration::from_millis(50));
+        let (_client, server) = duplex(64);
+        let err = h.accept(server).await.err().unwrap();
+        assert_eq!(err.reason, HandshakeFailure::Timeout);
     }
 }

@@ -74,6 +74,9 @@ pub fn group_name(code: u16) -> Cow<'static, str> {
 /// `TLSv1.2` / `TLSv1.3`: the OpenSSL/HAProxy spelling operators grep for.
 pub fn protocol_version_name(version: rustls::ProtocolVersion) -> Cow<'static, str> {
     match u16::from(version) {
+        0x0300 => Cow::Borrowed("SSLv3"),
+        0x0301 => Cow::Borrowed("TLSv1"),
+        0x0302 => Cow::Borrowed("TLSv1.1"),
         0x0303 => Cow::Borrowed("TLSv1.2"),
         0x0304 => Cow::Borrowed("TLSv1.3"),
         other => Cow::Owned(format!("0x{other:04x}")),
