@@ -198,6 +198,8 @@ def imap_cases():
         lambda a: [send(pad_line(b"a1 NOOP ", 8192) + a.login("a3"))])
     add("cr-at-line-limit-boundary", "before",
         lambda a: [send(pad_line(b"a1 NOOP ", 8191) + b"\r" + a.login("a3"))])
+    add("line-of-exactly-the-limit-then-login", "before",
+        lambda a: [send(pad_line(b"a1 NOOP ", 8190) + b"\r\n" + a.login("a3"))])
 
     # -- after TLS (implicit 993): the bytes hold no LOGIN that a strict framer would see.
     def id_smuggle(head, sync=False):
@@ -329,6 +331,9 @@ def smtp_cases():
         after_ehlo(lambda a: [send(auth(a).replace(b"\r\n", b"\0\r\n"))]))
     add("crlf-split-across-reads", "before",
         after_ehlo(lambda a: [send(b"NOOP\r"), pause(), send(b"\n" + auth(a))]))
+    # mailfront's default limits.smtp_line is 4096 octets, CRLF included.
+    add("line-of-exactly-the-limit-then-auth", "before",
+        after_ehlo(lambda a: [send(pad_line(b"NOOP ", 4094) + b"\r\n" + auth(a))]))
     add("auth-login-pipelined-cancel-bare-lf", "before",
         after_ehlo(lambda a: [send(b"AUTH LOGIN\r\n*\n" + auth(a))]))
     add("auth-login-pipelined-credentials", "before", after_ehlo(lambda a: [
@@ -339,6 +344,7 @@ def smtp_cases():
 
     add("bare-lf-after-noop", "after", after_ehlo(lambda a: [send(b"NOOP\n" + auth(a))]))
     add("bare-lf-after-ehlo", "after", lambda a: [send(b"EHLO client.adv.test\n" + auth(a))])
+    add("bare-cr-after-noop", "after", after_ehlo(lambda a: [send(b"NOOP\r" + auth(a))]))
     add("bare-cr-at-read-boundary", "after",
         after_ehlo(lambda a: [send(b"NOOP\r"), pause(), send(auth(a))]))
     add("nul-in-auth-line", "after",
@@ -679,8 +685,8 @@ def cmd_run(args):
             c = futs[fut]
             try:
                 conns[c.name] = fut.result()
-            except (OSError, ssl.SSLError, ValueError) as e:
-                errors[c.name] = f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 -- one broken case must not hide the others
+                errors[c.name] = f"case did not run: {type(e).__name__}: {e}"
 
     # Judge against the logs once everything is done; late lines still count (LOG_SETTLE), and
     # the controls may wait longer for theirs.
