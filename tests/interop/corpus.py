@@ -22,11 +22,14 @@ case. run.sh puts the accounts into Dovecot's passwd-file (`accounts` subcommand
 "Before TLS" cases go to the STARTTLS listeners in cleartext: there no login is acceptable, in any
 framing. "After TLS" cases go to the implicit-TLS listeners (or after a proper STARTTLS). After TLS
 a legitimate LOGIN may be forwarded, so those byte sequences contain no LOGIN/AUTH/USER/PASS that a
-strict RFC framer would see: the credential hides behind a bare LF, a bare CR, a NUL, a brace
-inside an atom or quoted string, or inside a SASL exchange. A backend that frames more leniently
-(Dovecot and Postfix 3.7 take a bare LF as a line end) logs in if the proxy forwards those bytes
-raw. The assertions hold for any correct proxy whatever it answers itself (its own greeting, BAD,
--ERR, 5xx, or closing the connection): no reply text is compared.
+strict RFC framer would accept: the credential-bearing command itself ends in a bare LF, or sits
+behind a bare CR or a NUL, or the smuggled command is a forged ID behind a brace inside an atom or
+a quoted string. A proxy may refuse a whole CRLF-terminated line that holds a bare LF, or refuse
+each bare-LF segment and resynchronise after it (where Dovecot and Postfix 3.7, which take a bare
+LF as a line end, would start their next command): either way no login. Forwarding the bytes raw,
+or taking a bare LF for a valid line end, logs in. The assertions hold for any correct proxy
+whatever it answers itself (its own greeting, BAD, -ERR, 5xx, or closing the connection): no reply
+text is compared.
 
 The `adv-control-*` cases prove the checks can fail: a legitimate TLS login through mailfront per
 protocol must be seen by the same log and client checks, and the bare-LF smuggles and forged
@@ -73,6 +76,12 @@ class Account:
 
     def login(self, tag):
         return f"{tag} LOGIN {self.user} {self.password}\r\n".encode()
+
+    def lf_login(self, tag):
+        """A LOGIN that ends in a bare LF, then an empty CRLF line: only a framer that takes a
+        bare LF for a line end sees a LOGIN here. A strict framer sees one malformed line; one
+        that refuses the bare-LF segments and resynchronises after each LF refuses them all."""
+        return f"{tag} LOGIN {self.user} {self.password}\n\r\n".encode()
 
     def forged_id(self, tag):
         return (f'{tag} ID ("name" "adv-{self.idx:03d}" "x-originating-ip" "{self.forged_ip}" '
@@ -221,7 +230,7 @@ def imap_cases():
     add("second-id-forged-fields", "after", lambda a: [
         send(b'a1 ID ("name" "adv-first")\r\n'), expect(tagged("a1")),
         send(a.forged_id("a2")), expect(tagged("a2"))], tags=(), forged=True)
-    add("bare-lf-after-noop", "after", lambda a: [send(b"a1 NOOP\n" + a.login("a3"))])
+    add("bare-lf-after-noop", "after", lambda a: [send(b"a1 NOOP\n" + a.lf_login("a3"))])
     add("bare-cr-after-noop", "after", lambda a: [send(b"a1 NOOP\r" + a.login("a3"))])
     add("bare-cr-at-read-boundary", "after",
         lambda a: [send(b"a1 NOOP\r"), pause(), send(a.login("a3"))])
@@ -232,11 +241,11 @@ def imap_cases():
     add("login-inside-id-literal", "after", lambda a: [send(
         literal_smuggle(b'a1 ID ("name" ', a.login("a3"), tail=b")\r\n"))])
     add("authenticate-cancel-bare-lf-login", "after", lambda a: [
-        send(b"a2 AUTHENTICATE PLAIN\r\n"), expect(IMAP_CONT), send(b"*\n" + a.login("a3"))],
+        send(b"a2 AUTHENTICATE PLAIN\r\n"), expect(IMAP_CONT), send(b"*\n" + a.lf_login("a3"))],
         tags=("a2", "a3"))
     add("authenticate-response-bare-lf-login", "after", lambda a: [
         send(b"a2 AUTHENTICATE PLAIN\r\n"), expect(IMAP_CONT),
-        send(b"=\n" + a.login("a3"))], tags=("a2", "a3"))
+        send(b"=\n" + a.lf_login("a3"))], tags=("a2", "a3"))
     add("login-at-line-limit-boundary", "after",
         lambda a: [send(pad_line(b"a1 NOOP ", 8192) + a.login("a3"))])
 
@@ -245,7 +254,7 @@ def imap_cases():
         return lambda a: [send(b"s1 STARTTLS\r\n"), tls_if(tagged_ok("s1"))] + rest(a)
 
     add("starttls-then-bare-lf-after-noop", "after",
-        after_starttls(lambda a: [send(b"a1 NOOP\n" + a.login("a3"))]), listener="starttls")
+        after_starttls(lambda a: [send(b"a1 NOOP\n" + a.lf_login("a3"))]), listener="starttls")
     add("starttls-then-id-smuggled-literal", "after",
         after_starttls(lambda a: [send(literal_smuggle(b"a1 NOOP x", a.forged_id("a2")))]),
         listener="starttls", tags=(), forged=True)
@@ -316,6 +325,10 @@ def smtp_cases():
     def auth(a):
         return b"AUTH PLAIN " + a.plain + b"\r\n"
 
+    def lf_auth(a):
+        # Ends in a bare LF (then an empty CRLF line): see Account.lf_login.
+        return b"AUTH PLAIN " + a.plain + b"\n\r\n"
+
     def xclient(a):
         return [send(b"XCLIENT LOGIN=" + a.u + b" ADDR=" + a.forged_ip.encode() + b"\r\n"),
                 expect(rb"\n"),
@@ -342,22 +355,23 @@ def smtp_cases():
         send(b"STARTTLS\r\n" + auth(a)), tls_if(SMTP_220)]))
     add("xclient-login", "before", after_ehlo(xclient), forged=True)
 
-    add("bare-lf-after-noop", "after", after_ehlo(lambda a: [send(b"NOOP\n" + auth(a))]))
-    add("bare-lf-after-ehlo", "after", lambda a: [send(b"EHLO client.adv.test\n" + auth(a))])
+    add("bare-lf-after-noop", "after", after_ehlo(lambda a: [send(b"NOOP\n" + lf_auth(a))]))
+    add("bare-lf-after-ehlo", "after",
+        lambda a: [send(b"EHLO client.adv.test\n" + lf_auth(a))])
     add("bare-cr-after-noop", "after", after_ehlo(lambda a: [send(b"NOOP\r" + auth(a))]))
     add("bare-cr-at-read-boundary", "after",
         after_ehlo(lambda a: [send(b"NOOP\r"), pause(), send(auth(a))]))
     add("nul-in-auth-line", "after",
         after_ehlo(lambda a: [send(auth(a).replace(b"\r\n", b"\0\r\n"))]))
     add("auth-login-cancel-bare-lf", "after", after_ehlo(lambda a: [
-        send(b"AUTH LOGIN\r\n"), expect(SMTP_334), send(b"*\n" + auth(a))]))
+        send(b"AUTH LOGIN\r\n"), expect(SMTP_334), send(b"*\n" + lf_auth(a))]))
     add("auth-login-username-then-bare-lf", "after", after_ehlo(lambda a: [
         send(b"AUTH LOGIN\r\n"), expect(SMTP_334),
-        send(a.b64_user + b"\n*\n" + auth(a))]))
+        send(a.b64_user + b"\n*\n" + lf_auth(a))]))
     add("xclient-login", "after", after_ehlo(xclient), forged=True)
     add("starttls-then-bare-lf-after-noop", "after", after_ehlo(lambda a: [
         send(b"STARTTLS\r\n"), tls_if(SMTP_220), send(ehlo), expect(SMTP_250_END),
-        send(b"NOOP\n" + auth(a))]), listener="starttls")
+        send(b"NOOP\n" + lf_auth(a))]), listener="starttls")
     return c
 
 
