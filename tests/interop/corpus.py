@@ -421,6 +421,8 @@ def all_cases():
     cases = imap_cases() + pop3_cases() + smtp_cases() + control_cases()
     names = [c.name for c in cases]
     assert len(names) == len(set(names)), "duplicate case names"
+    # Account.forged_ip uses the case number as the last octet.
+    assert len(cases) <= 254, "too many cases for one forged-address octet each"
     return cases
 
 
