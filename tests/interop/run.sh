@@ -130,6 +130,10 @@ USER_PASS="interop-$(head -c 9 /dev/urandom | base64 | tr '+/' 'xy')"
 # or password ever shows up in a backend log, mailfront forwarded cleartext credentials.
 LEAK_USER=cleartext@example.test
 LEAK_PASS="leak-$(head -c 9 /dev/urandom | base64 | tr '+/' 'xy')"
+# The adversarial corpus (corpus.py) gives every case its own victim account, all in the passdb
+# below: mallory-victim-NNN@example.test with password vpNNN-$ADV_SECRET.
+ADV_SECRET="$(head -c 6 /dev/urandom | base64 | tr '+/' 'xy')"
+CORPUS="$HERE/corpus.py"
 HOSTNAME_MF=mx.example.test
 MAILDIR="$T/mail/example.test/user"
 MAIL_UID=65534 MAIL_GID=65534   # nobody:nogroup owns the mailboxes (neither daemon allows root)
@@ -181,6 +185,7 @@ write_dovecot_conf() {
     # passwd-file: user:{PLAIN}password — test credentials, readable by the auth process.
     printf '%s:{PLAIN}%s\n%s:{PLAIN}%s\n' "$USER_NAME" "$USER_PASS" "$LEAK_USER" "$LEAK_PASS" \
         >"$T/dovecot/passwd"
+    python3 "$CORPUS" accounts --secret "$ADV_SECRET" >>"$T/dovecot/passwd" || return 1
     chmod 644 "$T/dovecot/passwd"
     mkdir -p "$T/dovecot/run" "$T/dovecot/state"
     if [ "$(printf '%s\n2.4\n' "$major_minor" | sort -V | head -n1)" = "2.4" ]; then
@@ -814,6 +819,31 @@ case_config_check() {
     "$MF_BIN" check --config "$MF_CONF"
 }
 
+# --- adversarial login corpus -----------------------------------------------------------------
+
+# corpus.py runs every case (in parallel, each bounded to a few seconds) and prints one
+# `PASS name` / `FAIL name: reason` line per case; they go through pass/fail like every other case.
+# Transcripts of each exchange: $T/adv/<case>.txt.
+run_corpus() {
+    local out st line name n=0
+    out=$(python3 "$CORPUS" run --secret "$ADV_SECRET" --cafile "$CA" --sni "$HOSTNAME_MF" \
+        --imap "$P_IMAP" --imaps "$P_IMAPS" --pop3 "$P_POP3" --pop3s "$P_POP3S" \
+        --submission "$P_SUBMISSION" --submissions "$P_SMTPS" \
+        --dovecot-imap "$P_DOVECOT_IMAP" --dovecot-pop3 "$P_DOVECOT_POP3" --postfix "$P_POSTFIX" \
+        --dovecot-log "$DOVECOT_LOG" --postfix-log "$POSTFIX_LOG" --outdir "$T/adv" \
+        2>"$T/adv.err")
+    st=$?
+    while IFS= read -r line; do
+        case "$line" in
+            "PASS "*) pass "${line#PASS }"; n=$((n + 1)) ;;
+            "FAIL "*) name=${line#FAIL }; fail "${name%%: *}" "${name#*: }"; n=$((n + 1)) ;;
+        esac
+    done <<<"$out"
+    if [ "$st" != 0 ] || [ "$n" = 0 ]; then
+        fail adv-corpus "corpus.py exit $st after $n cases: $(tail -n 1 "$T/adv.err")"
+    fi
+}
+
 # --- testssl.sh ------------------------------------------------------------------------------
 
 run_testssl() { # NAME PORT [--starttls smtp|imap|pop3]
@@ -888,6 +918,7 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         run_case cleartext-credentials-never-reach-backend-logs case_cleartext_not_in_logs
         run_case metrics-endpoints case_metrics
         run_case metrics-promtool-check case_metrics_promtool
+        run_corpus
 
         for p in "${TESTSSL_PIDS[@]}"; do
             name=${p%%:*} pid=${p#*:}
