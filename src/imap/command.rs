@@ -1047,3 +1047,1157 @@ pub fn encode_sasl(line: &SaslLine) -> Vec<u8> {
         SaslLine::Cancel | SaslLine::Invalid => b"*\r\n".to_vec(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::split::{CHUNKS, drive};
+
+    /// Plays a driver that accepts every literal, enters SASL after an AUTHENTICATE without
+    /// initial response and leaves it after one SASL line.
+    fn run_with(input: &[u8], chunk: usize, limits: Limits) -> Vec<Event> {
+        let mut rx = CommandReceiver::new(limits);
+        let (events, _) = drive(
+            &mut rx,
+            input,
+            chunk,
+            |rx, buf| rx.next(buf),
+            |rx, event| {
+                match event {
+                    Event::LiteralRequested { .. } => rx.accept_literal(),
+                    Event::Command {
+                        command:
+                            Command::Authenticate {
+                                initial_response: None,
+                                ..
+                            },
+                        ..
+                    } => rx.begin_sasl(),
+                    Event::Sasl(_) => rx.end_sasl(),
+                    _ => {}
+                }
+                true
+            },
+        );
+        events
+    }
+
+    /// The events for `input`, checked to be the same whatever the read sizes.
+    fn events_with(input: &[u8], limits: Limits) -> Vec<Event> {
+        let whole = run_with(input, 0, limits);
+        for chunk in CHUNKS {
+            assert_eq!(
+                run_with(input, chunk, limits),
+                whole,
+                "chunk {chunk} of {:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        whole
+    }
+
+    fn events(input: &[u8]) -> Vec<Event> {
+        events_with(input, Limits::default())
+    }
+
+    fn cmd(tag: &str, command: Command) -> Event {
+        Event::Command {
+            tag: tag.into(),
+            command,
+        }
+    }
+
+    fn rej(tag: Option<&str>, error: CommandError, fatal: bool) -> Event {
+        Event::Rejected(Rejection {
+            tag: tag.map(Into::into),
+            error,
+            fatal,
+        })
+    }
+
+    fn lit(tag: &str, name: &str, size: usize) -> Event {
+        Event::LiteralRequested {
+            tag: tag.into(),
+            name: name.into(),
+            size,
+        }
+    }
+
+    fn login(username: &[u8], password: &[u8]) -> Command {
+        Command::Login {
+            username: username.to_vec(),
+            password: password.to_vec(),
+        }
+    }
+
+    fn auth(mechanism: &str, ir: Option<&str>) -> Command {
+        Command::Authenticate {
+            mechanism: mechanism.into(),
+            initial_response: ir.map(Into::into),
+        }
+    }
+
+    type Pairs<'a> = &'a [(&'a [u8], Option<&'a [u8]>)];
+
+    fn id(tag: &str, pairs: Option<Pairs<'_>>) -> Command {
+        Command::Id(IdCommand {
+            tag: tag.into(),
+            params: pairs.map(|pairs| {
+                pairs
+                    .iter()
+                    .map(|(f, v)| IdPair {
+                        field: f.to_vec(),
+                        value: v.map(<[u8]>::to_vec),
+                    })
+                    .collect()
+            }),
+        })
+    }
+
+    fn other(name: &str) -> Command {
+        Command::Other { name: name.into() }
+    }
+
+    use CommandError::*;
+
+    fn check_table(table: &[(&[u8], Vec<Event>)]) {
+        for (input, expected) in table {
+            assert_eq!(
+                &events(input),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn the_whitelisted_commands_parse() {
+        check_table(&[
+            (b"a CAPABILITY\r\n", vec![cmd("a", Command::Capability)]),
+            (b"a1 noop\r\n", vec![cmd("a1", Command::Noop)]),
+            (b"z LogOut\r\n", vec![cmd("z", Command::Logout)]),
+            (b"t STARTTLS\r\n", vec![cmd("t", Command::StartTls)]),
+            (
+                b"a LOGIN alice secret1\r\n",
+                vec![cmd("a", login(b"alice", b"secret1"))],
+            ),
+            (
+                b"a login \"alice\" ]x]\r\n",
+                vec![cmd("a", login(b"alice", b"]x]"))],
+            ),
+            (
+                b"a AUTHENTICATE plain AGFsaWNlAHNlY3JldA==\r\n",
+                vec![cmd("a", auth("PLAIN", Some("AGFsaWNlAHNlY3JldA==")))],
+            ),
+            (
+                b"a AUTHENTICATE PLAIN =\r\n",
+                vec![cmd("a", auth("PLAIN", Some("=")))],
+            ),
+            (b"a ID NIL\r\n", vec![cmd("a", id("a", None))]),
+            (b"a id nil\r\n", vec![cmd("a", id("a", None))]),
+            (b"a ID ()\r\n", vec![cmd("a", id("a", Some(&[])))]),
+            (
+                b"a ID (\"name\" \"mutt\" \"os\" NIL)\r\n",
+                vec![cmd(
+                    "a",
+                    id("a", Some(&[(b"name", Some(b"mutt")), (b"os", None)])),
+                )],
+            ),
+            (b"a SELECT INBOX\r\n", vec![cmd("a", other("SELECT"))]),
+            (
+                b"a select \"unterminated\r\n",
+                vec![cmd("a", other("select"))],
+            ),
+            (b"\r\n\r\na NOOP\r\n", vec![cmd("a", Command::Noop)]),
+        ]);
+    }
+
+    #[test]
+    fn braces_inside_atoms_are_atom_text_not_literals() {
+        check_table(&[
+            // The issue's smuggling attempt: the LOGIN is a command of its own, for the gate.
+            (
+                b"a2 NOOP x{24+}\r\na3 LOGIN alice secret1\r\n\r\n",
+                vec![
+                    rej(Some("a2"), Syntax, false),
+                    cmd("a3", login(b"alice", b"secret1")),
+                ],
+            ),
+            (
+                b"a NOOP x{5+}\r\nhello\r\n",
+                vec![
+                    rej(Some("a"), Syntax, false),
+                    rej(Some("hello"), InvalidCommandName, false),
+                ],
+            ),
+            (b"a NOOP x{5}\r\n", vec![rej(Some("a"), Syntax, false)]),
+            (b"a NOOP x~{5+}\r\n", vec![rej(Some("a"), Syntax, false)]),
+            (
+                b"a LOGIN x{5} p\r\nb NOOP\r\n",
+                vec![rej(Some("a"), Syntax, false), cmd("b", Command::Noop)],
+            ),
+            (
+                b"a LOGIN u x{5}\r\nhello\r\n",
+                vec![
+                    rej(Some("a"), Syntax, false),
+                    rej(Some("hello"), InvalidCommandName, false),
+                ],
+            ),
+            // A literal announced mid-line is no literal: the grammar refuses the brace.
+            (b"a LOGIN {5} pass\r\n", vec![rej(Some("a"), Syntax, false)]),
+            // Directly after a literal (no SP) a brace is not at a literal position either.
+            (
+                b"a LOGIN {5}\r\nalice{3}\r\nb NOOP\r\n",
+                vec![
+                    lit("a", "LOGIN", 5),
+                    rej(Some("a"), Syntax, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            (
+                b"a SELECT x{3+}\r\nabc\r\n",
+                vec![
+                    cmd("a", other("SELECT")),
+                    rej(Some("abc"), InvalidCommandName, false),
+                ],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn malformed_and_binary_literals_are_refused() {
+        check_table(&[
+            (
+                b"a NOOP {}\r\nb NOOP\r\n",
+                vec![
+                    rej(Some("a"), MalformedLiteral, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            // `{+}`: the client streams an unknown number of octets.
+            (
+                b"a NOOP {+}\r\nb NOOP\r\n",
+                vec![rej(Some("a"), MalformedLiteral, true)],
+            ),
+            (
+                b"a LOGIN {abc}\r\nb NOOP\r\n",
+                vec![
+                    rej(Some("a"), MalformedLiteral, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            (
+                b"a LOGIN {5a+}\r\nb NOOP\r\n",
+                vec![rej(Some("a"), MalformedLiteral, true)],
+            ),
+            (
+                b"a LOGIN {99999999999999999999}\r\nb NOOP\r\n",
+                vec![
+                    rej(Some("a"), MalformedLiteral, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            (
+                b"a LOGIN {99999999999999999999+}\r\nb NOOP\r\n",
+                vec![rej(Some("a"), MalformedLiteral, true)],
+            ),
+            // literal8 (RFC 3516) is never valid before login.
+            (
+                b"a LOGIN ~{5}\r\nb NOOP\r\n",
+                vec![
+                    rej(Some("a"), MalformedLiteral, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            (
+                b"a LOGIN ~{5+}\r\nalice p\r\nb NOOP\r\n",
+                vec![rej(Some("a"), MalformedLiteral, true)],
+            ),
+            (
+                b"a ID (~{4+}\r\nname NIL)\r\n",
+                vec![rej(Some("a"), MalformedLiteral, true)],
+            ),
+            (
+                b"a LOGIN u {5}}\r\nb NOOP\r\n",
+                vec![
+                    rej(Some("a"), MalformedLiteral, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn empty_literals_are_empty_strings() {
+        check_table(&[
+            (
+                b"a LOGIN {0}\r\n {0}\r\n\r\n",
+                vec![
+                    lit("a", "LOGIN", 0),
+                    lit("a", "LOGIN", 0),
+                    cmd("a", login(b"", b"")),
+                ],
+            ),
+            (
+                b"a LOGIN {0+}\r\n {0+}\r\n\r\n",
+                vec![cmd("a", login(b"", b""))],
+            ),
+            (b"a LOGIN \"\" \"\"\r\n", vec![cmd("a", login(b"", b""))]),
+        ]);
+    }
+
+    #[test]
+    fn braces_inside_quoted_strings_are_string_content() {
+        check_table(&[
+            (
+                b"a LOGIN \"{5}\" \"p\"\r\n",
+                vec![cmd("a", login(b"{5}", b"p"))],
+            ),
+            (
+                b"a LOGIN \"u\" \"{5+}\"\r\nb NOOP\r\n",
+                vec![cmd("a", login(b"u", b"{5+}")), cmd("b", Command::Noop)],
+            ),
+            (
+                b"a LOGIN \"u\" \"x {5}\"\r\n",
+                vec![cmd("a", login(b"u", b"x {5}"))],
+            ),
+            // An unterminated quote hides the brace: no literal, and a syntax error.
+            (
+                b"a LOGIN u \"p {5}\r\nb NOOP\r\n",
+                vec![rej(Some("a"), Syntax, false), cmd("b", Command::Noop)],
+            ),
+            (
+                b"a LOGIN u \"p\\\" {5}\r\nb NOOP\r\n",
+                vec![rej(Some("a"), Syntax, false), cmd("b", Command::Noop)],
+            ),
+            (
+                b"a ID (\"x\" \"(\" \"y\" \"{3}\")\r\n",
+                vec![cmd(
+                    "a",
+                    id("a", Some(&[(b"x", Some(b"(")), (b"y", Some(b"{3}"))])),
+                )],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn literals_in_every_allowed_position() {
+        check_table(&[
+            (
+                b"a LOGIN {5}\r\nalice \"pw\"\r\n",
+                vec![lit("a", "LOGIN", 5), cmd("a", login(b"alice", b"pw"))],
+            ),
+            (
+                b"a LOGIN alice {7}\r\nsecret1\r\n",
+                vec![lit("a", "LOGIN", 7), cmd("a", login(b"alice", b"secret1"))],
+            ),
+            (
+                b"a LOGIN {5}\r\nalice {7}\r\nsecret1\r\n",
+                vec![
+                    lit("a", "LOGIN", 5),
+                    lit("a", "LOGIN", 7),
+                    cmd("a", login(b"alice", b"secret1")),
+                ],
+            ),
+            // RFC 7888 non-synchronising literals arrive unasked; content is never syntax.
+            (
+                b"a LOGIN {5+}\r\na\"{1}  {7+}\r\ns\r\n\0 1}\r\n",
+                vec![Event::Rejected(Rejection {
+                    tag: Some(b"a".to_vec()),
+                    error: Syntax,
+                    fatal: false,
+                })],
+            ),
+            (
+                b"a LOGIN {5+}\r\na\"{1} {6+}\r\ns\r\n{1}\r\n",
+                vec![cmd("a", login(b"a\"{1}", b"s\r\n{1}"))],
+            ),
+            (
+                b"a ID ({4}\r\nname {3}\r\nfoo)\r\n",
+                vec![
+                    lit("a", "ID", 4),
+                    lit("a", "ID", 3),
+                    cmd("a", id("a", Some(&[(b"name", Some(b"foo"))]))),
+                ],
+            ),
+            (
+                b"a ID (\"name\" {3+}\r\nf\xc3\xbc \"os\" NIL)\r\n",
+                vec![cmd(
+                    "a",
+                    id("a", Some(&[(b"name", Some(b"f\xc3\xbc")), (b"os", None)])),
+                )],
+            ),
+            // Other commands are still framed: their literals are consumed.
+            (
+                b"a SELECT {5}\r\nINBOX\r\nb NOOP\r\n",
+                vec![
+                    lit("a", "SELECT", 5),
+                    cmd("a", other("SELECT")),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn literals_in_disallowed_positions_are_syntax_errors() {
+        check_table(&[
+            (
+                b"a AUTHENTICATE {5}\r\nPLAIN\r\n",
+                vec![lit("a", "AUTHENTICATE", 5), rej(Some("a"), Syntax, false)],
+            ),
+            (
+                b"a AUTHENTICATE PLAIN {4+}\r\nAAA=\r\nb NOOP\r\n",
+                vec![rej(Some("a"), Syntax, false), cmd("b", Command::Noop)],
+            ),
+            (
+                b"a NOOP {3+}\r\nabc\r\n",
+                vec![rej(Some("a"), Syntax, false)],
+            ),
+            (
+                b"a CAPABILITY {3}\r\nabc\r\n",
+                vec![lit("a", "CAPABILITY", 3), rej(Some("a"), Syntax, false)],
+            ),
+            (
+                b"a STARTTLS {0}\r\n\r\n",
+                vec![lit("a", "STARTTLS", 0), rej(Some("a"), Syntax, false)],
+            ),
+            (
+                b"a LOGOUT {1+}\r\nx\r\n",
+                vec![rej(Some("a"), Syntax, false)],
+            ),
+            // The ID field-value list needs its SP: `(` then a literal is fine, `)` is not.
+            (
+                b"a ID NIL {1+}\r\nx\r\n",
+                vec![rej(Some("a"), Syntax, false)],
+            ),
+            // No literal stands in for the command name.
+            (
+                b"a {5}\r\nb NOOP\r\n",
+                vec![
+                    rej(Some("a"), InvalidCommandName, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            (
+                b"a {5+}\r\nNOOP\r\n",
+                vec![rej(Some("a"), InvalidCommandName, true)],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn bare_lf_bare_cr_and_nul_are_refused_and_resynchronise_after_the_lf() {
+        check_table(&[
+            // Dovecot takes the bare LF for a line end too, so both see the LOGIN separately.
+            (
+                b"a NOOP\na LOGIN u p\r\n",
+                vec![
+                    rej(Some("a"), ForbiddenOctet, false),
+                    cmd("a", login(b"u", b"p")),
+                ],
+            ),
+            (
+                b"a NOOP\rb NOOP\r\nc NOOP\r\n",
+                vec![
+                    rej(Some("a"), ForbiddenOctet, false),
+                    cmd("c", Command::Noop),
+                ],
+            ),
+            (
+                b"a LOGIN u\0 p\r\nb NOOP\r\n",
+                vec![
+                    rej(Some("a"), ForbiddenOctet, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            (
+                b"\nb NOOP\r\n",
+                vec![rej(None, ForbiddenOctet, false), cmd("b", Command::Noop)],
+            ),
+            (
+                b"\0\r\nb NOOP\r\n",
+                vec![rej(None, ForbiddenOctet, false), cmd("b", Command::Noop)],
+            ),
+            (
+                b"a LOGIN u \"p\rq\"\r\nb NOOP\r\n",
+                vec![
+                    rej(Some("a"), ForbiddenOctet, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            // In a line after a literal.
+            (
+                b"a LOGIN {1}\r\nu p\nb NOOP\r\n",
+                vec![
+                    lit("a", "LOGIN", 1),
+                    rej(Some("a"), ForbiddenOctet, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            // A refused line announcing a streaming literal ends the session.
+            (
+                b"a LOGIN u {5+}\nhello\r\n",
+                vec![rej(Some("a"), ForbiddenOctet, true)],
+            ),
+            // A literal's content may hold CR, LF and 8-bit octets, but not NUL (CHAR8).
+            (
+                b"a LOGIN u {3+}\r\n\r\n\xff\r\n",
+                vec![cmd("a", login(b"u", b"\r\n\xff"))],
+            ),
+            (
+                b"a LOGIN u {3+}\r\na\0b\r\nc NOOP\r\n",
+                vec![rej(Some("a"), Syntax, false), cmd("c", Command::Noop)],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn a_cr_at_a_read_boundary_completes_the_line() {
+        // Split invariance checks every chunking; this one ends the first read on the CR.
+        let input = b"a LOGIN u p\r\nb NOOP\r\n";
+        let mut rx = CommandReceiver::default();
+        let step = rx.next(&input[..12]);
+        assert_eq!(
+            step,
+            Step {
+                consumed: 0,
+                event: None
+            }
+        );
+        let step = rx.next(input);
+        assert_eq!(step.consumed, 13);
+        assert_eq!(step.event, Some(cmd("a", login(b"u", b"p"))));
+        assert_eq!(events(input).len(), 2);
+    }
+
+    #[test]
+    fn tags_are_checked() {
+        let long = format!("{} NOOP\r\n", "t".repeat(MAX_TAG_LEN + 1));
+        let max = format!("{} NOOP\r\n", "t".repeat(MAX_TAG_LEN));
+        check_table(&[
+            (b"a+1 NOOP\r\n", vec![rej(None, InvalidTag, false)]),
+            (b"+ NOOP\r\n", vec![rej(None, InvalidTag, false)]),
+            (b"* NOOP\r\n", vec![rej(None, InvalidTag, false)]),
+            (b"a(b NOOP\r\n", vec![rej(None, InvalidTag, false)]),
+            (b" NOOP\r\n", vec![rej(None, InvalidTag, false)]),
+            (b"a\r\n", vec![rej(Some("a"), InvalidCommandName, false)]),
+            (
+                b"a  NOOP\r\n",
+                vec![rej(Some("a"), InvalidCommandName, false)],
+            ),
+            (
+                b"a NO\"OP\r\n",
+                vec![rej(Some("a"), InvalidCommandName, false)],
+            ),
+            (
+                b"a N\xc3\xb6OP\r\n",
+                vec![rej(Some("a"), InvalidCommandName, false)],
+            ),
+            (long.as_bytes(), vec![rej(None, InvalidTag, false)]),
+            (
+                max.as_bytes(),
+                vec![cmd(&"t".repeat(MAX_TAG_LEN), Command::Noop)],
+            ),
+            (b"a] NOOP\r\n", vec![cmd("a]", Command::Noop)]),
+        ]);
+    }
+
+    #[test]
+    fn quoted_strings_take_8bit_and_only_two_escapes() {
+        check_table(&[
+            (
+                "a LOGIN \"jürgen\" \"pässwörd\"\r\n".as_bytes(),
+                vec![cmd("a", login("jürgen".as_bytes(), "pässwörd".as_bytes()))],
+            ),
+            (
+                b"a LOGIN \"a\\\"b\" \"c\\\\d\"\r\n",
+                vec![cmd("a", login(b"a\"b", b"c\\d"))],
+            ),
+            (
+                b"a LOGIN \"a\\nb\" p\r\n",
+                vec![rej(Some("a"), Syntax, false)],
+            ),
+            // 8-bit is not an atom character.
+            (
+                "a LOGIN jürgen p\r\n".as_bytes(),
+                vec![rej(Some("a"), Syntax, false)],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn argument_grammar_is_strict() {
+        let pairs31: String = (0..31).map(|i| format!("\"f{i}\" \"v\" ")).collect();
+        let pairs30: String = (0..30).map(|i| format!("\"f{i}\" \"v\" ")).collect();
+        let id31 = format!("a ID ({})\r\n", pairs31.trim_end());
+        let id30 = format!("a ID ({})\r\n", pairs30.trim_end());
+        let field31 = format!("a ID (\"{}\" NIL)\r\n", "f".repeat(31));
+        let value1025 = format!("a ID (\"f\" \"{}\")\r\n", "v".repeat(1025));
+        let value1024 = format!("a ID (\"f\" \"{}\")\r\n", "v".repeat(1024));
+        for bad in [
+            &b"a NOOP x\r\n"[..],
+            b"a CAPABILITY IMAP4rev1\r\n",
+            b"a STARTTLS \r\n",
+            b"a NOOP \r\n",
+            b"a LOGIN\r\n",
+            b"a LOGIN alice\r\n",
+            b"a LOGIN alice \r\n",
+            b"a LOGIN alice pw extra\r\n",
+            b"a LOGIN  alice pw\r\n",
+            b"a LOGIN alice (pw)\r\n",
+            b"a AUTHENTICATE\r\n",
+            b"a AUTHENTICATE \r\n",
+            b"a AUTHENTICATE PLAIN \r\n",
+            b"a AUTHENTICATE PLAIN AAA\r\n",
+            b"a AUTHENTICATE PLAIN QR==\r\n",
+            b"a AUTHENTICATE PLAIN A===\r\n",
+            b"a AUTHENTICATE PLAIN ==\r\n",
+            b"a AUTHENTICATE PLAIN AAAA AAAA\r\n",
+            b"a AUTHENTICATE \"PLAIN\"\r\n",
+            b"a ID\r\n",
+            b"a ID \r\n",
+            b"a ID (\"name\")\r\n",
+            b"a ID (\"name\" \"x\"\r\n",
+            b"a ID (\"name\" \"x\") junk\r\n",
+            b"a ID (name \"x\")\r\n",
+            b"a ID (\"name\" x)\r\n",
+            b"a ID ( \"name\" \"x\")\r\n",
+            b"a ID (\"name\" \"x\" )\r\n",
+            b"a ID (\"name\"  \"x\")\r\n",
+            b"a ID FOO\r\n",
+            b"a ID NIL NIL\r\n",
+            id31.as_bytes(),
+            field31.as_bytes(),
+            value1025.as_bytes(),
+        ] {
+            assert_eq!(
+                events(bad),
+                vec![rej(Some("a"), Syntax, false)],
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // NIL is a valid astring atom for LOGIN (the username "NIL").
+        assert_eq!(
+            events(b"a LOGIN NIL pw\r\n"),
+            vec![cmd("a", login(b"NIL", b"pw"))]
+        );
+        for good in [id30.as_bytes(), value1024.as_bytes()] {
+            assert!(matches!(
+                events(good).as_slice(),
+                [Event::Command {
+                    command: Command::Id(_),
+                    ..
+                }]
+            ));
+        }
+    }
+
+    #[test]
+    fn sasl_lines_are_validated() {
+        check_table(&[
+            (
+                b"a AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nb NOOP\r\n",
+                vec![
+                    cmd("a", auth("PLAIN", None)),
+                    Event::Sasl(SaslLine::Response(b"AGFsaWNlAHNlY3JldA==".to_vec())),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            (
+                b"a AUTHENTICATE PLAIN\r\n*\r\n",
+                vec![cmd("a", auth("PLAIN", None)), Event::Sasl(SaslLine::Cancel)],
+            ),
+            (
+                b"a AUTHENTICATE PLAIN\r\n\r\n",
+                vec![
+                    cmd("a", auth("PLAIN", None)),
+                    Event::Sasl(SaslLine::Response(Vec::new())),
+                ],
+            ),
+        ]);
+        for bad in [
+            &b"AAA\r\n"[..],
+            b"QR==\r\n",
+            b"AAAA\n",
+            b"AA\rA=\r\n",
+            b"AA\0=\r\n",
+            b"AAAA \r\n",
+            b" *\r\n",
+            b"*\n",
+            b"a NOOP\r\n",
+            b"AA=A\r\n",
+            b"A===\r\n",
+        ] {
+            let mut input = b"a AUTHENTICATE X\r\n".to_vec();
+            input.extend_from_slice(bad);
+            input.extend_from_slice(b"b NOOP\r\n");
+            assert_eq!(
+                events(&input),
+                vec![
+                    cmd("a", auth("X", None)),
+                    Event::Sasl(SaslLine::Invalid),
+                    cmd("b", Command::Noop),
+                ],
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            encode_sasl(&SaslLine::Response(b"AA==".to_vec())),
+            b"AA==\r\n"
+        );
+        assert_eq!(encode_sasl(&SaslLine::Cancel), b"*\r\n");
+        assert_eq!(encode_sasl(&SaslLine::Invalid), b"*\r\n");
+    }
+
+    #[test]
+    fn an_over_long_sasl_line_is_fatal() {
+        let limits = Limits {
+            sasl_line: 6,
+            ..Limits::default()
+        };
+        // Exactly the limit is fine.
+        assert_eq!(
+            events_with(b"a AUTHENTICATE X\r\nQUJD\r\n", limits),
+            vec![
+                cmd("a", auth("X", None)),
+                Event::Sasl(SaslLine::Response(b"QUJD".to_vec()))
+            ]
+        );
+        assert_eq!(
+            events_with(b"a AUTHENTICATE X\r\nQUJDQUJD\r\nb NOOP\r\n", limits),
+            vec![
+                cmd("a", auth("X", None)),
+                rej(Some("a"), LineTooLong { limit: 6 }, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_limit_passes_and_one_octet_more_is_skipped_whole() {
+        let limits = Limits {
+            line: 16,
+            ..Limits::default()
+        };
+        assert_eq!(b"a LOGIN abc de\r\n".len(), 16);
+        assert_eq!(
+            events_with(b"a LOGIN abc de\r\n", limits),
+            vec![cmd("a", login(b"abc", b"de"))]
+        );
+        // The rest of the long line is never parsed, even when it looks like a command.
+        assert_eq!(
+            events_with(b"a LOGIN abc def\r\nb NOOP\r\n", limits),
+            vec![
+                rej(Some("a"), LineTooLong { limit: 16 }, false),
+                cmd("b", Command::Noop)
+            ]
+        );
+        assert_eq!(
+            events_with(b"a NOOP         \r\nc LOGIN u p\r\nb NOOP\r\n", limits),
+            vec![
+                rej(Some("a"), LineTooLong { limit: 16 }, false),
+                cmd("c", login(b"u", b"p")),
+                cmd("b", Command::Noop)
+            ]
+        );
+        assert_eq!(
+            events_with(b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\nb NOOP\r\n", limits),
+            vec![
+                rej(None, LineTooLong { limit: 16 }, false),
+                cmd("b", Command::Noop)
+            ]
+        );
+        // A line after a literal has the same limit.
+        assert_eq!(
+            events_with(b"a LOGIN {1}\r\nu ppppppppppppppppp\r\nb NOOP\r\n", limits),
+            vec![
+                lit("a", "LOGIN", 1),
+                rej(Some("a"), LineTooLong { limit: 16 }, false),
+                cmd("b", Command::Noop)
+            ]
+        );
+    }
+
+    #[test]
+    fn over_limit_literals_and_commands_are_refused() {
+        let limits = Limits {
+            literal: 10,
+            // `a LOGIN {10}\r\n` + 10 + ` {10}\r\n` + 10 + `\r\n`: 14 + 10 + 7 + 10 + 2.
+            command: 43,
+            ..Limits::default()
+        };
+        let too_big = LiteralTooBig {
+            size: 11,
+            limit: 10,
+        };
+        let too_long = CommandTooLong { limit: 43 };
+        for (input, expected) in [
+            (
+                &b"a LOGIN {11}\r\nb NOOP\r\n"[..],
+                vec![rej(Some("a"), too_big, false), cmd("b", Command::Noop)],
+            ),
+            (
+                b"a LOGIN {11+}\r\nb NOOP\r\n",
+                vec![rej(Some("a"), too_big, true)],
+            ),
+            (
+                b"a LOGIN {10}\r\n0123456789 {10}\r\n0123456789\r\n",
+                vec![
+                    lit("a", "LOGIN", 10),
+                    lit("a", "LOGIN", 10),
+                    cmd("a", login(b"0123456789", b"0123456789")),
+                ],
+            ),
+            (
+                b"a LOGIN {10}\r\n0123456789 {10}\r\n0123456789 x\r\nb NOOP\r\n",
+                vec![
+                    lit("a", "LOGIN", 10),
+                    lit("a", "LOGIN", 10),
+                    rej(Some("a"), too_long, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            (
+                b"a X {10}\r\n0123456789 {10}\r\n0123456789 {10}\r\nb NOOP\r\n",
+                vec![
+                    lit("a", "X", 10),
+                    lit("a", "X", 10),
+                    rej(Some("a"), too_long, false),
+                    cmd("b", Command::Noop),
+                ],
+            ),
+            (
+                b"a X {10+}\r\n0123456789 {10+}\r\n0123456789 {10+}\r\nb NOOP\r\n",
+                vec![rej(Some("a"), too_long, true)],
+            ),
+        ] {
+            assert_eq!(
+                events_with(input, limits),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn a_refused_literal_drops_the_command() {
+        let mut rx = CommandReceiver::default();
+        let step = rx.next(b"a LOGIN {5}\r\n");
+        assert_eq!(step.consumed, 13);
+        assert_eq!(step.event, Some(lit("a", "LOGIN", 5)));
+        assert!(rx.awaits_literal_decision());
+        assert!(!rx.is_idle());
+        // Nothing is read while the decision is pending.
+        assert_eq!(
+            rx.next(b"b NOOP\r\n"),
+            Step {
+                consumed: 0,
+                event: None
+            }
+        );
+        rx.refuse_literal();
+        assert!(rx.is_idle());
+        let step = rx.next(b"b NOOP\r\n");
+        assert_eq!(step.event, Some(cmd("b", Command::Noop)));
+        // accept/refuse outside a decision change nothing.
+        rx.accept_literal();
+        rx.refuse_literal();
+        assert!(rx.is_idle());
+    }
+
+    #[test]
+    fn sasl_mode_is_entered_and_left_by_the_driver() {
+        let mut rx = CommandReceiver::default();
+        rx.begin_sasl();
+        assert!(rx.in_sasl());
+        assert!(!rx.is_idle());
+        let step = rx.next(b"a NOOP\r\n");
+        assert_eq!(step.event, Some(Event::Sasl(SaslLine::Invalid)));
+        rx.end_sasl();
+        assert!(rx.is_idle());
+        assert_eq!(rx.next(b"a NOOP\r\n").event, Some(cmd("a", Command::Noop)));
+    }
+
+    #[test]
+    fn rejections_reply_tagged_or_untagged() {
+        let r = Rejection {
+            tag: Some(b"a1".to_vec()),
+            error: LiteralTooBig { size: 9, limit: 1 },
+            fatal: false,
+        };
+        assert_eq!(r.reply(), b"a1 BAD [TOOBIG] Literal too big\r\n");
+        let r = Rejection {
+            tag: None,
+            error: ForbiddenOctet,
+            fatal: false,
+        };
+        assert!(r.reply().starts_with(b"* BAD "));
+        assert!(r.reply().ends_with(b"\r\n"));
+    }
+
+    fn round_trip_table() -> Vec<Command> {
+        let long = vec![b'u'; MAX_QUOTED_LEN + 1];
+        vec![
+            Command::Capability,
+            Command::Noop,
+            Command::Logout,
+            login(b"alice", b"secret1"),
+            login(b"", b""),
+            login(b"a\"b\\c", b"{5}"),
+            login(b"NIL", b"x y (z)"),
+            login("jürgen".as_bytes(), b"p"),
+            login(b"u", b"line\r\nbreak"),
+            login(b"u", b"\x7f\x01"),
+            login(&long, b"\xff"),
+            auth("PLAIN", None),
+            auth("PLAIN", Some("=")),
+            auth("XOAUTH2", Some("AGFsaWNlAHNlY3JldA==")),
+            auth("SCRAM-SHA-256", Some("QUJD")),
+            id("t", None),
+            id("t", Some(&[])),
+            id(
+                "t",
+                Some(&[
+                    (b"name", Some(b"mu\"tt\\")),
+                    (b"os", None),
+                    (b"f\xc3\xbc", Some(b"x\r\ny")),
+                ]),
+            ),
+        ]
+    }
+
+    /// Feeds the encoded pieces one by one: each piece but the last must end exactly where the
+    /// receiver asks for the literal, the last exactly at the command's end.
+    fn reparse(tag: &[u8], pieces: &[Vec<u8>]) -> Command {
+        let mut rx = CommandReceiver::default();
+        let (last, first) = pieces.split_last().unwrap();
+        for piece in first {
+            let step = rx.next(piece);
+            assert_eq!(step.consumed, piece.len());
+            assert!(matches!(step.event, Some(Event::LiteralRequested { .. })));
+            rx.accept_literal();
+        }
+        let step = rx.next(last);
+        assert_eq!(step.consumed, last.len());
+        match step.event {
+            Some(Event::Command { tag: t, command }) => {
+                assert_eq!(t, tag);
+                command
+            }
+            other => panic!("{other:?} for {pieces:?}"),
+        }
+    }
+
+    #[test]
+    fn encode_round_trips_through_the_receiver() {
+        for command in round_trip_table() {
+            let command = match command {
+                Command::Id(mut id) => {
+                    id.tag = b"t".to_vec();
+                    Command::Id(id)
+                }
+                other => other,
+            };
+            for literal_plus in [false, true] {
+                let pieces = encode(b"t", &command, literal_plus).unwrap();
+                if literal_plus {
+                    assert_eq!(pieces.len(), 1);
+                }
+                assert_eq!(reparse(b"t", &pieces), command, "{pieces:?}");
+                // Split invariance of the whole encoded stream too.
+                let events = events(&pieces.concat());
+                assert_eq!(
+                    events.last(),
+                    Some(&cmd("t", command.clone())),
+                    "{pieces:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn encode_writes_canonical_bytes() {
+        let one = |tag: &[u8], command: &Command| encode(tag, command, false).unwrap().concat();
+        assert_eq!(one(b"a", &Command::Capability), b"a CAPABILITY\r\n");
+        assert_eq!(one(b"a", &Command::Noop), b"a NOOP\r\n");
+        assert_eq!(one(b"a", &Command::Logout), b"a LOGOUT\r\n");
+        assert_eq!(
+            one(b"a", &login(b"alice", b"secret")),
+            b"a LOGIN \"alice\" \"secret\"\r\n"
+        );
+        assert_eq!(
+            one(b"a", &login(b"a\"b", b"c\\d")),
+            b"a LOGIN \"a\\\"b\" \"c\\\\d\"\r\n"
+        );
+        assert_eq!(
+            encode(b"a", &login("jü".as_bytes(), b"p\r\n"), false),
+            Some(vec![
+                b"a LOGIN {3}\r\n".to_vec(),
+                b"j\xc3\xbc {3}\r\n".to_vec(),
+                b"p\r\n\r\n".to_vec()
+            ])
+        );
+        assert_eq!(
+            encode(b"a", &login("jü".as_bytes(), b"p"), true),
+            Some(vec![b"a LOGIN {3+}\r\nj\xc3\xbc \"p\"\r\n".to_vec()])
+        );
+        let long = vec![b'x'; MAX_QUOTED_LEN + 1];
+        let pieces = encode(b"a", &login(&long, b"p"), false).unwrap();
+        assert_eq!(
+            pieces[0],
+            format!("a LOGIN {{{}}}\r\n", long.len()).as_bytes()
+        );
+        assert_eq!(one(b"a", &auth("PLAIN", None)), b"a AUTHENTICATE PLAIN\r\n");
+        assert_eq!(
+            one(b"a", &auth("PLAIN", Some("AGE="))),
+            b"a AUTHENTICATE PLAIN AGE=\r\n"
+        );
+        assert_eq!(one(b"a", &id("x", None)), b"a ID NIL\r\n");
+        assert_eq!(
+            one(
+                b"a",
+                &id("a", Some(&[(b"name", Some(b"m\"")), (b"os", None)]))
+            ),
+            b"a ID (\"name\" \"m\\\"\" \"os\" NIL)\r\n"
+        );
+        assert_eq!(one(b"a", &id("a", Some(&[]))), b"a ID ()\r\n");
+        // Never encoded: answered locally, or not something the parser produces.
+        assert_eq!(encode(b"a", &Command::StartTls, true), None);
+        assert_eq!(encode(b"a", &other("SELECT"), true), None);
+        assert_eq!(encode(b"a", &login(b"u\0", b"p"), true), None);
+        assert_eq!(encode(b"a", &auth("PL AIN", None), true), None);
+        assert_eq!(encode(b"a", &auth("PLAIN", Some("QR==")), true), None);
+        assert_eq!(encode(b"a+", &Command::Noop, true), None);
+        assert_eq!(encode(b"", &Command::Noop, true), None);
+    }
+
+    /// Pseudo-random input from fragments that matter to the framer.
+    fn random_input(rng: &mut fastrand::Rng) -> Vec<u8> {
+        const FRAGMENTS: &[&[u8]] = &[
+            b"{",
+            b"}",
+            b"+",
+            b"~",
+            b"\"",
+            b"\\",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b" ",
+            b"(",
+            b")",
+            b"\0",
+            b"\xff",
+            b"0",
+            b"1",
+            b"5",
+            b"9",
+            b"a",
+            b"*",
+            b"=",
+            b"A",
+            b"LOGIN ",
+            b"ID (",
+            b"NOOP",
+            b"AUTHENTICATE ",
+            b"NIL",
+            b"{3}\r\n",
+            b"{2+}\r\n",
+            b"~{1+}\r\n",
+            b"a1 ",
+            b"{99999999999999999999}",
+            b"AAAA",
+        ];
+        let mut out = Vec::new();
+        for _ in 0..rng.usize(0..60) {
+            if rng.u8(..) < 32 {
+                out.push(rng.u8(..));
+            } else {
+                out.extend_from_slice(FRAGMENTS[rng.usize(..FRAGMENTS.len())]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn random_input_never_panics_and_stays_bounded() {
+        let limits = Limits {
+            line: 24,
+            literal: 8,
+            command: 48,
+            sasl_line: 16,
+        };
+        let mut rng = fastrand::Rng::with_seed(0x6d61_696c_6672_6f6e);
+        for _ in 0..4000 {
+            let input = random_input(&mut rng);
+            let chunk = rng.usize(1..9);
+            let mut rx = CommandReceiver::new(limits);
+            let mut buf = Vec::new();
+            let mut events = Vec::new();
+            let mut sasl_lines = 0;
+            for piece in input.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                loop {
+                    let step = rx.next(&buf);
+                    assert!(step.consumed <= buf.len());
+                    buf.drain(..step.consumed);
+                    let buffered: usize = rx
+                        .parts
+                        .iter()
+                        .map(|p| match p {
+                            Part::Text(t) | Part::Literal(t) => t.len(),
+                        })
+                        .sum::<usize>()
+                        + rx.literal.len();
+                    assert!(buffered <= limits.command, "{input:?}");
+                    assert!(rx.literal.len() <= limits.literal);
+                    let Some(event) = step.event else { break };
+                    match &event {
+                        Event::LiteralRequested { size, .. } => {
+                            assert!(*size <= limits.literal);
+                            rx.accept_literal();
+                        }
+                        Event::Command {
+                            tag,
+                            command: command @ Command::Authenticate { .. },
+                        } => {
+                            let pieces = encode(tag, command, true).unwrap();
+                            let mut again = CommandReceiver::default();
+                            let step = again.next(&pieces[0]);
+                            assert_eq!(step.event, Some(event.clone()));
+                            rx.begin_sasl();
+                        }
+                        Event::Command { tag, command } => {
+                            if let Some(pieces) = encode(tag, command, true) {
+                                let mut again = CommandReceiver::default();
+                                assert_eq!(again.next(&pieces[0]).event, Some(event.clone()));
+                            }
+                        }
+                        Event::Sasl(_) => {
+                            sasl_lines += 1;
+                            if sasl_lines % 2 == 0 {
+                                rx.end_sasl();
+                            }
+                        }
+                        Event::Rejected(_) => {}
+                    }
+                    events.push(event);
+                }
+                // The driver never has to hold more than a line plus one read.
+                assert!(
+                    buf.len() < limits.line.max(limits.sasl_line) + chunk,
+                    "{input:?}"
+                );
+            }
+            // Split invariance on random input as well (same driver, whole input).
+            let whole = run_with(&input, 0, limits);
+            if !input.is_empty() && !events.iter().any(|e| matches!(e, Event::Sasl(_))) {
+                assert_eq!(events, whole, "{input:?}");
+            }
+        }
+    }
+}
