@@ -14,6 +14,7 @@ pub mod codec;
 pub mod command;
 pub mod id;
 pub mod policy;
+pub mod prelogin;
 pub mod reply;
 pub mod response;
 pub mod session;

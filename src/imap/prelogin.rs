@@ -1,0 +1,1106 @@
+//! The IMAP not-authenticated state as a sans-I/O state machine (RFC 9051 §3.1, §6.1–§6.2,
+//! RFC 8314 §4.1, draft-ietf-uta-email-deep §7.1).
+//!
+//! The session driver feeds it the bytes each side sent and writes out what it produced; the
+//! machine itself never touches a socket, so unit tests and the fuzz target drive it directly.
+//!
+//! Its security property holds by construction rather than by checks on forwarded bytes:
+//! - Before TLS on a STARTTLS listener there is no backend: mailfront answers the whole
+//!   cleartext dialogue itself ([`Prelogin::cleartext`]) and the driver connects only after the
+//!   handshake.
+//! - After TLS and until the backend accepts a login, the backend receives only what mailfront
+//!   writes: commands the strict receiver ([`crate::imap::command`]) fully parsed, re-encoded
+//!   by [`command::encode`], one at a time. Client bytes are never copied through, so no framing
+//!   difference (literals, bare LF, quoting) between mailfront and the backend can smuggle a
+//!   command past the gate.
+//! - The first ID the backend receives carries mailfront's `tls` field; a later client ID is
+//!   answered here and never forwarded.
+
+use std::collections::VecDeque;
+
+use crate::config::TlsMode;
+use crate::imap::capability::{self, CapabilityView};
+use crate::imap::command::{self, Command, CommandReceiver, Event};
+use crate::imap::id;
+use crate::imap::reply;
+use crate::imap::response::{
+    Response, ResponseKind, ResponseLimits, ResponseReceiver, ServerEvent, Status,
+};
+use crate::metrics::IdSource;
+
+/// What the machine needs to know about its session.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listener: TlsMode,
+    /// Our name, for the cleartext greeting.
+    pub hostname: String,
+    pub limits: command::Limits,
+    /// `limits.preauth_commands`.
+    pub max_commands: usize,
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Keep reading (and write whatever output is pending).
+    Run,
+    /// Connect to the backend, then call [`Prelogin::backend_connected`].
+    Connect,
+    /// Write pending output, then run the TLS handshake on the client stream and call
+    /// [`Prelogin::tls_started`]. Everything the client pipelined after STARTTLS was dropped.
+    StartTls,
+    /// The backend accepted a login: write pending output, then relay, sending
+    /// [`Prelogin::held`] first.
+    Authenticated,
+    /// Write pending output and close.
+    End(End),
+}
+
+/// Why the not-authenticated phase ended without a login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// LOGOUT, or the client closed.
+    ClientClosed,
+    BackendClosed,
+    /// The backend broke the protocol (or greeted with PREAUTH).
+    BackendProtocol(String),
+    /// The client broke the protocol or a limit badly enough to close.
+    ProtocolViolation(String),
+}
+
+/// Facts for metrics and logs, drained by the driver with [`Prelogin::take_notices`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The backend answered a LOGIN/AUTHENTICATE.
+    Auth { ok: bool, mechanism: String },
+    /// LOGIN/AUTHENTICATE refused because TLS is not active.
+    CleartextAuthRefused { mechanism: String },
+    /// An ID carrying the `tls` field went to the backend.
+    IdFieldAdded(IdSource),
+}
+
+/// A command of ours in flight; its responses never reach the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Own {
+    Capability(Vec<u8>),
+    Id(Vec<u8>),
+}
+
+impl Own {
+    fn tag(&self) -> &[u8] {
+        match self {
+            Own::Capability(t) | Own::Id(t) => t,
+        }
+    }
+}
+
+/// The client command the backend is working on.
+#[derive(Debug, Clone)]
+struct InFlight {
+    tag: Vec<u8>,
+    /// `Some` for LOGIN/AUTHENTICATE: the mechanism, for logs.
+    auth: Option<String>,
+    /// AUTHENTICATE: SASL lines go on, one per backend `+`.
+    sasl: bool,
+    /// Pieces still to send, each after a backend `+` (synchronising literals of ours).
+    pieces: VecDeque<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Before TLS on a STARTTLS listener: no backend.
+    Cleartext,
+    /// The driver is connecting.
+    Connecting,
+    /// Waiting for the backend's greeting.
+    Greeting,
+    /// Commands flow.
+    Ready,
+    StartTls,
+    Authenticated,
+    Ended,
+}
+
+/// Backend capabilities that change what mailfront sends.
+#[derive(Debug, Clone, Copy, Default)]
+struct BackendCaps {
+    id: bool,
+    sasl_ir: bool,
+    literal_plus: bool,
+    literal_minus: bool,
+}
+
+/// The IMAP not-authenticated state of one session.
+pub struct Prelogin {
+    settings: Settings,
+    phase: Phase,
+    end: Option<End>,
+    tls_active: bool,
+    /// The IANA cipher name, once TLS is up: the value of our ID `tls` field.
+    cipher: String,
+    rx: CommandReceiver,
+    srx: ResponseReceiver,
+    /// Client bytes not parsed yet (held while the backend works on a command).
+    cbuf: Vec<u8>,
+    /// Backend bytes not parsed yet.
+    bbuf: Vec<u8>,
+    to_client: Vec<u8>,
+    to_backend: Vec<u8>,
+    notices: Vec<Notice>,
+    caps: BackendCaps,
+    own: Option<Own>,
+    in_flight: Option<InFlight>,
+    /// A LOGIN/AUTHENTICATE waiting for our ID's completion.
+    deferred: Option<InFlight>,
+    /// The first piece of the deferred command (the rest stay in its `pieces`).
+    deferred_first: Vec<u8>,
+    /// Backend `+` continuations of an AUTHENTICATE the client has not answered yet.
+    sasl_credit: usize,
+    id_sent: bool,
+    commands: usize,
+    logout: bool,
+    /// Source of our own tags; the driver seeds it from a random number.
+    tag_seed: u64,
+}
+
+/// Untagged capability list mailfront shows before TLS: it cannot know the backend's yet, and
+/// the client must ask again after STARTTLS anyway (RFC 9051 §6.2.1).
+const CLEARTEXT_CAPABILITIES: &[u8] = b"IMAP4rev1 STARTTLS LOGINDISABLED";
+
+impl Prelogin {
+    /// A session whose client side is TLS already (`tls_cipher`: `Some` on implicit-TLS
+    /// listeners) or still cleartext on a STARTTLS listener.
+    pub fn new(settings: Settings, tls_cipher: Option<String>, tag_seed: u64) -> Prelogin {
+        let tls_active = tls_cipher.is_some();
+        let mut machine = Prelogin {
+            rx: CommandReceiver::new(settings.limits),
+            srx: ResponseReceiver::new(ResponseLimits::default()),
+            settings,
+            phase: Phase::Connecting,
+            end: None,
+            tls_active,
+            cipher: tls_cipher.unwrap_or_default(),
+            cbuf: Vec::new(),
+            bbuf: Vec::new(),
+            to_client: Vec::new(),
+            to_backend: Vec::new(),
+            notices: Vec::new(),
+            caps: BackendCaps::default(),
+            own: None,
+            in_flight: None,
+            deferred: None,
+            deferred_first: Vec::new(),
+            sasl_credit: 0,
+            id_sent: false,
+            commands: 0,
+            logout: false,
+            tag_seed,
+        };
+        if !tls_active {
+            machine.phase = Phase::Cleartext;
+            let greeting = format!(
+                "* OK [CAPABILITY {}] {} ready\r\n",
+                String::from_utf8_lossy(CLEARTEXT_CAPABILITIES),
+                machine.settings.hostname
+            );
+            machine.to_client.extend_from_slice(greeting.as_bytes());
+        }
+        machine
+    }
+
+    pub fn next(&self) -> Next {
+        match self.phase {
+            Phase::Cleartext | Phase::Greeting | Phase::Ready => Next::Run,
+            Phase::Connecting => Next::Connect,
+            Phase::StartTls => Next::StartTls,
+            Phase::Authenticated => Next::Authenticated,
+            Phase::Ended => Next::End(self.end.clone().unwrap_or(End::ClientClosed)),
+        }
+    }
+
+    /// Bytes to write to the client now.
+    pub fn take_to_client(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.to_client)
+    }
+
+    /// Bytes to write to the backend now.
+    pub fn take_to_backend(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.to_backend)
+    }
+
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Whether the driver should read from the client: not while our buffer of held bytes is
+    /// full, and never after STARTTLS (the handshake reads the socket itself).
+    pub fn wants_client_input(&self, hold_limit: usize) -> bool {
+        matches!(self.phase, Phase::Cleartext | Phase::Greeting | Phase::Ready)
+            && self.cbuf.len() < hold_limit
+    }
+
+    /// Whether the next thing expected is the backend's: the idle timer then measures the
+    /// backend, and client bytes (only held) must not extend it.
+    pub fn waiting_for_backend(&self) -> bool {
+        match self.phase {
+            Phase::Greeting => true,
+            Phase::Ready => {
+                self.own.is_some()
+                    || self.deferred.is_some()
+                    || (self.in_flight.is_some() && !(self.rx.in_sasl() && self.sasl_credit > 0))
+            }
+            _ => false,
+        }
+    }
+
+    /// The driver connected to the backend.
+    pub fn backend_connected(&mut self) {
+        if self.phase == Phase::Connecting {
+            self.phase = Phase::Greeting;
+            self.pump_backend();
+        }
+    }
+
+    /// The handshake after STARTTLS succeeded: start afresh with a new receiver (nothing the
+    /// client sent before counts) and connect to the backend.
+    pub fn tls_started(&mut self, cipher: String) {
+        self.tls_active = true;
+        self.cipher = cipher;
+        self.rx = CommandReceiver::new(self.settings.limits);
+        self.cbuf.clear();
+        self.phase = Phase::Connecting;
+    }
+
+    /// What is left once the backend accepted a login: client bytes sent after the login
+    /// command, and backend bytes after its completion. Both go out before the plain relay.
+    pub fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
+        (
+            std::mem::take(&mut self.cbuf),
+            std::mem::take(&mut self.bbuf),
+        )
+    }
+
+    /// Client bytes arrived. Returns whether anything was acted on (the idle timer restarts
+    /// only then: bytes merely held do not keep a session alive).
+    pub fn client_input(&mut self, bytes: &[u8]) -> bool {
+        self.cbuf.extend_from_slice(bytes);
+        self.pump_client()
+    }
+
+    /// Backend bytes arrived. Returns whether a whole response was handled.
+    pub fn backend_input(&mut self, bytes: &[u8]) -> bool {
+        self.bbuf.extend_from_slice(bytes);
+        self.pump_backend()
+    }
+
+    /// The backend closed its side.
+    pub fn backend_closed(&mut self) {
+        if matches!(self.phase, Phase::Ended | Phase::Authenticated) {
+            return;
+        }
+        if self.logout {
+            self.finish(End::ClientClosed);
+        } else {
+            self.to_client.extend_from_slice(&reply::bye_unavailable());
+            self.finish(End::BackendClosed);
+        }
+    }
+
+    fn finish(&mut self, end: End) {
+        self.phase = Phase::Ended;
+        self.end = Some(end);
+    }
+
+    fn view(&self) -> CapabilityView {
+        if self.tls_active {
+            CapabilityView::Tls
+        } else {
+            CapabilityView::Cleartext
+        }
+    }
+
+    fn own_tag(&mut self) -> Vec<u8> {
+        self.tag_seed = self.tag_seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        id::mailfront_tag(self.tag_seed)
+    }
+
+    fn learn(&mut self, raw: &[u8]) {
+        if let Some(tokens) = capability::capabilities(raw) {
+            let has = |name: &[u8]| tokens.iter().any(|t| t.eq_ignore_ascii_case(name));
+            self.caps = BackendCaps {
+                id: has(b"ID"),
+                sasl_ir: has(b"SASL-IR"),
+                literal_plus: has(b"LITERAL+"),
+                literal_minus: has(b"LITERAL-"),
+            };
+        }
+    }
+
+    // ---- client side -------------------------------------------------------------------
+
+    /// Parses client events while the state lets the next one be acted on.
+    fn pump_client(&mut self) -> bool {
+        let mut acted = false;
+        loop {
+            if !self.may_take_client_event() {
+                return acted;
+            }
+            let step = self.rx.next(&self.cbuf);
+            self.cbuf.drain(..step.consumed.min(self.cbuf.len()));
+            let Some(event) = step.event else {
+                return acted;
+            };
+            acted = true;
+            match self.phase {
+                Phase::Cleartext => self.cleartext(event),
+                _ => self.on_client_event(event),
+            }
+            if self.phase == Phase::StartTls {
+                // Nothing pipelined after STARTTLS may run after the upgrade (RFC 9051 §6.2.1;
+                // CERT VU#555316).
+                self.cbuf.clear();
+                return acted;
+            }
+        }
+    }
+
+    fn may_take_client_event(&self) -> bool {
+        match self.phase {
+            Phase::Cleartext => true,
+            Phase::Ready => {
+                if self.own.is_some() || self.deferred.is_some() {
+                    return false;
+                }
+                match &self.in_flight {
+                    None => true,
+                    // During AUTHENTICATE a SASL line goes on only when the backend asked.
+                    Some(f) => f.sasl && self.rx.in_sasl() && self.sasl_credit > 0,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Counts a command against `limits.preauth_commands`; false once over it.
+    fn count_command(&mut self) -> bool {
+        self.commands += 1;
+        if self.commands > self.settings.max_commands {
+            self.to_client
+                .extend_from_slice(&reply::bye_too_many_commands());
+            self.finish(End::ProtocolViolation(
+                "too many commands before authentication".to_owned(),
+            ));
+            return false;
+        }
+        true
+    }
+
+    fn rejected(&mut self, rejection: command::Rejection) {
+        self.to_client.extend_from_slice(&rejection.reply());
+        if rejection.fatal {
+            self.to_client
+                .extend_from_slice(&reply::bye_protocol_error());
+            self.finish(End::ProtocolViolation(rejection.error.to_string()));
+        }
+    }
+
+    /// Before TLS on a STARTTLS listener: mailfront is the whole server.
+    fn cleartext(&mut self, event: Event) {
+        match event {
+            Event::Rejected(rejection) => self.rejected(rejection),
+            Event::Sasl(_) => {}
+            Event::LiteralRequested { tag, name, .. } => {
+                // No literal is ever taken before TLS: refusing before the `+` means the client
+                // never sends its octets (RFC 9051 §7.5).
+                self.rx.refuse_literal();
+                if !self.count_command() {
+                    return;
+                }
+                if is_credential_command(&name) {
+                    self.refuse_cleartext_auth(&tag, &name, None);
+                } else {
+                    self.to_client.extend_from_slice(&reply::tagged(
+                        &tag,
+                        "BAD",
+                        "Literal not accepted before STARTTLS",
+                    ));
+                }
+            }
+            Event::Command { tag, command } => {
+                if !self.count_command() {
+                    return;
+                }
+                match command {
+                    Command::Capability => {
+                        let mut out = b"* CAPABILITY ".to_vec();
+                        out.extend_from_slice(CLEARTEXT_CAPABILITIES);
+                        out.extend_from_slice(b"\r\n");
+                        out.extend_from_slice(&reply::tagged(&tag, "OK", "CAPABILITY completed"));
+                        self.to_client.extend_from_slice(&out);
+                    }
+                    Command::Noop => self
+                        .to_client
+                        .extend_from_slice(&reply::tagged(&tag, "OK", "NOOP completed")),
+                    Command::Logout => {
+                        self.to_client
+                            .extend_from_slice(b"* BYE Logging out\r\n");
+                        self.to_client
+                            .extend_from_slice(&reply::tagged(&tag, "OK", "LOGOUT completed"));
+                        self.finish(End::ClientClosed);
+                    }
+                    Command::StartTls => {
+                        self.to_client.extend_from_slice(&reply::starttls_ok(&tag));
+                        self.phase = Phase::StartTls;
+                    }
+                    Command::Login { .. } => self.refuse_cleartext_auth(&tag, b"LOGIN", None),
+                    Command::Authenticate { mechanism, .. } => {
+                        self.refuse_cleartext_auth(&tag, b"AUTHENTICATE", Some(&mechanism))
+                    }
+                    Command::Id(_) => self.to_client.extend_from_slice(&reply::id_nil(&tag)),
+                    Command::Other { name } => self.other_command(&tag, &name),
+                }
+            }
+        }
+    }
+
+    fn refuse_cleartext_auth(&mut self, tag: &[u8], name: &[u8], mechanism: Option<&[u8]>) {
+        self.notices.push(Notice::CleartextAuthRefused {
+            mechanism: mechanism_label(name, mechanism),
+        });
+        self.to_client
+            .extend_from_slice(&reply::privacy_required(tag));
+    }
+
+    /// A command mailfront never forwards before authentication.
+    fn other_command(&mut self, tag: &[u8], name: &[u8]) {
+        let answer = if name.eq_ignore_ascii_case(b"STARTTLS") {
+            reply::starttls_malformed(tag)
+        } else {
+            reply::not_before_authentication(tag)
+        };
+        self.to_client.extend_from_slice(&answer);
+    }
+
+    /// After TLS, with the backend greeted: gate, then forward re-encoded or answer here.
+    fn on_client_event(&mut self, event: Event) {
+        match event {
+            Event::Rejected(rejection) => self.rejected(rejection),
+            Event::Sasl(line) => {
+                if self.in_flight.as_ref().is_some_and(|f| f.sasl) {
+                    self.sasl_credit = self.sasl_credit.saturating_sub(1);
+                    self.to_backend
+                        .extend_from_slice(&command::encode_sasl(&line));
+                }
+            }
+            Event::LiteralRequested { tag, name, .. } => {
+                if name.eq_ignore_ascii_case(b"LOGIN") || name.eq_ignore_ascii_case(b"ID") {
+                    self.rx.accept_literal();
+                    self.to_client.extend_from_slice(&reply::continuation());
+                } else {
+                    self.rx.refuse_literal();
+                    if !self.count_command() {
+                        return;
+                    }
+                    let answer = if name.eq_ignore_ascii_case(b"AUTHENTICATE") {
+                        reply::authenticate_malformed(&tag)
+                    } else {
+                        reply::tagged(&tag, "BAD", "Literal not accepted here")
+                    };
+                    self.to_client.extend_from_slice(&answer);
+                }
+            }
+            Event::Command { tag, command } => {
+                if !self.count_command() {
+                    return;
+                }
+                self.on_command(tag, command);
+            }
+        }
+    }
+
+    fn literal_plus(&self, command: &Command) -> bool {
+        if self.caps.literal_plus {
+            return true;
+        }
+        // LITERAL- (RFC 7888 §5): non-synchronising literals up to 4096 octets.
+        self.caps.literal_minus
+            && match command {
+                Command::Login { username, password } => {
+                    username.len() <= 4096 && password.len() <= 4096
+                }
+                _ => true,
+            }
+    }
+
+    fn on_command(&mut self, tag: Vec<u8>, command: Command) {
+        match &command {
+            Command::StartTls => {
+                self.to_client
+                    .extend_from_slice(&reply::starttls_refused(&tag));
+                return;
+            }
+            Command::Other { name } => {
+                self.other_command(&tag, name);
+                return;
+            }
+            Command::Id(id_command) => {
+                if !self.caps.id || self.id_sent {
+                    // The backend's first ID carried our `tls`; a second one could only carry
+                    // fields we cannot vouch for (and Dovecot would log the first anyway).
+                    self.to_client.extend_from_slice(&reply::id_nil(&tag));
+                    return;
+                }
+                let rewritten =
+                    id::rewrite_client_id(id_command, &[("tls", self.cipher.as_str())]);
+                self.id_sent = true;
+                self.notices.push(Notice::IdFieldAdded(IdSource::Client));
+                self.to_backend.extend_from_slice(&rewritten);
+                self.in_flight = Some(InFlight {
+                    tag,
+                    auth: None,
+                    sasl: false,
+                    pieces: VecDeque::new(),
+                });
+                return;
+            }
+            Command::Authenticate {
+                initial_response: Some(_),
+                ..
+            } if !self.caps.sasl_ir => {
+                // Not shown to the client either: the backend's own answer (RFC 4959 §3).
+                self.to_client
+                    .extend_from_slice(&reply::sasl_ir_unsupported(&tag));
+                return;
+            }
+            _ => {}
+        }
+        let literal_plus = self.literal_plus(&command);
+        let Some(pieces) = command::encode(&tag, &command, literal_plus) else {
+            self.to_client.extend_from_slice(&reply::tagged(
+                &tag,
+                "BAD",
+                "Command not accepted",
+            ));
+            return;
+        };
+        let mut pieces: VecDeque<Vec<u8>> = pieces.into();
+        let first = pieces.pop_front().unwrap_or_default();
+        let (auth, sasl) = match &command {
+            Command::Login { .. } => (Some("LOGIN".to_owned()), false),
+            Command::Authenticate { mechanism, .. } => (
+                Some(mechanism_label(b"AUTHENTICATE", Some(mechanism))),
+                true,
+            ),
+            Command::Logout => {
+                self.logout = true;
+                (None, false)
+            }
+            _ => (None, false),
+        };
+        if sasl {
+            // Every later client line is a SASL response until the completion (RFC 9051 §6.2.2).
+            self.rx.begin_sasl();
+        }
+        let flight = InFlight {
+            tag,
+            auth,
+            sasl,
+            pieces,
+        };
+        if flight.auth.is_some() && self.caps.id && !self.id_sent {
+            // The backend learns the cipher before any credential, in its first ID.
+            let own_tag = self.own_tag();
+            let ours = id::build_id_command(&own_tag, &[("tls", self.cipher.as_str())]);
+            self.to_backend.extend_from_slice(&ours);
+            self.id_sent = true;
+            self.notices.push(Notice::IdFieldAdded(IdSource::Proxy));
+            self.own = Some(Own::Id(own_tag));
+            self.deferred = Some(flight);
+            self.deferred_first = first;
+            return;
+        }
+        self.to_backend.extend_from_slice(&first);
+        self.in_flight = Some(flight);
+    }
+
+    // ---- backend side ------------------------------------------------------------------
+
+    fn pump_backend(&mut self) -> bool {
+        let mut acted = false;
+        while matches!(self.phase, Phase::Greeting | Phase::Ready) {
+            let step = self.srx.next(&self.bbuf);
+            self.bbuf.drain(..step.consumed.min(self.bbuf.len()));
+            let Some(event) = step.event else {
+                break;
+            };
+            acted = true;
+            match event {
+                ServerEvent::Rejected(e) => {
+                    self.to_client.extend_from_slice(&reply::bye_unavailable());
+                    self.finish(End::BackendProtocol(e.to_string()));
+                }
+                ServerEvent::Greeting(response) if self.phase == Phase::Greeting => {
+                    self.on_greeting(response)
+                }
+                ServerEvent::Greeting(response) | ServerEvent::Response(response) => {
+                    if self.phase == Phase::Greeting {
+                        self.to_client.extend_from_slice(&reply::bye_unavailable());
+                        self.finish(End::BackendProtocol("backend: no greeting".to_owned()));
+                    } else {
+                        self.on_response(response);
+                    }
+                }
+            }
+        }
+        // A completion may have freed the client side.
+        if self.phase == Phase::Ready && self.pump_client() {
+            acted = true;
+        }
+        acted
+    }
+
+    fn on_greeting(&mut self, greeting: Response) {
+        match greeting.status {
+            Some(Status::PreAuth) => {
+                // Relaying it would hand out an authenticated session without credentials.
+                self.to_client.extend_from_slice(&reply::bye_preauth());
+                self.finish(End::BackendProtocol(
+                    "backend greeted with PREAUTH".to_owned(),
+                ));
+                return;
+            }
+            Some(Status::Bye) => {
+                self.to_client.extend_from_slice(&greeting.raw);
+                self.finish(End::BackendClosed);
+                return;
+            }
+            _ => {}
+        }
+        let known = capability::capabilities(&greeting.raw).is_some();
+        self.learn(&greeting.raw);
+        if self.settings.listener == TlsMode::Implicit {
+            // The client's only greeting. After STARTTLS the client had ours already and asks
+            // for capabilities again (RFC 9051 §6.2.1), so the backend's is not shown.
+            let shown = capability::rewrite_response(&greeting.raw, self.view())
+                .unwrap_or(greeting.raw);
+            self.to_client.extend_from_slice(&shown);
+        }
+        self.phase = Phase::Ready;
+        if !known {
+            // Learn ID/SASL-IR/LITERAL+ without showing the client anything.
+            let tag = self.own_tag();
+            self.to_backend.extend_from_slice(&tag);
+            self.to_backend.extend_from_slice(b" CAPABILITY\r\n");
+            self.own = Some(Own::Capability(tag));
+        }
+    }
+
+    fn on_response(&mut self, response: Response) {
+        if let Some(own) = self.own.clone() {
+            if response.completion_of(own.tag()).is_some() {
+                self.own = None;
+                if let Some(flight) = self.deferred.take() {
+                    let first = std::mem::take(&mut self.deferred_first);
+                    self.to_backend.extend_from_slice(&first);
+                    self.in_flight = Some(flight);
+                }
+                return;
+            }
+            match own {
+                Own::Capability(_) if response.is_capability_data() => {
+                    self.learn(&response.raw);
+                    return;
+                }
+                Own::Id(_) if response.is_id_data() => return,
+                _ => {}
+            }
+        }
+        if response.is_continuation() {
+            self.on_continuation(response);
+            return;
+        }
+        let completed = match &response.kind {
+            ResponseKind::Tagged { tag } => self
+                .in_flight
+                .as_ref()
+                .is_some_and(|f| &f.tag == tag)
+                .then(|| self.in_flight.take())
+                .flatten(),
+            _ => None,
+        };
+        if let Some(flight) = completed {
+            if let Some(mechanism) = flight.auth {
+                let ok = response.status == Some(Status::Ok);
+                self.notices.push(Notice::Auth {
+                    ok,
+                    mechanism,
+                });
+                self.sasl_credit = 0;
+                if ok {
+                    // Post-authentication capabilities pass untouched (RFC 9051 §6.2.2).
+                    self.to_client.extend_from_slice(&response.raw);
+                    self.phase = Phase::Authenticated;
+                    return;
+                }
+                self.rx.end_sasl();
+            }
+        }
+        self.learn(&response.raw);
+        let shown =
+            capability::rewrite_response(&response.raw, self.view()).unwrap_or(response.raw);
+        self.to_client.extend_from_slice(&shown);
+    }
+
+    fn on_continuation(&mut self, response: Response) {
+        let Some(flight) = self.in_flight.as_mut() else {
+            // Nothing of ours waits for it; the client never sent a literal to the backend.
+            return;
+        };
+        if let Some(piece) = flight.pieces.pop_front() {
+            // Our own synchronising literal: the client already had its `+` from us.
+            self.to_backend.extend_from_slice(&piece);
+            return;
+        }
+        if flight.sasl {
+            self.sasl_credit = self.sasl_credit.saturating_add(1);
+            self.to_client.extend_from_slice(&response.raw);
+        }
+    }
+}
+
+/// LOGIN or AUTHENTICATE, whatever their case.
+fn is_credential_command(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"LOGIN") || name.eq_ignore_ascii_case(b"AUTHENTICATE")
+}
+
+/// `LOGIN` or `AUTHENTICATE <MECH>` for logs: never a credential, and only characters a SASL
+/// mechanism name may have (RFC 4422 §3.1).
+fn mechanism_label(name: &[u8], mechanism: Option<&[u8]>) -> String {
+    if name.eq_ignore_ascii_case(b"LOGIN") {
+        return "LOGIN".to_owned();
+    }
+    let mech: String = String::from_utf8_lossy(mechanism.unwrap_or_default())
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(40)
+        .collect();
+    if mech.is_empty() {
+        "AUTHENTICATE".to_owned()
+    } else {
+        format!("AUTHENTICATE {}", mech.to_ascii_uppercase())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
+
+    fn settings(listener: TlsMode) -> Settings {
+        Settings {
+            listener,
+            hostname: "mx.example.test".to_owned(),
+            limits: command::Limits::default(),
+            max_commands: 50,
+        }
+    }
+
+    fn cleartext() -> Prelogin {
+        Prelogin::new(settings(TlsMode::Starttls), None, 7)
+    }
+
+    /// An implicit-TLS session greeted by a backend with `caps`.
+    fn greeted(caps: &str) -> Prelogin {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), Some(CIPHER.to_owned()), 7);
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        let greeting = format!("* OK [CAPABILITY {caps}] backend ready\r\n");
+        m.backend_input(greeting.as_bytes());
+        assert_eq!(m.next(), Next::Run);
+        m
+    }
+
+    fn out(m: &mut Prelogin) -> (String, String) {
+        (
+            String::from_utf8_lossy(&m.take_to_client()).into_owned(),
+            String::from_utf8_lossy(&m.take_to_backend()).into_owned(),
+        )
+    }
+
+    /// The tag of the ID mailfront sent itself (`mf…`).
+    fn own_tag(to_backend: &str) -> String {
+        to_backend
+            .split(' ')
+            .next()
+            .filter(|t| t.starts_with("mf"))
+            .unwrap_or_else(|| panic!("no own command in {to_backend:?}"))
+            .to_owned()
+    }
+
+    #[test]
+    fn the_cleartext_dialogue_is_answered_without_a_backend() {
+        let mut m = cleartext();
+        let (greeting, _) = out(&mut m);
+        assert_eq!(
+            greeting,
+            "* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] mx.example.test ready\r\n"
+        );
+        m.client_input(
+            b"a CAPABILITY\r\nb NOOP\r\nc LOGIN alice secret\r\nd AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\ne ID (\"name\" \"x\")\r\nf XCLIENT ADDR=192.0.2.1\r\ng LOGOUT\r\n",
+        );
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            "* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\na OK CAPABILITY completed\r\n\
+             b OK NOOP completed\r\n\
+             c NO [PRIVACYREQUIRED] Cleartext authentication disallowed; use STARTTLS first\r\n\
+             d NO [PRIVACYREQUIRED] Cleartext authentication disallowed; use STARTTLS first\r\n\
+             * ID NIL\r\ne OK ID completed\r\n\
+             f BAD Command not allowed before authentication\r\n\
+             * BYE Logging out\r\ng OK LOGOUT completed\r\n"
+        );
+        assert_eq!(m.next(), Next::End(End::ClientClosed));
+        assert_eq!(
+            m.take_notices(),
+            vec![
+                Notice::CleartextAuthRefused {
+                    mechanism: "LOGIN".to_owned()
+                },
+                Notice::CleartextAuthRefused {
+                    mechanism: "AUTHENTICATE PLAIN".to_owned()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_login_hidden_behind_a_brace_in_an_atom_is_refused_before_tls() {
+        // The issue's example: `x{24+}` is atom text, not a literal, for Dovecot and for us.
+        let mut m = cleartext();
+        out(&mut m);
+        m.client_input(b"a2 NOOP x{24+}\r\na3 LOGIN alice secret1\r\n\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert!(client.starts_with("a2 BAD"), "{client}");
+        assert!(client.contains("a3 NO [PRIVACYREQUIRED]"), "{client}");
+        assert!(!client.contains(" OK"), "{client}");
+        assert_eq!(m.next(), Next::Run);
+    }
+
+    #[test]
+    fn a_literal_before_tls_is_refused_before_its_continuation() {
+        let mut m = cleartext();
+        out(&mut m);
+        m.client_input(b"a LOGIN {5}\r\n");
+        let (client, _) = out(&mut m);
+        assert_eq!(
+            client,
+            "a NO [PRIVACYREQUIRED] Cleartext authentication disallowed; use STARTTLS first\r\n"
+        );
+        m.client_input(b"b NOOP {3}\r\n");
+        let (client, _) = out(&mut m);
+        assert_eq!(client, "b BAD Literal not accepted before STARTTLS\r\n");
+        // A client that sends the octets anyway only gets them parsed as (bad) commands.
+        m.client_input(b"alice\r\n");
+        let (client, backend) = out(&mut m);
+        assert!(client.contains("BAD"), "{client}");
+        assert_eq!(backend, "");
+    }
+
+    #[test]
+    fn bare_lf_cr_and_nul_lines_are_refused_and_what_follows_is_gated() {
+        let mut m = cleartext();
+        out(&mut m);
+        m.client_input(b"a NOOP\nb LOGIN u p\r\nc NO\rOP\r\nd NO\0OP\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        let lines: Vec<&str> = client.split("\r\n").collect();
+        assert!(lines[0].contains("BAD"), "{client}");
+        assert!(lines[1].starts_with("b NO [PRIVACYREQUIRED]"), "{client}");
+        assert!(lines[2].contains("BAD") && lines[3].contains("BAD"), "{client}");
+    }
+
+    #[test]
+    fn starttls_drops_what_was_pipelined_after_it_and_connects_only_then() {
+        let mut m = cleartext();
+        out(&mut m);
+        m.client_input(b"a STARTTLS\r\nb LOGIN alice secret\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "a OK Begin TLS negotiation now\r\n");
+        assert_eq!(backend, "");
+        assert_eq!(m.next(), Next::StartTls);
+        assert!(!m.wants_client_input(1 << 20));
+        m.tls_started(CIPHER.to_owned());
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(b"* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] backend ready\r\n");
+        // The backend's greeting is not shown: the client had ours.
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "");
+        assert_eq!(backend, "");
+        m.client_input(b"c CAPABILITY\r\n");
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, "c CAPABILITY\r\n");
+    }
+
+    #[test]
+    fn login_goes_after_our_id_in_canonical_form() {
+        let mut m = greeted("IMAP4rev1 ID SASL-IR LITERAL+ AUTH=PLAIN");
+        let (client, _) = out(&mut m);
+        assert!(client.starts_with("* OK [CAPABILITY IMAP4rev1 ID SASL-IR LITERAL+ AUTH=PLAIN]"));
+        m.client_input(b"a1 login alice {6+}\r\nsecret\r\na2 SELECT INBOX\r\n");
+        let (_, backend) = out(&mut m);
+        let tag = own_tag(&backend);
+        assert_eq!(
+            backend,
+            format!("{tag} ID (\"tls\" \"{CIPHER}\")\r\n"),
+            "nothing but our ID before its completion"
+        );
+        assert!(m.waiting_for_backend());
+        m.backend_input(format!("* ID NIL\r\n{tag} OK ID done\r\n").as_bytes());
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "", "our ID's answer is swallowed");
+        assert_eq!(backend, "a1 LOGIN \"alice\" \"secret\"\r\n");
+        m.backend_input(b"a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n* 3 EXISTS\r\n");
+        assert_eq!(m.next(), Next::Authenticated);
+        let (client, _) = out(&mut m);
+        assert_eq!(client, "a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n");
+        let (held_client, held_backend) = m.held();
+        assert_eq!(held_client, b"a2 SELECT INBOX\r\n");
+        assert_eq!(held_backend, b"* 3 EXISTS\r\n");
+        assert_eq!(
+            m.take_notices(),
+            vec![
+                Notice::IdFieldAdded(IdSource::Proxy),
+                Notice::Auth {
+                    ok: true,
+                    mechanism: "LOGIN".to_owned()
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_literal_goes_to_a_backend_without_literal_plus_only_after_its_continuation() {
+        let mut m = greeted("IMAP4rev1 AUTH=PLAIN");
+        out(&mut m);
+        m.client_input("a LOGIN alice {7}\r\n".as_bytes());
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+ Ready for literal data\r\n");
+        assert_eq!(backend, "");
+        m.client_input("sécret\r\n".as_bytes());
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, "a LOGIN \"alice\" {7}\r\n");
+        m.backend_input(b"+ OK\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "", "our own continuation is not shown");
+        assert_eq!(backend, "sécret\r\n");
+        m.backend_input(b"a NO [AUTHENTICATIONFAILED] bad\r\n");
+        let (client, _) = out(&mut m);
+        assert_eq!(client, "a NO [AUTHENTICATIONFAILED] bad\r\n");
+        assert_eq!(m.next(), Next::Run);
+    }
+
+    #[test]
+    fn a_second_id_never_reaches_the_backend_whatever_it_hides() {
+        let mut m = greeted("IMAP4rev1 ID LITERAL+");
+        out(&mut m);
+        m.client_input(b"a ID (\"name\" \"mutt\" \"tls\" \"forged\" \"x-originating-ip\" \"192.0.2.9\")\r\n");
+        let (_, backend) = out(&mut m);
+        assert_eq!(
+            backend,
+            format!("a ID (\"name\" \"mutt\" \"tls\" \"{CIPHER}\")\r\n")
+        );
+        m.backend_input(b"* ID NIL\r\na OK ID completed\r\n");
+        out(&mut m);
+        m.client_input(b"b ID (\"x-originating-ip\" {9+}\r\n192.0.2.9 \"tls\" \"forged\")\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(client, "* ID NIL\r\nb OK ID completed\r\n");
+    }
+
+    #[test]
+    fn authenticate_forwards_one_checked_line_per_continuation() {
+        let mut m = greeted("IMAP4rev1 ID SASL-IR AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a ID NIL\r\n");
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, format!("a ID (\"tls\" \"{CIPHER}\")\r\n"));
+        m.backend_input(b"* ID NIL\r\na OK done\r\n");
+        out(&mut m);
+        m.client_input(b"b AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nc LOGIN x y\r\n");
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, "b AUTHENTICATE PLAIN\r\n", "no SASL line before a +");
+        m.backend_input(b"+ \r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+ \r\n");
+        assert_eq!(backend, "AGFsaWNlAHNlY3JldA==\r\n");
+        // The pipelined LOGIN is a SASL line as far as the backend is concerned: not base64,
+        // so it goes as a cancel if the backend asks for more.
+        m.backend_input(b"+ \r\n");
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, "*\r\n");
+        m.backend_input(b"b BAD cancelled\r\n");
+        let (client, _) = out(&mut m);
+        assert!(client.ends_with("b BAD cancelled\r\n"));
+        assert_eq!(m.next(), Next::Run);
+    }
+
+    #[test]
+    fn a_preauth_greeting_is_never_relayed() {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), Some(CIPHER.to_owned()), 1);
+        m.backend_connected();
+        m.backend_input(b"* PREAUTH welcome\r\n");
+        let (client, _) = out(&mut m);
+        assert_eq!(client, "* BYE [UNAVAILABLE] Server misconfigured\r\n");
+        assert!(matches!(m.next(), Next::End(End::BackendProtocol(_))));
+    }
+
+    #[test]
+    fn a_greeting_without_capabilities_makes_us_ask_unseen() {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), Some(CIPHER.to_owned()), 1);
+        m.backend_connected();
+        m.backend_input(b"* OK ready\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "* OK ready\r\n");
+        let tag = own_tag(&backend);
+        m.client_input(b"a NOOP\r\n");
+        assert_eq!(out(&mut m).1, "", "held until our CAPABILITY completes");
+        m.backend_input(format!("* CAPABILITY IMAP4rev1 ID\r\n{tag} OK done\r\n").as_bytes());
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "");
+        assert_eq!(backend, "a NOOP\r\n");
+    }
+
+    #[test]
+    fn too_many_commands_end_the_session() {
+        let mut m = Prelogin::new(
+            Settings {
+                max_commands: 2,
+                ..settings(TlsMode::Starttls)
+            },
+            None,
+            1,
+        );
+        out(&mut m);
+        m.client_input(b"a NOOP\r\nb NOOP\r\nc NOOP\r\n");
+        let (client, _) = out(&mut m);
+        assert!(client.ends_with("* BYE Too many commands before authentication\r\n"));
+        assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+    }
+
+    #[test]
+    fn the_logged_mechanism_never_carries_credentials() {
+        assert_eq!(mechanism_label(b"login", None), "LOGIN");
+        assert_eq!(
+            mechanism_label(b"AUTHENTICATE", Some(b"scram-sha-256")),
+            "AUTHENTICATE SCRAM-SHA-256"
+        );
+        assert_eq!(
+            mechanism_label(b"AUTHENTICATE", Some(b"PL\"AIN")),
+            "AUTHENTICATE PLAIN"
+        );
+    }
+}
