@@ -184,7 +184,8 @@ mod tests {
         let err = |reply: &[u8]| Err(reply.to_vec());
         let not_permitted = reply::err_not_permitted();
         let unknown = b"-ERR Unknown command\r\n";
-        let rows: Vec<(TlsMode, &[u8], Result<(Vec<u8>, Expect), Vec<u8>>)> = vec![
+        type Row<'a> = (TlsMode, &'a [u8], Result<(Vec<u8>, Expect), Vec<u8>>);
+        let rows: Vec<Row> = vec![
             (
                 TlsMode::Implicit,
                 b"user alice\r\n",
@@ -325,7 +326,8 @@ mod tests {
         let long = b"-ERR Command line too long\r\n".to_vec();
         let refused = reply::err_cleartext_auth();
         // (input, replies before TLS, replies after TLS, forwarded after TLS)
-        let rows: Vec<(&[u8], Vec<u8>, Vec<u8>, &[u8])> = vec![
+        type Row<'a> = (&'a [u8], Vec<u8>, Vec<u8>, &'a [u8]);
+        let rows: Vec<Row> = vec![
             (b"USER a\n", bare_lf.clone(), bare_lf.clone(), b""),
             (
                 b"USER a\nPASS b\r\n",
