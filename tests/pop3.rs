@@ -1,6 +1,7 @@
-//! POP3 through the proxy: CAPA views, no cleartext credentials, STLS injection defence, limits,
-//! and the byte relay after login — with a real rustls client, Python poplib and curl against the
-//! recording fake backend.
+//! POP3 through the proxy: the local cleartext dialogue with no backend before STLS, CAPA views,
+//! no cleartext credentials, STLS injection defence, canonical lines to the backend before login,
+//! strict CRLF framing, limits, and the byte relay after login — with a real rustls client,
+//! Python poplib and curl against the recording fake backend.
 
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -15,6 +16,11 @@ use tokio::net::TcpStream;
 
 const HOST: &str = "mx.example.test";
 const REFUSED: &str = "-ERR [AUTH] Cleartext authentication disallowed; issue STLS first\r\n";
+/// Our own greeting on a `starttls` listener: no backend is connected yet.
+const LOCAL_GREETING: &str = "+OK mx.example.test ready\r\n";
+const NOT_YET: &str = "-ERR Command not valid before authentication\r\n";
+const BARE_LF: &str = "-ERR Command lines must end with CRLF\r\n";
+const CR_OR_NUL: &str = "-ERR CR or NUL not allowed in a command line\r\n";
 
 struct Setup {
     pki: Pki,
@@ -64,8 +70,18 @@ impl Setup {
     async fn connect_plain(&self) -> BufReader<TcpStream> {
         let tcp = TcpStream::connect(self.proxy.addr("pop3")).await.unwrap();
         let mut tcp = BufReader::new(tcp);
-        assert_eq!(read_line(&mut tcp).await, "+OK fake POP3 ready\r\n");
+        assert_eq!(read_line(&mut tcp).await, LOCAL_GREETING);
         tcp
+    }
+
+    /// Connects to the `starttls` listener and runs STLS; the backend greeting is not shown.
+    async fn connect_stls(&self) -> BufReader<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut c = self.connect_plain().await;
+        assert_eq!(line(&mut c, "STLS").await, "+OK Begin TLS negotiation\r\n");
+        let tls = tls_upgrade(c.into_inner(), HOST, self.config())
+            .await
+            .unwrap();
+        BufReader::new(tls)
     }
 
     fn metrics(&self) -> String {
@@ -164,22 +180,24 @@ async fn auth_plain_works_with_an_initial_response_and_with_a_continuation() {
 }
 
 #[tokio::test]
-async fn starttls_listener_hides_user_and_sasl_and_refuses_credentials_before_tls() {
+async fn the_cleartext_dialogue_is_answered_locally_and_credentials_are_refused() {
     let s = setup("starttls", "").await;
     let mut c = s.connect_plain().await;
-    let capa = multiline(&mut c, "CAPA").await;
+    // RFC 2449 §5 / RFC 2595 §4: STLS only; the backend's list comes after STLS.
     assert_eq!(
-        capa,
-        "+OK Capability list follows\r\nTOP\r\nUIDL\r\nSTLS\r\nRESP-CODES\r\nPIPELINING\r\n.\r\n"
+        multiline(&mut c, "CAPA").await,
+        "+OK Capability list follows\r\nSTLS\r\n.\r\n"
     );
     let ir = base64_encode(b"\0u\0secret");
     for cmd in [
         "USER u".to_string(),
+        "user u".into(),
+        "USER".into(),
         "PASS secret".into(),
         "APOP u 0123456789abcdef0123456789abcdef".into(),
         format!("AUTH PLAIN {ir}"),
         "AUTH PLAIN".into(),
-        // Mechanism discovery: nothing to list before TLS (CAPA shows no SASL either).
+        // Mechanism discovery: the same refusal, not counted as an attempt.
         "AUTH".into(),
     ] {
         assert_eq!(line(&mut c, &cmd).await, REFUSED, "{cmd}");
@@ -192,28 +210,87 @@ async fn starttls_listener_hides_user_and_sasl_and_refuses_credentials_before_tl
         line(&mut c, "XCLIENT ADDR=1.2.3.4").await,
         "-ERR Command not permitted\r\n"
     );
-    assert!(line(&mut c, "NOOP").await.starts_with("-ERR Unknown"));
+    assert_eq!(line(&mut c, "NOOP").await, NOT_YET);
+    assert_eq!(line(&mut c, "RSET").await, NOT_YET);
+    assert_eq!(line(&mut c, "STAT").await, "-ERR Unknown command\r\n");
+    assert_eq!(
+        line(&mut c, "STLS now").await,
+        "-ERR STLS takes no arguments\r\n"
+    );
+    assert_eq!(line(&mut c, "QUIT").await, "+OK Logging out\r\n");
+    assert_eq!(read_line(&mut c).await, "");
 
-    let seen = s.backend.recorder.all_text();
-    assert_eq!(seen, "CAPA\r\nNOOP\r\n");
+    assert!(s.backend.recorder.connections().is_empty());
     assert!(
         s.metrics().contains(
-            r#"mailfront_cleartext_auth_refused_total{listener="pop3",protocol="pop3"} 7"#
-        )
+            r#"mailfront_cleartext_auth_refused_total{listener="pop3",protocol="pop3"} 9"#
+        ),
+        "{}",
+        s.metrics()
     );
+}
+
+#[tokio::test]
+async fn two_hundred_idle_cleartext_pop3_connections_open_no_backend_connection() {
+    let s = setup("starttls", "").await;
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        clients.push(s.connect_plain().await);
+    }
+    // A little traffic on each, still nothing reaches a backend.
+    for c in clients.iter_mut().step_by(10) {
+        assert!(multiline(c, "CAPA").await.contains("STLS"));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.backend.recorder.connections().len(), 0);
+    drop(clients);
+}
+
+#[tokio::test]
+async fn an_idle_cleartext_client_is_told_before_the_close() {
+    let s = setup("starttls", "timeouts:\n  idle: 300ms\n").await;
+    let mut c = s.connect_plain().await;
+    // Trickled bytes without a line end do not keep the session.
+    send(&mut c, b"CA").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "-ERR Disconnected for inactivity\r\n"
+    );
+    assert!(s.backend.recorder.connections().is_empty());
+}
+
+#[tokio::test]
+async fn too_many_cleartext_commands_end_the_session_without_a_backend() {
+    let s = setup("starttls", "limits:\n  preauth_commands: 2\n").await;
+    let mut c = s.connect_plain().await;
+    send(&mut c, b"NOOP\r\nUSER x\n").await;
+    assert_eq!(read_line(&mut c).await, NOT_YET);
+    assert_eq!(read_line(&mut c).await, BARE_LF);
+    assert_eq!(
+        line(&mut c, "CAPA").await,
+        "-ERR Too many commands before authentication\r\n"
+    );
+    assert_eq!(read_line(&mut c).await, "");
+    assert!(s.backend.recorder.connections().is_empty());
 }
 
 #[tokio::test]
 async fn credentials_pipelined_after_stls_are_discarded_and_login_works_after_tls() {
     let s = setup("starttls", "").await;
     let mut c = s.connect_plain().await;
-    send(&mut c, b"STLS\r\nUSER evil\r\nPASS secret\r\n").await;
+    send(
+        &mut c,
+        b"STLS\r\nUSER evil\r\nPASS secret\r\nXCLIENT ADDR=6.6.6.6\r\n",
+    )
+    .await;
     assert_eq!(read_line(&mut c).await, "+OK Begin TLS negotiation\r\n");
+    assert!(s.backend.recorder.connections().is_empty());
     let tls = tls_upgrade(c.into_inner(), HOST, s.config()).await.unwrap();
     let mut c = BufReader::new(tls);
+    // RFC 2595 §4: the client asks again and now sees the backend's list.
     let capa = multiline(&mut c, "CAPA").await;
     assert!(
-        !capa.contains("STLS") && capa.contains("USER\r\n"),
+        !capa.contains("STLS") && capa.contains("USER\r\n") && capa.contains("SASL PLAIN"),
         "{capa}"
     );
     assert_eq!(
@@ -222,8 +299,193 @@ async fn credentials_pipelined_after_stls_are_discarded_and_login_works_after_tl
     );
     assert_eq!(line(&mut c, "USER u").await, "+OK\r\n");
     assert_eq!(line(&mut c, "PASS secret").await, "+OK Logged in.\r\n");
+    assert_eq!(
+        s.backend.recorder.connections(),
+        vec![b"CAPA\r\nUSER u\r\nPASS secret\r\n".to_vec()]
+    );
+}
+
+#[tokio::test]
+async fn after_stls_user_pass_and_auth_plain_reach_the_backend_as_canonical_lines() {
+    let s = setup("starttls", "").await;
+    let mut c = s.connect_stls().await;
+    assert_eq!(line(&mut c, "user u").await, "+OK\r\n");
+    assert_eq!(
+        line(&mut c, "NOOP").await,
+        NOT_YET,
+        "answered here, not forwarded"
+    );
+    assert_eq!(line(&mut c, "pass secret").await, "+OK Logged in.\r\n");
+    assert!(line(&mut c, "STAT").await.starts_with("+OK 1 "));
+
+    let ir = base64_encode(b"\0u\0secret");
+    let mut c = s.connect_stls().await;
+    assert_eq!(line(&mut c, "auth plain").await, "+ \r\n");
+    assert_eq!(line(&mut c, &ir).await, "+OK Logged in.\r\n");
+    assert!(multiline(&mut c, "LIST").await.ends_with(".\r\n"));
+
+    let mut c = s.connect_stls().await;
+    assert_eq!(
+        line(&mut c, &format!("Auth Plain {ir}")).await,
+        "+OK Logged in.\r\n"
+    );
+    // APOP needs the backend's greeting timestamp, which an STLS client never saw.
+    let mut d = s.connect_stls().await;
+    assert_eq!(
+        line(&mut d, "APOP u c4c9334bac560ecc979e58001b3e22fb").await,
+        "-ERR APOP not available here; use USER/PASS or AUTH\r\n"
+    );
+    assert_eq!(line(&mut d, "QUIT").await, "+OK Logging out.\r\n");
+
+    assert_eq!(
+        s.backend.recorder.connections(),
+        vec![
+            b"USER u\r\nPASS secret\r\nSTAT\r\n".to_vec(),
+            format!("AUTH PLAIN\r\n{ir}\r\nLIST\r\n").into_bytes(),
+            format!("AUTH PLAIN {ir}\r\n").into_bytes(),
+            b"QUIT\r\n".to_vec(),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn bare_lf_bare_cr_and_nul_are_refused_before_and_after_tls_and_never_forwarded() {
+    let s = setup("starttls", "").await;
+    let mut c = s.connect_plain().await;
+    send(&mut c, b"CAPA\nUSER a\rPASS b\r\nCAPA\0\r\nUSER a\n").await;
+    assert_eq!(read_line(&mut c).await, BARE_LF);
+    assert_eq!(read_line(&mut c).await, CR_OR_NUL);
+    assert_eq!(read_line(&mut c).await, CR_OR_NUL);
+    assert_eq!(read_line(&mut c).await, BARE_LF);
+    assert_eq!(line(&mut c, "STLS").await, "+OK Begin TLS negotiation\r\n");
+    let tls = tls_upgrade(c.into_inner(), HOST, s.config()).await.unwrap();
+    let mut c = BufReader::new(tls);
+    send(
+        &mut c,
+        b"USER a\nUSER a\rPASS secret\r\nUSER a\0\r\nUSER u\r\n",
+    )
+    .await;
+    assert_eq!(read_line(&mut c).await, BARE_LF);
+    assert_eq!(read_line(&mut c).await, CR_OR_NUL);
+    assert_eq!(read_line(&mut c).await, CR_OR_NUL);
+    assert_eq!(read_line(&mut c).await, "+OK\r\n");
+    // An AUTH continuation with a bare LF (or bad base64) becomes a cancel.
+    assert_eq!(line(&mut c, "AUTH PLAIN").await, "+ \r\n");
+    send(&mut c, b"AGFsaWNl\n").await;
+    assert!(read_line(&mut c).await.starts_with("-ERR [AUTH]"));
+    assert_eq!(line(&mut c, "AUTH PLAIN").await, "+ \r\n");
+    assert!(line(&mut c, "not base64!").await.starts_with("-ERR [AUTH]"));
+    // A CR at the end of one write and its LF in the next is a good CRLF.
+    send(&mut c, b"PASS secret\r").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send(&mut c, b"\n").await;
+    assert_eq!(read_line(&mut c).await, "+OK Logged in.\r\n");
+    assert_eq!(
+        s.backend.recorder.connections(),
+        vec![b"USER u\r\nAUTH PLAIN\r\n*\r\nAUTH PLAIN\r\n*\r\nPASS secret\r\n".to_vec()]
+    );
+}
+
+#[tokio::test]
+async fn a_line_of_exactly_the_limit_is_forwarded_and_one_octet_more_is_refused() {
+    let s = setup("implicit", "limits:\n  pop3_line: 300\n").await;
+    let mut c = s.connect().await;
+    // 300 octets with the CRLF.
+    let exact = format!("USER {}", "x".repeat(293));
+    assert_eq!(exact.len() + 2, 300);
+    assert_eq!(line(&mut c, &exact).await, "+OK\r\n");
+    let over = format!("USER {}", "y".repeat(294));
+    assert_eq!(line(&mut c, &over).await, "-ERR Command line too long\r\n");
+    // AUTH continuations may be 12288 octets (base64 comes in quanta of 4: 12284 + CRLF is the
+    // longest valid one; the line limit itself is checked in the codec's unit tests).
+    assert_eq!(line(&mut c, "AUTH PLAIN").await, "+ \r\n");
+    let long = "A".repeat(12284);
+    assert!(line(&mut c, &long).await.starts_with("-ERR [AUTH]"));
     let seen = s.backend.recorder.all_text();
-    assert_eq!(seen, "CAPA\r\nUSER u\r\nPASS secret\r\n");
+    assert!(
+        seen == format!("{exact}\r\nAUTH PLAIN\r\n{long}\r\n"),
+        "{} octets seen",
+        seen.len()
+    );
+    // One past 12288 and the session ends: the backend waits for a whole line.
+    let mut c = s.connect().await;
+    assert_eq!(line(&mut c, "AUTH PLAIN").await, "+ \r\n");
+    let over = "A".repeat(12288);
+    assert_eq!(line(&mut c, &over).await, "-ERR Command line too long\r\n");
+    assert_eq!(read_line(&mut c).await, "");
+    assert!(!s.backend.recorder.all_text().contains(&over));
+}
+
+#[tokio::test]
+async fn a_backend_that_refuses_or_is_gone_after_stls_gets_sys_temp() {
+    let options = FakeOptions {
+        pop3_greeting: "-ERR [SYS/TEMP] too busy\r\n".into(),
+        ..FakeOptions::default()
+    };
+    let s = setup_with("starttls", options, "").await;
+    let mut c = s.connect_stls().await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "-ERR [SYS/TEMP] Server temporarily unavailable\r\n"
+    );
+    assert_eq!(read_line(&mut c).await, "");
+
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &[HOST], false);
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("pop3", "pop3", "starttls", dead)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let tcp = TcpStream::connect(proxy.addr("pop3")).await.unwrap();
+    let mut c = BufReader::new(tcp);
+    assert_eq!(read_line(&mut c).await, LOCAL_GREETING);
+    assert_eq!(line(&mut c, "STLS").await, "+OK Begin TLS negotiation\r\n");
+    let config = client_config(&pki.ca_der, &[&rustls::version::TLS13], None);
+    let tls = tls_upgrade(c.into_inner(), HOST, config).await.unwrap();
+    let mut c = BufReader::new(tls);
+    assert!(read_line(&mut c).await.starts_with("-ERR [SYS/TEMP] "));
+}
+
+#[tokio::test]
+async fn the_proxy_header_after_stls_carries_the_tls_details() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &[HOST], false);
+    let options = FakeOptions {
+        expect_proxy_v2: true,
+        ..FakeOptions::default()
+    };
+    let backend = FakeBackend::start_with(FakeKind::Pop3, options).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("pop3", "pop3", "starttls", backend.addr)
+            + "    backend_proxy_protocol: true\n"],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let s = Setup {
+        pki,
+        backend,
+        proxy,
+    };
+    let mut c = s.connect_stls().await;
+    assert_eq!(line(&mut c, "USER u").await, "+OK\r\n");
+    let headers = s.backend.proxy_headers.connections();
+    assert_eq!(headers.len(), 1);
+    // PROXY v2 over IPv4: 16 fixed octets, 12 of addresses, then TLVs (type, u16 length).
+    let mut tlvs = &headers[0][28..];
+    let mut types = Vec::new();
+    while tlvs.len() >= 3 {
+        let len = usize::from(u16::from_be_bytes([tlvs[1], tlvs[2]]));
+        types.push(tlvs[0]);
+        tlvs = &tlvs[3 + len..];
+    }
+    assert!(types.contains(&0x20), "PP2_TYPE_SSL expected: {types:?}");
 }
 
 #[tokio::test]
@@ -396,8 +658,8 @@ async fn lines_pipelined_past_an_auth_exchange_never_reach_the_backend_as_comman
     assert_eq!(read_line(&mut c).await, "+ \r\n");
     assert!(read_line(&mut c).await.starts_with("-ERR [AUTH]"));
     assert_eq!(read_line(&mut c).await, "-ERR Command not permitted\r\n");
-    assert!(read_line(&mut c).await.starts_with("-ERR Unknown"));
-    assert_eq!(s.backend.recorder.all_text(), "AUTH PLAIN\r\n*\r\nNOOP\r\n");
+    assert_eq!(read_line(&mut c).await, NOT_YET);
+    assert_eq!(s.backend.recorder.all_text(), "AUTH PLAIN\r\n*\r\n");
 }
 
 #[tokio::test]

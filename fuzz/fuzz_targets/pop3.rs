@@ -1,5 +1,9 @@
-//! POP3 command and response receivers, gate and CAPA rewriter: no panic on any input, and the
-//! same events whether the input arrives whole or in reads of a size taken from the first byte.
+//! POP3 command and response receivers, gate and CAPA rewriter: no panic on any input, the same
+//! events whether the input arrives whole or in reads of a size taken from the first byte, and
+//! a differential check of what the gate lets through: before TLS nothing reaches the backend;
+//! after TLS the bytes written to the backend, re-parsed by a strict framer written here from
+//! RFC 1939 / RFC 5034, are CRLF-terminated lines without CR, LF or NUL inside, each a
+//! whitelisted command or an AUTH continuation, never XCLIENT/XOIP.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,15 +13,18 @@ use mailfront::pop3::codec::{
     ClientEvent, CommandLimits, CommandReceiver, Expect, ResponseLimits, ResponseReceiver,
     ServerEvent,
 };
-use mailfront::pop3::policy::{Decision, GateState, decide};
+use mailfront::pop3::policy::{Decision, Local, after_tls, before_tls};
 
-fn run_client(input: &[u8], chunk: usize, state: GateState) -> Vec<ClientEvent> {
+/// Runs the framer and gate; returns the events and what would reach the backend, as
+/// (line, is-a-SASL-continuation) pairs.
+fn run_client(input: &[u8], chunk: usize, tls: bool) -> (Vec<ClientEvent>, Vec<(Vec<u8>, bool)>) {
     let mut rx = CommandReceiver::new(CommandLimits {
         command: 32,
         sasl_line: 64,
     });
     let mut buf = Vec::new();
     let mut events = Vec::new();
+    let mut backend = Vec::new();
     for piece in input.chunks(chunk.max(1)) {
         buf.extend_from_slice(piece);
         loop {
@@ -25,21 +32,52 @@ fn run_client(input: &[u8], chunk: usize, state: GateState) -> Vec<ClientEvent> 
             assert!(step.consumed <= buf.len());
             buf.drain(..step.consumed);
             let Some(event) = step.event else { break };
+            events.push(event.clone());
             match &event {
-                ClientEvent::Command(cmd) => match decide(&state, cmd) {
-                    Decision::Forward {
-                        expect: Expect::Sasl,
-                    } => rx.begin_sasl(),
-                    Decision::StartTls(_) => return events,
-                    _ => {}
+                ClientEvent::Command(cmd) if !tls => match before_tls(cmd) {
+                    Local::StartTls(_) | Local::Quit(_) => return (events, backend),
+                    Local::Reply(_) | Local::RefuseCredentials(_) => {}
                 },
-                ClientEvent::SaslResponse { cancel: true, .. } => rx.end_sasl(),
-                _ => {}
+                ClientEvent::Command(cmd) => match after_tls(TlsMode::Starttls, cmd) {
+                    Decision::Forward { request, expect } => {
+                        backend.push((request.canonical(), false));
+                        if expect == Expect::Sasl {
+                            rx.begin_sasl();
+                        }
+                    }
+                    Decision::Reply(_) => {}
+                },
+                ClientEvent::SaslResponse(line) => {
+                    // The backend's answer to each continuation ends the exchange here.
+                    backend.push((line.canonical(), true));
+                    rx.end_sasl();
+                }
+                ClientEvent::Rejected(_) => {}
             }
-            events.push(event);
         }
     }
-    events
+    (events, backend)
+}
+
+/// An independent strict reading of one line mailfront sent to the backend.
+fn check_backend_line(line: &[u8], sasl: bool) {
+    let content = line.strip_suffix(b"\r\n").expect("every line ends with CRLF");
+    assert!(
+        !content.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0),
+        "CR, LF or NUL inside {line:?}"
+    );
+    if sasl {
+        let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/' || *b == b'=';
+        assert!(content == b"*" || content.iter().all(base64), "{line:?}");
+        return;
+    }
+    let keyword = content.split(|&b| b == b' ').next().unwrap_or_default();
+    assert!(
+        [&b"CAPA"[..], b"USER", b"PASS", b"APOP", b"AUTH", b"QUIT"].contains(&keyword),
+        "not whitelisted: {line:?}"
+    );
+    // APOP never on a STARTTLS listener: the client never saw the timestamp.
+    assert_ne!(keyword, b"APOP");
 }
 
 fn run_server(input: &[u8], chunk: usize, expects: &[Expect]) -> Vec<ServerEvent> {
@@ -83,12 +121,16 @@ fuzz_target!(|data: &[u8]| {
     };
     let chunk = usize::from(selector & 0x3f) + 1;
     if selector & 0x80 == 0 {
-        let state = GateState {
-            listener: TlsMode::Starttls,
-            tls_active: selector & 0x40 != 0,
-        };
-        let whole = run_client(input, input.len(), state);
-        assert_eq!(run_client(input, chunk, state), whole);
+        let tls = selector & 0x40 != 0;
+        let whole = run_client(input, input.len(), tls);
+        assert_eq!(run_client(input, chunk, tls), whole);
+        let (_, backend) = whole;
+        if !tls {
+            assert!(backend.is_empty(), "forwarded before TLS: {backend:?}");
+        }
+        for (line, sasl) in &backend {
+            check_backend_line(line, *sasl);
+        }
     } else {
         // The first bytes pick the expected response shapes, the rest is the backend's output.
         let shapes = [

@@ -6,8 +6,10 @@ use crate::line::trim_line_end;
 /// Which advertisement the client must see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CapaView {
-    /// A `tls: starttls` listener before STLS: `USER` and the `SASL` line hidden (no way to
-    /// authenticate in cleartext), `STLS` shown, as nginx does with `starttls only`.
+    /// A backend list shown in cleartext: `USER` and the `SASL` line hidden (no way to
+    /// authenticate in cleartext), `STLS` shown, as nginx does with `starttls only`. The session
+    /// no longer uses it: before STLS there is no backend, and mailfront answers CAPA itself
+    /// ([`crate::pop3::reply::capa_before_tls`]).
     Cleartext,
     /// TLS active: the cleartext backend's `STLS` hidden, and `EXTERNAL` removed from `SASL`
     /// because the client certificate never reaches the backend (RFC 8314 §4.2).

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 
 pub use crate::imap::codec::Step;
 use crate::line::{find_line, trim_line_end};
+use crate::pop3::request::is_base64;
 
 /// Longest command line (`limits.pop3_line`; RFC 2449 §4 allows 255 octets, clients exceed it).
 pub const DEFAULT_COMMAND_LIMIT: usize = 512;
@@ -38,13 +39,16 @@ impl Default for CommandLimits {
     }
 }
 
-/// One client command line.
+/// One client command line, framed strictly: the keyword and what follows its space. The line
+/// end and the client's raw bytes are not kept: what goes on to the backend is rebuilt from a
+/// parsed [`crate::pop3::request::Request`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
     /// The keyword, ASCII-uppercased (RFC 1939 §3: keywords are case-insensitive).
     pub keyword: Vec<u8>,
-    /// The line exactly as received, line end included.
-    pub raw: Vec<u8>,
+    /// Everything after the first SP, exactly; `None` when the line has no SP. Never contains
+    /// CR, LF or NUL.
+    pub arguments: Option<Vec<u8>>,
 }
 
 impl Command {
@@ -52,11 +56,9 @@ impl Command {
         self.keyword == keyword.as_bytes()
     }
 
-    /// Everything after the keyword and its space, without the line end.
+    /// Everything after the keyword and its space (empty when none).
     pub fn arguments(&self) -> &[u8] {
-        let line = trim_line_end(&self.raw);
-        let rest = line.get(self.keyword.len()..).unwrap_or_default();
-        rest.strip_prefix(b" ").unwrap_or(rest)
+        self.arguments.as_deref().unwrap_or_default()
     }
 
     pub fn has_arguments(&self) -> bool {
@@ -72,6 +74,8 @@ pub enum CommandError {
     InvalidKeyword,
     #[error("CR or NUL inside a command line")]
     ForbiddenOctet,
+    #[error("line ended by a bare LF")]
+    BareLineFeed,
 }
 
 /// Refused input. `fatal` (an over-long SASL line: the backend waits for a whole line) means
@@ -90,6 +94,29 @@ impl Rejection {
             CommandError::ForbiddenOctet => {
                 b"-ERR CR or NUL not allowed in a command line\r\n".to_vec()
             }
+            CommandError::BareLineFeed => b"-ERR Command lines must end with CRLF\r\n".to_vec(),
+        }
+    }
+}
+
+/// One client line during an AUTH exchange (RFC 5034 §4), checked and re-emitted canonically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SaslLine {
+    /// Valid base64, possibly empty.
+    Response(Vec<u8>),
+    /// `*`: the client cancels.
+    Cancel,
+    /// Anything else (bad base64, a bare LF, a CR or NUL inside): never forwarded; mailfront
+    /// sends `*` instead so the backend ends the exchange with `-ERR`.
+    Invalid,
+}
+
+impl SaslLine {
+    /// The line mailfront writes to the backend.
+    pub fn canonical(&self) -> Vec<u8> {
+        match self {
+            SaslLine::Response(data) => [data.as_slice(), b"\r\n"].concat(),
+            SaslLine::Cancel | SaslLine::Invalid => b"*\r\n".to_vec(),
         }
     }
 }
@@ -97,11 +124,7 @@ impl Rejection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
     Command(Command),
-    /// A line during an AUTH exchange; `cancel` for a single `*` (RFC 5034 §4).
-    SaslResponse {
-        raw: Vec<u8>,
-        cancel: bool,
-    },
+    SaslResponse(SaslLine),
     Rejected(Rejection),
 }
 
@@ -186,9 +209,12 @@ impl CommandReceiver {
                     )
                 }
                 Ok(Some(n)) => {
-                    let raw = rest.get(..n).unwrap_or_default().to_vec();
-                    let cancel = trim_line_end(&raw) == b"*";
-                    (n, Some(ClientEvent::SaslResponse { raw, cancel }))
+                    let line = match strict_content(rest.get(..n).unwrap_or_default()) {
+                        Ok(b"*") => SaslLine::Cancel,
+                        Ok(data) if is_base64(data) => SaslLine::Response(data.to_vec()),
+                        _ => SaslLine::Invalid,
+                    };
+                    (n, Some(ClientEvent::SaslResponse(line)))
                 }
             },
             ClientState::Command => match find_line(rest, self.limits.command) {
@@ -207,44 +233,53 @@ impl CommandReceiver {
                     )
                 }
                 Ok(Some(n)) => {
-                    let raw = rest.get(..n).unwrap_or_default();
-                    let content = trim_line_end(raw);
-                    if content.is_empty() {
-                        return (n, None);
-                    }
-                    (n, Some(parse_command(raw, content)))
+                    let event = match strict_content(rest.get(..n).unwrap_or_default()) {
+                        Ok(content) => parse_command(content),
+                        Err(error) => ClientEvent::Rejected(Rejection {
+                            error,
+                            fatal: false,
+                        }),
+                    };
+                    (n, Some(event))
                 }
             },
         }
     }
 }
 
-fn parse_command(raw: &[u8], content: &[u8]) -> ClientEvent {
-    let reject = |error| {
-        ClientEvent::Rejected(Rejection {
-            error,
-            fatal: false,
-        })
-    };
-    if content.iter().any(|&b| b == b'\r' || b == 0) {
-        return reject(CommandError::ForbiddenOctet);
+/// The content of a framed line (LF included) without its CRLF, or why it is refused. Dovecot
+/// also ends a line at a bare LF, and other servers may stop at a bare CR or a NUL: before
+/// authentication only CRLF ends a line, so both sides always agree where one ends.
+fn strict_content(line: &[u8]) -> Result<&[u8], CommandError> {
+    let body = line.strip_suffix(b"\n").unwrap_or(line);
+    let content = body.strip_suffix(b"\r").ok_or(CommandError::BareLineFeed)?;
+    if content.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+        return Err(CommandError::ForbiddenOctet);
     }
-    let len = content
-        .iter()
-        .position(|&b| b == b' ')
-        .unwrap_or(content.len());
-    let keyword = content.get(..len).unwrap_or_default();
+    Ok(content)
+}
+
+/// `keyword [SP arguments]` (RFC 1939 §3). An empty line has no keyword.
+fn parse_command(content: &[u8]) -> ClientEvent {
+    let (keyword, arguments) = match content.iter().position(|&b| b == b' ') {
+        Some(pos) => (
+            content.get(..pos).unwrap_or_default(),
+            Some(content.get(pos + 1..).unwrap_or_default().to_vec()),
+        ),
+        None => (content, None),
+    };
     if keyword.is_empty()
         || keyword.len() > MAX_KEYWORD_LEN
-        || !keyword
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        || !keyword.iter().all(u8::is_ascii_alphanumeric)
     {
-        return reject(CommandError::InvalidKeyword);
+        return ClientEvent::Rejected(Rejection {
+            error: CommandError::InvalidKeyword,
+            fatal: false,
+        });
     }
     ClientEvent::Command(Command {
         keyword: keyword.to_ascii_uppercase(),
-        raw: raw.to_vec(),
+        arguments,
     })
 }
 
@@ -497,17 +532,15 @@ fn starts_with_word(content: &[u8], word: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TlsMode;
     use crate::imap::split::{CHUNKS, drive};
-    use crate::pop3::policy::{Decision, GateState, decide};
 
-    /// A driver stand-in: AUTH with a mechanism begins SASL, a line `end` ends it.
+    /// A driver stand-in: AUTH with a mechanism begins SASL, a SASL line `end` ends it.
     fn client_events(input: &[u8], chunk: usize, limits: CommandLimits) -> Vec<ClientEvent> {
         let mut rx = CommandReceiver::new(limits);
         let react = |rx: &mut CommandReceiver, event: &ClientEvent| {
             match event {
                 ClientEvent::Command(c) if c.is("AUTH") && c.has_arguments() => rx.begin_sasl(),
-                ClientEvent::SaslResponse { raw, .. } if raw.starts_with(b"end") => rx.end_sasl(),
+                ClientEvent::SaslResponse(SaslLine::Response(d)) if d == b"ZW5k" => rx.end_sasl(),
                 ClientEvent::Command(c) if c.is("STLS") => return false,
                 _ => {}
             }
@@ -524,84 +557,134 @@ mod tests {
         whole
     }
 
-    fn command(keyword: &str, raw: &[u8]) -> ClientEvent {
+    fn command(keyword: &str, arguments: Option<&[u8]>) -> ClientEvent {
         ClientEvent::Command(Command {
             keyword: keyword.into(),
-            raw: raw.to_vec(),
+            arguments: arguments.map(<[u8]>::to_vec),
+        })
+    }
+
+    fn rejected(error: CommandError) -> ClientEvent {
+        ClientEvent::Rejected(Rejection {
+            error,
+            fatal: false,
         })
     }
 
     #[test]
-    fn commands_are_split_into_keyword_and_raw_line() {
+    fn commands_are_split_into_keyword_and_arguments() {
         let got = client_split_invariant(
-            b"capa\r\nUSER alice\nlist 1\r\n\r\n",
+            b"capa\r\nUSER alice\r\nPASS  two words \r\nlist 1\r\nAUTH \r\n",
             CommandLimits::default(),
         );
         assert_eq!(
             got,
             vec![
-                command("CAPA", b"capa\r\n"),
-                command("USER", b"USER alice\n"),
-                command("LIST", b"list 1\r\n")
+                command("CAPA", None),
+                command("USER", Some(b"alice")),
+                command("PASS", Some(b" two words ")),
+                command("LIST", Some(b"1")),
+                command("AUTH", Some(b"")),
             ]
         );
-        let ClientEvent::Command(c) = &got[1] else {
-            panic!()
-        };
-        assert_eq!(c.arguments(), b"alice");
     }
 
     #[test]
-    fn auth_exchange_lines_are_sasl_responses_even_when_they_look_like_commands() {
+    fn only_crlf_ends_a_line_and_cr_nul_and_bare_lf_are_refused() {
         let got = client_split_invariant(
-            b"AUTH PLAIN\r\nQUIT\r\n*\r\nend\r\nNOOP\r\n",
+            b"USER a\nUSER b\rPASS c\r\nUSER \0\r\n\n\r\n \r\nUS\xffER\r\nUSER\tx\r\nNOOP\r\n",
             CommandLimits::default(),
         );
         assert_eq!(
             got,
             vec![
-                command("AUTH", b"AUTH PLAIN\r\n"),
-                ClientEvent::SaslResponse {
-                    raw: b"QUIT\r\n".to_vec(),
-                    cancel: false
-                },
-                ClientEvent::SaslResponse {
-                    raw: b"*\r\n".to_vec(),
-                    cancel: true
-                },
-                ClientEvent::SaslResponse {
-                    raw: b"end\r\n".to_vec(),
-                    cancel: false
-                },
-                command("NOOP", b"NOOP\r\n"),
+                rejected(CommandError::BareLineFeed),
+                rejected(CommandError::ForbiddenOctet),
+                rejected(CommandError::ForbiddenOctet),
+                rejected(CommandError::BareLineFeed),
+                rejected(CommandError::InvalidKeyword),
+                rejected(CommandError::InvalidKeyword),
+                rejected(CommandError::InvalidKeyword),
+                rejected(CommandError::InvalidKeyword),
+                command("NOOP", None),
             ]
         );
+    }
+
+    #[test]
+    fn a_cr_at_the_end_of_one_read_and_the_lf_at_the_start_of_the_next_is_a_crlf() {
+        let mut rx = CommandReceiver::default();
+        let mut buf = b"USER alice\r".to_vec();
+        let step = rx.next(&buf);
+        assert_eq!((step.consumed, step.event), (0, None));
+        buf.extend_from_slice(b"\nPASS x\r");
+        let step = rx.next(&buf);
+        assert_eq!(step.event, Some(command("USER", Some(b"alice"))));
+        buf.drain(..step.consumed);
+        assert_eq!(buf, b"PASS x\r");
+        buf.push(b'\n');
+        assert_eq!(rx.next(&buf).event, Some(command("PASS", Some(b"x"))));
+    }
+
+    #[test]
+    fn auth_exchange_lines_are_sasl_responses_checked_and_canonical() {
+        let got = client_split_invariant(
+            b"AUTH PLAIN\r\nQUIT\r\n*\r\n\r\nUSER a\r\nAG=A\r\nAGFs\nAG\rFs\r\nAG\0A\r\n* \r\nZW5k\r\nNOOP\r\n",
+            CommandLimits::default(),
+        );
+        use SaslLine::*;
+        assert_eq!(
+            got,
+            vec![
+                command("AUTH", Some(b"PLAIN")),
+                // Valid base64 is data even when it spells a command.
+                ClientEvent::SaslResponse(Response(b"QUIT".to_vec())),
+                ClientEvent::SaslResponse(Cancel),
+                ClientEvent::SaslResponse(Response(Vec::new())),
+                ClientEvent::SaslResponse(Invalid),
+                ClientEvent::SaslResponse(Invalid),
+                ClientEvent::SaslResponse(Invalid),
+                ClientEvent::SaslResponse(Invalid),
+                ClientEvent::SaslResponse(Invalid),
+                ClientEvent::SaslResponse(Invalid),
+                ClientEvent::SaslResponse(Response(b"ZW5k".to_vec())),
+                command("NOOP", None),
+            ]
+        );
+        assert_eq!(Invalid.canonical(), b"*\r\n");
+        assert_eq!(Response(b"AGFs".to_vec()).canonical(), b"AGFs\r\n");
     }
 
     #[test]
     fn over_long_command_is_refused_and_the_receiver_resynchronises() {
         let limits = CommandLimits {
             command: 16,
-            sasl_line: 32,
+            sasl_line: 34,
         };
         let got = client_split_invariant(b"USER aaaaaaaaaaaaaaaaaaaaaaaaaa\r\nNOOP\r\n", limits);
         assert_eq!(
             got,
             vec![
-                ClientEvent::Rejected(Rejection {
-                    error: CommandError::LineTooLong { limit: 16 },
-                    fatal: false
-                }),
-                command("NOOP", b"NOOP\r\n"),
+                rejected(CommandError::LineTooLong { limit: 16 }),
+                command("NOOP", None),
             ]
         );
-        // SASL lines get the larger allowance; past it the session ends.
-        let got = client_split_invariant(b"AUTH X\r\n0123456789012345678901\r\n", limits);
-        assert!(matches!(got[1], ClientEvent::SaslResponse { .. }));
-        let got = client_split_invariant(
-            b"AUTH X\r\n012345678901234567890123456789012\r\nNOOP\r\n",
-            limits,
+        // Exactly the limit (CRLF included) passes, one octet more does not.
+        let got = client_split_invariant(b"USER aaaaaaaaa\r\nUSER aaaaaaaaaa\r\n", limits);
+        assert_eq!(
+            got,
+            vec![
+                command("USER", Some(b"aaaaaaaaa")),
+                rejected(CommandError::LineTooLong { limit: 16 }),
+            ]
         );
+        // SASL lines get the larger allowance, exactly; past it the session ends.
+        let data = [[b'A'; 30].as_slice(), b"=="].concat();
+        let exact = [b"AUTH X\r\n".as_slice(), &data, b"\r\n"].concat();
+        let got = client_split_invariant(&exact, limits);
+        assert_eq!(got[1], ClientEvent::SaslResponse(SaslLine::Response(data)));
+        let over = [b"AUTH X\r\n".as_slice(), &[b'A'; 34], b"==\r\nNOOP\r\n"].concat();
+        let got = client_split_invariant(&over, limits);
         assert_eq!(got.len(), 2);
         assert!(matches!(&got[1], ClientEvent::Rejected(r) if r.fatal));
     }
@@ -624,71 +707,11 @@ mod tests {
     }
 
     #[test]
-    fn bad_keywords_and_forbidden_octets_are_refused() {
-        for (input, error) in [
-            (&b" USER x\r\n"[..], CommandError::InvalidKeyword),
-            (b"US\xffER\r\n", CommandError::InvalidKeyword),
-            (b"USER a\rPASS b\r\n", CommandError::ForbiddenOctet),
-            (b"USER a\0\r\n", CommandError::ForbiddenOctet),
-        ] {
-            assert_eq!(
-                CommandReceiver::default().next(input).event,
-                Some(ClientEvent::Rejected(Rejection {
-                    error,
-                    fatal: false
-                }))
-            );
-        }
-    }
-
-    #[test]
-    fn stls_with_pipelined_user_exposes_the_bytes_to_drop_o2() {
+    fn stls_with_pipelined_user_exposes_the_bytes_to_drop() {
         let buf = b"STLS\r\nUSER x\r\n";
         let step = CommandReceiver::default().next(buf);
-        let Some(ClientEvent::Command(c)) = step.event else {
-            panic!()
-        };
-        let plain = GateState {
-            listener: TlsMode::Starttls,
-            tls_active: false,
-        };
-        assert_eq!(
-            decide(&plain, &c),
-            Decision::StartTls(b"+OK Begin TLS negotiation\r\n".to_vec())
-        );
+        assert_eq!(step.event, Some(command("STLS", None)));
         assert_eq!(&buf[step.consumed..], b"USER x\r\n");
-    }
-
-    #[test]
-    fn pipelined_user_and_pass_before_tls_get_two_replies_and_nothing_is_forwarded_o3() {
-        let plain = GateState {
-            listener: TlsMode::Starttls,
-            tls_active: false,
-        };
-        for chunk in CHUNKS {
-            let mut rx = CommandReceiver::default();
-            let mut replies = Vec::new();
-            let mut forwarded = Vec::new();
-            drive(
-                &mut rx,
-                b"USER x\r\nPASS y\r\nAUTH PLAIN AGEAYg==\r\nCAPA\r\n",
-                chunk,
-                |rx, b| rx.next(b),
-                |_, event| {
-                    let ClientEvent::Command(c) = event else {
-                        panic!("{event:?}")
-                    };
-                    match decide(&plain, c) {
-                        Decision::Reply(r) => replies.push(r),
-                        Decision::Forward { .. } => forwarded.extend_from_slice(&c.raw),
-                        Decision::StartTls(_) => panic!(),
-                    }
-                    true
-                },
-            );
-            assert_eq!(replies, vec![crate::pop3::reply::err_cleartext_auth(); 3]);
-            assert_eq!(forwarded, b"CAPA\r\n");
-        }
     }
 
     fn server_events(

@@ -2,7 +2,10 @@
 //!
 //! - [`codec`]: command receiver (with AUTH exchanges) and response receiver, bounded.
 //! - [`capa`]: CAPA and greeting rewriting for the client's view.
-//! - [`policy`]: the gate deciding forward / refuse / STLS per command.
+//! - [`request`]: the typed commands allowed before login, parsed strictly, re-emitted
+//!   canonically.
+//! - [`policy`]: the gate deciding local answer / forward / STLS per command, before and after
+//!   TLS.
 //! - [`reply`]: responses mailfront writes itself.
 //! - [`session`]: the driver that runs them against the client and backend streams.
 
@@ -10,4 +13,5 @@ pub mod capa;
 pub mod codec;
 pub mod policy;
 pub mod reply;
+pub mod request;
 pub mod session;

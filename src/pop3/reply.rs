@@ -8,6 +8,34 @@ pub fn err_cleartext_auth() -> Vec<u8> {
     b"-ERR [AUTH] Cleartext authentication disallowed; issue STLS first\r\n".to_vec()
 }
 
+/// The greeting on a `starttls` listener, written before any backend exists. No APOP
+/// timestamp (RFC 1939 §7): it would have to be the backend's, and there is no backend yet.
+pub fn greeting(hostname: &str) -> Vec<u8> {
+    format!("+OK {hostname} ready\r\n").into_bytes()
+}
+
+/// CAPA before STLS (RFC 2449 §5): only STLS, the one thing mailfront can truthfully offer
+/// without the backend. After STLS the client must ask again (RFC 2595 §4) and then sees the
+/// backend's list.
+pub fn capa_before_tls() -> Vec<u8> {
+    b"+OK Capability list follows\r\nSTLS\r\n.\r\n".to_vec()
+}
+
+/// QUIT before STLS (RFC 1939 §6: no UPDATE state without a login).
+pub fn quit_ok() -> Vec<u8> {
+    b"+OK Logging out\r\n".to_vec()
+}
+
+/// NOOP or RSET before login: RFC 1939 §5 allows them only in the TRANSACTION state.
+pub fn err_not_authorized_yet() -> Vec<u8> {
+    b"-ERR Command not valid before authentication\r\n".to_vec()
+}
+
+/// APOP on a `starttls` listener: the client never saw the backend's timestamp (RFC 1939 §7).
+pub fn err_apop_unavailable() -> Vec<u8> {
+    b"-ERR APOP not available here; use USER/PASS or AUTH\r\n".to_vec()
+}
+
 /// STLS accepted: TLS starts right after this CRLF (RFC 2595 §4).
 pub fn stls_ok() -> Vec<u8> {
     b"+OK Begin TLS negotiation\r\n".to_vec()

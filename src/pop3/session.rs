@@ -1,17 +1,21 @@
 //! The POP3 session driver: the sans-I/O pieces of [`crate::pop3`] wired to a client stream and
 //! a backend connection for the AUTHORIZATION state, then the plain byte relay.
 //!
-//! Before TLS on a `starttls` listener (110) USER, PASS, APOP and AUTH are answered here with one
-//! fixed `-ERR` and never forwarded (RFC 8314 §4.1); STLS is answered here and whatever was
-//! pipelined after it is dropped (RFC 2595 §4, CERT VU#555316). CAPA is rewritten for the
-//! client's view. PASS/APOP/AUTH hold every later client byte until the backend's answer:
-//! `+OK` → relay (RFC 1939 §6), `-ERR` → keep parsing. During AUTH one client line goes to the
-//! backend per `+` challenge it sent (RFC 5034 §4): a line pipelined past the exchange (say
-//! `XCLIENT`, which Dovecot trusts from mailfront) would otherwise reach the backend as a
-//! command nobody checked.
+//! On a `starttls` listener (110) mailfront answers the whole cleartext dialogue itself and
+//! opens no backend connection until the STLS handshake is done (RFC 8314 §4.1): greeting, CAPA
+//! with STLS, QUIT, local `-ERR`s, and one fixed refusal for USER, PASS, APOP and AUTH. Whatever
+//! was pipelined after STLS is dropped (RFC 2595 §4, CERT VU#555316). After TLS the backend's
+//! greeting is swallowed and the client asks CAPA again (RFC 2595 §4).
 //!
-//! Timeouts: a wait for the backend starts when something is forwarded; client bytes that are
-//! only held do not extend it.
+//! Over TLS, until the backend accepts a login, only commands [`policy::after_tls`] parsed and
+//! allowed reach the backend, written by mailfront in canonical form. PASS/APOP/AUTH hold every
+//! later client byte until the backend's answer: `+OK` → relay (RFC 1939 §6), `-ERR` → keep
+//! parsing. During AUTH one client line goes to the backend per `+` challenge it sent
+//! (RFC 5034 §4), checked and re-emitted: a line pipelined past the exchange (say `XCLIENT`,
+//! which Dovecot trusts from mailfront) would otherwise reach the backend unchecked.
+//!
+//! Timeouts: every wait is bounded by `timeouts.idle`. A wait for the backend starts when
+//! something is forwarded; client bytes that are only held do not extend it.
 
 use std::collections::VecDeque;
 
@@ -19,21 +23,40 @@ use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::backend::BackendStream;
+use crate::config::TlsMode;
 use crate::metrics::AuthResult;
 use crate::pop3::capa::{self, CapaView};
 use crate::pop3::codec::{
-    ClientEvent, Command, CommandLimits, CommandReceiver, Expect, ResponseLimits, ResponseReceiver,
+    ClientEvent, CommandLimits, CommandReceiver, Expect, ResponseLimits, ResponseReceiver,
     ServerEvent, Status,
 };
-use crate::pop3::policy::{self, Decision, GateState};
+use crate::pop3::policy::{self, Decision, Local};
 use crate::pop3::reply;
+use crate::pop3::request::Request;
 use crate::session::{ClientStream, EndReason, Session, upgrade_client, write_timed};
 
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Serves one POP3 client connection from the backend greeting to the close.
+/// Serves one POP3 client connection from the first greeting to the close.
 pub async fn serve(client: ClientStream, session: &mut Session) -> EndReason {
     let mut client = client;
+    let mut commands = 0;
+    // A `starttls` listener: the cleartext dialogue, with no backend, until STLS.
+    let swallow_greeting = !client.is_tls();
+    if !client.is_tls() {
+        if let Err(reason) = cleartext_dialogue(&mut client, session, &mut commands).await {
+            client.close().await;
+            return reason;
+        }
+        match upgrade_client(client, &session.listener, session.client_addr).await {
+            Ok((upgraded, info, took)) => {
+                client = upgraded;
+                session.tls_established(info, took, true);
+            }
+            Err(reason) => return reason,
+        }
+    }
+    // TLS is up here: the PROXY v2 header, if any, carries its details.
     let mut backend = match session.connect_backend().await {
         Ok(b) => b,
         Err(_) => {
@@ -42,39 +65,131 @@ pub async fn serve(client: ClientStream, session: &mut Session) -> EndReason {
             return EndReason::BackendUnavailable;
         }
     };
-    let mut driver = Driver::new(session);
-    let mut outcome = driver.run(&mut client, &mut backend, session).await;
-    loop {
-        match outcome {
-            Outcome::End(reason) => {
-                client.close().await;
-                return reason;
-            }
-            Outcome::StartTls => {
-                match upgrade_client(client, &session.listener, session.client_addr).await {
-                    Ok((upgraded, info, took)) => {
-                        client = upgraded;
-                        session.tls_established(info, took, true);
-                        driver.tls_started(session);
-                    }
-                    Err(reason) => return reason,
-                }
-            }
-            Outcome::Authenticated => {
-                let held_client = std::mem::take(&mut driver.cbuf);
-                let held_backend = std::mem::take(&mut driver.bbuf);
-                drop(driver);
-                return session
-                    .relay_after_login(&mut client, &mut backend, &held_client, &held_backend)
-                    .await;
-            }
+    let mut driver = Driver::new(session, commands, swallow_greeting);
+    match driver.run(&mut client, &mut backend, session).await {
+        Outcome::End(reason) => {
+            client.close().await;
+            reason
         }
-        outcome = driver.run(&mut client, &mut backend, session).await;
+        Outcome::Authenticated => {
+            let held_client = std::mem::take(&mut driver.cbuf);
+            let held_backend = std::mem::take(&mut driver.bbuf);
+            drop(driver);
+            session
+                .relay_after_login(&mut client, &mut backend, &held_client, &held_backend)
+                .await
+        }
     }
 }
 
+fn command_limits(session: &Session) -> CommandLimits {
+    CommandLimits {
+        command: session.listener.limits.pop3_line.max(16),
+        ..CommandLimits::default()
+    }
+}
+
+/// The cleartext dialogue on a `starttls` listener: `Ok` once STLS was answered (the caller
+/// runs the handshake; pipelined bytes were dropped), `Err` when the session ends here.
+async fn cleartext_dialogue(
+    client: &mut ClientStream,
+    session: &Session,
+    commands: &mut usize,
+) -> Result<(), EndReason> {
+    let io = |e: std::io::Error| EndReason::IoError(e.to_string());
+    write_timed(client, &reply::greeting(session.hostname()), session)
+        .await
+        .map_err(io)?;
+    let idle = session.listener.timeouts.idle;
+    let mut rx = CommandReceiver::new(command_limits(session));
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; READ_CHUNK];
+    let mut deadline = Instant::now() + idle;
+    loop {
+        loop {
+            let step = rx.next(&buf);
+            buf.drain(..step.consumed);
+            let Some(event) = step.event else { break };
+            // Only a whole line counts as activity: trickled bytes do not hold the session.
+            deadline = Instant::now() + idle;
+            *commands += 1;
+            if *commands > session.listener.limits.preauth_commands {
+                let _ = write_timed(client, &reply::err_too_many_commands(), session).await;
+                return Err(EndReason::ProtocolViolation(
+                    "too many commands before authentication".to_owned(),
+                ));
+            }
+            let cmd = match event {
+                ClientEvent::Command(cmd) => cmd,
+                ClientEvent::Rejected(rejection) => {
+                    write_timed(client, &rejection.reply(), session)
+                        .await
+                        .map_err(io)?;
+                    continue;
+                }
+                // Never begun: no AUTH exchange runs before TLS.
+                ClientEvent::SaslResponse(_) => continue,
+            };
+            match policy::before_tls(&cmd) {
+                Local::Reply(answer) => write_timed(client, &answer, session).await.map_err(io)?,
+                Local::RefuseCredentials(answer) => {
+                    session.listener.metrics.cleartext_auth_refused.inc();
+                    let mechanism = Request::parse(&cmd)
+                        .map(|r| r.log_name())
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&cmd.keyword).into_owned());
+                    tracing::info!(
+                        listener = %session.listener.config.name,
+                        protocol = "pop3",
+                        client = %session.client_addr,
+                        result = "refused_cleartext",
+                        mechanism,
+                        cipher = "none",
+                        "authentication"
+                    );
+                    write_timed(client, &answer, session).await.map_err(io)?;
+                }
+                Local::StartTls(ok) => {
+                    // Nothing pipelined after STLS may run after the upgrade.
+                    buf.clear();
+                    write_timed(client, &ok, session).await.map_err(io)?;
+                    return Ok(());
+                }
+                Local::Quit(bye) => {
+                    let _ = write_timed(client, &bye, session).await;
+                    return Err(EndReason::ClientClosed);
+                }
+            }
+        }
+        if buf.len() > rx_hold_limit(session) {
+            // Unreachable with a bounded receiver; a belt for the buffer bound.
+            return Err(EndReason::ProtocolViolation(
+                "client buffer overflow".to_owned(),
+            ));
+        }
+        tokio::select! {
+            r = client.read(&mut chunk) => match r {
+                Ok(0) => return Err(EndReason::ClientClosed),
+                Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Err(e) => return Err(io(e)),
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                let _ = write_timed(client, &reply::err_idle_timeout(), session).await;
+                return Err(EndReason::ClientIdle);
+            }
+            () = session.shutdown.cancelled() => {
+                let _ = write_timed(client, &reply::err_shutdown(), session).await;
+                return Err(EndReason::Shutdown);
+            }
+        }
+    }
+}
+
+fn rx_hold_limit(session: &Session) -> usize {
+    let limits = command_limits(session);
+    limits.sasl_line.max(limits.command) + READ_CHUNK
+}
+
 enum Outcome {
-    StartTls,
     Authenticated,
     End(EndReason),
 }
@@ -91,19 +206,20 @@ enum Sent {
     Other,
 }
 
+/// The AUTHORIZATION state over TLS, with the backend connected.
 struct Driver {
     rx: CommandReceiver,
-    rx_limits: CommandLimits,
     srx: ResponseReceiver,
-    gate: GateState,
+    listener: TlsMode,
     cbuf: Vec<u8>,
     bbuf: Vec<u8>,
     hold_limit: usize,
     greeted: bool,
+    /// After STLS the backend's greeting is not the client's: it got ours in cleartext.
+    swallow_greeting: bool,
     /// Forwarded commands in order, parallel to the response receiver's expectations.
     sent: VecDeque<Sent>,
     commands: usize,
-    starttls: Option<Vec<u8>>,
     quit: bool,
     /// `+` challenges the backend sent during AUTH that the client has not answered yet.
     sasl_credit: usize,
@@ -111,48 +227,22 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(session: &Session) -> Driver {
-        let limits = &session.listener.limits;
-        let rx_limits = CommandLimits {
-            command: limits.pop3_line.max(16),
-            ..CommandLimits::default()
-        };
-        let listener = session.listener.config.tls;
+    fn new(session: &Session, commands: usize, swallow_greeting: bool) -> Driver {
         Driver {
-            rx: CommandReceiver::new(rx_limits),
-            rx_limits,
+            rx: CommandReceiver::new(command_limits(session)),
             srx: ResponseReceiver::new(ResponseLimits::default()),
-            gate: GateState {
-                listener,
-                tls_active: session.tls.is_some(),
-            },
+            listener: session.listener.config.tls,
             cbuf: Vec::new(),
             bbuf: Vec::new(),
-            hold_limit: rx_limits.sasl_line.max(rx_limits.command) + READ_CHUNK,
+            hold_limit: rx_hold_limit(session),
             greeted: false,
+            swallow_greeting,
             sent: VecDeque::new(),
-            commands: 0,
-            starttls: None,
+            commands,
             quit: false,
             sasl_credit: 0,
             deadline: Instant::now() + session.listener.timeouts.idle,
         }
-    }
-
-    fn view(&self) -> CapaView {
-        if self.gate.tls_active {
-            CapaView::Tls
-        } else {
-            CapaView::Cleartext
-        }
-    }
-
-    fn tls_started(&mut self, session: &Session) {
-        self.gate.tls_active = true;
-        self.rx = CommandReceiver::new(self.rx_limits);
-        self.cbuf.clear();
-        self.starttls = None;
-        self.deadline = Instant::now() + session.listener.timeouts.idle;
     }
 
     /// An authentication command is forwarded and unanswered: hold the client's later bytes.
@@ -178,18 +268,7 @@ impl Driver {
             {
                 return outcome;
             }
-            if let Some(ok) = &self.starttls
-                && self.sent.is_empty()
-            {
-                // Nothing pipelined after STLS may run after the upgrade.
-                self.cbuf.clear();
-                if let Err(e) = write_timed(client, ok, session).await {
-                    return Outcome::End(EndReason::IoError(e.to_string()));
-                }
-                return Outcome::StartTls;
-            }
-            let read_client =
-                self.greeted && self.starttls.is_none() && self.cbuf.len() < self.hold_limit;
+            let read_client = self.cbuf.len() < self.hold_limit;
             // After a SASL `+` it is the client's turn.
             let waiting_backend = !self.greeted || (!self.sent.is_empty() && self.sasl_credit == 0);
             tokio::select! {
@@ -260,6 +339,14 @@ impl Driver {
                         "backend: {e}"
                     ))));
                 }
+                ServerEvent::Greeting(greeting) if self.swallow_greeting => {
+                    self.greeted = true;
+                    if greeting.status != Status::Ok {
+                        let _ = write_timed(client, &reply::err_unavailable(), session).await;
+                        return Some(Outcome::End(EndReason::BackendUnavailable));
+                    }
+                    continue;
+                }
                 ServerEvent::Greeting(greeting) => {
                     self.greeted = true;
                     let shown = capa::rewrite_greeting(&greeting.raw);
@@ -282,7 +369,7 @@ impl Driver {
                 self.sent.front().cloned()
             };
             let shown = match (&sent, response.status) {
-                (Some(Sent::Capa), Status::Ok) => capa::rewrite_capa(&response.raw, self.view()),
+                (Some(Sent::Capa), Status::Ok) => capa::rewrite_capa(&response.raw, CapaView::Tls),
                 (Some(Sent::Mechanisms), Status::Ok) => capa::rewrite_mechanisms(&response.raw),
                 _ => response.raw.clone(),
             };
@@ -310,9 +397,6 @@ impl Driver {
         session: &Session,
     ) -> Option<Outcome> {
         loop {
-            if self.starttls.is_some() {
-                return None;
-            }
             // While PASS/APOP/AUTH is unanswered only its SASL responses go on, one per `+`.
             if self.auth_in_flight() && (!self.rx.in_sasl() || self.sasl_credit == 0) {
                 return None;
@@ -323,7 +407,11 @@ impl Driver {
             // A parsed client event is acted on now: whatever we wait for next starts here.
             self.deadline = Instant::now() + session.listener.timeouts.idle;
             let result = match event {
-                ClientEvent::Command(cmd) => {
+                ClientEvent::SaslResponse(line) => {
+                    self.sasl_credit = self.sasl_credit.saturating_sub(1);
+                    write_timed(backend, &line.canonical(), session).await
+                }
+                event => {
                     self.commands += 1;
                     if self.commands > session.listener.limits.preauth_commands {
                         let _ = write_timed(client, &reply::err_too_many_commands(), session).await;
@@ -331,21 +419,28 @@ impl Driver {
                             "too many commands before authentication".to_owned(),
                         )));
                     }
-                    self.on_command(cmd, client, backend, session).await
-                }
-                ClientEvent::SaslResponse { raw, .. } => {
-                    self.sasl_credit = self.sasl_credit.saturating_sub(1);
-                    write_timed(backend, &raw, session).await
-                }
-                ClientEvent::Rejected(rejection) => {
-                    let out = rejection.reply();
-                    if rejection.fatal {
-                        let _ = write_timed(client, &out, session).await;
-                        return Some(Outcome::End(EndReason::ProtocolViolation(
-                            rejection.error.to_string(),
-                        )));
+                    match event {
+                        ClientEvent::Command(cmd) => {
+                            self.on_decision(
+                                policy::after_tls(self.listener, &cmd),
+                                client,
+                                backend,
+                                session,
+                            )
+                            .await
+                        }
+                        ClientEvent::Rejected(rejection) => {
+                            let out = rejection.reply();
+                            if rejection.fatal {
+                                let _ = write_timed(client, &out, session).await;
+                                return Some(Outcome::End(EndReason::ProtocolViolation(
+                                    rejection.error.to_string(),
+                                )));
+                            }
+                            write_timed(client, &out, session).await
+                        }
+                        ClientEvent::SaslResponse(_) => Ok(()),
                     }
-                    write_timed(client, &out, session).await
                 }
             };
             if let Err(e) = result {
@@ -354,20 +449,22 @@ impl Driver {
         }
     }
 
-    async fn on_command(
+    async fn on_decision(
         &mut self,
-        cmd: Command,
+        decision: Decision,
         client: &mut ClientStream,
         backend: &mut BackendStream,
         session: &Session,
     ) -> Result<(), std::io::Error> {
-        match policy::decide(&self.gate, &cmd) {
-            Decision::Forward { expect } => {
-                let sent = match expect {
-                    Expect::Authentication | Expect::Sasl => Sent::Auth(mechanism(&cmd)),
-                    _ if cmd.is("CAPA") => Sent::Capa,
-                    _ if cmd.is("AUTH") => Sent::Mechanisms,
-                    _ if cmd.is("QUIT") => {
+        match decision {
+            Decision::Forward { request, expect } => {
+                let sent = match &request {
+                    _ if matches!(expect, Expect::Authentication | Expect::Sasl) => {
+                        Sent::Auth(request.log_name())
+                    }
+                    Request::Capa => Sent::Capa,
+                    Request::AuthList => Sent::Mechanisms,
+                    Request::Quit => {
                         self.quit = true;
                         Sent::Quit
                     }
@@ -378,50 +475,11 @@ impl Driver {
                 if expect == Expect::Sasl {
                     self.rx.begin_sasl();
                 }
-                write_timed(backend, &cmd.raw, session).await
+                write_timed(backend, &request.canonical(), session).await
             }
-            Decision::Reply(answer) => {
-                // A bare AUTH is mechanism discovery (RFC 1734 style), not an attempt: refused
-                // before TLS like the rest, but not counted as one.
-                let discovery = cmd.is("AUTH") && !cmd.has_arguments();
-                let credential =
-                    !discovery && ["USER", "PASS", "APOP", "AUTH"].iter().any(|k| cmd.is(k));
-                if credential && !self.gate.tls_active {
-                    session.listener.metrics.cleartext_auth_refused.inc();
-                    tracing::info!(
-                        listener = %session.listener.config.name,
-                        protocol = "pop3",
-                        client = %session.client_addr,
-                        result = "refused_cleartext",
-                        mechanism = mechanism(&cmd),
-                        cipher = "none",
-                        "authentication"
-                    );
-                }
-                write_timed(client, &answer, session).await
-            }
-            Decision::StartTls(ok) => {
-                self.starttls = Some(ok);
-                Ok(())
-            }
+            Decision::Reply(answer) => write_timed(client, &answer, session).await,
         }
     }
-}
-
-/// The command keyword and, for AUTH, the mechanism; never an argument that could be a secret.
-fn mechanism(cmd: &Command) -> String {
-    let keyword = String::from_utf8_lossy(&cmd.keyword).into_owned();
-    if !cmd.is("AUTH") {
-        return keyword;
-    }
-    let args = cmd.arguments();
-    let end = args.iter().position(|&b| b == b' ').unwrap_or(args.len());
-    let mech: String = String::from_utf8_lossy(args.get(..end).unwrap_or_default())
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(40)
-        .collect();
-    format!("AUTH {}", mech.to_ascii_uppercase())
 }
 
 fn log_auth(session: &Session, mechanism: &str, ok: bool) {
@@ -439,27 +497,4 @@ fn log_auth(session: &Session, mechanism: &str, ok: bool) {
         cipher = session.tls.as_ref().map(|t| t.cipher.as_str()).unwrap_or("none"),
         "authentication"
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pop3::codec::{ClientEvent, CommandReceiver};
-
-    fn command(line: &[u8]) -> Command {
-        match CommandReceiver::default().next(line).event {
-            Some(ClientEvent::Command(cmd)) => cmd,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn the_logged_mechanism_never_carries_credentials() {
-        assert_eq!(mechanism(&command(b"pass s3cret\r\n")), "PASS");
-        assert_eq!(mechanism(&command(b"APOP alice 0123abcd\r\n")), "APOP");
-        assert_eq!(
-            mechanism(&command(b"AUTH plain AGFsaWNlAHMzY3JldA==\r\n")),
-            "AUTH PLAIN"
-        );
-    }
 }
