@@ -3,6 +3,15 @@
 //! Pure functions over byte slices: they never read a socket, so the same code serves the
 //! session drivers, unit tests and fuzz targets.
 
+/// One call's outcome of a pull-style receiver: drain `consumed` octets from the front of the
+/// buffer, then act on `event`. `event == None` means everything usable was consumed and more
+/// input is needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step<E> {
+    pub consumed: usize,
+    pub event: Option<E>,
+}
+
 /// A line grew past the limit before its terminating LF arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("line longer than {limit} octets")]
@@ -28,6 +37,53 @@ pub fn find_line(buf: &[u8], limit: usize) -> Result<Option<usize>, LineTooLong>
 pub fn trim_line_end(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Test support: drive a pull-style receiver over an input delivered in chunks, the way a
+/// session driver does, so tests can prove the events do not depend on how reads split.
+#[cfg(test)]
+pub(crate) mod split {
+
+    use super::Step;
+
+    /// The chunk sizes every receiver is checked with (house rule).
+    pub const CHUNKS: [usize; 8] = [1, 2, 3, 4, 7, 16, 64, 512];
+
+    /// Feeds `input` in `chunk`-sized reads (0 = all at once); after each read calls `next` until
+    /// it needs more, draining what it consumed, and lets `react` play the driver. Returns the
+    /// events and the octets left unconsumed. `react` returns `false` to stop (e.g. STARTTLS).
+    pub fn drive<R, E: Clone>(
+        rx: &mut R,
+        input: &[u8],
+        chunk: usize,
+        mut next: impl FnMut(&mut R, &[u8]) -> Step<E>,
+        mut react: impl FnMut(&mut R, &E) -> bool,
+    ) -> (Vec<E>, Vec<u8>) {
+        let chunk = if chunk == 0 {
+            input.len().max(1)
+        } else {
+            chunk
+        };
+        let mut buf = Vec::new();
+        let mut events = Vec::new();
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            loop {
+                let step = next(rx, &buf);
+                buf.drain(..step.consumed);
+                match step.event {
+                    Some(event) => {
+                        events.push(event.clone());
+                        if !react(rx, &event) {
+                            return (events, buf);
+                        }
+                    }
+                    None => break,
+                }
+            }
+        }
+        (events, buf)
+    }
 }
 
 #[cfg(test)]

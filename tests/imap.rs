@@ -884,13 +884,19 @@ async fn a_login_smuggled_behind_a_brace_in_an_atom_never_reaches_the_backend_be
     assert!(reply.starts_with("a2 BAD"), "{reply}");
     assert!(reply.contains("a3 NO [PRIVACYREQUIRED]"), "{reply}");
     // Synchronising literal sent without waiting, and literal8.
-    send(&mut c, b"b1 NOOP x{24}\r\nb2 LOGIN alice secret1\r\nb3 NOOP ~{24+}\r\n").await;
+    send(
+        &mut c,
+        b"b1 NOOP x{24}\r\nb2 LOGIN alice secret1\r\nb3 NOOP ~{24+}\r\n",
+    )
+    .await;
     let reply = read_until_tag(&mut c, "b2").await;
     assert!(!reply.contains("b2 OK"), "{reply}");
     assert_eq!(s.backend.recorder.connections().len(), 0);
-    assert!(s.metrics().contains(
-        r#"mailfront_cleartext_auth_refused_total{listener="imap",protocol="imap"} 2"#
-    ));
+    assert!(
+        s.metrics().contains(
+            r#"mailfront_cleartext_auth_refused_total{listener="imap",protocol="imap"} 2"#
+        )
+    );
 }
 
 /// Every line the backend got before the login's completion is one mailfront wrote: a known
@@ -900,7 +906,15 @@ fn assert_only_canonical_commands(seen: &str) {
         let mut words = line.splitn(3, ' ');
         let (_tag, name) = (words.next(), words.next().unwrap_or(""));
         assert!(
-            ["CAPABILITY", "NOOP", "LOGOUT", "LOGIN", "ID", "AUTHENTICATE"].contains(&name),
+            [
+                "CAPABILITY",
+                "NOOP",
+                "LOGOUT",
+                "LOGIN",
+                "ID",
+                "AUTHENTICATE"
+            ]
+            .contains(&name),
             "unexpected line {line:?} in {seen:?}"
         );
     }
@@ -908,7 +922,7 @@ fn assert_only_canonical_commands(seen: &str) {
 
 #[tokio::test]
 async fn after_tls_only_parsed_commands_reach_the_backend_and_a_forged_second_id_is_answered_here()
- {
+{
     let s = setup("implicit", FakeOptions::default(), "").await;
     let (mut c, _, cipher) = s.connect().await;
     send(

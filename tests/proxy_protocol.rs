@@ -196,7 +196,7 @@ async fn implicit_imap_header_names_the_client_with_ssl_tlv_cipher_and_sni_autho
     assert_eq!(h.tlv(TYPE_ALPN), None);
     // The protocol went on as usual after the header, which never reached the protocol bytes.
     let seen = e.backend.recorder.all_text();
-    assert!(seen.contains("a LOGIN user secret\r\n"), "{seen}");
+    assert!(seen.contains("a LOGIN \"user\" \"secret\"\r\n"), "{seen}");
     assert!(
         !e.backend
             .recorder

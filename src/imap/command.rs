@@ -22,8 +22,8 @@
 //! - Once the last line has arrived the whole command (lines and literal contents, literal
 //!   boundaries kept) is parsed against the grammar of the commands the gate knows.
 
-use crate::imap::codec::Step;
 use crate::imap::id::{IdCommand, IdPair, MAX_FIELD_LEN, MAX_PAIRS, MAX_VALUE_LEN};
+use crate::line::Step;
 use crate::line::find_line;
 
 /// Longest accepted tag. RFC 9051 sets none; real clients use a few octets, and a bound keeps
@@ -558,7 +558,7 @@ impl CommandReceiver {
 }
 
 /// ATOM-CHAR: any CHAR except atom-specials (RFC 9051 §9).
-fn is_atom_char(b: u8) -> bool {
+pub(crate) fn is_atom_char(b: u8) -> bool {
     (0x21..0x7f).contains(&b)
         && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
 }
@@ -1051,7 +1051,7 @@ pub fn encode_sasl(line: &SaslLine) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::imap::split::{CHUNKS, drive};
+    use crate::line::split::{CHUNKS, drive};
 
     /// Plays a driver that accepts every literal, enters SASL after an AUTHENTICATE without
     /// initial response and leaves it after one SASL line.

@@ -6,7 +6,7 @@
 //! added, and the result keeps RFC 2971 §3.3's limits. Without a client ID the driver sends its
 //! own with [`build_id_command`] and a tag from [`mailfront_tag`].
 
-use crate::imap::codec::is_atom_char;
+use crate::imap::command::is_atom_char;
 
 /// RFC 2971 §3.3: "Implementations MUST NOT send more than 30 field-value pairs."
 pub const MAX_PAIRS: usize = 30;

@@ -1,23 +1,19 @@
 //! IMAP support: sans-I/O codec, rewriters and the session driver.
 //!
-//! - [`codec`]: client-command receiver (tags, literals, AUTHENTICATE exchanges), bounded.
-//! - [`command`]: strict pre-login receiver, grammar parser and canonical encoder for the gate.
+//! - [`command`]: strict pre-login receiver (tags, literals, AUTHENTICATE exchanges), grammar
+//!   parser and canonical encoder: the only bytes that reach a backend before login.
 //! - [`response`]: backend-response receiver (greeting, tagged completions, continuations).
 //! - [`capability`]: capability-list rewriting for the client's view.
 //! - [`id`]: ID parsing and rewriting with mailfront's `tls` field, and mailfront's own ID.
-//! - [`policy`]: the gate deciding forward / rewrite / refuse / STARTTLS per command.
+//! - [`prelogin`]: the not-authenticated state as a sans-I/O machine: local cleartext
+//!   dialogue, the gate, ID, the LOGIN/AUTHENTICATE exchange.
 //! - [`reply`]: responses mailfront writes itself.
-//! - [`session`]: the driver that runs them against the client and backend streams.
+//! - [`session`]: the I/O shell that runs the machine against the client and backend streams.
 
 pub mod capability;
-pub mod codec;
 pub mod command;
 pub mod id;
-pub mod policy;
 pub mod prelogin;
 pub mod reply;
 pub mod response;
 pub mod session;
-
-#[cfg(test)]
-pub(crate) mod split;

@@ -235,8 +235,10 @@ impl Prelogin {
     /// Whether the driver should read from the client: not while our buffer of held bytes is
     /// full, and never after STARTTLS (the handshake reads the socket itself).
     pub fn wants_client_input(&self, hold_limit: usize) -> bool {
-        matches!(self.phase, Phase::Cleartext | Phase::Greeting | Phase::Ready)
-            && self.cbuf.len() < hold_limit
+        matches!(
+            self.phase,
+            Phase::Cleartext | Phase::Greeting | Phase::Ready
+        ) && self.cbuf.len() < hold_limit
     }
 
     /// Whether the next thing expected is the backend's: the idle timer then measures the
@@ -320,7 +322,10 @@ impl Prelogin {
     }
 
     fn own_tag(&mut self) -> Vec<u8> {
-        self.tag_seed = self.tag_seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        self.tag_seed = self
+            .tag_seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1);
         id::mailfront_tag(self.tag_seed)
     }
 
@@ -438,14 +443,18 @@ impl Prelogin {
                         out.extend_from_slice(&reply::tagged(&tag, "OK", "CAPABILITY completed"));
                         self.to_client.extend_from_slice(&out);
                     }
-                    Command::Noop => self
-                        .to_client
-                        .extend_from_slice(&reply::tagged(&tag, "OK", "NOOP completed")),
+                    Command::Noop => self.to_client.extend_from_slice(&reply::tagged(
+                        &tag,
+                        "OK",
+                        "NOOP completed",
+                    )),
                     Command::Logout => {
-                        self.to_client
-                            .extend_from_slice(b"* BYE Logging out\r\n");
-                        self.to_client
-                            .extend_from_slice(&reply::tagged(&tag, "OK", "LOGOUT completed"));
+                        self.to_client.extend_from_slice(b"* BYE Logging out\r\n");
+                        self.to_client.extend_from_slice(&reply::tagged(
+                            &tag,
+                            "OK",
+                            "LOGOUT completed",
+                        ));
                         self.finish(End::ClientClosed);
                     }
                     Command::StartTls => {
@@ -550,8 +559,7 @@ impl Prelogin {
                     self.to_client.extend_from_slice(&reply::id_nil(&tag));
                     return;
                 }
-                let rewritten =
-                    id::rewrite_client_id(id_command, &[("tls", self.cipher.as_str())]);
+                let rewritten = id::rewrite_client_id(id_command, &[("tls", self.cipher.as_str())]);
                 self.id_sent = true;
                 self.notices.push(Notice::IdFieldAdded(IdSource::Client));
                 self.to_backend.extend_from_slice(&rewritten);
@@ -576,11 +584,8 @@ impl Prelogin {
         }
         let literal_plus = self.literal_plus(&command);
         let Some(pieces) = command::encode(&tag, &command, literal_plus) else {
-            self.to_client.extend_from_slice(&reply::tagged(
-                &tag,
-                "BAD",
-                "Command not accepted",
-            ));
+            self.to_client
+                .extend_from_slice(&reply::tagged(&tag, "BAD", "Command not accepted"));
             return;
         };
         let mut pieces: VecDeque<Vec<u8>> = pieces.into();
@@ -681,8 +686,8 @@ impl Prelogin {
         if self.settings.listener == TlsMode::Implicit {
             // The client's only greeting. After STARTTLS the client had ours already and asks
             // for capabilities again (RFC 9051 §6.2.1), so the backend's is not shown.
-            let shown = capability::rewrite_response(&greeting.raw, self.view())
-                .unwrap_or(greeting.raw);
+            let shown =
+                capability::rewrite_response(&greeting.raw, self.view()).unwrap_or(greeting.raw);
             self.to_client.extend_from_slice(&shown);
         }
         self.phase = Phase::Ready;
@@ -731,10 +736,7 @@ impl Prelogin {
         if let Some(flight) = completed {
             if let Some(mechanism) = flight.auth {
                 let ok = response.status == Some(Status::Ok);
-                self.notices.push(Notice::Auth {
-                    ok,
-                    mechanism,
-                });
+                self.notices.push(Notice::Auth { ok, mechanism });
                 self.sasl_credit = 0;
                 if ok {
                     // Post-authentication capabilities pass untouched (RFC 9051 §6.2.2).
@@ -919,7 +921,10 @@ mod tests {
         let lines: Vec<&str> = client.split("\r\n").collect();
         assert!(lines[0].contains("BAD"), "{client}");
         assert!(lines[1].starts_with("b NO [PRIVACYREQUIRED]"), "{client}");
-        assert!(lines[2].contains("BAD") && lines[3].contains("BAD"), "{client}");
+        assert!(
+            lines[2].contains("BAD") && lines[3].contains("BAD"),
+            "{client}"
+        );
     }
 
     #[test]
@@ -1007,7 +1012,9 @@ mod tests {
     fn a_second_id_never_reaches_the_backend_whatever_it_hides() {
         let mut m = greeted("IMAP4rev1 ID LITERAL+");
         out(&mut m);
-        m.client_input(b"a ID (\"name\" \"mutt\" \"tls\" \"forged\" \"x-originating-ip\" \"192.0.2.9\")\r\n");
+        m.client_input(
+            b"a ID (\"name\" \"mutt\" \"tls\" \"forged\" \"x-originating-ip\" \"192.0.2.9\")\r\n",
+        );
         let (_, backend) = out(&mut m);
         assert_eq!(
             backend,
@@ -1032,7 +1039,10 @@ mod tests {
         out(&mut m);
         m.client_input(b"b AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nc LOGIN x y\r\n");
         let (_, backend) = out(&mut m);
-        assert_eq!(backend, "b AUTHENTICATE PLAIN\r\n", "no SASL line before a +");
+        assert_eq!(
+            backend, "b AUTHENTICATE PLAIN\r\n",
+            "no SASL line before a +"
+        );
         m.backend_input(b"+ \r\n");
         let (client, backend) = out(&mut m);
         assert_eq!(client, "+ \r\n");

@@ -53,7 +53,7 @@ pub fn starttls_malformed(tag: &[u8]) -> Vec<u8> {
     tagged(tag, "BAD", "STARTTLS takes no arguments")
 }
 
-/// A client ID answered here (see [`crate::imap::policy::decide`]): before TLS, so the
+/// A client ID answered here (see [`crate::imap::prelogin`]): before TLS, so the
 /// backend's first ID (the only one Dovecot trusts) is the one carrying the `tls` field after
 /// STARTTLS; when the backend lacks ID; and after mailfront's fields already went once.
 /// RFC 2971 §3.2 allows NIL: "no information".
@@ -63,13 +63,9 @@ pub fn id_nil(tag: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A client ID that cannot be parsed; never forwarded because its fields could not be checked.
-pub fn id_malformed(tag: &[u8]) -> Vec<u8> {
-    tagged(tag, "BAD", "Invalid ID parameters")
-}
-
-/// COMPRESS before authentication would hide the rest of the session from the parser; RFC 4978
-/// allows it only after authentication anyway.
+/// Any command outside the not-authenticated whitelist (RFC 9051 §6.1–§6.2, RFC 2971): answered
+/// here and never forwarded, so a backend extension (XCLIENT, COMPRESS…) can never be reached
+/// before login.
 pub fn not_before_authentication(tag: &[u8]) -> Vec<u8> {
     tagged(tag, "BAD", "Command not allowed before authentication")
 }
@@ -80,7 +76,7 @@ pub fn bye_unavailable() -> Vec<u8> {
 }
 
 /// The backend greeted with PREAUTH: relaying it would hand out an authenticated session
-/// without credentials (protocol-reference §3.2).
+/// without credentials (RFC 9051 §7.1.4).
 pub fn bye_preauth() -> Vec<u8> {
     b"* BYE [UNAVAILABLE] Server misconfigured\r\n".to_vec()
 }
@@ -100,12 +96,12 @@ pub fn bye_shutdown() -> Vec<u8> {
     b"* BYE [UNAVAILABLE] Server shutting down\r\n".to_vec()
 }
 
-/// After a fatal [`crate::imap::codec::Rejection`].
+/// After a fatal [`crate::imap::command::Rejection`].
 pub fn bye_protocol_error() -> Vec<u8> {
     b"* BYE Protocol error\r\n".to_vec()
 }
 
-/// A `+` continuation mailfront sends itself (collect mode, RFC 9051 §7.5).
+/// A `+` continuation mailfront sends itself for a literal it accepted (RFC 9051 §7.5).
 pub fn continuation() -> Vec<u8> {
     b"+ Ready for literal data\r\n".to_vec()
 }

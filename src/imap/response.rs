@@ -1,12 +1,12 @@
 //! Server-response receiver for the backend→client direction before authentication
 //! (RFC 9051 §2.2.2, §7).
 //!
-//! Pull-style like [`crate::imap::codec`]: the driver calls [`ResponseReceiver::next`] with its
+//! Pull-style like [`crate::imap::command`]: the driver calls [`ResponseReceiver::next`] with its
 //! read buffer and drains `consumed`. Each event is one whole response (its first line, any
 //! literals and their following lines), bounded by [`ResponseLimits`], with the few facts the
 //! driver needs parsed: greeting, tagged completion, status, response code, continuation.
 
-use crate::imap::codec::{Step, scan_line};
+use crate::line::Step;
 use crate::line::{find_line, trim_line_end};
 
 /// Longest backend line before authentication.
@@ -254,10 +254,10 @@ impl ResponseReceiver {
                 let literal = if first && content.starts_with(b"+") {
                     None
                 } else {
-                    scan_line(content).ok().flatten()
+                    literal_at_end(content)
                 };
-                if let Some(spec) = literal {
-                    if self.partial.len().saturating_add(spec.size) > self.limits.response {
+                if let Some(size) = literal {
+                    if self.partial.len().saturating_add(size) > self.limits.response {
                         return (
                             n,
                             self.fail(ResponseError::ResponseTooLong {
@@ -265,9 +265,7 @@ impl ResponseReceiver {
                             }),
                         );
                     }
-                    self.state = State::Literal {
-                        remaining: spec.size,
-                    };
+                    self.state = State::Literal { remaining: size };
                     return (n, None);
                 }
                 let raw = std::mem::take(&mut self.partial);
@@ -367,7 +365,7 @@ pub(crate) fn response_code(text: &[u8]) -> Option<&[u8]> {
 mod tests {
     use super::*;
     use crate::imap::capability::{CapabilityView, rewrite_response};
-    use crate::imap::split::{CHUNKS, drive};
+    use crate::line::split::{CHUNKS, drive};
 
     fn events_with(input: &[u8], chunk: usize, limits: ResponseLimits) -> Vec<ServerEvent> {
         let mut rx = ResponseReceiver::new(limits);
@@ -529,4 +527,45 @@ a3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n";
         let after = rewrite_response(&got[1].raw, CapabilityView::Tls).unwrap();
         assert_eq!(after, b"* CAPABILITY IMAP4rev1 AUTH=PLAIN ID\r\n");
     }
+}
+
+/// The size of a literal (`{n}`, `{n+}`, `~{n}`, `~{n+}`) announced at the very end of a
+/// response line, outside quoted strings (RFC 9051 §4.3). A line with a CR or NUL inside, or an
+/// unterminated quote, announces none: the backend's text is then not framing.
+fn literal_at_end(content: &[u8]) -> Option<usize> {
+    let mut in_quote = false;
+    let mut escaped = false;
+    for &b in content {
+        if b == b'\r' || b == 0 {
+            return None;
+        }
+        if in_quote {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_quote = false;
+            }
+        } else if b == b'"' {
+            in_quote = true;
+        }
+    }
+    if in_quote {
+        return None;
+    }
+    let inner_end = content.strip_suffix(b"}")?;
+    let open = inner_end.iter().rposition(|&b| b == b'{')?;
+    let inner = inner_end.get(open + 1..)?;
+    let digits = inner.strip_suffix(b"+").unwrap_or(inner);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let size = digits.iter().try_fold(0u64, |acc, &d| {
+        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    });
+    Some(
+        size.and_then(|s| usize::try_from(s).ok())
+            .unwrap_or(usize::MAX),
+    )
 }

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-pub use crate::imap::codec::Step;
+use crate::line::Step;
 use crate::line::{find_line, trim_line_end};
 use crate::pop3::request::is_base64;
 
@@ -532,7 +532,7 @@ fn starts_with_word(content: &[u8], word: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::imap::split::{CHUNKS, drive};
+    use crate::line::split::{CHUNKS, drive};
 
     /// A driver stand-in: AUTH with a mechanism begins SASL, a SASL line `end` ends it.
     fn client_events(input: &[u8], chunk: usize, limits: CommandLimits) -> Vec<ClientEvent> {

@@ -104,7 +104,7 @@ pub fn after_tls(listener: TlsMode, cmd: &Command) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::imap::split::{CHUNKS, drive};
+    use crate::line::split::{CHUNKS, drive};
     use crate::pop3::codec::{ClientEvent, CommandLimits, CommandReceiver, SaslLine};
 
     fn cmd(line: &[u8]) -> Command {
