@@ -733,19 +733,17 @@ impl Prelogin {
                 .flatten(),
             _ => None,
         };
-        if let Some(flight) = completed {
-            if let Some(mechanism) = flight.auth {
-                let ok = response.status == Some(Status::Ok);
-                self.notices.push(Notice::Auth { ok, mechanism });
-                self.sasl_credit = 0;
-                if ok {
-                    // Post-authentication capabilities pass untouched (RFC 9051 §6.2.2).
-                    self.to_client.extend_from_slice(&response.raw);
-                    self.phase = Phase::Authenticated;
-                    return;
-                }
-                self.rx.end_sasl();
+        if let Some(mechanism) = completed.and_then(|flight| flight.auth) {
+            let ok = response.status == Some(Status::Ok);
+            self.notices.push(Notice::Auth { ok, mechanism });
+            self.sasl_credit = 0;
+            if ok {
+                // Post-authentication capabilities pass untouched (RFC 9051 §6.2.2).
+                self.to_client.extend_from_slice(&response.raw);
+                self.phase = Phase::Authenticated;
+                return;
             }
+            self.rx.end_sasl();
         }
         self.learn(&response.raw);
         let shown =

@@ -361,6 +361,47 @@ pub(crate) fn response_code(text: &[u8]) -> Option<&[u8]> {
     inner.get(..end).filter(|name| !name.is_empty())
 }
 
+/// The size of a literal (`{n}`, `{n+}`, `~{n}`, `~{n+}`) announced at the very end of a
+/// response line, outside quoted strings (RFC 9051 §4.3). A line with a CR or NUL inside, or an
+/// unterminated quote, announces none: the backend's text is then not framing.
+fn literal_at_end(content: &[u8]) -> Option<usize> {
+    let mut in_quote = false;
+    let mut escaped = false;
+    for &b in content {
+        if b == b'\r' || b == 0 {
+            return None;
+        }
+        if in_quote {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_quote = false;
+            }
+        } else if b == b'"' {
+            in_quote = true;
+        }
+    }
+    if in_quote {
+        return None;
+    }
+    let inner_end = content.strip_suffix(b"}")?;
+    let open = inner_end.iter().rposition(|&b| b == b'{')?;
+    let inner = inner_end.get(open + 1..)?;
+    let digits = inner.strip_suffix(b"+").unwrap_or(inner);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let size = digits.iter().try_fold(0u64, |acc, &d| {
+        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    });
+    Some(
+        size.and_then(|s| usize::try_from(s).ok())
+            .unwrap_or(usize::MAX),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,45 +568,4 @@ a3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n";
         let after = rewrite_response(&got[1].raw, CapabilityView::Tls).unwrap();
         assert_eq!(after, b"* CAPABILITY IMAP4rev1 AUTH=PLAIN ID\r\n");
     }
-}
-
-/// The size of a literal (`{n}`, `{n+}`, `~{n}`, `~{n+}`) announced at the very end of a
-/// response line, outside quoted strings (RFC 9051 §4.3). A line with a CR or NUL inside, or an
-/// unterminated quote, announces none: the backend's text is then not framing.
-fn literal_at_end(content: &[u8]) -> Option<usize> {
-    let mut in_quote = false;
-    let mut escaped = false;
-    for &b in content {
-        if b == b'\r' || b == 0 {
-            return None;
-        }
-        if in_quote {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_quote = false;
-            }
-        } else if b == b'"' {
-            in_quote = true;
-        }
-    }
-    if in_quote {
-        return None;
-    }
-    let inner_end = content.strip_suffix(b"}")?;
-    let open = inner_end.iter().rposition(|&b| b == b'{')?;
-    let inner = inner_end.get(open + 1..)?;
-    let digits = inner.strip_suffix(b"+").unwrap_or(inner);
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let size = digits.iter().try_fold(0u64, |acc, &d| {
-        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    });
-    Some(
-        size.and_then(|s| usize::try_from(s).ok())
-            .unwrap_or(usize::MAX),
-    )
 }
