@@ -264,7 +264,8 @@ impl Session {
 
     /// Connects to the backend, recording the time or failure. With `backend_proxy_protocol`
     /// the PROXY v2 header is the first thing written. It describes the session as it is at
-    /// connect time: a STARTTLS listener is still cleartext then, so its header has no SSL TLV.
+    /// connect time: drivers connect only once TLS is up (after STARTTLS on those listeners), so
+    /// the header carries the SSL TLV; only SMTP's cleartext mail, where allowed, connects before.
     pub async fn connect_backend(&self) -> Result<BackendStream, ConnectError> {
         let started = Instant::now();
         let m = &self.listener.metrics;
