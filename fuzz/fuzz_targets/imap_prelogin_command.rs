@@ -85,7 +85,9 @@ fn same(ours: &Command, theirs: &CommandBody<'_>, sent: &[u8]) {
                 if ir == b"=" {
                     Vec::new()
                 } else {
-                    STANDARD.decode(ir).unwrap_or_else(|e| panic!("{e}: {ir:?}"))
+                    STANDARD
+                        .decode(ir)
+                        .unwrap_or_else(|e| panic!("{e}: {ir:?}"))
                 }
             });
             let theirs = ir.as_ref().map(|ir| ir.declassify().to_vec());
@@ -124,7 +126,10 @@ fn sasl_oracle(line: &SaslLine) {
         }
         (SaslLine::Response(b64), Ok((rest, AuthenticateData::Continue(data)))) => {
             assert!(rest.is_empty());
-            assert_eq!(STANDARD.decode(b64).ok().as_deref(), Some(&data.declassify()[..]));
+            assert_eq!(
+                STANDARD.decode(b64).ok().as_deref(),
+                Some(&data.declassify()[..])
+            );
         }
         (line, other) => panic!("{line:?}: imap-codec {other:?}"),
     }
