@@ -90,6 +90,17 @@ pub struct TlsCipher<'a> {
     pub code: u16,
 }
 
+impl TlsCipher<'static> {
+    /// The suite rustls negotiated, named from the IANA table in [`crate::tls::names`].
+    pub fn negotiated(suite: rustls::CipherSuite) -> Self {
+        let code = u16::from(suite);
+        TlsCipher {
+            iana_name: crate::tls::names::known_cipher_suite_name(code),
+            code,
+        }
+    }
+}
+
 /// Everything the field says.
 #[derive(Debug, Clone, Copy)]
 pub struct ReceivedInfo<'a> {

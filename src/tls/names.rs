@@ -49,9 +49,15 @@ fn lookup(table: &[(u16, &'static str)], code: u16) -> Option<&'static str> {
         .map(|(_, name)| *name)
 }
 
+/// The IANA name of a cipher suite, if known. The Received `tls` clause writes its own hex form
+/// (RFC 8314 §4.3 `tls-cipher-hex`) when this is None.
+pub fn known_cipher_suite_name(code: u16) -> Option<&'static str> {
+    lookup(CIPHER_SUITES, code)
+}
+
 /// The IANA name of a cipher suite, or `0x1301`-style hex for one we do not know.
 pub fn cipher_suite_name(code: u16) -> Cow<'static, str> {
-    match lookup(CIPHER_SUITES, code) {
+    match known_cipher_suite_name(code) {
         Some(name) => Cow::Borrowed(name),
         None => Cow::Owned(format!("0x{code:04x}")),
     }
