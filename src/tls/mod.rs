@@ -522,5 +522,7 @@ mod tests {
         let (_client, server) = duplex(64);
         let err = h.accept(server).await.err().unwrap();
         assert_eq!(err.reason, HandshakeFailure::Timeout);
+        // The close line's detail says what failed and why, not just that it did.
+        assert_eq!(err.detail(), "timeout: no handshake within 50ms");
     }
 }
