@@ -56,6 +56,29 @@ pub const MAX_SSL_STRING_LEN: usize = 64;
 /// as IPv4 (§6.1). Both addresses share one family; if they still differ after that, the IPv4
 /// one is written as an IPv4-mapped IPv6 address and the header is TCP6, which loses nothing.
 pub fn encode_v2(client: SocketAddr, local: SocketAddr, tls: Option<&TlsInfo>) -> Vec<u8> {
+    match tls {
+        None => encode(client, local, None),
+        Some(tls) => {
+            let (version, cipher) = (tls.version_name(), tls.cipher_name());
+            let details = SslDetails {
+                version: &version,
+                cipher: &cipher,
+                sni: tls.sni.as_deref(),
+            };
+            encode(client, local, Some(&details))
+        }
+    }
+}
+
+/// What the SSL and AUTHORITY TLVs carry: the version and cipher by name (HAProxy sends
+/// `TLSv1.3` and a cipher name, and Dovecot and Postfix log them as text).
+struct SslDetails<'a> {
+    version: &'a str,
+    cipher: &'a str,
+    sni: Option<&'a str>,
+}
+
+fn encode(client: SocketAddr, local: SocketAddr, tls: Option<&SslDetails<'_>>) -> Vec<u8> {
     let mut body = Vec::with_capacity(128);
     let family = match (unmap(client.ip()), unmap(local.ip())) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
@@ -76,14 +99,14 @@ pub fn encode_v2(client: SocketAddr, local: SocketAddr, tls: Option<&TlsInfo>) -
         let mut ssl = Vec::with_capacity(64);
         ssl.push(PP2_CLIENT_SSL);
         ssl.extend_from_slice(&VERIFY_NO_CLIENT_CERT.to_be_bytes());
-        if let Some(version) = ssl_string(&tls.version) {
+        if let Some(version) = ssl_string(tls.version) {
             push_tlv(&mut ssl, PP2_SUBTYPE_SSL_VERSION, version);
         }
-        if let Some(cipher) = ssl_string(&tls.cipher) {
+        if let Some(cipher) = ssl_string(tls.cipher) {
             push_tlv(&mut ssl, PP2_SUBTYPE_SSL_CIPHER, cipher);
         }
         push_tlv(&mut body, PP2_TYPE_SSL, &ssl);
-        if let Some(name) = tls.sni.as_deref().and_then(authority) {
+        if let Some(name) = tls.sni.and_then(authority) {
             push_tlv(&mut body, PP2_TYPE_AUTHORITY, name.as_bytes());
         }
     }
@@ -221,12 +244,11 @@ mod tests {
         }
     }
 
-    fn tls(cipher: &str, sni: Option<&str>) -> TlsInfo {
+    fn tls(cipher: rustls::CipherSuite, sni: Option<&str>) -> TlsInfo {
         TlsInfo {
-            version: "TLSv1.3".into(),
-            cipher: cipher.into(),
-            group: Some("X25519MLKEM768".into()),
-            group_label: "X25519MLKEM768".into(),
+            version: rustls::ProtocolVersion::TLSv1_3,
+            cipher,
+            group: Some(rustls::NamedGroup::X25519MLKEM768),
             sni: sni.map(str::to_owned),
         }
     }
@@ -290,7 +312,10 @@ mod tests {
 
     #[test]
     fn tls_client_gets_ssl_tlv_with_client_bit_nonzero_verify_version_and_iana_cipher() {
-        let info = tls("TLS_AES_256_GCM_SHA384", Some("mx.example.test"));
+        let info = tls(
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            Some("mx.example.test"),
+        );
         let d = decode(&encode_v2(
             addr("127.0.0.2:5555"),
             addr("127.0.0.1:993"),
@@ -316,7 +341,10 @@ mod tests {
 
     #[test]
     fn no_alpn_tlv_is_ever_sent() {
-        let info = tls("TLS_AES_128_GCM_SHA256", Some("imap.example.test"));
+        let info = tls(
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            Some("imap.example.test"),
+        );
         for h in [
             encode_v2(addr("127.0.0.2:1"), addr("127.0.0.1:2"), Some(&info)),
             encode_v2(addr("[::1]:1"), addr("[::1]:2"), Some(&info)),
@@ -344,7 +372,7 @@ mod tests {
             (Some("tab\there.example"), None),
             (Some("host.123"), None),
         ] {
-            let info = tls("TLS_AES_128_GCM_SHA256", sni);
+            let info = tls(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256, sni);
             let d = decode(&encode_v2(
                 addr("127.0.0.2:1"),
                 addr("127.0.0.1:2"),
@@ -376,7 +404,7 @@ mod tests {
         );
         assert_eq!(longest.len(), MAX_AUTHORITY_LEN);
         let info = tls(
-            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
             Some(&longest),
         );
         let h = encode_v2(
@@ -393,12 +421,16 @@ mod tests {
         );
         assert!(h.len() <= POSTFIX_HEADER_LIMIT, "{} bytes", h.len());
         // Even the worst case the limits allow: the longest strings each sub-TLV may carry.
-        let worst = TlsInfo {
-            version: "v".repeat(MAX_SSL_STRING_LEN),
-            cipher: "c".repeat(MAX_SSL_STRING_LEN),
-            ..info
+        let (version, cipher) = (
+            "v".repeat(MAX_SSL_STRING_LEN),
+            "c".repeat(MAX_SSL_STRING_LEN),
+        );
+        let worst = SslDetails {
+            version: &version,
+            cipher: &cipher,
+            sni: Some(&longest),
         };
-        let h = encode_v2(
+        let h = encode(
             addr("[2001:db8::1]:1"),
             addr("[2001:db8::2]:2"),
             Some(&worst),
@@ -408,9 +440,13 @@ mod tests {
 
     #[test]
     fn overlong_or_unprintable_ssl_strings_are_left_out_not_truncated() {
-        let mut info = tls(&"X".repeat(MAX_SSL_STRING_LEN + 1), None);
-        info.version = "TLS v1".into();
-        let d = decode(&encode_v2(
+        let cipher = "X".repeat(MAX_SSL_STRING_LEN + 1);
+        let info = SslDetails {
+            version: "TLS v1",
+            cipher: &cipher,
+            sni: None,
+        };
+        let d = decode(&encode(
             addr("127.0.0.2:1"),
             addr("127.0.0.1:2"),
             Some(&info),

@@ -1,6 +1,7 @@
 //! One client connection: the client stream (plain until STARTTLS, or TLS from the start), the
 //! per-listener context every protocol driver needs, and the one log line at close.
 
+use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -161,11 +162,14 @@ pub async fn upgrade_client(
     client_addr: SocketAddr,
 ) -> Result<(ClientStream, TlsInfo, std::time::Duration), EndReason> {
     client.upgrade(&listener.handshaker).await.map_err(|e| {
-        if let UpgradeError::Handshake(h) = &e {
-            listener.metrics.handshake_failed(h.reason);
-        }
         tracing::debug!(listener = %listener.config.name, client = %client_addr, error = %e, "STARTTLS handshake failed");
-        EndReason::TlsHandshakeFailed
+        match &e {
+            UpgradeError::Handshake(h) => {
+                listener.metrics.handshake_failed(h.reason);
+                EndReason::TlsHandshakeFailed(h.detail())
+            }
+            UpgradeError::AlreadyTls => EndReason::TlsHandshakeFailed(e.to_string()),
+        }
     })
 }
 
@@ -178,7 +182,8 @@ pub enum EndReason {
     ClientIdle,
     BackendTimeout,
     BackendUnavailable,
-    TlsHandshakeFailed,
+    /// The handshake failed; the detail is its reason class and cause.
+    TlsHandshakeFailed(String),
     Shutdown,
     /// The client broke the protocol or a limit badly enough that we closed.
     ProtocolViolation(String),
@@ -193,7 +198,7 @@ impl EndReason {
             EndReason::ClientIdle => "client_idle",
             EndReason::BackendTimeout => "backend_timeout",
             EndReason::BackendUnavailable => "backend_unavailable",
-            EndReason::TlsHandshakeFailed => "tls_handshake_failed",
+            EndReason::TlsHandshakeFailed(_) => "tls_handshake_failed",
             EndReason::Shutdown => "shutdown",
             EndReason::ProtocolViolation(_) => "protocol_violation",
             EndReason::IoError(_) => "io_error",
@@ -252,9 +257,9 @@ impl Session {
             listener = %self.listener.config.name,
             client = %self.client_addr,
             sni = info.sni.as_deref().unwrap_or("-"),
-            tls_version = %info.version,
-            cipher = %info.cipher,
-            group = %info.group_label,
+            tls_version = %info.version_name(),
+            cipher = %info.cipher_name(),
+            group = %info.group_name(),
             starttls,
             handshake_ms = took.as_millis() as u64,
             "tls established"
@@ -360,7 +365,9 @@ impl Session {
         m.session_duration.observe(duration.as_secs_f64());
         let tls = self.tls.as_ref();
         let detail = match reason {
-            EndReason::ProtocolViolation(d) | EndReason::IoError(d) => d.as_str(),
+            EndReason::ProtocolViolation(d)
+            | EndReason::IoError(d)
+            | EndReason::TlsHandshakeFailed(d) => d.as_str(),
             _ => "",
         };
         tracing::info!(
@@ -368,9 +375,9 @@ impl Session {
             protocol = %self.protocol(),
             client = %self.client_addr,
             sni = tls.and_then(|t| t.sni.as_deref()).unwrap_or("-"),
-            tls_version = tls.map(|t| t.version.as_str()).unwrap_or("none"),
-            cipher = tls.map(|t| t.cipher.as_str()).unwrap_or("none"),
-            group = tls.map(|t| t.group_label.as_str()).unwrap_or("none"),
+            tls_version = %tls.map_or(Cow::Borrowed("none"), TlsInfo::version_name),
+            cipher = %tls.map_or(Cow::Borrowed("none"), TlsInfo::cipher_name),
+            group = %tls.map_or(Cow::Borrowed("none"), TlsInfo::group_name),
             bytes_to_backend = to_backend,
             bytes_to_client = to_client,
             duration_ms = duration.as_millis() as u64,
@@ -396,7 +403,7 @@ pub async fn serve_connection(tcp: TcpStream, mut session: Session) {
             Err(e) => {
                 listener.metrics.handshake_failed(e.reason);
                 tracing::debug!(listener = %listener.config.name, client = %session.client_addr, error = %e, "tls handshake failed");
-                session.log_close(&EndReason::TlsHandshakeFailed);
+                session.log_close(&EndReason::TlsHandshakeFailed(e.detail()));
                 return;
             }
         },

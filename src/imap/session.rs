@@ -41,7 +41,7 @@ pub async fn serve(client: ClientStream, session: &mut Session) -> EndReason {
     };
     // Client bytes held at most while the machine is not parsing them.
     let hold_limit = line + limits.imap_literal.min(65536) + READ_CHUNK;
-    let cipher = session.tls.as_ref().map(|t| t.cipher.clone());
+    let cipher = session.tls.as_ref().map(|t| t.cipher_name().into_owned());
     let mut machine = Prelogin::new(settings, cipher, fastrand::u64(..));
     let mut client = client;
     let mut backend: Option<BackendStream> = None;
@@ -75,7 +75,7 @@ pub async fn serve(client: ClientStream, session: &mut Session) -> EndReason {
                 match upgrade_client(client, &session.listener, session.client_addr).await {
                     Ok((upgraded, info, took)) => {
                         client = upgraded;
-                        let cipher = info.cipher.clone();
+                        let cipher = info.cipher_name().into_owned();
                         session.tls_established(info, took, true);
                         machine.tls_started(cipher);
                         deadline = Instant::now() + idle;
@@ -190,7 +190,7 @@ fn record_notices(machine: &mut Prelogin, session: &Session) {
                     client = %session.client_addr,
                     result = if ok { "success" } else { "failure" },
                     mechanism,
-                    cipher = session.tls.as_ref().map(|t| t.cipher.as_str()).unwrap_or("none"),
+                    cipher = %session.tls.as_ref().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
                     "authentication"
                 );
             }

@@ -494,7 +494,7 @@ fn log_auth(session: &Session, mechanism: &str, ok: bool) {
         client = %session.client_addr,
         result = if ok { "success" } else { "failure" },
         mechanism,
-        cipher = session.tls.as_ref().map(|t| t.cipher.as_str()).unwrap_or("none"),
+        cipher = %session.tls.as_ref().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
         "authentication"
     );
 }

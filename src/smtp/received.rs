@@ -90,6 +90,17 @@ pub struct TlsCipher<'a> {
     pub code: u16,
 }
 
+impl TlsCipher<'static> {
+    /// The suite rustls negotiated, named from the IANA table in [`crate::tls::names`].
+    pub fn negotiated(suite: rustls::CipherSuite) -> Self {
+        let code = u16::from(suite);
+        TlsCipher {
+            iana_name: crate::tls::names::known_cipher_suite_name(code),
+            code,
+        }
+    }
+}
+
 /// Everything the field says.
 #[derive(Debug, Clone, Copy)]
 pub struct ReceivedInfo<'a> {
@@ -529,6 +540,61 @@ mod tests {
             ..info(&id)
         }));
         assert!(header.contains("\ttls 0x1301;\r\n"), "{header}");
+        check_abnf(&header);
+    }
+
+    /// The clauses are written from what rustls negotiated: IANA names (`TLS_AES_…`, not
+    /// rustls' `TLS13_AES_…`), for every suite and group the provider offers; hex only for a
+    /// suite outside the table.
+    #[test]
+    fn tls_and_group_clauses_name_what_rustls_negotiated() {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let id = ReceivedId::random();
+        for (suite, group) in provider
+            .cipher_suites
+            .iter()
+            .zip(provider.kx_groups.iter().cycle())
+        {
+            let tls = crate::tls::TlsInfo {
+                version: suite.version().version,
+                cipher: suite.suite(),
+                group: Some(group.name()),
+                sni: None,
+            };
+            let header = text(received_header(&ReceivedInfo {
+                cipher: TlsCipher::negotiated(tls.cipher),
+                group: tls.iana_group_name(),
+                ..info(&id)
+            }));
+            let clause = format!(
+                "\ttls {} group {};\r\n",
+                tls.cipher_name(),
+                tls.group_name()
+            );
+            assert!(header.contains(&clause), "{header}");
+            assert!(
+                !header.contains("0x") && !header.contains("TLS13_"),
+                "{header}"
+            );
+            check_abnf(&header);
+        }
+        let header = text(received_header(&ReceivedInfo {
+            cipher: TlsCipher::negotiated(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            group: None,
+            ..info(&id)
+        }));
+        assert!(
+            header.contains("\ttls TLS_AES_128_GCM_SHA256;\r\n"),
+            "{header}"
+        );
+        let header = text(received_header(&ReceivedInfo {
+            cipher: TlsCipher::negotiated(rustls::CipherSuite::from(0x00ff)),
+            ..info(&id)
+        }));
+        assert!(
+            header.contains("\ttls 0x00FF group x25519;\r\n"),
+            "{header}"
+        );
         check_abnf(&header);
     }
 

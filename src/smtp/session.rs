@@ -323,11 +323,11 @@ impl<'s> Driver<'s> {
         &self.session.listener.hostname
     }
 
-    fn cipher(&self) -> &str {
+    fn cipher(&self) -> std::borrow::Cow<'static, str> {
         self.session
             .tls
             .as_ref()
-            .map_or("none", |t| t.cipher.as_str())
+            .map_or("none".into(), TlsInfo::cipher_name)
     }
 
     /// Waits for the backend's greeting; a 220 gets our own greeting, anything else is passed
@@ -1068,10 +1068,6 @@ impl<'s> Driver<'s> {
         let Some(tls) = self.session.tls.as_ref() else {
             return Vec::new();
         };
-        let (iana_name, code) = match tls.cipher.strip_prefix("0x") {
-            Some(hex) => (None, u16::from_str_radix(hex, 16).unwrap_or(0)),
-            None => (Some(tls.cipher.as_str()), 0),
-        };
         let (ehlo, helo) = self
             .greeting
             .as_ref()
@@ -1086,8 +1082,8 @@ impl<'s> Driver<'s> {
             protocol: WithProtocol::for_session(ehlo, self.gate.authenticated),
             id: &id,
             recipient,
-            cipher: TlsCipher { iana_name, code },
-            group: tls.group.as_deref(),
+            cipher: TlsCipher::negotiated(tls.cipher),
+            group: tls.iana_group_name(),
             date: OffsetDateTime::now_utc(),
         });
         self.tx.received_id = Some(id);

@@ -5,11 +5,12 @@ pub mod hello;
 pub mod names;
 mod store;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::ServerConfig;
 use rustls::server::{Accepted, Acceptor};
+use rustls::{CipherSuite, NamedGroup, ProtocolVersion, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
@@ -43,46 +44,54 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// What protected a session: every field the Received clause, ID field, logs and metrics need.
+/// What protected a session, as rustls reports it. Names for the Received clause, the IMAP ID
+/// field, the PROXY v2 SSL TLV, logs and metrics are made where they are written, from the
+/// IANA tables in [`names`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsInfo {
-    /// `TLSv1.2` or `TLSv1.3`.
-    pub version: String,
-    /// IANA cipher suite name, e.g. `TLS_AES_256_GCM_SHA384`.
-    pub cipher: String,
-    /// IANA group name, `None` when no key exchange happened (TLS 1.2 resumption) or unknown.
-    pub group: Option<String>,
-    /// Group name or hex code for logs and metrics (`none` when absent).
-    pub group_label: String,
+    pub version: ProtocolVersion,
+    pub cipher: CipherSuite,
+    /// `None` when no key exchange happened (TLS 1.2 resumption).
+    pub group: Option<NamedGroup>,
     /// The SNI the client sent, lowercased by rustls.
     pub sni: Option<String>,
 }
 
 impl TlsInfo {
-    /// Reads the negotiated parameters of a finished handshake.
-    pub fn from_connection(conn: &rustls::ServerConnection) -> TlsInfo {
-        let version = conn
-            .protocol_version()
-            .map(|v| names::protocol_version_name(v).into_owned())
-            .unwrap_or_else(|| "unknown".to_owned());
-        let cipher = conn
-            .negotiated_cipher_suite()
-            .map(|s| names::cipher_suite_name(u16::from(s.suite())).into_owned())
-            .unwrap_or_else(|| "unknown".to_owned());
-        let group_code = conn
-            .negotiated_key_exchange_group()
-            .map(|g| u16::from(g.name()));
-        TlsInfo {
-            version,
-            cipher,
-            group: group_code
-                .and_then(names::known_group_name)
-                .map(str::to_owned),
-            group_label: group_code
-                .map(|c| names::group_name(c).into_owned())
-                .unwrap_or_else(|| "none".to_owned()),
+    /// Reads the negotiated parameters of a finished handshake; `None` only if rustls has no
+    /// version or suite, which it always has once the handshake is complete.
+    pub fn from_connection(conn: &rustls::ServerConnection) -> Option<TlsInfo> {
+        Some(TlsInfo {
+            version: conn.protocol_version()?,
+            cipher: conn.negotiated_cipher_suite()?.suite(),
+            group: conn.negotiated_key_exchange_group().map(|g| g.name()),
             sni: conn.server_name().map(str::to_owned),
+        })
+    }
+
+    /// `TLSv1.2` or `TLSv1.3`.
+    pub fn version_name(&self) -> Cow<'static, str> {
+        names::protocol_version_name(self.version)
+    }
+
+    /// The IANA cipher suite name, e.g. `TLS_AES_256_GCM_SHA384`, or `0x…` hex.
+    pub fn cipher_name(&self) -> Cow<'static, str> {
+        names::cipher_suite_name(u16::from(self.cipher))
+    }
+
+    /// The IANA group name, `0x…` hex for one without a name, `none` without a key exchange:
+    /// the form logs and metric labels use.
+    pub fn group_name(&self) -> Cow<'static, str> {
+        match self.group {
+            Some(group) => names::group_name(u16::from(group)),
+            None => Cow::Borrowed("none"),
         }
+    }
+
+    /// The IANA group name, only when there is one (the Received `group` clause has no hex form).
+    pub fn iana_group_name(&self) -> Option<&'static str> {
+        self.group
+            .and_then(|group| names::known_group_name(u16::from(group)))
     }
 }
 
@@ -171,6 +180,14 @@ pub struct HandshakeError {
     pub message: String,
 }
 
+impl HandshakeError {
+    /// The `detail` of the close log line: the reason class and the cause, e.g.
+    /// `no_shared_cipher: peer is incompatible: NoCipherSuitesInCommon`.
+    pub fn detail(&self) -> String {
+        format!("{}: {}", self.reason.as_str(), self.message)
+    }
+}
+
 /// Builds the rustls server config: TLS 1.2+ (or 1.3 only), the aws-lc-rs provider's suites
 /// (all ECDHE + AEAD, RFC 9325) and groups (X25519MLKEM768 first), certificates by SNI.
 pub fn server_config(
@@ -247,10 +264,13 @@ impl Handshaker {
                 message: format!("no handshake within {:?}", self.timeout),
             }),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(stream)) => {
-                let info = TlsInfo::from_connection(stream.get_ref().1);
-                Ok((stream, info, started.elapsed()))
-            }
+            Ok(Ok(stream)) => match TlsInfo::from_connection(stream.get_ref().1) {
+                Some(info) => Ok((stream, info, started.elapsed())),
+                None => Err(HandshakeError {
+                    reason: HandshakeFailure::Other,
+                    message: "handshake complete without a negotiated version and suite".to_owned(),
+                }),
+            },
         }
     }
 
@@ -502,5 +522,7 @@ mod tests {
         let (_client, server) = duplex(64);
         let err = h.accept(server).await.err().unwrap();
         assert_eq!(err.reason, HandshakeFailure::Timeout);
+        // The close line's detail says what failed and why, not just that it did.
+        assert_eq!(err.detail(), "timeout: no handshake within 50ms");
     }
 }

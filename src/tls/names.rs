@@ -49,9 +49,15 @@ fn lookup(table: &[(u16, &'static str)], code: u16) -> Option<&'static str> {
         .map(|(_, name)| *name)
 }
 
+/// The IANA name of a cipher suite, if known. The Received `tls` clause writes its own hex form
+/// (RFC 8314 §4.3 `tls-cipher-hex`) when this is None.
+pub fn known_cipher_suite_name(code: u16) -> Option<&'static str> {
+    lookup(CIPHER_SUITES, code)
+}
+
 /// The IANA name of a cipher suite, or `0x1301`-style hex for one we do not know.
 pub fn cipher_suite_name(code: u16) -> Cow<'static, str> {
-    match lookup(CIPHER_SUITES, code) {
+    match known_cipher_suite_name(code) {
         Some(name) => Cow::Borrowed(name),
         None => Cow::Owned(format!("0x{code:04x}")),
     }
@@ -87,24 +93,72 @@ pub fn protocol_version_name(version: rustls::ProtocolVersion) -> Cow<'static, s
 mod tests {
     use super::*;
 
-    /// Every suite and group our provider can negotiate has a registry name (no hex fallback).
+    /// Every suite, group and version our provider can negotiate has a registry name (no hex
+    /// fallback), both in the tables and through the `TlsInfo` methods the edges call.
     #[test]
     fn every_suite_and_group_of_our_provider_has_an_iana_name() {
         let provider = rustls::crypto::aws_lc_rs::default_provider();
-        for suite in &provider.cipher_suites {
-            let code = u16::from(suite.suite());
+        let suites = provider
+            .cipher_suites
+            .iter()
+            .chain(rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES)
+            .map(|s| s.suite());
+        let groups = provider
+            .kx_groups
+            .iter()
+            .chain(rustls::crypto::aws_lc_rs::ALL_KX_GROUPS)
+            .map(|g| g.name());
+        for suite in suites {
+            let code = u16::from(suite);
             assert!(
-                lookup(CIPHER_SUITES, code).is_some(),
+                known_cipher_suite_name(code).is_some(),
                 "suite {code:#06x} has no IANA name"
             );
         }
-        for group in rustls::crypto::aws_lc_rs::ALL_KX_GROUPS {
-            let code = u16::from(group.name());
+        for group in groups {
+            let code = u16::from(group);
             assert!(
                 known_group_name(code).is_some(),
                 "group {code:#06x} has no IANA name"
             );
         }
+        for version in rustls::ALL_VERSIONS {
+            let name = protocol_version_name(version.version);
+            assert!(name.starts_with("TLSv1."), "{name}");
+        }
+        for (suite, group) in provider
+            .cipher_suites
+            .iter()
+            .zip(provider.kx_groups.iter().cycle())
+        {
+            let info = crate::tls::TlsInfo {
+                version: suite.version().version,
+                cipher: suite.suite(),
+                group: Some(group.name()),
+                sni: None,
+            };
+            for name in [info.version_name(), info.cipher_name(), info.group_name()] {
+                assert!(!name.starts_with("0x"), "{info:?}: {name}");
+            }
+            assert_eq!(
+                info.iana_group_name().map(Cow::Borrowed),
+                Some(info.group_name())
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_key_exchange_the_group_is_none() {
+        let info = crate::tls::TlsInfo {
+            version: rustls::ProtocolVersion::TLSv1_2,
+            cipher: rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            group: None,
+            sni: None,
+        };
+        assert_eq!(info.group_name(), "none");
+        assert_eq!(info.iana_group_name(), None);
+        assert_eq!(info.version_name(), "TLSv1.2");
+        assert_eq!(info.cipher_name(), "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256");
     }
 
     #[test]
@@ -134,6 +188,7 @@ mod tests {
     #[test]
     fn unknown_codes_fall_back_to_four_hex_digits() {
         assert_eq!(cipher_suite_name(0x00ff), "0x00ff");
+        assert_eq!(known_cipher_suite_name(0x00ff), None);
         assert_eq!(group_name(0xabcd), "0xabcd");
         assert_eq!(known_group_name(0xabcd), None);
     }
