@@ -1,0 +1,275 @@
+//! The whole IMAP not-authenticated state (`imap::prelogin::Prelogin`) with a differential
+//! oracle on what reaches the backend.
+//!
+//! Arbitrary client bytes arrive in arbitrary reads; a fake backend plays Dovecot. Everything
+//! mailfront writes to it is re-parsed by an independent strict server-side parser (imap-codec),
+//! which must find only the approved commands, one at a time:
+//! - nothing at all before the client's TLS is up (STARTTLS listeners answer cleartext locally);
+//! - only CAPABILITY, NOOP, LOGOUT, LOGIN, AUTHENTICATE and ID, each parsed without error;
+//! - never a second ID, and the first one carries mailfront's `tls` field with the cipher;
+//! - never a LOGIN/AUTHENTICATE before that ID when the backend offers ID;
+//! - a synchronising literal's octets only after the backend's `+`, and a non-synchronising one
+//!   only to a backend that offers LITERAL+ (or LITERAL- up to 4096 octets);
+//! - during AUTHENTICATE, one SASL line per `+` the backend sent.
+#![no_main]
+
+use imap_codec::decode::{AuthenticateDataDecodeError, CommandDecodeError, Decoder};
+use imap_codec::imap_types::auth::AuthenticateData;
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::{AuthenticateDataCodec, CommandCodec};
+use libfuzzer_sys::fuzz_target;
+use mailfront::config::TlsMode;
+use mailfront::imap::command::Limits;
+use mailfront::imap::prelogin::{Next, Prelogin, Settings};
+
+const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
+
+/// The fake backend: what it learned, and the oracle's checks.
+struct Backend {
+    caps: &'static str,
+    /// Whether the greeting lists the capabilities (else mailfront asks with its own CAPABILITY).
+    greeting_caps: bool,
+    login_ok: bool,
+    input: Vec<u8>,
+    /// `input.len()` when we last sent `+` for a synchronising literal of the command in `input`.
+    continued_at: Option<usize>,
+    /// AUTHENTICATE in progress: its tag and how many `+` are unanswered.
+    sasl: Option<(Vec<u8>, usize)>,
+    ids: usize,
+    closed: bool,
+}
+
+impl Backend {
+    fn has(&self, cap: &str) -> bool {
+        self.caps.split(' ').any(|c| c.eq_ignore_ascii_case(cap))
+    }
+
+    fn greeting(&self) -> Vec<u8> {
+        if self.greeting_caps {
+            format!("* OK [CAPABILITY {}] fake ready\r\n", self.caps).into_bytes()
+        } else {
+            b"* OK fake ready\r\n".to_vec()
+        }
+    }
+
+    /// Takes what mailfront wrote; returns the backend's answers.
+    fn receive(&mut self, bytes: &[u8], client_tls: bool) -> Vec<u8> {
+        if bytes.is_empty() {
+            return Vec::new();
+        }
+        assert!(client_tls, "bytes reached the backend before TLS: {bytes:?}");
+        assert!(!self.closed, "bytes after LOGOUT: {bytes:?}");
+        self.input.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        loop {
+            if let Some((tag, credit)) = self.sasl.clone() {
+                let line_end = self.input.iter().position(|&b| b == b'\n');
+                let Some(end) = line_end else { break };
+                assert!(credit > 0, "a SASL line the backend did not ask for");
+                let line: Vec<u8> = self.input.drain(..=end).collect();
+                let reply = match AuthenticateDataCodec::default().decode(&line) {
+                    Ok((rest, AuthenticateData::Cancel)) => {
+                        assert!(rest.is_empty());
+                        format!("{} BAD cancelled\r\n", text(&tag))
+                    }
+                    Ok((rest, AuthenticateData::Continue(_))) => {
+                        assert!(rest.is_empty());
+                        self.verdict(&tag)
+                    }
+                    Err(AuthenticateDataDecodeError::Incomplete) => {
+                        panic!("a whole SASL line is incomplete: {line:?}")
+                    }
+                    Err(AuthenticateDataDecodeError::Failed) => {
+                        panic!("a SASL line imap-codec refuses: {line:?}")
+                    }
+                };
+                self.sasl = None;
+                out.extend_from_slice(reply.as_bytes());
+                continue;
+            }
+            match CommandCodec::default().decode(&self.input) {
+                Ok((rest, command)) => {
+                    let used = self.input.len() - rest.len();
+                    let tag = command.tag.as_ref().as_bytes().to_vec();
+                    let body = command.body;
+                    self.input.drain(..used);
+                    self.continued_at = None;
+                    out.extend_from_slice(&self.answer(tag, body));
+                }
+                Err(CommandDecodeError::Incomplete) => break,
+                Err(CommandDecodeError::LiteralFound { length, mode, .. }) => {
+                    match mode {
+                        LiteralMode::Sync => {
+                            if self.continued_at != Some(self.input.len()) {
+                                self.continued_at = Some(self.input.len());
+                                out.extend_from_slice(b"+ go ahead\r\n");
+                            }
+                        }
+                        LiteralMode::NonSync => assert!(
+                            self.has("LITERAL+") || (self.has("LITERAL-") && length <= 4096),
+                            "a non-synchronising literal to a backend without LITERAL+"
+                        ),
+                    }
+                    break;
+                }
+                Err(CommandDecodeError::Failed) => {
+                    panic!("the backend cannot parse what mailfront sent: {:?}", self.input)
+                }
+            }
+        }
+        out
+    }
+
+    fn verdict(&self, tag: &[u8]) -> String {
+        if self.login_ok {
+            format!("{} OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n", text(tag))
+        } else {
+            format!("{} NO [AUTHENTICATIONFAILED] failed\r\n", text(tag))
+        }
+    }
+
+    fn answer(&mut self, tag: Vec<u8>, body: CommandBody<'_>) -> Vec<u8> {
+        let t = text(&tag);
+        let ours = tag.starts_with(b"mf");
+        let reply = match body {
+            CommandBody::Capability => format!("* CAPABILITY {}\r\n{t} OK done\r\n", self.caps),
+            CommandBody::Id { parameters } => {
+                self.ids += 1;
+                assert_eq!(self.ids, 1, "a second ID reached the backend");
+                assert!(self.has("ID"), "ID to a backend without ID");
+                let tls = parameters
+                    .iter()
+                    .flatten()
+                    .filter(|(field, _)| field.as_ref().eq_ignore_ascii_case(b"tls"))
+                    .map(|(_, value)| value.0.as_ref().map(|v| v.as_ref().to_vec()))
+                    .collect::<Vec<_>>();
+                assert_eq!(tls, vec![Some(CIPHER.as_bytes().to_vec())], "one tls field, ours");
+                format!("* ID NIL\r\n{t} OK done\r\n")
+            }
+            _ if ours => panic!("mailfront's own tag on a client command"),
+            CommandBody::Noop => format!("{t} OK done\r\n"),
+            CommandBody::Logout => {
+                self.closed = true;
+                format!("* BYE bye\r\n{t} OK done\r\n")
+            }
+            CommandBody::Login { .. } => {
+                self.id_first();
+                self.verdict(&tag)
+            }
+            CommandBody::Authenticate {
+                initial_response, ..
+            } => {
+                self.id_first();
+                if initial_response.is_some() {
+                    assert!(self.has("SASL-IR"), "an initial response without SASL-IR");
+                    self.verdict(&tag)
+                } else {
+                    self.sasl = Some((tag.clone(), 1));
+                    "+ \r\n".to_owned()
+                }
+            }
+            other => panic!("a command the gate never forwards: {}", other.name()),
+        };
+        reply.into_bytes()
+    }
+
+    fn id_first(&self) {
+        if self.has("ID") {
+            assert_eq!(self.ids, 1, "a credential before the ID with tls");
+        }
+    }
+}
+
+fn text(tag: &[u8]) -> String {
+    String::from_utf8_lossy(tag).into_owned()
+}
+
+/// Moves bytes between the machine and the backend until nothing more happens. Returns false
+/// once the session left the not-authenticated state.
+fn settle(m: &mut Prelogin, backend: &mut Backend, client_tls: &mut bool) -> bool {
+    for _ in 0..64 {
+        let _ = m.take_to_client();
+        let sent = m.take_to_backend();
+        let answers = backend.receive(&sent, *client_tls);
+        match m.next() {
+            Next::End(_) | Next::Authenticated => return false,
+            Next::StartTls => {
+                assert!(answers.is_empty());
+                *client_tls = true;
+                m.tls_started(CIPHER.to_owned());
+                continue;
+            }
+            Next::Connect => {
+                assert!(*client_tls, "a backend connection before TLS");
+                m.backend_connected();
+                m.backend_input(&backend.greeting());
+                continue;
+            }
+            Next::Run => {}
+        }
+        if answers.is_empty() {
+            return true;
+        }
+        m.backend_input(&answers);
+        if backend.closed {
+            m.backend_closed();
+        }
+    }
+    true
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let Some((&chunk, client)) = rest.split_first() else {
+        return;
+    };
+    let listener = if flags & 1 == 0 {
+        TlsMode::Implicit
+    } else {
+        TlsMode::Starttls
+    };
+    let caps = match (flags >> 1) & 3 {
+        0 => "IMAP4rev1 ID SASL-IR LITERAL+ AUTH=PLAIN",
+        1 => "IMAP4rev1 AUTH=PLAIN",
+        2 => "IMAP4rev1 ID LITERAL- AUTH=PLAIN",
+        _ => "IMAP4rev1 ID SASL-IR",
+    };
+    let mut backend = Backend {
+        caps,
+        greeting_caps: flags & 8 == 0,
+        login_ok: flags & 16 != 0,
+        input: Vec::new(),
+        continued_at: None,
+        sasl: None,
+        ids: 0,
+        closed: false,
+    };
+    let settings = Settings {
+        listener,
+        hostname: "mx.example.test".to_owned(),
+        limits: Limits {
+            line: 256,
+            literal: 64,
+            command: 512,
+            sasl_line: 256,
+        },
+        max_commands: 40,
+    };
+    let mut client_tls = listener == TlsMode::Implicit;
+    let cipher = client_tls.then(|| CIPHER.to_owned());
+    let mut m = Prelogin::new(settings, cipher, u64::from(flags));
+    if !settle(&mut m, &mut backend, &mut client_tls) {
+        return;
+    }
+    for piece in client.chunks(usize::from(chunk % 32) + 1) {
+        if m.wants_client_input(1 << 16) {
+            m.client_input(piece);
+        }
+        if !settle(&mut m, &mut backend, &mut client_tls) {
+            return;
+        }
+    }
+});
