@@ -17,7 +17,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use time::OffsetDateTime;
+use time::format_description::well_known::Rfc2822;
+use time::{OffsetDateTime, UtcOffset};
 
 /// Longest Domain (RFC 5321 §4.5.3.1.2) and label (RFC 1035).
 const MAX_DOMAIN: usize = 255;
@@ -179,32 +180,21 @@ pub fn address_literal(ip: IpAddr) -> String {
     }
 }
 
-/// RFC 5322 §3.3 date-time, 4-digit year, numeric zone: `Sun, 22 Nov 2026 12:00:00 +0000`.
+/// RFC 5322 §3.3 date-time as `time`'s RFC 2822 format writes it:
+/// `Sun, 22 Nov 2026 12:00:00 +0000`. That is the form RFC 5322 §3.3 asks generators for: a
+/// day-of-week, a two-digit day (`1*2DIGIT`, zero-padded), a four-digit year of 1900 or later
+/// and a numeric `+hhmm`/`-hhmm` zone, never an obsolete zone name.
 pub fn rfc5322_date(date: OffsetDateTime) -> String {
-    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let day = DAYS
-        .get(usize::from(date.weekday().number_days_from_monday()))
-        .unwrap_or(&"Mon");
-    let month = MONTHS
-        .get(usize::from(u8::from(date.month())).saturating_sub(1))
-        .unwrap_or(&"Jan");
-    let offset = date.offset().whole_minutes();
-    let sign = if offset < 0 { '-' } else { '+' };
-    let offset = offset.unsigned_abs();
-    format!(
-        "{day}, {:02} {month} {:04} {:02}:{:02}:{:02} {sign}{:02}{:02}",
-        date.day(),
-        date.year().clamp(1900, 9999),
-        date.hour(),
-        date.minute(),
-        date.second(),
-        offset / 60,
-        offset % 60
-    )
+    // `time` refuses a year before 1900 and an offset with seconds, which RFC 5322 cannot
+    // express: retry in UTC (drops offset seconds), and for a clock that far off write the
+    // epoch, so the field stays well-formed rather than the message being refused.
+    date.format(&Rfc2822)
+        .or_else(|_| date.to_offset(UtcOffset::UTC).format(&Rfc2822))
+        .unwrap_or_else(|_| EPOCH_DATE.to_owned())
 }
+
+/// What [`rfc5322_date`] writes for a date RFC 5322 cannot represent.
+const EPOCH_DATE: &str = "Thu, 01 Jan 1970 00:00:00 +0000";
 
 /// RFC 5321 §4.1.2 Domain: `sub-domain *("." sub-domain)`, `sub-domain = Let-dig [Ldh-str]`.
 fn is_domain(s: &str) -> bool {
@@ -624,6 +614,20 @@ mod tests {
         assert_eq!(rfc5322_date(d), "Sun, 22 Nov 2026 03:30:00 -0830");
         let d = OffsetDateTime::from_unix_timestamp(0).unwrap();
         assert_eq!(rfc5322_date(d), "Thu, 01 Jan 1970 00:00:00 +0000");
+        // Single-digit days are zero-padded (RFC 5322 §3.3 `day = 1*2DIGIT`).
+        let d = OffsetDateTime::from_unix_timestamp(1_775_001_600).unwrap();
+        assert_eq!(rfc5322_date(d), "Wed, 01 Apr 2026 00:00:00 +0000");
+    }
+
+    #[test]
+    fn dates_rfc_5322_cannot_express_stay_well_formed() {
+        // An offset with seconds is written in UTC.
+        let d = date().to_offset(time::UtcOffset::from_hms(1, 0, 30).unwrap());
+        assert_eq!(rfc5322_date(d), "Sun, 22 Nov 2026 12:00:00 +0000");
+        // A year before 1900 falls back to the epoch.
+        let d = OffsetDateTime::from_unix_timestamp(-3_000_000_000).unwrap();
+        assert_eq!(rfc5322_date(d), EPOCH_DATE);
+        check_date(&rfc5322_date(d)).unwrap();
     }
 
     #[test]
