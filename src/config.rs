@@ -368,15 +368,9 @@ fn parse_backend(text: &str) -> Result<BackendAddress, String> {
     let port: u16 = port
         .parse()
         .map_err(|_| format!("{text:?} has no valid port"))?;
-    let valid_name = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
+    // Resolved at each connect, so only a host name is worth accepting: a name the resolver
+    // could never look up fails here, at startup, instead of at the first client.
+    let valid_name = crate::dns::is_host_name(host);
     if !valid_name {
         return Err(format!("{host:?} is neither an IP address nor a DNS name"));
     }
@@ -458,7 +452,8 @@ impl Config {
         let mut problem =
             |key: String, message: String| problems.push(ConfigProblem { key, message });
 
-        if !is_valid_hostname(&self.hostname) {
+        // Written into SMTP greetings, EHLO replies and Received fields (RFC 5321 §4.1.2 Domain).
+        if !crate::dns::is_host_name(&self.hostname) {
             problem(
                 "hostname".into(),
                 format!("{:?} is not a valid DNS host name", self.hostname),
@@ -658,20 +653,6 @@ pub fn load(path: Option<&Path>) -> Result<RuntimeConfig, ConfigError> {
     }
 }
 
-fn is_valid_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -801,6 +782,9 @@ mod tests {
         );
         assert!(parse_backend("dovecot").is_err());
         assert!(parse_backend("bad_name:1").is_err());
+        assert!(parse_backend("-bad.example:1").is_err());
+        assert!(parse_backend("bad-.example:1").is_err());
+        assert!(parse_backend("a..b:1").is_err());
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub const VERIFY_NO_CLIENT_CERT: u32 = 1;
 /// Dovecot's limit (1500) is larger.
 pub const POSTFIX_HEADER_LIMIT: usize = 536;
 /// Longest DNS name sent as AUTHORITY (RFC 1035 §2.3.4, without the root dot).
-pub const MAX_AUTHORITY_LEN: usize = 253;
+pub const MAX_AUTHORITY_LEN: usize = crate::dns::MAX_NAME_LEN;
 /// Longest TLS version or cipher string put in an SSL sub-TLV. IANA cipher names are at most
 /// about 50 characters; anything longer (an unexpected label) is left out rather than truncated.
 pub const MAX_SSL_STRING_LEN: usize = 64;
@@ -99,27 +99,15 @@ pub fn encode_v2(client: SocketAddr, local: SocketAddr, tls: Option<&TlsInfo>) -
     header
 }
 
-/// The SNI as AUTHORITY, if it is a DNS host name Dovecot will accept: letters, digits and
-/// hyphens in labels of 1-63 octets, no hyphen at a label's ends, at most 253 octets, not an IP
-/// literal (§9.9 X4). rustls has already lowercased it; lowercasing again costs nothing.
+/// The SNI as AUTHORITY, if it is a DNS host name Dovecot will accept (see [`crate::dns`]).
+/// On top of the shared check: a trailing root dot is dropped (RFC 6066 §3 forbids it in SNI,
+/// but rustls passes it through), and a name whose last label is all digits is left out,
+/// because Dovecot would take it for an IP literal, which RFC 6066 §3 also forbids in SNI.
+/// rustls has already lowercased it; lowercasing again costs nothing.
 fn authority(sni: &str) -> Option<String> {
     let name = sni.strip_suffix('.').unwrap_or(sni);
-    let valid = !name.is_empty()
-        && name.len() <= MAX_AUTHORITY_LEN
-        && name.parse::<IpAddr>().is_err()
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-        // A name whose last label is all digits reads as an address to many parsers.
-        && !name
-            .rsplit('.')
-            .next()
-            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()));
-    valid.then(|| name.to_ascii_lowercase())
+    (crate::dns::is_host_name(name) && !crate::dns::has_numeric_tld(name))
+        .then(|| name.to_ascii_lowercase())
 }
 
 /// A version or cipher string, if it is short printable ASCII.

@@ -20,9 +20,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use time::format_description::well_known::Rfc2822;
 use time::{OffsetDateTime, UtcOffset};
 
-/// Longest Domain (RFC 5321 §4.5.3.1.2) and label (RFC 1035).
-const MAX_DOMAIN: usize = 255;
-const MAX_LABEL: usize = 63;
 /// Longest mailbox put in the `for` clause (RFC 5321 §4.5.3.1.3 path limit).
 const MAX_PATH: usize = 256;
 /// Longest sanitised EHLO text in the `(helo=…)` comment.
@@ -196,20 +193,11 @@ pub fn rfc5322_date(date: OffsetDateTime) -> String {
 /// What [`rfc5322_date`] writes for a date RFC 5322 cannot represent.
 const EPOCH_DATE: &str = "Thu, 01 Jan 1970 00:00:00 +0000";
 
-/// RFC 5321 §4.1.2 Domain: `sub-domain *("." sub-domain)`, `sub-domain = Let-dig [Ldh-str]`.
+/// RFC 5321 §4.1.2 Domain: `sub-domain *("." sub-domain)`, `sub-domain = Let-dig [Ldh-str]`,
+/// which is the shared host-name check. A name of 254 or 255 octets (RFC 5321 §4.5.3.1.2
+/// allows them; DNS cannot hold them) is shown as a `(helo=…)` comment instead.
 fn is_domain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_DOMAIN
-        && s.split('.').all(|label| {
-            let bytes = label.as_bytes();
-            !bytes.is_empty()
-                && bytes.len() <= MAX_LABEL
-                && bytes
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
-                && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-                && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-        })
+    crate::dns::is_host_name(s)
 }
 
 /// `[IPv4]` or `[IPv6:addr]` (RFC 5321 §4.1.3), checked by parsing the address.
