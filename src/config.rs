@@ -442,7 +442,7 @@ pub struct RuntimeConfig {
 impl Config {
     /// Parses YAML text; unknown keys and wrong types are errors that name the key.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
+        yaml_serde::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
     }
 
     /// Checks every value, reporting all problems at once. Relative certificate paths are
