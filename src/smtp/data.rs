@@ -25,6 +25,10 @@
 
 use std::ops::Range;
 
+/// The `.CRLF` that ends message data (RFC 5321 §4.1.1.4): the CRLF before it belongs to the
+/// content, these three octets do not.
+const END_OF_DATA_DOT_LINE: u64 = 3;
+
 /// Which bare line-ending octet refused the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BareLineEnding {
@@ -124,7 +128,7 @@ impl DataScanner {
     /// counted as sent, the final `.CRLF` not counted once the end is seen.
     pub fn size(&self) -> u64 {
         if self.is_done() {
-            self.received.saturating_sub(3)
+            self.received.saturating_sub(END_OF_DATA_DOT_LINE)
         } else {
             self.received
         }

@@ -26,8 +26,15 @@ const MAX_PATH: usize = 256;
 const MAX_HELO_COMMENT: usize = 64;
 /// Used for `by` if the configured hostname is not a Domain (config validation should stop it).
 const FALLBACK_HOSTNAME: &str = "localhost";
-/// Length of a random id.
+/// Length of a random id: 62^12 (about 2^71) values, so ids do not repeat in a log's lifetime.
 const ID_LEN: usize = 12;
+/// Longest caller-chosen id: a session id fits, and the clause stays short.
+const MAX_ID_LEN: usize = 64;
+/// Longest cipher or group name written: IANA names are under 60 characters, so anything
+/// longer is not one and is left out (or written in hex) rather than put in a header.
+const MAX_TLS_NAME_LEN: usize = 128;
+/// RFC 5322 §2.1.1: a line must not exceed 998 characters, CRLF excluded.
+const MAX_LINE_LEN: usize = 998;
 
 /// The `with` protocol (RFC 3848).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +78,7 @@ impl ReceivedId {
 
     /// An id chosen by the caller (e.g. the session id): 1–64 ASCII letters and digits.
     pub fn new(id: &str) -> Option<Self> {
-        (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        (!id.is_empty() && id.len() <= MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric()))
             .then(|| ReceivedId(id.to_owned()))
     }
 
@@ -236,7 +243,7 @@ fn is_tls_cipher_name(s: &str) -> bool {
     let mut bytes = s.bytes();
     bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && s.len() <= 128
+        && s.len() <= MAX_TLS_NAME_LEN
 }
 
 /// RFC 8314 §4.3 `dh-group = ALPHA *(ALPHA / DIGIT / "_" / "-")`.
@@ -244,7 +251,7 @@ fn is_dh_group(s: &str) -> bool {
     let mut bytes = s.bytes();
     bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        && s.len() <= 128
+        && s.len() <= MAX_TLS_NAME_LEN
 }
 
 /// Client text made safe inside a comment: no parentheses, backslash, `;`, quotes, controls,
@@ -272,7 +279,7 @@ fn sanitised_comment(text: &[u8]) -> String {
 pub fn check_received_abnf(header: &str) -> Result<(), String> {
     ensure(header.ends_with("\r\n"), "field does not end with CRLF")?;
     for (i, line) in header.trim_end_matches("\r\n").split("\r\n").enumerate() {
-        ensure(line.len() <= 998, "line too long")?;
+        ensure(line.len() <= MAX_LINE_LEN, "line too long")?;
         ensure(!line.contains('\r') && !line.contains('\n'), "bare CR/LF")?;
         ensure(line.is_ascii(), "8-bit octet")?;
         ensure(
