@@ -754,7 +754,7 @@ mod tests {
         assert_eq!(config.tls.min_version, MinTlsVersion::Tls12);
         assert_eq!(config.tls.handshake_timeout, Duration::from_secs(10));
         assert_eq!(config.limits.smtp_line, 4096);
-        // §9.2 D4: the wait for the final reply to end of data is at least 10 minutes
+        // The wait for the final reply to end of data is at least 10 minutes
         // (RFC 5321 §4.5.3.2.6).
         assert!(config.timeouts.data_reply >= Duration::from_secs(600));
         assert_eq!(config.listeners[0].max_connections, DEFAULT_MAX_CONNECTIONS);

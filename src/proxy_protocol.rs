@@ -6,7 +6,7 @@
 //! session writes first on the backend connection, in one write (§2.2: "the sender must ensure
 //! that all the protocol header is sent at once").
 //!
-//! What is sent, and why (protocol reference §6.2, §9.9):
+//! What is sent, and why (Dovecot's and Postfix's PROXY v2 readers decide what is safe):
 //! - `PP2_TYPE_SSL` only when TLS is up: its `PP2_CLIENT_SSL` bit makes Dovecot treat the session
 //!   as TLS-secured, so it must never be claimed for a cleartext client. `verify` is non-zero
 //!   because no client certificate is ever requested; no CERT bits, no CN.

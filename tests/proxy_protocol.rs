@@ -1,5 +1,5 @@
 //! `backend_proxy_protocol: true`: the backend receives a PROXY protocol v2 header first, naming
-//! the real client (protocol reference §6, §9.9) — checked by a fake backend that, like Postfix
+//! the real client (HAProxy's `doc/proxy-protocol.txt`, v2) — checked by a fake backend that, like Postfix
 //! and Dovecot set up for HAProxy, reads the header before greeting, then behaves as usual.
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -419,7 +419,7 @@ async fn pipelined_mail_rcpt_data_in_one_write_get_replies_in_order() {
     assert!(c.reply().await.starts_with("500 5.5.1"));
     assert!(c.reply().await.starts_with("250"));
     assert!(c.reply().await.starts_with("354"));
-    // End of data and the next commands in one write (§9.2 D3).
+    // End of data and the next commands in one write (RFC 2920: the client may pipeline them).
     c.send("Subject: p\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n")
         .await;
     assert!(c.reply().await.starts_with("250 2.0.0 Ok: queued"));
@@ -446,7 +446,8 @@ async fn bdat_chunks_carry_the_field_in_the_first_chunk_only() {
         .await;
     assert!(c.reply().await.starts_with("250"));
     assert!(c.reply().await.starts_with("250"));
-    // Chunk content that looks like commands and an end of data stays content (§9.1 R13).
+    // Chunk content that looks like commands and an end of data stays content (RFC 3030 §2:
+    // the count alone frames a chunk).
     let chunk1 = b"Subject: bdat\r\n\r\n.\r\nQUIT\r\n";
     let chunk2 = b"binary \x00\xff\r\n";
     c.send(format!("BDAT {}\r\n", chunk1.len())).await;
@@ -1045,7 +1046,7 @@ async fn a_session_written_one_byte_at_a_time_gives_the_same_result() {
     assert_eq!(rest, body);
 }
 
-// ---- Review of §9.1–9.6 and §9.10 edge cases ----
+// ---- Edge cases: Received field, STARTTLS, AUTH limits, pipelining, backend 421, QUIT ----
 
 /// Reads until the proxy ends the connection; `Ok` only for a clean end (close_notify on TLS).
 async fn read_to_close(c: &mut Client) -> std::io::Result<Vec<u8>> {
@@ -1056,7 +1057,7 @@ async fn read_to_close(c: &mut Client) -> std::io::Result<Vec<u8>> {
     Ok(all)
 }
 
-/// §9.1 R1, R7, R10: an empty message and one whose first line starts with a dot each get
+/// An empty message and one whose first line starts with a dot each get
 /// exactly one field on top; after HELO it says `with SMTP`; the pre-TLS EHLO name is gone.
 #[tokio::test]
 async fn empty_and_leading_dot_messages_get_one_field_and_the_pre_tls_ehlo_name_never_appears() {
@@ -1097,7 +1098,7 @@ async fn empty_and_leading_dot_messages_get_one_field_and_the_pre_tls_ehlo_name_
     assert_eq!(r2, dotted);
 }
 
-/// §9.3 T2: `STARTTLS foo` gets 501 and nothing changes: still cleartext, still gated.
+/// `STARTTLS foo` gets 501 (RFC 3207 §4: STARTTLS takes no parameters) and nothing changes: still cleartext, still gated.
 #[tokio::test]
 async fn starttls_with_a_parameter_gets_501_and_the_session_stays_cleartext() {
     let env = env().await;
@@ -1113,7 +1114,7 @@ async fn starttls_with_a_parameter_gets_501_and_the_session_stays_cleartext() {
     assert!(!all.contains("STARTTLS") && !all.contains("MAIL"), "{all}");
 }
 
-/// §9.3 T5 (and T1 for bytes sent after the 220): a failed handshake closes the connection;
+/// A failed handshake after STARTTLS (also with bytes sent after the 220) closes the connection;
 /// the cleartext that broke it never runs and nothing reaches the backend.
 #[tokio::test]
 async fn a_failed_handshake_after_starttls_closes_and_nothing_runs_in_cleartext() {
@@ -1143,7 +1144,7 @@ async fn a_failed_handshake_after_starttls_closes_and_nothing_runs_in_cleartext(
     assert!(!all.contains("evil") && !all.contains("MAIL"), "{all}");
 }
 
-/// §9.4 A5: a 10 000-octet XOAUTH2 initial response is forwarded whole; an AUTH line or a SASL
+/// A 10 000-octet XOAUTH2 initial response is forwarded whole; an AUTH line or a SASL
 /// response over the limit gets `500 5.5.6`, nothing of it is forwarded, and the session goes
 /// on in step (the backend's exchange is cancelled with `*`, its 501 swallowed).
 #[tokio::test]
@@ -1178,7 +1179,7 @@ async fn a_10000_octet_xoauth2_is_forwarded_and_longer_auth_lines_get_500_5_5_6(
     assert!(!all.contains("BBBB") && !all.contains("CCCC"), "{all}");
 }
 
-/// §9.5 P2: a backend that closes on any command sent before its reply to a group-ending
+/// A backend that closes on any command sent before its reply to a group-ending
 /// command (Postfix `smtpd_forbid_unauth_pipelining`), with and without PIPELINING, never
 /// sees mailfront pipeline what the client pipelined.
 #[tokio::test]
@@ -1221,7 +1222,7 @@ async fn nothing_reaches_the_backend_before_the_reply_it_must_wait_for() {
     }
 }
 
-/// §9.5 P3: a backend 421 is relayed and both connections are closed.
+/// A backend 421 is relayed (RFC 5321 §3.8) and both connections are closed.
 #[tokio::test]
 async fn a_backend_421_is_relayed_and_both_sides_are_closed() {
     let options = FakeOptions {
@@ -1253,7 +1254,7 @@ async fn a_bdat_size_past_u64_gets_501_and_the_session_goes_on() {
     assert!(!env.backend.recorder.all_text().contains("BDAT"));
 }
 
-/// §9.10 G2: QUIT gets its 221, then close_notify before the connection ends (RFC 8314 §3.4):
+/// QUIT gets its 221, then close_notify before the connection ends (RFC 8314 §3.4):
 /// rustls reports a TCP end without close_notify as an error.
 #[tokio::test]
 async fn quit_gets_221_then_close_notify_before_the_connection_ends() {
@@ -1264,7 +1265,7 @@ async fn quit_gets_221_then_close_notify_before_the_connection_ends() {
     assert!(rest.is_empty());
 }
 
-/// §9.5 P1 at scale, and bounded memory: thousands of pipelined RCPTs (forwarded without
+/// Pipelining (RFC 2920) at scale, and bounded memory: thousands of pipelined RCPTs (forwarded without
 /// waiting) mixed with locally refused XCLIENTs get every reply, in order.
 #[tokio::test]
 async fn thousands_of_pipelined_commands_with_local_replies_mixed_in_get_every_reply_in_order() {

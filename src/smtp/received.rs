@@ -1,5 +1,5 @@
 //! The Received field mailfront prepends to every message received over TLS
-//! (RFC 5321 §4.4, RFC 3848, RFC 8314 §4.3; protocol-reference §2.1, §9.1):
+//! (RFC 5321 §4.4, RFC 3848, RFC 8314 §4.3):
 //!
 //! ```text
 //! Received: from client.example.org (unknown [192.0.2.10])
@@ -9,10 +9,11 @@
 //! ```
 //!
 //! Clause order follows Opt-info: `with`, `id`, `for`, then the additional-registered `tls` and
-//! `group` clauses (§9.1 R2). TCP-info is `unknown [ip]`, as Postfix writes it when it has no
+//! `group` clauses (RFC 5321 §4.4 Opt-info, RFC 8314 §4.3). TCP-info is `unknown [ip]`, as Postfix writes it when it has no
 //! verified reverse name (mailfront does no DNS). Client text only ever appears after
 //! validation: an EHLO argument that is not a Domain or address literal is replaced by the
-//! address literal of the connection and shown only as a sanitised `(helo=…)` comment (§9.1 R10).
+//! address literal of the connection and shown only as a sanitised `(helo=…)` comment, so no
+//! client text can break the field's grammar.
 //! (Continuation lines start with one TAB.) Lines are folded with CRLF TAB and stay far below 998 octets (RFC 5322 §2.1.1).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -106,7 +107,8 @@ pub struct ReceivedInfo<'a> {
     pub hostname: &'a str,
     pub protocol: WithProtocol,
     pub id: &'a ReceivedId,
-    /// The recipient, only when exactly one RCPT was accepted by the backend (§9.1 R8); path
+    /// The recipient, only when exactly one RCPT was accepted by the backend (RFC 5321 §4.4: with
+    /// several, a `for` clause would reveal the other recipients, RFC 5321 §7.2); path
     /// without angle brackets. Left out unless it is a plain `local@domain` mailbox.
     pub recipient: Option<&'a [u8]>,
     pub cipher: TlsCipher<'a>,
@@ -504,7 +506,7 @@ mod tests {
         }));
         assert!(header.contains("\ttls 0xC02F;\r\n"), "{header}");
         check_abnf(&header);
-        // Debug-style names are not IANA names and never leak (§9.1 R6).
+        // Debug-style names are not IANA names (RFC 8314 §4.3 wants the registry's) and never leak.
         let header = text(received_header(&ReceivedInfo {
             cipher: TlsCipher {
                 iana_name: Some("TLS13_AES_128_GCM_SHA256 (0x1301)"),
