@@ -9,6 +9,7 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use common::*;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
@@ -272,7 +273,10 @@ async fn starttls_smtp_header_carries_tls_and_there_is_only_one() {
         .await
         .unwrap();
     assert!(read_smtp_reply(&mut io).await.starts_with("250"));
-    let auth = format!("AUTH PLAIN {}\r\n", base64_encode(b"\0user\0secret"));
+    let auth = format!(
+        "AUTH PLAIN {}\r\n",
+        BASE64_STANDARD.encode(b"\0user\0secret")
+    );
     io.get_mut().write_all(auth.as_bytes()).await.unwrap();
     assert!(read_smtp_reply(&mut io).await.starts_with("235"));
     io.get_mut().write_all(b"QUIT\r\n").await.unwrap();

@@ -8,6 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use common::*;
 use mailfront::smtp::received::check_received_abnf;
 use mailfront::tls::names::{cipher_suite_name, known_group_name};
@@ -166,7 +167,7 @@ async fn starttls(env: &Env) -> (Client, String, String) {
 fn auth_plain(password: &str) -> String {
     format!(
         "AUTH PLAIN {}",
-        base64_encode(format!("\0user\0{password}").as_bytes())
+        BASE64_STANDARD.encode(format!("\0user\0{password}").as_bytes())
     )
 }
 
@@ -737,7 +738,7 @@ async fn auth_after_tls_is_relayed_with_continuations_cancel_and_outcomes_counte
     assert_eq!(c.cmd("AUTH PLAIN").await, "334 \r\n");
     assert!(c.cmd("QUIT").await.starts_with("535"));
     assert_eq!(c.cmd("AUTH PLAIN").await, "334 \r\n");
-    let response = base64_encode(b"\0user\0secret");
+    let response = BASE64_STANDARD.encode(b"\0user\0secret");
     assert!(c.cmd(&response).await.starts_with("235"));
     assert!(c.cmd(&auth_plain("secret")).await.starts_with("503 5.5.1"));
     let body = b"Subject: auth\r\n\r\nx\r\n";
@@ -1574,7 +1575,7 @@ async fn bare_lf_bare_cr_and_nul_in_command_lines_are_refused_and_never_forwarde
 async fn bare_line_endings_in_auth_continuations_and_cancels_are_refused_and_never_forwarded() {
     let env = env().await;
     let mut c = implicit(&env).await;
-    let secret = base64_encode(b"\0user\0secret");
+    let secret = BASE64_STANDARD.encode(b"\0user\0secret");
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (format!("{secret}\n").into_bytes(), "bare LF"),
         (b"*\n".to_vec(), "bare LF"),
