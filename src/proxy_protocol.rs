@@ -406,4 +406,167 @@ mod tests {
         let ssl = &d.tlvs[0].1;
         assert_eq!(ssl.len(), 5, "only client and verify: {ssl:?}");
     }
+
+    /// The encoder's output read back by the `ppp` crate, a PROXY v2 parser written apart from
+    /// this module, so the encoder is not checked only against the `decode` above.
+    mod decoded_by_ppp {
+        use super::*;
+        use ppp::v2::{Addresses, Command, Header, Protocol, Type, TypeLengthValue, Version};
+
+        fn parse(bytes: &[u8]) -> Header<'_> {
+            let header = Header::try_from(bytes).unwrap();
+            assert_eq!(
+                header.len(),
+                bytes.len(),
+                "the whole header, nothing after it"
+            );
+            assert_eq!(header.version, Version::Two);
+            assert_eq!(header.command, Command::Proxy);
+            assert_eq!(header.protocol, Protocol::Stream);
+            header
+        }
+
+        fn tlvs<'a>(header: &'a Header<'_>) -> Vec<TypeLengthValue<'a>> {
+            header.tlvs().collect::<Result<_, _>>().unwrap()
+        }
+
+        /// The SSL TLV's fields: client bits, verify, then its sub-TLVs, parsed with ppp too
+        /// (sub-TLVs share the TLV layout).
+        fn ssl(value: &[u8]) -> (u8, u32, Vec<(u8, String)>) {
+            let (&client, rest) = value.split_first().unwrap();
+            let (verify, subs) = rest.split_at(4);
+            let subs = ppp::v2::TypeLengthValues::from(subs)
+                .map(|t| {
+                    let t = t.unwrap();
+                    (t.kind, String::from_utf8(t.value.to_vec()).unwrap())
+                })
+                .collect();
+            (client, u32::from_be_bytes(verify.try_into().unwrap()), subs)
+        }
+
+        #[test]
+        fn ipv4_addresses_and_ports() {
+            let bytes = encode_v2(addr("192.0.2.7:50000"), addr("198.51.100.1:587"), None);
+            let header = parse(&bytes);
+            let Addresses::IPv4(ip) = header.addresses else {
+                panic!("{:?}", header.addresses)
+            };
+            assert_eq!(
+                ip.source_address,
+                "192.0.2.7".parse::<std::net::Ipv4Addr>().unwrap()
+            );
+            assert_eq!(ip.source_port, 50000);
+            assert_eq!(
+                ip.destination_address,
+                "198.51.100.1".parse::<std::net::Ipv4Addr>().unwrap()
+            );
+            assert_eq!(ip.destination_port, 587);
+            assert!(tlvs(&header).is_empty(), "no TLV without TLS");
+        }
+
+        #[test]
+        fn ipv6_addresses_and_ports() {
+            let bytes = encode_v2(addr("[2001:db8::1]:40000"), addr("[2001:db8::2]:993"), None);
+            let header = parse(&bytes);
+            let Addresses::IPv6(ip) = header.addresses else {
+                panic!("{:?}", header.addresses)
+            };
+            assert_eq!(
+                ip.source_address,
+                "2001:db8::1".parse::<Ipv6Addr>().unwrap()
+            );
+            assert_eq!(ip.source_port, 40000);
+            assert_eq!(
+                ip.destination_address,
+                "2001:db8::2".parse::<Ipv6Addr>().unwrap()
+            );
+            assert_eq!(ip.destination_port, 993);
+        }
+
+        #[test]
+        fn mixed_families_become_ipv6_with_the_ipv4_side_mapped() {
+            let bytes = encode_v2(addr("192.0.2.7:1"), addr("[2001:db8::2]:993"), None);
+            let Addresses::IPv6(ip) = parse(&bytes).addresses else {
+                panic!("expected IPv6")
+            };
+            assert_eq!(
+                ip.source_address,
+                "::ffff:192.0.2.7".parse::<Ipv6Addr>().unwrap()
+            );
+        }
+
+        #[test]
+        fn ssl_tlv_carries_the_client_bit_verify_version_and_cipher() {
+            let info = tls("TLS_AES_256_GCM_SHA384", None);
+            for (client, local) in [
+                ("192.0.2.7:50000", "198.51.100.1:993"),
+                ("[2001:db8::1]:40000", "[2001:db8::2]:993"),
+            ] {
+                let bytes = encode_v2(addr(client), addr(local), Some(&info));
+                let header = parse(&bytes);
+                let tlvs = tlvs(&header);
+                let ssl_tlvs: Vec<_> = tlvs.iter().filter(|t| t.kind == Type::SSL as u8).collect();
+                assert_eq!(ssl_tlvs.len(), 1, "exactly one SSL TLV");
+                let (client_bits, verify, subs) = ssl(&ssl_tlvs[0].value);
+                assert_eq!(client_bits, 0x01, "PP2_CLIENT_SSL, and no certificate bits");
+                assert_ne!(verify, 0, "no client certificate was verified");
+                assert_eq!(
+                    subs,
+                    vec![
+                        (Type::SSLVersion as u8, "TLSv1.3".to_owned()),
+                        (Type::SSLCipher as u8, "TLS_AES_256_GCM_SHA384".to_owned()),
+                    ]
+                );
+                assert!(
+                    !tlvs.iter().any(|t| t.kind == Type::ALPN as u8),
+                    "ALPN is never sent"
+                );
+            }
+        }
+
+        #[test]
+        fn authority_tlv_carries_the_sni() {
+            let info = tls("TLS_AES_128_GCM_SHA256", Some("MX.Example.Test."));
+            let bytes = encode_v2(addr("192.0.2.7:1"), addr("198.51.100.1:2"), Some(&info));
+            let header = parse(&bytes);
+            let authority: Vec<_> = tlvs(&header)
+                .into_iter()
+                .filter(|t| t.kind == Type::Authority as u8)
+                .map(|t| t.value.to_vec())
+                .collect();
+            assert_eq!(authority, vec![b"mx.example.test".to_vec()]);
+
+            let info = tls("TLS_AES_128_GCM_SHA256", Some("192.0.2.1"));
+            let bytes = encode_v2(addr("192.0.2.7:1"), addr("198.51.100.1:2"), Some(&info));
+            let header = parse(&bytes);
+            assert!(
+                !tlvs(&header)
+                    .iter()
+                    .any(|t| t.kind == Type::Authority as u8)
+            );
+        }
+
+        #[test]
+        fn the_longest_header_parses_whole() {
+            let longest = format!(
+                "{}.{}.{}.{}",
+                "a".repeat(63),
+                "b".repeat(63),
+                "c".repeat(63),
+                "d".repeat(61)
+            );
+            let info = tls(
+                "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+                Some(&longest),
+            );
+            let bytes = encode_v2(
+                addr("[2001:db8::1]:1"),
+                addr("[2001:db8::2]:2"),
+                Some(&info),
+            );
+            let header = parse(&bytes);
+            let kinds: Vec<u8> = tlvs(&header).iter().map(|t| t.kind).collect();
+            assert_eq!(kinds, vec![Type::SSL as u8, Type::Authority as u8]);
+        }
+    }
 }
