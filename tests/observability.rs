@@ -161,6 +161,10 @@ impl Binary {
     }
 
     /// Waits for a log line containing all of `needles`.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a blocking wait on the child process's log lines, outside tokio: wall time is right"
+    )]
     fn wait_for(&mut self, needles: &[&str]) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::time::Instant::now() < deadline {

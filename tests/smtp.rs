@@ -370,7 +370,7 @@ async fn twenty_megabyte_body_streams_through_unchanged() {
         body.extend_from_slice(line);
         i += 1;
     }
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let reply = send_message(&mut c, &body).await;
     assert!(reply.starts_with("250 "), "{reply}");
     let messages = all_messages(&env.backend);
@@ -1307,7 +1307,7 @@ async fn a_client_that_never_reads_its_replies_is_dropped_after_the_idle_timeout
     let env = env_with(FakeOptions::default(), "", "timeouts:\n  idle: 500ms\n").await;
     let mut c = plain(&env).await;
     let batch = b"XCLIENT\r\n".repeat(10_000);
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut sent = 0usize;
     let ended = loop {
         let io = c.io.get_mut();

@@ -5,7 +5,7 @@ pub mod names;
 mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -202,7 +202,8 @@ impl Handshaker {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let started = Instant::now();
+        // tokio's clock, so a test with tokio::time::pause sees the handshake take paused time.
+        let started = tokio::time::Instant::now();
         match tokio::time::timeout(self.timeout, self.acceptor.accept(io)).await {
             Err(_) => Err(HandshakeError {
                 reason: HandshakeFailure::Timeout,
