@@ -122,7 +122,7 @@ impl AsyncWrite for BackendStream {
 ///
 /// The preamble is written straight to the socket in one call on a fresh connection (a few
 /// hundred bytes always fit the send buffer), so the receiver never sees a partial header
-/// (protocol reference §6.1). It is counted in the bytes sent to the backend.
+/// (HAProxy's PROXY spec §2.2 asks for the header at once). It is counted in the bytes sent to the backend.
 pub async fn connect(
     backend: &BackendAddress,
     timeout: Duration,

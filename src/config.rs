@@ -292,50 +292,109 @@ impl Default for LimitsSection {
 }
 
 // Defaults live here, in one place; config.yaml.example documents the same values.
+
+/// A client that has not finished the TLS handshake in 10 s is gone or stalling on purpose: a
+/// real handshake takes a few round trips, well under a second even on a slow mobile link.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often certificate files are checked: a renewed certificate (cert-manager, certbot) is
+/// in service within seconds, and reading two small files every 5 s costs nothing.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// Connecting to the backend, which sits on the same host or network: 10 s is far beyond a
+/// healthy connect and still short enough that the client gets a clear refusal, not a hang.
+pub const DEFAULT_BACKEND_CONNECT: Duration = Duration::from_secs(10);
+/// Silence allowed before authentication or between SMTP commands: RFC 5321 §4.5.3.2.7 asks
+/// a server to wait at least 5 minutes for the next command.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(5 * 60);
+/// The backend's reply after the end of message data: RFC 5321 §4.5.3.2.6 asks the client
+/// to wait 10 minutes for it, and mailfront is that client towards the backend.
+pub const DEFAULT_DATA_REPLY: Duration = Duration::from_secs(10 * 60);
+/// Silence allowed after IMAP/POP3 login: above the 29 minutes after which an IMAP client
+/// re-issues IDLE (RFC 9051 §6.3.13), so idling clients are never cut.
+pub const DEFAULT_RELAY_IDLE: Duration = Duration::from_secs(60 * 60);
+/// On SIGTERM, time for live sessions to finish (a message in flight, a LOGOUT): 30 s covers
+/// them, and deploy/ sets the pod's terminationGracePeriodSeconds (45) above it so Kubernetes
+/// does not kill the process first.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Longest SMTP command line: RFC 5321 §4.5.3.1.4 asks for at least 512 octets, and
+/// extensions (RFC 1870 SIZE, RFC 6531 SMTPUTF8 addresses, RFC 4954 AUTH initial responses)
+/// make real lines longer; eight times the minimum leaves room while still bounding memory.
+pub const DEFAULT_SMTP_LINE: usize = 4096;
+/// Longest IMAP line before authentication: RFC 7162 §4 has clients keep command lines to
+/// about 8192 octets, so a server should accept that much.
+pub const DEFAULT_IMAP_LINE: usize = 8192;
+/// Largest IMAP literal before authentication: a LOGIN or ID argument is at most a few hundred
+/// octets, so 64 KiB bounds memory without refusing any real client.
+pub const DEFAULT_IMAP_LITERAL: usize = 64 * 1024;
+/// Longest POP3 command line: RFC 1939 §3 allows 255 octets per command; twice that leaves
+/// room for long RFC 2449 arguments.
+pub const DEFAULT_POP3_LINE: usize = 512;
+/// IMAP/POP3 commands allowed before authentication succeeds: a real client needs fewer than
+/// ten (CAPABILITY, ID, STARTTLS, AUTHENTICATE and a retry), so 50 only stops a brute force.
+pub const DEFAULT_PREAUTH_COMMANDS: usize = 50;
+
+/// A listener name labels metrics and logs: 64 octets is plenty for a name and keeps label
+/// values short.
+const MAX_LISTENER_NAME: usize = 64;
+
+// The smallest limits that still let a standards-following client work: below them a
+// configuration would refuse legitimate traffic, so validation says so.
+/// RFC 5321 §4.5.3.1.4: a command line of 512 octets must be accepted.
+const MIN_SMTP_LINE: usize = 512;
+/// An IMAP LOGIN line with a long user name and password, or a CAPABILITY-heavy ID, fits 1 KiB.
+const MIN_IMAP_LINE: usize = 1024;
+/// The same for a LOGIN argument sent as a literal.
+const MIN_IMAP_LITERAL: usize = 1024;
+/// RFC 1939 §3: a POP3 command line is at most 255 octets, so that much must be accepted.
+const MIN_POP3_LINE: usize = 255;
+/// At least the login command itself.
+const MIN_PREAUTH_COMMANDS: usize = 1;
+
 fn default_min_version() -> MinTlsVersion {
     MinTlsVersion::Tls12
 }
 fn default_handshake_timeout() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(10))
+    ConfigDuration(DEFAULT_HANDSHAKE_TIMEOUT)
 }
 fn default_reload_interval() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(5))
+    ConfigDuration(DEFAULT_RELOAD_INTERVAL)
 }
 fn default_log_level() -> String {
     "info".to_owned()
 }
 fn default_backend_connect() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(10))
+    ConfigDuration(DEFAULT_BACKEND_CONNECT)
 }
 fn default_idle() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(300))
+    ConfigDuration(DEFAULT_IDLE)
 }
 fn default_data_reply() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(600))
+    ConfigDuration(DEFAULT_DATA_REPLY)
 }
 fn default_relay_idle() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(3600))
+    ConfigDuration(DEFAULT_RELAY_IDLE)
 }
 fn default_shutdown_grace() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(30))
+    ConfigDuration(DEFAULT_SHUTDOWN_GRACE)
 }
 fn default_smtp_line() -> usize {
-    4096
+    DEFAULT_SMTP_LINE
 }
 fn default_imap_line() -> usize {
-    8192
+    DEFAULT_IMAP_LINE
 }
 fn default_imap_literal() -> usize {
-    65536
+    DEFAULT_IMAP_LITERAL
 }
 fn default_pop3_line() -> usize {
-    512
+    DEFAULT_POP3_LINE
 }
 fn default_preauth_commands() -> usize {
-    50
+    DEFAULT_PREAUTH_COMMANDS
 }
 
-/// Default cap on concurrent sessions per listener.
+/// Default cap on concurrent sessions per listener: an idle TLS session costs mailfront some
+/// tens of KiB, so 10,000 fit in a few hundred MiB, and the cap keeps a flood from taking the
+/// process (or the backend's process limit) down before it is noticed.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// A backend address: kept as written, because a DNS name is resolved at each connect.
@@ -368,15 +427,9 @@ fn parse_backend(text: &str) -> Result<BackendAddress, String> {
     let port: u16 = port
         .parse()
         .map_err(|_| format!("{text:?} has no valid port"))?;
-    let valid_name = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
+    // Resolved at each connect, so only a host name is worth accepting: a name the resolver
+    // could never look up fails here, at startup, instead of at the first client.
+    let valid_name = crate::dns::is_host_name(host);
     if !valid_name {
         return Err(format!("{host:?} is neither an IP address nor a DNS name"));
     }
@@ -448,7 +501,7 @@ pub struct RuntimeConfig {
 impl Config {
     /// Parses YAML text; unknown keys and wrong types are errors that name the key.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
+        yaml_serde::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
     }
 
     /// Checks every value, reporting all problems at once. Relative certificate paths are
@@ -458,7 +511,8 @@ impl Config {
         let mut problem =
             |key: String, message: String| problems.push(ConfigProblem { key, message });
 
-        if !is_valid_hostname(&self.hostname) {
+        // Written into SMTP greetings, EHLO replies and Received fields (RFC 5321 §4.1.2 Domain).
+        if !crate::dns::is_host_name(&self.hostname) {
             problem(
                 "hostname".into(),
                 format!("{:?} is not a valid DNS host name", self.hostname),
@@ -493,14 +547,17 @@ impl Config {
         for (i, l) in self.listeners.iter().enumerate() {
             let key = |field: &str| format!("listeners[{i}].{field}");
             let name_ok = !l.name.is_empty()
-                && l.name.len() <= 64
+                && l.name.len() <= MAX_LISTENER_NAME
                 && l.name
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !name_ok {
                 problem(
                     key("name"),
-                    format!("{:?} must be 1-64 letters, digits, '-' or '_'", l.name),
+                    format!(
+                        "{:?} must be 1-{MAX_LISTENER_NAME} letters, digits, '-' or '_'",
+                        l.name
+                    ),
                 );
             } else if !names.insert(l.name.clone()) {
                 problem(
@@ -596,11 +653,15 @@ impl Config {
 
         let lim = &self.limits;
         for (name, value, minimum) in [
-            ("limits.smtp_line", lim.smtp_line, 512),
-            ("limits.imap_line", lim.imap_line, 1024),
-            ("limits.imap_literal", lim.imap_literal, 1024),
-            ("limits.pop3_line", lim.pop3_line, 255),
-            ("limits.preauth_commands", lim.preauth_commands, 1),
+            ("limits.smtp_line", lim.smtp_line, MIN_SMTP_LINE),
+            ("limits.imap_line", lim.imap_line, MIN_IMAP_LINE),
+            ("limits.imap_literal", lim.imap_literal, MIN_IMAP_LITERAL),
+            ("limits.pop3_line", lim.pop3_line, MIN_POP3_LINE),
+            (
+                "limits.preauth_commands",
+                lim.preauth_commands,
+                MIN_PREAUTH_COMMANDS,
+            ),
         ] {
             if value < minimum {
                 problem(
@@ -658,20 +719,6 @@ pub fn load(path: Option<&Path>) -> Result<RuntimeConfig, ConfigError> {
     }
 }
 
-fn is_valid_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,7 +754,7 @@ mod tests {
         assert_eq!(config.tls.min_version, MinTlsVersion::Tls12);
         assert_eq!(config.tls.handshake_timeout, Duration::from_secs(10));
         assert_eq!(config.limits.smtp_line, 4096);
-        // §9.2 D4: the wait for the final reply to end of data is at least 10 minutes
+        // The wait for the final reply to end of data is at least 10 minutes
         // (RFC 5321 §4.5.3.2.6).
         assert!(config.timeouts.data_reply >= Duration::from_secs(600));
         assert_eq!(config.listeners[0].max_connections, DEFAULT_MAX_CONNECTIONS);
@@ -801,6 +848,9 @@ mod tests {
         );
         assert!(parse_backend("dovecot").is_err());
         assert!(parse_backend("bad_name:1").is_err());
+        assert!(parse_backend("-bad.example:1").is_err());
+        assert!(parse_backend("bad-.example:1").is_err());
+        assert!(parse_backend("a..b:1").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`backend`]: connecting to the cleartext backend with a deadline; byte counting.
 //! - [`proxy_protocol`]: the HAProxy PROXY v2 header optionally sent first to the backend.
 //! - [`relay`]: the byte relay used once a protocol no longer needs parsing.
+//! - `dns`: the one DNS host-name check used by config, SMTP and PROXY v2.
 //! - [`line`](mod@line): bounded line framing shared by the three protocol codecs.
 //! - [`smtp`], [`imap`], [`pop3`]: sans-I/O codecs and rewriters plus the session drivers.
 //! - [`metrics`]: Prometheus handles and the `/metrics`, `/healthz`, `/readyz` endpoint.
@@ -16,6 +17,7 @@
 
 pub mod backend;
 pub mod config;
+pub(crate) mod dns;
 pub mod imap;
 pub mod line;
 pub mod metrics;

@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -98,12 +99,18 @@ fn histogram(
     Ok(h)
 }
 
+/// Handshake and connect latencies in seconds: 1 ms (a local backend) up to 10 s (the
+/// default handshake and connect timeouts), roughly ×2.5 per step.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+/// Session durations in seconds: a probe or failed login ends in under a second, a
+/// submission in seconds, an IMAP session with IDLE lasts hours (4 h top bucket).
 const SESSION_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
 ];
+/// Message sizes in octets: 1 KiB to 64 MiB by ×4, covering a bare notification up to the
+/// largest attachments mail servers commonly accept.
 const SIZE_BUCKETS: &[f64] = &[
     1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
 ];
@@ -450,6 +457,13 @@ fn route(
     }
 }
 
+/// Pause after a failed accept (for example EMFILE): long enough not to spin on a persistent
+/// error, short enough that the endpoint recovers as soon as descriptors free up.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// A scraper sends its request at once; a connection that has not sent its headers in 10 s is
+/// idle or hostile and would otherwise hold a task forever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin endpoint on an already-bound listener until `shutdown` fires.
 pub async fn serve_admin(
     listener: TcpListener,
@@ -466,7 +480,7 @@ pub async fn serve_admin(
             Ok(pair) => pair,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics endpoint accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 continue;
             }
         };
@@ -480,7 +494,7 @@ pub async fn serve_admin(
             let io = hyper_util::rt::TokioIo::new(stream);
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(io, service);
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "metrics connection ended with an error");

@@ -6,7 +6,7 @@
 //! session writes first on the backend connection, in one write (§2.2: "the sender must ensure
 //! that all the protocol header is sent at once").
 //!
-//! What is sent, and why (protocol reference §6.2, §9.9):
+//! What is sent, and why (Dovecot's and Postfix's PROXY v2 readers decide what is safe):
 //! - `PP2_TYPE_SSL` only when TLS is up: its `PP2_CLIENT_SSL` bit makes Dovecot treat the session
 //!   as TLS-secured, so it must never be claimed for a cleartext client. `verify` is non-zero
 //!   because no client certificate is ever requested; no CERT bits, no CN.
@@ -44,7 +44,7 @@ pub const VERIFY_NO_CLIENT_CERT: u32 = 1;
 /// Dovecot's limit (1500) is larger.
 pub const POSTFIX_HEADER_LIMIT: usize = 536;
 /// Longest DNS name sent as AUTHORITY (RFC 1035 §2.3.4, without the root dot).
-pub const MAX_AUTHORITY_LEN: usize = 253;
+pub const MAX_AUTHORITY_LEN: usize = crate::dns::MAX_NAME_LEN;
 /// Longest TLS version or cipher string put in an SSL sub-TLV. IANA cipher names are at most
 /// about 50 characters; anything longer (an unexpected label) is left out rather than truncated.
 pub const MAX_SSL_STRING_LEN: usize = 64;
@@ -122,27 +122,15 @@ fn encode(client: SocketAddr, local: SocketAddr, tls: Option<&SslDetails<'_>>) -
     header
 }
 
-/// The SNI as AUTHORITY, if it is a DNS host name Dovecot will accept: letters, digits and
-/// hyphens in labels of 1-63 octets, no hyphen at a label's ends, at most 253 octets, not an IP
-/// literal (§9.9 X4). rustls has already lowercased it; lowercasing again costs nothing.
+/// The SNI as AUTHORITY, if it is a DNS host name Dovecot will accept (see [`crate::dns`]).
+/// On top of the shared check: a trailing root dot is dropped (RFC 6066 §3 forbids it in SNI,
+/// but rustls passes it through), and a name whose last label is all digits is left out,
+/// because Dovecot would take it for an IP literal, which RFC 6066 §3 also forbids in SNI.
+/// rustls has already lowercased it; lowercasing again costs nothing.
 fn authority(sni: &str) -> Option<String> {
     let name = sni.strip_suffix('.').unwrap_or(sni);
-    let valid = !name.is_empty()
-        && name.len() <= MAX_AUTHORITY_LEN
-        && name.parse::<IpAddr>().is_err()
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-        // A name whose last label is all digits reads as an address to many parsers.
-        && !name
-            .rsplit('.')
-            .next()
-            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()));
-    valid.then(|| name.to_ascii_lowercase())
+    (crate::dns::is_host_name(name) && !crate::dns::has_numeric_tld(name))
+        .then(|| name.to_ascii_lowercase())
 }
 
 /// A version or cipher string, if it is short printable ASCII.
@@ -453,5 +441,174 @@ mod tests {
         ));
         let ssl = &d.tlvs[0].1;
         assert_eq!(ssl.len(), 5, "only client and verify: {ssl:?}");
+    }
+
+    /// The encoder's output read back by the `ppp` crate, a PROXY v2 parser written apart from
+    /// this module, so the encoder is not checked only against the `decode` above.
+    mod decoded_by_ppp {
+        use super::*;
+        use ppp::v2::{Addresses, Command, Header, Protocol, Type, TypeLengthValue, Version};
+
+        fn parse(bytes: &[u8]) -> Header<'_> {
+            let header = Header::try_from(bytes).unwrap();
+            assert_eq!(
+                header.len(),
+                bytes.len(),
+                "the whole header, nothing after it"
+            );
+            assert_eq!(header.version, Version::Two);
+            assert_eq!(header.command, Command::Proxy);
+            assert_eq!(header.protocol, Protocol::Stream);
+            header
+        }
+
+        fn tlvs<'a>(header: &'a Header<'_>) -> Vec<TypeLengthValue<'a>> {
+            header.tlvs().collect::<Result<_, _>>().unwrap()
+        }
+
+        /// The SSL TLV's fields: client bits, verify, then its sub-TLVs, parsed with ppp too
+        /// (sub-TLVs share the TLV layout).
+        fn ssl(value: &[u8]) -> (u8, u32, Vec<(u8, String)>) {
+            let (&client, rest) = value.split_first().unwrap();
+            let (verify, subs) = rest.split_at(4);
+            let subs = ppp::v2::TypeLengthValues::from(subs)
+                .map(|t| {
+                    let t = t.unwrap();
+                    (t.kind, String::from_utf8(t.value.to_vec()).unwrap())
+                })
+                .collect();
+            (client, u32::from_be_bytes(verify.try_into().unwrap()), subs)
+        }
+
+        #[test]
+        fn ipv4_addresses_and_ports() {
+            let bytes = encode_v2(addr("192.0.2.7:50000"), addr("198.51.100.1:587"), None);
+            let header = parse(&bytes);
+            let Addresses::IPv4(ip) = header.addresses else {
+                panic!("{:?}", header.addresses)
+            };
+            assert_eq!(
+                ip.source_address,
+                "192.0.2.7".parse::<std::net::Ipv4Addr>().unwrap()
+            );
+            assert_eq!(ip.source_port, 50000);
+            assert_eq!(
+                ip.destination_address,
+                "198.51.100.1".parse::<std::net::Ipv4Addr>().unwrap()
+            );
+            assert_eq!(ip.destination_port, 587);
+            assert!(tlvs(&header).is_empty(), "no TLV without TLS");
+        }
+
+        #[test]
+        fn ipv6_addresses_and_ports() {
+            let bytes = encode_v2(addr("[2001:db8::1]:40000"), addr("[2001:db8::2]:993"), None);
+            let header = parse(&bytes);
+            let Addresses::IPv6(ip) = header.addresses else {
+                panic!("{:?}", header.addresses)
+            };
+            assert_eq!(
+                ip.source_address,
+                "2001:db8::1".parse::<Ipv6Addr>().unwrap()
+            );
+            assert_eq!(ip.source_port, 40000);
+            assert_eq!(
+                ip.destination_address,
+                "2001:db8::2".parse::<Ipv6Addr>().unwrap()
+            );
+            assert_eq!(ip.destination_port, 993);
+        }
+
+        #[test]
+        fn mixed_families_become_ipv6_with_the_ipv4_side_mapped() {
+            let bytes = encode_v2(addr("192.0.2.7:1"), addr("[2001:db8::2]:993"), None);
+            let Addresses::IPv6(ip) = parse(&bytes).addresses else {
+                panic!("expected IPv6")
+            };
+            assert_eq!(
+                ip.source_address,
+                "::ffff:192.0.2.7".parse::<Ipv6Addr>().unwrap()
+            );
+        }
+
+        #[test]
+        fn ssl_tlv_carries_the_client_bit_verify_version_and_cipher() {
+            let info = tls(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384, None);
+            for (client, local) in [
+                ("192.0.2.7:50000", "198.51.100.1:993"),
+                ("[2001:db8::1]:40000", "[2001:db8::2]:993"),
+            ] {
+                let bytes = encode_v2(addr(client), addr(local), Some(&info));
+                let header = parse(&bytes);
+                let tlvs = tlvs(&header);
+                let ssl_tlvs: Vec<_> = tlvs.iter().filter(|t| t.kind == Type::SSL as u8).collect();
+                assert_eq!(ssl_tlvs.len(), 1, "exactly one SSL TLV");
+                let (client_bits, verify, subs) = ssl(&ssl_tlvs[0].value);
+                assert_eq!(client_bits, 0x01, "PP2_CLIENT_SSL, and no certificate bits");
+                assert_ne!(verify, 0, "no client certificate was verified");
+                assert_eq!(
+                    subs,
+                    vec![
+                        (Type::SSLVersion as u8, "TLSv1.3".to_owned()),
+                        (Type::SSLCipher as u8, "TLS_AES_256_GCM_SHA384".to_owned()),
+                    ]
+                );
+                assert!(
+                    !tlvs.iter().any(|t| t.kind == Type::ALPN as u8),
+                    "ALPN is never sent"
+                );
+            }
+        }
+
+        #[test]
+        fn authority_tlv_carries_the_sni() {
+            let info = tls(
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+                Some("MX.Example.Test."),
+            );
+            let bytes = encode_v2(addr("192.0.2.7:1"), addr("198.51.100.1:2"), Some(&info));
+            let header = parse(&bytes);
+            let authority: Vec<_> = tlvs(&header)
+                .into_iter()
+                .filter(|t| t.kind == Type::Authority as u8)
+                .map(|t| t.value.to_vec())
+                .collect();
+            assert_eq!(authority, vec![b"mx.example.test".to_vec()]);
+
+            let info = tls(
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+                Some("192.0.2.1"),
+            );
+            let bytes = encode_v2(addr("192.0.2.7:1"), addr("198.51.100.1:2"), Some(&info));
+            let header = parse(&bytes);
+            assert!(
+                !tlvs(&header)
+                    .iter()
+                    .any(|t| t.kind == Type::Authority as u8)
+            );
+        }
+
+        #[test]
+        fn the_longest_header_parses_whole() {
+            let longest = format!(
+                "{}.{}.{}.{}",
+                "a".repeat(63),
+                "b".repeat(63),
+                "c".repeat(63),
+                "d".repeat(61)
+            );
+            let info = tls(
+                rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                Some(&longest),
+            );
+            let bytes = encode_v2(
+                addr("[2001:db8::1]:1"),
+                addr("[2001:db8::2]:2"),
+                Some(&info),
+            );
+            let header = parse(&bytes);
+            let kinds: Vec<u8> = tlvs(&header).iter().map(|t| t.kind).collect();
+            assert_eq!(kinds, vec![Type::SSL as u8, Type::Authority as u8]);
+        }
     }
 }

@@ -18,6 +18,15 @@ pub enum RelayEnd {
     Error(std::io::Error),
 }
 
+/// Copy buffer per direction: tokio's default is 8 KiB; 16 KiB matches a full TLS record
+/// (RFC 8446 §5.1), so one record's plaintext moves in one write.
+const RELAY_BUFFER: usize = 16 * 1024;
+/// The idle timeout is checked this many times per period, so a session is closed at most a
+/// quarter period late, without a timer reset per byte.
+const IDLE_CHECKS_PER_PERIOD: u32 = 4;
+/// Floor for the check interval, so a tiny configured timeout cannot make the loop spin.
+const MIN_IDLE_TICK: Duration = Duration::from_millis(10);
+
 /// Copies bytes both ways until both sides close, an error, or `idle` passes with no byte moved.
 ///
 /// tokio's `copy_bidirectional` does the copying (half-close aware, no per-byte work); the
@@ -32,9 +41,10 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let copy = tokio::io::copy_bidirectional_with_sizes(client, backend, 16 * 1024, 16 * 1024);
+    let copy =
+        tokio::io::copy_bidirectional_with_sizes(client, backend, RELAY_BUFFER, RELAY_BUFFER);
     tokio::pin!(copy);
-    let tick = (idle / 4).max(Duration::from_millis(10));
+    let tick = (idle / IDLE_CHECKS_PER_PERIOD).max(MIN_IDLE_TICK);
     let mut last_total = counters.total();
     let mut quiet = Duration::ZERO;
     loop {

@@ -1,5 +1,5 @@
 //! `backend_proxy_protocol: true`: the backend receives a PROXY protocol v2 header first, naming
-//! the real client (protocol reference §6, §9.9) — checked by a fake backend that, like Postfix
+//! the real client (HAProxy's `doc/proxy-protocol.txt`, v2) — checked by a fake backend that, like Postfix
 //! and Dovecot set up for HAProxy, reads the header before greeting, then behaves as usual.
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -9,6 +9,7 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use common::*;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
@@ -272,7 +273,10 @@ async fn starttls_smtp_header_carries_tls_and_there_is_only_one() {
         .await
         .unwrap();
     assert!(read_smtp_reply(&mut io).await.starts_with("250"));
-    let auth = format!("AUTH PLAIN {}\r\n", base64_encode(b"\0user\0secret"));
+    let auth = format!(
+        "AUTH PLAIN {}\r\n",
+        BASE64_STANDARD.encode(b"\0user\0secret")
+    );
     io.get_mut().write_all(auth.as_bytes()).await.unwrap();
     assert!(read_smtp_reply(&mut io).await.starts_with("235"));
     io.get_mut().write_all(b"QUIT\r\n").await.unwrap();

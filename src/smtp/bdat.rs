@@ -1,9 +1,11 @@
 //! BDAT chunk framing (RFC 3030 §2): exactly `size` octets follow the command line, binary,
-//! never dot-stuffed, never scanned for an end marker and never parsed as commands (§9.1 R13).
+//! never dot-stuffed, never scanned for an end marker and never parsed as commands (RFC 3030 §2:
+//! the count alone frames the chunk, so content that looks like commands stays content).
 //!
 //! To prepend the Received field, the first chunk of each transaction is forwarded as
 //! `BDAT <size + header_len> [LAST]` followed by the header and then the client's octets
-//! (protocol-reference §2.7); later chunks keep their command line. RSET or a new MAIL makes the
+//! (RFC 3030 §2: the size counts every octet of the chunk, so it must grow with the field);
+//! later chunks keep their command line. RSET or a new MAIL makes the
 //! next chunk a first chunk again. A refused BDAT still has its octets consumed and dropped.
 //!
 //! Smuggling (CVE-2023-51764 family): chunk content is framed by count, but a message received

@@ -4,8 +4,9 @@
 //! `<CRLF>.<CRLF>` ends it (§4.1.1.4), the scanner starting "just after CRLF" so a first line
 //! of `.` ends an empty message.
 //!
-//! Policy "reject" against smuggling (CVE-2023-51764 family, protocol-reference §2.8, §9.2 D1–D3):
-//! a bare LF or bare CR (§2.3.8) refuses the message. The scanner guarantees that the bytes it
+//! Policy "reject" against smuggling (CVE-2023-51764 family): a bare LF or bare CR (RFC 5321
+//! §2.3.8 forbids them in content) refuses the message, because a backend or a later hop that
+//! ends lines differently would otherwise see a second message mailfront never judged. The scanner guarantees that the bytes it
 //! lets the driver forward are always a prefix of a stream with CRLF-only line ends: a CR is
 //! held back until the next byte proves it is followed by LF, and forwarding stops just before
 //! the first bare CR/LF. So no lenient backend can ever find `<LF>.<LF>`, `<CR>.<CR>`,
@@ -24,6 +25,10 @@
 //! [`local_reply::BARE_LINE_ENDING`]: crate::smtp::local_reply::BARE_LINE_ENDING
 
 use std::ops::Range;
+
+/// The `.CRLF` that ends message data (RFC 5321 §4.1.1.4): the CRLF before it belongs to the
+/// content, these three octets do not.
+const END_OF_DATA_DOT_LINE: u64 = 3;
 
 /// Which bare line-ending octet refused the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +129,7 @@ impl DataScanner {
     /// counted as sent, the final `.CRLF` not counted once the end is seen.
     pub fn size(&self) -> u64 {
         if self.is_done() {
-            self.received.saturating_sub(3)
+            self.received.saturating_sub(END_OF_DATA_DOT_LINE)
         } else {
             self.received
         }

@@ -3,19 +3,21 @@
 //! The client sees the backend's EHLO keywords, except:
 //! - STARTTLS, XCLIENT and XFORWARD are always removed: the backend's STARTTLS is never ours
 //!   to offer (RFC 3207 §4.2: never after TLS), and the X-commands only work because the
-//!   backend trusts mailfront's address (protocol-reference §2.11, §9.4 A7).
+//!   backend trusts mailfront's address (offered to a client, they would let it set its own
+//!   login and address on the backend).
 //! - Before TLS, AUTH (and legacy `AUTH=` lines) and REQUIRETLS are removed (RFC 4954 §9,
 //!   RFC 8314 §4.1; RFC 8689: only in a TLS session), and on a `starttls` listener our own
 //!   STARTTLS is added.
 //! - After TLS, AUTH is kept without the mechanisms mailfront cannot relay: EXTERNAL (the
 //!   backend never sees the client certificate), GSSAPI, GS2-KRB5 and DIGEST-MD5 (they can
-//!   negotiate a security layer that would make the rest of the session opaque,
-//!   protocol-reference §2.5, §9.4 A6). REQUIRETLS is kept only when the backend advertised it.
+//!   negotiate a security layer (RFC 4422 §3.7) that would make the rest of the session
+//!   opaque). REQUIRETLS is kept only when the backend advertised it.
 //! - BINARYMIME is removed: mailfront holds BDAT content to CRLF line ends like DATA content
 //!   (smuggling defence, see [`crate::smtp::bdat`]), so a binary body could not pass.
 //! - `SIZE n` optionally shrinks by a reserve for the Received field mailfront adds, so a
-//!   message that passes `MAIL SIZE=` is not refused with 552 because of it (§9.1 D5).
-//! - The first line's domain becomes mailfront's hostname when one is given (§9.5 P5); the
+//!   message that passes `MAIL SIZE=` (RFC 1870) is not refused with 552 because of it.
+//! - The first line's domain becomes mailfront's hostname when one is given (the backend's
+//!   name is an internal host's); the
 //!   rest of that line is kept.
 //!
 //! Everything else passes unchanged, text byte-exact; the continuation markers are rebuilt so

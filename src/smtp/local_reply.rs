@@ -1,4 +1,4 @@
-//! Replies mailfront writes itself (protocol-reference §2.12). Each carries an enhanced status
+//! Replies mailfront writes itself (codes per RFC 5321 §4.2.2). Each carries an enhanced status
 //! code (RFC 3463) whether or not the backend advertises ENHANCEDSTATUSCODES: clients decide by
 //! the three-digit code.
 
@@ -49,7 +49,8 @@ pub const BDAT_NOT_SUPPORTED: &[u8] = b"502 5.5.1 Error: command not implemented
 pub const BARE_LINE_ENDING: &[u8] =
     b"554 5.6.0 Message refused: bare CR or LF in message content\r\n";
 
-/// The greeting mailfront sends (RFC 5321 §4.2, §9.5 P5: the configured hostname).
+/// The greeting mailfront sends (RFC 5321 §4.2): it names the configured hostname, because the
+/// backend's own greeting may name an internal host.
 pub fn greeting(hostname: &str) -> Vec<u8> {
     format!("220 {} ESMTP\r\n", reply_text(hostname)).into_bytes()
 }
@@ -65,7 +66,7 @@ pub fn cleartext_ehlo(hostname: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// mailfront's answer to HELO: the backend's 250 text would name the backend (§9.5 P5).
+/// mailfront's answer to HELO: the backend's 250 text would name the backend, an internal host.
 pub fn helo_reply(hostname: &str) -> Vec<u8> {
     format!("250 {}\r\n", reply_text(hostname)).into_bytes()
 }

@@ -4,7 +4,7 @@
 //! the rules below allow it.
 //!
 //! Rule order (first match wins):
-//! 1. XCLIENT/XFORWARD → `500 5.5.1`, in every state (protocol-reference §2.11: the backend
+//! 1. XCLIENT/XFORWARD → `500 5.5.1`, in every state (the backend
 //!    trusts mailfront's address, so a forwarded `XCLIENT LOGIN=` is an authentication bypass).
 //! 2. STARTTLS → `554 5.5.1` when TLS is active or the listener is implicit; `501 5.5.4` with
 //!    parameters; otherwise [`Verdict::StartTls`] (RFC 3207 §4). Never forwarded.

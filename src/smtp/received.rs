@@ -1,5 +1,5 @@
 //! The Received field mailfront prepends to every message received over TLS
-//! (RFC 5321 §4.4, RFC 3848, RFC 8314 §4.3; protocol-reference §2.1, §9.1):
+//! (RFC 5321 §4.4, RFC 3848, RFC 8314 §4.3):
 //!
 //! ```text
 //! Received: from client.example.org (unknown [192.0.2.10])
@@ -9,27 +9,33 @@
 //! ```
 //!
 //! Clause order follows Opt-info: `with`, `id`, `for`, then the additional-registered `tls` and
-//! `group` clauses (§9.1 R2). TCP-info is `unknown [ip]`, as Postfix writes it when it has no
+//! `group` clauses (RFC 5321 §4.4 Opt-info, RFC 8314 §4.3). TCP-info is `unknown [ip]`, as Postfix writes it when it has no
 //! verified reverse name (mailfront does no DNS). Client text only ever appears after
 //! validation: an EHLO argument that is not a Domain or address literal is replaced by the
-//! address literal of the connection and shown only as a sanitised `(helo=…)` comment (§9.1 R10).
+//! address literal of the connection and shown only as a sanitised `(helo=…)` comment, so no
+//! client text can break the field's grammar.
 //! (Continuation lines start with one TAB.) Lines are folded with CRLF TAB and stay far below 998 octets (RFC 5322 §2.1.1).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use time::OffsetDateTime;
+use time::format_description::well_known::Rfc2822;
+use time::{OffsetDateTime, UtcOffset};
 
-/// Longest Domain (RFC 5321 §4.5.3.1.2) and label (RFC 1035).
-const MAX_DOMAIN: usize = 255;
-const MAX_LABEL: usize = 63;
 /// Longest mailbox put in the `for` clause (RFC 5321 §4.5.3.1.3 path limit).
 const MAX_PATH: usize = 256;
 /// Longest sanitised EHLO text in the `(helo=…)` comment.
 const MAX_HELO_COMMENT: usize = 64;
 /// Used for `by` if the configured hostname is not a Domain (config validation should stop it).
 const FALLBACK_HOSTNAME: &str = "localhost";
-/// Length of a random id.
+/// Length of a random id: 62^12 (about 2^71) values, so ids do not repeat in a log's lifetime.
 const ID_LEN: usize = 12;
+/// Longest caller-chosen id: a session id fits, and the clause stays short.
+const MAX_ID_LEN: usize = 64;
+/// Longest cipher or group name written: IANA names are under 60 characters, so anything
+/// longer is not one and is left out (or written in hex) rather than put in a header.
+const MAX_TLS_NAME_LEN: usize = 128;
+/// RFC 5322 §2.1.1: a line must not exceed 998 characters, CRLF excluded.
+const MAX_LINE_LEN: usize = 998;
 
 /// The `with` protocol (RFC 3848).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +79,7 @@ impl ReceivedId {
 
     /// An id chosen by the caller (e.g. the session id): 1–64 ASCII letters and digits.
     pub fn new(id: &str) -> Option<Self> {
-        (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        (!id.is_empty() && id.len() <= MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric()))
             .then(|| ReceivedId(id.to_owned()))
     }
 
@@ -112,7 +118,8 @@ pub struct ReceivedInfo<'a> {
     pub hostname: &'a str,
     pub protocol: WithProtocol,
     pub id: &'a ReceivedId,
-    /// The recipient, only when exactly one RCPT was accepted by the backend (§9.1 R8); path
+    /// The recipient, only when exactly one RCPT was accepted by the backend (RFC 5321 §4.4: with
+    /// several, a `for` clause would reveal the other recipients, RFC 5321 §7.2); path
     /// without angle brackets. Left out unless it is a plain `local@domain` mailbox.
     pub recipient: Option<&'a [u8]>,
     pub cipher: TlsCipher<'a>,
@@ -190,47 +197,27 @@ pub fn address_literal(ip: IpAddr) -> String {
     }
 }
 
-/// RFC 5322 §3.3 date-time, 4-digit year, numeric zone: `Sun, 22 Nov 2026 12:00:00 +0000`.
+/// RFC 5322 §3.3 date-time as `time`'s RFC 2822 format writes it:
+/// `Sun, 22 Nov 2026 12:00:00 +0000`. That is the form RFC 5322 §3.3 asks generators for: a
+/// day-of-week, a two-digit day (`1*2DIGIT`, zero-padded), a four-digit year of 1900 or later
+/// and a numeric `+hhmm`/`-hhmm` zone, never an obsolete zone name.
 pub fn rfc5322_date(date: OffsetDateTime) -> String {
-    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let day = DAYS
-        .get(usize::from(date.weekday().number_days_from_monday()))
-        .unwrap_or(&"Mon");
-    let month = MONTHS
-        .get(usize::from(u8::from(date.month())).saturating_sub(1))
-        .unwrap_or(&"Jan");
-    let offset = date.offset().whole_minutes();
-    let sign = if offset < 0 { '-' } else { '+' };
-    let offset = offset.unsigned_abs();
-    format!(
-        "{day}, {:02} {month} {:04} {:02}:{:02}:{:02} {sign}{:02}{:02}",
-        date.day(),
-        date.year().clamp(1900, 9999),
-        date.hour(),
-        date.minute(),
-        date.second(),
-        offset / 60,
-        offset % 60
-    )
+    // `time` refuses a year before 1900 and an offset with seconds, which RFC 5322 cannot
+    // express: retry in UTC (drops offset seconds), and for a clock that far off write the
+    // epoch, so the field stays well-formed rather than the message being refused.
+    date.format(&Rfc2822)
+        .or_else(|_| date.to_offset(UtcOffset::UTC).format(&Rfc2822))
+        .unwrap_or_else(|_| EPOCH_DATE.to_owned())
 }
 
-/// RFC 5321 §4.1.2 Domain: `sub-domain *("." sub-domain)`, `sub-domain = Let-dig [Ldh-str]`.
+/// What [`rfc5322_date`] writes for a date RFC 5322 cannot represent.
+const EPOCH_DATE: &str = "Thu, 01 Jan 1970 00:00:00 +0000";
+
+/// RFC 5321 §4.1.2 Domain: `sub-domain *("." sub-domain)`, `sub-domain = Let-dig [Ldh-str]`,
+/// which is the shared host-name check. A name of 254 or 255 octets (RFC 5321 §4.5.3.1.2
+/// allows them; DNS cannot hold them) is shown as a `(helo=…)` comment instead.
 fn is_domain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_DOMAIN
-        && s.split('.').all(|label| {
-            let bytes = label.as_bytes();
-            !bytes.is_empty()
-                && bytes.len() <= MAX_LABEL
-                && bytes
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
-                && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-                && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-        })
+    crate::dns::is_host_name(s)
 }
 
 /// `[IPv4]` or `[IPv6:addr]` (RFC 5321 §4.1.3), checked by parsing the address.
@@ -269,7 +256,7 @@ fn is_tls_cipher_name(s: &str) -> bool {
     let mut bytes = s.bytes();
     bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && s.len() <= 128
+        && s.len() <= MAX_TLS_NAME_LEN
 }
 
 /// RFC 8314 §4.3 `dh-group = ALPHA *(ALPHA / DIGIT / "_" / "-")`.
@@ -277,7 +264,7 @@ fn is_dh_group(s: &str) -> bool {
     let mut bytes = s.bytes();
     bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        && s.len() <= 128
+        && s.len() <= MAX_TLS_NAME_LEN
 }
 
 /// Client text made safe inside a comment: no parentheses, backslash, `;`, quotes, controls,
@@ -305,7 +292,7 @@ fn sanitised_comment(text: &[u8]) -> String {
 pub fn check_received_abnf(header: &str) -> Result<(), String> {
     ensure(header.ends_with("\r\n"), "field does not end with CRLF")?;
     for (i, line) in header.trim_end_matches("\r\n").split("\r\n").enumerate() {
-        ensure(line.len() <= 998, "line too long")?;
+        ensure(line.len() <= MAX_LINE_LEN, "line too long")?;
         ensure(!line.contains('\r') && !line.contains('\n'), "bare CR/LF")?;
         ensure(line.is_ascii(), "8-bit octet")?;
         ensure(
@@ -530,7 +517,7 @@ mod tests {
         }));
         assert!(header.contains("\ttls 0xC02F;\r\n"), "{header}");
         check_abnf(&header);
-        // Debug-style names are not IANA names and never leak (§9.1 R6).
+        // Debug-style names are not IANA names (RFC 8314 §4.3 wants the registry's) and never leak.
         let header = text(received_header(&ReceivedInfo {
             cipher: TlsCipher {
                 iana_name: Some("TLS13_AES_128_GCM_SHA256 (0x1301)"),
@@ -690,6 +677,20 @@ mod tests {
         assert_eq!(rfc5322_date(d), "Sun, 22 Nov 2026 03:30:00 -0830");
         let d = OffsetDateTime::from_unix_timestamp(0).unwrap();
         assert_eq!(rfc5322_date(d), "Thu, 01 Jan 1970 00:00:00 +0000");
+        // Single-digit days are zero-padded (RFC 5322 §3.3 `day = 1*2DIGIT`).
+        let d = OffsetDateTime::from_unix_timestamp(1_775_001_600).unwrap();
+        assert_eq!(rfc5322_date(d), "Wed, 01 Apr 2026 00:00:00 +0000");
+    }
+
+    #[test]
+    fn dates_rfc_5322_cannot_express_stay_well_formed() {
+        // An offset with seconds is written in UTC.
+        let d = date().to_offset(time::UtcOffset::from_hms(1, 0, 30).unwrap());
+        assert_eq!(rfc5322_date(d), "Sun, 22 Nov 2026 12:00:00 +0000");
+        // A year before 1900 falls back to the epoch.
+        let d = OffsetDateTime::from_unix_timestamp(-3_000_000_000).unwrap();
+        assert_eq!(rfc5322_date(d), EPOCH_DATE);
+        check_date(&rfc5322_date(d)).unwrap();
     }
 
     #[test]

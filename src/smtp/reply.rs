@@ -16,6 +16,9 @@ use crate::line::{find_line, trim_line_end};
 /// Default longest reply line, terminator included. RFC 5321 §4.5.3.1.5 says 512, but real
 /// servers send longer text (Postfix rejects with the recipient quoted), so be generous.
 pub const DEFAULT_REPLY_LINE_LIMIT: usize = 4096;
+/// The shortest line limit a receiver takes: `250 x\r\n` plus slack, so a tiny limit still
+/// frames the shortest well-formed reply line (three digits, a separator, CRLF).
+const MIN_REPLY_LINE: usize = 8;
 /// Default most lines in one reply (an EHLO reply has a few dozen at most).
 pub const DEFAULT_REPLY_MAX_LINES: usize = 256;
 
@@ -60,7 +63,7 @@ impl Reply {
     /// Parses a complete reply held in one buffer (tests, rewriters); `None` unless `raw` is
     /// exactly one well-formed reply.
     pub fn parse(raw: &[u8]) -> Option<Reply> {
-        let mut receiver = ReplyReceiver::new(raw.len().max(8), usize::MAX);
+        let mut receiver = ReplyReceiver::new(raw.len().max(MIN_REPLY_LINE), usize::MAX);
         match receiver.receive(raw) {
             (n, Ok(Some(reply))) if n == raw.len() => Some(reply),
             _ => None,
@@ -178,7 +181,7 @@ impl ReplyReceiver {
             texts: Vec::new(),
             partial_from: 0,
             code: None,
-            line_limit: line_limit.max(8),
+            line_limit: line_limit.max(MIN_REPLY_LINE),
             max_lines: max_lines.max(1),
             discarding: false,
         }

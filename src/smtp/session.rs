@@ -3,7 +3,7 @@
 //!
 //! Shape of a session:
 //! - Implicit TLS (465): connect to the backend and wait for its greeting. A 220 is answered
-//!   with mailfront's own greeting (the backend's text may name internal hosts, §9.5 P5); any
+//!   with mailfront's own greeting (the backend's text may name internal hosts); any
 //!   other greeting (554, 421) is passed on and the session closes.
 //! - STARTTLS (587): nothing reaches a backend before TLS (RFC 8314 §4.1). mailfront greets at
 //!   once and answers the cleartext dialogue itself ([`cleartext::respond`]); the backend is
@@ -23,7 +23,7 @@
 //!   their place in the same queue, so the client gets exactly one reply per command, in order.
 //!   After a command that ends a pipeline group (EHLO, DATA, AUTH, NOOP, QUIT, …), or after any
 //!   command when the backend does not offer PIPELINING, nothing more is written to the backend
-//!   until the replies are in (§9.5 P2). Whenever the client's input is used up, the queue is
+//!   until the replies are in (RFC 2920 §3.1). Whenever the client's input is used up, the queue is
 //!   drained before the client is read again: every queued command can be answered without
 //!   more client input, so this never deadlocks and keeps memory O(one read buffer).
 //! - STARTTLS (587) is answered here with 220 after every earlier reply went out; whatever the
@@ -37,7 +37,7 @@
 //!   streams through [`DataScanner`] byte-exact. BDAT chunks stream by count; the first chunk of
 //!   a transaction carries the field and its announced size grows to match.
 //!
-//! Decisions where the brief left a choice:
+//! Decisions where the RFCs leave a choice:
 //! - Bare CR/LF in DATA content (smuggling defence): the backend connection is dropped at once,
 //!   so the truncated message can never be completed, the rest of the content is consumed, the
 //!   client gets `554 5.6.0` at its real end of data, and then `421` to the next command (QUIT
@@ -87,7 +87,7 @@ const CLIENT_OUTPUT_HIGH_WATER: usize = 64 * 1024;
 /// fill the backend's reply buffer until both sides stall.
 const MAX_PENDING_REPLIES: usize = 1000;
 /// Octets taken off the backend's `SIZE` so the Received field never pushes a message that
-/// passed `MAIL SIZE=` over the backend's limit (§9.1 D5). The field is about 250 octets.
+/// passed `MAIL SIZE=` (RFC 1870) over the backend's limit. The field is about 250 octets.
 const RECEIVED_SIZE_RESERVE: u64 = 1024;
 /// Longest SASL mechanism name kept for logs (RFC 4422 §3.1: at most 20 characters).
 const MAX_MECHANISM_LOG: usize = 20;
@@ -679,7 +679,8 @@ impl<'s> Driver<'s> {
     }
 
     /// BDAT (RFC 3030): the first chunk of a transaction over TLS carries the Received field
-    /// and announces its grown size (§9.1 R12); later chunks keep the client's line.
+    /// and announces its grown size (RFC 3030 §2: the size counts every octet); later chunks keep
+    /// the client's line.
     async fn forward_bdat(
         &mut self,
         client: &mut ClientStream,
@@ -907,7 +908,7 @@ impl<'s> Driver<'s> {
     /// Relays (or rewrites) one backend reply and updates the session from it.
     async fn on_reply(&mut self, expect: Expect, reply: Reply) -> Result<(), EndReason> {
         if reply.code() == 421 && !matches!(expect, Expect::AuthCancel) {
-            // The backend is closing (§9.5 P3): pass it on and close both sides.
+            // The backend is closing (RFC 5321 §3.8): pass it on and close both sides.
             self.cout.extend_from_slice(reply.raw());
             return Err(EndReason::BackendClosed);
         }
@@ -1261,7 +1262,7 @@ fn mechanism_for_log(mechanism: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    /// §9.2 D5: the SIZE reserve covers the longest field mailfront can write, so a message
+    /// The SIZE reserve covers the longest field mailfront can write, so a message
     /// that passed `MAIL SIZE=` is never refused only because of the field.
     #[test]
     fn the_size_reserve_covers_the_longest_possible_received_field() {

@@ -7,7 +7,7 @@ mod store;
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustls::server::{Accepted, Acceptor};
 use rustls::{CipherSuite, NamedGroup, ProtocolVersion, ServerConfig};
@@ -257,7 +257,8 @@ impl Handshaker {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let started = Instant::now();
+        // tokio's clock, so a test with tokio::time::pause sees the handshake take paused time.
+        let started = tokio::time::Instant::now();
         match tokio::time::timeout(self.timeout, self.handshake(io)).await {
             Err(_) => Err(HandshakeError {
                 reason: HandshakeFailure::Timeout,

@@ -7,11 +7,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use aws_lc_rs::digest;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use zeroize::Zeroizing;
 
 use super::TlsError;
 use crate::config::CertificateSection;
@@ -34,8 +36,9 @@ struct CertMap {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
     loaded: Vec<LoadedCertificate>,
-    /// The bytes of every file as read, to notice changes cheaply.
-    fingerprint: Vec<u8>,
+    /// A SHA-256 over every file as read, to notice changes cheaply without keeping the
+    /// private key's bytes around; empty for the self-signed fallback, which has no files.
+    fingerprint: Fingerprint,
 }
 
 /// What a reload did.
@@ -128,16 +131,41 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-fn read_fingerprint(sources: &[CertificateSection]) -> std::io::Result<Vec<u8>> {
-    let mut all = Vec::new();
+/// SHA-256 over the configured files. A collision-resistant hash, so a changed file cannot
+/// look unchanged (std's `DefaultHasher` makes no such promise); aws-lc-rs is rustls's own
+/// crypto provider, so it adds nothing to the build.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Fingerprint(Vec<u8>);
+
+/// Feeds the files, in order, to one hash: each length-prefixed, so moving bytes from one file
+/// to the next changes the result.
+struct FingerprintBuilder(digest::Context);
+
+impl FingerprintBuilder {
+    fn new() -> Self {
+        FingerprintBuilder(digest::Context::new(&digest::SHA256))
+    }
+
+    fn add(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    fn finish(self) -> Fingerprint {
+        Fingerprint(self.0.finish().as_ref().to_vec())
+    }
+}
+
+fn read_fingerprint(sources: &[CertificateSection]) -> std::io::Result<Fingerprint> {
+    let mut fingerprint = FingerprintBuilder::new();
     for source in sources {
         for path in [&source.cert, &source.key] {
-            let bytes = std::fs::read(path)?;
-            all.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-            all.extend_from_slice(&bytes);
+            // Wiped on drop: the key file is read here only to be hashed.
+            let bytes = Zeroizing::new(std::fs::read(path)?);
+            fingerprint.add(&bytes);
         }
     }
-    Ok(all)
+    Ok(fingerprint.finish())
 }
 
 fn build_map(
@@ -152,14 +180,13 @@ fn build_map(
     let mut wildcard = HashMap::new();
     let mut loaded = Vec::new();
     let mut default = None;
-    let mut fingerprint = Vec::new();
+    let mut fingerprint = FingerprintBuilder::new();
     for (index, source) in sources.iter().enumerate() {
         let cert_bytes = read_file(index, "cert", &source.cert)?;
-        let key_bytes = read_file(index, "key", &source.key)?;
-        for bytes in [&cert_bytes, &key_bytes] {
-            fingerprint.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-            fingerprint.extend_from_slice(bytes);
-        }
+        // The PEM text of the private key: wiped when this iteration ends, once parsed.
+        let key_bytes = Zeroizing::new(read_file(index, "key", &source.key)?);
+        fingerprint.add(&cert_bytes);
+        fingerprint.add(&key_bytes);
         let chain = CertificateDer::pem_slice_iter(&cert_bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| pem_error(index, "cert", &source.cert, e.to_string()))?;
@@ -213,7 +240,7 @@ fn build_map(
         wildcard,
         default,
         loaded,
-        fingerprint,
+        fingerprint: fingerprint.finish(),
     })
 }
 
@@ -231,7 +258,7 @@ fn self_signed_map(hostname: &str, provider: &CryptoProvider) -> Result<CertMap,
         wildcard: HashMap::new(),
         default: certified,
         loaded: vec![info],
-        fingerprint: Vec::new(),
+        fingerprint: Fingerprint::default(),
     })
 }
 
@@ -286,4 +313,32 @@ fn describe(
         not_after: cert.validity().not_after.timestamp(),
         self_signed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fingerprint(files: &[&[u8]]) -> Fingerprint {
+        let mut builder = FingerprintBuilder::new();
+        for file in files {
+            builder.add(file);
+        }
+        builder.finish()
+    }
+
+    #[test]
+    fn fingerprint_is_a_sha256_not_the_file_bytes() {
+        let key = b"-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n";
+        let f = fingerprint(&[b"cert", key]);
+        assert_eq!(f.0.len(), 32);
+        assert!(!f.0.windows(6).any(|w| w == b"secret"));
+        assert_eq!(f, fingerprint(&[b"cert", key]));
+    }
+
+    #[test]
+    fn fingerprint_changes_when_bytes_move_between_files() {
+        assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
+        assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"ab", b"d"]));
+    }
 }
