@@ -72,6 +72,15 @@ fn listener(
     tls_mode: TlsMode,
     pki: &Pki,
 ) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
+    listener_with(protocol, tls_mode, pki, false)
+}
+
+fn listener_with(
+    protocol: Protocol,
+    tls_mode: TlsMode,
+    pki: &Pki,
+    backend_proxy_protocol: bool,
+) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
     let config = ListenerConfig {
         name: format!("{protocol}-test"),
         protocol,
@@ -84,7 +93,7 @@ fn listener(
         },
         max_connections: 10,
         require_tls_for_mail: true,
-        backend_proxy_protocol: false,
+        backend_proxy_protocol,
     };
     let tls_config = TlsConfig {
         certificates: vec![pki.cert.clone()],
@@ -389,4 +398,85 @@ async fn smtp_starttls_then_a_silent_backend_after_data_times_out_after_exactly_
     assert_eq!(sent.elapsed(), DATA_REPLY);
     assert_eq!(rest(&mut client).await, "");
     assert_eq!(server.await.unwrap(), EndReason::BackendTimeout);
+}
+
+/// POP3 after STLS: the backend is connected through the connector only once TLS is up, so its
+/// PROXY v2 header (written first, before any POP3 byte) describes a TLS session; the backend's
+/// greeting is swallowed (the client had ours) and the client's new CAPA is relayed.
+#[tokio::test(start_paused = true)]
+async fn pop3_after_stls_the_backend_gets_the_proxy_header_then_only_the_clients_capa() {
+    let pki = pki();
+    let (context, mut backends) = listener_with(Protocol::Pop3, TlsMode::Starttls, &pki, true);
+    let (mut plain, server_io) = duplex(PIPE);
+    let server = tokio::spawn(async move {
+        let mut session = session(context);
+        mailfront::pop3::session::serve(ClientStream::Plain(server_io), &mut session).await
+    });
+    assert_eq!(line(&mut plain).await, format!("+OK {HOST} ready\r\n"));
+    // A command pipelined after STLS is dropped, never run after the upgrade.
+    plain.write_all(b"STLS\r\nUSER mallory\r\n").await.unwrap();
+    assert_eq!(line(&mut plain).await, "+OK Begin TLS negotiation\r\n");
+    let mut client = tls_client(plain, &pki).await;
+
+    let mut backend = backends.recv().await.unwrap();
+    let mut head = [0u8; 16];
+    backend.read_exact(&mut head).await.unwrap();
+    // PROXY v2 signature, PROXY command, TCP over IPv4, then the length of what follows.
+    assert_eq!(&head[..14], b"\r\n\r\n\0\r\nQUIT\n\x21\x11");
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes([head[14], head[15]]))];
+    backend.read_exact(&mut body).await.unwrap();
+    assert_eq!(
+        body[..12],
+        [192, 0, 2, 10, 192, 0, 2, 1, 0xc3, 0x50, 0x03, 0xe1]
+    );
+    // TLVs follow the addresses: with TLS up there is at least the SSL one (PP2_TYPE_SSL).
+    assert!(body[12..].contains(&0x20), "{body:?}");
+
+    backend.write_all(b"+OK backend ready\r\n").await.unwrap();
+    client.write_all(b"CAPA\r\n").await.unwrap();
+    expect(&mut backend, b"CAPA\r\n").await;
+    backend
+        .write_all(b"+OK\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\n.\r\n")
+        .await
+        .unwrap();
+    // STLS is gone from the list once TLS is up (RFC 2595 §4).
+    assert_eq!(
+        pop3_multiline(&mut client).await,
+        "+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n"
+    );
+    client.write_all(b"QUIT\r\n").await.unwrap();
+    expect(&mut backend, b"QUIT\r\n").await;
+    backend.write_all(b"+OK bye\r\n").await.unwrap();
+    drop(backend);
+    assert_eq!(line(&mut client).await, "+OK bye\r\n");
+    assert_eq!(rest(&mut client).await, "");
+    assert_eq!(server.await.unwrap(), EndReason::ClientClosed);
+}
+
+/// A backend that cannot be reached (here: the connector's receiver is gone, as a refused
+/// connection) gets the IMAP client a protocol-correct goodbye, counted as a connect failure.
+#[tokio::test(start_paused = true)]
+async fn imap_unreachable_backend_is_a_bye_unavailable() {
+    let pki = pki();
+    let (context, backends) = listener(Protocol::Imap, TlsMode::Implicit, &pki);
+    drop(backends);
+    let (client_io, server_io) = duplex(PIPE);
+    let shared = context.clone();
+    let server = tokio::spawn(async move {
+        let mut session = session(shared.clone());
+        let (client, info, took) = ClientStream::Plain(server_io)
+            .upgrade(&shared.handshaker)
+            .await
+            .unwrap();
+        session.tls_established(info, took, false);
+        mailfront::imap::session::serve(client, &mut session).await
+    });
+    let mut client = tls_client(client_io, &pki).await;
+    assert_eq!(
+        line(&mut client).await,
+        "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
+    );
+    assert_eq!(rest(&mut client).await, "");
+    assert_eq!(server.await.unwrap(), EndReason::BackendUnavailable);
+    assert_eq!(context.metrics.backend_connect_failures.get(), 1);
 }
