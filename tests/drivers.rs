@@ -439,7 +439,7 @@ async fn pop3_after_stls_the_backend_gets_the_proxy_header_then_only_the_clients
         .write_all(b"+OK\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\n.\r\n")
         .await
         .unwrap();
-    // STLS is gone from the list once TLS is up (RFC 2595 §4).
+    // STLS is gone from the list once TLS is up: a second STLS would be refused (RFC 2595 §4).
     assert_eq!(
         pop3_multiline(&mut client).await,
         "+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n"
