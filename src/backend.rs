@@ -1,6 +1,12 @@
 //! Connecting to the cleartext backend: DNS resolved at each connect, one deadline for the whole
 //! attempt, and a stream that counts the bytes each way for logs and metrics.
+//!
+//! How the backend is reached is a [`BackendConnector`]: TCP in production; in tests, one end of
+//! an in-memory pipe per connect ([`DuplexConnector`]) or any scripted [`Connect`], so the
+//! drivers can be tested without sockets and with paused time.
 
+use std::fmt;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,10 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::config::BackendAddress;
+use crate::transport::Transport;
 
 /// Why the backend could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -46,12 +54,85 @@ impl ByteCounters {
     }
 }
 
+/// A connection being opened by a [`Connect`].
+pub type Connecting<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn Transport>>> + Send + 'a>>;
+
+/// A way to reach the backend other than TCP: in tests, an in-memory pipe or a scripted mock.
+/// The deadline, the PROXY header and the byte counting stay with [`connect`].
+pub trait Connect: Send + Sync {
+    fn connect(&self) -> Connecting<'_>;
+}
+
+/// How a listener reaches its backend.
+#[derive(Clone)]
+pub enum BackendConnector {
+    /// Production: TCP to this address, resolved at each connect.
+    Tcp(BackendAddress),
+    /// Anything else (tests): see [`DuplexConnector`].
+    Custom(Arc<dyn Connect>),
+}
+
+impl BackendConnector {
+    /// Test support: a connector whose every connect makes a [`tokio::io::duplex`] pair of
+    /// `buffer` octets, keeps one end and hands the other to the returned receiver, where a
+    /// test plays the backend. Dropping the receiver makes later connects fail (connection
+    /// refused), as an unreachable backend would.
+    pub fn duplex(buffer: usize) -> (BackendConnector, mpsc::UnboundedReceiver<DuplexStream>) {
+        let (peer, backends) = mpsc::unbounded_channel();
+        let connector = DuplexConnector { buffer, peer };
+        (BackendConnector::Custom(Arc::new(connector)), backends)
+    }
+}
+
+impl fmt::Display for BackendConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendConnector::Tcp(address) => address.fmt(f),
+            BackendConnector::Custom(_) => f.write_str("in-memory"),
+        }
+    }
+}
+
+impl fmt::Debug for BackendConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendConnector::Tcp(address) => f.debug_tuple("Tcp").field(address).finish(),
+            BackendConnector::Custom(_) => f.write_str("Custom"),
+        }
+    }
+}
+
+/// Test support: see [`BackendConnector::duplex`].
+pub struct DuplexConnector {
+    buffer: usize,
+    peer: mpsc::UnboundedSender<DuplexStream>,
+}
+
+impl Connect for DuplexConnector {
+    fn connect(&self) -> Connecting<'_> {
+        Box::pin(async move {
+            let (ours, theirs) = tokio::io::duplex(self.buffer);
+            self.peer.send(theirs).map_err(|_| {
+                io::Error::new(io::ErrorKind::ConnectionRefused, "no in-memory backend")
+            })?;
+            Ok(Box::new(ours) as Box<dyn Transport>)
+        })
+    }
+}
+
 /// A connection to the backend that counts what it reads (bound for the client) and writes
 /// (from the client, or written by us on its behalf).
-#[derive(Debug)]
 pub struct BackendStream {
-    inner: TcpStream,
+    inner: Box<dyn Transport>,
     counters: Arc<ByteCounters>,
+}
+
+impl fmt::Debug for BackendStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendStream")
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BackendStream {
@@ -117,47 +198,32 @@ impl AsyncWrite for BackendStream {
     }
 }
 
-/// Connects to `backend`, trying each resolved address in turn, then writes `preamble` (the
-/// PROXY protocol header, or nothing) before anything else, all within `timeout`.
+/// Connects to the backend, then writes `preamble` (the PROXY protocol header, or nothing)
+/// before anything else, all within `timeout`.
 ///
-/// The preamble is written straight to the socket in one call on a fresh connection (a few
-/// hundred bytes always fit the send buffer), so the receiver never sees a partial header
-/// (HAProxy's PROXY spec §2.2 asks for the header at once). It is counted in the bytes sent to the backend.
+/// The preamble is written in one call on a fresh connection (a few hundred bytes always fit the
+/// send buffer), so the receiver never sees a partial header (the PROXY protocol specification
+/// asks senders to send the header at once). It is counted in the bytes sent to the backend.
 pub async fn connect(
-    backend: &BackendAddress,
+    connector: &BackendConnector,
     timeout: Duration,
     counters: Arc<ByteCounters>,
     preamble: &[u8],
 ) -> Result<BackendStream, ConnectError> {
-    let name = backend.to_string();
+    let name = connector.to_string();
     let attempt = async {
-        let addrs: Vec<_> = tokio::net::lookup_host((backend.host.as_str(), backend.port))
-            .await
-            .map_err(|source| ConnectError::Resolve {
-                backend: name.clone(),
-                source,
-            })?
-            .collect();
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-        let mut connected = None;
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    connected = Some(stream);
-                    break;
-                }
-                Err(e) => last = e,
+        let mut stream: Box<dyn Transport> = match connector {
+            BackendConnector::Tcp(address) => Box::new(connect_tcp(address, &name).await?),
+            BackendConnector::Custom(custom) => {
+                custom
+                    .connect()
+                    .await
+                    .map_err(|source| ConnectError::Connect {
+                        backend: name.clone(),
+                        source,
+                    })?
             }
-        }
-        let Some(mut stream) = connected else {
-            return Err(ConnectError::Connect {
-                backend: name.clone(),
-                source: last,
-            });
         };
-        // Mail protocols are chatty request/response exchanges: do not let Nagle delay replies
-        // (nor hold back the PROXY header).
-        let _ = stream.set_nodelay(true);
         if !preamble.is_empty() {
             stream
                 .write_all(preamble)
@@ -182,5 +248,32 @@ pub async fn connect(
     Ok(BackendStream {
         inner: stream,
         counters,
+    })
+}
+
+/// Connects to `backend` over TCP, trying each resolved address in turn.
+async fn connect_tcp(backend: &BackendAddress, name: &str) -> Result<TcpStream, ConnectError> {
+    let addrs: Vec<_> = tokio::net::lookup_host((backend.host.as_str(), backend.port))
+        .await
+        .map_err(|source| ConnectError::Resolve {
+            backend: name.to_owned(),
+            source,
+        })?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                // Mail protocols are chatty request/response exchanges: do not let Nagle delay
+                // replies (nor hold back the PROXY header).
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(ConnectError::Connect {
+        backend: name.to_owned(),
+        source: last,
     })
 }

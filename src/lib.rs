@@ -10,6 +10,8 @@
 //! - [`proxy_protocol`]: the HAProxy PROXY v2 header optionally sent first to the backend.
 //! - [`relay`]: the byte relay used once a protocol no longer needs parsing.
 //! - `dns`: the one DNS host-name check used by config, SMTP and PROXY v2.
+//! - [`transport`]: the byte-stream bound the drivers are generic over (TCP, or an in-memory
+//!   pipe in tests).
 //! - [`line`](mod@line): bounded line framing shared by the three protocol codecs.
 //! - [`smtp`], [`imap`], [`pop3`]: sans-I/O codecs and rewriters plus the session drivers.
 //! - [`metrics`]: Prometheus handles and the `/metrics`, `/healthz`, `/readyz` endpoint.
@@ -28,3 +30,4 @@ pub mod server;
 pub mod session;
 pub mod smtp;
 pub mod tls;
+pub mod transport;

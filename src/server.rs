@@ -13,6 +13,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::BackendConnector;
 use crate::config::{ListenerConfig, RuntimeConfig};
 use crate::metrics::{Metrics, Readiness};
 use crate::session::{ListenerContext, Session, serve_connection};
@@ -172,6 +173,7 @@ impl Server {
                 limits: config.limits.clone(),
                 handshaker: handshaker.clone(),
                 metrics: metrics.listener(&listener_config),
+                backend: BackendConnector::Tcp(listener_config.backend.clone()),
                 config: listener_config,
             });
             tracing::info!(

@@ -14,12 +14,13 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{self, BackendStream, ByteCounters, ConnectError};
+use crate::backend::{self, BackendConnector, BackendStream, ByteCounters, ConnectError};
 use crate::config::{Limits, ListenerConfig, Protocol, Timeouts, TlsMode};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::relay::{self, RelayEnd};
 use crate::tls::{HandshakeError, Handshaker, TlsInfo};
+use crate::transport::Transport;
 
 /// What every session on one listener shares.
 pub struct ListenerContext {
@@ -30,16 +31,22 @@ pub struct ListenerContext {
     pub limits: Limits,
     pub handshaker: Handshaker,
     pub metrics: ListenerMetrics,
+    /// How sessions reach the backend: TCP to `config.backend` in production, an in-memory pipe
+    /// in driver tests.
+    pub backend: BackendConnector,
 }
 
 /// The client side of a session. STARTTLS turns `Plain` into `Tls` by [`ClientStream::upgrade`],
 /// which consumes the plain stream: whether a session is protected is a property of the value.
-pub enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+///
+/// `S` is the transport under it: the accepted TCP socket in the server, one end of
+/// [`tokio::io::duplex`] in driver tests.
+pub enum ClientStream<S = TcpStream> {
+    Plain(S),
+    Tls(Box<TlsStream<S>>),
 }
 
-impl ClientStream {
+impl<S: Transport> ClientStream<S> {
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
     }
@@ -50,12 +57,12 @@ impl ClientStream {
     pub async fn upgrade(
         self,
         handshaker: &Handshaker,
-    ) -> Result<(ClientStream, TlsInfo, std::time::Duration), UpgradeError> {
+    ) -> Result<(ClientStream<S>, TlsInfo, std::time::Duration), UpgradeError> {
         match self {
             ClientStream::Tls(_) => Err(UpgradeError::AlreadyTls),
-            ClientStream::Plain(tcp) => {
+            ClientStream::Plain(plain) => {
                 let (tls, info, took) = handshaker
-                    .accept(tcp)
+                    .accept(plain)
                     .await
                     .map_err(UpgradeError::Handshake)?;
                 Ok((ClientStream::Tls(Box::new(tls)), info, took))
@@ -77,7 +84,7 @@ pub enum UpgradeError {
     Handshake(HandshakeError),
 }
 
-impl AsyncRead for ClientStream {
+impl<S: Transport> AsyncRead for ClientStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -90,7 +97,7 @@ impl AsyncRead for ClientStream {
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl<S: Transport> AsyncWrite for ClientStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -156,11 +163,11 @@ where
 /// STARTTLS/STLS, once the protocol driver has answered the command and dropped whatever the
 /// client pipelined after it: runs the handshake; a failure is counted and logged here, and the
 /// session ends (the stream was consumed, so there is nothing left to close).
-pub async fn upgrade_client(
-    client: ClientStream,
+pub async fn upgrade_client<S: Transport>(
+    client: ClientStream<S>,
     listener: &ListenerContext,
     client_addr: SocketAddr,
-) -> Result<(ClientStream, TlsInfo, std::time::Duration), EndReason> {
+) -> Result<(ClientStream<S>, TlsInfo, std::time::Duration), EndReason> {
     client.upgrade(&listener.handshaker).await.map_err(|e| {
         tracing::debug!(listener = %listener.config.name, client = %client_addr, error = %e, "STARTTLS handshake failed");
         match &e {
@@ -280,7 +287,7 @@ impl Session {
             Vec::new()
         };
         let result = backend::connect(
-            &self.listener.config.backend,
+            &self.listener.backend,
             self.listener.timeouts.backend_connect,
             self.counters.clone(),
             &preamble,
@@ -335,9 +342,9 @@ impl Session {
 
     /// The switch after a successful login (IMAP, POP3): bytes held on either side go first, in
     /// order, then a plain relay with no more parsing until the end.
-    pub async fn relay_after_login(
+    pub async fn relay_after_login<S: Transport>(
         &self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         backend: &mut BackendStream,
         held_client: &[u8],
         held_backend: &[u8],
@@ -388,14 +395,22 @@ impl Session {
     }
 }
 
-/// Serves one accepted connection from start to close log. Never panics on input: every error
-/// ends in an [`EndReason`].
-pub async fn serve_connection(tcp: TcpStream, mut session: Session) {
+/// Serves one accepted TCP connection from start to close log.
+pub async fn serve_connection(tcp: TcpStream, session: Session) {
+    // Mail protocols are chatty request/response exchanges: do not let Nagle delay replies.
     let _ = tcp.set_nodelay(true);
+    serve_stream(tcp, session).await;
+}
+
+/// Serves one client connection over any transport, from start to close log: the implicit TLS
+/// handshake where the listener asks for it, then the protocol's driver. Never panics on input:
+/// every error ends in an [`EndReason`]. The server calls it through [`serve_connection`];
+/// driver tests call it with one end of [`tokio::io::duplex`].
+pub async fn serve_stream<S: Transport>(io: S, mut session: Session) {
     let listener = session.listener.clone();
     let client = match listener.config.tls {
-        TlsMode::Starttls => ClientStream::Plain(tcp),
-        TlsMode::Implicit => match listener.handshaker.accept(tcp).await {
+        TlsMode::Starttls => ClientStream::Plain(io),
+        TlsMode::Implicit => match listener.handshaker.accept(io).await {
             Ok((tls, info, took)) => {
                 session.tls_established(info, took, false);
                 ClientStream::Tls(Box::new(tls))
@@ -413,7 +428,10 @@ pub async fn serve_connection(tcp: TcpStream, mut session: Session) {
 }
 
 /// Hands the session to its protocol's driver.
-async fn protocol_session(client: ClientStream, session: &mut Session) -> EndReason {
+async fn protocol_session<S: Transport>(
+    client: ClientStream<S>,
+    session: &mut Session,
+) -> EndReason {
     match session.protocol() {
         Protocol::Smtp => crate::smtp::session::serve(client, session).await,
         Protocol::Imap => crate::imap::session::serve(client, session).await,

@@ -20,12 +20,13 @@ use crate::imap::prelogin::{End, Next, Notice, Prelogin, Settings};
 use crate::imap::reply;
 use crate::metrics::AuthResult;
 use crate::session::{ClientStream, EndReason, Session, upgrade_client, write_timed};
+use crate::transport::Transport;
 
 /// One read from either side.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Serves one IMAP client connection from the greeting to the close.
-pub async fn serve(client: ClientStream, session: &mut Session) -> EndReason {
+pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session) -> EndReason {
     let limits = &session.listener.limits;
     let line = limits.imap_line.max(64);
     let settings = Settings {

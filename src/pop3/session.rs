@@ -34,11 +34,12 @@ use crate::pop3::policy::{self, Decision, Local};
 use crate::pop3::reply;
 use crate::pop3::request::Request;
 use crate::session::{ClientStream, EndReason, Session, upgrade_client, write_timed};
+use crate::transport::Transport;
 
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Serves one POP3 client connection from the first greeting to the close.
-pub async fn serve(client: ClientStream, session: &mut Session) -> EndReason {
+pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session) -> EndReason {
     let mut client = client;
     let mut commands = 0;
     // A `starttls` listener: the cleartext dialogue, with no backend, until STLS.
@@ -91,8 +92,8 @@ fn command_limits(session: &Session) -> CommandLimits {
 
 /// The cleartext dialogue on a `starttls` listener: `Ok` once STLS was answered (the caller
 /// runs the handshake; pipelined bytes were dropped), `Err` when the session ends here.
-async fn cleartext_dialogue(
-    client: &mut ClientStream,
+async fn cleartext_dialogue<S: Transport>(
+    client: &mut ClientStream<S>,
     session: &Session,
     commands: &mut usize,
 ) -> Result<(), EndReason> {
@@ -250,9 +251,9 @@ impl Driver {
         self.sent.iter().any(|s| matches!(s, Sent::Auth(_)))
     }
 
-    async fn run(
+    async fn run<S: Transport>(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         backend: &mut BackendStream,
         session: &Session,
     ) -> Outcome {
@@ -323,9 +324,9 @@ impl Driver {
         }
     }
 
-    async fn on_backend(
+    async fn on_backend<S: Transport>(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         session: &Session,
     ) -> Option<Outcome> {
         loop {
@@ -390,9 +391,9 @@ impl Driver {
         }
     }
 
-    async fn on_client(
+    async fn on_client<S: Transport>(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         backend: &mut BackendStream,
         session: &Session,
     ) -> Option<Outcome> {
@@ -449,10 +450,10 @@ impl Driver {
         }
     }
 
-    async fn on_decision(
+    async fn on_decision<S: Transport>(
         &mut self,
         decision: Decision,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         backend: &mut BackendStream,
         session: &Session,
     ) -> Result<(), std::io::Error> {

@@ -73,6 +73,7 @@ use crate::smtp::received::{ReceivedId, ReceivedInfo, TlsCipher, WithProtocol, r
 use crate::smtp::receiver::{CommandReceiver, DEFAULT_AUTH_LINE_LIMIT, Line, LineError, LineMode};
 use crate::smtp::reply::{Reply, ReplyReceiver};
 use crate::tls::TlsInfo;
+use crate::transport::Transport;
 
 /// One read from the client: also the most message content held at once.
 const CLIENT_READ_BUFFER: usize = 64 * 1024;
@@ -93,7 +94,7 @@ const RECEIVED_SIZE_RESERVE: u64 = 1024;
 const MAX_MECHANISM_LOG: usize = 20;
 
 /// Serves one SMTP submission session (465 or 587) until QUIT, an error or shutdown.
-pub async fn serve(mut client: ClientStream, session: &mut Session) -> EndReason {
+pub async fn serve<S: Transport>(mut client: ClientStream<S>, session: &mut Session) -> EndReason {
     let listener = session.listener.clone();
     let starttls = listener.config.tls == TlsMode::Starttls && !client.is_tls();
     let backend = if starttls {
@@ -401,7 +402,10 @@ impl<'s> Driver<'s> {
     /// A cleartext MAIL with `require_tls_for_mail: false`: connects, and replays the client's
     /// EHLO/HELO so the backend session is in the state the client believes it is in. The
     /// replayed line is written by mailfront from the parsed name (no CR, LF or NUL in it).
-    async fn connect_lazily(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+    async fn connect_lazily<S: Transport>(
+        &mut self,
+        client: &mut ClientStream<S>,
+    ) -> Result<(), EndReason> {
         // Every earlier (local) reply goes out first, so a failure's 421 comes in order.
         self.drain(client).await?;
         self.connect().await?;
@@ -424,7 +428,10 @@ impl<'s> Driver<'s> {
     }
 
     /// Processes client input until the session ends or STARTTLS needs the stream.
-    async fn run(&mut self, client: &mut ClientStream) -> Result<StartTls, EndReason> {
+    async fn run<S: Transport>(
+        &mut self,
+        client: &mut ClientStream<S>,
+    ) -> Result<StartTls, EndReason> {
         loop {
             if self.cin_pos >= self.cin_len {
                 if matches!(self.mode, Mode::Command | Mode::Sasl | Mode::Closing) {
@@ -466,9 +473,9 @@ impl<'s> Driver<'s> {
     }
 
     /// One complete client line, outside message content.
-    async fn on_line(
+    async fn on_line<S: Transport>(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         line: Line,
     ) -> Result<Option<StartTls>, EndReason> {
         if self.session.shutdown.is_cancelled() {
@@ -547,7 +554,10 @@ impl<'s> Driver<'s> {
 
     /// STARTTLS: answers 220 once every earlier reply went out, drops what was pipelined after
     /// it, and hands the stream over for the handshake.
-    async fn start_tls(&mut self, client: &mut ClientStream) -> Result<StartTls, EndReason> {
+    async fn start_tls<S: Transport>(
+        &mut self,
+        client: &mut ClientStream<S>,
+    ) -> Result<StartTls, EndReason> {
         // Every earlier command gets its reply before the 220 (RFC 2920 §3.1).
         self.drain(client).await?;
         if matches!(self.backend, Link::Up(_)) {
@@ -571,9 +581,9 @@ impl<'s> Driver<'s> {
     }
 
     /// A line inside an AUTH exchange: forwarded verbatim, never parsed as a command.
-    async fn on_sasl_line(
+    async fn on_sasl_line<S: Transport>(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         line: &Line,
     ) -> Result<(), EndReason> {
         self.mode = Mode::Command;
@@ -599,9 +609,9 @@ impl<'s> Driver<'s> {
         Ok(())
     }
 
-    async fn on_line_too_long(
+    async fn on_line_too_long<S: Transport>(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         error: LineError,
     ) -> Result<(), EndReason> {
         match (&self.mode, error) {
@@ -633,9 +643,9 @@ impl<'s> Driver<'s> {
     }
 
     /// Sends a command the gate let through and queues its reply.
-    async fn forward(
+    async fn forward<S: Transport>(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         command: &Command,
         line: &Line,
     ) -> Result<(), EndReason> {
@@ -681,9 +691,9 @@ impl<'s> Driver<'s> {
     /// BDAT (RFC 3030): the first chunk of a transaction over TLS carries the Received field
     /// and announces its grown size (RFC 3030 §2: the size counts every octet); later chunks keep
     /// the client's line.
-    async fn forward_bdat(
+    async fn forward_bdat<S: Transport>(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         bdat: Bdat,
         line: &Line,
     ) -> Result<(), EndReason> {
@@ -740,9 +750,9 @@ impl<'s> Driver<'s> {
     /// The replies to every earlier command are read first, then the backend connection is
     /// dropped so the message can never complete, and `554 5.6.0` answers this BDAT. The rest
     /// of the chunk (`in_chunk`) is consumed; the next command gets 421 (QUIT 221).
-    async fn refuse_bdat(
+    async fn refuse_bdat<S: Transport>(
         &mut self,
-        client: &mut ClientStream,
+        client: &mut ClientStream<S>,
         kind: BareLineEnding,
         in_chunk: bool,
     ) -> Result<(), EndReason> {
@@ -761,7 +771,10 @@ impl<'s> Driver<'s> {
     }
 
     /// Streams message content after a 354 up to `<CRLF>.<CRLF>`.
-    async fn data_step(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+    async fn data_step<S: Transport>(
+        &mut self,
+        client: &mut ClientStream<S>,
+    ) -> Result<(), EndReason> {
         let Mode::Data { scanner, failed } = &mut self.mode else {
             return Ok(());
         };
@@ -812,7 +825,10 @@ impl<'s> Driver<'s> {
     }
 
     /// Streams (or drops) the octets of one BDAT chunk.
-    async fn chunk_step(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+    async fn chunk_step<S: Transport>(
+        &mut self,
+        client: &mut ClientStream<S>,
+    ) -> Result<(), EndReason> {
         let Mode::Chunk {
             reader,
             forward,
@@ -880,7 +896,7 @@ impl<'s> Driver<'s> {
     }
 
     /// Writes every queued local reply and waits for every backend reply, in order.
-    async fn drain(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+    async fn drain<S: Transport>(&mut self, client: &mut ClientStream<S>) -> Result<(), EndReason> {
         loop {
             match self.pending.front() {
                 None => return Ok(()),
@@ -1175,7 +1191,10 @@ impl<'s> Driver<'s> {
     }
 
     /// Reads the next client bytes, writing every queued reply first.
-    async fn read_client(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+    async fn read_client<S: Transport>(
+        &mut self,
+        client: &mut ClientStream<S>,
+    ) -> Result<(), EndReason> {
         self.flush_client(client).await?;
         if self.session.shutdown.is_cancelled() {
             return Err(self.shutting_down());
@@ -1203,7 +1222,10 @@ impl<'s> Driver<'s> {
     }
 
     /// Writes the queued client output.
-    async fn flush_client(&mut self, client: &mut ClientStream) -> Result<(), EndReason> {
+    async fn flush_client<S: Transport>(
+        &mut self,
+        client: &mut ClientStream<S>,
+    ) -> Result<(), EndReason> {
         if self.cout.is_empty() {
             return Ok(());
         }

@@ -1,0 +1,482 @@
+//! Driver-level tests: each protocol driver runs in-process over `tokio::io::duplex` (client
+//! side and backend side alike) with paused time, so timeouts are checked to the exact virtual
+//! second and every byte either side sees is asserted. The real-socket tests in the other files
+//! are the outer layer; these need no sockets, no fake backend server and no wall-clock waits.
+// Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailfront::backend::BackendConnector;
+use mailfront::config::{
+    BackendAddress, CertificateSection, Limits, ListenerConfig, MinTlsVersion, Protocol, Timeouts,
+    TlsConfig, TlsMode,
+};
+use mailfront::metrics::Metrics;
+use mailfront::session::{ClientStream, EndReason, ListenerContext, Session};
+use mailfront::tls::{self, CertStore, Handshaker};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, duplex};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+const HOST: &str = "mail.example.test";
+/// Distinct values, so a test can tell which deadline fired.
+const IDLE: Duration = Duration::from_secs(300);
+const DATA_REPLY: Duration = Duration::from_secs(600);
+/// In-memory pipe capacity each way: larger than anything one test step writes.
+const PIPE: usize = 64 * 1024;
+
+/// A test CA and a server certificate for [`HOST`] signed by it.
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: CertificateDer<'static>,
+    cert: CertificateSection,
+}
+
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca = ca_params.clone().self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![HOST.to_owned()])
+        .unwrap()
+        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("leaf.crt");
+    let key_path = dir.path().join("leaf.key");
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    Pki {
+        _dir: dir,
+        ca: ca.der().clone(),
+        cert: CertificateSection {
+            cert,
+            key: key_path,
+        },
+    }
+}
+
+/// One listener's context, built in-process, whose backend is reached through in-memory pipes:
+/// each connect hands the backend's end to the returned receiver.
+fn listener(
+    protocol: Protocol,
+    tls_mode: TlsMode,
+    pki: &Pki,
+) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
+    listener_with(protocol, tls_mode, pki, false)
+}
+
+fn listener_with(
+    protocol: Protocol,
+    tls_mode: TlsMode,
+    pki: &Pki,
+    backend_proxy_protocol: bool,
+) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
+    let config = ListenerConfig {
+        name: format!("{protocol}-test"),
+        protocol,
+        listen: "192.0.2.1:0".parse().unwrap(),
+        tls: tls_mode,
+        // Never dialled: the connector below replaces TCP.
+        backend: BackendAddress {
+            host: "backend.invalid".to_owned(),
+            port: 1,
+        },
+        max_connections: 10,
+        require_tls_for_mail: true,
+        backend_proxy_protocol,
+    };
+    let tls_config = TlsConfig {
+        certificates: vec![pki.cert.clone()],
+        min_version: MinTlsVersion::Tls12,
+        handshake_timeout: Duration::from_secs(10),
+        reload_interval: Duration::from_secs(60),
+    };
+    let store = Arc::new(CertStore::load(&tls_config.certificates, HOST).unwrap());
+    let handshaker = Handshaker::new(
+        tls::server_config(&tls_config, store).unwrap(),
+        tls_config.handshake_timeout,
+        tls_config.min_version,
+    );
+    let metrics = Metrics::register(&prometheus::Registry::new())
+        .unwrap()
+        .listener(&config);
+    let (backend, backends) = BackendConnector::duplex(PIPE);
+    let context = ListenerContext {
+        config,
+        hostname: HOST.to_owned(),
+        timeouts: Timeouts {
+            backend_connect: Duration::from_secs(5),
+            idle: IDLE,
+            data_reply: DATA_REPLY,
+            relay_idle: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(30),
+        },
+        limits: Limits {
+            smtp_line: 4096,
+            imap_line: 8192,
+            imap_literal: 65536,
+            pop3_line: 512,
+            preauth_commands: 50,
+        },
+        handshaker,
+        metrics,
+        backend,
+    };
+    (Arc::new(context), backends)
+}
+
+fn session(context: Arc<ListenerContext>) -> Session {
+    Session::new(
+        context,
+        "192.0.2.10:50000".parse().unwrap(),
+        "192.0.2.1:993".parse().unwrap(),
+        CancellationToken::new(),
+    )
+}
+
+/// The client side of a TLS handshake over `io`, trusting the test CA.
+async fn tls_client<S: AsyncRead + AsyncWrite + Unpin>(io: S, pki: &Pki) -> TlsStream<S> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(HOST).unwrap(), io)
+        .await
+        .unwrap()
+}
+
+/// Reads one line up to and including LF, octet by octet: nothing past it is consumed, so the
+/// same stream can be handed to a TLS handshake right after. No timer of its own: with paused
+/// time a stuck session would auto-advance to its own deadline, never hang the test.
+async fn line<R: AsyncRead + Unpin>(r: &mut R) -> String {
+    let mut out = Vec::new();
+    let mut octet = [0u8; 1];
+    while r.read(&mut octet).await.unwrap() == 1 {
+        out.push(octet[0]);
+        if octet[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Reads lines until one ends a multi-line reply: an SMTP line with a space after the code,
+/// or the POP3 terminating `.`.
+async fn smtp_reply<R: AsyncRead + Unpin>(r: &mut R) -> String {
+    let mut all = String::new();
+    loop {
+        let l = line(r).await;
+        all.push_str(&l);
+        if l.len() < 4 || l.as_bytes()[3] == b' ' {
+            return all;
+        }
+    }
+}
+
+async fn pop3_multiline<R: AsyncRead + Unpin>(r: &mut R) -> String {
+    let mut all = String::new();
+    loop {
+        let l = line(r).await;
+        all.push_str(&l);
+        if l.is_empty() || l == ".\r\n" {
+            return all;
+        }
+    }
+}
+
+/// Reads exactly `expected.len()` octets and compares them.
+async fn expect<R: AsyncRead + Unpin>(r: &mut R, expected: &[u8]) {
+    let mut got = vec![0u8; expected.len()];
+    r.read_exact(&mut got).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(expected)
+    );
+}
+
+/// Everything left on `r` until the peer closes.
+async fn rest<R: AsyncRead + Unpin>(r: &mut R) -> String {
+    let mut all = Vec::new();
+    r.read_to_end(&mut all).await.unwrap();
+    String::from_utf8(all).unwrap()
+}
+
+/// IMAP on an implicit-TLS listener (993): a real rustls handshake over the in-memory pipe, the
+/// backend reached through the test connector, and a client that says nothing after the
+/// greeting is logged out after exactly `timeouts.idle` of virtual time, with nothing of its
+/// session ever written to the backend.
+#[tokio::test(start_paused = true)]
+async fn imap_implicit_tls_idle_client_is_logged_out_after_exactly_the_idle_timeout() {
+    let pki = pki();
+    let (context, mut backends) = listener(Protocol::Imap, TlsMode::Implicit, &pki);
+    let (client_io, server_io) = duplex(PIPE);
+    let started = Instant::now();
+    let server = tokio::spawn(async move {
+        let mut session = session(context.clone());
+        let (client, info, took) = ClientStream::Plain(server_io)
+            .upgrade(&context.handshaker)
+            .await
+            .unwrap();
+        session.tls_established(info, took, false);
+        mailfront::imap::session::serve(client, &mut session).await
+    });
+    let mut client = tls_client(client_io, &pki).await;
+    let mut backend = backends.recv().await.unwrap();
+    backend
+        .write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN ID] backend ready\r\n")
+        .await
+        .unwrap();
+    // The backend's greeting, its capabilities already fit for a TLS session.
+    assert_eq!(
+        line(&mut client).await,
+        "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN ID] backend ready\r\n"
+    );
+    let bye = line(&mut client).await;
+    assert_eq!(started.elapsed(), IDLE);
+    assert_eq!(bye, "* BYE Autologout; idle for too long\r\n");
+    // close_notify, then the end of the stream.
+    assert_eq!(rest(&mut client).await, "");
+    assert_eq!(server.await.unwrap(), EndReason::ClientIdle);
+    assert_eq!(rest(&mut backend).await, "");
+}
+
+/// POP3 on a STLS listener (110): the cleartext dialogue is mailfront's alone (greeting, CAPA
+/// with only STLS, USER refused) with no backend ever connected, and a client that then goes
+/// quiet is disconnected exactly `timeouts.idle` after its last command.
+#[tokio::test(start_paused = true)]
+async fn pop3_cleartext_dialogue_is_local_and_idles_out_after_exactly_the_idle_timeout() {
+    let pki = pki();
+    let (context, mut backends) = listener(Protocol::Pop3, TlsMode::Starttls, &pki);
+    let (mut client, server_io) = duplex(PIPE);
+    let shared = context.clone();
+    let server = tokio::spawn(async move {
+        let mut session = session(shared);
+        mailfront::pop3::session::serve(ClientStream::Plain(server_io), &mut session).await
+    });
+    assert_eq!(line(&mut client).await, format!("+OK {HOST} ready\r\n"));
+    client.write_all(b"CAPA\r\n").await.unwrap();
+    assert_eq!(
+        pop3_multiline(&mut client).await,
+        "+OK Capability list follows\r\nSTLS\r\n.\r\n"
+    );
+    client.write_all(b"USER alice\r\n").await.unwrap();
+    assert_eq!(
+        line(&mut client).await,
+        "-ERR [AUTH] Cleartext authentication disallowed; issue STLS first\r\n"
+    );
+    let last_command = Instant::now();
+    assert_eq!(
+        line(&mut client).await,
+        "-ERR Disconnected for inactivity\r\n"
+    );
+    assert_eq!(last_command.elapsed(), IDLE);
+    assert_eq!(rest(&mut client).await, "");
+    assert_eq!(server.await.unwrap(), EndReason::ClientIdle);
+    assert_eq!(context.metrics.cleartext_auth_refused.get(), 1);
+    assert!(backends.try_recv().is_err(), "a backend was connected");
+}
+
+/// SMTP on a STARTTLS submission listener (587): the cleartext EHLO is answered locally, the
+/// STARTTLS handshake runs over the in-memory pipe, the backend is connected only then (its
+/// greeting swallowed), the client's new EHLO is relayed, and a backend that never answers the
+/// end of data gets `timeouts.data_reply` (not `timeouts.idle`) of virtual time before the
+/// client is told `421 4.4.2`.
+#[tokio::test(start_paused = true)]
+async fn smtp_starttls_then_a_silent_backend_after_data_times_out_after_exactly_data_reply() {
+    let pki = pki();
+    let (context, mut backends) = listener(Protocol::Smtp, TlsMode::Starttls, &pki);
+    let (mut plain, server_io) = duplex(PIPE);
+    let server = tokio::spawn(async move {
+        let mut session = session(context);
+        mailfront::smtp::session::serve(ClientStream::Plain(server_io), &mut session).await
+    });
+    assert_eq!(line(&mut plain).await, format!("220 {HOST} ESMTP\r\n"));
+    plain.write_all(b"EHLO client.example\r\n").await.unwrap();
+    assert_eq!(
+        smtp_reply(&mut plain).await,
+        format!("250-{HOST}\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n")
+    );
+    plain.write_all(b"STARTTLS\r\n").await.unwrap();
+    assert_eq!(line(&mut plain).await, "220 2.0.0 Ready to start TLS\r\n");
+    assert!(backends.try_recv().is_err(), "a backend before TLS");
+    let mut client = tls_client(plain, &pki).await;
+
+    let mut backend = backends.recv().await.unwrap();
+    backend
+        .write_all(b"220 backend.internal ESMTP\r\n")
+        .await
+        .unwrap();
+    client.write_all(b"EHLO client.example\r\n").await.unwrap();
+    expect(&mut backend, b"EHLO client.example\r\n").await;
+    backend
+        .write_all(b"250-backend.internal\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n")
+        .await
+        .unwrap();
+    // Our name instead of the backend's, SIZE less the room the Received field takes.
+    assert_eq!(
+        smtp_reply(&mut client).await,
+        format!(
+            "250-{HOST}\r\n250-PIPELINING\r\n250-SIZE 10238976\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"
+        )
+    );
+
+    client
+        .write_all(b"MAIL FROM:<alice@example.test>\r\n")
+        .await
+        .unwrap();
+    expect(&mut backend, b"MAIL FROM:<alice@example.test>\r\n").await;
+    backend.write_all(b"250 2.1.0 Ok\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "250 2.1.0 Ok\r\n");
+    client
+        .write_all(b"RCPT TO:<bob@example.test>\r\n")
+        .await
+        .unwrap();
+    expect(&mut backend, b"RCPT TO:<bob@example.test>\r\n").await;
+    backend.write_all(b"250 2.1.5 Ok\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "250 2.1.5 Ok\r\n");
+    client.write_all(b"DATA\r\n").await.unwrap();
+    expect(&mut backend, b"DATA\r\n").await;
+    backend
+        .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        line(&mut client).await,
+        "354 End data with <CR><LF>.<CR><LF>\r\n"
+    );
+
+    let content = "Subject: hello\r\n\r\nhi\r\n.\r\n";
+    let sent = Instant::now();
+    client.write_all(content.as_bytes()).await.unwrap();
+    // The backend gets the Received field, then the content byte for byte, and says nothing.
+    let mut got = String::new();
+    while !got.ends_with("\r\n.\r\n") {
+        got.push_str(&line(&mut backend).await);
+    }
+    let lines: Vec<&str> = got.split_inclusive("\r\n").collect();
+    assert_eq!(lines.len(), 9, "{got}");
+    assert_eq!(
+        lines[0],
+        "Received: from client.example (unknown [192.0.2.10])\r\n"
+    );
+    assert!(
+        lines[1].starts_with(&format!("\tby {HOST} (mailfront) with ESMTPS id ")),
+        "{got}"
+    );
+    assert_eq!(lines[2], "\tfor <bob@example.test>\r\n");
+    assert_eq!(
+        lines[3],
+        "\ttls TLS_AES_256_GCM_SHA384 group X25519MLKEM768;\r\n"
+    );
+    // The date is the wall clock's (RFC 5322 §3.6.7), not tokio's paused one.
+    assert!(
+        lines[4].starts_with('\t') && lines[4].ends_with(" +0000\r\n"),
+        "{got}"
+    );
+    assert_eq!(lines[5..].concat(), content);
+
+    assert_eq!(
+        line(&mut client).await,
+        format!("421 4.4.2 {HOST} Error: timeout exceeded, closing transmission channel\r\n")
+    );
+    assert_eq!(sent.elapsed(), DATA_REPLY);
+    assert_eq!(rest(&mut client).await, "");
+    assert_eq!(server.await.unwrap(), EndReason::BackendTimeout);
+}
+
+/// POP3 after STLS: the backend is connected through the connector only once TLS is up, so its
+/// PROXY v2 header (written first, before any POP3 byte) describes a TLS session; the backend's
+/// greeting is swallowed (the client had ours) and the client's new CAPA is relayed.
+#[tokio::test(start_paused = true)]
+async fn pop3_after_stls_the_backend_gets_the_proxy_header_then_only_the_clients_capa() {
+    let pki = pki();
+    let (context, mut backends) = listener_with(Protocol::Pop3, TlsMode::Starttls, &pki, true);
+    let (mut plain, server_io) = duplex(PIPE);
+    let server = tokio::spawn(async move {
+        let mut session = session(context);
+        mailfront::pop3::session::serve(ClientStream::Plain(server_io), &mut session).await
+    });
+    assert_eq!(line(&mut plain).await, format!("+OK {HOST} ready\r\n"));
+    // A command pipelined after STLS is dropped, never run after the upgrade.
+    plain.write_all(b"STLS\r\nUSER mallory\r\n").await.unwrap();
+    assert_eq!(line(&mut plain).await, "+OK Begin TLS negotiation\r\n");
+    let mut client = tls_client(plain, &pki).await;
+
+    let mut backend = backends.recv().await.unwrap();
+    let mut head = [0u8; 16];
+    backend.read_exact(&mut head).await.unwrap();
+    // PROXY v2 signature, PROXY command, TCP over IPv4, then the length of what follows.
+    assert_eq!(&head[..14], b"\r\n\r\n\0\r\nQUIT\n\x21\x11");
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes([head[14], head[15]]))];
+    backend.read_exact(&mut body).await.unwrap();
+    assert_eq!(
+        body[..12],
+        [192, 0, 2, 10, 192, 0, 2, 1, 0xc3, 0x50, 0x03, 0xe1]
+    );
+    // TLVs follow the addresses: with TLS up there is at least the SSL one (PP2_TYPE_SSL).
+    assert!(body[12..].contains(&0x20), "{body:?}");
+
+    backend.write_all(b"+OK backend ready\r\n").await.unwrap();
+    client.write_all(b"CAPA\r\n").await.unwrap();
+    expect(&mut backend, b"CAPA\r\n").await;
+    backend
+        .write_all(b"+OK\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\n.\r\n")
+        .await
+        .unwrap();
+    // STLS is gone from the list once TLS is up: a second STLS would be refused (RFC 2595 §4).
+    assert_eq!(
+        pop3_multiline(&mut client).await,
+        "+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n"
+    );
+    client.write_all(b"QUIT\r\n").await.unwrap();
+    expect(&mut backend, b"QUIT\r\n").await;
+    backend.write_all(b"+OK bye\r\n").await.unwrap();
+    drop(backend);
+    assert_eq!(line(&mut client).await, "+OK bye\r\n");
+    assert_eq!(rest(&mut client).await, "");
+    assert_eq!(server.await.unwrap(), EndReason::ClientClosed);
+}
+
+/// A backend that cannot be reached (here: the connector's receiver is gone, as a refused
+/// connection) gets the IMAP client a protocol-correct goodbye, counted as a connect failure.
+#[tokio::test(start_paused = true)]
+async fn imap_unreachable_backend_is_a_bye_unavailable() {
+    let pki = pki();
+    let (context, backends) = listener(Protocol::Imap, TlsMode::Implicit, &pki);
+    drop(backends);
+    let (client_io, server_io) = duplex(PIPE);
+    let shared = context.clone();
+    let server = tokio::spawn(async move {
+        let mut session = session(shared.clone());
+        let (client, info, took) = ClientStream::Plain(server_io)
+            .upgrade(&shared.handshaker)
+            .await
+            .unwrap();
+        session.tls_established(info, took, false);
+        mailfront::imap::session::serve(client, &mut session).await
+    });
+    let mut client = tls_client(client_io, &pki).await;
+    assert_eq!(
+        line(&mut client).await,
+        "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
+    );
+    assert_eq!(rest(&mut client).await, "");
+    assert_eq!(server.await.unwrap(), EndReason::BackendUnavailable);
+    assert_eq!(context.metrics.backend_connect_failures.get(), 1);
+}
