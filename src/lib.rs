@@ -14,6 +14,8 @@
 //!   pipe in tests).
 //! - [`line`](mod@line): bounded line framing shared by the three protocol codecs.
 //! - [`smtp`], [`imap`], [`pop3`]: sans-I/O codecs and rewriters plus the session drivers.
+//! - [`prelogin`]: what the IMAP and POP3 not-authenticated state machines share with the loop
+//!   that drives them.
 //! - [`metrics`]: Prometheus handles and the `/metrics`, `/healthz`, `/readyz` endpoint.
 #![forbid(unsafe_code)]
 
@@ -24,6 +26,7 @@ pub mod imap;
 pub mod line;
 pub mod metrics;
 pub mod pop3;
+pub mod prelogin;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod server;

@@ -21,7 +21,8 @@ use imap_codec::{AuthenticateDataCodec, CommandCodec};
 use libfuzzer_sys::fuzz_target;
 use mailfront::config::TlsMode;
 use mailfront::imap::command::Limits;
-use mailfront::imap::prelogin::{Next, Prelogin, Settings};
+use mailfront::imap::prelogin::{Prelogin, Settings};
+use mailfront::prelogin::Next;
 
 const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
 

@@ -27,6 +27,7 @@ use crate::imap::response::{
     Response, ResponseKind, ResponseLimits, ResponseReceiver, ServerEvent, Status,
 };
 use crate::metrics::IdSource;
+use crate::prelogin::{End, Machine, Next, Notice};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -37,46 +38,6 @@ pub struct Settings {
     pub limits: command::Limits,
     /// `limits.preauth_commands`.
     pub max_commands: usize,
-}
-
-/// What the driver must do next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Next {
-    /// Keep reading (and write whatever output is pending).
-    Run,
-    /// Connect to the backend, then call [`Prelogin::backend_connected`].
-    Connect,
-    /// Write pending output, then run the TLS handshake on the client stream and call
-    /// [`Prelogin::tls_started`]. Everything the client pipelined after STARTTLS was dropped.
-    StartTls,
-    /// The backend accepted a login: write pending output, then relay, sending
-    /// [`Prelogin::held`] first.
-    Authenticated,
-    /// Write pending output and close.
-    End(End),
-}
-
-/// Why the not-authenticated phase ended without a login.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
-    /// LOGOUT, or the client closed.
-    ClientClosed,
-    BackendClosed,
-    /// The backend broke the protocol (or greeted with PREAUTH).
-    BackendProtocol(String),
-    /// The client broke the protocol or a limit badly enough to close.
-    ProtocolViolation(String),
-}
-
-/// Facts for metrics and logs, drained by the driver with [`Prelogin::take_notices`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Notice {
-    /// The backend answered a LOGIN/AUTHENTICATE.
-    Auth { ok: bool, mechanism: String },
-    /// LOGIN/AUTHENTICATE refused because TLS is not active.
-    CleartextAuthRefused { mechanism: String },
-    /// An ID carrying the `tls` field went to the backend.
-    IdFieldAdded(IdSource),
 }
 
 /// A command of ours in flight; its responses never reach the client.
@@ -765,6 +726,73 @@ impl Prelogin {
             self.sasl_credit = self.sasl_credit.saturating_add(1);
             self.to_client.extend_from_slice(&response.raw);
         }
+    }
+}
+
+impl Machine for Prelogin {
+    const PROTOCOL: &'static str = "imap";
+
+    fn next(&self) -> Next {
+        Prelogin::next(self)
+    }
+
+    fn take_to_client(&mut self) -> Vec<u8> {
+        Prelogin::take_to_client(self)
+    }
+
+    fn take_to_backend(&mut self) -> Vec<u8> {
+        Prelogin::take_to_backend(self)
+    }
+
+    fn take_notices(&mut self) -> Vec<Notice> {
+        Prelogin::take_notices(self)
+    }
+
+    /// Parsed commands restart the idle timer; so do any bytes while the client has the turn.
+    fn client_input(&mut self, bytes: &[u8]) -> bool {
+        let waiting = Prelogin::waiting_for_backend(self);
+        Prelogin::client_input(self, bytes) || !waiting
+    }
+
+    /// Only a whole response restarts the idle timer.
+    fn backend_input(&mut self, bytes: &[u8]) -> bool {
+        Prelogin::backend_input(self, bytes)
+    }
+
+    fn backend_connected(&mut self) {
+        Prelogin::backend_connected(self);
+    }
+
+    fn backend_closed(&mut self) {
+        Prelogin::backend_closed(self);
+    }
+
+    fn tls_started(&mut self, cipher: String) {
+        Prelogin::tls_started(self, cipher);
+    }
+
+    fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
+        Prelogin::held(self)
+    }
+
+    fn wants_client_input(&self, hold_limit: usize) -> bool {
+        Prelogin::wants_client_input(self, hold_limit)
+    }
+
+    fn waiting_for_backend(&self) -> bool {
+        Prelogin::waiting_for_backend(self)
+    }
+
+    fn bye_unavailable() -> Vec<u8> {
+        reply::bye_unavailable()
+    }
+
+    fn bye_idle() -> Vec<u8> {
+        reply::bye_idle_timeout()
+    }
+
+    fn bye_shutdown() -> Vec<u8> {
+        reply::bye_shutdown()
     }
 }
 

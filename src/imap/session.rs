@@ -16,9 +16,10 @@ use tokio::time::Instant;
 
 use crate::backend::BackendStream;
 use crate::imap::command;
-use crate::imap::prelogin::{End, Next, Notice, Prelogin, Settings};
+use crate::imap::prelogin::{Prelogin, Settings};
 use crate::imap::reply;
 use crate::metrics::AuthResult;
+use crate::prelogin::{End, Next, Notice};
 use crate::session::{ClientStream, EndReason, Session, upgrade_client, write_timed};
 use crate::transport::Transport;
 
@@ -169,6 +170,7 @@ fn end_reason(end: End) -> EndReason {
     match end {
         End::ClientClosed => EndReason::ClientClosed,
         End::BackendClosed => EndReason::BackendClosed,
+        End::BackendUnavailable => EndReason::BackendUnavailable,
         End::BackendProtocol(detail) => EndReason::ProtocolViolation(format!("backend: {detail}")),
         End::ProtocolViolation(detail) => EndReason::ProtocolViolation(detail),
     }

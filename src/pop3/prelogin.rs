@@ -1,0 +1,1100 @@
+//! The POP3 AUTHORIZATION state as a sans-I/O state machine (RFC 1939 §4, RFC 2595 §4,
+//! RFC 5034 §4, RFC 8314 §4.1), driven by the loop shared with IMAP through
+//! [`crate::prelogin::Machine`].
+//!
+//! The driver feeds it the bytes each side sent and writes out what it produced; the machine
+//! never touches a socket or a clock, so unit tests drive it directly.
+//!
+//! Its security property holds by construction rather than by checks on forwarded bytes:
+//! - On a `starttls` listener (110) there is no backend before TLS: mailfront answers the whole
+//!   cleartext dialogue itself ([`policy::before_tls`]: greeting, CAPA with STLS, QUIT, local
+//!   `-ERR`s, one fixed refusal for USER, PASS, APOP and AUTH), and the driver connects only
+//!   after the handshake. Whatever was pipelined after STLS is dropped (RFC 2595 §4,
+//!   CERT VU#555316). After TLS the backend's greeting is swallowed: the client had ours, and
+//!   asks CAPA again (RFC 2595 §4).
+//! - Over TLS and until the backend accepts a login, only commands [`policy::after_tls`] parsed
+//!   and allowed reach the backend, written by mailfront in canonical form. PASS, APOP and AUTH
+//!   hold every later client byte until the backend's answer: `+OK` → relay (RFC 1939 §6),
+//!   `-ERR` → keep parsing. During AUTH one client line goes on per `+` challenge the backend
+//!   sent (RFC 5034 §4), checked and re-emitted: a line pipelined past the exchange (say
+//!   `XCLIENT`, which Dovecot trusts from mailfront) would otherwise reach the backend as a
+//!   command.
+//!
+//! Idle timer: in cleartext only a whole line restarts it, so trickled bytes do not hold a
+//! session. Over TLS, bytes restart it while the turn is the client's; while a forwarded command
+//! is unanswered only backend bytes and parsed client lines do.
+
+use std::collections::VecDeque;
+
+use crate::config::TlsMode;
+use crate::pop3::capa::{self, CapaView};
+use crate::pop3::codec::{
+    ClientEvent, Command, CommandLimits, CommandReceiver, Expect, Response, ResponseLimits,
+    ResponseReceiver, ServerEvent, Status,
+};
+use crate::pop3::policy::{self, Decision, Local};
+use crate::pop3::reply;
+use crate::pop3::request::Request;
+use crate::prelogin::{End, Machine, Next, Notice};
+
+/// What the machine needs to know about its session.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listener: TlsMode,
+    /// Our name, for the cleartext greeting.
+    pub hostname: String,
+    pub limits: CommandLimits,
+    /// `limits.preauth_commands`.
+    pub max_commands: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Before TLS on a `starttls` listener: no backend.
+    Cleartext,
+    /// The driver is connecting.
+    Connecting,
+    /// Waiting for the backend's greeting.
+    Greeting,
+    /// Commands flow.
+    Ready,
+    StartTls,
+    Authenticated,
+    Ended,
+}
+
+/// What a forwarded command was, to treat its response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sent {
+    Capa,
+    /// `AUTH` with no argument: the mechanism list.
+    Mechanisms,
+    /// PASS, APOP or AUTH with a mechanism (its log name): its `+OK` ends AUTHORIZATION.
+    Auth(String),
+    Quit,
+    Other,
+}
+
+/// The POP3 AUTHORIZATION state of one session.
+pub struct Prelogin {
+    settings: Settings,
+    phase: Phase,
+    end: Option<End>,
+    /// The session began in cleartext: the backend's greeting is not the client's.
+    swallow_greeting: bool,
+    rx: CommandReceiver,
+    srx: ResponseReceiver,
+    /// Client bytes not parsed yet (held while the backend works on a login).
+    cbuf: Vec<u8>,
+    /// Backend bytes not parsed yet.
+    bbuf: Vec<u8>,
+    to_client: Vec<u8>,
+    to_backend: Vec<u8>,
+    notices: Vec<Notice>,
+    /// Forwarded commands in order, parallel to the response receiver's expectations
+    /// (pipelining, RFC 2449 §6.6).
+    sent: VecDeque<Sent>,
+    /// Counted across STLS: the limit is per connection.
+    commands: usize,
+    quit: bool,
+    /// `+` challenges the backend sent during AUTH that the client has not answered yet.
+    sasl_credit: usize,
+}
+
+impl Prelogin {
+    /// A session whose client side is TLS already (`tls_active`: implicit-TLS listeners) or
+    /// still cleartext on a `starttls` listener, which gets mailfront's greeting at once.
+    pub fn new(settings: Settings, tls_active: bool) -> Prelogin {
+        let mut machine = Prelogin {
+            rx: CommandReceiver::new(settings.limits),
+            srx: ResponseReceiver::new(ResponseLimits::default()),
+            settings,
+            phase: Phase::Connecting,
+            end: None,
+            swallow_greeting: !tls_active,
+            cbuf: Vec::new(),
+            bbuf: Vec::new(),
+            to_client: Vec::new(),
+            to_backend: Vec::new(),
+            notices: Vec::new(),
+            sent: VecDeque::new(),
+            commands: 0,
+            quit: false,
+            sasl_credit: 0,
+        };
+        if !tls_active {
+            machine.phase = Phase::Cleartext;
+            let greeting = reply::greeting(&machine.settings.hostname);
+            machine.to_client.extend_from_slice(&greeting);
+        }
+        machine
+    }
+
+    /// The most client bytes one event needs before the receiver can act on it; the driver adds
+    /// one read's worth to get the `hold_limit` of [`Prelogin::wants_client_input`].
+    pub fn longest_event(&self) -> usize {
+        self.settings
+            .limits
+            .sasl_line
+            .max(self.settings.limits.command)
+    }
+
+    pub fn next(&self) -> Next {
+        match self.phase {
+            Phase::Cleartext | Phase::Greeting | Phase::Ready => Next::Run,
+            Phase::Connecting => Next::Connect,
+            Phase::StartTls => Next::StartTls,
+            Phase::Authenticated => Next::Authenticated,
+            Phase::Ended => Next::End(self.end.clone().unwrap_or(End::ClientClosed)),
+        }
+    }
+
+    /// Bytes to write to the client now.
+    pub fn take_to_client(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.to_client)
+    }
+
+    /// Bytes to write to the backend now.
+    pub fn take_to_backend(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.to_backend)
+    }
+
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Whether the driver should read from the client: not while `hold_limit` bytes are held,
+    /// and never after STLS (the handshake reads the socket itself).
+    pub fn wants_client_input(&self, hold_limit: usize) -> bool {
+        matches!(
+            self.phase,
+            Phase::Cleartext | Phase::Greeting | Phase::Ready
+        ) && self.cbuf.len() < hold_limit
+    }
+
+    /// Whether the next thing expected is the backend's: its greeting, or the answer to a
+    /// forwarded command, unless a SASL `+` made it the client's turn.
+    pub fn waiting_for_backend(&self) -> bool {
+        match self.phase {
+            Phase::Greeting => true,
+            Phase::Ready => !self.sent.is_empty() && self.sasl_credit == 0,
+            _ => false,
+        }
+    }
+
+    /// The driver connected to the backend.
+    pub fn backend_connected(&mut self) {
+        if self.phase == Phase::Connecting {
+            self.phase = Phase::Greeting;
+            self.pump_backend();
+        }
+    }
+
+    /// The handshake after STLS succeeded: start afresh with a new receiver (nothing the client
+    /// sent before counts) and connect to the backend. The command count goes on.
+    pub fn tls_started(&mut self) {
+        self.swallow_greeting = true;
+        self.rx = CommandReceiver::new(self.settings.limits);
+        self.cbuf.clear();
+        self.phase = Phase::Connecting;
+    }
+
+    /// What is left once the backend accepted a login: client bytes sent after the login
+    /// command, and backend bytes after its `+OK`. Both go out before the plain relay.
+    pub fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
+        (
+            std::mem::take(&mut self.cbuf),
+            std::mem::take(&mut self.bbuf),
+        )
+    }
+
+    /// Client bytes arrived. Returns whether the idle timer restarts: in cleartext only when a
+    /// whole line was acted on; over TLS also on any bytes while the backend owes nothing.
+    pub fn client_input(&mut self, bytes: &[u8]) -> bool {
+        let any_bytes_count = self.phase != Phase::Cleartext && !self.waiting_for_backend();
+        self.cbuf.extend_from_slice(bytes);
+        self.pump_client() || any_bytes_count
+    }
+
+    /// Backend bytes arrived. Returns whether the idle timer restarts: on any bytes while the
+    /// backend owed us something, and when the client lines it freed were acted on.
+    pub fn backend_input(&mut self, bytes: &[u8]) -> bool {
+        let owed = !bytes.is_empty() && self.waiting_for_backend();
+        self.bbuf.extend_from_slice(bytes);
+        self.pump_backend() || owed
+    }
+
+    /// The backend closed its side: after a forwarded QUIT that is the client's goodbye;
+    /// otherwise the client is told only if it has not had a greeting yet.
+    pub fn backend_closed(&mut self) {
+        if matches!(self.phase, Phase::Ended | Phase::Authenticated) {
+            return;
+        }
+        if self.phase == Phase::Greeting {
+            self.to_client.extend_from_slice(&reply::err_unavailable());
+        }
+        let end = if self.quit {
+            End::ClientClosed
+        } else {
+            End::BackendClosed
+        };
+        self.finish(end);
+    }
+
+    fn finish(&mut self, end: End) {
+        self.phase = Phase::Ended;
+        self.end = Some(end);
+    }
+
+    /// PASS, APOP or AUTH is forwarded and unanswered.
+    fn auth_in_flight(&self) -> bool {
+        self.sent.iter().any(|s| matches!(s, Sent::Auth(_)))
+    }
+
+    // ---- client side -------------------------------------------------------------------
+
+    /// Parses client events while the state lets the next one be acted on; returns whether any
+    /// was.
+    fn pump_client(&mut self) -> bool {
+        let mut acted = false;
+        loop {
+            if !self.may_take_client_event() {
+                return acted;
+            }
+            let step = self.rx.next(&self.cbuf);
+            self.cbuf.drain(..step.consumed.min(self.cbuf.len()));
+            let Some(event) = step.event else {
+                return acted;
+            };
+            acted = true;
+            match self.phase {
+                Phase::Cleartext => self.cleartext(event),
+                _ => self.on_client_event(event),
+            }
+            if self.phase == Phase::StartTls {
+                // Nothing pipelined after STLS may run after the upgrade (RFC 2595 §4;
+                // CERT VU#555316).
+                self.cbuf.clear();
+                return acted;
+            }
+        }
+    }
+
+    fn may_take_client_event(&self) -> bool {
+        match self.phase {
+            Phase::Cleartext => true,
+            // While PASS/APOP/AUTH is unanswered only its SASL responses go on, one per `+`.
+            Phase::Ready => !self.auth_in_flight() || (self.rx.in_sasl() && self.sasl_credit > 0),
+            _ => false,
+        }
+    }
+
+    /// Counts a command against `limits.preauth_commands`; false once over it.
+    fn count_command(&mut self) -> bool {
+        self.commands += 1;
+        if self.commands > self.settings.max_commands {
+            self.to_client
+                .extend_from_slice(&reply::err_too_many_commands());
+            self.finish(End::ProtocolViolation(
+                "too many commands before authentication".to_owned(),
+            ));
+            return false;
+        }
+        true
+    }
+
+    /// Before TLS on a `starttls` listener: mailfront is the whole server.
+    fn cleartext(&mut self, event: ClientEvent) {
+        if !self.count_command() {
+            return;
+        }
+        let cmd = match event {
+            ClientEvent::Command(cmd) => cmd,
+            ClientEvent::Rejected(rejection) => {
+                self.to_client.extend_from_slice(&rejection.reply());
+                return;
+            }
+            // Never begun: no AUTH exchange runs before TLS.
+            ClientEvent::SaslResponse(_) => return,
+        };
+        match policy::before_tls(&cmd) {
+            Local::Reply(answer) => self.to_client.extend_from_slice(&answer),
+            Local::RefuseCredentials(answer) => {
+                self.notices.push(Notice::CleartextAuthRefused {
+                    mechanism: refused_label(&cmd),
+                });
+                self.to_client.extend_from_slice(&answer);
+            }
+            Local::StartTls(ok) => {
+                self.to_client.extend_from_slice(&ok);
+                self.phase = Phase::StartTls;
+            }
+            Local::Quit(bye) => {
+                self.to_client.extend_from_slice(&bye);
+                self.finish(End::ClientClosed);
+            }
+        }
+    }
+
+    /// Over TLS, with the backend greeted: gate, then forward re-encoded or answer here.
+    fn on_client_event(&mut self, event: ClientEvent) {
+        match event {
+            ClientEvent::SaslResponse(line) => {
+                // Not a command: the answer to a `+` the backend sent.
+                self.sasl_credit = self.sasl_credit.saturating_sub(1);
+                self.to_backend.extend_from_slice(&line.canonical());
+            }
+            ClientEvent::Command(cmd) => {
+                if self.count_command() {
+                    self.on_decision(policy::after_tls(self.settings.listener, &cmd));
+                }
+            }
+            ClientEvent::Rejected(rejection) => {
+                if !self.count_command() {
+                    return;
+                }
+                self.to_client.extend_from_slice(&rejection.reply());
+                if rejection.fatal {
+                    // An over-long SASL line: the backend waits for a whole one.
+                    self.finish(End::ProtocolViolation(rejection.error.to_string()));
+                }
+            }
+        }
+    }
+
+    fn on_decision(&mut self, decision: Decision) {
+        match decision {
+            Decision::Forward { request, expect } => {
+                let sent = match &request {
+                    _ if matches!(expect, Expect::Authentication | Expect::Sasl) => {
+                        Sent::Auth(request.log_name())
+                    }
+                    Request::Capa => Sent::Capa,
+                    Request::AuthList => Sent::Mechanisms,
+                    Request::Quit => {
+                        self.quit = true;
+                        Sent::Quit
+                    }
+                    _ => Sent::Other,
+                };
+                self.sent.push_back(sent);
+                self.srx.expect(expect);
+                if expect == Expect::Sasl {
+                    // Every later client line is a SASL response until the final answer
+                    // (RFC 5034 §4).
+                    self.rx.begin_sasl();
+                }
+                self.to_backend.extend_from_slice(&request.canonical());
+            }
+            Decision::Reply(answer) => self.to_client.extend_from_slice(&answer),
+        }
+    }
+
+    // ---- backend side ------------------------------------------------------------------
+
+    /// Handles whole backend responses, then the client lines they may have freed; returns
+    /// whether any client line was acted on.
+    fn pump_backend(&mut self) -> bool {
+        while matches!(self.phase, Phase::Greeting | Phase::Ready) {
+            let step = self.srx.next(&self.bbuf);
+            self.bbuf.drain(..step.consumed.min(self.bbuf.len()));
+            let Some(event) = step.event else {
+                break;
+            };
+            match event {
+                ServerEvent::Rejected(e) => {
+                    self.to_client.extend_from_slice(&reply::err_unavailable());
+                    self.finish(End::BackendProtocol(e.to_string()));
+                }
+                ServerEvent::Greeting(greeting) => self.on_greeting(greeting),
+                ServerEvent::Response(response) => self.on_response(response),
+            }
+        }
+        self.phase == Phase::Ready && self.pump_client()
+    }
+
+    fn on_greeting(&mut self, greeting: Response) {
+        self.phase = Phase::Ready;
+        if self.swallow_greeting {
+            // The client had mailfront's greeting in cleartext; a refusal now can only be told
+            // as unavailability.
+            if greeting.status != Status::Ok {
+                self.to_client.extend_from_slice(&reply::err_unavailable());
+                self.finish(End::BackendUnavailable);
+            }
+            return;
+        }
+        // The client's only greeting, APOP timestamp included (RFC 1939 §7).
+        self.to_client
+            .extend_from_slice(&capa::rewrite_greeting(&greeting.raw));
+        if greeting.status != Status::Ok {
+            self.finish(End::BackendClosed);
+        }
+    }
+
+    fn on_response(&mut self, response: Response) {
+        let is_final = response.is_final();
+        if !is_final && self.rx.in_sasl() {
+            self.sasl_credit = self.sasl_credit.saturating_add(1);
+        }
+        let sent = if is_final {
+            self.sent.pop_front()
+        } else {
+            self.sent.front().cloned()
+        };
+        let shown = match (&sent, response.status) {
+            (Some(Sent::Capa), Status::Ok) => capa::rewrite_capa(&response.raw, CapaView::Tls),
+            (Some(Sent::Mechanisms), Status::Ok) => capa::rewrite_mechanisms(&response.raw),
+            _ => response.raw.clone(),
+        };
+        self.to_client.extend_from_slice(&shown);
+        if let Some(Sent::Auth(mechanism)) = sent
+            && is_final
+        {
+            let ok = response.authenticated();
+            self.sasl_credit = 0;
+            self.notices.push(Notice::Auth { ok, mechanism });
+            if ok {
+                // Whatever follows belongs to the TRANSACTION state: relayed as is.
+                self.phase = Phase::Authenticated;
+                return;
+            }
+            self.rx.end_sasl();
+        }
+    }
+}
+
+impl Machine for Prelogin {
+    const PROTOCOL: &'static str = "pop3";
+
+    fn next(&self) -> Next {
+        Prelogin::next(self)
+    }
+
+    fn take_to_client(&mut self) -> Vec<u8> {
+        Prelogin::take_to_client(self)
+    }
+
+    fn take_to_backend(&mut self) -> Vec<u8> {
+        Prelogin::take_to_backend(self)
+    }
+
+    fn take_notices(&mut self) -> Vec<Notice> {
+        Prelogin::take_notices(self)
+    }
+
+    fn client_input(&mut self, bytes: &[u8]) -> bool {
+        Prelogin::client_input(self, bytes)
+    }
+
+    fn backend_input(&mut self, bytes: &[u8]) -> bool {
+        Prelogin::backend_input(self, bytes)
+    }
+
+    fn backend_connected(&mut self) {
+        Prelogin::backend_connected(self);
+    }
+
+    fn backend_closed(&mut self) {
+        Prelogin::backend_closed(self);
+    }
+
+    /// POP3 tells the backend nothing about the cipher (it has no ID command).
+    fn tls_started(&mut self, _cipher: String) {
+        Prelogin::tls_started(self);
+    }
+
+    fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
+        Prelogin::held(self)
+    }
+
+    fn wants_client_input(&self, hold_limit: usize) -> bool {
+        Prelogin::wants_client_input(self, hold_limit)
+    }
+
+    fn waiting_for_backend(&self) -> bool {
+        Prelogin::waiting_for_backend(self)
+    }
+
+    fn bye_unavailable() -> Vec<u8> {
+        reply::err_unavailable()
+    }
+
+    fn bye_idle() -> Vec<u8> {
+        reply::err_idle_timeout()
+    }
+
+    fn bye_shutdown() -> Vec<u8> {
+        reply::err_shutdown()
+    }
+}
+
+/// The refused command for logs: `USER`, `PASS`, `APOP` or `AUTH <MECH>`, never an argument
+/// that could be a secret; the bare keyword when the line does not even parse.
+fn refused_label(cmd: &Command) -> String {
+    Request::parse(cmd)
+        .map(|r| r.log_name())
+        .unwrap_or_else(|_| String::from_utf8_lossy(&cmd.keyword).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::line::split::CHUNKS;
+
+    const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
+    const BACKEND_CAPA: &str =
+        "+OK\r\nTOP\r\nUIDL\r\nUSER\r\nSTLS\r\nSASL PLAIN EXTERNAL\r\nPIPELINING\r\n.\r\n";
+
+    fn settings(listener: TlsMode) -> Settings {
+        Settings {
+            listener,
+            hostname: "mx.example.test".to_owned(),
+            limits: CommandLimits::default(),
+            max_commands: 50,
+        }
+    }
+
+    fn cleartext() -> Prelogin {
+        Prelogin::new(settings(TlsMode::Starttls), false)
+    }
+
+    /// An implicit-TLS session greeted by the backend; the greeting already taken.
+    fn greeted() -> Prelogin {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        assert!(m.waiting_for_backend());
+        m.backend_input(b"+OK [XCLIENT] Dovecot ready <1896.697170952@dbc.example>\r\n");
+        assert_eq!(m.next(), Next::Run);
+        let (client, backend) = out(&mut m);
+        assert_eq!(
+            client, "+OK Dovecot ready <1896.697170952@dbc.example>\r\n",
+            "the XCLIENT code is mailfront's business, the APOP timestamp the client's"
+        );
+        assert_eq!(backend, "");
+        m
+    }
+
+    fn out(m: &mut Prelogin) -> (String, String) {
+        (
+            String::from_utf8_lossy(&m.take_to_client()).into_owned(),
+            String::from_utf8_lossy(&m.take_to_backend()).into_owned(),
+        )
+    }
+
+    fn refused(mechanism: &str) -> Notice {
+        Notice::CleartextAuthRefused {
+            mechanism: mechanism.to_owned(),
+        }
+    }
+
+    fn auth(ok: bool, mechanism: &str) -> Notice {
+        Notice::Auth {
+            ok,
+            mechanism: mechanism.to_owned(),
+        }
+    }
+
+    #[test]
+    fn the_cleartext_dialogue_is_answered_without_a_backend() {
+        let mut m = cleartext();
+        assert_eq!(m.next(), Next::Run);
+        let (greeting, _) = out(&mut m);
+        assert_eq!(greeting, "+OK mx.example.test ready\r\n");
+        m.client_input(
+            b"CAPA\r\nNOOP\r\nUSER alice\r\nPASS secret\r\nUSER\r\n\
+              APOP alice c4c9334bac560ecc979e58001b3e22fb\r\nAUTH plain AGFsaWNlAHNlY3JldA==\r\n\
+              AUTH\r\nXCLIENT ADDR=192.0.2.1\r\nSTAT\r\nSTLS now\r\nQUIT\r\nCAPA\r\n",
+        );
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        let refusal = "-ERR [AUTH] Cleartext authentication disallowed; issue STLS first\r\n";
+        assert_eq!(
+            client,
+            [
+                "+OK Capability list follows\r\nSTLS\r\n.\r\n",
+                "-ERR Command not valid before authentication\r\n",
+                refusal,
+                refusal,
+                refusal,
+                refusal,
+                refusal,
+                refusal,
+                "-ERR Command not permitted\r\n",
+                "-ERR Unknown command\r\n",
+                "-ERR STLS takes no arguments\r\n",
+                "+OK Logging out\r\n",
+            ]
+            .concat(),
+            "nothing after QUIT is answered"
+        );
+        assert_eq!(m.next(), Next::End(End::ClientClosed));
+        // A bare AUTH is discovery, not an attempt: refused alike, not counted.
+        assert_eq!(
+            m.take_notices(),
+            vec![
+                refused("USER"),
+                refused("PASS"),
+                refused("USER"),
+                refused("APOP"),
+                refused("AUTH PLAIN"),
+            ]
+        );
+    }
+
+    #[test]
+    fn bare_lf_cr_and_nul_lines_are_refused_and_what_follows_is_gated() {
+        let bare_lf = "-ERR Command lines must end with CRLF\r\n";
+        let octet = "-ERR CR or NUL not allowed in a command line\r\n";
+        let input = b"CAPA\nUSER a\r\nCA\rPA\r\nCA\0PA\r\nUSER b\r\n";
+        let mut m = cleartext();
+        out(&mut m);
+        m.client_input(input);
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        let refusal = "-ERR [AUTH] Cleartext authentication disallowed; issue STLS first\r\n";
+        assert_eq!(client, [bare_lf, refusal, octet, octet, refusal].concat());
+
+        let mut m = greeted();
+        m.client_input(input);
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, [bare_lf, octet, octet].concat());
+        assert_eq!(backend, "USER a\r\nUSER b\r\n");
+    }
+
+    #[test]
+    fn stls_drops_what_was_pipelined_after_it_and_connects_only_then() {
+        let mut m = cleartext();
+        out(&mut m);
+        m.client_input(b"CAPA\r\nSTLS\r\nUSER evil\r\nPASS secret\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(
+            client,
+            "+OK Capability list follows\r\nSTLS\r\n.\r\n+OK Begin TLS negotiation\r\n"
+        );
+        assert_eq!(backend, "");
+        assert_eq!(m.next(), Next::StartTls);
+        assert!(!m.wants_client_input(1 << 20));
+        assert!(
+            m.take_notices().is_empty(),
+            "the dropped USER was never seen"
+        );
+        Machine::tls_started(&mut m, CIPHER.to_owned());
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(b"+OK Dovecot ready <1.2@backend>\r\n");
+        // The backend's greeting is not shown: the client had ours (RFC 2595 §4).
+        assert_eq!(out(&mut m), (String::new(), String::new()));
+        m.client_input(b"CAPA\r\n");
+        assert_eq!(out(&mut m).1, "CAPA\r\n");
+        m.backend_input(BACKEND_CAPA.as_bytes());
+        assert_eq!(
+            out(&mut m).0,
+            "+OK\r\nTOP\r\nUIDL\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n",
+            "STLS and EXTERNAL hidden over TLS"
+        );
+        // The client never saw the backend's timestamp, so APOP cannot be right.
+        m.client_input(b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\nSTLS\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(
+            client,
+            "-ERR APOP not available here; use USER/PASS or AUTH\r\n\
+             -ERR Command not permitted when TLS active\r\n"
+        );
+        assert_eq!(backend, "");
+    }
+
+    #[test]
+    fn canonical_user_and_pass_reach_the_backend_and_later_bytes_wait_for_the_answer() {
+        let mut m = greeted();
+        m.client_input(b"user alice\r\npass  two words \r\nLIST\r\nQUIT\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "");
+        assert_eq!(backend, "USER alice\r\nPASS  two words \r\n");
+        assert!(m.waiting_for_backend());
+        m.backend_input(b"+OK alice\r\n");
+        assert_eq!(out(&mut m).0, "+OK alice\r\n");
+        assert!(m.waiting_for_backend(), "PASS is unanswered");
+        m.backend_input(b"+OK Logged in.\r\n+OK 2 messages");
+        assert_eq!(m.next(), Next::Authenticated);
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+OK Logged in.\r\n");
+        assert_eq!(backend, "");
+        let (held_client, held_backend) = m.held();
+        assert_eq!(held_client, b"LIST\r\nQUIT\r\n");
+        assert_eq!(held_backend, b"+OK 2 messages");
+        assert_eq!(m.take_notices(), vec![auth(true, "PASS")]);
+    }
+
+    #[test]
+    fn a_failed_pass_keeps_parsing_what_was_held() {
+        let mut m = greeted();
+        m.client_input(b"USER alice\r\nPASS wrong\r\nCAPA\r\nAUTH\r\n");
+        assert_eq!(out(&mut m).1, "USER alice\r\nPASS wrong\r\n");
+        m.backend_input(b"+OK\r\n-ERR [AUTH] Authentication failed.\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+OK\r\n-ERR [AUTH] Authentication failed.\r\n");
+        assert_eq!(backend, "CAPA\r\nAUTH\r\n");
+        assert_eq!(m.take_notices(), vec![auth(false, "PASS")]);
+        m.backend_input(BACKEND_CAPA.as_bytes());
+        m.backend_input(b"+OK\r\nPLAIN\r\nexternal\r\nLOGIN\r\n.\r\n");
+        let (client, _) = out(&mut m);
+        assert_eq!(
+            client,
+            "+OK\r\nTOP\r\nUIDL\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n\
+             +OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+        );
+        assert_eq!(m.next(), Next::Run);
+        assert!(!m.waiting_for_backend());
+    }
+
+    #[test]
+    fn auth_forwards_one_checked_line_per_continuation() {
+        let mut m = greeted();
+        m.client_input(b"AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nXCLIENT ADDR=192.0.2.1\r\n");
+        assert_eq!(out(&mut m).1, "AUTH PLAIN\r\n", "no SASL line before a +");
+        assert!(m.waiting_for_backend());
+        m.backend_input(b"+ \r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+ \r\n");
+        assert_eq!(backend, "AGFsaWNlAHNlY3JldA==\r\n");
+        assert!(m.waiting_for_backend());
+        // The pipelined XCLIENT is a SASL line as far as the backend is concerned: not base64,
+        // so it goes as a cancel if the backend asks for more.
+        m.backend_input(b"+ \r\n");
+        assert_eq!(out(&mut m).1, "*\r\n");
+        m.backend_input(b"-ERR [AUTH] cancelled\r\n");
+        assert_eq!(out(&mut m).0, "-ERR [AUTH] cancelled\r\n");
+        assert_eq!(m.take_notices(), vec![auth(false, "AUTH PLAIN")]);
+        assert_eq!(m.next(), Next::Run);
+        // Back to commands.
+        m.client_input(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nNOOP\r\n");
+        assert_eq!(out(&mut m).1, "AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        m.backend_input(b"+OK Logged in.\r\n");
+        assert_eq!(m.next(), Next::Authenticated);
+        assert_eq!(m.held(), (b"NOOP\r\n".to_vec(), Vec::new()));
+        assert_eq!(m.take_notices(), vec![auth(true, "AUTH PLAIN")]);
+    }
+
+    #[test]
+    fn an_over_long_sasl_line_ends_the_session() {
+        let mut m = Prelogin::new(
+            Settings {
+                limits: CommandLimits {
+                    command: 64,
+                    sasl_line: 16,
+                },
+                ..settings(TlsMode::Implicit)
+            },
+            true,
+        );
+        m.backend_connected();
+        m.backend_input(b"+OK ready\r\n");
+        out(&mut m);
+        m.client_input(b"AUTH PLAIN\r\n");
+        m.backend_input(b"+ \r\n");
+        out(&mut m);
+        m.client_input(&[b'A'; 40]);
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "-ERR Command line too long\r\n");
+        assert_eq!(backend, "");
+        assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+    }
+
+    #[test]
+    fn a_refusing_backend_after_stls_is_reported_as_unavailable() {
+        let mut m = cleartext();
+        m.client_input(b"STLS\r\n");
+        m.tls_started();
+        m.backend_connected();
+        out(&mut m);
+        m.backend_input(b"-ERR [SYS/TEMP] too busy\r\n");
+        assert_eq!(
+            out(&mut m).0,
+            "-ERR [SYS/TEMP] Server temporarily unavailable\r\n"
+        );
+        assert_eq!(m.next(), Next::End(End::BackendUnavailable));
+    }
+
+    #[test]
+    fn a_refusing_backend_on_an_implicit_listener_is_shown_as_is() {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        m.backend_connected();
+        m.backend_input(b"-ERR [SYS/TEMP] too busy\r\n");
+        assert_eq!(out(&mut m).0, "-ERR [SYS/TEMP] too busy\r\n");
+        assert_eq!(m.next(), Next::End(End::BackendClosed));
+    }
+
+    #[test]
+    fn a_backend_breaking_the_protocol_ends_the_session() {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        m.backend_connected();
+        m.backend_input(b"* OK IMAP here\r\n");
+        assert_eq!(
+            out(&mut m).0,
+            "-ERR [SYS/TEMP] Server temporarily unavailable\r\n"
+        );
+        assert!(matches!(m.next(), Next::End(End::BackendProtocol(_))));
+
+        let mut m = greeted();
+        m.client_input(b"USER a\r\n");
+        m.backend_input(b"+ challenge out of place\r\n");
+        assert!(matches!(m.next(), Next::End(End::BackendProtocol(_))));
+    }
+
+    #[test]
+    fn a_backend_close_is_a_goodbye_only_after_quit() {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        m.backend_connected();
+        m.backend_closed();
+        assert_eq!(
+            out(&mut m).0,
+            "-ERR [SYS/TEMP] Server temporarily unavailable\r\n",
+            "a client with no greeting yet is told"
+        );
+        assert_eq!(m.next(), Next::End(End::BackendClosed));
+
+        let mut m = greeted();
+        m.backend_closed();
+        assert_eq!(out(&mut m).0, "");
+        assert_eq!(m.next(), Next::End(End::BackendClosed));
+
+        let mut m = greeted();
+        m.client_input(b"QUIT\r\n");
+        assert_eq!(out(&mut m).1, "QUIT\r\n");
+        m.backend_input(b"+OK Logging out\r\n");
+        m.backend_closed();
+        assert_eq!(out(&mut m).0, "+OK Logging out\r\n");
+        assert_eq!(m.next(), Next::End(End::ClientClosed));
+    }
+
+    #[test]
+    fn too_many_commands_end_the_session_and_the_count_goes_on_after_stls() {
+        let limited = |listener| Settings {
+            max_commands: 3,
+            ..settings(listener)
+        };
+        let mut m = Prelogin::new(limited(TlsMode::Starttls), false);
+        out(&mut m);
+        m.client_input(b"CAPA\r\nCAPA\r\nCAPA\r\nCAPA\r\n");
+        let (client, _) = out(&mut m);
+        assert!(
+            client.ends_with(".\r\n-ERR Too many commands before authentication\r\n"),
+            "{client}"
+        );
+        assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+
+        let mut m = Prelogin::new(limited(TlsMode::Starttls), false);
+        m.client_input(b"CAPA\r\nSTLS\r\n");
+        m.tls_started();
+        m.backend_connected();
+        m.backend_input(b"+OK ready\r\n");
+        out(&mut m);
+        m.client_input(b"USER a\r\nBOGUS\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "USER a\r\n");
+        assert_eq!(client, "-ERR Too many commands before authentication\r\n");
+        assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+    }
+
+    #[test]
+    fn client_lines_wait_for_the_backend_greeting() {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        m.backend_connected();
+        assert!(m.wants_client_input(100));
+        assert!(
+            !m.client_input(b"CAPA\r\n"),
+            "held bytes do not restart the timer"
+        );
+        assert_eq!(out(&mut m).1, "");
+        assert!(m.backend_input(b"+OK ready\r\n"));
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+OK ready\r\n");
+        assert_eq!(backend, "CAPA\r\n");
+        assert!(!m.wants_client_input(0));
+    }
+
+    #[test]
+    fn the_idle_timer_restarts_as_the_driver_did() {
+        // Cleartext: only a whole line counts.
+        let mut m = cleartext();
+        assert!(!m.client_input(b"CA"));
+        assert!(m.client_input(b"PA\r\n"));
+        // Over TLS with nothing owed: any bytes count.
+        let mut m = greeted();
+        assert!(m.client_input(b"US"));
+        // A login in flight: held bytes do not, backend bytes do, even a partial line.
+        assert!(m.client_input(b"ER a\r\nPASS b\r\n"));
+        assert!(m.waiting_for_backend());
+        assert!(!m.client_input(b"LIST\r\n"));
+        assert!(m.backend_input(b"+O"));
+        assert!(m.backend_input(b"K\r\n"));
+        assert!(m.waiting_for_backend(), "PASS is still unanswered");
+        // During AUTH, after a `+` it is the client's turn: the backend owes nothing.
+        let mut m = greeted();
+        m.client_input(b"AUTH PLAIN\r\n");
+        assert!(m.backend_input(b"+ \r\n"));
+        assert!(!m.waiting_for_backend());
+        assert!(!m.backend_input(b"+OK"), "not owed, not a client line");
+    }
+
+    #[test]
+    fn the_goodbyes_are_pop3_responses() {
+        assert_eq!(<Prelogin as Machine>::PROTOCOL, "pop3");
+        assert_eq!(
+            <Prelogin as Machine>::bye_unavailable(),
+            reply::err_unavailable()
+        );
+        assert_eq!(<Prelogin as Machine>::bye_idle(), reply::err_idle_timeout());
+        assert_eq!(<Prelogin as Machine>::bye_shutdown(), reply::err_shutdown());
+        for bye in [
+            <Prelogin as Machine>::bye_unavailable(),
+            <Prelogin as Machine>::bye_idle(),
+            <Prelogin as Machine>::bye_shutdown(),
+        ] {
+            assert!(bye.starts_with(b"-ERR ") && bye.ends_with(b"\r\n"));
+        }
+        let m = cleartext();
+        assert_eq!(m.longest_event(), CommandLimits::default().sasl_line);
+    }
+
+    /// A scripted backend: greets, then answers each line mailfront wrote to it.
+    fn backend_answer(line: &str) -> &'static str {
+        match line {
+            "CAPA" => BACKEND_CAPA,
+            "AUTH" => "+OK\r\nPLAIN\r\nEXTERNAL\r\n.\r\n",
+            "USER alice" => "+OK\r\n",
+            "PASS wrong" => "-ERR [AUTH] Authentication failed.\r\n",
+            "AUTH PLAIN" => "+ \r\n",
+            "*" => "-ERR [AUTH] cancelled\r\n",
+            "AGFsaWNlAHdyb25n" => "-ERR [AUTH] Authentication failed.\r\n",
+            "PASS secret" => "+OK Logged in.\r\n+OK 2 messages\r\n",
+            _ => "-ERR unexpected\r\n",
+        }
+    }
+
+    /// What a whole session showed each side.
+    #[derive(Debug, PartialEq)]
+    struct Transcript {
+        client: String,
+        backend: String,
+        notices: Vec<Notice>,
+        next: Next,
+        /// Held client bytes followed by those not read yet, and held backend bytes.
+        relayed: (Vec<u8>, Vec<u8>),
+    }
+
+    /// Everything a session writes to either side when the client's bytes come in `chunk`-sized
+    /// reads (0 = all at once) and the backend's answers in `chunk`-sized reads too.
+    fn transcript(listener: TlsMode, input: &[u8], chunk: usize) -> Transcript {
+        let size = |len: usize| if chunk == 0 { len.max(1) } else { chunk };
+        let mut m = Prelogin::new(settings(listener), listener == TlsMode::Implicit);
+        let (mut client, mut backend) = (Vec::new(), Vec::new());
+        let mut pending_line = Vec::new();
+        let feed_backend = |m: &mut Prelogin, bytes: &[u8]| {
+            for piece in bytes.chunks(size(bytes.len())) {
+                m.backend_input(piece);
+            }
+        };
+        let mut pieces: VecDeque<Vec<u8>> = input
+            .chunks(size(input.len()))
+            .map(<[u8]>::to_vec)
+            .collect();
+        loop {
+            // Play the driver: write out, act on `next`, then read.
+            loop {
+                client.extend(m.take_to_client());
+                let wrote = m.take_to_backend();
+                backend.extend_from_slice(&wrote);
+                pending_line.extend_from_slice(&wrote);
+                let mut answers = String::new();
+                while let Some(pos) = pending_line.windows(2).position(|w| w == b"\r\n") {
+                    let line: Vec<u8> = pending_line.drain(..pos + 2).collect();
+                    answers.push_str(backend_answer(
+                        std::str::from_utf8(&line[..pos]).unwrap_or_default(),
+                    ));
+                }
+                match m.next() {
+                    Next::Connect => {
+                        m.backend_connected();
+                        feed_backend(&mut m, b"+OK Dovecot ready <1.2@backend>\r\n");
+                    }
+                    Next::StartTls => {
+                        // What was pipelined after STLS never reaches the new session.
+                        pieces.clear();
+                        Machine::tls_started(&mut m, CIPHER.to_owned());
+                        pieces.extend(
+                            b"CAPA\r\nAUTH\r\nUSER alice\r\nPASS wrong\r\nAUTH PLAIN\r\n\
+                              AGFsaWNlAHdyb25n\r\nAUTH PLAIN\r\nXCLIENT A=1\r\n\
+                              USER alice\r\nPASS secret\r\nLIST\r\n"
+                                .chunks(size(128))
+                                .map(<[u8]>::to_vec),
+                        );
+                    }
+                    Next::Run if !answers.is_empty() => {
+                        feed_backend(&mut m, answers.as_bytes());
+                    }
+                    _ => break,
+                }
+            }
+            if m.next() != Next::Run {
+                break;
+            }
+            let Some(piece) = pieces.pop_front() else {
+                break;
+            };
+            m.client_input(&piece);
+        }
+        // What the relay gets: held client bytes then those not read yet; how much of it was
+        // read before the login completed depends on the split, the bytes do not.
+        let (mut held_client, held_backend) = m.held();
+        held_client.extend(pieces.into_iter().flatten());
+        Transcript {
+            client: String::from_utf8_lossy(&client).into_owned(),
+            backend: String::from_utf8_lossy(&backend).into_owned(),
+            notices: m.take_notices(),
+            next: m.next(),
+            relayed: (held_client, held_backend),
+        }
+    }
+
+    #[test]
+    fn what_either_side_sees_does_not_depend_on_how_reads_split() {
+        let cleartext_input: &[u8] =
+            b"CAPA\r\nUSER alice\r\nNOOP\nPASS x\r\nAUTH PLAIN\r\nSTLS\r\nUSER evil\r\n";
+        let implicit_input: &[u8] = b"CAPA\r\nAUTH\r\nUSER alice\r\nPASS wrong\r\n\
+              AUTH PLAIN\r\nAGFsaWNlAHdyb25n\r\nAUTH PLAIN\r\nXCLIENT A=1\r\n\
+              US\0ER x\r\nUSER alice\r\nPASS secret\r\nLIST\r\n";
+        for (listener, input) in [
+            (TlsMode::Starttls, cleartext_input),
+            (TlsMode::Implicit, implicit_input),
+        ] {
+            let whole = transcript(listener, input, 0);
+            // The scenario reaches the login, through every kind of exchange.
+            assert_eq!(whole.next, Next::Authenticated, "{listener:?} {whole:?}");
+            assert!(
+                whole.backend.contains("AUTH PLAIN\r\nAGFsaWNlAHdyb25n\r\n"),
+                "{whole:?}"
+            );
+            assert!(whole.backend.contains("AUTH PLAIN\r\n*\r\n"), "{whole:?}");
+            assert!(!whole.backend.contains("XCLIENT"), "{whole:?}");
+            assert_eq!(
+                whole.relayed,
+                (b"LIST\r\n".to_vec(), b"+OK 2 messages\r\n".to_vec())
+            );
+            assert_eq!(
+                whole.notices.last(),
+                Some(&auth(true, "PASS")),
+                "{listener:?} {whole:?}"
+            );
+            for chunk in CHUNKS {
+                assert_eq!(
+                    transcript(listener, input, chunk),
+                    whole,
+                    "{listener:?} chunk {chunk}"
+                );
+            }
+        }
+    }
+}
