@@ -9,7 +9,13 @@
 //! and the loop that moves bytes, runs the handshake, connects and keeps the timers is written
 //! once.
 
-use crate::metrics::IdSource;
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
+
+use crate::backend::BackendStream;
+use crate::metrics::{AuthResult, IdSource};
+use crate::session::{ClientStream, EndReason, Session, upgrade_client, write_timed};
+use crate::transport::Transport;
 
 /// What the driver must do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,4 +119,191 @@ pub trait Machine {
 
     /// Sent before closing because the proxy is shutting down.
     fn bye_shutdown() -> Vec<u8>;
+}
+
+/// One read from either side.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Runs a protocol's not-authenticated state on one connection, then the plain relay: the one
+/// I/O loop IMAP and POP3 share. `hold_limit` bounds the client bytes held while the machine is
+/// not parsing them (it adds one read).
+///
+/// On a STARTTLS listener the backend is connected only when the machine asks, after the
+/// handshake, so nothing a cleartext client sends can reach it and idle cleartext clients hold
+/// no backend connection. While the machine waits for the backend, only what the machine says
+/// restarts the idle timer: bytes it merely holds do not, so a trickling client cannot keep a
+/// silent backend's session alive, and the other way round.
+pub async fn serve<M: Machine, S: Transport>(
+    mut machine: M,
+    client: ClientStream<S>,
+    session: &mut Session,
+    hold_limit: usize,
+) -> EndReason {
+    let hold_limit = hold_limit.saturating_add(READ_CHUNK);
+    let mut client = client;
+    let mut backend: Option<BackendStream> = None;
+    let idle = session.listener.timeouts.idle;
+    let mut deadline = Instant::now() + idle;
+    let mut cchunk = vec![0u8; READ_CHUNK];
+    let mut bchunk = vec![0u8; READ_CHUNK];
+    loop {
+        record_notices(&mut machine, session);
+        let out = machine.take_to_backend();
+        if !out.is_empty()
+            && let Some(b) = backend.as_mut()
+            && let Err(e) = write_timed(b, &out, session).await
+        {
+            let _ = write_timed(&mut client, &M::bye_unavailable(), session).await;
+            client.close().await;
+            return EndReason::IoError(e.to_string());
+        }
+        let out = machine.take_to_client();
+        if !out.is_empty()
+            && let Err(e) = write_timed(&mut client, &out, session).await
+        {
+            return EndReason::IoError(e.to_string());
+        }
+        match machine.next() {
+            Next::End(end) => {
+                client.close().await;
+                return end_reason(end);
+            }
+            Next::StartTls => {
+                match upgrade_client(client, &session.listener, session.client_addr).await {
+                    Ok((upgraded, info, took)) => {
+                        client = upgraded;
+                        let cipher = info.cipher_name().into_owned();
+                        session.tls_established(info, took, true);
+                        machine.tls_started(cipher);
+                        deadline = Instant::now() + idle;
+                    }
+                    Err(reason) => return reason,
+                }
+                continue;
+            }
+            Next::Connect => {
+                match session.connect_backend().await {
+                    Ok(b) => backend = Some(b),
+                    Err(_) => {
+                        let _ = write_timed(&mut client, &M::bye_unavailable(), session).await;
+                        client.close().await;
+                        return EndReason::BackendUnavailable;
+                    }
+                }
+                machine.backend_connected();
+                deadline = Instant::now() + idle;
+                continue;
+            }
+            Next::Authenticated => {
+                let Some(mut b) = backend.take() else {
+                    client.close().await;
+                    return EndReason::BackendClosed;
+                };
+                let (held_client, held_backend) = machine.held();
+                drop(machine);
+                return session
+                    .relay_after_login(&mut client, &mut b, &held_client, &held_backend)
+                    .await;
+            }
+            Next::Run => {}
+        }
+        let read_client = machine.wants_client_input(hold_limit);
+        let waiting_backend = machine.waiting_for_backend();
+        let backend_read = async {
+            match backend.as_mut() {
+                Some(b) => b.read(&mut bchunk).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = client.read(&mut cchunk), if read_client => match r {
+                Ok(0) => {
+                    client.close().await;
+                    return EndReason::ClientClosed;
+                }
+                Ok(n) => {
+                    if machine.client_input(cchunk.get(..n).unwrap_or_default()) {
+                        deadline = Instant::now() + idle;
+                    }
+                }
+                Err(e) => return EndReason::IoError(e.to_string()),
+            },
+            r = backend_read => match r {
+                Ok(0) => machine.backend_closed(),
+                Ok(n) => {
+                    if machine.backend_input(bchunk.get(..n).unwrap_or_default()) {
+                        deadline = Instant::now() + idle;
+                    }
+                }
+                Err(e) => {
+                    let _ = write_timed(&mut client, &M::bye_unavailable(), session).await;
+                    client.close().await;
+                    return EndReason::IoError(e.to_string());
+                }
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                let (bye, reason) = if waiting_backend {
+                    (M::bye_unavailable(), EndReason::BackendTimeout)
+                } else {
+                    (M::bye_idle(), EndReason::ClientIdle)
+                };
+                let _ = write_timed(&mut client, &bye, session).await;
+                client.close().await;
+                return reason;
+            }
+            () = session.shutdown.cancelled() => {
+                let _ = write_timed(&mut client, &M::bye_shutdown(), session).await;
+                client.close().await;
+                return EndReason::Shutdown;
+            }
+        }
+    }
+}
+
+fn end_reason(end: End) -> EndReason {
+    match end {
+        End::ClientClosed => EndReason::ClientClosed,
+        End::BackendClosed => EndReason::BackendClosed,
+        End::BackendUnavailable => EndReason::BackendUnavailable,
+        End::BackendProtocol(detail) => EndReason::ProtocolViolation(format!("backend: {detail}")),
+        End::ProtocolViolation(detail) => EndReason::ProtocolViolation(detail),
+    }
+}
+
+/// Metrics and log lines for what the machine did; never a credential.
+fn record_notices<M: Machine>(machine: &mut M, session: &Session) {
+    let metrics = &session.listener.metrics;
+    for notice in machine.take_notices() {
+        match notice {
+            Notice::Auth { ok, mechanism } => {
+                metrics.auth_outcome(if ok {
+                    AuthResult::Success
+                } else {
+                    AuthResult::Failure
+                });
+                tracing::info!(
+                    listener = %session.listener.config.name,
+                    protocol = M::PROTOCOL,
+                    client = %session.client_addr,
+                    result = if ok { "success" } else { "failure" },
+                    mechanism,
+                    cipher = %session.tls.as_ref().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
+                    "authentication"
+                );
+            }
+            Notice::CleartextAuthRefused { mechanism } => {
+                metrics.cleartext_auth_refused.inc();
+                tracing::info!(
+                    listener = %session.listener.config.name,
+                    protocol = M::PROTOCOL,
+                    client = %session.client_addr,
+                    result = "refused_cleartext",
+                    mechanism,
+                    cipher = "none",
+                    "authentication"
+                );
+            }
+            Notice::IdFieldAdded(source) => metrics.id_field_added(source),
+        }
+    }
 }

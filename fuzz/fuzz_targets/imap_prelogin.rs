@@ -14,6 +14,7 @@
 #![no_main]
 
 use imap_codec::decode::{AuthenticateDataDecodeError, CommandDecodeError, Decoder};
+use imap_codec::imap_types::IntoStatic;
 use imap_codec::imap_types::auth::AuthenticateData;
 use imap_codec::imap_types::command::CommandBody;
 use imap_codec::imap_types::core::LiteralMode;
@@ -92,6 +93,7 @@ impl Backend {
             match CommandCodec::default().decode(&self.input) {
                 Ok((rest, command)) => {
                     let used = self.input.len() - rest.len();
+                    let command = command.into_static();
                     let tag = command.tag.as_ref().as_bytes().to_vec();
                     let body = command.body;
                     self.input.drain(..used);
