@@ -135,11 +135,7 @@ impl fmt::Debug for BackendStream {
     }
 }
 
-impl BackendStream {
-    pub fn counters(&self) -> &Arc<ByteCounters> {
-        &self.counters
-    }
-}
+impl BackendStream {}
 
 impl AsyncRead for BackendStream {
     fn poll_read(

@@ -1,36 +1,34 @@
 //! mailfront: a TLS front proxy for email submission and access (RFC 8314).
 //!
 //! # Layout
-//! - [`config`]: the YAML model, defaults, and validation into a checked [`config::RuntimeConfig`].
-//! - [`tls`]: certificate store with SNI selection and hot reload, IANA names, self-signed fallback.
+//! Dependencies point one way, top to bottom; nothing imports a layer above it.
 //! - [`server`]: binding, accept loops, connection limits, certificate reload, graceful shutdown;
-//!   [`server::Server::run`] takes already-bound sockets so tests run the proxy in-process on port 0.
-//! - [`session`]: per-connection context and the client stream that STARTTLS upgrades.
-//! - [`backend`]: connecting to the cleartext backend with a deadline; byte counting.
-//! - [`proxy_protocol`]: the HAProxy PROXY v2 header optionally sent first to the backend.
-//! - [`relay`]: the byte relay used once a protocol no longer needs parsing.
-//! - `dns`: the one DNS host-name check used by config, SMTP and PROXY v2.
-//! - [`transport`]: the byte-stream bound the drivers are generic over (TCP, or an in-memory
-//!   pipe in tests).
-//! - [`line`](mod@line): bounded line framing shared by the three protocol codecs.
-//! - [`smtp`], [`imap`], [`pop3`]: sans-I/O codecs and rewriters plus the session drivers.
-//! - [`prelogin`]: what the IMAP and POP3 not-authenticated state machines share with the loop
-//!   that drives them.
-//! - [`metrics`]: Prometheus handles and the `/metrics`, `/healthz`, `/readyz` endpoint.
+//!   [`server::Server::run`] takes already-bound sockets so tests run the proxy in-process on
+//!   port 0. `connection` hands each accepted socket to its protocol's driver.
+//! - Drivers: [`smtp::session`], and [`prelogin::serve`], the one pre-login loop that runs the
+//!   IMAP and POP3 not-authenticated state machines ([`imap::prelogin`], [`pop3::prelogin`]).
+//! - Below them: [`session`] (per-connection context, the client stream STARTTLS upgrades, timed
+//!   writes, the close log), [`backend`] (connecting with a deadline, byte counting, the
+//!   connector tests replace), `relay` (the post-login byte relay), `proxy_protocol` (the PROXY
+//!   v2 header), [`tls`] (certificate store, SNI, hot reload, IANA names), [`metrics`].
+//! - At the bottom: [`config`] (the YAML model, validated into [`config::RuntimeConfig`]), `line`
+//!   (bounded line framing and the pull-style `Step`), `dns`, `transport`, and the sans-I/O
+//!   codecs, gates and rewriters under [`smtp`], [`imap`] and [`pop3`].
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod config;
+pub(crate) mod connection;
 pub(crate) mod dns;
 pub mod imap;
-pub mod line;
+pub(crate) mod line;
 pub mod metrics;
 pub mod pop3;
 pub mod prelogin;
-pub mod proxy_protocol;
-pub mod relay;
+pub(crate) mod proxy_protocol;
+pub(crate) mod relay;
 pub mod server;
 pub mod session;
 pub mod smtp;
 pub mod tls;
-pub mod transport;
+pub(crate) mod transport;

@@ -5,7 +5,7 @@
 //! sets (protocol, TLS version, IANA cipher and group names, reasons) — never from client input.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -501,11 +501,6 @@ pub async fn serve_admin(
             }
         });
     }
-}
-
-/// Binds the admin endpoint; a separate step so the caller learns the bound address first.
-pub async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@
 //!   connection when the value is not a valid DNS name.
 //! - Never `PP2_TYPE_ALPN`: Dovecot rejects the connection unless it equals the service's
 //!   protocol, and mail clients rarely send ALPN anyway.
-//! - The whole header stays far below Postfix's 536-byte peek ([`POSTFIX_HEADER_LIMIT`]).
+//! - The whole header stays far below Postfix's 536-byte peek (its
+//!   `HAPROXY_HEADER_MAX_LEN`; Dovecot allows 1500): the tests check the longest one.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
@@ -40,11 +41,6 @@ pub const PP2_CLIENT_SSL: u8 = 0x01;
 /// mailfront never asks for one, so any non-zero value is the truth. HAProxy sends 1 here too.
 pub const VERIFY_NO_CLIENT_CERT: u32 = 1;
 
-/// Postfix peeks at most this many bytes for the whole header (`HAPROXY_HEADER_MAX_LEN`);
-/// Dovecot's limit (1500) is larger.
-pub const POSTFIX_HEADER_LIMIT: usize = 536;
-/// Longest DNS name sent as AUTHORITY (RFC 1035 §2.3.4, without the root dot).
-pub const MAX_AUTHORITY_LEN: usize = crate::dns::MAX_NAME_LEN;
 /// Longest TLS version or cipher string put in an SSL sub-TLV. IANA cipher names are at most
 /// about 50 characters; anything longer (an unexpected label) is left out rather than truncated.
 pub const MAX_SSL_STRING_LEN: usize = 64;
@@ -165,6 +161,11 @@ fn as_v6(ip: IpAddr) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Postfix peeks at most this many bytes for the whole header (`HAPROXY_HEADER_MAX_LEN`).
+    const POSTFIX_HEADER_LIMIT: usize = 536;
+    /// Longest DNS name sent as AUTHORITY (RFC 1035 §2.3.4, without the root dot).
+    const MAX_AUTHORITY_LEN: usize = crate::dns::MAX_NAME_LEN;
 
     /// A header taken apart field by field, the way a receiver reads it.
     #[derive(Debug, PartialEq)]

@@ -15,8 +15,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::BackendConnector;
 use crate::config::{ListenerConfig, RuntimeConfig};
+use crate::connection::serve_connection;
 use crate::metrics::{Metrics, Readiness};
-use crate::session::{ListenerContext, Session, serve_connection};
+use crate::session::{ListenerContext, Session};
 use crate::tls::{self, CertStore, Handshaker, ReloadOutcome, TlsError};
 
 /// Sockets bound before the proxy starts.

@@ -15,7 +15,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, BackendConnector, BackendStream, ByteCounters, ConnectError};
-use crate::config::{Limits, ListenerConfig, Protocol, Timeouts, TlsMode};
+use crate::config::{Limits, ListenerConfig, Protocol, Timeouts};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::relay::{self, RelayEnd};
@@ -309,21 +309,6 @@ impl Session {
         result
     }
 
-    /// The reply a client gets when the backend cannot be reached: a protocol-correct goodbye
-    /// rather than a bare close.
-    pub fn backend_unavailable_reply(&self) -> String {
-        let host = self.hostname();
-        match self.protocol() {
-            Protocol::Smtp => {
-                format!("421 4.4.1 {host} Service not available, backend unreachable\r\n")
-            }
-            Protocol::Imap => {
-                format!("* BYE [UNAVAILABLE] {host} backend unavailable, try again later\r\n")
-            }
-            Protocol::Pop3 => "-ERR [SYS/TEMP] backend unavailable, try again later\r\n".to_owned(),
-        }
-    }
-
     /// Relays bytes both ways until the end; used once parsing is no longer needed.
     pub async fn relay<C>(&self, client: &mut C, backend: &mut BackendStream) -> EndReason
     where
@@ -392,49 +377,5 @@ impl Session {
             detail,
             "session closed"
         );
-    }
-}
-
-/// Serves one accepted TCP connection from start to close log.
-pub async fn serve_connection(tcp: TcpStream, session: Session) {
-    // Mail protocols are chatty request/response exchanges: do not let Nagle delay replies.
-    let _ = tcp.set_nodelay(true);
-    serve_stream(tcp, session).await;
-}
-
-/// Serves one client connection over any transport, from start to close log: the implicit TLS
-/// handshake where the listener asks for it, then the protocol's driver. Never panics on input:
-/// every error ends in an [`EndReason`]. The server calls it through [`serve_connection`];
-/// driver tests call it with one end of [`tokio::io::duplex`].
-pub async fn serve_stream<S: Transport>(io: S, mut session: Session) {
-    let listener = session.listener.clone();
-    let client = match listener.config.tls {
-        TlsMode::Starttls => ClientStream::Plain(io),
-        TlsMode::Implicit => match listener.handshaker.accept(io).await {
-            Ok((tls, info, took)) => {
-                session.tls_established(info, took, false);
-                ClientStream::Tls(Box::new(tls))
-            }
-            Err(e) => {
-                listener.metrics.handshake_failed(e.reason);
-                tracing::debug!(listener = %listener.config.name, client = %session.client_addr, error = %e, "tls handshake failed");
-                session.log_close(&EndReason::TlsHandshakeFailed(e.detail()));
-                return;
-            }
-        },
-    };
-    let reason = protocol_session(client, &mut session).await;
-    session.log_close(&reason);
-}
-
-/// Hands the session to its protocol's driver.
-async fn protocol_session<S: Transport>(
-    client: ClientStream<S>,
-    session: &mut Session,
-) -> EndReason {
-    match session.protocol() {
-        Protocol::Smtp => crate::smtp::session::serve(client, session).await,
-        Protocol::Imap => crate::imap::session::serve(client, session).await,
-        Protocol::Pop3 => crate::pop3::session::serve(client, session).await,
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! Its security property holds by construction rather than by checks on forwarded bytes:
 //! - Before TLS on a STARTTLS listener there is no backend: mailfront answers the whole
-//!   cleartext dialogue itself ([`Prelogin::cleartext`]) and the driver connects only after the
+//!   cleartext dialogue itself (`Prelogin::cleartext`) and the driver connects only after the
 //!   handshake.
 //! - After TLS and until the backend accepts a login, the backend receives only what mailfront
 //!   writes: commands the strict receiver ([`crate::imap::command`]) fully parsed, re-encoded

@@ -1,6 +1,6 @@
 //! POP3 receivers for the AUTHORIZATION state (RFC 1939 §3, RFC 2449, RFC 5034).
 //!
-//! Pull-style like the IMAP codec ([`Step`] is shared): the driver passes its read buffer,
+//! Pull-style like the IMAP codec (`line::Step` is shared): the driver passes its read buffer,
 //! drains `consumed`, and acts on the event. Client side: one command per line, or SASL
 //! responses between [`CommandReceiver::begin_sasl`] and [`CommandReceiver::end_sasl`]. Server
 //! side: responses framed by what the driver said to expect for each forwarded command

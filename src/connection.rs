@@ -1,0 +1,54 @@
+//! One accepted client connection, from the first byte to the close log line: the implicit TLS
+//! handshake where the listener asks for it, then the protocol's driver. This is the server
+//! layer's hand-off to the drivers, so dependencies point one way: server → connection →
+//! drivers (smtp, imap, pop3 through prelogin) → session, backend, relay, tls.
+
+use tokio::net::TcpStream;
+
+use crate::config::{Protocol, TlsMode};
+use crate::session::{ClientStream, EndReason, Session};
+use crate::transport::Transport;
+
+/// Serves one accepted TCP connection from start to close log.
+pub async fn serve_connection(tcp: TcpStream, session: Session) {
+    // Mail protocols are chatty request/response exchanges: do not let Nagle delay replies.
+    let _ = tcp.set_nodelay(true);
+    serve_stream(tcp, session).await;
+}
+
+/// Serves one client connection over any transport, from start to close log: the implicit TLS
+/// handshake where the listener asks for it, then the protocol's driver. Never panics on input:
+/// every error ends in an [`EndReason`]. The server calls it through [`serve_connection`];
+/// driver tests call it with one end of `tokio::io::duplex`.
+pub async fn serve_stream<S: Transport>(io: S, mut session: Session) {
+    let listener = session.listener.clone();
+    let client = match listener.config.tls {
+        TlsMode::Starttls => ClientStream::Plain(io),
+        TlsMode::Implicit => match listener.handshaker.accept(io).await {
+            Ok((tls, info, took)) => {
+                session.tls_established(info, took, false);
+                ClientStream::Tls(Box::new(tls))
+            }
+            Err(e) => {
+                listener.metrics.handshake_failed(e.reason);
+                tracing::debug!(listener = %listener.config.name, client = %session.client_addr, error = %e, "tls handshake failed");
+                session.log_close(&EndReason::TlsHandshakeFailed(e.detail()));
+                return;
+            }
+        },
+    };
+    let reason = protocol_session(client, &mut session).await;
+    session.log_close(&reason);
+}
+
+/// Hands the session to its protocol's driver.
+async fn protocol_session<S: Transport>(
+    client: ClientStream<S>,
+    session: &mut Session,
+) -> EndReason {
+    match session.protocol() {
+        Protocol::Smtp => crate::smtp::session::serve(client, session).await,
+        Protocol::Imap => crate::imap::session::serve(client, session).await,
+        Protocol::Pop3 => crate::pop3::session::serve(client, session).await,
+    }
+}
