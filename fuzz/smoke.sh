@@ -13,8 +13,15 @@ targets=$(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^mailfront-fuz
 passed=0 failed=0
 for t in $targets; do
   mkdir -p "corpus/$t" artifacts
+  # A dictionary (<protocol>.dict) hands libFuzzer the words the gates care about; tracked
+  # seeds (seeds/<target>) start the search from real sessions. New inputs go to corpus/ only.
+  args=()
+  dict="${t%%_*}.dict"
+  [ -f "$dict" ] && args+=(-dict="$dict")
+  args+=("corpus/$t")
+  [ -d "seeds/$t" ] && args+=("seeds/$t")
   if ./target/"$target"/release/"$t" -max_total_time="$seconds" -rss_limit_mb=1024 -artifact_prefix=artifacts/ \
-      "corpus/$t" >"artifacts/$t.log" 2>&1; then
+      "${args[@]}" >"artifacts/$t.log" 2>&1; then
     echo "PASS fuzz $t ($(grep -o "Done [0-9]* runs" "artifacts/$t.log" | awk "{print \$2}") runs in ${seconds}s)"
     passed=$((passed + 1))
   else

@@ -201,10 +201,13 @@ pub fn is_reserved_field(field: &[u8]) -> bool {
     exact.contains(&lower.as_slice()) || prefixes.iter().any(|p| lower.starts_with(p))
 }
 
-/// Quoted strings cannot carry CR, LF or NUL (RFC 9051 §4.3); such pairs are dropped rather
-/// than sent as literals, which would need a round trip with the backend.
+/// What an IMAP4rev1 quoted string can carry: 7-bit TEXT-CHARs, no CR, LF or NUL (RFC 3501 §9;
+/// RFC 9051 §4.3 allows UTF-8 only to IMAP4rev2 peers, and a strict backend parser refuses it).
+/// Other pairs are dropped rather than sent as literals, which would need a round trip with the
+/// backend; ID is informational, so losing one costs nothing.
 fn quotable(s: &[u8]) -> bool {
-    !s.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0))
+    s.iter()
+        .all(|&b| (0x01..=0x7f).contains(&b) && b != b'\r' && b != b'\n')
 }
 
 fn pair_fits(field: &[u8], value: Option<&[u8]>) -> bool {
@@ -337,6 +340,33 @@ mod tests {
         assert_eq!(
             out,
             b"a ID (\"name\" \"mutt\" \"tls\" \"TLS_AES_256_GCM_SHA384\")\r\n"
+        );
+    }
+
+    #[test]
+    fn pairs_a_strict_imap4rev1_parser_would_refuse_quoted_are_dropped() {
+        // Found by the imap_prelogin fuzz target: imap-codec, like any IMAP4rev1 server, refuses
+        // 8-bit octets in a quoted string, so such a pair must not reach the backend quoted.
+        let cmd = IdCommand {
+            tag: b"a".to_vec(),
+            params: Some(vec![
+                IdPair {
+                    field: b"\x99*tls".to_vec(),
+                    value: Some(b"x".to_vec()),
+                },
+                IdPair {
+                    field: b"name".to_vec(),
+                    value: Some("mütt".as_bytes().to_vec()),
+                },
+                IdPair {
+                    field: b"version".to_vec(),
+                    value: Some(b"1".to_vec()),
+                },
+            ]),
+        };
+        assert_eq!(
+            rewrite_client_id(&cmd, OURS),
+            b"a ID (\"version\" \"1\" \"tls\" \"TLS_AES_256_GCM_SHA384\")\r\n"
         );
     }
 
