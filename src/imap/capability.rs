@@ -11,7 +11,7 @@ use crate::line::trim_line_end;
 pub enum CapabilityView {
     /// A `tls: starttls` listener before STARTTLS: `STARTTLS` and `LOGINDISABLED` shown, every
     /// `AUTH=` removed (RFC 9051 §6.2.3, §6.2.2), as nginx does with `starttls only`. `SASL-IR`
-    /// goes too: with no mechanism to use it is noise (protocol-reference §3.2), and a client
+    /// goes too: with no mechanism to use it is noise, and a client
     /// must re-read capabilities after STARTTLS anyway (RFC 9051 §6.2.1).
     Cleartext,
     /// TLS is active (implicit, or after STARTTLS): the cleartext backend's `STARTTLS` and

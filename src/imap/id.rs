@@ -186,7 +186,7 @@ impl<'a> Parser<'a> {
 
 /// Fields a client must not set, compared case-insensitively (RFC 2971 §3.3: strings are not
 /// case-sensitive): mailfront's own `tls`, and Dovecot's proxy fields that it trusts from
-/// `login_trusted_networks`, where mailfront sits (protocol-reference §3.4 rule 3).
+/// `login_trusted_networks`, where mailfront sits: a client that set them would be believed.
 pub fn is_reserved_field(field: &[u8]) -> bool {
     let lower = field.to_ascii_lowercase();
     let exact = [

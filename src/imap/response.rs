@@ -553,7 +553,7 @@ a3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n";
     }
 
     #[test]
-    fn greeting_and_capability_data_rewrite_consistently_i1_i5() {
+    fn greeting_and_capability_data_rewrite_consistently() {
         let got = responses(SESSION);
         let before = rewrite_response(&got[0].raw, CapabilityView::Cleartext).unwrap();
         assert_eq!(

@@ -86,7 +86,8 @@ pub fn rewrite_mechanisms(raw: &[u8]) -> Vec<u8> {
 }
 
 /// Removes Dovecot's `[XCLIENT]` code from a `+OK` greeting: it tells the client the server
-/// trusts XCLIENT from this peer, which is mailfront, not the client (protocol-reference O5).
+/// trusts XCLIENT from this peer, which is mailfront, not the client: the client must not learn
+/// that a command it can never use exists.
 /// The APOP timestamp and the rest stay as sent.
 pub fn rewrite_greeting(raw: &[u8]) -> Vec<u8> {
     let Some(rest) = raw.strip_prefix(b"+OK ") else {
@@ -112,7 +113,7 @@ mod tests {
     const CAPA: &[u8] = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nSTLS\r\nUSER\r\nSASL PLAIN LOGIN EXTERNAL\r\n.\r\n";
 
     #[test]
-    fn cleartext_capa_hides_user_and_sasl_and_keeps_stls_o1() {
+    fn cleartext_capa_hides_user_and_sasl_and_keeps_stls() {
         assert_eq!(
             rewrite_capa(CAPA, CapaView::Cleartext),
             b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nSTLS\r\n.\r\n"
@@ -131,7 +132,7 @@ mod tests {
     }
 
     #[test]
-    fn tls_capa_hides_stls_and_external_o1() {
+    fn tls_capa_hides_stls_and_external() {
         assert_eq!(
             rewrite_capa(CAPA, CapaView::Tls),
             b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n"
@@ -143,7 +144,7 @@ mod tests {
     }
 
     #[test]
-    fn the_auth_mechanism_list_loses_external_and_keeps_the_rest_byte_exact_o4() {
+    fn the_auth_mechanism_list_loses_external_and_keeps_the_rest_byte_exact() {
         assert_eq!(
             rewrite_mechanisms(b"+OK\r\nPLAIN\r\nexternal\r\nLOGIN\n.\r\n"),
             b"+OK\r\nPLAIN\r\nLOGIN\n.\r\n"

@@ -803,7 +803,7 @@ mod tests {
     }
 
     #[test]
-    fn pass_ok_means_authenticated_o6() {
+    fn pass_ok_means_authenticated() {
         let got = server_split_invariant(
             b"+OK hi\r\n+OK maildrop locked\r\n",
             &[Expect::Authentication],
