@@ -63,6 +63,87 @@ pub enum Notice {
     IdFieldAdded(IdSource),
 }
 
+/// Where a not-authenticated session stands: the same phases for every protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Before TLS on a STARTTLS listener: no backend.
+    Cleartext,
+    /// The driver is connecting.
+    Connecting,
+    /// Waiting for the backend's greeting.
+    Greeting,
+    /// Commands flow.
+    Ready,
+    StartTls,
+    Authenticated,
+    Ended,
+}
+
+/// What every machine keeps the same way: its phase and the bytes in and out. A machine holds
+/// one and adds its protocol's state beside it.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) phase: Phase,
+    pub(crate) end: Option<End>,
+    /// Client bytes not parsed yet (also those held while the backend works on a login).
+    pub(crate) cbuf: Vec<u8>,
+    /// Backend bytes not parsed yet.
+    pub(crate) bbuf: Vec<u8>,
+    pub(crate) to_client: Vec<u8>,
+    pub(crate) to_backend: Vec<u8>,
+    pub(crate) notices: Vec<Notice>,
+}
+
+impl Core {
+    /// A session that starts in cleartext (a STARTTLS listener) or with TLS up.
+    pub(crate) fn new(tls_active: bool) -> Core {
+        Core {
+            phase: if tls_active {
+                Phase::Connecting
+            } else {
+                Phase::Cleartext
+            },
+            end: None,
+            cbuf: Vec::new(),
+            bbuf: Vec::new(),
+            to_client: Vec::new(),
+            to_backend: Vec::new(),
+            notices: Vec::new(),
+        }
+    }
+
+    pub(crate) fn next(&self) -> Next {
+        match self.phase {
+            Phase::Cleartext | Phase::Greeting | Phase::Ready => Next::Run,
+            Phase::Connecting => Next::Connect,
+            Phase::StartTls => Next::StartTls,
+            Phase::Authenticated => Next::Authenticated,
+            Phase::Ended => Next::End(self.end.clone().unwrap_or(End::ClientClosed)),
+        }
+    }
+
+    pub(crate) fn finish(&mut self, end: End) {
+        self.phase = Phase::Ended;
+        self.end = Some(end);
+    }
+
+    /// See [`Machine::wants_client_input`].
+    pub(crate) fn wants_client_input(&self, hold_limit: usize) -> bool {
+        matches!(
+            self.phase,
+            Phase::Cleartext | Phase::Greeting | Phase::Ready
+        ) && self.cbuf.len() < hold_limit
+    }
+
+    /// See [`Machine::held`].
+    pub(crate) fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
+        (
+            std::mem::take(&mut self.cbuf),
+            std::mem::take(&mut self.bbuf),
+        )
+    }
+}
+
 /// A protocol's not-authenticated state, as the shared driver loop sees it.
 ///
 /// The driver writes [`Machine::take_to_backend`] then [`Machine::take_to_client`] after every

@@ -23,7 +23,7 @@ use libfuzzer_sys::fuzz_target;
 use mailfront::config::TlsMode;
 use mailfront::imap::command::Limits;
 use mailfront::imap::prelogin::{Prelogin, Settings};
-use mailfront::prelogin::Next;
+use mailfront::prelogin::{Machine, Next};
 
 const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
 

@@ -27,7 +27,7 @@ use crate::imap::response::{
     Response, ResponseKind, ResponseLimits, ResponseReceiver, ServerEvent, Status,
 };
 use crate::metrics::IdSource;
-use crate::prelogin::{End, Machine, Next, Notice};
+use crate::prelogin::{Core, End, Machine, Next, Notice, Phase};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -67,21 +67,6 @@ struct InFlight {
     pieces: VecDeque<Vec<u8>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Before TLS on a STARTTLS listener: no backend.
-    Cleartext,
-    /// The driver is connecting.
-    Connecting,
-    /// Waiting for the backend's greeting.
-    Greeting,
-    /// Commands flow.
-    Ready,
-    StartTls,
-    Authenticated,
-    Ended,
-}
-
 /// Backend capabilities that change what mailfront sends.
 #[derive(Debug, Clone, Copy, Default)]
 struct BackendCaps {
@@ -94,20 +79,13 @@ struct BackendCaps {
 /// The IMAP not-authenticated state of one session.
 pub struct Prelogin {
     settings: Settings,
-    phase: Phase,
-    end: Option<End>,
+    /// Phase and the bytes in and out, kept as every machine keeps them.
+    core: Core,
     tls_active: bool,
     /// The IANA cipher name, once TLS is up: the value of our ID `tls` field.
     cipher: String,
     rx: CommandReceiver,
     srx: ResponseReceiver,
-    /// Client bytes not parsed yet (held while the backend works on a command).
-    cbuf: Vec<u8>,
-    /// Backend bytes not parsed yet.
-    bbuf: Vec<u8>,
-    to_client: Vec<u8>,
-    to_backend: Vec<u8>,
-    notices: Vec<Notice>,
     caps: BackendCaps,
     own: Option<Own>,
     in_flight: Option<InFlight>,
@@ -137,15 +115,9 @@ impl Prelogin {
             rx: CommandReceiver::new(settings.limits),
             srx: ResponseReceiver::new(ResponseLimits::default()),
             settings,
-            phase: Phase::Connecting,
-            end: None,
+            core: Core::new(tls_active),
             tls_active,
             cipher: tls_cipher.unwrap_or_default(),
-            cbuf: Vec::new(),
-            bbuf: Vec::new(),
-            to_client: Vec::new(),
-            to_backend: Vec::new(),
-            notices: Vec::new(),
             caps: BackendCaps::default(),
             own: None,
             in_flight: None,
@@ -158,54 +130,23 @@ impl Prelogin {
             tag_seed,
         };
         if !tls_active {
-            machine.phase = Phase::Cleartext;
             let greeting = format!(
                 "* OK [CAPABILITY {}] {} ready\r\n",
                 String::from_utf8_lossy(CLEARTEXT_CAPABILITIES),
                 machine.settings.hostname
             );
-            machine.to_client.extend_from_slice(greeting.as_bytes());
+            machine
+                .core
+                .to_client
+                .extend_from_slice(greeting.as_bytes());
         }
         machine
-    }
-
-    pub fn next(&self) -> Next {
-        match self.phase {
-            Phase::Cleartext | Phase::Greeting | Phase::Ready => Next::Run,
-            Phase::Connecting => Next::Connect,
-            Phase::StartTls => Next::StartTls,
-            Phase::Authenticated => Next::Authenticated,
-            Phase::Ended => Next::End(self.end.clone().unwrap_or(End::ClientClosed)),
-        }
-    }
-
-    /// Bytes to write to the client now.
-    pub fn take_to_client(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.to_client)
-    }
-
-    /// Bytes to write to the backend now.
-    pub fn take_to_backend(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.to_backend)
-    }
-
-    pub fn take_notices(&mut self) -> Vec<Notice> {
-        std::mem::take(&mut self.notices)
-    }
-
-    /// Whether the driver should read from the client: not while our buffer of held bytes is
-    /// full, and never after STARTTLS (the handshake reads the socket itself).
-    pub fn wants_client_input(&self, hold_limit: usize) -> bool {
-        matches!(
-            self.phase,
-            Phase::Cleartext | Phase::Greeting | Phase::Ready
-        ) && self.cbuf.len() < hold_limit
     }
 
     /// Whether the next thing expected is the backend's: the idle timer then measures the
     /// backend, and client bytes (only held) must not extend it.
     pub fn waiting_for_backend(&self) -> bool {
-        match self.phase {
+        match self.core.phase {
             Phase::Greeting => true,
             Phase::Ready => {
                 self.own.is_some()
@@ -218,8 +159,8 @@ impl Prelogin {
 
     /// The driver connected to the backend.
     pub fn backend_connected(&mut self) {
-        if self.phase == Phase::Connecting {
-            self.phase = Phase::Greeting;
+        if self.core.phase == Phase::Connecting {
+            self.core.phase = Phase::Greeting;
             self.pump_backend();
         }
     }
@@ -230,48 +171,36 @@ impl Prelogin {
         self.tls_active = true;
         self.cipher = cipher;
         self.rx = CommandReceiver::new(self.settings.limits);
-        self.cbuf.clear();
-        self.phase = Phase::Connecting;
-    }
-
-    /// What is left once the backend accepted a login: client bytes sent after the login
-    /// command, and backend bytes after its completion. Both go out before the plain relay.
-    pub fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
-        (
-            std::mem::take(&mut self.cbuf),
-            std::mem::take(&mut self.bbuf),
-        )
+        self.core.cbuf.clear();
+        self.core.phase = Phase::Connecting;
     }
 
     /// Client bytes arrived. Returns whether anything was acted on (the idle timer restarts
     /// only then: bytes merely held do not keep a session alive).
     pub fn client_input(&mut self, bytes: &[u8]) -> bool {
-        self.cbuf.extend_from_slice(bytes);
+        self.core.cbuf.extend_from_slice(bytes);
         self.pump_client()
     }
 
     /// Backend bytes arrived. Returns whether a whole response was handled.
     pub fn backend_input(&mut self, bytes: &[u8]) -> bool {
-        self.bbuf.extend_from_slice(bytes);
+        self.core.bbuf.extend_from_slice(bytes);
         self.pump_backend()
     }
 
     /// The backend closed its side.
     pub fn backend_closed(&mut self) {
-        if matches!(self.phase, Phase::Ended | Phase::Authenticated) {
+        if matches!(self.core.phase, Phase::Ended | Phase::Authenticated) {
             return;
         }
         if self.logout {
-            self.finish(End::ClientClosed);
+            self.core.finish(End::ClientClosed);
         } else {
-            self.to_client.extend_from_slice(&reply::bye_unavailable());
-            self.finish(End::BackendClosed);
+            self.core
+                .to_client
+                .extend_from_slice(&reply::bye_unavailable());
+            self.core.finish(End::BackendClosed);
         }
-    }
-
-    fn finish(&mut self, end: End) {
-        self.phase = Phase::Ended;
-        self.end = Some(end);
     }
 
     fn view(&self) -> CapabilityView {
@@ -311,27 +240,29 @@ impl Prelogin {
             if !self.may_take_client_event() {
                 return acted;
             }
-            let step = self.rx.next(&self.cbuf);
-            self.cbuf.drain(..step.consumed.min(self.cbuf.len()));
+            let step = self.rx.next(&self.core.cbuf);
+            self.core
+                .cbuf
+                .drain(..step.consumed.min(self.core.cbuf.len()));
             let Some(event) = step.event else {
                 return acted;
             };
             acted = true;
-            match self.phase {
+            match self.core.phase {
                 Phase::Cleartext => self.cleartext(event),
                 _ => self.on_client_event(event),
             }
-            if self.phase == Phase::StartTls {
+            if self.core.phase == Phase::StartTls {
                 // Nothing pipelined after STARTTLS may run after the upgrade (RFC 9051 §6.2.1;
                 // CERT VU#555316).
-                self.cbuf.clear();
+                self.core.cbuf.clear();
                 return acted;
             }
         }
     }
 
     fn may_take_client_event(&self) -> bool {
-        match self.phase {
+        match self.core.phase {
             Phase::Cleartext => true,
             Phase::Ready => {
                 if self.own.is_some() || self.deferred.is_some() {
@@ -351,9 +282,10 @@ impl Prelogin {
     fn count_command(&mut self) -> bool {
         self.commands += 1;
         if self.commands > self.settings.max_commands {
-            self.to_client
+            self.core
+                .to_client
                 .extend_from_slice(&reply::bye_too_many_commands());
-            self.finish(End::ProtocolViolation(
+            self.core.finish(End::ProtocolViolation(
                 "too many commands before authentication".to_owned(),
             ));
             return false;
@@ -362,11 +294,13 @@ impl Prelogin {
     }
 
     fn rejected(&mut self, rejection: command::Rejection) {
-        self.to_client.extend_from_slice(&rejection.reply());
+        self.core.to_client.extend_from_slice(&rejection.reply());
         if rejection.fatal {
-            self.to_client
+            self.core
+                .to_client
                 .extend_from_slice(&reply::bye_protocol_error());
-            self.finish(End::ProtocolViolation(rejection.error.to_string()));
+            self.core
+                .finish(End::ProtocolViolation(rejection.error.to_string()));
         }
     }
 
@@ -385,7 +319,7 @@ impl Prelogin {
                 if is_credential_command(&name) {
                     self.refuse_cleartext_auth(&tag, &name, None);
                 } else {
-                    self.to_client.extend_from_slice(&reply::tagged(
+                    self.core.to_client.extend_from_slice(&reply::tagged(
                         &tag,
                         "BAD",
                         "Literal not accepted before STARTTLS",
@@ -402,31 +336,35 @@ impl Prelogin {
                         out.extend_from_slice(CLEARTEXT_CAPABILITIES);
                         out.extend_from_slice(b"\r\n");
                         out.extend_from_slice(&reply::tagged(&tag, "OK", "CAPABILITY completed"));
-                        self.to_client.extend_from_slice(&out);
+                        self.core.to_client.extend_from_slice(&out);
                     }
-                    Command::Noop => self.to_client.extend_from_slice(&reply::tagged(
+                    Command::Noop => self.core.to_client.extend_from_slice(&reply::tagged(
                         &tag,
                         "OK",
                         "NOOP completed",
                     )),
                     Command::Logout => {
-                        self.to_client.extend_from_slice(b"* BYE Logging out\r\n");
-                        self.to_client.extend_from_slice(&reply::tagged(
+                        self.core
+                            .to_client
+                            .extend_from_slice(b"* BYE Logging out\r\n");
+                        self.core.to_client.extend_from_slice(&reply::tagged(
                             &tag,
                             "OK",
                             "LOGOUT completed",
                         ));
-                        self.finish(End::ClientClosed);
+                        self.core.finish(End::ClientClosed);
                     }
                     Command::StartTls => {
-                        self.to_client.extend_from_slice(&reply::starttls_ok(&tag));
-                        self.phase = Phase::StartTls;
+                        self.core
+                            .to_client
+                            .extend_from_slice(&reply::starttls_ok(&tag));
+                        self.core.phase = Phase::StartTls;
                     }
                     Command::Login { .. } => self.refuse_cleartext_auth(&tag, b"LOGIN", None),
                     Command::Authenticate { mechanism, .. } => {
                         self.refuse_cleartext_auth(&tag, b"AUTHENTICATE", Some(&mechanism))
                     }
-                    Command::Id(_) => self.to_client.extend_from_slice(&reply::id_nil(&tag)),
+                    Command::Id(_) => self.core.to_client.extend_from_slice(&reply::id_nil(&tag)),
                     Command::Other { name } => self.other_command(&tag, &name),
                 }
             }
@@ -434,10 +372,11 @@ impl Prelogin {
     }
 
     fn refuse_cleartext_auth(&mut self, tag: &[u8], name: &[u8], mechanism: Option<&[u8]>) {
-        self.notices.push(Notice::CleartextAuthRefused {
+        self.core.notices.push(Notice::CleartextAuthRefused {
             mechanism: mechanism_label(name, mechanism),
         });
-        self.to_client
+        self.core
+            .to_client
             .extend_from_slice(&reply::privacy_required(tag));
     }
 
@@ -448,7 +387,7 @@ impl Prelogin {
         } else {
             reply::not_before_authentication(tag)
         };
-        self.to_client.extend_from_slice(&answer);
+        self.core.to_client.extend_from_slice(&answer);
     }
 
     /// After TLS, with the backend greeted: gate, then forward re-encoded or answer here.
@@ -458,14 +397,17 @@ impl Prelogin {
             Event::Sasl(line) => {
                 if self.in_flight.as_ref().is_some_and(|f| f.sasl) {
                     self.sasl_credit = self.sasl_credit.saturating_sub(1);
-                    self.to_backend
+                    self.core
+                        .to_backend
                         .extend_from_slice(&command::encode_sasl(&line));
                 }
             }
             Event::LiteralRequested { tag, name, .. } => {
                 if name.eq_ignore_ascii_case(b"LOGIN") || name.eq_ignore_ascii_case(b"ID") {
                     self.rx.accept_literal();
-                    self.to_client.extend_from_slice(&reply::continuation());
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::continuation());
                 } else {
                     self.rx.refuse_literal();
                     if !self.count_command() {
@@ -476,7 +418,7 @@ impl Prelogin {
                     } else {
                         reply::tagged(&tag, "BAD", "Literal not accepted here")
                     };
-                    self.to_client.extend_from_slice(&answer);
+                    self.core.to_client.extend_from_slice(&answer);
                 }
             }
             Event::Command { tag, command } => {
@@ -505,7 +447,8 @@ impl Prelogin {
     fn on_command(&mut self, tag: Vec<u8>, command: Command) {
         match &command {
             Command::StartTls => {
-                self.to_client
+                self.core
+                    .to_client
                     .extend_from_slice(&reply::starttls_refused(&tag));
                 return;
             }
@@ -517,13 +460,15 @@ impl Prelogin {
                 if !self.caps.id || self.id_sent {
                     // The backend's first ID carried our `tls`; a second one could only carry
                     // fields we cannot vouch for (and Dovecot would log the first anyway).
-                    self.to_client.extend_from_slice(&reply::id_nil(&tag));
+                    self.core.to_client.extend_from_slice(&reply::id_nil(&tag));
                     return;
                 }
                 let rewritten = id::rewrite_client_id(id_command, &[("tls", self.cipher.as_str())]);
                 self.id_sent = true;
-                self.notices.push(Notice::IdFieldAdded(IdSource::Client));
-                self.to_backend.extend_from_slice(&rewritten);
+                self.core
+                    .notices
+                    .push(Notice::IdFieldAdded(IdSource::Client));
+                self.core.to_backend.extend_from_slice(&rewritten);
                 self.in_flight = Some(InFlight {
                     tag,
                     auth: None,
@@ -537,7 +482,8 @@ impl Prelogin {
                 ..
             } if !self.caps.sasl_ir => {
                 // Not shown to the client either: the backend's own answer (RFC 4959 §3).
-                self.to_client
+                self.core
+                    .to_client
                     .extend_from_slice(&reply::sasl_ir_unsupported(&tag));
                 return;
             }
@@ -545,8 +491,11 @@ impl Prelogin {
         }
         let literal_plus = self.literal_plus(&command);
         let Some(pieces) = command::encode(&tag, &command, literal_plus) else {
-            self.to_client
-                .extend_from_slice(&reply::tagged(&tag, "BAD", "Command not accepted"));
+            self.core.to_client.extend_from_slice(&reply::tagged(
+                &tag,
+                "BAD",
+                "Command not accepted",
+            ));
             return;
         };
         let mut pieces: VecDeque<Vec<u8>> = pieces.into();
@@ -577,15 +526,17 @@ impl Prelogin {
             // The backend learns the cipher before any credential, in its first ID.
             let own_tag = self.own_tag();
             let ours = id::build_id_command(&own_tag, &[("tls", self.cipher.as_str())]);
-            self.to_backend.extend_from_slice(&ours);
+            self.core.to_backend.extend_from_slice(&ours);
             self.id_sent = true;
-            self.notices.push(Notice::IdFieldAdded(IdSource::Proxy));
+            self.core
+                .notices
+                .push(Notice::IdFieldAdded(IdSource::Proxy));
             self.own = Some(Own::Id(own_tag));
             self.deferred = Some(flight);
             self.deferred_first = first;
             return;
         }
-        self.to_backend.extend_from_slice(&first);
+        self.core.to_backend.extend_from_slice(&first);
         self.in_flight = Some(flight);
     }
 
@@ -593,25 +544,32 @@ impl Prelogin {
 
     fn pump_backend(&mut self) -> bool {
         let mut acted = false;
-        while matches!(self.phase, Phase::Greeting | Phase::Ready) {
-            let step = self.srx.next(&self.bbuf);
-            self.bbuf.drain(..step.consumed.min(self.bbuf.len()));
+        while matches!(self.core.phase, Phase::Greeting | Phase::Ready) {
+            let step = self.srx.next(&self.core.bbuf);
+            self.core
+                .bbuf
+                .drain(..step.consumed.min(self.core.bbuf.len()));
             let Some(event) = step.event else {
                 break;
             };
             acted = true;
             match event {
                 ServerEvent::Rejected(e) => {
-                    self.to_client.extend_from_slice(&reply::bye_unavailable());
-                    self.finish(End::BackendProtocol(e.to_string()));
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::bye_unavailable());
+                    self.core.finish(End::BackendProtocol(e.to_string()));
                 }
-                ServerEvent::Greeting(response) if self.phase == Phase::Greeting => {
+                ServerEvent::Greeting(response) if self.core.phase == Phase::Greeting => {
                     self.on_greeting(response)
                 }
                 ServerEvent::Greeting(response) | ServerEvent::Response(response) => {
-                    if self.phase == Phase::Greeting {
-                        self.to_client.extend_from_slice(&reply::bye_unavailable());
-                        self.finish(End::BackendProtocol("backend: no greeting".to_owned()));
+                    if self.core.phase == Phase::Greeting {
+                        self.core
+                            .to_client
+                            .extend_from_slice(&reply::bye_unavailable());
+                        self.core
+                            .finish(End::BackendProtocol("backend: no greeting".to_owned()));
                     } else {
                         self.on_response(response);
                     }
@@ -619,7 +577,7 @@ impl Prelogin {
             }
         }
         // A completion may have freed the client side.
-        if self.phase == Phase::Ready && self.pump_client() {
+        if self.core.phase == Phase::Ready && self.pump_client() {
             acted = true;
         }
         acted
@@ -629,15 +587,15 @@ impl Prelogin {
         match greeting.status {
             Some(Status::PreAuth) => {
                 // Relaying it would hand out an authenticated session without credentials.
-                self.to_client.extend_from_slice(&reply::bye_preauth());
-                self.finish(End::BackendProtocol(
+                self.core.to_client.extend_from_slice(&reply::bye_preauth());
+                self.core.finish(End::BackendProtocol(
                     "backend greeted with PREAUTH".to_owned(),
                 ));
                 return;
             }
             Some(Status::Bye) => {
-                self.to_client.extend_from_slice(&greeting.raw);
-                self.finish(End::BackendClosed);
+                self.core.to_client.extend_from_slice(&greeting.raw);
+                self.core.finish(End::BackendClosed);
                 return;
             }
             _ => {}
@@ -649,14 +607,14 @@ impl Prelogin {
             // for capabilities again (RFC 9051 §6.2.1), so the backend's is not shown.
             let shown =
                 capability::rewrite_response(&greeting.raw, self.view()).unwrap_or(greeting.raw);
-            self.to_client.extend_from_slice(&shown);
+            self.core.to_client.extend_from_slice(&shown);
         }
-        self.phase = Phase::Ready;
+        self.core.phase = Phase::Ready;
         if !known {
             // Learn ID/SASL-IR/LITERAL+ without showing the client anything.
             let tag = self.own_tag();
-            self.to_backend.extend_from_slice(&tag);
-            self.to_backend.extend_from_slice(b" CAPABILITY\r\n");
+            self.core.to_backend.extend_from_slice(&tag);
+            self.core.to_backend.extend_from_slice(b" CAPABILITY\r\n");
             self.own = Some(Own::Capability(tag));
         }
     }
@@ -667,7 +625,7 @@ impl Prelogin {
                 self.own = None;
                 if let Some(flight) = self.deferred.take() {
                     let first = std::mem::take(&mut self.deferred_first);
-                    self.to_backend.extend_from_slice(&first);
+                    self.core.to_backend.extend_from_slice(&first);
                     self.in_flight = Some(flight);
                 }
                 return;
@@ -696,12 +654,12 @@ impl Prelogin {
         };
         if let Some(mechanism) = completed.and_then(|flight| flight.auth) {
             let ok = response.status == Some(Status::Ok);
-            self.notices.push(Notice::Auth { ok, mechanism });
+            self.core.notices.push(Notice::Auth { ok, mechanism });
             self.sasl_credit = 0;
             if ok {
                 // Post-authentication capabilities pass untouched (RFC 9051 §6.2.2).
-                self.to_client.extend_from_slice(&response.raw);
-                self.phase = Phase::Authenticated;
+                self.core.to_client.extend_from_slice(&response.raw);
+                self.core.phase = Phase::Authenticated;
                 return;
             }
             self.rx.end_sasl();
@@ -709,7 +667,7 @@ impl Prelogin {
         self.learn(&response.raw);
         let shown =
             capability::rewrite_response(&response.raw, self.view()).unwrap_or(response.raw);
-        self.to_client.extend_from_slice(&shown);
+        self.core.to_client.extend_from_slice(&shown);
     }
 
     fn on_continuation(&mut self, response: Response) {
@@ -719,12 +677,12 @@ impl Prelogin {
         };
         if let Some(piece) = flight.pieces.pop_front() {
             // Our own synchronising literal: the client already had its `+` from us.
-            self.to_backend.extend_from_slice(&piece);
+            self.core.to_backend.extend_from_slice(&piece);
             return;
         }
         if flight.sasl {
             self.sasl_credit = self.sasl_credit.saturating_add(1);
-            self.to_client.extend_from_slice(&response.raw);
+            self.core.to_client.extend_from_slice(&response.raw);
         }
     }
 }
@@ -733,19 +691,19 @@ impl Machine for Prelogin {
     const PROTOCOL: &'static str = "imap";
 
     fn next(&self) -> Next {
-        Prelogin::next(self)
+        self.core.next()
     }
 
     fn take_to_client(&mut self) -> Vec<u8> {
-        Prelogin::take_to_client(self)
+        std::mem::take(&mut self.core.to_client)
     }
 
     fn take_to_backend(&mut self) -> Vec<u8> {
-        Prelogin::take_to_backend(self)
+        std::mem::take(&mut self.core.to_backend)
     }
 
     fn take_notices(&mut self) -> Vec<Notice> {
-        Prelogin::take_notices(self)
+        std::mem::take(&mut self.core.notices)
     }
 
     /// Parsed commands restart the idle timer; so do any bytes while the client has the turn.
@@ -772,11 +730,11 @@ impl Machine for Prelogin {
     }
 
     fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
-        Prelogin::held(self)
+        self.core.held()
     }
 
     fn wants_client_input(&self, hold_limit: usize) -> bool {
-        Prelogin::wants_client_input(self, hold_limit)
+        self.core.wants_client_input(hold_limit)
     }
 
     fn waiting_for_backend(&self) -> bool {

@@ -35,7 +35,7 @@ use crate::pop3::codec::{
 use crate::pop3::policy::{self, Decision, Local};
 use crate::pop3::reply;
 use crate::pop3::request::Request;
-use crate::prelogin::{End, Machine, Next, Notice};
+use crate::prelogin::{Core, End, Machine, Next, Notice, Phase};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -46,21 +46,6 @@ pub struct Settings {
     pub limits: CommandLimits,
     /// `limits.preauth_commands`.
     pub max_commands: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Before TLS on a `starttls` listener: no backend.
-    Cleartext,
-    /// The driver is connecting.
-    Connecting,
-    /// Waiting for the backend's greeting.
-    Greeting,
-    /// Commands flow.
-    Ready,
-    StartTls,
-    Authenticated,
-    Ended,
 }
 
 /// What a forwarded command was, to treat its response.
@@ -78,19 +63,12 @@ enum Sent {
 /// The POP3 AUTHORIZATION state of one session.
 pub struct Prelogin {
     settings: Settings,
-    phase: Phase,
-    end: Option<End>,
+    /// Phase and the bytes in and out, kept as every machine keeps them.
+    core: Core,
     /// The session began in cleartext: the backend's greeting is not the client's.
     swallow_greeting: bool,
     rx: CommandReceiver,
     srx: ResponseReceiver,
-    /// Client bytes not parsed yet (held while the backend works on a login).
-    cbuf: Vec<u8>,
-    /// Backend bytes not parsed yet.
-    bbuf: Vec<u8>,
-    to_client: Vec<u8>,
-    to_backend: Vec<u8>,
-    notices: Vec<Notice>,
     /// Forwarded commands in order, parallel to the response receiver's expectations
     /// (pipelining, RFC 2449 §6.6).
     sent: VecDeque<Sent>,
@@ -109,29 +87,22 @@ impl Prelogin {
             rx: CommandReceiver::new(settings.limits),
             srx: ResponseReceiver::new(ResponseLimits::default()),
             settings,
-            phase: Phase::Connecting,
-            end: None,
+            core: Core::new(tls_active),
             swallow_greeting: !tls_active,
-            cbuf: Vec::new(),
-            bbuf: Vec::new(),
-            to_client: Vec::new(),
-            to_backend: Vec::new(),
-            notices: Vec::new(),
             sent: VecDeque::new(),
             commands: 0,
             quit: false,
             sasl_credit: 0,
         };
         if !tls_active {
-            machine.phase = Phase::Cleartext;
             let greeting = reply::greeting(&machine.settings.hostname);
-            machine.to_client.extend_from_slice(&greeting);
+            machine.core.to_client.extend_from_slice(&greeting);
         }
         machine
     }
 
     /// The most client bytes one event needs before the receiver can act on it; the driver adds
-    /// one read's worth to get the `hold_limit` of [`Prelogin::wants_client_input`].
+    /// one read's worth to get the `hold_limit` of [`Machine::wants_client_input`].
     pub fn longest_event(&self) -> usize {
         self.settings
             .limits
@@ -139,43 +110,10 @@ impl Prelogin {
             .max(self.settings.limits.command)
     }
 
-    pub fn next(&self) -> Next {
-        match self.phase {
-            Phase::Cleartext | Phase::Greeting | Phase::Ready => Next::Run,
-            Phase::Connecting => Next::Connect,
-            Phase::StartTls => Next::StartTls,
-            Phase::Authenticated => Next::Authenticated,
-            Phase::Ended => Next::End(self.end.clone().unwrap_or(End::ClientClosed)),
-        }
-    }
-
-    /// Bytes to write to the client now.
-    pub fn take_to_client(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.to_client)
-    }
-
-    /// Bytes to write to the backend now.
-    pub fn take_to_backend(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.to_backend)
-    }
-
-    pub fn take_notices(&mut self) -> Vec<Notice> {
-        std::mem::take(&mut self.notices)
-    }
-
-    /// Whether the driver should read from the client: not while `hold_limit` bytes are held,
-    /// and never after STLS (the handshake reads the socket itself).
-    pub fn wants_client_input(&self, hold_limit: usize) -> bool {
-        matches!(
-            self.phase,
-            Phase::Cleartext | Phase::Greeting | Phase::Ready
-        ) && self.cbuf.len() < hold_limit
-    }
-
     /// Whether the next thing expected is the backend's: its greeting, or the answer to a
     /// forwarded command, unless a SASL `+` made it the client's turn.
     pub fn waiting_for_backend(&self) -> bool {
-        match self.phase {
+        match self.core.phase {
             Phase::Greeting => true,
             Phase::Ready => !self.sent.is_empty() && self.sasl_credit == 0,
             _ => false,
@@ -184,8 +122,8 @@ impl Prelogin {
 
     /// The driver connected to the backend.
     pub fn backend_connected(&mut self) {
-        if self.phase == Phase::Connecting {
-            self.phase = Phase::Greeting;
+        if self.core.phase == Phase::Connecting {
+            self.core.phase = Phase::Greeting;
             self.pump_backend();
         }
     }
@@ -195,24 +133,15 @@ impl Prelogin {
     pub fn tls_started(&mut self) {
         self.swallow_greeting = true;
         self.rx = CommandReceiver::new(self.settings.limits);
-        self.cbuf.clear();
-        self.phase = Phase::Connecting;
-    }
-
-    /// What is left once the backend accepted a login: client bytes sent after the login
-    /// command, and backend bytes after its `+OK`. Both go out before the plain relay.
-    pub fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
-        (
-            std::mem::take(&mut self.cbuf),
-            std::mem::take(&mut self.bbuf),
-        )
+        self.core.cbuf.clear();
+        self.core.phase = Phase::Connecting;
     }
 
     /// Client bytes arrived. Returns whether the idle timer restarts: in cleartext only when a
     /// whole line was acted on; over TLS also on any bytes while the backend owes nothing.
     pub fn client_input(&mut self, bytes: &[u8]) -> bool {
-        let any_bytes_count = self.phase != Phase::Cleartext && !self.waiting_for_backend();
-        self.cbuf.extend_from_slice(bytes);
+        let any_bytes_count = self.core.phase != Phase::Cleartext && !self.waiting_for_backend();
+        self.core.cbuf.extend_from_slice(bytes);
         self.pump_client() || any_bytes_count
     }
 
@@ -220,30 +149,27 @@ impl Prelogin {
     /// backend owed us something, and when the client lines it freed were acted on.
     pub fn backend_input(&mut self, bytes: &[u8]) -> bool {
         let owed = !bytes.is_empty() && self.waiting_for_backend();
-        self.bbuf.extend_from_slice(bytes);
+        self.core.bbuf.extend_from_slice(bytes);
         self.pump_backend() || owed
     }
 
     /// The backend closed its side: after a forwarded QUIT that is the client's goodbye;
     /// otherwise the client is told only if it has not had a greeting yet.
     pub fn backend_closed(&mut self) {
-        if matches!(self.phase, Phase::Ended | Phase::Authenticated) {
+        if matches!(self.core.phase, Phase::Ended | Phase::Authenticated) {
             return;
         }
-        if self.phase == Phase::Greeting {
-            self.to_client.extend_from_slice(&reply::err_unavailable());
+        if self.core.phase == Phase::Greeting {
+            self.core
+                .to_client
+                .extend_from_slice(&reply::err_unavailable());
         }
         let end = if self.quit {
             End::ClientClosed
         } else {
             End::BackendClosed
         };
-        self.finish(end);
-    }
-
-    fn finish(&mut self, end: End) {
-        self.phase = Phase::Ended;
-        self.end = Some(end);
+        self.core.finish(end);
     }
 
     /// PASS, APOP or AUTH is forwarded and unanswered.
@@ -261,27 +187,29 @@ impl Prelogin {
             if !self.may_take_client_event() {
                 return acted;
             }
-            let step = self.rx.next(&self.cbuf);
-            self.cbuf.drain(..step.consumed.min(self.cbuf.len()));
+            let step = self.rx.next(&self.core.cbuf);
+            self.core
+                .cbuf
+                .drain(..step.consumed.min(self.core.cbuf.len()));
             let Some(event) = step.event else {
                 return acted;
             };
             acted = true;
-            match self.phase {
+            match self.core.phase {
                 Phase::Cleartext => self.cleartext(event),
                 _ => self.on_client_event(event),
             }
-            if self.phase == Phase::StartTls {
+            if self.core.phase == Phase::StartTls {
                 // Nothing pipelined after STLS may run after the upgrade (RFC 2595 §4;
                 // CERT VU#555316).
-                self.cbuf.clear();
+                self.core.cbuf.clear();
                 return acted;
             }
         }
     }
 
     fn may_take_client_event(&self) -> bool {
-        match self.phase {
+        match self.core.phase {
             Phase::Cleartext => true,
             // While PASS/APOP/AUTH is unanswered only its SASL responses go on, one per `+`.
             Phase::Ready => !self.auth_in_flight() || (self.rx.in_sasl() && self.sasl_credit > 0),
@@ -293,9 +221,10 @@ impl Prelogin {
     fn count_command(&mut self) -> bool {
         self.commands += 1;
         if self.commands > self.settings.max_commands {
-            self.to_client
+            self.core
+                .to_client
                 .extend_from_slice(&reply::err_too_many_commands());
-            self.finish(End::ProtocolViolation(
+            self.core.finish(End::ProtocolViolation(
                 "too many commands before authentication".to_owned(),
             ));
             return false;
@@ -311,27 +240,27 @@ impl Prelogin {
         let cmd = match event {
             ClientEvent::Command(cmd) => cmd,
             ClientEvent::Rejected(rejection) => {
-                self.to_client.extend_from_slice(&rejection.reply());
+                self.core.to_client.extend_from_slice(&rejection.reply());
                 return;
             }
             // Never begun: no AUTH exchange runs before TLS.
             ClientEvent::SaslResponse(_) => return,
         };
         match policy::before_tls(&cmd) {
-            Local::Reply(answer) => self.to_client.extend_from_slice(&answer),
+            Local::Reply(answer) => self.core.to_client.extend_from_slice(&answer),
             Local::RefuseCredentials(answer) => {
-                self.notices.push(Notice::CleartextAuthRefused {
+                self.core.notices.push(Notice::CleartextAuthRefused {
                     mechanism: refused_label(&cmd),
                 });
-                self.to_client.extend_from_slice(&answer);
+                self.core.to_client.extend_from_slice(&answer);
             }
             Local::StartTls(ok) => {
-                self.to_client.extend_from_slice(&ok);
-                self.phase = Phase::StartTls;
+                self.core.to_client.extend_from_slice(&ok);
+                self.core.phase = Phase::StartTls;
             }
             Local::Quit(bye) => {
-                self.to_client.extend_from_slice(&bye);
-                self.finish(End::ClientClosed);
+                self.core.to_client.extend_from_slice(&bye);
+                self.core.finish(End::ClientClosed);
             }
         }
     }
@@ -342,7 +271,7 @@ impl Prelogin {
             ClientEvent::SaslResponse(line) => {
                 // Not a command: the answer to a `+` the backend sent.
                 self.sasl_credit = self.sasl_credit.saturating_sub(1);
-                self.to_backend.extend_from_slice(&line.canonical());
+                self.core.to_backend.extend_from_slice(&line.canonical());
             }
             ClientEvent::Command(cmd) => {
                 if self.count_command() {
@@ -353,10 +282,11 @@ impl Prelogin {
                 if !self.count_command() {
                     return;
                 }
-                self.to_client.extend_from_slice(&rejection.reply());
+                self.core.to_client.extend_from_slice(&rejection.reply());
                 if rejection.fatal {
                     // An over-long SASL line: the backend waits for a whole one.
-                    self.finish(End::ProtocolViolation(rejection.error.to_string()));
+                    self.core
+                        .finish(End::ProtocolViolation(rejection.error.to_string()));
                 }
             }
         }
@@ -384,9 +314,9 @@ impl Prelogin {
                     // (RFC 5034 §4).
                     self.rx.begin_sasl();
                 }
-                self.to_backend.extend_from_slice(&request.canonical());
+                self.core.to_backend.extend_from_slice(&request.canonical());
             }
-            Decision::Reply(answer) => self.to_client.extend_from_slice(&answer),
+            Decision::Reply(answer) => self.core.to_client.extend_from_slice(&answer),
         }
     }
 
@@ -395,40 +325,47 @@ impl Prelogin {
     /// Handles whole backend responses, then the client lines they may have freed; returns
     /// whether any client line was acted on.
     fn pump_backend(&mut self) -> bool {
-        while matches!(self.phase, Phase::Greeting | Phase::Ready) {
-            let step = self.srx.next(&self.bbuf);
-            self.bbuf.drain(..step.consumed.min(self.bbuf.len()));
+        while matches!(self.core.phase, Phase::Greeting | Phase::Ready) {
+            let step = self.srx.next(&self.core.bbuf);
+            self.core
+                .bbuf
+                .drain(..step.consumed.min(self.core.bbuf.len()));
             let Some(event) = step.event else {
                 break;
             };
             match event {
                 ServerEvent::Rejected(e) => {
-                    self.to_client.extend_from_slice(&reply::err_unavailable());
-                    self.finish(End::BackendProtocol(e.to_string()));
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::err_unavailable());
+                    self.core.finish(End::BackendProtocol(e.to_string()));
                 }
                 ServerEvent::Greeting(greeting) => self.on_greeting(greeting),
                 ServerEvent::Response(response) => self.on_response(response),
             }
         }
-        self.phase == Phase::Ready && self.pump_client()
+        self.core.phase == Phase::Ready && self.pump_client()
     }
 
     fn on_greeting(&mut self, greeting: Response) {
-        self.phase = Phase::Ready;
+        self.core.phase = Phase::Ready;
         if self.swallow_greeting {
             // The client had mailfront's greeting in cleartext; a refusal now can only be told
             // as unavailability.
             if greeting.status != Status::Ok {
-                self.to_client.extend_from_slice(&reply::err_unavailable());
-                self.finish(End::BackendUnavailable);
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::err_unavailable());
+                self.core.finish(End::BackendUnavailable);
             }
             return;
         }
         // The client's only greeting, APOP timestamp included (RFC 1939 §7).
-        self.to_client
+        self.core
+            .to_client
             .extend_from_slice(&capa::rewrite_greeting(&greeting.raw));
         if greeting.status != Status::Ok {
-            self.finish(End::BackendClosed);
+            self.core.finish(End::BackendClosed);
         }
     }
 
@@ -447,16 +384,16 @@ impl Prelogin {
             (Some(Sent::Mechanisms), Status::Ok) => capa::rewrite_mechanisms(&response.raw),
             _ => response.raw.clone(),
         };
-        self.to_client.extend_from_slice(&shown);
+        self.core.to_client.extend_from_slice(&shown);
         if let Some(Sent::Auth(mechanism)) = sent
             && is_final
         {
             let ok = response.authenticated();
             self.sasl_credit = 0;
-            self.notices.push(Notice::Auth { ok, mechanism });
+            self.core.notices.push(Notice::Auth { ok, mechanism });
             if ok {
                 // Whatever follows belongs to the TRANSACTION state: relayed as is.
-                self.phase = Phase::Authenticated;
+                self.core.phase = Phase::Authenticated;
                 return;
             }
             self.rx.end_sasl();
@@ -468,19 +405,19 @@ impl Machine for Prelogin {
     const PROTOCOL: &'static str = "pop3";
 
     fn next(&self) -> Next {
-        Prelogin::next(self)
+        self.core.next()
     }
 
     fn take_to_client(&mut self) -> Vec<u8> {
-        Prelogin::take_to_client(self)
+        std::mem::take(&mut self.core.to_client)
     }
 
     fn take_to_backend(&mut self) -> Vec<u8> {
-        Prelogin::take_to_backend(self)
+        std::mem::take(&mut self.core.to_backend)
     }
 
     fn take_notices(&mut self) -> Vec<Notice> {
-        Prelogin::take_notices(self)
+        std::mem::take(&mut self.core.notices)
     }
 
     fn client_input(&mut self, bytes: &[u8]) -> bool {
@@ -505,11 +442,11 @@ impl Machine for Prelogin {
     }
 
     fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
-        Prelogin::held(self)
+        self.core.held()
     }
 
     fn wants_client_input(&self, hold_limit: usize) -> bool {
-        Prelogin::wants_client_input(self, hold_limit)
+        self.core.wants_client_input(hold_limit)
     }
 
     fn waiting_for_backend(&self) -> bool {
