@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use common::*;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -218,7 +219,7 @@ async fn login_with_literal_passwords_works_and_the_session_is_relayed() {
 #[tokio::test]
 async fn authenticate_plain_works_with_an_initial_response_and_with_a_continuation() {
     let s = setup("implicit", FakeOptions::default(), "").await;
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let (mut c, _, _) = s.connect().await;
     let reply = command(&mut c, "a", &format!("AUTHENTICATE PLAIN {ir}")).await;
     assert!(reply.contains("a OK"), "{reply}");
@@ -286,7 +287,7 @@ async fn starttls_listener_shows_logindisabled_and_refuses_credentials_before_tl
             .await
             .contains(refused)
     );
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let reply = command(&mut c, "d", &format!("AUTHENTICATE PLAIN {ir}")).await;
     assert!(reply.contains(refused));
     assert!(
@@ -680,7 +681,7 @@ async fn an_initial_response_is_refused_here_when_the_backend_lacks_sasl_ir_i10(
     let s = setup("implicit", options, "").await;
     let (mut c, greeting, _) = s.connect().await;
     assert!(!greeting.contains("SASL-IR"), "{greeting}");
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let reply = command(&mut c, "a", &format!("AUTHENTICATE PLAIN {ir}")).await;
     assert_eq!(
         reply,
@@ -743,7 +744,7 @@ async fn a_pipelined_command_reaches_the_backend_only_after_the_authentication_a
         "{reply}"
     );
 
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let (mut c, _, _) = s.connect().await;
     send(
         &mut c,

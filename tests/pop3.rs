@@ -10,6 +10,7 @@ mod common;
 
 use std::time::Duration;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use common::*;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -159,7 +160,7 @@ async fn a_failed_pass_keeps_parsing_and_pipelined_commands_wait_for_the_answer(
 #[tokio::test]
 async fn auth_plain_works_with_an_initial_response_and_with_a_continuation() {
     let s = setup("implicit", "").await;
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let mut c = s.connect().await;
     assert_eq!(
         line(&mut c, &format!("AUTH PLAIN {ir}")).await,
@@ -188,7 +189,7 @@ async fn the_cleartext_dialogue_is_answered_locally_and_credentials_are_refused(
         multiline(&mut c, "CAPA").await,
         "+OK Capability list follows\r\nSTLS\r\n.\r\n"
     );
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     for cmd in [
         "USER u".to_string(),
         "user u".into(),
@@ -318,7 +319,7 @@ async fn after_stls_user_pass_and_auth_plain_reach_the_backend_as_canonical_line
     assert_eq!(line(&mut c, "pass secret").await, "+OK Logged in.\r\n");
     assert!(line(&mut c, "STAT").await.starts_with("+OK 1 "));
 
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let mut c = s.connect_stls().await;
     assert_eq!(line(&mut c, "auth plain").await, "+ \r\n");
     assert_eq!(line(&mut c, &ir).await, "+OK Logged in.\r\n");
@@ -673,7 +674,7 @@ async fn auth_without_a_mechanism_lists_mechanisms_over_tls_without_external_o4(
             .await
             .starts_with("-ERR [AUTH]")
     );
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     assert_eq!(
         line(&mut c, &format!("AUTH PLAIN {ir}")).await,
         "+OK Logged in.\r\n"

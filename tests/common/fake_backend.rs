@@ -9,10 +9,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{TIMEOUT, base64_decode};
+use super::TIMEOUT;
 
 /// What a fake backend received, per connection.
 #[derive(Clone, Default)]
@@ -273,8 +274,10 @@ async fn fake_echo(mut stream: RecordingStream) -> std::io::Result<()> {
     }
 }
 
+/// The SMTP reply to an AUTH PLAIN response (RFC 4616: authzid NUL authcid NUL passwd, in
+/// base64); the IMAP and POP3 fakes map it to their own OK/NO.
 fn auth_plain_reply(b64: &str, password: &str) -> String {
-    let decoded = base64_decode(b64).unwrap_or_default();
+    let decoded = BASE64_STANDARD.decode(b64).unwrap_or_default();
     let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
     if parts.len() == 3 && parts[2] == password.as_bytes() {
         "235 2.7.0 Authentication successful\r\n".into()
