@@ -646,7 +646,7 @@ async fn curl_fetches_over_pop3s() {
 }
 
 #[tokio::test]
-async fn lines_pipelined_past_an_auth_exchange_never_reach_the_backend_as_commands_o4_o5() {
+async fn lines_pipelined_past_an_auth_exchange_never_reach_the_backend_as_commands() {
     let s = setup("implicit", "").await;
     let mut c = s.connect().await;
     // Cancel, then XCLIENT (Dovecot trusts it from mailfront) before the backend asked for a
@@ -664,7 +664,7 @@ async fn lines_pipelined_past_an_auth_exchange_never_reach_the_backend_as_comman
 }
 
 #[tokio::test]
-async fn auth_without_a_mechanism_lists_mechanisms_over_tls_without_external_o4() {
+async fn auth_without_a_mechanism_lists_mechanisms_over_tls_without_external() {
     let s = setup("implicit", "").await;
     let mut c = s.connect().await;
     assert_eq!(multiline(&mut c, "AUTH").await, "+OK\r\nPLAIN\r\n.\r\n");
@@ -687,7 +687,7 @@ async fn auth_without_a_mechanism_lists_mechanisms_over_tls_without_external_o4(
 }
 
 #[tokio::test]
-async fn apop_sees_the_backend_timestamp_and_logs_in_over_tls_o6() {
+async fn apop_sees_the_backend_timestamp_and_logs_in_over_tls() {
     let greeting = "+OK fake POP3 ready <1896.697170952@backend.test>\r\n";
     let options = FakeOptions {
         pop3_greeting: greeting.into(),
@@ -744,7 +744,7 @@ async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
 }
 
 #[tokio::test]
-async fn quit_ends_with_close_notify_before_and_after_login_g2() {
+async fn quit_ends_with_close_notify_before_and_after_login() {
     let s = setup("implicit", "").await;
     // read_line fails on a TCP close without close_notify (rustls: unexpected EOF).
     let mut c = s.connect().await;
