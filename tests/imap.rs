@@ -469,7 +469,7 @@ async fn an_idle_client_gets_bye_before_login() {
     )
     .await;
     let (mut c, _, _) = s.connect().await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     assert_eq!(
         read_line(&mut c).await,
         "* BYE Autologout; idle for too long\r\n"
@@ -818,7 +818,7 @@ async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
     let s = setup("implicit", options, "timeouts:\n  idle: 400ms\n").await;
     let (mut c, _, _) = s.connect().await;
     send(&mut c, b"a LOGIN u secret\r\n").await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     loop {
         tokio::select! {
             r = tokio::io::AsyncBufReadExt::fill_buf(&mut c) => { r.unwrap(); break; }

@@ -516,7 +516,7 @@ async fn an_over_long_command_line_is_refused_and_the_session_goes_on() {
 async fn an_idle_client_is_told_before_the_close() {
     let s = setup("implicit", "timeouts:\n  idle: 300ms\n").await;
     let mut c = s.connect().await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     assert_eq!(
         read_line(&mut c).await,
         "-ERR Disconnected for inactivity\r\n"
@@ -727,7 +727,7 @@ async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
     let mut c = s.connect().await;
     send(&mut c, b"USER u\r\nPASS secret\r\n").await;
     assert_eq!(read_line(&mut c).await, "+OK\r\n");
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     loop {
         tokio::select! {
             r = tokio::io::AsyncBufReadExt::fill_buf(&mut c) => { r.unwrap(); break; }
