@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use common::*;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -218,7 +219,7 @@ async fn login_with_literal_passwords_works_and_the_session_is_relayed() {
 #[tokio::test]
 async fn authenticate_plain_works_with_an_initial_response_and_with_a_continuation() {
     let s = setup("implicit", FakeOptions::default(), "").await;
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let (mut c, _, _) = s.connect().await;
     let reply = command(&mut c, "a", &format!("AUTHENTICATE PLAIN {ir}")).await;
     assert!(reply.contains("a OK"), "{reply}");
@@ -286,7 +287,7 @@ async fn starttls_listener_shows_logindisabled_and_refuses_credentials_before_tl
             .await
             .contains(refused)
     );
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let reply = command(&mut c, "d", &format!("AUTHENTICATE PLAIN {ir}")).await;
     assert!(reply.contains(refused));
     assert!(
@@ -468,7 +469,7 @@ async fn an_idle_client_gets_bye_before_login() {
     )
     .await;
     let (mut c, _, _) = s.connect().await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     assert_eq!(
         read_line(&mut c).await,
         "* BYE Autologout; idle for too long\r\n"
@@ -621,7 +622,7 @@ async fn curl_fetches_over_imaps_and_the_backend_learns_the_cipher() {
 }
 
 #[tokio::test]
-async fn sasl_ir_is_hidden_before_starttls_and_shown_after_i1() {
+async fn sasl_ir_is_hidden_before_starttls_and_shown_after() {
     let s = setup("starttls", FakeOptions::default(), "").await;
     let (mut c, greeting) = s.connect_plain().await;
     assert!(!greeting.contains("SASL-IR"), "{greeting}");
@@ -642,8 +643,7 @@ async fn sasl_ir_is_hidden_before_starttls_and_shown_after_i1() {
 }
 
 #[tokio::test]
-async fn non_synchronizing_and_literal8_login_before_tls_is_refused_and_parsing_stays_in_step_i2_i6()
- {
+async fn non_synchronizing_and_literal8_login_before_tls_is_refused_and_parsing_stays_in_step() {
     let s = setup("starttls", FakeOptions::default(), "").await;
     let (mut c, _) = s.connect_plain().await;
     let refused = "NO [PRIVACYREQUIRED] Cleartext authentication disallowed; use STARTTLS first";
@@ -672,7 +672,7 @@ async fn non_synchronizing_and_literal8_login_before_tls_is_refused_and_parsing_
 }
 
 #[tokio::test]
-async fn an_initial_response_is_refused_here_when_the_backend_lacks_sasl_ir_i10() {
+async fn an_initial_response_is_refused_here_when_the_backend_lacks_sasl_ir() {
     let options = FakeOptions {
         imap_capabilities: "IMAP4rev1 ID AUTH=PLAIN".into(),
         ..FakeOptions::default()
@@ -680,7 +680,7 @@ async fn an_initial_response_is_refused_here_when_the_backend_lacks_sasl_ir_i10(
     let s = setup("implicit", options, "").await;
     let (mut c, greeting, _) = s.connect().await;
     assert!(!greeting.contains("SASL-IR"), "{greeting}");
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let reply = command(&mut c, "a", &format!("AUTHENTICATE PLAIN {ir}")).await;
     assert_eq!(
         reply,
@@ -703,7 +703,7 @@ async fn an_initial_response_is_refused_here_when_the_backend_lacks_sasl_ir_i10(
 }
 
 #[tokio::test]
-async fn lines_pipelined_past_an_authenticate_exchange_never_reach_the_backend_as_commands_i10() {
+async fn lines_pipelined_past_an_authenticate_exchange_never_reach_the_backend_as_commands() {
     let s = setup("implicit", FakeOptions::default(), "").await;
     let (mut c, _, _) = s.connect().await;
     // Cancel, then a forged ID and a NOOP, all before the backend asked for anything.
@@ -728,7 +728,7 @@ async fn lines_pipelined_past_an_authenticate_exchange_never_reach_the_backend_a
 }
 
 #[tokio::test]
-async fn a_pipelined_command_reaches_the_backend_only_after_the_authentication_answer_i11() {
+async fn a_pipelined_command_reaches_the_backend_only_after_the_authentication_answer() {
     let options = FakeOptions {
         slow_auth: true,
         ..FakeOptions::default()
@@ -743,7 +743,7 @@ async fn a_pipelined_command_reaches_the_backend_only_after_the_authentication_a
         "{reply}"
     );
 
-    let ir = base64_encode(b"\0u\0secret");
+    let ir = BASE64_STANDARD.encode(b"\0u\0secret");
     let (mut c, _, _) = s.connect().await;
     send(
         &mut c,
@@ -765,7 +765,7 @@ async fn a_pipelined_command_reaches_the_backend_only_after_the_authentication_a
 }
 
 #[tokio::test]
-async fn an_id_with_literals_is_rewritten_and_a_second_id_is_answered_here_i8_i9() {
+async fn an_id_with_literals_is_rewritten_and_a_second_id_is_answered_here() {
     let s = setup("implicit", FakeOptions::default(), "").await;
     let (mut c, _, cipher) = s.connect().await;
     send(&mut c, b"a ID (\"name\" {4}\r\n").await;
@@ -792,7 +792,7 @@ async fn an_id_with_literals_is_rewritten_and_a_second_id_is_answered_here_i8_i9
 }
 
 #[tokio::test]
-async fn a_client_id_never_reaches_a_backend_without_id_i7() {
+async fn a_client_id_never_reaches_a_backend_without_id() {
     let options = FakeOptions {
         imap_capabilities: "IMAP4rev1 AUTH=PLAIN".into(),
         ..FakeOptions::default()
@@ -818,7 +818,7 @@ async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
     let s = setup("implicit", options, "timeouts:\n  idle: 400ms\n").await;
     let (mut c, _, _) = s.connect().await;
     send(&mut c, b"a LOGIN u secret\r\n").await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     loop {
         tokio::select! {
             r = tokio::io::AsyncBufReadExt::fill_buf(&mut c) => { r.unwrap(); break; }
@@ -835,7 +835,7 @@ async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
 }
 
 #[tokio::test]
-async fn logout_ends_with_close_notify_before_and_after_login_g2() {
+async fn logout_ends_with_close_notify_before_and_after_login() {
     let s = setup("implicit", FakeOptions::default(), "").await;
     // read_line fails on a TCP close without close_notify (rustls: unexpected EOF).
     let (mut c, _, _) = s.connect().await;

@@ -128,7 +128,9 @@ SMTP_334 = rb"(?:^|\n)334[^\n]*\n"
 
 def literal_smuggle(head, payload, sync=False, tail=b"\r\n"):
     """`head{N+}` CRLF payload tail, N = len(payload): sized so a proxy that takes the braces for a
-    literal passes exactly `payload` on as literal data (issue 11's `a2 NOOP x{24+}`)."""
+    literal passes exactly `payload` on as literal data. In `a2 NOOP x{24+}` the brace closes an
+    atom (`{` is an atom-special, RFC 9051 §9), so a backend such as Dovecot runs the
+    next line as a command while such a proxy never looked at it."""
     n = str(len(payload)).encode()
     return head + b"{" + n + (b"" if sync else b"+") + b"}\r\n" + payload + tail
 
