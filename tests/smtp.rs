@@ -1324,7 +1324,7 @@ async fn a_client_that_never_reads_its_replies_is_dropped_after_the_idle_timeout
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
-// ---- Issue 11: nothing before TLS reaches the backend; line endings are framing too ----
+// ---- nothing before TLS reaches the backend; line endings are framing too ----
 
 fn backend_connections(env: &Env) -> usize {
     env.backend.recorder.connections().len()
