@@ -8,6 +8,7 @@
 //! - [`session`]: per-connection context and the client stream that STARTTLS upgrades.
 //! - [`backend`]: connecting to the cleartext backend with a deadline; byte counting.
 //! - [`proxy_protocol`]: the HAProxy PROXY v2 header optionally sent first to the backend.
+//! - [`close`]: why a session ended and on which side (client, backend, TLS, mailfront).
 //! - [`relay`]: the byte relay used once a protocol no longer needs parsing.
 //! - `dns`: the one DNS host-name check used by config, SMTP and PROXY v2.
 //! - [`transport`]: the byte-stream bound the drivers are generic over (TCP, or an in-memory
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod close;
 pub mod config;
 pub(crate) mod dns;
 pub mod imap;

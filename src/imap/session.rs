@@ -59,13 +59,13 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
         {
             let _ = write_timed(&mut client, &reply::bye_unavailable(), session).await;
             client.close().await;
-            return EndReason::IoError(e.to_string());
+            return EndReason::backend_io(&e);
         }
         let out = machine.take_to_client();
         if !out.is_empty()
             && let Err(e) = write_timed(&mut client, &out, session).await
         {
-            return EndReason::IoError(e.to_string());
+            return EndReason::client_io(&e);
         }
         match machine.next() {
             Next::End(end) => {
@@ -131,7 +131,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
                         deadline = Instant::now() + idle;
                     }
                 }
-                Err(e) => return EndReason::IoError(e.to_string()),
+                Err(e) => return EndReason::client_io(&e),
             },
             r = backend_read => match r {
                 Ok(0) => machine.backend_closed(),
@@ -143,7 +143,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
                 Err(e) => {
                     let _ = write_timed(&mut client, &reply::bye_unavailable(), session).await;
                     client.close().await;
-                    return EndReason::IoError(e.to_string());
+                    return EndReason::backend_io(&e);
                 }
             },
             () = tokio::time::sleep_until(deadline) => {
@@ -169,8 +169,8 @@ fn end_reason(end: End) -> EndReason {
     match end {
         End::ClientClosed => EndReason::ClientClosed,
         End::BackendClosed => EndReason::BackendClosed,
-        End::BackendProtocol(detail) => EndReason::ProtocolViolation(format!("backend: {detail}")),
-        End::ProtocolViolation(detail) => EndReason::ProtocolViolation(detail),
+        End::BackendProtocol(detail) => EndReason::backend_violation(detail),
+        End::ProtocolViolation(detail) => EndReason::client_violation(detail),
     }
 }
 

@@ -97,7 +97,7 @@ async fn cleartext_dialogue<S: Transport>(
     session: &Session,
     commands: &mut usize,
 ) -> Result<(), EndReason> {
-    let io = |e: std::io::Error| EndReason::IoError(e.to_string());
+    let io = |e: std::io::Error| EndReason::client_io(&e);
     write_timed(client, &reply::greeting(session.hostname()), session)
         .await
         .map_err(io)?;
@@ -116,7 +116,7 @@ async fn cleartext_dialogue<S: Transport>(
             *commands += 1;
             if *commands > session.listener.limits.preauth_commands {
                 let _ = write_timed(client, &reply::err_too_many_commands(), session).await;
-                return Err(EndReason::ProtocolViolation(
+                return Err(EndReason::client_violation(
                     "too many commands before authentication".to_owned(),
                 ));
             }
@@ -163,7 +163,7 @@ async fn cleartext_dialogue<S: Transport>(
         }
         if buf.len() > rx_hold_limit(session) {
             // Unreachable with a bounded receiver; a belt for the buffer bound.
-            return Err(EndReason::ProtocolViolation(
+            return Err(EndReason::client_violation(
                 "client buffer overflow".to_owned(),
             ));
         }
@@ -283,7 +283,7 @@ impl Driver {
                             self.deadline = Instant::now() + idle;
                         }
                     }
-                    Err(e) => return Outcome::End(EndReason::IoError(e.to_string())),
+                    Err(e) => return Outcome::End(EndReason::client_io(&e)),
                 },
                 r = backend.read(&mut bchunk) => match r {
                     Ok(0) => {
@@ -304,7 +304,7 @@ impl Driver {
                     }
                     Err(e) => {
                         let _ = write_timed(client, &reply::err_unavailable(), session).await;
-                        return Outcome::End(EndReason::IoError(e.to_string()));
+                        return Outcome::End(EndReason::backend_io(&e));
                     }
                 },
                 () = tokio::time::sleep_until(self.deadline) => {
@@ -336,9 +336,7 @@ impl Driver {
             let response = match event {
                 ServerEvent::Rejected(e) => {
                     let _ = write_timed(client, &reply::err_unavailable(), session).await;
-                    return Some(Outcome::End(EndReason::ProtocolViolation(format!(
-                        "backend: {e}"
-                    ))));
+                    return Some(Outcome::End(EndReason::backend_violation(e.to_string())));
                 }
                 ServerEvent::Greeting(greeting) if self.swallow_greeting => {
                     self.greeted = true;
@@ -352,7 +350,7 @@ impl Driver {
                     self.greeted = true;
                     let shown = capa::rewrite_greeting(&greeting.raw);
                     if let Err(e) = write_timed(client, &shown, session).await {
-                        return Some(Outcome::End(EndReason::IoError(e.to_string())));
+                        return Some(Outcome::End(EndReason::client_io(&e)));
                     }
                     if greeting.status != Status::Ok {
                         return Some(Outcome::End(EndReason::BackendClosed));
@@ -375,7 +373,7 @@ impl Driver {
                 _ => response.raw.clone(),
             };
             if let Err(e) = write_timed(client, &shown, session).await {
-                return Some(Outcome::End(EndReason::IoError(e.to_string())));
+                return Some(Outcome::End(EndReason::client_io(&e)));
             }
             if let Some(Sent::Auth(mechanism)) = &sent
                 && response.is_final()
@@ -410,13 +408,15 @@ impl Driver {
             let result = match event {
                 ClientEvent::SaslResponse(line) => {
                     self.sasl_credit = self.sasl_credit.saturating_sub(1);
-                    write_timed(backend, &line.canonical(), session).await
+                    write_timed(backend, &line.canonical(), session)
+                        .await
+                        .map_err(|e| EndReason::backend_io(&e))
                 }
                 event => {
                     self.commands += 1;
                     if self.commands > session.listener.limits.preauth_commands {
                         let _ = write_timed(client, &reply::err_too_many_commands(), session).await;
-                        return Some(Outcome::End(EndReason::ProtocolViolation(
+                        return Some(Outcome::End(EndReason::client_violation(
                             "too many commands before authentication".to_owned(),
                         )));
                     }
@@ -434,18 +434,20 @@ impl Driver {
                             let out = rejection.reply();
                             if rejection.fatal {
                                 let _ = write_timed(client, &out, session).await;
-                                return Some(Outcome::End(EndReason::ProtocolViolation(
+                                return Some(Outcome::End(EndReason::client_violation(
                                     rejection.error.to_string(),
                                 )));
                             }
-                            write_timed(client, &out, session).await
+                            write_timed(client, &out, session)
+                                .await
+                                .map_err(|e| EndReason::client_io(&e))
                         }
                         ClientEvent::SaslResponse(_) => Ok(()),
                     }
                 }
             };
-            if let Err(e) = result {
-                return Some(Outcome::End(EndReason::IoError(e.to_string())));
+            if let Err(reason) = result {
+                return Some(Outcome::End(reason));
             }
         }
     }
@@ -456,7 +458,7 @@ impl Driver {
         client: &mut ClientStream<S>,
         backend: &mut BackendStream,
         session: &Session,
-    ) -> Result<(), std::io::Error> {
+    ) -> Result<(), EndReason> {
         match decision {
             Decision::Forward { request, expect } => {
                 let sent = match &request {
@@ -476,9 +478,13 @@ impl Driver {
                 if expect == Expect::Sasl {
                     self.rx.begin_sasl();
                 }
-                write_timed(backend, &request.canonical(), session).await
+                write_timed(backend, &request.canonical(), session)
+                    .await
+                    .map_err(|e| EndReason::backend_io(&e))
             }
-            Decision::Reply(answer) => write_timed(client, &answer, session).await,
+            Decision::Reply(answer) => write_timed(client, &answer, session)
+                .await
+                .map_err(|e| EndReason::client_io(&e)),
         }
     }
 }

@@ -710,7 +710,7 @@ impl<'s> Driver<'s> {
                 Ok(command) => {
                     wire = command;
                     wire.extend_from_slice(&header);
-                    self.session.listener.metrics.received_fields.inc();
+                    self.session.listener.metrics.received_field_added();
                 }
                 Err(_) => {
                     self.local(local_reply::BDAT_SYNTAX);
@@ -814,7 +814,7 @@ impl<'s> Driver<'s> {
             DataEvent::End => {
                 self.mode = Mode::Command;
                 if failed {
-                    return Err(self.backend_lost());
+                    return Err(self.backend_lost(None));
                 }
                 self.pending
                     .push_back(Pending::Backend(Expect::DataEnd { size }));
@@ -887,7 +887,7 @@ impl<'s> Driver<'s> {
         }
         self.mode = Mode::Command;
         if failed {
-            return Err(self.backend_lost());
+            return Err(self.backend_lost(None));
         }
         if forward && !self.caps.pipelining {
             self.drain(client).await?;
@@ -1070,7 +1070,7 @@ impl<'s> Driver<'s> {
         if self.session.tls.is_some() {
             let header = self.received_field();
             self.send_backend(&header).await?;
-            self.session.listener.metrics.received_fields.inc();
+            self.session.listener.metrics.received_field_added();
         }
         self.mode = Mode::Data {
             scanner: DataScanner::new(),
@@ -1115,7 +1115,7 @@ impl<'s> Driver<'s> {
         }
         let reply = local_reply::closing_after_refusal(self.hostname());
         self.cout.extend_from_slice(&reply);
-        EndReason::ProtocolViolation("bare CR or LF in message content".to_owned())
+        EndReason::client_violation("bare CR or LF in message content")
     }
 
     fn local(&mut self, reply: &[u8]) {
@@ -1128,10 +1128,11 @@ impl<'s> Driver<'s> {
         EndReason::Shutdown
     }
 
-    fn backend_lost(&mut self) -> EndReason {
+    /// The backend went away: closed (`None`) or failed with `error`. The client gets 421.
+    fn backend_lost(&mut self, error: Option<&std::io::Error>) -> EndReason {
         let reply = local_reply::backend_unavailable(self.hostname());
         self.cout.extend_from_slice(&reply);
-        EndReason::BackendClosed
+        error.map_or(EndReason::BackendClosed, EndReason::backend_io)
     }
 
     /// Writes to the backend; on failure the client gets 421 and the session ends.
@@ -1144,7 +1145,8 @@ impl<'s> Driver<'s> {
                 self.cout.extend_from_slice(&reply);
                 Err(EndReason::BackendTimeout)
             }
-            Err(BackendWriteError::Closed) => Err(self.backend_lost()),
+            Err(BackendWriteError::NotConnected) => Err(self.backend_lost(None)),
+            Err(BackendWriteError::Failed(e)) => Err(self.backend_lost(Some(&e))),
         }
     }
 
@@ -1162,12 +1164,12 @@ impl<'s> Driver<'s> {
                         tracing::warn!(listener = %self.session.listener.config.name, client = %self.session.client_addr, error = %e, "backend broke the reply grammar");
                         let reply = local_reply::backend_error(self.hostname());
                         self.cout.extend_from_slice(&reply);
-                        return Err(EndReason::ProtocolViolation(format!("backend: {e}")));
+                        return Err(EndReason::backend_violation(e.to_string()));
                     }
                 }
             }
             let Some(backend) = self.backend.stream() else {
-                return Err(self.backend_lost());
+                return Err(self.backend_lost(None));
             };
             let read = tokio::select! {
                 biased;
@@ -1181,7 +1183,8 @@ impl<'s> Driver<'s> {
                     self.cout.extend_from_slice(&reply);
                     return Err(EndReason::BackendTimeout);
                 }
-                Ok(Ok(0)) | Ok(Err(_)) => return Err(self.backend_lost()),
+                Ok(Ok(0)) => return Err(self.backend_lost(None)),
+                Ok(Err(e)) => return Err(self.backend_lost(Some(&e))),
                 Ok(Ok(n)) => {
                     self.bin_pos = 0;
                     self.bin_len = n;
@@ -1212,7 +1215,7 @@ impl<'s> Driver<'s> {
                 Err(EndReason::ClientIdle)
             }
             Ok(Ok(0)) => Err(EndReason::ClientClosed),
-            Ok(Err(e)) => Err(EndReason::IoError(format!("client read: {e}"))),
+            Ok(Err(e)) => Err(EndReason::client_io(&e)),
             Ok(Ok(n)) => {
                 self.cin_pos = 0;
                 self.cin_len = n;
@@ -1238,7 +1241,7 @@ impl<'s> Driver<'s> {
         self.cout.clear();
         match result {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(EndReason::IoError(format!("client write: {e}"))),
+            Ok(Err(e)) => Err(EndReason::client_io(&e)),
             Err(_) => Err(EndReason::ClientIdle),
         }
     }
@@ -1247,7 +1250,9 @@ impl<'s> Driver<'s> {
 #[derive(Debug)]
 enum BackendWriteError {
     Timeout,
-    Closed,
+    /// No backend connection (not yet, or dropped on purpose).
+    NotConnected,
+    Failed(std::io::Error),
 }
 
 async fn write_backend(
@@ -1256,11 +1261,11 @@ async fn write_backend(
     timeout: Duration,
 ) -> Result<(), BackendWriteError> {
     let Some(backend) = backend.stream() else {
-        return Err(BackendWriteError::Closed);
+        return Err(BackendWriteError::NotConnected);
     };
     match tokio::time::timeout(timeout, backend.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(BackendWriteError::Closed),
+        Ok(Err(e)) => Err(BackendWriteError::Failed(e)),
         Err(_) => Err(BackendWriteError::Timeout),
     }
 }
