@@ -64,11 +64,11 @@ use crate::metrics::AuthResult;
 use crate::session::{ClientStream, EndReason, Session, upgrade_client};
 use crate::smtp::bdat::{self, ChunkReader, ContentScanner};
 use crate::smtp::cleartext::{self, Action};
-use crate::smtp::command::{Bdat, Command, SaslResponse, Verb};
+use crate::smtp::command::{Bdat, Command, SaslResponse};
 use crate::smtp::data::{BareLineEnding, DataEvent, DataScanner};
 use crate::smtp::ehlo::{BackendCapabilities, EhloContext, rewrite_ehlo};
 use crate::smtp::local_reply;
-use crate::smtp::policy::{self, ClientInput, GateState, Verdict};
+use crate::smtp::policy::{self, ClientInput, GateState, Refusal, Verdict};
 use crate::smtp::received::{ReceivedId, ReceivedInfo, TlsCipher, WithProtocol, received_header};
 use crate::smtp::receiver::{CommandReceiver, DEFAULT_AUTH_LINE_LIMIT, Line, LineError, LineMode};
 use crate::smtp::reply::{Reply, ReplyReceiver};
@@ -497,15 +497,16 @@ impl<'s> Driver<'s> {
             let hostname = self.session.listener.hostname.clone();
             match cleartext::respond(&self.gate, &hostname, &command) {
                 Action::Reply(reply) => {
-                    if command.verb() == Verb::Auth && reply == local_reply::MUST_STARTTLS {
-                        self.cleartext_auth_refused();
-                    }
                     self.local_cleartext(&command);
                     self.pending.push_back(Pending::Local(reply));
                     return Ok(None);
                 }
-                Action::DiscardChunk { octets, reply } => {
-                    self.local(reply);
+                Action::Refuse(refusal) => {
+                    self.refuse(refusal);
+                    return Ok(None);
+                }
+                Action::DiscardChunk { octets, refusal } => {
+                    self.refuse(refusal);
                     self.start_chunk(octets, false, false);
                     return Ok(None);
                 }
@@ -521,14 +522,9 @@ impl<'s> Driver<'s> {
         }
         match policy::decide(&self.gate, ClientInput::Command(&command)) {
             Verdict::Forward => self.forward(client, &command, &line).await?,
-            Verdict::Reply(reply) => {
-                if command.verb() == Verb::Auth && reply == local_reply::MUST_STARTTLS {
-                    self.cleartext_auth_refused();
-                }
-                self.local(reply);
-            }
-            Verdict::DiscardChunk { octets, reply } => {
-                self.local(reply);
+            Verdict::Refuse(refusal) => self.refuse(refusal),
+            Verdict::DiscardChunk { octets, refusal } => {
+                self.refuse(refusal);
                 self.start_chunk(octets, false, false);
             }
             Verdict::StartTls => return self.start_tls(client).await.map(Some),
@@ -593,19 +589,20 @@ impl<'s> Driver<'s> {
                 self.send_backend(&line.to_wire()).await?;
                 self.pending.push_back(Pending::Backend(Expect::Auth));
             }
-            Verdict::Reply(reply) | Verdict::DiscardChunk { reply, .. } => {
-                self.cancel_auth(reply).await?;
+            Verdict::Refuse(refusal) | Verdict::DiscardChunk { refusal, .. } => {
+                self.cancel_auth(refusal).await?;
             }
-            Verdict::StartTls => self.cancel_auth(local_reply::MUST_STARTTLS).await?,
+            // The gate never starts TLS for a SASL line; refuse it as AUTH before TLS would be.
+            Verdict::StartTls => self.cancel_auth(Refusal::CleartextAuth).await?,
         }
         self.drain(client).await
     }
 
-    /// Ends the backend's AUTH exchange with `*` (its 501 is swallowed) and answers `reply`.
-    async fn cancel_auth(&mut self, reply: &'static [u8]) -> Result<(), EndReason> {
+    /// Ends the backend's AUTH exchange with `*` (its 501 is swallowed) and answers `refusal`.
+    async fn cancel_auth(&mut self, refusal: Refusal) -> Result<(), EndReason> {
         self.send_backend(b"*\r\n").await?;
         self.pending.push_back(Pending::Backend(Expect::AuthCancel));
-        self.local(reply);
+        self.refuse(refusal);
         Ok(())
     }
 
@@ -621,25 +618,28 @@ impl<'s> Driver<'s> {
             }
             (Mode::Sasl, _) => {
                 self.mode = Mode::Command;
-                self.cancel_auth(error.reply()).await?;
+                self.cancel_auth(policy::too_long(&self.gate, error))
+                    .await?;
                 self.drain(client).await
             }
-            // The same answer as for any AUTH before TLS, whatever the credential's length.
-            (_, LineError::AuthTooLong { .. }) if !self.gate.client_tls => {
-                self.cleartext_auth_refused();
-                self.local(local_reply::MUST_STARTTLS);
-                Ok(())
-            }
             _ => {
-                self.local(error.reply());
+                self.refuse(policy::too_long(&self.gate, error));
                 Ok(())
             }
         }
     }
 
-    fn cleartext_auth_refused(&self) {
-        self.session.listener.metrics.cleartext_auth_refused.inc();
-        tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, result = "refused_cleartext", cipher = "none", "smtp authentication refused before TLS");
+    /// Answers a line the gate refused, in order with the other replies; the log line and the
+    /// metric come from the refusal's reason, never from its reply bytes.
+    fn refuse(&mut self, refusal: Refusal) {
+        let listener = &self.session.listener;
+        if refusal == Refusal::CleartextAuth {
+            listener.metrics.cleartext_auth_refused.inc();
+            tracing::info!(listener = %listener.config.name, client = %self.session.client_addr, result = "refused_cleartext", cipher = "none", "smtp authentication refused before TLS");
+        } else {
+            tracing::debug!(listener = %listener.config.name, client = %self.session.client_addr, refusal = refusal.as_str(), "smtp command refused");
+        }
+        self.local(refusal.reply());
     }
 
     /// Sends a command the gate let through and queues its reply.
