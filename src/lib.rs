@@ -8,7 +8,7 @@
 //! - Drivers: [`smtp::session`], and [`prelogin::serve`], the one pre-login loop that runs the
 //!   IMAP and POP3 not-authenticated state machines ([`imap::prelogin`], [`pop3::prelogin`]).
 //! - Below them: [`session`] (per-connection context, the client stream STARTTLS upgrades, timed
-//!   writes, the close log), [`backend`] (connecting with a deadline, byte counting, the
+//!   writes, the close log), [`close`] (why a session ended, and on which side), [`backend`] (connecting with a deadline, byte counting, the
 //!   connector tests replace), `relay` (the post-login byte relay), `proxy_protocol` (the PROXY
 //!   v2 header), [`tls`] (certificate store, SNI, hot reload, IANA names), [`metrics`].
 //! - At the bottom: [`config`] (the YAML model, validated into [`config::RuntimeConfig`]), `line`
@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod close;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod dns;

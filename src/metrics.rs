@@ -20,6 +20,7 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::close::CloseClass;
 use crate::config::{ListenerConfig, Protocol};
 use crate::tls::{HandshakeFailure, LoadedCertificate, TlsInfo};
 
@@ -60,6 +61,7 @@ pub struct Metrics {
     backend_connect_duration: HistogramVec,
     relayed_bytes: IntCounterVec,
     session_duration: HistogramVec,
+    sessions_closed: IntCounterVec,
     certificate_not_after: IntGaugeVec,
     certificate_reloads: IntCounterVec,
     ready: IntGauge,
@@ -248,6 +250,12 @@ impl Metrics {
                 l,
                 SESSION_BUCKETS.to_vec(),
             )?,
+            sessions_closed: counter(
+                r,
+                "mailfront_sessions_closed_total",
+                "Sessions ended, by reason and by the side it happened on (client, backend, tls, proxy).",
+                &["listener", "protocol", "reason", "side"],
+            )?,
             certificate_not_after: gauge(
                 r,
                 "mailfront_certificate_not_after_timestamp_seconds",
@@ -273,6 +281,25 @@ impl Metrics {
             self.handshake_failures
                 .with_label_values(&[name, reason.as_str()]);
         }
+        // Families only one protocol can move are registered for that protocol's listeners
+        // only: a series that stays at 0 forever reads as "never happened", not "cannot".
+        let smtp = (listener.protocol == Protocol::Smtp).then(|| SmtpMetrics {
+            messages_submitted: self.messages_submitted.with_label_values(&[name]),
+            message_size: self.message_size.with_label_values(&[name]),
+            received_fields: self.received_fields.with_label_values(&[name]),
+        });
+        let imap = (listener.protocol == Protocol::Imap).then(|| ImapMetrics {
+            id_from_client: self.imap_id_fields.with_label_values(&[name, "client"]),
+            id_from_proxy: self.imap_id_fields.with_label_values(&[name, "proxy"]),
+        });
+        let closed = CloseClass::ALL.map(|class| {
+            self.sessions_closed.with_label_values(&[
+                name,
+                protocol,
+                class.reason(),
+                class.side().as_str(),
+            ])
+        });
         ListenerMetrics {
             name: name.to_owned(),
             protocol: listener.protocol,
@@ -290,11 +317,8 @@ impl Metrics {
             auth_failure: self
                 .auth_outcomes
                 .with_label_values(&[name, protocol, "failure"]),
-            messages_submitted: self.messages_submitted.with_label_values(&[name]),
-            message_size: self.message_size.with_label_values(&[name]),
-            received_fields: self.received_fields.with_label_values(&[name]),
-            id_from_client: self.imap_id_fields.with_label_values(&[name, "client"]),
-            id_from_proxy: self.imap_id_fields.with_label_values(&[name, "proxy"]),
+            smtp,
+            imap,
             backend_connect_failures: self.backend_connect_failures.with_label_values(&[name]),
             backend_connect_duration: self.backend_connect_duration.with_label_values(&[name]),
             bytes_to_backend: self
@@ -304,6 +328,7 @@ impl Metrics {
                 .relayed_bytes
                 .with_label_values(&[name, "backend_to_client"]),
             session_duration: self.session_duration.with_label_values(&lp),
+            closed,
         }
     }
 
@@ -356,16 +381,32 @@ pub struct ListenerMetrics {
     pub cleartext_auth_refused: IntCounter,
     auth_success: IntCounter,
     auth_failure: IntCounter,
-    pub messages_submitted: IntCounter,
-    pub message_size: Histogram,
-    pub received_fields: IntCounter,
-    id_from_client: IntCounter,
-    id_from_proxy: IntCounter,
+    /// Present on SMTP listeners only.
+    smtp: Option<SmtpMetrics>,
+    /// Present on IMAP listeners only.
+    imap: Option<ImapMetrics>,
     pub backend_connect_failures: IntCounter,
     pub backend_connect_duration: Histogram,
     pub bytes_to_backend: IntCounter,
     pub bytes_to_client: IntCounter,
     pub session_duration: Histogram,
+    /// Indexed by [`CloseClass::index`].
+    closed: [IntCounter; CloseClass::ALL.len()],
+}
+
+/// Handles only an SMTP listener can move.
+#[derive(Clone)]
+struct SmtpMetrics {
+    messages_submitted: IntCounter,
+    message_size: Histogram,
+    received_fields: IntCounter,
+}
+
+/// Handles only an IMAP listener can move.
+#[derive(Clone)]
+struct ImapMetrics {
+    id_from_client: IntCounter,
+    id_from_proxy: IntCounter,
 }
 
 impl ListenerMetrics {
@@ -391,16 +432,41 @@ impl ListenerMetrics {
         }
     }
 
+    /// An IMAP ID carrying the tls field went to the backend (IMAP listeners only).
     pub fn id_field_added(&self, source: IdSource) {
-        match source {
-            IdSource::Client => self.id_from_client.inc(),
-            IdSource::Proxy => self.id_from_proxy.inc(),
+        if let Some(imap) = &self.imap {
+            match source {
+                IdSource::Client => imap.id_from_client.inc(),
+                IdSource::Proxy => imap.id_from_proxy.inc(),
+            }
         }
     }
 
+    /// The backend accepted a message (SMTP listeners only).
     pub fn message_accepted(&self, size: u64) {
-        self.messages_submitted.inc();
-        self.message_size.observe(size as f64);
+        if let Some(smtp) = &self.smtp {
+            smtp.messages_submitted.inc();
+            smtp.message_size.observe(size as f64);
+        }
+    }
+
+    /// A Received field with the tls clause went into a message (SMTP listeners only).
+    pub fn received_field_added(&self) {
+        if let Some(smtp) = &self.smtp {
+            smtp.received_fields.inc();
+        }
+    }
+
+    /// A session ended; counted once, by the close log line.
+    pub fn session_closed(&self, class: CloseClass) {
+        if let Some(counter) = self.closed.get(class.index()) {
+            counter.inc();
+        }
+    }
+
+    /// How many sessions ended with `class` (for tests and the close log).
+    pub fn sessions_closed(&self, class: CloseClass) -> u64 {
+        self.closed.get(class.index()).map_or(0, IntCounter::get)
     }
 }
 
@@ -558,6 +624,81 @@ mod tests {
             r#"mailfront_cleartext_auth_refused_total{listener="imaps",protocol="imap"} 0"#
         ));
         assert!(text.contains("mailfront_build_info{version=\""));
+    }
+
+    #[test]
+    fn every_possible_close_starts_at_zero_with_its_side() {
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        let handles = metrics.listener(&listener());
+        let text = metrics.encode();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("mailfront_sessions_closed_total{"))
+            .collect();
+        assert_eq!(series.len(), CloseClass::ALL.len(), "{series:#?}");
+        for needle in [
+            r#"mailfront_sessions_closed_total{listener="imaps",protocol="imap",reason="client_closed",side="client"} 0"#,
+            r#"mailfront_sessions_closed_total{listener="imaps",protocol="imap",reason="io_error",side="backend"} 0"#,
+            r#"mailfront_sessions_closed_total{listener="imaps",protocol="imap",reason="io_error",side="client"} 0"#,
+            r#"mailfront_sessions_closed_total{listener="imaps",protocol="imap",reason="tls_handshake_failed",side="tls"} 0"#,
+            r#"mailfront_sessions_closed_total{listener="imaps",protocol="imap",reason="shutdown",side="proxy"} 0"#,
+        ] {
+            assert!(text.contains(needle), "{needle}\n{text}");
+        }
+        handles.session_closed(CloseClass::BackendIo);
+        assert!(metrics.encode().contains(
+            r#"mailfront_sessions_closed_total{listener="imaps",protocol="imap",reason="io_error",side="backend"} 1"#
+        ));
+        assert_eq!(handles.sessions_closed(CloseClass::BackendIo), 1);
+        assert_eq!(handles.sessions_closed(CloseClass::ClientIo), 0);
+    }
+
+    #[test]
+    fn per_protocol_families_exist_only_for_their_protocol() {
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        let imap = metrics.listener(&listener());
+        let pop3 = metrics.listener(&ListenerConfig {
+            name: "pop3s".into(),
+            protocol: Protocol::Pop3,
+            ..listener()
+        });
+        let smtp = metrics.listener(&ListenerConfig {
+            name: "submissions".into(),
+            protocol: Protocol::Smtp,
+            ..listener()
+        });
+        // Calls on a listener of another protocol move nothing and create nothing.
+        pop3.id_field_added(IdSource::Client);
+        pop3.received_field_added();
+        pop3.message_accepted(10);
+        imap.received_field_added();
+        smtp.id_field_added(IdSource::Proxy);
+        let text = metrics.encode();
+        let listeners_of = |family: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with(family) && !l.starts_with('#'))
+                .filter_map(|l| l.split("listener=\"").nth(1))
+                .filter_map(|rest| rest.split('"').next())
+                .map(str::to_owned)
+                .collect()
+        };
+        let mut id = listeners_of("mailfront_imap_id_tls_fields_added_total{");
+        id.dedup();
+        assert_eq!(id, ["imaps"]);
+        assert_eq!(
+            listeners_of("mailfront_received_fields_added_total{"),
+            ["submissions"]
+        );
+        assert_eq!(
+            listeners_of("mailfront_messages_submitted_total{"),
+            ["submissions"]
+        );
+        assert!(
+            text.contains(r#"mailfront_received_fields_added_total{listener="submissions"} 0"#)
+        );
+        assert!(text.contains(
+            r#"mailfront_imap_id_tls_fields_added_total{listener="imaps",source="client"} 0"#
+        ));
     }
 
     #[test]

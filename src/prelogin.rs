@@ -236,13 +236,13 @@ pub async fn serve<M: Machine, S: Transport>(
         {
             let _ = write_timed(&mut client, &M::bye_unavailable(), session).await;
             client.close().await;
-            return EndReason::IoError(e.to_string());
+            return EndReason::backend_io(&e);
         }
         let out = machine.take_to_client();
         if !out.is_empty()
             && let Err(e) = write_timed(&mut client, &out, session).await
         {
-            return EndReason::IoError(e.to_string());
+            return EndReason::client_io(&e);
         }
         match machine.next() {
             Next::End(end) => {
@@ -307,7 +307,7 @@ pub async fn serve<M: Machine, S: Transport>(
                         deadline = Instant::now() + idle;
                     }
                 }
-                Err(e) => return EndReason::IoError(e.to_string()),
+                Err(e) => return EndReason::client_io(&e),
             },
             r = backend_read => match r {
                 Ok(0) => machine.backend_closed(),
@@ -319,7 +319,7 @@ pub async fn serve<M: Machine, S: Transport>(
                 Err(e) => {
                     let _ = write_timed(&mut client, &M::bye_unavailable(), session).await;
                     client.close().await;
-                    return EndReason::IoError(e.to_string());
+                    return EndReason::backend_io(&e);
                 }
             },
             () = tokio::time::sleep_until(deadline) => {
@@ -346,8 +346,8 @@ fn end_reason(end: End) -> EndReason {
         End::ClientClosed => EndReason::ClientClosed,
         End::BackendClosed => EndReason::BackendClosed,
         End::BackendUnavailable => EndReason::BackendUnavailable,
-        End::BackendProtocol(detail) => EndReason::ProtocolViolation(format!("backend: {detail}")),
-        End::ProtocolViolation(detail) => EndReason::ProtocolViolation(detail),
+        End::BackendProtocol(detail) => EndReason::backend_violation(detail),
+        End::ProtocolViolation(detail) => EndReason::client_violation(detail),
     }
 }
 

@@ -15,6 +15,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, BackendConnector, BackendStream, ByteCounters, ConnectError};
+pub use crate::close::{EndReason, Side};
 use crate::config::{Limits, ListenerConfig, Protocol, Timeouts};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
@@ -180,39 +181,6 @@ pub async fn upgrade_client<S: Transport>(
     })
 }
 
-/// Why a session ended, for the close log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EndReason {
-    /// The client said goodbye (QUIT/LOGOUT) or closed after a complete exchange.
-    ClientClosed,
-    BackendClosed,
-    ClientIdle,
-    BackendTimeout,
-    BackendUnavailable,
-    /// The handshake failed; the detail is its reason class and cause.
-    TlsHandshakeFailed(String),
-    Shutdown,
-    /// The client broke the protocol or a limit badly enough that we closed.
-    ProtocolViolation(String),
-    IoError(String),
-}
-
-impl EndReason {
-    pub fn as_str(&self) -> &str {
-        match self {
-            EndReason::ClientClosed => "client_closed",
-            EndReason::BackendClosed => "backend_closed",
-            EndReason::ClientIdle => "client_idle",
-            EndReason::BackendTimeout => "backend_timeout",
-            EndReason::BackendUnavailable => "backend_unavailable",
-            EndReason::TlsHandshakeFailed(_) => "tls_handshake_failed",
-            EndReason::Shutdown => "shutdown",
-            EndReason::ProtocolViolation(_) => "protocol_violation",
-            EndReason::IoError(_) => "io_error",
-        }
-    }
-}
-
 /// Per-connection state that protocol drivers read and update.
 pub struct Session {
     pub listener: Arc<ListenerContext>,
@@ -317,9 +285,13 @@ impl Session {
         let idle = self.listener.timeouts.relay_idle;
         tokio::select! {
             end = relay::relay(client, backend, &self.counters, idle) => match end {
-                RelayEnd::Closed => EndReason::ClientClosed,
+                    RelayEnd::Closed => EndReason::ClientClosed,
                 RelayEnd::Idle => EndReason::ClientIdle,
-                RelayEnd::Error(e) => EndReason::IoError(e.to_string()),
+                // A client's TLS close without close_notify ends here as a normal close (see
+                // `EndReason::client_io`): after LOGOUT or QUIT the backend's goodbye went
+                // out and most clients then just drop TCP.
+                RelayEnd::Error { side: Side::Backend, error } => EndReason::backend_io(&error),
+                RelayEnd::Error { error, .. } => EndReason::client_io(&error),
             },
             () = self.shutdown.cancelled() => EndReason::Shutdown,
         }
@@ -334,12 +306,16 @@ impl Session {
         held_client: &[u8],
         held_backend: &[u8],
     ) -> EndReason {
-        if !held_client.is_empty() && write_timed(backend, held_client, self).await.is_err() {
+        if !held_client.is_empty()
+            && let Err(e) = write_timed(backend, held_client, self).await
+        {
             client.close().await;
-            return EndReason::BackendClosed;
+            return EndReason::backend_io(&e);
         }
-        if !held_backend.is_empty() && write_timed(client, held_backend, self).await.is_err() {
-            return EndReason::ClientClosed;
+        if !held_backend.is_empty()
+            && let Err(e) = write_timed(client, held_backend, self).await
+        {
+            return EndReason::client_io(&e);
         }
         let reason = self.relay(client, backend).await;
         client.close().await;
@@ -355,13 +331,8 @@ impl Session {
         m.bytes_to_client.inc_by(to_client);
         let duration = self.started.elapsed();
         m.session_duration.observe(duration.as_secs_f64());
+        m.session_closed(reason.class());
         let tls = self.tls.as_ref();
-        let detail = match reason {
-            EndReason::ProtocolViolation(d)
-            | EndReason::IoError(d)
-            | EndReason::TlsHandshakeFailed(d) => d.as_str(),
-            _ => "",
-        };
         tracing::info!(
             listener = %self.listener.config.name,
             protocol = %self.protocol(),
@@ -374,7 +345,8 @@ impl Session {
             bytes_to_client = to_client,
             duration_ms = duration.as_millis() as u64,
             reason = reason.as_str(),
-            detail,
+            side = reason.side().as_str(),
+            detail = reason.detail(),
             "session closed"
         );
     }

@@ -1,5 +1,6 @@
 //! Metrics and logs as an operator reads them: handshake counters by version and IANA cipher,
-//! cleartext refusals, readiness, and JSON logs that carry the cipher but never a secret.
+//! cleartext refusals, readiness, JSON logs that carry the cipher but never a secret, close
+//! reasons with the side they happened on, and per-protocol families only where they can move.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -290,4 +291,265 @@ async fn json_log_of_an_authenticated_session_carries_the_cipher_and_no_secret()
         assert!(!line.contains(PASSWORD), "password leaked: {line}");
         assert!(!line.contains(&plain), "SASL payload leaked: {line}");
     }
+}
+
+/// Logs in on an implicit-TLS IMAP listener and returns the stream, now in the relay.
+async fn imap_logged_in(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+) -> BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tls = tls_connect(
+        addr,
+        "mx.example.test",
+        client_config(&pki.ca_der, &[&rustls::version::TLS13], None),
+    )
+    .await
+    .unwrap();
+    let mut tls = BufReader::new(tls);
+    assert!(read_line(&mut tls).await.starts_with("* OK"));
+    tls.get_mut()
+        .write_all(b"a1 LOGIN alice secret\r\n")
+        .await
+        .unwrap();
+    assert!(read_until_tag(&mut tls, "a1").await.contains("a1 OK"));
+    tls
+}
+
+/// Ends a client's TLS session the way most mail clients do after LOGOUT or QUIT: the TCP
+/// socket closes and no close_notify is ever sent.
+fn drop_without_close_notify(
+    tls: BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+) {
+    let (tcp, _) = tls.into_inner().into_inner();
+    drop(tcp);
+}
+
+#[tokio::test]
+async fn a_client_that_drops_tcp_without_close_notify_after_its_goodbye_is_logged_as_a_client_close()
+ {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let imap = FakeBackend::start(FakeKind::Imap).await;
+    let pop3 = FakeBackend::start(FakeKind::Pop3).await;
+    let smtp = FakeBackend::start(FakeKind::Smtp).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[
+            listener_yaml("imaps", "imap", "implicit", imap.addr),
+            listener_yaml("pop3s", "pop3", "implicit", pop3.addr),
+            listener_yaml("submissions", "smtp", "implicit", smtp.addr),
+        ],
+        "log:\n  format: json\n  level: info\n",
+    );
+    let path = pki.dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut binary = Binary::start(&path);
+    let mut address = |name: &str| -> std::net::SocketAddr {
+        let line = binary.wait_for(&["listening", &format!("\"{name}\"")]);
+        json_field(&line, "address").unwrap().parse().unwrap()
+    };
+    let (imaps, pop3s, submissions) = (address("imaps"), address("pop3s"), address("submissions"));
+    let config = || client_config(&pki.ca_der, &[&rustls::version::TLS13], None);
+
+    // IMAP: LOGOUT in the relay after login; the backend says BYE and closes.
+    let mut tls = imap_logged_in(imaps, &pki).await;
+    tls.get_mut().write_all(b"a2 LOGOUT\r\n").await.unwrap();
+    assert!(read_until_tag(&mut tls, "a2").await.contains("a2 OK"));
+    drop_without_close_notify(tls);
+
+    // POP3: QUIT after login.
+    let mut tls = BufReader::new(
+        tls_connect(pop3s, "mx.example.test", config())
+            .await
+            .unwrap(),
+    );
+    assert!(read_line(&mut tls).await.starts_with("+OK"));
+    tls.get_mut()
+        .write_all(b"USER alice\r\nPASS secret\r\n")
+        .await
+        .unwrap();
+    assert!(read_line(&mut tls).await.starts_with("+OK"));
+    assert!(read_line(&mut tls).await.starts_with("+OK"));
+    tls.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+    assert!(read_line(&mut tls).await.starts_with("+OK"));
+    drop_without_close_notify(tls);
+
+    // SMTP: QUIT.
+    let mut tls = BufReader::new(
+        tls_connect(submissions, "mx.example.test", config())
+            .await
+            .unwrap(),
+    );
+    assert!(read_smtp_reply(&mut tls).await.starts_with("220"));
+    tls.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+    assert!(read_smtp_reply(&mut tls).await.starts_with("221"));
+    drop_without_close_notify(tls);
+
+    for listener in ["imaps", "pop3s", "submissions"] {
+        let closed = binary.wait_for(&["session closed", &format!("\"{listener}\"")]);
+        assert_eq!(
+            json_field(&closed, "reason").as_deref(),
+            Some("client_closed"),
+            "{closed}"
+        );
+        assert_eq!(
+            json_field(&closed, "side").as_deref(),
+            Some("client"),
+            "{closed}"
+        );
+        assert_eq!(
+            json_field(&closed, "detail").as_deref(),
+            Some(""),
+            "{closed}"
+        );
+    }
+    binary.stop();
+}
+
+/// An IMAP backend that accepts any LOGIN, then resets the connection (TCP RST) at the first
+/// command after it.
+async fn resetting_imap_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut tcp = BufReader::new(tcp);
+                tcp.get_mut()
+                    .write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+                    .await
+                    .unwrap();
+                let mut logged_in = false;
+                loop {
+                    let line = read_line(&mut tcp).await;
+                    if line.is_empty() {
+                        return;
+                    }
+                    if logged_in {
+                        tcp.get_ref().set_zero_linger().unwrap();
+                        return;
+                    }
+                    let tag = line.split(' ').next().unwrap_or("*").to_owned();
+                    logged_in = line.to_ascii_uppercase().contains(" LOGIN ");
+                    tcp.get_mut()
+                        .write_all(format!("{tag} OK done\r\n").as_bytes())
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_close_counter_names_the_side_that_reset_the_relay() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let imap = FakeBackend::start(FakeKind::Imap).await;
+    let resetting = resetting_imap_backend().await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[
+            listener_yaml("client-resets", "imap", "implicit", imap.addr),
+            listener_yaml("backend-resets", "imap", "implicit", resetting),
+        ],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let series = |listener: &str, reason: &str, side: &str| {
+        format!(
+            r#"mailfront_sessions_closed_total{{listener="{listener}",protocol="imap",reason="{reason}",side="{side}"}} "#
+        )
+    };
+    let count = |needle: &str| -> Option<u64> {
+        proxy
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(needle))
+            .and_then(|n| n.parse().ok())
+    };
+
+    // The client resets its TCP connection in the relay.
+    let tls = imap_logged_in(proxy.addr("client-resets"), &pki).await;
+    let (tcp, _) = tls.into_inner().into_inner();
+    tcp.set_zero_linger().unwrap();
+    drop(tcp);
+    let client_io = series("client-resets", "io_error", "client");
+    eventually(|| count(&client_io) == Some(1)).await;
+    assert_eq!(
+        count(&series("client-resets", "io_error", "backend")),
+        Some(0)
+    );
+
+    // The backend resets at the first command relayed after login.
+    let mut tls = imap_logged_in(proxy.addr("backend-resets"), &pki).await;
+    tls.get_mut().write_all(b"a2 NOOP\r\n").await.unwrap();
+    let backend_io = series("backend-resets", "io_error", "backend");
+    eventually(|| count(&backend_io) == Some(1)).await;
+    assert_eq!(
+        count(&series("backend-resets", "io_error", "client")),
+        Some(0)
+    );
+    assert_eq!(
+        count(&series("backend-resets", "client_closed", "client")),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn per_protocol_counters_are_exported_only_for_listeners_of_their_protocol() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let imap = FakeBackend::start(FakeKind::Imap).await;
+    let pop3 = FakeBackend::start(FakeKind::Pop3).await;
+    let smtp = FakeBackend::start(FakeKind::Smtp).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[
+            listener_yaml("imaps", "imap", "implicit", imap.addr),
+            listener_yaml("pop3s", "pop3", "implicit", pop3.addr),
+            listener_yaml("submissions", "smtp", "implicit", smtp.addr),
+        ],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    // Listener handles are created as the server starts, in its own task.
+    eventually(|| {
+        let text = proxy.metrics.encode();
+        ["imaps", "pop3s", "submissions"].iter().all(|name| {
+            text.contains(&format!(
+                r#"mailfront_sessions_closed_total{{listener="{name}","#
+            ))
+        })
+    })
+    .await;
+    let text = proxy.metrics.encode();
+    let listeners_of = |family: &str| -> Vec<&str> {
+        let mut names: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter_map(|l| l.split("listener=\"").nth(1)?.split('"').next())
+            .collect();
+        names.dedup();
+        names
+    };
+    assert_eq!(
+        listeners_of("mailfront_imap_id_tls_fields_added_total"),
+        ["imaps"]
+    );
+    assert_eq!(
+        listeners_of("mailfront_received_fields_added_total"),
+        ["submissions"]
+    );
+    assert_eq!(
+        listeners_of("mailfront_messages_submitted_total"),
+        ["submissions"]
+    );
+    // Families every listener can move stay on every listener.
+    let mut closed = listeners_of("mailfront_sessions_closed_total");
+    closed.sort_unstable();
+    closed.dedup();
+    assert_eq!(closed, ["imaps", "pop3s", "submissions"]);
 }

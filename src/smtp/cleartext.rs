@@ -15,15 +15,17 @@
 
 use crate::smtp::command::{Command, Verb};
 use crate::smtp::local_reply;
-use crate::smtp::policy::{self, ClientInput, GateState, Verdict};
+use crate::smtp::policy::{self, ClientInput, GateState, Refusal, Verdict};
 
 /// What the driver does with one command line while no backend is connected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Answer with these bytes, in order with the other replies.
     Reply(Vec<u8>),
-    /// A refused BDAT: answer `reply` and drop the chunk's `octets`.
-    DiscardChunk { octets: u64, reply: &'static [u8] },
+    /// Answer with the refusal's reply (the driver logs and counts it by its reason).
+    Refuse(Refusal),
+    /// A refused BDAT: answer the refusal and drop the chunk's `octets`.
+    DiscardChunk { octets: u64, refusal: Refusal },
     /// Answer `220 2.0.0`, drop whatever was pipelined after the command, and hand over.
     StartTls,
     /// Answer `221 2.0.0` and end the session.
@@ -35,8 +37,8 @@ pub enum Action {
 /// The answer to `command` before TLS with no backend connected (`state.client_tls` false).
 pub fn respond(state: &GateState, hostname: &str, command: &Command) -> Action {
     match policy::decide(state, ClientInput::Command(command)) {
-        Verdict::Reply(reply) => Action::Reply(reply.to_vec()),
-        Verdict::DiscardChunk { octets, reply } => Action::DiscardChunk { octets, reply },
+        Verdict::Refuse(refusal) => Action::Refuse(refusal),
+        Verdict::DiscardChunk { octets, refusal } => Action::DiscardChunk { octets, refusal },
         Verdict::StartTls => Action::StartTls,
         Verdict::Forward => match command {
             Command::Ehlo(_) => Action::Reply(local_reply::cleartext_ehlo(hostname)),
@@ -45,10 +47,10 @@ pub fn respond(state: &GateState, hostname: &str, command: &Command) -> Action {
             Command::Quit => Action::Quit,
             Command::Mail(_) => Action::Connect,
             _ if matches!(command.verb(), Verb::Rcpt | Verb::Data) => {
-                Action::Reply(local_reply::NEED_MAIL.to_vec())
+                Action::Refuse(Refusal::NeedMail)
             }
             // The gate forwards nothing else before TLS; refuse rather than connect for it.
-            _ => Action::Reply(local_reply::MUST_STARTTLS.to_vec()),
+            _ => Action::Refuse(Refusal::MustStartTls),
         },
     }
 }
@@ -57,8 +59,9 @@ pub fn respond(state: &GateState, hostname: &str, command: &Command) -> Action {
 mod tests {
     use super::*;
     use crate::config::TlsMode;
+    use crate::smtp::command::SyntaxError;
     use crate::smtp::local_reply::*;
-    use crate::smtp::receiver::{CommandReceiver, LineError, LineMode};
+    use crate::smtp::receiver::{CommandReceiver, LineMode};
 
     const HOST: &str = "mx.example.test";
 
@@ -85,13 +88,14 @@ mod tests {
                     Ok(None) => {}
                     Ok(Some(line)) => {
                         let action = respond(&state, HOST, &Command::from_line(&line));
-                        if let Action::Reply(reply) = &action {
-                            out.extend_from_slice(reply);
+                        match &action {
+                            Action::Reply(reply) => out.extend_from_slice(reply),
+                            Action::Refuse(refusal) => out.extend_from_slice(refusal.reply()),
+                            _ => {}
                         }
                         actions.push(action);
                     }
-                    Err(LineError::AuthTooLong { .. }) => out.extend_from_slice(MUST_STARTTLS),
-                    Err(e) => out.extend_from_slice(e.reply()),
+                    Err(e) => out.extend_from_slice(policy::too_long(&state, e).reply()),
                 }
             }
         }
@@ -119,28 +123,31 @@ mod tests {
             ("RSET", Action::Reply(OK.to_vec())),
             ("QUIT", Action::Quit),
             ("STARTTLS", Action::StartTls),
-            ("STARTTLS x", Action::Reply(STARTTLS_SYNTAX.to_vec())),
+            (
+                "STARTTLS x",
+                Action::Refuse(Refusal::Syntax(SyntaxError::StartTls)),
+            ),
             (
                 "AUTH PLAIN AGFsaWNlAHNlY3JldA==",
-                Action::Reply(MUST_STARTTLS.to_vec()),
+                Action::Refuse(Refusal::CleartextAuth),
             ),
-            ("AUTH LOGIN", Action::Reply(MUST_STARTTLS.to_vec())),
-            ("MAIL FROM:<a@b>", Action::Reply(MUST_STARTTLS.to_vec())),
-            ("RCPT TO:<a@b>", Action::Reply(MUST_STARTTLS.to_vec())),
-            ("DATA", Action::Reply(MUST_STARTTLS.to_vec())),
-            ("VRFY bob", Action::Reply(MUST_STARTTLS.to_vec())),
-            ("HELP", Action::Reply(MUST_STARTTLS.to_vec())),
-            ("FOO bar", Action::Reply(MUST_STARTTLS.to_vec())),
-            ("", Action::Reply(MUST_STARTTLS.to_vec())),
+            ("AUTH LOGIN", Action::Refuse(Refusal::CleartextAuth)),
+            ("MAIL FROM:<a@b>", Action::Refuse(Refusal::MustStartTls)),
+            ("RCPT TO:<a@b>", Action::Refuse(Refusal::MustStartTls)),
+            ("DATA", Action::Refuse(Refusal::MustStartTls)),
+            ("VRFY bob", Action::Refuse(Refusal::MustStartTls)),
+            ("HELP", Action::Refuse(Refusal::MustStartTls)),
+            ("FOO bar", Action::Refuse(Refusal::MustStartTls)),
+            ("", Action::Refuse(Refusal::MustStartTls)),
             (
                 "XCLIENT LOGIN=x",
-                Action::Reply(COMMAND_NOT_RECOGNIZED.to_vec()),
+                Action::Refuse(Refusal::TrustedPeerCommand),
             ),
             (
                 "BDAT 5 LAST",
                 Action::DiscardChunk {
                     octets: 5,
-                    reply: MUST_STARTTLS,
+                    refusal: Refusal::MustStartTls,
                 },
             ),
         ];
@@ -156,22 +163,22 @@ mod tests {
             ("MAIL FROM:<a@b>", Action::Connect),
             (
                 "MAIL FROM:<a@b> REQUIRETLS",
-                Action::Reply(REQUIRETLS_UNSUPPORTED.to_vec()),
+                Action::Refuse(Refusal::RequireTlsUnsupported),
             ),
-            ("RCPT TO:<a@b>", Action::Reply(NEED_MAIL.to_vec())),
-            ("DATA", Action::Reply(NEED_MAIL.to_vec())),
+            ("RCPT TO:<a@b>", Action::Refuse(Refusal::NeedMail)),
+            ("DATA", Action::Refuse(Refusal::NeedMail)),
             (
                 "BDAT 3",
                 Action::DiscardChunk {
                     octets: 3,
-                    reply: BDAT_NOT_SUPPORTED,
+                    refusal: Refusal::BdatNotSupported,
                 },
             ),
-            ("VRFY bob", Action::Reply(MUST_STARTTLS.to_vec())),
+            ("VRFY bob", Action::Refuse(Refusal::MustStartTls)),
             ("EHLO x", Action::Reply(cleartext_ehlo(HOST))),
             (
                 "AUTH PLAIN AGFsaWNlAHNlY3JldA==",
-                Action::Reply(MUST_STARTTLS.to_vec()),
+                Action::Refuse(Refusal::CleartextAuth),
             ),
         ];
         for (line, expected) in table {

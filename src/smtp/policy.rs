@@ -33,6 +33,7 @@
 use crate::config::TlsMode;
 use crate::smtp::command::{Command, SaslResponse, SyntaxError, Verb};
 use crate::smtp::local_reply;
+use crate::smtp::receiver::LineError;
 
 /// What the gate needs to know about the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,16 +77,83 @@ pub enum ClientInput<'a> {
     SaslResponse(SaslResponse),
 }
 
+/// Why a line is answered by mailfront and never forwarded. The reply bytes, the log line and
+/// the metrics all come from this one value, so a driver never works out the reason again
+/// from the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// XCLIENT/XFORWARD from a client: the backend trusts them from mailfront only.
+    TrustedPeerCommand,
+    /// STARTTLS when TLS is already active (implicit or upgraded).
+    TlsAlreadyActive,
+    /// AUTH (or a SASL line) before TLS, whatever the credential: RFC 8314 §4.1.
+    CleartextAuth,
+    /// Any other command that needs TLS first (RFC 3207 §4).
+    MustStartTls,
+    /// MAIL with REQUIRETLS where it cannot be honoured (RFC 8689).
+    RequireTlsUnsupported,
+    /// A line mailfront cannot judge safely or at all (bare CR/LF, NUL, bad MAIL/BDAT/STARTTLS).
+    Syntax(SyntaxError),
+    /// A command or SASL line over its limit.
+    TooLong(LineError),
+    /// A stateful command after STARTTLS before the new EHLO (RFC 3207 §4.2).
+    SendEhloFirst,
+    /// AUTH after a successful AUTH (RFC 4954 §4).
+    AlreadyAuthenticated,
+    /// BDAT when the backend does not offer CHUNKING.
+    BdatNotSupported,
+    /// RCPT or DATA before TLS with no transaction open (no MAIL reached a backend).
+    NeedMail,
+}
+
+impl Refusal {
+    /// The reply mailfront writes for it.
+    pub fn reply(self) -> &'static [u8] {
+        match self {
+            Refusal::TrustedPeerCommand => local_reply::COMMAND_NOT_RECOGNIZED,
+            Refusal::TlsAlreadyActive => local_reply::TLS_ALREADY_ACTIVE,
+            Refusal::CleartextAuth | Refusal::MustStartTls => local_reply::MUST_STARTTLS,
+            Refusal::RequireTlsUnsupported => local_reply::REQUIRETLS_UNSUPPORTED,
+            Refusal::Syntax(error) => error.reply(),
+            Refusal::TooLong(error) => error.reply(),
+            Refusal::SendEhloFirst => local_reply::SEND_EHLO_FIRST,
+            Refusal::AlreadyAuthenticated => local_reply::ALREADY_AUTHENTICATED,
+            Refusal::BdatNotSupported => local_reply::BDAT_NOT_SUPPORTED,
+            Refusal::NeedMail => local_reply::NEED_MAIL,
+        }
+    }
+
+    /// A fixed name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::TrustedPeerCommand => "trusted_peer_command",
+            Refusal::TlsAlreadyActive => "tls_already_active",
+            Refusal::CleartextAuth => "cleartext_auth",
+            Refusal::MustStartTls => "must_starttls",
+            Refusal::RequireTlsUnsupported => "requiretls_unsupported",
+            Refusal::Syntax(SyntaxError::BareCr) => "bare_cr",
+            Refusal::Syntax(SyntaxError::BareLf) => "bare_lf",
+            Refusal::Syntax(SyntaxError::Nul) => "nul",
+            Refusal::Syntax(_) => "syntax",
+            Refusal::TooLong(_) => "too_long",
+            Refusal::SendEhloFirst => "send_ehlo_first",
+            Refusal::AlreadyAuthenticated => "already_authenticated",
+            Refusal::BdatNotSupported => "bdat_not_supported",
+            Refusal::NeedMail => "need_mail",
+        }
+    }
+}
+
 /// What the driver does with the line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Send the line to the backend and relay its reply in order.
     Forward,
-    /// Answer the client with these bytes (in order with pending backend replies); send nothing
-    /// to the backend.
-    Reply(&'static [u8]),
-    /// A refused BDAT: answer with `reply` and drop the next `octets` octets of client input.
-    DiscardChunk { octets: u64, reply: &'static [u8] },
+    /// Answer the client with the refusal's reply (in order with pending backend replies); send
+    /// nothing to the backend.
+    Refuse(Refusal),
+    /// A refused BDAT: answer the refusal and drop the next `octets` octets of client input.
+    DiscardChunk { octets: u64, refusal: Refusal },
     /// Answer [`local_reply::STARTTLS_READY`], drop every byte buffered after the command, and
     /// run the TLS handshake; then set `client_tls` and `needs_ehlo`.
     StartTls,
@@ -94,34 +162,45 @@ pub enum Verdict {
 /// The gate. Pure: the same state and line always give the same verdict.
 pub fn decide(state: &GateState, input: ClientInput<'_>) -> Verdict {
     match input {
-        ClientInput::SaslResponse(SaslResponse::Invalid(error)) => Verdict::Reply(error.reply()),
+        ClientInput::SaslResponse(SaslResponse::Invalid(error)) => {
+            Verdict::Refuse(Refusal::Syntax(error))
+        }
         ClientInput::SaslResponse(_) if state.client_tls => Verdict::Forward,
-        ClientInput::SaslResponse(_) => Verdict::Reply(local_reply::MUST_STARTTLS),
+        ClientInput::SaslResponse(_) => Verdict::Refuse(Refusal::CleartextAuth),
         ClientInput::Command(command) => decide_command(state, command),
+    }
+}
+
+/// A command or SASL line over its limit. Before TLS an over-long AUTH gets the same answer
+/// as any AUTH (RFC 8314 §4.1: one indication whatever the credential, its length included).
+pub fn too_long(state: &GateState, error: LineError) -> Refusal {
+    match error {
+        LineError::AuthTooLong { .. } if !state.client_tls => Refusal::CleartextAuth,
+        _ => Refusal::TooLong(error),
     }
 }
 
 fn decide_command(state: &GateState, command: &Command) -> Verdict {
     let verb = command.verb();
-    let refuse = |reply: &'static [u8]| match command {
+    let refuse = |refusal: Refusal| match command {
         Command::Bdat(bdat) => Verdict::DiscardChunk {
             octets: bdat.size,
-            reply,
+            refusal,
         },
-        _ => Verdict::Reply(reply),
+        _ => Verdict::Refuse(refusal),
     };
 
     // 1. Trusted-peer commands never pass.
     if matches!(verb, Verb::Xclient | Verb::Xforward) {
-        return Verdict::Reply(local_reply::COMMAND_NOT_RECOGNIZED);
+        return Verdict::Refuse(Refusal::TrustedPeerCommand);
     }
 
     // 2. STARTTLS is answered here, never forwarded.
     if verb == Verb::StartTls {
         return if state.client_tls || state.listener == TlsMode::Implicit {
-            Verdict::Reply(local_reply::TLS_ALREADY_ACTIVE)
+            Verdict::Refuse(Refusal::TlsAlreadyActive)
         } else if let Command::Invalid { error, .. } = command {
-            Verdict::Reply(error.reply())
+            Verdict::Refuse(Refusal::Syntax(*error))
         } else {
             Verdict::StartTls
         };
@@ -131,20 +210,20 @@ fn decide_command(state: &GateState, command: &Command) -> Verdict {
     if !state.client_tls {
         match verb {
             Verb::Ehlo | Verb::Helo | Verb::Noop | Verb::Rset | Verb::Quit => {}
-            Verb::Auth => return Verdict::Reply(local_reply::MUST_STARTTLS),
-            _ if state.require_tls_for_mail => return refuse(local_reply::MUST_STARTTLS),
+            Verb::Auth => return Verdict::Refuse(Refusal::CleartextAuth),
+            _ if state.require_tls_for_mail => return refuse(Refusal::MustStartTls),
             Verb::Mail | Verb::Rcpt | Verb::Data | Verb::Bdat => {
                 if matches!(command, Command::Mail(mail) if mail.requiretls) {
-                    return Verdict::Reply(local_reply::REQUIRETLS_UNSUPPORTED);
+                    return Verdict::Refuse(Refusal::RequireTlsUnsupported);
                 }
             }
-            _ => return Verdict::Reply(local_reply::MUST_STARTTLS),
+            _ => return Verdict::Refuse(Refusal::MustStartTls),
         }
     }
 
     // 4. Unusable syntax.
     if let Command::Invalid { error, .. } = command {
-        return Verdict::Reply(SyntaxError::reply(*error));
+        return Verdict::Refuse(Refusal::Syntax(*error));
     }
 
     // 5. RFC 3207 §4.2: a new EHLO after STARTTLS before anything stateful.
@@ -154,20 +233,18 @@ fn decide_command(state: &GateState, command: &Command) -> Verdict {
             Verb::Mail | Verb::Rcpt | Verb::Data | Verb::Bdat | Verb::Auth
         )
     {
-        return refuse(local_reply::SEND_EHLO_FIRST);
+        return refuse(Refusal::SendEhloFirst);
     }
 
     match command {
         // 6.
-        Command::Auth(_) if state.authenticated => {
-            Verdict::Reply(local_reply::ALREADY_AUTHENTICATED)
-        }
+        Command::Auth(_) if state.authenticated => Verdict::Refuse(Refusal::AlreadyAuthenticated),
         // 7.
         Command::Mail(mail) if mail.requiretls && !state.backend_requiretls => {
-            Verdict::Reply(local_reply::REQUIRETLS_UNSUPPORTED)
+            Verdict::Refuse(Refusal::RequireTlsUnsupported)
         }
         // 8.
-        Command::Bdat(_) if !state.backend_chunking => refuse(local_reply::BDAT_NOT_SUPPORTED),
+        Command::Bdat(_) if !state.backend_chunking => refuse(Refusal::BdatNotSupported),
         // 9.
         _ => Verdict::Forward,
     }
@@ -212,8 +289,36 @@ mod tests {
     }
 
     const FORWARD: Verdict = Verdict::Forward;
-    const fn reply(bytes: &'static [u8]) -> Verdict {
-        Verdict::Reply(bytes)
+    const fn refuse(refusal: Refusal) -> Verdict {
+        Verdict::Refuse(refusal)
+    }
+
+    /// The bytes the client gets for a refused line (empty when nothing is refused).
+    fn reply_of(verdict: Verdict) -> &'static [u8] {
+        match verdict {
+            Verdict::Refuse(refusal) | Verdict::DiscardChunk { refusal, .. } => refusal.reply(),
+            Verdict::Forward | Verdict::StartTls => b"",
+        }
+    }
+
+    #[test]
+    fn refusals_before_tls_share_a_reply_but_not_a_reason() {
+        assert_eq!(Refusal::CleartextAuth.reply(), MUST_STARTTLS);
+        assert_eq!(Refusal::MustStartTls.reply(), MUST_STARTTLS);
+        assert_ne!(
+            Refusal::CleartextAuth.as_str(),
+            Refusal::MustStartTls.as_str()
+        );
+    }
+
+    #[test]
+    fn an_over_long_auth_line_before_tls_is_refused_like_any_auth() {
+        let error = LineError::AuthTooLong { limit: 12288 };
+        assert_eq!(too_long(&plain(), error), Refusal::CleartextAuth);
+        assert_eq!(too_long(&upgraded(), error), Refusal::TooLong(error));
+        assert_eq!(too_long(&upgraded(), error).reply(), AUTH_LINE_TOO_LONG);
+        let long = LineError::CommandTooLong { limit: 512 };
+        assert_eq!(too_long(&plain(), long), Refusal::TooLong(long));
     }
 
     #[test]
@@ -247,77 +352,117 @@ mod tests {
             (plain(), "QUIT", FORWARD),
             (plain(), "STARTTLS", Verdict::StartTls),
             (plain(), "starttls", Verdict::StartTls),
-            (plain(), "STARTTLS now", reply(STARTTLS_SYNTAX)),
+            (
+                plain(),
+                "STARTTLS now",
+                refuse(Refusal::Syntax(SyntaxError::StartTls)),
+            ),
             (
                 plain(),
                 "AUTH PLAIN AGFsaWNlAHNlY3JldA==",
-                reply(MUST_STARTTLS),
+                refuse(Refusal::CleartextAuth),
             ),
-            (plain(), "AUTH PLAIN !!!not-base64", reply(MUST_STARTTLS)),
-            (plain(), "AUTH LOGIN", reply(MUST_STARTTLS)),
-            (plain(), "AUTH", reply(MUST_STARTTLS)),
-            (plain(), "MAIL FROM:<a@b>", reply(MUST_STARTTLS)),
-            (plain(), "MAIL FROM:<a@b> REQUIRETLS", reply(MUST_STARTTLS)),
-            (plain(), "MAIL nonsense", reply(MUST_STARTTLS)),
-            (plain(), "RCPT TO:<a@b>", reply(MUST_STARTTLS)),
-            (plain(), "DATA", reply(MUST_STARTTLS)),
-            (plain(), "VRFY bob", reply(MUST_STARTTLS)),
-            (plain(), "HELP", reply(MUST_STARTTLS)),
-            (plain(), "FOO", reply(MUST_STARTTLS)),
+            (
+                plain(),
+                "AUTH PLAIN !!!not-base64",
+                refuse(Refusal::CleartextAuth),
+            ),
+            (plain(), "AUTH LOGIN", refuse(Refusal::CleartextAuth)),
+            (plain(), "AUTH", refuse(Refusal::CleartextAuth)),
+            (plain(), "MAIL FROM:<a@b>", refuse(Refusal::MustStartTls)),
+            (
+                plain(),
+                "MAIL FROM:<a@b> REQUIRETLS",
+                refuse(Refusal::MustStartTls),
+            ),
+            (plain(), "MAIL nonsense", refuse(Refusal::MustStartTls)),
+            (plain(), "RCPT TO:<a@b>", refuse(Refusal::MustStartTls)),
+            (plain(), "DATA", refuse(Refusal::MustStartTls)),
+            (plain(), "VRFY bob", refuse(Refusal::MustStartTls)),
+            (plain(), "HELP", refuse(Refusal::MustStartTls)),
+            (plain(), "FOO", refuse(Refusal::MustStartTls)),
             (
                 plain(),
                 "BDAT 10 LAST",
                 Verdict::DiscardChunk {
                     octets: 10,
-                    reply: MUST_STARTTLS,
+                    refusal: Refusal::MustStartTls,
                 },
             ),
             (
                 plain(),
                 "XCLIENT LOGIN=victim",
-                reply(COMMAND_NOT_RECOGNIZED),
+                refuse(Refusal::TrustedPeerCommand),
             ),
             (
                 plain(),
                 "XFORWARD ADDR=1.2.3.4",
-                reply(COMMAND_NOT_RECOGNIZED),
+                refuse(Refusal::TrustedPeerCommand),
             ),
-            (plain(), "NOOP\rMAIL FROM:<a@b>", reply(BARE_CR_IN_COMMAND)),
+            (
+                plain(),
+                "NOOP\rMAIL FROM:<a@b>",
+                refuse(Refusal::Syntax(SyntaxError::BareCr)),
+            ),
             // Before TLS with require_tls_for_mail: false.
             (lax, "MAIL FROM:<a@b>", FORWARD),
             (
                 lax,
                 "MAIL FROM:<a@b> REQUIRETLS",
-                reply(REQUIRETLS_UNSUPPORTED),
+                refuse(Refusal::RequireTlsUnsupported),
             ),
             (lax, "RCPT TO:<a@b>", FORWARD),
             (lax, "DATA", FORWARD),
-            (lax, "AUTH PLAIN AGFsaWNlAHNlY3JldA==", reply(MUST_STARTTLS)),
-            (lax, "XCLIENT ADDR=1.2.3.4", reply(COMMAND_NOT_RECOGNIZED)),
-            (lax, "VRFY bob", reply(MUST_STARTTLS)),
-            (lax, "FOO", reply(MUST_STARTTLS)),
+            (
+                lax,
+                "AUTH PLAIN AGFsaWNlAHNlY3JldA==",
+                refuse(Refusal::CleartextAuth),
+            ),
+            (
+                lax,
+                "XCLIENT ADDR=1.2.3.4",
+                refuse(Refusal::TrustedPeerCommand),
+            ),
+            (lax, "VRFY bob", refuse(Refusal::MustStartTls)),
+            (lax, "FOO", refuse(Refusal::MustStartTls)),
             (lax, "NOOP", FORWARD),
-            (lax, "MAIL TO:<x>", reply(MAIL_SYNTAX)),
+            (
+                lax,
+                "MAIL TO:<x>",
+                refuse(Refusal::Syntax(SyntaxError::Mail)),
+            ),
             // After STARTTLS, before the new EHLO.
-            (after_starttls, "MAIL FROM:<a@b>", reply(SEND_EHLO_FIRST)),
-            (after_starttls, "RCPT TO:<a@b>", reply(SEND_EHLO_FIRST)),
-            (after_starttls, "DATA", reply(SEND_EHLO_FIRST)),
+            (
+                after_starttls,
+                "MAIL FROM:<a@b>",
+                refuse(Refusal::SendEhloFirst),
+            ),
+            (
+                after_starttls,
+                "RCPT TO:<a@b>",
+                refuse(Refusal::SendEhloFirst),
+            ),
+            (after_starttls, "DATA", refuse(Refusal::SendEhloFirst)),
             (
                 after_starttls,
                 "AUTH PLAIN AGFsaWNlAHNlY3JldA==",
-                reply(SEND_EHLO_FIRST),
+                refuse(Refusal::SendEhloFirst),
             ),
             (
                 after_starttls,
                 "BDAT 3",
                 Verdict::DiscardChunk {
                     octets: 3,
-                    reply: SEND_EHLO_FIRST,
+                    refusal: Refusal::SendEhloFirst,
                 },
             ),
             (after_starttls, "EHLO client", FORWARD),
             (after_starttls, "NOOP", FORWARD),
-            (after_starttls, "STARTTLS", reply(TLS_ALREADY_ACTIVE)),
+            (
+                after_starttls,
+                "STARTTLS",
+                refuse(Refusal::TlsAlreadyActive),
+            ),
             // After STARTTLS and EHLO.
             (upgraded(), "AUTH PLAIN AGFsaWNlAHNlY3JldA==", FORWARD),
             (upgraded(), "AUTH LOGIN", FORWARD),
@@ -325,35 +470,47 @@ mod tests {
             (
                 upgraded(),
                 "MAIL FROM:<a@b> REQUIRETLS",
-                reply(REQUIRETLS_UNSUPPORTED),
+                refuse(Refusal::RequireTlsUnsupported),
             ),
             (
                 upgraded(),
                 "MAIL FROM:<a@b> requiretls",
-                reply(REQUIRETLS_UNSUPPORTED),
+                refuse(Refusal::RequireTlsUnsupported),
             ),
             (upgraded(), "RCPT TO:<a@b>", FORWARD),
             (upgraded(), "DATA", FORWARD),
             (upgraded(), "BDAT 5 LAST", FORWARD),
             (upgraded(), "VRFY bob", FORWARD),
             (upgraded(), "FOO bar", FORWARD),
-            (upgraded(), "STARTTLS", reply(TLS_ALREADY_ACTIVE)),
-            (upgraded(), "STARTTLS x", reply(TLS_ALREADY_ACTIVE)),
+            (upgraded(), "STARTTLS", refuse(Refusal::TlsAlreadyActive)),
+            (upgraded(), "STARTTLS x", refuse(Refusal::TlsAlreadyActive)),
             (
                 upgraded(),
                 "XCLIENT LOGIN=victim",
-                reply(COMMAND_NOT_RECOGNIZED),
+                refuse(Refusal::TrustedPeerCommand),
             ),
-            (upgraded(), "xforward NAME=x", reply(COMMAND_NOT_RECOGNIZED)),
-            (upgraded(), "BDAT x", reply(BDAT_SYNTAX)),
-            (upgraded(), "MAIL <a@b>", reply(MAIL_SYNTAX)),
+            (
+                upgraded(),
+                "xforward NAME=x",
+                refuse(Refusal::TrustedPeerCommand),
+            ),
+            (
+                upgraded(),
+                "BDAT x",
+                refuse(Refusal::Syntax(SyntaxError::Bdat)),
+            ),
+            (
+                upgraded(),
+                "MAIL <a@b>",
+                refuse(Refusal::Syntax(SyntaxError::Mail)),
+            ),
             (rtls, "MAIL FROM:<a@b> REQUIRETLS", FORWARD),
             (
                 no_chunking,
                 "BDAT 7",
                 Verdict::DiscardChunk {
                     octets: 7,
-                    reply: BDAT_NOT_SUPPORTED,
+                    refusal: Refusal::BdatNotSupported,
                 },
             ),
             (no_chunking, "DATA", FORWARD),
@@ -361,18 +518,22 @@ mod tests {
             (
                 authed,
                 "AUTH PLAIN AGFsaWNlAHNlY3JldA==",
-                reply(ALREADY_AUTHENTICATED),
+                refuse(Refusal::AlreadyAuthenticated),
             ),
-            (authed, "XCLIENT LOGIN=other", reply(COMMAND_NOT_RECOGNIZED)),
+            (
+                authed,
+                "XCLIENT LOGIN=other",
+                refuse(Refusal::TrustedPeerCommand),
+            ),
             (authed, "MAIL FROM:<a@b>", FORWARD),
             // Implicit TLS.
-            (implicit(), "STARTTLS", reply(TLS_ALREADY_ACTIVE)),
+            (implicit(), "STARTTLS", refuse(Refusal::TlsAlreadyActive)),
             (implicit(), "AUTH PLAIN AGFsaWNlAHNlY3JldA==", FORWARD),
             (implicit(), "MAIL FROM:<a@b>", FORWARD),
             (
                 implicit(),
                 "XCLIENT ADDR=1.2.3.4",
-                reply(COMMAND_NOT_RECOGNIZED),
+                refuse(Refusal::TrustedPeerCommand),
             ),
         ];
         for (state, line, expected) in table {
@@ -401,7 +562,7 @@ mod tests {
             ] {
                 assert_eq!(
                     decide(&state, ClientInput::Command(&command)),
-                    Verdict::Reply(MUST_STARTTLS),
+                    refuse(Refusal::CleartextAuth),
                     "{line:?}"
                 );
             }
@@ -443,7 +604,7 @@ mod tests {
             for state in states {
                 assert_eq!(
                     decide(&state, ClientInput::Command(&command)),
-                    Verdict::Reply(COMMAND_NOT_RECOGNIZED)
+                    refuse(Refusal::TrustedPeerCommand)
                 );
             }
         }
@@ -458,7 +619,7 @@ mod tests {
             );
             assert_eq!(
                 decide(&plain(), ClientInput::SaslResponse(response)),
-                Verdict::Reply(MUST_STARTTLS)
+                refuse(Refusal::CleartextAuth)
             );
         }
     }
@@ -489,21 +650,21 @@ mod tests {
             let command = Command::from_line(&line(bytes, LineMode::Command));
             for state in [upgraded(), implicit(), authed] {
                 assert_eq!(
-                    decide(&state, ClientInput::Command(&command)),
-                    reply(expected),
+                    reply_of(decide(&state, ClientInput::Command(&command))),
+                    expected,
                     "{bytes:?}"
                 );
             }
             for state in [lax, plain()] {
                 let before = decide(&state, ClientInput::Command(&command));
-                assert!(before == reply(expected) || before == reply(MUST_STARTTLS));
+                assert!(reply_of(before) == expected || before == refuse(Refusal::MustStartTls));
             }
         }
         // STARTTLS ended by a bare LF is not a STARTTLS: no handshake starts.
         let command = Command::from_line(&line(b"STARTTLS\n", LineMode::Command));
         assert_eq!(
             decide(&plain(), ClientInput::Command(&command)),
-            reply(BARE_LF_IN_COMMAND)
+            refuse(Refusal::Syntax(SyntaxError::BareLf))
         );
         for bytes in [
             &b"AUTH PLAIN AGFsaWNl\n"[..],
@@ -511,10 +672,13 @@ mod tests {
             b"AUTH\0\r\n",
         ] {
             let command = Command::from_line(&line(bytes, LineMode::Command));
-            assert_eq!(
-                decide(&plain(), ClientInput::Command(&command)),
-                reply(MUST_STARTTLS)
-            );
+            // The same 530 whatever the framing; `AUTH\0` is no AUTH verb, so it is not
+            // counted as a cleartext authentication attempt.
+            let verdict = decide(&plain(), ClientInput::Command(&command));
+            assert_eq!(reply_of(verdict), MUST_STARTTLS, "{bytes:?}");
+            if command.verb() == Verb::Auth {
+                assert_eq!(verdict, refuse(Refusal::CleartextAuth), "{bytes:?}");
+            }
             assert_ne!(
                 decide(&upgraded(), ClientInput::Command(&command)),
                 Verdict::Forward
@@ -530,8 +694,8 @@ mod tests {
         for (bytes, expected) in sasl {
             let response = SaslResponse::from_line(&line(bytes, LineMode::SaslResponse));
             assert_eq!(
-                decide(&upgraded(), ClientInput::SaslResponse(response)),
-                reply(expected),
+                reply_of(decide(&upgraded(), ClientInput::SaslResponse(response))),
+                expected,
                 "{bytes:?}"
             );
         }

@@ -64,11 +64,11 @@ use crate::metrics::AuthResult;
 use crate::session::{ClientStream, EndReason, Session, upgrade_client};
 use crate::smtp::bdat::{self, ChunkReader, ContentScanner};
 use crate::smtp::cleartext::{self, Action};
-use crate::smtp::command::{Bdat, Command, SaslResponse, Verb};
+use crate::smtp::command::{Bdat, Command, SaslResponse};
 use crate::smtp::data::{BareLineEnding, DataEvent, DataScanner};
 use crate::smtp::ehlo::{BackendCapabilities, EhloContext, rewrite_ehlo};
 use crate::smtp::local_reply;
-use crate::smtp::policy::{self, ClientInput, GateState, Verdict};
+use crate::smtp::policy::{self, ClientInput, GateState, Refusal, Verdict};
 use crate::smtp::received::{ReceivedId, ReceivedInfo, TlsCipher, WithProtocol, received_header};
 use crate::smtp::receiver::{CommandReceiver, DEFAULT_AUTH_LINE_LIMIT, Line, LineError, LineMode};
 use crate::smtp::reply::{Reply, ReplyReceiver};
@@ -497,15 +497,16 @@ impl<'s> Driver<'s> {
             let hostname = self.session.listener.hostname.clone();
             match cleartext::respond(&self.gate, &hostname, &command) {
                 Action::Reply(reply) => {
-                    if command.verb() == Verb::Auth && reply == local_reply::MUST_STARTTLS {
-                        self.cleartext_auth_refused();
-                    }
                     self.local_cleartext(&command);
                     self.pending.push_back(Pending::Local(reply));
                     return Ok(None);
                 }
-                Action::DiscardChunk { octets, reply } => {
-                    self.local(reply);
+                Action::Refuse(refusal) => {
+                    self.refuse(refusal);
+                    return Ok(None);
+                }
+                Action::DiscardChunk { octets, refusal } => {
+                    self.refuse(refusal);
                     self.start_chunk(octets, false, false);
                     return Ok(None);
                 }
@@ -521,14 +522,9 @@ impl<'s> Driver<'s> {
         }
         match policy::decide(&self.gate, ClientInput::Command(&command)) {
             Verdict::Forward => self.forward(client, &command, &line).await?,
-            Verdict::Reply(reply) => {
-                if command.verb() == Verb::Auth && reply == local_reply::MUST_STARTTLS {
-                    self.cleartext_auth_refused();
-                }
-                self.local(reply);
-            }
-            Verdict::DiscardChunk { octets, reply } => {
-                self.local(reply);
+            Verdict::Refuse(refusal) => self.refuse(refusal),
+            Verdict::DiscardChunk { octets, refusal } => {
+                self.refuse(refusal);
                 self.start_chunk(octets, false, false);
             }
             Verdict::StartTls => return self.start_tls(client).await.map(Some),
@@ -593,19 +589,20 @@ impl<'s> Driver<'s> {
                 self.send_backend(&line.to_wire()).await?;
                 self.pending.push_back(Pending::Backend(Expect::Auth));
             }
-            Verdict::Reply(reply) | Verdict::DiscardChunk { reply, .. } => {
-                self.cancel_auth(reply).await?;
+            Verdict::Refuse(refusal) | Verdict::DiscardChunk { refusal, .. } => {
+                self.cancel_auth(refusal).await?;
             }
-            Verdict::StartTls => self.cancel_auth(local_reply::MUST_STARTTLS).await?,
+            // The gate never starts TLS for a SASL line; refuse it as AUTH before TLS would be.
+            Verdict::StartTls => self.cancel_auth(Refusal::CleartextAuth).await?,
         }
         self.drain(client).await
     }
 
-    /// Ends the backend's AUTH exchange with `*` (its 501 is swallowed) and answers `reply`.
-    async fn cancel_auth(&mut self, reply: &'static [u8]) -> Result<(), EndReason> {
+    /// Ends the backend's AUTH exchange with `*` (its 501 is swallowed) and answers `refusal`.
+    async fn cancel_auth(&mut self, refusal: Refusal) -> Result<(), EndReason> {
         self.send_backend(b"*\r\n").await?;
         self.pending.push_back(Pending::Backend(Expect::AuthCancel));
-        self.local(reply);
+        self.refuse(refusal);
         Ok(())
     }
 
@@ -621,25 +618,28 @@ impl<'s> Driver<'s> {
             }
             (Mode::Sasl, _) => {
                 self.mode = Mode::Command;
-                self.cancel_auth(error.reply()).await?;
+                self.cancel_auth(policy::too_long(&self.gate, error))
+                    .await?;
                 self.drain(client).await
             }
-            // The same answer as for any AUTH before TLS, whatever the credential's length.
-            (_, LineError::AuthTooLong { .. }) if !self.gate.client_tls => {
-                self.cleartext_auth_refused();
-                self.local(local_reply::MUST_STARTTLS);
-                Ok(())
-            }
             _ => {
-                self.local(error.reply());
+                self.refuse(policy::too_long(&self.gate, error));
                 Ok(())
             }
         }
     }
 
-    fn cleartext_auth_refused(&self) {
-        self.session.listener.metrics.cleartext_auth_refused.inc();
-        tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, result = "refused_cleartext", cipher = "none", "smtp authentication refused before TLS");
+    /// Answers a line the gate refused, in order with the other replies; the log line and the
+    /// metric come from the refusal's reason, never from its reply bytes.
+    fn refuse(&mut self, refusal: Refusal) {
+        let listener = &self.session.listener;
+        if refusal == Refusal::CleartextAuth {
+            listener.metrics.cleartext_auth_refused.inc();
+            tracing::info!(listener = %listener.config.name, client = %self.session.client_addr, result = "refused_cleartext", cipher = "none", "smtp authentication refused before TLS");
+        } else {
+            tracing::debug!(listener = %listener.config.name, client = %self.session.client_addr, refusal = refusal.as_str(), "smtp command refused");
+        }
+        self.local(refusal.reply());
     }
 
     /// Sends a command the gate let through and queues its reply.
@@ -710,7 +710,7 @@ impl<'s> Driver<'s> {
                 Ok(command) => {
                     wire = command;
                     wire.extend_from_slice(&header);
-                    self.session.listener.metrics.received_fields.inc();
+                    self.session.listener.metrics.received_field_added();
                 }
                 Err(_) => {
                     self.local(local_reply::BDAT_SYNTAX);
@@ -814,7 +814,7 @@ impl<'s> Driver<'s> {
             DataEvent::End => {
                 self.mode = Mode::Command;
                 if failed {
-                    return Err(self.backend_lost());
+                    return Err(self.backend_lost(None));
                 }
                 self.pending
                     .push_back(Pending::Backend(Expect::DataEnd { size }));
@@ -887,7 +887,7 @@ impl<'s> Driver<'s> {
         }
         self.mode = Mode::Command;
         if failed {
-            return Err(self.backend_lost());
+            return Err(self.backend_lost(None));
         }
         if forward && !self.caps.pipelining {
             self.drain(client).await?;
@@ -1070,7 +1070,7 @@ impl<'s> Driver<'s> {
         if self.session.tls.is_some() {
             let header = self.received_field();
             self.send_backend(&header).await?;
-            self.session.listener.metrics.received_fields.inc();
+            self.session.listener.metrics.received_field_added();
         }
         self.mode = Mode::Data {
             scanner: DataScanner::new(),
@@ -1115,7 +1115,7 @@ impl<'s> Driver<'s> {
         }
         let reply = local_reply::closing_after_refusal(self.hostname());
         self.cout.extend_from_slice(&reply);
-        EndReason::ProtocolViolation("bare CR or LF in message content".to_owned())
+        EndReason::client_violation("bare CR or LF in message content")
     }
 
     fn local(&mut self, reply: &[u8]) {
@@ -1128,10 +1128,11 @@ impl<'s> Driver<'s> {
         EndReason::Shutdown
     }
 
-    fn backend_lost(&mut self) -> EndReason {
+    /// The backend went away: closed (`None`) or failed with `error`. The client gets 421.
+    fn backend_lost(&mut self, error: Option<&std::io::Error>) -> EndReason {
         let reply = local_reply::backend_unavailable(self.hostname());
         self.cout.extend_from_slice(&reply);
-        EndReason::BackendClosed
+        error.map_or(EndReason::BackendClosed, EndReason::backend_io)
     }
 
     /// Writes to the backend; on failure the client gets 421 and the session ends.
@@ -1144,7 +1145,8 @@ impl<'s> Driver<'s> {
                 self.cout.extend_from_slice(&reply);
                 Err(EndReason::BackendTimeout)
             }
-            Err(BackendWriteError::Closed) => Err(self.backend_lost()),
+            Err(BackendWriteError::NotConnected) => Err(self.backend_lost(None)),
+            Err(BackendWriteError::Failed(e)) => Err(self.backend_lost(Some(&e))),
         }
     }
 
@@ -1162,12 +1164,12 @@ impl<'s> Driver<'s> {
                         tracing::warn!(listener = %self.session.listener.config.name, client = %self.session.client_addr, error = %e, "backend broke the reply grammar");
                         let reply = local_reply::backend_error(self.hostname());
                         self.cout.extend_from_slice(&reply);
-                        return Err(EndReason::ProtocolViolation(format!("backend: {e}")));
+                        return Err(EndReason::backend_violation(e.to_string()));
                     }
                 }
             }
             let Some(backend) = self.backend.stream() else {
-                return Err(self.backend_lost());
+                return Err(self.backend_lost(None));
             };
             let read = tokio::select! {
                 biased;
@@ -1181,7 +1183,8 @@ impl<'s> Driver<'s> {
                     self.cout.extend_from_slice(&reply);
                     return Err(EndReason::BackendTimeout);
                 }
-                Ok(Ok(0)) | Ok(Err(_)) => return Err(self.backend_lost()),
+                Ok(Ok(0)) => return Err(self.backend_lost(None)),
+                Ok(Err(e)) => return Err(self.backend_lost(Some(&e))),
                 Ok(Ok(n)) => {
                     self.bin_pos = 0;
                     self.bin_len = n;
@@ -1212,7 +1215,7 @@ impl<'s> Driver<'s> {
                 Err(EndReason::ClientIdle)
             }
             Ok(Ok(0)) => Err(EndReason::ClientClosed),
-            Ok(Err(e)) => Err(EndReason::IoError(format!("client read: {e}"))),
+            Ok(Err(e)) => Err(EndReason::client_io(&e)),
             Ok(Ok(n)) => {
                 self.cin_pos = 0;
                 self.cin_len = n;
@@ -1238,7 +1241,7 @@ impl<'s> Driver<'s> {
         self.cout.clear();
         match result {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(EndReason::IoError(format!("client write: {e}"))),
+            Ok(Err(e)) => Err(EndReason::client_io(&e)),
             Err(_) => Err(EndReason::ClientIdle),
         }
     }
@@ -1247,7 +1250,9 @@ impl<'s> Driver<'s> {
 #[derive(Debug)]
 enum BackendWriteError {
     Timeout,
-    Closed,
+    /// No backend connection (not yet, or dropped on purpose).
+    NotConnected,
+    Failed(std::io::Error),
 }
 
 async fn write_backend(
@@ -1256,11 +1261,11 @@ async fn write_backend(
     timeout: Duration,
 ) -> Result<(), BackendWriteError> {
     let Some(backend) = backend.stream() else {
-        return Err(BackendWriteError::Closed);
+        return Err(BackendWriteError::NotConnected);
     };
     match tokio::time::timeout(timeout, backend.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(BackendWriteError::Closed),
+        Ok(Err(e)) => Err(BackendWriteError::Failed(e)),
         Err(_) => Err(BackendWriteError::Timeout),
     }
 }
