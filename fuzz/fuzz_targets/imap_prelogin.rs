@@ -22,6 +22,7 @@ use imap_codec::{AuthenticateDataCodec, CommandCodec};
 use libfuzzer_sys::fuzz_target;
 use mailfront::config::TlsMode;
 use mailfront::imap::command::Limits;
+use mailfront::imap::id::is_mailfront_tag;
 use mailfront::imap::prelogin::{Prelogin, Settings};
 use mailfront::prelogin::{Machine, Next};
 
@@ -134,7 +135,7 @@ impl Backend {
 
     fn answer(&mut self, tag: Vec<u8>, body: CommandBody<'_>) -> Vec<u8> {
         let t = text(&tag);
-        let ours = tag.starts_with(b"mf");
+        let ours = is_mailfront_tag(&tag);
         let reply = match body {
             CommandBody::Capability => format!("* CAPABILITY {}\r\n{t} OK done\r\n", self.caps),
             CommandBody::Id { parameters } => {

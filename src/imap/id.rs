@@ -291,11 +291,21 @@ pub fn build_id_command(tag: &[u8], ours: &[(&str, &str)]) -> Vec<u8> {
     write_command(tag, &our_pairs(ours))
 }
 
-/// A tag for mailfront's own commands: `mf` + 16 hex digits of `random` (pass
-/// `fastrand::u64(..)`). Clients number their tags (`a001`, `1`, `A1`), so a 64-bit random
-/// suffix cannot collide with theirs in practice.
+/// A tag for mailfront's own commands: `mf` + 16 lowercase hex digits of `random` (pass
+/// `fastrand::u64(..)`). A client tag of that shape is refused before login
+/// ([`is_mailfront_tag`]), so the backend's answer to one of ours can never be taken for the
+/// answer to a client's command, or the other way round.
 pub fn mailfront_tag(random: u64) -> Vec<u8> {
     format!("mf{random:016x}").into_bytes()
+}
+
+/// Whether `tag` has the shape of [`mailfront_tag`] (tags compare exactly, RFC 9051 §2.2.1).
+pub fn is_mailfront_tag(tag: &[u8]) -> bool {
+    tag.len() == 18
+        && tag.starts_with(b"mf")
+        && tag
+            .get(2..)
+            .is_some_and(|hex| hex.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 #[cfg(test)]
@@ -368,6 +378,22 @@ mod tests {
             rewrite_client_id(&cmd, OURS),
             b"a ID (\"version\" \"1\" \"tls\" \"TLS_AES_256_GCM_SHA384\")\r\n"
         );
+    }
+
+    #[test]
+    fn our_tags_have_a_shape_we_can_recognise() {
+        for seed in [0, 1, u64::MAX, 0x0123_4567_89ab_cdef] {
+            assert!(is_mailfront_tag(&mailfront_tag(seed)));
+        }
+        for other in [
+            &b"mf"[..],
+            b"mfc",
+            b"MF0123456789abcdef",
+            b"mf0123456789abcdeg",
+            b"a1",
+        ] {
+            assert!(!is_mailfront_tag(other), "{other:?}");
+        }
     }
 
     #[test]

@@ -425,6 +425,15 @@ impl Prelogin {
                 if !self.count_command() {
                     return;
                 }
+                if id::is_mailfront_tag(&tag) {
+                    // Reserved for mailfront's own commands, whose answers are swallowed.
+                    self.core.to_client.extend_from_slice(&reply::tagged(
+                        &tag,
+                        "BAD",
+                        "Tag reserved",
+                    ));
+                    return;
+                }
                 self.on_command(tag, command);
             }
         }
@@ -1083,6 +1092,16 @@ mod tests {
         let (client, _) = out(&mut m);
         assert!(client.ends_with("* BYE Too many commands before authentication\r\n"));
         assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+    }
+
+    #[test]
+    fn a_client_tag_shaped_like_ours_is_refused_and_never_forwarded() {
+        let mut m = greeted("IMAP4rev1 ID SASL-IR LITERAL+ AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"mf0000000000000007 LOGIN alice secret\r\nmfc NOOP\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "mf0000000000000007 BAD Tag reserved\r\n");
+        assert_eq!(backend, "mfc NOOP\r\n");
     }
 
     #[test]
