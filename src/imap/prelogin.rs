@@ -294,6 +294,12 @@ impl Prelogin {
     }
 
     fn rejected(&mut self, rejection: command::Rejection) {
+        // A refused line counts like a command: otherwise a client sending only bad lines
+        // (bare LF, syntax errors) holds the session, and on implicit TLS a backend connection,
+        // for ever, each line restarting the idle timer.
+        if !self.count_command() {
+            return;
+        }
         self.core.to_client.extend_from_slice(&rejection.reply());
         if rejection.fatal {
             self.core
@@ -1082,6 +1088,39 @@ mod tests {
         m.client_input(b"a NOOP\r\nb NOOP\r\nc NOOP\r\n");
         let (client, _) = out(&mut m);
         assert!(client.ends_with("* BYE Too many commands before authentication\r\n"));
+        assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+    }
+
+    #[test]
+    fn refused_lines_count_against_the_command_limit_before_and_after_tls() {
+        // A client sending only lines the receiver refuses (bare LF, syntax errors) must not
+        // hold the session open past `limits.preauth_commands`, as POP3 already counts them.
+        let limited = |listener| Settings {
+            max_commands: 3,
+            ..settings(listener)
+        };
+        let mut m = Prelogin::new(limited(TlsMode::Starttls), None, 1);
+        out(&mut m);
+        m.client_input(b"a NOOP\nb LOGIN\r\nc NOOP\nd NOOP\ne NOOP\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert!(
+            client.ends_with("* BYE Too many commands before authentication\r\n"),
+            "{client}"
+        );
+        assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+
+        let mut m = Prelogin::new(limited(TlsMode::Implicit), Some(CIPHER.to_owned()), 1);
+        m.backend_connected();
+        m.backend_input(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n");
+        out(&mut m);
+        m.client_input(b"a LOGIN x\r\nb LOGIN\r\nc ID (\r\nd NOOP\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert!(
+            client.ends_with("* BYE Too many commands before authentication\r\n"),
+            "{client}"
+        );
         assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
     }
 
