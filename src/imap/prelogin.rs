@@ -999,6 +999,43 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_before_our_literal_continuation_drops_the_rest_of_the_command() {
+        let mut m = greeted("IMAP4rev1 AUTH=PLAIN");
+        out(&mut m);
+        m.client_input("a LOGIN {5}\r\n".as_bytes());
+        out(&mut m);
+        m.client_input("alice {7}\r\n".as_bytes());
+        out(&mut m);
+        m.client_input("sécret\r\n".as_bytes());
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, "a LOGIN \"alice\" {7}\r\n");
+        // The backend refuses before asking for the password's octets.
+        m.backend_input(b"a NO refused\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "a NO refused\r\n");
+        assert_eq!(backend, "");
+        // A late `+`, a tagged answer for another tag, and a `+` during the next command: none
+        // releases the password or completes the command.
+        m.client_input(b"b NOOP\r\n");
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, "b NOOP\r\n");
+        m.backend_input(b"+ go\r\nx OK Logged in\r\n+ go\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(client, "x OK Logged in\r\n");
+        assert_eq!(m.next(), Next::Run);
+        assert!(m.waiting_for_backend(), "b is still in flight");
+        m.backend_input(b"b OK done\r\n");
+        assert!(!m.waiting_for_backend());
+        assert_eq!(m.next(), Next::Run);
+        assert!(
+            m.take_notices()
+                .iter()
+                .all(|n| !matches!(n, Notice::Auth { ok: true, .. }))
+        );
+    }
+
+    #[test]
     fn a_second_id_never_reaches_the_backend_whatever_it_hides() {
         let mut m = greeted("IMAP4rev1 ID LITERAL+");
         out(&mut m);
