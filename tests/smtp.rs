@@ -1522,11 +1522,7 @@ async fn after_a_lazy_cleartext_connect_nothing_credential_like_reaches_the_back
     .await;
     let mut c = plain(&env).await;
     c.cmd(&format!("EHLO  {HELO}\t ")).await;
-    assert!(
-        c.cmd("MAIL FROM:<a@example.test>")
-            .await
-            .starts_with("250")
-    );
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
     assert_eq!(backend_connections(&env), 1);
     assert!(
         c.cmd(&auth_plain("secret")).await.starts_with("530 5.7.0"),
@@ -1542,7 +1538,8 @@ async fn after_a_lazy_cleartext_connect_nothing_credential_like_reaches_the_back
     assert!(c.reply().await.starts_with("500 5.5.2"));
     assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
     let chunk = "AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nXCLIENT ADDR=192.0.2.9\r\n";
-    c.send(format!("BDAT {} LAST\r\n{chunk}", chunk.len())).await;
+    c.send(format!("BDAT {} LAST\r\n{chunk}", chunk.len()))
+        .await;
     let reply = c.reply().await;
     assert_eq!(c.cmd("QUIT").await.get(..3), Some("221"), "{reply}");
     drop(c);
@@ -1550,7 +1547,11 @@ async fn after_a_lazy_cleartext_connect_nothing_credential_like_reaches_the_back
     let conns = env.backend.recorder.connections();
     assert_eq!(conns.len(), 1);
     let t = transcript(&conns[0]);
-    assert_eq!(t.commands[0], format!("EHLO {HELO}"), "the parsed name only");
+    assert_eq!(
+        t.commands[0],
+        format!("EHLO {HELO}"),
+        "the parsed name only"
+    );
     for command in &t.commands {
         let upper = command.to_ascii_uppercase();
         assert!(

@@ -712,10 +712,13 @@ impl Machine for Prelogin {
         std::mem::take(&mut self.core.notices)
     }
 
-    /// Parsed commands restart the idle timer; so do any bytes while the client has the turn.
+    /// Parsed commands restart the idle timer; so do any bytes while the client has the turn
+    /// over TLS. In cleartext only a whole line does (as for POP3): the cleartext dialogue has
+    /// no long legitimate input, and an endless or trickled line must not hold the session.
     fn client_input(&mut self, bytes: &[u8]) -> bool {
-        let waiting = Prelogin::waiting_for_backend(self);
-        Prelogin::client_input(self, bytes) || !waiting
+        let any_bytes_count =
+            self.core.phase != Phase::Cleartext && !Prelogin::waiting_for_backend(self);
+        Prelogin::client_input(self, bytes) || any_bytes_count
     }
 
     /// Only a whole response restarts the idle timer.
@@ -1159,6 +1162,27 @@ mod tests {
             "{client}"
         );
         assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+    }
+
+    #[test]
+    fn in_cleartext_only_a_whole_line_restarts_the_idle_timer() {
+        let mut m = cleartext();
+        out(&mut m);
+        // An over-long line streamed without end: one refusal, then nothing restarts the timer.
+        let long = vec![b'x'; 9000];
+        assert!(
+            Machine::client_input(&mut m, &long),
+            "the refusal is an event"
+        );
+        assert!(!Machine::client_input(&mut m, &long));
+        assert!(!Machine::client_input(&mut m, b"a NO"));
+        assert!(Machine::client_input(&mut m, b"\r\na NOOP\r\n"));
+        assert!(!Machine::client_input(&mut m, b"b NO"));
+        assert!(Machine::client_input(&mut m, b"OP\r\n"));
+        // Over TLS with the turn the client's, any bytes do.
+        let mut m = greeted("IMAP4rev1 ID");
+        out(&mut m);
+        assert!(Machine::client_input(&mut m, b"a NO"));
     }
 
     #[test]
