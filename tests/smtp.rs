@@ -1509,6 +1509,59 @@ async fn without_require_tls_for_mail_a_cleartext_mail_connects_lazily() {
     assert!(!conns[0].windows(4).any(|w| w == b"AUTH"));
 }
 
+/// `require_tls_for_mail: false`, after the lazy cleartext connect: AUTH (inline, then as an
+/// exchange), XCLIENT, an AUTH behind a bare LF or CR, and a BDAT chunk whose content holds an
+/// AUTH line all stay away from the backend as commands; the replayed EHLO is the parsed name.
+#[tokio::test]
+async fn after_a_lazy_cleartext_connect_nothing_credential_like_reaches_the_backend() {
+    let env = env_with(
+        FakeOptions::default(),
+        "    require_tls_for_mail: false\n",
+        "",
+    )
+    .await;
+    let mut c = plain(&env).await;
+    c.cmd(&format!("EHLO  {HELO}\t ")).await;
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert_eq!(backend_connections(&env), 1);
+    assert!(
+        c.cmd(&auth_plain("secret")).await.starts_with("530 5.7.0"),
+        "AUTH over the cleartext backend connection"
+    );
+    assert!(c.cmd("AUTH LOGIN").await.starts_with("530 5.7.0"));
+    assert!(c.cmd("XCLIENT ADDR=192.0.2.9").await.starts_with("5"));
+    c.send("NOOP\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n").await;
+    assert!(c.reply().await.starts_with("500 5.5.2"));
+    // Resynchronised after the LF, as a backend taking bare LF would: the AUTH is gated.
+    assert!(c.reply().await.starts_with("530 5.7.0"));
+    c.send("NOOP\rAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n").await;
+    assert!(c.reply().await.starts_with("500 5.5.2"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    let chunk = "AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nXCLIENT ADDR=192.0.2.9\r\n";
+    c.send(format!("BDAT {} LAST\r\n{chunk}", chunk.len()))
+        .await;
+    let reply = c.reply().await;
+    assert_eq!(c.cmd("QUIT").await.get(..3), Some("221"), "{reply}");
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let conns = env.backend.recorder.connections();
+    assert_eq!(conns.len(), 1);
+    let t = transcript(&conns[0]);
+    assert_eq!(
+        t.commands[0],
+        format!("EHLO {HELO}"),
+        "the parsed name only"
+    );
+    for command in &t.commands {
+        let upper = command.to_ascii_uppercase();
+        assert!(
+            !upper.starts_with("AUTH") && !upper.starts_with("XCLIENT") && !upper.contains("NOOP"),
+            "{command:?} reached the backend as a command: {:?}",
+            t.commands
+        );
+    }
+}
+
 /// A bare LF ending a command line, a bare CR or a NUL inside one: `500 5.5.2`, never
 /// forwarded, before TLS, after TLS before AUTH, and after AUTH; the session stays in step.
 #[tokio::test]

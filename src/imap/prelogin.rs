@@ -294,6 +294,12 @@ impl Prelogin {
     }
 
     fn rejected(&mut self, rejection: command::Rejection) {
+        // A refused line counts like a command: otherwise a client sending only bad lines
+        // (bare LF, syntax errors) holds the session, and on implicit TLS a backend connection,
+        // for ever, each line restarting the idle timer.
+        if !self.count_command() {
+            return;
+        }
         self.core.to_client.extend_from_slice(&rejection.reply());
         if rejection.fatal {
             self.core
@@ -715,10 +721,13 @@ impl Machine for Prelogin {
         std::mem::take(&mut self.core.notices)
     }
 
-    /// Parsed commands restart the idle timer; so do any bytes while the client has the turn.
+    /// Parsed commands restart the idle timer; so do any bytes while the client has the turn
+    /// over TLS. In cleartext only a whole line does (as for POP3): the cleartext dialogue has
+    /// no long legitimate input, and an endless or trickled line must not hold the session.
     fn client_input(&mut self, bytes: &[u8]) -> bool {
-        let waiting = Prelogin::waiting_for_backend(self);
-        Prelogin::client_input(self, bytes) || !waiting
+        let any_bytes_count =
+            self.core.phase != Phase::Cleartext && !Prelogin::waiting_for_backend(self);
+        Prelogin::client_input(self, bytes) || any_bytes_count
     }
 
     /// Only a whole response restarts the idle timer.
@@ -1002,6 +1011,43 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_before_our_literal_continuation_drops_the_rest_of_the_command() {
+        let mut m = greeted("IMAP4rev1 AUTH=PLAIN");
+        out(&mut m);
+        m.client_input("a LOGIN {5}\r\n".as_bytes());
+        out(&mut m);
+        m.client_input("alice {7}\r\n".as_bytes());
+        out(&mut m);
+        m.client_input("sécret\r\n".as_bytes());
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, "a LOGIN \"alice\" {7}\r\n");
+        // The backend refuses before asking for the password's octets.
+        m.backend_input(b"a NO refused\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "a NO refused\r\n");
+        assert_eq!(backend, "");
+        // A late `+`, a tagged answer for another tag, and a `+` during the next command: none
+        // releases the password or completes the command.
+        m.client_input(b"b NOOP\r\n");
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, "b NOOP\r\n");
+        m.backend_input(b"+ go\r\nx OK Logged in\r\n+ go\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(client, "x OK Logged in\r\n");
+        assert_eq!(m.next(), Next::Run);
+        assert!(m.waiting_for_backend(), "b is still in flight");
+        m.backend_input(b"b OK done\r\n");
+        assert!(!m.waiting_for_backend());
+        assert_eq!(m.next(), Next::Run);
+        assert!(
+            m.take_notices()
+                .iter()
+                .all(|n| !matches!(n, Notice::Auth { ok: true, .. }))
+        );
+    }
+
+    #[test]
     fn a_second_id_never_reaches_the_backend_whatever_it_hides() {
         let mut m = greeted("IMAP4rev1 ID LITERAL+");
         out(&mut m);
@@ -1102,6 +1148,60 @@ mod tests {
         let (client, backend) = out(&mut m);
         assert_eq!(client, "mf0000000000000007 BAD Tag reserved\r\n");
         assert_eq!(backend, "mfc NOOP\r\n");
+    }
+
+    #[test]
+    fn refused_lines_count_against_the_command_limit_before_and_after_tls() {
+        // A client sending only lines the receiver refuses (bare LF, syntax errors) must not
+        // hold the session open past `limits.preauth_commands`, as POP3 already counts them.
+        let limited = |listener| Settings {
+            max_commands: 3,
+            ..settings(listener)
+        };
+        let mut m = Prelogin::new(limited(TlsMode::Starttls), None, 1);
+        out(&mut m);
+        m.client_input(b"a NOOP\nb LOGIN\r\nc NOOP\nd NOOP\ne NOOP\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert!(
+            client.ends_with("* BYE Too many commands before authentication\r\n"),
+            "{client}"
+        );
+        assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+
+        let mut m = Prelogin::new(limited(TlsMode::Implicit), Some(CIPHER.to_owned()), 1);
+        m.backend_connected();
+        m.backend_input(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n");
+        out(&mut m);
+        m.client_input(b"a LOGIN x\r\nb LOGIN\r\nc ID (\r\nd NOOP\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert!(
+            client.ends_with("* BYE Too many commands before authentication\r\n"),
+            "{client}"
+        );
+        assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
+    }
+
+    #[test]
+    fn in_cleartext_only_a_whole_line_restarts_the_idle_timer() {
+        let mut m = cleartext();
+        out(&mut m);
+        // An over-long line streamed without end: one refusal, then nothing restarts the timer.
+        let long = vec![b'x'; 9000];
+        assert!(
+            Machine::client_input(&mut m, &long),
+            "the refusal is an event"
+        );
+        assert!(!Machine::client_input(&mut m, &long));
+        assert!(!Machine::client_input(&mut m, b"a NO"));
+        assert!(Machine::client_input(&mut m, b"\r\na NOOP\r\n"));
+        assert!(!Machine::client_input(&mut m, b"b NO"));
+        assert!(Machine::client_input(&mut m, b"OP\r\n"));
+        // Over TLS with the turn the client's, any bytes do.
+        let mut m = greeted("IMAP4rev1 ID");
+        out(&mut m);
+        assert!(Machine::client_input(&mut m, b"a NO"));
     }
 
     #[test]
