@@ -14,6 +14,9 @@ pub const MAX_PAIRS: usize = 30;
 pub const MAX_FIELD_LEN: usize = 30;
 /// RFC 2971 §3.3: "Value strings MUST NOT be longer than 1024 octets."
 pub const MAX_VALUE_LEN: usize = 1024;
+/// Longest ID line mailfront sends: half of Dovecot's 8 KB pre-login line limit
+/// (`IMAP_LOGIN_MAX_LINE_LENGTH`), room enough for every real client's ID.
+pub const MAX_ID_LINE: usize = 4096;
 
 /// One field-value pair; `value: None` is NIL ("can not or will not specify").
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,8 +284,19 @@ pub fn rewrite_client_id(cmd: &IdCommand, ours: &[(&str, &str)]) -> Vec<u8> {
         .take(room)
         .map(|pair| (pair.field.as_slice(), pair.value.as_deref()))
         .collect();
+    let client_pairs = pairs.len();
     pairs.extend(ours);
-    write_command(&cmd.tag, &pairs)
+    // 30 pairs of 1024-octet values make a 31 KB line, which Dovecot refuses (its pre-login
+    // line limit is 8 KB): then our `tls` would never be recorded. The client's last pairs go.
+    let mut dropped = 0;
+    loop {
+        let line = write_command(&cmd.tag, &pairs);
+        if line.len() <= MAX_ID_LINE || dropped == client_pairs {
+            return line;
+        }
+        dropped += 1;
+        pairs.remove(client_pairs - dropped);
+    }
 }
 
 /// mailfront's own `tag ID (…)\r\n`, sent when the client has not sent ID before LOGIN or
@@ -378,6 +392,24 @@ mod tests {
             rewrite_client_id(&cmd, OURS),
             b"a ID (\"version\" \"1\" \"tls\" \"TLS_AES_256_GCM_SHA384\")\r\n"
         );
+    }
+
+    #[test]
+    fn an_id_too_long_for_the_backend_loses_the_clients_last_pairs_not_ours() {
+        let params = (0..30)
+            .map(|i| IdPair {
+                field: format!("f{i}").into_bytes(),
+                value: Some(vec![b'v'; MAX_VALUE_LEN]),
+            })
+            .collect();
+        let cmd = IdCommand {
+            tag: b"a".to_vec(),
+            params: Some(params),
+        };
+        let out = rewrite_client_id(&cmd, OURS);
+        assert!(out.len() <= MAX_ID_LINE, "{}", out.len());
+        assert!(out.starts_with(b"a ID (\"f0\" \""));
+        assert!(out.ends_with(b" \"tls\" \"TLS_AES_256_GCM_SHA384\")\r\n"));
     }
 
     #[test]
