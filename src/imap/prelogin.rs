@@ -265,7 +265,9 @@ impl Prelogin {
         match self.core.phase {
             Phase::Cleartext => true,
             Phase::Ready => {
-                if self.own.is_some() || self.deferred.is_some() {
+                // After LOGOUT went out, or the backend said BYE, it is leaving: nothing more
+                // goes to it (RFC 9051 §7.1.5).
+                if self.own.is_some() || self.deferred.is_some() || self.logout {
                     return false;
                 }
                 match &self.in_flight {
@@ -678,6 +680,10 @@ impl Prelogin {
                 return;
             }
             self.rx.end_sasl();
+        }
+        if response.kind == ResponseKind::Untagged && response.status == Some(Status::Bye) {
+            // The backend is closing; its close then ends the session as a goodbye.
+            self.logout = true;
         }
         self.learn(&response.raw);
         let shown =
@@ -1202,6 +1208,28 @@ mod tests {
         let mut m = greeted("IMAP4rev1 ID");
         out(&mut m);
         assert!(Machine::client_input(&mut m, b"a NO"));
+    }
+
+    #[test]
+    fn nothing_goes_to_a_backend_that_is_leaving() {
+        // Found by the imap_prelogin fuzz target: a command pipelined after LOGOUT went out
+        // after the backend's BYE.
+        let mut m = greeted("IMAP4rev1 ID");
+        out(&mut m);
+        m.client_input(b"a LOGOUT\r\nb LOGOUT\r\nc NOOP\r\n");
+        assert_eq!(out(&mut m).1, "a LOGOUT\r\n");
+        m.backend_input(b"* BYE bye\r\na OK done\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "* BYE bye\r\na OK done\r\n");
+        assert_eq!(backend, "");
+        m.backend_closed();
+        assert_eq!(m.next(), Next::End(End::ClientClosed));
+        // An unsolicited BYE stops forwarding too.
+        let mut m = greeted("IMAP4rev1 ID");
+        out(&mut m);
+        m.backend_input(b"* BYE shutting down\r\n");
+        m.client_input(b"a NOOP\r\n");
+        assert_eq!(out(&mut m).1, "");
     }
 
     #[test]

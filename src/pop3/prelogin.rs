@@ -212,6 +212,8 @@ impl Prelogin {
         match self.core.phase {
             Phase::Cleartext => true,
             // While PASS/APOP/AUTH is unanswered only its SASL responses go on, one per `+`.
+            // After QUIT went out the backend is leaving: nothing more goes to it (RFC 1939 §6).
+            Phase::Ready if self.quit => false,
             Phase::Ready => !self.auth_in_flight() || (self.rx.in_sasl() && self.sasl_credit > 0),
             _ => false,
         }
