@@ -277,6 +277,8 @@ pub struct LimitsSection {
     pub pop3_line: usize,
     #[serde(default = "default_preauth_commands")]
     pub preauth_commands: usize,
+    #[serde(default = "default_connections_per_ip")]
+    pub connections_per_ip: u32,
 }
 
 impl Default for LimitsSection {
@@ -287,6 +289,7 @@ impl Default for LimitsSection {
             imap_literal: default_imap_literal(),
             pop3_line: default_pop3_line(),
             preauth_commands: default_preauth_commands(),
+            connections_per_ip: default_connections_per_ip(),
         }
     }
 }
@@ -331,6 +334,11 @@ pub const DEFAULT_POP3_LINE: usize = 512;
 /// IMAP/POP3 commands allowed before authentication succeeds: a real client needs fewer than
 /// ten (CAPABILITY, ID, STARTTLS, AUTHENTICATE and a retry), so 50 only stops a brute force.
 pub const DEFAULT_PREAUTH_COMMANDS: usize = 50;
+/// Sessions one client address (an IPv6 /64) may hold before authenticating, across all
+/// listeners: a mail client opens a handful (IMAP opens a few in parallel, plus SMTP), and even
+/// a NAT gateway in front of an office rarely has 50 logins in progress at one instant, because
+/// authenticated sessions do not count.
+pub const DEFAULT_CONNECTIONS_PER_IP: u32 = 50;
 
 /// A listener name labels metrics and logs: 64 octets is plenty for a name and keeps label
 /// values short.
@@ -390,6 +398,9 @@ fn default_pop3_line() -> usize {
 }
 fn default_preauth_commands() -> usize {
     DEFAULT_PREAUTH_COMMANDS
+}
+fn default_connections_per_ip() -> u32 {
+    DEFAULT_CONNECTIONS_PER_IP
 }
 
 /// Default cap on concurrent sessions per listener: an idle TLS session costs mailfront some
@@ -483,6 +494,8 @@ pub struct Limits {
     pub imap_literal: usize,
     pub pop3_line: usize,
     pub preauth_commands: usize,
+    /// Unauthenticated sessions per client address across all listeners; 0: no limit.
+    pub connections_per_ip: u32,
 }
 
 /// The checked configuration the proxy runs with.
@@ -699,6 +712,7 @@ impl Config {
                 imap_literal: lim.imap_literal,
                 pop3_line: lim.pop3_line,
                 preauth_commands: lim.preauth_commands,
+                connections_per_ip: lim.connections_per_ip,
             },
         })
     }
@@ -754,6 +768,7 @@ mod tests {
         assert_eq!(config.tls.min_version, MinTlsVersion::Tls12);
         assert_eq!(config.tls.handshake_timeout, Duration::from_secs(10));
         assert_eq!(config.limits.smtp_line, 4096);
+        assert_eq!(config.limits.connections_per_ip, 50);
         // The wait for the final reply to end of data is at least 10 minutes
         // (RFC 5321 §4.5.3.2.6).
         assert!(config.timeouts.data_reply >= Duration::from_secs(600));

@@ -3,11 +3,38 @@
 //! layer's hand-off to the drivers, so dependencies point one way: server → connection →
 //! drivers (smtp, imap, pop3 through prelogin) → session, backend, relay, tls.
 
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::config::{Protocol, TlsMode};
-use crate::session::{ClientStream, EndReason, Session};
+use crate::session::{ClientStream, EndReason, ListenerContext, Session};
 use crate::transport::Transport;
+
+/// Writing the one refusal line: it fits any socket buffer, so only a peer that is gone or
+/// hostile makes this wait at all.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Closes a connection whose address is at `limits.connections_per_ip`. On a STARTTLS listener
+/// the protocol's refusal goes out in cleartext first, in place of the greeting, so a real client
+/// reports "try again later" instead of a broken connection. On an implicit-TLS listener the
+/// socket just closes (the server does that without calling this): answering would need the TLS
+/// handshake, and the limit exists so that a flood from one address costs no handshake CPU.
+pub async fn refuse_per_ip(mut tcp: TcpStream, listener: &ListenerContext) {
+    if listener.config.tls == TlsMode::Starttls {
+        let refusal = match listener.config.protocol {
+            Protocol::Smtp => crate::smtp::local_reply::too_many_connections(&listener.hostname),
+            Protocol::Imap => crate::imap::reply::bye_too_many_connections(),
+            Protocol::Pop3 => crate::pop3::reply::err_too_many_connections(),
+        };
+        let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+            tcp.write_all(&refusal).await?;
+            tcp.shutdown().await
+        })
+        .await;
+    }
+}
 
 /// Serves one accepted TCP connection from start to close log.
 pub async fn serve_connection(tcp: TcpStream, session: Session) {

@@ -3,6 +3,7 @@
 //! # Layout
 //! Dependencies point one way, top to bottom; nothing imports a layer above it.
 //! - [`server`]: binding, accept loops, connection limits, certificate reload, graceful shutdown;
+//!   [`limits`] counts each client address's unauthenticated sessions across listeners;
 //!   [`server::Server::run`] takes already-bound sockets so tests run the proxy in-process on
 //!   port 0. `connection` hands each accepted socket to its protocol's driver.
 //! - Drivers: [`smtp::session`], and [`prelogin::serve`], the one pre-login loop that runs the
@@ -22,6 +23,7 @@ pub mod config;
 pub(crate) mod connection;
 pub(crate) mod dns;
 pub mod imap;
+pub mod limits;
 pub(crate) mod line;
 pub mod metrics;
 pub mod pop3;

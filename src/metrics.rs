@@ -159,8 +159,8 @@ impl Metrics {
             connections_refused: counter(
                 r,
                 "mailfront_connections_refused_total",
-                "Client connections closed at once because the listener's max_connections was reached.",
-                l,
+                "Client connections refused at accept, by reason: the listener's max_connections, or limits.connections_per_ip for the client's address.",
+                &["listener", "protocol", "reason"],
             )?,
             handshakes: counter(
                 r,
@@ -305,7 +305,14 @@ impl Metrics {
             protocol: listener.protocol,
             accepted: self.connections_accepted.with_label_values(&lp),
             active: self.connections_active.with_label_values(&lp),
-            refused: self.connections_refused.with_label_values(&lp),
+            refused: self.connections_refused.with_label_values(&[
+                name,
+                protocol,
+                "max_connections",
+            ]),
+            refused_per_ip: self
+                .connections_refused
+                .with_label_values(&[name, protocol, "per_ip"]),
             handshakes: self.handshakes.clone(),
             handshake_failures: self.handshake_failures.clone(),
             handshake_duration: self.handshake_duration.with_label_values(&[name]),
@@ -373,7 +380,10 @@ pub struct ListenerMetrics {
     pub protocol: Protocol,
     pub accepted: IntCounter,
     pub active: IntGauge,
+    /// Refused because the listener's `max_connections` was reached.
     pub refused: IntCounter,
+    /// Refused because the client's address reached `limits.connections_per_ip`.
+    pub refused_per_ip: IntCounter,
     handshakes: IntCounterVec,
     handshake_failures: IntCounterVec,
     pub handshake_duration: Histogram,
@@ -623,6 +633,11 @@ mod tests {
         assert!(text.contains(
             r#"mailfront_cleartext_auth_refused_total{listener="imaps",protocol="imap"} 0"#
         ));
+        for reason in ["max_connections", "per_ip"] {
+            assert!(text.contains(&format!(
+                r#"mailfront_connections_refused_total{{listener="imaps",protocol="imap",reason="{reason}"}} 0"#
+            )));
+        }
         assert!(text.contains("mailfront_build_info{version=\""));
     }
 

@@ -282,6 +282,7 @@ pub async fn serve<M: Machine, S: Transport>(
                 };
                 let (held_client, held_backend) = machine.held();
                 drop(machine);
+                session.authenticated();
                 return session
                     .relay_after_login(&mut client, &mut b, &held_client, &held_backend)
                     .await;

@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::BackendConnector;
-use crate::config::{ListenerConfig, RuntimeConfig};
-use crate::connection::serve_connection;
+use crate::config::{ListenerConfig, RuntimeConfig, TlsMode};
+use crate::connection::{refuse_per_ip, serve_connection};
+use crate::limits::PerIpLimiter;
 use crate::metrics::{Metrics, Readiness};
 use crate::session::{ListenerContext, Session};
 use crate::tls::{self, CertStore, Handshaker, ReloadOutcome, TlsError};
@@ -146,6 +147,8 @@ impl Server {
         );
 
         let tracker = TaskTracker::new();
+        // One table for all listeners: the limit is per client address, whatever port it uses.
+        let per_ip = PerIpLimiter::new(config.limits.connections_per_ip);
         // Sessions get their own token, cancelled only when the grace period runs out.
         let sessions_cancel = CancellationToken::new();
 
@@ -188,6 +191,7 @@ impl Server {
             tracker.spawn(accept_loop(
                 listener,
                 context,
+                per_ip.clone(),
                 tracker.clone(),
                 control.shutdown.clone(),
                 sessions_cancel.clone(),
@@ -223,6 +227,7 @@ impl Server {
 async fn accept_loop(
     listener: TcpListener,
     context: Arc<ListenerContext>,
+    per_ip: PerIpLimiter,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     sessions_cancel: CancellationToken,
@@ -249,15 +254,33 @@ async fn accept_loop(
             drop(tcp);
             continue;
         };
+        // Before any handshake: a refused address costs no TLS work (and no session task).
+        let Some(per_ip_guard) = per_ip.try_acquire(client_addr.ip()) else {
+            context.metrics.refused_per_ip.inc();
+            tracing::debug!(listener = %context.config.name, client = %client_addr, limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached: refusing");
+            if context.config.tls == TlsMode::Implicit {
+                drop(tcp);
+                continue;
+            }
+            // The listener's permit is held while the refusal is written, so refusals are
+            // bounded by max_connections like sessions are.
+            let context = context.clone();
+            tracker.spawn(async move {
+                refuse_per_ip(tcp, &context).await;
+                drop(permit);
+            });
+            continue;
+        };
         // The address the client reached (for the PROXY header); the bound address if the
         // socket cannot say, which only differs for wildcard binds.
         let local_addr = tcp.local_addr().unwrap_or(context.config.listen);
-        let session = Session::new(
+        let mut session = Session::new(
             context.clone(),
             client_addr,
             local_addr,
             sessions_cancel.clone(),
         );
+        session.per_ip = Some(per_ip_guard);
         let active = context.metrics.active.clone();
         tracker.spawn(async move {
             active.inc();

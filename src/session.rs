@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{self, BackendConnector, BackendStream, ByteCounters, ConnectError};
 pub use crate::close::{EndReason, Side};
 use crate::config::{Limits, ListenerConfig, Protocol, Timeouts};
+use crate::limits::PerIpGuard;
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::relay::{self, RelayEnd};
@@ -193,6 +194,8 @@ pub struct Session {
     /// Set once TLS is up (at accept for implicit listeners, after STARTTLS otherwise).
     pub tls: Option<TlsInfo>,
     pub started: Instant,
+    /// This session's place in `limits.connections_per_ip`, held until it authenticates.
+    pub per_ip: Option<PerIpGuard>,
 }
 
 impl Session {
@@ -210,7 +213,15 @@ impl Session {
             counters: Arc::new(ByteCounters::default()),
             tls: None,
             started: Instant::now(),
+            per_ip: None,
         }
+    }
+
+    /// The backend accepted a login (or, for SMTP, a transaction): from now on the session no
+    /// longer counts against `limits.connections_per_ip`, since the backend admitted it and an
+    /// office behind one NAT address may hold hundreds of such sessions.
+    pub fn authenticated(&mut self) {
+        self.per_ip = None;
     }
 
     pub fn hostname(&self) -> &str {

@@ -127,6 +127,7 @@ fn listener_with(
             imap_literal: 65536,
             pop3_line: 512,
             preauth_commands: 50,
+            connections_per_ip: 50,
         },
         handshaker,
         metrics,

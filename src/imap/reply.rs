@@ -91,6 +91,12 @@ pub fn bye_too_many_commands() -> Vec<u8> {
     b"* BYE Too many commands before authentication\r\n".to_vec()
 }
 
+/// The client's address already holds `limits.connections_per_ip` sessions that have not
+/// logged in: the greeting is this BYE instead (RFC 9051 §7.1.5; RFC 5530 UNAVAILABLE).
+pub fn bye_too_many_connections() -> Vec<u8> {
+    b"* BYE [UNAVAILABLE] Too many connections from your address\r\n".to_vec()
+}
+
 /// The proxy is shutting down.
 pub fn bye_shutdown() -> Vec<u8> {
     b"* BYE [UNAVAILABLE] Server shutting down\r\n".to_vec()

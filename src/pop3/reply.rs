@@ -71,6 +71,13 @@ pub fn err_too_many_commands() -> Vec<u8> {
     b"-ERR Too many commands before authentication\r\n".to_vec()
 }
 
+/// The client's address already holds `limits.connections_per_ip` sessions that have not
+/// logged in: the greeting is this `-ERR` instead (RFC 1939 §4 allows a negative greeting;
+/// RFC 3206 SYS/TEMP: try again later).
+pub fn err_too_many_connections() -> Vec<u8> {
+    b"-ERR [SYS/TEMP] Too many connections from your address\r\n".to_vec()
+}
+
 /// The proxy is shutting down.
 pub fn err_shutdown() -> Vec<u8> {
     b"-ERR [SYS/TEMP] Server shutting down\r\n".to_vec()

@@ -111,6 +111,17 @@ pub fn timeout(hostname: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The client's address already holds `limits.connections_per_ip` sessions that have not
+/// authenticated: the greeting is this 421 instead (RFC 5321 §3.1 lets a server refuse service
+/// with 421 in place of its 220; RFC 3463 X.7.0: a security or policy status).
+pub fn too_many_connections(hostname: &str) -> Vec<u8> {
+    format!(
+        "421 4.7.0 {} Too many connections from your address, closing transmission channel\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
+}
+
 /// Graceful shutdown: sent on the next command (RFC 5321 §3.8: 421 may answer any command).
 pub fn shutting_down(hostname: &str) -> Vec<u8> {
     format!(
@@ -177,6 +188,7 @@ mod tests {
             shutting_down(evil),
             helo_reply(evil),
             closing_after_refusal(evil),
+            too_many_connections(evil),
         ] {
             assert!(Reply::parse(&raw).is_some(), "{raw:?}");
             assert_eq!(raw.iter().filter(|&&b| b == b'\n').count(), 1);

@@ -976,6 +976,10 @@ impl<'s> Driver<'s> {
             Expect::AuthCancel => {}
             Expect::Mail => {
                 if reply.is_positive() {
+                    // The backend admitted mail from this session (cleartext mail where
+                    // allowed, or mail it takes without AUTH): like a login, it no longer
+                    // counts against limits.connections_per_ip.
+                    self.session.authenticated();
                     self.tx.accepted_rcpts = 0;
                     self.tx.recipient = None;
                 }
@@ -1023,6 +1027,7 @@ impl<'s> Driver<'s> {
         let result = match code {
             235 => {
                 self.gate.authenticated = true;
+                self.session.authenticated();
                 self.session
                     .listener
                     .metrics

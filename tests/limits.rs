@@ -1,0 +1,318 @@
+//! `limits.connections_per_ip`: each client address may hold only so many sessions that have not
+//! authenticated, across all listeners; past that a STARTTLS listener answers with the
+//! protocol's refusal in cleartext and an implicit-TLS listener closes before any handshake.
+//! Clients come from two loopback addresses, 127.0.0.1 and 127.0.0.2, to show one address at its
+//! limit leaves the other untouched.
+// Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+
+const HOST: &str = "mx.example.test";
+const OTHER_CLIENT: &str = "127.0.0.2:0";
+
+struct Setup {
+    pki: Pki,
+    _backends: Vec<FakeBackend>,
+    proxy: Proxy,
+}
+
+/// The proxy with one listener per `(name, protocol, tls)`, each before its own fake backend,
+/// and `limits.connections_per_ip: limit`.
+async fn setup(listeners: &[(&str, &str, &str)], limit: u32) -> Setup {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &[HOST], false);
+    let mut backends = Vec::new();
+    let mut yaml_listeners = Vec::new();
+    for (name, protocol, tls) in listeners {
+        let kind = match *protocol {
+            "smtp" => FakeKind::Smtp,
+            "imap" => FakeKind::Imap,
+            _ => FakeKind::Pop3,
+        };
+        let backend = FakeBackend::start(kind).await;
+        yaml_listeners.push(listener_yaml(name, protocol, tls, backend.addr));
+        backends.push(backend);
+    }
+    let yaml = config_yaml(
+        &[&cert],
+        &yaml_listeners,
+        &format!("limits:\n  connections_per_ip: {limit}\n"),
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    Setup {
+        pki,
+        _backends: backends,
+        proxy,
+    }
+}
+
+impl Setup {
+    fn tls_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        client_config(
+            &self.pki.ca_der,
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+            None,
+        )
+    }
+
+    /// A cleartext connection from 127.0.0.1 and its first line.
+    async fn plain(&self, listener: &str) -> (BufReader<TcpStream>, String) {
+        let tcp = TcpStream::connect(self.proxy.addr(listener)).await.unwrap();
+        greeted(tcp).await
+    }
+
+    /// A cleartext connection from 127.0.0.2 and its first line.
+    async fn plain_from_other(&self, listener: &str) -> (BufReader<TcpStream>, String) {
+        greeted(connect_from(OTHER_CLIENT, self.proxy.addr(listener)).await).await
+    }
+
+    /// Implicit TLS from 127.0.0.1, greeted.
+    async fn tls(
+        &self,
+        listener: &str,
+    ) -> (
+        BufReader<tokio_rustls::client::TlsStream<TcpStream>>,
+        String,
+    ) {
+        let tls = tls_connect(self.proxy.addr(listener), HOST, self.tls_config())
+            .await
+            .unwrap();
+        let mut tls = BufReader::new(tls);
+        let greeting = read_line(&mut tls).await;
+        (tls, greeting)
+    }
+
+    fn refused(&self, listener: &str, protocol: &str, reason: &str) -> u64 {
+        metric(
+            &self.proxy.metrics.encode(),
+            &format!(
+                r#"mailfront_connections_refused_total{{listener="{listener}",protocol="{protocol}",reason="{reason}"}}"#
+            ),
+        )
+    }
+}
+
+/// A TCP connection to `to` from the local address `from` (a loopback address other than
+/// 127.0.0.1 stands for a second client).
+async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(from.parse().unwrap()).unwrap();
+    tokio::time::timeout(TIMEOUT, socket.connect(to))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn greeted(tcp: TcpStream) -> (BufReader<TcpStream>, String) {
+    let mut tcp = BufReader::new(tcp);
+    let greeting = read_line(&mut tcp).await;
+    (tcp, greeting)
+}
+
+/// The value of the one series named exactly `series` (name and labels).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+}
+
+/// After the refusal line the proxy closes: the next read is the end of the stream.
+async fn assert_closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut rest))
+        .await
+        .expect("the proxy did not close");
+    // A reset is a close too; what matters is that nothing more arrives.
+    if read.is_ok() {
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    }
+}
+
+#[tokio::test]
+async fn past_the_limit_a_starttls_imap_listener_says_bye_while_a_second_address_is_served() {
+    let s = setup(&[("imap", "imap", "starttls")], 2).await;
+    let (_a, greeting) = s.plain("imap").await;
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let (_b, greeting) = s.plain("imap").await;
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+
+    let (mut c, refusal) = s.plain("imap").await;
+    assert_eq!(
+        refusal,
+        "* BYE [UNAVAILABLE] Too many connections from your address\r\n"
+    );
+    assert_closed(&mut c).await;
+
+    // Another address is not affected by the first one's limit.
+    let (mut other, greeting) = s.plain_from_other("imap").await;
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    other.get_mut().write_all(b"a NOOP\r\n").await.unwrap();
+    assert!(read_until_tag(&mut other, "a").await.contains("a OK"));
+
+    assert_eq!(s.refused("imap", "imap", "per_ip"), 1);
+    assert_eq!(s.refused("imap", "imap", "max_connections"), 0);
+}
+
+#[tokio::test]
+async fn past_the_limit_smtp_gets_421_4_7_0_and_pop3_gets_sys_temp_in_cleartext() {
+    let s = setup(
+        &[
+            ("submission", "smtp", "starttls"),
+            ("pop3", "pop3", "starttls"),
+        ],
+        1,
+    )
+    .await;
+    let (_a, greeting) = s.plain("submission").await;
+    assert!(greeting.starts_with("220 "), "{greeting}");
+
+    // The limit counts across listeners: the SMTP session fills it for POP3 too.
+    let (mut pop3, refusal) = s.plain("pop3").await;
+    assert_eq!(
+        refusal,
+        "-ERR [SYS/TEMP] Too many connections from your address\r\n"
+    );
+    assert_closed(&mut pop3).await;
+
+    let (mut smtp, refusal) = s.plain("submission").await;
+    assert_eq!(
+        refusal,
+        format!(
+            "421 4.7.0 {HOST} Too many connections from your address, closing transmission channel\r\n"
+        )
+    );
+    assert_closed(&mut smtp).await;
+
+    let (_other, greeting) = s.plain_from_other("pop3").await;
+    assert!(greeting.starts_with("+OK"), "{greeting}");
+    assert_eq!(s.refused("pop3", "pop3", "per_ip"), 1);
+    assert_eq!(s.refused("submission", "smtp", "per_ip"), 1);
+}
+
+#[tokio::test]
+async fn past_the_limit_an_implicit_listener_closes_before_any_handshake() {
+    let s = setup(
+        &[("imap", "imap", "starttls"), ("imaps", "imap", "implicit")],
+        2,
+    )
+    .await;
+    let (_a, _) = s.plain("imap").await;
+    let (_b, _) = s.tls("imaps").await;
+
+    // A client that sends nothing is closed without a byte from the proxy.
+    let mut silent = TcpStream::connect(s.proxy.addr("imaps")).await.unwrap();
+    assert_closed(&mut silent).await;
+    // A real TLS client gets no handshake.
+    assert!(
+        tls_connect(s.proxy.addr("imaps"), HOST, s.tls_config())
+            .await
+            .is_err()
+    );
+    let text = s.proxy.metrics.encode();
+    let handshakes = text
+        .lines()
+        .filter(|l| l.starts_with("mailfront_tls_handshakes_total{") && l.contains("imaps"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum::<u64>();
+    assert_eq!(handshakes, 1, "only the admitted session's handshake ran");
+    let failures = text
+        .lines()
+        .filter(|l| l.starts_with("mailfront_tls_handshake_failures_total{listener=\"imaps\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum::<u64>();
+    assert_eq!(failures, 0, "{text}");
+    assert_eq!(s.refused("imaps", "imap", "per_ip"), 2);
+
+    let tls = connect_from(OTHER_CLIENT, s.proxy.addr("imaps")).await;
+    let tls = tls_upgrade(tls, HOST, s.tls_config()).await.unwrap();
+    let mut tls = BufReader::new(tls);
+    assert!(read_line(&mut tls).await.starts_with("* OK"));
+}
+
+#[tokio::test]
+async fn authenticated_sessions_do_not_count_against_the_limit() {
+    let s = setup(&[("imaps", "imap", "implicit")], 2).await;
+    let (mut a, _) = s.tls("imaps").await;
+    let (_b, _) = s.tls("imaps").await;
+    a.get_mut()
+        .write_all(b"a LOGIN u secret\r\n")
+        .await
+        .unwrap();
+    assert!(read_until_tag(&mut a, "a").await.contains("a OK"));
+
+    // a logged in, so only b counts: one more fits, the next does not.
+    let (_c, greeting) = s.tls("imaps").await;
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let mut d = TcpStream::connect(s.proxy.addr("imaps")).await.unwrap();
+    assert_closed(&mut d).await;
+    assert_eq!(s.refused("imaps", "imap", "per_ip"), 1);
+
+    // The logged-in session still works.
+    a.get_mut().write_all(b"b NOOP\r\n").await.unwrap();
+    assert!(read_until_tag(&mut a, "b").await.contains("b OK"));
+}
+
+#[tokio::test]
+async fn a_closed_session_gives_its_place_back() {
+    let s = setup(&[("imap", "imap", "starttls")], 1).await;
+    let (a, _) = s.plain("imap").await;
+    let (_, refusal) = s.plain("imap").await;
+    assert!(refusal.starts_with("* BYE [UNAVAILABLE]"), "{refusal}");
+    drop(a);
+    // The proxy notices the close in its own task.
+    let mut greeted_again = false;
+    for _ in 0..100 {
+        let (_c, greeting) = s.plain("imap").await;
+        if greeting.starts_with("* OK") {
+            greeted_again = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(greeted_again);
+}
+
+#[tokio::test]
+async fn zero_turns_the_limit_off() {
+    let s = setup(&[("imap", "imap", "starttls")], 0).await;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let (c, greeting) = s.plain("imap").await;
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+        held.push(c);
+    }
+    assert_eq!(s.refused("imap", "imap", "per_ip"), 0);
+}
+
+#[tokio::test]
+async fn an_smtp_session_stops_counting_at_a_successful_auth() {
+    let s = setup(&[("submissions", "smtp", "implicit")], 1).await;
+    let (mut a, greeting) = s.tls("submissions").await;
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    a.get_mut()
+        .write_all(b"EHLO client.test\r\n")
+        .await
+        .unwrap();
+    read_smtp_reply(&mut a).await;
+    let mut refused = TcpStream::connect(s.proxy.addr("submissions"))
+        .await
+        .unwrap();
+    assert_closed(&mut refused).await;
+
+    // RFC 4616 PLAIN: NUL "u" NUL "secret".
+    a.get_mut()
+        .write_all(b"AUTH PLAIN AHUAc2VjcmV0\r\n")
+        .await
+        .unwrap();
+    assert!(read_smtp_reply(&mut a).await.starts_with("235 "));
+    let (_b, greeting) = s.tls("submissions").await;
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert_eq!(s.refused("submissions", "smtp", "per_ip"), 1);
+}
