@@ -29,6 +29,7 @@ const HOST: &str = "mail.example.test";
 /// Distinct values, so a test can tell which deadline fired.
 const IDLE: Duration = Duration::from_secs(300);
 const DATA_REPLY: Duration = Duration::from_secs(600);
+const LOGIN: Duration = Duration::from_secs(180);
 /// In-memory pipe capacity each way: larger than anything one test step writes.
 const PIPE: usize = 64 * 1024;
 
@@ -117,6 +118,7 @@ fn listener_with(
         timeouts: Timeouts {
             backend_connect: Duration::from_secs(5),
             idle: IDLE,
+            login: LOGIN,
             data_reply: DATA_REPLY,
             relay_idle: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(30),
