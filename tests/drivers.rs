@@ -509,15 +509,16 @@ async fn busy_until_goodbye<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     command: impl Fn(usize) -> String,
 ) -> String {
-    for n in 0.. {
+    let mut n = 0;
+    loop {
         client.write_all(command(n).as_bytes()).await.unwrap();
         let answer = line(client).await;
         assert!(!answer.is_empty(), "closed without a goodbye");
         if let Ok(unasked) = tokio::time::timeout(Duration::from_secs(7), line(client)).await {
             return unasked;
         }
+        n += 1;
     }
-    unreachable!()
 }
 
 /// IMAP on a STARTTLS listener: a client that keeps sending NOOP before login never idles out,
