@@ -39,6 +39,9 @@ pub enum EndReason {
     BackendClosed,
     /// The client sent nothing, or read nothing, within the idle timeout.
     ClientIdle,
+    /// The client had not authenticated within `timeouts.login` of its connection, however much
+    /// it sent meanwhile.
+    LoginTimeout,
     BackendTimeout,
     BackendUnavailable,
     /// The handshake failed; the detail is its reason class and cause.
@@ -132,6 +135,7 @@ impl EndReason {
             EndReason::ClientClosed => CloseClass::ClientClosed,
             EndReason::BackendClosed => CloseClass::BackendClosed,
             EndReason::ClientIdle => CloseClass::ClientIdle,
+            EndReason::LoginTimeout => CloseClass::LoginTimeout,
             EndReason::BackendTimeout => CloseClass::BackendTimeout,
             EndReason::BackendUnavailable => CloseClass::BackendUnavailable,
             EndReason::TlsHandshakeFailed(_) => CloseClass::TlsHandshakeFailed,
@@ -166,10 +170,11 @@ pub enum CloseClass {
     BackendProtocolViolation,
     ClientIo,
     BackendIo,
+    LoginTimeout,
 }
 
 impl CloseClass {
-    pub const ALL: [CloseClass; 11] = [
+    pub const ALL: [CloseClass; 12] = [
         CloseClass::ClientClosed,
         CloseClass::BackendClosed,
         CloseClass::ClientIdle,
@@ -181,6 +186,7 @@ impl CloseClass {
         CloseClass::BackendProtocolViolation,
         CloseClass::ClientIo,
         CloseClass::BackendIo,
+        CloseClass::LoginTimeout,
     ];
 
     /// Position in [`CloseClass::ALL`], for an array of counter handles.
@@ -193,6 +199,7 @@ impl CloseClass {
             CloseClass::ClientClosed => "client_closed",
             CloseClass::BackendClosed => "backend_closed",
             CloseClass::ClientIdle => "client_idle",
+            CloseClass::LoginTimeout => "login_timeout",
             CloseClass::BackendTimeout => "backend_timeout",
             CloseClass::BackendUnavailable => "backend_unavailable",
             CloseClass::TlsHandshakeFailed => "tls_handshake_failed",
@@ -208,6 +215,7 @@ impl CloseClass {
         match self {
             CloseClass::ClientClosed
             | CloseClass::ClientIdle
+            | CloseClass::LoginTimeout
             | CloseClass::ClientProtocolViolation
             | CloseClass::ClientIo => Side::Client,
             CloseClass::BackendClosed
@@ -231,6 +239,7 @@ mod tests {
             (EndReason::ClientClosed, "client_closed", "client"),
             (EndReason::BackendClosed, "backend_closed", "backend"),
             (EndReason::ClientIdle, "client_idle", "client"),
+            (EndReason::LoginTimeout, "login_timeout", "client"),
             (EndReason::BackendTimeout, "backend_timeout", "backend"),
             (
                 EndReason::BackendUnavailable,

@@ -244,6 +244,8 @@ pub struct TimeoutsSection {
     pub backend_connect: ConfigDuration,
     #[serde(default = "default_idle")]
     pub idle: ConfigDuration,
+    #[serde(default = "default_login")]
+    pub login: ConfigDuration,
     #[serde(default = "default_data_reply")]
     pub data_reply: ConfigDuration,
     #[serde(default = "default_relay_idle")]
@@ -257,6 +259,7 @@ impl Default for TimeoutsSection {
         TimeoutsSection {
             backend_connect: default_backend_connect(),
             idle: default_idle(),
+            login: default_login(),
             data_reply: default_data_reply(),
             relay_idle: default_relay_idle(),
             shutdown_grace: default_shutdown_grace(),
@@ -308,6 +311,10 @@ pub const DEFAULT_BACKEND_CONNECT: Duration = Duration::from_secs(10);
 /// Silence allowed before authentication or between SMTP commands: RFC 5321 §4.5.3.2.7 asks
 /// a server to wait at least 5 minutes for the next command.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(5 * 60);
+/// The whole time from accept to authentication, however much the client sends: Dovecot's own
+/// `login_timeout` (3 min). A person typing a password or a client retrying a refused one needs
+/// seconds; a client trickling bytes to hold a pre-login session needs this to end.
+pub const DEFAULT_LOGIN: Duration = Duration::from_secs(3 * 60);
 /// The backend's reply after the end of message data: RFC 5321 §4.5.3.2.6 asks the client
 /// to wait 10 minutes for it, and mailfront is that client towards the backend.
 pub const DEFAULT_DATA_REPLY: Duration = Duration::from_secs(10 * 60);
@@ -374,6 +381,9 @@ fn default_backend_connect() -> ConfigDuration {
 }
 fn default_idle() -> ConfigDuration {
     ConfigDuration(DEFAULT_IDLE)
+}
+fn default_login() -> ConfigDuration {
+    ConfigDuration(DEFAULT_LOGIN)
 }
 fn default_data_reply() -> ConfigDuration {
     ConfigDuration(DEFAULT_DATA_REPLY)
@@ -482,6 +492,8 @@ pub struct TlsConfig {
 pub struct Timeouts {
     pub backend_connect: Duration,
     pub idle: Duration,
+    /// From accept to authentication, not restarted by traffic (see [`DEFAULT_LOGIN`]).
+    pub login: Duration,
     pub data_reply: Duration,
     pub relay_idle: Duration,
     pub shutdown_grace: Duration,
@@ -656,6 +668,7 @@ impl Config {
         for (name, value) in [
             ("timeouts.backend_connect", t.backend_connect),
             ("timeouts.idle", t.idle),
+            ("timeouts.login", t.login),
             ("timeouts.data_reply", t.data_reply),
             ("timeouts.relay_idle", t.relay_idle),
         ] {
@@ -702,6 +715,7 @@ impl Config {
             timeouts: Timeouts {
                 backend_connect: t.backend_connect.0,
                 idle: t.idle.0,
+                login: t.login.0,
                 data_reply: t.data_reply.0,
                 relay_idle: t.relay_idle.0,
                 shutdown_grace: t.shutdown_grace.0,
@@ -774,6 +788,22 @@ mod tests {
         assert!(config.timeouts.data_reply >= Duration::from_secs(600));
         assert_eq!(config.listeners[0].max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(config.metrics_listen, None);
+        // Dovecot's login_timeout.
+        assert_eq!(config.timeouts.login, Duration::from_secs(180));
+    }
+
+    #[test]
+    fn a_zero_login_timeout_is_refused_and_named() {
+        let keys: Vec<String> = problems(&format!("{MINIMAL}timeouts:\n  login: 0s\n"))
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(keys, ["timeouts.login"]);
+        let config = Config::from_yaml(&format!("{MINIMAL}timeouts:\n  login: 600ms\n"))
+            .unwrap()
+            .validate(Path::new("/"))
+            .unwrap();
+        assert_eq!(config.timeouts.login, Duration::from_millis(600));
     }
 
     #[test]

@@ -51,18 +51,28 @@ pub async fn serve_stream<S: Transport>(io: S, mut session: Session) {
     let listener = session.listener.clone();
     let client = match listener.config.tls {
         TlsMode::Starttls => ClientStream::Plain(io),
-        TlsMode::Implicit => match listener.handshaker.accept(io).await {
-            Ok((tls, info, took)) => {
-                session.tls_established(info, took, false);
-                ClientStream::Tls(Box::new(tls))
+        // The handshake counts towards `timeouts.login` too (it only matters when that is set
+        // below `tls.handshake_timeout`).
+        TlsMode::Implicit => {
+            match tokio::time::timeout_at(session.login_deadline(), listener.handshaker.accept(io))
+                .await
+            {
+                Err(_) => {
+                    session.log_close(&EndReason::LoginTimeout);
+                    return;
+                }
+                Ok(Ok((tls, info, took))) => {
+                    session.tls_established(info, took, false);
+                    ClientStream::Tls(Box::new(tls))
+                }
+                Ok(Err(e)) => {
+                    listener.metrics.handshake_failed(e.reason);
+                    tracing::debug!(listener = %listener.config.name, client = %session.client_addr, error = %e, "tls handshake failed");
+                    session.log_close(&EndReason::TlsHandshakeFailed(e.detail()));
+                    return;
+                }
             }
-            Err(e) => {
-                listener.metrics.handshake_failed(e.reason);
-                tracing::debug!(listener = %listener.config.name, client = %session.client_addr, error = %e, "tls handshake failed");
-                session.log_close(&EndReason::TlsHandshakeFailed(e.detail()));
-                return;
-            }
-        },
+        }
     };
     let reason = protocol_session(client, &mut session).await;
     session.log_close(&reason);

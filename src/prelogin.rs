@@ -198,6 +198,9 @@ pub trait Machine {
     /// Sent before closing a client that was silent too long.
     fn bye_idle() -> Vec<u8>;
 
+    /// Sent before closing a client that had not logged in within `timeouts.login`.
+    fn bye_login_timeout() -> Vec<u8>;
+
     /// Sent before closing because the proxy is shutting down.
     fn bye_shutdown() -> Vec<u8>;
 }
@@ -214,6 +217,11 @@ const READ_CHUNK: usize = 16 * 1024;
 /// no backend connection. While the machine waits for the backend, only what the machine says
 /// restarts the idle timer: bytes it merely holds do not, so a trickling client cannot keep a
 /// silent backend's session alive, and the other way round.
+///
+/// Beside the idle timer, which bounds each wait, runs the login deadline
+/// ([`Session::login_deadline`]), which bounds the whole phase including the STARTTLS handshake
+/// and nothing restarts: a client that sends a byte just often enough never idles out, but is
+/// still gone `timeouts.login` after it connected. It stops at login; the relay never sees it.
 pub async fn serve<M: Machine, S: Transport>(
     mut machine: M,
     client: ClientStream<S>,
@@ -225,6 +233,7 @@ pub async fn serve<M: Machine, S: Transport>(
     let mut backend: Option<BackendStream> = None;
     let idle = session.listener.timeouts.idle;
     let mut deadline = Instant::now() + idle;
+    let login_deadline = session.login_deadline();
     let mut cchunk = vec![0u8; READ_CHUNK];
     let mut bchunk = vec![0u8; READ_CHUNK];
     loop {
@@ -250,7 +259,13 @@ pub async fn serve<M: Machine, S: Transport>(
                 return end_reason(end);
             }
             Next::StartTls => {
-                match upgrade_client(client, &session.listener, session.client_addr).await {
+                let upgrade = upgrade_client(client, &session.listener, session.client_addr);
+                // The handshake is part of the time before login; mid-handshake there is no
+                // way to say goodbye in the protocol, so the connection just closes.
+                let Ok(upgraded) = tokio::time::timeout_at(login_deadline, upgrade).await else {
+                    return EndReason::LoginTimeout;
+                };
+                match upgraded {
                     Ok((upgraded, info, took)) => {
                         client = upgraded;
                         let cipher = info.cipher_name().into_owned();
@@ -332,6 +347,11 @@ pub async fn serve<M: Machine, S: Transport>(
                 let _ = write_timed(&mut client, &bye, session).await;
                 client.close().await;
                 return reason;
+            }
+            () = tokio::time::sleep_until(login_deadline) => {
+                let _ = write_timed(&mut client, &M::bye_login_timeout(), session).await;
+                client.close().await;
+                return EndReason::LoginTimeout;
             }
             () = session.shutdown.cancelled() => {
                 let _ = write_timed(&mut client, &M::bye_shutdown(), session).await;

@@ -228,6 +228,12 @@ impl Session {
         &self.listener.hostname
     }
 
+    /// When `timeouts.login` runs out: fixed at accept, never moved by traffic, so a client
+    /// trickling bytes cannot hold a not-authenticated session (and its backend) past it.
+    pub fn login_deadline(&self) -> Instant {
+        self.started + self.listener.timeouts.login
+    }
+
     pub fn protocol(&self) -> Protocol {
         self.listener.config.protocol
     }

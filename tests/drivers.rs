@@ -29,6 +29,10 @@ const HOST: &str = "mail.example.test";
 /// Distinct values, so a test can tell which deadline fired.
 const IDLE: Duration = Duration::from_secs(300);
 const DATA_REPLY: Duration = Duration::from_secs(600);
+/// Above every other wait here, so only the tests that shorten it see it fire.
+const LOGIN: Duration = Duration::from_secs(1000);
+/// The login deadline of the tests about it: below `IDLE`, so a busy client is cut by it alone.
+const SHORT_LOGIN: Duration = Duration::from_secs(60);
 /// In-memory pipe capacity each way: larger than anything one test step writes.
 const PIPE: usize = 64 * 1024;
 
@@ -72,16 +76,17 @@ fn listener(
     tls_mode: TlsMode,
     pki: &Pki,
 ) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
-    listener_with(protocol, tls_mode, pki, false)
+    listener_with(protocol, tls_mode, pki, |_, _| {})
 }
 
+/// [`listener`], with its config and timeouts adjusted by `adjust` first.
 fn listener_with(
     protocol: Protocol,
     tls_mode: TlsMode,
     pki: &Pki,
-    backend_proxy_protocol: bool,
+    adjust: impl FnOnce(&mut ListenerConfig, &mut Timeouts),
 ) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
-    let config = ListenerConfig {
+    let mut config = ListenerConfig {
         name: format!("{protocol}-test"),
         protocol,
         listen: "192.0.2.1:0".parse().unwrap(),
@@ -93,8 +98,17 @@ fn listener_with(
         },
         max_connections: 10,
         require_tls_for_mail: true,
-        backend_proxy_protocol,
+        backend_proxy_protocol: false,
     };
+    let mut timeouts = Timeouts {
+        backend_connect: Duration::from_secs(5),
+        idle: IDLE,
+        login: LOGIN,
+        data_reply: DATA_REPLY,
+        relay_idle: Duration::from_secs(3600),
+        shutdown_grace: Duration::from_secs(30),
+    };
+    adjust(&mut config, &mut timeouts);
     let tls_config = TlsConfig {
         certificates: vec![pki.cert.clone()],
         min_version: MinTlsVersion::Tls12,
@@ -114,13 +128,7 @@ fn listener_with(
     let context = ListenerContext {
         config,
         hostname: HOST.to_owned(),
-        timeouts: Timeouts {
-            backend_connect: Duration::from_secs(5),
-            idle: IDLE,
-            data_reply: DATA_REPLY,
-            relay_idle: Duration::from_secs(3600),
-            shutdown_grace: Duration::from_secs(30),
-        },
+        timeouts,
         limits: Limits {
             smtp_line: 4096,
             imap_line: 8192,
@@ -407,7 +415,10 @@ async fn smtp_starttls_then_a_silent_backend_after_data_times_out_after_exactly_
 #[tokio::test(start_paused = true)]
 async fn pop3_after_stls_the_backend_gets_the_proxy_header_then_only_the_clients_capa() {
     let pki = pki();
-    let (context, mut backends) = listener_with(Protocol::Pop3, TlsMode::Starttls, &pki, true);
+    let (context, mut backends) =
+        listener_with(Protocol::Pop3, TlsMode::Starttls, &pki, |config, _| {
+            config.backend_proxy_protocol = true;
+        });
     let (mut plain, server_io) = duplex(PIPE);
     let server = tokio::spawn(async move {
         let mut session = session(context);
@@ -480,4 +491,233 @@ async fn imap_unreachable_backend_is_a_bye_unavailable() {
     assert_eq!(rest(&mut client).await, "");
     assert_eq!(server.await.unwrap(), EndReason::BackendUnavailable);
     assert_eq!(context.metrics.backend_connect_failures.get(), 1);
+}
+
+/// A listener whose login deadline is [`SHORT_LOGIN`] (idle stays [`IDLE`]).
+fn short_login(
+    protocol: Protocol,
+    tls_mode: TlsMode,
+    pki: &Pki,
+) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
+    listener_with(protocol, tls_mode, pki, |_, timeouts| {
+        timeouts.login = SHORT_LOGIN;
+    })
+}
+
+/// Every 7 s sends `command` and reads its one-line answer, until a line arrives unasked: the
+/// goodbye. A client this busy never idles out, so only the login deadline can end it.
+async fn busy_until_goodbye<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    command: impl Fn(usize) -> String,
+) -> String {
+    let mut n = 0;
+    loop {
+        client.write_all(command(n).as_bytes()).await.unwrap();
+        let answer = line(client).await;
+        assert!(!answer.is_empty(), "closed without a goodbye");
+        if let Ok(unasked) = tokio::time::timeout(Duration::from_secs(7), line(client)).await {
+            return unasked;
+        }
+        n += 1;
+    }
+}
+
+/// IMAP on a STARTTLS listener: a client that keeps sending NOOP before login never idles out,
+/// but gets the BYE exactly `timeouts.login` after it connected, with no backend ever involved.
+#[tokio::test(start_paused = true)]
+async fn imap_client_busy_before_login_is_logged_out_at_exactly_the_login_timeout() {
+    let pki = pki();
+    let (context, mut backends) = short_login(Protocol::Imap, TlsMode::Starttls, &pki);
+    let (mut client, server_io) = duplex(PIPE);
+    let started = Instant::now();
+    let shared = context.clone();
+    let server = tokio::spawn(async move {
+        let mut session = session(shared);
+        mailfront::imap::session::serve(ClientStream::Plain(server_io), &mut session).await
+    });
+    assert!(line(&mut client).await.starts_with("* OK"));
+    let bye = busy_until_goodbye(&mut client, |n| format!("a{n} NOOP\r\n")).await;
+    assert_eq!(started.elapsed(), SHORT_LOGIN);
+    assert_eq!(bye, "* BYE Autologout; login took too long\r\n");
+    assert_eq!(rest(&mut client).await, "");
+    assert_eq!(server.await.unwrap(), EndReason::LoginTimeout);
+    assert!(backends.try_recv().is_err(), "a backend was connected");
+}
+
+/// POP3 after STLS: the handshake is part of the time before login, so a client that never
+/// starts it is dropped at `timeouts.login` when that comes before `tls.handshake_timeout`.
+#[tokio::test(start_paused = true)]
+async fn pop3_handshake_after_stls_is_bounded_by_the_login_timeout() {
+    let pki = pki();
+    let login = Duration::from_secs(4);
+    let (context, mut backends) =
+        listener_with(Protocol::Pop3, TlsMode::Starttls, &pki, |_, timeouts| {
+            timeouts.login = login;
+        });
+    let (mut client, server_io) = duplex(PIPE);
+    let started = Instant::now();
+    let server = tokio::spawn(async move {
+        let mut session = session(context);
+        mailfront::pop3::session::serve(ClientStream::Plain(server_io), &mut session).await
+    });
+    assert_eq!(line(&mut client).await, format!("+OK {HOST} ready\r\n"));
+    client.write_all(b"STLS\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "+OK Begin TLS negotiation\r\n");
+    assert_eq!(server.await.unwrap(), EndReason::LoginTimeout);
+    assert_eq!(started.elapsed(), login);
+    assert!(backends.try_recv().is_err(), "a backend was connected");
+}
+
+/// IMAP: once the backend accepts the login the deadline is gone; the relay runs on past it.
+#[tokio::test(start_paused = true)]
+async fn imap_session_logged_in_outlives_the_login_timeout() {
+    let pki = pki();
+    let (context, mut backends) = short_login(Protocol::Imap, TlsMode::Implicit, &pki);
+    let (client_io, server_io) = duplex(PIPE);
+    let server = tokio::spawn(async move {
+        let mut session = session(context.clone());
+        let (client, info, took) = ClientStream::Plain(server_io)
+            .upgrade(&context.handshaker)
+            .await
+            .unwrap();
+        session.tls_established(info, took, false);
+        mailfront::imap::session::serve(client, &mut session).await
+    });
+    let mut client = tls_client(client_io, &pki).await;
+    let mut backend = backends.recv().await.unwrap();
+    backend
+        .write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+        .await
+        .unwrap();
+    assert!(line(&mut client).await.starts_with("* OK"));
+    client.write_all(b"a LOGIN u secret\r\n").await.unwrap();
+    assert!(line(&mut backend).await.starts_with("a LOGIN "));
+    backend.write_all(b"a OK logged in\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "a OK logged in\r\n");
+    tokio::time::sleep(SHORT_LOGIN * 2).await;
+    client.write_all(b"b NOOP\r\n").await.unwrap();
+    expect(&mut backend, b"b NOOP\r\n").await;
+    backend.write_all(b"b OK done\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "b OK done\r\n");
+    drop(client);
+    assert_eq!(server.await.unwrap(), EndReason::ClientClosed);
+}
+
+/// SMTP on a STARTTLS listener: NOOPs answered locally before TLS keep the idle timer away, not
+/// the login deadline: 421 4.4.2 exactly `timeouts.login` after connecting.
+#[tokio::test(start_paused = true)]
+async fn smtp_client_busy_before_auth_gets_421_at_exactly_the_login_timeout() {
+    let pki = pki();
+    let (context, mut backends) = short_login(Protocol::Smtp, TlsMode::Starttls, &pki);
+    let (mut client, server_io) = duplex(PIPE);
+    let started = Instant::now();
+    let server = tokio::spawn(async move {
+        let mut session = session(context);
+        mailfront::smtp::session::serve(ClientStream::Plain(server_io), &mut session).await
+    });
+    assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
+    let bye = busy_until_goodbye(&mut client, |_| "NOOP\r\n".to_owned()).await;
+    assert_eq!(started.elapsed(), SHORT_LOGIN);
+    assert_eq!(
+        bye,
+        format!("421 4.4.2 {HOST} Error: login timeout exceeded, closing transmission channel\r\n")
+    );
+    assert_eq!(rest(&mut client).await, "");
+    assert_eq!(server.await.unwrap(), EndReason::LoginTimeout);
+    assert!(backends.try_recv().is_err(), "a backend was connected");
+}
+
+/// SMTP on an implicit-TLS listener: a successful AUTH stops the login clock.
+#[tokio::test(start_paused = true)]
+async fn smtp_session_after_auth_outlives_the_login_timeout() {
+    let pki = pki();
+    let (context, mut backends) = short_login(Protocol::Smtp, TlsMode::Implicit, &pki);
+    let (client_io, server_io) = duplex(PIPE);
+    let server = tokio::spawn(async move {
+        let mut session = session(context.clone());
+        let (client, info, took) = ClientStream::Plain(server_io)
+            .upgrade(&context.handshaker)
+            .await
+            .unwrap();
+        session.tls_established(info, took, false);
+        mailfront::smtp::session::serve(client, &mut session).await
+    });
+    let mut client = tls_client(client_io, &pki).await;
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
+    client.write_all(b"EHLO c.example\r\n").await.unwrap();
+    expect(&mut backend, b"EHLO c.example\r\n").await;
+    backend
+        .write_all(b"250-backend\r\n250 AUTH PLAIN\r\n")
+        .await
+        .unwrap();
+    smtp_reply(&mut client).await;
+    client.write_all(b"AUTH PLAIN AHUAcw==\r\n").await.unwrap();
+    expect(&mut backend, b"AUTH PLAIN AHUAcw==\r\n").await;
+    backend.write_all(b"235 2.7.0 ok\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "235 2.7.0 ok\r\n");
+    tokio::time::sleep(SHORT_LOGIN * 2).await;
+    client.write_all(b"NOOP\r\n").await.unwrap();
+    expect(&mut backend, b"NOOP\r\n").await;
+    backend.write_all(b"250 2.0.0 ok\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "250 2.0.0 ok\r\n");
+    drop(client);
+    assert_eq!(server.await.unwrap(), EndReason::ClientClosed);
+}
+
+/// SMTP with `require_tls_for_mail: false`: an accepted cleartext MAIL is as far as such a
+/// client goes towards login, so it stops the clock; a refused one does not.
+#[tokio::test(start_paused = true)]
+async fn smtp_accepted_cleartext_mail_stops_the_login_clock_where_allowed() {
+    let pki = pki();
+    for accepted in [true, false] {
+        let (context, mut backends) = listener_with(
+            Protocol::Smtp,
+            TlsMode::Starttls,
+            &pki,
+            |config, timeouts| {
+                config.require_tls_for_mail = false;
+                timeouts.login = SHORT_LOGIN;
+            },
+        );
+        let (mut client, server_io) = duplex(PIPE);
+        let started = Instant::now();
+        let server = tokio::spawn(async move {
+            let mut session = session(context);
+            mailfront::smtp::session::serve(ClientStream::Plain(server_io), &mut session).await
+        });
+        assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
+        client.write_all(b"EHLO c.example\r\n").await.unwrap();
+        smtp_reply(&mut client).await;
+        client
+            .write_all(b"MAIL FROM:<a@example.test>\r\n")
+            .await
+            .unwrap();
+        let mut backend = backends.recv().await.unwrap();
+        backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+        expect(&mut backend, b"EHLO c.example\r\n").await;
+        backend.write_all(b"250 backend\r\n").await.unwrap();
+        expect(&mut backend, b"MAIL FROM:<a@example.test>\r\n").await;
+        let verdict: &[u8] = if accepted {
+            b"250 2.1.0 Ok\r\n"
+        } else {
+            b"550 5.7.1 no\r\n"
+        };
+        backend.write_all(verdict).await.unwrap();
+        assert_eq!(line(&mut client).await.as_bytes(), verdict);
+        if accepted {
+            tokio::time::sleep(SHORT_LOGIN * 2).await;
+            client.write_all(b"NOOP\r\n").await.unwrap();
+            expect(&mut backend, b"NOOP\r\n").await;
+            backend.write_all(b"250 2.0.0 ok\r\n").await.unwrap();
+            assert_eq!(line(&mut client).await, "250 2.0.0 ok\r\n");
+            drop(client);
+            assert_eq!(server.await.unwrap(), EndReason::ClientClosed);
+        } else {
+            assert!(line(&mut client).await.starts_with("421 4.4.2 "));
+            assert_eq!(started.elapsed(), SHORT_LOGIN);
+            assert_eq!(server.await.unwrap(), EndReason::LoginTimeout);
+        }
+    }
 }

@@ -952,3 +952,65 @@ async fn after_tls_only_parsed_commands_reach_the_backend_and_a_forged_second_id
     );
     assert_only_canonical_commands(&seen);
 }
+
+/// Sends one byte every 100 ms until the proxy says something; returns how long that took.
+async fn trickle_until_answered<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut BufReader<S>,
+    bytes: &[u8],
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    for byte in bytes.iter().cycle() {
+        tokio::select! {
+            r = tokio::io::AsyncBufReadExt::fill_buf(c) => { r.unwrap(); break; }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never cut off");
+        send(c, &[*byte]).await;
+    }
+    started.elapsed()
+}
+
+const LOGIN_TIMEOUT: &str = "timeouts:\n  login: 600ms\n  idle: 5s\n";
+
+#[tokio::test]
+async fn a_trickling_client_is_cut_off_at_the_login_timeout() {
+    let s = setup("implicit", FakeOptions::default(), LOGIN_TIMEOUT).await;
+    let (mut c, _, _) = s.connect().await;
+    let took = trickle_until_answered(&mut c, b"a NOOP").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "* BYE Autologout; login took too long\r\n"
+    );
+    assert_eq!(read_line(&mut c).await, "");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    eventually(|| {
+        s.metrics()
+            .contains("reason=\"login_timeout\",side=\"client\"} 1")
+    })
+    .await;
+    // Same in cleartext on a STARTTLS listener, where no backend is connected at all.
+    let s = setup("starttls", FakeOptions::default(), LOGIN_TIMEOUT).await;
+    let (mut c, _) = s.connect_plain().await;
+    trickle_until_answered(&mut c, b"a NOOP").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "* BYE Autologout; login took too long\r\n"
+    );
+    assert!(s.backend.recorder.connections().is_empty());
+}
+
+#[tokio::test]
+async fn a_logged_in_client_is_not_cut_off_at_the_login_timeout() {
+    let s = setup("implicit", FakeOptions::default(), LOGIN_TIMEOUT).await;
+    let (mut c, _, _) = s.connect().await;
+    assert!(
+        command(&mut c, "a", "LOGIN u secret")
+            .await
+            .contains("a OK")
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(command(&mut c, "b", "NOOP").await.contains("b OK"));
+}

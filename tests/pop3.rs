@@ -757,3 +757,53 @@ async fn quit_ends_with_close_notify_before_and_after_login() {
     assert_eq!(line(&mut c, "QUIT").await, "+OK Logging out.\r\n");
     assert_eq!(read_line(&mut c).await, "");
 }
+
+/// Sends one byte every 100 ms until the proxy says something; returns how long that took.
+async fn trickle_until_answered<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut BufReader<S>,
+    bytes: &[u8],
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    for byte in bytes.iter().cycle() {
+        tokio::select! {
+            r = tokio::io::AsyncBufReadExt::fill_buf(c) => { r.unwrap(); break; }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never cut off");
+        send(c, &[*byte]).await;
+    }
+    started.elapsed()
+}
+
+const LOGIN_TIMEOUT: &str = "timeouts:\n  login: 600ms\n  idle: 5s\n";
+
+#[tokio::test]
+async fn a_trickling_client_is_cut_off_at_the_login_timeout() {
+    let s = setup("implicit", LOGIN_TIMEOUT).await;
+    let mut c = s.connect().await;
+    let took = trickle_until_answered(&mut c, b"CAPA").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "-ERR Disconnected: login took too long\r\n"
+    );
+    assert_eq!(read_line(&mut c).await, "");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    eventually(|| {
+        s.metrics()
+            .contains("reason=\"login_timeout\",side=\"client\"} 1")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_logged_in_client_is_not_cut_off_at_the_login_timeout() {
+    let s = setup("implicit", LOGIN_TIMEOUT).await;
+    let mut c = s.connect().await;
+    assert_eq!(line(&mut c, "USER u").await, "+OK\r\n");
+    assert_eq!(line(&mut c, "PASS secret").await, "+OK Logged in.\r\n");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(line(&mut c, "STAT").await.starts_with("+OK"));
+}

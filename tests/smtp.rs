@@ -1771,3 +1771,72 @@ async fn bdat_with_a_crlf_split_across_chunks_is_accepted() {
     check_field(&field, &c, "ESMTPS");
     assert_eq!(rest, [&chunk1[..], &chunk2[..]].concat());
 }
+
+/// Sends one byte every 100 ms until the proxy says something; returns how long that took.
+async fn trickle_until_answered(c: &mut Client, bytes: &[u8]) -> Duration {
+    let started = tokio::time::Instant::now();
+    for byte in bytes.iter().cycle() {
+        tokio::select! {
+            r = tokio::io::AsyncBufReadExt::fill_buf(&mut c.io) => { r.unwrap(); break; }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never cut off");
+        c.send([*byte]).await;
+    }
+    started.elapsed()
+}
+
+const LOGIN_TIMEOUT: &str = "timeouts:\n  login: 600ms\n  idle: 5s\n";
+const LOGIN_TIMEOUT_REPLY: &str =
+    "421 4.4.2 mx.example.test Error: login timeout exceeded, closing transmission channel\r\n";
+
+#[tokio::test]
+async fn a_trickling_client_is_cut_off_at_the_login_timeout() {
+    let env = env_with(FakeOptions::default(), "", LOGIN_TIMEOUT).await;
+    let mut c = implicit(&env).await;
+    let took = trickle_until_answered(&mut c, b"NOOP").await;
+    assert_eq!(c.rest().await, LOGIN_TIMEOUT_REPLY);
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    eventually(|| {
+        env.proxy.metrics.encode().lines().any(|l| {
+            l.contains("listener=\"submissions\"")
+                && l.contains("reason=\"login_timeout\"")
+                && l.ends_with(" 1")
+        })
+    })
+    .await;
+    // Before TLS on 587 too, with no backend connected.
+    let mut c = plain(&env).await;
+    let took = trickle_until_answered(&mut c, b"EHLO x").await;
+    assert_eq!(c.rest().await, LOGIN_TIMEOUT_REPLY);
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_authenticated_client_is_not_cut_off_at_the_login_timeout() {
+    let env = env_with(FakeOptions::default(), "", LOGIN_TIMEOUT).await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(c.cmd("NOOP").await.starts_with("250"));
+}
+
+/// With `require_tls_for_mail: false` an accepted cleartext MAIL stops the clock: such a client
+/// never authenticates, and its message may take longer than `timeouts.login`.
+#[tokio::test]
+async fn an_accepted_cleartext_mail_stops_the_login_clock() {
+    let env = env_with(
+        FakeOptions::default(),
+        "    require_tls_for_mail: false\n",
+        LOGIN_TIMEOUT,
+    )
+    .await;
+    let mut c = plain(&env).await;
+    c.cmd(&format!("EHLO {HELO}")).await;
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+}

@@ -773,6 +773,10 @@ impl Machine for Prelogin {
         reply::bye_idle_timeout()
     }
 
+    fn bye_login_timeout() -> Vec<u8> {
+        reply::bye_login_timeout()
+    }
+
     fn bye_shutdown() -> Vec<u8> {
         reply::bye_shutdown()
     }

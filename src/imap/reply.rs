@@ -86,6 +86,12 @@ pub fn bye_idle_timeout() -> Vec<u8> {
     b"* BYE Autologout; idle for too long\r\n".to_vec()
 }
 
+/// The client had not authenticated within `timeouts.login` of connecting, however busy it
+/// was: a server-initiated logout (RFC 9051 §7.1.5), in the idle timeout's words.
+pub fn bye_login_timeout() -> Vec<u8> {
+    b"* BYE Autologout; login took too long\r\n".to_vec()
+}
+
 /// Too many commands before authentication (`limits.preauth_commands`).
 pub fn bye_too_many_commands() -> Vec<u8> {
     b"* BYE Too many commands before authentication\r\n".to_vec()

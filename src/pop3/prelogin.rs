@@ -463,6 +463,10 @@ impl Machine for Prelogin {
         reply::err_idle_timeout()
     }
 
+    fn bye_login_timeout() -> Vec<u8> {
+        reply::err_login_timeout()
+    }
+
     fn bye_shutdown() -> Vec<u8> {
         reply::err_shutdown()
     }

@@ -66,6 +66,12 @@ pub fn err_idle_timeout() -> Vec<u8> {
     b"-ERR Disconnected for inactivity\r\n".to_vec()
 }
 
+/// The client had not authenticated within `timeouts.login` of connecting, however busy it
+/// was. No RFC 2449 response code: nothing about it is temporary or the server's.
+pub fn err_login_timeout() -> Vec<u8> {
+    b"-ERR Disconnected: login took too long\r\n".to_vec()
+}
+
 /// Too many commands before authentication (`limits.preauth_commands`).
 pub fn err_too_many_commands() -> Vec<u8> {
     b"-ERR Too many commands before authentication\r\n".to_vec()

@@ -122,6 +122,17 @@ pub fn too_many_connections(hostname: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The client had not authenticated (nor, where cleartext mail is allowed, started a
+/// transaction) within `timeouts.login` of connecting: 421 closes the channel (RFC 5321 §3.8),
+/// 4.4.2 as for the idle timeout (RFC 3463), the text telling the two apart.
+pub fn login_timeout(hostname: &str) -> Vec<u8> {
+    format!(
+        "421 4.4.2 {} Error: login timeout exceeded, closing transmission channel\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
+}
+
 /// Graceful shutdown: sent on the next command (RFC 5321 §3.8: 421 may answer any command).
 pub fn shutting_down(hostname: &str) -> Vec<u8> {
     format!(

@@ -57,6 +57,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 use crate::backend::BackendStream;
 use crate::config::TlsMode;
@@ -126,7 +127,17 @@ pub async fn serve<S: Transport>(mut client: ClientStream<S>, session: &mut Sess
             match driver.run(&mut client).await {
                 Err(reason) => break reason,
                 Ok(StartTls) => {
-                    match upgrade_client(client, &listener, driver.session.client_addr).await {
+                    let upgrade = upgrade_client(client, &listener, driver.session.client_addr);
+                    let upgraded = match driver.login_deadline {
+                        // The handshake is part of the time before login; mid-handshake no
+                        // reply can be written, so the connection just closes.
+                        Some(deadline) => match tokio::time::timeout_at(deadline, upgrade).await {
+                            Ok(upgraded) => upgraded,
+                            Err(_) => return EndReason::LoginTimeout,
+                        },
+                        None => upgrade.await,
+                    };
+                    match upgraded {
                         Ok((upgraded, info, took)) => {
                             client = upgraded;
                             driver.tls_started(info, took);
@@ -288,6 +299,10 @@ struct Driver<'s> {
     bin_len: usize,
     /// Replies for the client, written before every wait.
     cout: Vec<u8>,
+    /// When `timeouts.login` runs out, until a successful AUTH or, where cleartext mail is
+    /// allowed (`require_tls_for_mail: false`), an accepted MAIL: a client admitted to send
+    /// mail is past login. Never moved by traffic.
+    login_deadline: Option<Instant>,
 }
 
 impl<'s> Driver<'s> {
@@ -297,6 +312,7 @@ impl<'s> Driver<'s> {
         let gate = GateState::new(listener, config.require_tls_for_mail);
         let receiver =
             CommandReceiver::new(session.listener.limits.smtp_line, DEFAULT_AUTH_LINE_LIMIT);
+        let login_deadline = Some(session.login_deadline());
         Driver {
             session,
             backend,
@@ -317,6 +333,7 @@ impl<'s> Driver<'s> {
             bin_pos: 0,
             bin_len: 0,
             cout: Vec::new(),
+            login_deadline,
         }
     }
 
@@ -976,12 +993,15 @@ impl<'s> Driver<'s> {
             Expect::AuthCancel => {}
             Expect::Mail => {
                 if reply.is_positive() {
-                    // The backend admitted mail from this session (cleartext mail where
-                    // allowed, or mail it takes without AUTH): like a login, it no longer
-                    // counts against limits.connections_per_ip.
-                    self.session.authenticated();
                     self.tx.accepted_rcpts = 0;
                     self.tx.recipient = None;
+                    if !self.gate.require_tls_for_mail {
+                        // Where cleartext mail is allowed, an accepted MAIL is this session's
+                        // login: the login clock stops and it no longer counts against
+                        // limits.connections_per_ip, as after a successful AUTH.
+                        self.session.authenticated();
+                        self.login_deadline = None;
+                    }
                 }
                 self.cout.extend_from_slice(reply.raw());
             }
@@ -1028,6 +1048,7 @@ impl<'s> Driver<'s> {
             235 => {
                 self.gate.authenticated = true;
                 self.session.authenticated();
+                self.login_deadline = None;
                 self.session
                     .listener
                     .metrics
@@ -1207,13 +1228,22 @@ impl<'s> Driver<'s> {
         if self.session.shutdown.is_cancelled() {
             return Err(self.shutting_down());
         }
-        let idle = self.session.listener.timeouts.idle;
+        let idle_deadline = Instant::now() + self.session.listener.timeouts.idle;
+        let deadline = self
+            .login_deadline
+            .map_or(idle_deadline, |login| login.min(idle_deadline));
+        // Checked before the read too: a read that is always ready (a client pipelining
+        // without pause) would otherwise win over an expired deadline every time.
+        if self.login_expired() {
+            return Err(self.login_timed_out());
+        }
         let read = tokio::select! {
             biased;
             () = self.session.shutdown.cancelled() => return Err(self.shutting_down()),
-            read = tokio::time::timeout(idle, client.read(&mut self.cin)) => read,
+            read = tokio::time::timeout_at(deadline, client.read(&mut self.cin)) => read,
         };
         match read {
+            Err(_) if self.login_expired() => Err(self.login_timed_out()),
             Err(_) => {
                 let reply = local_reply::timeout(self.hostname());
                 self.cout.extend_from_slice(&reply);
@@ -1227,6 +1257,18 @@ impl<'s> Driver<'s> {
                 Ok(())
             }
         }
+    }
+
+    /// Whether `timeouts.login` ran out before the client got past login.
+    fn login_expired(&self) -> bool {
+        self.login_deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+    }
+
+    fn login_timed_out(&mut self) -> EndReason {
+        let reply = local_reply::login_timeout(self.hostname());
+        self.cout.extend_from_slice(&reply);
+        EndReason::LoginTimeout
     }
 
     /// Writes the queued client output.
