@@ -3,6 +3,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -47,13 +48,17 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let client_eof = AtomicBool::new(false);
+    let backend_eof = AtomicBool::new(false);
     let mut client = Sided {
         inner: client,
         side: Side::Client,
+        eof: &client_eof,
     };
     let mut backend = Sided {
         inner: backend,
         side: Side::Backend,
+        eof: &backend_eof,
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
@@ -72,7 +77,13 @@ where
                     Ok(_) => RelayEnd::Closed,
                     Err(error) => {
                         let (side, error) = SideError::split(error);
-                        RelayEnd::Error { side, error }
+                        if side == Side::Client && backend_eof.load(Ordering::Relaxed) {
+                            // The backend had ended the session (its goodbye to LOGOUT/QUIT went
+                            // out); a client that then resets rather than closes ends normally.
+                            RelayEnd::Closed
+                        } else {
+                            RelayEnd::Error { side, error }
+                        }
                     }
                 };
             }
@@ -118,10 +129,12 @@ impl SideError {
     }
 }
 
-/// A stream whose errors carry its side; bytes pass untouched.
+/// A stream whose errors carry its side; bytes pass untouched. `eof` is set once a read
+/// returns end of stream.
 struct Sided<'a, T: ?Sized> {
     inner: &'a mut T,
     side: Side,
+    eof: &'a AtomicBool,
 }
 
 impl<T: ?Sized> Sided<'_, T> {
@@ -140,7 +153,11 @@ impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Sided<'_, T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() == before {
+            this.eof.store(true, Ordering::Relaxed);
+        }
         this.tag(poll)
     }
 }
