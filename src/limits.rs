@@ -380,7 +380,11 @@ mod tests {
         assert!(throttle.throttled(a));
         tokio::time::advance(WINDOW).await;
         assert_eq!(throttle.remaining(a), 2);
-        assert_eq!(throttle.addresses(), 0, "an address with no failures left is forgotten");
+        assert_eq!(
+            throttle.addresses(),
+            0,
+            "an address with no failures left is forgotten"
+        );
     }
 
     #[tokio::test(start_paused = true)]

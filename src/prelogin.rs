@@ -59,6 +59,9 @@ pub enum Notice {
     Auth { ok: bool, mechanism: String },
     /// A login refused because TLS is not active (RFC 8314 §4.1).
     CleartextAuthRefused { mechanism: String },
+    /// A login refused here, never forwarded, because the client's address reached
+    /// `limits.auth_failures_per_ip`.
+    AuthThrottled { mechanism: String },
     /// IMAP only: an ID carrying the `tls` field went to the backend.
     IdFieldAdded(IdSource),
 }
@@ -164,6 +167,12 @@ pub trait Machine {
 
     fn take_notices(&mut self) -> Vec<Notice>;
 
+    /// How many more failed logins the client's address may have (`limits.auth_failures_per_ip`
+    /// in its window), set by the driver before each input. The machine counts down on every
+    /// refusal it sees, so pipelined attempts answered in one read are counted too, and at 0 it
+    /// answers login commands itself instead of forwarding them.
+    fn set_auth_failures_left(&mut self, _left: u32) {}
+
     /// Client bytes arrived. Returns whether the idle timer restarts: bytes the machine only
     /// holds must not keep a session alive while it waits for the backend.
     fn client_input(&mut self, bytes: &[u8]) -> bool;
@@ -229,6 +238,7 @@ pub async fn serve<M: Machine, S: Transport>(
     let mut bchunk = vec![0u8; READ_CHUNK];
     loop {
         record_notices(&mut machine, session);
+        machine.set_auth_failures_left(session.auth_failures_left());
         let out = machine.take_to_backend();
         if !out.is_empty()
             && let Some(b) = backend.as_mut()
@@ -358,6 +368,9 @@ fn record_notices<M: Machine>(machine: &mut M, session: &Session) {
     for notice in machine.take_notices() {
         match notice {
             Notice::Auth { ok, mechanism } => {
+                if !ok {
+                    session.auth_failed();
+                }
                 metrics.auth_outcome(if ok {
                     AuthResult::Success
                 } else {
@@ -382,6 +395,17 @@ fn record_notices<M: Machine>(machine: &mut M, session: &Session) {
                     result = "refused_cleartext",
                     mechanism,
                     cipher = "none",
+                    "authentication"
+                );
+            }
+            Notice::AuthThrottled { mechanism } => {
+                session.auth_throttled();
+                tracing::info!(
+                    listener = %session.listener.config.name,
+                    protocol = M::PROTOCOL,
+                    client = %session.client_addr,
+                    result = "throttled",
+                    mechanism,
                     "authentication"
                 );
             }

@@ -77,6 +77,9 @@ pub struct Prelogin {
     quit: bool,
     /// `+` challenges the backend sent during AUTH that the client has not answered yet.
     sasl_credit: usize,
+    /// See [`Machine::set_auth_failures_left`]: at 0 PASS, APOP and AUTH are answered here
+    /// (USER alone proves nothing and still goes).
+    auth_failures_left: u32,
 }
 
 impl Prelogin {
@@ -93,6 +96,7 @@ impl Prelogin {
             commands: 0,
             quit: false,
             sasl_credit: 0,
+            auth_failures_left: u32::MAX,
         };
         if !tls_active {
             let greeting = reply::greeting(&machine.settings.hostname);
@@ -296,6 +300,17 @@ impl Prelogin {
 
     fn on_decision(&mut self, decision: Decision) {
         match decision {
+            Decision::Forward { request, expect }
+                if self.auth_failures_left == 0
+                    && matches!(expect, Expect::Authentication | Expect::Sasl) =>
+            {
+                self.core.notices.push(Notice::AuthThrottled {
+                    mechanism: request.log_name(),
+                });
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::err_auth_throttled());
+            }
             Decision::Forward { request, expect } => {
                 let sent = match &request {
                     _ if matches!(expect, Expect::Authentication | Expect::Sasl) => {
@@ -393,6 +408,9 @@ impl Prelogin {
             let ok = response.authenticated();
             self.sasl_credit = 0;
             self.core.notices.push(Notice::Auth { ok, mechanism });
+            if !ok {
+                self.auth_failures_left = self.auth_failures_left.saturating_sub(1);
+            }
             if ok {
                 // Whatever follows belongs to the TRANSACTION state: relayed as is.
                 self.core.phase = Phase::Authenticated;
@@ -416,6 +434,10 @@ impl Machine for Prelogin {
 
     fn take_to_backend(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.core.to_backend)
+    }
+
+    fn set_auth_failures_left(&mut self, left: u32) {
+        self.auth_failures_left = left;
     }
 
     fn take_notices(&mut self) -> Vec<Notice> {
@@ -686,6 +708,41 @@ mod tests {
         );
         assert_eq!(m.next(), Next::Run);
         assert!(!m.waiting_for_backend());
+    }
+
+    #[test]
+    fn a_throttled_address_gets_sys_temp_and_no_credential_reaches_the_backend() {
+        let mut m = greeted();
+        m.set_auth_failures_left(1);
+        m.client_input(b"USER alice\r\nPASS wrong\r\nPASS again\r\nAPOP alice 0123456789abcdef0123456789abcdef\r\nAUTH PLAIN\r\nUSER bob\r\n");
+        assert_eq!(out(&mut m).1, "USER alice\r\nPASS wrong\r\n");
+        m.backend_input(b"+OK\r\n-ERR [AUTH] Authentication failed.\r\n");
+        let (client, backend) = out(&mut m);
+        let throttled = "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n";
+        assert_eq!(
+            client,
+            format!(
+                "+OK\r\n-ERR [AUTH] Authentication failed.\r\n{throttled}{throttled}{throttled}"
+            )
+        );
+        // USER alone is no attempt: it still goes.
+        assert_eq!(backend, "USER bob\r\n");
+        assert_eq!(
+            m.take_notices(),
+            vec![
+                auth(false, "PASS"),
+                Notice::AuthThrottled {
+                    mechanism: "PASS".to_owned()
+                },
+                Notice::AuthThrottled {
+                    mechanism: "APOP".to_owned()
+                },
+                Notice::AuthThrottled {
+                    mechanism: "AUTH PLAIN".to_owned()
+                },
+            ]
+        );
+        assert!(!m.rx.in_sasl(), "a refused AUTH starts no SASL exchange");
     }
 
     #[test]
