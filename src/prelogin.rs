@@ -238,7 +238,6 @@ pub async fn serve<M: Machine, S: Transport>(
     let mut bchunk = vec![0u8; READ_CHUNK];
     loop {
         record_notices(&mut machine, session);
-        machine.set_auth_failures_left(session.auth_failures_left());
         let out = machine.take_to_backend();
         if !out.is_empty()
             && let Some(b) = backend.as_mut()
@@ -314,6 +313,8 @@ pub async fn serve<M: Machine, S: Transport>(
                     return EndReason::ClientClosed;
                 }
                 Ok(n) => {
+                    // Looked up at each input: the window moves and other sessions fail too.
+                    machine.set_auth_failures_left(session.auth_failures_left());
                     if machine.client_input(cchunk.get(..n).unwrap_or_default()) {
                         deadline = Instant::now() + idle;
                     }
@@ -323,6 +324,7 @@ pub async fn serve<M: Machine, S: Transport>(
             r = backend_read => match r {
                 Ok(0) => machine.backend_closed(),
                 Ok(n) => {
+                    machine.set_auth_failures_left(session.auth_failures_left());
                     if machine.backend_input(bchunk.get(..n).unwrap_or_default()) {
                         deadline = Instant::now() + idle;
                     }

@@ -58,6 +58,10 @@ enum Sent {
     Auth(String),
     Quit,
     Other,
+    /// A reply of mailfront's own, owed after the responses to the commands before it
+    /// (pipelining, RFC 2449 §6.6): nothing of it goes to the backend. Never first in the
+    /// queue: it goes out as soon as the response before it did.
+    Local(Vec<u8>),
 }
 
 /// The POP3 AUTHORIZATION state of one session.
@@ -307,9 +311,15 @@ impl Prelogin {
                 self.core.notices.push(Notice::AuthThrottled {
                     mechanism: request.log_name(),
                 });
-                self.core
-                    .to_client
-                    .extend_from_slice(&reply::err_auth_throttled());
+                if self.sent.is_empty() {
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::err_auth_throttled());
+                } else {
+                    // A pipelined USER before it is still unanswered.
+                    self.sent
+                        .push_back(Sent::Local(reply::err_auth_throttled()));
+                }
             }
             Decision::Forward { request, expect } => {
                 let sent = match &request {
@@ -402,6 +412,13 @@ impl Prelogin {
             _ => response.raw.clone(),
         };
         self.core.to_client.extend_from_slice(&shown);
+        if is_final {
+            while let Some(Sent::Local(_)) = self.sent.front() {
+                if let Some(Sent::Local(owed)) = self.sent.pop_front() {
+                    self.core.to_client.extend_from_slice(&owed);
+                }
+            }
+        }
         if let Some(Sent::Auth(mechanism)) = sent
             && is_final
         {
@@ -743,6 +760,24 @@ mod tests {
             ]
         );
         assert!(!m.rx.in_sasl(), "a refused AUTH starts no SASL exchange");
+    }
+
+    #[test]
+    fn a_throttled_pass_pipelined_after_user_is_answered_after_user() {
+        let mut m = greeted();
+        m.set_auth_failures_left(0);
+        m.client_input(b"USER alice\r\nPASS secret\r\nCAPA\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "", "USER's +OK comes first");
+        assert_eq!(backend, "USER alice\r\nCAPA\r\n");
+        m.backend_input(b"+OK\r\n");
+        assert_eq!(
+            out(&mut m).0,
+            "+OK\r\n-ERR [SYS/TEMP] Too many failed logins, try again later\r\n"
+        );
+        m.backend_input(BACKEND_CAPA.as_bytes());
+        assert!(out(&mut m).0.starts_with("+OK\r\nTOP\r\n"));
+        assert!(!m.waiting_for_backend());
     }
 
     #[test]
