@@ -282,6 +282,10 @@ pub struct LimitsSection {
     pub preauth_commands: usize,
     #[serde(default = "default_connections_per_ip")]
     pub connections_per_ip: u32,
+    #[serde(default = "default_auth_failures_per_ip")]
+    pub auth_failures_per_ip: u32,
+    #[serde(default = "default_auth_failure_window")]
+    pub auth_failure_window: ConfigDuration,
 }
 
 impl Default for LimitsSection {
@@ -293,6 +297,8 @@ impl Default for LimitsSection {
             pop3_line: default_pop3_line(),
             preauth_commands: default_preauth_commands(),
             connections_per_ip: default_connections_per_ip(),
+            auth_failures_per_ip: default_auth_failures_per_ip(),
+            auth_failure_window: default_auth_failure_window(),
         }
     }
 }
@@ -346,6 +352,13 @@ pub const DEFAULT_PREAUTH_COMMANDS: usize = 50;
 /// a NAT gateway in front of an office rarely has 50 logins in progress at one instant, because
 /// authenticated sessions do not count.
 pub const DEFAULT_CONNECTIONS_PER_IP: u32 = 50;
+/// Failed logins one client address (an IPv6 /64) may have in `limits.auth_failure_window`
+/// before its further attempts are refused here: a person mistyping a password, or a phone
+/// retrying an old one on three accounts, stays well below 10.
+pub const DEFAULT_AUTH_FAILURES_PER_IP: u32 = 10;
+/// 10 failures per 10 minutes is one guess a minute: a dictionary attack on one address gets
+/// nowhere, and a throttled person waits minutes, not hours.
+pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(600);
 
 /// A listener name labels metrics and logs: 64 octets is plenty for a name and keeps label
 /// values short.
@@ -411,6 +424,12 @@ fn default_preauth_commands() -> usize {
 }
 fn default_connections_per_ip() -> u32 {
     DEFAULT_CONNECTIONS_PER_IP
+}
+fn default_auth_failures_per_ip() -> u32 {
+    DEFAULT_AUTH_FAILURES_PER_IP
+}
+fn default_auth_failure_window() -> ConfigDuration {
+    ConfigDuration(DEFAULT_AUTH_FAILURE_WINDOW)
 }
 
 /// Default cap on concurrent sessions per listener: an idle TLS session costs mailfront some
@@ -508,6 +527,9 @@ pub struct Limits {
     pub preauth_commands: usize,
     /// Unauthenticated sessions per client address across all listeners; 0: no limit.
     pub connections_per_ip: u32,
+    /// Failed logins per client address within `auth_failure_window`; 0: no throttle.
+    pub auth_failures_per_ip: u32,
+    pub auth_failure_window: Duration,
 }
 
 /// The checked configuration the proxy runs with.
@@ -697,6 +719,24 @@ impl Config {
             }
         }
 
+        if lim.auth_failures_per_ip > crate::limits::MAX_AUTH_FAILURES_PER_IP {
+            problem(
+                "limits.auth_failures_per_ip".into(),
+                format!(
+                    "{} is above the maximum of {}",
+                    lim.auth_failures_per_ip,
+                    crate::limits::MAX_AUTH_FAILURES_PER_IP
+                ),
+            );
+        }
+        if lim.auth_failures_per_ip > 0 && lim.auth_failure_window.0.is_zero() {
+            problem(
+                "limits.auth_failure_window".into(),
+                "must be more than 0 (set limits.auth_failures_per_ip to 0 to turn the throttle off)"
+                    .into(),
+            );
+        }
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -727,6 +767,8 @@ impl Config {
                 pop3_line: lim.pop3_line,
                 preauth_commands: lim.preauth_commands,
                 connections_per_ip: lim.connections_per_ip,
+                auth_failures_per_ip: lim.auth_failures_per_ip,
+                auth_failure_window: lim.auth_failure_window.0,
             },
         })
     }
@@ -783,6 +825,11 @@ mod tests {
         assert_eq!(config.tls.handshake_timeout, Duration::from_secs(10));
         assert_eq!(config.limits.smtp_line, 4096);
         assert_eq!(config.limits.connections_per_ip, 50);
+        assert_eq!(config.limits.auth_failures_per_ip, 10);
+        assert_eq!(
+            config.limits.auth_failure_window,
+            Duration::from_secs(10 * 60)
+        );
         // The wait for the final reply to end of data is at least 10 minutes
         // (RFC 5321 §4.5.3.2.6).
         assert!(config.timeouts.data_reply >= Duration::from_secs(600));
@@ -804,6 +851,27 @@ mod tests {
             .validate(Path::new("/"))
             .unwrap();
         assert_eq!(config.timeouts.login, Duration::from_millis(600));
+    }
+
+    #[test]
+    fn the_auth_throttle_is_checked_and_zero_turns_it_off() {
+        let keys: Vec<String> = problems(&format!(
+            "{MINIMAL}limits:\n  auth_failures_per_ip: 101\n  auth_failure_window: 0s\n"
+        ))
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
+        assert_eq!(
+            keys,
+            ["limits.auth_failures_per_ip", "limits.auth_failure_window"]
+        );
+        let off = Config::from_yaml(&format!(
+            "{MINIMAL}limits:\n  auth_failures_per_ip: 0\n  auth_failure_window: 0s\n"
+        ))
+        .unwrap()
+        .validate(Path::new("/"))
+        .unwrap();
+        assert_eq!(off.limits.auth_failures_per_ip, 0);
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub struct Metrics {
     handshake_duration: HistogramVec,
     starttls_upgrades: IntCounterVec,
     cleartext_auth_refused: IntCounterVec,
+    auth_throttled: IntCounterVec,
     auth_outcomes: IntCounterVec,
     messages_submitted: IntCounterVec,
     message_size: HistogramVec,
@@ -193,6 +194,12 @@ impl Metrics {
                 "Authentication attempts refused because the connection was not yet TLS (never forwarded).",
                 l,
             )?,
+            auth_throttled: counter(
+                r,
+                "mailfront_auth_throttled_total",
+                "Authentication attempts refused because the client's address reached limits.auth_failures_per_ip failures within limits.auth_failure_window (never forwarded).",
+                l,
+            )?,
             auth_outcomes: counter(
                 r,
                 "mailfront_auth_outcomes_total",
@@ -318,6 +325,7 @@ impl Metrics {
             handshake_duration: self.handshake_duration.with_label_values(&[name]),
             starttls_upgrades: self.starttls_upgrades.with_label_values(&lp),
             cleartext_auth_refused: self.cleartext_auth_refused.with_label_values(&lp),
+            auth_throttled: self.auth_throttled.with_label_values(&lp),
             auth_success: self
                 .auth_outcomes
                 .with_label_values(&[name, protocol, "success"]),
@@ -389,6 +397,8 @@ pub struct ListenerMetrics {
     pub handshake_duration: Histogram,
     pub starttls_upgrades: IntCounter,
     pub cleartext_auth_refused: IntCounter,
+    /// Login attempts refused locally by `limits.auth_failures_per_ip`.
+    pub auth_throttled: IntCounter,
     auth_success: IntCounter,
     auth_failure: IntCounter,
     /// Present on SMTP listeners only.
@@ -633,6 +643,9 @@ mod tests {
         assert!(text.contains(
             r#"mailfront_cleartext_auth_refused_total{listener="imaps",protocol="imap"} 0"#
         ));
+        assert!(
+            text.contains(r#"mailfront_auth_throttled_total{listener="imaps",protocol="imap"} 0"#)
+        );
         for reason in ["max_connections", "per_ip"] {
             assert!(text.contains(&format!(
                 r#"mailfront_connections_refused_total{{listener="imaps",protocol="imap",reason="{reason}"}} 0"#

@@ -59,6 +59,9 @@ pub enum Notice {
     Auth { ok: bool, mechanism: String },
     /// A login refused because TLS is not active (RFC 8314 §4.1).
     CleartextAuthRefused { mechanism: String },
+    /// A login refused here, never forwarded, because the client's address reached
+    /// `limits.auth_failures_per_ip`.
+    AuthThrottled { mechanism: String },
     /// IMAP only: an ID carrying the `tls` field went to the backend.
     IdFieldAdded(IdSource),
 }
@@ -163,6 +166,12 @@ pub trait Machine {
     fn take_to_backend(&mut self) -> Vec<u8>;
 
     fn take_notices(&mut self) -> Vec<Notice>;
+
+    /// How many more failed logins the client's address may have (`limits.auth_failures_per_ip`
+    /// in its window), set by the driver before each input. The machine counts down on every
+    /// refusal it sees, so pipelined attempts answered in one read are counted too, and at 0 it
+    /// answers login commands itself instead of forwarding them.
+    fn set_auth_failures_left(&mut self, _left: u32) {}
 
     /// Client bytes arrived. Returns whether the idle timer restarts: bytes the machine only
     /// holds must not keep a session alive while it waits for the backend.
@@ -319,6 +328,8 @@ pub async fn serve<M: Machine, S: Transport>(
                     return EndReason::ClientClosed;
                 }
                 Ok(n) => {
+                    // Looked up at each input: the window moves and other sessions fail too.
+                    machine.set_auth_failures_left(session.auth_failures_left());
                     if machine.client_input(cchunk.get(..n).unwrap_or_default()) {
                         deadline = Instant::now() + idle;
                     }
@@ -328,6 +339,7 @@ pub async fn serve<M: Machine, S: Transport>(
             r = backend_read => match r {
                 Ok(0) => machine.backend_closed(),
                 Ok(n) => {
+                    machine.set_auth_failures_left(session.auth_failures_left());
                     if machine.backend_input(bchunk.get(..n).unwrap_or_default()) {
                         deadline = Instant::now() + idle;
                     }
@@ -378,6 +390,9 @@ fn record_notices<M: Machine>(machine: &mut M, session: &Session) {
     for notice in machine.take_notices() {
         match notice {
             Notice::Auth { ok, mechanism } => {
+                if !ok {
+                    session.auth_failed();
+                }
                 metrics.auth_outcome(if ok {
                     AuthResult::Success
                 } else {
@@ -402,6 +417,17 @@ fn record_notices<M: Machine>(machine: &mut M, session: &Session) {
                     result = "refused_cleartext",
                     mechanism,
                     cipher = "none",
+                    "authentication"
+                );
+            }
+            Notice::AuthThrottled { mechanism } => {
+                session.auth_throttled();
+                tracing::info!(
+                    listener = %session.listener.config.name,
+                    protocol = M::PROTOCOL,
+                    client = %session.client_addr,
+                    result = "throttled",
+                    mechanism,
                     "authentication"
                 );
             }

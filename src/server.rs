@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::BackendConnector;
 use crate::config::{ListenerConfig, RuntimeConfig, TlsMode};
 use crate::connection::{refuse_per_ip, serve_connection};
-use crate::limits::PerIpLimiter;
+use crate::limits::{AuthThrottle, PerIpLimiter};
 use crate::metrics::{Metrics, Readiness};
 use crate::session::{ListenerContext, Session};
 use crate::tls::{self, CertStore, Handshaker, ReloadOutcome, TlsError};
@@ -149,6 +149,11 @@ impl Server {
         let tracker = TaskTracker::new();
         // One table for all listeners: the limit is per client address, whatever port it uses.
         let per_ip = PerIpLimiter::new(config.limits.connections_per_ip);
+        // Likewise one failure count per address: a guesser may not rotate through ports.
+        let auth_throttle = AuthThrottle::new(
+            config.limits.auth_failures_per_ip,
+            config.limits.auth_failure_window,
+        );
         // Sessions get their own token, cancelled only when the grace period runs out.
         let sessions_cancel = CancellationToken::new();
 
@@ -192,6 +197,7 @@ impl Server {
                 listener,
                 context,
                 per_ip.clone(),
+                auth_throttle.clone(),
                 tracker.clone(),
                 control.shutdown.clone(),
                 sessions_cancel.clone(),
@@ -228,6 +234,7 @@ async fn accept_loop(
     listener: TcpListener,
     context: Arc<ListenerContext>,
     per_ip: PerIpLimiter,
+    auth_throttle: AuthThrottle,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     sessions_cancel: CancellationToken,
@@ -281,6 +288,7 @@ async fn accept_loop(
             sessions_cancel.clone(),
         );
         session.per_ip = Some(per_ip_guard);
+        session.auth_throttle = Some(auth_throttle.clone());
         let active = context.metrics.active.clone();
         tracker.spawn(async move {
             active.inc();

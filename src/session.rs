@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{self, BackendConnector, BackendStream, ByteCounters, ConnectError};
 pub use crate::close::{EndReason, Side};
 use crate::config::{Limits, ListenerConfig, Protocol, Timeouts};
-use crate::limits::PerIpGuard;
+use crate::limits::{AuthThrottle, PerIpGuard};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::relay::{self, RelayEnd};
@@ -196,6 +196,8 @@ pub struct Session {
     pub started: Instant,
     /// This session's place in `limits.connections_per_ip`, held until it authenticates.
     pub per_ip: Option<PerIpGuard>,
+    /// `limits.auth_failures_per_ip`, shared by all listeners; `None` in driver tests.
+    pub auth_throttle: Option<AuthThrottle>,
 }
 
 impl Session {
@@ -214,6 +216,7 @@ impl Session {
             tls: None,
             started: Instant::now(),
             per_ip: None,
+            auth_throttle: None,
         }
     }
 
@@ -222,6 +225,26 @@ impl Session {
     /// office behind one NAT address may hold hundreds of such sessions.
     pub fn authenticated(&mut self) {
         self.per_ip = None;
+    }
+
+    /// How many more failed logins this client's address may have before its attempts are
+    /// refused locally (`u32::MAX` without a throttle).
+    pub fn auth_failures_left(&self) -> u32 {
+        self.auth_throttle
+            .as_ref()
+            .map_or(u32::MAX, |t| t.remaining(self.client_addr.ip()))
+    }
+
+    /// The backend refused a login from this client: counts against its address.
+    pub fn auth_failed(&self) {
+        if let Some(throttle) = &self.auth_throttle {
+            throttle.record_failure(self.client_addr.ip());
+        }
+    }
+
+    /// A login attempt refused locally because the address is throttled.
+    pub fn auth_throttled(&self) {
+        self.listener.metrics.auth_throttled.inc();
     }
 
     pub fn hostname(&self) -> &str {

@@ -136,6 +136,8 @@ fn listener_with(
             pop3_line: 512,
             preauth_commands: 50,
             connections_per_ip: 50,
+            auth_failures_per_ip: 10,
+            auth_failure_window: Duration::from_secs(600),
         },
         handshaker,
         metrics,

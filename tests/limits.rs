@@ -1,6 +1,9 @@
 //! `limits.connections_per_ip`: each client address may hold only so many sessions that have not
 //! authenticated, across all listeners; past that a STARTTLS listener answers with the
 //! protocol's refusal in cleartext and an implicit-TLS listener closes before any handshake.
+//! `limits.auth_failures_per_ip`: once an address has that many failed logins within
+//! `limits.auth_failure_window`, its further attempts are answered by the proxy and never reach
+//! the backend, until the window has moved past them.
 //! Clients come from two loopback addresses, 127.0.0.1 and 127.0.0.2, to show one address at its
 //! limit leaves the other untouched.
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
@@ -19,13 +22,22 @@ const OTHER_CLIENT: &str = "127.0.0.2:0";
 
 struct Setup {
     pki: Pki,
-    _backends: Vec<FakeBackend>,
+    backends: Vec<FakeBackend>,
     proxy: Proxy,
 }
 
 /// The proxy with one listener per `(name, protocol, tls)`, each before its own fake backend,
 /// and `limits.connections_per_ip: limit`.
 async fn setup(listeners: &[(&str, &str, &str)], limit: u32) -> Setup {
+    setup_with(
+        listeners,
+        &format!("limits:\n  connections_per_ip: {limit}\n"),
+    )
+    .await
+}
+
+/// As [`setup`], with `extra` (YAML) in the configuration.
+async fn setup_with(listeners: &[(&str, &str, &str)], extra: &str) -> Setup {
     let pki = Pki::new();
     let cert = pki.issue("mx", &[HOST], false);
     let mut backends = Vec::new();
@@ -40,15 +52,11 @@ async fn setup(listeners: &[(&str, &str, &str)], limit: u32) -> Setup {
         yaml_listeners.push(listener_yaml(name, protocol, tls, backend.addr));
         backends.push(backend);
     }
-    let yaml = config_yaml(
-        &[&cert],
-        &yaml_listeners,
-        &format!("limits:\n  connections_per_ip: {limit}\n"),
-    );
+    let yaml = config_yaml(&[&cert], &yaml_listeners, extra);
     let proxy = Proxy::start(&yaml, pki.dir.path()).await;
     Setup {
         pki,
-        _backends: backends,
+        backends,
         proxy,
     }
 }
@@ -315,4 +323,209 @@ async fn an_smtp_session_stops_counting_at_a_successful_auth() {
     let (_b, greeting) = s.tls("submissions").await;
     assert!(greeting.starts_with("220 "), "{greeting}");
     assert_eq!(s.refused("submissions", "smtp", "per_ip"), 1);
+}
+
+// ---- limits.auth_failures_per_ip ----------------------------------------------------------
+
+/// Long enough for three logins on a loaded machine, short enough to wait out in a test.
+const WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
+type Tls = BufReader<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Two failures per address in a [`WINDOW`], on implicit-TLS listeners for all three protocols
+/// (one failure table behind them all).
+async fn throttled_setup() -> Setup {
+    setup_with(
+        &[
+            ("imaps", "imap", "implicit"),
+            ("pop3s", "pop3", "implicit"),
+            ("submissions", "smtp", "implicit"),
+        ],
+        &format!(
+            "limits:\n  connections_per_ip: 0\n  auth_failures_per_ip: 2\n  auth_failure_window: {}ms\n",
+            WINDOW.as_millis()
+        ),
+    )
+    .await
+}
+
+impl Setup {
+    /// Implicit TLS from `from` (a loopback address), greeted.
+    async fn tls_from(&self, from: &str, listener: &str) -> (Tls, String) {
+        let tcp = connect_from(from, self.proxy.addr(listener)).await;
+        let tls = tls_upgrade(tcp, HOST, self.tls_config()).await.unwrap();
+        let mut tls = BufReader::new(tls);
+        let greeting = read_line(&mut tls).await;
+        (tls, greeting)
+    }
+
+    /// What the backend behind listener number `index` received, all connections together.
+    fn backend_saw(&self, index: usize) -> String {
+        self.backends[index].recorder.all_text()
+    }
+
+    fn throttled(&self, listener: &str, protocol: &str) -> u64 {
+        metric(
+            &self.proxy.metrics.encode(),
+            &format!(
+                r#"mailfront_auth_throttled_total{{listener="{listener}",protocol="{protocol}"}}"#
+            ),
+        )
+    }
+}
+
+async fn imap_login(c: &mut Tls, tag: &str, password: &str) -> String {
+    c.get_mut()
+        .write_all(format!("{tag} LOGIN u {password}\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_until_tag(c, tag).await
+}
+
+async fn pop3_login(c: &mut Tls, password: &str) -> String {
+    c.get_mut()
+        .write_all(format!("USER u\r\nPASS {password}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let user = read_line(c).await;
+    assert_eq!(user, "+OK\r\n");
+    read_line(c).await
+}
+
+/// EHLO (its reply read), then AUTH PLAIN with `b64`.
+async fn smtp_auth(c: &mut Tls, b64: &str) -> String {
+    c.get_mut()
+        .write_all(format!("AUTH PLAIN {b64}\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_smtp_reply(c).await
+}
+
+async fn smtp_ehlo(c: &mut Tls) {
+    c.get_mut()
+        .write_all(b"EHLO client.test\r\n")
+        .await
+        .unwrap();
+    assert!(read_smtp_reply(c).await.starts_with("250"));
+}
+
+#[tokio::test]
+async fn imap_logins_are_refused_locally_after_the_failures_while_a_second_address_is_served() {
+    let s = throttled_setup().await;
+    let (mut a, _) = s.tls_from("127.0.0.1:0", "imaps").await;
+    assert!(
+        imap_login(&mut a, "a", "wrong1")
+            .await
+            .contains("a NO [AUTHENTICATIONFAILED]")
+    );
+    assert!(
+        imap_login(&mut a, "b", "wrong2")
+            .await
+            .contains("b NO [AUTHENTICATIONFAILED]")
+    );
+    let refusal = imap_login(&mut a, "c", "wrong3").await;
+    assert_eq!(
+        refusal,
+        "c NO [UNAVAILABLE] Too many failed logins, try again later\r\n"
+    );
+    // A new session from the same address is throttled too, even with the right password.
+    let (mut again, _) = s.tls_from("127.0.0.1:0", "imaps").await;
+    assert!(
+        imap_login(&mut again, "d", "secret")
+            .await
+            .starts_with("d NO [UNAVAILABLE]")
+    );
+    let seen = s.backend_saw(0);
+    assert!(seen.contains("wrong2"), "{seen}");
+    assert!(
+        !seen.contains("wrong3"),
+        "a throttled attempt reached the backend: {seen}"
+    );
+    assert!(!seen.contains("secret"), "{seen}");
+    assert_eq!(s.throttled("imaps", "imap"), 2);
+
+    // Another address is served while the first is throttled.
+    let (mut other, _) = s.tls_from(OTHER_CLIENT, "imaps").await;
+    assert!(imap_login(&mut other, "e", "secret").await.contains("e OK"));
+
+    // Once the failures leave the window, the first address may log in again.
+    tokio::time::sleep(WINDOW).await;
+    assert!(imap_login(&mut again, "f", "secret").await.contains("f OK"));
+}
+
+#[tokio::test]
+async fn pop3_pass_is_refused_locally_after_the_failures_while_a_second_address_is_served() {
+    let s = throttled_setup().await;
+    let (mut a, _) = s.tls_from("127.0.0.1:0", "pop3s").await;
+    assert!(
+        pop3_login(&mut a, "wrong1")
+            .await
+            .starts_with("-ERR [AUTH]")
+    );
+    assert!(
+        pop3_login(&mut a, "wrong2")
+            .await
+            .starts_with("-ERR [AUTH]")
+    );
+    assert_eq!(
+        pop3_login(&mut a, "wrong3").await,
+        "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n"
+    );
+    let seen = s.backend_saw(1);
+    assert!(seen.contains("PASS wrong2"), "{seen}");
+    assert!(
+        !seen.contains("wrong3"),
+        "a throttled attempt reached the backend: {seen}"
+    );
+    assert_eq!(s.throttled("pop3s", "pop3"), 1);
+
+    // The failures count on every listener: IMAP from the same address is throttled too.
+    let (mut imap, _) = s.tls_from("127.0.0.1:0", "imaps").await;
+    assert!(
+        imap_login(&mut imap, "a", "secret")
+            .await
+            .starts_with("a NO [UNAVAILABLE]")
+    );
+
+    let (mut other, _) = s.tls_from(OTHER_CLIENT, "pop3s").await;
+    assert_eq!(pop3_login(&mut other, "secret").await, "+OK Logged in.\r\n");
+
+    tokio::time::sleep(WINDOW).await;
+    assert_eq!(pop3_login(&mut a, "secret").await, "+OK Logged in.\r\n");
+}
+
+#[tokio::test]
+async fn smtp_auth_gets_454_after_the_failures_while_a_second_address_is_served() {
+    let s = throttled_setup().await;
+    let (mut a, greeting) = s.tls_from("127.0.0.1:0", "submissions").await;
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    smtp_ehlo(&mut a).await;
+    // RFC 4616 PLAIN: NUL "u" NUL password.
+    assert!(smtp_auth(&mut a, "AHUAd3Jvbmc=").await.starts_with("535 "));
+    assert!(smtp_auth(&mut a, "AHUAd3Jvbmcy").await.starts_with("535 "));
+    assert_eq!(
+        smtp_auth(&mut a, "AHUAd3Jvbmcz").await,
+        "454 4.7.0 Too many failed authentications, try again later\r\n"
+    );
+    // The session goes on: other commands still reach the backend.
+    a.get_mut().write_all(b"NOOP\r\n").await.unwrap();
+    assert!(read_smtp_reply(&mut a).await.starts_with("250"));
+    let seen = s.backend_saw(2);
+    assert!(seen.contains("AHUAd3Jvbmcy"), "{seen}");
+    assert!(
+        !seen.contains("AHUAd3Jvbmcz"),
+        "a throttled AUTH reached the backend: {seen}"
+    );
+    assert_eq!(s.throttled("submissions", "smtp"), 1);
+
+    let (mut other, _) = s.tls_from(OTHER_CLIENT, "submissions").await;
+    smtp_ehlo(&mut other).await;
+    assert!(
+        smtp_auth(&mut other, "AHUAc2VjcmV0")
+            .await
+            .starts_with("235 ")
+    );
+
+    tokio::time::sleep(WINDOW).await;
+    assert!(smtp_auth(&mut a, "AHUAc2VjcmV0").await.starts_with("235 "));
 }

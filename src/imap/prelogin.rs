@@ -100,6 +100,8 @@ pub struct Prelogin {
     logout: bool,
     /// Source of our own tags; the driver seeds it from a random number.
     tag_seed: u64,
+    /// See [`Machine::set_auth_failures_left`]: at 0 logins are answered here.
+    auth_failures_left: u32,
 }
 
 /// Untagged capability list mailfront shows before TLS: it cannot know the backend's yet, and
@@ -128,6 +130,7 @@ impl Prelogin {
             commands: 0,
             logout: false,
             tag_seed,
+            auth_failures_left: u32::MAX,
         };
         if !tls_active {
             let greeting = format!(
@@ -463,6 +466,22 @@ impl Prelogin {
 
     fn on_command(&mut self, tag: Vec<u8>, command: Command) {
         match &command {
+            Command::Login { .. } | Command::Authenticate { .. }
+                if self.auth_failures_left == 0 =>
+            {
+                // Refused before anything goes out: neither our ID nor the credentials.
+                let mechanism = match &command {
+                    Command::Authenticate { mechanism, .. } => {
+                        mechanism_label(b"AUTHENTICATE", Some(mechanism))
+                    }
+                    _ => mechanism_label(b"LOGIN", None),
+                };
+                self.core.notices.push(Notice::AuthThrottled { mechanism });
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::auth_throttled(&tag));
+                return;
+            }
             Command::StartTls => {
                 self.core
                     .to_client
@@ -673,6 +692,9 @@ impl Prelogin {
             let ok = response.status == Some(Status::Ok);
             self.core.notices.push(Notice::Auth { ok, mechanism });
             self.sasl_credit = 0;
+            if !ok {
+                self.auth_failures_left = self.auth_failures_left.saturating_sub(1);
+            }
             if ok {
                 // Post-authentication capabilities pass untouched (RFC 9051 §6.2.2).
                 self.core.to_client.extend_from_slice(&response.raw);
@@ -721,6 +743,10 @@ impl Machine for Prelogin {
 
     fn take_to_backend(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.core.to_backend)
+    }
+
+    fn set_auth_failures_left(&mut self, left: u32) {
+        self.auth_failures_left = left;
     }
 
     fn take_notices(&mut self) -> Vec<Notice> {
@@ -960,6 +986,50 @@ mod tests {
         m.client_input(b"c CAPABILITY\r\n");
         let (_, backend) = out(&mut m);
         assert_eq!(backend, "c CAPABILITY\r\n");
+    }
+
+    #[test]
+    fn a_throttled_address_gets_no_and_nothing_reaches_the_backend() {
+        let mut m = greeted("IMAP4rev1 AUTH=PLAIN");
+        out(&mut m);
+        m.set_auth_failures_left(1);
+        // Pipelined: the second attempt is read in the same input as the first one's refusal.
+        m.client_input(
+            b"a1 LOGIN alice wrong\r\na2 LOGIN alice wrong2\r\na3 AUTHENTICATE PLAIN\r\n",
+        );
+        assert_eq!(out(&mut m).1, "a1 LOGIN \"alice\" \"wrong\"\r\n");
+        m.backend_input(b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(
+            client,
+            "a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n\
+             a2 NO [UNAVAILABLE] Too many failed logins, try again later\r\n\
+             a3 NO [UNAVAILABLE] Too many failed logins, try again later\r\n"
+        );
+        assert_eq!(backend, "");
+        assert_eq!(
+            m.take_notices(),
+            vec![
+                Notice::Auth {
+                    ok: false,
+                    mechanism: "LOGIN".to_owned()
+                },
+                Notice::AuthThrottled {
+                    mechanism: "LOGIN".to_owned()
+                },
+                Notice::AuthThrottled {
+                    mechanism: "AUTHENTICATE PLAIN".to_owned()
+                },
+            ]
+        );
+        // Other commands still go, and once the window frees a failure so do logins.
+        m.client_input(b"a4 CAPABILITY\r\n");
+        assert_eq!(out(&mut m).1, "a4 CAPABILITY\r\n");
+        m.backend_input(b"* CAPABILITY IMAP4rev1\r\na4 OK done\r\n");
+        out(&mut m);
+        m.set_auth_failures_left(1);
+        m.client_input(b"a5 LOGIN alice secret\r\n");
+        assert_eq!(out(&mut m).1, "a5 LOGIN \"alice\" \"secret\"\r\n");
     }
 
     #[test]

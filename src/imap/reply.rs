@@ -103,6 +103,17 @@ pub fn bye_too_many_connections() -> Vec<u8> {
     b"* BYE [UNAVAILABLE] Too many connections from your address\r\n".to_vec()
 }
 
+/// LOGIN or AUTHENTICATE from an address with `limits.auth_failures_per_ip` failed logins in
+/// its window: answered here, never forwarded. UNAVAILABLE (RFC 5530 §3) says it is temporary
+/// and not about these credentials, so a client does not tell its user the password is wrong.
+pub fn auth_throttled(tag: &[u8]) -> Vec<u8> {
+    tagged(
+        tag,
+        "NO",
+        "[UNAVAILABLE] Too many failed logins, try again later",
+    )
+}
+
 /// The proxy is shutting down.
 pub fn bye_shutdown() -> Vec<u8> {
     b"* BYE [UNAVAILABLE] Server shutting down\r\n".to_vec()

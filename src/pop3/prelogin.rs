@@ -58,6 +58,10 @@ enum Sent {
     Auth(String),
     Quit,
     Other,
+    /// A reply of mailfront's own, owed after the responses to the commands before it
+    /// (pipelining, RFC 2449 §6.6): nothing of it goes to the backend. Never first in the
+    /// queue: it goes out as soon as the response before it did.
+    Local(Vec<u8>),
 }
 
 /// The POP3 AUTHORIZATION state of one session.
@@ -77,6 +81,9 @@ pub struct Prelogin {
     quit: bool,
     /// `+` challenges the backend sent during AUTH that the client has not answered yet.
     sasl_credit: usize,
+    /// See [`Machine::set_auth_failures_left`]: at 0 PASS, APOP and AUTH are answered here
+    /// (USER alone proves nothing and still goes).
+    auth_failures_left: u32,
 }
 
 impl Prelogin {
@@ -93,6 +100,7 @@ impl Prelogin {
             commands: 0,
             quit: false,
             sasl_credit: 0,
+            auth_failures_left: u32::MAX,
         };
         if !tls_active {
             let greeting = reply::greeting(&machine.settings.hostname);
@@ -296,6 +304,23 @@ impl Prelogin {
 
     fn on_decision(&mut self, decision: Decision) {
         match decision {
+            Decision::Forward { request, expect }
+                if self.auth_failures_left == 0
+                    && matches!(expect, Expect::Authentication | Expect::Sasl) =>
+            {
+                self.core.notices.push(Notice::AuthThrottled {
+                    mechanism: request.log_name(),
+                });
+                if self.sent.is_empty() {
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::err_auth_throttled());
+                } else {
+                    // A pipelined USER before it is still unanswered.
+                    self.sent
+                        .push_back(Sent::Local(reply::err_auth_throttled()));
+                }
+            }
             Decision::Forward { request, expect } => {
                 let sent = match &request {
                     _ if matches!(expect, Expect::Authentication | Expect::Sasl) => {
@@ -387,12 +412,22 @@ impl Prelogin {
             _ => response.raw.clone(),
         };
         self.core.to_client.extend_from_slice(&shown);
+        if is_final {
+            while let Some(Sent::Local(_)) = self.sent.front() {
+                if let Some(Sent::Local(owed)) = self.sent.pop_front() {
+                    self.core.to_client.extend_from_slice(&owed);
+                }
+            }
+        }
         if let Some(Sent::Auth(mechanism)) = sent
             && is_final
         {
             let ok = response.authenticated();
             self.sasl_credit = 0;
             self.core.notices.push(Notice::Auth { ok, mechanism });
+            if !ok {
+                self.auth_failures_left = self.auth_failures_left.saturating_sub(1);
+            }
             if ok {
                 // Whatever follows belongs to the TRANSACTION state: relayed as is.
                 self.core.phase = Phase::Authenticated;
@@ -416,6 +451,10 @@ impl Machine for Prelogin {
 
     fn take_to_backend(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.core.to_backend)
+    }
+
+    fn set_auth_failures_left(&mut self, left: u32) {
+        self.auth_failures_left = left;
     }
 
     fn take_notices(&mut self) -> Vec<Notice> {
@@ -689,6 +728,59 @@ mod tests {
              +OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
         );
         assert_eq!(m.next(), Next::Run);
+        assert!(!m.waiting_for_backend());
+    }
+
+    #[test]
+    fn a_throttled_address_gets_sys_temp_and_no_credential_reaches_the_backend() {
+        let mut m = greeted();
+        m.set_auth_failures_left(1);
+        m.client_input(b"USER alice\r\nPASS wrong\r\nPASS again\r\nAPOP alice 0123456789abcdef0123456789abcdef\r\nAUTH PLAIN\r\nUSER bob\r\n");
+        assert_eq!(out(&mut m).1, "USER alice\r\nPASS wrong\r\n");
+        m.backend_input(b"+OK\r\n-ERR [AUTH] Authentication failed.\r\n");
+        let (client, backend) = out(&mut m);
+        let throttled = "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n";
+        assert_eq!(
+            client,
+            format!(
+                "+OK\r\n-ERR [AUTH] Authentication failed.\r\n{throttled}{throttled}{throttled}"
+            )
+        );
+        // USER alone is no attempt: it still goes.
+        assert_eq!(backend, "USER bob\r\n");
+        assert_eq!(
+            m.take_notices(),
+            vec![
+                auth(false, "PASS"),
+                Notice::AuthThrottled {
+                    mechanism: "PASS".to_owned()
+                },
+                Notice::AuthThrottled {
+                    mechanism: "APOP".to_owned()
+                },
+                Notice::AuthThrottled {
+                    mechanism: "AUTH PLAIN".to_owned()
+                },
+            ]
+        );
+        assert!(!m.rx.in_sasl(), "a refused AUTH starts no SASL exchange");
+    }
+
+    #[test]
+    fn a_throttled_pass_pipelined_after_user_is_answered_after_user() {
+        let mut m = greeted();
+        m.set_auth_failures_left(0);
+        m.client_input(b"USER alice\r\nPASS secret\r\nCAPA\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "", "USER's +OK comes first");
+        assert_eq!(backend, "USER alice\r\nCAPA\r\n");
+        m.backend_input(b"+OK\r\n");
+        assert_eq!(
+            out(&mut m).0,
+            "+OK\r\n-ERR [SYS/TEMP] Too many failed logins, try again later\r\n"
+        );
+        m.backend_input(BACKEND_CAPA.as_bytes());
+        assert!(out(&mut m).0.starts_with("+OK\r\nTOP\r\n"));
         assert!(!m.waiting_for_backend());
     }
 

@@ -84,6 +84,14 @@ pub fn err_too_many_connections() -> Vec<u8> {
     b"-ERR [SYS/TEMP] Too many connections from your address\r\n".to_vec()
 }
 
+/// PASS, APOP or AUTH from an address with `limits.auth_failures_per_ip` failed logins in its
+/// window: answered here, never forwarded. SYS/TEMP (RFC 3206 §4) says the failure is
+/// temporary and not about these credentials; `[AUTH]` would tell the user the password is
+/// wrong.
+pub fn err_auth_throttled() -> Vec<u8> {
+    b"-ERR [SYS/TEMP] Too many failed logins, try again later\r\n".to_vec()
+}
+
 /// The proxy is shutting down.
 pub fn err_shutdown() -> Vec<u8> {
     b"-ERR [SYS/TEMP] Server shutting down\r\n".to_vec()

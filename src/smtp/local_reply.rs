@@ -39,6 +39,10 @@ pub const MAIL_SYNTAX: &[u8] = b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
 pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT <size> [LAST]\r\n";
 /// A transaction or AUTH command after STARTTLS before the new EHLO (RFC 3207 §4.2 reset).
 pub const SEND_EHLO_FIRST: &[u8] = b"503 5.5.1 Error: send HELO/EHLO first\r\n";
+/// AUTH from an address with `limits.auth_failures_per_ip` failed logins in its window:
+/// answered here, never forwarded. 454 4.7.0 is RFC 4954 §6's temporary authentication failure,
+/// so a client retries later instead of asking its user for another password.
+pub const AUTH_THROTTLED: &[u8] = b"454 4.7.0 Too many failed authentications, try again later\r\n";
 /// AUTH after a successful AUTH (RFC 4954 §4: 503).
 pub const ALREADY_AUTHENTICATED: &[u8] = b"503 5.5.1 Error: already authenticated\r\n";
 /// BDAT when the backend does not offer CHUNKING (so mailfront does not either).

@@ -49,6 +49,9 @@
 //!   client gets `421 4.4.1` and the session closes; never a 250 the backend did not send.
 //! - `auth_outcome` counts the backend's 235 as success and 535 as failure; other AUTH replies
 //!   (501 after `*`, 504, 454, 534) are logged but not counted.
+//! - `limits.auth_failures_per_ip` counts every 5xx answer to AUTH but 501 and 504 (a cancelled
+//!   exchange or an unknown mechanism: no credential was checked); 4xx is the backend's own
+//!   temporary trouble, not a wrong guess.
 //! - A message is counted and logged only on the backend's 2xx to the end of data or to
 //!   `BDAT … LAST`; its size is the client's octets (the Received field not included).
 
@@ -679,6 +682,13 @@ impl<'s> Driver<'s> {
             }
             Command::Auth(auth) => {
                 self.auth_mechanism = mechanism_for_log(&auth.mechanism);
+                if self.session.auth_failures_left() == 0 {
+                    // Answered here, in order with the replies owed: nothing reaches the backend.
+                    self.session.auth_throttled();
+                    tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, mechanism = %self.auth_mechanism, result = "throttled", "smtp authentication");
+                    self.local(local_reply::AUTH_THROTTLED);
+                    return self.drain(client).await;
+                }
                 Expect::Auth
             }
             Command::Mail(_) => {
@@ -1064,6 +1074,9 @@ impl<'s> Driver<'s> {
             }
             _ => "not_completed",
         };
+        if code >= 500 && !matches!(code, 501 | 504) {
+            self.session.auth_failed();
+        }
         tracing::info!(
             listener = %self.session.listener.config.name,
             client = %self.session.client_addr,
