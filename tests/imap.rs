@@ -554,7 +554,10 @@ async fn drain_says_bye_before_login_at_once_and_keeps_relays_until_the_grace_ru
     assert!(started.elapsed() < Duration::from_secs(1));
     // Not ready at once, while the admin endpoint still answers during the drain.
     assert!(s.metrics().contains("mailfront_ready 0"));
-    assert_eq!(admin_status(&s, "/readyz").await, "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(
+        admin_status(&s, "/readyz").await,
+        "HTTP/1.1 503 Service Unavailable"
+    );
 
     // The relay still works after the drain began…
     let reply = command(&mut relayed, "c", "SELECT INBOX").await;
