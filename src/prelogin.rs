@@ -365,7 +365,9 @@ pub async fn serve<M: Machine, S: Transport>(
                 client.close().await;
                 return EndReason::LoginTimeout;
             }
-            () = session.shutdown.cancelled() => {
+            // Not authenticated yet: nothing to finish, so the goodbye goes out as soon as the
+            // drain begins, not when `shutdown_grace` runs out.
+            () = session.draining.cancelled() => {
                 let _ = write_timed(&mut client, &M::bye_shutdown(), session).await;
                 client.close().await;
                 return EndReason::Shutdown;

@@ -86,10 +86,22 @@ pub async fn bind(config: &RuntimeConfig) -> Result<Bound, StartError> {
     Ok(Bound { listeners, admin })
 }
 
+/// How long to wait for sessions after the hard stop. Each one then only writes its goodbye
+/// (one line and a TLS close_notify) and logs its close line: immediate for a client that is
+/// still reading, so this bound only cuts off peers that stopped reading, whose sockets the
+/// kernel closes when the process exits. It is short and named (it was a bare 5 s) because it
+/// adds to `shutdown_grace` in the time a SIGTERM takes, which orchestrators must cover
+/// (Kubernetes `terminationGracePeriodSeconds`).
+pub const AFTER_HARD_STOP: Duration = Duration::from_secs(1);
+
+/// Pause after a failed accept (out of file descriptors and the like) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// How the outside world steers a running proxy.
 #[derive(Clone, Default)]
 pub struct Control {
-    /// Cancel to begin a graceful shutdown.
+    /// Cancel to begin a graceful shutdown: /readyz turns 503, accepting stops, sessions with
+    /// nothing to finish say goodbye at once, the rest get `timeouts.shutdown_grace`.
     pub shutdown: CancellationToken,
     /// Notify to re-read certificates now (SIGHUP).
     pub reload: Arc<Notify>,
@@ -154,8 +166,10 @@ impl Server {
             config.limits.auth_failures_per_ip,
             config.limits.auth_failure_window,
         );
-        // Sessions get their own token, cancelled only when the grace period runs out.
-        let sessions_cancel = CancellationToken::new();
+        // Two signals for sessions: `control.shutdown` itself starts the drain (see
+        // `Session::draining`), and `hard_stop`, cancelled only when the grace period runs out,
+        // ends whatever is left (authenticated relays, a message the backend is still judging).
+        let hard_stop = CancellationToken::new();
 
         if let Some(admin) = bound.admin {
             tracing::info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
@@ -163,7 +177,8 @@ impl Server {
                 admin,
                 metrics.clone(),
                 readiness.clone(),
-                sessions_cancel.clone(),
+                // Still answering (/readyz with 503) while sessions drain.
+                hard_stop.clone(),
             ));
         }
 
@@ -200,7 +215,7 @@ impl Server {
                 auth_throttle.clone(),
                 tracker.clone(),
                 control.shutdown.clone(),
-                sessions_cancel.clone(),
+                hard_stop.clone(),
             ));
         }
 
@@ -216,15 +231,26 @@ impl Server {
             "shutting down: no new connections, draining sessions"
         );
         tracker.close();
+        // Sessions with nothing to finish said goodbye when `control.shutdown` fired (their
+        // drain signal is a child of it); this waits for messages in DATA/BDAT and for
+        // authenticated relays, and returns as soon as the last session ends.
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
                 sessions = tracker.len(),
                 "grace period over: closing the remaining sessions"
             );
-            sessions_cancel.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+            hard_stop.cancel();
+            if tokio::time::timeout(AFTER_HARD_STOP, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    sessions = tracker.len(),
+                    "sessions still writing their goodbye: exiting without them"
+                );
+            }
         }
-        sessions_cancel.cancel();
+        hard_stop.cancel();
         tracing::info!("stopped");
         Ok(())
     }
@@ -237,7 +263,7 @@ async fn accept_loop(
     auth_throttle: AuthThrottle,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-    sessions_cancel: CancellationToken,
+    hard_stop: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(context.config.max_connections));
     loop {
@@ -250,7 +276,7 @@ async fn accept_loop(
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(listener = %context.config.name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
@@ -281,12 +307,9 @@ async fn accept_loop(
         // The address the client reached (for the PROXY header); the bound address if the
         // socket cannot say, which only differs for wildcard binds.
         let local_addr = tcp.local_addr().unwrap_or(context.config.listen);
-        let mut session = Session::new(
-            context.clone(),
-            client_addr,
-            local_addr,
-            sessions_cancel.clone(),
-        );
+        let mut session = Session::new(context.clone(), client_addr, local_addr, hard_stop.clone());
+        // A child, so a session can never cancel the whole server's shutdown signal.
+        session.draining = shutdown.child_token();
         session.per_ip = Some(per_ip_guard);
         session.auth_throttle = Some(auth_throttle.clone());
         let active = context.metrics.active.clone();

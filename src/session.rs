@@ -24,6 +24,10 @@ use crate::relay::{self, RelayEnd};
 use crate::tls::{HandshakeError, Handshaker, TlsInfo};
 use crate::transport::Transport;
 
+/// Sending close_notify (or the FIN) at the end of a session: one small write, so only a peer
+/// that stopped reading makes it wait at all.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What every session on one listener shares.
 pub struct ListenerContext {
     pub config: ListenerConfig,
@@ -74,7 +78,7 @@ impl<S: Transport> ClientStream<S> {
 
     /// Sends TLS close_notify (RFC 8314 §3.4) or the TCP FIN, bounded by a short deadline.
     pub async fn close(&mut self) {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.shutdown()).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.shutdown()).await;
     }
 }
 
@@ -189,7 +193,15 @@ pub struct Session {
     /// The address the client connected to (our side of the client socket): the destination in
     /// the PROXY protocol header.
     pub local_addr: SocketAddr,
+    /// The hard stop: cancelled when `timeouts.shutdown_grace` runs out. It ends every session,
+    /// authenticated relays included.
     pub shutdown: CancellationToken,
+    /// Cancelled the moment a graceful shutdown begins (SIGTERM). Sessions that have not
+    /// authenticated, and SMTP sessions with no message underway, say goodbye at once; a
+    /// message in DATA/BDAT finishes first; authenticated relays wait for `shutdown`.
+    /// [`Session::new`] sets it to `shutdown` itself (draining starts at the hard stop); the
+    /// server replaces it with its own drain signal.
+    pub draining: CancellationToken,
     pub counters: Arc<ByteCounters>,
     /// Set once TLS is up (at accept for implicit listeners, after STARTTLS otherwise).
     pub tls: Option<TlsInfo>,
@@ -211,6 +223,7 @@ impl Session {
             listener,
             client_addr,
             local_addr,
+            draining: shutdown.clone(),
             shutdown,
             counters: Arc::new(ByteCounters::default()),
             tls: None,

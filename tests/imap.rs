@@ -479,18 +479,103 @@ async fn an_idle_client_gets_bye_before_login() {
 
 #[tokio::test]
 async fn shutdown_before_login_says_bye() {
+    // A grace far longer than the test: the goodbye must not wait for it.
     let s = setup(
         "implicit",
         FakeOptions::default(),
-        "timeouts:\n  shutdown_grace: 100ms\n",
+        "timeouts:\n  shutdown_grace: 60s\n",
     )
     .await;
     let (mut c, _, _) = s.connect().await;
+    let started = tokio::time::Instant::now();
     s.proxy.control.shutdown.cancel();
     assert_eq!(
         read_line(&mut c).await,
         "* BYE [UNAVAILABLE] Server shutting down\r\n"
     );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// An HTTP GET on the admin endpoint: the status line, or "" when nothing answers.
+async fn admin_status(s: &Setup, path: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut tcp) = TcpStream::connect(s.proxy.admin.unwrap()).await else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if tcp.write_all(request.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = tokio::time::timeout(TIMEOUT, tcp.read_to_string(&mut out)).await;
+    out.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn drain_says_bye_before_login_at_once_and_keeps_relays_until_the_grace_runs_out() {
+    const GRACE: Duration = Duration::from_secs(2);
+    let s = setup(
+        "starttls",
+        FakeOptions::default(),
+        "timeouts:\n  shutdown_grace: 2s\n",
+    )
+    .await;
+    // Pre-login in cleartext (no backend yet), and an authenticated relay after STARTTLS.
+    let (mut cleartext, _) = s.connect_plain().await;
+    let (mut relayed, _) = s.connect_plain().await;
+    assert!(
+        command(&mut relayed, "a", "STARTTLS")
+            .await
+            .contains("a OK")
+    );
+    let tls = tls_upgrade(relayed.into_inner(), HOST, s.config())
+        .await
+        .unwrap();
+    let mut relayed = BufReader::new(tls);
+    assert!(
+        command(&mut relayed, "b", "LOGIN u secret")
+            .await
+            .contains("b OK")
+    );
+    for _ in 0..50 {
+        if admin_status(&s, "/readyz").await.contains("200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = tokio::time::Instant::now();
+    s.proxy.control.shutdown.cancel();
+    assert_eq!(
+        read_line(&mut cleartext).await,
+        "* BYE [UNAVAILABLE] Server shutting down\r\n"
+    );
+    assert_eq!(read_line(&mut cleartext).await, "", "closed");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Not ready at once, while the admin endpoint still answers during the drain.
+    assert!(s.metrics().contains("mailfront_ready 0"));
+    assert_eq!(
+        admin_status(&s, "/readyz").await,
+        "HTTP/1.1 503 Service Unavailable"
+    );
+
+    // The relay still works after the drain began…
+    let reply = command(&mut relayed, "c", "SELECT INBOX").await;
+    assert!(reply.contains("c OK"), "{reply}");
+    assert!(started.elapsed() < GRACE);
+    // …until shutdown_grace runs out, when the proxy closes it.
+    let mut rest = Vec::new();
+    use tokio::io::AsyncReadExt;
+    let _ = tokio::time::timeout(TIMEOUT, relayed.read_to_end(&mut rest)).await;
+    let took = started.elapsed();
+    assert!(took >= GRACE - Duration::from_millis(100), "{took:?}");
+    assert!(
+        took < GRACE + mailfront::server::AFTER_HARD_STOP + Duration::from_secs(1),
+        "{took:?}"
+    );
+    assert!(s.metrics().contains(
+        r#"mailfront_sessions_closed_total{listener="imap",protocol="imap",reason="shutdown",side="proxy"} 2"#
+    ));
 }
 
 /// Runs a Python snippet; `None` when python3 is missing.

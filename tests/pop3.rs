@@ -527,13 +527,17 @@ async fn an_idle_client_is_told_before_the_close() {
 
 #[tokio::test]
 async fn shutdown_before_login_says_goodbye() {
-    let s = setup("implicit", "timeouts:\n  shutdown_grace: 100ms\n").await;
+    // A grace far longer than the test: the goodbye must not wait for it.
+    let s = setup("implicit", "timeouts:\n  shutdown_grace: 60s\n").await;
     let mut c = s.connect().await;
+    let started = tokio::time::Instant::now();
     s.proxy.control.shutdown.cancel();
     assert_eq!(
         read_line(&mut c).await,
         "-ERR [SYS/TEMP] Server shutting down\r\n"
     );
+    assert_eq!(read_line(&mut c).await, "", "closed");
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 fn python(code: &str) -> Option<(bool, String)> {

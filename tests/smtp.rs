@@ -880,16 +880,212 @@ async fn idle_client_gets_421_4_4_2_and_is_closed() {
 
 #[tokio::test]
 async fn shutdown_sends_421_4_3_2_between_commands() {
+    // A grace far longer than the test: a session between transactions must not wait for it.
     let env = env_with(
         FakeOptions::default(),
         "",
-        "timeouts:\n  shutdown_grace: 100ms\n",
+        "timeouts:\n  shutdown_grace: 60s\n",
     )
     .await;
     let mut c = implicit(&env).await;
+    // And one in the cleartext phase of 587, before STARTTLS (no backend at all).
+    let tcp = TcpStream::connect(env.proxy.addr("submission"))
+        .await
+        .unwrap();
+    let mut cleartext = BufReader::new(tcp);
+    assert!(read_smtp_reply(&mut cleartext).await.starts_with("220 "));
+    let started = tokio::time::Instant::now();
     env.proxy.control.shutdown.cancel();
     let rest = c.rest().await;
     assert!(rest.starts_with("421 4.3.2 "), "{rest}");
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(TIMEOUT, cleartext.read_to_string(&mut rest)).await;
+    assert!(rest.starts_with("421 4.3.2 "), "{rest}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// `count` numbered content lines of about 100 octets: 100,000 of them make 10 MB.
+fn numbered_lines(range: std::ops::Range<usize>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(range.len() * 100);
+    for i in range {
+        body.extend_from_slice(format!("line {i:08} {}\r\n", "x".repeat(85)).as_bytes());
+    }
+    body
+}
+
+const BIG_MESSAGE_LINES: usize = 100_000;
+
+#[tokio::test]
+async fn sigterm_during_a_10_mb_data_delivers_the_message_then_421() {
+    // The grace is far longer than the test: the session ends on the verdict, not on it.
+    let env = env_with(
+        FakeOptions::default(),
+        "",
+        "timeouts:\n  shutdown_grace: 60s\n",
+    )
+    .await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    let half = BIG_MESSAGE_LINES / 2;
+    c.send(numbered_lines(0..half)).await;
+    let started = tokio::time::Instant::now();
+    env.proxy.control.shutdown.cancel();
+    // Let the drain begin while the content is still streaming.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(env.proxy.metrics.encode().contains("mailfront_ready 0"));
+    c.send(numbered_lines(half..BIG_MESSAGE_LINES)).await;
+    // The end of data, and a pipelined command that must never run.
+    c.send(".\r\nMAIL FROM:<after@example.test>\r\n").await;
+    let verdict = c.reply().await;
+    assert!(
+        verdict.starts_with("250 2.0.0 Ok: queued as FAKE"),
+        "{verdict}"
+    );
+    let rest = c.rest().await;
+    assert!(rest.starts_with("421 4.3.2 "), "{rest}");
+    assert_eq!(
+        rest.matches("\r\n").count(),
+        1,
+        "one 421, then the close: {rest}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    let seen = env.backend.recorder.all_text();
+    let content = seen.find("line 00000000 ").unwrap();
+    let body = String::from_utf8(numbered_lines(0..BIG_MESSAGE_LINES)).unwrap();
+    assert_eq!(seen.get(content..content + body.len()), Some(body.as_str()));
+    assert!(seen[content + body.len()..].starts_with(".\r\n"));
+    assert!(
+        !seen.contains("after@example.test"),
+        "the pipelined MAIL never ran"
+    );
+    assert_eq!(
+        metric(&env, "mailfront_messages_submitted_total", "submissions"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn sigterm_between_bdat_chunks_lets_the_message_finish_then_421() {
+    let env = env_with(
+        FakeOptions::default(),
+        "",
+        "timeouts:\n  shutdown_grace: 60s\n",
+    )
+    .await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    let chunk1 = b"Subject: bdat\r\n\r\nfirst\r\n";
+    c.send(format!("BDAT {}\r\n", chunk1.len())).await;
+    c.send(chunk1).await;
+    assert!(c.reply().await.starts_with("250"));
+    // Between chunks the message is underway: the drain waits for its last chunk.
+    env.proxy.control.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let chunk2 = b"second\r\n";
+    c.send(format!("BDAT {} LAST\r\n", chunk2.len())).await;
+    c.send(chunk2).await;
+    let last = c.reply().await;
+    assert!(last.starts_with("250 2.0.0 Ok: queued"), "{last}");
+    let rest = c.rest().await;
+    assert!(rest.starts_with("421 4.3.2 "), "{rest}");
+    let seen = env.backend.recorder.all_text();
+    assert!(
+        seen.contains("first\r\nBDAT 8 LAST\r\nsecond\r\n"),
+        "{seen}"
+    );
+}
+
+/// A backend that takes a message as far as `reset_after` content octets, then resets the
+/// connection (SO_LINGER 0: an RST, as when the process is killed and the kernel cleans up).
+async fn backend_reset_mid_data(reset_after: usize) -> std::net::SocketAddr {
+    use tokio::io::AsyncBufReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut stream = BufReader::new(stream);
+        stream
+            .get_mut()
+            .write_all(b"220 backend.test\r\n")
+            .await
+            .unwrap();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if stream.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let reply: &[u8] = if line.eq_ignore_ascii_case(b"DATA\r\n") {
+                b"354 go ahead\r\n"
+            } else {
+                b"250 ok\r\n"
+            };
+            stream.get_mut().write_all(reply).await.unwrap();
+            if reply.starts_with(b"354") {
+                break;
+            }
+        }
+        let mut taken = 0;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while taken < reset_after {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => taken += n,
+            }
+        }
+        let stream = stream.into_inner();
+        #[allow(deprecated)]
+        let _ = stream.set_linger(Some(Duration::ZERO));
+        drop(stream);
+    });
+    addr
+}
+
+#[tokio::test]
+async fn backend_killed_mid_data_never_gives_the_client_250() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &[HOST], false);
+    let backend = backend_reset_mid_data(1024 * 1024).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("submissions", "smtp", "implicit", backend)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let config = client_config(&pki.ca_der, &[&rustls::version::TLS13], None);
+    let tls = tls_connect(proxy.addr("submissions"), HOST, config)
+        .await
+        .unwrap();
+    let mut c = Client::tls(tls);
+    assert!(c.reply().await.starts_with("220 "));
+    assert!(c.cmd(&format!("EHLO {HELO}")).await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    // The whole 10 MB goes out: the proxy consumes what the dead backend can no longer take.
+    c.send(numbered_lines(0..BIG_MESSAGE_LINES)).await;
+    c.send(".\r\n").await;
+    let rest = c.rest().await;
+    assert!(!rest.contains("250"), "{rest}");
+    assert!(rest.starts_with("421 4."), "{rest}");
+    assert_eq!(
+        rest.matches("\r\n").count(),
+        1,
+        "one 421, then the close: {rest}"
+    );
+    let text = proxy.metrics.encode();
+    let submitted: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("mailfront_messages_submitted_total{"))
+        .collect();
+    assert!(!submitted.is_empty(), "{text}");
+    assert!(submitted.iter().all(|l| l.ends_with(" 0")), "{submitted:?}");
 }
 
 /// swaks, a real SMTP client, through 465 (implicit TLS) and 587 (STARTTLS) with AUTH PLAIN.

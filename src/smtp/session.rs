@@ -47,6 +47,11 @@
 //!   without replaying the client's credentials, which mailfront never keeps.
 //! - A backend that fails while content streams: the rest of the message is consumed, then the
 //!   client gets `421 4.4.1` and the session closes; never a 250 the backend did not send.
+//! - Graceful shutdown: once the drain begins, a session with no message underway gets
+//!   `421 4.3.2` at once (RFC 5321 §3.8 allows it unsolicited), an open envelope included. A
+//!   message already in DATA or BDAT goes on to the backend's verdict, which the client gets,
+//!   then 421 and the close. Only the hard stop (`timeouts.shutdown_grace` over) cuts a message,
+//!   and then the client gets 421, never a 250 the backend did not send.
 //! - `auth_outcome` counts the backend's 235 as success and 535 as failure; other AUTH replies
 //!   (501 after `*`, 504, 454, 534) are logged but not counted.
 //! - `limits.auth_failures_per_ip` counts every 5xx answer to AUTH but 501 and 504 (a cancelled
@@ -500,6 +505,14 @@ impl<'s> Driver<'s> {
     ) -> Result<Option<StartTls>, EndReason> {
         if self.session.shutdown.is_cancelled() {
             return Err(self.shutting_down());
+        }
+        if self.session.draining.is_cancelled() {
+            // Replies owed for earlier pipelined commands go out first, in order: a DATA
+            // verdict among them is what decides whether a message is still underway.
+            self.drain(client).await?;
+            if self.must_stop() {
+                return Err(self.shutting_down());
+            }
         }
         match self.mode {
             Mode::Sasl => {
@@ -1161,6 +1174,40 @@ impl<'s> Driver<'s> {
         self.pending.push_back(Pending::Local(reply.to_vec()));
     }
 
+    /// Whether a message is underway: from the DATA command (or a transaction's first BDAT)
+    /// until the backend's verdict on its end. A drain lets such a message finish, since
+    /// cutting it would make the client send all of it again; an envelope alone (MAIL, RCPT) is
+    /// cheap to repeat, so a session with no message underway stops at once.
+    fn message_underway(&self) -> bool {
+        matches!(self.mode, Mode::Data { .. } | Mode::Chunk { .. })
+            || self.tx.bdat_started
+            || self.pending.iter().any(|p| {
+                matches!(
+                    p,
+                    Pending::Backend(Expect::Data | Expect::DataEnd { .. } | Expect::Bdat { .. })
+                )
+            })
+    }
+
+    /// Whether the session must end now for a shutdown: always at the hard stop, and once the
+    /// drain has begun, as soon as no message is underway.
+    fn must_stop(&self) -> bool {
+        self.session.shutdown.is_cancelled()
+            || (self.session.draining.is_cancelled() && !self.message_underway())
+    }
+
+    /// The signal that ends a wait now: the drain when no message is underway, else only the
+    /// hard stop (the message gets its backend verdict first).
+    fn stop_signal(&self) -> tokio_util::sync::CancellationToken {
+        if self.message_underway() {
+            self.session.shutdown.clone()
+        } else {
+            self.session.draining.clone()
+        }
+    }
+
+    /// The goodbye for a shutdown, written unsolicited: RFC 5321 §3.8 lets a server that must
+    /// shut down send 421 asynchronously, which the client reads after its next command.
     fn shutting_down(&mut self) -> EndReason {
         let reply = local_reply::shutting_down(self.hostname());
         self.cout.extend_from_slice(&reply);
@@ -1207,12 +1254,13 @@ impl<'s> Driver<'s> {
                     }
                 }
             }
+            let stop = self.stop_signal();
             let Some(backend) = self.backend.stream() else {
                 return Err(self.backend_lost(None));
             };
             let read = tokio::select! {
                 biased;
-                () = self.session.shutdown.cancelled() => return Err(self.shutting_down()),
+                () = stop.cancelled() => return Err(self.shutting_down()),
                 read = tokio::time::timeout(timeout, backend.read(&mut self.bin)) => read,
             };
             match read {
@@ -1238,7 +1286,7 @@ impl<'s> Driver<'s> {
         client: &mut ClientStream<S>,
     ) -> Result<(), EndReason> {
         self.flush_client(client).await?;
-        if self.session.shutdown.is_cancelled() {
+        if self.must_stop() {
             return Err(self.shutting_down());
         }
         let idle_deadline = Instant::now() + self.session.listener.timeouts.idle;
@@ -1250,9 +1298,10 @@ impl<'s> Driver<'s> {
         if self.login_expired() {
             return Err(self.login_timed_out());
         }
+        let stop = self.stop_signal();
         let read = tokio::select! {
             biased;
-            () = self.session.shutdown.cancelled() => return Err(self.shutting_down()),
+            () = stop.cancelled() => return Err(self.shutting_down()),
             read = tokio::time::timeout_at(deadline, client.read(&mut self.cin)) => read,
         };
         match read {
