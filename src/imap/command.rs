@@ -558,7 +558,7 @@ impl CommandReceiver {
 }
 
 /// ATOM-CHAR: any CHAR except atom-specials (RFC 9051 §9).
-pub(crate) fn is_atom_char(b: u8) -> bool {
+fn is_atom_char(b: u8) -> bool {
     (0x21..0x7f).contains(&b)
         && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
 }

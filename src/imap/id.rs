@@ -4,9 +4,8 @@
 //! trusts only that one. So a client ID is rewritten rather than forwarded: fields the client
 //! must not set (they would be trusted as coming from mailfront) are removed, mailfront's own are
 //! added, and the result keeps RFC 2971 §3.3's limits. Without a client ID the driver sends its
-//! own with [`build_id_command`] and a tag from [`mailfront_tag`].
-
-use crate::imap::command::is_atom_char;
+//! own with [`build_id_command`] and a tag from [`mailfront_tag`]. The client's ID is parsed by the
+//! same strict receiver as every pre-login command ([`crate::imap::command`]).
 
 /// RFC 2971 §3.3: "Implementations MUST NOT send more than 30 field-value pairs."
 pub const MAX_PAIRS: usize = 30;
@@ -30,161 +29,6 @@ pub struct IdPair {
 pub struct IdCommand {
     pub tag: Vec<u8>,
     pub params: Option<Vec<IdPair>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum IdError {
-    #[error("not an ID command")]
-    NotId,
-    #[error("malformed ID parameter list")]
-    Syntax,
-}
-
-/// Parses a whole ID command as the codec collected it (literals inline: `{n}CRLF` + octets).
-/// Field and value strings may be quoted, literals or (leniently) atoms; values may be NIL.
-pub fn parse_id_command(raw: &[u8]) -> Result<IdCommand, IdError> {
-    let mut p = Parser { input: raw, pos: 0 };
-    let tag = p.word().ok_or(IdError::NotId)?.to_vec();
-    if !p.eat(b' ') {
-        return Err(IdError::NotId);
-    }
-    let name = p.word().ok_or(IdError::NotId)?;
-    if !name.eq_ignore_ascii_case(b"ID") {
-        return Err(IdError::NotId);
-    }
-    if !p.eat(b' ') {
-        return Err(IdError::Syntax);
-    }
-    let params = if p.eat(b'(') {
-        let mut pairs = Vec::new();
-        loop {
-            p.skip_spaces();
-            if p.eat(b')') {
-                break;
-            }
-            let field = p.string()?.ok_or(IdError::Syntax)?;
-            if !p.eat(b' ') {
-                return Err(IdError::Syntax);
-            }
-            p.skip_spaces();
-            let value = p.string()?;
-            pairs.push(IdPair { field, value });
-            // RFC 2971 allows 30; a client sending far more is not worth parsing.
-            if pairs.len() > 4 * MAX_PAIRS {
-                return Err(IdError::Syntax);
-            }
-        }
-        Some(pairs)
-    } else {
-        match p.word() {
-            Some(word) if word.eq_ignore_ascii_case(b"NIL") => None,
-            _ => return Err(IdError::Syntax),
-        }
-    };
-    p.skip_spaces();
-    match p.rest() {
-        b"\r\n" | b"\n" => Ok(IdCommand { tag, params }),
-        _ => Err(IdError::Syntax),
-    }
-}
-
-struct Parser<'a> {
-    input: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Parser<'a> {
-    fn rest(&self) -> &'a [u8] {
-        self.input.get(self.pos..).unwrap_or_default()
-    }
-
-    fn eat(&mut self, b: u8) -> bool {
-        if self.rest().first() == Some(&b) {
-            self.pos += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn skip_spaces(&mut self) {
-        while self.eat(b' ') {}
-    }
-
-    /// A run of atom characters (also `]`, as in tags), or `None` when empty.
-    fn word(&mut self) -> Option<&'a [u8]> {
-        let rest = self.rest();
-        let len = rest
-            .iter()
-            .position(|&b| !(is_atom_char(b) || b == b']'))
-            .unwrap_or(rest.len());
-        self.pos += len;
-        rest.get(..len).filter(|w| !w.is_empty())
-    }
-
-    /// nstring (lenient: astring): `Ok(None)` for NIL.
-    fn string(&mut self) -> Result<Option<Vec<u8>>, IdError> {
-        match self.rest().first() {
-            Some(b'"') => {
-                self.pos += 1;
-                let mut out = Vec::new();
-                loop {
-                    let Some(&b) = self.rest().first() else {
-                        return Err(IdError::Syntax);
-                    };
-                    self.pos += 1;
-                    match b {
-                        b'"' => return Ok(Some(out)),
-                        b'\\' => {
-                            let Some(&escaped) = self.rest().first() else {
-                                return Err(IdError::Syntax);
-                            };
-                            self.pos += 1;
-                            out.push(escaped);
-                        }
-                        b'\r' | b'\n' => return Err(IdError::Syntax),
-                        _ => out.push(b),
-                    }
-                }
-            }
-            Some(b'{' | b'~') => {
-                self.eat(b'~');
-                if !self.eat(b'{') {
-                    return Err(IdError::Syntax);
-                }
-                let rest = self.rest();
-                let close = rest
-                    .iter()
-                    .position(|&b| b == b'}')
-                    .ok_or(IdError::Syntax)?;
-                let inner = rest.get(..close).unwrap_or_default();
-                let digits = inner.strip_suffix(b"+").unwrap_or(inner);
-                if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-                    return Err(IdError::Syntax);
-                }
-                let size: usize = std::str::from_utf8(digits)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or(IdError::Syntax)?;
-                self.pos += close + 1;
-                let line_end = self.eat(b'\n') || (self.eat(b'\r') && self.eat(b'\n'));
-                if !line_end {
-                    return Err(IdError::Syntax);
-                }
-                let data = self.rest().get(..size).ok_or(IdError::Syntax)?.to_vec();
-                self.pos += size;
-                Ok(Some(data))
-            }
-            _ => {
-                let word = self.word().ok_or(IdError::Syntax)?;
-                if word.eq_ignore_ascii_case(b"NIL") {
-                    Ok(None)
-                } else {
-                    Ok(Some(word.to_vec()))
-                }
-            }
-        }
-    }
 }
 
 /// Fields a client must not set, compared case-insensitively (RFC 2971 §3.3: strings are not
@@ -325,6 +169,25 @@ pub fn is_mailfront_tag(tag: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::imap::command::{Command, CommandReceiver, Event, Limits};
+
+    /// Parses `raw` as the pre-login receiver does, every literal accepted: the ID, or `Err`.
+    fn parse_id_command(raw: &[u8]) -> Result<IdCommand, ()> {
+        let mut rx = CommandReceiver::new(Limits::default());
+        let mut buf = raw.to_vec();
+        loop {
+            let step = rx.next(&buf);
+            buf.drain(..step.consumed);
+            match step.event {
+                Some(Event::LiteralRequested { .. }) => rx.accept_literal(),
+                Some(Event::Command {
+                    command: Command::Id(id),
+                    ..
+                }) => return Ok(id),
+                _ => return Err(()),
+            }
+        }
+    }
 
     const OURS: &[(&str, &str)] = &[("tls", "TLS_AES_256_GCM_SHA384")];
 
@@ -458,11 +321,20 @@ mod tests {
     fn oversized_fields_and_values_are_dropped() {
         let long_field = "f".repeat(31);
         let long_value = "v".repeat(1025);
-        let raw = format!(
-            "a ID (\"{long_field}\" \"x\" \"ok\" \"{long_value}\" \"keep\" \"{}\")\r\n",
-            "v".repeat(1024)
-        );
-        let out = parse_id_command(&rewrite(raw.as_bytes())).unwrap();
+        // The receiver refuses such an ID outright; the rewrite drops them on its own too.
+        let pair = |f: &str, v: &str| IdPair {
+            field: f.as_bytes().to_vec(),
+            value: Some(v.as_bytes().to_vec()),
+        };
+        let cmd = IdCommand {
+            tag: b"a".to_vec(),
+            params: Some(vec![
+                pair(&long_field, "x"),
+                pair("ok", &long_value),
+                pair("keep", &"v".repeat(1024)),
+            ]),
+        };
+        let out = parse_id_command(&rewrite_client_id(&cmd, OURS)).unwrap();
         let fields: Vec<_> = out.params.unwrap().into_iter().map(|p| p.field).collect();
         assert_eq!(fields, vec![b"keep".to_vec(), b"tls".to_vec()]);
     }
@@ -509,12 +381,12 @@ mod tests {
         ] {
             assert_eq!(
                 parse_id_command(raw),
-                Err(IdError::Syntax),
+                Err(()),
                 "{:?}",
                 String::from_utf8_lossy(raw)
             );
         }
-        assert_eq!(parse_id_command(b"a NOOP\r\n"), Err(IdError::NotId));
+        assert_eq!(parse_id_command(b"a NOOP\r\n"), Err(()));
     }
 
     #[test]

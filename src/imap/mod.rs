@@ -4,7 +4,7 @@
 //!   parser and canonical encoder: the only bytes that reach a backend before login.
 //! - [`response`]: backend-response receiver (greeting, tagged completions, continuations).
 //! - [`capability`]: capability-list rewriting for the client's view.
-//! - [`id`]: ID parsing and rewriting with mailfront's `tls` field, and mailfront's own ID.
+//! - [`id`]: ID rewriting with mailfront's `tls` field, and mailfront's own ID.
 //! - [`prelogin`]: the not-authenticated state as a sans-I/O machine: local cleartext
 //!   dialogue, the gate, ID, the LOGIN/AUTHENTICATE exchange.
 //! - [`reply`]: responses mailfront writes itself.
