@@ -742,8 +742,8 @@ def main():
 
     # The proxy holds two descriptors per session (client and backend side): with a hard limit of
     # 20000 (containers without CAP_SYS_RESOURCE), "10k" becomes as many as fit.
-    idle_sizes = [min(n, (nofile - 300) // 2) for n in prm["idle"]]
-    env["nofile"], env["maxconn"] = nofile, min(50000, (nofile - 300) // 2)
+    idle_sizes = [min(n, (nofile - 600) // 2) for n in prm["idle"]]
+    env["nofile"], env["maxconn"] = nofile, min(50000, (nofile - 200) // 2)
     plan = []  # (result key, runner(peer))
     if "handshake" in scenarios:
         plan.append(("handshake_off", lambda p: sc_handshake(env, p, prm, False)))
