@@ -594,6 +594,36 @@ def targets(med):
     return "\n".join(out)
 
 
+def observations(res):
+    """Notes computed from this run's numbers, for the reader of BENCHMARKS.md."""
+    med, out = res["median"], []
+    utils = [v for p in res["peers"] for sc in ("handshake_off", "handshake_on", "login")
+             for v in [lookup(med, p, f"{sc}.cpu_util")] if v is not None]
+    if utils and max(utils) < 0.9:
+        out.append(f"- Handshake and login: the proxies used {min(utils) * 100:.0f}–{max(utils) * 100:.0f}% of "
+                   "their core: the load generator (one core, shared with the fake backends and with anything else "
+                   "the machine runs) did not saturate them. Hence sessions per proxy CPU-second; sessions "
+                   "per second say more about the machine.")
+    ng = lookup(med, "nginx", "smtp_small.p50_ms")
+    if ng is not None and ng >= 30:
+        out.append(f"- nginx, SMTP 10 KB: each message waited p50 {ng:.0f} ms for its reply, which looks like "
+                   "Nagle's algorithm meeting a delayed ACK (40 ms) on one of its connections (not "
+                   "investigated further). That is nginx as "
+                   "configured here (Debian defaults plus `proxy_buffer 16k`), not tuned further; its CPU "
+                   "per message is in the next row.")
+    d = lookup(med, "direct", "latency.p99_us")
+    p99 = [v for p in res["peers"] for v in [lookup(med, p, "latency.p99_us")] if v is not None]
+    if d is not None and p99 and min(p99) > 20 * max(d, 1) and min(p99) > 1000:
+        out.append(f"- Latency p99: {min(p99) / 1000:.1f}–{max(p99) / 1000:.1f} ms through every proxy against "
+                   f"{d} µs direct. When all three agree like this, it is the machine (the proxy's core "
+                   "shared with other processes: a preempted proxy waits for a scheduler slice), not "
+                   "the proxy.")
+    if not res["meta"]["mf_tickets_key"]:
+        out.append("- This mailfront has no `tls.session_tickets` key: it sent 2 tickets per handshake in "
+                   "both handshake rows, so their difference is noise.")
+    return "\n".join(out) or "- (none)"
+
+
 def write_outputs(res, outdir, update_benchmarks):
     os.makedirs(outdir, exist_ok=True)
     med, peers = res["median"], [p for p in res["peers"]]
@@ -634,10 +664,14 @@ HAProxy (TCP mode TLS), medians of {m['rounds']} rounds. Raw numbers per round:
 
 Ratios are mailfront's figure divided by the peer's; whether above 1 is good depends on the
 "better" column. Tickets: mailfront with `tls.session_tickets: 0` / `{TICKETS_ON}`
-{'' if m['mf_tickets_key'] else '(this build has no `tls.session_tickets` key: both rows are its fixed default) '}, nginx
+{'' if m['mf_tickets_key'] else '(this build has no `tls.session_tickets` key: both rows are its fixed default)'}, nginx
 `ssl_session_tickets off` + `ssl_conf_command NumTickets 0` / its defaults, HAProxy `no-tls-tickets`
 and no session cache / its defaults; the "tickets sent" rows show what each really sent (counted by
 the client). Every peer did every scenario.
+
+### Read with care
+
+{observations(res)}
 
 ### Issue 15 targets, from this run
 
@@ -667,7 +701,8 @@ the client). Every peer did every scenario.
 - Measurement: proxy CPU = utime+stime from `/proc/<pid>/stat` over the proxy's process tree,
   read before and after the measured load (a short warm-up runs first); RSS = `VmRSS` over the
   tree, after a warm-up and with the sessions held, minus the same before they were opened.
-- Scenarios: {m['scenario_note']}
+- Scenarios:
+{m['scenario_note']}
 """
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write(doc)
@@ -819,19 +854,21 @@ def main():
         "noise_note": ("The load average before and after the run is under *How it was run*; on a "
                        "machine running other jobs the figures are noisy (the rounds and medians "
                        "soften that, they do not remove it)."),
-        "scenario_note": (
-            f"handshake: 32 clients for {prm['seconds']} s, each session a full handshake, the "
-            "greeting, `LOGOUT`; sessions per proxy CPU-second. login: the same plus `LOGIN` before "
-            f"`LOGOUT`. fetch: 4 clients log in, `SELECT`, and fetch {prm['fetch_mib']} MiB in all as "
-            "one literal each. SMTP 10 KB: 16 clients, each authenticates once (`AUTH PLAIN`) then "
-            f"sends messages one after another for {prm['smtp_small_s']} s (MAIL, RCPT, DATA; no "
-            f"pipelining). SMTP 10 MB: 4 clients × {prm['big_msgs']} messages of 10,000,000 octets "
-            "(76-character lines); latency from the first content octet to the `250`. idle: "
-            "sessions log in and send `IDLE`, opened 64 at a time from 100 source addresses "
-            "(127.0.1.x); RSS with them held, minus RSS before. latency: one logged-in session, "
-            f"{prm['latency_n']} `NOOP`s one after another, through the proxy minus straight to the "
-            "backend (cleartext) in the same round. Connections come from 32 or 100 loopback "
-            "addresses so that no ephemeral port range runs out."),
+        "scenario_note": "\n".join("  - " + x for x in [
+            f"handshake: 32 clients for {prm['seconds']} s, each session a full handshake, the greeting, "
+            "`LOGOUT`; sessions per proxy CPU-second.",
+            "login: the same with `LOGIN` before `LOGOUT`.",
+            f"fetch: 4 clients log in, `SELECT`, and fetch {prm['fetch_mib']} MiB in all, one literal each.",
+            "SMTP 10 KB: 16 clients, each authenticates once (`AUTH PLAIN`), then sends 10,240-octet "
+            f"messages one after another for {prm['smtp_small_s']} s (MAIL, RCPT, DATA; no pipelining).",
+            f"SMTP 10 MB: 4 clients × {prm['big_msgs']} messages of 10,000,000 octets (76-character "
+            "lines); latency from the first content octet to the `250`.",
+            "idle: sessions log in and send `IDLE`, opened 64 at a time from 100 source addresses "
+            "(127.0.1.x); RSS with them held minus RSS before, per session.",
+            f"latency: one logged-in session, {prm['latency_n']} `NOOP`s one after another, through the "
+            "proxy, minus the same straight to the backend (cleartext) in the same round.",
+            "Handshake and login connections come from 32 loopback addresses, so that no ephemeral "
+            "port range runs out."]),
     }
     res = {"meta": meta, "peers": peers, "median": median, "runs": runs}
     write_outputs(res, outdir, update_md)
