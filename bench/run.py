@@ -624,6 +624,16 @@ def observations(res):
     return "\n".join(out) or "- (none)"
 
 
+def missing(res):
+    """Which proxy has no result for which scenario (n/a in the table), or that none is missing."""
+    keys = sorted({sc for p in res["peers"] for sc in res["median"].get(p, {})})
+    gaps = [f"{LABEL[p]}: {sc}" for p in res["peers"] for sc in keys if sc not in res["median"].get(p, {})]
+    if not gaps:
+        return "Every peer did every scenario."
+    return ("No result (every round failed; the log of the run says why), shown as n/a: "
+            + ", ".join(gaps) + ".")
+
+
 def write_outputs(res, outdir, update_benchmarks):
     os.makedirs(outdir, exist_ok=True)
     med, peers = res["median"], [p for p in res["peers"]]
@@ -667,7 +677,7 @@ Ratios are mailfront's figure divided by the peer's; whether above 1 is good dep
 {'' if m['mf_tickets_key'] else '(this build has no `tls.session_tickets` key: both rows are its fixed default)'}, nginx
 `ssl_session_tickets off` + `ssl_conf_command NumTickets 0` / its defaults, HAProxy `no-tls-tickets`
 and no session cache / its defaults; the "tickets sent" rows show what each really sent (counted by
-the client). Every peer did every scenario.
+the client). {missing(res)}
 
 ### Read with care
 
