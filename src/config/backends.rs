@@ -300,7 +300,81 @@ pub fn literal_socket_addr(address: &BackendAddress) -> Option<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{Config, ConfigError};
     use super::*;
+
+    const HEAD: &str = "hostname: mx.example.test\nlisteners:\n  - name: imaps\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n";
+
+    fn load(extra: &str) -> Result<Backends, Vec<String>> {
+        let config =
+            Config::from_yaml(&format!("{HEAD}{extra}")).map_err(|e| vec![e.to_string()])?;
+        match config.validate(Path::new("/etc/mailfront")) {
+            Ok(mut c) => Ok(c.listeners.remove(0).backend),
+            Err(ConfigError::Invalid(problems)) => {
+                Err(problems.into_iter().map(|p| p.to_string()).collect())
+            }
+            Err(e) => Err(vec![e.to_string()]),
+        }
+    }
+
+    #[test]
+    fn backend_takes_one_address_or_a_list_and_the_other_keys_are_optional() {
+        let one = load("    backend: \"10.0.0.1:143\"\n").unwrap();
+        assert_eq!(one.default.len(), 1);
+        assert!(one.routes.is_empty() && one.tls.is_none() && one.health_interval.is_none());
+        let yaml = "    backend: [\"10.0.0.1:143\", \"dovecot.mail.svc.cluster.local:143\"]\n    routes:\n      - sni: \"*.Example.com\"\n        backend: \"10.0.0.9:143\"\n    backend_tls:\n      mode: starttls\n      ca: tls/ca.pem\n    backend_health:\n      interval: 5s\n";
+        let many = load(yaml).unwrap();
+        assert_eq!(many.default.len(), 2);
+        assert_eq!(
+            many.routes[0].sni,
+            SniPattern::Wildcard("example.com".into())
+        );
+        let tls = many.tls.unwrap();
+        assert_eq!(tls.mode, TlsMode::Starttls);
+        assert_eq!(tls.ca.unwrap(), Path::new("/etc/mailfront/tls/ca.pem"));
+        assert_eq!(tls.server_name, None);
+        assert_eq!(many.health_interval, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn every_bad_backend_key_is_named() {
+        let yaml = "    backend: [\"10.0.0.1:143\", \"nowhere\", \"10.0.0.1:143\"]\n    routes:\n      - sni: \"a.*.example\"\n        backend: []\n    backend_tls:\n      mode: implicit\n      server_name: \"bad name\"\n    backend_health:\n      interval: 100ms\n";
+        let problems = load(yaml).unwrap_err();
+        for key in [
+            "listeners[0].backend[1]:",
+            "listeners[0].backend[2]: 10.0.0.1:143 is listed twice",
+            "listeners[0].routes[0].sni:",
+            "listeners[0].routes[0].backend: needs at least one",
+            "listeners[0].backend_tls.server_name:",
+            "listeners[0].backend_health.interval:",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(key)),
+                "{key} in {problems:?}"
+            );
+        }
+        for (extra, word) in [
+            (
+                "    backend: \"10.0.0.1:1\"\n    backend_tls:\n      mode: implicit\n      sni: x\n",
+                "sni",
+            ),
+            (
+                "    backend: \"10.0.0.1:1\"\n    routes:\n      - sni: a.example\n        backend: \"10.0.0.1:2\"\n        weight: 2\n",
+                "weight",
+            ),
+            (
+                "    backend: \"10.0.0.1:1\"\n    backend_health:\n      every: 1s\n",
+                "every",
+            ),
+            (
+                "    backend: \"10.0.0.1:1\"\n    backend_tls:\n      mode: always\n",
+                "starttls",
+            ),
+        ] {
+            let err = load(extra).unwrap_err().join("\n");
+            assert!(err.contains(word), "{word}: {err}");
+        }
+    }
 
     #[test]
     fn sni_patterns_match_exact_names_and_one_wildcard_label() {
