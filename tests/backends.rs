@@ -230,6 +230,30 @@ fn routes(fleet: &[FleetBackend]) -> String {
     )
 }
 
+/// Three backends b0..b2 behind one listener with [`routes`], its certificate covering every
+/// routed name.
+async fn routed(name: &str, speaks: Speaks, tls: &str) -> (Pki, Vec<FleetBackend>, Proxy) {
+    let pki = Pki::new();
+    let names = [
+        "mx.example.test",
+        "vip.example.test",
+        "*.customers.example.test",
+    ];
+    let cert = pki.issue("mx", &names, false);
+    let mut fleet = Vec::new();
+    for backend in ["b0", "b1", "b2"] {
+        fleet.push(FleetBackend::start(backend, speaks, FleetTls::None).await);
+    }
+    let protocol = match speaks {
+        Speaks::Imap => "imap",
+        Speaks::Smtp => "smtp",
+    };
+    let listener = pool_listener(name, protocol, tls, &[fleet[2].addr], &routes(&fleet));
+    let yaml = config_yaml(&[&cert], &[listener], QUICK_STOP);
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    (pki, fleet, proxy)
+}
+
 const ROUTED: [(&str, usize); 4] = [
     ("vip.example.test", 0),
     ("a.customers.example.test", 1),
@@ -239,32 +263,7 @@ const ROUTED: [(&str, usize); 4] = [
 
 #[tokio::test]
 async fn sni_routes_choose_the_backend_on_an_implicit_listener() {
-    let pki = Pki::new();
-    let cert = pki.issue(
-        "mx",
-        &[
-            "mx.example.test",
-            "vip.example.test",
-            "*.customers.example.test",
-        ],
-        false,
-    );
-    let mut fleet = Vec::new();
-    for name in ["b0", "b1", "b2"] {
-        fleet.push(FleetBackend::start(name, Speaks::Imap, FleetTls::None).await);
-    }
-    let yaml = config_yaml(
-        &[&cert],
-        &[pool_listener(
-            "imaps",
-            "imap",
-            "implicit",
-            &[fleet[2].addr],
-            &routes(&fleet),
-        )],
-        QUICK_STOP,
-    );
-    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let (pki, _fleet, proxy) = routed("imaps", Speaks::Imap, "implicit").await;
     for (sni, expected) in ROUTED {
         let mut s = imap_login(proxy.addr("imaps"), sni, &pki).await;
         assert_eq!(
@@ -278,32 +277,7 @@ async fn sni_routes_choose_the_backend_on_an_implicit_listener() {
 
 #[tokio::test]
 async fn sni_routes_choose_the_backend_on_a_starttls_listener_after_the_handshake() {
-    let pki = Pki::new();
-    let cert = pki.issue(
-        "mx",
-        &[
-            "mx.example.test",
-            "vip.example.test",
-            "*.customers.example.test",
-        ],
-        false,
-    );
-    let mut fleet = Vec::new();
-    for name in ["b0", "b1", "b2"] {
-        fleet.push(FleetBackend::start(name, Speaks::Smtp, FleetTls::None).await);
-    }
-    let yaml = config_yaml(
-        &[&cert],
-        &[pool_listener(
-            "submission",
-            "smtp",
-            "starttls",
-            &[fleet[2].addr],
-            &routes(&fleet),
-        )],
-        QUICK_STOP,
-    );
-    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let (pki, fleet, proxy) = routed("submission", Speaks::Smtp, "starttls").await;
     for (sni, expected) in ROUTED {
         let counts: Vec<usize> = fleet.iter().map(FleetBackend::sessions).collect();
         let tcp = tokio::net::TcpStream::connect(proxy.addr("submission"))
@@ -468,5 +442,34 @@ async fn starttls_to_the_backend_happens_before_anything_of_the_clients() {
     assert!(read_smtp_reply(&mut m).await.starts_with("250"));
     assert!(read_smtp_reply(&mut m).await.contains("smtp-tls"));
     assert_eq!(smtp.sessions(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_dns_name_stands_for_every_address_it_resolves_to() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let b = FleetBackend::start("b0", Speaks::Imap, FleetTls::None).await;
+    let name = format!("localhost:{}", b.addr.port());
+    let listener = format!(
+        "  - name: imaps\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: [\"{name}\"]\n"
+    );
+    let yaml = config_yaml(&[&cert], &[listener], QUICK_STOP);
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    // Wherever `localhost` also resolves to ::1 (nothing listens there), that address fails and
+    // the session steps over it: the client never notices.
+    for _ in 0..4 {
+        let mut s = imap_login(proxy.addr("imaps"), "mx.example.test", &pki).await;
+        assert_eq!(served_by(&mut s).await.unwrap(), "b0");
+    }
+    let text = scrape_proxy(&proxy).await;
+    assert_eq!(
+        metric(
+            &text,
+            &series("mailfront_backend_sessions_total", "imaps", b.addr)
+        ),
+        Some(4.0),
+        "{text}"
+    );
     proxy.stop().await;
 }

@@ -184,6 +184,7 @@ impl AsyncRead for BackendStream {
         let this = self.get_mut();
         if let Some(rest) = this.replay.get(this.replayed..)
             && !rest.is_empty()
+            && buf.remaining() > 0
         {
             let n = rest.len().min(buf.remaining());
             buf.put_slice(rest.get(..n).unwrap_or_default());
@@ -297,4 +298,31 @@ pub async fn connect(
                 timeout,
             })??;
     Ok(BackendStream::new(stream, counters, Vec::new(), None))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_greeting_the_pool_read_comes_first_and_is_counted_once() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let counters = Arc::new(ByteCounters::default());
+        let mut stream = BackendStream::new(
+            Box::new(ours),
+            counters.clone(),
+            b"* OK hi\r\n".to_vec(),
+            None,
+        );
+        theirs.write_all(b"* BYE\r\n").await.unwrap();
+        drop(theirs);
+        let mut small = [0u8; 4];
+        assert_eq!(stream.read(&mut small).await.unwrap(), 4);
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert_eq!([&small[..], &rest].concat(), b"* OK hi\r\n* BYE\r\n");
+        assert_eq!(counters.to_client(), 16);
+    }
 }

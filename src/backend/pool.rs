@@ -611,3 +611,71 @@ async fn fill_line<S: AsyncRead + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendAddress, Backends};
+
+    fn pool(registry: &prometheus::Registry) -> Arc<Pool> {
+        let metrics = crate::metrics::Metrics::register(registry).unwrap();
+        let name = BackendAddress {
+            host: "dovecot.mail.svc".into(),
+            port: 143,
+        };
+        let listener = ListenerConfig {
+            name: "imaps".into(),
+            protocol: Protocol::Imap,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: TlsMode::Implicit,
+            backend: Backends::single(name),
+            max_connections: 1,
+            require_tls_for_mail: true,
+            backend_proxy_protocol: false,
+        };
+        Arc::new(
+            Pool::new(
+                &listener,
+                "mx.example.test",
+                Duration::from_secs(1),
+                metrics.backends("imaps"),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_new_answer_adds_addresses_and_drops_those_gone_once_idle() {
+        let registry = prometheus::Registry::new();
+        let pool = pool(&registry);
+        let name = pool.names().remove(0);
+        pool.install(&name, addrs(&["10.0.0.1:143", "10.0.0.2:143"]));
+        let held = pool.lease("10.0.0.2:143".parse().unwrap());
+        pool.install(&name, addrs(&["10.0.0.3:143"]));
+        let mut members: Vec<String> = pool
+            .lock()
+            .members
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        members.sort();
+        // .1 is gone; .2 stays while a session uses it, and goes at the next answer after.
+        assert_eq!(members, ["10.0.0.2:143", "10.0.0.3:143"]);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        assert!(!text.contains("10.0.0.1:143"), "{text}");
+        assert!(
+            text.contains(
+                "mailfront_backend_sessions{backend=\"10.0.0.2:143\",listener=\"imaps\"} 1"
+            )
+        );
+        drop(held);
+        pool.install(&name, addrs(&["10.0.0.3:143", "10.0.0.4:143"]));
+        assert_eq!(pool.lock().members.len(), 2);
+    }
+}
