@@ -1,6 +1,9 @@
 //! Several backends per listener: least-connections spread, a backend killed mid-run and its
 //! return, SNI routes on implicit and STARTTLS listeners, and TLS to the backend.
 
+// Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -967,7 +967,7 @@ stop_backend_tls_fixture() {
 case_backend_tls_imap_login() {
     python3 "$MFI" imap-fetch --mode implicit --port "$P_BT_GOOD" --sni "$HOSTNAME_MF" \
         --cafile "$CA" --user "$USER_NAME" --password "$USER_PASS" --min-messages 0 >/dev/null &&
-    python3 "$MFI" log-line --log "$BT_DOVECOT_LOG" --contains "imap-login: Login: user=<$USER_NAME>" \
+    python3 "$MFI" log-line --log "$BT_DOVECOT_LOG" --contains "Login: user=<$USER_NAME>" \
         --contains "TLS" >/dev/null
 }
 
