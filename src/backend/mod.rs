@@ -140,7 +140,7 @@ impl Connect for DuplexConnector {
 /// (from the client, or written by us on its behalf).
 ///
 /// The pool reads the backend's greeting before handing the stream over; those bytes are served
-/// first ([`BackendStream::new`]'s `replay`), so the driver reads the greeting as if fresh.
+/// first, so the driver reads the greeting as if fresh.
 pub struct BackendStream {
     inner: Box<dyn Transport>,
     counters: Arc<ByteCounters>,
