@@ -476,3 +476,64 @@ async fn a_dns_name_stands_for_every_address_it_resolves_to() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_silent_backend_and_one_that_closes_before_greeting_are_stepped_over() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    // Accepts and says nothing; accepts and closes at once.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (silent_addr, closer_addr) = (silent.local_addr().unwrap(), closer.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((s, _)) = closer.accept().await {
+            drop(s);
+        }
+    });
+    let good = FleetBackend::start("good", Speaks::Imap, FleetTls::None).await;
+    let listener = pool_listener(
+        "imaps",
+        "imap",
+        "implicit",
+        &[silent_addr, closer_addr, good.addr],
+        "",
+    );
+    let extra = "timeouts:\n  backend_connect: 500ms\n  shutdown_grace: 200ms\n";
+    let yaml = config_yaml(&[&cert], &[listener], extra);
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    // The first session meets both (least connections, ties in listed order at first), the
+    // next ones find them resting: every client is served by the good one.
+    for _ in 0..3 {
+        let mut s = imap_login(proxy.addr("imaps"), "mx.example.test", &pki).await;
+        assert_eq!(served_by(&mut s).await.unwrap(), "good");
+    }
+    let text = scrape_proxy(&proxy).await;
+    let failures = |addr: SocketAddr, reason: &str| {
+        metric(
+            &text,
+            &format!(
+                "mailfront_backend_failures_total{{backend=\"{addr}\",listener=\"imaps\",reason=\"{reason}\"}}"
+            ),
+        )
+    };
+    assert_eq!(failures(silent_addr, "timeout"), Some(1.0), "{text}");
+    assert_eq!(failures(closer_addr, "no_greeting"), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, &series("mailfront_backend_up", "imaps", silent_addr)),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &series("mailfront_backend_sessions_total", "imaps", good.addr)
+        ),
+        Some(3.0)
+    );
+    proxy.stop().await;
+}
