@@ -364,22 +364,27 @@ impl Pool {
 
     fn failed(&self, addr: SocketAddr, failure: &Failure, by: &'static str) {
         self.metrics.failed(&addr.to_string(), failure.reason);
-        let backoff = {
+        let (was_up, backoff) = {
             let mut state = self.lock();
-            state.members.get_mut(&addr).map(|member| {
-                member.metrics.up.set(0);
-                member.health.failed(Instant::now())
-            })
+            match state.members.get_mut(&addr) {
+                Some(member) => {
+                    member.metrics.up.set(0);
+                    let was_up = member.health.is_up();
+                    (was_up, member.health.failed(Instant::now()))
+                }
+                None => (true, Duration::ZERO),
+            }
         };
-        tracing::warn!(
-            listener = %self.listener,
-            backend = %addr,
-            reason = failure.reason.as_str(),
-            error = %failure.detail,
-            by,
-            retry_in_ms = backoff.map_or(0, |b| b.as_millis() as u64),
-            "backend failed: out of rotation until its back-off ends"
-        );
+        let retry_in_ms = backoff.as_millis() as u64;
+        let reason = failure.reason.as_str();
+        let error = &failure.detail;
+        // A warning when an address leaves rotation; while it stays out, each further failure
+        // (an active check every interval, a probing session) only at debug.
+        if was_up {
+            tracing::warn!(listener = %self.listener, backend = %addr, reason, error = %error, by, retry_in_ms, "backend failed: out of rotation until its back-off ends");
+        } else {
+            tracing::debug!(listener = %self.listener, backend = %addr, reason, error = %error, by, retry_in_ms, "backend still failing");
+        }
     }
 
     /// One attempt, all of it within `timeouts.backend_connect`.
