@@ -537,3 +537,37 @@ async fn a_silent_backend_and_one_that_closes_before_greeting_are_stepped_over()
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn active_checks_open_with_a_proxy_v2_local_header_where_the_backend_expects_proxy() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start_with(
+        FakeKind::Imap,
+        FakeOptions {
+            expect_proxy_v2: true,
+            ..FakeOptions::default()
+        },
+    )
+    .await;
+    let extra = "    backend_proxy_protocol: true\n    backend_health:\n      interval: 1s\n";
+    let listener = pool_listener("imaps", "imap", "implicit", &[backend.addr], extra);
+    let yaml = config_yaml(&[&cert], &[listener], QUICK_STOP);
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    // The first check runs at start: a header with the LOCAL command (0x20) and no addresses,
+    // which the backend accepts like any other, then a greeting and LOGOUT.
+    eventually(|| !backend.proxy_headers.connections().is_empty()).await;
+    let header = backend.proxy_headers.connections().remove(0);
+    assert_eq!(header[..12], PROXY_V2_SIGNATURE);
+    assert_eq!(header[12..], [0x20, 0x00, 0x00, 0x00]);
+    eventually(|| backend.recorder.all_text().contains("M0 LOGOUT\r\n")).await;
+    let text = scrape_proxy(&proxy).await;
+    assert_eq!(
+        metric(
+            &text,
+            &series("mailfront_backend_up", "imaps", backend.addr)
+        ),
+        Some(1.0)
+    );
+    proxy.stop().await;
+}

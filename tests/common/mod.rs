@@ -19,9 +19,8 @@ mod proxy;
 use std::time::Duration;
 
 pub use client::*;
-// Not every suite uses every helper (tests/backends.rs has no fake_backend).
-#[allow(unused_imports)]
 pub use fake_backend::*;
+// Only tests/backends.rs uses the fleet.
 #[allow(unused_imports)]
 pub use fleet::*;
 pub use pki::*;
