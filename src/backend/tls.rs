@@ -15,11 +15,11 @@ use crate::config::{BackendTls, TlsMode};
 /// Why `backend_tls` cannot be set up (at startup, so a bad `ca` is found before any client).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    #[error("listeners[].backend_tls.ca {path}: {detail}")]
+    #[error("backend_tls.ca {path}: {detail}")]
     Ca { path: PathBuf, detail: String },
-    #[error("listeners[].backend_tls: no system root certificates found ({detail}); set ca")]
+    #[error("backend_tls: no system root certificates found ({detail}); set ca")]
     NoSystemRoots { detail: String },
-    #[error("listeners[].backend_tls: {0}")]
+    #[error("backend_tls: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
@@ -115,4 +115,42 @@ fn system_roots() -> Result<RootCertStore, TlsSetupError> {
         return Err(TlsSetupError::NoSystemRoots { detail });
     }
     Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls(ca: Option<PathBuf>) -> BackendTls {
+        BackendTls {
+            mode: TlsMode::Implicit,
+            ca,
+            server_name: Some("backend.example.test".into()),
+        }
+    }
+
+    #[test]
+    fn a_ca_bundle_must_exist_and_hold_a_certificate() {
+        let dir = std::env::temp_dir().join(format!("mailfront-backend-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.pem");
+        assert!(matches!(
+            BackendTlsClient::new(&tls(Some(missing))),
+            Err(TlsSetupError::Ca { .. })
+        ));
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no PEM here\n").unwrap();
+        let err = BackendTlsClient::new(&tls(Some(empty))).unwrap_err();
+        assert!(err.to_string().contains("no CERTIFICATE"), "{err}");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["ca.example.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let good = dir.join("ca.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        let client = BackendTlsClient::new(&tls(Some(good))).unwrap();
+        assert_eq!(client.mode, TlsMode::Implicit);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

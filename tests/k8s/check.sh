@@ -368,6 +368,8 @@ else
 import re, sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))["data"]["config.yaml"]
 cfg = re.sub(r"/etc/mailfront/tls/[^/\s]+/(tls\.(crt|key))", sys.argv[3] + r"/\1", cfg)
+# backend_tls CA bundles (backendCa mounts): the same certificate stands in for them.
+cfg = re.sub(r"/etc/mailfront/backend-ca/[^/\s]+/[^\s]+", sys.argv[3] + "/tls.crt", cfg)
 open(sys.argv[2], "w").write(cfg)
 EOF
       check "mailfront check --config ($r)" "$MF" check --config "$WORK/$r.config.yaml"
