@@ -319,6 +319,14 @@ async fn sni_routes_choose_the_backend_on_a_starttls_listener_after_the_handshak
     proxy.stop().await;
 }
 
+/// A test CA with mailfront's certificate and a backend's (`backend.example.test`).
+fn with_backend_certificate() -> (Pki, IssuedCert, std::sync::Arc<rustls::ServerConfig>) {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = server_tls(&pki.issue("backend", &["backend.example.test"], false));
+    (pki, cert, backend)
+}
+
 fn backend_tls(mode: &str, ca: &std::path::Path) -> String {
     format!(
         "    backend_tls:\n      mode: {mode}\n      ca: {}\n      server_name: backend.example.test\n",
@@ -328,13 +336,11 @@ fn backend_tls(mode: &str, ca: &std::path::Path) -> String {
 
 #[tokio::test]
 async fn an_implicit_tls_backend_is_verified_against_ca_and_a_wrong_ca_is_a_temporary_failure() {
-    let pki = Pki::new();
-    let cert = pki.issue("mx", &["mx.example.test"], false);
-    let backend_cert = pki.issue("backend", &["backend.example.test"], false);
+    let (pki, cert, backend_tls_config) = with_backend_certificate();
     let b = FleetBackend::start(
         "tls0",
         Speaks::Imap,
-        FleetTls::Implicit(server_tls(&backend_cert)),
+        FleetTls::Implicit(backend_tls_config.clone()),
     )
     .await;
     let other = Pki::new();
@@ -388,19 +394,17 @@ async fn an_implicit_tls_backend_is_verified_against_ca_and_a_wrong_ca_is_a_temp
 
 #[tokio::test]
 async fn starttls_to_the_backend_happens_before_anything_of_the_clients() {
-    let pki = Pki::new();
-    let cert = pki.issue("mx", &["mx.example.test"], false);
-    let backend_cert = pki.issue("backend", &["backend.example.test"], false);
+    let (pki, cert, backend_tls_config) = with_backend_certificate();
     let imap = FleetBackend::start(
         "imap-tls",
         Speaks::Imap,
-        FleetTls::Starttls(server_tls(&backend_cert)),
+        FleetTls::Starttls(backend_tls_config.clone()),
     )
     .await;
     let smtp = FleetBackend::start(
         "smtp-tls",
         Speaks::Smtp,
-        FleetTls::Starttls(server_tls(&backend_cert)),
+        FleetTls::Starttls(backend_tls_config.clone()),
     )
     .await;
     let yaml = config_yaml(
