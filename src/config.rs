@@ -11,6 +11,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod backends;
+pub use backends::{
+    BackendHealthSection, BackendList, BackendTls, BackendTlsSection, Backends, Route,
+    RouteSection, SniPattern, literal_socket_addr,
+};
+
 /// The built-in default: `mailfront` with no `--config` runs exactly the shipped example.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config.yaml.example");
 
@@ -204,7 +210,13 @@ pub struct ListenerSection {
     pub protocol: Protocol,
     pub listen: String,
     pub tls: TlsMode,
-    pub backend: String,
+    pub backend: BackendList,
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+    #[serde(default)]
+    pub backend_tls: Option<BackendTlsSection>,
+    #[serde(default)]
+    pub backend_health: Option<BackendHealthSection>,
     #[serde(default)]
     pub max_connections: Option<usize>,
     #[serde(default)]
@@ -437,8 +449,9 @@ fn default_auth_failure_window() -> ConfigDuration {
 /// process (or the backend's process limit) down before it is noticed.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
-/// A backend address: kept as written, because a DNS name is resolved at each connect.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A backend address: kept as written, because a DNS name is resolved again over time (every
+/// address it has is a backend of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BackendAddress {
     pub host: String,
     pub port: u16,
@@ -489,7 +502,8 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     pub listen: SocketAddr,
     pub tls: TlsMode,
-    pub backend: BackendAddress,
+    /// `backend`, `routes`, `backend_tls` and `backend_health`.
+    pub backend: Backends,
     pub max_connections: usize,
     /// SMTP on a STARTTLS listener: refuse MAIL FROM before TLS (default true).
     pub require_tls_for_mail: bool,
@@ -630,13 +644,16 @@ impl Config {
                     None
                 }
             };
-            let backend = match parse_backend(&l.backend) {
-                Ok(b) => Some(b),
-                Err(message) => {
-                    problem(key("backend"), message);
-                    None
-                }
-            };
+            let backend = backends::validate(
+                &backends::Written {
+                    backend: &l.backend,
+                    routes: &l.routes,
+                    tls: l.backend_tls.as_ref(),
+                    health: l.backend_health.as_ref(),
+                },
+                base_dir,
+                &mut |field, message| problem(key(&field), message),
+            );
             if l.max_connections == Some(0) {
                 problem(key("max_connections"), "must be at least 1".into());
             }

@@ -9,8 +9,8 @@
 //! - Drivers: [`smtp::session`], and [`prelogin::serve`], the one pre-login loop that runs the
 //!   IMAP and POP3 not-authenticated state machines ([`imap::prelogin`], [`pop3::prelogin`]).
 //! - Below them: [`session`] (per-connection context, the client stream STARTTLS upgrades, timed
-//!   writes, the close log), [`close`] (why a session ended, and on which side), [`backend`] (connecting with a deadline, byte counting, the
-//!   connector tests replace), `relay` (the post-login byte relay), `proxy_protocol` (the PROXY
+//!   writes, the close log), [`close`] (why a session ended, and on which side), [`backend`] (each listener's pool of backend addresses:
+//!   selection, health, SNI routes, TLS to the backend; byte counting; the connector tests replace), `relay` (the post-login byte relay), `proxy_protocol` (the PROXY
 //!   v2 header), [`tls`] (certificate store, SNI, hot reload, IANA names), [`metrics`].
 //! - At the bottom: [`config`] (the YAML model, validated into [`config::RuntimeConfig`]), `line`
 //!   (bounded line framing and the pull-style `Step`), `dns`, `transport`, and the sans-I/O

@@ -56,6 +56,18 @@ fn check(path: Option<&std::path::Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The CA bundles of `backend_tls`, as the server loads them at start.
+    for (index, l) in config.listeners.iter().enumerate() {
+        if let Some(tls) = &l.backend.tls
+            && let Err(e) = mailfront::backend::tls::BackendTlsClient::new(tls)
+        {
+            eprintln!(
+                "{source}: invalid configuration:\nlisteners[{index}] ({}): {e}",
+                l.name
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     match CertStore::load(&config.tls.certificates, &config.hostname) {
         Ok(store) => {
             println!(

@@ -24,6 +24,96 @@ use crate::close::CloseClass;
 use crate::config::{ListenerConfig, Protocol};
 use crate::tls::{HandshakeFailure, LoadedCertificate, TlsInfo};
 
+/// One listener's per-backend-address families (`mailfront_backend_*{listener,backend}`).
+#[derive(Clone)]
+pub struct BackendMetrics {
+    listener: String,
+    up: IntGaugeVec,
+    sessions: IntGaugeVec,
+    sessions_total: IntCounterVec,
+    failures: IntCounterVec,
+}
+
+/// Why a backend address failed, for `mailfront_backend_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendFailure {
+    /// Refused, unreachable or reset while connecting (or sending the PROXY header).
+    Refused,
+    /// No connection, handshake or greeting within `timeouts.backend_connect`.
+    Timeout,
+    /// Closed, or sent something that is not a line, before its greeting.
+    NoGreeting,
+    /// The TLS handshake failed, certificate verification included.
+    Tls,
+    /// The backend refused STARTTLS/STLS, or broke the exchange.
+    Starttls,
+}
+
+impl BackendFailure {
+    pub const ALL: [BackendFailure; 5] = [
+        BackendFailure::Refused,
+        BackendFailure::Timeout,
+        BackendFailure::NoGreeting,
+        BackendFailure::Tls,
+        BackendFailure::Starttls,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendFailure::Refused => "refused",
+            BackendFailure::Timeout => "timeout",
+            BackendFailure::NoGreeting => "no_greeting",
+            BackendFailure::Tls => "tls",
+            BackendFailure::Starttls => "starttls",
+        }
+    }
+}
+
+/// Handles for one backend address.
+#[derive(Clone)]
+pub struct BackendAddressMetrics {
+    pub up: IntGauge,
+    pub sessions: IntGauge,
+    pub sessions_total: IntCounter,
+}
+
+impl BackendMetrics {
+    /// The handles of `backend` (an `address:port`), created at 0 (up at 1: a new address is
+    /// in rotation until it fails).
+    pub fn address(&self, backend: &str) -> BackendAddressMetrics {
+        let labels = [self.listener.as_str(), backend];
+        let handles = BackendAddressMetrics {
+            up: self.up.with_label_values(&labels),
+            sessions: self.sessions.with_label_values(&labels),
+            sessions_total: self.sessions_total.with_label_values(&labels),
+        };
+        handles.up.set(1);
+        handles
+    }
+
+    pub fn failed(&self, backend: &str, reason: BackendFailure) {
+        self.failures
+            .with_label_values(&[self.listener.as_str(), backend, reason.as_str()])
+            .inc();
+    }
+
+    /// Drops the series of an address DNS no longer returns, so a headless Service whose pods
+    /// come and go does not grow the label set forever.
+    pub fn forget(&self, backend: &str) {
+        let labels = [self.listener.as_str(), backend];
+        let _ = self.up.remove_label_values(&labels);
+        let _ = self.sessions.remove_label_values(&labels);
+        let _ = self.sessions_total.remove_label_values(&labels);
+        for reason in BackendFailure::ALL {
+            let _ = self.failures.remove_label_values(&[
+                self.listener.as_str(),
+                backend,
+                reason.as_str(),
+            ]);
+        }
+    }
+}
+
 /// Authentication outcome as the backend reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthResult {
@@ -60,6 +150,10 @@ pub struct Metrics {
     imap_id_fields: IntCounterVec,
     backend_connect_failures: IntCounterVec,
     backend_connect_duration: HistogramVec,
+    backend_up: IntGaugeVec,
+    backend_sessions: IntGaugeVec,
+    backend_sessions_total: IntCounterVec,
+    backend_failures: IntCounterVec,
     relayed_bytes: IntCounterVec,
     session_duration: HistogramVec,
     sessions_closed: IntCounterVec,
@@ -244,6 +338,30 @@ impl Metrics {
                 &["listener"],
                 LATENCY_BUCKETS.to_vec(),
             )?,
+            backend_up: gauge(
+                r,
+                "mailfront_backend_up",
+                "1 while a backend address is in rotation, 0 while it rests after a failure (passive or active check).",
+                &["listener", "backend"],
+            )?,
+            backend_sessions: gauge(
+                r,
+                "mailfront_backend_sessions",
+                "Sessions connected to each backend address now (what least-connections balances).",
+                &["listener", "backend"],
+            )?,
+            backend_sessions_total: counter(
+                r,
+                "mailfront_backend_sessions_total",
+                "Sessions each backend address has taken.",
+                &["listener", "backend"],
+            )?,
+            backend_failures: counter(
+                r,
+                "mailfront_backend_failures_total",
+                "Failed connections to a backend address by reason: refused, timeout, no_greeting, tls (handshake or certificate verification), starttls; active checks count too.",
+                &["listener", "backend", "reason"],
+            )?,
             relayed_bytes: counter(
                 r,
                 "mailfront_relayed_bytes_total",
@@ -277,6 +395,18 @@ impl Metrics {
             )?,
             ready,
         })
+    }
+
+    /// The per-address backend families of one listener; addresses come from configuration and
+    /// DNS, never from clients.
+    pub fn backends(&self, listener: &str) -> BackendMetrics {
+        BackendMetrics {
+            listener: listener.to_owned(),
+            up: self.backend_up.clone(),
+            sessions: self.backend_sessions.clone(),
+            sessions_total: self.backend_sessions_total.clone(),
+            failures: self.backend_failures.clone(),
+        }
     }
 
     /// Handles for one listener, with every fixed label combination created so series start at 0.
@@ -592,7 +722,7 @@ pub async fn serve_admin(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendAddress, TlsMode};
+    use crate::config::{BackendAddress, Backends, TlsMode};
 
     fn listener() -> ListenerConfig {
         ListenerConfig {
@@ -600,10 +730,10 @@ mod tests {
             protocol: Protocol::Imap,
             listen: "127.0.0.1:0".parse().unwrap(),
             tls: TlsMode::Implicit,
-            backend: BackendAddress {
+            backend: Backends::single(BackendAddress {
                 host: "127.0.0.1".into(),
                 port: 143,
-            },
+            }),
             max_connections: 1,
             require_tls_for_mail: true,
             backend_proxy_protocol: false,

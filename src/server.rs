@@ -13,7 +13,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::BackendConnector;
+use crate::backend::{BackendConnector, Pool, tls::TlsSetupError};
 use crate::config::{ListenerConfig, RuntimeConfig, TlsMode};
 use crate::connection::{refuse_per_ip, serve_connection};
 use crate::limits::{AuthThrottle, PerIpLimiter};
@@ -59,6 +59,12 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("listeners[{index}] ({name}): {source}")]
+    BackendTls {
+        index: usize,
+        name: String,
+        source: TlsSetupError,
+    },
 }
 
 /// Binds every listener and the admin endpoint; an error names the listener.
@@ -113,6 +119,8 @@ pub struct Server {
     store: Arc<CertStore>,
     metrics: Metrics,
     readiness: Arc<Readiness>,
+    /// Each listener's backends, by listener name.
+    pools: Vec<(String, Arc<Pool>)>,
 }
 
 impl Server {
@@ -120,11 +128,28 @@ impl Server {
     pub fn new(config: RuntimeConfig, registry: &Registry) -> Result<Server, StartError> {
         let store = Arc::new(CertStore::load(&config.tls.certificates, &config.hostname)?);
         let metrics = Metrics::register(registry)?;
+        // Here, not at run: a `backend_tls.ca` that cannot be read stops the start.
+        let mut pools = Vec::new();
+        for (index, l) in config.listeners.iter().enumerate() {
+            let pool = Pool::new(
+                l,
+                &config.hostname,
+                config.timeouts.backend_connect,
+                metrics.backends(&l.name),
+            )
+            .map_err(|source| StartError::BackendTls {
+                index,
+                name: l.name.clone(),
+                source,
+            })?;
+            pools.push((l.name.clone(), Arc::new(pool)));
+        }
         Ok(Server {
             config,
             store,
             metrics,
             readiness: Arc::new(Readiness::default()),
+            pools,
         })
     }
 
@@ -143,6 +168,7 @@ impl Server {
             store,
             metrics,
             readiness,
+            pools,
         } = self;
         if store.is_self_signed() {
             tracing::warn!(
@@ -190,14 +216,24 @@ impl Server {
             control.shutdown.clone(),
         ));
 
+        for (_, pool) in &pools {
+            tracker.spawn(pool.clone().maintain(control.shutdown.clone()));
+        }
         for (listener_config, listener) in bound.listeners {
+            let Some(pool) = pools
+                .iter()
+                .find(|(name, _)| *name == listener_config.name)
+                .map(|(_, pool)| pool.clone())
+            else {
+                continue;
+            };
             let context = Arc::new(ListenerContext {
                 hostname: config.hostname.clone(),
                 timeouts: config.timeouts.clone(),
                 limits: config.limits.clone(),
                 handshaker: handshaker.clone(),
                 metrics: metrics.listener(&listener_config),
-                backend: BackendConnector::Tcp(listener_config.backend.clone()),
+                backend: BackendConnector::Pool(pool),
                 config: listener_config,
             });
             tracing::info!(

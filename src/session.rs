@@ -37,8 +37,8 @@ pub struct ListenerContext {
     pub limits: Limits,
     pub handshaker: Handshaker,
     pub metrics: ListenerMetrics,
-    /// How sessions reach the backend: TCP to `config.backend` in production, an in-memory pipe
-    /// in driver tests.
+    /// How sessions reach the backend: the pool of `config.backend` in production, an in-memory
+    /// pipe in driver tests.
     pub backend: BackendConnector,
 }
 
@@ -312,6 +312,8 @@ impl Session {
             self.listener.timeouts.backend_connect,
             self.counters.clone(),
             &preamble,
+            // `routes` choose by the name the client asked for: known once TLS is up.
+            self.tls.as_ref().and_then(|t| t.sni.as_deref()),
         )
         .await;
         match &result {

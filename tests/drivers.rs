@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use mailfront::backend::BackendConnector;
 use mailfront::config::{
-    BackendAddress, CertificateSection, Limits, ListenerConfig, MinTlsVersion, Protocol, Timeouts,
-    TlsConfig, TlsMode,
+    BackendAddress, Backends, CertificateSection, Limits, ListenerConfig, MinTlsVersion, Protocol,
+    Timeouts, TlsConfig, TlsMode,
 };
 use mailfront::metrics::Metrics;
 use mailfront::session::{ClientStream, EndReason, ListenerContext, Session};
@@ -92,10 +92,10 @@ fn listener_with(
         listen: "192.0.2.1:0".parse().unwrap(),
         tls: tls_mode,
         // Never dialled: the connector below replaces TCP.
-        backend: BackendAddress {
+        backend: Backends::single(BackendAddress {
             host: "backend.invalid".to_owned(),
             port: 1,
-        },
+        }),
         max_connections: 10,
         require_tls_for_mail: true,
         backend_proxy_protocol: false,

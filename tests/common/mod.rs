@@ -2,7 +2,8 @@
 //! - `pki`: a test CA and server certificates;
 //! - `proxy`: the proxy run in-process on port 0, and its config YAML;
 //! - `fake_backend`: fake SMTP/IMAP/POP3/echo backends that record every byte they receive;
-//! - `client`: a real rustls client and line readers.
+//! - `client`: a real rustls client and line readers;
+//! - `fleet`: backends that can be killed and revived, optionally behind TLS (pool tests).
 //!
 //! Everything is re-exported here, so test files just `use common::*`.
 #![allow(dead_code)]
@@ -11,6 +12,7 @@
 
 mod client;
 mod fake_backend;
+mod fleet;
 mod pki;
 mod proxy;
 
@@ -18,6 +20,9 @@ use std::time::Duration;
 
 pub use client::*;
 pub use fake_backend::*;
+// Only tests/backends.rs uses the fleet.
+#[allow(unused_imports)]
+pub use fleet::*;
 pub use pki::*;
 pub use proxy::*;
 

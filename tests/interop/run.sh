@@ -856,6 +856,153 @@ run_testssl() { # NAME PORT [--starttls smtp|imap|pop3]
 }
 
 # ---------------------------------------------------------------------------------------------
+# 6b. TLS to the backend (listeners[].backend_tls, issue 14): a second Dovecot that serves only
+# implicit TLS (ssl = required, imaps on its own port) and a second mailfront in front of it, so
+# these cases neither change nor depend on the instances above.
+
+BT_DIR="$T/backend-tls"
+BT_DOVECOT_CONF="$BT_DIR/dovecot.conf"
+BT_DOVECOT_LOG="$T/dovecot-tls.log"
+BT_MF_LOG="$T/mailfront-backend-tls.log"
+
+start_backend_tls_fixture() {
+    read -r P_BT_DOVECOT P_BT_GOOD P_BT_WRONG P_BT_METRICS < <(python3 "$MFI" freeports 4)
+    mkdir -p "$BT_DIR/run" "$BT_DIR/state"
+    # A CA that signed nothing here: verifying Dovecot's certificate against it must fail.
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -sha256 -subj "/CN=wrong interop CA" \
+        -keyout "$BT_DIR/wrong-ca.key" -out "$BT_DIR/wrong-ca.crt" \
+        -addext "basicConstraints=critical,CA:TRUE" >/dev/null 2>&1 || return 1
+    local version dh=""
+    version=$(dovecot --version | awk '{print $1}')
+    if [ "$(printf '%s\n2.4\n' "$(echo "$version" | cut -d. -f1,2)" | sort -V | head -n1)" = "2.4" ]; then
+        echo "Dovecot $version: this fixture is written for 2.3" >&2; return 1
+    fi
+    [ -f /usr/share/dovecot/dh.pem ] && dh="ssl_dh = </usr/share/dovecot/dh.pem"
+    cat >"$BT_DOVECOT_CONF" <<BTCONF
+base_dir = $BT_DIR/run
+state_dir = $BT_DIR/state
+instance_name = mailfront-interop-tls
+log_path = $BT_DOVECOT_LOG
+protocols = imap
+listen = 127.0.0.1
+ssl = required
+ssl_cert = <$T/tls/server.crt
+ssl_key = <$T/tls/server.key
+$dh
+disable_plaintext_auth = yes
+auth_mechanisms = plain login
+default_internal_user = dovecot
+default_login_user = dovenull
+mail_location = maildir:$T/mail/%d/%n
+first_valid_uid = 1
+passdb {
+  driver = passwd-file
+  args = $T/dovecot/passwd
+}
+userdb {
+  driver = static
+  args = uid=$MAIL_UID gid=$MAIL_GID home=$T/mail/%d/%n
+}
+service imap-login {
+  inet_listener imap {
+    port = 0
+  }
+  inet_listener imaps {
+    address = 127.0.0.1
+    port = $P_BT_DOVECOT
+    ssl = yes
+  }
+}
+BTCONF
+    dovecot -c "$BT_DOVECOT_CONF" 2>"$BT_DIR/dovecot.start.err" || {
+        cat "$BT_DIR/dovecot.start.err" >&2; return 1; }
+    [ -f "$BT_DIR/run/master.pid" ] && PIDS_TO_KILL+=("$(cat "$BT_DIR/run/master.pid")")
+    python3 "$MFI" waitport --timeout 20 "$P_BT_DOVECOT" || return 1
+    # "good": verified against the interop CA; the name checked is the backend's host as
+    # written, 127.0.0.1, against the certificate's IP SAN. "wrong": another CA.
+    cat >"$BT_DIR/mailfront.yaml" <<BTCONF
+hostname: $HOSTNAME_MF
+tls:
+  certificates:
+    - cert: $T/tls/server.crt
+      key: $T/tls/server.key
+listeners:
+  - name: imaps-tls-backend
+    protocol: imap
+    listen: "127.0.0.1:$P_BT_GOOD"
+    tls: implicit
+    backend: ["127.0.0.1:$P_BT_DOVECOT"]
+    backend_tls:
+      mode: implicit
+      ca: $CA
+  - name: imaps-wrong-ca
+    protocol: imap
+    listen: "127.0.0.1:$P_BT_WRONG"
+    tls: implicit
+    backend: "127.0.0.1:$P_BT_DOVECOT"
+    backend_tls:
+      mode: implicit
+      ca: $BT_DIR/wrong-ca.crt
+      server_name: localhost
+metrics:
+  listen: "127.0.0.1:$P_BT_METRICS"
+log:
+  level: debug
+timeouts:
+  shutdown_grace: 1s
+BTCONF
+    "$MF_BIN" --config "$BT_DIR/mailfront.yaml" >"$BT_MF_LOG" 2>&1 &
+    BT_MF_PID=$!
+    PIDS_TO_KILL+=("$BT_MF_PID")
+    python3 "$MFI" waitport --timeout 30 "$P_BT_GOOD" "$P_BT_WRONG"
+}
+
+stop_backend_tls_fixture() {
+    [ -n "${BT_MF_PID:-}" ] && kill "$BT_MF_PID" 2>/dev/null
+    doveadm -c "$BT_DOVECOT_CONF" stop >/dev/null 2>&1
+}
+
+# imaplib logs in and fetches through mailfront; Dovecot records a TLS login, which with
+# ssl = required and no login_trusted_networks it accepts only over TLS.
+case_backend_tls_imap_login() {
+    python3 "$MFI" imap-fetch --mode implicit --port "$P_BT_GOOD" --sni "$HOSTNAME_MF" \
+        --cafile "$CA" --user "$USER_NAME" --password "$USER_PASS" --min-messages 0 >/dev/null &&
+    python3 "$MFI" log-line --log "$BT_DOVECOT_LOG" --contains "Login: user=<$USER_NAME>" \
+        --contains "TLS" >/dev/null
+}
+
+# A wrong ca: the client gets IMAP's temporary failure, mailfront logs the backend's failure.
+case_backend_tls_wrong_ca() {
+    python3 - "$P_BT_WRONG" "$CA" "$HOSTNAME_MF" <<'PY' || return 1
+import socket, ssl, sys
+port, ca, name = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+    with ctx.wrap_socket(raw, server_hostname=name) as s:
+        data = b""
+        while b"\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+if not data.startswith(b"* BYE [UNAVAILABLE]"):
+    sys.exit(f"expected * BYE [UNAVAILABLE], got {data!r}")
+PY
+    python3 "$MFI" log-line --log "$BT_MF_LOG" --contains "backend failed" \
+        --contains "imaps-wrong-ca" --contains "invalid peer certificate" >/dev/null
+}
+
+run_backend_tls_cases() {
+    if start_backend_tls_fixture 2>"$T/backend-tls.start.err"; then
+        run_case backend-tls-dovecot-ssl-required-imaplib-login case_backend_tls_imap_login
+        run_case backend-tls-wrong-ca-temporary-failure-and-log case_backend_tls_wrong_ca
+    else
+        fail backend-tls-fixture "$(tail -n 1 "$T/backend-tls.start.err")"
+    fi
+    stop_backend_tls_fixture
+}
+
+# ---------------------------------------------------------------------------------------------
 # 7. run
 
 export MFI
@@ -919,6 +1066,7 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         run_case metrics-endpoints case_metrics
         run_case metrics-promtool-check case_metrics_promtool
         run_corpus
+        run_backend_tls_cases
 
         for p in "${TESTSSL_PIDS[@]}"; do
             name=${p%%:*} pid=${p#*:}

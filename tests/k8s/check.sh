@@ -247,7 +247,11 @@ def paths(node, pre=""):
 example = paths(yaml.safe_load(open(sys.argv[1])))
 # Optional keys that config.yaml.example shows in comments only.
 example |= {"tls.certificates[].cert", "tls.certificates[].key", "listeners[].max_connections",
-            "listeners[].backend_proxy_protocol"}
+            "listeners[].backend_proxy_protocol", "listeners[].routes", "listeners[].routes[].sni",
+            "listeners[].routes[].backend", "listeners[].backend_tls",
+            "listeners[].backend_tls.mode", "listeners[].backend_tls.ca",
+            "listeners[].backend_tls.server_name", "listeners[].backend_health",
+            "listeners[].backend_health.interval"}
 rendered = paths(yaml.safe_load(yaml.safe_load(open(sys.argv[2]))["data"]["config.yaml"]))
 missing = sorted(example - rendered)
 extra = sorted(rendered - example)
@@ -364,6 +368,8 @@ else
 import re, sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))["data"]["config.yaml"]
 cfg = re.sub(r"/etc/mailfront/tls/[^/\s]+/(tls\.(crt|key))", sys.argv[3] + r"/\1", cfg)
+# backend_tls CA bundles (backendCa mounts): the same certificate stands in for them.
+cfg = re.sub(r"/etc/mailfront/backend-ca/[^/\s]+/[^\s]+", sys.argv[3] + "/tls.crt", cfg)
 open(sys.argv[2], "w").write(cfg)
 EOF
       check "mailfront check --config ($r)" "$MF" check --config "$WORK/$r.config.yaml"

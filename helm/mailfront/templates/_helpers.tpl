@@ -120,6 +120,9 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- if hasKey . "require_tls_for_mail" }}{{ $_ := set $l "require_tls_for_mail" .require_tls_for_mail }}{{ end }}
 {{- if hasKey . "max_connections" }}{{ $_ := set $l "max_connections" .max_connections }}{{ end }}
 {{- if hasKey . "backend_proxy_protocol" }}{{ $_ := set $l "backend_proxy_protocol" .backend_proxy_protocol }}{{ end }}
+{{- if hasKey . "routes" }}{{ $_ := set $l "routes" .routes }}{{ end }}
+{{- if hasKey . "backend_tls" }}{{ $_ := set $l "backend_tls" .backend_tls }}{{ end }}
+{{- if hasKey . "backend_health" }}{{ $_ := set $l "backend_health" .backend_health }}{{ end }}
 {{- $listeners = append $listeners $l }}
 {{- end }}
 {{- $_ := set $cfg "listeners" $listeners }}

@@ -1,9 +1,21 @@
-//! Connecting to the cleartext backend: DNS resolved at each connect, one deadline for the whole
-//! attempt, and a stream that counts the bytes each way for logs and metrics.
+//! Connecting to a backend, and a stream that counts the bytes each way for logs and metrics.
 //!
-//! How the backend is reached is a [`BackendConnector`]: TCP in production; in tests, one end of
-//! an in-memory pipe per connect ([`DuplexConnector`]) or any scripted [`Connect`], so the
-//! drivers can be tested without sockets and with paused time.
+//! How the backend is reached is a [`BackendConnector`]: in production a [`Pool`] (several
+//! addresses, health, SNI routes, TLS to the backend: see [`pool`]); in tests, one end of an
+//! in-memory pipe per connect ([`DuplexConnector`]) or any scripted [`Connect`], so the drivers
+//! can be tested without sockets and with paused time.
+//!
+//! - [`pool`]: addresses, selection, resolution, passive and active health;
+//! - [`health`]: back-off and the order addresses are tried in (pure);
+//! - [`dialogue`]: greetings and the backend STARTTLS exchange (pure);
+//! - [`tls`]: the rustls client of `backend_tls`.
+
+pub mod dialogue;
+pub mod health;
+pub mod pool;
+pub mod tls;
+
+pub use pool::Pool;
 
 use std::fmt;
 use std::future::Future;
@@ -15,10 +27,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::config::BackendAddress;
 use crate::transport::Transport;
 
 /// Why the backend could not be reached.
@@ -32,6 +42,12 @@ pub enum ConnectError {
     Connect { backend: String, source: io::Error },
     #[error("backend {backend}: cannot send the PROXY protocol header: {source}")]
     ProxyHeader { backend: String, source: io::Error },
+    #[error("backend {backend}: {attempts} attempt(s) failed, the last: {last}")]
+    Unavailable {
+        backend: String,
+        attempts: usize,
+        last: String,
+    },
 }
 
 /// Bytes moved to and from the backend, shared between a session and whoever reports on it.
@@ -66,8 +82,8 @@ pub trait Connect: Send + Sync {
 /// How a listener reaches its backend.
 #[derive(Clone)]
 pub enum BackendConnector {
-    /// Production: TCP to this address, resolved at each connect.
-    Tcp(BackendAddress),
+    /// Production: the listener's backends.
+    Pool(Arc<Pool>),
     /// Anything else (tests): see [`DuplexConnector`].
     Custom(Arc<dyn Connect>),
 }
@@ -87,7 +103,7 @@ impl BackendConnector {
 impl fmt::Display for BackendConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BackendConnector::Tcp(address) => address.fmt(f),
+            BackendConnector::Pool(pool) => pool.backends().fmt(f),
             BackendConnector::Custom(_) => f.write_str("in-memory"),
         }
     }
@@ -96,7 +112,7 @@ impl fmt::Display for BackendConnector {
 impl fmt::Debug for BackendConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BackendConnector::Tcp(address) => f.debug_tuple("Tcp").field(address).finish(),
+            BackendConnector::Pool(pool) => f.debug_tuple("Pool").field(pool.backends()).finish(),
             BackendConnector::Custom(_) => f.write_str("Custom"),
         }
     }
@@ -122,9 +138,16 @@ impl Connect for DuplexConnector {
 
 /// A connection to the backend that counts what it reads (bound for the client) and writes
 /// (from the client, or written by us on its behalf).
+///
+/// The pool reads the backend's greeting before handing the stream over; those bytes are served
+/// first, so the driver reads the greeting as if fresh.
 pub struct BackendStream {
     inner: Box<dyn Transport>,
     counters: Arc<ByteCounters>,
+    replay: Vec<u8>,
+    replayed: usize,
+    /// The session's place in the pool's least-connections count, released on drop.
+    _lease: Option<pool::Lease>,
 }
 
 impl fmt::Debug for BackendStream {
@@ -135,7 +158,22 @@ impl fmt::Debug for BackendStream {
     }
 }
 
-impl BackendStream {}
+impl BackendStream {
+    fn new(
+        inner: Box<dyn Transport>,
+        counters: Arc<ByteCounters>,
+        replay: Vec<u8>,
+        lease: Option<pool::Lease>,
+    ) -> BackendStream {
+        BackendStream {
+            inner,
+            counters,
+            replay,
+            replayed: 0,
+            _lease: lease,
+        }
+    }
+}
 
 impl AsyncRead for BackendStream {
     fn poll_read(
@@ -144,6 +182,22 @@ impl AsyncRead for BackendStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(rest) = this.replay.get(this.replayed..)
+            && !rest.is_empty()
+            && buf.remaining() > 0
+        {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(rest.get(..n).unwrap_or_default());
+            this.replayed += n;
+            this.counters
+                .to_client
+                .fetch_add(n as u64, Ordering::Relaxed);
+            if this.replayed >= this.replay.len() {
+                this.replay = Vec::new();
+                this.replayed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
         let read = buf.filled().len().saturating_sub(before);
@@ -194,8 +248,10 @@ impl AsyncWrite for BackendStream {
     }
 }
 
-/// Connects to the backend, then writes `preamble` (the PROXY protocol header, or nothing)
-/// before anything else, all within `timeout`.
+/// Connects to the backend for a session whose client sent `sni`, writing `preamble` (the PROXY
+/// protocol header, or nothing) before anything else. A [`Pool`] bounds each attempt by
+/// `timeout` itself and steps over failed addresses; a [`Connect`] gets one attempt within
+/// `timeout`.
 ///
 /// The preamble is written in one call on a fresh connection (a few hundred bytes always fit the
 /// send buffer), so the receiver never sees a partial header (the PROXY protocol specification
@@ -205,21 +261,21 @@ pub async fn connect(
     timeout: Duration,
     counters: Arc<ByteCounters>,
     preamble: &[u8],
+    sni: Option<&str>,
 ) -> Result<BackendStream, ConnectError> {
+    let custom = match connector {
+        BackendConnector::Pool(pool) => return pool.connect(sni, counters, preamble).await,
+        BackendConnector::Custom(custom) => custom,
+    };
     let name = connector.to_string();
     let attempt = async {
-        let mut stream: Box<dyn Transport> = match connector {
-            BackendConnector::Tcp(address) => Box::new(connect_tcp(address, &name).await?),
-            BackendConnector::Custom(custom) => {
-                custom
-                    .connect()
-                    .await
-                    .map_err(|source| ConnectError::Connect {
-                        backend: name.clone(),
-                        source,
-                    })?
-            }
-        };
+        let mut stream = custom
+            .connect()
+            .await
+            .map_err(|source| ConnectError::Connect {
+                backend: name.clone(),
+                source,
+            })?;
         if !preamble.is_empty() {
             stream
                 .write_all(preamble)
@@ -241,35 +297,32 @@ pub async fn connect(
                 backend: name.clone(),
                 timeout,
             })??;
-    Ok(BackendStream {
-        inner: stream,
-        counters,
-    })
+    Ok(BackendStream::new(stream, counters, Vec::new(), None))
 }
 
-/// Connects to `backend` over TCP, trying each resolved address in turn.
-async fn connect_tcp(backend: &BackendAddress, name: &str) -> Result<TcpStream, ConnectError> {
-    let addrs: Vec<_> = tokio::net::lookup_host((backend.host.as_str(), backend.port))
-        .await
-        .map_err(|source| ConnectError::Resolve {
-            backend: name.to_owned(),
-            source,
-        })?
-        .collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(stream) => {
-                // Mail protocols are chatty request/response exchanges: do not let Nagle delay
-                // replies (nor hold back the PROXY header).
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Err(e) => last = e,
-        }
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_greeting_the_pool_read_comes_first_and_is_counted_once() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let counters = Arc::new(ByteCounters::default());
+        let mut stream = BackendStream::new(
+            Box::new(ours),
+            counters.clone(),
+            b"* OK hi\r\n".to_vec(),
+            None,
+        );
+        theirs.write_all(b"* BYE\r\n").await.unwrap();
+        drop(theirs);
+        let mut small = [0u8; 4];
+        assert_eq!(stream.read(&mut small).await.unwrap(), 4);
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert_eq!([&small[..], &rest].concat(), b"* OK hi\r\n* BYE\r\n");
+        assert_eq!(counters.to_client(), 16);
     }
-    Err(ConnectError::Connect {
-        backend: name.to_owned(),
-        source: last,
-    })
 }

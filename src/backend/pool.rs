@@ -1,0 +1,686 @@
+//! A listener's backends: the addresses its `backend` and `routes` names resolve to, their
+//! health, and the choice of one for each session.
+//!
+//! - **Selection**: least connections among the addresses in rotation, ties broken round-robin
+//!   ([`health::plan`]). Least connections suits mail: IMAP sessions last hours (IDLE) while
+//!   submissions last seconds, so counting open sessions balances real load where plain
+//!   round-robin would pile long sessions on one server.
+//! - **Names**: every configured name resolves to all its addresses, each a backend of its own,
+//!   resolved again every [`RESOLVE_INTERVAL`] (a headless Kubernetes Service gives one address
+//!   per ready pod). A failed lookup keeps the last answer.
+//! - **Passive health**: a session's connect, TLS, STARTTLS or greeting that fails rests that
+//!   address with exponential back-off ([`health`]) and the session tries the next one.
+//! - **The greeting**: the pool reads the backend's first line itself, within
+//!   `timeouts.backend_connect`, so "sends no greeting" is a failure the pool sees and can step
+//!   over; the bytes are then handed to the driver ahead of the stream, which parses the greeting
+//!   as before (a refusal such as `554` is still the driver's to pass on).
+//! - **Active checks** (`backend_health.interval`): a connect and a positive greeting, then the
+//!   protocol's goodbye; with `backend_proxy_protocol` the check opens with a PROXY v2 `LOCAL`
+//!   header, which backends accept as a health check (HAProxy's `proxy-protocol.txt` §2.2).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::dialogue::{self, MAX_LINE, Starttls, Step};
+use super::health::{self, Candidate, Health};
+use super::tls::{BackendTlsClient, TlsSetupError};
+use super::{BackendStream, ByteCounters, ConnectError};
+use crate::config::{BackendAddress, Backends, ListenerConfig, Protocol, TlsMode};
+use crate::metrics::{BackendAddressMetrics, BackendFailure, BackendMetrics};
+use crate::transport::Transport;
+
+/// How often names are looked up again: CoreDNS answers for a headless Service with a 30 s TTL
+/// by default, so a pod that starts or stops is seen within about a minute.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Most octets of STARTTLS exchange read from a backend: a greeting and an EHLO reply are a few
+/// hundred octets; past this the backend is not speaking the protocol.
+const MAX_DIALOGUE: usize = 64 * 1024;
+/// A PROXY v2 header with the LOCAL command and no addresses: the sender's own connection, as
+/// for a health check (HAProxy `proxy-protocol.txt` §2.2).
+const PROXY_V2_LOCAL: [u8; 16] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00, 0x00,
+];
+
+/// One listener's backend addresses and their state.
+pub struct Pool {
+    listener: String,
+    protocol: Protocol,
+    hostname: String,
+    backends: Backends,
+    proxy_protocol: bool,
+    connect_timeout: Duration,
+    tls: Option<BackendTlsClient>,
+    metrics: BackendMetrics,
+    state: Mutex<State>,
+    rotation: AtomicUsize,
+}
+
+#[derive(Default)]
+struct State {
+    /// What each configured name resolved to last (IP literals: themselves).
+    resolved: HashMap<BackendAddress, Vec<SocketAddr>>,
+    members: HashMap<SocketAddr, Member>,
+}
+
+struct Member {
+    active: u32,
+    health: Health,
+    metrics: BackendAddressMetrics,
+}
+
+/// A session's place on one address: counted for least connections until dropped with the
+/// backend stream.
+pub struct Lease {
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        if let Some(member) = state.members.get_mut(&self.addr) {
+            member.active = member.active.saturating_sub(1);
+            member.metrics.sessions.dec();
+        }
+    }
+}
+
+/// Why one attempt failed.
+#[derive(Debug)]
+struct Failure {
+    reason: BackendFailure,
+    detail: String,
+}
+
+impl Failure {
+    fn new(reason: BackendFailure, detail: impl Into<String>) -> Failure {
+        Failure {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// A connection ready for the driver: TLS up where configured, the greeting read.
+struct Opened {
+    stream: Box<dyn Transport>,
+    replay: Vec<u8>,
+}
+
+impl Pool {
+    /// A pool for `listener`; IP-literal backends are known at once, names once resolved. Fails
+    /// only when `backend_tls` cannot load its roots.
+    pub fn new(
+        listener: &ListenerConfig,
+        hostname: &str,
+        connect_timeout: Duration,
+        metrics: BackendMetrics,
+    ) -> Result<Pool, TlsSetupError> {
+        let tls = listener
+            .backend
+            .tls
+            .as_ref()
+            .map(BackendTlsClient::new)
+            .transpose()?;
+        let pool = Pool {
+            listener: listener.name.clone(),
+            protocol: listener.protocol,
+            hostname: hostname.to_owned(),
+            backends: listener.backend.clone(),
+            proxy_protocol: listener.backend_proxy_protocol,
+            connect_timeout,
+            tls,
+            metrics,
+            state: Mutex::new(State::default()),
+            rotation: AtomicUsize::new(0),
+        };
+        for address in pool.names() {
+            if let Some(addr) = crate::config::literal_socket_addr(&address) {
+                pool.install(&address, vec![addr]);
+            }
+        }
+        Ok(pool)
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding it; if something did, the counts are still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every configured name, once.
+    fn names(&self) -> Vec<BackendAddress> {
+        let mut names: Vec<BackendAddress> = Vec::new();
+        let all = self
+            .backends
+            .default
+            .iter()
+            .chain(self.backends.routes.iter().flat_map(|r| r.backend.iter()));
+        for address in all {
+            if !names.contains(address) {
+                names.push(address.clone());
+            }
+        }
+        names
+    }
+
+    /// Opens a connection for a session whose client sent `sni`: the first matching route's
+    /// backends, else the default ones, tried in [`health::plan`] order. `preamble` (the PROXY
+    /// header) goes first on the connection, before any TLS.
+    pub async fn connect(
+        self: &Arc<Self>,
+        sni: Option<&str>,
+        counters: Arc<ByteCounters>,
+        preamble: &[u8],
+    ) -> Result<BackendStream, ConnectError> {
+        let entries = self.backends.for_sni(sni);
+        let candidates = self.addresses(entries).await;
+        let label = || {
+            entries
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if candidates.is_empty() {
+            return Err(ConnectError::Resolve {
+                backend: label(),
+                source: io::Error::new(io::ErrorKind::NotFound, "no address"),
+            });
+        }
+        let order = {
+            let state = self.lock();
+            let known: Vec<Candidate> = candidates
+                .iter()
+                .map(|(addr, _)| {
+                    state.members.get(addr).map_or(
+                        Candidate {
+                            active: 0,
+                            health: Health::default(),
+                        },
+                        |m| Candidate {
+                            active: m.active,
+                            health: m.health.clone(),
+                        },
+                    )
+                })
+                .collect();
+            health::plan(
+                &known,
+                self.rotation.fetch_add(1, Ordering::Relaxed),
+                Instant::now(),
+            )
+        };
+        let mut last = String::new();
+        let mut attempts = 0;
+        for index in order {
+            let Some((addr, host)) = candidates.get(index) else {
+                continue;
+            };
+            attempts += 1;
+            let lease = self.lease(*addr);
+            match self.open(*addr, host, preamble).await {
+                Ok(opened) => {
+                    self.succeeded(*addr, true);
+                    counters
+                        .to_backend
+                        .fetch_add(preamble.len() as u64, Ordering::Relaxed);
+                    return Ok(BackendStream::new(
+                        opened.stream,
+                        counters,
+                        opened.replay,
+                        Some(lease),
+                    ));
+                }
+                Err(failure) => {
+                    last = format!("{addr}: {}", failure.detail);
+                    self.failed(*addr, &failure, "session");
+                }
+            }
+        }
+        Err(ConnectError::Unavailable {
+            backend: label(),
+            attempts,
+            last,
+        })
+    }
+
+    /// The addresses of `entries` with the host each came from (for the TLS name), looking up
+    /// a name that has no answer yet.
+    async fn addresses(&self, entries: &[BackendAddress]) -> Vec<(SocketAddr, String)> {
+        let mut out: Vec<(SocketAddr, String)> = Vec::new();
+        for entry in entries {
+            let cached = self.lock().resolved.get(entry).cloned();
+            let addrs = match cached {
+                Some(addrs) if !addrs.is_empty() => addrs,
+                _ => self.refresh(entry).await,
+            };
+            for addr in addrs {
+                if !out.iter().any(|(a, _)| *a == addr) {
+                    out.push((addr, entry.host.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Looks `entry` up again and installs the answer; a failure keeps the last one.
+    async fn refresh(&self, entry: &BackendAddress) -> Vec<SocketAddr> {
+        let lookup = tokio::net::lookup_host((entry.host.as_str(), entry.port));
+        match tokio::time::timeout(self.connect_timeout, lookup).await {
+            Ok(Ok(found)) => {
+                let mut addrs: Vec<SocketAddr> = found.collect();
+                addrs.sort();
+                addrs.dedup();
+                if addrs.is_empty() {
+                    tracing::warn!(listener = %self.listener, backend = %entry, "backend name has no address: keeping the last answer");
+                } else {
+                    self.install(entry, addrs);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(listener = %self.listener, backend = %entry, error = %e, "cannot resolve backend: keeping the last answer");
+            }
+            Err(_) => {
+                tracing::warn!(listener = %self.listener, backend = %entry, "backend lookup timed out: keeping the last answer");
+            }
+        }
+        self.lock().resolved.get(entry).cloned().unwrap_or_default()
+    }
+
+    /// Records what `entry` resolves to: new addresses join in rotation, addresses no name
+    /// returns any more leave once no session uses them.
+    fn install(&self, entry: &BackendAddress, addrs: Vec<SocketAddr>) {
+        let mut state = self.lock();
+        let changed = state.resolved.get(entry) != Some(&addrs);
+        for addr in &addrs {
+            if !state.members.contains_key(addr) {
+                let metrics = self.metrics.address(&addr.to_string());
+                state.members.insert(
+                    *addr,
+                    Member {
+                        active: 0,
+                        health: Health::default(),
+                        metrics,
+                    },
+                );
+            }
+        }
+        state.resolved.insert(entry.clone(), addrs);
+        if changed {
+            let State { resolved, members } = &mut *state;
+            let gone: Vec<SocketAddr> = members
+                .iter()
+                .filter(|(addr, m)| m.active == 0 && !resolved.values().any(|v| v.contains(addr)))
+                .map(|(addr, _)| *addr)
+                .collect();
+            for addr in gone {
+                members.remove(&addr);
+                self.metrics.forget(&addr.to_string());
+            }
+            let now: Vec<String> = resolved
+                .get(entry)
+                .map(|v| v.iter().map(ToString::to_string).collect())
+                .unwrap_or_default();
+            tracing::info!(listener = %self.listener, backend = %entry, addresses = %now.join(","), "backend addresses");
+        }
+    }
+
+    fn lease(self: &Arc<Self>, addr: SocketAddr) -> Lease {
+        if let Some(member) = self.lock().members.get_mut(&addr) {
+            member.active = member.active.saturating_add(1);
+            member.metrics.sessions.inc();
+        }
+        Lease {
+            pool: self.clone(),
+            addr,
+        }
+    }
+
+    fn succeeded(&self, addr: SocketAddr, session: bool) {
+        let mut state = self.lock();
+        if let Some(member) = state.members.get_mut(&addr) {
+            if session {
+                member.metrics.sessions_total.inc();
+            }
+            if member.health.succeeded() {
+                member.metrics.up.set(1);
+                tracing::info!(listener = %self.listener, backend = %addr, "backend is back in rotation");
+            }
+        }
+    }
+
+    fn failed(&self, addr: SocketAddr, failure: &Failure, by: &'static str) {
+        self.metrics.failed(&addr.to_string(), failure.reason);
+        let (was_up, backoff) = {
+            let mut state = self.lock();
+            match state.members.get_mut(&addr) {
+                Some(member) => {
+                    member.metrics.up.set(0);
+                    let was_up = member.health.is_up();
+                    (was_up, member.health.failed(Instant::now()))
+                }
+                None => (true, Duration::ZERO),
+            }
+        };
+        let retry_in_ms = backoff.as_millis() as u64;
+        let reason = failure.reason.as_str();
+        let error = &failure.detail;
+        // A warning when an address leaves rotation; while it stays out, each further failure
+        // (an active check every interval, a probing session) only at debug.
+        if was_up {
+            tracing::warn!(listener = %self.listener, backend = %addr, reason, error = %error, by, retry_in_ms, "backend failed: out of rotation until its back-off ends");
+        } else {
+            tracing::debug!(listener = %self.listener, backend = %addr, reason, error = %error, by, retry_in_ms, "backend still failing");
+        }
+    }
+
+    /// One attempt, all of it within `timeouts.backend_connect`.
+    async fn open(&self, addr: SocketAddr, host: &str, preamble: &[u8]) -> Result<Opened, Failure> {
+        match tokio::time::timeout(self.connect_timeout, self.open_within(addr, host, preamble))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(Failure::new(
+                BackendFailure::Timeout,
+                format!(
+                    "no connection, handshake and greeting within {:?}",
+                    self.connect_timeout
+                ),
+            )),
+        }
+    }
+
+    async fn open_within(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        preamble: &[u8],
+    ) -> Result<Opened, Failure> {
+        let refused = |e: io::Error| Failure::new(BackendFailure::Refused, e.to_string());
+        let mut tcp = TcpStream::connect(addr).await.map_err(refused)?;
+        // Mail protocols are chatty request/response exchanges: do not let Nagle delay
+        // replies (nor hold back the PROXY header).
+        let _ = tcp.set_nodelay(true);
+        if !preamble.is_empty() {
+            // In one write on a fresh connection, so the header is never split (the PROXY
+            // protocol asks senders to send it at once); before any TLS, as HAProxy does.
+            tcp.write_all(preamble).await.map_err(refused)?;
+        }
+        let tls_failed = |e: io::Error| Failure::new(BackendFailure::Tls, e.to_string());
+        match &self.tls {
+            None => {
+                let replay = read_greeting(&mut tcp).await?;
+                Ok(Opened {
+                    stream: Box::new(tcp),
+                    replay,
+                })
+            }
+            Some(tls) if tls.mode == TlsMode::Implicit => {
+                let mut stream = tls.handshake(tcp, host).await.map_err(tls_failed)?;
+                let replay = read_greeting(&mut stream).await?;
+                Ok(Opened {
+                    stream: Box::new(stream),
+                    replay,
+                })
+            }
+            Some(tls) => {
+                let replay = self.starttls(&mut tcp).await?;
+                let stream = tls.handshake(tcp, host).await.map_err(tls_failed)?;
+                Ok(Opened {
+                    stream: Box::new(stream),
+                    replay,
+                })
+            }
+        }
+    }
+
+    /// The STARTTLS exchange on the cleartext connection; returns the greeting for the driver.
+    async fn starttls(&self, tcp: &mut TcpStream) -> Result<Vec<u8>, Failure> {
+        let mut machine = Starttls::new(self.protocol, &self.hostname);
+        let mut buf = Vec::new();
+        let mut read = 0usize;
+        loop {
+            let end = fill_line(tcp, &mut buf).await?;
+            read = read.saturating_add(end);
+            if read > MAX_DIALOGUE {
+                return Err(Failure::new(
+                    BackendFailure::Starttls,
+                    "STARTTLS exchange too long",
+                ));
+            }
+            let line: Vec<u8> = buf.drain(..end).collect();
+            match machine.line(&line) {
+                Step::Read => {}
+                Step::Send(bytes) => tcp
+                    .write_all(&bytes)
+                    .await
+                    .map_err(|e| Failure::new(BackendFailure::Starttls, e.to_string()))?,
+                Step::Handshake if buf.is_empty() => return Ok(machine.replay_greeting()),
+                // Bytes after the go-ahead would be read as if protected (the injection of
+                // CERT VU#555316, from the backend's side).
+                Step::Handshake => {
+                    return Err(Failure::new(
+                        BackendFailure::Starttls,
+                        "bytes after the STARTTLS reply",
+                    ));
+                }
+                Step::Fail(detail) => return Err(Failure::new(BackendFailure::Starttls, detail)),
+            }
+        }
+    }
+
+    /// Resolves names every [`RESOLVE_INTERVAL`] and, with `backend_health`, checks every
+    /// address every interval, until `shutdown`.
+    pub async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut resolve = tokio::time::interval(RESOLVE_INTERVAL);
+        resolve.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut check = self.backends.health_interval.map(|every| {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            tick
+        });
+        loop {
+            let check_tick = async {
+                match check.as_mut() {
+                    Some(tick) => {
+                        tick.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = resolve.tick() => {
+                    for name in self.names() {
+                        if crate::config::literal_socket_addr(&name).is_none() {
+                            self.refresh(&name).await;
+                        }
+                    }
+                }
+                () = check_tick => self.check_all(&shutdown).await,
+            }
+        }
+    }
+
+    /// One active check of every address, all at once (a black-holed one must not delay the
+    /// others), each bounded by `timeouts.backend_connect`.
+    async fn check_all(self: &Arc<Self>, shutdown: &CancellationToken) {
+        let mut targets: Vec<(SocketAddr, String)> = Vec::new();
+        {
+            let state = self.lock();
+            for (name, addrs) in &state.resolved {
+                for addr in addrs {
+                    if !targets.iter().any(|(a, _)| a == addr) {
+                        targets.push((*addr, name.host.clone()));
+                    }
+                }
+            }
+        }
+        let mut checks = tokio::task::JoinSet::new();
+        for (addr, host) in targets {
+            let pool = self.clone();
+            checks.spawn(async move {
+                let result = pool.check(addr, &host).await;
+                (addr, result)
+            });
+        }
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = checks.join_next() => next,
+            };
+            match next {
+                None => return,
+                Some(Ok((addr, Ok(())))) => self.succeeded(addr, false),
+                Some(Ok((addr, Err(failure)))) => self.failed(addr, &failure, "active_check"),
+                Some(Err(_)) => {}
+            }
+        }
+    }
+
+    /// A connect and a positive greeting (after TLS where configured), then a goodbye.
+    async fn check(&self, addr: SocketAddr, host: &str) -> Result<(), Failure> {
+        let preamble: &[u8] = if self.proxy_protocol {
+            &PROXY_V2_LOCAL
+        } else {
+            &[]
+        };
+        let opened = self.open(addr, host, preamble).await?;
+        let greeting = dialogue::first_line(&opened.replay).unwrap_or_default();
+        if !dialogue::greeting_is_positive(self.protocol, greeting) {
+            let text: String = String::from_utf8_lossy(greeting)
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(120)
+                .collect();
+            return Err(Failure::new(
+                BackendFailure::NoGreeting,
+                format!("refused at greeting: {text:?}"),
+            ));
+        }
+        let mut stream = opened.stream;
+        let _ = tokio::time::timeout(self.connect_timeout, async {
+            stream.write_all(dialogue::goodbye(self.protocol)).await?;
+            stream.shutdown().await
+        })
+        .await;
+        Ok(())
+    }
+}
+
+/// Reads until the first line of the greeting is in; returns everything read, for the driver.
+async fn read_greeting<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, Failure> {
+    let mut buf = Vec::new();
+    fill_line(stream, &mut buf).await?;
+    Ok(buf)
+}
+
+/// Reads into `buf` until it holds a complete line; returns the line's length (LF included).
+async fn fill_line<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<usize, Failure> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        if let Some(line) = dialogue::first_line(buf) {
+            return Ok(line.len());
+        }
+        if buf.len() >= MAX_LINE {
+            return Err(Failure::new(
+                BackendFailure::NoGreeting,
+                format!("no line within {MAX_LINE} octets"),
+            ));
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => {
+                return Err(Failure::new(
+                    BackendFailure::NoGreeting,
+                    "closed before its greeting",
+                ));
+            }
+            Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Err(e) => return Err(Failure::new(BackendFailure::NoGreeting, e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendAddress, Backends};
+
+    fn pool(registry: &prometheus::Registry) -> Arc<Pool> {
+        let metrics = crate::metrics::Metrics::register(registry).unwrap();
+        let name = BackendAddress {
+            host: "dovecot.mail.svc".into(),
+            port: 143,
+        };
+        let listener = ListenerConfig {
+            name: "imaps".into(),
+            protocol: Protocol::Imap,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: TlsMode::Implicit,
+            backend: Backends::single(name),
+            max_connections: 1,
+            require_tls_for_mail: true,
+            backend_proxy_protocol: false,
+        };
+        Arc::new(
+            Pool::new(
+                &listener,
+                "mx.example.test",
+                Duration::from_secs(1),
+                metrics.backends("imaps"),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_new_answer_adds_addresses_and_drops_those_gone_once_idle() {
+        let registry = prometheus::Registry::new();
+        let pool = pool(&registry);
+        let name = pool.names().remove(0);
+        pool.install(&name, addrs(&["10.0.0.1:143", "10.0.0.2:143"]));
+        let held = pool.lease("10.0.0.2:143".parse().unwrap());
+        pool.install(&name, addrs(&["10.0.0.3:143"]));
+        let mut members: Vec<String> = pool
+            .lock()
+            .members
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        members.sort();
+        // .1 is gone; .2 stays while a session uses it, and goes at the next answer after.
+        assert_eq!(members, ["10.0.0.2:143", "10.0.0.3:143"]);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        assert!(!text.contains("10.0.0.1:143"), "{text}");
+        assert!(
+            text.contains(
+                "mailfront_backend_sessions{backend=\"10.0.0.2:143\",listener=\"imaps\"} 1"
+            )
+        );
+        drop(held);
+        pool.install(&name, addrs(&["10.0.0.3:143", "10.0.0.4:143"]));
+        assert_eq!(pool.lock().members.len(), 2);
+    }
+}
