@@ -44,6 +44,9 @@ pub fn rewrite_capa(raw: &[u8], view: CapaView) -> Vec<u8> {
         let is = |name: &str| word.eq_ignore_ascii_case(name.as_bytes());
         has_stls |= is("STLS");
         match view {
+            // Dovecot offers XCLIENT to mailfront (login_trusted_networks), not to the client,
+            // which could not use it anyway (refused by the gate).
+            _ if is("XCLIENT") => {}
             CapaView::Cleartext if is("USER") || is("SASL") => {}
             CapaView::Tls if is("STLS") => {}
             CapaView::Tls if is("SASL") => {
@@ -140,6 +143,19 @@ mod tests {
         assert_eq!(
             rewrite_capa(b"+OK\r\nSASL EXTERNAL\r\n.\r\n", CapaView::Tls),
             b"+OK\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn xclient_offered_to_mailfront_is_never_shown_to_the_client() {
+        let capa = b"+OK\r\nTOP\r\nxclient\r\nUSER\r\n.\r\n";
+        assert_eq!(
+            rewrite_capa(capa, CapaView::Tls),
+            b"+OK\r\nTOP\r\nUSER\r\n.\r\n"
+        );
+        assert_eq!(
+            rewrite_capa(capa, CapaView::Cleartext),
+            b"+OK\r\nTOP\r\nSTLS\r\n.\r\n"
         );
     }
 
