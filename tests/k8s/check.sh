@@ -247,7 +247,8 @@ def paths(node, pre=""):
 example = paths(yaml.safe_load(open(sys.argv[1])))
 # Optional keys that config.yaml.example shows in comments only.
 example |= {"tls.certificates[].cert", "tls.certificates[].key", "listeners[].max_connections",
-            "listeners[].backend_proxy_protocol"}
+            "listeners[].backend_proxy_protocol", "listeners[].proxy_protocol_from",
+            "listeners[].backend_client_info"}
 rendered = paths(yaml.safe_load(yaml.safe_load(open(sys.argv[2]))["data"]["config.yaml"]))
 missing = sorted(example - rendered)
 extra = sorted(rendered - example)

@@ -120,6 +120,8 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- if hasKey . "require_tls_for_mail" }}{{ $_ := set $l "require_tls_for_mail" .require_tls_for_mail }}{{ end }}
 {{- if hasKey . "max_connections" }}{{ $_ := set $l "max_connections" .max_connections }}{{ end }}
 {{- if hasKey . "backend_proxy_protocol" }}{{ $_ := set $l "backend_proxy_protocol" .backend_proxy_protocol }}{{ end }}
+{{- if hasKey . "proxy_protocol_from" }}{{ $_ := set $l "proxy_protocol_from" .proxy_protocol_from }}{{ else if $.Values.proxyProtocolFrom }}{{ $_ := set $l "proxy_protocol_from" $.Values.proxyProtocolFrom }}{{ end }}
+{{- if hasKey . "backend_client_info" }}{{ $_ := set $l "backend_client_info" .backend_client_info }}{{ end }}
 {{- $listeners = append $listeners $l }}
 {{- end }}
 {{- $_ := set $cfg "listeners" $listeners }}
