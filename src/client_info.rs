@@ -79,7 +79,7 @@ pub fn imap_id_fields(
     ]
 }
 
-/// POP3 XCLIENT (Dovecot's pop3-login, offered in CAPA to `login_trusted_networks`): the
+/// POP3 XCLIENT (Dovecot's pop3-login, offered by the greeting's `[XCLIENT]` code to `login_trusted_networks`): the
 /// client's address and port. Dovecot parses `ADDR` as a bare address, no `IPV6:` prefix.
 pub fn pop3_xclient_command(client: SocketAddr) -> Vec<u8> {
     format!(

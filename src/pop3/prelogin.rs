@@ -48,7 +48,7 @@ pub struct Settings {
     /// `limits.preauth_commands`.
     pub max_commands: usize,
     /// `backend_client_info`: the client's address, told to the backend by XCLIENT when its
-    /// CAPA offers it, before any client command goes on.
+    /// greeting or CAPA offers it, before any client command goes on.
     pub client_info: Option<std::net::SocketAddr>,
 }
 
@@ -386,10 +386,15 @@ impl Prelogin {
         self.core.phase = Phase::Ready;
         if greeting.status == Status::Ok && self.settings.client_info.is_some() {
             // Before any client command: XCLIENT is for the start of a session, before
-            // credentials (Dovecot accepts it only before login).
-            self.sent.push_back(Sent::ProbeCapa);
-            self.srx.expect(Expect::MultiLine);
-            self.core.to_backend.extend_from_slice(b"CAPA\r\n");
+            // credentials (Dovecot accepts it only before login). Dovecot says it accepts it
+            // with the greeting's [XCLIENT] code; other servers may list it in CAPA.
+            if capa::greeting_offers_xclient(&greeting.raw) {
+                self.after_probe(true);
+            } else {
+                self.sent.push_back(Sent::ProbeCapa);
+                self.srx.expect(Expect::MultiLine);
+                self.core.to_backend.extend_from_slice(b"CAPA\r\n");
+            }
         }
         if self.swallow_greeting {
             // The client had mailfront's greeting in cleartext; a refusal now can only be told
@@ -466,7 +471,8 @@ impl Prelogin {
 }
 
 impl Prelogin {
-    /// mailfront's CAPA came back: XCLIENT goes out if offered.
+    /// XCLIENT is offered (greeting code) or mailfront's CAPA came back: XCLIENT goes out if
+    /// offered.
     fn after_probe(&mut self, offered: bool) {
         match self.settings.client_info {
             Some(client) if offered => {
@@ -740,6 +746,24 @@ mod tests {
         assert_eq!(client, "", "nor the XCLIENT answer");
         assert_eq!(backend, "USER alice\r\nPASS secret\r\n");
         assert!(m.take_notices().is_empty());
+    }
+
+    #[test]
+    fn dovecots_xclient_greeting_code_is_enough_and_is_not_shown() {
+        let mut settings = settings(TlsMode::Implicit);
+        settings.client_info = Some("192.0.2.7:40000".parse().unwrap());
+        let mut m = Prelogin::new(settings, true);
+        m.backend_connected();
+        m.backend_input(b"+OK [XCLIENT] Dovecot ready.\r\n");
+        m.client_input(b"CAPA\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+OK Dovecot ready.\r\n");
+        assert_eq!(
+            backend, "XCLIENT ADDR=192.0.2.7 PORT=40000\r\n",
+            "no CAPA probe needed"
+        );
+        m.backend_input(b"+OK\r\n");
+        assert_eq!(out(&mut m), (String::new(), "CAPA\r\n".to_owned()));
     }
 
     #[test]
