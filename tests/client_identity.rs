@@ -89,6 +89,21 @@ async fn env(
     }
 }
 
+/// A TLS client behind the balancer: the v2 header for `client` (reaching `reached`) is written
+/// first, then the handshake runs on the same connection, as through HAProxy's send-proxy-v2.
+async fn through_balancer(
+    e: &Env,
+    listener: &str,
+    client: SocketAddr,
+    reached: SocketAddr,
+) -> BufReader<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut tcp = TcpStream::connect(e.proxy.addr(listener)).await.unwrap();
+    // The header and the ClientHello may share a segment: the reader must not eat into TLS.
+    tcp.write_all(&v2(client, reached)).await.unwrap();
+    let config = client_config(&e.pki.ca_der, &[&rustls::version::TLS13], None);
+    BufReader::new(tls_upgrade(tcp, HOST, config).await.unwrap())
+}
+
 fn metric(proxy: &Proxy, listener: &str, result: &str) -> u64 {
     let text = proxy.metrics.encode();
     let prefix = format!(
@@ -131,12 +146,7 @@ async fn a_trusted_balancers_v2_header_names_the_client_to_the_backend() {
     .await;
     let client = addr("203.0.113.7:40001");
     let reached = addr("198.51.100.1:993");
-    let mut tcp = TcpStream::connect(e.proxy.addr("lb")).await.unwrap();
-    // The header and the ClientHello may share a segment: the reader must not eat into TLS.
-    tcp.write_all(&v2(client, reached)).await.unwrap();
-    let config = client_config(&e.pki.ca_der, &[&rustls::version::TLS13], None);
-    let tls = tls_upgrade(tcp, HOST, config).await.unwrap();
-    let mut io = BufReader::new(tls);
+    let mut io = through_balancer(&e, "lb", client, reached).await;
     assert!(read_line(&mut io).await.starts_with("* OK"));
     io.get_mut().write_all(b"z LOGOUT\r\n").await.unwrap();
     let _ = read_until_tag(&mut io, "z").await;
@@ -400,13 +410,13 @@ async fn xclient_session(refuse: bool) -> (Env, String) {
         "",
     )
     .await;
-    let mut tcp = TcpStream::connect(e.proxy.addr("lb")).await.unwrap();
-    tcp.write_all(&v2(addr("203.0.113.7:40001"), addr("198.51.100.1:465")))
-        .await
-        .unwrap();
-    let config = client_config(&e.pki.ca_der, &[&rustls::version::TLS13], None);
-    let tls = tls_upgrade(tcp, HOST, config).await.unwrap();
-    let mut io = BufReader::new(tls);
+    let mut io = through_balancer(
+        &e,
+        "lb",
+        addr("203.0.113.7:40001"),
+        addr("198.51.100.1:465"),
+    )
+    .await;
     assert!(read_smtp_reply(&mut io).await.starts_with("220 "));
     io.get_mut()
         .write_all(b"EHLO client+x.test\r\n")
@@ -474,13 +484,13 @@ async fn pop3_xclient_and_imap_id_carry_the_header_source() {
         "",
     )
     .await;
-    let mut tcp = TcpStream::connect(e.proxy.addr("lb")).await.unwrap();
-    tcp.write_all(&v2(addr("203.0.113.8:40003"), addr("198.51.100.1:995")))
-        .await
-        .unwrap();
-    let config = client_config(&e.pki.ca_der, &[&rustls::version::TLS13], None);
-    let tls = tls_upgrade(tcp, HOST, config.clone()).await.unwrap();
-    let mut io = BufReader::new(tls);
+    let mut io = through_balancer(
+        &e,
+        "lb",
+        addr("203.0.113.8:40003"),
+        addr("198.51.100.1:995"),
+    )
+    .await;
     assert!(read_line(&mut io).await.starts_with("+OK"));
     io.get_mut().write_all(b"CAPA\r\n").await.unwrap();
     let mut capa = String::new();
@@ -512,13 +522,13 @@ async fn pop3_xclient_and_imap_id_carry_the_header_source() {
         "",
     )
     .await;
-    let mut tcp = TcpStream::connect(e.proxy.addr("lb")).await.unwrap();
-    tcp.write_all(&v2(addr("203.0.113.9:40004"), addr("198.51.100.1:993")))
-        .await
-        .unwrap();
-    let config = client_config(&e.pki.ca_der, &[&rustls::version::TLS13], None);
-    let tls = tls_upgrade(tcp, HOST, config).await.unwrap();
-    let mut io = BufReader::new(tls);
+    let mut io = through_balancer(
+        &e,
+        "lb",
+        addr("203.0.113.9:40004"),
+        addr("198.51.100.1:993"),
+    )
+    .await;
     assert!(read_line(&mut io).await.starts_with("* OK"));
     io.get_mut()
         .write_all(b"a LOGIN user secret\r\nz LOGOUT\r\n")
