@@ -89,6 +89,12 @@ async fn env(
     }
 }
 
+/// One implicit-TLS listener `lb` behind the balancer, with `backend_client_info`.
+async fn client_info_env(kind: FakeKind, options: FakeOptions, protocol: &str) -> Env {
+    let keys = format!("{BEHIND_LB}    backend_client_info: true\n");
+    env(kind, options, &[("lb", protocol, "implicit", &keys)], "").await
+}
+
 /// A TLS client behind the balancer: the v2 header for `client` (reaching `reached`) is written
 /// first, then the handshake runs on the same connection, as through HAProxy's send-proxy-v2.
 async fn through_balancer(
@@ -389,7 +395,7 @@ async fn a_clients_own_proxy_header_gains_nothing_without_proxy_protocol_from() 
 /// Implicit-TLS submission behind a balancer with `backend_client_info`: returns the client
 /// side after EHLO and the EHLO reply it saw.
 async fn xclient_session(refuse: bool) -> (Env, String) {
-    let e = env(
+    let e = client_info_env(
         FakeKind::Smtp,
         FakeOptions {
             ehlo_extensions: vec![
@@ -401,13 +407,7 @@ async fn xclient_session(refuse: bool) -> (Env, String) {
             refuse_xclient: refuse,
             ..FakeOptions::default()
         },
-        &[(
-            "lb",
-            "smtp",
-            "implicit",
-            &format!("{BEHIND_LB}    backend_client_info: true\n"),
-        )],
-        "",
+        "smtp",
     )
     .await;
     let mut io = through_balancer(
@@ -469,19 +469,13 @@ async fn a_backend_refusing_xclient_leaves_the_session_going() {
 
 #[tokio::test]
 async fn pop3_xclient_and_imap_id_carry_the_header_source() {
-    let e = env(
+    let e = client_info_env(
         FakeKind::Pop3,
         FakeOptions {
             pop3_capa: vec!["USER".into(), "XCLIENT".into(), "PIPELINING".into()],
             ..FakeOptions::default()
         },
-        &[(
-            "lb",
-            "pop3",
-            "implicit",
-            &format!("{BEHIND_LB}    backend_client_info: true\n"),
-        )],
-        "",
+        "pop3",
     )
     .await;
     let mut io = through_balancer(
@@ -510,18 +504,7 @@ async fn pop3_xclient_and_imap_id_carry_the_header_source() {
         "{seen}"
     );
 
-    let e = env(
-        FakeKind::Imap,
-        FakeOptions::default(),
-        &[(
-            "lb",
-            "imap",
-            "implicit",
-            &format!("{BEHIND_LB}    backend_client_info: true\n"),
-        )],
-        "",
-    )
-    .await;
+    let e = client_info_env(FakeKind::Imap, FakeOptions::default(), "imap").await;
     let mut io = through_balancer(
         &e,
         "lb",
