@@ -316,9 +316,7 @@ async fn accept_loop(
             // permit, never the accept loop.
             let admission = admission.clone();
             tracker.spawn(async move {
-                admission
-                    .after_proxy_header(tcp, peer, local_addr, handshake_timeout(&admission))
-                    .await;
+                admission.after_proxy_header(tcp, peer, local_addr).await;
                 drop(permit);
             });
             continue;
@@ -346,11 +344,6 @@ async fn accept_loop(
             drop(permit);
         });
     }
-}
-
-/// `tls.handshake_timeout`, which also bounds the PROXY header before the handshake.
-fn handshake_timeout(admission: &Admission) -> Duration {
-    admission.context.handshaker.timeout()
 }
 
 /// What turns an accepted connection into a session: the shared per-address tables and the
@@ -390,14 +383,10 @@ impl Admission {
 
     /// A connection from a trusted balancer: reads its PROXY header, then serves the client it
     /// names, whose address from then on is the session's everywhere (limits included).
-    async fn after_proxy_header(
-        &self,
-        mut tcp: TcpStream,
-        peer: SocketAddr,
-        local: SocketAddr,
-        timeout: Duration,
-    ) {
+    async fn after_proxy_header(&self, mut tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
         let context = &self.context;
+        // `tls.handshake_timeout` bounds the header too: it delays the handshake.
+        let timeout = context.handshaker.timeout();
         let (client, local) = match read_proxy_header(&mut tcp, timeout).await {
             Ok(ProxyHeader::Proxy {
                 source,
