@@ -223,6 +223,10 @@ pub struct ListenerSection {
     pub require_tls_for_mail: Option<bool>,
     #[serde(default)]
     pub backend_proxy_protocol: bool,
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
+    #[serde(default)]
+    pub backend_client_info: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -510,6 +514,12 @@ pub struct ListenerConfig {
     /// Send a PROXY protocol v2 header first on every backend connection, so the backend sees
     /// the client's address (Postfix `smtpd_upstream_proxy_protocol`, Dovecot `haproxy = yes`).
     pub backend_proxy_protocol: bool,
+    /// Load balancers allowed to connect, each connection starting with a PROXY protocol v1/v2
+    /// header whose source address then stands for the client; empty: off.
+    pub proxy_protocol_from: Vec<crate::cidr::Network>,
+    /// Tell the backend the client's address in its own protocol: SMTP and POP3 XCLIENT, IMAP
+    /// ID `x-originating-*` (see [`crate::client_info`]).
+    pub backend_client_info: bool,
 }
 
 /// TLS settings after validation. Certificate files are loaded (and checked) by [`crate::tls`].
@@ -665,6 +675,15 @@ impl Config {
                     "applies only to smtp listeners with tls: starttls".into(),
                 );
             }
+            let mut proxy_protocol_from = Vec::new();
+            for (i, net) in l.proxy_protocol_from.iter().enumerate() {
+                match crate::cidr::Network::parse(net) {
+                    Ok(n) => proxy_protocol_from.push(n),
+                    Err(message) => {
+                        problem(format!("{}[{i}]", key("proxy_protocol_from")), message)
+                    }
+                }
+            }
             if let (Some(listen), Some(backend)) = (listen, backend) {
                 listeners.push(ListenerConfig {
                     name: l.name.clone(),
@@ -675,6 +694,8 @@ impl Config {
                     max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                     require_tls_for_mail: l.require_tls_for_mail.unwrap_or(true),
                     backend_proxy_protocol: l.backend_proxy_protocol,
+                    proxy_protocol_from,
+                    backend_client_info: l.backend_client_info,
                 });
             }
         }
@@ -981,6 +1002,39 @@ mod tests {
         assert!(parse_backend("-bad.example:1").is_err());
         assert!(parse_backend("bad-.example:1").is_err());
         assert!(parse_backend("a..b:1").is_err());
+    }
+
+    #[test]
+    fn proxy_protocol_from_and_backend_client_info_default_off_and_are_checked() {
+        let config = Config::from_yaml(MINIMAL)
+            .unwrap()
+            .validate(Path::new("/"))
+            .unwrap();
+        assert!(config.listeners[0].proxy_protocol_from.is_empty());
+        assert!(!config.listeners[0].backend_client_info);
+        let on = MINIMAL.replace(
+            "    tls: implicit\n",
+            "    tls: implicit\n    proxy_protocol_from: [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\"]\n    backend_client_info: true\n",
+        );
+        let config = Config::from_yaml(&on)
+            .unwrap()
+            .validate(Path::new("/"))
+            .unwrap();
+        let l = &config.listeners[0];
+        assert_eq!(l.proxy_protocol_from.len(), 3);
+        assert!(l.backend_client_info);
+        let bad = MINIMAL.replace(
+            "    tls: implicit\n",
+            "    tls: implicit\n    proxy_protocol_from: [\"10.0.0.0/8\", \"10.0.0.1/8\", \"lb\"]\n",
+        );
+        let keys: Vec<String> = problems(&bad).into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "listeners[0].proxy_protocol_from[1]",
+                "listeners[0].proxy_protocol_from[2]"
+            ]
+        );
     }
 
     #[test]

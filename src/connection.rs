@@ -5,10 +5,12 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{Protocol, TlsMode};
+use crate::metrics::ProxyHeaderResult;
+use crate::proxy_header::{Header, HeaderError, HeaderReader};
 use crate::session::{ClientStream, EndReason, ListenerContext, Session};
 use crate::transport::Transport;
 
@@ -33,6 +35,63 @@ pub async fn refuse_per_ip(mut tcp: TcpStream, listener: &ListenerContext) {
             tcp.shutdown().await
         })
         .await;
+    }
+}
+
+/// Why a load balancer's PROXY header was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyHeaderFailure {
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error("no complete PROXY protocol header within {0:?}")]
+    Timeout(Duration),
+    #[error("reading the PROXY protocol header: {0}")]
+    Io(std::io::Error),
+}
+
+impl ProxyHeaderFailure {
+    pub fn result(&self) -> ProxyHeaderResult {
+        match self {
+            ProxyHeaderFailure::Header(HeaderError::Missing) => ProxyHeaderResult::Missing,
+            ProxyHeaderFailure::Header(HeaderError::Malformed(_)) | ProxyHeaderFailure::Io(_) => {
+                ProxyHeaderResult::Malformed
+            }
+            ProxyHeaderFailure::Header(HeaderError::TooLong(_)) => ProxyHeaderResult::TooLong,
+            ProxyHeaderFailure::Timeout(_) => ProxyHeaderResult::Timeout,
+        }
+    }
+}
+
+/// Reads a load balancer's PROXY header (`proxy_protocol_from`) within `timeout`
+/// (`tls.handshake_timeout`: the header comes before the handshake it delays). Reads only
+/// what [`HeaderReader::wanted`] allows, so every octet after the header (the TLS ClientHello,
+/// or the client's first command) is left in the socket for the session.
+pub async fn read_proxy_header<S: AsyncRead + Unpin>(
+    io: &mut S,
+    timeout: Duration,
+) -> Result<Header, ProxyHeaderFailure> {
+    let mut reader = HeaderReader::new();
+    let read = async {
+        let mut buf = [0u8; 512];
+        loop {
+            let want = reader.wanted().min(buf.len());
+            let Some(slot) = buf.get_mut(..want) else {
+                return Err(ProxyHeaderFailure::Header(reader.closed_early()));
+            };
+            let n = match io.read(slot).await {
+                Ok(0) => return Err(ProxyHeaderFailure::Header(reader.closed_early())),
+                Ok(n) => n,
+                Err(e) => return Err(ProxyHeaderFailure::Io(e)),
+            };
+            let (_, result) = reader.feed(buf.get(..n).unwrap_or_default());
+            if let Some(header) = result? {
+                return Ok(header);
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(ProxyHeaderFailure::Timeout(timeout)),
     }
 }
 

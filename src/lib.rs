@@ -11,13 +11,16 @@
 //! - Below them: [`session`] (per-connection context, the client stream STARTTLS upgrades, timed
 //!   writes, the close log), [`close`] (why a session ended, and on which side), [`backend`] (each listener's pool of backend addresses:
 //!   selection, health, SNI routes, TLS to the backend; byte counting; the connector tests replace), `relay` (the post-login byte relay), `proxy_protocol` (the PROXY
-//!   v2 header), [`tls`] (certificate store, SNI, hot reload, IANA names), [`metrics`].
+//!   v2 header sent to the backend), [`proxy_header`] (the PROXY header read from a load
+//!   balancer), [`client_info`] (the client's address told to the backend in its own protocol), [`tls`] (certificate store, SNI, hot reload, IANA names), [`metrics`].
 //! - At the bottom: [`config`] (the YAML model, validated into [`config::RuntimeConfig`]), `line`
 //!   (bounded line framing and the pull-style `Step`), `dns`, `transport`, and the sans-I/O
 //!   codecs, gates and rewriters under [`smtp`], [`imap`] and [`pop3`].
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod cidr;
+pub mod client_info;
 pub mod close;
 pub mod config;
 pub(crate) mod connection;
@@ -28,6 +31,7 @@ pub(crate) mod line;
 pub mod metrics;
 pub mod pop3;
 pub mod prelogin;
+pub mod proxy_header;
 pub(crate) mod proxy_protocol;
 pub(crate) mod relay;
 pub mod server;

@@ -148,6 +148,7 @@ pub struct Metrics {
     message_size: HistogramVec,
     received_fields: IntCounterVec,
     imap_id_fields: IntCounterVec,
+    proxy_headers: IntCounterVec,
     backend_connect_failures: IntCounterVec,
     backend_connect_duration: HistogramVec,
     backend_up: IntGaugeVec,
@@ -325,6 +326,12 @@ impl Metrics {
                 "IMAP ID commands sent to the backend carrying the tls field.",
                 &["listener", "source"],
             )?,
+            proxy_headers: counter(
+                r,
+                "mailfront_proxy_protocol_headers_total",
+                "PROXY protocol headers from load balancers (listeners with proxy_protocol_from), by result: proxy (a relayed client), local (a v2 LOCAL health check, closed quietly), unknown (v1 UNKNOWN or v2 AF_UNSPEC: served as the balancer's own address); refused: missing, malformed, too_long, timeout, untrusted (a peer outside proxy_protocol_from).",
+                &["listener", "result"],
+            )?,
             backend_connect_failures: counter(
                 r,
                 "mailfront_backend_connect_failures_total",
@@ -429,6 +436,13 @@ impl Metrics {
             id_from_client: self.imap_id_fields.with_label_values(&[name, "client"]),
             id_from_proxy: self.imap_id_fields.with_label_values(&[name, "proxy"]),
         });
+        // Only listeners that read the header can move it.
+        let proxy_headers = (!listener.proxy_protocol_from.is_empty()).then(|| {
+            ProxyHeaderResult::ALL.map(|result| {
+                self.proxy_headers
+                    .with_label_values(&[name, result.as_str()])
+            })
+        });
         let closed = CloseClass::ALL.map(|class| {
             self.sessions_closed.with_label_values(&[
                 name,
@@ -464,6 +478,7 @@ impl Metrics {
                 .with_label_values(&[name, protocol, "failure"]),
             smtp,
             imap,
+            proxy_headers,
             backend_connect_failures: self.backend_connect_failures.with_label_values(&[name]),
             backend_connect_duration: self.backend_connect_duration.with_label_values(&[name]),
             bytes_to_backend: self
@@ -535,6 +550,8 @@ pub struct ListenerMetrics {
     smtp: Option<SmtpMetrics>,
     /// Present on IMAP listeners only.
     imap: Option<ImapMetrics>,
+    /// Present on listeners with `proxy_protocol_from` only; indexed by [`ProxyHeaderResult`].
+    proxy_headers: Option<[IntCounter; ProxyHeaderResult::ALL.len()]>,
     pub backend_connect_failures: IntCounter,
     pub backend_connect_duration: Histogram,
     pub bytes_to_backend: IntCounter,
@@ -559,7 +576,57 @@ struct ImapMetrics {
     id_from_proxy: IntCounter,
 }
 
+/// What a load balancer's PROXY header came to (`mailfront_proxy_protocol_headers_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyHeaderResult {
+    Proxy,
+    Local,
+    Unknown,
+    Missing,
+    Malformed,
+    TooLong,
+    Timeout,
+    Untrusted,
+}
+
+impl ProxyHeaderResult {
+    pub const ALL: [ProxyHeaderResult; 8] = [
+        ProxyHeaderResult::Proxy,
+        ProxyHeaderResult::Local,
+        ProxyHeaderResult::Unknown,
+        ProxyHeaderResult::Missing,
+        ProxyHeaderResult::Malformed,
+        ProxyHeaderResult::TooLong,
+        ProxyHeaderResult::Timeout,
+        ProxyHeaderResult::Untrusted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyHeaderResult::Proxy => "proxy",
+            ProxyHeaderResult::Local => "local",
+            ProxyHeaderResult::Unknown => "unknown",
+            ProxyHeaderResult::Missing => "missing",
+            ProxyHeaderResult::Malformed => "malformed",
+            ProxyHeaderResult::TooLong => "too_long",
+            ProxyHeaderResult::Timeout => "timeout",
+            ProxyHeaderResult::Untrusted => "untrusted",
+        }
+    }
+}
+
 impl ListenerMetrics {
+    /// Counts one PROXY header outcome (listeners with `proxy_protocol_from` only).
+    pub fn proxy_header(&self, result: ProxyHeaderResult) {
+        let index = ProxyHeaderResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or_default();
+        if let Some(counter) = self.proxy_headers.as_ref().and_then(|c| c.get(index)) {
+            counter.inc();
+        }
+    }
+
     pub fn handshake_succeeded(&self, info: &TlsInfo, seconds: f64) {
         // Known names are borrowed from static tables: no allocation per handshake.
         let (version, cipher, group) = (info.version_name(), info.cipher_name(), info.group_name());
@@ -737,6 +804,8 @@ mod tests {
             max_connections: 1,
             require_tls_for_mail: true,
             backend_proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
+            backend_client_info: false,
         }
     }
 
@@ -749,6 +818,7 @@ mod tests {
             cipher: rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
             group: Some(rustls::NamedGroup::X25519),
             sni: None,
+            signature_scheme: None,
         };
         handles.handshake_succeeded(&info, 0.002);
         handles.handshake_succeeded(&info, 0.002);
@@ -809,6 +879,37 @@ mod tests {
         ));
         assert_eq!(handles.sessions_closed(CloseClass::BackendIo), 1);
         assert_eq!(handles.sessions_closed(CloseClass::ClientIo), 0);
+    }
+
+    #[test]
+    fn proxy_header_results_exist_only_on_listeners_that_read_the_header() {
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        let plain = metrics.listener(&listener());
+        let balanced = metrics.listener(&ListenerConfig {
+            name: "behind-lb".into(),
+            proxy_protocol_from: vec![crate::cidr::Network::parse("10.0.0.0/8").unwrap()],
+            ..listener()
+        });
+        plain.proxy_header(ProxyHeaderResult::Missing);
+        balanced.proxy_header(ProxyHeaderResult::Local);
+        balanced.proxy_header(ProxyHeaderResult::Untrusted);
+        let text = metrics.encode();
+        assert!(!text.contains(r#"mailfront_proxy_protocol_headers_total{listener="imaps""#));
+        for result in ProxyHeaderResult::ALL {
+            let expected = if matches!(
+                result,
+                ProxyHeaderResult::Local | ProxyHeaderResult::Untrusted
+            ) {
+                1
+            } else {
+                0
+            };
+            let line = format!(
+                r#"mailfront_proxy_protocol_headers_total{{listener="behind-lb",result="{}"}} {expected}"#,
+                result.as_str()
+            );
+            assert!(text.contains(&line), "{line}");
+        }
     }
 
     #[test]

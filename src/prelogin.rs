@@ -64,6 +64,9 @@ pub enum Notice {
     AuthThrottled { mechanism: String },
     /// IMAP only: an ID carrying the `tls` field went to the backend.
     IdFieldAdded(IdSource),
+    /// `backend_client_info` could not tell the backend the client's address (POP3: CAPA
+    /// without XCLIENT, or XCLIENT refused); logged once per listener.
+    ClientInfo(crate::client_info::Notice),
 }
 
 /// Where a not-authenticated session stands: the same phases for every protocol.
@@ -434,6 +437,24 @@ fn record_notices<M: Machine>(machine: &mut M, session: &Session) {
                 );
             }
             Notice::IdFieldAdded(source) => metrics.id_field_added(source),
+            Notice::ClientInfo(problem) => {
+                if session.listener.client_info_notices.first(problem) {
+                    let what = match (problem, M::PROTOCOL) {
+                        (crate::client_info::Notice::NotOffered, "imap") => {
+                            "the backend does not offer ID"
+                        }
+                        (crate::client_info::Notice::NotOffered, _) => {
+                            "the backend does not offer XCLIENT (Dovecot: login_trusted_networks must list mailfront)"
+                        }
+                        (crate::client_info::Notice::Refused, _) => "the backend refused XCLIENT",
+                    };
+                    tracing::warn!(
+                        listener = %session.listener.config.name,
+                        protocol = M::PROTOCOL,
+                        "backend_client_info: {what}; going on without it"
+                    );
+                }
+            }
         }
     }
 }

@@ -12,6 +12,12 @@
 //!   because no client certificate is ever requested; no CERT bits, no CN.
 //! - `PP2_TYPE_AUTHORITY` only for an SNI that is a plain DNS name: Dovecot rejects the whole
 //!   connection when the value is not a valid DNS name.
+//! - Inside `PP2_TYPE_SSL`, beside version and cipher: `PP2_SUBTYPE_SSL_GROUP` (0x26, the key
+//!   exchange group, e.g. `X25519MLKEM768`) and `PP2_SUBTYPE_SSL_SIG_SCHEME` (0x27, what the
+//!   server signed the handshake with, e.g. `rsa_pss_rsae_sha256`), US-ASCII IANA names as the
+//!   current specification defines them. The group is what RFC 8314 §4.3 asks to record; each
+//!   is left out when there is none (TLS 1.2 resumption has no key exchange, resumption signs
+//!   nothing) or it has no IANA name.
 //! - Never `PP2_TYPE_ALPN`: Dovecot rejects the connection unless it equals the service's
 //!   protocol, and mail clients rarely send ALPN anyway.
 //! - The whole header stays far below Postfix's 536-byte peek (its
@@ -36,14 +42,18 @@ pub const PP2_TYPE_AUTHORITY: u8 = 0x02;
 pub const PP2_TYPE_SSL: u8 = 0x20;
 pub const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
 pub const PP2_SUBTYPE_SSL_CIPHER: u8 = 0x23;
+pub const PP2_SUBTYPE_SSL_GROUP: u8 = 0x26;
+pub const PP2_SUBTYPE_SSL_SIG_SCHEME: u8 = 0x27;
 pub const PP2_CLIENT_SSL: u8 = 0x01;
 /// `verify` of `PP2_TYPE_SSL`: zero means "a client certificate was presented and verified";
 /// mailfront never asks for one, so any non-zero value is the truth. HAProxy sends 1 here too.
 pub const VERIFY_NO_CLIENT_CERT: u32 = 1;
 
-/// Longest TLS version or cipher string put in an SSL sub-TLV. IANA cipher names are at most
-/// about 50 characters; anything longer (an unexpected label) is left out rather than truncated.
-pub const MAX_SSL_STRING_LEN: usize = 64;
+/// Longest string put in an SSL sub-TLV (version, cipher, group, signature scheme). The longest
+/// IANA cipher name is 45 characters, group and scheme names are under 25; anything longer (an
+/// unexpected label) is left out rather than truncated. 48 keeps the worst case of all four
+/// plus the longest AUTHORITY within Postfix's 536-byte peek.
+pub const MAX_SSL_STRING_LEN: usize = 48;
 
 /// The header for a relayed connection: `client` is the peer of the client-facing socket,
 /// `local` the address the client connected to, `tls` what was negotiated if TLS is up now.
@@ -59,6 +69,8 @@ pub fn encode_v2(client: SocketAddr, local: SocketAddr, tls: Option<&TlsInfo>) -
             let details = SslDetails {
                 version: &version,
                 cipher: &cipher,
+                group: tls.iana_group_name(),
+                sig_scheme: tls.iana_signature_scheme_name(),
                 sni: tls.sni.as_deref(),
             };
             encode(client, local, Some(&details))
@@ -71,6 +83,8 @@ pub fn encode_v2(client: SocketAddr, local: SocketAddr, tls: Option<&TlsInfo>) -
 struct SslDetails<'a> {
     version: &'a str,
     cipher: &'a str,
+    group: Option<&'a str>,
+    sig_scheme: Option<&'a str>,
     sni: Option<&'a str>,
 }
 
@@ -100,6 +114,12 @@ fn encode(client: SocketAddr, local: SocketAddr, tls: Option<&SslDetails<'_>>) -
         }
         if let Some(cipher) = ssl_string(tls.cipher) {
             push_tlv(&mut ssl, PP2_SUBTYPE_SSL_CIPHER, cipher);
+        }
+        if let Some(group) = tls.group.and_then(ssl_string) {
+            push_tlv(&mut ssl, PP2_SUBTYPE_SSL_GROUP, group);
+        }
+        if let Some(scheme) = tls.sig_scheme.and_then(ssl_string) {
+            push_tlv(&mut ssl, PP2_SUBTYPE_SSL_SIG_SCHEME, scheme);
         }
         push_tlv(&mut body, PP2_TYPE_SSL, &ssl);
         if let Some(name) = tls.sni.and_then(authority) {
@@ -239,6 +259,7 @@ mod tests {
             cipher,
             group: Some(rustls::NamedGroup::X25519MLKEM768),
             sni: sni.map(str::to_owned),
+            signature_scheme: Some(rustls::SignatureScheme::RSA_PSS_SHA256),
         }
     }
 
@@ -323,9 +344,54 @@ mod tests {
             [
                 (PP2_SUBTYPE_SSL_VERSION, b"TLSv1.3".to_vec()),
                 (PP2_SUBTYPE_SSL_CIPHER, b"TLS_AES_256_GCM_SHA384".to_vec()),
+                (PP2_SUBTYPE_SSL_GROUP, b"X25519MLKEM768".to_vec()),
+                (PP2_SUBTYPE_SSL_SIG_SCHEME, b"rsa_pss_rsae_sha256".to_vec()),
             ]
         );
         assert_eq!(d.tlvs[1].1, b"mx.example.test");
+    }
+
+    #[test]
+    fn group_and_signature_scheme_are_left_out_when_there_is_none_or_no_iana_name() {
+        let ssl_subtypes = |info: &TlsInfo| -> Vec<u8> {
+            let d = decode(&encode_v2(
+                addr("127.0.0.2:1"),
+                addr("127.0.0.1:2"),
+                Some(info),
+            ));
+            tlvs(&d.tlvs[0].1[5..]).iter().map(|(k, _)| *k).collect()
+        };
+        let mut resumed = tls(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256, None);
+        resumed.group = None;
+        resumed.signature_scheme = None;
+        assert_eq!(
+            ssl_subtypes(&resumed),
+            [PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CIPHER]
+        );
+        let mut odd = tls(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256, None);
+        odd.group = Some(rustls::NamedGroup::Unknown(0xFAFA));
+        odd.signature_scheme = Some(rustls::SignatureScheme::Unknown(0xFAFA));
+        assert_eq!(
+            ssl_subtypes(&odd),
+            [PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CIPHER]
+        );
+        let mut ecdsa = tls(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256, None);
+        ecdsa.group = Some(rustls::NamedGroup::secp256r1);
+        ecdsa.signature_scheme = Some(rustls::SignatureScheme::ECDSA_NISTP256_SHA256);
+        let d = decode(&encode_v2(
+            addr("127.0.0.2:1"),
+            addr("127.0.0.1:2"),
+            Some(&ecdsa),
+        ));
+        let subs = tlvs(&d.tlvs[0].1[5..]);
+        assert_eq!(subs[2], (PP2_SUBTYPE_SSL_GROUP, b"secp256r1".to_vec()));
+        assert_eq!(
+            subs[3],
+            (
+                PP2_SUBTYPE_SSL_SIG_SCHEME,
+                b"ecdsa_secp256r1_sha256".to_vec()
+            )
+        );
     }
 
     #[test]
@@ -410,13 +476,17 @@ mod tests {
         );
         assert!(h.len() <= POSTFIX_HEADER_LIMIT, "{} bytes", h.len());
         // Even the worst case the limits allow: the longest strings each sub-TLV may carry.
-        let (version, cipher) = (
+        let (version, cipher, group, scheme) = (
             "v".repeat(MAX_SSL_STRING_LEN),
             "c".repeat(MAX_SSL_STRING_LEN),
+            "g".repeat(MAX_SSL_STRING_LEN),
+            "s".repeat(MAX_SSL_STRING_LEN),
         );
         let worst = SslDetails {
             version: &version,
             cipher: &cipher,
+            group: Some(&group),
+            sig_scheme: Some(&scheme),
             sni: Some(&longest),
         };
         let h = encode(
@@ -433,6 +503,8 @@ mod tests {
         let info = SslDetails {
             version: "TLS v1",
             cipher: &cipher,
+            group: Some(""),
+            sig_scheme: Some(&cipher),
             sni: None,
         };
         let d = decode(&encode(
@@ -552,6 +624,8 @@ mod tests {
                     vec![
                         (Type::SSLVersion as u8, "TLSv1.3".to_owned()),
                         (Type::SSLCipher as u8, "TLS_AES_256_GCM_SHA384".to_owned()),
+                        (PP2_SUBTYPE_SSL_GROUP, "X25519MLKEM768".to_owned()),
+                        (PP2_SUBTYPE_SSL_SIG_SCHEME, "rsa_pss_rsae_sha256".to_owned()),
                     ]
                 );
                 assert!(

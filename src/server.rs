@@ -8,16 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{BackendConnector, Pool, tls::TlsSetupError};
 use crate::config::{ListenerConfig, RuntimeConfig, TlsMode};
-use crate::connection::{refuse_per_ip, serve_connection};
+use crate::connection::{read_proxy_header, refuse_per_ip, serve_connection};
 use crate::limits::{AuthThrottle, PerIpLimiter};
-use crate::metrics::{Metrics, Readiness};
+use crate::metrics::{Metrics, ProxyHeaderResult, Readiness};
+use crate::proxy_header::Header as ProxyHeader;
 use crate::session::{ListenerContext, Session};
 use crate::tls::{self, CertStore, Handshaker, ReloadOutcome, TlsError};
 
@@ -234,6 +235,7 @@ impl Server {
                 handshaker: handshaker.clone(),
                 metrics: metrics.listener(&listener_config),
                 backend: BackendConnector::Pool(pool),
+                client_info_notices: Default::default(),
                 config: listener_config,
             });
             tracing::info!(
@@ -242,6 +244,8 @@ impl Server {
                 tls = context.config.tls.as_str(),
                 address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 backend = %context.config.backend,
+                proxy_protocol_from = context.config.proxy_protocol_from.len(),
+                backend_client_info = context.config.backend_client_info,
                 "listening"
             );
             tracker.spawn(accept_loop(
@@ -302,12 +306,20 @@ async fn accept_loop(
     hard_stop: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(context.config.max_connections));
+    let admission = Admission {
+        context: context.clone(),
+        per_ip,
+        auth_throttle,
+        shutdown: shutdown.clone(),
+        hard_stop,
+    };
+    let behind_balancer = !context.config.proxy_protocol_from.is_empty();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let (tcp, client_addr) = match accepted {
+        let (tcp, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -319,14 +331,34 @@ async fn accept_loop(
         context.metrics.accepted.inc();
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             context.metrics.refused.inc();
-            tracing::warn!(listener = %context.config.name, client = %client_addr, limit = context.config.max_connections, "connection limit reached: closing");
+            tracing::warn!(listener = %context.config.name, client = %peer, limit = context.config.max_connections, "connection limit reached: closing");
             drop(tcp);
             continue;
         };
+        // The address the client reached (for the PROXY header); the bound address if the
+        // socket cannot say, which only differs for wildcard binds.
+        let local_addr = tcp.local_addr().unwrap_or(context.config.listen);
+        if behind_balancer {
+            // Dovecot's haproxy_trusted_networks rule: only the balancers may connect, and
+            // their header names the client. Refused before any read, so a stranger cannot
+            // claim an address.
+            if !crate::cidr::any_contains(&context.config.proxy_protocol_from, peer.ip()) {
+                context.metrics.proxy_header(ProxyHeaderResult::Untrusted);
+                tracing::debug!(listener = %context.config.name, peer = %peer, "connection from outside proxy_protocol_from: closing");
+                drop(tcp);
+                continue;
+            }
+            // The header is read in the connection's own task: a slow balancer holds one
+            // permit, never the accept loop.
+            let admission = admission.clone();
+            tracker.spawn(async move {
+                admission.after_proxy_header(tcp, peer, local_addr).await;
+                drop(permit);
+            });
+            continue;
+        }
         // Before any handshake: a refused address costs no TLS work (and no session task).
-        let Some(per_ip_guard) = per_ip.try_acquire(client_addr.ip()) else {
-            context.metrics.refused_per_ip.inc();
-            tracing::debug!(listener = %context.config.name, client = %client_addr, limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached: refusing");
+        let Some(session) = admission.session(peer, local_addr, None) else {
             if context.config.tls == TlsMode::Implicit {
                 drop(tcp);
                 continue;
@@ -340,14 +372,6 @@ async fn accept_loop(
             });
             continue;
         };
-        // The address the client reached (for the PROXY header); the bound address if the
-        // socket cannot say, which only differs for wildcard binds.
-        let local_addr = tcp.local_addr().unwrap_or(context.config.listen);
-        let mut session = Session::new(context.clone(), client_addr, local_addr, hard_stop.clone());
-        // A child, so a session can never cancel the whole server's shutdown signal.
-        session.draining = shutdown.child_token();
-        session.per_ip = Some(per_ip_guard);
-        session.auth_throttle = Some(auth_throttle.clone());
         let active = context.metrics.active.clone();
         tracker.spawn(async move {
             active.inc();
@@ -355,6 +379,85 @@ async fn accept_loop(
             active.dec();
             drop(permit);
         });
+    }
+}
+
+/// What turns an accepted connection into a session: the shared per-address tables and the
+/// shutdown signals.
+#[derive(Clone)]
+struct Admission {
+    context: Arc<ListenerContext>,
+    per_ip: PerIpLimiter,
+    auth_throttle: AuthThrottle,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+impl Admission {
+    /// A session for `client`, or `None` when its address is at `limits.connections_per_ip`
+    /// (counted and logged here; the caller closes or refuses).
+    fn session(
+        &self,
+        client: SocketAddr,
+        local: SocketAddr,
+        via: Option<SocketAddr>,
+    ) -> Option<Session> {
+        let context = &self.context;
+        let Some(per_ip_guard) = self.per_ip.try_acquire(client.ip()) else {
+            context.metrics.refused_per_ip.inc();
+            tracing::debug!(listener = %context.config.name, client = %client, limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached: refusing");
+            return None;
+        };
+        let mut session = Session::new(context.clone(), client, local, self.hard_stop.clone());
+        session.via = via;
+        // A child, so a session can never cancel the whole server's shutdown signal.
+        session.draining = self.shutdown.child_token();
+        session.per_ip = Some(per_ip_guard);
+        session.auth_throttle = Some(self.auth_throttle.clone());
+        Some(session)
+    }
+
+    /// A connection from a trusted balancer: reads its PROXY header, then serves the client it
+    /// names, whose address from then on is the session's everywhere (limits included).
+    async fn after_proxy_header(&self, mut tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
+        let context = &self.context;
+        // `tls.handshake_timeout` bounds the header too: it delays the handshake.
+        let timeout = context.handshaker.timeout();
+        let (client, local) = match read_proxy_header(&mut tcp, timeout).await {
+            Ok(ProxyHeader::Proxy {
+                source,
+                destination,
+            }) => {
+                context.metrics.proxy_header(ProxyHeaderResult::Proxy);
+                (source, destination)
+            }
+            Ok(ProxyHeader::Unknown) => {
+                // §2.1/§2.2: the receiver then uses the connection's own endpoints.
+                context.metrics.proxy_header(ProxyHeaderResult::Unknown);
+                tracing::debug!(listener = %context.config.name, peer = %peer, "PROXY header without addresses: serving the balancer's own address");
+                (peer, local)
+            }
+            Ok(ProxyHeader::Local) => {
+                // A balancer's health check (v2 LOCAL): nothing to serve, nothing to log.
+                context.metrics.proxy_header(ProxyHeaderResult::Local);
+                return;
+            }
+            Err(e) => {
+                context.metrics.proxy_header(e.result());
+                tracing::info!(listener = %context.config.name, peer = %peer, error = %e, "PROXY protocol header refused: closing");
+                return;
+            }
+        };
+        let Some(session) = self.session(client, local, Some(peer)) else {
+            if context.config.tls == TlsMode::Starttls {
+                refuse_per_ip(tcp, context).await;
+            }
+            return;
+        };
+        let active = context.metrics.active.clone();
+        active.inc();
+        serve_connection(tcp, session).await;
+        active.dec();
     }
 }
 

@@ -40,6 +40,8 @@ pub struct ListenerContext {
     /// How sessions reach the backend: the pool of `config.backend` in production, an in-memory
     /// pipe in driver tests.
     pub backend: BackendConnector,
+    /// `backend_client_info` problems already logged for this listener.
+    pub client_info_notices: crate::client_info::Notices,
 }
 
 /// The client side of a session. STARTTLS turns `Plain` into `Tls` by [`ClientStream::upgrade`],
@@ -189,10 +191,17 @@ pub async fn upgrade_client<S: Transport>(
 /// Per-connection state that protocol drivers read and update.
 pub struct Session {
     pub listener: Arc<ListenerContext>,
+    /// The client, as everything reads it: Received `from`, logs, `limits.connections_per_ip`,
+    /// the auth throttle, and what the backend is told (PROXY v2, XCLIENT, ID). On listeners
+    /// with `proxy_protocol_from` it is the load balancer's PROXY header source, otherwise the
+    /// socket's peer.
     pub client_addr: SocketAddr,
-    /// The address the client connected to (our side of the client socket): the destination in
-    /// the PROXY protocol header.
+    /// The address the client connected to: the PROXY header's destination behind a balancer,
+    /// our side of the client socket otherwise. The destination in the PROXY v2 header.
     pub local_addr: SocketAddr,
+    /// The load balancer the connection came through (the socket's peer), on listeners with
+    /// `proxy_protocol_from`; logged beside `client`.
+    pub via: Option<SocketAddr>,
     /// The hard stop: cancelled when `timeouts.shutdown_grace` runs out. It ends every session,
     /// authenticated relays included.
     pub shutdown: CancellationToken,
@@ -223,6 +232,7 @@ impl Session {
             listener,
             client_addr,
             local_addr,
+            via: None,
             draining: shutdown.clone(),
             shutdown,
             counters: Arc::new(ByteCounters::default()),
@@ -392,6 +402,7 @@ impl Session {
             listener = %self.listener.config.name,
             protocol = %self.protocol(),
             client = %self.client_addr,
+            via = %self.via.map_or_else(|| "-".to_owned(), |a| a.to_string()),
             sni = tls.and_then(|t| t.sni.as_deref()).unwrap_or("-"),
             tls_version = %tls.map_or(Cow::Borrowed("none"), TlsInfo::version_name),
             cipher = %tls.map_or(Cow::Borrowed("none"), TlsInfo::cipher_name),

@@ -99,6 +99,8 @@ fn listener_with(
         max_connections: 10,
         require_tls_for_mail: true,
         backend_proxy_protocol: false,
+        proxy_protocol_from: Vec::new(),
+        backend_client_info: false,
     };
     let mut timeouts = Timeouts {
         backend_connect: Duration::from_secs(5),
@@ -142,6 +144,7 @@ fn listener_with(
         handshaker,
         metrics,
         backend,
+        client_info_notices: Default::default(),
     };
     (Arc::new(context), backends)
 }

@@ -21,6 +21,8 @@ const TYPE_AUTHORITY: u8 = 0x02;
 const TYPE_SSL: u8 = 0x20;
 const SUBTYPE_SSL_VERSION: u8 = 0x21;
 const SUBTYPE_SSL_CIPHER: u8 = 0x23;
+const SUBTYPE_SSL_GROUP: u8 = 0x26;
+const SUBTYPE_SSL_SIG_SCHEME: u8 = 0x27;
 
 /// A PROXY v2 header read field by field (HAProxy `doc/proxy-protocol.txt` §2.2), written here
 /// independently of the crate's encoder.
@@ -120,6 +122,10 @@ fn pinned(pki: &Pki, suite: rustls::SupportedCipherSuite) -> Arc<rustls::ClientC
     client_config(&pki.ca_der, &[&rustls::version::TLS13], Some(vec![suite]))
 }
 
+/// What the test certificate's key (rcgen's default, ECDSA P-256) signs TLS 1.3 handshakes
+/// with: TLS 1.3 ties the curve to the hash (RFC 8446 §4.2.3).
+const ECDSA_P256_SCHEME: &str = "ecdsa_secp256r1_sha256";
+
 struct Env {
     pki: Pki,
     backend: FakeBackend,
@@ -191,6 +197,11 @@ async fn implicit_imap_header_names_the_client_with_ssl_tlv_cipher_and_sni_autho
         [
             (SUBTYPE_SSL_VERSION, b"TLSv1.3".to_vec()),
             (SUBTYPE_SSL_CIPHER, b"TLS_CHACHA20_POLY1305_SHA256".to_vec()),
+            (SUBTYPE_SSL_GROUP, b"X25519MLKEM768".to_vec()),
+            (
+                SUBTYPE_SSL_SIG_SCHEME,
+                ECDSA_P256_SCHEME.as_bytes().to_vec()
+            ),
         ]
     );
     assert_eq!(h.tlv(TYPE_AUTHORITY), Some(HOST.as_bytes()));
@@ -228,10 +239,21 @@ async fn implicit_pop3_without_sni_sends_ssl_tlv_but_no_authority() {
     let (client, _, subs) = h.ssl().unwrap();
     assert_eq!(client, 0x01);
     assert_eq!(
-        subs,
+        subs[..2],
         [
             (SUBTYPE_SSL_VERSION, b"TLSv1.2".to_vec()),
             (SUBTYPE_SSL_CIPHER, cipher.into_bytes()),
+        ]
+    );
+    // TLS 1.2 signs the ServerKeyExchange: the group and the scheme are there too.
+    let kinds: Vec<u8> = subs.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        kinds,
+        [
+            SUBTYPE_SSL_VERSION,
+            SUBTYPE_SSL_CIPHER,
+            SUBTYPE_SSL_GROUP,
+            SUBTYPE_SSL_SIG_SCHEME
         ]
     );
     assert_eq!(h.tlv(TYPE_AUTHORITY), None, "no SNI, no AUTHORITY");

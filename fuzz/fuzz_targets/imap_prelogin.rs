@@ -40,6 +40,8 @@ struct Backend {
     /// AUTHENTICATE in progress: its tag and how many `+` are unanswered.
     sasl: Option<(Vec<u8>, usize)>,
     ids: usize,
+    /// `backend_client_info`: the x-originating-ip mailfront must send, in the ID only.
+    client_ip: Option<&'static str>,
     closed: bool,
 }
 
@@ -149,6 +151,15 @@ impl Backend {
                     .map(|(_, value)| value.0.as_ref().map(|v| v.as_ref().to_vec()))
                     .collect::<Vec<_>>();
                 assert_eq!(tls, vec![Some(CIPHER.as_bytes().to_vec())], "one tls field, ours");
+                let origin = parameters
+                    .iter()
+                    .flatten()
+                    .filter(|(field, _)| field.as_ref().eq_ignore_ascii_case(b"x-originating-ip"))
+                    .map(|(_, value)| value.0.as_ref().map(|v| v.as_ref().to_vec()))
+                    .collect::<Vec<_>>();
+                let expected: Vec<_> =
+                    self.client_ip.map(|ip| Some(ip.as_bytes().to_vec())).into_iter().collect();
+                assert_eq!(origin, expected, "x-originating-ip only ours, only with client info");
                 format!("* ID NIL\r\n{t} OK done\r\n")
             }
             _ if ours => panic!("mailfront's own tag on a client command"),
@@ -249,6 +260,7 @@ fuzz_target!(|data: &[u8]| {
         continued_at: None,
         sasl: None,
         ids: 0,
+        client_ip: (flags & 32 != 0).then_some("192.0.2.7"),
         closed: false,
     };
     let settings = Settings {
@@ -261,6 +273,15 @@ fuzz_target!(|data: &[u8]| {
             sasl_line: 256,
         },
         max_commands: 40,
+        client_info: if flags & 32 != 0 {
+            mailfront::client_info::imap_id_fields(
+                "192.0.2.7:40000".parse().expect("address"),
+                "198.51.100.1:993".parse().expect("address"),
+                "S1",
+            )
+        } else {
+            Vec::new()
+        },
     };
     let mut client_tls = listener == TlsMode::Implicit;
     let cipher = client_tls.then(|| CIPHER.to_owned());

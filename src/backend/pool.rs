@@ -637,6 +637,8 @@ mod tests {
             max_connections: 1,
             require_tls_for_mail: true,
             backend_proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
+            backend_client_info: false,
         };
         Arc::new(
             Pool::new(

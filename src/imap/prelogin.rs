@@ -38,6 +38,10 @@ pub struct Settings {
     pub limits: command::Limits,
     /// `limits.preauth_commands`.
     pub max_commands: usize,
+    /// `backend_client_info`: the `x-originating-*`, `x-connected-*` and `x-session-id`
+    /// fields ([`crate::client_info::imap_id_fields`]) sent beside `tls` in the first ID; empty
+    /// when off.
+    pub client_info: Vec<(&'static str, String)>,
 }
 
 /// A command of ours in flight; its responses never reach the client.
@@ -212,6 +216,19 @@ impl Prelogin {
         } else {
             CapabilityView::Cleartext
         }
+    }
+
+    /// mailfront's ID fields: `tls`, then the client's address where `backend_client_info`
+    /// is on.
+    fn our_id_fields(&self) -> Vec<(&str, &str)> {
+        let mut fields = vec![("tls", self.cipher.as_str())];
+        fields.extend(
+            self.settings
+                .client_info
+                .iter()
+                .map(|(f, v)| (*f, v.as_str())),
+        );
+        fields
     }
 
     fn own_tag(&mut self) -> Vec<u8> {
@@ -499,7 +516,7 @@ impl Prelogin {
                     self.core.to_client.extend_from_slice(&reply::id_nil(&tag));
                     return;
                 }
-                let rewritten = id::rewrite_client_id(id_command, &[("tls", self.cipher.as_str())]);
+                let rewritten = id::rewrite_client_id(id_command, &self.our_id_fields());
                 self.id_sent = true;
                 self.core
                     .notices
@@ -558,10 +575,21 @@ impl Prelogin {
             sasl,
             pieces,
         };
+        if flight.auth.is_some()
+            && !self.caps.id
+            && !self.id_sent
+            && !self.settings.client_info.is_empty()
+        {
+            // No ID to carry the client's address: said once per listener, and the login goes on.
+            self.core
+                .notices
+                .push(Notice::ClientInfo(crate::client_info::Notice::NotOffered));
+        }
         if flight.auth.is_some() && self.caps.id && !self.id_sent {
-            // The backend learns the cipher before any credential, in its first ID.
+            // The backend learns the cipher (and, with backend_client_info, the client's
+            // address) before any credential, in its first ID.
             let own_tag = self.own_tag();
-            let ours = id::build_id_command(&own_tag, &[("tls", self.cipher.as_str())]);
+            let ours = id::build_id_command(&own_tag, &self.our_id_fields());
             self.core.to_backend.extend_from_slice(&ours);
             self.id_sent = true;
             self.core
@@ -843,6 +871,7 @@ mod tests {
             hostname: "mx.example.test".to_owned(),
             limits: command::Limits::default(),
             max_commands: 50,
+            client_info: Vec::new(),
         }
     }
 
@@ -912,6 +941,61 @@ mod tests {
                     mechanism: "AUTHENTICATE PLAIN".to_owned()
                 },
             ]
+        );
+    }
+
+    fn with_client_info(caps: &str) -> Prelogin {
+        let mut settings = settings(TlsMode::Implicit);
+        settings.client_info = crate::client_info::imap_id_fields(
+            "192.0.2.7:40000".parse().unwrap(),
+            "198.51.100.1:993".parse().unwrap(),
+            "S1",
+        );
+        let mut m = Prelogin::new(settings, Some(CIPHER.to_owned()), 7);
+        m.backend_connected();
+        let greeting = format!("* OK [CAPABILITY {caps}] backend ready\r\n");
+        m.backend_input(greeting.as_bytes());
+        m
+    }
+
+    const CLIENT_INFO: &str = "\"x-originating-ip\" \"192.0.2.7\" \"x-originating-port\" \"40000\" \"x-connected-ip\" \"198.51.100.1\" \"x-connected-port\" \"993\" \"x-session-id\" \"S1\"";
+
+    #[test]
+    fn the_own_id_carries_the_clients_address_beside_tls_before_the_login() {
+        let mut m = with_client_info("IMAP4rev1 ID AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a LOGIN alice secret\r\n");
+        let (_, backend) = out(&mut m);
+        let tag = own_tag(&backend);
+        assert_eq!(
+            backend,
+            format!("{tag} ID (\"tls\" \"{CIPHER}\" {CLIENT_INFO})\r\n"),
+            "the credential waits for the ID's answer"
+        );
+    }
+
+    #[test]
+    fn a_client_id_gets_our_fields_and_loses_its_forged_ones() {
+        let mut m = with_client_info("IMAP4rev1 ID");
+        out(&mut m);
+        m.client_input(b"a ID (\"name\" \"mutt\" \"x-originating-ip\" \"10.6.6.6\" \"X-Session-ID\" \"evil\")\r\n");
+        let (_, backend) = out(&mut m);
+        assert_eq!(
+            backend,
+            format!("a ID (\"name\" \"mutt\" \"tls\" \"{CIPHER}\" {CLIENT_INFO})\r\n")
+        );
+    }
+
+    #[test]
+    fn a_backend_without_id_is_noticed_and_the_login_goes_on() {
+        let mut m = with_client_info("IMAP4rev1 AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a LOGIN alice secret\r\n");
+        let (_, backend) = out(&mut m);
+        assert_eq!(backend, "a LOGIN \"alice\" \"secret\"\r\n");
+        assert_eq!(
+            m.take_notices(),
+            [Notice::ClientInfo(crate::client_info::Notice::NotOffered)]
         );
     }
 
@@ -1208,6 +1292,7 @@ mod tests {
         let mut m = Prelogin::new(
             Settings {
                 max_commands: 2,
+                client_info: Vec::new(),
                 ..settings(TlsMode::Starttls)
             },
             None,
@@ -1236,6 +1321,7 @@ mod tests {
         // hold the session open past `limits.preauth_commands`, as POP3 already counts them.
         let limited = |listener| Settings {
             max_commands: 3,
+            client_info: Vec::new(),
             ..settings(listener)
         };
         let mut m = Prelogin::new(limited(TlsMode::Starttls), None, 1);

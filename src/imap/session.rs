@@ -20,6 +20,13 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
             sasl_line: command::Limits::default().sasl_line.max(line),
         },
         max_commands: limits.preauth_commands,
+        client_info: if session.listener.config.backend_client_info {
+            let id = crate::client_info::new_session_id();
+            tracing::debug!(listener = %session.listener.config.name, client = %session.client_addr, session_id = %id, "x-session-id for the backend's ID");
+            crate::client_info::imap_id_fields(session.client_addr, session.local_addr, &id)
+        } else {
+            Vec::new()
+        },
     };
     // Client bytes held while the machine is not parsing them: one command's worth.
     let hold_limit = line + limits.imap_literal;

@@ -44,6 +44,9 @@ pub fn rewrite_capa(raw: &[u8], view: CapaView) -> Vec<u8> {
         let is = |name: &str| word.eq_ignore_ascii_case(name.as_bytes());
         has_stls |= is("STLS");
         match view {
+            // Dovecot offers XCLIENT to mailfront (login_trusted_networks), not to the client,
+            // which could not use it anyway (refused by the gate).
+            _ if is("XCLIENT") => {}
             CapaView::Cleartext if is("USER") || is("SASL") => {}
             CapaView::Tls if is("STLS") => {}
             CapaView::Tls if is("SASL") => {
@@ -85,21 +88,23 @@ pub fn rewrite_mechanisms(raw: &[u8]) -> Vec<u8> {
         .collect()
 }
 
+/// Whether a `+OK` greeting starts with Dovecot's `[XCLIENT]` code: how Dovecot's pop3-login
+/// tells a peer in `login_trusted_networks` that it accepts XCLIENT (its CAPA does not list it).
+pub fn greeting_offers_xclient(raw: &[u8]) -> bool {
+    raw.strip_prefix(b"+OK ")
+        .and_then(|rest| rest.get(..9))
+        .is_some_and(|code| code.eq_ignore_ascii_case(b"[XCLIENT]"))
+}
+
 /// Removes Dovecot's `[XCLIENT]` code from a `+OK` greeting: it tells the client the server
 /// trusts XCLIENT from this peer, which is mailfront, not the client: the client must not learn
 /// that a command it can never use exists.
 /// The APOP timestamp and the rest stay as sent.
 pub fn rewrite_greeting(raw: &[u8]) -> Vec<u8> {
-    let Some(rest) = raw.strip_prefix(b"+OK ") else {
-        return raw.to_vec();
-    };
-    let is_xclient = rest
-        .get(..9)
-        .is_some_and(|code| code.eq_ignore_ascii_case(b"[XCLIENT]"));
-    if !is_xclient {
+    if !greeting_offers_xclient(raw) {
         return raw.to_vec();
     }
-    let after = rest.get(9..).unwrap_or_default();
+    let after = raw.get(13..).unwrap_or_default();
     let after = after.strip_prefix(b" ").unwrap_or(after);
     let mut out = b"+OK ".to_vec();
     out.extend_from_slice(after);
@@ -140,6 +145,19 @@ mod tests {
         assert_eq!(
             rewrite_capa(b"+OK\r\nSASL EXTERNAL\r\n.\r\n", CapaView::Tls),
             b"+OK\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn xclient_offered_to_mailfront_is_never_shown_to_the_client() {
+        let capa = b"+OK\r\nTOP\r\nxclient\r\nUSER\r\n.\r\n";
+        assert_eq!(
+            rewrite_capa(capa, CapaView::Tls),
+            b"+OK\r\nTOP\r\nUSER\r\n.\r\n"
+        );
+        assert_eq!(
+            rewrite_capa(capa, CapaView::Cleartext),
+            b"+OK\r\nTOP\r\nSTLS\r\n.\r\n"
         );
     }
 

@@ -26,6 +26,7 @@
 
 use std::collections::VecDeque;
 
+use crate::client_info::Notice as ClientInfoNotice;
 use crate::config::TlsMode;
 use crate::pop3::capa::{self, CapaView};
 use crate::pop3::codec::{
@@ -46,6 +47,9 @@ pub struct Settings {
     pub limits: CommandLimits,
     /// `limits.preauth_commands`.
     pub max_commands: usize,
+    /// `backend_client_info`: the client's address, told to the backend by XCLIENT when its
+    /// greeting or CAPA offers it, before any client command goes on.
+    pub client_info: Option<std::net::SocketAddr>,
 }
 
 /// What a forwarded command was, to treat its response.
@@ -62,6 +66,10 @@ enum Sent {
     /// (pipelining, RFC 2449 §6.6): nothing of it goes to the backend. Never first in the
     /// queue: it goes out as soon as the response before it did.
     Local(Vec<u8>),
+    /// mailfront's own CAPA, to learn whether XCLIENT is offered; the client never sees it.
+    ProbeCapa,
+    /// mailfront's own XCLIENT; the client never sees its answer.
+    Xclient,
 }
 
 /// The POP3 AUTHORIZATION state of one session.
@@ -221,7 +229,7 @@ impl Prelogin {
             Phase::Cleartext => true,
             // While PASS/APOP/AUTH is unanswered only its SASL responses go on, one per `+`.
             // After QUIT went out the backend is leaving: nothing more goes to it (RFC 1939 §6).
-            Phase::Ready if self.quit => false,
+            Phase::Ready if self.quit || self.client_info_pending() => false,
             Phase::Ready => !self.auth_in_flight() || (self.rx.in_sasl() && self.sasl_credit > 0),
             _ => false,
         }
@@ -376,6 +384,18 @@ impl Prelogin {
 
     fn on_greeting(&mut self, greeting: Response) {
         self.core.phase = Phase::Ready;
+        if greeting.status == Status::Ok && self.settings.client_info.is_some() {
+            // Before any client command: XCLIENT is for the start of a session, before
+            // credentials (Dovecot accepts it only before login). Dovecot says it accepts it
+            // with the greeting's [XCLIENT] code; other servers may list it in CAPA.
+            if capa::greeting_offers_xclient(&greeting.raw) {
+                self.after_probe(true);
+            } else {
+                self.sent.push_back(Sent::ProbeCapa);
+                self.srx.expect(Expect::MultiLine);
+                self.core.to_backend.extend_from_slice(b"CAPA\r\n");
+            }
+        }
         if self.swallow_greeting {
             // The client had mailfront's greeting in cleartext; a refusal now can only be told
             // as unavailability.
@@ -407,6 +427,18 @@ impl Prelogin {
             self.sent.front().cloned()
         };
         let shown = match (&sent, response.status) {
+            (Some(Sent::ProbeCapa), status) => {
+                self.after_probe(status == Status::Ok && offers_xclient(&response.raw));
+                return;
+            }
+            (Some(Sent::Xclient), status) => {
+                if status != Status::Ok {
+                    self.core
+                        .notices
+                        .push(Notice::ClientInfo(ClientInfoNotice::Refused));
+                }
+                return;
+            }
             (Some(Sent::Capa), Status::Ok) => capa::rewrite_capa(&response.raw, CapaView::Tls),
             (Some(Sent::Mechanisms), Status::Ok) => capa::rewrite_mechanisms(&response.raw),
             _ => response.raw.clone(),
@@ -436,6 +468,43 @@ impl Prelogin {
             self.rx.end_sasl();
         }
     }
+}
+
+impl Prelogin {
+    /// XCLIENT is offered (greeting code) or mailfront's CAPA came back: XCLIENT goes out if
+    /// offered.
+    fn after_probe(&mut self, offered: bool) {
+        match self.settings.client_info {
+            Some(client) if offered => {
+                self.sent.push_back(Sent::Xclient);
+                self.srx.expect(Expect::SingleLine);
+                self.core
+                    .to_backend
+                    .extend_from_slice(&crate::client_info::pop3_xclient_command(client));
+            }
+            _ => self
+                .core
+                .notices
+                .push(Notice::ClientInfo(ClientInfoNotice::NotOffered)),
+        }
+    }
+
+    /// mailfront's own CAPA or XCLIENT is unanswered: client commands wait, so no credential
+    /// reaches the backend before it knows the client's address.
+    fn client_info_pending(&self) -> bool {
+        self.sent
+            .iter()
+            .any(|s| matches!(s, Sent::ProbeCapa | Sent::Xclient))
+    }
+}
+
+/// Whether a CAPA response lists XCLIENT (a capability line whose first word it is).
+fn offers_xclient(capa: &[u8]) -> bool {
+    capa.split(|&b| b == b'\n').skip(1).any(|line| {
+        line.split(|&b| b == b' ' || b == b'\r')
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case(b"XCLIENT"))
+    })
 }
 
 impl Machine for Prelogin {
@@ -534,6 +603,7 @@ mod tests {
             hostname: "mx.example.test".to_owned(),
             limits: CommandLimits::default(),
             max_commands: 50,
+            client_info: None,
         }
     }
 
@@ -643,6 +713,87 @@ mod tests {
         let (client, backend) = out(&mut m);
         assert_eq!(client, [bare_lf, octet, octet].concat());
         assert_eq!(backend, "USER a\r\nUSER b\r\n");
+    }
+
+    /// An implicit-TLS session with `backend_client_info`, greeted by the backend.
+    fn with_client_info() -> Prelogin {
+        let mut settings = settings(TlsMode::Implicit);
+        settings.client_info = Some("[2001:db8::7]:40000".parse().unwrap());
+        let mut m = Prelogin::new(settings, true);
+        m.backend_connected();
+        m.backend_input(b"+OK Dovecot ready.\r\n");
+        m
+    }
+
+    #[test]
+    fn xclient_goes_first_and_client_commands_wait_for_its_answer() {
+        let mut m = with_client_info();
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+OK Dovecot ready.\r\n");
+        assert_eq!(
+            backend, "CAPA\r\n",
+            "mailfront's own CAPA before anything of the client's"
+        );
+        // The client pipelines credentials: nothing goes on until XCLIENT was answered.
+        m.client_input(b"USER alice\r\nPASS secret\r\n");
+        assert_eq!(out(&mut m), (String::new(), String::new()));
+        m.backend_input(b"+OK\r\nTOP\r\nXCLIENT\r\nUSER\r\n.\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "", "the client never sees mailfront's CAPA");
+        assert_eq!(backend, "XCLIENT ADDR=2001:db8::7 PORT=40000\r\n");
+        m.backend_input(b"+OK\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "", "nor the XCLIENT answer");
+        assert_eq!(backend, "USER alice\r\nPASS secret\r\n");
+        assert!(m.take_notices().is_empty());
+    }
+
+    #[test]
+    fn dovecots_xclient_greeting_code_is_enough_and_is_not_shown() {
+        let mut settings = settings(TlsMode::Implicit);
+        settings.client_info = Some("192.0.2.7:40000".parse().unwrap());
+        let mut m = Prelogin::new(settings, true);
+        m.backend_connected();
+        m.backend_input(b"+OK [XCLIENT] Dovecot ready.\r\n");
+        m.client_input(b"CAPA\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+OK Dovecot ready.\r\n");
+        assert_eq!(
+            backend, "XCLIENT ADDR=192.0.2.7 PORT=40000\r\n",
+            "no CAPA probe needed"
+        );
+        m.backend_input(b"+OK\r\n");
+        assert_eq!(out(&mut m), (String::new(), "CAPA\r\n".to_owned()));
+    }
+
+    #[test]
+    fn a_backend_without_xclient_or_refusing_it_is_noticed_and_the_session_goes_on() {
+        let mut m = with_client_info();
+        out(&mut m);
+        m.client_input(b"CAPA\r\n");
+        m.backend_input(BACKEND_CAPA.as_bytes());
+        let (client, backend) = out(&mut m);
+        assert_eq!((client.as_str(), backend.as_str()), ("", "CAPA\r\n"));
+        assert_eq!(
+            m.take_notices(),
+            [Notice::ClientInfo(ClientInfoNotice::NotOffered)]
+        );
+
+        let mut m = with_client_info();
+        out(&mut m);
+        m.backend_input(b"+OK\r\nXCLIENT\r\n.\r\n");
+        m.client_input(b"USER alice\r\n");
+        m.backend_input(b"-ERR You're not allowed\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "");
+        assert_eq!(
+            backend,
+            "XCLIENT ADDR=2001:db8::7 PORT=40000\r\nUSER alice\r\n"
+        );
+        assert_eq!(
+            m.take_notices(),
+            [Notice::ClientInfo(ClientInfoNotice::Refused)]
+        );
     }
 
     #[test]
@@ -908,6 +1059,7 @@ mod tests {
     fn too_many_commands_end_the_session_and_the_count_goes_on_after_stls() {
         let limited = |listener| Settings {
             max_commands: 3,
+            client_info: None,
             ..settings(listener)
         };
         let mut m = Prelogin::new(limited(TlsMode::Starttls), false);

@@ -17,6 +17,11 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
             ..CommandLimits::default()
         },
         max_commands: limits.preauth_commands,
+        client_info: session
+            .listener
+            .config
+            .backend_client_info
+            .then_some(session.client_addr),
     };
     let machine = Prelogin::new(settings, session.tls.is_some());
     let hold_limit = machine.longest_event();

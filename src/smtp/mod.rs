@@ -30,3 +30,4 @@ pub mod received;
 pub mod receiver;
 pub mod reply;
 pub mod session;
+pub mod xclient;

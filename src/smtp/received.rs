@@ -547,6 +547,7 @@ mod tests {
                 cipher: suite.suite(),
                 group: Some(group.name()),
                 sni: None,
+                signature_scheme: None,
             };
             let header = text(received_header(&ReceivedInfo {
                 cipher: TlsCipher::negotiated(tls.cipher),

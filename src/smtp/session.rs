@@ -17,6 +17,10 @@
 //!   backend connection (after every earlier reply came in) and connects afresh after the
 //!   handshake: the new connection's PROXY header then carries TLS, and RFC 3207 §4.2 resets
 //!   the session state anyway, so nothing is lost by reconnecting.
+//! - `backend_client_info`: after the first EHLO on a backend connection whose 250 offers
+//!   XCLIENT, mailfront sends its own XCLIENT with the client's address ([`xclient`]), swallows
+//!   the backend's new 220 and repeats the client's EHLO; the client sees only that reply.
+//!   After a HELO nothing is sent: only an EHLO reply can offer XCLIENT.
 //! - Client lines are framed one at a time ([`CommandReceiver`]) and judged by the gate
 //!   ([`policy::decide`]). Forwarded commands are written at once (PIPELINING, RFC 2920); each
 //!   leaves an entry in one queue of expected replies, and replies mailfront writes itself take
@@ -68,6 +72,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::backend::BackendStream;
+use crate::client_info::Notice;
 use crate::config::TlsMode;
 use crate::metrics::AuthResult;
 use crate::session::{ClientStream, EndReason, Session, upgrade_client};
@@ -81,6 +86,7 @@ use crate::smtp::policy::{self, ClientInput, GateState, Refusal, Verdict};
 use crate::smtp::received::{ReceivedId, ReceivedInfo, TlsCipher, WithProtocol, received_header};
 use crate::smtp::receiver::{CommandReceiver, DEFAULT_AUTH_LINE_LIMIT, Line, LineError, LineMode};
 use crate::smtp::reply::{Reply, ReplyReceiver};
+use crate::smtp::xclient;
 use crate::tls::TlsInfo;
 use crate::transport::Transport;
 
@@ -311,6 +317,9 @@ struct Driver<'s> {
     /// allowed (`require_tls_for_mail: false`), an accepted MAIL: a client admitted to send
     /// mail is past login. Never moved by traffic.
     login_deadline: Option<Instant>,
+    /// `backend_client_info`: XCLIENT was considered on this backend connection (it is sent at
+    /// most once per connection, after the first EHLO).
+    xclient_done: bool,
 }
 
 impl<'s> Driver<'s> {
@@ -342,6 +351,7 @@ impl<'s> Driver<'s> {
             bin_len: 0,
             cout: Vec::new(),
             login_deadline,
+            xclient_done: false,
         }
     }
 
@@ -412,6 +422,7 @@ impl<'s> Driver<'s> {
         self.bin_pos = 0;
         self.bin_len = 0;
         self.replies = ReplyReceiver::default();
+        self.xclient_done = false;
         let idle = self.session.listener.timeouts.idle;
         let reply = self.read_reply(idle).await?;
         if reply.code() == 220 {
@@ -970,6 +981,7 @@ impl<'s> Driver<'s> {
         }
         match expect {
             Expect::Ehlo { name } => {
+                let reply = self.xclient(&name, reply).await?;
                 self.caps = BackendCapabilities::from_ehlo(&reply);
                 self.gate.backend_requiretls = self.caps.requiretls;
                 self.gate.backend_chunking = self.caps.chunking;
@@ -986,6 +998,11 @@ impl<'s> Driver<'s> {
                 self.cout.extend_from_slice(&rewritten);
             }
             Expect::Replay { ehlo } => {
+                let name = self.greeting.as_ref().map(|g| g.name.clone());
+                let reply = match name {
+                    Some(name) if ehlo => self.xclient(&name, reply).await?,
+                    _ => reply,
+                };
                 self.caps = if ehlo {
                     BackendCapabilities::from_ehlo(&reply)
                 } else {
@@ -1059,6 +1076,59 @@ impl<'s> Driver<'s> {
             }
         }
         Ok(())
+    }
+
+    /// `backend_client_info`: after the first EHLO on a backend connection, if its 250 offers
+    /// XCLIENT, tells the backend who the client is ([`xclient::command`]), swallows the new
+    /// 220 and repeats the client's EHLO; the reply to that EHLO is the one the client sees.
+    /// A backend that does not offer XCLIENT, or refuses it, is logged once per listener and the
+    /// session goes on with the first EHLO's reply.
+    async fn xclient(&mut self, name: &[u8], reply: Reply) -> Result<Reply, EndReason> {
+        let listener = self.session.listener.clone();
+        if !listener.config.backend_client_info || self.xclient_done || reply.code() != 250 {
+            return Ok(reply);
+        }
+        self.xclient_done = true;
+        let facts = xclient::XclientFacts {
+            client: self.session.client_addr,
+            local: self.session.local_addr,
+            helo: name,
+            esmtp: true,
+        };
+        let Some(line) = xclient::offered(&reply).and_then(|o| xclient::command(&o, &facts)) else {
+            if listener.client_info_notices.first(Notice::NotOffered) {
+                tracing::warn!(listener = %listener.config.name, "backend_client_info: the backend's EHLO does not offer XCLIENT (Postfix: smtpd_authorized_xclient_hosts must list mailfront); going on without it");
+            }
+            return Ok(reply);
+        };
+        self.send_backend(&line).await?;
+        let idle = listener.timeouts.idle;
+        let answer = self.read_reply(idle).await?;
+        if answer.code() == 421 {
+            self.cout.extend_from_slice(answer.raw());
+            return Err(EndReason::BackendClosed);
+        }
+        if answer.code() != 220 {
+            if listener.client_info_notices.first(Notice::Refused) {
+                tracing::warn!(listener = %listener.config.name, code = answer.code(), "backend_client_info: the backend refused XCLIENT; going on without it");
+            }
+            return Ok(reply);
+        }
+        // XCLIENT restarted the backend's session (a new 220): the client's EHLO again.
+        let mut ehlo = b"EHLO".to_vec();
+        if !name.is_empty() {
+            ehlo.push(b' ');
+            ehlo.extend_from_slice(name);
+        }
+        ehlo.extend_from_slice(b"\r\n");
+        self.send_backend(&ehlo).await?;
+        let again = self.read_reply(idle).await?;
+        if again.code() == 421 {
+            self.cout.extend_from_slice(again.raw());
+            return Err(EndReason::BackendClosed);
+        }
+        tracing::debug!(listener = %listener.config.name, client = %self.session.client_addr, "client address sent to the backend by XCLIENT");
+        Ok(again)
     }
 
     fn on_auth_reply(&mut self, reply: &Reply) {

@@ -3,6 +3,7 @@
 
 pub mod hello;
 pub mod names;
+mod sigscheme;
 mod store;
 
 use std::borrow::Cow;
@@ -55,6 +56,11 @@ pub struct TlsInfo {
     pub group: Option<NamedGroup>,
     /// The SNI the client sent, lowercased by rustls.
     pub sni: Option<String>,
+    /// The scheme the server signed the handshake with (CertificateVerify in TLS 1.3,
+    /// ServerKeyExchange in TLS 1.2); `None` on resumption, where nothing is signed. rustls 0.23
+    /// does not report it, so [`Handshaker`] records what the certificate's key chose
+    /// ([`sigscheme`]).
+    pub signature_scheme: Option<rustls::SignatureScheme>,
 }
 
 impl TlsInfo {
@@ -66,7 +72,14 @@ impl TlsInfo {
             cipher: conn.negotiated_cipher_suite()?.suite(),
             group: conn.negotiated_key_exchange_group().map(|g| g.name()),
             sni: conn.server_name().map(str::to_owned),
+            signature_scheme: None,
         })
+    }
+
+    /// The IANA signature scheme name (`rsa_pss_rsae_sha256`), only when there is one.
+    pub fn iana_signature_scheme_name(&self) -> Option<&'static str> {
+        self.signature_scheme
+            .and_then(|s| names::known_signature_scheme_name(u16::from(s)))
     }
 
     /// `TLSv1.2` or `TLSv1.3`.
@@ -248,6 +261,11 @@ impl Handshaker {
         }
     }
 
+    /// `tls.handshake_timeout`.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Performs the server side of a handshake; returns the stream, what was negotiated, and
     /// how long it took.
     pub async fn accept<IO>(
@@ -265,8 +283,11 @@ impl Handshaker {
                 message: format!("no handshake within {:?}", self.timeout),
             }),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(stream)) => match TlsInfo::from_connection(stream.get_ref().1) {
-                Some(info) => Ok((stream, info, started.elapsed())),
+            Ok(Ok((stream, chosen))) => match TlsInfo::from_connection(stream.get_ref().1) {
+                Some(mut info) => {
+                    info.signature_scheme = chosen.get();
+                    Ok((stream, info, started.elapsed()))
+                }
                 None => Err(HandshakeError {
                     reason: HandshakeFailure::Other,
                     message: "handshake complete without a negotiated version and suite".to_owned(),
@@ -283,7 +304,10 @@ impl Handshaker {
     /// socket directly. [`tokio::net::TcpStream::peek`] would save that copy but cannot wait
     /// for the rest of a record split across TCP segments (a post-quantum key share makes most
     /// ClientHellos two segments) without polling.
-    async fn handshake<IO>(&self, mut io: IO) -> Result<TlsStream<IO>, HandshakeError>
+    async fn handshake<IO>(
+        &self,
+        mut io: IO,
+    ) -> Result<(TlsStream<IO>, sigscheme::Chosen), HandshakeError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
@@ -344,9 +368,11 @@ impl Handshaker {
                 }
             }
         };
+        let (config, chosen) = sigscheme::recording(&self.config);
         StartHandshake::from_parts(accepted, io)
-            .into_stream(self.config.clone())
+            .into_stream(config)
             .await
+            .map(|stream| (stream, chosen))
             .map_err(|e| self.failure(HandshakeFailure::classify(&e), sniff, e.to_string()))
     }
 

@@ -42,6 +42,30 @@ const GROUPS: &[(u16, &str)] = &[
     (0x11ED, "SecP384r1MLKEM1024"),
 ];
 
+/// IANA "TLS SignatureScheme" names (RFC 8446 §4.2.3 and later registrations): what the
+/// server signed its handshake with.
+const SIGNATURE_SCHEMES: &[(u16, &str)] = &[
+    (0x0201, "rsa_pkcs1_sha1"),
+    (0x0203, "ecdsa_sha1"),
+    (0x0401, "rsa_pkcs1_sha256"),
+    (0x0501, "rsa_pkcs1_sha384"),
+    (0x0601, "rsa_pkcs1_sha512"),
+    (0x0403, "ecdsa_secp256r1_sha256"),
+    (0x0503, "ecdsa_secp384r1_sha384"),
+    (0x0603, "ecdsa_secp521r1_sha512"),
+    (0x0804, "rsa_pss_rsae_sha256"),
+    (0x0805, "rsa_pss_rsae_sha384"),
+    (0x0806, "rsa_pss_rsae_sha512"),
+    (0x0807, "ed25519"),
+    (0x0808, "ed448"),
+    (0x0809, "rsa_pss_pss_sha256"),
+    (0x080A, "rsa_pss_pss_sha384"),
+    (0x080B, "rsa_pss_pss_sha512"),
+    (0x0904, "mldsa44"),
+    (0x0905, "mldsa65"),
+    (0x0906, "mldsa87"),
+];
+
 fn lookup(table: &[(u16, &'static str)], code: u16) -> Option<&'static str> {
     table
         .iter()
@@ -75,6 +99,12 @@ pub fn group_name(code: u16) -> Cow<'static, str> {
         Some(name) => Cow::Borrowed(name),
         None => Cow::Owned(format!("0x{code:04x}")),
     }
+}
+
+/// The IANA name of a signature scheme, if known (the PROXY v2 `PP2_SUBTYPE_SSL_SIG_SCHEME`
+/// value, e.g. `rsa_pss_rsae_sha256`).
+pub fn known_signature_scheme_name(code: u16) -> Option<&'static str> {
+    lookup(SIGNATURE_SCHEMES, code)
 }
 
 /// `TLSv1.2` / `TLSv1.3`: the OpenSSL/HAProxy spelling operators grep for.
@@ -136,6 +166,7 @@ mod tests {
                 cipher: suite.suite(),
                 group: Some(group.name()),
                 sni: None,
+                signature_scheme: None,
             };
             for name in [info.version_name(), info.cipher_name(), info.group_name()] {
                 assert!(!name.starts_with("0x"), "{info:?}: {name}");
@@ -148,12 +179,36 @@ mod tests {
     }
 
     #[test]
+    fn every_signature_scheme_the_provider_knows_has_an_iana_name() {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        for scheme in provider
+            .signature_verification_algorithms
+            .supported_schemes()
+        {
+            assert!(
+                known_signature_scheme_name(u16::from(scheme)).is_some(),
+                "{scheme:?} has no IANA name"
+            );
+        }
+        assert_eq!(
+            known_signature_scheme_name(0x0804),
+            Some("rsa_pss_rsae_sha256")
+        );
+        assert_eq!(
+            known_signature_scheme_name(0x0403),
+            Some("ecdsa_secp256r1_sha256")
+        );
+        assert_eq!(known_signature_scheme_name(0xFEFE), None);
+    }
+
+    #[test]
     fn without_a_key_exchange_the_group_is_none() {
         let info = crate::tls::TlsInfo {
             version: rustls::ProtocolVersion::TLSv1_2,
             cipher: rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
             group: None,
             sni: None,
+            signature_scheme: None,
         };
         assert_eq!(info.group_name(), "none");
         assert_eq!(info.iana_group_name(), None);

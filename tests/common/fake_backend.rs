@@ -167,6 +167,8 @@ pub struct FakeOptions {
     /// Read a PROXY protocol v2 header first (into `FakeBackend::proxy_headers`) and drop the
     /// connection if there is none, as Postfix/Dovecot configured for HAProxy do.
     pub expect_proxy_v2: bool,
+    /// SMTP: answer XCLIENT with 550 (Postfix without `smtpd_authorized_xclient_hosts`).
+    pub refuse_xclient: bool,
 }
 
 impl Default for FakeOptions {
@@ -213,6 +215,7 @@ impl Default for FakeOptions {
             silent_auth: false,
             pop3_greeting: "+OK fake POP3 ready\r\n".into(),
             expect_proxy_v2: false,
+            refuse_xclient: false,
         }
     }
 }

@@ -82,17 +82,27 @@ class SourcedSMTP_SSL(smtplib.SMTP_SSL):
         return self.context.wrap_socket(sock, server_hostname=self._sni or host)
 
 
-class SourcedIMAP4_SSL(imaplib.IMAP4_SSL):
-    """IMAP4_SSL that connects from `source` (a local address) and sends `sni`."""
+class _Sourced:
+    """Connects from `source` (a local address) and sends `sni`: the IMAP and POP3 clients."""
 
     def __init__(self, *a, source=None, sni=None, **kw):
         self._source, self._sni = source, sni
         super().__init__(*a, **kw)
 
-    def _create_socket(self, timeout):
+    def _sourced_socket(self, timeout, context):
         src = (self._source, 0) if self._source else None
         sock = socket.create_connection((self.host, self.port), timeout, src)
-        return self.ssl_context.wrap_socket(sock, server_hostname=self._sni or self.host)
+        return context.wrap_socket(sock, server_hostname=self._sni or self.host)
+
+
+class SourcedIMAP4_SSL(_Sourced, imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout):
+        return self._sourced_socket(timeout, self.ssl_context)
+
+
+class SourcedPOP3_SSL(_Sourced, poplib.POP3_SSL):
+    def _create_socket(self, timeout):
+        return self._sourced_socket(timeout, self.context)
 
 
 def cipher_of(sock):
@@ -423,7 +433,8 @@ def cmd_pop3_fetch(args):
     ctx = client_context(args)
     try:
         if args.mode == "implicit":
-            p = poplib.POP3_SSL(args.host, args.port, context=ctx, timeout=20)
+            p = SourcedPOP3_SSL(args.host, args.port, context=ctx, timeout=20,
+                                source=args.source, sni=args.sni)
         else:
             p = poplib.POP3(args.host, args.port, timeout=20)
             if args.mode == "starttls":
@@ -524,11 +535,74 @@ def cmd_received_from(args):
     client: with PROXY protocol, Postfix records the client, not mailfront. Prints the field."""
     data = find_message(args.maildir, args.subject, args.timeout)
     received = [v for (n, v, _) in header_fields(data) if n.lower() == "received"]
-    if not received:
-        raise Fail("no Received field")
-    if f"[{args.addr}]" not in received[0]:
-        raise Fail(f"first Received does not name [{args.addr}]: {received[0]!r}")
-    print(received[0])
+    if len(received) <= args.index:
+        raise Fail(f"no Received field #{args.index}")
+    field = received[args.index]
+    if f"[{args.addr}]" not in field:
+        raise Fail(f"Received #{args.index} does not name [{args.addr}]: {field!r}")
+    print(field)
+
+
+def cmd_mf_session_id(args):
+    """The x-session-id mailfront sent (debug log) for the latest session of `--listener` from
+    `--client`: Dovecot takes it as its own session id, so its login line names it."""
+    deadline = time.monotonic() + args.timeout
+    pattern = re.compile(r"session_id=([A-Za-z0-9]+)")
+    while True:
+        found = None
+        with open(args.log, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if ("x-session-id for the backend" in line and f"listener={args.listener} " in line
+                        and f"client={args.client}:" in line):
+                    m = pattern.search(line)
+                    if m:
+                        found = m.group(1)
+        if found:
+            print(found)
+            return
+        if time.monotonic() > deadline:
+            raise Fail(f"no x-session-id line for {args.listener} from {args.client} in {args.log}")
+        time.sleep(0.2)
+
+
+def proxy_v2(src, dst):
+    """A PROXY protocol v2 header (TCP over IPv4) claiming `src` (host, port)."""
+    body = socket.inet_aton(src[0]) + socket.inet_aton(dst[0]) + src[1].to_bytes(2, "big") \
+        + dst[1].to_bytes(2, "big")
+    return b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + len(body).to_bytes(2, "big") + body
+
+
+def cmd_forged_proxy_header(args):
+    """A client sends its own PROXY header to a listener without proxy_protocol_from: on a
+    STARTTLS SMTP listener it is a command line, refused with 5xx; on an implicit-TLS listener it
+    is no ClientHello, and the handshake fails. Either way it gains nothing."""
+    forged = (args.forged, 4444)
+    if args.mode == "starttls-smtp":
+        with socket.create_connection((args.host, args.port), 10) as sock:
+            f = sock.makefile("rb")
+            if not f.readline().startswith(b"220"):
+                raise Fail("no 220 greeting")
+            line = f"PROXY TCP4 {args.forged} 127.0.0.1 4444 {args.port}\r\n".encode()
+            sock.sendall(line)
+            reply = f.readline()
+            if not reply.startswith(b"5"):
+                raise Fail(f"the PROXY line got {reply!r}, not a 5xx refusal")
+            sock.sendall(b"QUIT\r\n")
+            print(reply.decode(errors="replace").strip())
+        return
+    ctx = client_context(args)
+    sock = socket.create_connection((args.host, args.port), 10)
+    try:
+        sock.sendall(proxy_v2(forged, ("127.0.0.1", args.port)))
+        try:
+            tls = ctx.wrap_socket(sock, server_hostname=args.sni or args.host)
+        except (ssl.SSLError, OSError) as e:
+            print(f"handshake failed as it should: {type(e).__name__}")
+            return
+        tls.close()
+        raise Fail("TLS came up after a forged PROXY header")
+    finally:
+        sock.close()
 
 
 def cmd_testssl_summary(args):
@@ -696,8 +770,23 @@ def main():
     p.add_argument("--maildir", required=True)
     p.add_argument("--subject", required=True)
     p.add_argument("--addr", required=True)
+    p.add_argument("--index", type=int, default=0,
+                   help="which Received field, from the top (0: the backend's, 1: mailfront's)")
     p.add_argument("--timeout", type=float, default=20)
     p.set_defaults(func=cmd_received_from)
+
+    p = sub.add_parser("mf-session-id")
+    p.add_argument("--log", required=True)
+    p.add_argument("--listener", required=True)
+    p.add_argument("--client", required=True)
+    p.add_argument("--timeout", type=float, default=10)
+    p.set_defaults(func=cmd_mf_session_id)
+
+    p = sub.add_parser("forged-proxy-header")
+    conn(p, user=False)
+    p.add_argument("--mode", choices=["starttls-smtp", "implicit"], required=True)
+    p.add_argument("--forged", default="10.6.6.6")
+    p.set_defaults(func=cmd_forged_proxy_header)
 
     p = sub.add_parser("testssl-summary")
     p.add_argument("json")

@@ -59,7 +59,7 @@ run_case() {
 
 # libnet-ssleay-perl: swaks's TLS support (only a Recommends of swaks, so not pulled in here).
 PKGS=(dovecot-imapd dovecot-pop3d postfix swaks libnet-ssleay-perl curl openssl msmtp fetchmail
-      testssl.sh python3 ca-certificates prometheus)
+      testssl.sh python3 ca-certificates prometheus haproxy)
 install_packages() {
     local missing=() p
     for p in "${PKGS[@]}"; do
@@ -88,7 +88,7 @@ install_packages() {
     [ $rc = 0 ] || die "apt-get failed ($rc)"
 }
 install_packages
-for tool in dovecot doveadm postfix postconf swaks curl openssl msmtp fetchmail python3; do
+for tool in dovecot doveadm postfix postconf swaks curl openssl msmtp fetchmail python3 haproxy; do
     command -v "$tool" >/dev/null || die "$tool not found after install"
 done
 TESTSSL_BIN=$(command -v testssl || command -v testssl.sh || true)
@@ -165,11 +165,17 @@ CA="$T/tls/ca.crt"
 read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
         P_SMTPS P_SUBMISSION P_IMAPS P_POP3S P_IMAP P_POP3 P_METRICS \
         P_DOVECOT_IMAP_PP P_POSTFIX_PP P_IMAPS_PP P_SMTPS_PP \
-        < <(python3 "$MFI" freeports 14)
+        P_HAPROXY_SMTPS P_HAPROXY_IMAPS P_SMTPS_LB P_IMAPS_LB \
+        P_POSTFIX_XC P_SMTPS_XC P_IMAPS_XC P_POP3S_XC \
+        < <(python3 "$MFI" freeports 22)
 # *_PP: backend ports that require a PROXY protocol v2 header, and the mailfront listeners with
 # backend_proxy_protocol: true in front of them. The client cases connect from 127.0.0.2 so the
 # backends' records can tell the client's address from mailfront's (127.0.0.1).
 PP_CLIENT=127.0.0.2
+# *_LB: mailfront listeners with proxy_protocol_from, behind a real HAProxy (P_HAPROXY_*, TCP
+# mode, send-proxy-v2) that connects from 127.0.0.1. *_XC: mailfront listeners with
+# backend_client_info: Postfix P_POSTFIX_XC trusts XCLIENT from 127.0.0.0/8
+# (smtpd_authorized_xclient_hosts), Dovecot trusts ID and XCLIENT through login_trusted_networks.
 
 # ---------------------------------------------------------------------------------------------
 # 3. Dovecot
@@ -366,6 +372,8 @@ EOF
 127.0.0.1:$P_POSTFIX inet n   -       n       -       -       smtpd
 127.0.0.1:$P_POSTFIX_PP inet n -      n       -       -       smtpd
   -o smtpd_upstream_proxy_protocol=haproxy
+127.0.0.1:$P_POSTFIX_XC inet n -      n       -       -       smtpd
+  -o smtpd_authorized_xclient_hosts=127.0.0.0/8
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -397,7 +405,7 @@ start_postfix() {
     # `postfix start` runs post-install to create the queue directories with the right owners.
     postfix -c "$POSTFIX_CONF" start >"$T/postfix.start.out" 2>&1 || {
         cat "$T/postfix.start.out" >&2; return 1; }
-    python3 "$MFI" waitport --timeout 20 "$P_POSTFIX" "$P_POSTFIX_PP"
+    python3 "$MFI" waitport --timeout 20 "$P_POSTFIX" "$P_POSTFIX_PP" "$P_POSTFIX_XC"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -478,6 +486,39 @@ listeners:
     tls: implicit
     backend: "127.0.0.1:$P_POSTFIX_PP"
     backend_proxy_protocol: true
+  # Behind HAProxy (send-proxy-v2 from 127.0.0.1): the header's source is the client.
+  - name: submissions-lb
+    protocol: smtp
+    listen: "127.0.0.1:$P_SMTPS_LB"
+    tls: implicit
+    backend: "127.0.0.1:$P_POSTFIX"
+    proxy_protocol_from: ["127.0.0.1"]
+  - name: imaps-lb
+    protocol: imap
+    listen: "127.0.0.1:$P_IMAPS_LB"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_IMAP"
+    proxy_protocol_from: ["127.0.0.1"]
+    backend_client_info: true
+  # The client's address told in the backend's own protocol (XCLIENT, ID).
+  - name: submissions-xc
+    protocol: smtp
+    listen: "127.0.0.1:$P_SMTPS_XC"
+    tls: implicit
+    backend: "127.0.0.1:$P_POSTFIX_XC"
+    backend_client_info: true
+  - name: imaps-xc
+    protocol: imap
+    listen: "127.0.0.1:$P_IMAPS_XC"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_IMAP"
+    backend_client_info: true
+  - name: pop3s-xc
+    protocol: pop3
+    listen: "127.0.0.1:$P_POP3S_XC"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_POP3"
+    backend_client_info: true
 
 metrics:
   listen: "127.0.0.1:$P_METRICS"
@@ -502,11 +543,41 @@ start_mailfront() {
     MF_PID=$!
     if ! python3 "$MFI" waitport --timeout 30 \
             "$P_SMTPS" "$P_SUBMISSION" "$P_IMAPS" "$P_IMAP" "$P_POP3S" "$P_POP3" \
-            "$P_IMAPS_PP" "$P_SMTPS_PP" 2>"$T/mf.wait.err"; then
+            "$P_IMAPS_PP" "$P_SMTPS_PP" "$P_SMTPS_LB" "$P_IMAPS_LB" "$P_SMTPS_XC" "$P_IMAPS_XC" \
+            "$P_POP3S_XC" 2>"$T/mf.wait.err"; then
         echo "$(cat "$T/mf.wait.err"); mailfront log tail: $(tail -n 5 "$MF_LOG" | tr '\n' ' ')" >&2
         return 1
     fi
     kill -0 "$MF_PID" 2>/dev/null || { echo "mailfront exited: $(tail -n 5 "$MF_LOG")" >&2; return 1; }
+}
+
+# HAProxy from Debian in TCP mode in front of the *_LB listeners, as a load balancer would be.
+HAPROXY_CONF="$T/haproxy.cfg"
+start_haproxy() {
+    cat >"$HAPROXY_CONF" <<EOF
+global
+  maxconn 200
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend smtps
+  bind 127.0.0.1:$P_HAPROXY_SMTPS
+  default_backend mailfront_smtps
+frontend imaps
+  bind 127.0.0.1:$P_HAPROXY_IMAPS
+  default_backend mailfront_imaps
+backend mailfront_smtps
+  server mf 127.0.0.1:$P_SMTPS_LB send-proxy-v2
+backend mailfront_imaps
+  server mf 127.0.0.1:$P_IMAPS_LB send-proxy-v2
+EOF
+    haproxy -c -f "$HAPROXY_CONF" >"$T/haproxy.check" 2>&1 || { cat "$T/haproxy.check" >&2; return 1; }
+    haproxy -db -f "$HAPROXY_CONF" >"$T/haproxy.log" 2>&1 &
+    HAPROXY_PID=$!
+    PIDS_TO_KILL+=("$HAPROXY_PID")
+    python3 "$MFI" waitport --timeout 20 "$P_HAPROXY_SMTPS" "$P_HAPROXY_IMAPS"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -765,14 +836,102 @@ case_smtp_proxy_protocol() {
     # smtplib SMTP_SSL from $PP_CLIENT: Postfix (smtpd_upstream_proxy_protocol = haproxy) must
     # record $PP_CLIENT as the client, in its log and in the Received field it adds.
     local s; s=$(subject pp465)
-    local cipher
-    cipher=$(python3 "$MFI" smtp-submit --mode implicit --port "$P_SMTPS_PP" --cafile "$CA" \
-        --user "$USER_NAME" --password "$USER_PASS" --sender "$USER_NAME" --rcpt "$USER_NAME" \
-        --subject "$s" --source "$PP_CLIENT" --sni "$HOSTNAME_MF") || return 1
-    check_received "$s" "$cipher" || return 1
+    submit_from_client "$P_SMTPS_PP" "$s" || return 1
     python3 "$MFI" received-from --maildir "$MAILDIR" --subject "$s" --addr "$PP_CLIENT" || return 1
     python3 "$MFI" log-line --log "$POSTFIX_LOG" --contains "connect from" \
         --contains "[$PP_CLIENT]"
+}
+
+# --- the real client: PROXY from a load balancer, XCLIENT and ID to the backend ---------------
+
+# submit_from_client PORT SUBJECT: smtplib SMTP_SSL from $PP_CLIENT with SNI, and mailfront's
+# Received field checked as for every submission.
+submit_from_client() {
+    local cipher
+    cipher=$(python3 "$MFI" smtp-submit --mode implicit --port "$1" --cafile "$CA" \
+        --user "$USER_NAME" --password "$USER_PASS" --sender "$USER_NAME" --rcpt "$USER_NAME" \
+        --subject "$2" --source "$PP_CLIENT" --sni "$HOSTNAME_MF") || return 1
+    check_received "$2" "$cipher"
+}
+
+case_haproxy_smtp() {
+    # smtplib from $PP_CLIENT through HAProxy (send-proxy-v2): mailfront's Received field (the
+    # second, under Postfix's) names the client, not HAProxy's 127.0.0.1.
+    local s; s=$(subject lb465)
+    submit_from_client "$P_HAPROXY_SMTPS" "$s" || return 1
+    python3 "$MFI" received-from --maildir "$MAILDIR" --subject "$s" --addr "$PP_CLIENT" --index 1
+}
+
+# A login through mailfront's listener $1 from $PP_CLIENT: Dovecot took mailfront's x-session-id
+# as its session id, so the login line that names it is this session's, and it must say
+# rip=$PP_CLIENT.
+dovecot_login_from_client() {
+    local listener=$1 service=$2 sid
+    sid=$(python3 "$MFI" mf-session-id --log "$MF_LOG" --listener "$listener" --client "$PP_CLIENT") ||
+        return 1
+    python3 "$MFI" log-line --log "$DOVECOT_LOG" --contains "$service-login:" \
+        --contains "Login: user=<$USER_NAME>" --contains "rip=$PP_CLIENT," --contains "session=<$sid>"
+}
+
+case_haproxy_imap() {
+    # imaplib from $PP_CLIENT through HAProxy into imaps-lb (backend_client_info): Dovecot logs
+    # the login with rip=$PP_CLIENT, the address HAProxy's header carried.
+    python3 "$MFI" imap-fetch --mode implicit --port "$P_HAPROXY_IMAPS" --cafile "$CA" \
+        --user "$USER_NAME" --password "$USER_PASS" --id-name "lb993-$$" --min-messages 1 \
+        --source "$PP_CLIENT" --sni "$HOSTNAME_MF" >/dev/null || return 1
+    dovecot_login_from_client imaps-lb imap
+}
+
+case_postfix_xclient() {
+    # Postfix with smtpd_authorized_xclient_hosts: after mailfront's XCLIENT, Postfix's own
+    # Received field (the first) names the client, and its log the client's address.
+    local s; s=$(subject xc465)
+    submit_from_client "$P_SMTPS_XC" "$s" || return 1
+    python3 "$MFI" received-from --maildir "$MAILDIR" --subject "$s" --addr "$PP_CLIENT" --index 0 ||
+        return 1
+    python3 "$MFI" log-line --log "$POSTFIX_LOG" --contains "client=unknown[$PP_CLIENT]"
+}
+
+case_dovecot_id() {
+    # Dovecot with login_trusted_networks: the x-originating-ip in mailfront's ID is the rip.
+    local idname="xc993-$$"
+    python3 "$MFI" imap-fetch --mode implicit --port "$P_IMAPS_XC" --cafile "$CA" \
+        --user "$USER_NAME" --password "$USER_PASS" --id-name "$idname" --min-messages 1 \
+        --source "$PP_CLIENT" --sni "$HOSTNAME_MF" >/dev/null || return 1
+    python3 "$MFI" log-line --log "$DOVECOT_LOG" --contains "name=$idname" \
+        --contains "x-originating-ip=$PP_CLIENT" || return 1
+    dovecot_login_from_client imaps-xc imap
+}
+
+case_dovecot_pop3_xclient() {
+    # Dovecot's pop3-login offers XCLIENT to login_trusted_networks (its greeting's [XCLIENT]
+    # code); mailfront's XCLIENT ADDR PORT before the login makes it the rip.
+    python3 "$MFI" pop3-fetch --mode implicit --port "$P_POP3S_XC" --cafile "$CA" \
+        --user "$USER_NAME" --password "$USER_PASS" --min-messages 1 \
+        --source "$PP_CLIENT" --sni "$HOSTNAME_MF" >/dev/null || return 1
+    python3 "$MFI" log-line --log "$DOVECOT_LOG" --contains "pop3-login:" \
+        --contains "Login: user=<$USER_NAME>" --contains "rip=$PP_CLIENT,"
+}
+
+case_forged_proxy_header() {
+    # A client's own PROXY header, on listeners without proxy_protocol_from, gains nothing: a
+    # refused command line on 587, a failed handshake on 465/993 (whose backends read PROXY v2
+    # from mailfront), and the forged address appears in no log.
+    local forged=10.6.6.6
+    python3 "$MFI" forged-proxy-header --mode starttls-smtp --port "$P_SUBMISSION" \
+        --forged "$forged" >/dev/null || return 1
+    python3 "$MFI" forged-proxy-header --mode implicit --port "$P_SMTPS_PP" --cafile "$CA" \
+        --sni "$HOSTNAME_MF" --forged "$forged" >/dev/null || return 1
+    python3 "$MFI" forged-proxy-header --mode implicit --port "$P_IMAPS_PP" --cafile "$CA" \
+        --sni "$HOSTNAME_MF" --forged "$forged" >/dev/null || return 1
+    sleep 1
+    local f
+    for f in "$DOVECOT_LOG" "$POSTFIX_LOG" "$MF_LOG"; do
+        if grep -qF -- "$forged" "$f"; then
+            echo "the forged address $forged shows up in $(basename "$f")" >&2
+            return 1
+        fi
+    done
 }
 
 case_pop3_cleartext_refused() {
@@ -1060,6 +1219,16 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         run_case pop3-fetchmail-110-stls case_fetchmail pop3 "$P_POP3" starttls
         run_case imap-proxy-protocol-993-dovecot-sees-client case_imap_proxy_protocol
         run_case smtp-proxy-protocol-465-postfix-sees-client case_smtp_proxy_protocol
+        run_case client-own-proxy-header-gains-nothing case_forged_proxy_header
+        run_case smtp-xclient-465-postfix-sees-client case_postfix_xclient
+        run_case imap-id-993-dovecot-sees-client case_dovecot_id
+        run_case pop3-xclient-995-dovecot-sees-client case_dovecot_pop3_xclient
+        if start_haproxy 2>"$T/haproxy.start.err"; then
+            run_case smtp-haproxy-send-proxy-v2-received-names-client case_haproxy_smtp
+            run_case imap-haproxy-send-proxy-v2-dovecot-sees-client case_haproxy_imap
+        else
+            fail haproxy-starts "$(tail -n 1 "$T/haproxy.start.err")"
+        fi
         run_case imap-143-cleartext-login-refused case_imap_cleartext_refused
         run_case pop3-110-cleartext-auth-refused case_pop3_cleartext_refused
         run_case cleartext-credentials-never-reach-backend-logs case_cleartext_not_in_logs

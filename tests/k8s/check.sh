@@ -251,7 +251,8 @@ example |= {"tls.certificates[].cert", "tls.certificates[].key", "listeners[].ma
             "listeners[].routes[].backend", "listeners[].backend_tls",
             "listeners[].backend_tls.mode", "listeners[].backend_tls.ca",
             "listeners[].backend_tls.server_name", "listeners[].backend_health",
-            "listeners[].backend_health.interval"}
+            "listeners[].backend_health.interval",
+            "listeners[].proxy_protocol_from", "listeners[].backend_client_info"}
 rendered = paths(yaml.safe_load(yaml.safe_load(open(sys.argv[2]))["data"]["config.yaml"]))
 missing = sorted(example - rendered)
 extra = sorted(rendered - example)

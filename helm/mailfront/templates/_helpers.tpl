@@ -123,6 +123,8 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- if hasKey . "routes" }}{{ $_ := set $l "routes" .routes }}{{ end }}
 {{- if hasKey . "backend_tls" }}{{ $_ := set $l "backend_tls" .backend_tls }}{{ end }}
 {{- if hasKey . "backend_health" }}{{ $_ := set $l "backend_health" .backend_health }}{{ end }}
+{{- if hasKey . "proxy_protocol_from" }}{{ $_ := set $l "proxy_protocol_from" .proxy_protocol_from }}{{ else if $.Values.proxyProtocolFrom }}{{ $_ := set $l "proxy_protocol_from" $.Values.proxyProtocolFrom }}{{ end }}
+{{- if hasKey . "backend_client_info" }}{{ $_ := set $l "backend_client_info" .backend_client_info }}{{ end }}
 {{- $listeners = append $listeners $l }}
 {{- end }}
 {{- $_ := set $cfg "listeners" $listeners }}

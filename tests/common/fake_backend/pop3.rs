@@ -38,6 +38,8 @@ pub(super) async fn fake_pop3(
         };
         let out = if let Some(early) = gated {
             early
+        } else if upper.starts_with("XCLIENT ") {
+            "+OK\r\n".to_owned()
         } else if upper == "CAPA" {
             let mut r = String::from("+OK Capability list follows\r\n");
             for c in &options.pop3_capa {

@@ -63,6 +63,11 @@ pub(super) async fn fake_smtp(
             r
         } else if upper.starts_with("HELO") {
             "250 backend.test\r\n".into()
+        } else if upper.starts_with("XCLIENT ") && options.refuse_xclient {
+            "550 5.7.0 Error: insufficient authorization\r\n".into()
+        } else if upper.starts_with("XCLIENT ") {
+            // Postfix: the session restarts, with a new greeting.
+            "220 backend.test ESMTP\r\n".into()
         } else if upper.starts_with("AUTH PLAIN ") {
             auth_plain_reply(&text["AUTH PLAIN ".len()..], &options.password)
         } else if upper == "AUTH PLAIN" {
