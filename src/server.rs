@@ -19,7 +19,9 @@ use crate::connection::{refuse_per_ip, serve_connection};
 use crate::limits::{AuthThrottle, PerIpLimiter};
 use crate::metrics::{Metrics, Readiness};
 use crate::session::{ListenerContext, Session};
-use crate::tls::{self, CertStore, Handshaker, ReloadOutcome, TlsError};
+use crate::tls::{
+    self, CertStore, Handshaker, ReloadOutcome, TicketKeyError, TicketKeys, TlsError,
+};
 
 /// Sockets bound before the proxy starts.
 pub struct Bound {
@@ -57,6 +59,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    TicketKeys(#[from] TicketKeyError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -111,6 +115,7 @@ pub struct Control {
 pub struct Server {
     config: RuntimeConfig,
     store: Arc<CertStore>,
+    ticket_keys: Option<Arc<TicketKeys>>,
     metrics: Metrics,
     readiness: Arc<Readiness>,
 }
@@ -119,10 +124,15 @@ impl Server {
     /// Loads certificates and registers metrics on `registry`.
     pub fn new(config: RuntimeConfig, registry: &Registry) -> Result<Server, StartError> {
         let store = Arc::new(CertStore::load(&config.tls.certificates, &config.hostname)?);
+        let ticket_keys = match &config.tls.ticket_key_file {
+            Some(path) => Some(Arc::new(TicketKeys::load(path)?)),
+            None => None,
+        };
         let metrics = Metrics::register(registry)?;
         Ok(Server {
             config,
             store,
+            ticket_keys,
             metrics,
             readiness: Arc::new(Readiness::default()),
         })
@@ -141,6 +151,7 @@ impl Server {
         let Server {
             config,
             store,
+            ticket_keys,
             metrics,
             readiness,
         } = self;
@@ -151,7 +162,7 @@ impl Server {
             );
         }
         metrics.set_certificates(&store.loaded());
-        let tls_config = tls::server_config(&config.tls, store.clone())?;
+        let tls_config = tls::server_config(&config.tls, store.clone(), ticket_keys.clone())?;
         let handshaker = Handshaker::new(
             tls_config,
             config.tls.handshake_timeout,
@@ -184,6 +195,7 @@ impl Server {
 
         tracker.spawn(reload_certificates(
             store.clone(),
+            ticket_keys,
             metrics.clone(),
             config.tls.reload_interval,
             control.reload.clone(),
@@ -324,6 +336,7 @@ async fn accept_loop(
 
 async fn reload_certificates(
     store: Arc<CertStore>,
+    ticket_keys: Option<Arc<TicketKeys>>,
     metrics: Metrics,
     interval: Duration,
     reload: Arc<Notify>,
@@ -354,5 +367,26 @@ async fn reload_certificates(
             }
             Err(e) => tracing::error!(error = %e, "certificate reload task failed"),
         }
+        if let Some(keys) = &ticket_keys {
+            reload_ticket_keys(keys, &metrics, forced).await;
+        }
+    }
+}
+
+/// Re-reads the ticket key file on the certificates' schedule; a bad file keeps the keys in
+/// service, logged and counted.
+async fn reload_ticket_keys(keys: &Arc<TicketKeys>, metrics: &Metrics, forced: bool) {
+    let worker = keys.clone();
+    match tokio::task::spawn_blocking(move || worker.reload(forced)).await {
+        Ok(Ok(ReloadOutcome::Reloaded)) => {
+            metrics.ticket_key_reload(true);
+            tracing::info!(keys = keys.len(), "session ticket keys loaded");
+        }
+        Ok(Ok(ReloadOutcome::Unchanged)) => {}
+        Ok(Err(e)) => {
+            metrics.ticket_key_reload(false);
+            tracing::error!(error = %e, "ticket key reload failed: keeping the keys in service");
+        }
+        Err(e) => tracing::error!(error = %e, "ticket key reload task failed"),
     }
 }
