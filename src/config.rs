@@ -873,18 +873,17 @@ mod tests {
 
     #[test]
     fn session_tickets_are_bounded_and_a_key_file_needs_them() {
-        let keys: Vec<String> = problems(&format!("{MINIMAL}tls:\n  session_tickets: 9\n"))
-            .into_iter()
-            .map(|p| p.key)
-            .collect();
-        assert_eq!(keys, ["tls.session_tickets"]);
-        let keys: Vec<String> = problems(&format!(
-            "{MINIMAL}tls:\n  session_tickets: 0\n  ticket_key_file: keys\n"
-        ))
-        .into_iter()
-        .map(|p| p.key)
-        .collect();
-        assert_eq!(keys, ["tls.ticket_key_file"]);
+        let keys = |tls: &str| -> Vec<String> {
+            problems(&format!("{MINIMAL}tls:\n{tls}"))
+                .into_iter()
+                .map(|p| p.key)
+                .collect()
+        };
+        assert_eq!(keys("  session_tickets: 9\n"), ["tls.session_tickets"]);
+        assert_eq!(
+            keys("  session_tickets: 0\n  ticket_key_file: keys\n"),
+            ["tls.ticket_key_file"]
+        );
         let config = Config::from_yaml(&format!("{MINIMAL}tls:\n  ticket_key_file: t/keys\n"))
             .unwrap()
             .validate(Path::new("/etc/mailfront"))
