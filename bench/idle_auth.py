@@ -96,6 +96,9 @@ log:
         async def one(i):
             async with sem:
                 await client(port, ctx, f"127.0.1.{i % 100 + 1}", held)
+            if len(held) % 1000 == 0:
+                now = rss_kib(proxy.pid)
+                print(f"  {len(held)} held: {(now - base) / len(held):.1f} KiB per session so far", flush=True)
         t0 = time.monotonic()
         await asyncio.gather(*(one(i) for i in range(args.sessions)))
         await asyncio.sleep(2)

@@ -350,7 +350,13 @@ mod tests {
         let (mut client, mut client_peer) = tokio::io::duplex(64);
         let (mut backend, mut backend_peer) = tokio::io::duplex(64);
         let relay = tokio::spawn(async move {
-            relay(&mut client, &mut backend, &counters, Duration::from_secs(60)).await
+            relay(
+                &mut client,
+                &mut backend,
+                &counters,
+                Duration::from_secs(60),
+            )
+            .await
         });
         let up: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = up.iter().rev().copied().collect();
