@@ -183,6 +183,10 @@ pub struct TlsSection {
     pub handshake_timeout: ConfigDuration,
     #[serde(default = "default_reload_interval")]
     pub reload_interval: ConfigDuration,
+    #[serde(default = "default_session_tickets")]
+    pub session_tickets: usize,
+    #[serde(default)]
+    pub ticket_key_file: Option<PathBuf>,
 }
 
 impl Default for TlsSection {
@@ -192,6 +196,8 @@ impl Default for TlsSection {
             min_version: default_min_version(),
             handshake_timeout: default_handshake_timeout(),
             reload_interval: default_reload_interval(),
+            session_tickets: default_session_tickets(),
+            ticket_key_file: None,
         }
     }
 }
@@ -327,6 +333,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often certificate files are checked: a renewed certificate (cert-manager, certbot) is
 /// in service within seconds, and reading two small files every 5 s costs nothing.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// Most TLS 1.3 tickets per handshake: each is about 200 octets of the server's flight, and a
+/// mail client opens a handful of parallel connections at most.
+pub const MAX_SESSION_TICKETS: usize = 8;
 /// Connecting to the backend, which sits on the same host or network: 10 s is far beyond a
 /// healthy connect and still short enough that the client gets a clear refusal, not a hang.
 pub const DEFAULT_BACKEND_CONNECT: Duration = Duration::from_secs(10);
@@ -401,6 +410,11 @@ fn default_handshake_timeout() -> ConfigDuration {
 }
 fn default_reload_interval() -> ConfigDuration {
     ConfigDuration(DEFAULT_RELOAD_INTERVAL)
+}
+/// rustls' default: two tickets, so a client opening two connections at once resumes both
+/// (TLS 1.3 tickets are single-use, RFC 8446 §C.4).
+fn default_session_tickets() -> usize {
+    2
 }
 fn default_log_level() -> String {
     "info".to_owned()
@@ -529,6 +543,10 @@ pub struct TlsConfig {
     pub min_version: MinTlsVersion,
     pub handshake_timeout: Duration,
     pub reload_interval: Duration,
+    /// TLS 1.3 tickets sent after each full handshake; 0: no tickets (nor TLS 1.2 ones).
+    pub session_tickets: usize,
+    /// Keys that seal tickets, shared by replicas; `None`: a key of this process only.
+    pub ticket_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -604,6 +622,18 @@ impl Config {
         }
         if self.tls.reload_interval.0.is_zero() {
             problem("tls.reload_interval".into(), "must be more than 0".into());
+        }
+        if self.tls.session_tickets > MAX_SESSION_TICKETS {
+            problem(
+                "tls.session_tickets".into(),
+                format!("at most {MAX_SESSION_TICKETS} (0 turns tickets off)"),
+            );
+        }
+        if self.tls.ticket_key_file.is_some() && self.tls.session_tickets == 0 {
+            problem(
+                "tls.ticket_key_file".into(),
+                "set, but tls.session_tickets is 0: no ticket would use it".into(),
+            );
         }
 
         if self.listeners.is_empty() {
@@ -785,6 +815,8 @@ impl Config {
                 min_version: self.tls.min_version,
                 handshake_timeout: self.tls.handshake_timeout.0,
                 reload_interval: self.tls.reload_interval.0,
+                session_tickets: self.tls.session_tickets,
+                ticket_key_file: self.tls.ticket_key_file.as_ref().map(|p| base_dir.join(p)),
             },
             listeners,
             metrics_listen,
@@ -875,6 +907,30 @@ mod tests {
         assert_eq!(config.metrics_listen, None);
         // Dovecot's login_timeout.
         assert_eq!(config.timeouts.login, Duration::from_secs(180));
+    }
+
+    #[test]
+    fn session_tickets_are_bounded_and_a_key_file_needs_them() {
+        let keys = |tls: &str| -> Vec<String> {
+            problems(&format!("{MINIMAL}tls:\n{tls}"))
+                .into_iter()
+                .map(|p| p.key)
+                .collect()
+        };
+        assert_eq!(keys("  session_tickets: 9\n"), ["tls.session_tickets"]);
+        assert_eq!(
+            keys("  session_tickets: 0\n  ticket_key_file: keys\n"),
+            ["tls.ticket_key_file"]
+        );
+        let config = Config::from_yaml(&format!("{MINIMAL}tls:\n  ticket_key_file: t/keys\n"))
+            .unwrap()
+            .validate(Path::new("/etc/mailfront"))
+            .unwrap();
+        assert_eq!(config.tls.session_tickets, 2);
+        assert_eq!(
+            config.tls.ticket_key_file.as_deref(),
+            Some(Path::new("/etc/mailfront/t/keys"))
+        );
     }
 
     #[test]

@@ -113,9 +113,10 @@ pub async fn serve_stream<S: Transport>(io: S, mut session: Session) {
         // The handshake counts towards `timeouts.login` too (it only matters when that is set
         // below `tls.handshake_timeout`).
         TlsMode::Implicit => {
-            match tokio::time::timeout_at(session.login_deadline(), listener.handshaker.accept(io))
-                .await
-            {
+            // Boxed: the handshake's state is large and lives only while it runs; unboxed it
+            // would be part of the session's future, and so of every idle session's memory.
+            let handshake = Box::pin(listener.handshaker.accept(io));
+            match tokio::time::timeout_at(session.login_deadline(), handshake).await {
                 Err(_) => {
                     session.log_close(&EndReason::LoginTimeout);
                     return;
@@ -142,9 +143,11 @@ async fn protocol_session<S: Transport>(
     client: ClientStream<S>,
     session: &mut Session,
 ) -> EndReason {
+    // Each driver boxed: a future is as large as its largest variant, so unboxed an idle IMAP
+    // session would carry the SMTP driver's state too.
     match session.protocol() {
-        Protocol::Smtp => crate::smtp::session::serve(client, session).await,
-        Protocol::Imap => crate::imap::session::serve(client, session).await,
-        Protocol::Pop3 => crate::pop3::session::serve(client, session).await,
+        Protocol::Smtp => Box::pin(crate::smtp::session::serve(client, session)).await,
+        Protocol::Imap => Box::pin(crate::imap::session::serve(client, session)).await,
+        Protocol::Pop3 => Box::pin(crate::pop3::session::serve(client, session)).await,
     }
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mailfront::config::{self, LogFormat, RuntimeConfig};
 use mailfront::server::{self, Control, Server};
-use mailfront::tls::CertStore;
+use mailfront::tls::{CertStore, TicketKeys};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +67,12 @@ fn check(path: Option<&std::path::Path>) -> ExitCode {
             );
             return ExitCode::FAILURE;
         }
+    }
+    if let Some(path) = &config.tls.ticket_key_file
+        && let Err(e) = TicketKeys::load(path)
+    {
+        eprintln!("{source}: invalid configuration:\n{e}");
+        return ExitCode::FAILURE;
     }
     match CertStore::load(&config.tls.certificates, &config.hostname) {
         Ok(store) => {

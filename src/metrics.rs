@@ -160,6 +160,7 @@ pub struct Metrics {
     sessions_closed: IntCounterVec,
     certificate_not_after: IntGaugeVec,
     certificate_reloads: IntCounterVec,
+    ticket_key_reloads: IntCounterVec,
     ready: IntGauge,
 }
 
@@ -400,6 +401,12 @@ impl Metrics {
                 "Certificate reloads by result; a failed reload keeps the previous certificates.",
                 &["result"],
             )?,
+            ticket_key_reloads: counter(
+                r,
+                "mailfront_ticket_key_reloads_total",
+                "Session ticket key file reloads by result; a failed reload keeps the previous keys.",
+                &["result"],
+            )?,
             ready,
         })
     }
@@ -504,6 +511,12 @@ impl Metrics {
 
     pub fn certificate_reload(&self, success: bool) {
         self.certificate_reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+
+    pub fn ticket_key_reload(&self, success: bool) {
+        self.ticket_key_reloads
             .with_label_values(&[if success { "success" } else { "failure" }])
             .inc();
     }

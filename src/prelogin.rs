@@ -235,11 +235,44 @@ const READ_CHUNK: usize = 16 * 1024;
 /// and nothing restarts: a client that sends a byte just often enough never idles out, but is
 /// still gone `timeouts.login` after it connected. It stops at login; the relay never sees it.
 pub async fn serve<M: Machine, S: Transport>(
-    mut machine: M,
+    machine: M,
     client: ClientStream<S>,
     session: &mut Session,
     hold_limit: usize,
 ) -> EndReason {
+    // The pre-login loop runs boxed and its memory goes when it ends: a future is as large as
+    // its largest state, and an idle authenticated session should carry only the relay's.
+    match Box::pin(until_login(machine, client, session, hold_limit)).await {
+        Err(reason) => reason,
+        Ok(LoggedIn {
+            mut client,
+            mut backend,
+            held_client,
+            held_backend,
+        }) => {
+            session
+                .relay_after_login(&mut client, &mut backend, &held_client, &held_backend)
+                .await
+        }
+    }
+}
+
+/// What the relay needs once the backend accepted a login.
+struct LoggedIn<S> {
+    client: ClientStream<S>,
+    backend: BackendStream,
+    /// Bytes either side sent after the login exchange, written before the relay starts.
+    held_client: Vec<u8>,
+    held_backend: Vec<u8>,
+}
+
+/// The pre-login loop of [`serve`]: `Ok` once the backend accepted a login.
+async fn until_login<M: Machine, S: Transport>(
+    mut machine: M,
+    client: ClientStream<S>,
+    session: &mut Session,
+    hold_limit: usize,
+) -> Result<LoggedIn<S>, EndReason> {
     let hold_limit = hold_limit.saturating_add(READ_CHUNK);
     let mut client = client;
     let mut backend: Option<BackendStream> = None;
@@ -257,25 +290,31 @@ pub async fn serve<M: Machine, S: Transport>(
         {
             let _ = write_timed(&mut client, &M::bye_unavailable(), session).await;
             client.close().await;
-            return EndReason::backend_io(&e);
+            return Err(EndReason::backend_io(&e));
         }
         let out = machine.take_to_client();
         if !out.is_empty()
             && let Err(e) = write_timed(&mut client, &out, session).await
         {
-            return EndReason::client_io(&e);
+            return Err(EndReason::client_io(&e));
         }
         match machine.next() {
             Next::End(end) => {
                 client.close().await;
-                return end_reason(end);
+                return Err(end_reason(end));
             }
             Next::StartTls => {
-                let upgrade = upgrade_client(client, &session.listener, session.client_addr);
+                // Boxed, like the connect below: a future holds the state of its largest await
+                // for its whole life, and these two would otherwise sit in every idle session.
+                let upgrade = Box::pin(upgrade_client(
+                    client,
+                    &session.listener,
+                    session.client_addr,
+                ));
                 // The handshake is part of the time before login; mid-handshake there is no
                 // way to say goodbye in the protocol, so the connection just closes.
                 let Ok(upgraded) = tokio::time::timeout_at(login_deadline, upgrade).await else {
-                    return EndReason::LoginTimeout;
+                    return Err(EndReason::LoginTimeout);
                 };
                 match upgraded {
                     Ok((upgraded, info, took)) => {
@@ -285,17 +324,17 @@ pub async fn serve<M: Machine, S: Transport>(
                         machine.tls_started(cipher);
                         deadline = Instant::now() + idle;
                     }
-                    Err(reason) => return reason,
+                    Err(reason) => return Err(reason),
                 }
                 continue;
             }
             Next::Connect => {
-                match session.connect_backend().await {
+                match Box::pin(session.connect_backend()).await {
                     Ok(b) => backend = Some(b),
                     Err(_) => {
                         let _ = write_timed(&mut client, &M::bye_unavailable(), session).await;
                         client.close().await;
-                        return EndReason::BackendUnavailable;
+                        return Err(EndReason::BackendUnavailable);
                     }
                 }
                 machine.backend_connected();
@@ -303,16 +342,18 @@ pub async fn serve<M: Machine, S: Transport>(
                 continue;
             }
             Next::Authenticated => {
-                let Some(mut b) = backend.take() else {
+                let Some(b) = backend.take() else {
                     client.close().await;
-                    return EndReason::BackendClosed;
+                    return Err(EndReason::BackendClosed);
                 };
                 let (held_client, held_backend) = machine.held();
-                drop(machine);
                 session.authenticated();
-                return session
-                    .relay_after_login(&mut client, &mut b, &held_client, &held_backend)
-                    .await;
+                return Ok(LoggedIn {
+                    client,
+                    backend: b,
+                    held_client,
+                    held_backend,
+                });
             }
             Next::Run => {}
         }
@@ -328,7 +369,7 @@ pub async fn serve<M: Machine, S: Transport>(
             r = client.read(&mut cchunk), if read_client => match r {
                 Ok(0) => {
                     client.close().await;
-                    return EndReason::ClientClosed;
+                    return Err(EndReason::ClientClosed);
                 }
                 Ok(n) => {
                     // Looked up at each input: the window moves and other sessions fail too.
@@ -337,7 +378,7 @@ pub async fn serve<M: Machine, S: Transport>(
                         deadline = Instant::now() + idle;
                     }
                 }
-                Err(e) => return EndReason::client_io(&e),
+                Err(e) => return Err(EndReason::client_io(&e)),
             },
             r = backend_read => match r {
                 Ok(0) => machine.backend_closed(),
@@ -350,7 +391,7 @@ pub async fn serve<M: Machine, S: Transport>(
                 Err(e) => {
                     let _ = write_timed(&mut client, &M::bye_unavailable(), session).await;
                     client.close().await;
-                    return EndReason::backend_io(&e);
+                    return Err(EndReason::backend_io(&e));
                 }
             },
             () = tokio::time::sleep_until(deadline) => {
@@ -361,19 +402,19 @@ pub async fn serve<M: Machine, S: Transport>(
                 };
                 let _ = write_timed(&mut client, &bye, session).await;
                 client.close().await;
-                return reason;
+                return Err(reason);
             }
             () = tokio::time::sleep_until(login_deadline) => {
                 let _ = write_timed(&mut client, &M::bye_login_timeout(), session).await;
                 client.close().await;
-                return EndReason::LoginTimeout;
+                return Err(EndReason::LoginTimeout);
             }
             // Not authenticated yet: nothing to finish, so the goodbye goes out as soon as the
             // drain begins, not when `shutdown_grace` runs out.
             () = session.draining.cancelled() => {
                 let _ = write_timed(&mut client, &M::bye_shutdown(), session).await;
                 client.close().await;
-                return EndReason::Shutdown;
+                return Err(EndReason::Shutdown);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The plain byte relay used once no more parsing is needed (IMAP/POP3 after authentication).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +24,9 @@ pub enum RelayEnd {
     Error { side: Side, error: io::Error },
 }
 
-/// Copy buffer per direction: tokio's default is 8 KiB; 16 KiB matches a full TLS record
-/// (RFC 8446 §5.1), so one record's plaintext moves in one write.
+/// Octets moved per read: 16 KiB matches a full TLS record (RFC 8446 §5.1), so one record's
+/// plaintext moves in one write. The buffer lives on the stack for the duration of one poll;
+/// a session keeps heap bytes only for what a slow writer has not taken yet.
 const RELAY_BUFFER: usize = 16 * 1024;
 /// The idle timeout is checked this many times per period, so a session is closed at most a
 /// quarter period late, without a timer reset per byte.
@@ -34,10 +36,12 @@ const MIN_IDLE_TICK: Duration = Duration::from_millis(10);
 
 /// Copies bytes both ways until both sides close, an error, or `idle` passes with no byte moved.
 ///
-/// tokio's `copy_bidirectional` does the copying (half-close aware, no per-byte work); the
-/// counters the backend stream keeps drive the idle check, so the hot path stays untouched.
-/// It reports one error for both streams, so each stream is wrapped to name its side in the
-/// error it returns.
+/// Unlike tokio's `copy_bidirectional`, which keeps a buffer per direction for the whole
+/// session, an idle session here holds no buffer: each read goes into a stack buffer and is
+/// written straight on; only bytes the writer could not take yet are kept, on the heap, until
+/// it takes them (see [`Pump`]). Half-closes pass through as in tokio's copy. The counters the
+/// backend stream keeps drive the idle check, so the hot path stays untouched. Each stream is
+/// wrapped to name its side in the error it returns.
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
@@ -60,12 +64,17 @@ where
         side: Side::Backend,
         eof: &backend_eof,
     };
-    let copy = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut backend,
-        RELAY_BUFFER,
-        RELAY_BUFFER,
-    );
+    let mut to_backend = Pump::default();
+    let mut to_client = Pump::default();
+    let copy = std::future::poll_fn(|cx| {
+        let up = to_backend.poll(cx, &mut client, &mut backend)?;
+        let down = to_client.poll(cx, &mut backend, &mut client)?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
+        }
+    });
     tokio::pin!(copy);
     let tick = (idle / IDLE_CHECKS_PER_PERIOD).max(MIN_IDLE_TICK);
     let mut last_total = counters.total();
@@ -74,7 +83,7 @@ where
         tokio::select! {
             result = &mut copy => {
                 return match result {
-                    Ok(_) => RelayEnd::Closed,
+                    Ok(()) => RelayEnd::Closed,
                     Err(error) => {
                         let (side, error) = SideError::split(error);
                         if side == Side::Client && backend_eof.load(Ordering::Relaxed) {
@@ -97,6 +106,97 @@ where
                 } else {
                     last_total = total;
                     quiet = Duration::ZERO;
+                }
+            }
+        }
+    }
+}
+
+/// One direction of the relay: read, write straight on, keep only what the writer refused.
+#[derive(Debug, Default)]
+struct Pump {
+    /// Read but not yet written; empty (no allocation) whenever the writer keeps up.
+    unsent: Vec<u8>,
+    /// How much of `unsent` is written.
+    sent: usize,
+    /// The reader reached its end: once `unsent` is written, shut the writer down.
+    read_done: bool,
+    /// Written since the last flush (TLS keeps records until flushed).
+    need_flush: bool,
+    /// The writer is shut down: this direction is over.
+    done: bool,
+}
+
+impl Pump {
+    /// Moves what is ready; `Ready` once the reader ended and the writer is shut down.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while let Some(rest) = self.unsent.get(self.sent..).filter(|r| !r.is_empty()) {
+                match Pin::new(&mut *writer).poll_write(cx, rest) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        self.sent += n;
+                        self.need_flush = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !self.unsent.is_empty() {
+                // Written: give the memory back rather than keep it for an idle session.
+                self.unsent = Vec::new();
+                self.sent = 0;
+            }
+            if self.read_done {
+                std::task::ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut stack = [const { MaybeUninit::<u8>::uninit() }; RELAY_BUFFER];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                Poll::Pending => {
+                    if self.need_flush {
+                        std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let read = buf.filled();
+            if read.is_empty() {
+                self.read_done = true;
+                continue;
+            }
+            let mut written = 0;
+            while let Some(rest) = read.get(written..).filter(|r| !r.is_empty()) {
+                match Pin::new(&mut *writer).poll_write(cx, rest) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        written += n;
+                        self.need_flush = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // The writer is slow: keep the rest until it is ready again.
+                        self.unsent = rest.to_vec();
+                        self.sent = 0;
+                        return Poll::Pending;
+                    }
                 }
             }
         }
@@ -240,6 +340,45 @@ mod tests {
             Side::Backend => relay(&mut healthy, &mut broken, &counters, idle).await,
             _ => relay(&mut broken, &mut healthy, &counters, idle).await,
         }
+    }
+
+    #[tokio::test]
+    async fn bytes_pass_both_ways_through_slow_pipes_and_half_closes_pass_through() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let counters = Arc::new(ByteCounters::default());
+        // 64-octet pipes: every write is partial, so the relay must keep what it read.
+        let (mut client, mut client_peer) = tokio::io::duplex(64);
+        let (mut backend, mut backend_peer) = tokio::io::duplex(64);
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut client,
+                &mut backend,
+                &counters,
+                Duration::from_secs(60),
+            )
+            .await
+        });
+        let up: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = up.iter().rev().copied().collect();
+        let (sent_up, sent_down) = (up.clone(), down.clone());
+        let client_side = tokio::spawn(async move {
+            client_peer.write_all(&sent_up).await.unwrap();
+            client_peer.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client_peer.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let backend_side = tokio::spawn(async move {
+            let mut got = Vec::new();
+            // The client's half-close arrives as end of stream, and the other way still works.
+            backend_peer.read_to_end(&mut got).await.unwrap();
+            backend_peer.write_all(&sent_down).await.unwrap();
+            backend_peer.shutdown().await.unwrap();
+            got
+        });
+        assert_eq!(backend_side.await.unwrap(), up);
+        assert_eq!(client_side.await.unwrap(), down);
+        assert!(matches!(relay.await.unwrap(), RelayEnd::Closed));
     }
 
     #[tokio::test]

@@ -20,7 +20,9 @@ use crate::limits::{AuthThrottle, PerIpLimiter};
 use crate::metrics::{Metrics, ProxyHeaderResult, Readiness};
 use crate::proxy_header::Header as ProxyHeader;
 use crate::session::{ListenerContext, Session};
-use crate::tls::{self, CertStore, Handshaker, ReloadOutcome, TlsError};
+use crate::tls::{
+    self, CertStore, Handshaker, ReloadOutcome, TicketKeyError, TicketKeys, TlsError,
+};
 
 /// Sockets bound before the proxy starts.
 pub struct Bound {
@@ -58,6 +60,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    TicketKeys(#[from] TicketKeyError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("listeners[{index}] ({name}): {source}")]
@@ -118,6 +122,7 @@ pub struct Control {
 pub struct Server {
     config: RuntimeConfig,
     store: Arc<CertStore>,
+    ticket_keys: Option<Arc<TicketKeys>>,
     metrics: Metrics,
     readiness: Arc<Readiness>,
     /// Each listener's backends, by listener name.
@@ -128,6 +133,10 @@ impl Server {
     /// Loads certificates and registers metrics on `registry`.
     pub fn new(config: RuntimeConfig, registry: &Registry) -> Result<Server, StartError> {
         let store = Arc::new(CertStore::load(&config.tls.certificates, &config.hostname)?);
+        let ticket_keys = match &config.tls.ticket_key_file {
+            Some(path) => Some(Arc::new(TicketKeys::load(path)?)),
+            None => None,
+        };
         let metrics = Metrics::register(registry)?;
         // Here, not at run: a `backend_tls.ca` that cannot be read stops the start.
         let mut pools = Vec::new();
@@ -148,6 +157,7 @@ impl Server {
         Ok(Server {
             config,
             store,
+            ticket_keys,
             metrics,
             readiness: Arc::new(Readiness::default()),
             pools,
@@ -167,6 +177,7 @@ impl Server {
         let Server {
             config,
             store,
+            ticket_keys,
             metrics,
             readiness,
             pools,
@@ -178,7 +189,7 @@ impl Server {
             );
         }
         metrics.set_certificates(&store.loaded());
-        let tls_config = tls::server_config(&config.tls, store.clone())?;
+        let tls_config = tls::server_config(&config.tls, store.clone(), ticket_keys.clone())?;
         let handshaker = Handshaker::new(
             tls_config,
             config.tls.handshake_timeout,
@@ -211,6 +222,7 @@ impl Server {
 
         tracker.spawn(reload_certificates(
             store.clone(),
+            ticket_keys,
             metrics.clone(),
             config.tls.reload_interval,
             control.reload.clone(),
@@ -463,6 +475,7 @@ impl Admission {
 
 async fn reload_certificates(
     store: Arc<CertStore>,
+    ticket_keys: Option<Arc<TicketKeys>>,
     metrics: Metrics,
     interval: Duration,
     reload: Arc<Notify>,
@@ -493,5 +506,26 @@ async fn reload_certificates(
             }
             Err(e) => tracing::error!(error = %e, "certificate reload task failed"),
         }
+        if let Some(keys) = &ticket_keys {
+            reload_ticket_keys(keys, &metrics, forced).await;
+        }
+    }
+}
+
+/// Re-reads the ticket key file on the certificates' schedule; a bad file keeps the keys in
+/// service, logged and counted.
+async fn reload_ticket_keys(keys: &Arc<TicketKeys>, metrics: &Metrics, forced: bool) {
+    let worker = keys.clone();
+    match tokio::task::spawn_blocking(move || worker.reload(forced)).await {
+        Ok(Ok(ReloadOutcome::Reloaded)) => {
+            metrics.ticket_key_reload(true);
+            tracing::info!(keys = keys.len(), "session ticket keys loaded");
+        }
+        Ok(Ok(ReloadOutcome::Unchanged)) => {}
+        Ok(Err(e)) => {
+            metrics.ticket_key_reload(false);
+            tracing::error!(error = %e, "ticket key reload failed: keeping the keys in service");
+        }
+        Err(e) => tracing::error!(error = %e, "ticket key reload task failed"),
     }
 }

@@ -116,10 +116,12 @@ fn listener_with(
         min_version: MinTlsVersion::Tls12,
         handshake_timeout: Duration::from_secs(10),
         reload_interval: Duration::from_secs(60),
+        session_tickets: 2,
+        ticket_key_file: None,
     };
     let store = Arc::new(CertStore::load(&tls_config.certificates, HOST).unwrap());
     let handshaker = Handshaker::new(
-        tls::server_config(&tls_config, store).unwrap(),
+        tls::server_config(&tls_config, store, None).unwrap(),
         tls_config.handshake_timeout,
         tls_config.min_version,
     );

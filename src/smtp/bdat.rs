@@ -72,18 +72,12 @@ impl ContentScanner {
         if let Some(kind) = self.violation {
             return Err(kind);
         }
-        for &byte in input {
-            let found = match (self.after_cr, byte) {
-                (true, b'\n') => None,
-                (true, _) => Some(BareLineEnding::Cr),
-                (false, b'\n') => Some(BareLineEnding::Lf),
-                (false, _) => None,
-            };
-            if let Some(kind) = found {
-                self.violation = Some(kind);
-                return Err(kind);
-            }
-            self.after_cr = byte == b'\r';
+        if let Some(kind) = first_bare_line_ending(input, self.after_cr) {
+            self.violation = Some(kind);
+            return Err(kind);
+        }
+        if let Some(&last) = input.last() {
+            self.after_cr = last == b'\r';
         }
         if ends_message && self.after_cr {
             self.violation = Some(BareLineEnding::Cr);
@@ -96,6 +90,31 @@ impl ContentScanner {
     pub fn finish(&mut self) -> Result<(), BareLineEnding> {
         self.scan(b"", true)
     }
+}
+
+/// The first bare CR or LF in `input`, in stream order, given whether the octet before it was a
+/// CR. Visits only the CR and LF octets (a SIMD search), not every octet; a CR that is the last
+/// octet is not judged here (its LF may come in the next read).
+fn first_bare_line_ending(input: &[u8], after_cr: bool) -> Option<BareLineEnding> {
+    if after_cr && input.first().is_some_and(|&b| b != b'\n') {
+        return Some(BareLineEnding::Cr);
+    }
+    for at in memchr::memchr2_iter(b'\r', b'\n', input) {
+        if input.get(at) == Some(&b'\r') {
+            if input.get(at + 1).is_some_and(|&next| next != b'\n') {
+                return Some(BareLineEnding::Cr);
+            }
+        } else {
+            let cr_before = match at.checked_sub(1) {
+                Some(before) => input.get(before) == Some(&b'\r'),
+                None => after_cr,
+            };
+            if !cr_before {
+                return Some(BareLineEnding::Lf);
+            }
+        }
+    }
+    None
 }
 
 /// The chunk plus the header would not fit a chunk-size.
@@ -241,6 +260,40 @@ mod tests {
         let mut scanner = ContentScanner::new();
         assert_eq!(scanner.scan(b"a\nb", false), Err(BareLineEnding::Lf));
         assert_eq!(scanner.scan(b"clean\r\n", false), Err(BareLineEnding::Lf));
+    }
+
+    /// The octet-by-octet definition the SIMD search must agree with.
+    fn reference(input: &[u8], mut after_cr: bool) -> Option<BareLineEnding> {
+        for &byte in input {
+            let bare = match (after_cr, byte) {
+                (true, b'\n') => None,
+                (true, _) => Some(BareLineEnding::Cr),
+                (false, b'\n') => Some(BareLineEnding::Lf),
+                (false, _) => None,
+            };
+            if bare.is_some() {
+                return bare;
+            }
+            after_cr = byte == b'\r';
+        }
+        None
+    }
+
+    #[test]
+    fn the_search_agrees_with_the_octet_by_octet_definition() {
+        let alphabet = [b'a', b'\r', b'\n', b'.'];
+        for len in 0..=7u32 {
+            for n in 0..4usize.pow(len) {
+                let input: Vec<u8> = (0..len).map(|i| alphabet[n / 4usize.pow(i) % 4]).collect();
+                for after_cr in [false, true] {
+                    assert_eq!(
+                        first_bare_line_ending(&input, after_cr),
+                        reference(&input, after_cr),
+                        "{input:?} after_cr={after_cr}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -153,7 +153,16 @@ impl DataScanner {
         // A CR from the previous step is pending exactly when we start in a CR state.
         let held_cr_pending = clean && matches!(self.at, At::Cr | At::DotCr);
         let mut i = 0;
-        while let Some(&byte) = input.get(i) {
+        loop {
+            if self.at == At::Text {
+                // Inside a line only CR and LF matter: jump to the next one (SIMD search) and
+                // take the state machine's slow path only at line ends.
+                let rest = input.get(i..).unwrap_or_default();
+                i = memchr::memchr2(b'\r', b'\n', rest).map_or(input.len(), |at| i + at);
+            }
+            let Some(&byte) = input.get(i) else {
+                break;
+            };
             let next = match (self.at, byte) {
                 (At::Cr, b'\n') => At::LineStart,
                 (At::DotCr, b'\n') => At::Done,

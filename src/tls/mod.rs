@@ -5,6 +5,7 @@ pub mod hello;
 pub mod names;
 mod sigscheme;
 mod store;
+mod tickets;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use tokio_rustls::server::TlsStream;
 use crate::config::{MinTlsVersion, TlsConfig};
 
 pub use store::{CertStore, LoadedCertificate, ReloadOutcome};
+pub use tickets::{TicketKeyError, TicketKeys};
 
 /// Problems loading certificates or building the TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -202,10 +204,13 @@ impl HandshakeError {
 }
 
 /// Builds the rustls server config: TLS 1.2+ (or 1.3 only), the aws-lc-rs provider's suites
-/// (all ECDHE + AEAD, RFC 9325) and groups (X25519MLKEM768 first), certificates by SNI.
+/// (all ECDHE + AEAD, RFC 9325) and groups (X25519MLKEM768 first), certificates by SNI, and
+/// `tls.session_tickets` tickets sealed with `ticket_keys` (shared by replicas) or, without
+/// them, with rustls' own ticketer (a key of this process, rotated every 6 hours).
 pub fn server_config(
     tls: &TlsConfig,
     store: Arc<CertStore>,
+    ticket_keys: Option<Arc<TicketKeys>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
@@ -218,6 +223,15 @@ pub fn server_config(
         .with_cert_resolver(store);
     // Mail clients do not negotiate ALPN; none is offered.
     config.ignore_client_order = false;
+    config.send_tls13_tickets = tls.session_tickets;
+    // Stateless tickets: nothing kept per ticket, and a ticket opens on any replica with the
+    // same keys. With tickets off, no TLS 1.2 ticket either (the ticketer stays disabled).
+    if tls.session_tickets > 0 {
+        config.ticketer = match ticket_keys {
+            Some(keys) => keys,
+            None => rustls::crypto::aws_lc_rs::Ticketer::new()?,
+        };
+    }
     Ok(Arc::new(config))
 }
 
@@ -443,9 +457,11 @@ mod tests {
             min_version: min,
             handshake_timeout: timeout,
             reload_interval: Duration::from_secs(5),
+            session_tickets: 2,
+            ticket_key_file: None,
         };
         let store = Arc::new(CertStore::load(&[], "mx.example.test").unwrap());
-        Handshaker::new(server_config(&tls, store).unwrap(), timeout, min)
+        Handshaker::new(server_config(&tls, store, None).unwrap(), timeout, min)
     }
 
     /// A ClientHello as rustls sends it: TLS 1.2 and 1.3, an X25519MLKEM768 key share.

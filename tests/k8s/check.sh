@@ -186,6 +186,17 @@ if [ -n "${RENDERED[helm-full]:-}" ]; then
   expect_rendered "full values: HPA owns replicas, grace 120s, digest-pinned image" "${RENDERED[helm-full]}" \
     '"replicas" not in one("Deployment")["spec"] and one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120 and "@sha256:" in one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]'
 fi
+if [ -n "${RENDERED[helm-default]:-}" ]; then
+  expect_rendered "helm-default: a generated 80-byte ticket key Secret, mounted and configured" "${RENDERED[helm-default]}" '
+(lambda s, p: len(__import__("base64").b64decode(s["data"]["ticket.keys"])) == 80
+ and any(v["name"] == "ticket-keys" and v["secret"]["secretName"] == s["metadata"]["name"] for v in p["volumes"])
+ and any(m["mountPath"] == "/etc/mailfront/tickets" for m in p["containers"][0]["volumeMounts"])
+ and "ticket_key_file: /etc/mailfront/tickets/ticket.keys" in one("ConfigMap")["data"]["config.yaml"])(
+  one("Secret"), one("Deployment")["spec"]["template"]["spec"])'
+fi
+helm template "$RELEASE" "$CHART" --set config.tls.session_tickets=0 >"$WORK/tickets-off.yaml" 2>&1
+expect_rendered "session_tickets 0: no ticket key Secret, mount or key file" "$WORK/tickets-off.yaml" \
+  '"Secret" not in kinds and "ticket" not in str(one("Deployment")) and "ticket_key_file" not in one("ConfigMap")["data"]["config.yaml"]'
 for r in helm-default kustomize; do
   [ -n "${RENDERED[$r]:-}" ] || continue
   expect_rendered "$r: hardened pod (non-root, read-only root, no capabilities, RuntimeDefault seccomp, no token)" "${RENDERED[$r]}" '
@@ -252,7 +263,7 @@ example |= {"tls.certificates[].cert", "tls.certificates[].key", "listeners[].ma
             "listeners[].backend_tls.mode", "listeners[].backend_tls.ca",
             "listeners[].backend_tls.server_name", "listeners[].backend_health",
             "listeners[].backend_health.interval",
-            "listeners[].proxy_protocol_from", "listeners[].backend_client_info"}
+            "listeners[].proxy_protocol_from", "listeners[].backend_client_info", "tls.ticket_key_file"}
 rendered = paths(yaml.safe_load(yaml.safe_load(open(sys.argv[2]))["data"]["config.yaml"]))
 missing = sorted(example - rendered)
 extra = sorted(rendered - example)
@@ -359,7 +370,8 @@ else
   mkdir -p "$certs"
   if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
       -subj /CN=mail.example.org -addext subjectAltName=DNS:mail.example.org \
-      -keyout "$certs/tls.key" -out "$certs/tls.crt" >"$WORK/openssl.log" 2>&1; then
+      -keyout "$certs/tls.key" -out "$certs/tls.crt" >"$WORK/openssl.log" 2>&1 \
+      && openssl rand -out "$certs/ticket.keys" 80 >>"$WORK/openssl.log" 2>&1; then
     for r in helm-default helm-full kustomize; do
       [ -n "${RENDERED[$r]:-}" ] || continue
       cms=("$WORK/$r.d"/ConfigMap.*config*.yaml)
@@ -371,6 +383,7 @@ cfg = yaml.safe_load(open(sys.argv[1]))["data"]["config.yaml"]
 cfg = re.sub(r"/etc/mailfront/tls/[^/\s]+/(tls\.(crt|key))", sys.argv[3] + r"/\1", cfg)
 # backend_tls CA bundles (backendCa mounts): the same certificate stands in for them.
 cfg = re.sub(r"/etc/mailfront/backend-ca/[^/\s]+/[^\s]+", sys.argv[3] + "/tls.crt", cfg)
+cfg = cfg.replace("/etc/mailfront/tickets/ticket.keys", sys.argv[3] + "/ticket.keys")
 open(sys.argv[2], "w").write(cfg)
 EOF
       check "mailfront check --config ($r)" "$MF" check --config "$WORK/$r.config.yaml"

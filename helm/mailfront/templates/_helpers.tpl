@@ -68,6 +68,22 @@ app.kubernetes.io/part-of: mailfront
 {{- end }}
 
 {{/*
+The Secret holding the session ticket keys, empty when none is used (no Secret named or
+generated, or config.tls.session_tickets is 0).
+*/}}
+{{- define "mailfront.ticketKeysSecretName" -}}
+{{- $tls := default dict .Values.config.tls }}
+{{- $off := and (hasKey $tls "session_tickets") (eq (int $tls.session_tickets) 0) }}
+{{- if not $off }}
+{{- if .Values.ticketKeys.existingSecret }}
+{{- .Values.ticketKeys.existingSecret }}
+{{- else if .Values.ticketKeys.create }}
+{{- printf "%s-ticket-keys" (include "mailfront.fullname" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 A mailfront duration ("30s", "5m", "1h", "250ms", also "1m30s") in whole seconds, rounded up.
 Used to keep terminationGracePeriodSeconds above the drain time.
 */}}
@@ -113,6 +129,9 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- $certs = append $certs (dict "cert" (printf "/etc/mailfront/tls/%s/tls.crt" .name) "key" (printf "/etc/mailfront/tls/%s/tls.key" .name)) }}
 {{- end }}
 {{- $_ := set $tls "certificates" $certs }}
+{{- if include "mailfront.ticketKeysSecretName" . }}
+{{- $_ := set $tls "ticket_key_file" "/etc/mailfront/tickets/ticket.keys" }}
+{{- end }}
 {{- $_ := set $cfg "tls" $tls }}
 {{- $listeners := list }}
 {{- range .Values.listeners }}
