@@ -107,6 +107,46 @@ async fn a_client_resumes_on_a_second_proxy_sharing_the_key_file() {
     assert_eq!(greet(&first, &config).await, HandshakeKind::Resumed);
 }
 
+/// Two `mailfront` processes (two pods) mounting the same key file: a client that got its
+/// ticket from one resumes on the other, in both directions.
+#[tokio::test]
+async fn a_client_resumes_across_two_mailfront_processes_sharing_the_key_file() {
+    let env = env().await;
+    let keys = env.keys("ticket.keys", &[key(7), key(8)]);
+    let yaml = config_yaml(
+        &[&env.cert],
+        &[listener_yaml("imaps", "imap", "implicit", env.backend.addr)],
+        "log:\n  format: json\n  level: info\n",
+    )
+    .replace(
+        "  reload_interval: 100ms\n",
+        &format!("  reload_interval: 100ms\n{}", key_file_line(&keys)),
+    );
+    let path = env.pki.dir.path().join("two-processes.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut first = Binary::start(&path);
+    let mut second = Binary::start(&path);
+    let (a, b) = (first.address("imaps"), second.address("imaps"));
+    assert_ne!(a, b, "two processes, two listeners");
+    let config = client(&env.pki);
+
+    let greet_at = |addr: std::net::SocketAddr| {
+        let config = config.clone();
+        async move {
+            let stream = tls_connect(addr, "mx.example.test", config).await.unwrap();
+            let kind = stream.get_ref().1.handshake_kind().unwrap();
+            let mut stream = BufReader::new(stream);
+            assert!(read_line(&mut stream).await.starts_with("* OK"));
+            kind
+        }
+    };
+    assert_eq!(greet_at(a).await, HandshakeKind::Full);
+    assert_eq!(greet_at(b).await, HandshakeKind::Resumed);
+    assert_eq!(greet_at(a).await, HandshakeKind::Resumed);
+    first.stop();
+    second.stop();
+}
+
 #[tokio::test]
 async fn a_proxy_with_other_keys_runs_a_full_handshake() {
     let env = env().await;

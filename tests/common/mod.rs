@@ -3,6 +3,7 @@
 //! - `proxy`: the proxy run in-process on port 0, and its config YAML;
 //! - `fake_backend`: fake SMTP/IMAP/POP3/echo backends that record every byte they receive;
 //! - `client`: a real rustls client and line readers;
+//! - `binary`: the real binary as a child process, with its JSON log lines;
 //! - `fleet`: backends that can be killed and revived, optionally behind TLS (pool tests).
 //!
 //! Everything is re-exported here, so test files just `use common::*`.
@@ -10,6 +11,7 @@
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod binary;
 mod client;
 mod fake_backend;
 mod fleet;
@@ -18,6 +20,9 @@ mod proxy;
 
 use std::time::Duration;
 
+// Only the tests that run the real binary use it.
+#[allow(unused_imports)]
+pub use binary::*;
 pub use client::*;
 pub use fake_backend::*;
 // Only tests/backends.rs uses the fleet.
