@@ -293,12 +293,17 @@ async fn until_login<M: Machine, S: Transport>(
             return Err(EndReason::backend_io(&e));
         }
         let out = machine.take_to_client();
-        if !out.is_empty()
+        let next = machine.next();
+        // The last reply and the close leave together (`cork`); otherwise replies go out
+        // before the step that follows them (a STARTTLS go-ahead before the handshake).
+        let last = matches!(next, Next::End(_)) && client.cork(&out);
+        if !last
+            && !out.is_empty()
             && let Err(e) = write_timed(&mut client, &out, session).await
         {
             return Err(EndReason::client_io(&e));
         }
-        match machine.next() {
+        match next {
             Next::End(end) => {
                 client.close().await;
                 return Err(end_reason(end));

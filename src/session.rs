@@ -27,6 +27,9 @@ use crate::transport::Transport;
 /// Sending close_notify (or the FIN) at the end of a session: one small write, so only a peer
 /// that stopped reading makes it wait at all.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most octets [`ClientStream::cork`] queues in rustls: goodbyes are a few lines; anything
+/// larger goes out through the ordinary, flow-controlled write.
+const MAX_CORKED: usize = 16 * 1024;
 
 /// What every session on one listener shares.
 pub struct ListenerContext {
@@ -75,6 +78,21 @@ impl<S: Transport> ClientStream<S> {
                     .map_err(UpgradeError::Handshake)?;
                 Ok((ClientStream::Tls(Box::new(tls)), info, took))
             }
+        }
+    }
+
+    /// Queues a session's last bytes inside TLS without writing them, so that [`Self::close`]
+    /// sends them and the close_notify in one write: one segment instead of two for every
+    /// goodbye (LOGOUT, QUIT), which is a measurable share of a short session's kernel time.
+    /// Returns false, queuing nothing, on cleartext or for more than [`MAX_CORKED`] octets:
+    /// the caller then writes them as usual.
+    pub fn cork(&mut self, last: &[u8]) -> bool {
+        match self {
+            ClientStream::Tls(tls) if last.len() <= MAX_CORKED => {
+                use std::io::Write as _;
+                tls.get_mut().1.writer().write_all(last).is_ok()
+            }
+            _ => false,
         }
     }
 

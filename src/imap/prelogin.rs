@@ -69,6 +69,8 @@ struct InFlight {
     sasl: bool,
     /// Pieces still to send, each after a backend `+` (synchronising literals of ours).
     pieces: VecDeque<Vec<u8>>,
+    /// LOGOUT: its completion ends the session.
+    logout: bool,
 }
 
 /// Backend capabilities that change what mailfront sends.
@@ -527,6 +529,7 @@ impl Prelogin {
                     auth: None,
                     sasl: false,
                     pieces: VecDeque::new(),
+                    logout: false,
                 });
                 return;
             }
@@ -574,6 +577,7 @@ impl Prelogin {
             auth,
             sasl,
             pieces,
+            logout: matches!(command, Command::Logout),
         };
         if flight.auth.is_some()
             && !self.caps.id
@@ -716,6 +720,8 @@ impl Prelogin {
                 .flatten(),
             _ => None,
         };
+        let logged_out = completed.as_ref().is_some_and(|flight| flight.logout)
+            && response.status == Some(Status::Ok);
         if let Some(mechanism) = completed.and_then(|flight| flight.auth) {
             let ok = response.status == Some(Status::Ok);
             self.core.notices.push(Notice::Auth { ok, mechanism });
@@ -739,6 +745,12 @@ impl Prelogin {
         let shown =
             capability::rewrite_response(&response.raw, self.view()).unwrap_or(response.raw);
         self.core.to_client.extend_from_slice(&shown);
+        if logged_out {
+            // The tagged reply to LOGOUT is the last word (RFC 9051 §6.1.3): the session ends
+            // with it, and the reply leaves together with the close instead of waiting for the
+            // backend's.
+            self.core.finish(End::ClientClosed);
+        }
     }
 
     fn on_continuation(&mut self, response: Response) {
@@ -1371,6 +1383,20 @@ mod tests {
     }
 
     #[test]
+    fn only_an_ok_to_logout_ends_the_session_before_the_backend_closes() {
+        let mut m = greeted("IMAP4rev1 ID");
+        out(&mut m);
+        m.client_input(b"a NOOP\r\n");
+        out(&mut m);
+        m.backend_input(b"a OK done\r\n");
+        assert_eq!(m.next(), Next::Run, "other completions go on");
+        m.client_input(b"b LOGOUT\r\n");
+        out(&mut m);
+        m.backend_input(b"b NO not now\r\n");
+        assert_eq!(m.next(), Next::Run, "a refused LOGOUT goes on");
+    }
+
+    #[test]
     fn nothing_goes_to_a_backend_that_is_leaving() {
         // Found by the imap_prelogin fuzz target: a command pipelined after LOGOUT went out
         // after the backend's BYE.
@@ -1382,6 +1408,8 @@ mod tests {
         let (client, backend) = out(&mut m);
         assert_eq!(client, "* BYE bye\r\na OK done\r\n");
         assert_eq!(backend, "");
+        // The tagged OK of LOGOUT is the last word: the session ends with it.
+        assert_eq!(m.next(), Next::End(End::ClientClosed));
         m.backend_closed();
         assert_eq!(m.next(), Next::End(End::ClientClosed));
         // An unsolicited BYE stops forwarding too.

@@ -444,6 +444,8 @@ impl Prelogin {
             _ => response.raw.clone(),
         };
         self.core.to_client.extend_from_slice(&shown);
+        let quit_answered =
+            matches!(sent, Some(Sent::Quit)) && is_final && response.status == Status::Ok;
         if is_final {
             while let Some(Sent::Local(_)) = self.sent.front() {
                 if let Some(Sent::Local(owed)) = self.sent.pop_front() {
@@ -466,6 +468,11 @@ impl Prelogin {
                 return;
             }
             self.rx.end_sasl();
+        }
+        if quit_answered {
+            // The reply to QUIT is the last word (RFC 1939 §6): the session ends with it, and
+            // the reply leaves together with the close instead of waiting for the backend's.
+            self.core.finish(End::ClientClosed);
         }
     }
 }
@@ -1053,6 +1060,22 @@ mod tests {
         m.backend_closed();
         assert_eq!(out(&mut m).0, "+OK Logging out\r\n");
         assert_eq!(m.next(), Next::End(End::ClientClosed));
+    }
+
+    #[test]
+    fn the_reply_to_quit_ends_the_session_without_waiting_for_the_backends_close() {
+        let mut m = greeted();
+        m.client_input(b"QUIT\r\n");
+        assert_eq!(out(&mut m).1, "QUIT\r\n");
+        m.backend_input(b"+OK Logging out\r\n");
+        assert_eq!(m.next(), Next::End(End::ClientClosed));
+        assert_eq!(out(&mut m).0, "+OK Logging out\r\n");
+        // A refused QUIT (not a reply RFC 1939 allows, but a backend may send it) goes on.
+        let mut m = greeted();
+        m.client_input(b"QUIT\r\n");
+        out(&mut m);
+        m.backend_input(b"-ERR not now\r\n");
+        assert_eq!(m.next(), Next::Run);
     }
 
     #[test]

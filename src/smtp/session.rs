@@ -165,7 +165,12 @@ pub async fn serve<S: Transport>(mut client: ClientStream<S>, session: &mut Sess
             }
         },
     };
-    driver.flush_client(&mut client).await.ok();
+    // The last reply (221, 421) and the close leave in one write where they fit.
+    if client.cork(&driver.cout) {
+        driver.cout.clear();
+    } else {
+        driver.flush_client(&mut client).await.ok();
+    }
     client.close().await;
     reason
 }
