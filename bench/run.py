@@ -673,8 +673,7 @@ HAProxy (TCP mode TLS), medians of {m['rounds']} rounds. Raw numbers per round:
 {md}
 
 Ratios are mailfront's figure divided by the peer's; whether above 1 is good depends on the
-"better" column. Tickets: mailfront with `tls.session_tickets: 0` / `{TICKETS_ON}`
-{'' if m['mf_tickets_key'] else '(this build has no `tls.session_tickets` key: both rows are its fixed default)'}, nginx
+"better" column. Tickets: mailfront with `tls.session_tickets: 0` / `{TICKETS_ON}`{'' if m['mf_tickets_key'] else ' (this build has no `tls.session_tickets` key: both rows are its fixed default)'}, nginx
 `ssl_session_tickets off` + `ssl_conf_command NumTickets 0` / its defaults, HAProxy `no-tls-tickets`
 and no session cache / its defaults; the "tickets sent" rows show what each really sent (counted by
 the client). {missing(res)}

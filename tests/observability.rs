@@ -5,7 +5,6 @@
 
 mod common;
 
-
 use base64::prelude::{BASE64_STANDARD, Engine as _};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
