@@ -575,3 +575,70 @@ async fn active_checks_open_with_a_proxy_v2_local_header_where_the_backend_expec
     );
     proxy.stop().await;
 }
+
+/// A backend that pipelines bytes after its STARTTLS go-ahead (CERT VU#555316 from the backend's
+/// side): they would be read as if TLS protected them, so that backend fails as `starttls` and
+/// the session goes to the next one.
+#[tokio::test]
+async fn bytes_after_a_backends_starttls_go_ahead_fail_that_backend() {
+    use tokio::io::AsyncBufReadExt;
+    let (pki, cert, backend_tls_config) = with_backend_certificate();
+    let injector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let injector_addr = injector.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = injector.accept().await {
+            tokio::spawn(async move {
+                let mut s = BufReader::new(s);
+                s.get_mut()
+                    .write_all(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n")
+                    .await
+                    .unwrap();
+                let mut line = String::new();
+                while s.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let tag = line.split(' ').next().unwrap_or("*").to_owned();
+                    if line.to_ascii_uppercase().contains("STARTTLS") {
+                        let reply = format!("{tag} OK go ahead\r\n* OK [ALERT] injected\r\n");
+                        s.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                    } else {
+                        let reply = format!("{tag} OK done\r\n");
+                        s.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    let good = FleetBackend::start(
+        "good",
+        Speaks::Imap,
+        FleetTls::Starttls(backend_tls_config.clone()),
+    )
+    .await;
+    let listener = pool_listener(
+        "imaps",
+        "imap",
+        "implicit",
+        &[injector_addr, good.addr],
+        &backend_tls("starttls", &pki.ca_path()),
+    );
+    let yaml = config_yaml(&[&cert], &[listener], QUICK_STOP);
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    // The first session meets the injector (ties in listed order), steps over it, and is
+    // served by the good one; so is the next, with the injector resting.
+    for _ in 0..2 {
+        let mut s = imap_login(proxy.addr("imaps"), "mx.example.test", &pki).await;
+        assert_eq!(served_by(&mut s).await.unwrap(), "good");
+    }
+    let text = scrape_proxy(&proxy).await;
+    assert_eq!(
+        metric(
+            &text,
+            &format!(
+                "mailfront_backend_failures_total{{backend=\"{injector_addr}\",listener=\"imaps\",reason=\"starttls\"}}"
+            )
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    proxy.stop().await;
+}
