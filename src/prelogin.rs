@@ -13,6 +13,7 @@ use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::backend::BackendStream;
+use crate::line::Step;
 use crate::metrics::{AuthResult, IdSource};
 use crate::session::{ClientStream, EndReason, Session, upgrade_client, write_timed};
 use crate::transport::Transport;
@@ -147,6 +148,48 @@ impl Core {
             std::mem::take(&mut self.cbuf),
             std::mem::take(&mut self.bbuf),
         )
+    }
+}
+
+/// A machine's side of [`pump_client`]: its parser and where parsed client events go.
+pub(crate) trait ClientEvents {
+    type Event;
+    fn core(&mut self) -> &mut Core;
+    /// Whether the state lets the next client event be acted on now.
+    fn may_take_event(&self) -> bool;
+    /// The next event in `core().cbuf`, which the caller drains.
+    fn parse_event(&mut self) -> Step<Self::Event>;
+    /// An event before TLS on a STARTTLS listener.
+    fn on_cleartext(&mut self, event: Self::Event);
+    /// An event with TLS up.
+    fn on_event(&mut self, event: Self::Event);
+}
+
+/// Parses client events while the state lets the next one be acted on; returns whether any was.
+/// The one place where whatever a client pipelined after STARTTLS/STLS is dropped: nothing of it
+/// may run after the upgrade (RFC 9051 §6.2.1, RFC 2595 §4, CERT VU#555316).
+pub(crate) fn pump_client<M: ClientEvents>(machine: &mut M) -> bool {
+    let mut acted = false;
+    loop {
+        if !machine.may_take_event() {
+            return acted;
+        }
+        let step = machine.parse_event();
+        let cbuf = &mut machine.core().cbuf;
+        cbuf.drain(..step.consumed.min(cbuf.len()));
+        let Some(event) = step.event else {
+            return acted;
+        };
+        acted = true;
+        if machine.core().phase == Phase::Cleartext {
+            machine.on_cleartext(event);
+        } else {
+            machine.on_event(event);
+        }
+        if machine.core().phase == Phase::StartTls {
+            machine.core().cbuf.clear();
+            return acted;
+        }
     }
 }
 

@@ -26,8 +26,9 @@ use crate::imap::reply;
 use crate::imap::response::{
     Response, ResponseKind, ResponseLimits, ResponseReceiver, ServerEvent, Status,
 };
+use crate::line::Step;
 use crate::metrics::IdSource;
-use crate::prelogin::{Core, End, Machine, Next, Notice, Phase};
+use crate::prelogin::{ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -188,7 +189,7 @@ impl Prelogin {
     /// only then: bytes merely held do not keep a session alive).
     pub fn client_input(&mut self, bytes: &[u8]) -> bool {
         self.core.cbuf.extend_from_slice(bytes);
-        self.pump_client()
+        pump_client(self)
     }
 
     /// Backend bytes arrived. Returns whether a whole response was handled.
@@ -254,34 +255,6 @@ impl Prelogin {
     }
 
     // ---- client side -------------------------------------------------------------------
-
-    /// Parses client events while the state lets the next one be acted on.
-    fn pump_client(&mut self) -> bool {
-        let mut acted = false;
-        loop {
-            if !self.may_take_client_event() {
-                return acted;
-            }
-            let step = self.rx.next(&self.core.cbuf);
-            self.core
-                .cbuf
-                .drain(..step.consumed.min(self.core.cbuf.len()));
-            let Some(event) = step.event else {
-                return acted;
-            };
-            acted = true;
-            match self.core.phase {
-                Phase::Cleartext => self.cleartext(event),
-                _ => self.on_client_event(event),
-            }
-            if self.core.phase == Phase::StartTls {
-                // Nothing pipelined after STARTTLS may run after the upgrade (RFC 9051 §6.2.1;
-                // CERT VU#555316).
-                self.core.cbuf.clear();
-                return acted;
-            }
-        }
-    }
 
     fn may_take_client_event(&self) -> bool {
         match self.core.phase {
@@ -645,7 +618,7 @@ impl Prelogin {
             }
         }
         // A completion may have freed the client side.
-        if self.core.phase == Phase::Ready && self.pump_client() {
+        if self.core.phase == Phase::Ready && pump_client(self) {
             acted = true;
         }
         acted
@@ -767,6 +740,30 @@ impl Prelogin {
             self.sasl_credit = self.sasl_credit.saturating_add(1);
             self.core.to_client.extend_from_slice(&response.raw);
         }
+    }
+}
+
+impl ClientEvents for Prelogin {
+    type Event = Event;
+
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn may_take_event(&self) -> bool {
+        self.may_take_client_event()
+    }
+
+    fn parse_event(&mut self) -> Step<Event> {
+        self.rx.next(&self.core.cbuf)
+    }
+
+    fn on_cleartext(&mut self, event: Event) {
+        self.cleartext(event);
+    }
+
+    fn on_event(&mut self, event: Event) {
+        self.on_client_event(event);
     }
 }
 

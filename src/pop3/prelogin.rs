@@ -28,6 +28,7 @@ use std::collections::VecDeque;
 
 use crate::client_info::Notice as ClientInfoNotice;
 use crate::config::TlsMode;
+use crate::line::Step;
 use crate::pop3::capa::{self, CapaView};
 use crate::pop3::codec::{
     ClientEvent, Command, CommandLimits, CommandReceiver, Expect, Response, ResponseLimits,
@@ -36,7 +37,7 @@ use crate::pop3::codec::{
 use crate::pop3::policy::{self, Decision, Local};
 use crate::pop3::reply;
 use crate::pop3::request::Request;
-use crate::prelogin::{Core, End, Machine, Next, Notice, Phase};
+use crate::prelogin::{ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -158,7 +159,7 @@ impl Prelogin {
     pub fn client_input(&mut self, bytes: &[u8]) -> bool {
         let any_bytes_count = self.core.phase != Phase::Cleartext && !self.waiting_for_backend();
         self.core.cbuf.extend_from_slice(bytes);
-        self.pump_client() || any_bytes_count
+        pump_client(self) || any_bytes_count
     }
 
     /// Backend bytes arrived. Returns whether the idle timer restarts: on any bytes while the
@@ -194,35 +195,6 @@ impl Prelogin {
     }
 
     // ---- client side -------------------------------------------------------------------
-
-    /// Parses client events while the state lets the next one be acted on; returns whether any
-    /// was.
-    fn pump_client(&mut self) -> bool {
-        let mut acted = false;
-        loop {
-            if !self.may_take_client_event() {
-                return acted;
-            }
-            let step = self.rx.next(&self.core.cbuf);
-            self.core
-                .cbuf
-                .drain(..step.consumed.min(self.core.cbuf.len()));
-            let Some(event) = step.event else {
-                return acted;
-            };
-            acted = true;
-            match self.core.phase {
-                Phase::Cleartext => self.cleartext(event),
-                _ => self.on_client_event(event),
-            }
-            if self.core.phase == Phase::StartTls {
-                // Nothing pipelined after STLS may run after the upgrade (RFC 2595 §4;
-                // CERT VU#555316).
-                self.core.cbuf.clear();
-                return acted;
-            }
-        }
-    }
 
     fn may_take_client_event(&self) -> bool {
         match self.core.phase {
@@ -379,7 +351,7 @@ impl Prelogin {
                 ServerEvent::Response(response) => self.on_response(response),
             }
         }
-        self.core.phase == Phase::Ready && self.pump_client()
+        self.core.phase == Phase::Ready && pump_client(self)
     }
 
     fn on_greeting(&mut self, greeting: Response) {
@@ -512,6 +484,30 @@ fn offers_xclient(capa: &[u8]) -> bool {
             .next()
             .is_some_and(|word| word.eq_ignore_ascii_case(b"XCLIENT"))
     })
+}
+
+impl ClientEvents for Prelogin {
+    type Event = ClientEvent;
+
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn may_take_event(&self) -> bool {
+        self.may_take_client_event()
+    }
+
+    fn parse_event(&mut self) -> Step<ClientEvent> {
+        self.rx.next(&self.core.cbuf)
+    }
+
+    fn on_cleartext(&mut self, event: ClientEvent) {
+        self.cleartext(event);
+    }
+
+    fn on_event(&mut self, event: ClientEvent) {
+        self.on_client_event(event);
+    }
 }
 
 impl Machine for Prelogin {
