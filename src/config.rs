@@ -895,7 +895,7 @@ mod tests {
             .unwrap();
         assert_eq!(config.tls.min_version, MinTlsVersion::Tls12);
         assert_eq!(config.tls.handshake_timeout, Duration::from_secs(10));
-        assert_eq!(config.limits.smtp_line, 4096);
+        assert_eq!(config.limits.smtp_line, 2048);
         assert_eq!(config.limits.connections_per_ip, 50);
         assert_eq!(config.limits.auth_failures_per_ip, 10);
         assert_eq!(

@@ -530,17 +530,22 @@ fn record_notices<M: Machine>(machine: &mut M, session: &Session) {
                 if session.listener.client_info_notices.first(problem) {
                     let what = match (problem, M::PROTOCOL) {
                         (crate::client_info::Notice::NotOffered, "imap") => {
-                            "the backend does not offer ID"
+                            "the backend does not offer ID; going on without it"
                         }
                         (crate::client_info::Notice::NotOffered, _) => {
-                            "the backend does not offer XCLIENT (Dovecot: login_trusted_networks must list mailfront)"
+                            "the backend does not offer XCLIENT (Dovecot: login_trusted_networks must list mailfront); going on without it"
                         }
-                        (crate::client_info::Notice::Refused, _) => "the backend refused XCLIENT",
+                        (crate::client_info::Notice::Refused, "imap") => {
+                            "the backend refused mailfront's ID; sessions are closed with BYE [UNAVAILABLE] until it accepts it"
+                        }
+                        (crate::client_info::Notice::Refused, _) => {
+                            "the backend refused XCLIENT; sessions are closed with -ERR [SYS/TEMP] until it accepts it"
+                        }
                     };
                     tracing::warn!(
                         listener = %session.listener.config.name,
                         protocol = M::PROTOCOL,
-                        "backend_client_info: {what}; going on without it"
+                        "backend_client_info: {what}"
                     );
                 }
             }

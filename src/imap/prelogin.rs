@@ -662,8 +662,24 @@ impl Prelogin {
 
     fn on_response(&mut self, response: Response) {
         if let Some(own) = self.own.clone() {
-            if response.completion_of(own.tag()).is_some() {
+            if let Some(status) = response.completion_of(own.tag()) {
                 self.own = None;
+                if matches!(own, Own::Id(_))
+                    && status != Status::Ok
+                    && !self.settings.client_info.is_empty()
+                {
+                    // backend_client_info is all or nothing: a backend that offers ID and
+                    // refuses ours would see the login come from mailfront's own address.
+                    self.deferred = None;
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::bye_unavailable());
+                    self.core
+                        .notices
+                        .push(Notice::ClientInfo(crate::client_info::Notice::Refused));
+                    self.core.finish(End::BackendUnavailable);
+                    return;
+                }
                 if let Some(flight) = self.deferred.take() {
                     let first = std::mem::take(&mut self.deferred_first);
                     self.core.to_backend.extend_from_slice(&first);
@@ -993,6 +1009,32 @@ mod tests {
             backend,
             format!("a ID (\"name\" \"mutt\" \"tls\" \"{CIPHER}\" {CLIENT_INFO})\r\n")
         );
+    }
+
+    /// All or nothing: a backend that offers ID and refuses mailfront's would take the login
+    /// from mailfront's own address, so the credential is never sent and the session ends.
+    #[test]
+    fn a_refused_own_id_ends_the_session_before_the_credential() {
+        let mut m = with_client_info("IMAP4rev1 ID AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a LOGIN alice secret\r\n");
+        let (_, backend) = out(&mut m);
+        let tag = own_tag(&backend);
+        m.backend_input(format!("{tag} NO ID not allowed\r\n").as_bytes());
+        let (client, backend) = out(&mut m);
+        assert_eq!(
+            client,
+            "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
+        );
+        assert_eq!(backend, "", "the credential never leaves");
+        assert_eq!(
+            m.take_notices(),
+            [
+                Notice::IdFieldAdded(IdSource::Proxy),
+                Notice::ClientInfo(crate::client_info::Notice::Refused)
+            ]
+        );
+        assert_eq!(m.next(), Next::End(End::BackendUnavailable));
     }
 
     #[test]

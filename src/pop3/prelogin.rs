@@ -405,9 +405,15 @@ impl Prelogin {
             }
             (Some(Sent::Xclient), status) => {
                 if status != Status::Ok {
+                    // backend_client_info is all or nothing: a backend that offers XCLIENT and
+                    // refuses ours would take the login as coming from mailfront's address.
                     self.core
                         .notices
                         .push(Notice::ClientInfo(ClientInfoNotice::Refused));
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::err_unavailable());
+                    self.core.finish(End::BackendUnavailable);
                 }
                 return;
             }
@@ -770,7 +776,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backend_without_xclient_or_refusing_it_is_noticed_and_the_session_goes_on() {
+    fn a_backend_without_xclient_is_noticed_and_the_session_goes_on() {
         let mut m = with_client_info();
         out(&mut m);
         m.client_input(b"CAPA\r\n");
@@ -781,22 +787,25 @@ mod tests {
             m.take_notices(),
             [Notice::ClientInfo(ClientInfoNotice::NotOffered)]
         );
+    }
 
+    /// All or nothing: a backend that offers XCLIENT and refuses mailfront's would take the
+    /// login from mailfront's own address, so the session ends before any client command.
+    #[test]
+    fn a_backend_refusing_xclient_ends_the_session_before_any_client_command() {
         let mut m = with_client_info();
         out(&mut m);
         m.backend_input(b"+OK\r\nXCLIENT\r\n.\r\n");
-        m.client_input(b"USER alice\r\n");
+        m.client_input(b"USER alice\r\nPASS secret\r\n");
         m.backend_input(b"-ERR You're not allowed\r\n");
         let (client, backend) = out(&mut m);
-        assert_eq!(client, "");
-        assert_eq!(
-            backend,
-            "XCLIENT ADDR=2001:db8::7 PORT=40000\r\nUSER alice\r\n"
-        );
+        assert_eq!(client, "-ERR [SYS/TEMP] Server temporarily unavailable\r\n");
+        assert_eq!(backend, "XCLIENT ADDR=2001:db8::7 PORT=40000\r\n");
         assert_eq!(
             m.take_notices(),
             [Notice::ClientInfo(ClientInfoNotice::Refused)]
         );
+        assert_eq!(m.next(), Next::End(End::BackendUnavailable));
     }
 
     #[test]
