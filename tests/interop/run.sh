@@ -1052,7 +1052,7 @@ HOSTILE="$HERE/smtp_hostile.py"
 # what it delivered, and prints one `PASS name` / `FAIL name: reason` line per case.
 # Transcripts (client bytes and the case's Postfix sessions): $T/hostile/<case>.txt.
 run_smtp_hostile() {
-    local out st line name n=0
+    local out st line name n=0 t0=$SECONDS
     out=$(python3 "$HOSTILE" run --cafile "$CA" --sni "$HOSTNAME_MF" --hostname "$HOSTNAME_MF" \
         --hx "$P_SMTPS_HX" --hx587 "$P_SUBMISSION_HX" --hp "$P_SMTPS_HP" --postfix "$P_POSTFIX_HX" \
         --user "$USER_NAME" --password "$USER_PASS" --postfix-log "$POSTFIX_LOG" \
@@ -1067,6 +1067,7 @@ run_smtp_hostile() {
     if [ "$st" != 0 ] || [ "$n" = 0 ]; then
         fail smtp-hostile "smtp_hostile.py exit $st after $n cases: $(tail -n 1 "$T/hostile.err")"
     fi
+    log "smtp hostile section: $n cases in $((SECONDS - t0)) s"
 }
 
 # A normal submission with swaks from 127.0.0.2 through submissions-hx: delivered with mailfront's
