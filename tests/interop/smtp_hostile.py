@@ -22,8 +22,8 @@ MAIL FROM and its message Subjects; the Postfix sessions that carry the tag are 
 case is judged on Postfix's own log and on what Postfix delivered:
   (a) Postfix never cut a line (`request longer than`): every line it read was read whole, so
       its framing was mailfront's;
-  (b) Postfix never ran an XCLIENT with LOGIN= and never more than one XCLIENT per session
-      (mailfront sends one, never with LOGIN=; a second one is the client's);
+  (b) Postfix never got an XCLIENT with LOGIN=, more than one XCLIENT per session (mailfront
+      sends one, never with LOGIN=; a second one is the client's), or any XFORWARD;
   (c) an unauthenticated client never got 250 for a RCPT to the remote domain (in Postfix's log
       and, for the identity cases, in the client's view), on the listeners with
       `backend_client_info` (on hp, without it, Postfix relays for every client by design: there
@@ -189,8 +189,10 @@ def smuggled_commands(payload, tag):
     message = (f"Subject: {tag} smuggled message\r\n\r\nno mailfront Received here\r\n.\r\n"
                ).encode()
     if payload in ("xclient", "xclient-plain"):
-        # RSET first: Postfix refuses XCLIENT inside a transaction (503).
-        return (f"RSET\r\nXCLIENT LOGIN={VICTIM_LOGIN}\r\n".encode() + sender +
+        # RSET first: Postfix refuses XCLIENT inside a transaction (503). mailfront never sends
+        # XFORWARD, so Postfix logging one (it refuses it here) is a smuggled command too.
+        xforward = b"XFORWARD ADDR=203.0.113.9\r\n" if payload == "xclient-plain" else b""
+        return (b"RSET\r\n" + xforward + f"XCLIENT LOGIN={VICTIM_LOGIN}\r\n".encode() + sender +
                 f"RCPT TO:<{REMOTE_RCPT}>\r\nDATA\r\n".encode() + message)
     if payload == "second-message":
         return (b"RSET\r\n" + sender + f"RCPT TO:<{LOCAL_RCPT}>\r\nDATA\r\n".encode() + message)
@@ -333,7 +335,7 @@ def relay_attempt(c, case):
     if code == 421:
         case.client_421 = True
     code, text = c.cmd(f"RCPT TO:<{REMOTE_RCPT}>\r\n".encode())
-    case.client_rcpt_remote.append(f"{code} {text.strip()}" if code else text)
+    case.client_rcpt_remote.append(text.strip())
     if code == 421:
         case.client_421 = True
     c.send(b"QUIT\r\n")
@@ -569,6 +571,8 @@ def judge_session(case, lines):
             if pending_xclient:
                 problems.append(pending_xclient + " (no reply logged)")
                 pending_xclient = None
+            if verb == "XFORWARD":
+                problems.append(f"Postfix got the client's {short(cmd, 60)}")
             if verb == "XCLIENT":
                 xclients += 1
                 if "LOGIN=" in cmd.upper():
