@@ -167,8 +167,8 @@ read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
         P_DOVECOT_IMAP_PP P_POSTFIX_PP P_IMAPS_PP P_SMTPS_PP \
         P_HAPROXY_SMTPS P_HAPROXY_IMAPS P_SMTPS_LB P_IMAPS_LB \
         P_POSTFIX_XC P_SMTPS_XC P_IMAPS_XC P_POP3S_XC \
-        P_POSTFIX_HX P_SMTPS_HX P_SUBMISSION_HX P_SMTPS_HP \
-        < <(python3 "$MFI" freeports 26)
+        P_POSTFIX_HX P_SMTPS_HX P_SUBMISSION_HX P_SMTPS_HP P_POSTFIX_HN P_SMTPS_HN \
+        < <(python3 "$MFI" freeports 28)
 # *_PP: backend ports that require a PROXY protocol v2 header, and the mailfront listeners with
 # backend_proxy_protocol: true in front of them. The client cases connect from 127.0.0.2 so the
 # backends' records can tell the client's address from mailfront's (127.0.0.1).
@@ -180,7 +180,8 @@ PP_CLIENT=127.0.0.2
 # *_HX / *_HP: the SMTP hostile section (smtp_hostile.py). P_POSTFIX_HX is a Postfix smtpd that
 # trusts mailfront's 127.0.0.1 (mynetworks, XCLIENT) and relays for it; mailfront's
 # submissions-hx (465) and submission-hx (587) listeners have backend_client_info in front of it,
-# submissions-hp (465) has not.
+# submissions-hp (465) has not. P_POSTFIX_HN trusts mailfront for relaying but not for XCLIENT
+# (so its EHLO offers none), with submissions-hn (465, backend_client_info) in front.
 
 # ---------------------------------------------------------------------------------------------
 # 3. Dovecot
@@ -395,6 +396,14 @@ EOF
   -o debug_peer_list=127.0.0.1,127.0.0.2
   -o smtpd_relay_restrictions=permit_mynetworks,permit_sasl_authenticated,reject_unauth_destination
   -o smtpd_recipient_restrictions=
+# The same, but mailfront is not allowed XCLIENT: its EHLO reply does not offer it.
+127.0.0.1:$P_POSTFIX_HN inet n -      n       -       -       smtpd
+  -o syslog_name=postfix-interop/hostile
+  -o mynetworks=127.0.0.1/32
+  -o smtpd_authorized_xclient_hosts=
+  -o debug_peer_list=127.0.0.1,127.0.0.2
+  -o smtpd_relay_restrictions=permit_mynetworks,permit_sasl_authenticated,reject_unauth_destination
+  -o smtpd_recipient_restrictions=
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -427,7 +436,7 @@ start_postfix() {
     postfix -c "$POSTFIX_CONF" start >"$T/postfix.start.out" 2>&1 || {
         cat "$T/postfix.start.out" >&2; return 1; }
     python3 "$MFI" waitport --timeout 20 "$P_POSTFIX" "$P_POSTFIX_PP" "$P_POSTFIX_XC" \
-        "$P_POSTFIX_HX"
+        "$P_POSTFIX_HX" "$P_POSTFIX_HN"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -559,6 +568,12 @@ listeners:
     listen: "127.0.0.1:$P_SMTPS_HP"
     tls: implicit
     backend: "127.0.0.1:$P_POSTFIX_HX"
+  - name: submissions-hn
+    protocol: smtp
+    listen: "127.0.0.1:$P_SMTPS_HN"
+    tls: implicit
+    backend: "127.0.0.1:$P_POSTFIX_HN"
+    backend_client_info: true
 
 metrics:
   listen: "127.0.0.1:$P_METRICS"
@@ -584,7 +599,7 @@ start_mailfront() {
     if ! python3 "$MFI" waitport --timeout 30 \
             "$P_SMTPS" "$P_SUBMISSION" "$P_IMAPS" "$P_IMAP" "$P_POP3S" "$P_POP3" \
             "$P_IMAPS_PP" "$P_SMTPS_PP" "$P_SMTPS_LB" "$P_IMAPS_LB" "$P_SMTPS_XC" "$P_IMAPS_XC" \
-            "$P_POP3S_XC" "$P_SMTPS_HX" "$P_SUBMISSION_HX" "$P_SMTPS_HP" 2>"$T/mf.wait.err"; then
+            "$P_POP3S_XC" "$P_SMTPS_HX" "$P_SUBMISSION_HX" "$P_SMTPS_HP" "$P_SMTPS_HN" 2>"$T/mf.wait.err"; then
         echo "$(cat "$T/mf.wait.err"); mailfront log tail: $(tail -n 5 "$MF_LOG" | tr '\n' ' ')" >&2
         return 1
     fi
@@ -1054,7 +1069,8 @@ HOSTILE="$HERE/smtp_hostile.py"
 run_smtp_hostile() {
     local out st line name n=0 t0=$SECONDS
     out=$(python3 "$HOSTILE" run --cafile "$CA" --sni "$HOSTNAME_MF" --hostname "$HOSTNAME_MF" \
-        --hx "$P_SMTPS_HX" --hx587 "$P_SUBMISSION_HX" --hp "$P_SMTPS_HP" --postfix "$P_POSTFIX_HX" \
+        --hx "$P_SMTPS_HX" --hx587 "$P_SUBMISSION_HX" --hp "$P_SMTPS_HP" --hn "$P_SMTPS_HN" \
+        --postfix "$P_POSTFIX_HX" \
         --user "$USER_NAME" --password "$USER_PASS" --postfix-log "$POSTFIX_LOG" \
         --mail-base "$T/mail" --outdir "$T/hostile" 2>"$T/hostile.err")
     st=$?

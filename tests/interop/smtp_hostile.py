@@ -8,7 +8,8 @@ permit_sasl_authenticated, reject_unauth_destination`, and logs every command of
 virtual domain); a transport_maps entry delivers it to a Maildir so what was relayed can be read.
 `hostile@example.test` is a local mailbox. Three mailfront listeners sit in front of it:
 `hx` (465, `backend_client_info`), `hx587` (587 STARTTLS, `backend_client_info`) and `hp` (465,
-without). The clients connect from 127.0.0.2, so Postfix's log tells them from mailfront.
+without). `hn` (465, `backend_client_info`) is in front of a second such smtpd that trusts
+mailfront for relaying but not for XCLIENT (its EHLO offers none). The clients connect from 127.0.0.2, so Postfix's log tells them from mailfront.
 
 What Postfix 3.7 does with a long command line: it keeps the first 2048 characters (a line of up to
 2049 octets with its CRLF is read whole), logs `warning: …: request longer than 2048`, and skips
@@ -252,7 +253,7 @@ class Case:
     def __init__(self, name, listener, script, auth=False, identity=False, control=False,
                  expect=(), allow_421=False):
         self.name = name
-        self.listener = listener      # hx | hx587 | hp | direct
+        self.listener = listener      # hx | hx587 | hp | hn | direct
         self.script = script          # fn(client, case, env)
         self.auth = auth              # the client authenticates (relaying is then allowed)
         self.identity = identity      # check (e)
@@ -443,6 +444,10 @@ def all_cases():
              identity=True, allow_421=True),
         Case("smtp-hostile-ehlo-xtext-over-255-465", "hx", ehlo_name_script(xtext_heavy_ehlo_name),
              identity=True, allow_421=True),
+        # backend_client_info in front of a Postfix that trusts mailfront but offers it no
+        # XCLIENT: all or nothing means 421, never a session under mailfront's identity.
+        Case("smtp-hostile-xclient-not-offered-465-closed", "hn", ehlo_script, identity=True,
+             allow_421=True),
         Case("smtp-hostile-control-legit-bdat-through-mailfront", "hx", legit_bdat_script,
              auth=True, control=True, expect=("delivered",)),
     ]
@@ -483,7 +488,8 @@ def all_cases():
 def run_one(case, env):
     port, tls, source = {
         "hx": (env.hx, True, CLIENT), "hx587": (env.hx587, False, CLIENT),
-        "hp": (env.hp, True, CLIENT), "direct": (env.postfix, False, None),
+        "hp": (env.hp, True, CLIENT), "hn": (env.hn, True, CLIENT),
+        "direct": (env.postfix, False, None),
     }[case.listener]
     c = Client(port, tls, env.ctx, env.sni, source)
     error = ""
@@ -720,7 +726,8 @@ def cmd_run(args):
     env = Env()
     env.ctx = ssl.create_default_context(cafile=args.cafile)
     env.sni, env.hostname = args.sni, args.hostname
-    env.hx, env.hx587, env.hp, env.postfix = args.hx, args.hx587, args.hp, args.postfix
+    env.hx, env.hx587, env.hp, env.hn = args.hx, args.hx587, args.hp, args.hn
+    env.postfix = args.postfix
     env.user, env.password = args.user, args.password
     env.mailbase = args.mail_base
     env.mailboxes = [os.path.join(args.mail_base, "example.test", "hostile"),
@@ -788,7 +795,7 @@ def main():
     p.add_argument("--cafile", required=True)
     p.add_argument("--sni", default="mx.example.test")
     p.add_argument("--hostname", default="mx.example.test", help="mailfront's hostname")
-    for name in ("hx", "hx587", "hp", "postfix"):  # mailfront's listeners, Postfix
+    for name in ("hx", "hx587", "hp", "hn", "postfix"):  # mailfront's listeners, Postfix
         p.add_argument(f"--{name}", type=int, required=True)
     p.add_argument("--user", required=True)
     p.add_argument("--password", required=True)
