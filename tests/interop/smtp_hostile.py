@@ -76,8 +76,10 @@ LENGTHS = (511, 512, 513, 999, 1000, 1001, 2047, 2048, 2049, 2050, 2060, 4095, 4
 # second-message: `RSET` and a whole second message, from an authenticated client.
 # rset-mail: `RSET`, MAIL, RCPT inside a BDAT transaction, then the client's own `BDAT … LAST`,
 #   which mailfront takes for a later chunk and sends without its Received field.
+# spaces (MAIL and RCPT only): nothing but the padding, so a proxy that re-encodes the line has
+#   something to re-encode (the other payloads make the MAIL/RCPT parameters unusable).
 PAYLOADS = {"xclient": ("hx", False), "xclient-plain": ("hp", False),
-            "second-message": ("hp", True), "rset-mail": ("hx", True)}
+            "second-message": ("hp", True), "rset-mail": ("hx", True), "spaces": ("hx", False)}
 TRANSACTION_VERBS = ("MAIL", "RCPT", "DATA", "BDAT", "AUTH", "VRFY", "EXPN", "ETRN")
 
 
@@ -242,6 +244,8 @@ def padded_line(head, tail, length):
 
 def tail_text(payload, tag):
     """The smuggled commands on one line (no CR/LF can be in a command line)."""
+    if payload == "spaces":
+        return b""
     return b" ".join(x for x in smuggled_commands(payload, tag).split(b"\r\n") if x)[:300]
 
 
@@ -431,6 +435,8 @@ def all_cases():
     for carrier, script in (("bdat", bdat_script), ("mail", mail_script), ("rcpt", rcpt_script)):
         for length in LENGTHS:
             for payload in PAYLOADS:
+                if payload == "spaces" and carrier == "bdat":
+                    continue  # every BDAT case is padded with spaces already
                 listener, auth = PAYLOADS[payload]
                 cases.append(Case(f"smtp-hostile-{carrier}-{length}-{payload}", listener,
                                   script(length, payload), auth=auth))
