@@ -1146,7 +1146,7 @@ impl<'s> Driver<'s> {
         }
         let Some(offered) = xclient::offered(&reply) else {
             if listener.client_info_notices.first(Notice::NotOffered) {
-                tracing::warn!(listener = %listener.config.name, "backend_client_info: the backend's EHLO does not offer XCLIENT (Postfix: smtpd_authorized_xclient_hosts must list mailfront); going on without it");
+                tracing::warn!(listener = %listener.config.name, "backend_client_info: the backend's EHLO does not offer XCLIENT (Postfix: smtpd_authorized_xclient_hosts must list mailfront); sessions go on as mailfront's own, so the backend must not trust mailfront's address (mynetworks) for relaying");
             }
             return Ok(());
         };
