@@ -592,6 +592,22 @@ fn check_accepts_the_shipped_example_and_names_every_problem_in_a_broken_one() {
             ),
             "does not belong",
         ),
+        (
+            {
+                let garbage = dir.join("garbage.pem");
+                std::fs::write(
+                    &garbage,
+                    "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n",
+                )
+                .unwrap();
+                format!(
+                    "hostname: mx.example.test\ntls:\n  certificates:\n    - cert: {}\n      key: {}\nlisteners:\n  - name: a\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n",
+                    garbage.display(),
+                    cert.key.display()
+                )
+            },
+            "is not an X.509 certificate",
+        ),
     ];
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.yaml"));

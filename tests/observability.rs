@@ -208,7 +208,10 @@ async fn json_log_of_an_authenticated_session_carries_the_cipher_and_no_secret()
 #[tokio::test]
 async fn json_log_of_an_accepted_message_has_no_key_twice() {
     // The helper itself: serde_json would keep the second `a` silently.
-    assert_eq!(duplicate_keys(r#"{"a":1,"b":{"c":1,"c":2},"a":3}"#), ["c", "a"]);
+    assert_eq!(
+        duplicate_keys(r#"{"a":1,"b":{"c":1,"c":2},"a":3}"#),
+        ["c", "a"]
+    );
     assert!(duplicate_keys(r#"{"a":[{"b":1},{"b":2}]}"#).is_empty());
 
     let pki = Pki::new();
@@ -256,7 +259,10 @@ async fn json_log_of_an_accepted_message_has_no_key_twice() {
         json_field(&accepted, "message").as_deref(),
         Some("message accepted")
     );
-    assert_eq!(json_field(&accepted, "message_number").as_deref(), Some("1"));
+    assert_eq!(
+        json_field(&accepted, "message_number").as_deref(),
+        Some("1")
+    );
     binary.wait_for(&["session closed", "submissions"]);
     for line in binary.stop() {
         assert_eq!(duplicate_keys(&line), Vec::<String>::new(), "{line}");
