@@ -608,6 +608,24 @@ fn check_accepts_the_shipped_example_and_names_every_problem_in_a_broken_one() {
             },
             "is not an X.509 certificate",
         ),
+        (
+            // A FIFO where the ticket key file belongs used to block `check` in open(2).
+            {
+                let fifo = dir.join("ticket.keys");
+                assert!(
+                    Command::new("mkfifo")
+                        .arg(&fifo)
+                        .status()
+                        .unwrap()
+                        .success()
+                );
+                format!(
+                    "hostname: mx.example.test\ntls:\n  ticket_key_file: {}\nlisteners:\n  - name: a\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n",
+                    fifo.display()
+                )
+            },
+            "is a FIFO, not a regular file",
+        ),
     ];
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.yaml"));
