@@ -688,3 +688,60 @@ async fn admin_endpoint_serves_metrics_health_and_readiness() {
     }
     assert!(turned);
 }
+
+/// Connections a listener that never accepts lets complete: each connect that the kernel's
+/// accept queue takes succeeds at once, and the first it has no room for times out (Linux
+/// drops the SYN of a full queue). Stops at `most`.
+async fn queued_connections(addr: std::net::SocketAddr, most: usize) -> usize {
+    let mut held = Vec::new();
+    while held.len() < most {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => held.push(tcp),
+            _ => break,
+        }
+    }
+    held.len()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn listen_backlog_reaches_every_listening_socket() {
+    const BACKLOG: usize = 2;
+    let mut listeners = listener_yaml(
+        "imaps",
+        "imap",
+        "implicit",
+        "127.0.0.1:143".parse().unwrap(),
+    );
+    // An IPv6 socket too, where the host has IPv6.
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        listeners += &listener_yaml("v6", "pop3", "implicit", "127.0.0.1:110".parse().unwrap())
+            .replace("127.0.0.1:0", "[::1]:0");
+    }
+    let yaml = format!(
+        "hostname: mx.example.test\nlisteners:\n{listeners}metrics:\n  listen: \"127.0.0.1:0\"\nlimits:\n  listen_backlog: {BACKLOG}\n"
+    );
+    let config = mailfront::config::Config::from_yaml(&yaml)
+        .unwrap()
+        .validate(std::path::Path::new("."))
+        .unwrap();
+    assert_eq!(config.listen_backlog, BACKLOG as u32);
+    // Bound but never served: nothing accepts, so the queue fills.
+    let bound = mailfront::server::bind(&config).await.unwrap();
+    let mut addresses: Vec<_> = bound.addresses().into_iter().map(|(_, a)| a).collect();
+    addresses.push(bound.admin_address().unwrap());
+    for addr in addresses {
+        // Linux queues backlog + 1; the old fixed 128 would take all ten.
+        let queued = queued_connections(addr, 10).await;
+        assert!(
+            (BACKLOG..=BACKLOG + 1).contains(&queued),
+            "{addr}: {queued} connections queued with a backlog of {BACKLOG}"
+        );
+    }
+    drop(bound);
+}
