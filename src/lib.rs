@@ -30,6 +30,7 @@ pub mod fd_limit;
 pub mod imap;
 pub mod limits;
 pub(crate) mod line;
+pub(crate) mod log_throttle;
 pub mod metrics;
 pub mod pop3;
 pub mod prelogin;

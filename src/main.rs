@@ -97,9 +97,15 @@ fn check(path: Option<&std::path::Path>) -> ExitCode {
 }
 
 fn init_logging(config: &RuntimeConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log_level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::EnvFilter;
+    // RUST_LOG when set and valid, else `log.level`; either way rustls's per-connection
+    // warnings only where debug lines are shown (see `config::log_filter`).
+    let written = std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|text| EnvFilter::try_new(text).is_ok())
+        .unwrap_or_else(|| config.log_level.clone());
+    let filter = EnvFilter::try_new(config::log_filter(&written))
+        .unwrap_or_else(|_| EnvFilter::new(config::log_filter("info")));
     // Colours only for a person at a terminal, never in files or log collectors.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
