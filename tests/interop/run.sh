@@ -167,7 +167,8 @@ read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
         P_DOVECOT_IMAP_PP P_POSTFIX_PP P_IMAPS_PP P_SMTPS_PP \
         P_HAPROXY_SMTPS P_HAPROXY_IMAPS P_SMTPS_LB P_IMAPS_LB \
         P_POSTFIX_XC P_SMTPS_XC P_IMAPS_XC P_POP3S_XC \
-        < <(python3 "$MFI" freeports 22)
+        P_IMAPS_TH P_POP3S_TH P_METRICS_TH \
+        < <(python3 "$MFI" freeports 25)
 # *_PP: backend ports that require a PROXY protocol v2 header, and the mailfront listeners with
 # backend_proxy_protocol: true in front of them. The client cases connect from 127.0.0.2 so the
 # backends' records can tell the client's address from mailfront's (127.0.0.1).
@@ -176,6 +177,8 @@ PP_CLIENT=127.0.0.2
 # mode, send-proxy-v2) that connects from 127.0.0.1. *_XC: mailfront listeners with
 # backend_client_info: Postfix P_POSTFIX_XC trusts XCLIENT from 127.0.0.0/8
 # (smtpd_authorized_xclient_hosts), Dovecot trusts ID and XCLIENT through login_trusted_networks.
+# *_TH: a second mailfront with limits.auth_failures_per_ip: 3 (the throttle cases), so the main
+# one keeps its defaults.
 
 # ---------------------------------------------------------------------------------------------
 # 3. Dovecot
@@ -549,6 +552,60 @@ start_mailfront() {
         return 1
     fi
     kill -0 "$MF_PID" 2>/dev/null || { echo "mailfront exited: $(tail -n 5 "$MF_LOG")" >&2; return 1; }
+}
+
+# A second mailfront for the auth throttle cases: limits.auth_failures_per_ip is per process and
+# per client address, so the limit of 3 lives here, and each case connects from its own loopback
+# address. backend_client_info tells Dovecot that address (ID, XCLIENT): its own auth penalty for
+# the wrong passwords then falls on it, not on 127.0.0.1, which every other case shares.
+MF_TH_CONF="$T/mailfront-throttle.yaml"
+MF_TH_LOG="$T/mailfront-throttle.log"
+start_throttle_mailfront() {
+    cat >"$MF_TH_CONF" <<EOF
+hostname: $HOSTNAME_MF
+tls:
+  certificates:
+    - cert: $T/tls/server.crt
+      key: $T/tls/server.key
+listeners:
+  - name: imaps-throttle
+    protocol: imap
+    listen: "127.0.0.1:$P_IMAPS_TH"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_IMAP"
+    backend_client_info: true
+  - name: pop3s-throttle
+    protocol: pop3
+    listen: "127.0.0.1:$P_POP3S_TH"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_POP3"
+    backend_client_info: true
+metrics:
+  listen: "127.0.0.1:$P_METRICS_TH"
+log:
+  format: text
+  level: debug
+limits:
+  connections_per_ip: 0
+  auth_failures_per_ip: 3
+  auth_failure_window: 10m
+EOF
+    "$MF_BIN" --config "$MF_TH_CONF" >"$MF_TH_LOG" 2>&1 &
+    PIDS_TO_KILL+=("$!")
+    python3 "$MFI" waitport --timeout 30 "$P_IMAPS_TH" "$P_POP3S_TH"
+}
+
+# case_auth_throttle PROTO PORT MODE SOURCE: 10 wrong passwords for an unknown user (MODE
+# hangup: each on its own session, closed 1.5 s later, before Dovecot's 2 s auth_failure_delay
+# answers; concurrent: all at once on 10 greeted sessions), from SOURCE. With the limit at 3,
+# Dovecot's auth process may see at most 3 of them: the charge is taken when a login is sent,
+# and a client that hangs up before the verdict keeps it. The figures go to case-<name>.out.
+case_auth_throttle() {
+    local user="throttle-$1-$3-$$@example.test" prefix="wrong-$1-$3-$$"
+    python3 "$MFI" auth-attempts --proto "$1" --port "$2" --cafile "$CA" --sni "$HOSTNAME_MF" \
+        --source "$4" --mode "$3" --user "$user" --password-prefix "$prefix" --attempts 10 &&
+    python3 "$MFI" auth-checked --log "$DOVECOT_LOG" --user "$user" --password-prefix "$prefix" \
+        --attempts 10 --max 3
 }
 
 # HAProxy from Debian in TCP mode in front of the *_LB listeners, as a load balancer would be.
@@ -1236,6 +1293,19 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         run_case metrics-promtool-check case_metrics_promtool
         run_corpus
         run_backend_tls_cases
+        # Last: the wrong passwords below count against Dovecot's own auth penalty too.
+        if start_throttle_mailfront 2>"$T/mf-throttle.start.err"; then
+            run_case auth-throttle-imap-hangup-before-verdict \
+                case_auth_throttle imap "$P_IMAPS_TH" hangup 127.0.0.11
+            run_case auth-throttle-imap-concurrent \
+                case_auth_throttle imap "$P_IMAPS_TH" concurrent 127.0.0.12
+            run_case auth-throttle-pop3-hangup-before-verdict \
+                case_auth_throttle pop3 "$P_POP3S_TH" hangup 127.0.0.13
+            run_case auth-throttle-pop3-concurrent \
+                case_auth_throttle pop3 "$P_POP3S_TH" concurrent 127.0.0.14
+        else
+            fail auth-throttle-mailfront-starts "$(tail -n 1 "$T/mf-throttle.start.err")"
+        fi
 
         for p in "${TESTSSL_PIDS[@]}"; do
             name=${p%%:*} pid=${p#*:}
