@@ -387,9 +387,10 @@ pub const DEFAULT_PREAUTH_COMMANDS: usize = 50;
 /// a NAT gateway in front of an office rarely has 50 logins in progress at one instant, because
 /// authenticated sessions do not count.
 pub const DEFAULT_CONNECTIONS_PER_IP: u32 = 50;
-/// Failed logins one client address (an IPv6 /64) may have in `limits.auth_failure_window`
-/// before its further attempts are refused here: a person mistyping a password, or a phone
-/// retrying an old one on three accounts, stays well below 10.
+/// Login attempts that did not succeed one client address (an IPv6 /64) may have in
+/// `limits.auth_failure_window` before its further attempts are refused here (each charged when
+/// sent, refunded on success): a person mistyping a password, or a phone retrying an old one on
+/// three accounts, stays well below 10.
 pub const DEFAULT_AUTH_FAILURES_PER_IP: u32 = 10;
 /// 10 failures per 10 minutes is one guess a minute: a dictionary attack on one address gets
 /// nowhere, and a throttled person waits minutes, not hours.
@@ -591,7 +592,8 @@ pub struct Limits {
     pub preauth_commands: usize,
     /// Unauthenticated sessions per client address across all listeners; 0: no limit.
     pub connections_per_ip: u32,
-    /// Failed logins per client address within `auth_failure_window`; 0: no throttle.
+    /// Login attempts that did not succeed per client address within `auth_failure_window`
+    /// ([`crate::limits::AuthThrottle`]); 0: no throttle.
     pub auth_failures_per_ip: u32,
     pub auth_failure_window: Duration,
 }

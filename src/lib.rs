@@ -3,7 +3,8 @@
 //! # Layout
 //! Dependencies point one way, top to bottom; nothing imports a layer above it.
 //! - [`server`]: binding, accept loops, connection limits, certificate reload, graceful shutdown;
-//!   [`limits`] counts each client address's unauthenticated sessions across listeners;
+//!   [`limits`] counts each client address's unauthenticated sessions across listeners and
+//!   charges its login attempts (charged when sent, refunded on success);
 //!   [`server::Server::run`] takes already-bound sockets so tests run the proxy in-process on
 //!   port 0. `connection` hands each accepted socket to its protocol's driver. [`fd_limit`]
 //!   raises the open-files limit at start and checks it against `max_connections`.

@@ -168,7 +168,8 @@ read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
         P_HAPROXY_SMTPS P_HAPROXY_IMAPS P_SMTPS_LB P_IMAPS_LB \
         P_POSTFIX_XC P_SMTPS_XC P_IMAPS_XC P_POP3S_XC \
         P_POSTFIX_HX P_SMTPS_HX P_SUBMISSION_HX P_SMTPS_HP P_POSTFIX_HN P_SMTPS_HN \
-        < <(python3 "$MFI" freeports 28)
+        P_IMAPS_TH P_POP3S_TH P_METRICS_TH \
+        < <(python3 "$MFI" freeports 31)
 # *_PP: backend ports that require a PROXY protocol v2 header, and the mailfront listeners with
 # backend_proxy_protocol: true in front of them. The client cases connect from 127.0.0.2 so the
 # backends' records can tell the client's address from mailfront's (127.0.0.1).
@@ -182,6 +183,8 @@ PP_CLIENT=127.0.0.2
 # submissions-hx (465) and submission-hx (587) listeners have backend_client_info in front of it,
 # submissions-hp (465) has not. P_POSTFIX_HN trusts mailfront for relaying but not for XCLIENT
 # (so its EHLO offers none), with submissions-hn (465, backend_client_info) in front.
+# *_TH: a second mailfront with limits.auth_failures_per_ip: 3 (the throttle cases), so the main
+# one keeps its defaults.
 
 # ---------------------------------------------------------------------------------------------
 # 3. Dovecot
@@ -604,6 +607,60 @@ start_mailfront() {
         return 1
     fi
     kill -0 "$MF_PID" 2>/dev/null || { echo "mailfront exited: $(tail -n 5 "$MF_LOG")" >&2; return 1; }
+}
+
+# A second mailfront for the auth throttle cases: limits.auth_failures_per_ip is per process and
+# per client address, so the limit of 3 lives here, and each case connects from its own loopback
+# address. backend_client_info tells Dovecot that address (ID, XCLIENT): its own auth penalty for
+# the wrong passwords then falls on it, not on 127.0.0.1, which every other case shares.
+MF_TH_CONF="$T/mailfront-throttle.yaml"
+MF_TH_LOG="$T/mailfront-throttle.log"
+start_throttle_mailfront() {
+    cat >"$MF_TH_CONF" <<EOF
+hostname: $HOSTNAME_MF
+tls:
+  certificates:
+    - cert: $T/tls/server.crt
+      key: $T/tls/server.key
+listeners:
+  - name: imaps-throttle
+    protocol: imap
+    listen: "127.0.0.1:$P_IMAPS_TH"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_IMAP"
+    backend_client_info: true
+  - name: pop3s-throttle
+    protocol: pop3
+    listen: "127.0.0.1:$P_POP3S_TH"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_POP3"
+    backend_client_info: true
+metrics:
+  listen: "127.0.0.1:$P_METRICS_TH"
+log:
+  format: text
+  level: debug
+limits:
+  connections_per_ip: 0
+  auth_failures_per_ip: 3
+  auth_failure_window: 10m
+EOF
+    "$MF_BIN" --config "$MF_TH_CONF" >"$MF_TH_LOG" 2>&1 &
+    PIDS_TO_KILL+=("$!")
+    python3 "$MFI" waitport --timeout 30 "$P_IMAPS_TH" "$P_POP3S_TH"
+}
+
+# case_auth_throttle PROTO PORT MODE SOURCE: 10 wrong passwords for an unknown user (MODE
+# hangup: each on its own session, closed 1.5 s later, before Dovecot's 2 s auth_failure_delay
+# answers; concurrent: all at once on 10 greeted sessions), from SOURCE. With the limit at 3,
+# Dovecot's auth process may see at most 3 of them: the charge is taken when a login is sent,
+# and a client that hangs up before the verdict keeps it. The figures go to case-<name>.out.
+case_auth_throttle() {
+    local user="throttle-$1-$3-$$@example.test" prefix="wrong-$1-$3-$$"
+    python3 "$MFI" auth-attempts --proto "$1" --port "$2" --cafile "$CA" --sni "$HOSTNAME_MF" \
+        --source "$4" --mode "$3" --user "$user" --password-prefix "$prefix" --attempts 10 &&
+    python3 "$MFI" auth-checked --log "$DOVECOT_LOG" --user "$user" --password-prefix "$prefix" \
+        --attempts 10 --max 3
 }
 
 # HAProxy from Debian in TCP mode in front of the *_LB listeners, as a load balancer would be.
@@ -1339,6 +1396,19 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         run_case smtp-hostile-swaks-465-xclient-submission case_swaks_hostile_465
         run_smtp_hostile
         run_backend_tls_cases
+        # Last: the wrong passwords below count against Dovecot's own auth penalty too.
+        if start_throttle_mailfront 2>"$T/mf-throttle.start.err"; then
+            run_case auth-throttle-imap-hangup-before-verdict \
+                case_auth_throttle imap "$P_IMAPS_TH" hangup 127.0.0.11
+            run_case auth-throttle-imap-concurrent \
+                case_auth_throttle imap "$P_IMAPS_TH" concurrent 127.0.0.12
+            run_case auth-throttle-pop3-hangup-before-verdict \
+                case_auth_throttle pop3 "$P_POP3S_TH" hangup 127.0.0.13
+            run_case auth-throttle-pop3-concurrent \
+                case_auth_throttle pop3 "$P_POP3S_TH" concurrent 127.0.0.14
+        else
+            fail auth-throttle-mailfront-starts "$(tail -n 1 "$T/mf-throttle.start.err")"
+        fi
 
         for p in "${TESTSSL_PIDS[@]}"; do
             name=${p%%:*} pid=${p#*:}
