@@ -481,6 +481,61 @@ os.remove(path); run()
 assert len(read()) == 160
 run()   # three keys: what mailfront check reads below
 EOF
+# The --secret path against a stand-in API server (HTTPS, bearer token, merge patch with the
+# resourceVersion it read; a conflicting change answers 409 and the run fails for the Job's retry).
+api=$WORK/api
+mkdir -p "$api/sa"
+if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=127.0.0.1 \
+    -addext subjectAltName=IP:127.0.0.1 -keyout "$api/key.pem" -out "$api/sa/ca.crt" >"$api/openssl.log" 2>&1; then
+  printf 'token-123' >"$api/sa/token"; printf 'mail' >"$api/sa/namespace"
+  check "rotate-ticket-keys.py --secret: GET, then a merge patch with resourceVersion, bearer token; 409 fails the run" "$PY" - \
+    "$CHART/files/rotate-ticket-keys.py" "$api" <<'EOF'
+import base64, http.server, json, os, ssl, subprocess, sys, threading
+script, api = sys.argv[1], sys.argv[2]
+state = {"rv": "7", "keys": os.urandom(160), "patches": [], "conflict": False}
+class H(http.server.BaseHTTPRequestHandler):
+    def _auth(self):
+        assert self.headers["Authorization"] == "Bearer token-123", self.headers["Authorization"]
+        assert self.path == "/api/v1/namespaces/mail/secrets/mailfront-ticket-keys", self.path
+    def do_GET(self):
+        self._auth()
+        self._send(200, {"metadata": {"name": "mailfront-ticket-keys", "resourceVersion": state["rv"]},
+                         "data": {"ticket.keys": base64.b64encode(state["keys"]).decode()}})
+    def do_PATCH(self):
+        self._auth()
+        assert self.headers["Content-Type"] == "application/merge-patch+json"
+        patch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        state["patches"].append(patch)
+        if state["conflict"] or patch["metadata"]["resourceVersion"] != state["rv"]:
+            return self._send(409, {"kind": "Status", "code": 409})
+        state["keys"] = base64.b64decode(patch["data"]["ticket.keys"]); state["rv"] = str(int(state["rv"]) + 1)
+        self._send(200, {})
+    def _send(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(f"{api}/sa/ca.crt", f"{api}/key.pem")
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+env = dict(os.environ, ROTATE_SA_DIR=f"{api}/sa", KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=str(srv.server_port))
+run = lambda: subprocess.run([sys.executable, "-I", "-B", script, "--secret", "mailfront-ticket-keys", "--keep", "3"],
+                             env=env, capture_output=True, text=True)
+before = state["keys"]
+r = run()
+assert r.returncode == 0, r.stderr
+after = state["keys"]
+assert len(after) == 240 and after[:80] == before[80:160] and after[80:160] == before[:80], "staged key first, old sealing key second"
+assert state["patches"][-1]["metadata"]["resourceVersion"] == "7" and state["rv"] == "8"
+state["conflict"] = True
+r = run()
+assert r.returncode != 0 and state["keys"] == after, "a 409 must fail the run and change nothing"
+print("rotated through the API; a conflict failed the run")
+EOF
+else
+  fail "openssl: a certificate for the stand-in API server" "$api/openssl.log"
+fi
 # The rendered CronJob runs the same script as the chart ships.
 if [ -n "${RENDERED[helm-default]:-}" ]; then
   check "rotation CronJob's ConfigMap holds files/rotate-ticket-keys.py unchanged" "$PY" -c '

@@ -35,7 +35,8 @@ KEY_LEN = 80  # src/tls/tickets.rs KEY_LEN
 NAME_LEN = 16
 MAX_KEYS = 16  # src/tls/tickets.rs MAX_KEYS
 DATA_KEY = "ticket.keys"
-SA = "/var/run/secrets/kubernetes.io/serviceaccount"
+# The pod's service account mount (token, ca.crt, namespace); another directory for tests.
+SA = os.environ.get("ROTATE_SA_DIR", "/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 def split(blob):
