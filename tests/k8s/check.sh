@@ -443,6 +443,18 @@ check "NOTES.txt warns when max_connections outgrow resources.limits.memory (4 x
   <(notes --set listeners.imaps.max_connections=10000 --set listeners.pop3s.max_connections=10000 \
      --set listeners.submission.max_connections=10000 --set listeners.submissions.max_connections=10000 2>&1) <(notes 2>&1)
 
+check "imagePullPolicy: IfNotPresent for a version tag or a digest, Always for a branch-like tag" "$PY" -c '
+import subprocess, sys, yaml
+def policy(*args):
+    out = subprocess.run(sys.argv[1:] + list(args), check=True, capture_output=True, text=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"]
+assert policy("--set", "image.tag=1.4.0") == "IfNotPresent"
+assert policy("--set", "image.tag=v1.4.0-rc.2") == "IfNotPresent"
+assert policy("--set", "image.tag=main") == "Always"
+assert policy("--set", "image.tag=main", "--set", "image.digest=sha256:" + "a" * 64) == "IfNotPresent"
+assert policy("--set", "image.tag=1.4.0", "--set", "image.pullPolicy=Always") == "Always"
+' "${H[@]}"
+
 # A chart release that changes nothing in the pod must not roll the pods: no chart version in
 # the pod template.
 bumped=$WORK/chart-bumped

@@ -30,7 +30,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "mailfront.labels" -}}
 helm.sh/chart: {{ include "mailfront.chart" . }}
 {{ include "mailfront.selectorLabels" . }}
-app.kubernetes.io/version: {{ include "mailfront.imageTag" . | quote }}
+app.kubernetes.io/version: {{ include "mailfront.imageTag" . | trunc 63 | trimSuffix "-" | trimSuffix "." | trimSuffix "_" | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: mailfront
 {{- with .Values.commonLabels }}
@@ -44,7 +44,7 @@ chart release that leaves the pod alone does not roll every pod. No helm.sh/char
 */}}
 {{- define "mailfront.podLabels" -}}
 {{ include "mailfront.selectorLabels" . }}
-app.kubernetes.io/version: {{ include "mailfront.imageTag" . | quote }}
+app.kubernetes.io/version: {{ include "mailfront.imageTag" . | trunc 63 | trimSuffix "-" | trimSuffix "." | trimSuffix "_" | quote }}
 app.kubernetes.io/part-of: mailfront
 {{- with .Values.commonLabels }}
 {{ toYaml . }}
