@@ -680,7 +680,10 @@ if command -v systemd-analyze >/dev/null; then
   # verify wants the ExecStart binary to exist: point it at the one under test (or /bin/true).
   unit_dir=$WORK/unit
   mkdir -p "$unit_dir"
-  sed "s#/usr/bin/mailfront#${MAILFRONT_BIN:-/bin/true}#g" "$ROOT/packaging/mailfront.service" >"$unit_dir/mailfront.service"
+  # ExecStart needs an absolute path; CI passes MAILFRONT_BIN relative to the repository.
+  unit_bin=/bin/true
+  [ -n "${MAILFRONT_BIN:-}" ] && unit_bin=$(realpath "$MAILFRONT_BIN")
+  sed "s#/usr/bin/mailfront#${unit_bin}#g" "$ROOT/packaging/mailfront.service" >"$unit_dir/mailfront.service"
   # shellcheck disable=SC2016
   check "systemd-analyze verify packaging/mailfront.service (no warnings)" bash -c '
     out=$(systemd-analyze verify "$0" 2>&1); rc=$?; printf "%s" "$out"; [ $rc -eq 0 ] && [ -z "$out" ]' "$unit_dir/mailfront.service"
