@@ -771,7 +771,9 @@ impl Config {
             },
         };
 
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err()
+            || !log_directives_have_levels(&self.log.level)
+        {
             problem(
                 "log.level".into(),
                 format!(
@@ -911,6 +913,22 @@ pub fn log_filter(text: &str) -> String {
     }
 }
 
+/// Whether every directive of a `log.level` filter names a level. `EnvFilter` takes a bare word
+/// as a target (`warning` means "everything from the target `warning`"), so a misspelt level
+/// would pass and the proxy would then log nothing at all: a bare word must be a level, and
+/// `target=level` must end in one.
+fn log_directives_have_levels(text: &str) -> bool {
+    use tracing::level_filters::LevelFilter;
+    text.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .all(|directive| match directive.rsplit_once('=') {
+            Some((_, level)) => level.trim().parse::<LevelFilter>().is_ok(),
+            None if directive.contains('[') => true,
+            None => directive.parse::<LevelFilter>().is_ok(),
+        })
+}
+
 /// Reads and validates a config file, or the embedded default when `path` is `None`.
 pub fn load(path: Option<&Path>) -> Result<RuntimeConfig, ConfigError> {
     match path {
@@ -950,6 +968,22 @@ mod tests {
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml.example"))
                 .unwrap();
         assert_eq!(on_disk, EMBEDDED_DEFAULT);
+    }
+
+    #[test]
+    fn a_log_level_that_is_not_a_level_is_refused_not_taken_as_a_target() {
+        for bad in ["warning", "notice", "verbose", "info,mailfront=loud", "Warn,x"] {
+            let keys: Vec<String> = problems(&format!("{MINIMAL}log:\n  level: \"{bad}\"\n"))
+                .into_iter()
+                .map(|p| p.key)
+                .collect();
+            assert_eq!(keys, ["log.level"], "{bad}");
+        }
+        for good in ["warn", "INFO", "info,mailfront=debug", "off", "error,rustls=warn"] {
+            let yaml = format!("{MINIMAL}log:\n  level: \"{good}\"\n");
+            let config = Config::from_yaml(&yaml).unwrap().validate(Path::new("/"));
+            assert!(config.is_ok(), "{good}");
+        }
     }
 
     #[test]
