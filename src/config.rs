@@ -356,10 +356,12 @@ pub const DEFAULT_RELAY_IDLE: Duration = Duration::from_secs(60 * 60);
 /// them, and deploy/ sets the pod's terminationGracePeriodSeconds (45) above it so Kubernetes
 /// does not kill the process first.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Longest SMTP command line: RFC 5321 §4.5.3.1.4 asks for at least 512 octets, and
-/// extensions (RFC 1870 SIZE, RFC 6531 SMTPUTF8 addresses, RFC 4954 AUTH initial responses)
-/// make real lines longer; eight times the minimum leaves room while still bounding memory.
-pub const DEFAULT_SMTP_LINE: usize = 4096;
+/// Longest SMTP command line mailfront reads (AUTH lines get 12288, RFC 4954 §4): Postfix's
+/// `line_length_limit`. What reaches the backend is never the client's line but mailfront's
+/// re-encoding of it, at most 512 octets (1280 for MAIL, 1024 for RCPT, see
+/// [`crate::smtp::canonical`]), so this bounds only what is read and judged; reading more than
+/// the longest line any backend takes serves nothing.
+pub const DEFAULT_SMTP_LINE: usize = 2048;
 /// Longest IMAP line before authentication: RFC 7162 §4 has clients keep command lines to
 /// about 8192 octets, so a server should accept that much.
 pub const DEFAULT_IMAP_LINE: usize = 8192;

@@ -392,9 +392,9 @@ async fn a_clients_own_proxy_header_gains_nothing_without_proxy_protocol_from() 
     assert_eq!(e.backend.proxy_headers.connections().len(), 1);
 }
 
-/// Implicit-TLS submission behind a balancer with `backend_client_info`: returns the client
-/// side after EHLO and the EHLO reply it saw.
-async fn xclient_session(refuse: bool) -> (Env, String) {
+/// An implicit-TLS submission listener with `backend_client_info` behind a balancer, its
+/// backend offering XCLIENT (or refusing it), and a client connected from 203.0.113.7:40001.
+async fn xclient_env(refuse: bool) -> (Env, BufReader<tokio_rustls::client::TlsStream<TcpStream>>) {
     let e = client_info_env(
         FakeKind::Smtp,
         FakeOptions {
@@ -410,13 +410,24 @@ async fn xclient_session(refuse: bool) -> (Env, String) {
         "smtp",
     )
     .await;
-    let mut io = through_balancer(
+    let io = through_balancer(
         &e,
         "lb",
         addr("203.0.113.7:40001"),
         addr("198.51.100.1:465"),
     )
     .await;
+    (e, io)
+}
+
+/// What the backend saw first on every session with `backend_client_info`: mailfront's own
+/// EHLO and XCLIENT, before any client command.
+const XCLIENT_PREAMBLE: &str = "EHLO mx.example.test\r\n\
+    XCLIENT NAME=[UNAVAILABLE] ADDR=203.0.113.7 PORT=40001 DESTADDR=198.51.100.1 DESTPORT=465\r\n";
+
+#[tokio::test]
+async fn smtp_xclient_names_the_client_before_any_client_command_and_stays_invisible() {
+    let (e, mut io) = xclient_env(false).await;
     assert!(read_smtp_reply(&mut io).await.starts_with("220 "));
     io.get_mut()
         .write_all(b"EHLO client+x.test\r\n")
@@ -424,17 +435,8 @@ async fn xclient_session(refuse: bool) -> (Env, String) {
         .unwrap();
     let ehlo = read_smtp_reply(&mut io).await;
     io.get_mut().write_all(b"NOOP\r\nQUIT\r\n").await.unwrap();
-    assert!(
-        read_smtp_reply(&mut io).await.starts_with("250"),
-        "the session goes on"
-    );
+    assert!(read_smtp_reply(&mut io).await.starts_with("250"));
     assert!(read_smtp_reply(&mut io).await.starts_with("221"));
-    (e, ehlo)
-}
-
-#[tokio::test]
-async fn smtp_xclient_names_the_client_and_its_220_and_re_ehlo_stay_invisible() {
-    let (e, ehlo) = xclient_session(false).await;
     assert!(ehlo.starts_with("250-"), "{ehlo}");
     assert_eq!(
         ehlo.matches("\r\n250 ").count(),
@@ -444,25 +446,51 @@ async fn smtp_xclient_names_the_client_and_its_220_and_re_ehlo_stay_invisible() 
     assert!(!ehlo.contains("XCLIENT") && !ehlo.contains("220"), "{ehlo}");
     let seen = e.backend.recorder.all_text();
     assert!(
-        seen.starts_with(
-            "EHLO client+x.test\r\n\
-             XCLIENT ADDR=203.0.113.7 PORT=40001 HELO=client+2Bx.test PROTO=ESMTP DESTADDR=198.51.100.1 DESTPORT=465\r\n\
-             EHLO client+x.test\r\nNOOP\r\n"
-        ),
+        seen.starts_with(&format!("{XCLIENT_PREAMBLE}EHLO client+x.test\r\nNOOP\r\n")),
         "{seen}"
     );
 }
 
+/// HELO, or no greeting command at all, gets the same identity as EHLO: XCLIENT never
+/// depends on what the client says first.
 #[tokio::test]
-async fn a_backend_refusing_xclient_leaves_the_session_going() {
-    let (e, ehlo) = xclient_session(true).await;
-    assert!(ehlo.starts_with("250-"), "{ehlo}");
-    assert!(!ehlo.contains("550"), "{ehlo}");
+async fn smtp_xclient_is_sent_for_helo_and_for_a_session_without_ehlo() {
+    for (first, expect) in [
+        ("HELO old.client\r\n", "HELO old.client\r\n"),
+        ("NOOP\r\n", "NOOP\r\n"),
+    ] {
+        let (e, mut io) = xclient_env(false).await;
+        assert!(read_smtp_reply(&mut io).await.starts_with("220 "));
+        io.get_mut().write_all(first.as_bytes()).await.unwrap();
+        assert!(read_smtp_reply(&mut io).await.starts_with("250"));
+        io.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+        assert!(read_smtp_reply(&mut io).await.starts_with("221"));
+        let seen = e.backend.recorder.all_text();
+        assert!(
+            seen.starts_with(&format!("{XCLIENT_PREAMBLE}{expect}")),
+            "{first:?}: {seen}"
+        );
+    }
+}
+
+/// A backend that offers XCLIENT and refuses mailfront's: the session was meant to carry the
+/// client's identity, so it ends with 421 before the client can say anything.
+#[tokio::test]
+async fn a_backend_refusing_xclient_closes_the_session_with_421() {
+    let (e, mut io) = xclient_env(true).await;
+    let greeting = read_smtp_reply(&mut io).await;
+    assert!(greeting.starts_with("421 4.7.0 "), "{greeting}");
+    let mut rest = Vec::new();
+    io.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     let seen = e.backend.recorder.all_text();
+    assert_eq!(
+        seen.matches("EHLO").count(),
+        1,
+        "only mailfront's EHLO: {seen}"
+    );
     assert!(
-        seen.starts_with("EHLO client+x.test\r\nXCLIENT ADDR=203.0.113.7 ")
-            && seen.contains("\r\nNOOP\r\n")
-            && seen.matches("EHLO").count() == 1,
+        seen.contains("XCLIENT NAME=[UNAVAILABLE] ADDR=203.0.113.7 "),
         "{seen}"
     );
 }

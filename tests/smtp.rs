@@ -1341,25 +1341,33 @@ async fn a_failed_handshake_after_starttls_closes_and_nothing_runs_in_cleartext(
     assert!(!all.contains("evil") && !all.contains("MAIL"), "{all}");
 }
 
-/// A 10 000-octet XOAUTH2 initial response is forwarded whole; an AUTH line or a SASL
-/// response over the limit gets `500 5.5.6`, nothing of it is forwarded, and the session goes
-/// on in step (the backend's exchange is cancelled with `*`, its 501 swallowed).
+/// A 10 000-octet initial response reaches the backend whole, but not on the AUTH line
+/// (RFC 4954 §4: a client MUST NOT send an initial response that makes the command line too
+/// long): mailfront sends `AUTH PLAIN`, answers the backend's empty 334 with the response, and
+/// the client never sees that 334. An AUTH line or a SASL response over 12288 octets gets
+/// `500 5.5.6`, nothing of it is forwarded, and the session goes on in step (the backend's
+/// exchange is cancelled with `*`, its 501 swallowed).
 #[tokio::test]
-async fn a_10000_octet_xoauth2_is_forwarded_and_longer_auth_lines_get_500_5_5_6() {
+async fn a_10000_octet_initial_response_follows_an_empty_challenge_and_longer_auth_lines_get_500_5_5_6()
+ {
     let env = env().await;
     let mut c = implicit(&env).await;
-    let ir = "A".repeat(10_000);
-    let reply = c.cmd(&format!("AUTH XOAUTH2 {ir}")).await;
+    let ir = BASE64_STANDARD.encode(format!("{}\0user\0secret", "z".repeat(7_000)));
+    assert!(ir.len() > 9_000);
+    let reply = c.cmd(&format!("AUTH plain {ir}")).await;
     assert!(
-        reply.starts_with("502"),
+        reply.starts_with("235"),
         "the backend's own answer: {reply}"
     );
-    assert!(
-        env.backend
-            .recorder
-            .all_text()
-            .contains(&format!("AUTH XOAUTH2 {ir}\r\n"))
-    );
+    let all = env.backend.recorder.all_text();
+    assert!(all.contains(&format!("AUTH PLAIN\r\n{ir}\r\n")), "{all}");
+    assert!(!all.contains(&format!("AUTH PLAIN {ir}")));
+    let env = self::env().await;
+    let mut c = implicit(&env).await;
+    // A mechanism the backend does not know: its refusal answers the client's AUTH.
+    let reply = c.cmd(&format!("AUTH XOAUTH2 {}", "A".repeat(10_000))).await;
+    assert!(reply.starts_with("502"), "{reply}");
+    assert!(c.cmd("NOOP").await.starts_with("250"), "still in step");
     let long = "B".repeat(13_000);
     assert_eq!(
         c.cmd(&format!("AUTH XOAUTH2 {long}")).await,
@@ -1857,8 +1865,10 @@ async fn bare_line_endings_in_auth_continuations_and_cancels_are_refused_and_nev
     assert!(c.cmd(&secret).await.starts_with("235"));
 }
 
-/// A CR ending one read and its LF starting the next are one good CRLF; a line of exactly the
-/// limit (4096 octets, CRLF included) is forwarded and one octet more is refused whole.
+/// A CR ending one read and its LF starting the next are one good CRLF. Two limits: a line of
+/// exactly `limits.smtp_line` (2048 octets, CRLF included) is read and judged, one octet more
+/// is refused whole; and what is forwarded is mailfront's re-encoding, at most 512 octets for a
+/// NOOP, so 2048 octets of padding reach the backend as a few.
 #[tokio::test]
 async fn a_crlf_split_across_reads_and_a_line_of_exactly_the_limit_are_accepted() {
     let env = env().await;
@@ -1867,21 +1877,32 @@ async fn a_crlf_split_across_reads_and_a_line_of_exactly_the_limit_are_accepted(
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.send("\n").await;
     assert!(c.reply().await.starts_with("250"));
-    let exact = format!("NOOP {}", "e".repeat(4096 - 7));
+    let exact = format!("NOOP{}exact", " ".repeat(2048 - 11));
     c.send(format!("{exact}\r")).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.send("\n").await;
     assert!(c.reply().await.starts_with("250"), "exactly the limit");
-    let over = format!("NOOP {}", "o".repeat(4096 - 6));
+    let over = format!("NOOP{}over", " ".repeat(2048 - 9));
     c.send(format!("{over}\r")).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.send("\n").await;
     assert_eq!(c.reply().await, "500 5.5.2 Line too long\r\n");
+    let longest = format!("NOOP {}", "e".repeat(512 - 7));
+    assert!(
+        c.cmd(&longest).await.starts_with("250"),
+        "512 octets re-encoded"
+    );
+    let too_long = format!("NOOP {}", "f".repeat(512 - 6));
+    assert_eq!(c.cmd(&too_long).await, "500 5.5.2 Line too long\r\n");
     assert!(c.cmd("NOOP").await.starts_with("250"));
     let all = env.backend.recorder.all_text();
     assert!(all.contains("NOOP split\r\n"));
-    assert!(all.contains(&format!("{exact}\r\n")));
-    assert!(!all.contains("ooo"));
+    assert!(all.contains("NOOP exact\r\n"), "{all}");
+    assert!(all.contains(&format!("{longest}\r\n")));
+    assert!(
+        !all.contains("over") && !all.contains("fff") && !all.contains("  "),
+        "{all}"
+    );
 }
 
 /// BDAT content is held to DATA's rule: a bare LF or bare CR anywhere in the message (within a
@@ -2035,4 +2056,100 @@ async fn an_accepted_cleartext_mail_stops_the_login_clock() {
     assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+}
+
+/// The smuggling class of a backend that cuts command lines short (Postfix reads 2048 octets
+/// and skips the rest): padding that moves a BDAT size, or anything else, past the cut can no
+/// longer mean one thing to mailfront and another to the backend, because the backend only
+/// ever reads mailfront's re-encoded line. The chunk announced is the chunk streamed, and the
+/// smuggled commands in it stay message content.
+#[tokio::test]
+async fn padded_command_lines_reach_the_backend_rewritten_and_chunks_stay_chunks() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
+    let mail = format!("MAIL FROM:<a@example.test>{}SIZE=300", " ".repeat(1900));
+    assert!(c.cmd(&mail).await.starts_with("250"));
+    let rcpt = format!("RCPT\tTO:<b@example.test>{}", "\t".repeat(1500));
+    assert!(c.cmd(&rcpt).await.starts_with("250"));
+    let smuggled = "XCLIENT LOGIN=victim@example.test\r\nMAIL FROM:<x@evil.test>\r\nRCPT TO:<y@remote.test>\r\nDATA\r\n";
+    let chunk = format!("{smuggled}{}", "p".repeat(300 - smuggled.len()));
+    assert_eq!(chunk.len(), 300);
+    // The size 1990 octets into the line: past nothing here, but past any shorter cut.
+    let bdat = format!("BDAT{}300 LAST", " ".repeat(1990));
+    c.send(format!("{bdat}\r\n{chunk}")).await;
+    let reply = c.reply().await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    let conns = env.backend.recorder.connections();
+    let t = transcript(&conns[0]);
+    for command in &t.commands {
+        assert!(command.len() + 2 <= 512, "{command:?}");
+        assert!(
+            !command.contains("  ") && !command.contains('\t'),
+            "{command:?}"
+        );
+        assert!(
+            !command.to_ascii_uppercase().starts_with("XCLIENT"),
+            "{command:?}"
+        );
+    }
+    assert!(
+        t.commands
+            .contains(&"MAIL FROM:<a@example.test> SIZE=300".to_owned()),
+        "{:?}",
+        t.commands
+    );
+    assert!(t.commands.contains(&"RCPT TO:<b@example.test>".to_owned()));
+    assert!(
+        t.commands
+            .iter()
+            .any(|c| c.starts_with("BDAT ") && c.ends_with(" LAST")),
+        "{:?}",
+        t.commands
+    );
+    assert_eq!(t.messages.len(), 1);
+    let (field, rest) = split_received(&t.messages[0]);
+    check_field(&field, &c, "ESMTPSA");
+    assert_eq!(rest, chunk.as_bytes(), "the chunk is content, whole");
+}
+
+/// A line too long for the receiver is refused whole, BDAT included: its chunk cannot be
+/// framed, so what follows is read as commands — by mailfront's gate, as any command.
+#[tokio::test]
+async fn a_bdat_line_past_the_read_limit_is_refused_and_what_follows_is_judged_as_commands() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    let bdat = format!("BDAT{}300 LAST", " ".repeat(2040));
+    c.send(format!("{bdat}\r\nXCLIENT LOGIN=victim@example.test\r\n"))
+        .await;
+    assert_eq!(c.reply().await, "500 5.5.2 Line too long\r\n");
+    assert_eq!(
+        c.reply().await,
+        "500 5.5.1 Error: command not recognized\r\n"
+    );
+    assert!(c.cmd("NOOP").await.starts_with("250"));
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("BDAT") && !all.contains("XCLIENT"), "{all}");
+}
+
+/// A BDAT size with a leading zero, a sign or padding inside the number is refused (RFC 3030
+/// §2 `chunk-size = 1*DIGIT`, read strictly), and its would-be chunk is not forwarded.
+#[tokio::test]
+async fn bdat_sizes_are_read_strictly() {
+    let env = env().await;
+    let mut c = implicit(&env).await;
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
+    assert!(c.cmd("MAIL FROM:<a@example.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").await.starts_with("250"));
+    for bad in ["BDAT 010", "BDAT +10", "BDAT 1 0", "BDAT 0x10"] {
+        assert_eq!(
+            c.cmd(bad).await,
+            "501 5.5.4 Syntax: BDAT <size> [LAST]\r\n",
+            "{bad}"
+        );
+    }
+    assert!(c.cmd("NOOP").await.starts_with("250"));
+    let all = env.backend.recorder.all_text();
+    assert!(!all.contains("BDAT"), "{all}");
 }

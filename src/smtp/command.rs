@@ -91,6 +91,19 @@ pub enum SyntaxError {
     /// `STARTTLS` takes no parameters (RFC 3207 §4).
     #[error("STARTTLS with parameters")]
     StartTls,
+    /// `RCPT` without a parsable `TO:<path>`: it could not be written anew, so it is not sent.
+    #[error("RCPT without a parsable TO:<path>")]
+    Rcpt,
+    /// `AUTH` whose mechanism is not a SASL name (RFC 4422 §3.1), whose initial response is not
+    /// base64 or `=` (RFC 4954 §4), or with words after it.
+    #[error("AUTH with an unusable mechanism or initial response")]
+    Auth,
+    /// A SASL line after a `334` that is neither `*` nor base64 (RFC 4954 §4).
+    #[error("SASL response not in base64")]
+    Sasl,
+    /// A command the gate answers itself and never forwards (STARTTLS, XCLIENT, XFORWARD).
+    #[error("command never forwarded")]
+    NotForwarded,
 }
 
 impl SyntaxError {
@@ -103,6 +116,10 @@ impl SyntaxError {
             SyntaxError::Mail => local_reply::MAIL_SYNTAX,
             SyntaxError::Bdat => local_reply::BDAT_SYNTAX,
             SyntaxError::StartTls => local_reply::STARTTLS_SYNTAX,
+            SyntaxError::Rcpt => local_reply::RCPT_SYNTAX,
+            SyntaxError::Auth => local_reply::AUTH_SYNTAX,
+            SyntaxError::Sasl => local_reply::SASL_SYNTAX,
+            SyntaxError::NotForwarded => local_reply::COMMAND_NOT_RECOGNIZED,
         }
     }
 }
@@ -229,7 +246,7 @@ impl Command {
             Verb::Ehlo => Command::Ehlo(args.to_vec()),
             Verb::Helo => Command::Helo(args.to_vec()),
             Verb::Mail => parse_mail(line, args).map_or(invalid(SyntaxError::Mail), Command::Mail),
-            Verb::Rcpt => Command::Rcpt(parse_rcpt(args)),
+            Verb::Rcpt => parse_rcpt(args).map_or(invalid(SyntaxError::Rcpt), Command::Rcpt),
             Verb::Data => Command::Data,
             Verb::Bdat => parse_bdat(args).map_or(invalid(SyntaxError::Bdat), Command::Bdat),
             Verb::Rset => Command::Rset,
@@ -237,14 +254,7 @@ impl Command {
             Verb::Quit => Command::Quit,
             Verb::StartTls if args.is_empty() => Command::StartTls,
             Verb::StartTls => invalid(SyntaxError::StartTls),
-            Verb::Auth => {
-                let (mechanism, rest) = split_word(args);
-                let (initial, _) = split_word(rest);
-                Command::Auth(Auth {
-                    mechanism: mechanism.to_vec(),
-                    initial_response: (!initial.is_empty()).then(|| initial.to_vec()),
-                })
-            }
+            Verb::Auth => parse_auth(args).map_or(invalid(SyntaxError::Auth), Command::Auth),
             Verb::Xclient => Command::Xclient,
             Verb::Xforward => Command::Xforward,
             Verb::Help => Command::Help,
@@ -310,15 +320,17 @@ impl SaslResponse {
     pub fn parse(line: &[u8]) -> SaslResponse {
         if line == b"*" {
             SaslResponse::Cancel
-        } else {
+        } else if crate::smtp::canonical::is_base64_text(line) {
             SaslResponse::Data
+        } else {
+            SaslResponse::Invalid(SyntaxError::Sasl)
         }
     }
 }
 
 /// Separators between words. Postfix tokenizes on `isspace`, so a tab (or VT/FF) splits words
 /// there too: treating only SP as a separator would let `XCLIENT\tADDR=…` slip past as unknown.
-fn is_separator(b: u8) -> bool {
+pub(crate) fn is_separator(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | 0x0b | 0x0c)
 }
 
@@ -339,7 +351,7 @@ fn trim_separators(mut s: &[u8]) -> &[u8] {
 }
 
 /// Splits off the first word; the rest is trimmed of separators.
-fn split_word(s: &[u8]) -> (&[u8], &[u8]) {
+pub(crate) fn split_word(s: &[u8]) -> (&[u8], &[u8]) {
     let s = trim_separators(s);
     match s.iter().position(|&b| is_separator(b)) {
         Some(pos) => {
@@ -350,7 +362,7 @@ fn split_word(s: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-fn words(s: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn words(s: &[u8]) -> impl Iterator<Item = &[u8]> {
     s.split(|&b| is_separator(b)).filter(|w| !w.is_empty())
 }
 
@@ -359,9 +371,39 @@ fn strip_prefix_ignore_case<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> 
     head.eq_ignore_ascii_case(prefix).then_some(rest)
 }
 
+/// Whether a path (without its brackets) can be written back as one token every backend reads
+/// the same: no separator, bracket or control character outside a quoted string, and every
+/// quoted string closed (RFC 5321 §4.1.2 `Quoted-string`). `<a b@c>` would otherwise be one
+/// path to mailfront and two words to Postfix's tokenizer.
+fn path_is_one_token(path: &[u8]) -> bool {
+    let mut quoted = false;
+    let mut escaped = false;
+    for &b in path {
+        if b < 0x20 || b == 0x7f {
+            return false;
+        }
+        if escaped {
+            escaped = false;
+        } else if quoted && b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            quoted = !quoted;
+        } else if !quoted && (is_separator(b) || b == b'<' || b == b'>') {
+            return false;
+        }
+    }
+    !quoted && !escaped
+}
+
 /// Splits `<path> params` or `path params`; the path is returned without brackets. Quoted
-/// local parts may contain `>` and spaces (RFC 5321 §4.1.2 `Quoted-string`).
+/// local parts may contain `>` and spaces (RFC 5321 §4.1.2 `Quoted-string`). `None` when the
+/// path is not one token ([`path_is_one_token`]).
 fn split_path(s: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (path, rest) = split_path_raw(s)?;
+    path_is_one_token(path).then_some((path, rest))
+}
+
+fn split_path_raw(s: &[u8]) -> Option<(&[u8], &[u8])> {
     let s = trim_separators(s);
     let Some(inner) = s.strip_prefix(b"<") else {
         let (path, rest) = split_word(s);
@@ -385,20 +427,33 @@ fn split_path(s: &[u8]) -> Option<(&[u8], &[u8])> {
     None
 }
 
-fn parse_parameters(s: &[u8]) -> Vec<Parameter> {
+/// `esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")` (RFC 5321 §4.1.2).
+fn is_esmtp_keyword(keyword: &[u8]) -> bool {
+    keyword.first().is_some_and(|b| b.is_ascii_alphanumeric())
+        && keyword
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The `keyword[=value]` words after a path; `None` if a keyword is not an `esmtp-keyword`
+/// (a backend would split such a word differently, or not at all).
+fn parse_parameters(s: &[u8]) -> Option<Vec<Parameter>> {
     words(s)
-        .map(|word| match word.iter().position(|&b| b == b'=') {
-            Some(eq) => {
-                let (keyword, value) = word.split_at(eq);
-                Parameter {
-                    keyword: keyword.to_vec(),
-                    value: Some(value.get(1..).unwrap_or_default().to_vec()),
+        .map(|word| {
+            let (keyword, value) = match word.iter().position(|&b| b == b'=') {
+                Some(eq) => {
+                    let (keyword, value) = word.split_at(eq);
+                    (keyword, Some(value.get(1..).unwrap_or_default().to_vec()))
                 }
-            }
-            None => Parameter {
-                keyword: word.to_vec(),
-                value: None,
-            },
+                None => (word, None),
+            };
+            let clean = value
+                .as_deref()
+                .is_none_or(|v| v.iter().all(|&b| b >= 0x20 && b != 0x7f));
+            (is_esmtp_keyword(keyword) && clean).then(|| Parameter {
+                keyword: keyword.to_vec(),
+                value,
+            })
         })
         .collect()
 }
@@ -406,7 +461,7 @@ fn parse_parameters(s: &[u8]) -> Vec<Parameter> {
 fn parse_mail(line: &[u8], args: &[u8]) -> Option<MailFrom> {
     let after = strip_prefix_ignore_case(args, b"FROM:")?;
     let (path, params) = split_path(after)?;
-    let parameters = parse_parameters(params);
+    let parameters = parse_parameters(params)?;
     let find = |name: &[u8]| {
         parameters
             .iter()
@@ -439,17 +494,42 @@ fn parse_mail(line: &[u8], args: &[u8]) -> Option<MailFrom> {
     })
 }
 
-fn parse_rcpt(args: &[u8]) -> RcptTo {
-    match strip_prefix_ignore_case(args, b"TO:").and_then(split_path) {
-        Some((path, params)) => RcptTo {
-            forward_path: Some(path.to_vec()),
-            parameters: parse_parameters(params),
-        },
-        None => RcptTo {
-            forward_path: None,
-            parameters: Vec::new(),
-        },
+fn parse_rcpt(args: &[u8]) -> Option<RcptTo> {
+    let (path, params) = strip_prefix_ignore_case(args, b"TO:").and_then(split_path)?;
+    Some(RcptTo {
+        forward_path: Some(path.to_vec()),
+        parameters: parse_parameters(params)?,
+    })
+}
+
+/// Longest SASL mechanism name (RFC 4422 §3.1).
+const MAX_MECHANISM: usize = 20;
+
+/// `AUTH mechanism [initial-response]` (RFC 4954 §4): the mechanism a SASL name (RFC 4422 §3.1:
+/// upper-case letters, digits, `-`, `_`; compared case-insensitively by every backend), the
+/// response base64 or `=`, nothing after it.
+fn parse_auth(args: &[u8]) -> Option<Auth> {
+    let mut parts = words(args);
+    let mechanism = parts.next()?;
+    let initial = parts.next();
+    if parts.next().is_some()
+        || mechanism.len() > MAX_MECHANISM
+        || !mechanism
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return None;
     }
+    if let Some(initial) = initial
+        && initial != b"="
+        && (initial.is_empty() || !crate::smtp::canonical::is_base64_text(initial))
+    {
+        return None;
+    }
+    Some(Auth {
+        mechanism: mechanism.to_vec(),
+        initial_response: initial.map(<[u8]>::to_vec),
+    })
 }
 
 /// Longest accepted chunk-size: 18 digits always fits a u64, and no real chunk comes near it.
@@ -458,7 +538,13 @@ const MAX_CHUNK_SIZE_DIGITS: usize = 18;
 fn parse_bdat(args: &[u8]) -> Option<Bdat> {
     let mut parts = words(args);
     let size = parts.next()?;
-    if size.is_empty() || size.len() > MAX_CHUNK_SIZE_DIGITS || !size.iter().all(u8::is_ascii_digit)
+    // Digits only, no sign, no padding zeros (RFC 3030 §2 `chunk-size = 1*DIGIT`; a leading
+    // zero is the one form two parsers could read differently as octal or as padding), and a
+    // bound: the size mailfront streams must be the size the backend reads.
+    if size.is_empty()
+        || size.len() > MAX_CHUNK_SIZE_DIGITS
+        || !size.iter().all(u8::is_ascii_digit)
+        || (size.len() > 1 && size.first() == Some(&b'0'))
     {
         return None;
     }
@@ -562,10 +648,74 @@ mod tests {
         };
         assert_eq!(rcpt.forward_path.as_deref(), Some(&b"bob@example.com"[..]));
         assert_eq!(rcpt.parameters.len(), 1);
-        let Command::Rcpt(rcpt) = Command::parse(b"RCPT garbage") else {
-            panic!("not RCPT");
-        };
-        assert_eq!(rcpt.forward_path, None);
+        // Without a path it could not be written anew: refused, never forwarded.
+        for line in [
+            &b"RCPT garbage"[..],
+            b"RCPT TO:<a b@c>",
+            b"RCPT TO:<a@b> =x",
+            b"RCPT",
+        ] {
+            assert_eq!(
+                Command::parse(line),
+                Command::Invalid {
+                    verb: Verb::Rcpt,
+                    error: SyntaxError::Rcpt
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_path_must_be_one_token_outside_its_quotes() {
+        assert!(matches!(
+            Command::parse(b"MAIL FROM:<\"a b>\"@c> SIZE=1"),
+            Command::Mail(m) if m.reverse_path == b"\"a b>\"@c" && m.size == Some(1)
+        ));
+        for line in [
+            &b"MAIL FROM:<a b@c>"[..],
+            b"MAIL FROM:<a\tb@c>",
+            b"MAIL FROM:<a<b@c>",
+            b"MAIL FROM:<\"open@c>",
+            b"MAIL FROM:<a@c> SIZE\x01=1",
+            b"MAIL FROM:<a@c> -X=1",
+        ] {
+            assert!(
+                matches!(
+                    Command::parse(line),
+                    Command::Invalid {
+                        error: SyntaxError::Mail,
+                        ..
+                    }
+                ),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn auth_must_be_a_sasl_name_and_base64() {
+        for line in [
+            &b"AUTH"[..],
+            b"AUTH PLAIN QQ== more",
+            b"AUTH PLAIN QQ=Q",
+            b"AUTH PL/AIN",
+            b"AUTH ABCDEFGHIJKLMNOPQRSTU",
+        ] {
+            assert_eq!(
+                Command::parse(line),
+                Command::Invalid {
+                    verb: Verb::Auth,
+                    error: SyntaxError::Auth
+                },
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert!(matches!(
+            Command::parse(b"AUTH x-oauth_2 ="),
+            Command::Auth(_)
+        ));
     }
 
     #[test]
@@ -595,6 +745,9 @@ mod tests {
             b"BDAT 5 FIRST",
             b"BDAT 5 LAST x",
             b"BDAT 1234567890123456789",
+            b"BDAT 007",
+            b"BDAT 00 LAST",
+            b"BDAT +5",
         ] {
             assert_eq!(
                 Command::parse(line),
@@ -687,8 +840,16 @@ mod tests {
     #[test]
     fn sasl_cancel_is_a_single_star() {
         assert_eq!(SaslResponse::parse(b"*"), SaslResponse::Cancel);
-        assert_eq!(SaslResponse::parse(b"* "), SaslResponse::Data);
+        // Base64 text, never a command, whatever the letters spell.
         assert_eq!(SaslResponse::parse(b"QUIT"), SaslResponse::Data);
+        assert_eq!(SaslResponse::parse(b""), SaslResponse::Data);
+        // Anything a tokenizer could split is not base64.
+        for bad in [&b"* "[..], b"QU IT", b"XCLIENT LOGIN=x", b"QQ=\x85"] {
+            assert_eq!(
+                SaslResponse::parse(bad),
+                SaslResponse::Invalid(SyntaxError::Sasl)
+            );
+        }
     }
 
     #[test]

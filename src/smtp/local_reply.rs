@@ -37,6 +37,12 @@ pub const NEED_MAIL: &[u8] = b"503 5.5.1 Error: need MAIL command\r\n";
 pub const MAIL_SYNTAX: &[u8] = b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
 /// BDAT without a valid chunk size (RFC 3030 §2).
 pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT <size> [LAST]\r\n";
+/// RCPT without a parsable `TO:<path>` (it is never forwarded).
+pub const RCPT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: RCPT TO:<address>\r\n";
+/// AUTH with an unusable mechanism name or initial response (RFC 4954 §4).
+pub const AUTH_SYNTAX: &[u8] = b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n";
+/// A SASL line that is not base64 (RFC 4954 §4; Postfix's own wording).
+pub const SASL_SYNTAX: &[u8] = b"501 5.5.2 Cannot decode response\r\n";
 /// A transaction or AUTH command after STARTTLS before the new EHLO (RFC 3207 §4.2 reset).
 pub const SEND_EHLO_FIRST: &[u8] = b"503 5.5.1 Error: send HELO/EHLO first\r\n";
 /// AUTH from an address with `limits.auth_failures_per_ip` failed logins in its window:
@@ -92,6 +98,17 @@ pub fn closing_after_refusal(hostname: &str) -> Vec<u8> {
 pub fn backend_unavailable(hostname: &str) -> Vec<u8> {
     format!(
         "421 4.4.1 {} Service not available, closing transmission channel\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
+}
+
+/// `backend_client_info`: the backend offers XCLIENT but refused mailfront's, or could not be
+/// asked. The session was meant to carry the client's identity and never goes on under
+/// mailfront's own.
+pub fn client_identity_refused(hostname: &str) -> Vec<u8> {
+    format!(
+        "421 4.7.0 {} Service not available, closing transmission channel\r\n",
         reply_text(hostname)
     )
     .into_bytes()

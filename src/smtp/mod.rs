@@ -7,6 +7,9 @@
 //!   [`command::SaslResponse::from_line`] a line inside an AUTH exchange (a bare LF ending
 //!   either, or a bare CR or NUL inside, makes it invalid).
 //! - [`policy::decide`] is the gate: forward, answer locally, discard a BDAT chunk, or STARTTLS.
+//! - [`canonical::encode`] writes every forwarded command anew from its parse (canonical verb,
+//!   single spaces, within a limit every backend reads whole): a client's bytes never reach the
+//!   backend as a command.
 //! - [`cleartext::respond`] answers the cleartext dialogue of a `starttls` listener while no
 //!   backend is connected (before TLS nothing reaches one).
 //! - [`ehlo::rewrite_ehlo`] rewrites the backend's EHLO reply; [`ehlo::BackendCapabilities`]
@@ -20,6 +23,7 @@
 //! - [`session::serve`] is the driver that runs all of the above over a client and a backend.
 
 pub mod bdat;
+pub mod canonical;
 pub mod cleartext;
 pub mod command;
 pub mod data;

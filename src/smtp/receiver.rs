@@ -9,9 +9,10 @@
 use crate::line::{find_line, trim_line_end};
 use crate::smtp::local_reply;
 
-/// Default longest command line, terminator included (RFC 5321 gives 512 plus extension
-/// increments; 4096 leaves room for MAIL with many parameters).
-pub const DEFAULT_COMMAND_LINE_LIMIT: usize = 4096;
+/// Default longest command line read, terminator included: `limits.smtp_line`'s default
+/// ([`crate::config::DEFAULT_SMTP_LINE`]). What is forwarded is bounded separately, by the
+/// canonical re-encoding ([`crate::smtp::canonical`]).
+pub const DEFAULT_COMMAND_LINE_LIMIT: usize = crate::config::DEFAULT_SMTP_LINE;
 /// Longest AUTH command or SASL response line, terminator included (RFC 4954 §4: "12288 octets
 /// is considered to be a sufficient line length limit").
 pub const DEFAULT_AUTH_LINE_LIMIT: usize = 12288;

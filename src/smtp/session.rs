@@ -17,12 +17,15 @@
 //!   backend connection (after every earlier reply came in) and connects afresh after the
 //!   handshake: the new connection's PROXY header then carries TLS, and RFC 3207 §4.2 resets
 //!   the session state anyway, so nothing is lost by reconnecting.
-//! - `backend_client_info`: after the first EHLO on a backend connection whose 250 offers
-//!   XCLIENT, mailfront sends its own XCLIENT with the client's address ([`xclient`]), swallows
-//!   the backend's new 220 and repeats the client's EHLO; the client sees only that reply.
-//!   After a HELO nothing is sent: only an EHLO reply can offer XCLIENT.
+//! - `backend_client_info`, all or nothing: right after every backend greeting, before any client
+//!   command, mailfront says its own EHLO and, where XCLIENT is offered, sends XCLIENT with the
+//!   client's address ([`xclient`]) and swallows the new 220; a backend that offers XCLIENT and
+//!   refuses it ends the session with `421 4.7.0`. HELO, EHLO or neither: the same identity.
 //! - Client lines are framed one at a time ([`CommandReceiver`]) and judged by the gate
-//!   ([`policy::decide`]). Forwarded commands are written at once (PIPELINING, RFC 2920); each
+//!   ([`policy::decide`]). What a forwarded command puts on the wire is mailfront's re-encoding
+//!   of it ([`canonical::encode`]: canonical verb, single spaces, within a limit every backend
+//!   reads whole), never the client's line; one that cannot be re-encoded gets `500 5.5.2`.
+//!   Forwarded commands are written at once (PIPELINING, RFC 2920); each
 //!   leaves an entry in one queue of expected replies, and replies mailfront writes itself take
 //!   their place in the same queue, so the client gets exactly one reply per command, in order.
 //!   After a command that ends a pipeline group (EHLO, DATA, AUTH, NOOP, QUIT, …), or after any
@@ -77,6 +80,7 @@ use crate::config::TlsMode;
 use crate::metrics::AuthResult;
 use crate::session::{ClientStream, EndReason, Session, upgrade_client};
 use crate::smtp::bdat::{self, ChunkReader, ContentScanner};
+use crate::smtp::canonical::{self, Encoded, Unencodable};
 use crate::smtp::cleartext::{self, Action};
 use crate::smtp::command::{Bdat, Command, SaslResponse};
 use crate::smtp::data::{BareLineEnding, DataEvent, DataScanner};
@@ -213,6 +217,11 @@ enum Expect {
         ehlo: bool,
     },
     Auth,
+    /// An AUTH sent without its initial response ([`Encoded::AuthSplit`]): a `334` is answered
+    /// with `response` and never shown to the client; anything else answers the client's AUTH.
+    AuthSplit {
+        response: Vec<u8>,
+    },
     /// Our `*` ending an exchange after an over-long SASL line: its 501 is swallowed.
     AuthCancel,
     Mail,
@@ -322,9 +331,6 @@ struct Driver<'s> {
     /// allowed (`require_tls_for_mail: false`), an accepted MAIL: a client admitted to send
     /// mail is past login. Never moved by traffic.
     login_deadline: Option<Instant>,
-    /// `backend_client_info`: XCLIENT was considered on this backend connection (it is sent at
-    /// most once per connection, after the first EHLO).
-    xclient_done: bool,
 }
 
 impl<'s> Driver<'s> {
@@ -356,7 +362,6 @@ impl<'s> Driver<'s> {
             bin_len: 0,
             cout: Vec::new(),
             login_deadline,
-            xclient_done: false,
         }
     }
 
@@ -377,6 +382,7 @@ impl<'s> Driver<'s> {
         let idle = self.session.listener.timeouts.idle;
         let reply = self.read_reply(idle).await?;
         if reply.code() == 220 {
+            self.tell_client_identity().await?;
             let greeting = local_reply::greeting(self.hostname());
             self.cout.extend_from_slice(&greeting);
             Ok(())
@@ -427,11 +433,10 @@ impl<'s> Driver<'s> {
         self.bin_pos = 0;
         self.bin_len = 0;
         self.replies = ReplyReceiver::default();
-        self.xclient_done = false;
         let idle = self.session.listener.timeouts.idle;
         let reply = self.read_reply(idle).await?;
         if reply.code() == 220 {
-            return Ok(());
+            return self.tell_client_identity().await;
         }
         tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, code = reply.code(), "backend refused the session at greeting");
         self.backend = Link::Dropped;
@@ -451,13 +456,13 @@ impl<'s> Driver<'s> {
         self.drain(client).await?;
         self.connect().await?;
         if let Some(greeting) = self.greeting.clone() {
-            let verb: &[u8] = if greeting.ehlo { b"EHLO" } else { b"HELO" };
-            let mut line = verb.to_vec();
-            if !greeting.name.is_empty() {
-                line.push(b' ');
-                line.extend_from_slice(&greeting.name);
-            }
-            line.extend_from_slice(b"\r\n");
+            // Written anew like any forwarded command; its length was checked when the
+            // cleartext EHLO/HELO was answered.
+            let verb: &[u8] = if greeting.ehlo { b"EHLO " } else { b"HELO " };
+            let text = [verb, greeting.name.as_slice()].concat();
+            let Ok(Encoded::Line(line)) = canonical::encode(&Command::parse(&text), &text) else {
+                return Err(self.backend_lost(None));
+            };
             self.send_backend(&line).await?;
             self.pending.push_back(Pending::Backend(Expect::Replay {
                 ehlo: greeting.ehlo,
@@ -545,6 +550,17 @@ impl<'s> Driver<'s> {
         if matches!(self.backend, Link::NotYet) {
             let hostname = self.session.listener.hostname.clone();
             match cleartext::respond(&self.gate, &hostname, &command) {
+                Action::Reply(_)
+                    if matches!(command, Command::Ehlo(_) | Command::Helo(_))
+                        && canonical::encode(&command, line.text()).is_err() =>
+                {
+                    // Answered here, but replayed to a backend later (a lazy connect): a name
+                    // that could not be written then is refused now.
+                    self.refuse(Refusal::TooLong(LineError::CommandTooLong {
+                        limit: canonical::COMMAND_LINE_LIMIT,
+                    }));
+                    return Ok(None);
+                }
                 Action::Reply(reply) => {
                     self.local_cleartext(&command);
                     self.pending.push_back(Pending::Local(reply));
@@ -698,6 +714,22 @@ impl<'s> Driver<'s> {
         command: &Command,
         line: &Line,
     ) -> Result<(), EndReason> {
+        // The last gate: what cannot be written anew within its limit is never forwarded.
+        let encoded = match canonical::encode(command, line.text()) {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                self.refuse(match error {
+                    Unencodable::TooLong { limit } => {
+                        Refusal::TooLong(LineError::CommandTooLong { limit })
+                    }
+                    Unencodable::Syntax(error) => Refusal::Syntax(error),
+                });
+                if let Command::Bdat(bdat) = command {
+                    self.start_chunk(bdat.size, false, false);
+                }
+                return Ok(());
+            }
+        };
         let expect = match command {
             Command::Ehlo(name) | Command::Helo(name) => {
                 self.gate.needs_ehlo = false;
@@ -728,7 +760,7 @@ impl<'s> Driver<'s> {
                 path: rcpt.forward_path.clone(),
             },
             Command::Data => Expect::Data,
-            Command::Bdat(bdat) => return self.forward_bdat(client, *bdat, line).await,
+            Command::Bdat(bdat) => return self.forward_bdat(client, *bdat).await,
             Command::Rset => {
                 self.tx.restart_content();
                 Expect::Other
@@ -736,7 +768,11 @@ impl<'s> Driver<'s> {
             Command::Quit => Expect::Quit,
             _ => Expect::Other,
         };
-        self.send_backend(&line.to_wire()).await?;
+        let (wire, expect) = match encoded {
+            Encoded::Line(wire) => (wire, expect),
+            Encoded::AuthSplit { command, response } => (command, Expect::AuthSplit { response }),
+        };
+        self.send_backend(&wire).await?;
         self.pending.push_back(Pending::Backend(expect));
         if command.verb().ends_pipeline_group() || !self.caps.pipelining {
             self.drain(client).await?;
@@ -745,19 +781,19 @@ impl<'s> Driver<'s> {
     }
 
     /// BDAT (RFC 3030): the first chunk of a transaction over TLS carries the Received field
-    /// and announces its grown size (RFC 3030 §2: the size counts every octet); later chunks keep
-    /// the client's line.
+    /// and announces its grown size (RFC 3030 §2: the size counts every octet); later chunks
+    /// announce the client's size. Either way the line is mailfront's, and the size it announces
+    /// is exactly the number of octets it streams.
     async fn forward_bdat<S: Transport>(
         &mut self,
         client: &mut ClientStream<S>,
         bdat: Bdat,
-        line: &Line,
     ) -> Result<(), EndReason> {
         if bdat.last && bdat.size == 0 && self.tx.content.finish().is_err() {
             // The message would end with a bare CR: it must never complete.
             return self.refuse_bdat(client, BareLineEnding::Cr, false).await;
         }
-        let mut wire = line.to_wire();
+        let mut wire = bdat::bdat_command(bdat.size, bdat.last);
         if !self.tx.bdat_started && self.session.tls.is_some() {
             // The RCPT replies decide the `for` clause: let them arrive first.
             self.drain(client).await?;
@@ -986,7 +1022,6 @@ impl<'s> Driver<'s> {
         }
         match expect {
             Expect::Ehlo { name } => {
-                let reply = self.xclient(&name, reply).await?;
                 self.caps = BackendCapabilities::from_ehlo(&reply);
                 self.gate.backend_requiretls = self.caps.requiretls;
                 self.gate.backend_chunking = self.caps.chunking;
@@ -1003,11 +1038,6 @@ impl<'s> Driver<'s> {
                 self.cout.extend_from_slice(&rewritten);
             }
             Expect::Replay { ehlo } => {
-                let name = self.greeting.as_ref().map(|g| g.name.clone());
-                let reply = match name {
-                    Some(name) if ehlo => self.xclient(&name, reply).await?,
-                    _ => reply,
-                };
                 self.caps = if ehlo {
                     BackendCapabilities::from_ehlo(&reply)
                 } else {
@@ -1031,7 +1061,13 @@ impl<'s> Driver<'s> {
                     self.cout.extend_from_slice(reply.raw());
                 }
             }
-            Expect::Auth => {
+            Expect::AuthSplit { response } if reply.code() == 334 => {
+                // The empty challenge an initial response answers (RFC 4954 §4): the client
+                // sent its response already, with its AUTH.
+                self.send_backend(&response).await?;
+                self.pending.push_front(Pending::Backend(Expect::Auth));
+            }
+            Expect::Auth | Expect::AuthSplit { .. } => {
                 self.on_auth_reply(&reply);
                 self.cout.extend_from_slice(reply.raw());
             }
@@ -1083,57 +1119,72 @@ impl<'s> Driver<'s> {
         Ok(())
     }
 
-    /// `backend_client_info`: after the first EHLO on a backend connection, if its 250 offers
-    /// XCLIENT, tells the backend who the client is ([`xclient::command`]), swallows the new
-    /// 220 and repeats the client's EHLO; the reply to that EHLO is the one the client sees.
-    /// A backend that does not offer XCLIENT, or refuses it, is logged once per listener and the
-    /// session goes on with the first EHLO's reply.
-    async fn xclient(&mut self, name: &[u8], reply: Reply) -> Result<Reply, EndReason> {
+    /// `backend_client_info`, all or nothing: right after the backend's 220 and before any
+    /// client command, mailfront says its own EHLO and, where the reply offers XCLIENT, sends
+    /// `XCLIENT NAME=[UNAVAILABLE] ADDR=… PORT=…` ([`xclient::command`]) and reads the new 220
+    /// (Postfix restarts its session: the client's own HELO/EHLO, or none, follows as the
+    /// client sent it). So every session carries the client's identity however it begins
+    /// (HELO, EHLO, straight to MAIL), and no client text (its EHLO name) is ever an XCLIENT
+    /// attribute. A backend that does not offer XCLIENT gets one warning per listener; one that
+    /// offers it and refuses it, or refuses the EHLO, ends the session with `421 4.7.0`: a
+    /// session meant to carry the client's identity never goes on under mailfront's.
+    async fn tell_client_identity(&mut self) -> Result<(), EndReason> {
         let listener = self.session.listener.clone();
-        if !listener.config.backend_client_info || self.xclient_done || reply.code() != 250 {
-            return Ok(reply);
+        if !listener.config.backend_client_info {
+            return Ok(());
         }
-        self.xclient_done = true;
-        let facts = xclient::XclientFacts {
-            client: self.session.client_addr,
-            local: self.session.local_addr,
-            helo: name,
-            esmtp: true,
-        };
-        let Some(line) = xclient::offered(&reply).and_then(|o| xclient::command(&o, &facts)) else {
+        let idle = listener.timeouts.idle;
+        let ehlo = format!("EHLO {}\r\n", xclient::ehlo_name(&listener.hostname));
+        self.send_backend(ehlo.as_bytes()).await?;
+        let reply = self.read_reply(idle).await?;
+        if reply.code() == 421 {
+            self.cout.extend_from_slice(reply.raw());
+            return Err(EndReason::BackendClosed);
+        }
+        if reply.code() != 250 {
+            return Err(self.client_identity_refused("EHLO", reply.code()));
+        }
+        let Some(offered) = xclient::offered(&reply) else {
             if listener.client_info_notices.first(Notice::NotOffered) {
                 tracing::warn!(listener = %listener.config.name, "backend_client_info: the backend's EHLO does not offer XCLIENT (Postfix: smtpd_authorized_xclient_hosts must list mailfront); going on without it");
             }
-            return Ok(reply);
+            return Ok(());
+        };
+        let facts = xclient::XclientFacts {
+            client: self.session.client_addr,
+            local: self.session.local_addr,
+        };
+        let Some(line) = xclient::command(&offered, &facts) else {
+            // XCLIENT without ADDR: the one thing it is for cannot be said.
+            return Err(self.client_identity_refused("XCLIENT without ADDR", reply.code()));
         };
         self.send_backend(&line).await?;
-        let idle = listener.timeouts.idle;
         let answer = self.read_reply(idle).await?;
-        if answer.code() == 421 {
-            self.cout.extend_from_slice(answer.raw());
-            return Err(EndReason::BackendClosed);
-        }
-        if answer.code() != 220 {
-            if listener.client_info_notices.first(Notice::Refused) {
-                tracing::warn!(listener = %listener.config.name, code = answer.code(), "backend_client_info: the backend refused XCLIENT; going on without it");
+        match answer.code() {
+            220 => {
+                tracing::debug!(listener = %listener.config.name, client = %self.session.client_addr, "client address sent to the backend by XCLIENT");
+                Ok(())
             }
-            return Ok(reply);
+            421 => {
+                self.cout.extend_from_slice(answer.raw());
+                Err(EndReason::BackendClosed)
+            }
+            code => Err(self.client_identity_refused("XCLIENT", code)),
         }
-        // XCLIENT restarted the backend's session (a new 220): the client's EHLO again.
-        let mut ehlo = b"EHLO".to_vec();
-        if !name.is_empty() {
-            ehlo.push(b' ');
-            ehlo.extend_from_slice(name);
+    }
+
+    /// The backend would not take the client's identity: `421 4.7.0`, and the session ends.
+    fn client_identity_refused(&mut self, what: &str, code: u16) -> EndReason {
+        let listener = &self.session.listener;
+        if listener.client_info_notices.first(Notice::Refused) {
+            tracing::warn!(listener = %listener.config.name, code, refused = what, "backend_client_info: the backend refused the client's identity; sessions are closed with 421 until it accepts XCLIENT");
+        } else {
+            tracing::debug!(listener = %listener.config.name, client = %self.session.client_addr, code, refused = what, "backend_client_info: XCLIENT refused, session closed");
         }
-        ehlo.extend_from_slice(b"\r\n");
-        self.send_backend(&ehlo).await?;
-        let again = self.read_reply(idle).await?;
-        if again.code() == 421 {
-            self.cout.extend_from_slice(again.raw());
-            return Err(EndReason::BackendClosed);
-        }
-        tracing::debug!(listener = %listener.config.name, client = %self.session.client_addr, "client address sent to the backend by XCLIENT");
-        Ok(again)
+        self.backend = Link::Dropped;
+        let reply = local_reply::client_identity_refused(self.hostname());
+        self.cout.extend_from_slice(&reply);
+        EndReason::backend_violation(format!("{what} refused ({code}) with backend_client_info"))
     }
 
     fn on_auth_reply(&mut self, reply: &Reply) {

@@ -3,10 +3,12 @@
 //! checks the real client instead of mailfront. A client's own XCLIENT is refused elsewhere
 //! ([`crate::smtp::policy`]) and the keyword is removed from the EHLO the client sees.
 //!
-//! Sequence (driven by [`crate::smtp::session`]): the client's EHLO goes to the backend; if its
-//! 250 lists XCLIENT, mailfront sends `XCLIENT ADDR=… PORT=… HELO=… PROTO=…` (and DESTADDR,
-//! DESTPORT where listed), reads the new 220 greeting, and repeats the client's EHLO; the client
-//! sees only that last EHLO reply. Postfix resets its session on XCLIENT, like a new connection.
+//! Sequence (driven by [`crate::smtp::session`]): right after the backend's 220 and before any
+//! client command, mailfront says `EHLO <its hostname>`; if the 250 lists XCLIENT, it sends
+//! `XCLIENT NAME=[UNAVAILABLE] ADDR=… PORT=…` (and DESTADDR, DESTPORT where listed) and reads
+//! the new 220 greeting: Postfix restarts its session on XCLIENT, like a new connection, and the
+//! client's own HELO/EHLO (or none) follows. Nothing the client says is an attribute, so no
+//! client text can make the line too long, and HELO or no EHLO at all gets the same identity.
 
 use std::net::SocketAddr;
 
@@ -34,42 +36,36 @@ pub fn offered(ehlo: &Reply) -> Option<Vec<String>> {
 
 /// What the XCLIENT line says.
 #[derive(Debug, Clone)]
-pub struct XclientFacts<'a> {
+pub struct XclientFacts {
     pub client: SocketAddr,
     /// The address the client connected to.
     pub local: SocketAddr,
-    /// The client's own EHLO name, as it sent it.
-    pub helo: &'a [u8],
-    /// The client said EHLO (ESMTP) rather than HELO.
-    pub esmtp: bool,
 }
 
-/// Longest XCLIENT line built: Postfix's `line_length_limit` default is 2048, and a HELO name
-/// past 255 octets (RFC 1035 §2.3.4) is not a name anyway.
-const MAX_HELO: usize = 255;
+/// `NAME` when mailfront knows no verified name for the client: Postfix then logs and writes
+/// `unknown[address]`, as for a client without reverse DNS (XCLIENT_README).
+const NAME_UNAVAILABLE: &str = "[UNAVAILABLE]";
 
-/// `XCLIENT ADDR=… PORT=… HELO=… PROTO=…[ DESTADDR=… DESTPORT=…]\r\n` with only the attributes
-/// the backend listed, values xtext-encoded. `None` when the backend lists none of them.
-pub fn command(offered: &[String], facts: &XclientFacts<'_>) -> Option<Vec<u8>> {
+/// `XCLIENT NAME=[UNAVAILABLE] ADDR=… PORT=…[ DESTADDR=… DESTPORT=…]\r\n` with only the
+/// attributes the backend listed, values xtext-encoded; well under 512 octets. `None` when the
+/// backend does not list ADDR: the client's address, the one thing XCLIENT is for here, could
+/// not be said. NAME is always sent where listed, or Postfix would keep mailfront's own
+/// verified name for the client.
+pub fn command(offered: &[String], facts: &XclientFacts) -> Option<Vec<u8>> {
     let has = |name: &str| offered.iter().any(|o| o == name);
-    let mut parts: Vec<String> = Vec::new();
-    if has("ADDR") {
-        parts.push(format!(
-            "ADDR={}",
-            xtext(smtp_xclient_addr(facts.client.ip()).as_bytes())
-        ));
+    if !has("ADDR") {
+        return None;
     }
+    let mut parts: Vec<String> = Vec::new();
+    if has("NAME") {
+        parts.push(format!("NAME={NAME_UNAVAILABLE}"));
+    }
+    parts.push(format!(
+        "ADDR={}",
+        xtext(smtp_xclient_addr(facts.client.ip()).as_bytes())
+    ));
     if has("PORT") {
         parts.push(format!("PORT={}", facts.client.port()));
-    }
-    if has("HELO") && !facts.helo.is_empty() && facts.helo.len() <= MAX_HELO {
-        parts.push(format!("HELO={}", xtext(facts.helo)));
-    }
-    if has("PROTO") {
-        parts.push(format!(
-            "PROTO={}",
-            if facts.esmtp { "ESMTP" } else { "SMTP" }
-        ));
     }
     if has("DESTADDR") {
         let dest = match plain_ip(facts.local.ip()) {
@@ -81,10 +77,19 @@ pub fn command(offered: &[String], facts: &XclientFacts<'_>) -> Option<Vec<u8>> 
     if has("DESTPORT") {
         parts.push(format!("DESTPORT={}", facts.local.port()));
     }
-    if parts.is_empty() {
-        return None;
-    }
     Some(format!("XCLIENT {}\r\n", parts.join(" ")).into_bytes())
+}
+
+/// The name mailfront gives in its own EHLO: its hostname where that is a plain domain
+/// (letters, digits, `-`, `.`; RFC 5321 §4.1.2 `Domain`, at most 255 octets), else
+/// `localhost`, so the probe can never be a malformed line.
+pub fn ehlo_name(hostname: &str) -> &str {
+    let plain = !hostname.is_empty()
+        && hostname.len() <= 255
+        && hostname
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if plain { hostname } else { "localhost" }
 }
 
 #[cfg(test)]
@@ -95,12 +100,10 @@ mod tests {
         Reply::parse(raw).unwrap()
     }
 
-    fn facts<'a>(helo: &'a [u8]) -> XclientFacts<'a> {
+    fn facts() -> XclientFacts {
         XclientFacts {
             client: "192.0.2.1:40000".parse().unwrap(),
             local: "198.51.100.2:587".parse().unwrap(),
-            helo,
-            esmtp: true,
         }
     }
 
@@ -123,39 +126,46 @@ mod tests {
     }
 
     #[test]
-    fn the_line_carries_only_what_the_backend_lists() {
+    fn the_line_carries_only_what_the_backend_lists_and_always_a_name() {
         let all: Vec<String> = "NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT"
             .split(' ')
             .map(str::to_owned)
             .collect();
         assert_eq!(
-            command(&all, &facts(b"client.example")).unwrap(),
-            b"XCLIENT ADDR=192.0.2.1 PORT=40000 HELO=client.example PROTO=ESMTP DESTADDR=198.51.100.2 DESTPORT=587\r\n"
+            command(&all, &facts()).unwrap(),
+            b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.1 PORT=40000 DESTADDR=198.51.100.2 DESTPORT=587\r\n"
         );
         let older: Vec<String> = vec!["NAME".into(), "ADDR".into(), "PROTO".into(), "HELO".into()];
         assert_eq!(
-            command(&older, &facts(b"client.example")).unwrap(),
-            b"XCLIENT ADDR=192.0.2.1 HELO=client.example PROTO=ESMTP\r\n"
+            command(&older, &facts()).unwrap(),
+            b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.1\r\n"
         );
-        assert_eq!(command(&["NAME".to_owned()], &facts(b"x")), None);
+        // Without ADDR there is nothing to say.
+        assert_eq!(
+            command(&["NAME".to_owned(), "PORT".to_owned()], &facts()),
+            None
+        );
     }
 
     #[test]
-    fn values_that_need_it_are_xtext_and_ipv6_has_its_prefix() {
-        let mut f = facts(b"we+ird=name \xc3\xa9");
+    fn ipv6_has_its_prefix_and_mapped_addresses_are_ipv4() {
+        let mut f = facts();
         f.client = "[2001:db8::1]:1".parse().unwrap();
         f.local = "[::ffff:198.51.100.2]:465".parse().unwrap();
-        f.esmtp = false;
-        let all: Vec<String> = ["ADDR", "PORT", "HELO", "PROTO", "DESTADDR", "DESTPORT"]
+        let all: Vec<String> = ["NAME", "ADDR", "PORT", "DESTADDR", "DESTPORT"]
             .map(str::to_owned)
             .to_vec();
         assert_eq!(
             String::from_utf8(command(&all, &f).unwrap()).unwrap(),
-            "XCLIENT ADDR=IPV6:2001:db8::1 PORT=1 HELO=we+2Bird+3Dname+20+C3+A9 PROTO=SMTP DESTADDR=198.51.100.2 DESTPORT=465\r\n"
+            "XCLIENT NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::1 PORT=1 DESTADDR=198.51.100.2 DESTPORT=465\r\n"
         );
-        // No HELO attribute for an empty or absurdly long name.
-        let long = vec![b'a'; 300];
-        let line = command(&all, &facts(&long)).unwrap();
-        assert!(!String::from_utf8(line).unwrap().contains("HELO="));
+    }
+
+    #[test]
+    fn the_probe_ehlo_name_is_always_a_plain_domain() {
+        assert_eq!(ehlo_name("mx.example.test"), "mx.example.test");
+        assert_eq!(ehlo_name("bad name"), "localhost");
+        assert_eq!(ehlo_name(""), "localhost");
+        assert_eq!(ehlo_name(&"a".repeat(300)), "localhost");
     }
 }
