@@ -39,15 +39,17 @@
 //!    command, smtpd_sasl_proto.c) fits [`POSTFIX_LINE_LIMIT`] octets with its LF (one more
 //!    when the limit falls between CR and LF: `smtp_get` peeks), a SASL response after 334
 //!    [`POSTFIX_SASL_LIMIT`] (`smtpd_sasl_resp_limit`); and only commands the gate may
-//!    let through arrive: no XCLIENT but mailfront's own (right after the connection's first
-//!    EHLO, with the client's address, followed by the EHLO again), never XFORWARD or STARTTLS,
+//!    let through arrive: no XCLIENT but mailfront's own (with `backend_client_info`, before
+//!    any client command: mailfront's EHLO, then XCLIENT with the client's address where
+//!    offered), never XFORWARD or STARTTLS,
 //!    no AUTH (nor anything at all on a 587 listener that requires TLS for mail) before TLS, no
 //!    BDAT that Postfix parses otherwise than mailfront does or to a backend without CHUNKING,
 //!    and nothing pipelined after a command that ends a pipeline group (Postfix
 //!    `smtpd_forbid_unauth_pipelining`);
 //! 2. every message the backend stores over TLS starts with exactly one Received field written
-//!    by mailfront (`by <hostname> (mailfront)`, whole, ending with its date), and no other
-//!    `(mailfront)` appears unless the client typed one; a cleartext message carries none;
+//!    by mailfront (`by <hostname> (mailfront)`, whole up to its date; content starting with
+//!    SP/TAB may fold onto it after that, as onto Postfix's own), and no other `(mailfront)`
+//!    appears unless the client typed one; a cleartext message carries none;
 //! 3. every 235 or 25x the client receives carries the nonce of a reply the backend sent with
 //!    that code, each at most once and in order, except mailfront's own EHLO/HELO replies (at
 //!    most one per 250 the backend gave an EHLO/HELO, on 465) and its cleartext `250 2.0.0 Ok`;
@@ -340,14 +342,8 @@ struct Postfix<'r> {
     authenticated: bool,
     error_count: u32,
     // Oracle state.
-    /// A 250 was given to an EHLO on this connection.
-    ehlo_done: bool,
-    /// The last command was this connection's first EHLO and it got 250: mailfront's XCLIENT
-    /// may come now, and only now.
-    xclient_window: Option<Vec<u8>>,
-    xclient_done: bool,
-    /// After mailfront's XCLIENT: the EHLO it must repeat (its argument).
-    ehlo_after_xclient: Option<Vec<u8>>,
+    /// Command lines run on this connection.
+    commands: u32,
     /// The last DATA content octet the backend read was a CR.
     content_cr: bool,
 }
@@ -461,10 +457,7 @@ impl<'r> Postfix<'r> {
             act_size: 0,
             authenticated: false,
             error_count: 0,
-            ehlo_done: false,
-            xclient_window: None,
-            xclient_done: false,
-            ehlo_after_xclient: None,
+            commands: 0,
             content_cr: false,
         }
     }
@@ -781,7 +774,23 @@ impl<'r> Postfix<'r> {
 
     /// One command line, as smtpd_proto and the command table run it.
     fn command(&mut self, line: &[u8], pipelined: bool) {
-        let window = self.xclient_window.take();
+        self.commands += 1;
+        // Oracle 1: with backend_client_info, mailfront tells the backend who the client is
+        // before any client command: its own EHLO, then XCLIENT where offered.
+        if self.setup.client_info && self.commands == 1 {
+            assert!(
+                line == format!("EHLO {HOST}").as_bytes(),
+                "with backend_client_info the first command must be mailfront's own EHLO, not {}",
+                lossy(line)
+            );
+        }
+        if self.setup.client_info && self.setup.offers_xclient && self.commands == 2 {
+            assert!(
+                line.starts_with(b"XCLIENT "),
+                "a command before mailfront's XCLIENT on a backend that offers it: {}",
+                lossy(line)
+            );
+        }
         if std::str::from_utf8(line).is_err() {
             // smtputf8_enable: malformed UTF-8 is refused before parsing.
             self.error(500, "5.5.2 Error: bad UTF-8 syntax");
@@ -794,14 +803,6 @@ impl<'r> Postfix<'r> {
         };
         let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
         let argc = argv.len();
-        if let Some(name) = self.ehlo_after_xclient.take() {
-            assert!(
-                verb == "EHLO" && argv.get(1) == Some(&name),
-                "after its XCLIENT mailfront must repeat the client's EHLO {}, not {}",
-                lossy(&name),
-                lossy(line)
-            );
-        }
         let last_in_group = matches!(verb.as_str(), "HELO" | "EHLO" | "DATA" | "NOOP" | "VRFY");
         let known = matches!(
             verb.as_str(),
@@ -836,35 +837,29 @@ impl<'r> Postfix<'r> {
                     self.error(501, &format!("5.5.4 Syntax: {verb} hostname"));
                     return;
                 };
-                if self.helo.is_some() {
-                    self.reset_transaction();
-                }
-                self.helo = Some(name.clone());
+                // helo_cmd, ehlo_cmd: mail_reset and rcpt_reset, a BDAT transaction included.
+                self.reset_transaction();
+                self.helo = Some(name);
                 self.record.greetings_ok += 1;
                 if verb == "EHLO" {
                     self.esmtp = true;
                     self.ehlo_reply();
-                    if !self.ehlo_done {
-                        self.xclient_window = Some(name);
-                    }
-                    self.ehlo_done = true;
                 } else {
                     self.esmtp = false;
                     self.reply(250, BACKEND);
                 }
             }
             "XCLIENT" => {
-                let Some(name) = window else {
-                    panic!(
-                        "an XCLIENT that is not mailfront's own (right after the first EHLO): {}",
-                        lossy(line)
-                    );
-                };
                 assert!(
-                    self.setup.client_info && self.setup.offers_xclient && !self.xclient_done,
-                    "XCLIENT without backend_client_info or an offer: {}",
+                    self.setup.client_info && self.setup.offers_xclient && self.commands == 2,
+                    "an XCLIENT that is not mailfront's own (right after its EHLO, before any \
+                     client command, with backend_client_info, to a backend that offers it): {}",
                     lossy(line)
                 );
+                if self.in_tx {
+                    self.error(503, "5.5.1 Error: MAIL transaction in progress");
+                    return;
+                }
                 let client: SocketAddr = CLIENT.parse().unwrap();
                 let addr = format!("ADDR={}", client.ip());
                 assert!(
@@ -872,13 +867,20 @@ impl<'r> Postfix<'r> {
                     "mailfront's XCLIENT without {addr}: {}",
                     lossy(line)
                 );
-                self.xclient_done = true;
-                // A new session, as after a connect.
+                let attribute = |name: &[u8]| {
+                    argv[1..].iter().find_map(|a| {
+                        a.get(..name.len())
+                            .filter(|k| k.eq_ignore_ascii_case(name))
+                            .map(|_| a[name.len()..].to_vec())
+                    })
+                };
+                // A new session, as after a connect (xclient_cmd: helo_reset, the protocol
+                // from PROTO= or SMTP, a login from LOGIN=).
                 self.reset_transaction();
                 self.helo = None;
-                self.esmtp = false;
-                self.authenticated = false;
-                self.ehlo_after_xclient = Some(name);
+                self.esmtp =
+                    attribute(b"PROTO=").is_some_and(|p| p.eq_ignore_ascii_case(b"ESMTP"));
+                self.authenticated = attribute(b"LOGIN=").is_some();
                 self.reply(220, &format!("{BACKEND} ESMTP Postfix"));
             }
             "XFORWARD" => panic!("XFORWARD reached the backend: {}", lossy(line)),
@@ -1194,21 +1196,19 @@ fn check_message(message: &[u8], tls: bool, client_has_marker: bool) {
         "a message stored without mailfront's Received field at the top: {}",
         lossy(message)
     );
-    // The field runs to the first line that is not a continuation (RFC 5322 §2.2.3).
-    let mut end = 0;
-    loop {
-        let Some(lf) = message[end..].iter().position(|&b| b == b'\n') else {
-            panic!("a Received field without its end: {}", lossy(message));
-        };
-        end += lf + 1;
-        if !matches!(message.get(end), Some(b'\t' | b' ')) {
-            break;
-        }
-    }
-    let field = &message[..end];
+    // mailfront's part of the field runs to its date line; every line after the first is a
+    // continuation (RFC 5322 §2.2.3). Content that starts with SP or TAB folds onto the field
+    // after the date (Postfix's cleanup joins it to its own Received field the same way), so
+    // the field as a whole may go on; what mailfront wrote must be there, whole, first.
+    let Some(date_end) = find(message, b" +0000\r\n").map(|i| i + 8) else {
+        panic!("mailfront's Received field without its date: {}", lossy(message));
+    };
+    let field = &message[..date_end];
+    let lines: Vec<&[u8]> = field.split_inclusive(|&b| b == b'\n').collect();
     assert!(
-        find(field, format!("\r\n\tby {HOST} (mailfront) with ").as_bytes()).is_some()
-            && field.ends_with(b" +0000\r\n"),
+        lines.iter().all(|l| l.ends_with(b"\r\n") && !l[..l.len() - 2].contains(&b'\r'))
+            && lines[1..].iter().all(|l| l.starts_with(b"\t"))
+            && find(field, format!("\r\n\tby {HOST} (mailfront) with ").as_bytes()).is_some(),
         "the first field is not mailfront's whole Received field: {}",
         lossy(field)
     );
