@@ -6,11 +6,12 @@
 //! exactly that command and nothing else. Postfix reads a command line only up to
 //! `line_length_limit` (2048 octets, LF included; `smtpd_chat_query` uses `smtp_get` with
 //! `SMTP_GET_FLAG_SKIP`, so the rest of the line up to its LF is discarded) and parses BDAT with
-//! its own strict parser (digits only; up to 3.11 Postfix answered a BDAT it could not parse with
-//! 501 and read the announced chunk as commands; 3.12 answers 521 and hangs up). A line mailfront writes that Postfix reads differently
-//! is a way past the gate: `BDAT` + 2044 spaces + `300 LAST` made mailfront stream 300 octets of
-//! chunk while Postfix, seeing `BDAT` alone, ran those octets as commands (`XCLIENT LOGIN=…`, a
-//! second message without mailfront's Received field).
+//! its own strict parser (digits only; up to 3.11 Postfix answered a BDAT it could not parse
+//! with 501 and read the announced chunk as commands; 3.12 answers 521 and hangs up). A line
+//! mailfront writes that Postfix reads differently is a way past the gate: `BDAT` + 2044 spaces +
+//! `300 LAST` made mailfront stream 300 octets of chunk while Postfix, seeing `BDAT` alone, ran
+//! those octets as commands (`XCLIENT LOGIN=…`, a second message without mailfront's Received
+//! field).
 //!
 //! Input: `flags`, `split`, then the client's bytes (at most [`MAX_INPUT`] in all).
 //! - `flags` bits 0-1: listener. 0 and 1: implicit TLS (465). The client side is an in-memory
@@ -304,7 +305,9 @@ enum Sasl {
     /// `AUTH PLAIN` without an initial response: the credential line.
     Plain,
     LoginUser,
-    LoginPass { user: Vec<u8> },
+    LoginPass {
+        user: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -312,7 +315,9 @@ enum Reading {
     Command,
     Sasl(Sasl),
     /// DATA content: `prev_cont` when the previous piece was a partial (over-long) line.
-    Data { prev_cont: bool },
+    Data {
+        prev_cont: bool,
+    },
     /// BDAT payload: `left` octets to read; `skip` is the reply of a refused BDAT whose payload
     /// is read and discarded (`skip_bdat`).
     Chunk {
@@ -354,7 +359,11 @@ fn lossy(bytes: &[u8]) -> String {
     } else {
         bytes.to_vec()
     };
-    format!("{:?} ({} octets)", String::from_utf8_lossy(&shown), bytes.len())
+    format!(
+        "{:?} ({} octets)",
+        String::from_utf8_lossy(&shown),
+        bytes.len()
+    )
 }
 
 /// `isspace` in the C locale, as Postfix's `ISSPACE`.
@@ -493,7 +502,9 @@ impl<'r> Postfix<'r> {
             lines.push("CHUNKING".to_owned());
         }
         if self.setup.offers_xclient {
-            lines.push("XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT".to_owned());
+            lines.push(
+                "XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT".to_owned(),
+            );
         }
         lines.push("ENHANCEDSTATUSCODES".to_owned());
         let n = lines.len();
@@ -532,7 +543,10 @@ impl<'r> Postfix<'r> {
                 let raw: Vec<u8> = self.input.drain(..=end).collect();
                 // Oracle 4: only CRLF ends a line mailfront writes; no CR or NUL inside it.
                 let Some(text) = raw.strip_suffix(b"\r\n") else {
-                    panic!("a {what} line ended by a bare LF reached the backend: {}", lossy(&raw));
+                    panic!(
+                        "a {what} line ended by a bare LF reached the backend: {}",
+                        lossy(&raw)
+                    );
                 };
                 assert!(
                     !text.contains(&b'\r'),
@@ -567,7 +581,10 @@ impl<'r> Postfix<'r> {
     fn content(&mut self, bytes: &[u8]) {
         for &b in bytes {
             match b {
-                b'\n' => assert!(self.content_cr, "a bare LF in message content reached the backend"),
+                b'\n' => assert!(
+                    self.content_cr,
+                    "a bare LF in message content reached the backend"
+                ),
                 _ => assert!(
                     !self.content_cr,
                     "a bare CR in message content reached the backend (followed by {b:#04x})"
@@ -671,7 +688,9 @@ impl<'r> Postfix<'r> {
             return false;
         };
         let skip = skip.clone();
-        let n = usize::try_from(left).unwrap_or(usize::MAX).min(self.input.len());
+        let n = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(self.input.len());
         if n == 0 && left > 0 {
             return false;
         }
@@ -768,7 +787,10 @@ impl<'r> Postfix<'r> {
             self.authenticated = true;
             self.reply(235, "2.7.0 Authentication successful");
         } else {
-            self.error(535, "5.7.8 Error: authentication failed: authentication failure");
+            self.error(
+                535,
+                "5.7.8 Error: authentication failed: authentication failure",
+            );
         }
     }
 
@@ -878,8 +900,7 @@ impl<'r> Postfix<'r> {
                 // from PROTO= or SMTP, a login from LOGIN=).
                 self.reset_transaction();
                 self.helo = None;
-                self.esmtp =
-                    attribute(b"PROTO=").is_some_and(|p| p.eq_ignore_ascii_case(b"ESMTP"));
+                self.esmtp = attribute(b"PROTO=").is_some_and(|p| p.eq_ignore_ascii_case(b"ESMTP"));
                 self.authenticated = attribute(b"LOGIN=").is_some();
                 self.reply(220, &format!("{BACKEND} ESMTP Postfix"));
             }
@@ -899,7 +920,9 @@ impl<'r> Postfix<'r> {
                     self.error(501, "5.5.4 Syntax: AUTH mechanism");
                 } else {
                     let mechanism = argv[1].to_ascii_uppercase();
-                    let initial = argv.get(2).map(|r| if r == b"=" { Vec::new() } else { r.clone() });
+                    let initial = argv
+                        .get(2)
+                        .map(|r| if r == b"=" { Vec::new() } else { r.clone() });
                     match (mechanism.as_slice(), initial) {
                         (b"PLAIN", Some(response)) => self.auth_verdict(response == GOOD_PLAIN),
                         (b"PLAIN", None) => {
@@ -989,7 +1012,10 @@ impl<'r> Postfix<'r> {
                 }
             }
             "ETRN" => self.error(458, "Unable to queue messages"),
-            "HELP" => self.reply(214, "2.0.0 Commands: AUTH BDAT DATA EHLO HELO MAIL NOOP QUIT RCPT RSET"),
+            "HELP" => self.reply(
+                214,
+                "2.0.0 Commands: AUTH BDAT DATA EHLO HELO MAIL NOOP QUIT RCPT RSET",
+            ),
             "QUIT" => {
                 self.reply(221, "2.0.0 Bye");
                 self.closed = true;
@@ -1004,7 +1030,8 @@ impl<'r> Postfix<'r> {
         // could not parse, with an error and read the announced chunk as commands.
         assert!(
             self.setup.offers_chunking,
-            "BDAT reached a backend that does not offer CHUNKING (the chunk would run as commands): {}",
+            "BDAT reached a backend that does not offer CHUNKING (the chunk would run as \
+             commands): {}",
             lossy(line)
         );
         let argc = argv.len();
@@ -1027,7 +1054,10 @@ impl<'r> Postfix<'r> {
         let refusal = if size == 0 && !last {
             skip(551, "5.7.1 Null BDAT request")
         } else if self.bdat == BdatState::Error {
-            skip(551, &format!("5.0.0 Discarded {size} bytes after earlier error"))
+            skip(
+                551,
+                &format!("5.0.0 Discarded {size} bytes after earlier error"),
+            )
         } else if self.bdat == BdatState::None && self.rcpts == 0 {
             if self.in_tx {
                 skip(554, "5.5.1 Error: no valid recipients")
@@ -1039,12 +1069,11 @@ impl<'r> Postfix<'r> {
         } else {
             None
         };
-        if refusal.is_some() {
+        if let Some((code, text)) = &refusal {
             // skip_bdat: beyond 1.5 times the limit nothing is read; input is shut down.
             let act = self.act_size as f64;
             if act / 1.5 > MESSAGE_LIMIT as f64 - size as f64 / 1.5 {
-                let (code, text) = refusal.unwrap();
-                self.reply(code, &text);
+                self.reply(*code, text);
                 self.closed = true;
                 return;
             }
@@ -1177,7 +1206,10 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn count(haystack: &[u8], needle: &[u8]) -> usize {
-    haystack.windows(needle.len()).filter(|w| *w == needle).count()
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
 }
 
 /// Oracle 2 on one stored message.
@@ -1201,14 +1233,23 @@ fn check_message(message: &[u8], tls: bool, client_has_marker: bool) {
     // after the date (Postfix's cleanup joins it to its own Received field the same way), so
     // the field as a whole may go on; what mailfront wrote must be there, whole, first.
     let Some(date_end) = find(message, b" +0000\r\n").map(|i| i + 8) else {
-        panic!("mailfront's Received field without its date: {}", lossy(message));
+        panic!(
+            "mailfront's Received field without its date: {}",
+            lossy(message)
+        );
     };
     let field = &message[..date_end];
     let lines: Vec<&[u8]> = field.split_inclusive(|&b| b == b'\n').collect();
     assert!(
-        lines.iter().all(|l| l.ends_with(b"\r\n") && !l[..l.len() - 2].contains(&b'\r'))
+        lines
+            .iter()
+            .all(|l| l.ends_with(b"\r\n") && !l[..l.len() - 2].contains(&b'\r'))
             && lines[1..].iter().all(|l| l.starts_with(b"\t"))
-            && find(field, format!("\r\n\tby {HOST} (mailfront) with ").as_bytes()).is_some(),
+            && find(
+                field,
+                format!("\r\n\tby {HOST} (mailfront) with ").as_bytes()
+            )
+            .is_some(),
         "the first field is not mailfront's whole Received field: {}",
         lossy(field)
     );
@@ -1248,7 +1289,8 @@ fn check_replies(to_client: &[u8], record: &Record, kind: Kind) {
             .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok());
         let Some(nonce) = nonce else {
             let first = lines[0].strip_suffix(b"\r\n").unwrap_or(lines[0]);
-            if first == format!("250-{HOST}").as_bytes() || first == format!("250 {HOST}").as_bytes()
+            if first == format!("250-{HOST}").as_bytes()
+                || first == format!("250 {HOST}").as_bytes()
             {
                 // mailfront's own EHLO (before TLS) or HELO reply, counted below.
                 greetings += 1;
@@ -1258,7 +1300,10 @@ fn check_replies(to_client: &[u8], record: &Record, kind: Kind) {
                 // mailfront's own NOOP/RSET answer before TLS.
                 continue;
             }
-            panic!("the client got a {code} the backend never sent: {}", lossy(&lines.concat()));
+            panic!(
+                "the client got a {code} the backend never sent: {}",
+                lossy(&lines.concat())
+            );
         };
         assert_eq!(
             record.sent.get(nonce),
