@@ -308,6 +308,8 @@ pub struct LimitsSection {
     pub auth_failures_per_ip: u32,
     #[serde(default = "default_auth_failure_window")]
     pub auth_failure_window: ConfigDuration,
+    #[serde(default = "default_listen_backlog")]
+    pub listen_backlog: u32,
 }
 
 impl Default for LimitsSection {
@@ -321,6 +323,7 @@ impl Default for LimitsSection {
             connections_per_ip: default_connections_per_ip(),
             auth_failures_per_ip: default_auth_failures_per_ip(),
             auth_failure_window: default_auth_failure_window(),
+            listen_backlog: default_listen_backlog(),
         }
     }
 }
@@ -365,9 +368,14 @@ pub const DEFAULT_SMTP_LINE: usize = 2048;
 /// Longest IMAP line before authentication: RFC 7162 §4 has clients keep command lines to
 /// about 8192 octets, so a server should accept that much.
 pub const DEFAULT_IMAP_LINE: usize = 8192;
-/// Largest IMAP literal before authentication: a LOGIN or ID argument is at most a few hundred
-/// octets, so 64 KiB bounds memory without refusing any real client.
-pub const DEFAULT_IMAP_LITERAL: usize = 64 * 1024;
+/// Largest IMAP literal before authentication. Only LOGIN and ID take strings then: a user name
+/// or password is at most a few hundred octets, an ID value at most 1024 (RFC 2971 §3.3), and
+/// tokens go through AUTHENTICATE, whose lines have their own bound. 8 KiB, the same as a
+/// command line (`limits.imap_line`), is still far above what Dovecot's login process takes
+/// for a command's arguments (about 1 KiB). A session holds up to a line and a literal while it
+/// reads a command, so this bounds what an unfinished literal costs: at 64 KiB it took a
+/// pre-login session from 31 to 91 KiB; at 8 KiB a session holds at most 16 KiB of command.
+pub const DEFAULT_IMAP_LITERAL: usize = 8 * 1024;
 /// Longest POP3 command line: RFC 1939 §3 allows 255 octets per command; twice that leaves
 /// room for long RFC 2449 arguments.
 pub const DEFAULT_POP3_LINE: usize = 512;
@@ -379,13 +387,23 @@ pub const DEFAULT_PREAUTH_COMMANDS: usize = 50;
 /// a NAT gateway in front of an office rarely has 50 logins in progress at one instant, because
 /// authenticated sessions do not count.
 pub const DEFAULT_CONNECTIONS_PER_IP: u32 = 50;
-/// Failed logins one client address (an IPv6 /64) may have in `limits.auth_failure_window`
-/// before its further attempts are refused here: a person mistyping a password, or a phone
-/// retrying an old one on three accounts, stays well below 10.
+/// Login attempts that did not succeed one client address (an IPv6 /64) may have in
+/// `limits.auth_failure_window` before its further attempts are refused here (each charged when
+/// sent, refunded on success): a person mistyping a password, or a phone retrying an old one on
+/// three accounts, stays well below 10.
 pub const DEFAULT_AUTH_FAILURES_PER_IP: u32 = 10;
 /// 10 failures per 10 minutes is one guess a minute: a dictionary attack on one address gets
 /// nowhere, and a throttled person waits minutes, not hours.
 pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(600);
+
+/// Connections the kernel queues, handshake done, before mailfront accepts them: nginx's 511.
+/// std's and tokio's 128 overflows in a reconnect storm (every client of a restarted replica
+/// at once), and an overflowing queue drops SYNs, which clients retry only after a second or
+/// more. Linux caps the value at `net.core.somaxconn` (4096 since 5.4).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 511;
+/// The largest `limits.listen_backlog`: `net.core.somaxconn`'s own historical maximum; a
+/// larger queue only holds clients longer than they will wait.
+pub const MAX_LISTEN_BACKLOG: u32 = 65535;
 
 /// A listener name labels metrics and logs: 64 octets is plenty for a name and keeps label
 /// values short.
@@ -462,6 +480,9 @@ fn default_auth_failures_per_ip() -> u32 {
 }
 fn default_auth_failure_window() -> ConfigDuration {
     ConfigDuration(DEFAULT_AUTH_FAILURE_WINDOW)
+}
+fn default_listen_backlog() -> u32 {
+    DEFAULT_LISTEN_BACKLOG
 }
 
 /// Default cap on concurrent sessions per listener: an idle TLS session costs mailfront some
@@ -571,7 +592,8 @@ pub struct Limits {
     pub preauth_commands: usize,
     /// Unauthenticated sessions per client address across all listeners; 0: no limit.
     pub connections_per_ip: u32,
-    /// Failed logins per client address within `auth_failure_window`; 0: no throttle.
+    /// Login attempts that did not succeed per client address within `auth_failure_window`
+    /// ([`crate::limits::AuthThrottle`]); 0: no throttle.
     pub auth_failures_per_ip: u32,
     pub auth_failure_window: Duration,
 }
@@ -587,6 +609,9 @@ pub struct RuntimeConfig {
     pub log_level: String,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// `limits.listen_backlog`: the accept queue of every listener and of the metrics
+    /// endpoint. Here rather than in [`Limits`], which sessions carry: only binding uses it.
+    pub listen_backlog: u32,
 }
 
 impl Config {
@@ -799,6 +824,12 @@ impl Config {
                 ),
             );
         }
+        if !(1..=MAX_LISTEN_BACKLOG).contains(&lim.listen_backlog) {
+            problem(
+                "limits.listen_backlog".into(),
+                format!("{} is outside 1-{MAX_LISTEN_BACKLOG}", lim.listen_backlog),
+            );
+        }
         if lim.auth_failures_per_ip > 0 && lim.auth_failure_window.0.is_zero() {
             problem(
                 "limits.auth_failure_window".into(),
@@ -842,7 +873,41 @@ impl Config {
                 auth_failures_per_ip: lim.auth_failures_per_ip,
                 auth_failure_window: lim.auth_failure_window.0,
             },
+            listen_backlog: lim.listen_backlog,
         })
+    }
+}
+
+/// The tracing filter mailfront runs with: the operator's (`log.level`, or `RUST_LOG`), with
+/// `rustls=error` added unless it names rustls itself or its default level is `debug` or
+/// `trace`. rustls logs a warning for what a peer sends (an alert, a message out of place, a
+/// malformed hello), one per connection at whatever pace a client likes; each failed handshake
+/// is already counted in `mailfront_tls_handshake_failures_total{reason}` and its cause is in
+/// the session's close line, so rustls's lines are shown only where debug lines are.
+pub fn log_filter(text: &str) -> String {
+    use tracing::level_filters::LevelFilter;
+    let mut names_rustls = false;
+    let mut debug_by_default = false;
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let target = directive
+            .split(['[', '='])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        if !directive.contains(['[', '='])
+            && let Ok(level) = target.parse::<LevelFilter>()
+        {
+            debug_by_default = level >= LevelFilter::DEBUG;
+        } else if target == "rustls" || target.starts_with("rustls::") {
+            names_rustls = true;
+        }
+    }
+    if names_rustls || debug_by_default {
+        text.to_owned()
+    } else if text.trim().is_empty() {
+        "rustls=error".to_owned()
+    } else {
+        format!("{text},rustls=error")
     }
 }
 
@@ -895,7 +960,8 @@ mod tests {
             .unwrap();
         assert_eq!(config.tls.min_version, MinTlsVersion::Tls12);
         assert_eq!(config.tls.handshake_timeout, Duration::from_secs(10));
-        assert_eq!(config.limits.smtp_line, 4096);
+        assert_eq!(config.limits.smtp_line, 2048);
+        assert_eq!(config.limits.imap_literal, 8192);
         assert_eq!(config.limits.connections_per_ip, 50);
         assert_eq!(config.limits.auth_failures_per_ip, 10);
         assert_eq!(
@@ -968,6 +1034,63 @@ mod tests {
         .validate(Path::new("/"))
         .unwrap();
         assert_eq!(off.limits.auth_failures_per_ip, 0);
+    }
+
+    #[test]
+    fn the_listen_backlog_defaults_to_nginx_511_and_is_bounded() {
+        let backlog = |yaml: &str| {
+            Config::from_yaml(&format!("{MINIMAL}{yaml}"))
+                .and_then(|c| c.validate(Path::new("/")))
+                .map(|c| c.listen_backlog)
+        };
+        assert_eq!(backlog("").unwrap(), 511);
+        assert_eq!(backlog("limits:\n  listen_backlog: 1\n").unwrap(), 1);
+        assert_eq!(
+            backlog("limits:\n  listen_backlog: 65535\n").unwrap(),
+            65535
+        );
+        for bad in [0, 65536] {
+            let found = problems(&format!("{MINIMAL}limits:\n  listen_backlog: {bad}\n"));
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert_eq!(found[0].key, "limits.listen_backlog");
+            assert!(found[0].message.contains("outside 1-65535"), "{found:?}");
+        }
+        // Not a number at all: a syntax error naming the key.
+        let err = backlog("limits:\n  listen_backlog: -1\n").unwrap_err();
+        assert!(err.to_string().contains("listen_backlog"), "{err}");
+    }
+
+    #[test]
+    fn rustls_is_quiet_below_debug_unless_the_filter_names_it() {
+        for (written, used) in [
+            ("info", "info,rustls=error"),
+            ("warn", "warn,rustls=error"),
+            ("INFO", "INFO,rustls=error"),
+            (
+                "info,mailfront::smtp=debug",
+                "info,mailfront::smtp=debug,rustls=error",
+            ),
+            // tokio_rustls is another crate.
+            (
+                "info,tokio_rustls=debug",
+                "info,tokio_rustls=debug,rustls=error",
+            ),
+            ("", "rustls=error"),
+            // A debug or trace default shows everything, rustls included.
+            ("debug", "debug"),
+            ("trace,hyper=info", "trace,hyper=info"),
+            // Named: the operator's word stands.
+            ("info,rustls=warn", "info,rustls=warn"),
+            ("info,rustls::check=debug", "info,rustls::check=debug"),
+            ("warn, rustls", "warn, rustls"),
+            ("info,rustls[handshake]=warn", "info,rustls[handshake]=warn"),
+        ] {
+            assert_eq!(log_filter(written), used, "{written:?}");
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(log_filter(written)).is_ok(),
+                "{written:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mailfront::config::{self, LogFormat, RuntimeConfig};
+use mailfront::fd_limit;
 use mailfront::server::{self, Control, Server};
 use mailfront::tls::{CertStore, TicketKeys};
 
@@ -96,9 +97,15 @@ fn check(path: Option<&std::path::Path>) -> ExitCode {
 }
 
 fn init_logging(config: &RuntimeConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log_level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::EnvFilter;
+    // RUST_LOG when set and valid, else `log.level`; either way rustls's per-connection
+    // warnings only where debug lines are shown (see `config::log_filter`).
+    let written = std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|text| EnvFilter::try_new(text).is_ok())
+        .unwrap_or_else(|| config.log_level.clone());
+    let filter = EnvFilter::try_new(config::log_filter(&written))
+        .unwrap_or_else(|_| EnvFilter::new(config::log_filter("info")));
     // Colours only for a person at a terminal, never in files or log collectors.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -118,6 +125,7 @@ fn init_logging(config: &RuntimeConfig) {
 fn run(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     let config = config::load(path).context("invalid configuration")?;
     init_logging(&config);
+    raise_open_files(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -131,6 +139,26 @@ fn run(path: Option<&std::path::Path>) -> anyhow::Result<()> {
         server.run(bound, control).await?;
         Ok(())
     })
+}
+
+/// Raises the open-files soft limit to the hard limit, and warns when that is still below what
+/// the listeners' `max_connections` may need (see [`fd_limit::needed`]).
+fn raise_open_files(config: &RuntimeConfig) {
+    let raised = fd_limit::raise();
+    let show = |n: Option<u64>| n.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    if let Some(e) = &raised.error {
+        tracing::warn!(soft = %show(raised.before.soft), hard = %show(raised.before.hard), error = %e, "cannot raise the open files limit (RLIMIT_NOFILE) to its hard limit");
+    } else if raised.after.soft != raised.before.soft {
+        tracing::info!(from = %show(raised.before.soft), to = %show(raised.after.soft), "open files limit (RLIMIT_NOFILE) raised to the hard limit");
+    }
+    let needed = fd_limit::needed(config.listeners.iter().map(|l| l.max_connections));
+    if let Some(limit) = fd_limit::shortfall(raised.after.soft, needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            "open files limit (RLIMIT_NOFILE) is below what the listeners' max_connections may need (1.5 descriptors per session, client and backend): accepts will fail with 'Too many open files' before max_connections is reached; raise the hard limit (systemd LimitNOFILE=, ulimit -Hn, the container runtime's nofile) or lower max_connections"
+        );
+    }
 }
 
 /// SIGTERM/SIGINT begin a graceful shutdown; SIGHUP re-reads the certificates.

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::backend::BackendStream;
 use crate::line::Step;
 use crate::metrics::{AuthResult, IdSource};
-use crate::session::{ClientStream, EndReason, Session, upgrade_client, write_timed};
+use crate::session::{ClientStream, EndReason, LoginCharge, Session, upgrade_client, write_timed};
 use crate::transport::Transport;
 
 /// What the driver must do next.
@@ -34,6 +34,11 @@ pub enum Next {
     Authenticated,
     /// Write pending output and close.
     End(End),
+    /// The machine parsed a login it would send (IMAP LOGIN/AUTHENTICATE, POP3 PASS/APOP/AUTH)
+    /// and holds it: charge it against `limits.auth_failures_per_ip`
+    /// ([`Session::charge_login`]), keep the charge, and call [`Machine::login_charge`] with
+    /// whether it was granted. Nothing of the login went out yet.
+    ChargeLogin,
 }
 
 /// Why the not-authenticated phase ended without a login.
@@ -56,8 +61,13 @@ pub enum End {
 /// credential: mechanisms are labels built from parsed commands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// The backend answered a login (IMAP LOGIN/AUTHENTICATE, POP3 PASS/APOP/AUTH).
-    Auth { ok: bool, mechanism: String },
+    /// The backend answered a login (IMAP LOGIN/AUTHENTICATE, POP3 PASS/APOP/AUTH); `charge`
+    /// says what becomes of the attempt's charge.
+    Auth {
+        ok: bool,
+        mechanism: String,
+        charge: Charge,
+    },
     /// A login refused because TLS is not active (RFC 8314 §4.1).
     CleartextAuthRefused { mechanism: String },
     /// A login refused here, never forwarded, because the client's address reached
@@ -68,6 +78,18 @@ pub enum Notice {
     /// `backend_client_info` could not tell the backend the client's address (POP3: CAPA
     /// without XCLIENT, or XCLIENT refused); logged once per listener.
     ClientInfo(crate::client_info::Notice),
+}
+
+/// What the backend's answer to a login means for `limits.auth_failures_per_ip`: the machine
+/// decides (it knows the protocol), the driver settles the charge it took at
+/// [`Next::ChargeLogin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    /// The login succeeded, or no credential was checked (a cancelled SASL exchange): the
+    /// attempt does not count.
+    Refund,
+    /// A refusal: the attempt counts until it leaves the window.
+    Keep,
 }
 
 /// Where a not-authenticated session stands: the same phases for every protocol.
@@ -213,11 +235,12 @@ pub trait Machine {
 
     fn take_notices(&mut self) -> Vec<Notice>;
 
-    /// How many more failed logins the client's address may have (`limits.auth_failures_per_ip`
-    /// in its window), set by the driver before each input. The machine counts down on every
-    /// refusal it sees, so pipelined attempts answered in one read are counted too, and at 0 it
-    /// answers login commands itself instead of forwarding them.
-    fn set_auth_failures_left(&mut self, _left: u32) {}
+    /// The driver's answer to [`Next::ChargeLogin`]: granted, the held login goes out (the
+    /// driver keeps its charge until the [`Notice::Auth`] that settles it); refused, the machine
+    /// answers it with its protocol's throttled reply and a [`Notice::AuthThrottled`]. Either
+    /// way the machine then goes on with whatever the client pipelined. Ignored when no login
+    /// waits.
+    fn login_charge(&mut self, granted: bool);
 
     /// Client bytes arrived. Returns whether the idle timer restarts: bytes the machine only
     /// holds must not keep a session alive while it waits for the backend.
@@ -324,8 +347,23 @@ async fn until_login<M: Machine, S: Transport>(
     let login_deadline = session.login_deadline();
     let mut cchunk = vec![0u8; READ_CHUNK];
     let mut bchunk = vec![0u8; READ_CHUNK];
+    // The charge of the login with the backend now: at most one, since the machines hold the
+    // client's bytes until a login's verdict. Dropped unsettled when the session ends first, it
+    // stays counted (a client that hangs up before a slow failure still pays).
+    let mut charge: Option<LoginCharge> = None;
     loop {
-        record_notices(&mut machine, session);
+        record_notices(&mut machine, session, &mut charge);
+        if machine.next() == Next::ChargeLogin {
+            // Before anything is written, so a login leaves in the same write as the commands
+            // pipelined before it. One step under the throttle's lock: checked and counted
+            // together, so concurrent sessions of one address never pass the limit together.
+            let granted = session.charge_login(M::PROTOCOL);
+            machine.login_charge(granted.is_some());
+            if granted.is_some() {
+                charge = granted;
+            }
+            continue;
+        }
         let out = machine.take_to_backend();
         if !out.is_empty()
             && let Some(b) = backend.as_mut()
@@ -403,7 +441,8 @@ async fn until_login<M: Machine, S: Transport>(
                     held_backend,
                 });
             }
-            Next::Run => {}
+            // Charged at the top of the loop.
+            Next::ChargeLogin | Next::Run => {}
         }
         let read_client = machine.wants_client_input(hold_limit);
         let waiting_backend = machine.waiting_for_backend();
@@ -420,8 +459,6 @@ async fn until_login<M: Machine, S: Transport>(
                     return Err(EndReason::ClientClosed);
                 }
                 Ok(n) => {
-                    // Looked up at each input: the window moves and other sessions fail too.
-                    machine.set_auth_failures_left(session.auth_failures_left());
                     if machine.client_input(cchunk.get(..n).unwrap_or_default()) {
                         deadline = Instant::now() + idle;
                     }
@@ -431,7 +468,6 @@ async fn until_login<M: Machine, S: Transport>(
             r = backend_read => match r {
                 Ok(0) => machine.backend_closed(),
                 Ok(n) => {
-                    machine.set_auth_failures_left(session.auth_failures_left());
                     if machine.backend_input(bchunk.get(..n).unwrap_or_default()) {
                         deadline = Instant::now() + idle;
                     }
@@ -479,13 +515,20 @@ fn end_reason(end: End) -> EndReason {
 }
 
 /// Metrics and log lines for what the machine did; never a credential.
-fn record_notices<M: Machine>(machine: &mut M, session: &Session) {
+fn record_notices<M: Machine>(machine: &mut M, session: &Session, login: &mut Option<LoginCharge>) {
     let metrics = &session.listener.metrics;
     for notice in machine.take_notices() {
         match notice {
-            Notice::Auth { ok, mechanism } => {
-                if !ok {
-                    session.auth_failed();
+            Notice::Auth {
+                ok,
+                mechanism,
+                charge,
+            } => {
+                if let Some(held) = login.take() {
+                    match charge {
+                        Charge::Refund => held.refund(),
+                        Charge::Keep => held.keep(),
+                    }
                 }
                 metrics.auth_outcome(if ok {
                     AuthResult::Success
@@ -530,20 +573,131 @@ fn record_notices<M: Machine>(machine: &mut M, session: &Session) {
                 if session.listener.client_info_notices.first(problem) {
                     let what = match (problem, M::PROTOCOL) {
                         (crate::client_info::Notice::NotOffered, "imap") => {
-                            "the backend does not offer ID"
+                            "the backend does not offer ID; going on without it"
                         }
                         (crate::client_info::Notice::NotOffered, _) => {
-                            "the backend does not offer XCLIENT (Dovecot: login_trusted_networks must list mailfront)"
+                            "the backend does not offer XCLIENT (Dovecot: login_trusted_networks must list mailfront); going on without it"
                         }
-                        (crate::client_info::Notice::Refused, _) => "the backend refused XCLIENT",
+                        (crate::client_info::Notice::Refused, "imap") => {
+                            "the backend refused mailfront's ID; sessions are closed with BYE [UNAVAILABLE] until it accepts it"
+                        }
+                        (crate::client_info::Notice::Refused, _) => {
+                            "the backend refused XCLIENT; sessions are closed with -ERR [SYS/TEMP] until it accepts it"
+                        }
                     };
                     tracing::warn!(
                         listener = %session.listener.config.name,
                         protocol = M::PROTOCOL,
-                        "backend_client_info: {what}; going on without it"
+                        "backend_client_info: {what}"
                     );
                 }
             }
         }
+    }
+}
+
+/// What the machines' unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Charge, Machine, Next, Notice};
+
+    /// The driver's side of `limits.auth_failures_per_ip`, played in unit tests: it answers
+    /// [`Next::ChargeLogin`] as [`serve`](super::serve) does and settles the charge on the
+    /// machine's [`Notice::Auth`], so a table can say how many attempts stayed counted.
+    #[derive(Debug)]
+    pub(crate) struct Throttle {
+        pub(crate) limit: u32,
+        /// Charges kept so far, the one still with the backend included (a hang-up keeps it).
+        pub(crate) charged: u32,
+        /// Logins answered with the throttled reply.
+        pub(crate) refused: u32,
+        /// A granted login waits for its verdict.
+        in_flight: bool,
+        pub(crate) notices: Vec<Notice>,
+    }
+
+    impl Throttle {
+        /// `limit` charges, `charged` of them already taken by other sessions.
+        pub(crate) fn new(limit: u32, charged: u32) -> Throttle {
+            Throttle {
+                limit,
+                charged,
+                refused: 0,
+                in_flight: false,
+                notices: Vec::new(),
+            }
+        }
+
+        /// What the driver loop does after every input: settles verdicts and answers held
+        /// logins until the machine wants neither.
+        pub(crate) fn run<M: Machine>(&mut self, m: &mut M) {
+            loop {
+                for notice in m.take_notices() {
+                    if let Notice::Auth { charge, .. } = &notice {
+                        assert!(self.in_flight, "a verdict for a login never charged");
+                        self.in_flight = false;
+                        if *charge == Charge::Refund {
+                            self.charged -= 1;
+                        }
+                    }
+                    self.notices.push(notice);
+                }
+                if m.next() != Next::ChargeLogin {
+                    return;
+                }
+                assert!(
+                    !self.in_flight,
+                    "a second login charged while one is with the backend"
+                );
+                let granted = self.charged < self.limit;
+                if granted {
+                    self.charged += 1;
+                    self.in_flight = true;
+                } else {
+                    self.refused += 1;
+                }
+                m.login_charge(granted);
+            }
+        }
+    }
+
+    /// One step of a table test: bytes from either side, or the backend's close.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Step {
+        Client(&'static str),
+        Backend(&'static str),
+        BackendClosed,
+    }
+
+    /// Plays `steps` on `m` with `throttle`; returns everything written to the client and to
+    /// the backend.
+    pub(crate) fn play<M: Machine>(
+        m: &mut M,
+        throttle: &mut Throttle,
+        steps: &[Step],
+    ) -> (String, String) {
+        let (mut client, mut backend) = (Vec::new(), Vec::new());
+        let mut drain = |m: &mut M, throttle: &mut Throttle| {
+            throttle.run(m);
+            client.extend_from_slice(&m.take_to_client());
+            backend.extend_from_slice(&m.take_to_backend());
+        };
+        drain(m, throttle);
+        for step in steps {
+            match step {
+                Step::Client(bytes) => {
+                    m.client_input(bytes.as_bytes());
+                }
+                Step::Backend(bytes) => {
+                    m.backend_input(bytes.as_bytes());
+                }
+                Step::BackendClosed => m.backend_closed(),
+            }
+            drain(m, throttle);
+        }
+        (
+            String::from_utf8_lossy(&client).into_owned(),
+            String::from_utf8_lossy(&backend).into_owned(),
+        )
     }
 }

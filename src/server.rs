@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,6 +17,7 @@ use crate::backend::{BackendConnector, Pool, tls::TlsSetupError};
 use crate::config::{ListenerConfig, RuntimeConfig, TlsMode};
 use crate::connection::{read_proxy_header, refuse_per_ip, serve_connection};
 use crate::limits::{AuthThrottle, PerIpLimiter};
+use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, ProxyHeaderResult, Readiness};
 use crate::proxy_header::Header as ProxyHeader;
 use crate::session::{ListenerContext, Session};
@@ -72,13 +73,13 @@ pub enum StartError {
     },
 }
 
-/// Binds every listener and the admin endpoint; an error names the listener.
+/// Binds every listener and the admin endpoint, each with `limits.listen_backlog`; an error
+/// names the listener.
 pub async fn bind(config: &RuntimeConfig) -> Result<Bound, StartError> {
     let mut listeners = Vec::new();
     for (index, l) in config.listeners.iter().enumerate() {
-        let listener = TcpListener::bind(l.listen)
-            .await
-            .map_err(|source| StartError::Bind {
+        let listener =
+            listen(l.listen, config.listen_backlog).map_err(|source| StartError::Bind {
                 index,
                 name: l.name.clone(),
                 addr: l.listen,
@@ -89,12 +90,24 @@ pub async fn bind(config: &RuntimeConfig) -> Result<Bound, StartError> {
     let admin = match config.metrics_listen {
         None => None,
         Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
+            listen(addr, config.listen_backlog)
                 .map_err(|source| StartError::BindAdmin { addr, source })?,
         ),
     };
     Ok(Bound { listeners, admin })
+}
+
+/// A listening socket as `TcpListener::bind` makes one (SO_REUSEADDR, so a restart binds while
+/// the last run's connections sit in TIME_WAIT; IPV6_V6ONLY left at the system default, so
+/// `[::]` also takes IPv4 where the host allows it), but with `backlog` instead of the fixed 128.
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// How long to wait for sessions after the hard stop. Each one then only writes its goodbye
@@ -105,8 +118,16 @@ pub async fn bind(config: &RuntimeConfig) -> Result<Bound, StartError> {
 /// (Kubernetes `terminationGracePeriodSeconds`).
 pub const AFTER_HARD_STOP: Duration = Duration::from_secs(1);
 
-/// Pause after a failed accept (out of file descriptors and the like) instead of spinning.
+/// Pause after a failed accept instead of spinning: out of file descriptors (EMFILE, ENFILE)
+/// or kernel memory, the connection waiting in the queue would fail again at once. Short,
+/// because descriptors come back as sessions end; taken after any failure, so an error that
+/// does not go away cannot spin the loop either.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At most one `accept failed` line per listener this often: out of descriptors, the loop fails
+/// ten times a second (2,075 lines in 3.5 minutes were seen); each line carries the count of
+/// failures left out since the one before.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How the outside world steers a running proxy.
 #[derive(Clone, Default)]
@@ -326,6 +347,7 @@ async fn accept_loop(
         hard_stop,
     };
     let behind_balancer = !context.config.proxy_protocol_from.is_empty();
+    let mut accept_errors = LogThrottle::new(ACCEPT_ERROR_LOG_INTERVAL);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -334,8 +356,9 @@ async fn accept_loop(
         let (tcp, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(listener = %context.config.name, error = %e, "accept failed");
+                if let Some(suppressed) = accept_errors.occurred(tokio::time::Instant::now()) {
+                    tracing::warn!(listener = %context.config.name, error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }

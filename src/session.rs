@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{self, BackendConnector, BackendStream, ByteCounters, ConnectError};
 pub use crate::close::{EndReason, Side};
 use crate::config::{Limits, ListenerConfig, Protocol, Timeouts};
-use crate::limits::{AuthThrottle, PerIpGuard};
+use crate::limits::{AuthCharge, AuthThrottle, PerIpGuard};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::relay::{self, RelayEnd};
@@ -206,6 +206,47 @@ pub async fn upgrade_client<S: Transport>(
     })
 }
 
+/// A login attempt charged against `limits.auth_failures_per_ip` and sent, waiting for the
+/// backend's verdict ([`Session::charge_login`]). The driver settles it: [`LoginCharge::refund`]
+/// when the backend accepted the login or no credential was checked, [`LoginCharge::keep`] when
+/// the login failed. Dropped unsettled (the client hung up, the backend closed, the session
+/// timed out before the verdict) it stays counted, and says so at debug level: that is the
+/// charge a client that hangs up before a slow failure would otherwise escape.
+pub struct LoginCharge {
+    /// `None` without a throttle (driver tests): nothing to settle.
+    held: Option<(AuthThrottle, AuthCharge)>,
+    listener: Arc<ListenerContext>,
+    client: SocketAddr,
+    protocol: &'static str,
+}
+
+impl LoginCharge {
+    /// The attempt does not count: the backend accepted it, or checked no credential.
+    pub fn refund(mut self) {
+        if let Some((throttle, charge)) = self.held.take() {
+            throttle.refund(charge);
+        }
+    }
+
+    /// The backend refused the login: the attempt stays counted until it leaves the window.
+    pub fn keep(mut self) {
+        drop(self.held.take());
+    }
+}
+
+impl Drop for LoginCharge {
+    fn drop(&mut self) {
+        if self.held.take().is_some() {
+            tracing::debug!(
+                listener = %self.listener.config.name,
+                protocol = self.protocol,
+                client = %self.client,
+                "login attempt stays charged: the session ended before the backend's verdict"
+            );
+        }
+    }
+}
+
 /// Per-connection state that protocol drivers read and update.
 pub struct Session {
     pub listener: Arc<ListenerContext>,
@@ -268,19 +309,25 @@ impl Session {
         self.per_ip = None;
     }
 
-    /// How many more failed logins this client's address may have before its attempts are
-    /// refused locally (`u32::MAX` without a throttle).
-    pub fn auth_failures_left(&self) -> u32 {
-        self.auth_throttle
-            .as_ref()
-            .map_or(u32::MAX, |t| t.remaining(self.client_addr.ip()))
-    }
-
-    /// The backend refused a login from this client: counts against its address.
-    pub fn auth_failed(&self) {
-        if let Some(throttle) = &self.auth_throttle {
-            throttle.record_failure(self.client_addr.ip());
-        }
+    /// Charges one login attempt against the client's address before it goes out
+    /// (`limits.auth_failures_per_ip`, [`AuthThrottle::try_charge`]). `None`: the address is
+    /// throttled and the attempt must be answered locally. The driver holds the charge until the
+    /// backend's verdict and settles it then ([`LoginCharge::refund`], [`LoginCharge::keep`]);
+    /// a charge dropped unsettled (the session ended first) stays counted.
+    pub fn charge_login(&self, protocol: &'static str) -> Option<LoginCharge> {
+        let held = match &self.auth_throttle {
+            Some(throttle) => Some((
+                throttle.clone(),
+                throttle.try_charge(self.client_addr.ip())?,
+            )),
+            None => None,
+        };
+        Some(LoginCharge {
+            held,
+            listener: self.listener.clone(),
+            client: self.client_addr,
+            protocol,
+        })
     }
 
     /// A login attempt refused locally because the address is throttled.

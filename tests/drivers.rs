@@ -728,3 +728,114 @@ async fn smtp_accepted_cleartext_mail_stops_the_login_clock_where_allowed() {
         }
     }
 }
+
+/// SMTP AUTH against `limits.auth_failures_per_ip` at 1: every exchange is charged when AUTH
+/// goes out; a cancel (501), an unknown mechanism (504) and the backend's temporary trouble
+/// (454) give the charge back, a 535 after AUTH LOGIN in steps keeps it, and the next AUTH is
+/// answered 454 here without reaching the backend.
+#[tokio::test(start_paused = true)]
+async fn smtp_auth_is_charged_when_sent_and_refunded_only_without_a_wrong_guess() {
+    let pki = pki();
+    let (context, mut backends) = listener(Protocol::Smtp, TlsMode::Implicit, &pki);
+    let throttle = mailfront::limits::AuthThrottle::new(1, Duration::from_secs(600));
+    let shared = throttle.clone();
+    let (client_io, server_io) = duplex(PIPE);
+    let server = tokio::spawn(async move {
+        let mut session = session(context.clone());
+        session.auth_throttle = Some(shared);
+        let (client, info, took) = ClientStream::Plain(server_io)
+            .upgrade(&context.handshaker)
+            .await
+            .unwrap();
+        session.tls_established(info, took, false);
+        mailfront::smtp::session::serve(client, &mut session).await
+    });
+    let ip = "192.0.2.10".parse().unwrap();
+    let mut client = tls_client(client_io, &pki).await;
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
+    client.write_all(b"EHLO c.example\r\n").await.unwrap();
+    expect(&mut backend, b"EHLO c.example\r\n").await;
+    backend
+        .write_all(b"250-backend\r\n250 AUTH PLAIN LOGIN\r\n")
+        .await
+        .unwrap();
+    smtp_reply(&mut client).await;
+
+    // AUTH LOGIN in steps, cancelled by the client: refunded.
+    client.write_all(b"AUTH LOGIN\r\n").await.unwrap();
+    expect(&mut backend, b"AUTH LOGIN\r\n").await;
+    assert!(throttle.throttled(ip), "charged as it went out");
+    backend.write_all(b"334 VXNlcm5hbWU6\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "334 VXNlcm5hbWU6\r\n");
+    client.write_all(b"dQ==\r\n").await.unwrap();
+    expect(&mut backend, b"dQ==\r\n").await;
+    backend.write_all(b"334 UGFzc3dvcmQ6\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "334 UGFzc3dvcmQ6\r\n");
+    client.write_all(b"*\r\n").await.unwrap();
+    expect(&mut backend, b"*\r\n").await;
+    backend
+        .write_all(b"501 5.7.0 Authentication aborted\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        line(&mut client).await,
+        "501 5.7.0 Authentication aborted\r\n"
+    );
+    assert!(!throttle.throttled(ip), "a cancel is refunded");
+
+    // An unknown mechanism, then the backend's temporary trouble: refunded.
+    for (auth, answer) in [
+        (
+            &b"AUTH CRAM-MD5\r\n"[..],
+            &b"504 5.5.4 Unrecognized mechanism\r\n"[..],
+        ),
+        (
+            b"AUTH PLAIN AHUAdw==\r\n",
+            b"454 4.7.0 Temporary authentication failure\r\n",
+        ),
+    ] {
+        client.write_all(auth).await.unwrap();
+        expect(&mut backend, auth).await;
+        backend.write_all(answer).await.unwrap();
+        assert_eq!(line(&mut client).await.as_bytes(), answer);
+        assert!(
+            !throttle.throttled(ip),
+            "{}",
+            String::from_utf8_lossy(answer)
+        );
+    }
+
+    // AUTH LOGIN in steps with a wrong password: kept.
+    client.write_all(b"AUTH LOGIN dQ==\r\n").await.unwrap();
+    expect(&mut backend, b"AUTH LOGIN dQ==\r\n").await;
+    backend.write_all(b"334 UGFzc3dvcmQ6\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "334 UGFzc3dvcmQ6\r\n");
+    client.write_all(b"d3Jvbmc=\r\n").await.unwrap();
+    expect(&mut backend, b"d3Jvbmc=\r\n").await;
+    backend
+        .write_all(b"535 5.7.8 Authentication failed\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        line(&mut client).await,
+        "535 5.7.8 Authentication failed\r\n"
+    );
+    assert!(throttle.throttled(ip), "a wrong password keeps its charge");
+
+    // Throttled: answered here; the NOOP after it is the next thing the backend sees.
+    client
+        .write_all(b"AUTH PLAIN AHUAc2VjcmV0\r\nNOOP\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        line(&mut client).await,
+        "454 4.7.0 Too many failed authentications, try again later\r\n"
+    );
+    expect(&mut backend, b"NOOP\r\n").await;
+    backend.write_all(b"250 2.0.0 ok\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "250 2.0.0 ok\r\n");
+    drop(client);
+    assert_eq!(server.await.unwrap(), EndReason::ClientClosed);
+}

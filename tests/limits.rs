@@ -529,3 +529,279 @@ async fn smtp_auth_gets_454_after_the_failures_while_a_second_address_is_served(
     tokio::time::sleep(WINDOW).await;
     assert!(smtp_auth(&mut a, "AHUAc2VjcmV0").await.starts_with("235 "));
 }
+
+// ---- the charge is taken when a login is sent --------------------------------------------
+//
+// Two attacks the throttle must stop by construction, for each protocol: a client that hangs up
+// before a slow failure (Dovecot answers a wrong password only after `auth_failure_delay`), and
+// many sessions of one address sending wrong passwords at once. Paused time: the backend's
+// delay and the client's patience are virtual, the sockets real.
+
+/// Far longer than any test: no charge leaves the window by itself.
+const LONG_WINDOW_MS: u64 = 600_000;
+
+#[derive(Debug, Clone, Copy)]
+enum Proto {
+    Imap,
+    Pop3,
+    Smtp,
+}
+
+impl Proto {
+    fn listener(self) -> &'static str {
+        match self {
+            Proto::Imap => "imaps",
+            Proto::Pop3 => "pop3s",
+            Proto::Smtp => "submissions",
+        }
+    }
+
+    fn protocol(self) -> &'static str {
+        match self {
+            Proto::Imap => "imap",
+            Proto::Pop3 => "pop3",
+            Proto::Smtp => "smtp",
+        }
+    }
+
+    fn kind(self) -> FakeKind {
+        match self {
+            Proto::Imap => FakeKind::Imap,
+            Proto::Pop3 => FakeKind::Pop3,
+            Proto::Smtp => FakeKind::Smtp,
+        }
+    }
+
+    /// What comes before a login: EHLO for SMTP, USER for POP3 (each answer read).
+    async fn prepare(self, c: &mut Tls) {
+        match self {
+            Proto::Imap => {}
+            Proto::Pop3 => {}
+            Proto::Smtp => smtp_ehlo(c).await,
+        }
+    }
+
+    /// The login command with `password`.
+    fn login(self, password: &str) -> String {
+        match self {
+            Proto::Imap => format!("a LOGIN u {password}\r\n"),
+            Proto::Pop3 => format!("USER u\r\nPASS {password}\r\n"),
+            // RFC 4616 PLAIN: NUL "u" NUL password.
+            Proto::Smtp => format!("AUTH PLAIN {}\r\n", base64_plain(password)),
+        }
+    }
+
+    /// [`Proto::prepare`], then one login with `password`; reads nothing back.
+    async fn send_login(self, c: &mut Tls, password: &str) {
+        self.prepare(c).await;
+        let login = self.login(password);
+        c.get_mut().write_all(login.as_bytes()).await.unwrap();
+    }
+
+    /// Reads the answer to [`Proto::send_login`]'s login: `Ok` for a success, `Err` with the
+    /// refusal otherwise.
+    async fn login_answer(self, c: &mut Tls) -> Result<(), String> {
+        let answer = match self {
+            Proto::Imap => read_until_tag(c, "a").await,
+            Proto::Pop3 => {
+                assert_eq!(read_line(c).await, "+OK\r\n", "USER");
+                read_line(c).await
+            }
+            Proto::Smtp => read_smtp_reply(c).await,
+        };
+        let ok = match self {
+            Proto::Imap => answer.starts_with("a OK"),
+            Proto::Pop3 => answer.starts_with("+OK"),
+            Proto::Smtp => answer.starts_with("235 "),
+        };
+        if ok { Ok(()) } else { Err(answer) }
+    }
+
+    /// The protocol's throttled answer.
+    fn throttled_answer(self) -> &'static str {
+        match self {
+            Proto::Imap => "a NO [UNAVAILABLE] Too many failed logins, try again later\r\n",
+            Proto::Pop3 => "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n",
+            Proto::Smtp => "454 4.7.0 Too many failed authentications, try again later\r\n",
+        }
+    }
+}
+
+/// `\0u\0password` in base64, as AUTH PLAIN sends it.
+fn base64_plain(password: &str) -> String {
+    use base64::prelude::{BASE64_STANDARD, Engine as _};
+    BASE64_STANDARD.encode(format!("\0u\0{password}"))
+}
+
+/// How many of the passwords `wrong0`, `wrong1`, … reached the backend, all connections
+/// together (each attempt uses its own, so none is counted twice).
+fn wrong_passwords_seen(s: &Setup, proto: Proto, attempts: usize) -> usize {
+    let seen = s.backend_saw(0);
+    (0..attempts)
+        .filter(|i| {
+            let password = format!("wrong{i}");
+            match proto {
+                Proto::Smtp => seen.contains(&base64_plain(&password)),
+                _ => {
+                    seen.contains(&format!("{password}\r\n"))
+                        || seen.contains(&format!("{password}\""))
+                }
+            }
+        })
+        .count()
+}
+
+/// One implicit-TLS listener for `proto` before a fake backend with `options`, and
+/// `limits.auth_failures_per_ip: limit` in a window no test outlives.
+async fn charging_setup(proto: Proto, limit: u32, options: FakeOptions) -> Setup {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &[HOST], false);
+    let backend = FakeBackend::start_with(proto.kind(), options).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml(
+            proto.listener(),
+            proto.protocol(),
+            "implicit",
+            backend.addr,
+        )],
+        &format!(
+            "limits:\n  connections_per_ip: 0\n  auth_failures_per_ip: {limit}\n  auth_failure_window: {LONG_WINDOW_MS}ms\n"
+        ),
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    Setup {
+        pki,
+        backends: vec![backend],
+        proxy,
+    }
+}
+
+/// (a) Ten wrong passwords, each from a client that hangs up 1.5 s after sending it, before
+/// the backend's failure (due after 2 s): only the first three reach the backend.
+async fn hanging_up_before_the_verdict_does_not_escape_the_charge(proto: Proto) {
+    let s = charging_setup(
+        proto,
+        3,
+        FakeOptions {
+            failure_delay: Some(std::time::Duration::from_secs(2)),
+            ..FakeOptions::default()
+        },
+    )
+    .await;
+    for i in 0..10 {
+        let (mut c, greeting) = s.tls_from("127.0.0.1:0", proto.listener()).await;
+        assert!(!greeting.is_empty(), "{proto:?}: no greeting");
+        proto.send_login(&mut c, &format!("wrong{i}")).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        drop(c);
+    }
+    let reached = wrong_passwords_seen(&s, proto, 10);
+    assert_eq!(reached, 3, "{proto:?}: {}", s.backend_saw(0));
+    assert_eq!(s.throttled(proto.listener(), proto.protocol()), 7);
+}
+
+/// (b) Ten sessions of one address, greeted, then all sending a wrong password at once: no
+/// more than three reach the backend, the others get the throttled answer.
+async fn concurrent_wrong_passwords_never_pass_the_limit_together(proto: Proto) {
+    let s = charging_setup(proto, 3, FakeOptions::default()).await;
+    let mut sessions = Vec::new();
+    for _ in 0..10 {
+        let (c, greeting) = s.tls_from("127.0.0.1:0", proto.listener()).await;
+        assert!(!greeting.is_empty(), "{proto:?}: no greeting");
+        sessions.push(c);
+    }
+    for c in &mut sessions {
+        proto.prepare(c).await;
+    }
+    // All written before any answer is read.
+    for (i, c) in sessions.iter_mut().enumerate() {
+        let login = proto.login(&format!("wrong{i}"));
+        c.get_mut().write_all(login.as_bytes()).await.unwrap();
+    }
+    let mut throttled = 0;
+    for c in &mut sessions {
+        match proto.login_answer(c).await {
+            Ok(()) => panic!("{proto:?}: a wrong password logged in"),
+            Err(answer) if answer == proto.throttled_answer() => throttled += 1,
+            Err(_) => {}
+        }
+    }
+    assert_eq!(throttled, 7, "{proto:?}");
+    assert_eq!(
+        wrong_passwords_seen(&s, proto, 10),
+        3,
+        "{proto:?}: {}",
+        s.backend_saw(0)
+    );
+}
+
+/// (c) A success gives its charge back: with a limit of 2, three successes in a row all pass,
+/// and afterwards two wrong passwords still reach the backend before the third is refused.
+async fn a_success_refunds_its_charge(proto: Proto) {
+    let s = charging_setup(proto, 2, FakeOptions::default()).await;
+    for n in 0..3 {
+        let (mut c, _) = s.tls_from("127.0.0.1:0", proto.listener()).await;
+        eprintln!("session {n} at {:?}", tokio::time::Instant::now());
+        proto.send_login(&mut c, "secret").await;
+        assert_eq!(proto.login_answer(&mut c).await, Ok(()), "{proto:?}");
+    }
+    let (mut c, _) = s.tls_from("127.0.0.1:0", proto.listener()).await;
+    proto.prepare(&mut c).await;
+    for i in 0..3 {
+        let login = proto.login(&format!("wrong{i}"));
+        c.get_mut().write_all(login.as_bytes()).await.unwrap();
+        let answer = proto.login_answer(&mut c).await.unwrap_err();
+        assert_eq!(
+            answer == proto.throttled_answer(),
+            i == 2,
+            "{proto:?} attempt {i}: {answer}"
+        );
+    }
+    assert_eq!(wrong_passwords_seen(&s, proto, 3), 2, "{proto:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn imap_hanging_up_before_the_verdict_does_not_escape_the_charge() {
+    hanging_up_before_the_verdict_does_not_escape_the_charge(Proto::Imap).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_hanging_up_before_the_verdict_does_not_escape_the_charge() {
+    hanging_up_before_the_verdict_does_not_escape_the_charge(Proto::Pop3).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn smtp_hanging_up_before_the_verdict_does_not_escape_the_charge() {
+    hanging_up_before_the_verdict_does_not_escape_the_charge(Proto::Smtp).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn imap_concurrent_wrong_passwords_never_pass_the_limit_together() {
+    concurrent_wrong_passwords_never_pass_the_limit_together(Proto::Imap).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_concurrent_wrong_passwords_never_pass_the_limit_together() {
+    concurrent_wrong_passwords_never_pass_the_limit_together(Proto::Pop3).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn smtp_concurrent_wrong_passwords_never_pass_the_limit_together() {
+    concurrent_wrong_passwords_never_pass_the_limit_together(Proto::Smtp).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn imap_a_success_refunds_its_charge() {
+    a_success_refunds_its_charge(Proto::Imap).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_a_success_refunds_its_charge() {
+    a_success_refunds_its_charge(Proto::Pop3).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn smtp_a_success_refunds_its_charge() {
+    a_success_refunds_its_charge(Proto::Smtp).await;
+}

@@ -10,7 +10,9 @@
 //! - never a LOGIN/AUTHENTICATE before that ID when the backend offers ID;
 //! - a synchronising literal's octets only after the backend's `+`, and a non-synchronising one
 //!   only to a backend that offers LITERAL+ (or LITERAL- up to 4096 octets);
-//! - during AUTHENTICATE, one SASL line per `+` the backend sent.
+//! - during AUTHENTICATE, one SASL line per `+` the backend sent;
+//! - a login goes out only after the driver granted its charge (`Next::ChargeLogin`): with the
+//!   throttle refusing, no LOGIN or AUTHENTICATE reaches the backend at all.
 #![no_main]
 
 use imap_codec::decode::{AuthenticateDataDecodeError, CommandDecodeError, Decoder};
@@ -43,6 +45,8 @@ struct Backend {
     /// `backend_client_info`: the x-originating-ip mailfront must send, in the ID only.
     client_ip: Option<&'static str>,
     closed: bool,
+    /// The driver refuses every charge: no login may arrive.
+    throttled: bool,
 }
 
 impl Backend {
@@ -190,6 +194,7 @@ impl Backend {
     }
 
     fn id_first(&self) {
+        assert!(!self.throttled, "a login reached the backend without a granted charge");
         if self.has("ID") {
             assert_eq!(self.ids, 1, "a credential before the ID with tls");
         }
@@ -220,6 +225,12 @@ fn settle(m: &mut Prelogin, backend: &mut Backend, client_tls: &mut bool) -> boo
                 m.backend_connected();
                 m.backend_input(&backend.greeting());
                 continue;
+            }
+            Next::ChargeLogin => {
+                m.login_charge(!backend.throttled);
+                if answers.is_empty() {
+                    continue;
+                }
             }
             Next::Run => {}
         }
@@ -262,6 +273,7 @@ fuzz_target!(|data: &[u8]| {
         ids: 0,
         client_ip: (flags & 32 != 0).then_some("192.0.2.7"),
         closed: false,
+        throttled: flags & 64 != 0,
     };
     let settings = Settings {
         listener,

@@ -28,7 +28,7 @@ use crate::imap::response::{
 };
 use crate::line::Step;
 use crate::metrics::IdSource;
-use crate::prelogin::{ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
+use crate::prelogin::{Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -72,6 +72,18 @@ struct InFlight {
     pieces: VecDeque<Vec<u8>>,
     /// LOGOUT: its completion ends the session.
     logout: bool,
+    /// AUTHENTICATE: mailfront sent the backend `*` (the client cancelled, or sent a line that
+    /// is not base64), so no credential was checked and the refusal that follows is refunded.
+    cancelled: bool,
+}
+
+/// A LOGIN or AUTHENTICATE parsed, checked and encoded, held until the driver charged it
+/// ([`Next::ChargeLogin`]).
+#[derive(Debug)]
+struct Charging {
+    tag: Vec<u8>,
+    command: Command,
+    pieces: Vec<Vec<u8>>,
 }
 
 /// Backend capabilities that change what mailfront sends.
@@ -107,8 +119,8 @@ pub struct Prelogin {
     logout: bool,
     /// Source of our own tags; the driver seeds it from a random number.
     tag_seed: u64,
-    /// See [`Machine::set_auth_failures_left`]: at 0 logins are answered here.
-    auth_failures_left: u32,
+    /// A login waiting for [`Machine::login_charge`]; client bytes wait behind it.
+    charging: Option<Charging>,
 }
 
 /// Untagged capability list mailfront shows before TLS: it cannot know the backend's yet, and
@@ -137,7 +149,7 @@ impl Prelogin {
             commands: 0,
             logout: false,
             tag_seed,
-            auth_failures_left: u32::MAX,
+            charging: None,
         };
         if !tls_active {
             let greeting = format!(
@@ -261,8 +273,12 @@ impl Prelogin {
             Phase::Cleartext => true,
             Phase::Ready => {
                 // After LOGOUT went out, or the backend said BYE, it is leaving: nothing more
-                // goes to it (RFC 9051 §7.1.5).
-                if self.own.is_some() || self.deferred.is_some() || self.logout {
+                // goes to it (RFC 9051 §7.1.5). A login waiting for its charge goes first.
+                if self.own.is_some()
+                    || self.deferred.is_some()
+                    || self.logout
+                    || self.charging.is_some()
+                {
                     return false;
                 }
                 match &self.in_flight {
@@ -398,11 +414,13 @@ impl Prelogin {
         match event {
             Event::Rejected(rejection) => self.rejected(rejection),
             Event::Sasl(line) => {
-                if self.in_flight.as_ref().is_some_and(|f| f.sasl) {
+                if let Some(flight) = self.in_flight.as_mut().filter(|f| f.sasl) {
                     self.sasl_credit = self.sasl_credit.saturating_sub(1);
-                    self.core
-                        .to_backend
-                        .extend_from_slice(&command::encode_sasl(&line));
+                    let encoded = command::encode_sasl(&line);
+                    // `*` ends the exchange before the backend checked anything (RFC 9051
+                    // §6.2.2): its refusal is not a wrong guess.
+                    flight.cancelled |= encoded == b"*\r\n";
+                    self.core.to_backend.extend_from_slice(&encoded);
                 }
             }
             Event::LiteralRequested { tag, name, .. } => {
@@ -458,22 +476,6 @@ impl Prelogin {
 
     fn on_command(&mut self, tag: Vec<u8>, command: Command) {
         match &command {
-            Command::Login { .. } | Command::Authenticate { .. }
-                if self.auth_failures_left == 0 =>
-            {
-                // Refused before anything goes out: neither our ID nor the credentials.
-                let mechanism = match &command {
-                    Command::Authenticate { mechanism, .. } => {
-                        mechanism_label(b"AUTHENTICATE", Some(mechanism))
-                    }
-                    _ => mechanism_label(b"LOGIN", None),
-                };
-                self.core.notices.push(Notice::AuthThrottled { mechanism });
-                self.core
-                    .to_client
-                    .extend_from_slice(&reply::auth_throttled(&tag));
-                return;
-            }
             Command::StartTls => {
                 self.core
                     .to_client
@@ -503,6 +505,7 @@ impl Prelogin {
                     sasl: false,
                     pieces: VecDeque::new(),
                     logout: false,
+                    cancelled: false,
                 });
                 return;
             }
@@ -527,9 +530,57 @@ impl Prelogin {
             ));
             return;
         };
+        if matches!(
+            command,
+            Command::Login { .. } | Command::Authenticate { .. }
+        ) {
+            // Charged before anything of it goes out, our ID included: the driver answers with
+            // `login_charge`.
+            self.charging = Some(Charging {
+                tag,
+                command,
+                pieces,
+            });
+            return;
+        }
+        self.send(tag, &command, pieces);
+    }
+
+    /// See [`Machine::login_charge`].
+    pub fn login_charge(&mut self, granted: bool) {
+        let Some(Charging {
+            tag,
+            command,
+            pieces,
+        }) = self.charging.take()
+        else {
+            return;
+        };
+        if granted {
+            self.send(tag, &command, pieces);
+        } else {
+            // Refused before anything goes out: neither our ID nor the credentials.
+            let mechanism = match &command {
+                Command::Authenticate { mechanism, .. } => {
+                    mechanism_label(b"AUTHENTICATE", Some(mechanism))
+                }
+                _ => mechanism_label(b"LOGIN", None),
+            };
+            self.core.notices.push(Notice::AuthThrottled { mechanism });
+            self.core
+                .to_client
+                .extend_from_slice(&reply::auth_throttled(&tag));
+        }
+        if self.core.phase == Phase::Ready {
+            pump_client(self);
+        }
+    }
+
+    /// Sends a checked, encoded command (after our ID where the backend learns it first).
+    fn send(&mut self, tag: Vec<u8>, command: &Command, pieces: Vec<Vec<u8>>) {
         let mut pieces: VecDeque<Vec<u8>> = pieces.into();
         let first = pieces.pop_front().unwrap_or_default();
-        let (auth, sasl) = match &command {
+        let (auth, sasl) = match command {
             Command::Login { .. } => (Some("LOGIN".to_owned()), false),
             Command::Authenticate { mechanism, .. } => (
                 Some(mechanism_label(b"AUTHENTICATE", Some(mechanism))),
@@ -551,6 +602,7 @@ impl Prelogin {
             sasl,
             pieces,
             logout: matches!(command, Command::Logout),
+            cancelled: false,
         };
         if flight.auth.is_some()
             && !self.caps.id
@@ -662,8 +714,24 @@ impl Prelogin {
 
     fn on_response(&mut self, response: Response) {
         if let Some(own) = self.own.clone() {
-            if response.completion_of(own.tag()).is_some() {
+            if let Some(status) = response.completion_of(own.tag()) {
                 self.own = None;
+                if matches!(own, Own::Id(_))
+                    && status != Status::Ok
+                    && !self.settings.client_info.is_empty()
+                {
+                    // backend_client_info is all or nothing: a backend that offers ID and
+                    // refuses ours would see the login come from mailfront's own address.
+                    self.deferred = None;
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::bye_unavailable());
+                    self.core
+                        .notices
+                        .push(Notice::ClientInfo(crate::client_info::Notice::Refused));
+                    self.core.finish(End::BackendUnavailable);
+                    return;
+                }
                 if let Some(flight) = self.deferred.take() {
                     let first = std::mem::take(&mut self.deferred_first);
                     self.core.to_backend.extend_from_slice(&first);
@@ -695,13 +763,23 @@ impl Prelogin {
         };
         let logged_out = completed.as_ref().is_some_and(|flight| flight.logout)
             && response.status == Some(Status::Ok);
-        if let Some(mechanism) = completed.and_then(|flight| flight.auth) {
+        if let Some((mechanism, cancelled)) =
+            completed.and_then(|flight| flight.auth.map(|m| (m, flight.cancelled)))
+        {
             let ok = response.status == Some(Status::Ok);
-            self.core.notices.push(Notice::Auth { ok, mechanism });
+            // Success and a cancelled exchange are refunded; any other answer (NO, BAD) keeps
+            // the attempt's charge.
+            let charge = if ok || cancelled {
+                Charge::Refund
+            } else {
+                Charge::Keep
+            };
+            self.core.notices.push(Notice::Auth {
+                ok,
+                mechanism,
+                charge,
+            });
             self.sasl_credit = 0;
-            if !ok {
-                self.auth_failures_left = self.auth_failures_left.saturating_sub(1);
-            }
             if ok {
                 // Post-authentication capabilities pass untouched (RFC 9051 §6.2.2).
                 self.core.to_client.extend_from_slice(&response.raw);
@@ -771,6 +849,9 @@ impl Machine for Prelogin {
     const PROTOCOL: &'static str = "imap";
 
     fn next(&self) -> Next {
+        if self.charging.is_some() && self.core.phase == Phase::Ready {
+            return Next::ChargeLogin;
+        }
         self.core.next()
     }
 
@@ -782,8 +863,8 @@ impl Machine for Prelogin {
         std::mem::take(&mut self.core.to_backend)
     }
 
-    fn set_auth_failures_left(&mut self, left: u32) {
-        self.auth_failures_left = left;
+    fn login_charge(&mut self, granted: bool) {
+        Prelogin::login_charge(self, granted);
     }
 
     fn take_notices(&mut self) -> Vec<Notice> {
@@ -871,6 +952,7 @@ fn mechanism_label(name: &[u8], mechanism: Option<&[u8]>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prelogin::testing::{Step, Throttle, play};
 
     const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
 
@@ -899,7 +981,12 @@ mod tests {
         m
     }
 
+    /// What the machine wrote each way, after granting every login it held (a driver
+    /// without a throttle); the tests about throttling answer [`Next::ChargeLogin`] themselves.
     fn out(m: &mut Prelogin) -> (String, String) {
+        while m.next() == Next::ChargeLogin {
+            m.login_charge(true);
+        }
         (
             String::from_utf8_lossy(&m.take_to_client()).into_owned(),
             String::from_utf8_lossy(&m.take_to_backend()).into_owned(),
@@ -995,6 +1082,32 @@ mod tests {
         );
     }
 
+    /// All or nothing: a backend that offers ID and refuses mailfront's would take the login
+    /// from mailfront's own address, so the credential is never sent and the session ends.
+    #[test]
+    fn a_refused_own_id_ends_the_session_before_the_credential() {
+        let mut m = with_client_info("IMAP4rev1 ID AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a LOGIN alice secret\r\n");
+        let (_, backend) = out(&mut m);
+        let tag = own_tag(&backend);
+        m.backend_input(format!("{tag} NO ID not allowed\r\n").as_bytes());
+        let (client, backend) = out(&mut m);
+        assert_eq!(
+            client,
+            "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
+        );
+        assert_eq!(backend, "", "the credential never leaves");
+        assert_eq!(
+            m.take_notices(),
+            [
+                Notice::IdFieldAdded(IdSource::Proxy),
+                Notice::ClientInfo(crate::client_info::Notice::Refused)
+            ]
+        );
+        assert_eq!(m.next(), Next::End(End::BackendUnavailable));
+    }
+
     #[test]
     fn a_backend_without_id_is_noticed_and_the_login_goes_on() {
         let mut m = with_client_info("IMAP4rev1 AUTH=PLAIN");
@@ -1085,27 +1198,32 @@ mod tests {
     fn a_throttled_address_gets_no_and_nothing_reaches_the_backend() {
         let mut m = greeted("IMAP4rev1 AUTH=PLAIN");
         out(&mut m);
-        m.set_auth_failures_left(1);
+        let mut throttle = Throttle::new(1, 0);
         // Pipelined: the second attempt is read in the same input as the first one's refusal.
-        m.client_input(
-            b"a1 LOGIN alice wrong\r\na2 LOGIN alice wrong2\r\na3 AUTHENTICATE PLAIN\r\n",
+        let (client, backend) = play(
+            &mut m,
+            &mut throttle,
+            &[
+                Step::Client(
+                    "a1 LOGIN alice wrong\r\na2 LOGIN alice wrong2\r\na3 AUTHENTICATE PLAIN\r\n",
+                ),
+                Step::Backend("a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+            ],
         );
-        assert_eq!(out(&mut m).1, "a1 LOGIN \"alice\" \"wrong\"\r\n");
-        m.backend_input(b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
-        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "a1 LOGIN \"alice\" \"wrong\"\r\n");
         assert_eq!(
             client,
             "a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n\
              a2 NO [UNAVAILABLE] Too many failed logins, try again later\r\n\
              a3 NO [UNAVAILABLE] Too many failed logins, try again later\r\n"
         );
-        assert_eq!(backend, "");
         assert_eq!(
-            m.take_notices(),
+            throttle.notices,
             vec![
                 Notice::Auth {
                     ok: false,
-                    mechanism: "LOGIN".to_owned()
+                    mechanism: "LOGIN".to_owned(),
+                    charge: Charge::Keep,
                 },
                 Notice::AuthThrottled {
                     mechanism: "LOGIN".to_owned()
@@ -1115,14 +1233,324 @@ mod tests {
                 },
             ]
         );
-        // Other commands still go, and once the window frees a failure so do logins.
-        m.client_input(b"a4 CAPABILITY\r\n");
-        assert_eq!(out(&mut m).1, "a4 CAPABILITY\r\n");
-        m.backend_input(b"* CAPABILITY IMAP4rev1\r\na4 OK done\r\n");
+        assert!(
+            !m.rx.in_sasl(),
+            "a refused AUTHENTICATE starts no SASL exchange"
+        );
+        // Other commands still go, and once the window frees a charge so do logins.
+        let (_, backend) = play(
+            &mut m,
+            &mut throttle,
+            &[
+                Step::Client("a4 CAPABILITY\r\n"),
+                Step::Backend("* CAPABILITY IMAP4rev1\r\na4 OK done\r\n"),
+            ],
+        );
+        assert_eq!(backend, "a4 CAPABILITY\r\n");
+        throttle.charged = 0;
+        let (_, backend) = play(
+            &mut m,
+            &mut throttle,
+            &[Step::Client("a5 LOGIN alice secret\r\n")],
+        );
+        assert_eq!(backend, "a5 LOGIN \"alice\" \"secret\"\r\n");
+    }
+
+    #[test]
+    fn a_held_login_waits_for_its_charge_and_nothing_passes_it() {
+        let mut m = greeted("IMAP4rev1 AUTH=PLAIN");
         out(&mut m);
-        m.set_auth_failures_left(1);
-        m.client_input(b"a5 LOGIN alice secret\r\n");
-        assert_eq!(out(&mut m).1, "a5 LOGIN \"alice\" \"secret\"\r\n");
+        m.client_input(b"a LOGIN u p\r\nb NOOP\r\n");
+        assert_eq!(m.next(), Next::ChargeLogin);
+        assert_eq!(m.take_to_backend(), b"", "nothing before the charge");
+        // Answering again, or out of turn, changes nothing.
+        m.login_charge(true);
+        assert_eq!(m.take_to_backend(), b"a LOGIN \"u\" \"p\"\r\n");
+        m.login_charge(true);
+        assert_eq!(m.take_to_backend(), b"", "NOOP waits for the verdict");
+        assert_eq!(m.next(), Next::Run);
+    }
+
+    /// Every IMAP login path against the charge it leaves: `charged` counts what stays charged
+    /// after the steps (a login still with the backend included: the client may hang up now).
+    #[test]
+    fn every_login_path_is_charged_when_sent_and_refunded_only_without_a_wrong_guess() {
+        struct Case {
+            name: &'static str,
+            caps: &'static str,
+            /// Limit, and charges other sessions already hold.
+            limit: u32,
+            already: u32,
+            steps: &'static [Step],
+            charged: u32,
+            refused: u32,
+            reached: &'static [&'static str],
+            never: &'static [&'static str],
+        }
+        use Step::{Backend as B, BackendClosed, Client as C};
+        const CAPS: &str = "IMAP4rev1 SASL-IR AUTH=PLAIN";
+        let cases = [
+            Case {
+                name: "LOGIN refused keeps its charge",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("a LOGIN u wrong\r\n"),
+                    B("a NO [AUTHENTICATIONFAILED] no\r\n"),
+                ],
+                charged: 1,
+                refused: 0,
+                reached: &["wrong"],
+                never: &[],
+            },
+            Case {
+                name: "LOGIN accepted is refunded",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[C("a LOGIN u secret\r\n"), B("a OK Logged in\r\n")],
+                charged: 0,
+                refused: 0,
+                reached: &["secret"],
+                never: &[],
+            },
+            Case {
+                name: "LOGIN refused with BAD keeps its charge",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[C("a LOGIN u wrong\r\n"), B("a BAD no\r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &["wrong"],
+                never: &[],
+            },
+            Case {
+                name: "a client that hangs up before the verdict keeps the charge",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[C("a LOGIN u wrong\r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &["wrong"],
+                never: &[],
+            },
+            Case {
+                name: "a backend that closes mid-login keeps the charge",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[C("a LOGIN u wrong\r\n"), BackendClosed],
+                charged: 1,
+                refused: 0,
+                reached: &["wrong"],
+                never: &[],
+            },
+            Case {
+                name: "AUTHENTICATE with SASL-IR refused keeps",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("a AUTHENTICATE PLAIN AHUAd3Jvbmc=\r\n"),
+                    B("a NO [AUTHENTICATIONFAILED] no\r\n"),
+                ],
+                charged: 1,
+                refused: 0,
+                reached: &["AHUAd3Jvbmc="],
+                never: &[],
+            },
+            Case {
+                name: "AUTHENTICATE in steps refused keeps",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("a AUTHENTICATE PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("AHUAd3Jvbmc=\r\n"),
+                    B("a NO [AUTHENTICATIONFAILED] no\r\n"),
+                ],
+                charged: 1,
+                refused: 0,
+                reached: &["AHUAd3Jvbmc="],
+                never: &[],
+            },
+            Case {
+                name: "AUTHENTICATE in steps accepted is refunded",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("a AUTHENTICATE PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("AHUAc2VjcmV0\r\n"),
+                    B("a OK Logged in\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                reached: &["AHUAc2VjcmV0"],
+                never: &[],
+            },
+            Case {
+                name: "AUTHENTICATE cancelled by the client is refunded",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("a AUTHENTICATE PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("*\r\n"),
+                    B("a BAD Authentication aborted\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                reached: &["*\r\n"],
+                never: &[],
+            },
+            Case {
+                name: "a line that is not base64 cancels, and is refunded (NO too)",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("a AUTHENTICATE PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("not base64!\r\n"),
+                    B("a NO Authentication aborted\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                reached: &["*\r\n"],
+                never: &["not base64"],
+            },
+            Case {
+                name: "a hang-up inside the exchange keeps the charge",
+                caps: CAPS,
+                limit: 3,
+                already: 0,
+                steps: &[C("a AUTHENTICATE PLAIN\r\n"), B("+ \r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &["a AUTHENTICATE PLAIN"],
+                never: &[],
+            },
+            Case {
+                name: "pipelined logins past the limit never go out",
+                caps: CAPS,
+                limit: 2,
+                already: 0,
+                steps: &[
+                    C(
+                        "a LOGIN u w1\r\nb LOGIN u w2\r\nc LOGIN u w3\r\nd AUTHENTICATE PLAIN AHUAdzQ=\r\n",
+                    ),
+                    B("a NO [AUTHENTICATIONFAILED] no\r\n"),
+                    B("b NO [AUTHENTICATIONFAILED] no\r\n"),
+                ],
+                charged: 2,
+                refused: 2,
+                reached: &["w1", "w2"],
+                never: &["w3", "AHUAdzQ="],
+            },
+            Case {
+                name: "a refund frees the place for the next pipelined login",
+                caps: CAPS,
+                limit: 1,
+                already: 0,
+                steps: &[
+                    C("a AUTHENTICATE PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("*\r\nb LOGIN u w2\r\n"),
+                    B("a BAD Authentication aborted\r\n"),
+                ],
+                charged: 1,
+                refused: 0,
+                reached: &["w2"],
+                never: &[],
+            },
+            Case {
+                name: "a throttled login sends neither our ID nor the credentials",
+                caps: "IMAP4rev1 ID SASL-IR AUTH=PLAIN",
+                limit: 1,
+                already: 1,
+                steps: &[C("a LOGIN u w\r\nb AUTHENTICATE PLAIN\r\n")],
+                charged: 1,
+                refused: 2,
+                reached: &[],
+                never: &["ID", "LOGIN", "AUTHENTICATE"],
+            },
+            Case {
+                name: "a login after our ID is charged before the ID goes",
+                caps: "IMAP4rev1 ID SASL-IR AUTH=PLAIN",
+                limit: 1,
+                already: 0,
+                steps: &[C("a LOGIN u w\r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &["ID ("],
+                never: &["LOGIN"],
+            },
+            Case {
+                name: "an initial response the backend cannot take is answered here, uncharged",
+                caps: "IMAP4rev1 AUTH=PLAIN",
+                limit: 1,
+                already: 0,
+                steps: &[C("a AUTHENTICATE PLAIN AHUAdw==\r\n")],
+                charged: 0,
+                refused: 0,
+                reached: &[],
+                never: &["AUTHENTICATE"],
+            },
+            Case {
+                name: "other commands are never charged, even throttled",
+                caps: CAPS,
+                limit: 1,
+                already: 1,
+                steps: &[
+                    C("a CAPABILITY\r\n"),
+                    B("* CAPABILITY IMAP4rev1\r\na OK done\r\n"),
+                    C("b NOOP\r\n"),
+                ],
+                charged: 1,
+                refused: 0,
+                reached: &["a CAPABILITY", "b NOOP"],
+                never: &[],
+            },
+        ];
+        for case in cases {
+            let mut m = greeted(case.caps);
+            out(&mut m);
+            let mut throttle = Throttle::new(case.limit, case.already);
+            let (_, backend) = play(&mut m, &mut throttle, case.steps);
+            let name = case.name;
+            assert_eq!(
+                throttle.charged, case.charged,
+                "{name}: charged; {backend:?}"
+            );
+            assert_eq!(throttle.refused, case.refused, "{name}: refused");
+            for s in case.reached {
+                assert!(backend.contains(s), "{name}: {s:?} not in {backend:?}");
+            }
+            for s in case.never {
+                assert!(!backend.contains(s), "{name}: {s:?} in {backend:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cleartext_login_is_never_charged() {
+        let mut m = cleartext();
+        let mut throttle = Throttle::new(1, 0);
+        let (client, backend) = play(
+            &mut m,
+            &mut throttle,
+            &[Step::Client("a LOGIN u p\r\nb AUTHENTICATE PLAIN\r\n")],
+        );
+        assert_eq!(backend, "");
+        assert!(client.contains("a NO [PRIVACYREQUIRED]"), "{client}");
+        assert_eq!((throttle.charged, throttle.refused), (0, 0));
     }
 
     #[test]
@@ -1156,7 +1584,8 @@ mod tests {
                 Notice::IdFieldAdded(IdSource::Proxy),
                 Notice::Auth {
                     ok: true,
-                    mechanism: "LOGIN".to_owned()
+                    mechanism: "LOGIN".to_owned(),
+                    charge: Charge::Refund,
                 }
             ]
         );

@@ -32,12 +32,12 @@ use crate::line::Step;
 use crate::pop3::capa::{self, CapaView};
 use crate::pop3::codec::{
     ClientEvent, Command, CommandLimits, CommandReceiver, Expect, Response, ResponseLimits,
-    ResponseReceiver, ServerEvent, Status,
+    ResponseReceiver, SaslLine, ServerEvent, Status,
 };
 use crate::pop3::policy::{self, Decision, Local};
 use crate::pop3::reply;
 use crate::pop3::request::Request;
-use crate::prelogin::{ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
+use crate::prelogin::{Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -90,9 +90,12 @@ pub struct Prelogin {
     quit: bool,
     /// `+` challenges the backend sent during AUTH that the client has not answered yet.
     sasl_credit: usize,
-    /// See [`Machine::set_auth_failures_left`]: at 0 PASS, APOP and AUTH are answered here
-    /// (USER alone proves nothing and still goes).
-    auth_failures_left: u32,
+    /// PASS, APOP or AUTH with a mechanism, gated and waiting for [`Machine::login_charge`];
+    /// client bytes wait behind it. USER alone proves nothing and is never charged.
+    charging: Option<(Request, Expect)>,
+    /// During AUTH: mailfront sent the backend `*` (the client cancelled, or sent a line that is
+    /// not base64), so no credential was checked and the `-ERR` that follows is refunded.
+    sasl_cancelled: bool,
 }
 
 impl Prelogin {
@@ -109,7 +112,8 @@ impl Prelogin {
             commands: 0,
             quit: false,
             sasl_credit: 0,
-            auth_failures_left: u32::MAX,
+            charging: None,
+            sasl_cancelled: false,
         };
         if !tls_active {
             let greeting = reply::greeting(&machine.settings.hostname);
@@ -201,7 +205,10 @@ impl Prelogin {
             Phase::Cleartext => true,
             // While PASS/APOP/AUTH is unanswered only its SASL responses go on, one per `+`.
             // After QUIT went out the backend is leaving: nothing more goes to it (RFC 1939 §6).
-            Phase::Ready if self.quit || self.client_info_pending() => false,
+            // A login waiting for its charge goes first.
+            Phase::Ready if self.quit || self.client_info_pending() || self.charging.is_some() => {
+                false
+            }
             Phase::Ready => !self.auth_in_flight() || (self.rx.in_sasl() && self.sasl_credit > 0),
             _ => false,
         }
@@ -261,6 +268,9 @@ impl Prelogin {
             ClientEvent::SaslResponse(line) => {
                 // Not a command: the answer to a `+` the backend sent.
                 self.sasl_credit = self.sasl_credit.saturating_sub(1);
+                // `*` ends the exchange before the backend checked anything (RFC 5034 §4): its
+                // `-ERR` is not a wrong guess.
+                self.sasl_cancelled |= matches!(line, SaslLine::Cancel | SaslLine::Invalid);
                 self.core.to_backend.extend_from_slice(&line.canonical());
             }
             ClientEvent::Command(cmd) => {
@@ -285,46 +295,64 @@ impl Prelogin {
     fn on_decision(&mut self, decision: Decision) {
         match decision {
             Decision::Forward { request, expect }
-                if self.auth_failures_left == 0
-                    && matches!(expect, Expect::Authentication | Expect::Sasl) =>
+                if matches!(expect, Expect::Authentication | Expect::Sasl) =>
             {
-                self.core.notices.push(Notice::AuthThrottled {
-                    mechanism: request.log_name(),
-                });
-                if self.sent.is_empty() {
-                    self.core
-                        .to_client
-                        .extend_from_slice(&reply::err_auth_throttled());
-                } else {
-                    // A pipelined USER before it is still unanswered.
-                    self.sent
-                        .push_back(Sent::Local(reply::err_auth_throttled()));
-                }
+                // Charged before it goes out: the driver answers with `login_charge`.
+                self.charging = Some((request, expect));
             }
-            Decision::Forward { request, expect } => {
-                let sent = match &request {
-                    _ if matches!(expect, Expect::Authentication | Expect::Sasl) => {
-                        Sent::Auth(request.log_name())
-                    }
-                    Request::Capa => Sent::Capa,
-                    Request::AuthList => Sent::Mechanisms,
-                    Request::Quit => {
-                        self.quit = true;
-                        Sent::Quit
-                    }
-                    _ => Sent::Other,
-                };
-                self.sent.push_back(sent);
-                self.srx.expect(expect);
-                if expect == Expect::Sasl {
-                    // Every later client line is a SASL response until the final answer
-                    // (RFC 5034 §4).
-                    self.rx.begin_sasl();
-                }
-                self.core.to_backend.extend_from_slice(&request.canonical());
-            }
+            Decision::Forward { request, expect } => self.forward(request, expect),
             Decision::Reply(answer) => self.core.to_client.extend_from_slice(&answer),
         }
+    }
+
+    /// See [`Machine::login_charge`].
+    pub fn login_charge(&mut self, granted: bool) {
+        let Some((request, expect)) = self.charging.take() else {
+            return;
+        };
+        if granted {
+            self.forward(request, expect);
+        } else {
+            self.core.notices.push(Notice::AuthThrottled {
+                mechanism: request.log_name(),
+            });
+            if self.sent.is_empty() {
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::err_auth_throttled());
+            } else {
+                // A pipelined USER before it is still unanswered.
+                self.sent
+                    .push_back(Sent::Local(reply::err_auth_throttled()));
+            }
+        }
+        if self.core.phase == Phase::Ready {
+            pump_client(self);
+        }
+    }
+
+    /// Sends a gated command in canonical form and queues what its response means.
+    fn forward(&mut self, request: Request, expect: Expect) {
+        let sent = match &request {
+            _ if matches!(expect, Expect::Authentication | Expect::Sasl) => {
+                Sent::Auth(request.log_name())
+            }
+            Request::Capa => Sent::Capa,
+            Request::AuthList => Sent::Mechanisms,
+            Request::Quit => {
+                self.quit = true;
+                Sent::Quit
+            }
+            _ => Sent::Other,
+        };
+        self.sent.push_back(sent);
+        self.srx.expect(expect);
+        if expect == Expect::Sasl {
+            // Every later client line is a SASL response until the final answer
+            // (RFC 5034 §4).
+            self.rx.begin_sasl();
+        }
+        self.core.to_backend.extend_from_slice(&request.canonical());
     }
 
     // ---- backend side ------------------------------------------------------------------
@@ -405,9 +433,15 @@ impl Prelogin {
             }
             (Some(Sent::Xclient), status) => {
                 if status != Status::Ok {
+                    // backend_client_info is all or nothing: a backend that offers XCLIENT and
+                    // refuses ours would take the login as coming from mailfront's address.
                     self.core
                         .notices
                         .push(Notice::ClientInfo(ClientInfoNotice::Refused));
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::err_unavailable());
+                    self.core.finish(End::BackendUnavailable);
                 }
                 return;
             }
@@ -430,10 +464,19 @@ impl Prelogin {
         {
             let ok = response.authenticated();
             self.sasl_credit = 0;
-            self.core.notices.push(Notice::Auth { ok, mechanism });
-            if !ok {
-                self.auth_failures_left = self.auth_failures_left.saturating_sub(1);
-            }
+            // Success and a cancelled exchange are refunded; any other `-ERR` keeps the
+            // attempt's charge.
+            let charge = if ok || self.sasl_cancelled {
+                Charge::Refund
+            } else {
+                Charge::Keep
+            };
+            self.sasl_cancelled = false;
+            self.core.notices.push(Notice::Auth {
+                ok,
+                mechanism,
+                charge,
+            });
             if ok {
                 // Whatever follows belongs to the TRANSACTION state: relayed as is.
                 self.core.phase = Phase::Authenticated;
@@ -514,6 +557,9 @@ impl Machine for Prelogin {
     const PROTOCOL: &'static str = "pop3";
 
     fn next(&self) -> Next {
+        if self.charging.is_some() && self.core.phase == Phase::Ready {
+            return Next::ChargeLogin;
+        }
         self.core.next()
     }
 
@@ -525,8 +571,8 @@ impl Machine for Prelogin {
         std::mem::take(&mut self.core.to_backend)
     }
 
-    fn set_auth_failures_left(&mut self, left: u32) {
-        self.auth_failures_left = left;
+    fn login_charge(&mut self, granted: bool) {
+        Prelogin::login_charge(self, granted);
     }
 
     fn take_notices(&mut self) -> Vec<Notice> {
@@ -595,6 +641,7 @@ fn refused_label(cmd: &Command) -> String {
 mod tests {
     use super::*;
     use crate::line::split::CHUNKS;
+    use crate::prelogin::testing::{Step, Throttle, play};
 
     const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
     const BACKEND_CAPA: &str =
@@ -631,7 +678,12 @@ mod tests {
         m
     }
 
+    /// What the machine wrote each way, after granting every login it held (a driver
+    /// without a throttle); the tests about throttling answer [`Next::ChargeLogin`] themselves.
     fn out(m: &mut Prelogin) -> (String, String) {
+        while m.next() == Next::ChargeLogin {
+            m.login_charge(true);
+        }
         (
             String::from_utf8_lossy(&m.take_to_client()).into_owned(),
             String::from_utf8_lossy(&m.take_to_backend()).into_owned(),
@@ -648,6 +700,7 @@ mod tests {
         Notice::Auth {
             ok,
             mechanism: mechanism.to_owned(),
+            charge: if ok { Charge::Refund } else { Charge::Keep },
         }
     }
 
@@ -770,7 +823,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backend_without_xclient_or_refusing_it_is_noticed_and_the_session_goes_on() {
+    fn a_backend_without_xclient_is_noticed_and_the_session_goes_on() {
         let mut m = with_client_info();
         out(&mut m);
         m.client_input(b"CAPA\r\n");
@@ -781,22 +834,25 @@ mod tests {
             m.take_notices(),
             [Notice::ClientInfo(ClientInfoNotice::NotOffered)]
         );
+    }
 
+    /// All or nothing: a backend that offers XCLIENT and refuses mailfront's would take the
+    /// login from mailfront's own address, so the session ends before any client command.
+    #[test]
+    fn a_backend_refusing_xclient_ends_the_session_before_any_client_command() {
         let mut m = with_client_info();
         out(&mut m);
         m.backend_input(b"+OK\r\nXCLIENT\r\n.\r\n");
-        m.client_input(b"USER alice\r\n");
+        m.client_input(b"USER alice\r\nPASS secret\r\n");
         m.backend_input(b"-ERR You're not allowed\r\n");
         let (client, backend) = out(&mut m);
-        assert_eq!(client, "");
-        assert_eq!(
-            backend,
-            "XCLIENT ADDR=2001:db8::7 PORT=40000\r\nUSER alice\r\n"
-        );
+        assert_eq!(client, "-ERR [SYS/TEMP] Server temporarily unavailable\r\n");
+        assert_eq!(backend, "XCLIENT ADDR=2001:db8::7 PORT=40000\r\n");
         assert_eq!(
             m.take_notices(),
             [Notice::ClientInfo(ClientInfoNotice::Refused)]
         );
+        assert_eq!(m.next(), Next::End(End::BackendUnavailable));
     }
 
     #[test]
@@ -888,11 +944,17 @@ mod tests {
     #[test]
     fn a_throttled_address_gets_sys_temp_and_no_credential_reaches_the_backend() {
         let mut m = greeted();
-        m.set_auth_failures_left(1);
-        m.client_input(b"USER alice\r\nPASS wrong\r\nPASS again\r\nAPOP alice 0123456789abcdef0123456789abcdef\r\nAUTH PLAIN\r\nUSER bob\r\n");
-        assert_eq!(out(&mut m).1, "USER alice\r\nPASS wrong\r\n");
-        m.backend_input(b"+OK\r\n-ERR [AUTH] Authentication failed.\r\n");
-        let (client, backend) = out(&mut m);
+        let mut throttle = Throttle::new(1, 0);
+        let (client, backend) = play(
+            &mut m,
+            &mut throttle,
+            &[
+                Step::Client(
+                    "USER alice\r\nPASS wrong\r\nPASS again\r\nAPOP alice 0123456789abcdef0123456789abcdef\r\nAUTH PLAIN\r\nUSER bob\r\n",
+                ),
+                Step::Backend("+OK\r\n-ERR [AUTH] Authentication failed.\r\n"),
+            ],
+        );
         let throttled = "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n";
         assert_eq!(
             client,
@@ -901,9 +963,9 @@ mod tests {
             )
         );
         // USER alone is no attempt: it still goes.
-        assert_eq!(backend, "USER bob\r\n");
+        assert_eq!(backend, "USER alice\r\nPASS wrong\r\nUSER bob\r\n");
         assert_eq!(
-            m.take_notices(),
+            throttle.notices,
             vec![
                 auth(false, "PASS"),
                 Notice::AuthThrottled {
@@ -923,19 +985,289 @@ mod tests {
     #[test]
     fn a_throttled_pass_pipelined_after_user_is_answered_after_user() {
         let mut m = greeted();
-        m.set_auth_failures_left(0);
-        m.client_input(b"USER alice\r\nPASS secret\r\nCAPA\r\n");
-        let (client, backend) = out(&mut m);
+        let mut throttle = Throttle::new(1, 1);
+        let (client, backend) = play(
+            &mut m,
+            &mut throttle,
+            &[Step::Client("USER alice\r\nPASS secret\r\nCAPA\r\n")],
+        );
         assert_eq!(client, "", "USER's +OK comes first");
         assert_eq!(backend, "USER alice\r\nCAPA\r\n");
-        m.backend_input(b"+OK\r\n");
+        let (client, _) = play(&mut m, &mut throttle, &[Step::Backend("+OK\r\n")]);
         assert_eq!(
-            out(&mut m).0,
+            client,
             "+OK\r\n-ERR [SYS/TEMP] Too many failed logins, try again later\r\n"
         );
-        m.backend_input(BACKEND_CAPA.as_bytes());
-        assert!(out(&mut m).0.starts_with("+OK\r\nTOP\r\n"));
+        let (client, _) = play(&mut m, &mut throttle, &[Step::Backend(BACKEND_CAPA)]);
+        assert!(client.starts_with("+OK\r\nTOP\r\n"));
         assert!(!m.waiting_for_backend());
+    }
+
+    #[test]
+    fn a_held_pass_waits_for_its_charge_and_nothing_passes_it() {
+        let mut m = greeted();
+        m.client_input(b"PASS p\r\nNOOP\r\n");
+        assert_eq!(m.next(), Next::ChargeLogin);
+        assert_eq!(m.take_to_backend(), b"", "nothing before the charge");
+        m.login_charge(true);
+        assert_eq!(m.take_to_backend(), b"PASS p\r\n");
+        m.login_charge(true);
+        assert_eq!(m.take_to_backend(), b"", "NOOP waits for the verdict");
+        assert_eq!(m.next(), Next::Run);
+    }
+
+    /// Every POP3 login path against the charge it leaves: `charged` counts what stays charged
+    /// after the steps (a login still with the backend included: the client may hang up now).
+    #[test]
+    fn every_login_path_is_charged_when_sent_and_refunded_only_without_a_wrong_guess() {
+        struct Case {
+            name: &'static str,
+            limit: u32,
+            already: u32,
+            steps: &'static [Step],
+            charged: u32,
+            refused: u32,
+            reached: &'static [&'static str],
+            never: &'static [&'static str],
+        }
+        use Step::{Backend as B, BackendClosed, Client as C};
+        const FAILED: &str = "-ERR [AUTH] Authentication failed.\r\n";
+        let cases = [
+            Case {
+                name: "USER alone is never charged",
+                limit: 1,
+                already: 1,
+                steps: &[C("USER alice\r\n"), B("+OK\r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &["USER alice"],
+                never: &[],
+            },
+            Case {
+                name: "PASS refused keeps its charge",
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("USER u\r\n"),
+                    B("+OK\r\n"),
+                    C("PASS wrong\r\n"),
+                    B(FAILED),
+                ],
+                charged: 1,
+                refused: 0,
+                reached: &["PASS wrong"],
+                never: &[],
+            },
+            Case {
+                name: "PASS accepted is refunded",
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("USER u\r\nPASS secret\r\n"),
+                    B("+OK\r\n+OK Logged in.\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                reached: &["PASS secret"],
+                never: &[],
+            },
+            Case {
+                name: "a hang-up before the verdict keeps the charge",
+                limit: 3,
+                already: 0,
+                steps: &[C("USER u\r\nPASS wrong\r\n"), B("+OK\r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &["PASS wrong"],
+                never: &[],
+            },
+            Case {
+                name: "a backend that closes mid-login keeps the charge",
+                limit: 3,
+                already: 0,
+                steps: &[C("USER u\r\nPASS wrong\r\n"), B("+OK\r\n"), BackendClosed],
+                charged: 1,
+                refused: 0,
+                reached: &["PASS wrong"],
+                never: &[],
+            },
+            Case {
+                name: "APOP refused keeps",
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("APOP alice 0123456789abcdef0123456789abcdef\r\n"),
+                    B(FAILED),
+                ],
+                charged: 1,
+                refused: 0,
+                reached: &["APOP alice"],
+                never: &[],
+            },
+            Case {
+                name: "APOP accepted is refunded",
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("APOP alice 0123456789abcdef0123456789abcdef\r\n"),
+                    B("+OK in\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                reached: &["APOP alice"],
+                never: &[],
+            },
+            Case {
+                name: "AUTH with an initial response refused keeps",
+                limit: 3,
+                already: 0,
+                steps: &[C("AUTH PLAIN AHUAd3Jvbmc=\r\n"), B(FAILED)],
+                charged: 1,
+                refused: 0,
+                reached: &["AHUAd3Jvbmc="],
+                never: &[],
+            },
+            Case {
+                name: "AUTH in steps refused keeps",
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("AUTH PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("AHUAd3Jvbmc=\r\n"),
+                    B(FAILED),
+                ],
+                charged: 1,
+                refused: 0,
+                reached: &["AHUAd3Jvbmc="],
+                never: &[],
+            },
+            Case {
+                name: "AUTH in steps accepted is refunded",
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("AUTH PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("AHUAc2VjcmV0\r\n"),
+                    B("+OK in\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                reached: &["AHUAc2VjcmV0"],
+                never: &[],
+            },
+            Case {
+                name: "AUTH cancelled by the client is refunded",
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("AUTH PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("*\r\n"),
+                    B("-ERR cancelled\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                reached: &["*\r\n"],
+                never: &[],
+            },
+            Case {
+                name: "a line that is not base64 cancels, and is refunded",
+                limit: 3,
+                already: 0,
+                steps: &[
+                    C("AUTH PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("not base64!\r\n"),
+                    B("-ERR cancelled\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                reached: &["*\r\n"],
+                never: &["not base64"],
+            },
+            Case {
+                name: "a hang-up inside the exchange keeps the charge",
+                limit: 3,
+                already: 0,
+                steps: &[C("AUTH PLAIN\r\n"), B("+ \r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &["AUTH PLAIN"],
+                never: &[],
+            },
+            Case {
+                name: "pipelined attempts past the limit never go out",
+                limit: 2,
+                already: 0,
+                steps: &[
+                    C("USER u\r\nPASS w1\r\nPASS w2\r\nPASS w3\r\nAUTH PLAIN AHUAdzQ=\r\n"),
+                    B("+OK\r\n"),
+                    B(FAILED),
+                    B(FAILED),
+                ],
+                charged: 2,
+                refused: 2,
+                reached: &["w1", "w2"],
+                never: &["w3", "AHUAdzQ="],
+            },
+            Case {
+                name: "a refund frees the place for the next pipelined attempt",
+                limit: 1,
+                already: 0,
+                steps: &[
+                    C("AUTH PLAIN\r\n"),
+                    B("+ \r\n"),
+                    C("*\r\nPASS w2\r\n"),
+                    B("-ERR cancelled\r\n"),
+                ],
+                charged: 1,
+                refused: 0,
+                reached: &["PASS w2"],
+                never: &[],
+            },
+            Case {
+                name: "AUTH without a mechanism (the list) is never charged",
+                limit: 1,
+                already: 1,
+                steps: &[C("AUTH\r\n"), B("+OK\r\nPLAIN\r\n.\r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &["AUTH\r\n"],
+                never: &[],
+            },
+        ];
+        for case in cases {
+            let mut m = greeted();
+            let mut throttle = Throttle::new(case.limit, case.already);
+            let (_, backend) = play(&mut m, &mut throttle, case.steps);
+            let name = case.name;
+            assert_eq!(
+                throttle.charged, case.charged,
+                "{name}: charged; {backend:?}"
+            );
+            assert_eq!(throttle.refused, case.refused, "{name}: refused");
+            for s in case.reached {
+                assert!(backend.contains(s), "{name}: {s:?} not in {backend:?}");
+            }
+            for s in case.never {
+                assert!(!backend.contains(s), "{name}: {s:?} in {backend:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cleartext_login_is_never_charged() {
+        let mut m = cleartext();
+        let mut throttle = Throttle::new(1, 0);
+        let (_, backend) = play(
+            &mut m,
+            &mut throttle,
+            &[Step::Client("USER u\r\nPASS p\r\nAUTH PLAIN AHUAcA==\r\n")],
+        );
+        assert_eq!(backend, "");
+        assert_eq!((throttle.charged, throttle.refused), (0, 0));
     }
 
     #[test]
@@ -955,7 +1287,15 @@ mod tests {
         assert_eq!(out(&mut m).1, "*\r\n");
         m.backend_input(b"-ERR [AUTH] cancelled\r\n");
         assert_eq!(out(&mut m).0, "-ERR [AUTH] cancelled\r\n");
-        assert_eq!(m.take_notices(), vec![auth(false, "AUTH PLAIN")]);
+        // Cancelled: no credential was checked, the charge goes back.
+        assert_eq!(
+            m.take_notices(),
+            vec![Notice::Auth {
+                ok: false,
+                mechanism: "AUTH PLAIN".to_owned(),
+                charge: Charge::Refund,
+            }]
+        );
         assert_eq!(m.next(), Next::Run);
         // Back to commands.
         m.client_input(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nNOOP\r\n");
@@ -982,6 +1322,7 @@ mod tests {
         m.backend_input(b"+OK ready\r\n");
         out(&mut m);
         m.client_input(b"AUTH PLAIN\r\n");
+        out(&mut m);
         m.backend_input(b"+ \r\n");
         out(&mut m);
         m.client_input(&[b'A'; 40]);
@@ -1132,6 +1473,8 @@ mod tests {
         assert!(m.client_input(b"US"));
         // A login in flight: held bytes do not, backend bytes do, even a partial line.
         assert!(m.client_input(b"ER a\r\nPASS b\r\n"));
+        assert_eq!(m.next(), Next::ChargeLogin);
+        m.login_charge(true);
         assert!(m.waiting_for_backend());
         assert!(!m.client_input(b"LIST\r\n"));
         assert!(m.backend_input(b"+O"));
@@ -1140,6 +1483,7 @@ mod tests {
         // During AUTH, after a `+` it is the client's turn: the backend owes nothing.
         let mut m = greeted();
         m.client_input(b"AUTH PLAIN\r\n");
+        m.login_charge(true);
         assert!(m.backend_input(b"+ \r\n"));
         assert!(!m.waiting_for_backend());
         assert!(!m.backend_input(b"+OK"), "not owed, not a client line");
@@ -1239,6 +1583,10 @@ mod tests {
                         );
                     }
                     Next::Run if !answers.is_empty() => {
+                        feed_backend(&mut m, answers.as_bytes());
+                    }
+                    Next::ChargeLogin => {
+                        m.login_charge(true);
                         feed_backend(&mut m, answers.as_bytes());
                     }
                     _ => break,

@@ -383,7 +383,7 @@ mod tests {
         let mut rx = CommandReceiver::default();
         assert_eq!(
             run(&mut rx, &[&long], LineMode::Command),
-            vec![Event::TooLong(LineError::CommandTooLong { limit: 4096 })]
+            vec![Event::TooLong(LineError::CommandTooLong { limit: 2048 })]
         );
     }
 

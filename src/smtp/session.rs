@@ -61,9 +61,11 @@
 //!   and then the client gets 421, never a 250 the backend did not send.
 //! - `auth_outcome` counts the backend's 235 as success and 535 as failure; other AUTH replies
 //!   (501 after `*`, 504, 454, 534) are logged but not counted.
-//! - `limits.auth_failures_per_ip` counts every 5xx answer to AUTH but 501 and 504 (a cancelled
-//!   exchange or an unknown mechanism: no credential was checked); 4xx is the backend's own
-//!   temporary trouble, not a wrong guess.
+//! - `limits.auth_failures_per_ip` charges every AUTH when it is sent (a throttled one is answered
+//!   454 here), and refunds the charge on 235, on 501 and 504 (a cancelled exchange or an unknown
+//!   mechanism: no credential was checked), on 4xx (the backend's own temporary trouble, not a
+//!   wrong guess, though 421 closes the session and keeps it) and when mailfront cancelled the
+//!   exchange itself; every other answer, and a session that ends before the verdict, keeps it.
 //! - A message is counted and logged only on the backend's 2xx to the end of data or to
 //!   `BDAT … LAST`; its size is the client's octets (the Received field not included).
 
@@ -78,7 +80,7 @@ use crate::backend::BackendStream;
 use crate::client_info::Notice;
 use crate::config::TlsMode;
 use crate::metrics::AuthResult;
-use crate::session::{ClientStream, EndReason, Session, upgrade_client};
+use crate::session::{ClientStream, EndReason, LoginCharge, Session, upgrade_client};
 use crate::smtp::bdat::{self, ChunkReader, ContentScanner};
 use crate::smtp::canonical::{self, Encoded, Unencodable};
 use crate::smtp::cleartext::{self, Action};
@@ -314,6 +316,9 @@ struct Driver<'s> {
     tx: Transaction,
     /// Mechanism of the AUTH exchange in progress, for logs.
     auth_mechanism: String,
+    /// The `limits.auth_failures_per_ip` charge of the AUTH exchange in progress, settled by
+    /// its final reply; dropped unsettled (the session ended first), it stays counted.
+    auth_charge: Option<LoginCharge>,
     messages: u64,
     mode: Mode,
     pending: VecDeque<Pending>,
@@ -349,6 +354,7 @@ impl<'s> Driver<'s> {
             greeting: None,
             tx: Transaction::default(),
             auth_mechanism: String::new(),
+            auth_charge: None,
             messages: 0,
             mode: Mode::Command,
             pending: VecDeque::new(),
@@ -743,13 +749,16 @@ impl<'s> Driver<'s> {
             }
             Command::Auth(auth) => {
                 self.auth_mechanism = mechanism_for_log(&auth.mechanism);
-                if self.session.auth_failures_left() == 0 {
+                // Charged before it goes out, checked and counted in one step; AUTH ends a
+                // pipeline group, so at most one exchange (and one charge) is in flight.
+                let Some(charge) = self.session.charge_login("smtp") else {
                     // Answered here, in order with the replies owed: nothing reaches the backend.
                     self.session.auth_throttled();
                     tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, mechanism = %self.auth_mechanism, result = "throttled", "smtp authentication");
                     self.local(local_reply::AUTH_THROTTLED);
                     return self.drain(client).await;
-                }
+                };
+                self.auth_charge = Some(charge);
                 Expect::Auth
             }
             Command::Mail(_) => {
@@ -1071,7 +1080,12 @@ impl<'s> Driver<'s> {
                 self.on_auth_reply(&reply);
                 self.cout.extend_from_slice(reply.raw());
             }
-            Expect::AuthCancel => {}
+            Expect::AuthCancel => {
+                // mailfront's own `*`: the refused SASL line never reached the backend.
+                if let Some(charge) = self.auth_charge.take() {
+                    charge.refund();
+                }
+            }
             Expect::Mail => {
                 if reply.is_positive() {
                     self.tx.accepted_rcpts = 0;
@@ -1146,7 +1160,7 @@ impl<'s> Driver<'s> {
         }
         let Some(offered) = xclient::offered(&reply) else {
             if listener.client_info_notices.first(Notice::NotOffered) {
-                tracing::warn!(listener = %listener.config.name, "backend_client_info: the backend's EHLO does not offer XCLIENT (Postfix: smtpd_authorized_xclient_hosts must list mailfront); going on without it");
+                tracing::warn!(listener = %listener.config.name, "backend_client_info: the backend's EHLO does not offer XCLIENT (Postfix: smtpd_authorized_xclient_hosts must list mailfront); sessions go on as mailfront's own, so the backend must not trust mailfront's address (mynetworks) for relaying");
             }
             return Ok(());
         };
@@ -1213,8 +1227,12 @@ impl<'s> Driver<'s> {
             }
             _ => "not_completed",
         };
-        if code >= 500 && !matches!(code, 501 | 504) {
-            self.session.auth_failed();
+        if let Some(charge) = self.auth_charge.take() {
+            if code == 235 || (400..500).contains(&code) || matches!(code, 501 | 504) {
+                charge.refund();
+            } else {
+                charge.keep();
+            }
         }
         tracing::info!(
             listener = %self.session.listener.config.name,
@@ -1235,7 +1253,7 @@ impl<'s> Driver<'s> {
             listener = %self.session.listener.config.name,
             client = %self.session.client_addr,
             size,
-            message = self.messages,
+            message_number = self.messages,
             cipher = %self.cipher(),
             received_id = self.tx.received_id.as_ref().map_or("-", |id| id.as_str()),
             reply = %queue_reply,

@@ -72,6 +72,10 @@ impl FakeBackend {
         let headers = proxy_headers.clone();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                // Like the proxy's own sockets: two answers written back to back leave at once
+                // instead of the second waiting for a delayed ACK (40 ms of wall-clock time,
+                // which a test on paused time would see as the peer going silent).
+                let _ = stream.set_nodelay(true);
                 let index = r.new_connection();
                 let r = r.clone();
                 let options = options.clone();
@@ -169,6 +173,9 @@ pub struct FakeOptions {
     pub expect_proxy_v2: bool,
     /// SMTP: answer XCLIENT with 550 (Postfix without `smtpd_authorized_xclient_hosts`).
     pub refuse_xclient: bool,
+    /// IMAP/POP3/SMTP: answer a failed login only after this long, a success at once, as
+    /// Dovecot does with `auth_failure_delay` (2 s by default).
+    pub failure_delay: Option<Duration>,
 }
 
 impl Default for FakeOptions {
@@ -216,6 +223,7 @@ impl Default for FakeOptions {
             pop3_greeting: "+OK fake POP3 ready\r\n".into(),
             expect_proxy_v2: false,
             refuse_xclient: false,
+            failure_delay: None,
         }
     }
 }
@@ -286,6 +294,15 @@ fn auth_plain_reply(b64: &str, password: &str) -> String {
         "235 2.7.0 Authentication successful\r\n".into()
     } else {
         "535 5.7.8 Authentication failed\r\n".into()
+    }
+}
+
+/// For `failure_delay`: waits before a failed login's answer (`failed`), like Dovecot.
+async fn delay_failure(options: &FakeOptions, failed: bool) {
+    if let Some(delay) = options.failure_delay
+        && failed
+    {
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -677,6 +677,73 @@ def cmd_testssl_summary(args):
 # ---------------------------------------------------------------------------------------------
 
 
+def _login_lines(proto, user, password):
+    if proto == "imap":
+        return f"a LOGIN {user} {password}\r\n".encode()
+    return f"USER {user}\r\nPASS {password}\r\n".encode()
+
+
+def _throttled(proto, answer):
+    marker = b"[UNAVAILABLE]" if proto == "imap" else b"[SYS/TEMP]"
+    return marker in answer
+
+
+def _tls_session(args):
+    ctx = client_context(args)
+    src = (args.source, 0) if args.source else None
+    sock = socket.create_connection((args.host, args.port), 20, src)
+    tls = ctx.wrap_socket(sock, server_hostname=args.sni or args.host)
+    greeting = read_until(tls, lambda b: b"\r\n" in b)
+    if not greeting:
+        raise Fail("no greeting")
+    return tls
+
+
+def cmd_auth_attempts(args):
+    """Wrong passwords `<prefix>-0` ... `<prefix>-(N-1)` for one user, as the two attacks on a
+    throttle that counts failures only when they come back: `hangup` sends each on its own
+    session and closes `--hangup-after` seconds later (before Dovecot's auth_failure_delay of
+    2 s answers), `concurrent` sends them all at once on N greeted sessions. Prints how many
+    answers came back throttled."""
+    throttled = 0
+    if args.mode == "hangup":
+        for i in range(args.attempts):
+            tls = _tls_session(args)
+            tls.sendall(_login_lines(args.proto, args.user, f"{args.password_prefix}-{i}"))
+            answer = read_until(tls, lambda b: False, timeout=args.hangup_after)
+            throttled += _throttled(args.proto, answer)
+            tls.close()
+    else:
+        sessions = [_tls_session(args) for _ in range(args.attempts)]
+        for i, tls in enumerate(sessions):
+            tls.sendall(_login_lines(args.proto, args.user, f"{args.password_prefix}-{i}"))
+        if args.proto == "imap":
+            done = tagged("a")
+        else:
+            done = lambda b: b.count(b"\r\n") >= 2  # noqa: E731 (USER's +OK, then PASS's answer)
+        for tls in sessions:
+            throttled += _throttled(args.proto, read_until(tls, done, timeout=15))
+            tls.close()
+    print(f"throttled={throttled} of {args.attempts}")
+
+
+def cmd_auth_checked(args):
+    """How many of `auth-attempts`' passwords Dovecot's auth process saw (it logs each AUTH
+    request's response with auth_debug_passwords); fails above `--max` or at 0."""
+    time.sleep(1)
+    with open(args.log, "rb") as f:
+        log = f.read()
+    checked = 0
+    for i in range(args.attempts):
+        blob = base64.b64encode(f"\0{args.user}\0{args.password_prefix}-{i}".encode())
+        checked += blob in log
+    print(f"checked={checked} of {args.attempts}")
+    if checked > args.max:
+        raise Fail(f"Dovecot checked {checked} of {args.attempts} wrong passwords, limit {args.max}")
+    if checked == 0:
+        raise Fail("Dovecot checked none: the count proves nothing (is auth_debug_passwords on?)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -792,6 +859,24 @@ def main():
     p.add_argument("json")
     p.add_argument("--require-cipher-list", action="store_true")
     p.set_defaults(func=cmd_testssl_summary)
+
+    p = sub.add_parser("auth-attempts")
+    conn(p, user=False)
+    p.add_argument("--proto", choices=["imap", "pop3"], required=True)
+    p.add_argument("--mode", choices=["hangup", "concurrent"], required=True)
+    p.add_argument("--user", required=True)
+    p.add_argument("--password-prefix", required=True)
+    p.add_argument("--attempts", type=int, default=10)
+    p.add_argument("--hangup-after", type=float, default=1.5)
+    p.set_defaults(func=cmd_auth_attempts)
+
+    p = sub.add_parser("auth-checked")
+    p.add_argument("--log", required=True)
+    p.add_argument("--user", required=True)
+    p.add_argument("--password-prefix", required=True)
+    p.add_argument("--attempts", type=int, default=10)
+    p.add_argument("--max", type=int, required=True)
+    p.set_defaults(func=cmd_auth_checked)
 
     args = ap.parse_args()
     try:

@@ -167,7 +167,9 @@ read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
         P_DOVECOT_IMAP_PP P_POSTFIX_PP P_IMAPS_PP P_SMTPS_PP \
         P_HAPROXY_SMTPS P_HAPROXY_IMAPS P_SMTPS_LB P_IMAPS_LB \
         P_POSTFIX_XC P_SMTPS_XC P_IMAPS_XC P_POP3S_XC \
-        < <(python3 "$MFI" freeports 22)
+        P_POSTFIX_HX P_SMTPS_HX P_SUBMISSION_HX P_SMTPS_HP P_POSTFIX_HN P_SMTPS_HN \
+        P_IMAPS_TH P_POP3S_TH P_METRICS_TH \
+        < <(python3 "$MFI" freeports 31)
 # *_PP: backend ports that require a PROXY protocol v2 header, and the mailfront listeners with
 # backend_proxy_protocol: true in front of them. The client cases connect from 127.0.0.2 so the
 # backends' records can tell the client's address from mailfront's (127.0.0.1).
@@ -176,6 +178,13 @@ PP_CLIENT=127.0.0.2
 # mode, send-proxy-v2) that connects from 127.0.0.1. *_XC: mailfront listeners with
 # backend_client_info: Postfix P_POSTFIX_XC trusts XCLIENT from 127.0.0.0/8
 # (smtpd_authorized_xclient_hosts), Dovecot trusts ID and XCLIENT through login_trusted_networks.
+# *_HX / *_HP: the SMTP hostile section (smtp_hostile.py). P_POSTFIX_HX is a Postfix smtpd that
+# trusts mailfront's 127.0.0.1 (mynetworks, XCLIENT) and relays for it; mailfront's
+# submissions-hx (465) and submission-hx (587) listeners have backend_client_info in front of it,
+# submissions-hp (465) has not. P_POSTFIX_HN trusts mailfront for relaying but not for XCLIENT
+# (so its EHLO offers none), with submissions-hn (465, backend_client_info) in front.
+# *_TH: a second mailfront with limits.auth_failures_per_ip: 3 (the throttle cases), so the main
+# one keeps its defaults.
 
 # ---------------------------------------------------------------------------------------------
 # 3. Dovecot
@@ -364,9 +373,16 @@ smtpd_recipient_restrictions = permit_sasl_authenticated, reject
 # the AUTH line and the password.
 debug_peer_list = 127.0.0.1
 debug_peer_level = 2
+# The hostile section's "remote" domain: not local, not virtual, so relaying to it takes
+# permit_mynetworks or SASL; what is relayed lands in a Maildir (virtual(8) delivers any address
+# in virtual_mailbox_maps, whatever its domain) where smtp_hostile.py reads it.
+transport_maps = texthash:$POSTFIX_CONF/transport
 EOF
     printf '%s example.test/user/\n%s example.test/cleartext/\n' "$USER_NAME" "$LEAK_USER" \
         >"$POSTFIX_CONF/vmailbox"
+    printf '%s\n' "hostile@example.test example.test/hostile/" \
+        "victim@remote.example.net remote/victim/" >>"$POSTFIX_CONF/vmailbox"
+    printf 'remote.example.net virtual:\n' >"$POSTFIX_CONF/transport"
     cat >"$POSTFIX_CONF/master.cf" <<EOF
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 127.0.0.1:$P_POSTFIX inet n   -       n       -       -       smtpd
@@ -374,6 +390,23 @@ EOF
   -o smtpd_upstream_proxy_protocol=haproxy
 127.0.0.1:$P_POSTFIX_XC inet n -      n       -       -       smtpd
   -o smtpd_authorized_xclient_hosts=127.0.0.0/8
+# The hostile section's attack surface: mailfront (127.0.0.1) is trusted for relaying and
+# XCLIENT, and every command of mailfront and of the test client (127.0.0.2) is logged.
+127.0.0.1:$P_POSTFIX_HX inet n -      n       -       -       smtpd
+  -o syslog_name=postfix-interop/hostile
+  -o mynetworks=127.0.0.1/32
+  -o smtpd_authorized_xclient_hosts=127.0.0.1
+  -o debug_peer_list=127.0.0.1,127.0.0.2
+  -o smtpd_relay_restrictions=permit_mynetworks,permit_sasl_authenticated,reject_unauth_destination
+  -o smtpd_recipient_restrictions=
+# The same, but mailfront is not allowed XCLIENT: its EHLO reply does not offer it.
+127.0.0.1:$P_POSTFIX_HN inet n -      n       -       -       smtpd
+  -o syslog_name=postfix-interop/hostile
+  -o mynetworks=127.0.0.1/32
+  -o smtpd_authorized_xclient_hosts=
+  -o debug_peer_list=127.0.0.1,127.0.0.2
+  -o smtpd_relay_restrictions=permit_mynetworks,permit_sasl_authenticated,reject_unauth_destination
+  -o smtpd_recipient_restrictions=
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -405,7 +438,8 @@ start_postfix() {
     # `postfix start` runs post-install to create the queue directories with the right owners.
     postfix -c "$POSTFIX_CONF" start >"$T/postfix.start.out" 2>&1 || {
         cat "$T/postfix.start.out" >&2; return 1; }
-    python3 "$MFI" waitport --timeout 20 "$P_POSTFIX" "$P_POSTFIX_PP" "$P_POSTFIX_XC"
+    python3 "$MFI" waitport --timeout 20 "$P_POSTFIX" "$P_POSTFIX_PP" "$P_POSTFIX_XC" \
+        "$P_POSTFIX_HX" "$P_POSTFIX_HN"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +553,30 @@ listeners:
     tls: implicit
     backend: "127.0.0.1:$P_DOVECOT_POP3"
     backend_client_info: true
+  # The SMTP hostile section: a Postfix that trusts mailfront's address (smtp_hostile.py).
+  - name: submissions-hx
+    protocol: smtp
+    listen: "127.0.0.1:$P_SMTPS_HX"
+    tls: implicit
+    backend: "127.0.0.1:$P_POSTFIX_HX"
+    backend_client_info: true
+  - name: submission-hx
+    protocol: smtp
+    listen: "127.0.0.1:$P_SUBMISSION_HX"
+    tls: starttls
+    backend: "127.0.0.1:$P_POSTFIX_HX"
+    backend_client_info: true
+  - name: submissions-hp
+    protocol: smtp
+    listen: "127.0.0.1:$P_SMTPS_HP"
+    tls: implicit
+    backend: "127.0.0.1:$P_POSTFIX_HX"
+  - name: submissions-hn
+    protocol: smtp
+    listen: "127.0.0.1:$P_SMTPS_HN"
+    tls: implicit
+    backend: "127.0.0.1:$P_POSTFIX_HN"
+    backend_client_info: true
 
 metrics:
   listen: "127.0.0.1:$P_METRICS"
@@ -544,11 +602,65 @@ start_mailfront() {
     if ! python3 "$MFI" waitport --timeout 30 \
             "$P_SMTPS" "$P_SUBMISSION" "$P_IMAPS" "$P_IMAP" "$P_POP3S" "$P_POP3" \
             "$P_IMAPS_PP" "$P_SMTPS_PP" "$P_SMTPS_LB" "$P_IMAPS_LB" "$P_SMTPS_XC" "$P_IMAPS_XC" \
-            "$P_POP3S_XC" 2>"$T/mf.wait.err"; then
+            "$P_POP3S_XC" "$P_SMTPS_HX" "$P_SUBMISSION_HX" "$P_SMTPS_HP" "$P_SMTPS_HN" 2>"$T/mf.wait.err"; then
         echo "$(cat "$T/mf.wait.err"); mailfront log tail: $(tail -n 5 "$MF_LOG" | tr '\n' ' ')" >&2
         return 1
     fi
     kill -0 "$MF_PID" 2>/dev/null || { echo "mailfront exited: $(tail -n 5 "$MF_LOG")" >&2; return 1; }
+}
+
+# A second mailfront for the auth throttle cases: limits.auth_failures_per_ip is per process and
+# per client address, so the limit of 3 lives here, and each case connects from its own loopback
+# address. backend_client_info tells Dovecot that address (ID, XCLIENT): its own auth penalty for
+# the wrong passwords then falls on it, not on 127.0.0.1, which every other case shares.
+MF_TH_CONF="$T/mailfront-throttle.yaml"
+MF_TH_LOG="$T/mailfront-throttle.log"
+start_throttle_mailfront() {
+    cat >"$MF_TH_CONF" <<EOF
+hostname: $HOSTNAME_MF
+tls:
+  certificates:
+    - cert: $T/tls/server.crt
+      key: $T/tls/server.key
+listeners:
+  - name: imaps-throttle
+    protocol: imap
+    listen: "127.0.0.1:$P_IMAPS_TH"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_IMAP"
+    backend_client_info: true
+  - name: pop3s-throttle
+    protocol: pop3
+    listen: "127.0.0.1:$P_POP3S_TH"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_POP3"
+    backend_client_info: true
+metrics:
+  listen: "127.0.0.1:$P_METRICS_TH"
+log:
+  format: text
+  level: debug
+limits:
+  connections_per_ip: 0
+  auth_failures_per_ip: 3
+  auth_failure_window: 10m
+EOF
+    "$MF_BIN" --config "$MF_TH_CONF" >"$MF_TH_LOG" 2>&1 &
+    PIDS_TO_KILL+=("$!")
+    python3 "$MFI" waitport --timeout 30 "$P_IMAPS_TH" "$P_POP3S_TH"
+}
+
+# case_auth_throttle PROTO PORT MODE SOURCE: 10 wrong passwords for an unknown user (MODE
+# hangup: each on its own session, closed 1.5 s later, before Dovecot's 2 s auth_failure_delay
+# answers; concurrent: all at once on 10 greeted sessions), from SOURCE. With the limit at 3,
+# Dovecot's auth process may see at most 3 of them: the charge is taken when a login is sent,
+# and a client that hangs up before the verdict keeps it. The figures go to case-<name>.out.
+case_auth_throttle() {
+    local user="throttle-$1-$3-$$@example.test" prefix="wrong-$1-$3-$$"
+    python3 "$MFI" auth-attempts --proto "$1" --port "$2" --cafile "$CA" --sni "$HOSTNAME_MF" \
+        --source "$4" --mode "$3" --user "$user" --password-prefix "$prefix" --attempts 10 &&
+    python3 "$MFI" auth-checked --log "$DOVECOT_LOG" --user "$user" --password-prefix "$prefix" \
+        --attempts 10 --max 3
 }
 
 # HAProxy from Debian in TCP mode in front of the *_LB listeners, as a load balancer would be.
@@ -1003,6 +1115,52 @@ run_corpus() {
     fi
 }
 
+# --- SMTP hostile section: a Postfix that trusts mailfront's address --------------------------
+
+HOSTILE="$HERE/smtp_hostile.py"
+
+# smtp_hostile.py runs every case (in parallel) against the submissions-hx/-hp/submission-hx
+# listeners and straight against P_POSTFIX_HX (the controls), judges each on Postfix's log and on
+# what it delivered, and prints one `PASS name` / `FAIL name: reason` line per case.
+# Transcripts (client bytes and the case's Postfix sessions): $T/hostile/<case>.txt.
+run_smtp_hostile() {
+    local out st line name n=0 t0=$SECONDS
+    out=$(python3 "$HOSTILE" run --cafile "$CA" --sni "$HOSTNAME_MF" --hostname "$HOSTNAME_MF" \
+        --hx "$P_SMTPS_HX" --hx587 "$P_SUBMISSION_HX" --hp "$P_SMTPS_HP" --hn "$P_SMTPS_HN" \
+        --postfix "$P_POSTFIX_HX" \
+        --user "$USER_NAME" --password "$USER_PASS" --postfix-log "$POSTFIX_LOG" \
+        --mail-base "$T/mail" --outdir "$T/hostile" 2>"$T/hostile.err")
+    st=$?
+    while IFS= read -r line; do
+        case "$line" in
+            "PASS "*) pass "${line#PASS }"; n=$((n + 1)) ;;
+            "FAIL "*) name=${line#FAIL }; fail "${name%%: *}" "${name#*: }"; n=$((n + 1)) ;;
+        esac
+    done <<<"$out"
+    if [ "$st" != 0 ] || [ "$n" = 0 ]; then
+        fail smtp-hostile "smtp_hostile.py exit $st after $n cases: $(tail -n 1 "$T/hostile.err")"
+    fi
+    log "smtp hostile section: $n cases in $((SECONDS - t0)) s"
+}
+
+# A normal submission with swaks from 127.0.0.2 through submissions-hx: delivered with mailfront's
+# Received field as usual, and Postfix (which trusts mailfront) saw the client's address.
+case_swaks_hostile_465() {
+    local s out
+    s=$(subject swaks-hx465)
+    out=$(swaks_common "$P_SMTPS_HX" "$s" --tls-on-connect --local-interface "$PP_CLIENT" \
+            --to hostile@example.test 2>&1) ||
+        { echo "swaks failed: $(echo "$out" | grep -E '^(<~\*|\*\*\*)' | tail -n 1)" >&2; return 1; }
+    local cipher
+    cipher=$(echo "$out" | sed -n 's/.*TLS started with cipher [^:]*:\([^:]*\):.*/\1/p' | head -n1)
+    [ -n "$cipher" ] || { echo "swaks printed no cipher" >&2; return 1; }
+    python3 "$MFI" check-received --maildir "$T/mail/example.test/hostile" --subject "$s" \
+        --hostname "$HOSTNAME_MF" --expect-tls "$(python3 "$MFI" iana "$cipher")" \
+        --expect-with ESMTPSA >/dev/null || return 1
+    python3 "$MFI" log-line --log "$POSTFIX_LOG" --contains "postfix-interop/hostile/smtpd" \
+        --contains "client=" --contains "[$PP_CLIENT]" --contains "sasl_username=$USER_NAME" >/dev/null
+}
+
 # --- testssl.sh ------------------------------------------------------------------------------
 
 run_testssl() { # NAME PORT [--starttls smtp|imap|pop3]
@@ -1235,7 +1393,22 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         run_case metrics-endpoints case_metrics
         run_case metrics-promtool-check case_metrics_promtool
         run_corpus
+        run_case smtp-hostile-swaks-465-xclient-submission case_swaks_hostile_465
+        run_smtp_hostile
         run_backend_tls_cases
+        # Last: the wrong passwords below count against Dovecot's own auth penalty too.
+        if start_throttle_mailfront 2>"$T/mf-throttle.start.err"; then
+            run_case auth-throttle-imap-hangup-before-verdict \
+                case_auth_throttle imap "$P_IMAPS_TH" hangup 127.0.0.11
+            run_case auth-throttle-imap-concurrent \
+                case_auth_throttle imap "$P_IMAPS_TH" concurrent 127.0.0.12
+            run_case auth-throttle-pop3-hangup-before-verdict \
+                case_auth_throttle pop3 "$P_POP3S_TH" hangup 127.0.0.13
+            run_case auth-throttle-pop3-concurrent \
+                case_auth_throttle pop3 "$P_POP3S_TH" concurrent 127.0.0.14
+        else
+            fail auth-throttle-mailfront-starts "$(tail -n 1 "$T/mf-throttle.start.err")"
+        fi
 
         for p in "${TESTSSL_PIDS[@]}"; do
             name=${p%%:*} pid=${p#*:}

@@ -2,7 +2,7 @@
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use super::{FakeOptions, RecordingStream, auth_gate, auth_plain_reply};
+use super::{FakeOptions, RecordingStream, auth_gate, auth_plain_reply, delay_failure};
 
 /// A small IMAP server: greeting, CAPABILITY, ID, LOGIN (quoted, atom or literal password),
 /// AUTHENTICATE PLAIN (SASL-IR or continuation), LIST, SELECT/EXAMINE, FETCH 1, LOGOUT;
@@ -112,6 +112,8 @@ pub(super) async fn fake_imap(
             "STARTTLS" => format!("{tag} BAD TLS not available on the backend\r\n"),
             _ => format!("{tag} OK {cmd} completed\r\n"),
         };
+        let login = cmd == "LOGIN" || cmd == "AUTHENTICATE";
+        delay_failure(options, login && out.contains(" NO ")).await;
         stream.get_mut().write_all(out.as_bytes()).await?;
     }
 }

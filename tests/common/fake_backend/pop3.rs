@@ -2,7 +2,7 @@
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::{FakeOptions, RecordingStream, auth_gate, auth_plain_reply};
+use super::{FakeOptions, RecordingStream, auth_gate, auth_plain_reply, delay_failure};
 
 /// A small POP3 server: CAPA, USER/PASS, AUTH PLAIN, STAT, LIST, UIDL, RETR, QUIT.
 pub(super) async fn fake_pop3(
@@ -90,6 +90,7 @@ pub(super) async fn fake_pop3(
         } else {
             "-ERR Unknown command\r\n".into()
         };
+        delay_failure(options, authenticating && out.starts_with("-ERR")).await;
         stream.get_mut().write_all(out.as_bytes()).await?;
     }
 }

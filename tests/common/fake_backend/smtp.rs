@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use super::{FakeOptions, RecordingStream, auth_plain_reply};
+use super::{FakeOptions, RecordingStream, auth_plain_reply, delay_failure};
 
 /// A small but honest SMTP server: EHLO, AUTH PLAIN/LOGIN, MAIL, RCPT, DATA, BDAT, RSET, NOOP,
 /// QUIT. Message content is discarded (the recorder keeps it).
@@ -136,6 +136,11 @@ pub(super) async fn fake_smtp(
         } else {
             "502 5.5.2 Error: command not recognized\r\n".into()
         };
+        delay_failure(
+            options,
+            upper.starts_with("AUTH") && reply.starts_with("535"),
+        )
+        .await;
         stream.get_mut().write_all(reply.as_bytes()).await?;
     }
 }
