@@ -972,14 +972,26 @@ mod tests {
 
     #[test]
     fn a_log_level_that_is_not_a_level_is_refused_not_taken_as_a_target() {
-        for bad in ["warning", "notice", "verbose", "info,mailfront=loud", "Warn,x"] {
+        for bad in [
+            "warning",
+            "notice",
+            "verbose",
+            "info,mailfront=loud",
+            "Warn,x",
+        ] {
             let keys: Vec<String> = problems(&format!("{MINIMAL}log:\n  level: \"{bad}\"\n"))
                 .into_iter()
                 .map(|p| p.key)
                 .collect();
             assert_eq!(keys, ["log.level"], "{bad}");
         }
-        for good in ["warn", "INFO", "info,mailfront=debug", "off", "error,rustls=warn"] {
+        for good in [
+            "warn",
+            "INFO",
+            "info,mailfront=debug",
+            "off",
+            "error,rustls=warn",
+        ] {
             let yaml = format!("{MINIMAL}log:\n  level: \"{good}\"\n");
             let config = Config::from_yaml(&yaml).unwrap().validate(Path::new("/"));
             assert!(config.is_ok(), "{good}");

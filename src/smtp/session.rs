@@ -239,6 +239,8 @@ enum Expect {
         /// Client octets of the transaction's chunks so far.
         size: u64,
     },
+    /// RSET: a 2xx ends the transaction (RFC 5321 §4.1.1.5).
+    Rset,
     Quit,
     Other,
 }
@@ -739,7 +741,6 @@ impl<'s> Driver<'s> {
         let expect = match command {
             Command::Ehlo(name) | Command::Helo(name) => {
                 self.gate.needs_ehlo = false;
-                self.tx.restart_content();
                 let name = name.clone();
                 if matches!(command, Command::Ehlo(_)) {
                     Expect::Ehlo { name }
@@ -761,19 +762,17 @@ impl<'s> Driver<'s> {
                 self.auth_charge = Some(charge);
                 Expect::Auth
             }
-            Command::Mail(_) => {
-                self.tx.restart_content();
-                Expect::Mail
-            }
+            // A new message starts when the backend says so (its 2xx to MAIL, RSET, EHLO or
+            // HELO, in `on_reply`), never when the command merely goes out: a refused MAIL
+            // inside an open BDAT transaction leaves that transaction, and its Received field,
+            // as they were.
+            Command::Mail(_) => Expect::Mail,
             Command::Rcpt(rcpt) => Expect::Rcpt {
                 path: rcpt.forward_path.clone(),
             },
             Command::Data => Expect::Data,
             Command::Bdat(bdat) => return self.forward_bdat(client, *bdat).await,
-            Command::Rset => {
-                self.tx.restart_content();
-                Expect::Other
-            }
+            Command::Rset => Expect::Rset,
             Command::Quit => Expect::Quit,
             _ => Expect::Other,
         };
@@ -798,6 +797,18 @@ impl<'s> Driver<'s> {
         client: &mut ClientStream<S>,
         bdat: Bdat,
     ) -> Result<(), EndReason> {
+        if self.pending.iter().any(|p| {
+            matches!(
+                p,
+                Pending::Backend(
+                    Expect::Mail | Expect::Rset | Expect::Ehlo { .. } | Expect::Helo { .. }
+                )
+            )
+        }) {
+            // Whether this chunk starts a message (and carries the Received field) depends on
+            // the backend's answer to a pipelined MAIL or RSET: read it first.
+            self.drain(client).await?;
+        }
         if bdat.last && bdat.size == 0 && self.tx.content.finish().is_err() {
             // The message would end with a bare CR: it must never complete.
             return self.refuse_bdat(client, BareLineEnding::Cr, false).await;
@@ -1036,6 +1047,7 @@ impl<'s> Driver<'s> {
                 self.gate.backend_chunking = self.caps.chunking;
                 if reply.is_positive() {
                     self.greeting = Some(Greeting { ehlo: true, name });
+                    self.tx.restart_content();
                 }
                 let ctx = EhloContext {
                     client_tls: self.gate.client_tls,
@@ -1064,6 +1076,7 @@ impl<'s> Driver<'s> {
                 self.gate.backend_chunking = false;
                 if reply.is_positive() {
                     self.greeting = Some(Greeting { ehlo: false, name });
+                    self.tx.restart_content();
                     let helo = local_reply::helo_reply(self.hostname());
                     self.cout.extend_from_slice(&helo);
                 } else {
@@ -1088,6 +1101,7 @@ impl<'s> Driver<'s> {
             }
             Expect::Mail => {
                 if reply.is_positive() {
+                    self.tx.restart_content();
                     self.tx.accepted_rcpts = 0;
                     self.tx.recipient = None;
                     if !self.gate.require_tls_for_mail {
@@ -1120,6 +1134,12 @@ impl<'s> Driver<'s> {
                     tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, size, code = reply.code(), "message not accepted by the backend");
                 }
                 self.tx.restart_content();
+                self.cout.extend_from_slice(reply.raw());
+            }
+            Expect::Rset => {
+                if reply.is_positive() {
+                    self.tx.restart_content();
+                }
                 self.cout.extend_from_slice(reply.raw());
             }
             Expect::Bdat { last: false, .. } | Expect::Other => {
