@@ -308,6 +308,8 @@ pub struct LimitsSection {
     pub auth_failures_per_ip: u32,
     #[serde(default = "default_auth_failure_window")]
     pub auth_failure_window: ConfigDuration,
+    #[serde(default = "default_listen_backlog")]
+    pub listen_backlog: u32,
 }
 
 impl Default for LimitsSection {
@@ -321,6 +323,7 @@ impl Default for LimitsSection {
             connections_per_ip: default_connections_per_ip(),
             auth_failures_per_ip: default_auth_failures_per_ip(),
             auth_failure_window: default_auth_failure_window(),
+            listen_backlog: default_listen_backlog(),
         }
     }
 }
@@ -386,6 +389,15 @@ pub const DEFAULT_AUTH_FAILURES_PER_IP: u32 = 10;
 /// 10 failures per 10 minutes is one guess a minute: a dictionary attack on one address gets
 /// nowhere, and a throttled person waits minutes, not hours.
 pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(600);
+
+/// Connections the kernel queues, handshake done, before mailfront accepts them: nginx's 511.
+/// std's and tokio's 128 overflows in a reconnect storm (every client of a restarted replica
+/// at once), and an overflowing queue drops SYNs, which clients retry only after a second or
+/// more. Linux caps the value at `net.core.somaxconn` (4096 since 5.4).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 511;
+/// The largest `limits.listen_backlog`: `net.core.somaxconn`'s own historical maximum; a
+/// larger queue only holds clients longer than they will wait.
+pub const MAX_LISTEN_BACKLOG: u32 = 65535;
 
 /// A listener name labels metrics and logs: 64 octets is plenty for a name and keeps label
 /// values short.
@@ -462,6 +474,9 @@ fn default_auth_failures_per_ip() -> u32 {
 }
 fn default_auth_failure_window() -> ConfigDuration {
     ConfigDuration(DEFAULT_AUTH_FAILURE_WINDOW)
+}
+fn default_listen_backlog() -> u32 {
+    DEFAULT_LISTEN_BACKLOG
 }
 
 /// Default cap on concurrent sessions per listener: an idle TLS session costs mailfront some
@@ -587,6 +602,9 @@ pub struct RuntimeConfig {
     pub log_level: String,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// `limits.listen_backlog`: the accept queue of every listener and of the metrics
+    /// endpoint. Here rather than in [`Limits`], which sessions carry: only binding uses it.
+    pub listen_backlog: u32,
 }
 
 impl Config {
@@ -799,6 +817,12 @@ impl Config {
                 ),
             );
         }
+        if !(1..=MAX_LISTEN_BACKLOG).contains(&lim.listen_backlog) {
+            problem(
+                "limits.listen_backlog".into(),
+                format!("{} is outside 1-{MAX_LISTEN_BACKLOG}", lim.listen_backlog),
+            );
+        }
         if lim.auth_failures_per_ip > 0 && lim.auth_failure_window.0.is_zero() {
             problem(
                 "limits.auth_failure_window".into(),
@@ -842,6 +866,7 @@ impl Config {
                 auth_failures_per_ip: lim.auth_failures_per_ip,
                 auth_failure_window: lim.auth_failure_window.0,
             },
+            listen_backlog: lim.listen_backlog,
         })
     }
 }
@@ -968,6 +993,30 @@ mod tests {
         .validate(Path::new("/"))
         .unwrap();
         assert_eq!(off.limits.auth_failures_per_ip, 0);
+    }
+
+    #[test]
+    fn the_listen_backlog_defaults_to_nginx_511_and_is_bounded() {
+        let backlog = |yaml: &str| {
+            Config::from_yaml(&format!("{MINIMAL}{yaml}"))
+                .and_then(|c| c.validate(Path::new("/")))
+                .map(|c| c.listen_backlog)
+        };
+        assert_eq!(backlog("").unwrap(), 511);
+        assert_eq!(backlog("limits:\n  listen_backlog: 1\n").unwrap(), 1);
+        assert_eq!(
+            backlog("limits:\n  listen_backlog: 65535\n").unwrap(),
+            65535
+        );
+        for bad in [0, 65536] {
+            let found = problems(&format!("{MINIMAL}limits:\n  listen_backlog: {bad}\n"));
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert_eq!(found[0].key, "limits.listen_backlog");
+            assert!(found[0].message.contains("outside 1-65535"), "{found:?}");
+        }
+        // Not a number at all: a syntax error naming the key.
+        let err = backlog("limits:\n  listen_backlog: -1\n").unwrap_err();
+        assert!(err.to_string().contains("listen_backlog"), "{err}");
     }
 
     #[test]

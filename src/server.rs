@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -72,13 +72,13 @@ pub enum StartError {
     },
 }
 
-/// Binds every listener and the admin endpoint; an error names the listener.
+/// Binds every listener and the admin endpoint, each with `limits.listen_backlog`; an error
+/// names the listener.
 pub async fn bind(config: &RuntimeConfig) -> Result<Bound, StartError> {
     let mut listeners = Vec::new();
     for (index, l) in config.listeners.iter().enumerate() {
-        let listener = TcpListener::bind(l.listen)
-            .await
-            .map_err(|source| StartError::Bind {
+        let listener =
+            listen(l.listen, config.listen_backlog).map_err(|source| StartError::Bind {
                 index,
                 name: l.name.clone(),
                 addr: l.listen,
@@ -89,12 +89,24 @@ pub async fn bind(config: &RuntimeConfig) -> Result<Bound, StartError> {
     let admin = match config.metrics_listen {
         None => None,
         Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
+            listen(addr, config.listen_backlog)
                 .map_err(|source| StartError::BindAdmin { addr, source })?,
         ),
     };
     Ok(Bound { listeners, admin })
+}
+
+/// A listening socket as `TcpListener::bind` makes one (SO_REUSEADDR, so a restart binds while
+/// the last run's connections sit in TIME_WAIT; IPV6_V6ONLY left at the system default, so
+/// `[::]` also takes IPv4 where the host allows it), but with `backlog` instead of the fixed 128.
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// How long to wait for sessions after the hard stop. Each one then only writes its goodbye

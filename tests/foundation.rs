@@ -592,6 +592,40 @@ fn check_accepts_the_shipped_example_and_names_every_problem_in_a_broken_one() {
             ),
             "does not belong",
         ),
+        (
+            {
+                let garbage = dir.join("garbage.pem");
+                std::fs::write(
+                    &garbage,
+                    "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n",
+                )
+                .unwrap();
+                format!(
+                    "hostname: mx.example.test\ntls:\n  certificates:\n    - cert: {}\n      key: {}\nlisteners:\n  - name: a\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n",
+                    garbage.display(),
+                    cert.key.display()
+                )
+            },
+            "is not an X.509 certificate",
+        ),
+        (
+            // A FIFO where the ticket key file belongs used to block `check` in open(2).
+            {
+                let fifo = dir.join("ticket.keys");
+                assert!(
+                    Command::new("mkfifo")
+                        .arg(&fifo)
+                        .status()
+                        .unwrap()
+                        .success()
+                );
+                format!(
+                    "hostname: mx.example.test\ntls:\n  ticket_key_file: {}\nlisteners:\n  - name: a\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n",
+                    fifo.display()
+                )
+            },
+            "is a FIFO, not a regular file",
+        ),
     ];
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.yaml"));
@@ -653,4 +687,61 @@ async fn admin_endpoint_serves_metrics_health_and_readiness() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(turned);
+}
+
+/// Connections a listener that never accepts lets complete: each connect that the kernel's
+/// accept queue takes succeeds at once, and the first it has no room for times out (Linux
+/// drops the SYN of a full queue). Stops at `most`.
+async fn queued_connections(addr: std::net::SocketAddr, most: usize) -> usize {
+    let mut held = Vec::new();
+    while held.len() < most {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => held.push(tcp),
+            _ => break,
+        }
+    }
+    held.len()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn listen_backlog_reaches_every_listening_socket() {
+    const BACKLOG: usize = 2;
+    let mut listeners = listener_yaml(
+        "imaps",
+        "imap",
+        "implicit",
+        "127.0.0.1:143".parse().unwrap(),
+    );
+    // An IPv6 socket too, where the host has IPv6.
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        listeners += &listener_yaml("v6", "pop3", "implicit", "127.0.0.1:110".parse().unwrap())
+            .replace("127.0.0.1:0", "[::1]:0");
+    }
+    let yaml = format!(
+        "hostname: mx.example.test\nlisteners:\n{listeners}metrics:\n  listen: \"127.0.0.1:0\"\nlimits:\n  listen_backlog: {BACKLOG}\n"
+    );
+    let config = mailfront::config::Config::from_yaml(&yaml)
+        .unwrap()
+        .validate(std::path::Path::new("."))
+        .unwrap();
+    assert_eq!(config.listen_backlog, BACKLOG as u32);
+    // Bound but never served: nothing accepts, so the queue fills.
+    let bound = mailfront::server::bind(&config).await.unwrap();
+    let mut addresses: Vec<_> = bound.addresses().into_iter().map(|(_, a)| a).collect();
+    addresses.push(bound.admin_address().unwrap());
+    for addr in addresses {
+        // Linux queues backlog + 1; the old fixed 128 would take all ten.
+        let queued = queued_connections(addr, 10).await;
+        assert!(
+            (BACKLOG..=BACKLOG + 1).contains(&queued),
+            "{addr}: {queued} connections queued with a backlog of {BACKLOG}"
+        );
+    }
+    drop(bound);
 }

@@ -201,6 +201,71 @@ async fn json_log_of_an_authenticated_session_carries_the_cipher_and_no_secret()
         );
         assert!(!line.contains(PASSWORD), "password leaked: {line}");
         assert!(!line.contains(&plain), "SASL payload leaked: {line}");
+        assert_eq!(duplicate_keys(line), Vec::<String>::new(), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn json_log_of_an_accepted_message_has_no_key_twice() {
+    // The helper itself: serde_json would keep the second `a` silently.
+    assert_eq!(
+        duplicate_keys(r#"{"a":1,"b":{"c":1,"c":2},"a":3}"#),
+        ["c", "a"]
+    );
+    assert!(duplicate_keys(r#"{"a":[{"b":1},{"b":2}]}"#).is_empty());
+
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let smtp = FakeBackend::start(FakeKind::Smtp).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("submissions", "smtp", "implicit", smtp.addr)],
+        "log:\n  format: json\n  level: info\n",
+    );
+    let path = pki.dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut binary = Binary::start(&path);
+    let address = binary.address("submissions");
+
+    let tls = tls_connect(
+        address,
+        "mx.example.test",
+        client_config(&pki.ca_der, &[&rustls::version::TLS13], None),
+    )
+    .await
+    .unwrap();
+    let mut tls = BufReader::new(tls);
+    let plain = BASE64_STANDARD.encode(b"\0alice\0secret");
+    assert!(read_smtp_reply(&mut tls).await.starts_with("220"));
+    for (command, code) in [
+        ("EHLO client.example.test".to_owned(), "250"),
+        (format!("AUTH PLAIN {plain}"), "235"),
+        ("MAIL FROM:<a@example.test>".to_owned(), "250"),
+        ("RCPT TO:<b@example.test>".to_owned(), "250"),
+        ("DATA".to_owned(), "354"),
+        ("Subject: t\r\n\r\nhello\r\n.".to_owned(), "250"),
+        ("QUIT".to_owned(), "221"),
+    ] {
+        tls.get_mut()
+            .write_all(format!("{command}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let reply = read_smtp_reply(&mut tls).await;
+        assert!(reply.starts_with(code), "{command}: {reply}");
+    }
+    drop(tls);
+    let accepted = binary.wait_for(&["message accepted"]);
+    assert_eq!(
+        json_field(&accepted, "message").as_deref(),
+        Some("message accepted")
+    );
+    assert_eq!(
+        json_field(&accepted, "message_number").as_deref(),
+        Some("1")
+    );
+    binary.wait_for(&["session closed", "submissions"]);
+    for line in binary.stop() {
+        assert_eq!(duplicate_keys(&line), Vec::<String>::new(), "{line}");
     }
 }
 

@@ -1235,7 +1235,7 @@ impl<'s> Driver<'s> {
             listener = %self.session.listener.config.name,
             client = %self.session.client_addr,
             size,
-            message = self.messages,
+            message_number = self.messages,
             cipher = %self.cipher(),
             received_id = self.tx.received_id.as_ref().map_or("-", |id| id.as_str()),
             reply = %queue_reply,

@@ -187,34 +187,18 @@ fn build_map(
         let key_bytes = Zeroizing::new(read_file(index, "key", &source.key)?);
         fingerprint.add(&cert_bytes);
         fingerprint.add(&key_bytes);
-        let chain = CertificateDer::pem_slice_iter(&cert_bytes)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_error(index, "cert", &source.cert, e.to_string()))?;
-        if chain.is_empty() {
-            return Err(pem_error(
-                index,
-                "cert",
-                &source.cert,
-                "no CERTIFICATE in the file".into(),
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
-            pem_error(
-                index,
-                "key",
-                &source.key,
-                format!("no usable private key: {e}"),
-            )
-        })?;
-        let certified =
-            CertifiedKey::from_der(chain, key, provider).map_err(|e| TlsError::Mismatch {
+        let certified = certified_key(&cert_bytes, &key_bytes, provider).map_err(|e| match e {
+            PairError::Cert(problem) => pem_error(index, "cert", &source.cert, problem),
+            PairError::Key(problem) => pem_error(index, "key", &source.key, problem),
+            PairError::Mismatch(e) => TlsError::Mismatch {
                 index,
                 problem: format!(
                     "key {} does not belong to certificate {}: {e}",
                     source.key.display(),
                     source.cert.display()
                 ),
-            })?;
+            },
+        })?;
         let info = describe(&certified, &source.cert.display().to_string(), false)
             .map_err(|problem| pem_error(index, "cert", &source.cert, problem))?;
         let certified = Arc::new(certified);
@@ -242,6 +226,138 @@ fn build_map(
         loaded,
         fingerprint: fingerprint.finish(),
     })
+}
+
+/// Why a certificate file and a key file do not make a certified key: each names its file's
+/// real problem, so a file that is not a certificate is not reported as a key mismatch.
+#[derive(Debug)]
+enum PairError {
+    Cert(String),
+    Key(String),
+    Mismatch(rustls::Error),
+}
+
+/// The chain of a PEM certificate file and the key of a PEM key file, checked in the order
+/// that names the first real problem: the certificate file holds certificates that parse as
+/// X.509, the key file a key the provider can sign with, and only then that the two belong
+/// together.
+fn certified_key(
+    cert_bytes: &[u8],
+    key_bytes: &[u8],
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, PairError> {
+    use rustls_pki_types::pem::Error as PemError;
+    let chain = CertificateDer::pem_slice_iter(cert_bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PairError::Cert(format!("not a valid PEM file: {e}")))?;
+    if chain.is_empty() {
+        return Err(PairError::Cert(format!(
+            "no PEM certificate found: {}",
+            what_is_in(cert_bytes, Wanted::Certificate)
+        )));
+    }
+    for (n, der) in chain.iter().enumerate() {
+        if let Err(e) = x509_parser::parse_x509_certificate(der.as_ref()) {
+            return Err(PairError::Cert(format!(
+                "CERTIFICATE block {} of {} is not an X.509 certificate: {e}",
+                n + 1,
+                chain.len()
+            )));
+        }
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_bytes).map_err(|e| {
+        PairError::Key(match e {
+            PemError::NoItemsFound => format!(
+                "no PEM private key found: {}",
+                what_is_in(key_bytes, Wanted::PrivateKey)
+            ),
+            e => format!("not a valid PEM file: {e}"),
+        })
+    })?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| PairError::Key(format!("the private key cannot be used: {e}")))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        // rustls' own rule (`CertifiedKey::from_der`): a key whose public half the provider
+        // cannot tell is not refused.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(certified)
+        }
+        Err(e @ rustls::Error::InconsistentKeys(_)) => Err(PairError::Mismatch(e)),
+        Err(e) => Err(PairError::Cert(format!(
+            "cannot read the certificate's public key: {e}"
+        ))),
+    }
+}
+
+/// What a PEM file was searched for.
+#[derive(Clone, Copy)]
+enum Wanted {
+    Certificate,
+    PrivateKey,
+}
+
+/// Says what a file holds instead of the PEM block it should: nothing, other PEM blocks (a key
+/// where the certificate belongs, or the reverse), DER, or text that is not PEM.
+fn what_is_in(bytes: &[u8], wanted: Wanted) -> String {
+    use rustls_pki_types::pem::SectionKind;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return "the file is empty".into();
+    }
+    let mut kinds: Vec<&str> = Vec::new();
+    for (kind, der) in <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes).map_while(Result::ok) {
+        // The decoded bytes may be a private key: wiped at once, only the kind is kept.
+        drop(Zeroizing::new(der));
+        let name = match kind {
+            SectionKind::Certificate => "CERTIFICATE",
+            SectionKind::PrivateKey => "PRIVATE KEY",
+            SectionKind::RsaPrivateKey => "RSA PRIVATE KEY",
+            SectionKind::EcPrivateKey => "EC PRIVATE KEY",
+            SectionKind::PublicKey => "PUBLIC KEY",
+            SectionKind::Csr => "CERTIFICATE REQUEST",
+            SectionKind::Crl => "X509 CRL",
+            _ => "other",
+        };
+        if !kinds.contains(&name) {
+            kinds.push(name);
+        }
+    }
+    let (begin, swapped, der_hint) = match wanted {
+        Wanted::Certificate => (
+            "-----BEGIN CERTIFICATE-----",
+            "is this the key file?",
+            "openssl x509 -inform der",
+        ),
+        Wanted::PrivateKey => (
+            "-----BEGIN PRIVATE KEY-----",
+            "is this the certificate file?",
+            "openssl pkey -inform der",
+        ),
+    };
+    if !kinds.is_empty() {
+        let holds_the_other = match wanted {
+            Wanted::Certificate => kinds.iter().any(|k| k.ends_with("PRIVATE KEY")),
+            Wanted::PrivateKey => kinds.contains(&"CERTIFICATE"),
+        };
+        return format!(
+            "the file holds only {} blocks{}",
+            kinds.join(", "),
+            if holds_the_other {
+                format!(" ({swapped})")
+            } else {
+                String::new()
+            }
+        );
+    }
+    // A DER SEQUENCE starts with 0x30: a certificate or key in binary form.
+    if bytes.first() == Some(&0x30) {
+        return format!(
+            "the file is not PEM but looks like binary DER (convert it with `{der_hint}`)"
+        );
+    }
+    format!("the file is not PEM (no `{begin}` line)")
 }
 
 fn self_signed_map(hostname: &str, provider: &CryptoProvider) -> Result<CertMap, TlsError> {
@@ -334,6 +450,142 @@ mod tests {
         assert_eq!(f.0.len(), 32);
         assert!(!f.0.windows(6).any(|w| w == b"secret"));
         assert_eq!(f, fingerprint(&[b"cert", key]));
+    }
+
+    /// A self-signed certificate and its key, as PEM files in `dir`.
+    fn pair(dir: &Path, name: &str) -> CertificateSection {
+        let generated = rcgen::generate_simple_self_signed(vec![format!("{name}.test")]).unwrap();
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, generated.cert.pem()).unwrap();
+        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+        CertificateSection { cert, key }
+    }
+
+    fn load_error(section: &CertificateSection) -> String {
+        CertStore::load(std::slice::from_ref(section), "mx.test")
+            .err()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Each broken certificate file is reported as what it is, on the `cert` key, never as a
+    /// key that does not belong.
+    #[test]
+    fn a_file_that_is_not_a_certificate_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = pair(dir.path(), "a");
+        let cases: [(&str, Vec<u8>, &str); 6] = [
+            (
+                "garbage",
+                b"hello, this is not a certificate\n".to_vec(),
+                "no PEM certificate found: the file is not PEM (no `-----BEGIN CERTIFICATE-----` line)",
+            ),
+            (
+                "empty",
+                Vec::new(),
+                "no PEM certificate found: the file is empty",
+            ),
+            (
+                "key-only",
+                std::fs::read(&good.key).unwrap(),
+                "no PEM certificate found: the file holds only PRIVATE KEY blocks (is this the key file?)",
+            ),
+            (
+                "der",
+                {
+                    let pem = std::fs::read(&good.cert).unwrap();
+                    CertificateDer::from_pem_slice(&pem).unwrap().to_vec()
+                },
+                "looks like binary DER (convert it with `openssl x509 -inform der`)",
+            ),
+            (
+                // Well-formed PEM whose base64 is not a certificate: this one used to be
+                // "key … does not belong to certificate …: BadEncoding".
+                "garbage-in-pem",
+                b"-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n".to_vec(),
+                "CERTIFICATE block 1 of 1 is not an X.509 certificate",
+            ),
+            (
+                "bad-base64",
+                b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n".to_vec(),
+                "not a valid PEM file: base64 decode error",
+            ),
+        ];
+        for (name, bytes, expected) in cases {
+            let cert = dir.path().join(format!("{name}.crt"));
+            std::fs::write(&cert, bytes).unwrap();
+            let err = load_error(&CertificateSection {
+                cert: cert.clone(),
+                key: good.key.clone(),
+            });
+            assert!(
+                err.starts_with(&format!("tls.certificates[0].cert: {}: ", cert.display())),
+                "{name}: {err}"
+            );
+            assert!(err.contains(expected), "{name}: {err}");
+            assert!(!err.contains("does not belong"), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_key_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = pair(dir.path(), "a");
+        let cases: [(&str, Vec<u8>, &str); 3] = [
+            (
+                "empty",
+                Vec::new(),
+                "no PEM private key found: the file is empty",
+            ),
+            (
+                "cert-only",
+                std::fs::read(&good.cert).unwrap(),
+                "no PEM private key found: the file holds only CERTIFICATE blocks (is this the certificate file?)",
+            ),
+            (
+                "garbage-in-pem",
+                b"-----BEGIN PRIVATE KEY-----\nZ2FyYmFnZQ==\n-----END PRIVATE KEY-----\n".to_vec(),
+                "the private key cannot be used",
+            ),
+        ];
+        for (name, bytes, expected) in cases {
+            let key = dir.path().join(format!("{name}.key"));
+            std::fs::write(&key, bytes).unwrap();
+            let err = load_error(&CertificateSection {
+                cert: good.cert.clone(),
+                key: key.clone(),
+            });
+            assert!(
+                err.starts_with(&format!("tls.certificates[0].key: {}: ", key.display())),
+                "{name}: {err}"
+            );
+            assert!(err.contains(expected), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_still_a_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = pair(dir.path(), "a");
+        let b = pair(dir.path(), "b");
+        let err = load_error(&CertificateSection {
+            cert: a.cert.clone(),
+            key: b.key.clone(),
+        });
+        assert!(
+            err.starts_with(&format!(
+                "tls.certificates[0]: key {} does not belong to certificate {}",
+                b.key.display(),
+                a.cert.display()
+            )),
+            "{err}"
+        );
+        // And the right pair loads.
+        assert_eq!(
+            CertStore::load(&[a], "mx.test").unwrap().loaded()[0].names,
+            ["a.test"]
+        );
     }
 
     #[test]

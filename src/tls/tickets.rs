@@ -41,6 +41,11 @@ const TAG_LEN: usize = 16;
 /// Binds the derived keys to this use, so the same 64 bytes used elsewhere give another key.
 const HKDF_SALT: &[u8] = b"mailfront session ticket key v1";
 
+/// The longest valid file, [`MAX_KEYS`] keys. One octet more is read, so a longer file is seen
+/// to be too long (and refused) instead of being cut to its first keys, while a file that never
+/// ends (a device, a growing log mounted by mistake) costs no more than that.
+const MAX_FILE_LEN: usize = MAX_KEYS * KEY_LEN;
+
 /// Why a ticket key file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum TicketKeyError {
@@ -49,6 +54,10 @@ pub enum TicketKeyError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "tls.ticket_key_file: {path} is a {kind}, not a regular file (symbolic links to one are fine)"
+    )]
+    NotAFile { path: String, kind: &'static str },
     #[error("tls.ticket_key_file: {path}: {problem}")]
     Invalid { path: String, problem: String },
 }
@@ -156,12 +165,64 @@ impl ProducesTickets for TicketKeys {
     }
 }
 
-fn read_set(path: &Path) -> Result<KeySet, TicketKeyError> {
-    // Wiped on drop: the secret halves of the keys.
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| TicketKeyError::Read {
+/// Reads at most [`MAX_FILE_LEN`] + 1 octets of a regular file (after symbolic links, which a
+/// Kubernetes Secret mount is made of). Opened with O_NONBLOCK, so a FIFO in the file's place
+/// is refused at once instead of blocking the open until a writer comes; anything but a
+/// regular file (FIFO, device, directory, socket) is refused before a byte is read.
+fn read_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, TicketKeyError> {
+    use rustix::fs::{Mode, OFlags};
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+
+    let read_error = |source: std::io::Error| TicketKeyError::Read {
         path: path.display().to_string(),
         source,
-    })?);
+    };
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| read_error(e.into()))?;
+    let file = std::fs::File::from(fd);
+    let kind = file.metadata().map_err(read_error)?.file_type();
+    if !kind.is_file() {
+        let kind = if kind.is_fifo() {
+            "FIFO"
+        } else if kind.is_dir() {
+            "directory"
+        } else if kind.is_char_device() {
+            "character device"
+        } else if kind.is_block_device() {
+            "block device"
+        } else if kind.is_socket() {
+            "socket"
+        } else {
+            "special file"
+        };
+        return Err(TicketKeyError::NotAFile {
+            path: path.display().to_string(),
+            kind,
+        });
+    }
+    // Wiped on drop: the secret halves of the keys.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_FILE_LEN + 1));
+    file.take(MAX_FILE_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    Ok(bytes)
+}
+
+fn read_set(path: &Path) -> Result<KeySet, TicketKeyError> {
+    let bytes = read_file(path)?;
+    if bytes.len() > MAX_FILE_LEN {
+        return Err(TicketKeyError::Invalid {
+            path: path.display().to_string(),
+            problem: format!(
+                "longer than {MAX_FILE_LEN} bytes: at most {MAX_KEYS} keys of {KEY_LEN} bytes"
+            ),
+        });
+    }
     let keys = parse(&bytes).map_err(|problem| TicketKeyError::Invalid {
         path: path.display().to_string(),
         problem,
@@ -292,6 +353,90 @@ mod tests {
         assert_eq!(keys.decrypt(&ticket).unwrap(), b"state");
         let fresh = keys.encrypt(b"fresh").unwrap();
         assert_eq!(fresh.get(..NAME_LEN), key(1).get(..NAME_LEN));
+    }
+
+    /// Loads on a thread, failing the test instead of hanging it if the load blocks.
+    fn load_within_seconds(path: &Path) -> Result<TicketKeys, TicketKeyError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_owned();
+        std::thread::spawn(move || tx.send(TicketKeys::load(&path)));
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("loading the ticket key file blocked")
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_the_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ticket.keys");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = load_within_seconds(&path).unwrap_err();
+        assert!(
+            matches!(err, TicketKeyError::NotAFile { kind: "FIFO", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn a_device_or_a_directory_is_refused_before_any_read() {
+        // /dev/zero never ends: it used to be read until memory ran out.
+        let err = load_within_seconds(Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TicketKeyError::NotAFile {
+                    kind: "character device",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_within_seconds(dir.path()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TicketKeyError::NotAFile {
+                    kind: "directory",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_symlink_to_a_key_file_is_followed() {
+        // A Kubernetes Secret volume: ticket.keys -> ..data/ticket.keys -> the real file.
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("..2026_01_01");
+        std::fs::create_dir(&data).unwrap();
+        keys_file(&data, &[key(1), key(2)]);
+        std::os::unix::fs::symlink("..2026_01_01", dir.path().join("..data")).unwrap();
+        let link = dir.path().join("ticket.keys");
+        std::os::unix::fs::symlink("..data/ticket.keys", &link).unwrap();
+        assert_eq!(TicketKeys::load(&link).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_file_longer_than_the_most_keys_is_refused_not_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let most: Vec<Vec<u8>> = (0..MAX_KEYS as u8).map(key).collect();
+        let path = keys_file(dir.path(), &most);
+        assert_eq!(TicketKeys::load(&path).unwrap().len(), MAX_KEYS);
+        // One octet more, then one key more: both refused, neither truncated to 16 keys.
+        for extra in [vec![0u8], key(200)] {
+            std::fs::write(&path, [most.concat(), extra].concat()).unwrap();
+            let err = TicketKeys::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("longer than {} bytes", MAX_KEYS * KEY_LEN)),
+                "{err}"
+            );
+        }
     }
 
     #[test]
