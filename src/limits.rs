@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -51,8 +52,8 @@ pub struct PerIpLimiter {
 
 #[derive(Debug)]
 struct Inner {
-    /// 0: no limit.
-    limit: u32,
+    /// 0: no limit. Changed in place by a reload ([`PerIpLimiter::set_limit`]).
+    limit: AtomicU32,
     /// Only addresses with at least one counted session have an entry, so the table is never
     /// larger than the number of open unauthenticated sessions (itself bounded by the
     /// listeners' `max_connections`).
@@ -72,7 +73,7 @@ impl PerIpLimiter {
     pub fn new(limit: u32) -> PerIpLimiter {
         PerIpLimiter {
             inner: Arc::new(Inner {
-                limit,
+                limit: AtomicU32::new(limit),
                 counts: Mutex::new(HashMap::new()),
             }),
         }
@@ -81,19 +82,32 @@ impl PerIpLimiter {
     /// Counts one more session for `ip`, or `None` if the address is at its limit. The session
     /// counts until the guard is dropped. With the limit off the guard counts nothing.
     pub fn try_acquire(&self, ip: IpAddr) -> Option<PerIpGuard> {
-        if self.inner.limit == 0 {
+        let limit = self.limit();
+        if limit == 0 {
             return Some(PerIpGuard { held: None });
         }
         let key = IpKey::of(ip);
         let mut counts = self.inner.counts();
         let count = counts.entry(key).or_insert(0);
-        if *count >= self.inner.limit {
+        if *count >= limit {
             return None;
         }
         *count += 1;
         Some(PerIpGuard {
             held: Some((self.inner.clone(), key)),
         })
+    }
+
+    /// The limit now.
+    pub fn limit(&self) -> u32 {
+        self.inner.limit.load(Ordering::Relaxed)
+    }
+
+    /// A reload's new limit, for sessions admitted from now on; the table and its counts stay
+    /// (sessions over a lowered limit go on, and the address gets no new one until below it).
+    /// Sessions admitted while the limit was 0 were not counted and never will be.
+    pub fn set_limit(&self, limit: u32) {
+        self.inner.limit.store(limit, Ordering::Relaxed);
     }
 
     /// Unauthenticated sessions counted for `ip` now.
@@ -159,9 +173,10 @@ pub struct AuthThrottle {
 
 #[derive(Debug)]
 struct ThrottleInner {
-    /// 0: off.
-    limit: u32,
-    window: Duration,
+    /// 0: off. This and `window_ns` change in place on a reload ([`AuthThrottle::set_limits`]).
+    limit: AtomicU32,
+    /// The window in nanoseconds.
+    window_ns: AtomicU64,
     capacity: usize,
     table: Mutex<HashMap<IpKey, VecDeque<Instant>>>,
 }
@@ -172,11 +187,20 @@ impl ThrottleInner {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_nanos(self.window_ns.load(Ordering::Relaxed))
+    }
+
     /// Drops the failures of `times` that left the window.
     fn expire(&self, times: &mut VecDeque<Instant>, now: Instant) {
+        let window = self.window();
         while times
             .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= self.window)
+            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
         {
             times.pop_front();
         }
@@ -193,12 +217,18 @@ impl AuthThrottle {
     pub fn with_capacity(limit: u32, window: Duration, capacity: usize) -> AuthThrottle {
         AuthThrottle {
             inner: Arc::new(ThrottleInner {
-                limit,
-                window,
+                limit: AtomicU32::new(limit),
+                window_ns: AtomicU64::new(nanos(window)),
                 capacity: capacity.max(1),
                 table: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// A reload's new limit and window; the failures remembered stay and are judged by them.
+    pub fn set_limits(&self, limit: u32, window: Duration) {
+        self.inner.window_ns.store(nanos(window), Ordering::Relaxed);
+        self.inner.limit.store(limit, Ordering::Relaxed);
     }
 
     /// Whether `ip`'s further login attempts are refused now.
@@ -211,32 +241,34 @@ impl AuthThrottle {
     /// within one read (pipelined logins) are counted before the next attempt goes out.
     pub fn remaining(&self, ip: IpAddr) -> u32 {
         let inner = &self.inner;
-        if inner.limit == 0 {
+        let limit = inner.limit();
+        if limit == 0 {
             return u32::MAX;
         }
         let key = IpKey::of(ip);
         let mut table = inner.table();
         let Some(times) = table.get_mut(&key) else {
-            return inner.limit;
+            return limit;
         };
         inner.expire(times, Instant::now());
         if times.is_empty() {
             table.remove(&key);
-            return inner.limit;
+            return limit;
         }
         let used = u32::try_from(times.len()).unwrap_or(u32::MAX);
-        inner.limit.saturating_sub(used)
+        limit.saturating_sub(used)
     }
 
     /// Counts a backend's refusal of a login from `ip`.
     pub fn record_failure(&self, ip: IpAddr) {
         let inner = &self.inner;
-        if inner.limit == 0 {
+        let limit = inner.limit();
+        if limit == 0 {
             return;
         }
         let key = IpKey::of(ip);
         let now = Instant::now();
-        let keep = usize::try_from(inner.limit).unwrap_or(usize::MAX);
+        let keep = usize::try_from(limit).unwrap_or(usize::MAX);
         let mut table = inner.table();
         if !table.contains_key(&key) && table.len() >= inner.capacity {
             evict_stalest(&mut table);
@@ -262,6 +294,11 @@ impl AuthThrottle {
 /// Forgets the address whose newest failure is oldest (least recently failed). A linear scan,
 /// but only when the table is full, and only under a flood of failures from distinct addresses;
 /// 16,384 entries take some tens of microseconds.
+/// A window as nanoseconds for an atomic; a window past u64 nanoseconds (584 years) saturates.
+fn nanos(window: Duration) -> u64 {
+    u64::try_from(window.as_nanos()).unwrap_or(u64::MAX)
+}
+
 fn evict_stalest(table: &mut HashMap<IpKey, VecDeque<Instant>>) {
     let stalest = table
         .iter()
