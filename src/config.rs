@@ -871,6 +871,39 @@ impl Config {
     }
 }
 
+/// The tracing filter mailfront runs with: the operator's (`log.level`, or `RUST_LOG`), with
+/// `rustls=error` added unless it names rustls itself or its default level is `debug` or
+/// `trace`. rustls logs a warning for what a peer sends (an alert, a message out of place, a
+/// malformed hello), one per connection at whatever pace a client likes; each failed handshake
+/// is already counted in `mailfront_tls_handshake_failures_total{reason}` and its cause is in
+/// the session's close line, so rustls's lines are shown only where debug lines are.
+pub fn log_filter(text: &str) -> String {
+    use tracing::level_filters::LevelFilter;
+    let mut names_rustls = false;
+    let mut debug_by_default = false;
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let target = directive
+            .split(['[', '='])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        if !directive.contains(['[', '='])
+            && let Ok(level) = target.parse::<LevelFilter>()
+        {
+            debug_by_default = level >= LevelFilter::DEBUG;
+        } else if target == "rustls" || target.starts_with("rustls::") {
+            names_rustls = true;
+        }
+    }
+    if names_rustls || debug_by_default {
+        text.to_owned()
+    } else if text.trim().is_empty() {
+        "rustls=error".to_owned()
+    } else {
+        format!("{text},rustls=error")
+    }
+}
+
 /// Reads and validates a config file, or the embedded default when `path` is `None`.
 pub fn load(path: Option<&Path>) -> Result<RuntimeConfig, ConfigError> {
     load_hashed(path).map(|(config, _)| config)
@@ -1050,6 +1083,39 @@ mod tests {
         // Not a number at all: a syntax error naming the key.
         let err = backlog("limits:\n  listen_backlog: -1\n").unwrap_err();
         assert!(err.to_string().contains("listen_backlog"), "{err}");
+    }
+
+    #[test]
+    fn rustls_is_quiet_below_debug_unless_the_filter_names_it() {
+        for (written, used) in [
+            ("info", "info,rustls=error"),
+            ("warn", "warn,rustls=error"),
+            ("INFO", "INFO,rustls=error"),
+            (
+                "info,mailfront::smtp=debug",
+                "info,mailfront::smtp=debug,rustls=error",
+            ),
+            // tokio_rustls is another crate.
+            (
+                "info,tokio_rustls=debug",
+                "info,tokio_rustls=debug,rustls=error",
+            ),
+            ("", "rustls=error"),
+            // A debug or trace default shows everything, rustls included.
+            ("debug", "debug"),
+            ("trace,hyper=info", "trace,hyper=info"),
+            // Named: the operator's word stands.
+            ("info,rustls=warn", "info,rustls=warn"),
+            ("info,rustls::check=debug", "info,rustls::check=debug"),
+            ("warn, rustls", "warn, rustls"),
+            ("info,rustls[handshake]=warn", "info,rustls[handshake]=warn"),
+        ] {
+            assert_eq!(log_filter(written), used, "{written:?}");
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(log_filter(written)).is_ok(),
+                "{written:?}"
+            );
+        }
     }
 
     #[test]

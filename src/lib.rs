@@ -5,7 +5,8 @@
 //! - [`server`]: binding, accept loops, connection limits, certificate reload, graceful shutdown;
 //!   [`limits`] counts each client address's unauthenticated sessions across listeners;
 //!   [`server::Server::run`] takes already-bound sockets so tests run the proxy in-process on
-//!   port 0. `connection` hands each accepted socket to its protocol's driver.
+//!   port 0. `connection` hands each accepted socket to its protocol's driver. [`fd_limit`]
+//!   raises the open-files limit at start and checks it against `max_connections`.
 //! - Drivers: [`smtp::session`], and [`prelogin::serve`], the one pre-login loop that runs the
 //!   IMAP and POP3 not-authenticated state machines ([`imap::prelogin`], [`pop3::prelogin`]).
 //! - Below them: [`session`] (per-connection context, the client stream STARTTLS upgrades, timed
@@ -25,10 +26,12 @@ pub mod close;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod dns;
+pub mod fd_limit;
 pub mod imap;
 pub mod limits;
-pub mod logging;
 pub(crate) mod line;
+pub(crate) mod log_throttle;
+pub mod logging;
 pub mod metrics;
 pub mod pop3;
 pub mod prelogin;

@@ -29,7 +29,8 @@ impl LogControl for LogHandle {
         if self.env_override {
             return Err("RUST_LOG is set and takes precedence over log.level".into());
         }
-        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        let filter =
+            EnvFilter::try_new(crate::config::log_filter(level)).map_err(|e| e.to_string())?;
         (self.set)(filter)
     }
 }
@@ -40,15 +41,24 @@ pub struct InitError(String);
 
 /// Installs the process's subscriber: `RUST_LOG` if set, else `level`; `ansi` colours only for
 /// a person at a terminal.
-pub fn init<W>(format: LogFormat, level: &str, writer: W, ansi: bool) -> Result<LogHandle, InitError>
+pub fn init<W>(
+    format: LogFormat,
+    level: &str,
+    writer: W,
+    ansi: bool,
+) -> Result<LogHandle, InitError>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let from_env = EnvFilter::try_from_default_env().ok();
+    // RUST_LOG when set and valid, else `log.level`; either way rustls's per-connection
+    // warnings only where debug lines are shown (see `config::log_filter`).
+    let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|text| EnvFilter::try_new(text).is_ok());
     let env_override = from_env.is_some();
-    let filter = from_env
-        .or_else(|| EnvFilter::try_new(level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let written = from_env.unwrap_or_else(|| level.to_owned());
+    let filter = EnvFilter::try_new(crate::config::log_filter(&written))
+        .unwrap_or_else(|_| EnvFilter::new(crate::config::log_filter("info")));
     let set: Setter = match format {
         LogFormat::Json => {
             let builder = tracing_subscriber::fmt()

@@ -119,9 +119,8 @@ pub fn plan(old: &RuntimeConfig, new: &RuntimeConfig) -> Plan {
         || ot.handshake_timeout != nt.handshake_timeout
     {
         plan.tls = true;
-        plan.changes.push(
-            "tls (min_version, session_tickets, handshake_timeout): new handshakes".into(),
-        );
+        plan.changes
+            .push("tls (min_version, session_tickets, handshake_timeout): new handshakes".into());
     }
     if ot.reload_interval != nt.reload_interval {
         plan.changes.push(format!(
@@ -134,15 +133,12 @@ pub fn plan(old: &RuntimeConfig, new: &RuntimeConfig) -> Plan {
             .push("timeouts: new sessions (shutdown_grace: the next shutdown)".into());
     }
     if old.limits != new.limits {
-        plan.changes.push(
-            "limits: new sessions; the per-address tables keep their counts".into(),
-        );
+        plan.changes
+            .push("limits: new sessions; the per-address tables keep their counts".into());
     }
     if old.log_level != new.log_level {
-        plan.changes.push(format!(
-            "log.level: {} -> {}",
-            old.log_level, new.log_level
-        ));
+        plan.changes
+            .push(format!("log.level: {} -> {}", old.log_level, new.log_level));
         plan.log_level = Some(new.log_level.clone());
     }
     if old.log_format != new.log_format {
@@ -198,7 +194,12 @@ mod tests {
         assert_eq!(p.added.len(), 1);
         assert_eq!(p.rebound, ["imaps"]);
         assert!(p.removed.is_empty());
-        assert!(p.changes.iter().any(|c| c.contains("10.0.0.1:143 -> 10.0.0.2:143")), "{p:?}");
+        assert!(
+            p.changes
+                .iter()
+                .any(|c| c.contains("10.0.0.1:143 -> 10.0.0.2:143")),
+            "{p:?}"
+        );
         let back = plan(&config(new), &config(BASE));
         assert_eq!(back.removed, ["pop3s"]);
         assert!(p.needs_restart.is_empty());

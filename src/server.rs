@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -20,12 +20,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::{BackendConnector, Pool, tls::TlsSetupError};
 use crate::config::{self, ConfigError, ListenerConfig, RuntimeConfig, TlsMode};
-use crate::logging::LogControl;
-use crate::reload::{self, Plan};
 use crate::connection::{read_proxy_header, refuse_per_ip, serve_connection};
 use crate::limits::{AuthThrottle, PerIpLimiter};
+use crate::log_throttle::LogThrottle;
+use crate::logging::LogControl;
 use crate::metrics::{Metrics, ProxyHeaderResult, Readiness};
 use crate::proxy_header::Header as ProxyHeader;
+use crate::reload::{self, Plan};
 use crate::session::{ListenerContext, Session};
 use crate::tls::{
     self, CertStore, Handshaker, ReloadOutcome, TicketKeyError, TicketKeys, TlsError,
@@ -124,8 +125,16 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// (Kubernetes `terminationGracePeriodSeconds`).
 pub const AFTER_HARD_STOP: Duration = Duration::from_secs(1);
 
-/// Pause after a failed accept (out of file descriptors and the like) instead of spinning.
+/// Pause after a failed accept instead of spinning: out of file descriptors (EMFILE, ENFILE)
+/// or kernel memory, the connection waiting in the queue would fail again at once. Short,
+/// because descriptors come back as sessions end; taken after any failure, so an error that
+/// does not go away cannot spin the loop either.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At most one `accept failed` line per listener this often: out of descriptors, the loop fails
+/// ten times a second (2,075 lines in 3.5 minutes were seen); each line carries the count of
+/// failures left out since the one before.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How the outside world steers a running proxy.
 #[derive(Clone)]
@@ -471,7 +480,12 @@ impl Live {
     }
 
     /// Starts serving `config` on `socket`.
-    fn start_listener(&mut self, config: ListenerConfig, socket: Arc<TcpListener>, pool: Arc<Pool>) {
+    fn start_listener(
+        &mut self,
+        config: ListenerConfig,
+        socket: Arc<TcpListener>,
+        pool: Arc<Pool>,
+    ) {
         let maintain = self.shutdown.child_token();
         self.tracker.spawn(pool.clone().maintain(maintain.clone()));
         let context = self.context(&config, &pool);
@@ -555,10 +569,9 @@ impl Live {
         let old = self.config.clone();
         let store = self.tls.store.clone();
         let keys = self.tls.ticket_keys.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare(&path, &text, hash, &old, store, keys)
-        })
-        .await;
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare(&path, &text, hash, &old, store, keys))
+                .await;
         let prepared = match prepared {
             Ok(Ok(prepared)) => prepared,
             Ok(Err((hash, problems))) => return self.failed(forced, Some(hash), problems),
@@ -602,7 +615,8 @@ impl Live {
         let mut sockets: Vec<(String, Arc<TcpListener>)> = Vec::new();
         let mut problems = Vec::new();
         for (index, l) in new.listeners.iter().enumerate() {
-            let fresh = plan.added.iter().any(|a| a.name == l.name) || plan.rebound.contains(&l.name);
+            let fresh =
+                plan.added.iter().any(|a| a.name == l.name) || plan.rebound.contains(&l.name);
             if !fresh {
                 continue;
             }
@@ -610,7 +624,11 @@ impl Live {
             let handed = self
                 .listeners
                 .iter()
-                .find(|old| plan.removed.contains(&old.config.name) && old.config.listen == l.listen && l.listen.port() != 0)
+                .find(|old| {
+                    plan.removed.contains(&old.config.name)
+                        && old.config.listen == l.listen
+                        && l.listen.port() != 0
+                })
                 .map(|old| old.socket.clone());
             match handed {
                 Some(socket) => sockets.push((l.name.clone(), socket)),
@@ -646,7 +664,9 @@ impl Live {
         if !problems.is_empty() {
             return self
                 .failed(true, Some(hash), problems)
-                .unwrap_or(ReloadReport::Failed { problems: Vec::new() });
+                .unwrap_or(ReloadReport::Failed {
+                    problems: Vec::new(),
+                });
         }
 
         // 2. The swap: nothing below fails.
@@ -664,12 +684,16 @@ impl Live {
                         needs_restart.push(format!("log.level: not applied: {e}"));
                     }
                 }
-                None => needs_restart.push("log.level: this process has no reloadable logger".into()),
+                None => {
+                    needs_restart.push("log.level: this process has no reloadable logger".into())
+                }
             }
         }
         self.per_ip.set_limit(new.limits.connections_per_ip);
-        self.auth_throttle
-            .set_limits(new.limits.auth_failures_per_ip, new.limits.auth_failure_window);
+        self.auth_throttle.set_limits(
+            new.limits.auth_failures_per_ip,
+            new.limits.auth_failure_window,
+        );
         self.grace
             .store(nanos(new.timeouts.shutdown_grace), Ordering::Relaxed);
         self.config = new;
@@ -690,10 +714,17 @@ impl Live {
             let Some(l) = config.listeners.iter().find(|l| l.name == live.config.name) else {
                 continue;
             };
-            if let Err(e) = live.pool.update(l, &config.hostname, config.timeouts.backend_connect) {
+            if let Err(e) = live
+                .pool
+                .update(l, &config.hostname, config.timeouts.backend_connect)
+            {
                 tracing::error!(listener = %l.name, error = %e, "backend_tls: keeping the previous backends");
             }
-            resize(&live.permits, live.config.max_connections, l.max_connections);
+            resize(
+                &live.permits,
+                live.config.max_connections,
+                l.max_connections,
+            );
             live.config = l.clone();
             let context = self.context(l, &live.pool);
             live.context.send_replace(context);
@@ -706,8 +737,14 @@ impl Live {
             self.listeners.push(live);
         }
         for l in &plan.added {
-            let socket = sockets.iter().find(|(name, _)| *name == l.name).map(|(_, s)| s.clone());
-            let pool = pools.iter().find(|(name, _)| *name == l.name).map(|(_, p)| p.clone());
+            let socket = sockets
+                .iter()
+                .find(|(name, _)| *name == l.name)
+                .map(|(_, s)| s.clone());
+            let pool = pools
+                .iter()
+                .find(|(name, _)| *name == l.name)
+                .map(|(_, p)| p.clone());
             if let (Some(socket), Some(pool)) = (socket, pool) {
                 self.start_listener(l.clone(), socket, pool);
             }
@@ -792,9 +829,13 @@ fn prepare(
     ticket_keys: Option<Arc<TicketKeys>>,
 ) -> Result<Prepared, (String, Vec<String>)> {
     let fail = |hash: &String, e: &dyn std::fmt::Display| {
-        (hash.clone(), e.to_string().lines().map(str::to_owned).collect::<Vec<_>>())
+        (
+            hash.clone(),
+            e.to_string().lines().map(str::to_owned).collect::<Vec<_>>(),
+        )
     };
-    let config = check(path, text).map_err(|e| fail(&hash, &e))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let config = check(base, text).map_err(|e| fail(&hash, &e))?;
     let plan = reload::plan(old, &config);
     let store = if plan.certificates {
         Some(Arc::new(
@@ -807,7 +848,9 @@ fn prepare(
     };
     let ticket_keys = if plan.ticket_keys {
         Some(match &config.tls.ticket_key_file {
-            Some(path) => Some(Arc::new(TicketKeys::load(path).map_err(|e| fail(&hash, &e))?)),
+            Some(path) => Some(Arc::new(
+                TicketKeys::load(path).map_err(|e| fail(&hash, &e))?,
+            )),
             None => None,
         })
     } else {
@@ -842,9 +885,9 @@ pub enum CheckError {
 
 /// Parses and validates a configuration's text as `mailfront check` does: the YAML, every
 /// value, the `backend_tls` CA bundles and the ticket key file (the certificates are loaded
-/// by whoever uses them). Relative paths resolve against `path`'s directory.
-pub fn check(path: &Path, text: &str) -> Result<RuntimeConfig, CheckError> {
-    let base = path.parent().unwrap_or(Path::new("."));
+/// by whoever uses them). Relative paths resolve against `base_dir` (the file's directory).
+pub fn check(base_dir: &Path, text: &str) -> Result<RuntimeConfig, CheckError> {
+    let base = base_dir;
     let config = config::Config::from_yaml(text)?.validate(base)?;
     for (index, l) in config.listeners.iter().enumerate() {
         if let Some(tls) = &l.backend.tls {
@@ -871,6 +914,7 @@ async fn accept_loop(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
+    let mut accept_errors = LogThrottle::new(ACCEPT_ERROR_LOG_INTERVAL);
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
@@ -882,8 +926,9 @@ async fn accept_loop(
         let (tcp, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(listener = %context.config.name, error = %e, "accept failed");
+                if let Some(suppressed) = accept_errors.occurred(tokio::time::Instant::now()) {
+                    tracing::warn!(listener = %context.config.name, error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }

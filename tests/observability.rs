@@ -529,3 +529,67 @@ async fn per_protocol_counters_are_exported_only_for_listeners_of_their_protocol
     closed.dedup();
     assert_eq!(closed, ["imaps", "pop3s", "submissions"]);
 }
+
+/// A handshake record holding a Finished where the ClientHello belongs: rustls refuses it and
+/// logs a warning of its own ("Received a Finished handshake message while expecting …").
+const OUT_OF_PLACE_HANDSHAKE: &[u8] = b"\x16\x03\x01\x00\x08\x14\x00\x00\x04\x00\x00\x00\x00";
+
+/// Runs the binary with `level`, sends `count` bad handshakes to an implicit-TLS listener, and
+/// returns its log lines and the handshake failures counted with reason `other`.
+async fn bad_handshakes(level: &str, count: usize) -> (Vec<String>, String) {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let imap = FakeBackend::start(FakeKind::Imap).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("imaps", "imap", "implicit", imap.addr)],
+        &format!("log:\n  format: json\n  level: \"{level}\"\n"),
+    );
+    let path = pki.dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut binary = Binary::start(&path);
+    let admin: std::net::SocketAddr =
+        json_field(&binary.wait_for(&["metrics endpoint listening"]), "address")
+            .unwrap()
+            .parse()
+            .unwrap();
+    let address = binary.address("imaps");
+    for _ in 0..count {
+        let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        tcp.write_all(OUT_OF_PLACE_HANDSHAKE).await.unwrap();
+        // The alert, then the close.
+        let mut rest = Vec::new();
+        let _ = tcp.read_to_end(&mut rest).await;
+    }
+    for _ in 0..count {
+        binary.wait_for(&["session closed", "imaps"]);
+    }
+    let metrics = http_get(admin, "/metrics").await;
+    let failures = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("mailfront_tls_handshake_failures_total{")
+                && l.contains("reason=\"other\"")
+        })
+        .unwrap_or_default()
+        .to_owned();
+    (binary.stop(), failures)
+}
+
+#[tokio::test]
+async fn rustls_warnings_a_client_can_provoke_are_counted_not_logged_at_info() {
+    let (lines, failures) = bad_handshakes("info", 3).await;
+    assert!(failures.ends_with(" 3"), "{failures}");
+    let from_rustls: Vec<_> = lines.iter().filter(|l| l.contains("rustls::")).collect();
+    assert!(from_rustls.is_empty(), "{from_rustls:#?}");
+
+    // The same lines are there when the filter asks for them: the check above can fail.
+    let (lines, _) = bad_handshakes("info,rustls=warn", 1).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("rustls::") && l.contains("WARN")),
+        "{}",
+        lines.join("\n")
+    );
+}

@@ -31,8 +31,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
-use tokio::sync::Notify;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -246,7 +246,11 @@ impl Pool {
         next.tls = if current.backends.tls == next.backends.tls {
             current.tls.clone()
         } else {
-            next.backends.tls.as_ref().map(BackendTlsClient::new).transpose()?
+            next.backends
+                .tls
+                .as_ref()
+                .map(BackendTlsClient::new)
+                .transpose()?
         };
         self.settings.store(Arc::new(next));
         self.reconcile();
@@ -580,8 +584,7 @@ impl Pool {
         preamble: &[u8],
     ) -> Result<Opened, Failure> {
         let within = settings.connect_timeout;
-        match tokio::time::timeout(within, self.open_within(settings, addr, host, preamble)).await
-        {
+        match tokio::time::timeout(within, self.open_within(settings, addr, host, preamble)).await {
             Ok(result) => result,
             Err(_) => Err(Failure::new(
                 BackendFailure::Timeout,
@@ -776,7 +779,9 @@ impl Pool {
         }
         let mut stream = opened.stream;
         let _ = tokio::time::timeout(settings.connect_timeout, async {
-            stream.write_all(dialogue::goodbye(settings.protocol)).await?;
+            stream
+                .write_all(dialogue::goodbye(settings.protocol))
+                .await?;
             stream.shutdown().await
         })
         .await;
