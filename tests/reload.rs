@@ -372,3 +372,44 @@ async fn a_drained_backend_takes_no_new_session_and_keeps_its_own() {
     assert_eq!(draining(b.addr), Some(0.0), "{text}");
     proxy.stop().await;
 }
+
+/// Kubernetes' ConfigMap volume: `mailfront.yaml -> ..data/mailfront.yaml`, `..data -> a
+/// timestamped directory`, updated by making a new directory and renaming a new `..data` link
+/// over the old one.
+fn configmap_swap(dir: &Path, version: &str, yaml: &str) {
+    let data = dir.join(version);
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("mailfront.yaml"), yaml).unwrap();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+#[test]
+fn the_binary_applies_a_configmap_symlink_swap_without_a_signal() {
+    let setup = Setup::new();
+    let dir = setup.pki.dir.path().join("configmap");
+    std::fs::create_dir(&dir).unwrap();
+    let yaml = |level: &str| {
+        config_yaml(
+            &[&setup.cert],
+            &[imap_listener("imaps", &["\"127.0.0.1:1\"".into()])],
+            &format!("log:\n  format: json\n  level: {level}\nlimits:\n  connections_per_ip: 7\n"),
+        )
+        .replace("reload_interval: 100ms", "reload_interval: 200ms")
+    };
+    configmap_swap(&dir, "..2026_01_01_00_00_00.1", &yaml("info"));
+    let path = dir.join("mailfront.yaml");
+    std::os::unix::fs::symlink("..data/mailfront.yaml", &path).unwrap();
+    let mut binary = Binary::start(&path);
+    binary.wait_for(&["listening", "imaps"]);
+    configmap_swap(
+        &dir,
+        "..2026_01_01_00_01_00.2",
+        &yaml("info").replace("connections_per_ip: 7", "connections_per_ip: 3"),
+    );
+    // Within a few reload intervals, with no SIGHUP.
+    let line = binary.wait_for(&["configuration reloaded", "limits"]);
+    assert!(json_field(&line, "hash").is_some(), "{line}");
+    binary.stop();
+}
