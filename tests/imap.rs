@@ -461,6 +461,25 @@ async fn oversized_literals_are_refused_protocol_correctly() {
 }
 
 #[tokio::test]
+async fn the_default_literal_limit_takes_8_kib_and_refuses_more() {
+    let s = setup("implicit", FakeOptions::default(), "").await;
+    let (mut c, _, _) = s.connect().await;
+    send(&mut c, b"a LOGIN u {8193}\r\n").await;
+    assert_eq!(
+        read_line(&mut c).await,
+        "a BAD [TOOBIG] Literal too big\r\n"
+    );
+    // 8192 octets are taken: the backend judges the (wrong) password.
+    send(&mut c, b"b LOGIN u {8192}\r\n").await;
+    assert!(read_line(&mut c).await.starts_with("+"));
+    send(&mut c, &[b'x'; 8192]).await;
+    send(&mut c, b"\r\n").await;
+    let reply = read_until_tag(&mut c, "b").await;
+    assert!(reply.contains("b NO"), "{reply}");
+    assert!(command(&mut c, "c", "NOOP").await.contains("c OK"));
+}
+
+#[tokio::test]
 async fn an_idle_client_gets_bye_before_login() {
     let s = setup(
         "implicit",
