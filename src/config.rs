@@ -202,7 +202,7 @@ impl Default for TlsSection {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateSection {
     pub cert: PathBuf,
@@ -537,7 +537,7 @@ fn parse_backend(text: &str) -> Result<BackendAddress, String> {
 }
 
 /// A listener after validation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
     pub name: String,
     pub protocol: Protocol,
@@ -560,7 +560,7 @@ pub struct ListenerConfig {
 }
 
 /// TLS settings after validation. Certificate files are loaded (and checked) by [`crate::tls`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub certificates: Vec<CertificateSection>,
     pub min_version: MinTlsVersion,
@@ -572,7 +572,7 @@ pub struct TlsConfig {
     pub ticket_key_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
     pub backend_connect: Duration,
     pub idle: Duration,
@@ -583,7 +583,7 @@ pub struct Timeouts {
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub smtp_line: usize,
     pub imap_line: usize,
@@ -599,7 +599,7 @@ pub struct Limits {
 }
 
 /// The checked configuration the proxy runs with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeConfig {
     pub hostname: String,
     pub tls: TlsConfig,
@@ -931,17 +931,50 @@ fn log_directives_have_levels(text: &str) -> bool {
 
 /// Reads and validates a config file, or the embedded default when `path` is `None`.
 pub fn load(path: Option<&Path>) -> Result<RuntimeConfig, ConfigError> {
+    load_hashed(path).map(|(config, _)| config)
+}
+
+/// As [`load`], with the [`content_hash`] of the text it was read from (what a reload compares
+/// to notice a change: content, not mtimes, so a Kubernetes ConfigMap's symlink swap counts and
+/// a `touch` does not).
+pub fn load_hashed(path: Option<&Path>) -> Result<(RuntimeConfig, String), ConfigError> {
     match path {
-        None => Config::from_yaml(EMBEDDED_DEFAULT)?.validate(Path::new(".")),
+        None => {
+            let config = Config::from_yaml(EMBEDDED_DEFAULT)?.validate(Path::new("."))?;
+            Ok((config, content_hash(EMBEDDED_DEFAULT.as_bytes())))
+        }
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
+            let text = read_file(path)?;
+            let hash = content_hash(text.as_bytes());
             let base = path.parent().unwrap_or(Path::new("."));
-            Config::from_yaml(&text)?.validate(base)
+            Ok((Config::from_yaml(&text)?.validate(base)?, hash))
         }
     }
+}
+
+/// Reads a config file's text.
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Octets of SHA-256 kept in [`content_hash`]: 48 bits tell a config's versions apart (a
+/// collision among the few hundred versions a deployment ever has is a one-in-a-billion event)
+/// and keep the `mailfront_config_info` label short.
+const CONTENT_HASH_OCTETS: usize = 6;
+
+/// A short hex hash of a config file's content, for `mailfront_config_info{hash}` and to notice
+/// a changed file.
+pub fn content_hash(text: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text);
+    digest
+        .as_ref()
+        .iter()
+        .take(CONTENT_HASH_OCTETS)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

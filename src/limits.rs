@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -79,8 +80,8 @@ pub struct PerIpLimiter {
 
 #[derive(Debug)]
 struct Inner {
-    /// 0: no limit.
-    limit: u32,
+    /// 0: no limit. Changed in place by a reload ([`PerIpLimiter::set_limit`]).
+    limit: AtomicU32,
     /// Only addresses with at least one counted session have an entry, so the table is never
     /// larger than the number of open unauthenticated sessions (itself bounded by the
     /// listeners' `max_connections`).
@@ -100,7 +101,7 @@ impl PerIpLimiter {
     pub fn new(limit: u32) -> PerIpLimiter {
         PerIpLimiter {
             inner: Arc::new(Inner {
-                limit,
+                limit: AtomicU32::new(limit),
                 counts: Mutex::new(HashMap::new()),
             }),
         }
@@ -109,19 +110,32 @@ impl PerIpLimiter {
     /// Counts one more session for `ip`, or `None` if the address is at its limit. The session
     /// counts until the guard is dropped. With the limit off the guard counts nothing.
     pub fn try_acquire(&self, ip: IpAddr) -> Option<PerIpGuard> {
-        if self.inner.limit == 0 {
+        let limit = self.limit();
+        if limit == 0 {
             return Some(PerIpGuard { held: None });
         }
         let key = IpKey::of(ip);
         let mut counts = self.inner.counts();
         let count = counts.entry(key).or_insert(0);
-        if *count >= self.inner.limit {
+        if *count >= limit {
             return None;
         }
         *count += 1;
         Some(PerIpGuard {
             held: Some((self.inner.clone(), key)),
         })
+    }
+
+    /// The limit now.
+    pub fn limit(&self) -> u32 {
+        self.inner.limit.load(Ordering::Relaxed)
+    }
+
+    /// A reload's new limit, for sessions admitted from now on; the table and its counts stay
+    /// (sessions over a lowered limit go on, and the address gets no new one until below it).
+    /// Sessions admitted while the limit was 0 were not counted and never will be.
+    pub fn set_limit(&self, limit: u32) {
+        self.inner.limit.store(limit, Ordering::Relaxed);
     }
 
     /// Unauthenticated sessions counted for `ip` now.
@@ -216,9 +230,10 @@ pub struct AuthCharge {
 
 #[derive(Debug)]
 struct ThrottleInner {
-    /// 0: off.
-    limit: u32,
-    window: Duration,
+    /// 0: off. This and `window_ns` change in place on a reload ([`AuthThrottle::set_limits`]).
+    limit: AtomicU32,
+    /// The window in nanoseconds.
+    window_ns: AtomicU64,
     capacity: usize,
     table: Mutex<Table>,
 }
@@ -247,16 +262,22 @@ impl ThrottleInner {
 
     /// Drops the charges of `charges` that left the window.
     fn expire(&self, charges: &mut VecDeque<Charged>, now: Instant) {
+        let window = self.window();
         while charges
             .front()
-            .is_some_and(|c| now.saturating_duration_since(c.at) >= self.window)
+            .is_some_and(|c| now.saturating_duration_since(c.at) >= window)
         {
             charges.pop_front();
         }
     }
 
+    /// The limit now (0: off); a reload may change it ([`AuthThrottle::set_limits`]).
     fn limit(&self) -> usize {
-        usize::try_from(self.limit).unwrap_or(usize::MAX)
+        usize::try_from(self.limit.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_nanos(self.window_ns.load(Ordering::Relaxed))
     }
 }
 
@@ -270,8 +291,8 @@ impl AuthThrottle {
     pub fn with_capacity(limit: u32, window: Duration, capacity: usize) -> AuthThrottle {
         AuthThrottle {
             inner: Arc::new(ThrottleInner {
-                limit,
-                window,
+                limit: AtomicU32::new(limit),
+                window_ns: AtomicU64::new(nanos(window)),
                 capacity: capacity.max(1),
                 table: Mutex::new(Table::default()),
             }),
@@ -284,7 +305,7 @@ impl AuthThrottle {
     /// together. With the throttle off every attempt is granted and nothing is kept.
     pub fn try_charge(&self, ip: IpAddr) -> Option<AuthCharge> {
         let inner = &self.inner;
-        if inner.limit == 0 {
+        if inner.limit() == 0 {
             return Some(AuthCharge { entry: None });
         }
         let key = IpKey::of(ip);
@@ -332,7 +353,7 @@ impl AuthThrottle {
     /// Whether `ip`'s next login attempt would be refused now.
     pub fn throttled(&self, ip: IpAddr) -> bool {
         let inner = &self.inner;
-        if inner.limit == 0 {
+        if inner.limit() == 0 {
             return false;
         }
         let mut table = inner.table();
@@ -347,10 +368,21 @@ impl AuthThrottle {
         charges.len() >= inner.limit()
     }
 
+    /// A reload's new limit and window: the charges remembered stay and are judged by them.
+    pub fn set_limits(&self, limit: u32, window: Duration) {
+        self.inner.window_ns.store(nanos(window), Ordering::Relaxed);
+        self.inner.limit.store(limit, Ordering::Relaxed);
+    }
+
     /// Addresses remembered now (the table's size).
     pub fn addresses(&self) -> usize {
         self.inner.table().charges.len()
     }
+}
+
+/// A window as nanoseconds for an atomic; a window past u64 nanoseconds (584 years) saturates.
+fn nanos(window: Duration) -> u64 {
+    u64::try_from(window.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Forgets the address whose newest charge is oldest (least recently charged). A linear scan,

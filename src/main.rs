@@ -1,14 +1,17 @@
 //! The `mailfront` binary: CLI, logging, signals and exit codes around [`mailfront::server`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mailfront::config::{self, LogFormat, RuntimeConfig};
+use mailfront::config::{self, RuntimeConfig};
 use mailfront::fd_limit;
+use mailfront::logging;
+use mailfront::reload;
 use mailfront::server::{self, Control, Server};
-use mailfront::tls::{CertStore, TicketKeys};
+use mailfront::tls::CertStore;
 
 #[derive(Parser)]
 #[command(
@@ -29,13 +32,18 @@ enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the configuration and certificates, then exit 0 (valid) or 1.
-    Check,
+    Check {
+        /// Also print what reloading from this (running) configuration to the new one would
+        /// change, and what would need a restart.
+        #[arg(long, value_name = "OLD")]
+        against: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(cli.config.as_deref()),
+        Command::Check { against } => check(cli.config.as_deref(), against.as_deref()),
         Command::Run => match run(cli.config.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -46,85 +54,68 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: Option<&std::path::Path>) -> ExitCode {
+fn check(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
     let source = path
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "built-in default".into());
-    let config = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{source}: invalid configuration:\n{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // The CA bundles of `backend_tls`, as the server loads them at start.
-    for (index, l) in config.listeners.iter().enumerate() {
-        if let Some(tls) = &l.backend.tls
-            && let Err(e) = mailfront::backend::tls::BackendTlsClient::new(tls)
-        {
-            eprintln!(
-                "{source}: invalid configuration:\nlisteners[{index}] ({}): {e}",
-                l.name
-            );
-            return ExitCode::FAILURE;
-        }
-    }
-    if let Some(path) = &config.tls.ticket_key_file
-        && let Err(e) = TicketKeys::load(path)
-    {
+    let invalid = |e: &dyn std::fmt::Display| {
         eprintln!("{source}: invalid configuration:\n{e}");
-        return ExitCode::FAILURE;
-    }
-    match CertStore::load(&config.tls.certificates, &config.hostname) {
-        Ok(store) => {
-            println!(
-                "{source}: configuration OK: {} listener(s), {} certificate(s){}",
-                config.listeners.len(),
-                store.loaded().len(),
-                if store.is_self_signed() {
-                    " (self-signed, none configured)"
-                } else {
-                    ""
-                }
-            );
-            ExitCode::SUCCESS
+        ExitCode::FAILURE
+    };
+    let text = match path {
+        Some(p) => match config::read_file(p) {
+            Ok(text) => text,
+            Err(e) => return invalid(&e),
+        },
+        None => config::EMBEDDED_DEFAULT.to_owned(),
+    };
+    let base = path.and_then(Path::parent).unwrap_or(Path::new("."));
+    // The same checks a reload makes: YAML, every value, backend_tls CAs, ticket keys.
+    let config = match server::check(base, &text) {
+        Ok(c) => c,
+        Err(e) => return invalid(&e),
+    };
+    let store = match CertStore::load(&config.tls.certificates, &config.hostname) {
+        Ok(store) => store,
+        Err(e) => return invalid(&e),
+    };
+    println!(
+        "{source}: configuration OK: {} listener(s), {} certificate(s){}",
+        config.listeners.len(),
+        store.loaded().len(),
+        if store.is_self_signed() {
+            " (self-signed, none configured)"
+        } else {
+            ""
         }
-        Err(e) => {
-            eprintln!("{source}: invalid configuration:\n{e}");
-            ExitCode::FAILURE
+    );
+    if let Some(old_path) = against {
+        let old = match config::load(Some(old_path)) {
+            Ok(old) => old,
+            Err(e) => {
+                eprintln!("{}: invalid configuration:\n{e}", old_path.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        let plan = reload::plan(&old, &config);
+        if plan.is_empty() {
+            println!("a reload from {} would change nothing", old_path.display());
+        }
+        for change in &plan.changes {
+            println!("reload would apply: {change}");
+        }
+        for item in &plan.needs_restart {
+            println!("needs a restart: {item}");
         }
     }
-}
-
-fn init_logging(config: &RuntimeConfig) {
-    use tracing_subscriber::EnvFilter;
-    // RUST_LOG when set and valid, else `log.level`; either way rustls's per-connection
-    // warnings only where debug lines are shown (see `config::log_filter`).
-    let written = std::env::var(EnvFilter::DEFAULT_ENV)
-        .ok()
-        .filter(|text| EnvFilter::try_new(text).is_ok())
-        .unwrap_or_else(|| config.log_level.clone());
-    let filter = EnvFilter::try_new(config::log_filter(&written))
-        .unwrap_or_else(|_| EnvFilter::new(config::log_filter("info")));
-    // Colours only for a person at a terminal, never in files or log collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match config.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-        LogFormat::Text => builder.init(),
-    }
+    ExitCode::SUCCESS
 }
 
 fn run(path: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let config = config::load(path).context("invalid configuration")?;
-    init_logging(&config);
+    let (config, hash) = config::load_hashed(path).context("invalid configuration")?;
+    // Colours only for a person at a terminal, never in files or log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let log = logging::init(config.log_format, &config.log_level, std::io::stderr, ansi)?;
     raise_open_files(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -132,7 +123,9 @@ fn run(path: Option<&std::path::Path>) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let registry = prometheus::Registry::new();
-        let server = Server::new(config.clone(), &registry)?;
+        let server = Server::new(config.clone(), &registry)?
+            .with_source(path.map(Path::to_path_buf), hash)
+            .with_log(Arc::new(log));
         let bound = server::bind(&config).await?;
         let control = Control::default();
         spawn_signal_handlers(control.clone())?;
@@ -161,7 +154,8 @@ fn raise_open_files(config: &RuntimeConfig) {
     }
 }
 
-/// SIGTERM/SIGINT begin a graceful shutdown; SIGHUP re-reads the certificates.
+/// SIGTERM/SIGINT begin a graceful shutdown; SIGHUP reloads the configuration, certificates and
+/// ticket keys.
 fn spawn_signal_handlers(control: Control) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -172,7 +166,7 @@ fn spawn_signal_handlers(control: Control) -> anyhow::Result<()> {
             tokio::select! {
                 _ = terminate.recv() => { tracing::info!("SIGTERM received"); control.shutdown.cancel(); }
                 _ = interrupt.recv() => { tracing::info!("SIGINT received"); control.shutdown.cancel(); }
-                _ = hangup.recv() => { tracing::info!("SIGHUP received: reloading certificates"); control.reload.notify_one(); }
+                _ = hangup.recv() => { tracing::info!("SIGHUP received: reloading the configuration and certificates"); control.reload.notify_one(); }
             }
         }
     });

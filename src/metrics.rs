@@ -6,8 +6,8 @@
 
 use std::convert::Infallible;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -29,6 +29,7 @@ use crate::tls::{HandshakeFailure, LoadedCertificate, TlsInfo};
 pub struct BackendMetrics {
     listener: String,
     up: IntGaugeVec,
+    draining: IntGaugeVec,
     sessions: IntGaugeVec,
     sessions_total: IntCounterVec,
     failures: IntCounterVec,
@@ -73,6 +74,7 @@ impl BackendFailure {
 #[derive(Clone)]
 pub struct BackendAddressMetrics {
     pub up: IntGauge,
+    pub draining: IntGauge,
     pub sessions: IntGauge,
     pub sessions_total: IntCounter,
 }
@@ -84,6 +86,7 @@ impl BackendMetrics {
         let labels = [self.listener.as_str(), backend];
         let handles = BackendAddressMetrics {
             up: self.up.with_label_values(&labels),
+            draining: self.draining.with_label_values(&labels),
             sessions: self.sessions.with_label_values(&labels),
             sessions_total: self.sessions_total.with_label_values(&labels),
         };
@@ -102,6 +105,7 @@ impl BackendMetrics {
     pub fn forget(&self, backend: &str) {
         let labels = [self.listener.as_str(), backend];
         let _ = self.up.remove_label_values(&labels);
+        let _ = self.draining.remove_label_values(&labels);
         let _ = self.sessions.remove_label_values(&labels);
         let _ = self.sessions_total.remove_label_values(&labels);
         for reason in BackendFailure::ALL {
@@ -152,6 +156,11 @@ pub struct Metrics {
     backend_connect_failures: IntCounterVec,
     backend_connect_duration: HistogramVec,
     backend_up: IntGaugeVec,
+    backend_draining: IntGaugeVec,
+    config_reloads: IntCounterVec,
+    config_info: IntGaugeVec,
+    config_hash: Arc<Mutex<Option<String>>>,
+    config_last_success: IntGauge,
     backend_sessions: IntGaugeVec,
     backend_sessions_total: IntCounterVec,
     backend_failures: IntCounterVec,
@@ -239,7 +248,37 @@ impl Metrics {
             "1 while every listener is bound with a certificate loaded and no shutdown has begun.",
         )?;
         r.register(Box::new(ready.clone()))?;
+        let config_reloads = counter(
+            r,
+            "mailfront_config_reloads_total",
+            "Configuration reloads (SIGHUP or a changed file) by result; a failed reload changes nothing.",
+            &["result"],
+        )?;
+        // Both series from the start, so a rate or an alert on failures has a 0 to start from.
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        let config_last_success = IntGauge::new(
+            "mailfront_config_last_reload_success_timestamp_seconds",
+            "Unix time the configuration in service was loaded (at start or by the last successful reload).",
+        )?;
+        r.register(Box::new(config_last_success.clone()))?;
         Ok(Metrics {
+            config_reloads,
+            config_info: gauge(
+                r,
+                "mailfront_config_info",
+                "The configuration in service: a short SHA-256 of the file's content; always 1.",
+                &["hash"],
+            )?,
+            config_hash: Arc::new(Mutex::new(None)),
+            config_last_success,
+            backend_draining: gauge(
+                r,
+                "mailfront_backend_draining",
+                "1 while a backend address is marked drain: no new sessions, its sessions go on.",
+                &["listener", "backend"],
+            )?,
             registry: registry.clone(),
             connections_accepted: counter(
                 r,
@@ -417,6 +456,7 @@ impl Metrics {
         BackendMetrics {
             listener: listener.to_owned(),
             up: self.backend_up.clone(),
+            draining: self.backend_draining.clone(),
             sessions: self.backend_sessions.clone(),
             sessions_total: self.backend_sessions_total.clone(),
             failures: self.backend_failures.clone(),
@@ -519,6 +559,33 @@ impl Metrics {
         self.ticket_key_reloads
             .with_label_values(&[if success { "success" } else { "failure" }])
             .inc();
+    }
+
+    pub fn config_reload(&self, success: bool) {
+        self.config_reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+
+    /// Publishes the hash of the configuration now in service (dropping the previous series)
+    /// and the time it was loaded.
+    pub fn set_config(&self, hash: &str) {
+        let mut current = self
+            .config_hash
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = current.take()
+            && old != hash
+        {
+            let _ = self.config_info.remove_label_values(&[old.as_str()]);
+        }
+        self.config_info.with_label_values(&[hash]).set(1);
+        *current = Some(hash.to_owned());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        self.config_last_success.set(now);
     }
 
     pub fn set_ready(&self, ready: bool) {

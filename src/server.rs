@@ -1,4 +1,6 @@
-//! The proxy as a whole: bind, serve every listener, reload certificates, drain on shutdown.
+//! The proxy as a whole: bind, serve every listener, reload the configuration (listeners,
+//! backends, limits, TLS, log level) and certificates without dropping a session, drain on
+//! shutdown.
 //!
 //! [`bind`] and [`Server::run`] are separate so tests bind port 0, learn the addresses, and run
 //! the proxy in-process; the binary is one more caller.
@@ -8,18 +10,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{BackendConnector, Pool, tls::TlsSetupError};
-use crate::config::{ListenerConfig, RuntimeConfig, TlsMode};
+use crate::config::{self, ConfigError, ListenerConfig, RuntimeConfig, TlsMode};
 use crate::connection::{read_proxy_header, refuse_per_ip, serve_connection};
 use crate::limits::{AuthThrottle, PerIpLimiter};
 use crate::log_throttle::LogThrottle;
+use crate::logging::LogControl;
 use crate::metrics::{Metrics, ProxyHeaderResult, Readiness};
 use crate::proxy_header::Header as ProxyHeader;
+use crate::reload::{self, Plan};
 use crate::session::{ListenerContext, Session};
 use crate::tls::{
     self, CertStore, Handshaker, ReloadOutcome, TicketKeyError, TicketKeys, TlsError,
@@ -130,13 +137,54 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How the outside world steers a running proxy.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Control {
     /// Cancel to begin a graceful shutdown: /readyz turns 503, accepting stops, sessions with
     /// nothing to finish say goodbye at once, the rest get `timeouts.shutdown_grace`.
     pub shutdown: CancellationToken,
-    /// Notify to re-read certificates now (SIGHUP).
+    /// Notify to reload now (SIGHUP): the configuration file, then certificates and ticket keys.
     pub reload: Arc<Notify>,
+    /// The outcome of each configuration reload, newest last.
+    reloads: Arc<watch::Sender<Option<Arc<ReloadReport>>>>,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control {
+            shutdown: CancellationToken::new(),
+            reload: Arc::new(Notify::new()),
+            reloads: Arc::new(watch::channel(None).0),
+        }
+    }
+}
+
+impl Control {
+    /// Sees every reload's [`ReloadReport`] from now on.
+    pub fn reloads(&self) -> watch::Receiver<Option<Arc<ReloadReport>>> {
+        self.reloads.subscribe()
+    }
+}
+
+/// What a configuration reload did.
+#[derive(Debug, Clone)]
+pub enum ReloadReport {
+    /// The new configuration is in service (`changes` may be empty: nothing differed).
+    Applied {
+        hash: String,
+        changes: Vec<String>,
+        needs_restart: Vec<String>,
+        /// Every listener's bound address now, by name.
+        addresses: Vec<(String, SocketAddr)>,
+    },
+    /// Nothing changed; the last good configuration stays in service.
+    Failed { problems: Vec<String> },
+}
+
+/// Where the configuration came from, for reloads.
+struct Source {
+    /// `None`: the built-in default, which never changes.
+    path: Option<PathBuf>,
+    hash: String,
 }
 
 /// A configured proxy, ready to run.
@@ -148,6 +196,8 @@ pub struct Server {
     readiness: Arc<Readiness>,
     /// Each listener's backends, by listener name.
     pools: Vec<(String, Arc<Pool>)>,
+    source: Option<Source>,
+    log: Option<Arc<dyn LogControl>>,
 }
 
 impl Server {
@@ -162,18 +212,12 @@ impl Server {
         // Here, not at run: a `backend_tls.ca` that cannot be read stops the start.
         let mut pools = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
-            let pool = Pool::new(
-                l,
-                &config.hostname,
-                config.timeouts.backend_connect,
-                metrics.backends(&l.name),
-            )
-            .map_err(|source| StartError::BackendTls {
+            let pool = new_pool(&config, l, &metrics).map_err(|source| StartError::BackendTls {
                 index,
                 name: l.name.clone(),
                 source,
             })?;
-            pools.push((l.name.clone(), Arc::new(pool)));
+            pools.push((l.name.clone(), pool));
         }
         Ok(Server {
             config,
@@ -182,7 +226,23 @@ impl Server {
             metrics,
             readiness: Arc::new(Readiness::default()),
             pools,
+            source: None,
+            log: None,
         })
+    }
+
+    /// The configuration came from `path` (`None`: the built-in default) with content hash
+    /// `hash` ([`crate::config::content_hash`]): SIGHUP, and a change of the file's content
+    /// seen every `tls.reload_interval`, reload it.
+    pub fn with_source(mut self, path: Option<PathBuf>, hash: String) -> Server {
+        self.source = Some(Source { path, hash });
+        self
+    }
+
+    /// Lets a reload change the log level.
+    pub fn with_log(mut self, log: Arc<dyn LogControl>) -> Server {
+        self.log = Some(log);
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -202,6 +262,8 @@ impl Server {
             metrics,
             readiness,
             pools,
+            source,
+            log,
         } = self;
         if store.is_self_signed() {
             tracing::warn!(
@@ -210,21 +272,9 @@ impl Server {
             );
         }
         metrics.set_certificates(&store.loaded());
-        let tls_config = tls::server_config(&config.tls, store.clone(), ticket_keys.clone())?;
-        let handshaker = Handshaker::new(
-            tls_config,
-            config.tls.handshake_timeout,
-            config.tls.min_version,
-        );
+        let tls = TlsState::new(&config, store, ticket_keys)?;
 
         let tracker = TaskTracker::new();
-        // One table for all listeners: the limit is per client address, whatever port it uses.
-        let per_ip = PerIpLimiter::new(config.limits.connections_per_ip);
-        // Likewise one failure count per address: a guesser may not rotate through ports.
-        let auth_throttle = AuthThrottle::new(
-            config.limits.auth_failures_per_ip,
-            config.limits.auth_failure_window,
-        );
         // Two signals for sessions: `control.shutdown` itself starts the drain (see
         // `Session::draining`), and `hard_stop`, cancelled only when the grace period runs out,
         // ends whatever is left (authenticated relays, a message the backend is still judging).
@@ -240,19 +290,35 @@ impl Server {
                 hard_stop.clone(),
             ));
         }
-
-        tracker.spawn(reload_certificates(
-            store.clone(),
-            ticket_keys,
-            metrics.clone(),
-            config.tls.reload_interval,
-            control.reload.clone(),
-            control.shutdown.clone(),
-        ));
-
-        for (_, pool) in &pools {
-            tracker.spawn(pool.clone().maintain(control.shutdown.clone()));
+        let source = source.unwrap_or_else(|| Source {
+            path: None,
+            hash: String::new(),
+        });
+        if !source.hash.is_empty() {
+            metrics.set_config(&source.hash);
         }
+        let grace = Arc::new(AtomicU64::new(nanos(config.timeouts.shutdown_grace)));
+        let mut live = Live {
+            // One table for all listeners: the limit is per client address, whatever port it
+            // uses. Likewise one failure count per address: a guesser may not rotate ports.
+            per_ip: PerIpLimiter::new(config.limits.connections_per_ip),
+            auth_throttle: AuthThrottle::new(
+                config.limits.auth_failures_per_ip,
+                config.limits.auth_failure_window,
+            ),
+            config,
+            hash: source.hash,
+            failed_hash: None,
+            path: source.path,
+            tls,
+            listeners: Vec::new(),
+            metrics: metrics.clone(),
+            tracker: tracker.clone(),
+            shutdown: control.shutdown.clone(),
+            hard_stop: hard_stop.clone(),
+            log,
+            grace: grace.clone(),
+        };
         for (listener_config, listener) in bound.listeners {
             let Some(pool) = pools
                 .iter()
@@ -261,43 +327,17 @@ impl Server {
             else {
                 continue;
             };
-            let context = Arc::new(ListenerContext {
-                hostname: config.hostname.clone(),
-                timeouts: config.timeouts.clone(),
-                limits: config.limits.clone(),
-                handshaker: handshaker.clone(),
-                metrics: metrics.listener(&listener_config),
-                backend: BackendConnector::Pool(pool),
-                client_info_notices: Default::default(),
-                config: listener_config,
-            });
-            tracing::info!(
-                listener = %context.config.name,
-                protocol = %context.config.protocol,
-                tls = context.config.tls.as_str(),
-                address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                backend = %context.config.backend,
-                proxy_protocol_from = context.config.proxy_protocol_from.len(),
-                backend_client_info = context.config.backend_client_info,
-                "listening"
-            );
-            tracker.spawn(accept_loop(
-                listener,
-                context,
-                per_ip.clone(),
-                auth_throttle.clone(),
-                tracker.clone(),
-                control.shutdown.clone(),
-                hard_stop.clone(),
-            ));
+            live.start_listener(listener_config, Arc::new(listener), pool);
         }
+        tracker.spawn(live.run(control.clone()));
 
         readiness.set(true);
         metrics.set_ready(true);
         control.shutdown.cancelled().await;
         readiness.set(false);
         metrics.set_ready(false);
-        let grace = config.timeouts.shutdown_grace;
+        // The grace of the configuration in service now (a reload may have changed it).
+        let grace = Duration::from_nanos(grace.load(Ordering::Relaxed));
         tracing::info!(
             sessions = tracker.len(),
             grace_s = grace.as_secs(),
@@ -329,30 +369,560 @@ impl Server {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    context: Arc<ListenerContext>,
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A listener's pool, with its backend metrics.
+fn new_pool(
+    config: &RuntimeConfig,
+    l: &ListenerConfig,
+    metrics: &Metrics,
+) -> Result<Arc<Pool>, TlsSetupError> {
+    Pool::new(
+        l,
+        &config.hostname,
+        config.timeouts.backend_connect,
+        metrics.backends(&l.name),
+    )
+    .map(Arc::new)
+}
+
+/// The TLS server side in service: certificates, ticket keys and the handshaker built on them.
+struct TlsState {
+    store: Arc<CertStore>,
+    ticket_keys: Option<Arc<TicketKeys>>,
+    handshaker: Handshaker,
+}
+
+impl TlsState {
+    fn new(
+        config: &RuntimeConfig,
+        store: Arc<CertStore>,
+        ticket_keys: Option<Arc<TicketKeys>>,
+    ) -> Result<TlsState, TlsError> {
+        let tls_config = tls::server_config(&config.tls, store.clone(), ticket_keys.clone())?;
+        let handshaker = Handshaker::new(
+            tls_config,
+            config.tls.handshake_timeout,
+            config.tls.min_version,
+        );
+        Ok(TlsState {
+            store,
+            ticket_keys,
+            handshaker,
+        })
+    }
+}
+
+/// One listener in service.
+struct LiveListener {
+    config: ListenerConfig,
+    socket: Arc<TcpListener>,
+    pool: Arc<Pool>,
+    /// Stops the pool's resolution and checks.
+    maintain: CancellationToken,
+    /// Stops the accept loop (the listener removed or moved).
+    accepting: CancellationToken,
+    /// The context new sessions take; sessions keep the one they started with.
+    context: watch::Sender<Arc<ListenerContext>>,
+    /// `max_connections`, shared across a move to a new address.
+    permits: Arc<Semaphore>,
+}
+
+impl LiveListener {
+    fn address(&self) -> SocketAddr {
+        self.socket.local_addr().unwrap_or(self.config.listen)
+    }
+}
+
+/// Everything a reload may change, owned by the one task that reloads.
+struct Live {
+    config: RuntimeConfig,
+    /// Content hash of the configuration in service.
+    hash: String,
+    /// Content hash of the last file that failed, so it is reported once, not every interval.
+    failed_hash: Option<String>,
+    path: Option<PathBuf>,
+    tls: TlsState,
+    listeners: Vec<LiveListener>,
     per_ip: PerIpLimiter,
     auth_throttle: AuthThrottle,
+    metrics: Metrics,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
-) {
-    let permits = Arc::new(Semaphore::new(context.config.max_connections));
-    let admission = Admission {
-        context: context.clone(),
-        per_ip,
-        auth_throttle,
-        shutdown: shutdown.clone(),
-        hard_stop,
+    log: Option<Arc<dyn LogControl>>,
+    grace: Arc<AtomicU64>,
+}
+
+/// What a reload loads from files before it changes anything.
+struct Prepared {
+    config: RuntimeConfig,
+    hash: String,
+    plan: Plan,
+    store: Option<Arc<CertStore>>,
+    ticket_keys: Option<Option<Arc<TicketKeys>>>,
+}
+
+impl Live {
+    fn context(&self, l: &ListenerConfig, pool: &Arc<Pool>) -> Arc<ListenerContext> {
+        Arc::new(ListenerContext {
+            hostname: self.config.hostname.clone(),
+            timeouts: self.config.timeouts.clone(),
+            limits: self.config.limits.clone(),
+            handshaker: self.tls.handshaker.clone(),
+            metrics: self.metrics.listener(l),
+            backend: BackendConnector::Pool(pool.clone()),
+            client_info_notices: Default::default(),
+            config: l.clone(),
+        })
+    }
+
+    /// Starts serving `config` on `socket`.
+    fn start_listener(
+        &mut self,
+        config: ListenerConfig,
+        socket: Arc<TcpListener>,
+        pool: Arc<Pool>,
+    ) {
+        let maintain = self.shutdown.child_token();
+        self.tracker.spawn(pool.clone().maintain(maintain.clone()));
+        let context = self.context(&config, &pool);
+        let (sender, contexts) = watch::channel(context);
+        let live = LiveListener {
+            permits: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            socket,
+            pool,
+            maintain,
+            accepting: self.shutdown.child_token(),
+            context: sender,
+        };
+        self.accept(&live, contexts);
+        self.listeners.push(live);
+    }
+
+    /// Spawns the accept loop of `live` on its current socket.
+    fn accept(&self, live: &LiveListener, contexts: watch::Receiver<Arc<ListenerContext>>) {
+        let config = &live.config;
+        tracing::info!(
+            listener = %config.name,
+            protocol = %config.protocol,
+            tls = config.tls.as_str(),
+            address = %live.address(),
+            backend = %config.backend,
+            proxy_protocol_from = config.proxy_protocol_from.len(),
+            backend_client_info = config.backend_client_info,
+            "listening"
+        );
+        let context = contexts.borrow().clone();
+        self.tracker.spawn(accept_loop(
+            live.socket.clone(),
+            contexts,
+            live.permits.clone(),
+            Admission {
+                context,
+                per_ip: self.per_ip.clone(),
+                auth_throttle: self.auth_throttle.clone(),
+                shutdown: self.shutdown.clone(),
+                hard_stop: self.hard_stop.clone(),
+            },
+            self.tracker.clone(),
+            live.accepting.clone(),
+        ));
+    }
+
+    /// Reloads on SIGHUP and when the file's content changes; re-reads certificates and ticket
+    /// keys every `tls.reload_interval`.
+    async fn run(mut self, control: Control) {
+        loop {
+            let forced = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = control.reload.notified() => true,
+                () = tokio::time::sleep(self.config.tls.reload_interval) => false,
+            };
+            if let Some(report) = self.reload_config(forced).await {
+                control.reloads.send_replace(Some(Arc::new(report)));
+            }
+            self.reload_tls_files(forced).await;
+        }
+    }
+
+    /// Reads the file; reloads when forced or when its content changed. `None`: nothing to do.
+    async fn reload_config(&mut self, forced: bool) -> Option<ReloadReport> {
+        let path = self.path.clone()?;
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || config::read_file(&path)).await
+        };
+        let text = match read {
+            Ok(Ok(text)) => text,
+            Ok(Err(e)) => return self.failed(forced, None, vec![e.to_string()]),
+            Err(e) => return self.failed(forced, None, vec![e.to_string()]),
+        };
+        let hash = config::content_hash(text.as_bytes());
+        if !forced && (hash == self.hash || self.failed_hash.as_deref() == Some(hash.as_str())) {
+            return None;
+        }
+        tracing::info!(path = %path.display(), hash = %hash, forced, "configuration reload");
+        let old = self.config.clone();
+        let store = self.tls.store.clone();
+        let keys = self.tls.ticket_keys.clone();
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare(&path, &text, hash, &old, store, keys))
+                .await;
+        let prepared = match prepared {
+            Ok(Ok(prepared)) => prepared,
+            Ok(Err((hash, problems))) => return self.failed(forced, Some(hash), problems),
+            Err(e) => return self.failed(forced, None, vec![e.to_string()]),
+        };
+        Some(self.apply(prepared))
+    }
+
+    /// Logs and counts a reload that changed nothing.
+    fn failed(
+        &mut self,
+        forced: bool,
+        hash: Option<String>,
+        problems: Vec<String>,
+    ) -> Option<ReloadReport> {
+        if !forced && hash.is_some() && hash == self.failed_hash {
+            return None;
+        }
+        self.failed_hash = hash;
+        self.metrics.config_reload(false);
+        tracing::error!(
+            problems = %problems.join("; "),
+            "configuration reload failed: nothing changed, the last good configuration stays in service"
+        );
+        for problem in &problems {
+            tracing::error!(problem = %problem, "invalid configuration");
+        }
+        Some(ReloadReport::Failed { problems })
+    }
+
+    /// Binds what is new, then swaps everything at once; a bind that fails changes nothing.
+    fn apply(&mut self, prepared: Prepared) -> ReloadReport {
+        let Prepared {
+            config: new,
+            hash,
+            plan,
+            store,
+            ticket_keys,
+        } = prepared;
+        // 1. Everything that can fail, before anything changes.
+        let mut sockets: Vec<(String, Arc<TcpListener>)> = Vec::new();
+        let mut problems = Vec::new();
+        for (index, l) in new.listeners.iter().enumerate() {
+            let fresh =
+                plan.added.iter().any(|a| a.name == l.name) || plan.rebound.contains(&l.name);
+            if !fresh {
+                continue;
+            }
+            // A removed listener's socket on the same address is handed over (a rename).
+            let handed = self
+                .listeners
+                .iter()
+                .find(|old| {
+                    plan.removed.contains(&old.config.name)
+                        && old.config.listen == l.listen
+                        && l.listen.port() != 0
+                })
+                .map(|old| old.socket.clone());
+            match handed {
+                Some(socket) => sockets.push((l.name.clone(), socket)),
+                None => match listen(l.listen, new.listen_backlog) {
+                    Ok(socket) => sockets.push((l.name.clone(), Arc::new(socket))),
+                    Err(e) => problems.push(format!(
+                        "listeners[{index}] ({}): cannot listen on {}: {e}",
+                        l.name, l.listen
+                    )),
+                },
+            }
+        }
+        let mut pools: Vec<(String, Arc<Pool>)> = Vec::new();
+        for (index, l) in plan.added.iter().enumerate() {
+            match new_pool(&new, l, &self.metrics) {
+                Ok(pool) => pools.push((l.name.clone(), pool)),
+                Err(e) => problems.push(format!("listeners[{index}] ({}): {e}", l.name)),
+            }
+        }
+        let tls = if plan.tls {
+            let store = store.unwrap_or_else(|| self.tls.store.clone());
+            let keys = ticket_keys.unwrap_or_else(|| self.tls.ticket_keys.clone());
+            match TlsState::new(&new, store, keys) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    problems.push(e.to_string());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if !problems.is_empty() {
+            return self
+                .failed(true, Some(hash), problems)
+                .unwrap_or(ReloadReport::Failed {
+                    problems: Vec::new(),
+                });
+        }
+
+        // 2. The swap: nothing below fails.
+        if let Some(tls) = tls {
+            if plan.certificates {
+                self.metrics.set_certificates(&tls.store.loaded());
+            }
+            self.tls = tls;
+        }
+        let mut needs_restart = plan.needs_restart.clone();
+        if let Some(level) = &plan.log_level {
+            match &self.log {
+                Some(log) => {
+                    if let Err(e) = log.set_level(level) {
+                        needs_restart.push(format!("log.level: not applied: {e}"));
+                    }
+                }
+                None => {
+                    needs_restart.push("log.level: this process has no reloadable logger".into())
+                }
+            }
+        }
+        self.per_ip.set_limit(new.limits.connections_per_ip);
+        self.auth_throttle.set_limits(
+            new.limits.auth_failures_per_ip,
+            new.limits.auth_failure_window,
+        );
+        self.grace
+            .store(nanos(new.timeouts.shutdown_grace), Ordering::Relaxed);
+        self.config = new;
+
+        let mut kept = Vec::new();
+        for live in std::mem::take(&mut self.listeners) {
+            if plan.removed.contains(&live.config.name) {
+                live.accepting.cancel();
+                live.maintain.cancel();
+                live.pool.retire();
+                tracing::info!(listener = %live.config.name, address = %live.address(), "listener removed: no longer accepting; its sessions go on");
+            } else {
+                kept.push(live);
+            }
+        }
+        let config = self.config.clone();
+        for mut live in kept {
+            let Some(l) = config.listeners.iter().find(|l| l.name == live.config.name) else {
+                continue;
+            };
+            if let Err(e) = live
+                .pool
+                .update(l, &config.hostname, config.timeouts.backend_connect)
+            {
+                tracing::error!(listener = %l.name, error = %e, "backend_tls: keeping the previous backends");
+            }
+            resize(
+                &live.permits,
+                live.config.max_connections,
+                l.max_connections,
+            );
+            live.config = l.clone();
+            let context = self.context(l, &live.pool);
+            live.context.send_replace(context);
+            if let Some((_, socket)) = sockets.iter().find(|(name, _)| *name == l.name) {
+                live.accepting.cancel();
+                live.socket = socket.clone();
+                live.accepting = self.shutdown.child_token();
+                self.accept(&live, live.context.subscribe());
+            }
+            self.listeners.push(live);
+        }
+        for l in &plan.added {
+            let socket = sockets
+                .iter()
+                .find(|(name, _)| *name == l.name)
+                .map(|(_, s)| s.clone());
+            let pool = pools
+                .iter()
+                .find(|(name, _)| *name == l.name)
+                .map(|(_, p)| p.clone());
+            if let (Some(socket), Some(pool)) = (socket, pool) {
+                self.start_listener(l.clone(), socket, pool);
+            }
+        }
+
+        self.hash = hash.clone();
+        self.failed_hash = None;
+        self.metrics.config_reload(true);
+        self.metrics.set_config(&hash);
+        if plan.is_empty() {
+            tracing::info!(hash = %hash, "configuration reloaded: nothing changed");
+        }
+        for change in &plan.changes {
+            tracing::info!(hash = %hash, change = %change, "configuration reloaded");
+        }
+        for item in &needs_restart {
+            tracing::warn!(hash = %hash, needs_restart = %item, "configuration change not applied: needs a restart");
+        }
+        ReloadReport::Applied {
+            hash,
+            changes: plan.changes,
+            needs_restart,
+            addresses: self
+                .listeners
+                .iter()
+                .map(|l| (l.config.name.clone(), l.address()))
+                .collect(),
+        }
+    }
+
+    /// Certificates and ticket keys, on the configuration's schedule (and at once on SIGHUP).
+    async fn reload_tls_files(&self, forced: bool) {
+        let store = self.tls.store.clone();
+        let worker = store.clone();
+        let result = tokio::task::spawn_blocking(move || worker.reload(forced)).await;
+        match result {
+            Ok(Ok(ReloadOutcome::Reloaded)) => {
+                self.metrics.certificate_reload(true);
+                let loaded = store.loaded();
+                self.metrics.set_certificates(&loaded);
+                for cert in &loaded {
+                    tracing::info!(certificate = %cert.label, not_after = cert.not_after, "certificate loaded");
+                }
+            }
+            Ok(Ok(ReloadOutcome::Unchanged)) => {}
+            Ok(Err(e)) => {
+                self.metrics.certificate_reload(false);
+                tracing::error!(error = %e, "certificate reload failed: keeping the certificates in service");
+            }
+            Err(e) => tracing::error!(error = %e, "certificate reload task failed"),
+        }
+        if let Some(keys) = &self.tls.ticket_keys {
+            reload_ticket_keys(keys, &self.metrics, forced).await;
+        }
+    }
+}
+
+/// Changes a listener's `max_connections` in place: permits added at once; removed as sessions
+/// end, by a task that takes them and forgets them.
+fn resize(permits: &Arc<Semaphore>, old: usize, new: usize) {
+    if new > old {
+        permits.add_permits(new - old);
+    } else if new < old {
+        let take = u32::try_from(old - new).unwrap_or(u32::MAX);
+        let permits = permits.clone();
+        tokio::spawn(async move {
+            if let Ok(taken) = permits.acquire_many_owned(take).await {
+                taken.forget();
+            }
+        });
+    }
+}
+
+/// Parses and validates `text` exactly as `mailfront check` does, and loads the files a
+/// changed `tls` section names. Blocking (file reads). `Err`: the hash and every problem.
+fn prepare(
+    path: &Path,
+    text: &str,
+    hash: String,
+    old: &RuntimeConfig,
+    store: Arc<CertStore>,
+    ticket_keys: Option<Arc<TicketKeys>>,
+) -> Result<Prepared, (String, Vec<String>)> {
+    let fail = |hash: &String, e: &dyn std::fmt::Display| {
+        (
+            hash.clone(),
+            e.to_string().lines().map(str::to_owned).collect::<Vec<_>>(),
+        )
     };
-    let behind_balancer = !context.config.proxy_protocol_from.is_empty();
+    let base = path.parent().unwrap_or(Path::new("."));
+    let config = check(base, text).map_err(|e| fail(&hash, &e))?;
+    let plan = reload::plan(old, &config);
+    let store = if plan.certificates {
+        Some(Arc::new(
+            CertStore::load(&config.tls.certificates, &config.hostname)
+                .map_err(|e| fail(&hash, &e))?,
+        ))
+    } else {
+        drop(store);
+        None
+    };
+    let ticket_keys = if plan.ticket_keys {
+        Some(match &config.tls.ticket_key_file {
+            Some(path) => Some(Arc::new(
+                TicketKeys::load(path).map_err(|e| fail(&hash, &e))?,
+            )),
+            None => None,
+        })
+    } else {
+        drop(ticket_keys);
+        None
+    };
+    Ok(Prepared {
+        config,
+        hash,
+        plan,
+        store,
+        ticket_keys,
+    })
+}
+
+/// Why a configuration is refused: what `mailfront check` reports.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("listeners[{index}] ({name}): {source}")]
+    BackendTls {
+        index: usize,
+        name: String,
+        source: TlsSetupError,
+    },
+    #[error(transparent)]
+    TicketKeys(#[from] TicketKeyError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Parses and validates a configuration's text as `mailfront check` does: the YAML, every
+/// value, the `backend_tls` CA bundles and the ticket key file (the certificates are loaded
+/// by whoever uses them). Relative paths resolve against `base_dir` (the file's directory).
+pub fn check(base_dir: &Path, text: &str) -> Result<RuntimeConfig, CheckError> {
+    let base = base_dir;
+    let config = config::Config::from_yaml(text)?.validate(base)?;
+    for (index, l) in config.listeners.iter().enumerate() {
+        if let Some(tls) = &l.backend.tls {
+            crate::backend::tls::BackendTlsClient::new(tls).map_err(|source| {
+                CheckError::BackendTls {
+                    index,
+                    name: l.name.clone(),
+                    source,
+                }
+            })?;
+        }
+    }
+    if let Some(path) = &config.tls.ticket_key_file {
+        TicketKeys::load(path)?;
+    }
+    Ok(config)
+}
+
+async fn accept_loop(
+    listener: Arc<TcpListener>,
+    contexts: watch::Receiver<Arc<ListenerContext>>,
+    permits: Arc<Semaphore>,
+    mut admission: Admission,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
     let mut accept_errors = LogThrottle::new(ACCEPT_ERROR_LOG_INTERVAL);
     loop {
         let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
+        // The settings in service now: a reload since the last accept applies to this one.
+        let context = contexts.borrow().clone();
+        admission.context = context.clone();
         let (tcp, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
@@ -364,6 +934,7 @@ async fn accept_loop(
             }
         };
         context.metrics.accepted.inc();
+        let behind_balancer = !context.config.proxy_protocol_from.is_empty();
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             context.metrics.refused.inc();
             tracing::warn!(listener = %context.config.name, client = %peer, limit = context.config.max_connections, "connection limit reached: closing");
@@ -493,45 +1064,6 @@ impl Admission {
         active.inc();
         serve_connection(tcp, session).await;
         active.dec();
-    }
-}
-
-async fn reload_certificates(
-    store: Arc<CertStore>,
-    ticket_keys: Option<Arc<TicketKeys>>,
-    metrics: Metrics,
-    interval: Duration,
-    reload: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let forced = tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = reload.notified() => true,
-            () = tokio::time::sleep(interval) => false,
-        };
-        // File reads and key parsing are blocking work: keep them off the async workers.
-        let worker = store.clone();
-        let result = tokio::task::spawn_blocking(move || worker.reload(forced)).await;
-        match result {
-            Ok(Ok(ReloadOutcome::Reloaded)) => {
-                metrics.certificate_reload(true);
-                let loaded = store.loaded();
-                metrics.set_certificates(&loaded);
-                for cert in &loaded {
-                    tracing::info!(certificate = %cert.label, not_after = cert.not_after, "certificate loaded");
-                }
-            }
-            Ok(Ok(ReloadOutcome::Unchanged)) => {}
-            Ok(Err(e)) => {
-                metrics.certificate_reload(false);
-                tracing::error!(error = %e, "certificate reload failed: keeping the certificates in service");
-            }
-            Err(e) => tracing::error!(error = %e, "certificate reload task failed"),
-        }
-        if let Some(keys) = &ticket_keys {
-            reload_ticket_keys(keys, &metrics, forced).await;
-        }
     }
 }
 

@@ -112,7 +112,7 @@ impl fmt::Display for BackendConnector {
 impl fmt::Debug for BackendConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BackendConnector::Pool(pool) => f.debug_tuple("Pool").field(pool.backends()).finish(),
+            BackendConnector::Pool(pool) => f.debug_tuple("Pool").field(&pool.backends()).finish(),
             BackendConnector::Custom(_) => f.write_str("Custom"),
         }
     }

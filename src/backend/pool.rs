@@ -17,13 +17,22 @@
 //! - **Active checks** (`backend_health.interval`): a connect and a positive greeting, then the
 //!   protocol's goodbye; with `backend_proxy_protocol` the check opens with a PROXY v2 `LOCAL`
 //!   header, which backends accept as a health check (HAProxy's `proxy-protocol.txt` §2.2).
+//! - **Reload** ([`Pool::update`]): a listener keeps its pool across reloads; new settings
+//!   replace the old ones for sessions that start afterwards, addresses still configured keep
+//!   their health and counts, and an address no longer configured leaves rotation at once. Its
+//!   sessions go on (their [`Lease`] holds the pool), and its metric series go with the last one.
+//! - **Drain** (`{address, drain: true}`): the address takes no new sessions, its live sessions
+//!   go on; `mailfront_backend_draining` says so.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -53,15 +62,66 @@ const PROXY_V2_LOCAL: [u8; 16] = [
 /// One listener's backend addresses and their state.
 pub struct Pool {
     listener: String,
+    /// What the configuration says; swapped whole by [`Pool::update`].
+    settings: ArcSwap<Settings>,
+    /// Tells [`Pool::maintain`] that the settings changed (a new check interval, new names).
+    changed: Notify,
+    metrics: BackendMetrics,
+    state: Mutex<State>,
+    rotation: AtomicUsize,
+}
+
+/// A pool's configured settings: each attempt reads them once, so a reload never mixes two.
+struct Settings {
     protocol: Protocol,
     hostname: String,
     backends: Backends,
     proxy_protocol: bool,
     connect_timeout: Duration,
     tls: Option<BackendTlsClient>,
-    metrics: BackendMetrics,
-    state: Mutex<State>,
-    rotation: AtomicUsize,
+}
+
+impl Settings {
+    fn new(
+        listener: &ListenerConfig,
+        hostname: &str,
+        connect_timeout: Duration,
+        tls: Option<BackendTlsClient>,
+    ) -> Settings {
+        Settings {
+            protocol: listener.protocol,
+            hostname: hostname.to_owned(),
+            backends: listener.backend.clone(),
+            proxy_protocol: listener.backend_proxy_protocol,
+            connect_timeout,
+            tls,
+        }
+    }
+
+    /// Whether `other` would make the same pool (the TLS client follows from `backends.tls`).
+    fn same(&self, other: &Settings) -> bool {
+        self.protocol == other.protocol
+            && self.hostname == other.hostname
+            && self.backends == other.backends
+            && self.proxy_protocol == other.proxy_protocol
+            && self.connect_timeout == other.connect_timeout
+    }
+
+    /// Every configured name, once.
+    fn names(&self) -> Vec<BackendAddress> {
+        let mut names: Vec<BackendAddress> = Vec::new();
+        let all = self
+            .backends
+            .default
+            .iter()
+            .chain(self.backends.routes.iter().flat_map(|r| r.backend.iter()));
+        for address in all {
+            if !names.contains(address) {
+                names.push(address.clone());
+            }
+        }
+        names
+    }
 }
 
 #[derive(Default)]
@@ -74,7 +134,16 @@ struct State {
 struct Member {
     active: u32,
     health: Health,
+    /// Every name that resolves to it is marked drain.
+    draining: bool,
     metrics: BackendAddressMetrics,
+}
+
+impl State {
+    /// Whether some configured name still resolves to `addr`.
+    fn configured(&self, addr: &SocketAddr) -> bool {
+        self.resolved.values().any(|v| v.contains(addr))
+    }
 }
 
 /// A session's place on one address: counted for least connections until dropped with the
@@ -87,9 +156,19 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut state = self.pool.lock();
-        if let Some(member) = state.members.get_mut(&self.addr) {
-            member.active = member.active.saturating_sub(1);
-            member.metrics.sessions.dec();
+        let last = match state.members.get_mut(&self.addr) {
+            Some(member) => {
+                member.active = member.active.saturating_sub(1);
+                member.metrics.sessions.dec();
+                member.active == 0
+            }
+            None => false,
+        };
+        // The last session on an address no longer configured (removed by a reload or gone
+        // from DNS): the address and its series go now.
+        if last && !state.configured(&self.addr) {
+            state.members.remove(&self.addr);
+            self.pool.metrics.forget(&self.addr.to_string());
         }
     }
 }
@@ -133,26 +212,131 @@ impl Pool {
             .transpose()?;
         let pool = Pool {
             listener: listener.name.clone(),
-            protocol: listener.protocol,
-            hostname: hostname.to_owned(),
-            backends: listener.backend.clone(),
-            proxy_protocol: listener.backend_proxy_protocol,
-            connect_timeout,
-            tls,
+            settings: ArcSwap::from_pointee(Settings::new(
+                listener,
+                hostname,
+                connect_timeout,
+                tls,
+            )),
+            changed: Notify::new(),
             metrics,
             state: Mutex::new(State::default()),
             rotation: AtomicUsize::new(0),
         };
-        for address in pool.names() {
-            if let Some(addr) = crate::config::literal_socket_addr(&address) {
-                pool.install(&address, vec![addr]);
-            }
-        }
+        pool.reconcile();
         Ok(pool)
     }
 
-    pub fn backends(&self) -> &Backends {
-        &self.backends
+    /// A reload's settings for this listener's pool: sessions that start afterwards use them.
+    /// Returns false, changing nothing, when they make the same pool. Addresses still configured
+    /// keep their health and session counts; an address no longer configured leaves rotation
+    /// now and is forgotten when its last session ends. Fails, changing nothing, only when a new
+    /// `backend_tls` cannot load its roots.
+    pub fn update(
+        &self,
+        listener: &ListenerConfig,
+        hostname: &str,
+        connect_timeout: Duration,
+    ) -> Result<bool, TlsSetupError> {
+        let current = self.settings();
+        let mut next = Settings::new(listener, hostname, connect_timeout, None);
+        if current.same(&next) {
+            return Ok(false);
+        }
+        next.tls = if current.backends.tls == next.backends.tls {
+            current.tls.clone()
+        } else {
+            next.backends
+                .tls
+                .as_ref()
+                .map(BackendTlsClient::new)
+                .transpose()?
+        };
+        self.settings.store(Arc::new(next));
+        self.reconcile();
+        self.changed.notify_one();
+        Ok(true)
+    }
+
+    /// The listener is gone: every address leaves rotation, idle ones and their series now, the
+    /// others with their last session.
+    pub fn retire(&self) {
+        let mut state = self.lock();
+        state.resolved.clear();
+        let idle: Vec<SocketAddr> = state
+            .members
+            .iter()
+            .filter(|(_, m)| m.active == 0)
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in idle {
+            state.members.remove(&addr);
+            self.metrics.forget(&addr.to_string());
+        }
+    }
+
+    /// Brings the address table in line with the settings: IP literals are known at once,
+    /// names no longer configured drop their answers, idle addresses nobody names go, and every
+    /// address's drain flag follows its names.
+    fn reconcile(&self) {
+        let settings = self.settings();
+        let names = settings.names();
+        {
+            let mut state = self.lock();
+            state.resolved.retain(|name, _| names.contains(name));
+        }
+        for address in &names {
+            if let Some(addr) = crate::config::literal_socket_addr(address) {
+                self.install(address, vec![addr]);
+            }
+        }
+        let mut state = self.lock();
+        let gone: Vec<SocketAddr> = state
+            .members
+            .iter()
+            .filter(|(addr, m)| m.active == 0 && !state.configured(addr))
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in gone {
+            state.members.remove(&addr);
+            self.metrics.forget(&addr.to_string());
+        }
+        self.mark_draining(&mut state, &settings.backends);
+    }
+
+    /// Sets each address's drain flag (and gauge): draining when every configured name that
+    /// resolves to it is marked drain.
+    fn mark_draining(&self, state: &mut State, backends: &Backends) {
+        let State { resolved, members } = state;
+        for (addr, member) in members.iter_mut() {
+            let mut names = resolved.iter().filter(|(_, v)| v.contains(addr)).peekable();
+            let draining =
+                names.peek().is_some() && names.all(|(name, _)| backends.is_draining(name));
+            if draining != member.draining {
+                member.draining = draining;
+                member.metrics.draining.set(i64::from(draining));
+                if draining {
+                    tracing::info!(listener = %self.listener, backend = %addr, sessions = member.active, "backend draining: no new sessions, its sessions go on");
+                } else {
+                    tracing::info!(listener = %self.listener, backend = %addr, "backend no longer draining");
+                }
+            }
+        }
+    }
+
+    /// The settings now in force.
+    fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+
+    /// The configured backends now in force.
+    pub fn backends(&self) -> Backends {
+        self.settings().backends.clone()
+    }
+
+    /// Sessions open on `addr` now and whether it is in the pool at all (tests, diagnostics).
+    pub fn sessions_on(&self, addr: SocketAddr) -> Option<u32> {
+        self.lock().members.get(&addr).map(|m| m.active)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -162,18 +346,7 @@ impl Pool {
 
     /// Every configured name, once.
     fn names(&self) -> Vec<BackendAddress> {
-        let mut names: Vec<BackendAddress> = Vec::new();
-        let all = self
-            .backends
-            .default
-            .iter()
-            .chain(self.backends.routes.iter().flat_map(|r| r.backend.iter()));
-        for address in all {
-            if !names.contains(address) {
-                names.push(address.clone());
-            }
-        }
-        names
+        self.settings().names()
     }
 
     /// Opens a connection for a session whose client sent `sni`: the first matching route's
@@ -185,8 +358,15 @@ impl Pool {
         counters: Arc<ByteCounters>,
         preamble: &[u8],
     ) -> Result<BackendStream, ConnectError> {
-        let entries = self.backends.for_sni(sni);
-        let candidates = self.addresses(entries).await;
+        let settings = self.settings();
+        let entries = settings.backends.for_sni(sni);
+        // A draining name takes no new session.
+        let serving: Vec<BackendAddress> = entries
+            .iter()
+            .filter(|e| !settings.backends.is_draining(e))
+            .cloned()
+            .collect();
+        let candidates = self.addresses(&serving, settings.connect_timeout).await;
         let label = || {
             entries
                 .iter()
@@ -231,7 +411,7 @@ impl Pool {
             };
             attempts += 1;
             let lease = self.lease(*addr);
-            match self.open(*addr, host, preamble).await {
+            match self.open(&settings, *addr, host, preamble).await {
                 Ok(opened) => {
                     self.succeeded(*addr, true);
                     counters
@@ -259,13 +439,17 @@ impl Pool {
 
     /// The addresses of `entries` with the host each came from (for the TLS name), looking up
     /// a name that has no answer yet.
-    async fn addresses(&self, entries: &[BackendAddress]) -> Vec<(SocketAddr, String)> {
+    async fn addresses(
+        &self,
+        entries: &[BackendAddress],
+        timeout: Duration,
+    ) -> Vec<(SocketAddr, String)> {
         let mut out: Vec<(SocketAddr, String)> = Vec::new();
         for entry in entries {
             let cached = self.lock().resolved.get(entry).cloned();
             let addrs = match cached {
                 Some(addrs) if !addrs.is_empty() => addrs,
-                _ => self.refresh(entry).await,
+                _ => self.refresh(entry, timeout).await,
             };
             for addr in addrs {
                 if !out.iter().any(|(a, _)| *a == addr) {
@@ -277,17 +461,20 @@ impl Pool {
     }
 
     /// Looks `entry` up again and installs the answer; a failure keeps the last one.
-    async fn refresh(&self, entry: &BackendAddress) -> Vec<SocketAddr> {
+    async fn refresh(&self, entry: &BackendAddress, timeout: Duration) -> Vec<SocketAddr> {
         let lookup = tokio::net::lookup_host((entry.host.as_str(), entry.port));
-        match tokio::time::timeout(self.connect_timeout, lookup).await {
+        match tokio::time::timeout(timeout, lookup).await {
             Ok(Ok(found)) => {
                 let mut addrs: Vec<SocketAddr> = found.collect();
                 addrs.sort();
                 addrs.dedup();
                 if addrs.is_empty() {
                     tracing::warn!(listener = %self.listener, backend = %entry, "backend name has no address: keeping the last answer");
-                } else {
+                } else if self.names().contains(entry) {
+                    // Still configured (a reload may have removed it during the lookup).
                     self.install(entry, addrs);
+                    let settings = self.settings();
+                    self.mark_draining(&mut self.lock(), &settings.backends);
                 }
             }
             Ok(Err(e)) => {
@@ -313,6 +500,7 @@ impl Pool {
                     Member {
                         active: 0,
                         health: Health::default(),
+                        draining: false,
                         metrics,
                     },
                 );
@@ -388,23 +576,26 @@ impl Pool {
     }
 
     /// One attempt, all of it within `timeouts.backend_connect`.
-    async fn open(&self, addr: SocketAddr, host: &str, preamble: &[u8]) -> Result<Opened, Failure> {
-        match tokio::time::timeout(self.connect_timeout, self.open_within(addr, host, preamble))
-            .await
-        {
+    async fn open(
+        &self,
+        settings: &Settings,
+        addr: SocketAddr,
+        host: &str,
+        preamble: &[u8],
+    ) -> Result<Opened, Failure> {
+        let within = settings.connect_timeout;
+        match tokio::time::timeout(within, self.open_within(settings, addr, host, preamble)).await {
             Ok(result) => result,
             Err(_) => Err(Failure::new(
                 BackendFailure::Timeout,
-                format!(
-                    "no connection, handshake and greeting within {:?}",
-                    self.connect_timeout
-                ),
+                format!("no connection, handshake and greeting within {within:?}"),
             )),
         }
     }
 
     async fn open_within(
         &self,
+        settings: &Settings,
         addr: SocketAddr,
         host: &str,
         preamble: &[u8],
@@ -420,7 +611,7 @@ impl Pool {
             tcp.write_all(preamble).await.map_err(refused)?;
         }
         let tls_failed = |e: io::Error| Failure::new(BackendFailure::Tls, e.to_string());
-        match &self.tls {
+        match &settings.tls {
             None => {
                 let replay = read_greeting(&mut tcp).await?;
                 Ok(Opened {
@@ -437,7 +628,7 @@ impl Pool {
                 })
             }
             Some(tls) => {
-                let replay = self.starttls(&mut tcp).await?;
+                let replay = Self::starttls(settings, &mut tcp).await?;
                 let stream = tls.handshake(tcp, host).await.map_err(tls_failed)?;
                 Ok(Opened {
                     stream: Box::new(stream),
@@ -448,8 +639,8 @@ impl Pool {
     }
 
     /// The STARTTLS exchange on the cleartext connection; returns the greeting for the driver.
-    async fn starttls(&self, tcp: &mut TcpStream) -> Result<Vec<u8>, Failure> {
-        let mut machine = Starttls::new(self.protocol, &self.hostname);
+    async fn starttls(settings: &Settings, tcp: &mut TcpStream) -> Result<Vec<u8>, Failure> {
+        let mut machine = Starttls::new(settings.protocol, &settings.hostname);
         let mut buf = Vec::new();
         let mut read = 0usize;
         loop {
@@ -487,11 +678,15 @@ impl Pool {
     pub async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
         let mut resolve = tokio::time::interval(RESOLVE_INTERVAL);
         resolve.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut check = self.backends.health_interval.map(|every| {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            tick
-        });
+        let checks = |interval: Option<Duration>| {
+            interval.map(|every| {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                tick
+            })
+        };
+        let mut interval = self.settings().backends.health_interval;
+        let mut check = checks(interval);
         loop {
             let check_tick = async {
                 match check.as_mut() {
@@ -503,10 +698,20 @@ impl Pool {
             };
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = self.changed.notified() => {
+                    let now = self.settings().backends.health_interval;
+                    if now != interval {
+                        interval = now;
+                        check = checks(interval);
+                    }
+                    // New names are looked up at once, not at the next tick.
+                    resolve.reset_immediately();
+                }
                 _ = resolve.tick() => {
+                    let timeout = self.settings().connect_timeout;
                     for name in self.names() {
                         if crate::config::literal_socket_addr(&name).is_none() {
-                            self.refresh(&name).await;
+                            self.refresh(&name, timeout).await;
                         }
                     }
                 }
@@ -553,14 +758,15 @@ impl Pool {
 
     /// A connect and a positive greeting (after TLS where configured), then a goodbye.
     async fn check(&self, addr: SocketAddr, host: &str) -> Result<(), Failure> {
-        let preamble: &[u8] = if self.proxy_protocol {
+        let settings = self.settings();
+        let preamble: &[u8] = if settings.proxy_protocol {
             &PROXY_V2_LOCAL
         } else {
             &[]
         };
-        let opened = self.open(addr, host, preamble).await?;
+        let opened = self.open(&settings, addr, host, preamble).await?;
         let greeting = dialogue::first_line(&opened.replay).unwrap_or_default();
-        if !dialogue::greeting_is_positive(self.protocol, greeting) {
+        if !dialogue::greeting_is_positive(settings.protocol, greeting) {
             let text: String = String::from_utf8_lossy(greeting)
                 .chars()
                 .filter(|c| !c.is_control())
@@ -572,8 +778,10 @@ impl Pool {
             ));
         }
         let mut stream = opened.stream;
-        let _ = tokio::time::timeout(self.connect_timeout, async {
-            stream.write_all(dialogue::goodbye(self.protocol)).await?;
+        let _ = tokio::time::timeout(settings.connect_timeout, async {
+            stream
+                .write_all(dialogue::goodbye(settings.protocol))
+                .await?;
             stream.shutdown().await
         })
         .await;

@@ -21,19 +21,45 @@ pub const MAX_ROUTES: usize = 256;
 /// once a second only loads the backend's logs.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// `backend:` as written: one `host:port`, or a list of them.
+/// `backend:` as written: one `host:port`, or a list of them, each a `host:port` or an
+/// `{address, drain}` entry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum BackendList {
     One(String),
-    Many(Vec<String>),
+    Many(Vec<BackendItem>),
+}
+
+/// One item of a `backend:` list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum BackendItem {
+    Address(String),
+    Entry(BackendEntrySection),
+}
+
+/// `{address: "10.0.0.5:143", drain: true}`: HAProxy's `set server state drain`. A draining
+/// address takes no new sessions; the sessions it has go on until they end.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendEntrySection {
+    pub address: String,
+    #[serde(default)]
+    pub drain: bool,
 }
 
 impl BackendList {
-    fn items(&self) -> Vec<&str> {
+    /// Each item's `host:port` and whether it is marked drain.
+    fn items(&self) -> Vec<(&str, bool)> {
         match self {
-            BackendList::One(one) => vec![one.as_str()],
-            BackendList::Many(many) => many.iter().map(String::as_str).collect(),
+            BackendList::One(one) => vec![(one.as_str(), false)],
+            BackendList::Many(many) => many
+                .iter()
+                .map(|item| match item {
+                    BackendItem::Address(a) => (a.as_str(), false),
+                    BackendItem::Entry(e) => (e.address.as_str(), e.drain),
+                })
+                .collect(),
         }
     }
 }
@@ -136,6 +162,8 @@ pub struct Backends {
     pub tls: Option<BackendTls>,
     /// `backend_health.interval`; `None`: passive health only.
     pub health_interval: Option<Duration>,
+    /// Entries written with `drain: true` (in `backend` or any route): no new sessions.
+    pub draining: Vec<BackendAddress>,
 }
 
 impl Backends {
@@ -146,7 +174,13 @@ impl Backends {
             routes: Vec::new(),
             tls: None,
             health_interval: None,
+            draining: Vec::new(),
         }
+    }
+
+    /// Whether `address` is marked drain.
+    pub fn is_draining(&self, address: &BackendAddress) -> bool {
+        self.draining.contains(address)
     }
 
     /// The backends for a session whose client sent `sni`: the first matching route's, else the
@@ -165,6 +199,9 @@ impl fmt::Display for Backends {
                     f.write_str(",")?;
                 }
                 address.fmt(f)?;
+                if self.is_draining(address) {
+                    f.write_str("(drain)")?;
+                }
             }
             Ok(())
         };
@@ -192,7 +229,8 @@ pub fn validate(
     base_dir: &Path,
     problem: &mut dyn FnMut(String, String),
 ) -> Option<Backends> {
-    let default = addresses(written.backend, "backend", problem);
+    let mut draining = Vec::new();
+    let default = addresses(written.backend, "backend", problem, &mut draining);
     if written.routes.len() > MAX_ROUTES {
         problem(
             "routes".into(),
@@ -205,7 +243,12 @@ pub fn validate(
         let sni = SniPattern::parse(&r.sni)
             .map_err(|message| problem(format!("routes[{i}].sni"), message))
             .ok();
-        let backend = addresses(&r.backend, &format!("routes[{i}].backend"), problem);
+        let backend = addresses(
+            &r.backend,
+            &format!("routes[{i}].backend"),
+            problem,
+            &mut draining,
+        );
         match (sni, backend) {
             (Some(sni), Some(backend)) => routes.push(Route { sni, backend }),
             _ => ok = false,
@@ -244,6 +287,7 @@ pub fn validate(
         routes,
         tls,
         health_interval,
+        draining,
     })
 }
 
@@ -252,6 +296,7 @@ fn addresses(
     list: &BackendList,
     key: &str,
     problem: &mut dyn FnMut(String, String),
+    draining: &mut Vec<BackendAddress>,
 ) -> Option<Vec<BackendAddress>> {
     let items = list.items();
     if items.is_empty() {
@@ -268,7 +313,7 @@ fn addresses(
     let one = matches!(list, BackendList::One(_));
     let mut parsed = Vec::new();
     let mut ok = true;
-    for (i, item) in items.iter().enumerate() {
+    for (i, (item, drain)) in items.iter().enumerate() {
         let item_key = if one {
             key.to_owned()
         } else {
@@ -279,7 +324,12 @@ fn addresses(
                 problem(item_key, format!("{address} is listed twice"));
                 ok = false;
             }
-            Ok(address) => parsed.push(address),
+            Ok(address) => {
+                if *drain && !draining.contains(&address) {
+                    draining.push(address.clone());
+                }
+                parsed.push(address)
+            }
             Err(message) => {
                 problem(item_key, message);
                 ok = false;
@@ -334,6 +384,21 @@ mod tests {
         assert_eq!(tls.ca.unwrap(), Path::new("/etc/mailfront/tls/ca.pem"));
         assert_eq!(tls.server_name, None);
         assert_eq!(many.health_interval, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_list_entry_may_be_marked_drain_and_the_string_form_still_works() {
+        let yaml = "    backend: [{address: \"10.0.0.5:143\", drain: true}, \"10.0.0.6:143\", {address: \"10.0.0.7:143\"}]\n    routes:\n      - sni: a.example.com\n        backend: [{address: \"10.0.0.9:143\", drain: true}]\n";
+        let backends = load(yaml).unwrap();
+        assert_eq!(backends.default.len(), 3);
+        let drained: Vec<String> = backends.draining.iter().map(ToString::to_string).collect();
+        assert_eq!(drained, ["10.0.0.5:143", "10.0.0.9:143"]);
+        assert_eq!(
+            backends.to_string(),
+            "10.0.0.5:143(drain),10.0.0.6:143,10.0.0.7:143 a.example.com=>10.0.0.9:143(drain)"
+        );
+        let typo = load("    backend: [{address: \"10.0.0.5:143\", drian: true}]\n").unwrap_err();
+        assert!(typo.join(" ").contains("listeners"), "{typo:?}");
     }
 
     #[test]
@@ -429,6 +494,7 @@ mod tests {
             ],
             tls: None,
             health_interval: None,
+            draining: Vec::new(),
         };
         assert_eq!(backends.for_sni(Some("vip.example.com")), [a(2)]);
         assert_eq!(backends.for_sni(Some("other.example.com")), [a(3)]);

@@ -45,6 +45,66 @@ impl Proxy {
         }
     }
 
+    /// Starts the proxy from a config file that it then watches (SIGHUP: `reload`).
+    pub async fn start_file(path: &Path) -> Proxy {
+        let (config, hash) = mailfront::config::load_hashed(Some(path)).unwrap();
+        let registry = prometheus::Registry::new();
+        let server = Server::new(config.clone(), &registry)
+            .unwrap()
+            .with_source(Some(path.to_owned()), hash);
+        Self::run(server, &config).await
+    }
+
+    /// As [`Proxy::start_file`], with a logger whose level a reload may change.
+    pub async fn start_file_with_log(
+        path: &Path,
+        log: std::sync::Arc<dyn mailfront::logging::LogControl>,
+    ) -> Proxy {
+        let (config, hash) = mailfront::config::load_hashed(Some(path)).unwrap();
+        let registry = prometheus::Registry::new();
+        let server = Server::new(config.clone(), &registry)
+            .unwrap()
+            .with_source(Some(path.to_owned()), hash)
+            .with_log(log);
+        Self::run(server, &config).await
+    }
+
+    async fn run(server: Server, config: &mailfront::config::RuntimeConfig) -> Proxy {
+        let metrics = server.metrics().clone();
+        let bound = server::bind(config).await.unwrap();
+        let addresses = bound.addresses();
+        let admin = bound.admin_address();
+        let control = Control::default();
+        let c = control.clone();
+        let handle = tokio::spawn(async move {
+            server.run(bound, c).await.unwrap();
+        });
+        Proxy {
+            addresses,
+            admin,
+            control,
+            metrics,
+            handle,
+        }
+    }
+
+    /// Asks for a reload (as SIGHUP does) and returns its report; the listeners' addresses are
+    /// updated from it.
+    pub async fn reload(&mut self) -> std::sync::Arc<server::ReloadReport> {
+        let mut reports = self.control.reloads();
+        reports.borrow_and_update();
+        self.control.reload.notify_one();
+        tokio::time::timeout(TIMEOUT, reports.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let report = reports.borrow().clone().unwrap();
+        if let server::ReloadReport::Applied { addresses, .. } = &*report {
+            self.addresses = addresses.clone();
+        }
+        report
+    }
+
     pub fn addr(&self, name: &str) -> SocketAddr {
         self.addresses
             .iter()
