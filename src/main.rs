@@ -29,13 +29,18 @@ enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the configuration and certificates, then exit 0 (valid) or 1.
-    Check,
+    Check {
+        /// Also connect to `shared_state.redis` and ping it (otherwise only the URL, password
+        /// file and CA are checked, offline).
+        #[arg(long)]
+        online: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(cli.config.as_deref()),
+        Command::Check { online } => check(cli.config.as_deref(), online),
         Command::Run => match run(cli.config.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -46,7 +51,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: Option<&std::path::Path>) -> ExitCode {
+fn check(path: Option<&std::path::Path>, online: bool) -> ExitCode {
     let source = path
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "built-in default".into());
@@ -75,6 +80,12 @@ fn check(path: Option<&std::path::Path>) -> ExitCode {
         eprintln!("{source}: invalid configuration:\n{e}");
         return ExitCode::FAILURE;
     }
+    if let Some(shared) = &config.shared_state
+        && let Err(e) = check_shared_state(shared, online)
+    {
+        eprintln!("{source}: invalid configuration:\n{e}");
+        return ExitCode::FAILURE;
+    }
     match CertStore::load(&config.tls.certificates, &config.hostname) {
         Ok(store) => {
             println!(
@@ -94,6 +105,24 @@ fn check(path: Option<&std::path::Path>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `shared_state`: the URL, password file and CA as the server reads them at start; with
+/// `online`, a PING too.
+fn check_shared_state(shared: &config::SharedStateConfig, online: bool) -> anyhow::Result<()> {
+    let client = mailfront::shared_state::client(shared)?;
+    drop(client);
+    if online {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let state = mailfront::shared_state::SharedState::new(shared, &prometheus::Registry::new())?;
+        runtime
+            .block_on(state.ping())
+            .context("shared_state.redis: PING failed")?;
+        println!("shared_state.redis: PING answered");
+    }
+    Ok(())
 }
 
 fn init_logging(config: &RuntimeConfig) {

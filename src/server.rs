@@ -17,6 +17,7 @@ use crate::backend::{BackendConnector, Pool, tls::TlsSetupError};
 use crate::config::{ListenerConfig, RuntimeConfig, TlsMode};
 use crate::connection::{read_proxy_header, refuse_per_ip, serve_connection};
 use crate::limits::{AuthThrottle, PerIpLimiter};
+use crate::shared_state::SharedState;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, ProxyHeaderResult, Readiness};
 use crate::proxy_header::Header as ProxyHeader;
@@ -65,6 +66,8 @@ pub enum StartError {
     TicketKeys(#[from] TicketKeyError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    SharedState(#[from] crate::shared_state::SharedStateError),
     #[error("listeners[{index}] ({name}): {source}")]
     BackendTls {
         index: usize,
@@ -148,6 +151,8 @@ pub struct Server {
     readiness: Arc<Readiness>,
     /// Each listener's backends, by listener name.
     pools: Vec<(String, Arc<Pool>)>,
+    /// `shared_state`: the limits' counts shared with the other replicas.
+    shared: Option<Arc<SharedState>>,
 }
 
 impl Server {
@@ -159,6 +164,12 @@ impl Server {
             None => None,
         };
         let metrics = Metrics::register(registry)?;
+        // Reads the password file and CA now (a bad one stops the start); connects later, in
+        // the background, so an unreachable store never does.
+        let shared = match &config.shared_state {
+            Some(shared) => Some(SharedState::new(shared, registry)?),
+            None => None,
+        };
         // Here, not at run: a `backend_tls.ca` that cannot be read stops the start.
         let mut pools = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
@@ -182,6 +193,7 @@ impl Server {
             metrics,
             readiness: Arc::new(Readiness::default()),
             pools,
+            shared,
         })
     }
 
@@ -202,6 +214,7 @@ impl Server {
             metrics,
             readiness,
             pools,
+            shared,
         } = self;
         if store.is_self_signed() {
             tracing::warn!(
@@ -219,12 +232,22 @@ impl Server {
 
         let tracker = TaskTracker::new();
         // One table for all listeners: the limit is per client address, whatever port it uses.
-        let per_ip = PerIpLimiter::new(config.limits.connections_per_ip);
+        let per_ip = PerIpLimiter::with_shared(config.limits.connections_per_ip, shared.clone());
         // Likewise one failure count per address: a guesser may not rotate through ports.
-        let auth_throttle = AuthThrottle::new(
+        let auth_throttle = AuthThrottle::with_shared(
             config.limits.auth_failures_per_ip,
             config.limits.auth_failure_window,
+            shared.clone(),
         );
+        if let Some(shared) = &shared {
+            tracing::info!(replica = %shared.replica(), "limits counted across replicas in shared_state");
+            let slots = per_ip.clone();
+            tracker.spawn(
+                shared
+                    .clone()
+                    .maintain(move || slots.shared_slots(), control.shutdown.clone()),
+            );
+        }
         // Two signals for sessions: `control.shutdown` itself starts the drain (see
         // `Session::draining`), and `hard_stop`, cancelled only when the grace period runs out,
         // ends whatever is left (authenticated relays, a message the backend is still judging).
@@ -408,7 +431,17 @@ async fn accept_loop(
             continue;
         };
         let active = context.metrics.active.clone();
+        let admission = admission.clone();
         tracker.spawn(async move {
+            let mut session = session;
+            if !admission.shared_admit(&mut session).await {
+                drop(session);
+                if admission.context.config.tls == TlsMode::Starttls {
+                    refuse_per_ip(tcp, &admission.context).await;
+                }
+                drop(permit);
+                return;
+            }
             active.inc();
             serve_connection(tcp, session).await;
             active.dec();
@@ -452,6 +485,23 @@ impl Admission {
         Some(session)
     }
 
+    /// With `shared_state`, the replicas' shared count of unauthenticated sessions on a session
+    /// the local count admitted (one bounded round trip, in the session's own task, never the
+    /// accept loop's). `false`: the address is at its limit across replicas (counted and
+    /// logged here; the caller refuses); with the store down, `true`.
+    async fn shared_admit(&self, session: &mut Session) -> bool {
+        let Some(guard) = session.per_ip.as_mut() else {
+            return true;
+        };
+        if guard.share().await {
+            return true;
+        }
+        let context = &self.context;
+        context.metrics.refused_per_ip.inc();
+        tracing::debug!(listener = %context.config.name, client = %session.client_addr, limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached across replicas: refusing");
+        false
+    }
+
     /// A connection from a trusted balancer: reads its PROXY header, then serves the client it
     /// names, whose address from then on is the session's everywhere (limits included).
     async fn after_proxy_header(&self, mut tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
@@ -483,12 +533,19 @@ impl Admission {
                 return;
             }
         };
-        let Some(session) = self.session(client, local, Some(peer)) else {
+        let Some(mut session) = self.session(client, local, Some(peer)) else {
             if context.config.tls == TlsMode::Starttls {
                 refuse_per_ip(tcp, context).await;
             }
             return;
         };
+        if !self.shared_admit(&mut session).await {
+            drop(session);
+            if context.config.tls == TlsMode::Starttls {
+                refuse_per_ip(tcp, context).await;
+            }
+            return;
+        }
         let active = context.metrics.active.clone();
         active.inc();
         serve_connection(tcp, session).await;
