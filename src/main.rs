@@ -116,7 +116,8 @@ fn check_shared_state(shared: &config::SharedStateConfig, online: bool) -> anyho
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let state = mailfront::shared_state::SharedState::new(shared, &prometheus::Registry::new())?;
+        let state =
+            mailfront::shared_state::SharedState::new(shared, &prometheus::Registry::new())?;
         runtime
             .block_on(state.ping())
             .context("shared_state.redis: PING failed")?;

@@ -17,11 +17,11 @@ use crate::backend::{BackendConnector, Pool, tls::TlsSetupError};
 use crate::config::{ListenerConfig, RuntimeConfig, TlsMode};
 use crate::connection::{read_proxy_header, refuse_per_ip, serve_connection};
 use crate::limits::{AuthThrottle, PerIpLimiter};
-use crate::shared_state::SharedState;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, ProxyHeaderResult, Readiness};
 use crate::proxy_header::Header as ProxyHeader;
 use crate::session::{ListenerContext, Session};
+use crate::shared_state::SharedState;
 use crate::tls::{
     self, CertStore, Handshaker, ReloadOutcome, TicketKeyError, TicketKeys, TlsError,
 };

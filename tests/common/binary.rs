@@ -60,6 +60,12 @@ impl Binary {
         );
     }
 
+    /// SIGKILL: the process dies without any cleanup, as a crashed pod does.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn stop(mut self) -> Vec<String> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
