@@ -22,7 +22,7 @@
 //! - Login attempt from an address this replica already throttles: none (refused locally).
 //! - Any other login attempt, while the store is up: one script call ([`CHARGE`]) before the
 //!   login is forwarded. Its verdict needs the shared count, so this is the one round trip a
-//!   successful login pays (a loopback figure is in BENCHMARKS.md).
+//!   successful login pays (`bench/shared_state.py` measures it).
 //! - Refund (the login succeeded) and a failure verdict: no wait. The refund is a `ZREM` sent
 //!   without waiting for its answer; a failure keeps the charge already taken.
 //! - Accepted connection, with `connections_per_ip` on and the local count under the limit:

@@ -315,7 +315,7 @@ async fn a_killed_replica_frees_its_slots_when_its_lease_runs_out() {
     std::fs::write(&path, yaml).unwrap();
     let mut child = Binary::start(&path);
     let addr = child.address("starttls");
-    child.wait_for(&["shared state store reachable"]);
+    child.seen_or_wait_for(&["shared state store reachable"]);
     let (held, greeting) = plain_to(addr).await;
     assert!(greeting.starts_with("* OK"), "{greeting}");
     let (_refused, greeting) = f.plain(0).await;
