@@ -50,7 +50,7 @@ async def fake_imap(reader, writer):
             continue
         tag, cmd = parts[0], parts[1].upper()
         if cmd == "LOGIN":
-            ok = len(parts) >= 4 and parts[3] == "secret"
+            ok = len(parts) >= 4 and parts[3].strip('"') == "secret"
             writer.write(f"{tag} OK logged in\r\n".encode() if ok else f"{tag} NO [AUTHENTICATIONFAILED] no\r\n".encode())
         elif cmd == "CAPABILITY":
             writer.write(f"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{tag} OK done\r\n".encode())
