@@ -8,6 +8,7 @@
 //!   [`server::Server::run`] takes already-bound sockets so tests run the proxy in-process on
 //!   port 0. `connection` hands each accepted socket to its protocol's driver. [`fd_limit`]
 //!   raises the open-files limit at start and checks it against `max_connections`.
+//!   [`shared_state`] keeps those two counts in Redis/Valkey when replicas must share them.
 //! - Drivers: [`smtp::session`], and [`prelogin::serve`], the one pre-login loop that runs the
 //!   IMAP and POP3 not-authenticated state machines ([`imap::prelogin`], [`pop3::prelogin`]).
 //! - Below them: [`session`] (per-connection context, the client stream STARTTLS upgrades, timed
@@ -42,6 +43,7 @@ pub(crate) mod relay;
 pub mod reload;
 pub mod server;
 pub mod session;
+pub mod shared_state;
 pub mod smtp;
 pub mod tls;
 pub(crate) mod transport;

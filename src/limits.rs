@@ -14,14 +14,21 @@
 //! (RFC 6177 §2, RFC 7934), so counting single IPv6 addresses would let one client rotate through
 //! 2^64 of them. IPv6 addresses that embed an IPv4 client (IPv4-mapped, NAT64) count as that
 //! IPv4 address ([`IpKey`]).
+//!
+//! With `shared_state` both counts are also kept in Redis/Valkey ([`crate::shared_state`]), so
+//! the replicas of one deployment enforce one limit: the local table still answers first (an
+//! address this replica already refuses costs no round trip), then the store decides; when the
+//! store is down or slow the local answer stands, exactly as without `shared_state`.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::shared_state::SharedState;
 
 /// What one client address counts as: an IPv4 address, or the /64 prefix of an IPv6 address.
 ///
@@ -45,6 +52,18 @@ pub enum IpKey {
     V4(Ipv4Addr),
     /// The upper 64 bits of the address.
     V6Prefix(u64),
+}
+
+/// How the key is written in the shared store: `192.0.2.1`, or `2001:db8:1:2::/64`.
+impl std::fmt::Display for IpKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IpKey::V4(v4) => write!(f, "{v4}"),
+            IpKey::V6Prefix(prefix) => {
+                write!(f, "{}/64", Ipv6Addr::from_bits(u128::from(*prefix) << 64))
+            }
+        }
+    }
 }
 
 /// `64:ff9b::/96`, the NAT64 well-known prefix (RFC 6052 §2.1), shifted right by 32 bits.
@@ -86,6 +105,11 @@ struct Inner {
     /// larger than the number of open unauthenticated sessions (itself bounded by the
     /// listeners' `max_connections`).
     counts: Mutex<HashMap<IpKey, u32>>,
+    /// `shared_state`, when configured.
+    shared: Option<Arc<SharedState>>,
+    /// Of `counts`, the sessions also counted in the shared store (the ones to release there,
+    /// and what each lease refresh rewrites this replica's hash from).
+    remote: Mutex<HashMap<IpKey, u32>>,
 }
 
 impl Inner {
@@ -94,17 +118,38 @@ impl Inner {
     fn counts(&self) -> MutexGuard<'_, HashMap<IpKey, u32>> {
         self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn remote(&self) -> MutexGuard<'_, HashMap<IpKey, u32>> {
+        self.remote.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl PerIpLimiter {
     /// `limit` sessions per address; 0 turns the limit off.
     pub fn new(limit: u32) -> PerIpLimiter {
+        PerIpLimiter::with_shared(limit, None)
+    }
+
+    /// As [`PerIpLimiter::new`], also counting in `shared` ([`PerIpGuard::share`]).
+    pub fn with_shared(limit: u32, shared: Option<Arc<SharedState>>) -> PerIpLimiter {
         PerIpLimiter {
             inner: Arc::new(Inner {
                 limit: AtomicU32::new(limit),
                 counts: Mutex::new(HashMap::new()),
+                shared,
+                remote: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// The sessions this replica has counted in the shared store, by address: what its lease
+    /// refresh writes there.
+    pub fn shared_slots(&self) -> Vec<(IpKey, u32)> {
+        self.inner
+            .remote()
+            .iter()
+            .map(|(key, count)| (*key, *count))
+            .collect()
     }
 
     /// Counts one more session for `ip`, or `None` if the address is at its limit. The session
@@ -112,7 +157,10 @@ impl PerIpLimiter {
     pub fn try_acquire(&self, ip: IpAddr) -> Option<PerIpGuard> {
         let limit = self.limit();
         if limit == 0 {
-            return Some(PerIpGuard { held: None });
+            return Some(PerIpGuard {
+                held: None,
+                remote: false,
+            });
         }
         let key = IpKey::of(ip);
         let mut counts = self.inner.counts();
@@ -123,6 +171,7 @@ impl PerIpLimiter {
         *count += 1;
         Some(PerIpGuard {
             held: Some((self.inner.clone(), key)),
+            remote: false,
         })
     }
 
@@ -157,6 +206,35 @@ impl PerIpLimiter {
 #[derive(Debug)]
 pub struct PerIpGuard {
     held: Option<(Arc<Inner>, IpKey)>,
+    /// Also counted in the shared store.
+    remote: bool,
+}
+
+impl PerIpGuard {
+    /// With `shared_state`, counts the session in the shared store too, if the live replicas
+    /// together hold fewer than the limit for its address (one round trip). `false`: they do,
+    /// and the session must be refused (dropping the guard uncounts it locally). With the store
+    /// down or slow the local count, already taken, is the answer: `true`.
+    pub async fn share(&mut self) -> bool {
+        let Some((inner, key)) = &self.held else {
+            return true;
+        };
+        let Some(shared) = &inner.shared else {
+            return true;
+        };
+        match shared
+            .acquire(*key, inner.limit.load(Ordering::Relaxed))
+            .await
+        {
+            Some(true) => {
+                *inner.remote().entry(*key).or_insert(0) += 1;
+                self.remote = true;
+                true
+            }
+            Some(false) => false,
+            None => true,
+        }
+    }
 }
 
 impl Drop for PerIpGuard {
@@ -164,6 +242,19 @@ impl Drop for PerIpGuard {
         let Some((inner, key)) = self.held.take() else {
             return;
         };
+        if self.remote {
+            let mut remote = inner.remote();
+            if let Some(count) = remote.get_mut(&key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    remote.remove(&key);
+                }
+            }
+            drop(remote);
+            if let Some(shared) = &inner.shared {
+                shared.release(key);
+            }
+        }
         let mut counts = inner.counts();
         if let Some(count) = counts.get_mut(&key) {
             *count = count.saturating_sub(1);
@@ -226,6 +317,8 @@ pub struct AuthThrottle {
 pub struct AuthCharge {
     /// `None` when the throttle is off: nothing was charged.
     entry: Option<(IpKey, u64)>,
+    /// The charge's id in the shared store, when it was charged there too.
+    remote: Option<String>,
 }
 
 #[derive(Debug)]
@@ -236,6 +329,8 @@ struct ThrottleInner {
     window_ns: AtomicU64,
     capacity: usize,
     table: Mutex<Table>,
+    /// `shared_state`, when configured.
+    shared: Option<Arc<SharedState>>,
 }
 
 /// The charges of each address, oldest first, and the source of charge ids.
@@ -289,13 +384,64 @@ impl AuthThrottle {
 
     /// As [`AuthThrottle::new`], remembering at most `capacity` addresses (at least one).
     pub fn with_capacity(limit: u32, window: Duration, capacity: usize) -> AuthThrottle {
+        AuthThrottle::build(limit, window, capacity, None)
+    }
+
+    /// As [`AuthThrottle::new`], also counting in `shared` ([`AuthThrottle::charge`]).
+    pub fn with_shared(
+        limit: u32,
+        window: Duration,
+        shared: Option<Arc<SharedState>>,
+    ) -> AuthThrottle {
+        AuthThrottle::build(limit, window, AUTH_THROTTLE_ADDRESSES, shared)
+    }
+
+    fn build(
+        limit: u32,
+        window: Duration,
+        capacity: usize,
+        shared: Option<Arc<SharedState>>,
+    ) -> AuthThrottle {
         AuthThrottle {
             inner: Arc::new(ThrottleInner {
                 limit: AtomicU32::new(limit),
                 window_ns: AtomicU64::new(nanos(window)),
                 capacity: capacity.max(1),
                 table: Mutex::new(Table::default()),
+                shared,
             }),
+        }
+    }
+
+    /// [`AuthThrottle::try_charge`], then, with `shared_state`, the same charge in the shared
+    /// store, whose answer decides ([`crate::shared_state::CHARGE`]: at most `limit` unrefunded
+    /// charges per address within the window across all replicas, concurrent sessions included).
+    /// An address this replica already refuses costs no round trip; any other costs one. With
+    /// the store down or slow, the local answer stands.
+    pub async fn charge(&self, ip: IpAddr) -> Option<AuthCharge> {
+        let mut charge = self.try_charge(ip)?;
+        let (Some(shared), Some((key, _))) = (&self.inner.shared, charge.entry) else {
+            return Some(charge);
+        };
+        let id = shared.charge_id();
+        match shared
+            .charge(
+                key,
+                &id,
+                self.inner.limit.load(Ordering::Relaxed),
+                self.inner.window(),
+            )
+            .await
+        {
+            Some(true) => {
+                charge.remote = Some(id);
+                Some(charge)
+            }
+            Some(false) => {
+                self.refund(charge);
+                None
+            }
+            None => Some(charge),
         }
     }
 
@@ -306,7 +452,10 @@ impl AuthThrottle {
     pub fn try_charge(&self, ip: IpAddr) -> Option<AuthCharge> {
         let inner = &self.inner;
         if inner.limit() == 0 {
-            return Some(AuthCharge { entry: None });
+            return Some(AuthCharge {
+                entry: None,
+                remote: None,
+            });
         }
         let key = IpKey::of(ip);
         let now = Instant::now();
@@ -328,6 +477,7 @@ impl AuthThrottle {
             .push_back(Charged { at: now, id });
         Some(AuthCharge {
             entry: Some((key, id)),
+            remote: None,
         })
     }
 
@@ -338,6 +488,9 @@ impl AuthThrottle {
         let Some((key, id)) = charge.entry else {
             return;
         };
+        if let (Some(shared), Some(remote)) = (&self.inner.shared, charge.remote) {
+            shared.refund(key, remote);
+        }
         let mut table = self.inner.table();
         let Some(charges) = table.charges.get_mut(&key) else {
             return;
@@ -650,6 +803,7 @@ mod tests {
                 IpKey::of(ip("10.0.0.1")),
                 held(&throttle, ip("10.0.0.1"))[0],
             )),
+            remote: None,
         };
         throttle.refund(first);
         let _ = throttle.try_charge(ip("10.0.0.1")).unwrap();

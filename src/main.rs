@@ -37,13 +37,19 @@ enum Command {
         /// change, and what would need a restart.
         #[arg(long, value_name = "OLD")]
         against: Option<PathBuf>,
+        /// Also connect to `shared_state.redis` and ping it (otherwise only the URL, password
+        /// file and CA are checked, offline).
+        #[arg(long)]
+        online: bool,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check { against } => check(cli.config.as_deref(), against.as_deref()),
+        Command::Check { against, online } => {
+            check(cli.config.as_deref(), against.as_deref(), online)
+        }
         Command::Run => match run(cli.config.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -54,7 +60,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
+fn check(path: Option<&Path>, against: Option<&Path>, online: bool) -> ExitCode {
     let source = path
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "built-in default".into());
@@ -75,6 +81,11 @@ fn check(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return invalid(&e),
     };
+    if let Some(shared) = &config.shared_state
+        && let Err(e) = check_shared_state(shared, online)
+    {
+        return invalid(&format!("{e:#}"));
+    }
     let store = match CertStore::load(&config.tls.certificates, &config.hostname) {
         Ok(store) => store,
         Err(e) => return invalid(&e),
@@ -109,6 +120,25 @@ fn check(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `shared_state`: the URL, password file and CA as the server reads them at start; with
+/// `online`, a PING too.
+fn check_shared_state(shared: &config::SharedStateConfig, online: bool) -> anyhow::Result<()> {
+    let client = mailfront::shared_state::client(shared)?;
+    drop(client);
+    if online {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let state =
+            mailfront::shared_state::SharedState::new(shared, &prometheus::Registry::new())?;
+        runtime
+            .block_on(state.ping())
+            .context("shared_state.redis: PING failed")?;
+        println!("shared_state.redis: PING answered");
+    }
+    Ok(())
 }
 
 fn run(path: Option<&std::path::Path>) -> anyhow::Result<()> {

@@ -357,7 +357,8 @@ async fn until_login<M: Machine, S: Transport>(
             // Before anything is written, so a login leaves in the same write as the commands
             // pipelined before it. One step under the throttle's lock: checked and counted
             // together, so concurrent sessions of one address never pass the limit together.
-            let granted = session.charge_login(M::PROTOCOL);
+            // With `shared_state` this may wait one bounded store round trip.
+            let granted = session.charge_login(M::PROTOCOL).await;
             machine.login_charge(granted.is_some());
             if granted.is_some() {
                 charge = granted;

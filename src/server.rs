@@ -28,6 +28,7 @@ use crate::metrics::{Metrics, ProxyHeaderResult, Readiness};
 use crate::proxy_header::Header as ProxyHeader;
 use crate::reload::{self, Plan};
 use crate::session::{ListenerContext, Session};
+use crate::shared_state::SharedState;
 use crate::tls::{
     self, CertStore, Handshaker, ReloadOutcome, TicketKeyError, TicketKeys, TlsError,
 };
@@ -72,6 +73,8 @@ pub enum StartError {
     TicketKeys(#[from] TicketKeyError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    SharedState(#[from] crate::shared_state::SharedStateError),
     #[error("listeners[{index}] ({name}): {source}")]
     BackendTls {
         index: usize,
@@ -198,6 +201,8 @@ pub struct Server {
     pools: Vec<(String, Arc<Pool>)>,
     source: Option<Source>,
     log: Option<Arc<dyn LogControl>>,
+    /// `shared_state`: the limits' counts shared with the other replicas.
+    shared: Option<Arc<SharedState>>,
 }
 
 impl Server {
@@ -209,6 +214,12 @@ impl Server {
             None => None,
         };
         let metrics = Metrics::register(registry)?;
+        // Reads the password file and CA now (a bad one stops the start); connects later, in
+        // the background, so an unreachable store never does.
+        let shared = match &config.shared_state {
+            Some(shared) => Some(SharedState::new(shared, registry)?),
+            None => None,
+        };
         // Here, not at run: a `backend_tls.ca` that cannot be read stops the start.
         let mut pools = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
@@ -228,6 +239,7 @@ impl Server {
             pools,
             source: None,
             log: None,
+            shared,
         })
     }
 
@@ -264,6 +276,7 @@ impl Server {
             pools,
             source,
             log,
+            shared,
         } = self;
         if store.is_self_signed() {
             tracing::warn!(
@@ -275,6 +288,23 @@ impl Server {
         let tls = TlsState::new(&config, store, ticket_keys)?;
 
         let tracker = TaskTracker::new();
+        // One table for all listeners: the limit is per client address, whatever port it uses.
+        let per_ip = PerIpLimiter::with_shared(config.limits.connections_per_ip, shared.clone());
+        // Likewise one failure count per address: a guesser may not rotate through ports.
+        let auth_throttle = AuthThrottle::with_shared(
+            config.limits.auth_failures_per_ip,
+            config.limits.auth_failure_window,
+            shared.clone(),
+        );
+        if let Some(shared) = &shared {
+            tracing::info!(replica = %shared.replica(), "limits counted across replicas in shared_state");
+            let slots = per_ip.clone();
+            tracker.spawn(
+                shared
+                    .clone()
+                    .maintain(move || slots.shared_slots(), control.shutdown.clone()),
+            );
+        }
         // Two signals for sessions: `control.shutdown` itself starts the drain (see
         // `Session::draining`), and `hard_stop`, cancelled only when the grace period runs out,
         // ends whatever is left (authenticated relays, a message the backend is still judging).
@@ -301,11 +331,8 @@ impl Server {
         let mut live = Live {
             // One table for all listeners: the limit is per client address, whatever port it
             // uses. Likewise one failure count per address: a guesser may not rotate ports.
-            per_ip: PerIpLimiter::new(config.limits.connections_per_ip),
-            auth_throttle: AuthThrottle::new(
-                config.limits.auth_failures_per_ip,
-                config.limits.auth_failure_window,
-            ),
+            per_ip,
+            auth_throttle,
             config,
             hash: source.hash,
             failed_hash: None,
@@ -979,7 +1006,17 @@ async fn accept_loop(
             continue;
         };
         let active = context.metrics.active.clone();
+        let admission = admission.clone();
         tracker.spawn(async move {
+            let mut session = session;
+            if !admission.shared_admit(&mut session).await {
+                drop(session);
+                if admission.context.config.tls == TlsMode::Starttls {
+                    refuse_per_ip(tcp, &admission.context).await;
+                }
+                drop(permit);
+                return;
+            }
             active.inc();
             serve_connection(tcp, session).await;
             active.dec();
@@ -1023,6 +1060,23 @@ impl Admission {
         Some(session)
     }
 
+    /// With `shared_state`, the replicas' shared count of unauthenticated sessions on a session
+    /// the local count admitted (one bounded round trip, in the session's own task, never the
+    /// accept loop's). `false`: the address is at its limit across replicas (counted and
+    /// logged here; the caller refuses); with the store down, `true`.
+    async fn shared_admit(&self, session: &mut Session) -> bool {
+        let Some(guard) = session.per_ip.as_mut() else {
+            return true;
+        };
+        if guard.share().await {
+            return true;
+        }
+        let context = &self.context;
+        context.metrics.refused_per_ip.inc();
+        tracing::debug!(listener = %context.config.name, client = %session.client_addr, limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached across replicas: refusing");
+        false
+    }
+
     /// A connection from a trusted balancer: reads its PROXY header, then serves the client it
     /// names, whose address from then on is the session's everywhere (limits included).
     async fn after_proxy_header(&self, mut tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
@@ -1054,12 +1108,19 @@ impl Admission {
                 return;
             }
         };
-        let Some(session) = self.session(client, local, Some(peer)) else {
+        let Some(mut session) = self.session(client, local, Some(peer)) else {
             if context.config.tls == TlsMode::Starttls {
                 refuse_per_ip(tcp, context).await;
             }
             return;
         };
+        if !self.shared_admit(&mut session).await {
+            drop(session);
+            if context.config.tls == TlsMode::Starttls {
+                refuse_per_ip(tcp, context).await;
+            }
+            return;
+        }
         let active = context.metrics.active.clone();
         active.inc();
         serve_connection(tcp, session).await;

@@ -313,12 +313,13 @@ impl Session {
     /// (`limits.auth_failures_per_ip`, [`AuthThrottle::try_charge`]). `None`: the address is
     /// throttled and the attempt must be answered locally. The driver holds the charge until the
     /// backend's verdict and settles it then ([`LoginCharge::refund`], [`LoginCharge::keep`]);
-    /// a charge dropped unsettled (the session ended first) stays counted.
-    pub fn charge_login(&self, protocol: &'static str) -> Option<LoginCharge> {
+    /// a charge dropped unsettled (the session ended first) stays counted. With `shared_state`
+    /// the charge is also taken in the shared store ([`AuthThrottle::charge`]).
+    pub async fn charge_login(&self, protocol: &'static str) -> Option<LoginCharge> {
         let held = match &self.auth_throttle {
             Some(throttle) => Some((
                 throttle.clone(),
-                throttle.try_charge(self.client_addr.ip())?,
+                throttle.charge(self.client_addr.ip()).await?,
             )),
             None => None,
         };

@@ -752,7 +752,7 @@ impl<'s> Driver<'s> {
                 self.auth_mechanism = mechanism_for_log(&auth.mechanism);
                 // Charged before it goes out, checked and counted in one step; AUTH ends a
                 // pipeline group, so at most one exchange (and one charge) is in flight.
-                let Some(charge) = self.session.charge_login("smtp") else {
+                let Some(charge) = self.session.charge_login("smtp").await else {
                     // Answered here, in order with the replies owed: nothing reaches the backend.
                     self.session.auth_throttled();
                     tracing::info!(listener = %self.session.listener.config.name, client = %self.session.client_addr, mechanism = %self.auth_mechanism, result = "throttled", "smtp authentication");

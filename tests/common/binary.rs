@@ -60,6 +60,24 @@ impl Binary {
         );
     }
 
+    /// As [`Binary::wait_for`], but a line already seen (while waiting for another) counts too.
+    pub fn seen_or_wait_for(&mut self, needles: &[&str]) -> String {
+        let seen = self
+            .seen
+            .iter()
+            .find(|line| needles.iter().all(|n| line.contains(n)));
+        match seen {
+            Some(line) => line.clone(),
+            None => self.wait_for(needles),
+        }
+    }
+
+    /// SIGKILL: the process dies without any cleanup, as a crashed pod does.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn stop(mut self) -> Vec<String> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])

@@ -4,7 +4,8 @@
 //! - `fake_backend`: fake SMTP/IMAP/POP3/echo backends that record every byte they receive;
 //! - `client`: a real rustls client and line readers;
 //! - `binary`: the real binary as a child process, with its JSON log lines;
-//! - `fleet`: backends that can be killed and revived, optionally behind TLS (pool tests).
+//! - `fleet`: backends that can be killed and revived, optionally behind TLS (pool tests);
+//! - `redis`: a real `redis-server` on a free loopback port (`shared_state` tests).
 //!
 //! Everything is re-exported here, so test files just `use common::*`.
 #![allow(dead_code)]
@@ -17,6 +18,7 @@ mod fake_backend;
 mod fleet;
 mod pki;
 mod proxy;
+mod redis;
 
 use std::time::Duration;
 
@@ -30,6 +32,9 @@ pub use fake_backend::*;
 pub use fleet::*;
 pub use pki::*;
 pub use proxy::*;
+// Only tests/shared_state.rs runs redis-server.
+#[allow(unused_imports)]
+pub use redis::*;
 
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const TIMEOUT: Duration = Duration::from_secs(10);

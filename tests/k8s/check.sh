@@ -192,6 +192,13 @@ render() { # NAME CMD... -> $WORK/NAME.yaml
 render helm-default helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE"
 render helm-full helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" -f "$FULL_VALUES"
 render kustomize kubectl kustomize "$ROOT/deploy"
+# shared_state: the chart's own Valkey, and an external Redis with a password Secret and a CA.
+render helm-valkey helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" \
+  --set sharedState.valkey.enabled=true --set networkPolicy.egress.enabled=true
+render helm-redis helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" \
+  --set sharedState.redis.url=rediss://redis.example.org:6380/0 --set sharedState.redis.existingSecret=redis-auth \
+  --set sharedState.redis.caSecret=redis-ca --set sharedState.redis.port=6380 --set sharedState.keyPrefix=prod \
+  --set networkPolicy.egress.enabled=true
 
 # Guards in the chart must refuse dangerous values.
 expect_failure "chart refuses terminationGracePeriodSeconds <= shutdown_grace + preStop" \
@@ -233,6 +240,26 @@ if [ -n "${RENDERED[helm-full]:-}" ]; then
  and m["labels"]["team"] == "mail" and m["labels"]["example.org/tier"] == "edge"
  and all(d["metadata"]["labels"]["team"] == "mail" and d["metadata"]["annotations"]["example.org/owner"] == "mail-team" for d in docs))(
   one("Deployment")["spec"]["template"]["spec"], one("Deployment")["spec"]["template"]["metadata"])'
+  true
+fi
+if [ -n "${RENDERED[helm-valkey]:-}" ] && [ -n "${RENDERED[helm-redis]:-}" ]; then
+  expect_rendered "sharedState.valkey: a non-root, read-only Valkey, its Service and NetworkPolicy, wired into shared_state and the egress policy" "${RENDERED[helm-valkey]}" '
+(lambda v, cfg: v["spec"]["replicas"] == 1 and v["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
+ and v["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+ and "latest" not in v["spec"]["template"]["spec"]["containers"][0]["image"]
+ and cfg["shared_state"]["redis"] == "redis://mailfront-valkey.mail.svc:6379/0"
+ and ("Service", "mailfront-valkey") in by and ("NetworkPolicy", "mailfront-valkey") in by
+ and any(p.get("port") == 6379 for e in by[("NetworkPolicy", "mailfront")]["spec"]["egress"] for p in e.get("ports", [])))(
+  by[("Deployment", "mailfront-valkey")], __import__("yaml").safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]))'
+  expect_rendered "sharedState.redis: URL, password Secret and CA mounted and named in shared_state, egress on its port" "${RENDERED[helm-redis]}" '
+(lambda cfg, p: cfg["shared_state"] == {"redis": "rediss://redis.example.org:6380/0", "timeout": "50ms", "key_prefix": "prod",
+   "password_file": "/etc/mailfront/shared-state/password/password", "ca": "/etc/mailfront/shared-state/ca/ca.crt"}
+ and any(v.get("secret", {}).get("secretName") == "redis-auth" for v in p["volumes"])
+ and any(v.get("secret", {}).get("secretName") == "redis-ca" for v in p["volumes"])
+ and any(q.get("port") == 6380 for e in by[("NetworkPolicy", "mailfront")]["spec"]["egress"] for q in e.get("ports", [])))(
+  __import__("yaml").safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]), one("Deployment")["spec"]["template"]["spec"])'
+fi
+if [ -n "${RENDERED[helm-full]:-}" ]; then
   expect_rendered "full values: defaultCertificate first, listeners by name, a disabled listener nowhere" "${RENDERED[helm-full]}" '
 (lambda cfg: cfg["tls"]["certificates"][0]["cert"] == "/etc/mailfront/tls/main/tls.crt" and len(cfg["tls"]["certificates"]) == 2
  and sorted(l["name"] for l in cfg["listeners"]) == ["imaps", "pop3s", "pop3s-lb", "submission", "submissions"]
@@ -603,7 +630,7 @@ fi
 # Kubernetes schemas (offline). Custom resources are skipped here by kind, explicitly.
 
 echo "note  kubernetes-validate skips custom resource kinds: $CRD_KINDS (ServiceMonitor and PrometheusRule: CRD schemas above; Certificate: none vendored)"
-for r in helm-default helm-full kustomize; do
+for r in helm-default helm-full helm-valkey kustomize; do
   [ -n "${RENDERED[$r]:-}" ] || continue
   for v in $K8S_VERSIONS; do
     check "kubernetes-validate --strict $r (Kubernetes $v)" \
@@ -614,7 +641,7 @@ done
 # ---------------------------------------------------------------------------------------------
 # checkov: every failed check either fixed or skipped with a reason in .checkov.yaml.
 
-for r in helm-default helm-full kustomize; do
+for r in helm-default helm-full helm-valkey kustomize; do
   [ -n "${RENDERED[$r]:-}" ] || continue
   cp "$WORK/$r.yaml" "$WORK/checkov-$r.yaml"
   check "checkov $r" "$VENV/checkov" --quiet --compact --config-file "$ROOT/.checkov.yaml" \
@@ -757,7 +784,8 @@ else
       -subj /CN=mail.example.org -addext subjectAltName=DNS:mail.example.org \
       -keyout "$certs/tls.key" -out "$certs/tls.crt" >"$WORK/openssl.log" 2>&1 \
       && { cp "$rot/ticket.keys" "$certs/ticket.keys" 2>/dev/null || openssl rand -out "$certs/ticket.keys" 240; } >>"$WORK/openssl.log" 2>&1; then
-    for r in helm-default helm-full kustomize; do
+    echo -n s3cret >"$certs/redis-password"
+    for r in helm-default helm-full helm-valkey helm-redis kustomize; do
       [ -n "${RENDERED[$r]:-}" ] || continue
       cms=("$WORK/$r.d"/ConfigMap.*config*.yaml)
       cm=${cms[0]}
@@ -769,6 +797,9 @@ cfg = re.sub(r"/etc/mailfront/tls/[^/\s]+/(tls\.(crt|key))", sys.argv[3] + r"/\1
 # backend_tls CA bundles (backendCa mounts): the same certificate stands in for them.
 cfg = re.sub(r"/etc/mailfront/backend-ca/[^/\s]+/[^\s]+", sys.argv[3] + "/tls.crt", cfg)
 cfg = cfg.replace("/etc/mailfront/tickets/ticket.keys", sys.argv[3] + "/ticket.keys")
+# shared_state's password file and CA (sharedState.redis.existingSecret / caSecret mounts).
+cfg = cfg.replace("/etc/mailfront/shared-state/password/password", sys.argv[3] + "/redis-password")
+cfg = cfg.replace("/etc/mailfront/shared-state/ca/ca.crt", sys.argv[3] + "/tls.crt")
 open(sys.argv[2], "w").write(cfg)
 EOF
       check "mailfront check --config ($r)" "$MF" check --config "$WORK/$r.config.yaml"

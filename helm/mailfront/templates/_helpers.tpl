@@ -325,7 +325,33 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- end }}
 {{- $_ := set $cfg "listeners" $listeners }}
 {{- $_ := set $cfg "metrics" (dict "listen" (printf "%s:%d" .Values.bindAddress (int .Values.metrics.port))) }}
+{{- with include "mailfront.sharedStateURL" . }}
+{{- $shared := dict "redis" . "timeout" $.Values.sharedState.timeout }}
+{{- if $.Values.sharedState.keyPrefix }}{{ $_ := set $shared "key_prefix" $.Values.sharedState.keyPrefix }}{{ end }}
+{{- if and (not $.Values.sharedState.valkey.enabled) $.Values.sharedState.redis.existingSecret }}
+{{- $_ := set $shared "password_file" "/etc/mailfront/shared-state/password/password" }}
+{{- end }}
+{{- if and (not $.Values.sharedState.valkey.enabled) $.Values.sharedState.redis.caSecret }}
+{{- $_ := set $shared "ca" "/etc/mailfront/shared-state/ca/ca.crt" }}
+{{- end }}
+{{- $_ := set $cfg "shared_state" $shared }}
+{{- end }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/* shared_state.redis: the chart's Valkey, else sharedState.redis.url, else empty (off). */}}
+{{- define "mailfront.sharedStateURL" -}}
+{{- if .Values.sharedState.valkey.enabled -}}
+redis://{{ include "mailfront.fullname" . }}-valkey.{{ .Release.Namespace }}.svc:6379/0
+{{- else if .Values.sharedState.redis.url -}}
+{{ .Values.sharedState.redis.url }}
+{{- end -}}
+{{- end }}
+
+{{/* The Valkey pods' selector labels. */}}
+{{- define "mailfront.valkeySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "mailfront.name" . }}-valkey
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
