@@ -160,6 +160,12 @@ pub fn plan(old: &RuntimeConfig, new: &RuntimeConfig) -> Plan {
             old.listen_backlog, new.listen_backlog
         ));
     }
+    if old.shared_state != new.shared_state {
+        // The client, its replica lease and the tables' link to it are made once at start.
+        plan.needs_restart.push(
+            "shared_state (the store the limits are shared through is chosen at start)".to_owned(),
+        );
+    }
     plan
 }
 
@@ -172,6 +178,29 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use std::path::Path;
+
+    #[test]
+    fn a_changed_shared_state_needs_a_restart() {
+        let base = "hostname: h\nlisteners:\n  - name: imaps\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n";
+        let load = |yaml: &str| {
+            Config::from_yaml(yaml)
+                .unwrap()
+                .validate(Path::new("/"))
+                .unwrap()
+        };
+        let old = load(base);
+        let new = load(&format!(
+            "{base}shared_state:\n  redis: \"redis://127.0.0.1:6379/0\"\n"
+        ));
+        let plan = plan(&old, &new);
+        assert!(
+            plan.needs_restart
+                .iter()
+                .any(|item| item.starts_with("shared_state")),
+            "{:?}",
+            plan.needs_restart
+        );
+    }
 
     fn config(yaml: &str) -> RuntimeConfig {
         Config::from_yaml(yaml)
