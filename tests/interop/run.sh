@@ -659,7 +659,8 @@ listeners:
 EOF
     } >"$MF_TH_CONF"
     "$MF_BIN" --config "$MF_TH_CONF" >"$MF_TH_LOG" 2>&1 &
-    PIDS_TO_KILL+=("$!")
+    MF_TH_PID=$!
+    PIDS_TO_KILL+=("$MF_TH_PID")
     python3 "$MFI" waitport --timeout 30 "$P_IMAPS_TH" "$P_POP3S_TH"
 }
 
@@ -1554,7 +1555,7 @@ echo "$PASSED passed, $FAILED failed"
 if [ "$KEEP" = 1 ]; then
     cat <<EOF
 
-Left running (working directory $T; stop with: kill ${MF_PID:-<none>} ${MF_SS_PIDS[*]} ${REDIS_PID:-}; postfix -c $POSTFIX_CONF stop; doveadm -c $DOVECOT_CONF stop)
+Left running (working directory $T; stop with: kill ${MF_PID:-<none>} ${MF_TH_PID:-} ${MF_SS_PIDS[*]} ${REDIS_PID:-} ${HAPROXY_PID:-}; postfix -c $POSTFIX_CONF stop; doveadm -c $DOVECOT_CONF stop)
   user $USER_NAME  password $USER_PASS  CA $CA
   Dovecot log $DOVECOT_LOG   Postfix log $POSTFIX_LOG   mailfront log $MF_LOG
   Maildir $MAILDIR
