@@ -688,10 +688,10 @@ def _throttled(proto, answer):
     return marker in answer
 
 
-def _tls_session(args):
+def _tls_session(args, port=None):
     ctx = client_context(args)
     src = (args.source, 0) if args.source else None
-    sock = socket.create_connection((args.host, args.port), 20, src)
+    sock = socket.create_connection((args.host, port or args.port), 20, src)
     tls = ctx.wrap_socket(sock, server_hostname=args.sni or args.host)
     greeting = read_until(tls, lambda b: b"\r\n" in b)
     if not greeting:
@@ -703,18 +703,20 @@ def cmd_auth_attempts(args):
     """Wrong passwords `<prefix>-0` ... `<prefix>-(N-1)` for one user, as the two attacks on a
     throttle that counts failures only when they come back: `hangup` sends each on its own
     session and closes `--hangup-after` seconds later (before Dovecot's auth_failure_delay of
-    2 s answers), `concurrent` sends them all at once on N greeted sessions. Prints how many
-    answers came back throttled."""
+    2 s answers), `concurrent` sends them all at once on N greeted sessions. With `--also-port`,
+    session i goes to the i-th port of `--port` and those, round robin (several replicas).
+    Prints how many answers came back throttled."""
+    ports = [args.port] + (args.also_port or [])
     throttled = 0
     if args.mode == "hangup":
         for i in range(args.attempts):
-            tls = _tls_session(args)
+            tls = _tls_session(args, ports[i % len(ports)])
             tls.sendall(_login_lines(args.proto, args.user, f"{args.password_prefix}-{i}"))
             answer = read_until(tls, lambda b: False, timeout=args.hangup_after)
             throttled += _throttled(args.proto, answer)
             tls.close()
     else:
-        sessions = [_tls_session(args) for _ in range(args.attempts)]
+        sessions = [_tls_session(args, ports[i % len(ports)]) for i in range(args.attempts)]
         for i, tls in enumerate(sessions):
             tls.sendall(_login_lines(args.proto, args.user, f"{args.password_prefix}-{i}"))
         if args.proto == "imap":
@@ -729,7 +731,7 @@ def cmd_auth_attempts(args):
 
 def cmd_auth_checked(args):
     """How many of `auth-attempts`' passwords Dovecot's auth process saw (it logs each AUTH
-    request's response with auth_debug_passwords); fails above `--max` or at 0."""
+    request's response with auth_debug_passwords); fails above `--max` or under `--min`."""
     time.sleep(1)
     with open(args.log, "rb") as f:
         log = f.read()
@@ -740,8 +742,35 @@ def cmd_auth_checked(args):
     print(f"checked={checked} of {args.attempts}")
     if checked > args.max:
         raise Fail(f"Dovecot checked {checked} of {args.attempts} wrong passwords, limit {args.max}")
-    if checked == 0:
-        raise Fail("Dovecot checked none: the count proves nothing (is auth_debug_passwords on?)")
+    if checked < args.min:
+        if checked == 0:
+            raise Fail("Dovecot checked none: the count proves nothing (is auth_debug_passwords on?)")
+        raise Fail(f"Dovecot checked {checked} of {args.attempts} wrong passwords, expected at least {args.min}")
+
+
+def cmd_auth_refused(args):
+    """One session per port (`--port` and every `--also-port`), each sending the wrong password
+    `<prefix>-<i>`; each must come back with the throttled answer (IMAP `a NO [UNAVAILABLE]`,
+    POP3 `-ERR [SYS/TEMP]`) within `--within` seconds, i.e. without waiting on the backend's
+    auth_failure_delay. `auth-checked --max 0 --min 0` then shows the backend never saw them."""
+    ports = [args.port] + (args.also_port or [])
+    for i, port in enumerate(ports):
+        started = time.monotonic()
+        tls = _tls_session(args, port)
+        tls.sendall(_login_lines(args.proto, args.user, f"{args.password_prefix}-{i}"))
+        if args.proto == "imap":
+            answer = read_until(tls, tagged("a"), timeout=15)
+            ok = re.search(rb"(^|\r\n)a NO \[UNAVAILABLE\]", answer) is not None
+        else:
+            answer = read_until(tls, lambda b: b.count(b"\r\n") >= 2, timeout=15)
+            ok = _throttled("pop3", answer)
+        took = time.monotonic() - started
+        tls.close()
+        if not ok:
+            raise Fail(f"port {port}: expected the throttled answer, got {answer!r}")
+        if took > args.within:
+            raise Fail(f"port {port}: throttled answer after {took:.1f}s (over {args.within}s)")
+        print(f"port {port}: throttled in {took:.2f}s")
 
 
 def main():
@@ -868,7 +897,18 @@ def main():
     p.add_argument("--password-prefix", required=True)
     p.add_argument("--attempts", type=int, default=10)
     p.add_argument("--hangup-after", type=float, default=1.5)
+    p.add_argument("--also-port", type=int, action="append",
+                   help="more ports (replicas) to spread the sessions over, round robin")
     p.set_defaults(func=cmd_auth_attempts)
+
+    p = sub.add_parser("auth-refused")
+    conn(p, user=False)
+    p.add_argument("--proto", choices=["imap", "pop3"], required=True)
+    p.add_argument("--user", required=True)
+    p.add_argument("--password-prefix", required=True)
+    p.add_argument("--also-port", type=int, action="append")
+    p.add_argument("--within", type=float, default=1.5)
+    p.set_defaults(func=cmd_auth_refused)
 
     p = sub.add_parser("auth-checked")
     p.add_argument("--log", required=True)
@@ -876,6 +916,7 @@ def main():
     p.add_argument("--password-prefix", required=True)
     p.add_argument("--attempts", type=int, default=10)
     p.add_argument("--max", type=int, required=True)
+    p.add_argument("--min", type=int, default=1)
     p.set_defaults(func=cmd_auth_checked)
 
     args = ap.parse_args()

@@ -59,7 +59,7 @@ run_case() {
 
 # libnet-ssleay-perl: swaks's TLS support (only a Recommends of swaks, so not pulled in here).
 PKGS=(dovecot-imapd dovecot-pop3d postfix swaks libnet-ssleay-perl curl openssl msmtp fetchmail
-      testssl.sh python3 ca-certificates prometheus haproxy)
+      testssl.sh python3 ca-certificates prometheus haproxy redis-server)
 install_packages() {
     local missing=() p
     for p in "${PKGS[@]}"; do
@@ -88,7 +88,8 @@ install_packages() {
     [ $rc = 0 ] || die "apt-get failed ($rc)"
 }
 install_packages
-for tool in dovecot doveadm postfix postconf swaks curl openssl msmtp fetchmail python3 haproxy; do
+for tool in dovecot doveadm postfix postconf swaks curl openssl msmtp fetchmail python3 haproxy \
+        redis-server; do
     command -v "$tool" >/dev/null || die "$tool not found after install"
 done
 TESTSSL_BIN=$(command -v testssl || command -v testssl.sh || true)
@@ -169,7 +170,9 @@ read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
         P_POSTFIX_XC P_SMTPS_XC P_IMAPS_XC P_POP3S_XC \
         P_POSTFIX_HX P_SMTPS_HX P_SUBMISSION_HX P_SMTPS_HP P_POSTFIX_HN P_SMTPS_HN \
         P_IMAPS_TH P_POP3S_TH P_METRICS_TH \
-        < <(python3 "$MFI" freeports 31)
+        P_REDIS P_IMAPS_SA P_METRICS_SA P_IMAPS_SB P_METRICS_SB \
+        P_IMAPS_SC P_METRICS_SC P_IMAPS_SD P_METRICS_SD \
+        < <(python3 "$MFI" freeports 40)
 # *_PP: backend ports that require a PROXY protocol v2 header, and the mailfront listeners with
 # backend_proxy_protocol: true in front of them. The client cases connect from 127.0.0.2 so the
 # backends' records can tell the client's address from mailfront's (127.0.0.1).
@@ -184,7 +187,9 @@ PP_CLIENT=127.0.0.2
 # submissions-hp (465) has not. P_POSTFIX_HN trusts mailfront for relaying but not for XCLIENT
 # (so its EHLO offers none), with submissions-hn (465, backend_client_info) in front.
 # *_TH: a second mailfront with limits.auth_failures_per_ip: 3 (the throttle cases), so the main
-# one keeps its defaults.
+# one keeps its defaults. P_REDIS: a redis-server for shared_state; *_SA, *_SB: two more mailfronts
+# like *_TH (imaps only) sharing their counts through it, *_SC, *_SD: two that do not (each its
+# own key_prefix), the shared-state cases' control.
 
 # ---------------------------------------------------------------------------------------------
 # 3. Dovecot
@@ -615,13 +620,29 @@ start_mailfront() {
 # the wrong passwords then falls on it, not on 127.0.0.1, which every other case shares.
 MF_TH_CONF="$T/mailfront-throttle.yaml"
 MF_TH_LOG="$T/mailfront-throttle.log"
-start_throttle_mailfront() {
-    cat >"$MF_TH_CONF" <<EOF
+# limited_conf METRICS_PORT: what every mailfront with the auth limit shares (the listeners and
+# shared_state are appended by the caller).
+limited_conf() {
+    cat <<EOF
 hostname: $HOSTNAME_MF
 tls:
   certificates:
     - cert: $T/tls/server.crt
       key: $T/tls/server.key
+metrics:
+  listen: "127.0.0.1:$1"
+log:
+  format: text
+  level: debug
+limits:
+  connections_per_ip: 0
+  auth_failures_per_ip: 3
+  auth_failure_window: 10m
+EOF
+}
+
+start_throttle_mailfront() {
+    { limited_conf "$P_METRICS_TH"; cat <<EOF
 listeners:
   - name: imaps-throttle
     protocol: imap
@@ -635,18 +656,11 @@ listeners:
     tls: implicit
     backend: "127.0.0.1:$P_DOVECOT_POP3"
     backend_client_info: true
-metrics:
-  listen: "127.0.0.1:$P_METRICS_TH"
-log:
-  format: text
-  level: debug
-limits:
-  connections_per_ip: 0
-  auth_failures_per_ip: 3
-  auth_failure_window: 10m
 EOF
+    } >"$MF_TH_CONF"
     "$MF_BIN" --config "$MF_TH_CONF" >"$MF_TH_LOG" 2>&1 &
-    PIDS_TO_KILL+=("$!")
+    MF_TH_PID=$!
+    PIDS_TO_KILL+=("$MF_TH_PID")
     python3 "$MFI" waitport --timeout 30 "$P_IMAPS_TH" "$P_POP3S_TH"
 }
 
@@ -661,6 +675,104 @@ case_auth_throttle() {
         --source "$4" --mode "$3" --user "$user" --password-prefix "$prefix" --attempts 10 &&
     python3 "$MFI" auth-checked --log "$DOVECOT_LOG" --user "$user" --password-prefix "$prefix" \
         --attempts 10 --max 3
+}
+
+# Shared state (README "Running several replicas"): a redis-server, and mailfronts like the
+# throttle one (imaps only) in front of the same Dovecot. shared-a and shared-b name the same
+# server and key_prefix, so they count one budget of 3 per client address; shared-c and shared-d
+# name the same server with a key_prefix each, so each counts its own (the control).
+REDIS_LOG="$T/redis.log"
+MF_SS_PIDS=()
+start_redis() {
+    redis-server --port "$P_REDIS" --bind 127.0.0.1 --save '' --appendonly no --dir "$T" \
+        >"$REDIS_LOG" 2>&1 &
+    REDIS_PID=$!
+    PIDS_TO_KILL+=("$REDIS_PID")
+    python3 "$MFI" waitport --timeout 10 "$P_REDIS" ||
+        { echo "redis-server did not start: $(tail -n 3 "$REDIS_LOG" | tr '\n' ' ')" >&2; return 1; }
+}
+
+# start_shared_mailfront NAME IMAPS_PORT METRICS_PORT KEY_PREFIX
+start_shared_mailfront() {
+    { limited_conf "$3"; cat <<EOF
+listeners:
+  - name: imaps-$1
+    protocol: imap
+    listen: "127.0.0.1:$2"
+    tls: implicit
+    backend: "127.0.0.1:$P_DOVECOT_IMAP"
+    backend_client_info: true
+shared_state:
+  redis: "redis://127.0.0.1:$P_REDIS/0"
+  key_prefix: "$4"
+EOF
+    } >"$T/mailfront-$1.yaml"
+    "$MF_BIN" --config "$T/mailfront-$1.yaml" >"$T/mailfront-$1.log" 2>&1 &
+    MF_SS_PIDS+=("$!")
+    PIDS_TO_KILL+=("$!")
+}
+
+# shared_state_up METRICS_PORT...: every one's mailfront_shared_state_up reads 1.
+shared_state_up() {
+    local port
+    for port in "$@"; do
+        curl -sS --max-time 5 "http://127.0.0.1:$port/metrics" >"$T/metrics-ss-$port.txt" ||
+            { echo "metrics on $port did not answer" >&2; return 1; }
+        grep -qx 'mailfront_shared_state_up 1' "$T/metrics-ss-$port.txt" || {
+            echo "metrics on $port: $(grep '^mailfront_shared_state_up' "$T/metrics-ss-$port.txt" ||
+                echo 'no mailfront_shared_state_up')" >&2
+            return 1
+        }
+    done
+}
+
+# Every replica must have reached the store before the cases: until then each counts alone
+# (fail-open), and the shared case would measure nothing.
+start_shared_state_fixture() {
+    start_redis || return 1
+    start_shared_mailfront shared-a "$P_IMAPS_SA" "$P_METRICS_SA" interop
+    start_shared_mailfront shared-b "$P_IMAPS_SB" "$P_METRICS_SB" interop
+    start_shared_mailfront shared-c "$P_IMAPS_SC" "$P_METRICS_SC" interop-c
+    start_shared_mailfront shared-d "$P_IMAPS_SD" "$P_METRICS_SD" interop-d
+    python3 "$MFI" waitport --timeout 30 "$P_IMAPS_SA" "$P_IMAPS_SB" "$P_IMAPS_SC" "$P_IMAPS_SD" \
+        "$P_METRICS_SA" "$P_METRICS_SB" "$P_METRICS_SC" "$P_METRICS_SD" || return 1
+    local i
+    for i in $(seq 50); do
+        shared_state_up "$P_METRICS_SA" "$P_METRICS_SB" "$P_METRICS_SC" "$P_METRICS_SD" \
+            2>/dev/null && return 0
+        sleep 0.2
+    done
+    shared_state_up "$P_METRICS_SA" "$P_METRICS_SB" "$P_METRICS_SC" "$P_METRICS_SD"
+}
+
+# case_shared_failures PORT_A PORT_B SOURCE MIN MAX [refused]: 10 wrong passwords for an unknown
+# user from SOURCE, sent at once on 10 greeted sessions, alternating between the two replicas
+# (5 each); Dovecot must have checked between MIN and MAX of them. With `refused`, one more
+# session on each replica must then get `a NO [UNAVAILABLE]` at once, and Dovecot never see it.
+case_shared_failures() {
+    local user="shared-$3-$$@example.test" prefix="wrong-shared-$3-$$"
+    python3 "$MFI" auth-attempts --proto imap --port "$1" --also-port "$2" --cafile "$CA" \
+        --sni "$HOSTNAME_MF" --source "$3" --mode concurrent --user "$user" \
+        --password-prefix "$prefix" --attempts 10 &&
+    python3 "$MFI" auth-checked --log "$DOVECOT_LOG" --user "$user" --password-prefix "$prefix" \
+        --attempts 10 --min "$4" --max "$5" || return 1
+    [ "${6:-}" = refused ] || return 0
+    python3 "$MFI" auth-refused --proto imap --port "$1" --also-port "$2" --cafile "$CA" \
+        --sni "$HOSTNAME_MF" --source "$3" --user "$user" --password-prefix "$prefix-after" &&
+    python3 "$MFI" auth-checked --log "$DOVECOT_LOG" --user "$user" \
+        --password-prefix "$prefix-after" --attempts 2 --min 0 --max 0
+}
+
+run_shared_state_cases() {
+    if start_shared_state_fixture 2>"$T/shared-state.start.err"; then
+        run_case shared-state-imap-failures-across-two-replicas \
+            case_shared_failures "$P_IMAPS_SA" "$P_IMAPS_SB" 127.0.0.15 1 3 refused
+        run_case shared-state-control-separate-prefixes-count-alone \
+            case_shared_failures "$P_IMAPS_SC" "$P_IMAPS_SD" 127.0.0.16 4 6
+        run_case shared-state-metric-up shared_state_up "$P_METRICS_SA" "$P_METRICS_SB"
+    else
+        fail shared-state-fixture "$(tail -n 1 "$T/shared-state.start.err")"
+    fi
 }
 
 # HAProxy from Debian in TCP mode in front of the *_LB listeners, as a load balancer would be.
@@ -1409,6 +1521,8 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         else
             fail auth-throttle-mailfront-starts "$(tail -n 1 "$T/mf-throttle.start.err")"
         fi
+        # After the throttle cases, for the same reason: Dovecot's penalty on 127.0.0.15 and .16.
+        run_shared_state_cases
 
         for p in "${TESTSSL_PIDS[@]}"; do
             name=${p%%:*} pid=${p#*:}
@@ -1441,7 +1555,7 @@ echo "$PASSED passed, $FAILED failed"
 if [ "$KEEP" = 1 ]; then
     cat <<EOF
 
-Left running (working directory $T; stop with: kill ${MF_PID:-<none>}; postfix -c $POSTFIX_CONF stop; doveadm -c $DOVECOT_CONF stop)
+Left running (working directory $T; stop with: kill ${MF_PID:-<none>} ${MF_TH_PID:-} ${MF_SS_PIDS[*]} ${REDIS_PID:-} ${HAPROXY_PID:-}; postfix -c $POSTFIX_CONF stop; doveadm -c $DOVECOT_CONF stop)
   user $USER_NAME  password $USER_PASS  CA $CA
   Dovecot log $DOVECOT_LOG   Postfix log $POSTFIX_LOG   mailfront log $MF_LOG
   Maildir $MAILDIR
