@@ -34,6 +34,7 @@ pub mod limits;
 pub(crate) mod line;
 pub(crate) mod log_throttle;
 pub mod logging;
+pub mod machine;
 pub mod metrics;
 pub mod pop3;
 pub mod prelogin;

@@ -125,14 +125,8 @@ pub enum AuthResult {
     Failure,
 }
 
-/// Where an IMAP ID "tls" field came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdSource {
-    /// Added to the client's own ID command.
-    Client,
-    /// Sent by mailfront before the client's first LOGIN/AUTHENTICATE.
-    Proxy,
-}
+/// Where an IMAP ID "tls" field came from: the machines' word, a label here.
+pub use crate::machine::IdSource;
 
 /// Every metric family; [`ListenerMetrics`] holds the per-listener handles sessions use.
 #[derive(Clone)]

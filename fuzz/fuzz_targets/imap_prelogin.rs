@@ -26,7 +26,7 @@ use mailfront::config::TlsMode;
 use mailfront::imap::command::Limits;
 use mailfront::imap::id::is_mailfront_tag;
 use mailfront::imap::prelogin::{Prelogin, Settings};
-use mailfront::prelogin::{Machine, Next};
+use mailfront::machine::{Machine, Next};
 
 const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
 

@@ -27,8 +27,8 @@ use crate::imap::response::{
     Response, ResponseKind, ResponseLimits, ResponseReceiver, ServerEvent, Status,
 };
 use crate::line::Step;
-use crate::metrics::IdSource;
-use crate::prelogin::{Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
+use crate::machine::IdSource;
+use crate::machine::{Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -952,7 +952,7 @@ fn mechanism_label(name: &[u8], mechanism: Option<&[u8]>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prelogin::testing::{Step, Throttle, play};
+    use crate::machine::testing::{Step, Throttle, play};
 
     const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
 

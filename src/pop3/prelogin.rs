@@ -1,6 +1,6 @@
 //! The POP3 AUTHORIZATION state as a sans-I/O state machine (RFC 1939 §4, RFC 2595 §4,
 //! RFC 5034 §4, RFC 8314 §4.1), driven by the loop shared with IMAP through
-//! [`crate::prelogin::Machine`].
+//! [`crate::machine::Machine`].
 //!
 //! The driver feeds it the bytes each side sent and writes out what it produced; the machine
 //! never touches a socket or a clock, so unit tests drive it directly.
@@ -29,6 +29,7 @@ use std::collections::VecDeque;
 use crate::client_info::Notice as ClientInfoNotice;
 use crate::config::TlsMode;
 use crate::line::Step;
+use crate::machine::{Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
 use crate::pop3::capa::{self, CapaView};
 use crate::pop3::codec::{
     ClientEvent, Command, CommandLimits, CommandReceiver, Expect, Response, ResponseLimits,
@@ -37,7 +38,6 @@ use crate::pop3::codec::{
 use crate::pop3::policy::{self, Decision, Local};
 use crate::pop3::reply;
 use crate::pop3::request::Request;
-use crate::prelogin::{Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -641,7 +641,7 @@ fn refused_label(cmd: &Command) -> String {
 mod tests {
     use super::*;
     use crate::line::split::CHUNKS;
-    use crate::prelogin::testing::{Step, Throttle, play};
+    use crate::machine::testing::{Step, Throttle, play};
 
     const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
     const BACKEND_CAPA: &str =

@@ -1,0 +1,395 @@
+//! The machine contract: what a protocol's sans-I/O not-authenticated state machine and the one
+//! I/O loop that drives it (`prelogin::serve`, one layer up) say to each other.
+//!
+//! It sits at the bottom layer, beside the codecs: the IMAP and POP3 machines
+//! ([`crate::imap::prelogin`], [`crate::pop3::prelogin`]) implement [`Machine`] from here and
+//! never import the driver, which imports this from above. Nothing here reads a socket, sleeps
+//! or logs: a machine takes bytes and says what happens next ([`Next`]), what it learned
+//! ([`Notice`]) and why it ended ([`End`]).
+//!
+//! Both protocols run the same phases before login (RFC 8314 §4.1): on a STARTTLS listener a
+//! cleartext dialogue answered locally with no backend, the TLS handshake, the backend
+//! connection, then only commands the gate parsed reach the backend, re-encoded, until the
+//! backend accepts a login and the session becomes a plain relay.
+
+use crate::line::Step;
+
+/// Where an IMAP ID "tls" field came from (a machine's notice, a metric's label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSource {
+    /// Added to the client's own ID command.
+    Client,
+    /// Sent by mailfront before the client's first LOGIN/AUTHENTICATE.
+    Proxy,
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Keep reading (and write whatever output is pending).
+    Run,
+    /// Connect to the backend, then call [`Machine::backend_connected`].
+    Connect,
+    /// Write pending output, then run the TLS handshake on the client stream and call
+    /// [`Machine::tls_started`]. Everything the client pipelined after STARTTLS/STLS was
+    /// dropped.
+    StartTls,
+    /// The backend accepted a login: write pending output, then relay, sending
+    /// [`Machine::held`] first.
+    Authenticated,
+    /// Write pending output and close.
+    End(End),
+    /// The machine parsed a login it would send (IMAP LOGIN/AUTHENTICATE, POP3 PASS/APOP/AUTH)
+    /// and holds it: charge it against `limits.auth_failures_per_ip`
+    /// ([`Session::charge_login`]), keep the charge, and call [`Machine::login_charge`] with
+    /// whether it was granted. Nothing of the login went out yet.
+    ChargeLogin,
+}
+
+/// Why the not-authenticated phase ended without a login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// LOGOUT/QUIT, or the client closed.
+    ClientClosed,
+    BackendClosed,
+    /// The backend refused service in a greeting the client never sees (POP3 `-ERR` after STLS,
+    /// when the client already had mailfront's greeting): the client was told the service is
+    /// unavailable.
+    BackendUnavailable,
+    /// The backend broke the protocol (or greeted with IMAP PREAUTH).
+    BackendProtocol(String),
+    /// The client broke the protocol or a limit badly enough to close.
+    ProtocolViolation(String),
+}
+
+/// Facts for metrics and logs, drained by the driver with [`Machine::take_notices`]. Never a
+/// credential: mechanisms are labels built from parsed commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The backend answered a login (IMAP LOGIN/AUTHENTICATE, POP3 PASS/APOP/AUTH); `charge`
+    /// says what becomes of the attempt's charge.
+    Auth {
+        ok: bool,
+        mechanism: String,
+        charge: Charge,
+    },
+    /// A login refused because TLS is not active (RFC 8314 §4.1).
+    CleartextAuthRefused { mechanism: String },
+    /// A login refused here, never forwarded, because the client's address reached
+    /// `limits.auth_failures_per_ip`.
+    AuthThrottled { mechanism: String },
+    /// IMAP only: an ID carrying the `tls` field went to the backend.
+    IdFieldAdded(IdSource),
+    /// `backend_client_info` could not tell the backend the client's address (POP3: CAPA
+    /// without XCLIENT, or XCLIENT refused); logged once per listener.
+    ClientInfo(crate::client_info::Notice),
+}
+
+/// What the backend's answer to a login means for `limits.auth_failures_per_ip`: the machine
+/// decides (it knows the protocol), the driver settles the charge it took at
+/// [`Next::ChargeLogin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    /// The login succeeded, or no credential was checked (a cancelled SASL exchange): the
+    /// attempt does not count.
+    Refund,
+    /// A refusal: the attempt counts until it leaves the window.
+    Keep,
+}
+
+/// Where a not-authenticated session stands: the same phases for every protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Before TLS on a STARTTLS listener: no backend.
+    Cleartext,
+    /// The driver is connecting.
+    Connecting,
+    /// Waiting for the backend's greeting.
+    Greeting,
+    /// Commands flow.
+    Ready,
+    StartTls,
+    Authenticated,
+    Ended,
+}
+
+/// What every machine keeps the same way: its phase and the bytes in and out. A machine holds
+/// one and adds its protocol's state beside it.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) phase: Phase,
+    pub(crate) end: Option<End>,
+    /// Client bytes not parsed yet (also those held while the backend works on a login).
+    pub(crate) cbuf: Vec<u8>,
+    /// Backend bytes not parsed yet.
+    pub(crate) bbuf: Vec<u8>,
+    pub(crate) to_client: Vec<u8>,
+    pub(crate) to_backend: Vec<u8>,
+    pub(crate) notices: Vec<Notice>,
+}
+
+impl Core {
+    /// A session that starts in cleartext (a STARTTLS listener) or with TLS up.
+    pub(crate) fn new(tls_active: bool) -> Core {
+        Core {
+            phase: if tls_active {
+                Phase::Connecting
+            } else {
+                Phase::Cleartext
+            },
+            end: None,
+            cbuf: Vec::new(),
+            bbuf: Vec::new(),
+            to_client: Vec::new(),
+            to_backend: Vec::new(),
+            notices: Vec::new(),
+        }
+    }
+
+    pub(crate) fn next(&self) -> Next {
+        match self.phase {
+            Phase::Cleartext | Phase::Greeting | Phase::Ready => Next::Run,
+            Phase::Connecting => Next::Connect,
+            Phase::StartTls => Next::StartTls,
+            Phase::Authenticated => Next::Authenticated,
+            Phase::Ended => Next::End(self.end.clone().unwrap_or(End::ClientClosed)),
+        }
+    }
+
+    pub(crate) fn finish(&mut self, end: End) {
+        self.phase = Phase::Ended;
+        self.end = Some(end);
+    }
+
+    /// See [`Machine::wants_client_input`].
+    pub(crate) fn wants_client_input(&self, hold_limit: usize) -> bool {
+        matches!(
+            self.phase,
+            Phase::Cleartext | Phase::Greeting | Phase::Ready
+        ) && self.cbuf.len() < hold_limit
+    }
+
+    /// See [`Machine::held`].
+    pub(crate) fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
+        (
+            std::mem::take(&mut self.cbuf),
+            std::mem::take(&mut self.bbuf),
+        )
+    }
+}
+
+/// A machine's side of [`pump_client`]: its parser and where parsed client events go.
+pub(crate) trait ClientEvents {
+    type Event;
+    fn core(&mut self) -> &mut Core;
+    /// Whether the state lets the next client event be acted on now.
+    fn may_take_event(&self) -> bool;
+    /// The next event in `core().cbuf`, which the caller drains.
+    fn parse_event(&mut self) -> Step<Self::Event>;
+    /// An event before TLS on a STARTTLS listener.
+    fn on_cleartext(&mut self, event: Self::Event);
+    /// An event with TLS up.
+    fn on_event(&mut self, event: Self::Event);
+}
+
+/// Parses client events while the state lets the next one be acted on; returns whether any was.
+/// The one place where whatever a client pipelined after STARTTLS/STLS is dropped: nothing of it
+/// may run after the upgrade (RFC 9051 §6.2.1, RFC 2595 §4, CERT VU#555316).
+pub(crate) fn pump_client<M: ClientEvents>(machine: &mut M) -> bool {
+    let mut acted = false;
+    loop {
+        if !machine.may_take_event() {
+            return acted;
+        }
+        let step = machine.parse_event();
+        let cbuf = &mut machine.core().cbuf;
+        cbuf.drain(..step.consumed.min(cbuf.len()));
+        let Some(event) = step.event else {
+            return acted;
+        };
+        acted = true;
+        if machine.core().phase == Phase::Cleartext {
+            machine.on_cleartext(event);
+        } else {
+            machine.on_event(event);
+        }
+        if machine.core().phase == Phase::StartTls {
+            machine.core().cbuf.clear();
+            return acted;
+        }
+    }
+}
+
+/// A protocol's not-authenticated state, as the shared driver loop sees it.
+///
+/// The driver writes [`Machine::take_to_backend`] then [`Machine::take_to_client`] after every
+/// call, and acts on [`Machine::next`]. The machine never touches a socket or a clock: it says
+/// when the idle timer restarts ([`Machine::client_input`], [`Machine::backend_input`]) and whom
+/// a timeout is charged to ([`Machine::waiting_for_backend`]).
+pub trait Machine {
+    /// The protocol's name in logs and metric labels (`imap`, `pop3`).
+    const PROTOCOL: &'static str;
+
+    fn next(&self) -> Next;
+
+    /// Bytes to write to the client now.
+    fn take_to_client(&mut self) -> Vec<u8>;
+
+    /// Bytes to write to the backend now.
+    fn take_to_backend(&mut self) -> Vec<u8>;
+
+    fn take_notices(&mut self) -> Vec<Notice>;
+
+    /// The driver's answer to [`Next::ChargeLogin`]: granted, the held login goes out (the
+    /// driver keeps its charge until the [`Notice::Auth`] that settles it); refused, the machine
+    /// answers it with its protocol's throttled reply and a [`Notice::AuthThrottled`]. Either
+    /// way the machine then goes on with whatever the client pipelined. Ignored when no login
+    /// waits.
+    fn login_charge(&mut self, granted: bool);
+
+    /// Client bytes arrived. Returns whether the idle timer restarts: bytes the machine only
+    /// holds must not keep a session alive while it waits for the backend.
+    fn client_input(&mut self, bytes: &[u8]) -> bool;
+
+    /// Backend bytes arrived. Returns whether the idle timer restarts.
+    fn backend_input(&mut self, bytes: &[u8]) -> bool;
+
+    /// The driver connected to the backend after [`Next::Connect`].
+    fn backend_connected(&mut self);
+
+    /// The backend closed its side.
+    fn backend_closed(&mut self);
+
+    /// The handshake after [`Next::StartTls`] succeeded, with this IANA cipher suite name.
+    fn tls_started(&mut self, cipher: String);
+
+    /// Once [`Next::Authenticated`]: client bytes sent after the login command, and backend
+    /// bytes after its completion. Both go out before the plain relay.
+    fn held(&mut self) -> (Vec<u8>, Vec<u8>);
+
+    /// Whether the driver should read from the client now: not while `hold_limit` client bytes
+    /// are held, and never after STARTTLS (the handshake reads the socket itself).
+    fn wants_client_input(&self, hold_limit: usize) -> bool;
+
+    /// Whether the next thing expected is the backend's: a timeout then is the backend's
+    /// ([`Machine::bye_unavailable`]), otherwise the client's ([`Machine::bye_idle`]).
+    fn waiting_for_backend(&self) -> bool;
+
+    /// Sent before closing when the backend cannot be reached, fails or stays silent.
+    fn bye_unavailable() -> Vec<u8>;
+
+    /// Sent before closing a client that was silent too long.
+    fn bye_idle() -> Vec<u8>;
+
+    /// Sent before closing a client that had not logged in within `timeouts.login`.
+    fn bye_login_timeout() -> Vec<u8>;
+
+    /// Sent before closing because the proxy is shutting down.
+    fn bye_shutdown() -> Vec<u8>;
+}
+
+/// What the machines' unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Charge, Machine, Next, Notice};
+
+    /// The driver's side of `limits.auth_failures_per_ip`, played in unit tests: it answers
+    /// [`Next::ChargeLogin`] as the pre-login loop does and settles the charge on the
+    /// machine's [`Notice::Auth`], so a table can say how many attempts stayed counted.
+    #[derive(Debug)]
+    pub(crate) struct Throttle {
+        pub(crate) limit: u32,
+        /// Charges kept so far, the one still with the backend included (a hang-up keeps it).
+        pub(crate) charged: u32,
+        /// Logins answered with the throttled reply.
+        pub(crate) refused: u32,
+        /// A granted login waits for its verdict.
+        in_flight: bool,
+        pub(crate) notices: Vec<Notice>,
+    }
+
+    impl Throttle {
+        /// `limit` charges, `charged` of them already taken by other sessions.
+        pub(crate) fn new(limit: u32, charged: u32) -> Throttle {
+            Throttle {
+                limit,
+                charged,
+                refused: 0,
+                in_flight: false,
+                notices: Vec::new(),
+            }
+        }
+
+        /// What the driver loop does after every input: settles verdicts and answers held
+        /// logins until the machine wants neither.
+        pub(crate) fn run<M: Machine>(&mut self, m: &mut M) {
+            loop {
+                for notice in m.take_notices() {
+                    if let Notice::Auth { charge, .. } = &notice {
+                        assert!(self.in_flight, "a verdict for a login never charged");
+                        self.in_flight = false;
+                        if *charge == Charge::Refund {
+                            self.charged -= 1;
+                        }
+                    }
+                    self.notices.push(notice);
+                }
+                if m.next() != Next::ChargeLogin {
+                    return;
+                }
+                assert!(
+                    !self.in_flight,
+                    "a second login charged while one is with the backend"
+                );
+                let granted = self.charged < self.limit;
+                if granted {
+                    self.charged += 1;
+                    self.in_flight = true;
+                } else {
+                    self.refused += 1;
+                }
+                m.login_charge(granted);
+            }
+        }
+    }
+
+    /// One step of a table test: bytes from either side, or the backend's close.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Step {
+        Client(&'static str),
+        Backend(&'static str),
+        BackendClosed,
+    }
+
+    /// Plays `steps` on `m` with `throttle`; returns everything written to the client and to
+    /// the backend.
+    pub(crate) fn play<M: Machine>(
+        m: &mut M,
+        throttle: &mut Throttle,
+        steps: &[Step],
+    ) -> (String, String) {
+        let (mut client, mut backend) = (Vec::new(), Vec::new());
+        let mut drain = |m: &mut M, throttle: &mut Throttle| {
+            throttle.run(m);
+            client.extend_from_slice(&m.take_to_client());
+            backend.extend_from_slice(&m.take_to_backend());
+        };
+        drain(m, throttle);
+        for step in steps {
+            match step {
+                Step::Client(bytes) => {
+                    m.client_input(bytes.as_bytes());
+                }
+                Step::Backend(bytes) => {
+                    m.backend_input(bytes.as_bytes());
+                }
+                Step::BackendClosed => m.backend_closed(),
+            }
+            drain(m, throttle);
+        }
+        (
+            String::from_utf8_lossy(&client).into_owned(),
+            String::from_utf8_lossy(&backend).into_owned(),
+        )
+    }
+}

@@ -1,0 +1,103 @@
+//! Keeps CONTRIBUTING.md's layering diagram true: the sans-I/O bottom layer (the protocol
+//! codecs, gates and machines under `src/smtp`, `src/imap`, `src/pop3`, and the machine
+//! contract `src/machine.rs`) imports nothing from the layers above it — no driver loop, no
+//! session, server, backend, metrics or limits. Read from the source text, so a new `use` of a
+//! driver module in a pure file fails here before review.
+//!
+//! The protocols' `session.rs` files are the exception by design: they are where a protocol
+//! meets its driver (IMAP's and POP3's are settings builders that call `prelogin::serve`; SMTP's
+//! is still its own driver).
+
+use std::path::{Path, PathBuf};
+
+/// What a pure file may name under `crate::`: the bottom layer itself.
+const ALLOWED: &[&str] = &[
+    "crate::line",
+    "crate::config",
+    "crate::client_info",
+    "crate::cidr",
+    "crate::dns",
+    "crate::machine",
+    "crate::smtp",
+    "crate::imap",
+    "crate::pop3",
+    // The IANA name tables: pure functions over numbers.
+    "crate::tls::names",
+];
+
+fn pure_files() -> Vec<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![src.join("machine.rs")];
+    for dir in ["smtp", "imap", "pop3"] {
+        for entry in std::fs::read_dir(src.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs")
+                && path.file_name().is_some_and(|n| n != "session.rs")
+            {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The `crate::…` paths a file names outside its test module.
+fn crate_paths(text: &str) -> Vec<String> {
+    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+    let mut paths = Vec::new();
+    for (i, _) in code.match_indices("crate::") {
+        let rest = &code[i..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        paths.push(rest[..end].trim_end_matches(':').to_owned());
+    }
+    paths
+}
+
+#[test]
+fn the_sans_io_layer_imports_nothing_from_above() {
+    let mut offences = Vec::new();
+    for file in pure_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for path in crate_paths(&text) {
+            let allowed = ALLOWED
+                .iter()
+                .any(|a| path == *a || path.starts_with(&format!("{a}::")));
+            if !allowed {
+                offences.push(format!("{}: {path}", file.display()));
+            }
+        }
+    }
+    assert!(
+        offences.is_empty(),
+        "pure modules name layers above them:\n{}",
+        offences.join("\n")
+    );
+}
+
+#[test]
+fn only_the_drivers_call_the_pre_login_loop() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for file in pure_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        assert!(
+            !code.contains("use crate::prelogin"),
+            "{} imports the driver loop",
+            file.display()
+        );
+    }
+    // And the contract itself does not live in the loop's file any more.
+    let prelogin = std::fs::read_to_string(src.join("prelogin.rs")).unwrap();
+    assert!(!prelogin.contains("pub trait Machine"));
+}
+
+#[test]
+fn the_check_sees_an_offence() {
+    let paths = crate_paths(
+        "use crate::session::Session;\nuse crate::line::Step;\n#[cfg(test)]\nuse crate::server::x;",
+    );
+    assert_eq!(paths, ["crate::session::Session", "crate::line::Step"]);
+}
