@@ -10,7 +10,8 @@
 //!   raises the open-files limit at start and checks it against `max_connections`.
 //!   [`shared_state`] keeps those two counts in Redis/Valkey when replicas must share them.
 //! - Drivers: [`smtp::session`], and [`prelogin::serve`], the one pre-login loop that runs the
-//!   IMAP and POP3 not-authenticated state machines ([`imap::prelogin`], [`pop3::prelogin`]).
+//!   IMAP and POP3 not-authenticated state machines ([`imap::prelogin`], [`pop3::prelogin`])
+//!   through the contract in [`machine`], which sits at the bottom beside them.
 //! - Below them: [`session`] (per-connection context, the client stream STARTTLS upgrades, timed
 //!   writes, the close log), [`close`] (why a session ended, and on which side), [`backend`] (each listener's pool of backend addresses:
 //!   selection, health, SNI routes, TLS to the backend; byte counting; the connector tests replace), `relay` (the post-login byte relay), `proxy_protocol` (the PROXY
