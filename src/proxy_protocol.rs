@@ -27,10 +27,18 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use crate::tls::TlsInfo;
 
-/// The 12-byte signature every v2 header starts with (§2.2).
-pub const SIGNATURE: [u8; 12] = [
-    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
-];
+/// The 12-byte signature every v2 header starts with (§2.2): one definition, shared with the
+/// reader of balancers' headers.
+pub const SIGNATURE: [u8; 12] = *crate::proxy_header::V2_SIGNATURE;
+
+/// A v2 header with the LOCAL command and no addresses (§2.2): the sender's own connection, as
+/// for a health check.
+pub fn local_header() -> Vec<u8> {
+    let mut header = SIGNATURE.to_vec();
+    // Version 2, command LOCAL; family and transport UNSPEC; no address block.
+    header.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    header
+}
 /// Version 2, command PROXY: the connection is relayed for the addresses that follow.
 pub const VERSION_PROXY: u8 = 0x21;
 /// AF_INET + STREAM.
@@ -181,6 +189,14 @@ fn as_v6(ip: IpAddr) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_header_is_the_signature_then_local_and_nothing() {
+        let header = local_header();
+        assert_eq!(header.len(), 16);
+        assert_eq!(header.get(..12), Some(&b"\r\n\r\n\0\r\nQUIT\n"[..]));
+        assert_eq!(header.get(12..), Some(&[0x20, 0x00, 0x00, 0x00][..]));
+    }
 
     /// Postfix peeks at most this many bytes for the whole header (`HAPROXY_HEADER_MAX_LEN`).
     const POSTFIX_HEADER_LIMIT: usize = 536;

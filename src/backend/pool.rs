@@ -53,11 +53,6 @@ pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Most octets of STARTTLS exchange read from a backend: a greeting and an EHLO reply are a few
 /// hundred octets; past this the backend is not speaking the protocol.
 const MAX_DIALOGUE: usize = 64 * 1024;
-/// A PROXY v2 header with the LOCAL command and no addresses: the sender's own connection, as
-/// for a health check (HAProxy `proxy-protocol.txt` §2.2).
-const PROXY_V2_LOCAL: [u8; 16] = [
-    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00, 0x00,
-];
 
 /// One listener's backend addresses and their state.
 pub struct Pool {
@@ -760,7 +755,7 @@ impl Pool {
     async fn check(&self, addr: SocketAddr, host: &str) -> Result<(), Failure> {
         let settings = self.settings();
         let preamble: &[u8] = if settings.proxy_protocol {
-            &PROXY_V2_LOCAL
+            &crate::proxy_protocol::local_header()
         } else {
             &[]
         };
