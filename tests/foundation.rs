@@ -399,8 +399,10 @@ async fn garbage_instead_of_a_client_hello_is_dropped_without_harm() {
 /// openssl s_client: TLS 1.1 refused, 1.2 and 1.3 accepted.
 #[tokio::test]
 async fn openssl_s_client_tls11_refused_tls12_and_tls13_accepted() {
-    if !have("openssl") {
-        eprintln!("openssl not installed; skipping");
+    if !tool_or_skip(
+        "openssl_s_client_tls11_refused_tls12_and_tls13_accepted",
+        "openssl",
+    ) {
         return;
     }
     let OneListener {
@@ -449,8 +451,7 @@ async fn openssl_s_client_tls11_refused_tls12_and_tls13_accepted() {
 /// curl through the proxy against the fake IMAP, POP3 and SMTP servers.
 #[tokio::test]
 async fn curl_imaps_pop3s_and_smtps_through_the_proxy() {
-    if !have("curl") {
-        eprintln!("curl not installed; skipping");
+    if !tool_or_skip("curl_imaps_pop3s_and_smtps_through_the_proxy", "curl") {
         return;
     }
     let pki = Pki::new();

@@ -599,8 +599,7 @@ async fn drain_says_bye_before_login_at_once_and_keeps_relays_until_the_grace_ru
 
 /// Runs a Python snippet; `None` when python3 is missing.
 fn python(code: &str) -> Option<(bool, String)> {
-    if !have("python3") {
-        eprintln!("python3 not found; skipping");
+    if !tool_or_skip("a python3 client test", "python3") {
         return None;
     }
     let out = std::process::Command::new("python3")
@@ -690,8 +689,10 @@ m.logout()
 
 #[tokio::test]
 async fn curl_fetches_over_imaps_and_the_backend_learns_the_cipher() {
-    if !have("curl") {
-        eprintln!("curl not found; skipping");
+    if !tool_or_skip(
+        "curl_fetches_over_imaps_and_the_backend_learns_the_cipher",
+        "curl",
+    ) {
         return;
     }
     let s = setup("implicit", FakeOptions::default(), "").await;

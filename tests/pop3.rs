@@ -541,8 +541,7 @@ async fn shutdown_before_login_says_goodbye() {
 }
 
 fn python(code: &str) -> Option<(bool, String)> {
-    if !have("python3") {
-        eprintln!("python3 not found; skipping");
+    if !tool_or_skip("a python3 client test", "python3") {
         return None;
     }
     let out = std::process::Command::new("python3")
@@ -617,8 +616,7 @@ m.quit()
 
 #[tokio::test]
 async fn curl_fetches_over_pop3s() {
-    if !have("curl") {
-        eprintln!("curl not found; skipping");
+    if !tool_or_skip("curl_fetches_over_pop3s", "curl") {
         return;
     }
     let s = setup("implicit", "").await;

@@ -1091,8 +1091,7 @@ async fn backend_killed_mid_data_never_gives_the_client_250() {
 /// swaks, a real SMTP client, through 465 (implicit TLS) and 587 (STARTTLS) with AUTH PLAIN.
 #[tokio::test]
 async fn swaks_submits_through_465_and_587() {
-    if !have("swaks") {
-        eprintln!("swaks not installed; skipping");
+    if !tool_or_skip("swaks_submits_through_465_and_587", "swaks") {
         return;
     }
     let env = env().await;
@@ -1150,8 +1149,7 @@ async fn swaks_submits_through_465_and_587() {
 /// curl: smtps:// on 465 and smtp:// with --ssl-reqd (STARTTLS) on 587.
 #[tokio::test]
 async fn curl_submits_through_465_and_587() {
-    if !have("curl") {
-        eprintln!("curl not installed; skipping");
+    if !tool_or_skip("curl_submits_through_465_and_587", "curl") {
         return;
     }
     let env = env().await;

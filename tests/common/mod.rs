@@ -50,7 +50,22 @@ pub async fn eventually(mut check: impl FnMut() -> bool) {
     panic!("condition never became true");
 }
 
-/// Whether `program` is on PATH (tests that drive a real client skip without it).
+/// Whether a test that drives the real client `program` can run: `true` if it is on PATH.
+/// Without it the test says so (a SKIPPED line) and returns early, unless
+/// `MAILFRONT_REQUIRE_TOOLS=1` (set by `.ci/run`, which installs every such tool first): then a
+/// missing tool fails the test, so CI can never pass a test that did not run.
+pub fn tool_or_skip(test: &str, program: &str) -> bool {
+    if have(program) {
+        return true;
+    }
+    if std::env::var("MAILFRONT_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{test}: {program} not found and MAILFRONT_REQUIRE_TOOLS=1");
+    }
+    eprintln!("SKIPPED {test}: {program} not found");
+    false
+}
+
+/// Whether `program` is on PATH.
 pub fn have(program: &str) -> bool {
     std::process::Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
