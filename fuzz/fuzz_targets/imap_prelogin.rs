@@ -67,7 +67,10 @@ impl Backend {
         if bytes.is_empty() {
             return Vec::new();
         }
-        assert!(client_tls, "bytes reached the backend before TLS: {bytes:?}");
+        assert!(
+            client_tls,
+            "bytes reached the backend before TLS: {bytes:?}"
+        );
         assert!(!self.closed, "bytes after LOGOUT: {bytes:?}");
         self.input.extend_from_slice(bytes);
         let mut out = Vec::new();
@@ -124,7 +127,10 @@ impl Backend {
                     break;
                 }
                 Err(CommandDecodeError::Failed) => {
-                    panic!("the backend cannot parse what mailfront sent: {:?}", self.input)
+                    panic!(
+                        "the backend cannot parse what mailfront sent: {:?}",
+                        self.input
+                    )
                 }
             }
         }
@@ -154,16 +160,26 @@ impl Backend {
                     .filter(|(field, _)| field.as_ref().eq_ignore_ascii_case(b"tls"))
                     .map(|(_, value)| value.0.as_ref().map(|v| v.as_ref().to_vec()))
                     .collect::<Vec<_>>();
-                assert_eq!(tls, vec![Some(CIPHER.as_bytes().to_vec())], "one tls field, ours");
+                assert_eq!(
+                    tls,
+                    vec![Some(CIPHER.as_bytes().to_vec())],
+                    "one tls field, ours"
+                );
                 let origin = parameters
                     .iter()
                     .flatten()
                     .filter(|(field, _)| field.as_ref().eq_ignore_ascii_case(b"x-originating-ip"))
                     .map(|(_, value)| value.0.as_ref().map(|v| v.as_ref().to_vec()))
                     .collect::<Vec<_>>();
-                let expected: Vec<_> =
-                    self.client_ip.map(|ip| Some(ip.as_bytes().to_vec())).into_iter().collect();
-                assert_eq!(origin, expected, "x-originating-ip only ours, only with client info");
+                let expected: Vec<_> = self
+                    .client_ip
+                    .map(|ip| Some(ip.as_bytes().to_vec()))
+                    .into_iter()
+                    .collect();
+                assert_eq!(
+                    origin, expected,
+                    "x-originating-ip only ours, only with client info"
+                );
                 format!("* ID NIL\r\n{t} OK done\r\n")
             }
             _ if ours => panic!("mailfront's own tag on a client command"),
@@ -194,7 +210,10 @@ impl Backend {
     }
 
     fn id_first(&self) {
-        assert!(!self.throttled, "a login reached the backend without a granted charge");
+        assert!(
+            !self.throttled,
+            "a login reached the backend without a granted charge"
+        );
         if self.has("ID") {
             assert_eq!(self.ids, 1, "a credential before the ID with tls");
         }

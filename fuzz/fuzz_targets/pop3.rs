@@ -61,7 +61,9 @@ fn run_client(input: &[u8], chunk: usize, tls: bool) -> (Vec<ClientEvent>, Vec<(
 
 /// An independent strict reading of one line mailfront sent to the backend.
 fn check_backend_line(line: &[u8], sasl: bool) {
-    let content = line.strip_suffix(b"\r\n").expect("every line ends with CRLF");
+    let content = line
+        .strip_suffix(b"\r\n")
+        .expect("every line ends with CRLF");
     assert!(
         !content.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0),
         "CR, LF or NUL inside {line:?}"

@@ -50,7 +50,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(header)) = &whole.1 {
         assert_eq!(result, Ok(Some(*header)));
         assert_eq!(used, whole.0, "the greedy feed stops at the same octet");
-        let limit = if input.first() == Some(&b'P') { MAX_V1_HEADER } else { MAX_V2_HEADER };
+        let limit = if input.first() == Some(&b'P') {
+            MAX_V1_HEADER
+        } else {
+            MAX_V2_HEADER
+        };
         assert!(whole.0 <= limit);
     }
 });

@@ -96,7 +96,11 @@ fn check_encoding(command: &Command, text: &[u8]) {
             assert!(response.len() <= SASL_LINE_LIMIT);
             assert!(response.ends_with(b"\r\n"));
             let body = &response[..response.len() - 2];
-            assert!(!body.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0 || b == b' '));
+            assert!(
+                !body
+                    .iter()
+                    .any(|&b| b == b'\r' || b == b'\n' || b == 0 || b == b' ')
+            );
             command.clone()
         }
     };
@@ -109,8 +113,16 @@ fn check_encoding(command: &Command, text: &[u8]) {
     let again = Command::parse(body);
     assert_eq!(again.verb(), command.verb());
     if let Encoded::Line(_) = encoded {
-        if matches!(command, Command::Mail(_) | Command::Rcpt(_) | Command::Bdat(_)) {
-            assert_eq!(&again, command, "re-parse of {:?}", String::from_utf8_lossy(body));
+        if matches!(
+            command,
+            Command::Mail(_) | Command::Rcpt(_) | Command::Bdat(_)
+        ) {
+            assert_eq!(
+                &again,
+                command,
+                "re-parse of {:?}",
+                String::from_utf8_lossy(body)
+            );
         }
         assert_eq!(canonical::encode(&again, body), Ok(encoded), "a fixpoint");
     }
