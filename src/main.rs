@@ -89,6 +89,9 @@ fn check(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
             ""
         }
     );
+    for warning in store.loaded().iter().filter_map(|c| c.shadowed_warning()) {
+        println!("warning: {warning}");
+    }
     if let Some(old_path) = against {
         let old = match config::load(Some(old_path)) {
             Ok(old) => old,

@@ -1048,6 +1048,8 @@ mod tests {
             names: vec!["mx.example.test".into()],
             not_after: 1_900_000_000,
             self_signed: false,
+            key_type: "ECDSA".into(),
+            shadowed: Vec::new(),
         }]);
         assert!(metrics
             .encode()

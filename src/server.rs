@@ -29,7 +29,8 @@ use crate::proxy_header::Header as ProxyHeader;
 use crate::reload::{self, Plan};
 use crate::session::{ListenerContext, Session};
 use crate::tls::{
-    self, CertStore, Handshaker, ReloadOutcome, TicketKeyError, TicketKeys, TlsError,
+    self, CertStore, Handshaker, LoadedCertificate, ReloadOutcome, TicketKeyError, TicketKeys,
+    TlsError,
 };
 
 /// Sockets bound before the proxy starts.
@@ -271,7 +272,7 @@ impl Server {
                 "NO CERTIFICATE CONFIGURED: serving a self-signed certificate that clients will not trust; set tls.certificates for production"
             );
         }
-        metrics.set_certificates(&store.loaded());
+        publish_certificates(&metrics, &store.loaded());
         let tls = TlsState::new(&config, store, ticket_keys)?;
 
         let tracker = TaskTracker::new();
@@ -386,6 +387,18 @@ fn new_pool(
         metrics.backends(&l.name),
     )
     .map(Arc::new)
+}
+
+/// Sets the expiry gauge and warns about certificates that can never be served (the same name
+/// and key type as an earlier one), which `mailfront check` also reports.
+fn publish_certificates(metrics: &Metrics, loaded: &[LoadedCertificate]) {
+    metrics.set_certificates(loaded);
+    for warning in loaded
+        .iter()
+        .filter_map(LoadedCertificate::shadowed_warning)
+    {
+        tracing::warn!("{warning}");
+    }
 }
 
 /// The TLS server side in service: certificates, ticket keys and the handshaker built on them.
@@ -672,7 +685,7 @@ impl Live {
         // 2. The swap: nothing below fails.
         if let Some(tls) = tls {
             if plan.certificates {
-                self.metrics.set_certificates(&tls.store.loaded());
+                publish_certificates(&self.metrics, &tls.store.loaded());
             }
             self.tls = tls;
         }
@@ -784,7 +797,7 @@ impl Live {
             Ok(Ok(ReloadOutcome::Reloaded)) => {
                 self.metrics.certificate_reload(true);
                 let loaded = store.loaded();
-                self.metrics.set_certificates(&loaded);
+                publish_certificates(&self.metrics, &loaded);
                 for cert in &loaded {
                     tracing::info!(certificate = %cert.label, not_after = cert.not_after, "certificate loaded");
                 }

@@ -643,7 +643,7 @@ fn check_accepts_the_shipped_example_and_names_every_problem_in_a_broken_one() {
 async fn admin_endpoint_serves_metrics_health_and_readiness() {
     let OneListener {
         pki: _pki,
-        cert: _,
+        cert,
         backend: _,
         proxy,
     } = one_listener(FakeKind::Echo, "e", "imap").await;
@@ -671,9 +671,11 @@ async fn admin_endpoint_serves_metrics_health_and_readiness() {
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
     let metrics = get("/metrics").await;
     assert!(metrics.contains("mailfront_build_info"), "{metrics}");
-    assert!(metrics.contains(
-        "mailfront_certificate_not_after_timestamp_seconds{certificate=\"mx.example.test\"}"
-    ));
+    // Labelled by certificate file: an ECDSA and an RSA certificate for one name differ.
+    assert!(metrics.contains(&format!(
+        "mailfront_certificate_not_after_timestamp_seconds{{certificate=\"{}\"}}",
+        cert.cert.display()
+    )));
     proxy.control.shutdown.cancel();
     // Readiness turns false as soon as shutdown begins.
     let mut turned = false;
@@ -744,4 +746,144 @@ async fn listen_backlog_reaches_every_listening_socket() {
         );
     }
     drop(bound);
+}
+
+/// A client config trusting the test CA that offers only the signature schemes `keep` allows
+/// (its `signature_algorithms` extension), and only the given TLS 1.2 suites if any.
+fn client_with_schemes(
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    keep: fn(rustls::SignatureScheme) -> bool,
+    suites: Option<Vec<rustls::SupportedCipherSuite>>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(suites) = suites {
+        provider.cipher_suites = suites;
+    }
+    let all = provider.signature_verification_algorithms;
+    let mapping: Vec<_> = all
+        .mapping
+        .iter()
+        .filter(|(scheme, _)| keep(*scheme))
+        .copied()
+        .collect();
+    provider.signature_verification_algorithms = rustls::crypto::WebPkiSupportedAlgorithms {
+        all: all.all,
+        mapping: Box::leak(mapping.into_boxed_slice()),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+fn is_rsa(scheme: rustls::SignatureScheme) -> bool {
+    format!("{scheme:?}").starts_with("RSA_")
+}
+
+fn is_ecdsa(scheme: rustls::SignatureScheme) -> bool {
+    format!("{scheme:?}").starts_with("ECDSA_")
+}
+
+fn pem_leaf(path: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+/// An ECDSA and an RSA certificate for one name, as nginx serves them: a client that can verify
+/// only RSA signatures gets the RSA one, any other the ECDSA one, whichever is listed first; a
+/// TLS 1.2 client with only ECDHE_RSA suites gets RSA whatever schemes it lists. Each has its
+/// own expiry series, and a third certificate of a type the name already has is reported by
+/// `check` as never served.
+#[tokio::test]
+async fn one_name_with_an_ecdsa_and_an_rsa_certificate_serves_each_client_the_one_it_can_use() {
+    let pki = Pki::new();
+    let rsa = pki.issue("rsa", &["mx.example.test"], true);
+    let ecdsa = pki.issue("ecdsa", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    // RSA listed first: ECDSA is still preferred for a client that can verify it.
+    let yaml = config_yaml(
+        &[&rsa, &ecdsa],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let addr = proxy.addr("e");
+    let rsa_leaf = pem_leaf(&rsa.cert);
+    let ecdsa_leaf = pem_leaf(&ecdsa.cert);
+    let tls12_rsa_suites: Vec<_> = rustls::crypto::aws_lc_rs::default_provider()
+        .cipher_suites
+        .into_iter()
+        .filter(|s| format!("{:?}", s.suite()).starts_with("TLS_ECDHE_RSA_"))
+        .collect();
+    for versions in [vec![&rustls::version::TLS13], vec![&rustls::version::TLS12]] {
+        for (keep, expected, what) in [
+            (is_rsa as fn(_) -> bool, &rsa_leaf, "RSA-only"),
+            (is_ecdsa, &ecdsa_leaf, "ECDSA-only"),
+            (|_| true, &ecdsa_leaf, "any scheme"),
+        ] {
+            let config = client_with_schemes(&pki.ca_der, &versions, keep, None);
+            let stream = tls_connect(addr, "mx.example.test", config)
+                .await
+                .unwrap_or_else(|e| panic!("{what} {versions:?}: {e}"));
+            assert_eq!(&leaf_der(&stream), expected, "{what} {versions:?}");
+        }
+    }
+    let config = client_with_schemes(
+        &pki.ca_der,
+        &[&rustls::version::TLS12],
+        |_| true,
+        Some(tls12_rsa_suites),
+    );
+    let stream = tls_connect(addr, "mx.example.test", config).await.unwrap();
+    assert_eq!(
+        leaf_der(&stream),
+        rsa_leaf,
+        "TLS 1.2 with ECDHE_RSA suites only"
+    );
+
+    let metrics = proxy.metrics.encode();
+    for cert in [&rsa, &ecdsa] {
+        assert!(
+            metrics.contains(&format!(
+                "mailfront_certificate_not_after_timestamp_seconds{{certificate=\"{}\"}}",
+                cert.cert.display()
+            )),
+            "{metrics}"
+        );
+    }
+
+    // `check`: fine as it is; a second RSA certificate for the name can never be served.
+    let path = pki.dir.path().join("pair.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let (ok, out) = mailfront_check(path.to_str().unwrap());
+    assert!(ok && !out.contains("warning"), "{out}");
+    let rsa2 = pki.issue("rsa2", &["mx.example.test"], true);
+    let yaml = config_yaml(
+        &[&rsa, &ecdsa, &rsa2],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    );
+    std::fs::write(&path, &yaml).unwrap();
+    let (ok, out) = mailfront_check(path.to_str().unwrap());
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "warning: certificate {} (RSA) is never served for mx.example.test",
+            rsa2.cert.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(out.matches("warning").count(), 1, "{out}");
+    proxy.stop().await;
 }
