@@ -887,3 +887,83 @@ async fn one_name_with_an_ecdsa_and_an_rsa_certificate_serves_each_client_the_on
     assert_eq!(out.matches("warning").count(), 1, "{out}");
     proxy.stop().await;
 }
+
+/// Runs `mailfront health ARGS` off the runtime; its exit status and output.
+async fn mailfront_health(args: Vec<String>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailfront"))
+            .arg("health")
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// `mailfront health` (the image's HEALTHCHECK): 0 while /readyz says 200, found from the
+/// config's metrics address or a URL; 1 once shutdown begins, and 1 with nothing listening.
+#[tokio::test]
+async fn health_subcommand_exits_0_only_while_the_proxy_is_ready() {
+    let OneListener {
+        pki,
+        cert,
+        backend,
+        proxy,
+    } = one_listener(FakeKind::Echo, "e", "imap").await;
+    let admin = proxy.admin.unwrap();
+    let url = format!("http://{admin}/readyz");
+    let mut ready = false;
+    for _ in 0..100 {
+        if mailfront_health(vec!["--url".into(), url.clone()]).await.0 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        ready,
+        "{:?}",
+        mailfront_health(vec!["--url".into(), url.clone()]).await
+    );
+    // The same, from a config whose metrics listen on every address: asked on loopback.
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    )
+    .replace(
+        "metrics:\n  listen: \"127.0.0.1:0\"",
+        &format!("metrics:\n  listen: \"0.0.0.0:{}\"", admin.port()),
+    );
+    let path = pki.dir.path().join("health.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let (ok, out) = mailfront_health(vec!["--config".into(), path.to_str().unwrap().into()]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("200"), "{out}");
+
+    proxy.control.shutdown.cancel();
+    let mut unhealthy = false;
+    for _ in 0..100 {
+        let (ok, _) = mailfront_health(vec!["--url".into(), url.clone()]).await;
+        if !ok {
+            unhealthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(unhealthy);
+    // Nothing listening at all.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (ok, out) =
+        mailfront_health(vec!["--url".into(), format!("http://127.0.0.1:{port}")]).await;
+    assert!(!ok);
+    assert!(out.contains("cannot connect"), "{out}");
+}
