@@ -1042,7 +1042,12 @@ impl Admission {
         let context = &self.context;
         // `tls.handshake_timeout` bounds the header too: it delays the handshake.
         let timeout = context.handshaker.timeout();
-        let (client, local) = match read_proxy_header(&mut tcp, timeout).await {
+        // Nothing is served yet: a graceful shutdown closes the connection at once.
+        let header = tokio::select! {
+            header = read_proxy_header(&mut tcp, timeout) => header,
+            () = self.shutdown.cancelled() => return,
+        };
+        let (client, local) = match header {
             Ok(ProxyHeader::Proxy {
                 source,
                 destination,

@@ -967,3 +967,27 @@ async fn health_subcommand_exits_0_only_while_the_proxy_is_ready() {
     assert!(!ok);
     assert!(out.contains("cannot connect"), "{out}");
 }
+
+/// SIGTERM while a client on an implicit-TLS port has connected but sent no ClientHello: the
+/// connection is closed at once, as every pre-login session is, not at `tls.handshake_timeout`
+/// (10 s by default), and the close line says `shutdown`.
+#[tokio::test]
+async fn a_graceful_shutdown_closes_a_connection_that_has_not_sent_its_client_hello() {
+    let OneListener {
+        pki: _pki,
+        cert: _,
+        backend,
+        proxy,
+    } = one_listener(FakeKind::Echo, "e", "imap").await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr("e"))
+        .await
+        .unwrap();
+    // Let the proxy accept it and start waiting for the hello.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.control.shutdown.cancel();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "still open 2 s after shutdown began");
+    assert!(rest.is_empty());
+    assert!(backend.recorder.connections().is_empty());
+}
