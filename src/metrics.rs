@@ -170,6 +170,7 @@ pub struct Metrics {
     certificate_not_after: IntGaugeVec,
     certificate_reloads: IntCounterVec,
     ticket_key_reloads: IntCounterVec,
+    backend_ca_reloads: IntCounterVec,
     ready: IntGauge,
 }
 
@@ -446,6 +447,12 @@ impl Metrics {
                 "Session ticket key file reloads by result; a failed reload keeps the previous keys.",
                 &["result"],
             )?,
+            backend_ca_reloads: counter(
+                r,
+                "mailfront_backend_ca_reloads_total",
+                "backend_tls.ca bundles re-read after a change, by listener and result; a failure keeps the bundle in service.",
+                &["listener", "result"],
+            )?,
             ready,
         })
     }
@@ -552,6 +559,12 @@ impl Metrics {
     pub fn certificate_reload(&self, success: bool) {
         self.certificate_reloads
             .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+
+    pub fn backend_ca_reload(&self, listener: &str, success: bool) {
+        self.backend_ca_reloads
+            .with_label_values(&[listener, if success { "success" } else { "failure" }])
             .inc();
     }
 

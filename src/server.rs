@@ -559,6 +559,28 @@ impl Live {
                 control.reloads.send_replace(Some(Arc::new(report)));
             }
             self.reload_tls_files(forced).await;
+            self.reload_backend_cas().await;
+        }
+    }
+
+    /// `backend_tls.ca` bundles, on the certificates' schedule: a changed bundle is used by the
+    /// sessions that start afterwards; a bad one keeps the bundle in service, logged and counted.
+    async fn reload_backend_cas(&self) {
+        for live in &self.listeners {
+            let pool = live.pool.clone();
+            let name = &live.config.name;
+            match tokio::task::spawn_blocking(move || pool.reload_ca()).await {
+                Ok(Ok(true)) => {
+                    self.metrics.backend_ca_reload(name, true);
+                    tracing::info!(listener = %name, "backend_tls.ca reloaded");
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    self.metrics.backend_ca_reload(name, false);
+                    tracing::error!(listener = %name, error = %e, "backend_tls.ca reload failed: keeping the CA bundle in service");
+                }
+                Err(e) => tracing::error!(error = %e, "backend_tls.ca reload task failed"),
+            }
         }
     }
 

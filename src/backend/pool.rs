@@ -72,6 +72,7 @@ pub struct Pool {
 }
 
 /// A pool's configured settings: each attempt reads them once, so a reload never mixes two.
+#[derive(Clone)]
 struct Settings {
     protocol: Protocol,
     hostname: String,
@@ -255,6 +256,25 @@ impl Pool {
         self.settings.store(Arc::new(next));
         self.reconcile();
         self.changed.notify_one();
+        Ok(true)
+    }
+
+    /// Re-reads the `backend_tls.ca` bundle (blocking: it reads a file); sessions that start
+    /// afterwards verify against it. Ok(true) when it changed and was swapped in; an error
+    /// changes nothing, so the bundle in service stays.
+    pub fn reload_ca(&self) -> Result<bool, TlsSetupError> {
+        let current = self.settings();
+        let (Some(client), Some(tls)) = (&current.tls, &current.backends.tls) else {
+            return Ok(false);
+        };
+        let Some(client) = client.reloaded(tls)? else {
+            return Ok(false);
+        };
+        let mut next = Settings::clone(&current);
+        next.tls = Some(client);
+        // The reloader applies configuration reloads and this one in turn, from one task, so
+        // nothing swapped the settings in between.
+        self.settings.store(Arc::new(next));
         Ok(true)
     }
 
