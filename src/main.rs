@@ -64,18 +64,37 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("mailfront health: {e:#}");
+                eprintln!("mailfront health: {}", chain(&e));
                 ExitCode::FAILURE
             }
         },
         Command::Run => match run(cli.config.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("mailfront: {e:#}");
+                eprintln!("mailfront: {}", chain(&e));
                 ExitCode::FAILURE
             }
         },
     }
+}
+
+/// An error and its causes, `: `-separated like anyhow's `{:#}`, but without a cause whose text
+/// the message already holds: most of our errors name their source in their own message (so a
+/// log line with `error = %e` is complete), and `{:#}` would print the OS error twice
+/// ("… (os error 98): Address already in use (os error 98)").
+fn chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn check(path: Option<&Path>, against: Option<&Path>) -> ExitCode {

@@ -991,3 +991,36 @@ async fn a_graceful_shutdown_closes_a_connection_that_has_not_sent_its_client_he
     assert!(rest.is_empty());
     assert!(backend.recorder.connections().is_empty());
 }
+
+/// A listener port already taken: the run fails naming the listener and the OS error once, not
+/// "… (os error 98): Address already in use (os error 98)".
+#[test]
+fn a_port_in_use_is_reported_once() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", addr)
+            .replace("listen: \"127.0.0.1:0\"", &format!("listen: \"{addr}\""))],
+        "",
+    );
+    let path = pki.dir.path().join("taken.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mailfront"))
+        .args(["--config", path.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!(
+            "mailfront: listeners[0] (e): cannot listen on {addr}: "
+        )),
+        "{stderr}"
+    );
+    assert_eq!(last.matches("os error").count(), 1, "{last}");
+}

@@ -488,11 +488,32 @@ fn what_is_in(bytes: &[u8], wanted: Wanted) -> String {
     format!("the file is not PEM (no `{begin}` line)")
 }
 
+/// How long the generated certificate is valid: a year, like a CA-issued one, rather than
+/// rcgen's default of 1975 to 4096 that certificate checkers flag.
+const SELF_SIGNED_VALIDITY: time::Duration = time::Duration::days(365);
+
+/// A self-signed ECDSA P-256 certificate for `hostname` (subject CN and SAN), valid from an hour
+/// before `now` (clock skew) for [`SELF_SIGNED_VALIDITY`].
+fn self_signed(
+    hostname: &str,
+    now: time::OffsetDateTime,
+) -> Result<(rcgen::Certificate, rcgen::KeyPair), rcgen::Error> {
+    let mut params = rcgen::CertificateParams::new(vec![hostname.to_owned()])?;
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::CommonName, hostname);
+    params.distinguished_name = name;
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + SELF_SIGNED_VALIDITY;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert, key))
+}
+
 fn self_signed_map(hostname: &str, provider: &CryptoProvider) -> Result<CertMap, TlsError> {
-    let generated = rcgen::generate_simple_self_signed(vec![hostname.to_owned()])
+    let (cert, key) = self_signed(hostname, time::OffsetDateTime::now_utc())
         .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
-    let chain = vec![generated.cert.der().clone()];
-    let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+    let chain = vec![cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let certified = CertifiedKey::from_der(chain, key, provider)
         .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
     let info = describe(&certified, hostname, true).map_err(TlsError::SelfSigned)?;
@@ -714,6 +735,23 @@ mod tests {
             CertStore::load(&[a], "mx.test").unwrap().loaded()[0].names,
             ["a.test"]
         );
+    }
+
+    /// The fallback certificate names the host (not "rcgen self signed cert") and is valid
+    /// for a year from now (not 1975 to 4096).
+    #[test]
+    fn the_self_signed_certificate_names_the_host_and_lasts_a_year() {
+        let store = CertStore::load(&[], "mx.example.test").unwrap();
+        let map = store.current.load();
+        let leaf = map.default.0[0].end_entity_cert().unwrap().to_vec();
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        assert_eq!(cert.subject().to_string(), "CN=mx.example.test");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let validity = cert.validity();
+        assert!((now - 3700..=now).contains(&validity.not_before.timestamp()));
+        let year = 365 * 24 * 3600;
+        assert!((now + year - 60..=now + year + 60).contains(&validity.not_after.timestamp()));
+        assert!(map.loaded[0].self_signed);
     }
 
     #[test]
