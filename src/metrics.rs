@@ -394,7 +394,7 @@ impl Metrics {
             )?,
             backend_sessions: gauge(
                 r,
-                "mailfront_backend_sessions",
+                "mailfront_backend_active_sessions",
                 "Sessions connected to each backend address now (what least-connections balances).",
                 &["listener", "backend"],
             )?,

@@ -91,7 +91,10 @@ async fn sessions_spread_evenly_over_three_backends_by_least_connections() {
     let text = scrape_proxy(&proxy).await;
     for b in &addrs {
         assert_eq!(
-            metric(&text, &series("mailfront_backend_sessions", "imaps", *b)),
+            metric(
+                &text,
+                &series("mailfront_backend_active_sessions", "imaps", *b)
+            ),
             Some(3.0),
             "{text}"
         );

@@ -154,6 +154,12 @@ pub struct Lease {
     addr: SocketAddr,
 }
 
+impl Lease {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut state = self.pool.lock();
@@ -904,11 +910,9 @@ mod tests {
             .encode_to_string(&registry.gather())
             .unwrap();
         assert!(!text.contains("10.0.0.1:143"), "{text}");
-        assert!(
-            text.contains(
-                "mailfront_backend_sessions{backend=\"10.0.0.2:143\",listener=\"imaps\"} 1"
-            )
-        );
+        assert!(text.contains(
+            "mailfront_backend_active_sessions{backend=\"10.0.0.2:143\",listener=\"imaps\"} 1"
+        ));
         drop(held);
         pool.install(&name, addrs(&["10.0.0.3:143", "10.0.0.4:143"]));
         assert_eq!(pool.lock().members.len(), 2);
