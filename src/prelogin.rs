@@ -399,6 +399,7 @@ async fn until_login<M: Machine, S: Transport>(
                     client,
                     &session.listener,
                     session.client_addr,
+                    &session.draining,
                 ));
                 // The handshake is part of the time before login; mid-handshake there is no
                 // way to say goodbye in the protocol, so the connection just closes.

@@ -193,8 +193,15 @@ pub async fn upgrade_client<S: Transport>(
     client: ClientStream<S>,
     listener: &ListenerContext,
     client_addr: SocketAddr,
+    draining: &CancellationToken,
 ) -> Result<(ClientStream<S>, TlsInfo, std::time::Duration), EndReason> {
-    client.upgrade(&listener.handshaker).await.map_err(|e| {
+    // Mid-handshake there is no way to say goodbye in the protocol: a graceful shutdown closes
+    // the connection at once, as it ends every other pre-login session.
+    let upgraded = tokio::select! {
+        upgraded = client.upgrade(&listener.handshaker) => upgraded,
+        () = draining.cancelled() => return Err(EndReason::Shutdown),
+    };
+    upgraded.map_err(|e| {
         tracing::debug!(listener = %listener.config.name, client = %client_addr, error = %e, "STARTTLS handshake failed");
         match &e {
             UpgradeError::Handshake(h) => {
