@@ -67,5 +67,11 @@ EXPOSE 10465 10587 10993 10995 9090
 # STOPSIGNAL is SIGTERM (the default): mailfront flips /readyz, stops accepting and drains for
 # timeouts.shutdown_grace (30s). Docker kills after 10s unless told otherwise: run with
 # `docker run --stop-timeout 45` (compose: stop_grace_period: 45s, as deploy/compose.yaml does).
+# Docker's health status from /readyz on the configured metrics address (there is no shell or
+# curl in the image: `mailfront health` makes the request). It reads the same config file as
+# the CMD; a config without metrics.listen makes the container unhealthy. Kubernetes ignores
+# HEALTHCHECK and probes /healthz and /readyz itself.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["/usr/local/bin/mailfront", "health", "--config", "/etc/mailfront/config/config.yaml"]
 ENTRYPOINT ["/usr/local/bin/mailfront"]
 CMD ["--config", "/etc/mailfront/config/config.yaml"]

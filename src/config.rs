@@ -114,9 +114,24 @@ pub struct ConfigDuration(pub Duration);
 
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse_duration(&text).map(ConfigDuration).ok_or_else(|| {
-            serde::de::Error::custom(format!(
+        // Refused inside the visitor, while the scalar is read: yaml_serde then names the key
+        // (`timeouts.idle`); an error after `String::deserialize` named only the section.
+        deserializer.deserialize_str(DurationVisitor)
+    }
+}
+
+struct DurationVisitor;
+
+impl serde::de::Visitor<'_> for DurationVisitor {
+    type Value = ConfigDuration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration like \"30s\", \"5m\", \"1h\", \"1m30s\" or \"250ms\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ConfigDuration, E> {
+        parse_duration(text).map(ConfigDuration).ok_or_else(|| {
+            E::custom(format!(
                 "invalid duration {text:?}: write it like \"30s\", \"5m\", \"1h\", \"1m30s\" or \"250ms\""
             ))
         })
@@ -1116,6 +1131,30 @@ mod tests {
             Err(ConfigError::Invalid(p)) => p,
             other => panic!("expected validation problems, got {other:?}"),
         }
+    }
+
+    /// A duration the parser refuses is reported on its own key, not only its section.
+    #[test]
+    fn a_bad_duration_names_its_key() {
+        for (yaml, key) in [
+            ("timeouts:\n  login: 1m\n  idle: 5x\n", "timeouts.idle: "),
+            ("tls:\n  handshake_timeout: 5\n", "tls.handshake_timeout: "),
+            (
+                "listeners:\n  - name: a\n    backend_health:\n      interval: soon\n",
+                "listeners[0].backend_health.interval: ",
+            ),
+        ] {
+            let err = Config::from_yaml(&format!("hostname: mx.example.test\n{yaml}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{err}");
+            assert!(err.contains("invalid duration"), "{err}");
+        }
+        // Other errors are as before.
+        let err = Config::from_yaml("hostname: mx.example.test\ntimeouts:\n  idel: 5s\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `idel`"), "{err}");
     }
 
     const MINIMAL: &str = "hostname: mx.example.test\nlisteners:\n  - name: imaps\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n";

@@ -116,7 +116,17 @@ pub async fn serve_stream<S: Transport>(io: S, mut session: Session) {
             // Boxed: the handshake's state is large and lives only while it runs; unboxed it
             // would be part of the session's future, and so of every idle session's memory.
             let handshake = Box::pin(listener.handshaker.accept(io));
-            match tokio::time::timeout_at(session.login_deadline(), handshake).await {
+            let deadline = session.login_deadline();
+            // A client still handshaking has not authenticated: a graceful shutdown ends it at
+            // once, as it ends every pre-login session, not after `tls.handshake_timeout`.
+            let handshake = tokio::select! {
+                result = tokio::time::timeout_at(deadline, handshake) => result,
+                () = session.draining.cancelled() => {
+                    session.log_close(&EndReason::Shutdown);
+                    return;
+                }
+            };
+            match handshake {
                 Err(_) => {
                     session.log_close(&EndReason::LoginTimeout);
                     return;

@@ -80,6 +80,9 @@ pub enum Notice {
     AuthThrottled { mechanism: String },
     /// IMAP only: an ID carrying the `tls` field went to the backend.
     IdFieldAdded(IdSource),
+    /// IMAP only: the user name of a LOGIN the gate let through (charged, TLS up), for the close
+    /// line; never the password, and SASL payloads are not decoded for it.
+    User(Vec<u8>),
     /// `backend_client_info` could not tell the backend the client's address (POP3: CAPA
     /// without XCLIENT, or XCLIENT refused); logged once per listener.
     ClientInfo(crate::client_info::Notice),

@@ -42,7 +42,21 @@ enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Ask a running mailfront whether it is ready: GET /readyz on the metrics address of the
+    /// configuration, exit 0 on 200, else 1 (a Docker HEALTHCHECK in an image without a shell).
+    Health {
+        /// Ask this URL instead (`http://HOST:PORT/PATH`; the path defaults to /readyz).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
+
+/// How long `mailfront health` waits for the whole exchange: well under Docker's default
+/// HEALTHCHECK timeout (30s), and far more than a local /readyz needs.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The most of the answer `mailfront health` reads: the status line is all it needs.
+const HEALTH_MAX_ANSWER: u64 = 1024;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -50,14 +64,43 @@ fn main() -> ExitCode {
         Command::Check { against, online } => {
             check(cli.config.as_deref(), against.as_deref(), online)
         }
+        Command::Health { url } => match health(cli.config.as_deref(), url.as_deref()) {
+            Ok(status) => {
+                println!("mailfront health: {status}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mailfront health: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        },
         Command::Run => match run(cli.config.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("mailfront: {e:#}");
+                eprintln!("mailfront: {}", chain(&e));
                 ExitCode::FAILURE
             }
         },
     }
+}
+
+/// An error and its causes, `: `-separated like anyhow's `{:#}`, but without a cause whose text
+/// the message already holds: most of our errors name their source in their own message (so a
+/// log line with `error = %e` is complete), and `{:#}` would print the OS error twice
+/// ("… (os error 98): Address already in use (os error 98)").
+fn chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn check(path: Option<&Path>, against: Option<&Path>, online: bool) -> ExitCode {
@@ -100,6 +143,9 @@ fn check(path: Option<&Path>, against: Option<&Path>, online: bool) -> ExitCode 
             ""
         }
     );
+    for warning in store.loaded().iter().filter_map(|c| c.shadowed_warning()) {
+        println!("warning: {warning}");
+    }
     if let Some(old_path) = against {
         let old = match config::load(Some(old_path)) {
             Ok(old) => old,
@@ -139,6 +185,67 @@ fn check_shared_state(shared: &config::SharedStateConfig, online: bool) -> anyho
         println!("shared_state.redis: PING answered");
     }
     Ok(())
+}
+
+/// `mailfront health`: one HTTP/1.0 GET, the status line read back. Returns it when it is 200.
+fn health(config: Option<&Path>, url: Option<&str>) -> anyhow::Result<String> {
+    let (authority, path) = match url {
+        Some(url) => {
+            let rest = url
+                .strip_prefix("http://")
+                .with_context(|| format!("{url}: only http:// URLs are supported"))?;
+            match rest.split_once('/') {
+                Some((authority, path)) => (authority.to_owned(), format!("/{path}")),
+                None => (rest.to_owned(), "/readyz".to_owned()),
+            }
+        }
+        None => {
+            let config = config::load(config).context("invalid configuration")?;
+            let mut addr = config
+                .metrics_listen
+                .context("metrics.listen is not set: nothing serves /readyz")?;
+            // A server on every address answers on loopback.
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            (addr.to_string(), "/readyz".to_owned())
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let status = runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tokio::time::timeout(HEALTH_TIMEOUT, async {
+            let mut stream = tokio::net::TcpStream::connect(&authority)
+                .await
+                .with_context(|| format!("cannot connect to {authority}"))?;
+            stream
+                .write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
+                .await?;
+            let mut answer = Vec::new();
+            (&mut stream)
+                .take(HEALTH_MAX_ANSWER)
+                .read_to_end(&mut answer)
+                .await?;
+            let answer = String::from_utf8_lossy(&answer);
+            anyhow::Ok(answer.lines().next().unwrap_or_default().to_owned())
+        })
+        .await
+        .with_context(|| format!("no answer from {authority} within {HEALTH_TIMEOUT:?}"))?
+    })?;
+    let code = status.split_whitespace().nth(1);
+    if status.starts_with("HTTP/1.") && code == Some("200") {
+        Ok(format!("http://{authority}{path}: {status}"))
+    } else if status.is_empty() {
+        anyhow::bail!("http://{authority}{path}: no HTTP answer")
+    } else {
+        anyhow::bail!("http://{authority}{path}: {status}")
+    }
 }
 
 fn run(path: Option<&std::path::Path>) -> anyhow::Result<()> {

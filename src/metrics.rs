@@ -164,6 +164,7 @@ pub struct Metrics {
     certificate_not_after: IntGaugeVec,
     certificate_reloads: IntCounterVec,
     ticket_key_reloads: IntCounterVec,
+    backend_ca_reloads: IntCounterVec,
     ready: IntGauge,
 }
 
@@ -387,7 +388,7 @@ impl Metrics {
             )?,
             backend_sessions: gauge(
                 r,
-                "mailfront_backend_sessions",
+                "mailfront_backend_active_sessions",
                 "Sessions connected to each backend address now (what least-connections balances).",
                 &["listener", "backend"],
             )?,
@@ -439,6 +440,12 @@ impl Metrics {
                 "mailfront_ticket_key_reloads_total",
                 "Session ticket key file reloads by result; a failed reload keeps the previous keys.",
                 &["result"],
+            )?,
+            backend_ca_reloads: counter(
+                r,
+                "mailfront_backend_ca_reloads_total",
+                "backend_tls.ca bundles re-read after a change, by listener and result; a failure keeps the bundle in service.",
+                &["listener", "result"],
             )?,
             ready,
         })
@@ -546,6 +553,12 @@ impl Metrics {
     pub fn certificate_reload(&self, success: bool) {
         self.certificate_reloads
             .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+
+    pub fn backend_ca_reload(&self, listener: &str, success: bool) {
+        self.backend_ca_reloads
+            .with_label_values(&[listener, if success { "success" } else { "failure" }])
             .inc();
     }
 
@@ -1042,6 +1055,8 @@ mod tests {
             names: vec!["mx.example.test".into()],
             not_after: 1_900_000_000,
             self_signed: false,
+            key_type: "ECDSA".into(),
+            shadowed: Vec::new(),
         }]);
         assert!(metrics
             .encode()

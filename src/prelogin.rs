@@ -131,6 +131,7 @@ async fn until_login<M: Machine, S: Transport>(
                     client,
                     &session.listener,
                     session.client_addr,
+                    &session.draining,
                 ));
                 // The handshake is part of the time before login; mid-handshake there is no
                 // way to say goodbye in the protocol, so the connection just closes.
@@ -304,6 +305,7 @@ fn record_notices<M: Machine>(machine: &mut M, session: &Session, login: &mut Op
                 );
             }
             Notice::IdFieldAdded(source) => metrics.id_field_added(source),
+            Notice::User(name) => session.set_user(&name),
             Notice::ClientInfo(problem) => {
                 if session.listener.client_info_notices.first(problem) {
                     let what = match (problem, M::PROTOCOL) {

@@ -97,6 +97,8 @@ where
                 };
             }
             () = tokio::time::sleep(tick) => {
+                // Bytes reach the metric while the session lasts (see `REPORT_EVERY`).
+                counters.report();
                 let total = counters.total();
                 if total == last_total {
                     quiet += tick;

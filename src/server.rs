@@ -30,7 +30,8 @@ use crate::reload::{self, Plan};
 use crate::session::{ListenerContext, Session};
 use crate::shared_state::SharedState;
 use crate::tls::{
-    self, CertStore, Handshaker, ReloadOutcome, TicketKeyError, TicketKeys, TlsError,
+    self, CertStore, Handshaker, LoadedCertificate, ReloadOutcome, TicketKeyError, TicketKeys,
+    TlsError,
 };
 
 /// Sockets bound before the proxy starts.
@@ -284,7 +285,7 @@ impl Server {
                 "NO CERTIFICATE CONFIGURED: serving a self-signed certificate that clients will not trust; set tls.certificates for production"
             );
         }
-        metrics.set_certificates(&store.loaded());
+        publish_certificates(&metrics, &store.loaded());
         let tls = TlsState::new(&config, store, ticket_keys)?;
 
         let tracker = TaskTracker::new();
@@ -413,6 +414,18 @@ fn new_pool(
         metrics.backends(&l.name),
     )
     .map(Arc::new)
+}
+
+/// Sets the expiry gauge and warns about certificates that can never be served (the same name
+/// and key type as an earlier one), which `mailfront check` also reports.
+fn publish_certificates(metrics: &Metrics, loaded: &[LoadedCertificate]) {
+    metrics.set_certificates(loaded);
+    for warning in loaded
+        .iter()
+        .filter_map(LoadedCertificate::shadowed_warning)
+    {
+        tracing::warn!("{warning}");
+    }
 }
 
 /// The TLS server side in service: certificates, ticket keys and the handshaker built on them.
@@ -573,6 +586,28 @@ impl Live {
                 control.reloads.send_replace(Some(Arc::new(report)));
             }
             self.reload_tls_files(forced).await;
+            self.reload_backend_cas().await;
+        }
+    }
+
+    /// `backend_tls.ca` bundles, on the certificates' schedule: a changed bundle is used by the
+    /// sessions that start afterwards; a bad one keeps the bundle in service, logged and counted.
+    async fn reload_backend_cas(&self) {
+        for live in &self.listeners {
+            let pool = live.pool.clone();
+            let name = &live.config.name;
+            match tokio::task::spawn_blocking(move || pool.reload_ca()).await {
+                Ok(Ok(true)) => {
+                    self.metrics.backend_ca_reload(name, true);
+                    tracing::info!(listener = %name, "backend_tls.ca reloaded");
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    self.metrics.backend_ca_reload(name, false);
+                    tracing::error!(listener = %name, error = %e, "backend_tls.ca reload failed: keeping the CA bundle in service");
+                }
+                Err(e) => tracing::error!(error = %e, "backend_tls.ca reload task failed"),
+            }
         }
     }
 
@@ -699,7 +734,7 @@ impl Live {
         // 2. The swap: nothing below fails.
         if let Some(tls) = tls {
             if plan.certificates {
-                self.metrics.set_certificates(&tls.store.loaded());
+                publish_certificates(&self.metrics, &tls.store.loaded());
             }
             self.tls = tls;
         }
@@ -811,7 +846,7 @@ impl Live {
             Ok(Ok(ReloadOutcome::Reloaded)) => {
                 self.metrics.certificate_reload(true);
                 let loaded = store.loaded();
-                self.metrics.set_certificates(&loaded);
+                publish_certificates(&self.metrics, &loaded);
                 for cert in &loaded {
                     tracing::info!(certificate = %cert.label, not_after = cert.not_after, "certificate loaded");
                 }
@@ -1083,7 +1118,12 @@ impl Admission {
         let context = &self.context;
         // `tls.handshake_timeout` bounds the header too: it delays the handshake.
         let timeout = context.handshaker.timeout();
-        let (client, local) = match read_proxy_header(&mut tcp, timeout).await {
+        // Nothing is served yet: a graceful shutdown closes the connection at once.
+        let header = tokio::select! {
+            header = read_proxy_header(&mut tcp, timeout) => header,
+            () = self.shutdown.cancelled() => return,
+        };
+        let (client, local) = match header {
             Ok(ProxyHeader::Proxy {
                 source,
                 destination,

@@ -193,8 +193,15 @@ pub async fn upgrade_client<S: Transport>(
     client: ClientStream<S>,
     listener: &ListenerContext,
     client_addr: SocketAddr,
+    draining: &CancellationToken,
 ) -> Result<(ClientStream<S>, TlsInfo, std::time::Duration), EndReason> {
-    client.upgrade(&listener.handshaker).await.map_err(|e| {
+    // Mid-handshake there is no way to say goodbye in the protocol: a graceful shutdown closes
+    // the connection at once, as it ends every other pre-login session.
+    let upgraded = tokio::select! {
+        upgraded = client.upgrade(&listener.handshaker) => upgraded,
+        () = draining.cancelled() => return Err(EndReason::Shutdown),
+    };
+    upgraded.map_err(|e| {
         tracing::debug!(listener = %listener.config.name, client = %client_addr, error = %e, "STARTTLS handshake failed");
         match &e {
             UpgradeError::Handshake(h) => {
@@ -278,7 +285,17 @@ pub struct Session {
     pub per_ip: Option<PerIpGuard>,
     /// `limits.auth_failures_per_ip`, shared by all listeners; `None` in driver tests.
     pub auth_throttle: Option<AuthThrottle>,
+    /// Names the session in the close line and, with `backend_client_info`, in the backend's
+    /// log (IMAP ID `x-session-id`), so the two can be matched.
+    pub id: String,
+    /// The backend address of the last connect, for the close line.
+    backend: std::sync::Mutex<Option<SocketAddr>>,
+    /// The user name of an IMAP LOGIN sent to the backend, for the close line.
+    user: std::sync::Mutex<Option<String>>,
 }
+
+/// The longest user name the close line carries; a longer one is cut.
+pub const MAX_LOGGED_USER: usize = 256;
 
 impl Session {
     pub fn new(
@@ -287,6 +304,10 @@ impl Session {
         local_addr: SocketAddr,
         shutdown: CancellationToken,
     ) -> Session {
+        let counters = Arc::new(ByteCounters::reporting(
+            listener.metrics.bytes_to_backend.clone(),
+            listener.metrics.bytes_to_client.clone(),
+        ));
         Session {
             listener,
             client_addr,
@@ -294,11 +315,27 @@ impl Session {
             via: None,
             draining: shutdown.clone(),
             shutdown,
-            counters: Arc::new(ByteCounters::default()),
+            counters,
             tls: None,
             started: Instant::now(),
             per_ip: None,
             auth_throttle: None,
+            id: crate::client_info::new_session_id(),
+            backend: std::sync::Mutex::new(None),
+            user: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Notes the user name a login named, for the close line: at most [`MAX_LOGGED_USER`]
+    /// characters, controls replaced, so a name sent as an IMAP literal cannot forge log lines.
+    pub fn set_user(&self, name: &[u8]) {
+        let name: String = String::from_utf8_lossy(name)
+            .chars()
+            .take(MAX_LOGGED_USER)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        if let Ok(mut user) = self.user.lock() {
+            *user = Some(name);
         }
     }
 
@@ -393,7 +430,10 @@ impl Session {
         )
         .await;
         match &result {
-            Ok(_) => {
+            Ok(stream) => {
+                if let Ok(mut backend) = self.backend.lock() {
+                    *backend = stream.peer();
+                }
                 m.backend_connect_duration
                     .observe(started.elapsed().as_secs_f64());
                 if !preamble.is_empty() {
@@ -458,8 +498,10 @@ impl Session {
         let m = &self.listener.metrics;
         let to_backend = self.counters.to_backend();
         let to_client = self.counters.to_client();
-        m.bytes_to_backend.inc_by(to_backend);
-        m.bytes_to_client.inc_by(to_client);
+        // What the relay has not reported yet.
+        self.counters.report();
+        let backend = self.backend.lock().ok().and_then(|b| *b);
+        let user = self.user.lock().ok().and_then(|u| u.clone());
         let duration = self.started.elapsed();
         m.session_duration.observe(duration.as_secs_f64());
         m.session_closed(reason.class());
@@ -469,6 +511,9 @@ impl Session {
             protocol = %self.protocol(),
             client = %self.client_addr,
             via = %self.via.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+            session_id = %self.id,
+            backend = %backend.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+            user = user.as_deref().unwrap_or("-"),
             sni = tls.and_then(|t| t.sni.as_deref()).unwrap_or("-"),
             tls_version = %tls.map_or(Cow::Borrowed("none"), TlsInfo::version_name),
             cipher = %tls.map_or(Cow::Borrowed("none"), TlsInfo::cipher_name),

@@ -91,7 +91,10 @@ async fn sessions_spread_evenly_over_three_backends_by_least_connections() {
     let text = scrape_proxy(&proxy).await;
     for b in &addrs {
         assert_eq!(
-            metric(&text, &series("mailfront_backend_sessions", "imaps", *b)),
+            metric(
+                &text,
+                &series("mailfront_backend_active_sessions", "imaps", *b)
+            ),
             Some(3.0),
             "{text}"
         );
@@ -640,5 +643,72 @@ async fn bytes_after_a_backends_starttls_go_ahead_fail_that_backend() {
         Some(1.0),
         "{text}"
     );
+    proxy.stop().await;
+}
+
+/// The first line a new session through `proxy` gets.
+async fn greeting(proxy: SocketAddr, pki: &Pki) -> String {
+    let config = client_config(&pki.ca_der, &[&rustls::version::TLS13], None);
+    let tls = tls_connect(proxy, "mx.example.test", config).await.unwrap();
+    let mut s = BufReader::new(tls);
+    read_line(&mut s).await
+}
+
+/// `backend_tls.ca` is watched like the certificates (`tls.reload_interval`, 100 ms here): a
+/// bundle rotated on disk is used by the next session, and a broken one keeps the bundle in
+/// service, logged and counted.
+#[tokio::test]
+async fn a_changed_backend_ca_bundle_is_reloaded_and_a_broken_one_keeps_the_old() {
+    let (pki, cert, backend_tls_config) = with_backend_certificate();
+    let b = FleetBackend::start(
+        "tls0",
+        Speaks::Imap,
+        FleetTls::Implicit(backend_tls_config.clone()),
+    )
+    .await;
+    // Starts with another CA's bundle: the backend's certificate does not verify.
+    let other = Pki::new();
+    let bundle = pki.dir.path().join("backend-ca.pem");
+    std::fs::write(&bundle, &other.ca_pem).unwrap();
+    let yaml = config_yaml(
+        &[&cert],
+        &[pool_listener(
+            "rot",
+            "imap",
+            "implicit",
+            &[b.addr],
+            &backend_tls("implicit", &bundle),
+        )],
+        QUICK_STOP,
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    assert_eq!(
+        greeting(proxy.addr("rot"), &pki).await,
+        "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
+    );
+    let reloads = |result: &str| {
+        let text = proxy.metrics.encode();
+        let needle =
+            format!("mailfront_backend_ca_reloads_total{{listener=\"rot\",result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+            .unwrap_or(0)
+    };
+    std::fs::write(&bundle, &pki.ca_pem).unwrap();
+    eventually(|| reloads("success") == 1).await;
+    let mut ok = false;
+    for _ in 0..50 {
+        if greeting(proxy.addr("rot"), &pki).await.starts_with("* OK") {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the rotated bundle was not used");
+    std::fs::write(&bundle, "not a bundle\n").unwrap();
+    eventually(|| reloads("failure") >= 1).await;
+    assert!(greeting(proxy.addr("rot"), &pki).await.starts_with("* OK"));
+    assert_eq!(reloads("success"), 1);
     proxy.stop().await;
 }

@@ -839,3 +839,28 @@ async fn smtp_auth_is_charged_when_sent_and_refunded_only_without_a_wrong_guess(
     drop(client);
     assert_eq!(server.await.unwrap(), EndReason::ClientClosed);
 }
+
+/// SIGTERM while a POP3 client that was told to begin TLS has not sent its ClientHello: the
+/// session ends at once with `shutdown`, not at `tls.handshake_timeout` or `timeouts.login`,
+/// and no backend is dialled.
+#[tokio::test(start_paused = true)]
+async fn a_graceful_shutdown_ends_a_handshake_after_stls_at_once() {
+    let pki = pki();
+    let (context, mut backends) = listener_with(Protocol::Pop3, TlsMode::Starttls, &pki, |_, _| {});
+    let (mut client, server_io) = duplex(PIPE);
+    let drain = CancellationToken::new();
+    let mut s = session(context);
+    s.draining = drain.clone();
+    let server = tokio::spawn(async move {
+        mailfront::pop3::session::serve(ClientStream::Plain(server_io), &mut s).await
+    });
+    assert_eq!(line(&mut client).await, format!("+OK {HOST} ready\r\n"));
+    client.write_all(b"STLS\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "+OK Begin TLS negotiation\r\n");
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drain.cancel();
+    assert_eq!(server.await.unwrap(), EndReason::Shutdown);
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert!(backends.try_recv().is_err(), "a backend was connected");
+}

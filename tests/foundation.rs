@@ -644,7 +644,7 @@ fn check_accepts_the_shipped_example_and_names_every_problem_in_a_broken_one() {
 async fn admin_endpoint_serves_metrics_health_and_readiness() {
     let OneListener {
         pki: _pki,
-        cert: _,
+        cert,
         backend: _,
         proxy,
     } = one_listener(FakeKind::Echo, "e", "imap").await;
@@ -672,9 +672,11 @@ async fn admin_endpoint_serves_metrics_health_and_readiness() {
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
     let metrics = get("/metrics").await;
     assert!(metrics.contains("mailfront_build_info"), "{metrics}");
-    assert!(metrics.contains(
-        "mailfront_certificate_not_after_timestamp_seconds{certificate=\"mx.example.test\"}"
-    ));
+    // Labelled by certificate file: an ECDSA and an RSA certificate for one name differ.
+    assert!(metrics.contains(&format!(
+        "mailfront_certificate_not_after_timestamp_seconds{{certificate=\"{}\"}}",
+        cert.cert.display()
+    )));
     proxy.control.shutdown.cancel();
     // Readiness turns false as soon as shutdown begins.
     let mut turned = false;
@@ -745,4 +747,281 @@ async fn listen_backlog_reaches_every_listening_socket() {
         );
     }
     drop(bound);
+}
+
+/// A client config trusting the test CA that offers only the signature schemes `keep` allows
+/// (its `signature_algorithms` extension), and only the given TLS 1.2 suites if any.
+fn client_with_schemes(
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    keep: fn(rustls::SignatureScheme) -> bool,
+    suites: Option<Vec<rustls::SupportedCipherSuite>>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(suites) = suites {
+        provider.cipher_suites = suites;
+    }
+    let all = provider.signature_verification_algorithms;
+    let mapping: Vec<_> = all
+        .mapping
+        .iter()
+        .filter(|(scheme, _)| keep(*scheme))
+        .copied()
+        .collect();
+    provider.signature_verification_algorithms = rustls::crypto::WebPkiSupportedAlgorithms {
+        all: all.all,
+        mapping: Box::leak(mapping.into_boxed_slice()),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+fn is_rsa(scheme: rustls::SignatureScheme) -> bool {
+    format!("{scheme:?}").starts_with("RSA_")
+}
+
+fn is_ecdsa(scheme: rustls::SignatureScheme) -> bool {
+    format!("{scheme:?}").starts_with("ECDSA_")
+}
+
+fn pem_leaf(path: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+/// An ECDSA and an RSA certificate for one name, as nginx serves them: a client that can verify
+/// only RSA signatures gets the RSA one, any other the ECDSA one, whichever is listed first; a
+/// TLS 1.2 client with only ECDHE_RSA suites gets RSA whatever schemes it lists. Each has its
+/// own expiry series, and a third certificate of a type the name already has is reported by
+/// `check` as never served.
+#[tokio::test]
+async fn one_name_with_an_ecdsa_and_an_rsa_certificate_serves_each_client_the_one_it_can_use() {
+    let pki = Pki::new();
+    let rsa = pki.issue("rsa", &["mx.example.test"], true);
+    let ecdsa = pki.issue("ecdsa", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    // RSA listed first: ECDSA is still preferred for a client that can verify it.
+    let yaml = config_yaml(
+        &[&rsa, &ecdsa],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let addr = proxy.addr("e");
+    let rsa_leaf = pem_leaf(&rsa.cert);
+    let ecdsa_leaf = pem_leaf(&ecdsa.cert);
+    let tls12_rsa_suites: Vec<_> = rustls::crypto::aws_lc_rs::default_provider()
+        .cipher_suites
+        .into_iter()
+        .filter(|s| format!("{:?}", s.suite()).starts_with("TLS_ECDHE_RSA_"))
+        .collect();
+    for versions in [vec![&rustls::version::TLS13], vec![&rustls::version::TLS12]] {
+        for (keep, expected, what) in [
+            (is_rsa as fn(_) -> bool, &rsa_leaf, "RSA-only"),
+            (is_ecdsa, &ecdsa_leaf, "ECDSA-only"),
+            (|_| true, &ecdsa_leaf, "any scheme"),
+        ] {
+            let config = client_with_schemes(&pki.ca_der, &versions, keep, None);
+            let stream = tls_connect(addr, "mx.example.test", config)
+                .await
+                .unwrap_or_else(|e| panic!("{what} {versions:?}: {e}"));
+            assert_eq!(&leaf_der(&stream), expected, "{what} {versions:?}");
+        }
+    }
+    let config = client_with_schemes(
+        &pki.ca_der,
+        &[&rustls::version::TLS12],
+        |_| true,
+        Some(tls12_rsa_suites),
+    );
+    let stream = tls_connect(addr, "mx.example.test", config).await.unwrap();
+    assert_eq!(
+        leaf_der(&stream),
+        rsa_leaf,
+        "TLS 1.2 with ECDHE_RSA suites only"
+    );
+
+    let metrics = proxy.metrics.encode();
+    for cert in [&rsa, &ecdsa] {
+        assert!(
+            metrics.contains(&format!(
+                "mailfront_certificate_not_after_timestamp_seconds{{certificate=\"{}\"}}",
+                cert.cert.display()
+            )),
+            "{metrics}"
+        );
+    }
+
+    // `check`: fine as it is; a second RSA certificate for the name can never be served.
+    let path = pki.dir.path().join("pair.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let (ok, out) = mailfront_check(path.to_str().unwrap());
+    assert!(ok && !out.contains("warning"), "{out}");
+    let rsa2 = pki.issue("rsa2", &["mx.example.test"], true);
+    let yaml = config_yaml(
+        &[&rsa, &ecdsa, &rsa2],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    );
+    std::fs::write(&path, &yaml).unwrap();
+    let (ok, out) = mailfront_check(path.to_str().unwrap());
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "warning: certificate {} (RSA) is never served for mx.example.test",
+            rsa2.cert.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(out.matches("warning").count(), 1, "{out}");
+    proxy.stop().await;
+}
+
+/// Runs `mailfront health ARGS` off the runtime; its exit status and output.
+async fn mailfront_health(args: Vec<String>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailfront"))
+            .arg("health")
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// `mailfront health` (the image's HEALTHCHECK): 0 while /readyz says 200, found from the
+/// config's metrics address or a URL; 1 once shutdown begins, and 1 with nothing listening.
+#[tokio::test]
+async fn health_subcommand_exits_0_only_while_the_proxy_is_ready() {
+    let OneListener {
+        pki,
+        cert,
+        backend,
+        proxy,
+    } = one_listener(FakeKind::Echo, "e", "imap").await;
+    let admin = proxy.admin.unwrap();
+    let url = format!("http://{admin}/readyz");
+    let mut ready = false;
+    for _ in 0..100 {
+        if mailfront_health(vec!["--url".into(), url.clone()]).await.0 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        ready,
+        "{:?}",
+        mailfront_health(vec!["--url".into(), url.clone()]).await
+    );
+    // The same, from a config whose metrics listen on every address: asked on loopback.
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    )
+    .replace(
+        "metrics:\n  listen: \"127.0.0.1:0\"",
+        &format!("metrics:\n  listen: \"0.0.0.0:{}\"", admin.port()),
+    );
+    let path = pki.dir.path().join("health.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let (ok, out) = mailfront_health(vec!["--config".into(), path.to_str().unwrap().into()]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("200"), "{out}");
+
+    proxy.control.shutdown.cancel();
+    let mut unhealthy = false;
+    for _ in 0..100 {
+        let (ok, _) = mailfront_health(vec!["--url".into(), url.clone()]).await;
+        if !ok {
+            unhealthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(unhealthy);
+    // Nothing listening at all.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (ok, out) =
+        mailfront_health(vec!["--url".into(), format!("http://127.0.0.1:{port}")]).await;
+    assert!(!ok);
+    assert!(out.contains("cannot connect"), "{out}");
+}
+
+/// SIGTERM while a client on an implicit-TLS port has connected but sent no ClientHello: the
+/// connection is closed at once, as every pre-login session is, not at `tls.handshake_timeout`
+/// (10 s by default), and the close line says `shutdown`.
+#[tokio::test]
+async fn a_graceful_shutdown_closes_a_connection_that_has_not_sent_its_client_hello() {
+    let OneListener {
+        pki: _pki,
+        cert: _,
+        backend,
+        proxy,
+    } = one_listener(FakeKind::Echo, "e", "imap").await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr("e"))
+        .await
+        .unwrap();
+    // Let the proxy accept it and start waiting for the hello.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.control.shutdown.cancel();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "still open 2 s after shutdown began");
+    assert!(rest.is_empty());
+    assert!(backend.recorder.connections().is_empty());
+}
+
+/// A listener port already taken: the run fails naming the listener and the OS error once, not
+/// "… (os error 98): Address already in use (os error 98)".
+#[test]
+fn a_port_in_use_is_reported_once() {
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", addr)
+            .replace("listen: \"127.0.0.1:0\"", &format!("listen: \"{addr}\""))],
+        "",
+    );
+    let path = pki.dir.path().join("taken.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mailfront"))
+        .args(["--config", path.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!(
+            "mailfront: listeners[0] (e): cannot listen on {addr}: "
+        )),
+        "{stderr}"
+    );
+    assert_eq!(last.matches("os error").count(), 1, "{last}");
 }

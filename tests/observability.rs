@@ -185,6 +185,18 @@ async fn json_log_of_an_authenticated_session_carries_the_cipher_and_no_secret()
         json_field(closed, "cipher").as_deref(),
         Some(cipher.as_str())
     );
+    // Which backend served it, and the session's id (the IMAP ID `x-session-id` where
+    // `backend_client_info` sends one).
+    let backend = imap.addr.to_string();
+    assert_eq!(
+        json_field(closed, "backend").as_deref(),
+        Some(backend.as_str())
+    );
+    // The LOGIN's user name, never the password.
+    assert_eq!(json_field(closed, "user").as_deref(), Some("alice"));
+    let id = json_field(closed, "session_id").unwrap();
+    assert_eq!(id.len(), 16, "{closed}");
+    assert!(id.chars().all(|c| c.is_ascii_alphanumeric()), "{closed}");
     let auth = lines
         .iter()
         .find(|l| json_field(l, "message").is_some_and(|m| m.to_ascii_lowercase().contains("auth")))

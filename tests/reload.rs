@@ -130,7 +130,7 @@ async fn a_removed_backend_keeps_its_relaying_session_while_new_sessions_go_to_t
         assert_eq!(served_by(&mut new).await.as_deref(), Some("b"));
     }
     let a_sessions = format!(
-        "mailfront_backend_sessions{{backend=\"{}\",listener=\"imaps\"}}",
+        "mailfront_backend_active_sessions{{backend=\"{}\",listener=\"imaps\"}}",
         a.addr
     );
     let text = scrape(proxy.admin.unwrap()).await;

@@ -50,14 +50,36 @@ pub enum ConnectError {
     },
 }
 
+/// Relayed octets reach the listener's `mailfront_relayed_bytes_total` as they flow, batched:
+/// whenever one direction has this many unreported (one atomic load per read or write to
+/// check), on the relay's idle check, and the rest at close. A day-long IMAP IDLE session is
+/// seen while it lasts, without a metric update per packet.
+pub const REPORT_EVERY: u64 = 64 * 1024;
+
 /// Bytes moved to and from the backend, shared between a session and whoever reports on it.
 #[derive(Debug, Default)]
 pub struct ByteCounters {
-    pub to_backend: AtomicU64,
-    pub to_client: AtomicU64,
+    to_backend: AtomicU64,
+    to_client: AtomicU64,
+    /// How much of each the counters below have been told.
+    reported_to_backend: AtomicU64,
+    reported_to_client: AtomicU64,
+    /// The listener's counters (client_to_backend, backend_to_client); none in unit tests.
+    sinks: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
 }
 
 impl ByteCounters {
+    /// Counters that report to these metric counters ([`ByteCounters::report`]).
+    pub fn reporting(
+        to_backend: prometheus::IntCounter,
+        to_client: prometheus::IntCounter,
+    ) -> ByteCounters {
+        ByteCounters {
+            sinks: Some((to_backend, to_client)),
+            ..ByteCounters::default()
+        }
+    }
+
     pub fn to_backend(&self) -> u64 {
         self.to_backend.load(Ordering::Relaxed)
     }
@@ -67,6 +89,44 @@ impl ByteCounters {
     /// Sum of both directions: grows whenever anything moves, for idle detection.
     pub fn total(&self) -> u64 {
         self.to_backend().wrapping_add(self.to_client())
+    }
+
+    fn add_to_backend(&self, n: u64) {
+        let total = self
+            .to_backend
+            .fetch_add(n, Ordering::Relaxed)
+            .wrapping_add(n);
+        if total.saturating_sub(self.reported_to_backend.load(Ordering::Relaxed)) >= REPORT_EVERY {
+            self.report();
+        }
+    }
+
+    fn add_to_client(&self, n: u64) {
+        let total = self
+            .to_client
+            .fetch_add(n, Ordering::Relaxed)
+            .wrapping_add(n);
+        if total.saturating_sub(self.reported_to_client.load(Ordering::Relaxed)) >= REPORT_EVERY {
+            self.report();
+        }
+    }
+
+    /// Adds what moved since the last report to the metric counters. Safe from any number of
+    /// places at once: each octet is reported once (`fetch_max` on the reported mark).
+    pub fn report(&self) {
+        let Some((to_backend, to_client)) = &self.sinks else {
+            return;
+        };
+        for (counted, reported, sink) in [
+            (&self.to_backend, &self.reported_to_backend, to_backend),
+            (&self.to_client, &self.reported_to_client, to_client),
+        ] {
+            let now = counted.load(Ordering::Relaxed);
+            let before = reported.fetch_max(now, Ordering::Relaxed);
+            if now > before {
+                sink.inc_by(now - before);
+            }
+        }
     }
 }
 
@@ -147,7 +207,7 @@ pub struct BackendStream {
     replay: Vec<u8>,
     replayed: usize,
     /// The session's place in the pool's least-connections count, released on drop.
-    _lease: Option<pool::Lease>,
+    lease: Option<pool::Lease>,
 }
 
 impl fmt::Debug for BackendStream {
@@ -159,6 +219,11 @@ impl fmt::Debug for BackendStream {
 }
 
 impl BackendStream {
+    /// The backend address this stream is connected to, when a pool chose it.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.lease.as_ref().map(pool::Lease::addr)
+    }
+
     fn new(
         inner: Box<dyn Transport>,
         counters: Arc<ByteCounters>,
@@ -170,7 +235,7 @@ impl BackendStream {
             counters,
             replay,
             replayed: 0,
-            _lease: lease,
+            lease,
         }
     }
 }
@@ -189,9 +254,7 @@ impl AsyncRead for BackendStream {
             let n = rest.len().min(buf.remaining());
             buf.put_slice(rest.get(..n).unwrap_or_default());
             this.replayed += n;
-            this.counters
-                .to_client
-                .fetch_add(n as u64, Ordering::Relaxed);
+            this.counters.add_to_client(n as u64);
             if this.replayed >= this.replay.len() {
                 this.replay = Vec::new();
                 this.replayed = 0;
@@ -201,9 +264,7 @@ impl AsyncRead for BackendStream {
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
         let read = buf.filled().len().saturating_sub(before);
-        this.counters
-            .to_client
-            .fetch_add(read as u64, Ordering::Relaxed);
+        this.counters.add_to_client(read as u64);
         poll
     }
 }
@@ -217,9 +278,7 @@ impl AsyncWrite for BackendStream {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &poll {
-            this.counters
-                .to_backend
-                .fetch_add(*n as u64, Ordering::Relaxed);
+            this.counters.add_to_backend(*n as u64);
         }
         poll
     }
@@ -237,9 +296,7 @@ impl AsyncWrite for BackendStream {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &poll {
-            this.counters
-                .to_backend
-                .fetch_add(*n as u64, Ordering::Relaxed);
+            this.counters.add_to_backend(*n as u64);
         }
         poll
     }
@@ -302,6 +359,25 @@ pub async fn connect(
 
 #[cfg(test)]
 mod tests {
+
+    /// Relayed octets reach the metric in batches of `REPORT_EVERY` while they flow, the rest
+    /// when reported (the relay's idle check, the close), each octet once.
+    #[test]
+    fn bytes_are_reported_as_they_flow_in_batches_and_once() {
+        let up = prometheus::IntCounter::new("up", "up").unwrap();
+        let down = prometheus::IntCounter::new("down", "down").unwrap();
+        let counters = ByteCounters::reporting(up.clone(), down.clone());
+        counters.add_to_backend(REPORT_EVERY - 1);
+        counters.add_to_client(10);
+        assert_eq!((up.get(), down.get()), (0, 0));
+        counters.add_to_backend(1);
+        assert_eq!((up.get(), down.get()), (REPORT_EVERY, 10));
+        counters.add_to_backend(5);
+        counters.report();
+        counters.report();
+        assert_eq!((up.get(), down.get()), (REPORT_EVERY + 5, 10));
+        assert_eq!(counters.to_backend(), REPORT_EVERY + 5);
+    }
     use tokio::io::AsyncReadExt;
 
     use super::*;

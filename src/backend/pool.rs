@@ -67,6 +67,7 @@ pub struct Pool {
 }
 
 /// A pool's configured settings: each attempt reads them once, so a reload never mixes two.
+#[derive(Clone)]
 struct Settings {
     protocol: Protocol,
     hostname: String,
@@ -146,6 +147,12 @@ impl State {
 pub struct Lease {
     pool: Arc<Pool>,
     addr: SocketAddr,
+}
+
+impl Lease {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
 }
 
 impl Drop for Lease {
@@ -250,6 +257,25 @@ impl Pool {
         self.settings.store(Arc::new(next));
         self.reconcile();
         self.changed.notify_one();
+        Ok(true)
+    }
+
+    /// Re-reads the `backend_tls.ca` bundle (blocking: it reads a file); sessions that start
+    /// afterwards verify against it. Ok(true) when it changed and was swapped in; an error
+    /// changes nothing, so the bundle in service stays.
+    pub fn reload_ca(&self) -> Result<bool, TlsSetupError> {
+        let current = self.settings();
+        let (Some(client), Some(tls)) = (&current.tls, &current.backends.tls) else {
+            return Ok(false);
+        };
+        let Some(client) = client.reloaded(tls)? else {
+            return Ok(false);
+        };
+        let mut next = Settings::clone(&current);
+        next.tls = Some(client);
+        // The reloader applies configuration reloads and this one in turn, from one task, so
+        // nothing swapped the settings in between.
+        self.settings.store(Arc::new(next));
         Ok(true)
     }
 
@@ -879,11 +905,9 @@ mod tests {
             .encode_to_string(&registry.gather())
             .unwrap();
         assert!(!text.contains("10.0.0.1:143"), "{text}");
-        assert!(
-            text.contains(
-                "mailfront_backend_sessions{backend=\"10.0.0.2:143\",listener=\"imaps\"} 1"
-            )
-        );
+        assert!(text.contains(
+            "mailfront_backend_active_sessions{backend=\"10.0.0.2:143\",listener=\"imaps\"} 1"
+        ));
         drop(held);
         pool.install(&name, addrs(&["10.0.0.3:143", "10.0.0.4:143"]));
         assert_eq!(pool.lock().members.len(), 2);

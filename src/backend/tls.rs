@@ -1,8 +1,10 @@
 //! `backend_tls`: the rustls client that encrypts the hop to the backend, verifying its
-//! certificate against `ca` (a PEM bundle) or the system's roots.
+//! certificate against `ca` (a PEM bundle) or the system's roots. The bundle is re-read like
+//! the certificates ([`BackendTlsClient::reloaded`]): a CA rotated on disk is used without a
+//! restart, and a broken bundle keeps the one in service.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::RootCertStore;
@@ -29,6 +31,8 @@ pub struct BackendTlsClient {
     pub mode: TlsMode,
     connector: TlsConnector,
     server_name: Option<ServerName<'static>>,
+    /// SHA-256 of the `ca` file as loaded, to notice a change; `None` with the system's roots.
+    ca_digest: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for BackendTlsClient {
@@ -43,10 +47,35 @@ impl std::fmt::Debug for BackendTlsClient {
 impl BackendTlsClient {
     /// Loads the roots (`ca`, or the system's) and builds the client.
     pub fn new(tls: &BackendTls) -> Result<BackendTlsClient, TlsSetupError> {
-        let roots = match &tls.ca {
-            Some(path) => ca_roots(path)?,
-            None => system_roots()?,
+        match &tls.ca {
+            Some(path) => {
+                let bytes = read_ca(path)?;
+                Self::with_roots(tls, ca_roots(path, &bytes)?, Some(digest(&bytes)))
+            }
+            None => Self::with_roots(tls, system_roots()?, None),
+        }
+    }
+
+    /// Re-reads `ca` (blocking: it reads a file): a new client when the file's bytes changed
+    /// and still make a bundle, `None` when they did not change (or the system's roots are in
+    /// use, which are read once), an error when the file cannot be used.
+    pub fn reloaded(&self, tls: &BackendTls) -> Result<Option<BackendTlsClient>, TlsSetupError> {
+        let Some(path) = &tls.ca else {
+            return Ok(None);
         };
+        let bytes = read_ca(path)?;
+        let digest = digest(&bytes);
+        if self.ca_digest.as_ref() == Some(&digest) {
+            return Ok(None);
+        }
+        Self::with_roots(tls, ca_roots(path, &bytes)?, Some(digest)).map(Some)
+    }
+
+    fn with_roots(
+        tls: &BackendTls,
+        roots: RootCertStore,
+        ca_digest: Option<Vec<u8>>,
+    ) -> Result<BackendTlsClient, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
@@ -60,6 +89,7 @@ impl BackendTlsClient {
             mode: tls.mode,
             connector: TlsConnector::from(Arc::new(config)),
             server_name,
+            ca_digest,
         })
     }
 
@@ -83,13 +113,26 @@ impl BackendTlsClient {
     }
 }
 
-fn ca_roots(path: &PathBuf) -> Result<RootCertStore, TlsSetupError> {
+fn read_ca(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
+    std::fs::read(path).map_err(|e| TlsSetupError::Ca {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+/// SHA-256 of a CA bundle, with rustls's own provider.
+fn digest(bytes: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
+}
+
+fn ca_roots(path: &Path, bytes: &[u8]) -> Result<RootCertStore, TlsSetupError> {
     let fail = |detail: String| TlsSetupError::Ca {
-        path: path.clone(),
+        path: path.to_path_buf(),
         detail,
     };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| fail(e.to_string()))?
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail(e.to_string()))?;
     if certs.is_empty() {
@@ -149,8 +192,20 @@ mod tests {
             .unwrap();
         let good = dir.join("ca.pem");
         std::fs::write(&good, ca.pem()).unwrap();
-        let client = BackendTlsClient::new(&tls(Some(good))).unwrap();
+        let client = BackendTlsClient::new(&tls(Some(good.clone()))).unwrap();
         assert_eq!(client.mode, TlsMode::Implicit);
+        // Unchanged: nothing to swap. Changed and good: a new client. Broken: an error.
+        assert!(client.reloaded(&tls(Some(good.clone()))).unwrap().is_none());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::CertificateParams::new(vec!["ca2.example.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&good, format!("{}{}", ca.pem(), other.pem())).unwrap();
+        let next = client.reloaded(&tls(Some(good.clone()))).unwrap().unwrap();
+        assert!(next.reloaded(&tls(Some(good.clone()))).unwrap().is_none());
+        std::fs::write(&good, "no PEM here\n").unwrap();
+        assert!(next.reloaded(&tls(Some(good.clone()))).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

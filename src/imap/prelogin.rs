@@ -557,6 +557,9 @@ impl Prelogin {
             return;
         };
         if granted {
+            if let Command::Login { username, .. } = &command {
+                self.core.notices.push(Notice::User(username.clone()));
+            }
             self.send(tag, &command, pieces);
         } else {
             // Refused before anything goes out: neither our ID nor the credentials.
@@ -1101,6 +1104,7 @@ mod tests {
         assert_eq!(
             m.take_notices(),
             [
+                Notice::User(b"alice".to_vec()),
                 Notice::IdFieldAdded(IdSource::Proxy),
                 Notice::ClientInfo(crate::client_info::Notice::Refused)
             ]
@@ -1117,7 +1121,10 @@ mod tests {
         assert_eq!(backend, "a LOGIN \"alice\" \"secret\"\r\n");
         assert_eq!(
             m.take_notices(),
-            [Notice::ClientInfo(crate::client_info::Notice::NotOffered)]
+            [
+                Notice::User(b"alice".to_vec()),
+                Notice::ClientInfo(crate::client_info::Notice::NotOffered),
+            ]
         );
     }
 
@@ -1220,6 +1227,7 @@ mod tests {
         assert_eq!(
             throttle.notices,
             vec![
+                Notice::User(b"alice".to_vec()),
                 Notice::Auth {
                     ok: false,
                     mechanism: "LOGIN".to_owned(),
@@ -1581,6 +1589,7 @@ mod tests {
         assert_eq!(
             m.take_notices(),
             vec![
+                Notice::User(b"alice".to_vec()),
                 Notice::IdFieldAdded(IdSource::Proxy),
                 Notice::Auth {
                     ok: true,

@@ -147,7 +147,9 @@ pub async fn serve<S: Transport>(mut client: ClientStream<S>, session: &mut Sess
             match driver.run(&mut client).await {
                 Err(reason) => break reason,
                 Ok(StartTls) => {
-                    let upgrade = upgrade_client(client, &listener, driver.session.client_addr);
+                    let draining = driver.session.draining.clone();
+                    let upgrade =
+                        upgrade_client(client, &listener, driver.session.client_addr, &draining);
                     let upgraded = match driver.login_deadline {
                         // The handshake is part of the time before login; mid-handshake no
                         // reply can be written, so the connection just closes.

@@ -1,5 +1,10 @@
 //! The certificate store: an atomically swapped SNI map, so a reload never disturbs a handshake
 //! in progress or a live session, and a broken file on reload keeps the old certificates.
+//!
+//! One name may have one certificate per key type (an ECDSA and an RSA certificate, as nginx
+//! and Postfix allow): the handshake gets the ECDSA one when the client can verify it (its
+//! signature schemes, and for TLS 1.2 its cipher suites) and the RSA one otherwise, because
+//! the legacy clients this proxy exists for often know RSA only.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,6 +16,7 @@ use aws_lc_rs::digest;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{CipherSuite, SignatureAlgorithm, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use zeroize::Zeroizing;
@@ -21,20 +27,114 @@ use crate::config::CertificateSection;
 /// One certificate as loaded, for logs and the expiry metric.
 #[derive(Debug, Clone)]
 pub struct LoadedCertificate {
-    /// A stable label: the first DNS name of the leaf (or its file path).
+    /// A stable label, unique per certificate in service: its file path (the hostname for the
+    /// self-signed fallback). Two certificates for one name (ECDSA and RSA) differ here.
     pub label: String,
     /// DNS names the certificate is selected for.
     pub names: Vec<String>,
     /// notAfter of the leaf, as a Unix timestamp.
     pub not_after: i64,
     pub self_signed: bool,
+    /// `ECDSA`, `RSA`, `Ed25519`…: the key type, one certificate of each per name.
+    pub key_type: String,
+    /// Names this certificate can never be served for: an earlier certificate has the same
+    /// name and the same key type, and the first listed wins.
+    pub shadowed: Vec<String>,
+}
+
+impl LoadedCertificate {
+    /// What `mailfront check` and the logs warn about: names this certificate never serves.
+    pub fn shadowed_warning(&self) -> Option<String> {
+        (!self.shadowed.is_empty()).then(|| {
+            format!(
+                "certificate {} ({}) is never served for {}: an earlier tls.certificates entry has the same name and key type, and the first listed wins",
+                self.label,
+                self.key_type,
+                self.shadowed.join(", ")
+            )
+        })
+    }
+}
+
+/// The certificates for one name, at most one per key type, most preferred first (ECDSA, then
+/// EdDSA, then RSA); never empty.
+#[derive(Clone)]
+struct Candidates(Vec<Arc<CertifiedKey>>);
+
+impl Candidates {
+    /// Adds `key` unless one of its type is there already; false when it was shadowed.
+    fn add(&mut self, key: &Arc<CertifiedKey>) -> bool {
+        let algorithm = key.key.algorithm();
+        if self.0.iter().any(|k| k.key.algorithm() == algorithm) {
+            return false;
+        }
+        self.0.push(key.clone());
+        self.0.sort_by_key(|k| preference(k.key.algorithm()));
+        true
+    }
+
+    /// The first candidate the client can use, else the most preferred (the handshake then
+    /// fails as it would have with that one alone).
+    fn choose(
+        &self,
+        schemes: &[SignatureScheme],
+        suites: &[CipherSuite],
+        provider: &CryptoProvider,
+    ) -> Option<Arc<CertifiedKey>> {
+        if self.0.len() > 1 {
+            for key in &self.0 {
+                if suites_allow(key.key.algorithm(), suites, provider)
+                    && key.key.choose_scheme(schemes).is_some()
+                {
+                    return Some(key.clone());
+                }
+            }
+        }
+        self.0.first().cloned()
+    }
+}
+
+/// Lower is preferred: ECDSA signatures are smaller and cheaper than RSA ones.
+fn preference(algorithm: SignatureAlgorithm) -> u8 {
+    match algorithm {
+        SignatureAlgorithm::ECDSA => 0,
+        SignatureAlgorithm::ED25519 | SignatureAlgorithm::ED448 => 1,
+        SignatureAlgorithm::RSA => 2,
+        _ => 3,
+    }
+}
+
+/// Whether the client offers a cipher suite this server has that works with a key of this
+/// type: any TLS 1.3 suite, or a TLS 1.2 `ECDHE_ECDSA_*` / `ECDHE_RSA_*` one as the key needs
+/// (RFC 5246 §7.4.2). A TLS 1.2 client with only RSA suites may still list ECDSA signature
+/// schemes, so the schemes alone do not decide.
+fn suites_allow(
+    algorithm: SignatureAlgorithm,
+    suites: &[CipherSuite],
+    provider: &CryptoProvider,
+) -> bool {
+    provider.cipher_suites.iter().any(|ours| {
+        suites.contains(&ours.suite()) && ours.usable_for_signature_algorithm(algorithm)
+    })
+}
+
+fn key_type_name(algorithm: SignatureAlgorithm) -> String {
+    match algorithm {
+        SignatureAlgorithm::ECDSA => "ECDSA".to_owned(),
+        SignatureAlgorithm::RSA => "RSA".to_owned(),
+        SignatureAlgorithm::ED25519 => "Ed25519".to_owned(),
+        SignatureAlgorithm::ED448 => "Ed448".to_owned(),
+        other => format!("{other:?}"),
+    }
 }
 
 struct CertMap {
-    exact: HashMap<String, Arc<CertifiedKey>>,
+    exact: HashMap<String, Candidates>,
     /// Keyed by the parent domain of a `*.parent` name.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
-    default: Arc<CertifiedKey>,
+    wildcard: HashMap<String, Candidates>,
+    /// For a client without SNI, or with a name no certificate has: the first certificate of
+    /// each key type, in the order listed.
+    default: Candidates,
     loaded: Vec<LoadedCertificate>,
     /// A SHA-256 over every file as read, to notice changes cheaply without keeping the
     /// private key's bytes around; empty for the self-signed fallback, which has no files.
@@ -115,19 +215,26 @@ impl CertStore {
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let map = self.current.load();
-        let Some(name) = client_hello.server_name() else {
-            return Some(map.default.clone());
+        let candidates = match client_hello.server_name() {
+            None => &map.default,
+            Some(name) => {
+                let name = name.to_ascii_lowercase();
+                if let Some(candidates) = map.exact.get(&name) {
+                    candidates
+                } else if let Some((_, parent)) = name.split_once('.')
+                    && let Some(candidates) = map.wildcard.get(parent)
+                {
+                    candidates
+                } else {
+                    &map.default
+                }
+            }
         };
-        let name = name.to_ascii_lowercase();
-        if let Some(key) = map.exact.get(&name) {
-            return Some(key.clone());
-        }
-        if let Some((_, parent)) = name.split_once('.')
-            && let Some(key) = map.wildcard.get(parent)
-        {
-            return Some(key.clone());
-        }
-        Some(map.default.clone())
+        candidates.choose(
+            client_hello.signature_schemes(),
+            client_hello.cipher_suites(),
+            &self.provider,
+        )
     }
 }
 
@@ -156,6 +263,21 @@ impl FingerprintBuilder {
     }
 }
 
+/// Adds `key` to `name`'s candidates; false when one of its key type is there already.
+fn add_candidate(
+    map: &mut HashMap<String, Candidates>,
+    name: &str,
+    key: &Arc<CertifiedKey>,
+) -> bool {
+    match map.get_mut(name) {
+        Some(candidates) => candidates.add(key),
+        None => {
+            map.insert(name.to_owned(), Candidates(vec![key.clone()]));
+            true
+        }
+    }
+}
+
 fn read_fingerprint(sources: &[CertificateSection]) -> std::io::Result<Fingerprint> {
     let mut fingerprint = FingerprintBuilder::new();
     for source in sources {
@@ -176,10 +298,10 @@ fn build_map(
     if sources.is_empty() {
         return self_signed_map(hostname, provider);
     }
-    let mut exact = HashMap::new();
-    let mut wildcard = HashMap::new();
+    let mut exact: HashMap<String, Candidates> = HashMap::new();
+    let mut wildcard: HashMap<String, Candidates> = HashMap::new();
     let mut loaded = Vec::new();
-    let mut default = None;
+    let mut default: Option<Candidates> = None;
     let mut fingerprint = FingerprintBuilder::new();
     for (index, source) in sources.iter().enumerate() {
         let cert_bytes = read_file(index, "cert", &source.cert)?;
@@ -199,21 +321,27 @@ fn build_map(
                 ),
             },
         })?;
-        let info = describe(&certified, &source.cert.display().to_string(), false)
+        let mut info = describe(&certified, &source.cert.display().to_string(), false)
             .map_err(|problem| pem_error(index, "cert", &source.cert, problem))?;
         let certified = Arc::new(certified);
         for name in &info.names {
             let name = name.to_ascii_lowercase();
-            // The first certificate listed for a name wins, as the order in the file says.
-            if let Some(parent) = name.strip_prefix("*.") {
-                wildcard
-                    .entry(parent.to_owned())
-                    .or_insert_with(|| certified.clone());
-            } else {
-                exact.entry(name).or_insert_with(|| certified.clone());
+            // Per key type, the first certificate listed for a name wins, as the order in the
+            // file says; a later one of the same type is reported, never served for that name.
+            let added = match name.strip_prefix("*.") {
+                Some(parent) => add_candidate(&mut wildcard, parent, &certified),
+                None => add_candidate(&mut exact, &name, &certified),
+            };
+            if !added {
+                info.shadowed.push(name);
             }
         }
-        default.get_or_insert_with(|| certified.clone());
+        match &mut default {
+            Some(default) => {
+                default.add(&certified);
+            }
+            None => default = Some(Candidates(vec![certified.clone()])),
+        }
         loaded.push(info);
     }
     let Some(default) = default else {
@@ -360,15 +488,36 @@ fn what_is_in(bytes: &[u8], wanted: Wanted) -> String {
     format!("the file is not PEM (no `{begin}` line)")
 }
 
+/// How long the generated certificate is valid: a year, like a CA-issued one, rather than
+/// rcgen's default of 1975 to 4096 that certificate checkers flag.
+const SELF_SIGNED_VALIDITY: time::Duration = time::Duration::days(365);
+
+/// A self-signed ECDSA P-256 certificate for `hostname` (subject CN and SAN), valid from an hour
+/// before `now` (clock skew) for [`SELF_SIGNED_VALIDITY`].
+fn self_signed(
+    hostname: &str,
+    now: time::OffsetDateTime,
+) -> Result<(rcgen::Certificate, rcgen::KeyPair), rcgen::Error> {
+    let mut params = rcgen::CertificateParams::new(vec![hostname.to_owned()])?;
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::CommonName, hostname);
+    params.distinguished_name = name;
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + SELF_SIGNED_VALIDITY;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert, key))
+}
+
 fn self_signed_map(hostname: &str, provider: &CryptoProvider) -> Result<CertMap, TlsError> {
-    let generated = rcgen::generate_simple_self_signed(vec![hostname.to_owned()])
+    let (cert, key) = self_signed(hostname, time::OffsetDateTime::now_utc())
         .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
-    let chain = vec![generated.cert.der().clone()];
-    let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+    let chain = vec![cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let certified = CertifiedKey::from_der(chain, key, provider)
         .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
     let info = describe(&certified, hostname, true).map_err(TlsError::SelfSigned)?;
-    let certified = Arc::new(certified);
+    let certified = Candidates(vec![Arc::new(certified)]);
     Ok(CertMap {
         exact: HashMap::from([(hostname.to_ascii_lowercase(), certified.clone())]),
         wildcard: HashMap::new(),
@@ -396,10 +545,11 @@ fn pem_error(index: usize, field: &'static str, path: &Path, problem: String) ->
     }
 }
 
-/// Reads the leaf's DNS names (SAN, else CN) and notAfter.
+/// Reads the leaf's DNS names (SAN, else CN), notAfter and key type; `label` names it in the
+/// metric and logs.
 fn describe(
     certified: &CertifiedKey,
-    fallback_label: &str,
+    label: &str,
     self_signed: bool,
 ) -> Result<LoadedCertificate, String> {
     let leaf = certified.end_entity_cert().map_err(|e| e.to_string())?;
@@ -421,13 +571,12 @@ fn describe(
         }
     }
     Ok(LoadedCertificate {
-        label: names
-            .first()
-            .cloned()
-            .unwrap_or_else(|| fallback_label.to_owned()),
+        label: label.to_owned(),
         names,
         not_after: cert.validity().not_after.timestamp(),
         self_signed,
+        key_type: key_type_name(certified.key.algorithm()),
+        shadowed: Vec::new(),
     })
 }
 
@@ -586,6 +735,23 @@ mod tests {
             CertStore::load(&[a], "mx.test").unwrap().loaded()[0].names,
             ["a.test"]
         );
+    }
+
+    /// The fallback certificate names the host (not "rcgen self signed cert") and is valid
+    /// for a year from now (not 1975 to 4096).
+    #[test]
+    fn the_self_signed_certificate_names_the_host_and_lasts_a_year() {
+        let store = CertStore::load(&[], "mx.example.test").unwrap();
+        let map = store.current.load();
+        let leaf = map.default.0[0].end_entity_cert().unwrap().to_vec();
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        assert_eq!(cert.subject().to_string(), "CN=mx.example.test");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let validity = cert.validity();
+        assert!((now - 3700..=now).contains(&validity.not_before.timestamp()));
+        let year = 365 * 24 * 3600;
+        assert!((now + year - 60..=now + year + 60).contains(&validity.not_after.timestamp()));
+        assert!(map.loaded[0].self_signed);
     }
 
     #[test]
