@@ -22,6 +22,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
         max_commands: limits.preauth_commands,
         client_info: if session.listener.config.backend_client_info {
             // The session's own id, also on its close line.
+            tracing::debug!(listener = %session.listener.config.name, client = %session.client_addr, session_id = %session.id, "x-session-id for the backend's ID");
             crate::client_info::imap_id_fields(session.client_addr, session.local_addr, &session.id)
         } else {
             Vec::new()
