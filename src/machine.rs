@@ -395,4 +395,26 @@ pub(crate) mod testing {
             String::from_utf8_lossy(&backend).into_owned(),
         )
     }
+
+    /// One row of a machine's charge table, checked the same way for every protocol: how many
+    /// attempts stayed charged and were refused, and which lines did or did not reach the
+    /// backend.
+    pub(crate) fn check_charges(
+        name: &str,
+        throttle: &Throttle,
+        backend: &str,
+        charged: u32,
+        refused: u32,
+        reached: &[&str],
+        never: &[&str],
+    ) {
+        assert_eq!(throttle.charged, charged, "{name}: charged; {backend:?}");
+        assert_eq!(throttle.refused, refused, "{name}: refused");
+        for s in reached {
+            assert!(backend.contains(s), "{name}: {s:?} not in {backend:?}");
+        }
+        for s in never {
+            assert!(!backend.contains(s), "{name}: {s:?} in {backend:?}");
+        }
+    }
 }

@@ -955,7 +955,7 @@ fn mechanism_label(name: &[u8], mechanism: Option<&[u8]>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::testing::{Step, Throttle, play};
+    use crate::machine::testing::{Step, Throttle, check_charges, play};
 
     const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
 
@@ -1532,18 +1532,15 @@ mod tests {
             out(&mut m);
             let mut throttle = Throttle::new(case.limit, case.already);
             let (_, backend) = play(&mut m, &mut throttle, case.steps);
-            let name = case.name;
-            assert_eq!(
-                throttle.charged, case.charged,
-                "{name}: charged; {backend:?}"
+            check_charges(
+                case.name,
+                &throttle,
+                &backend,
+                case.charged,
+                case.refused,
+                case.reached,
+                case.never,
             );
-            assert_eq!(throttle.refused, case.refused, "{name}: refused");
-            for s in case.reached {
-                assert!(backend.contains(s), "{name}: {s:?} not in {backend:?}");
-            }
-            for s in case.never {
-                assert!(!backend.contains(s), "{name}: {s:?} in {backend:?}");
-            }
         }
     }
 

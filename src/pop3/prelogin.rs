@@ -641,7 +641,7 @@ fn refused_label(cmd: &Command) -> String {
 mod tests {
     use super::*;
     use crate::line::split::CHUNKS;
-    use crate::machine::testing::{Step, Throttle, play};
+    use crate::machine::testing::{Step, Throttle, check_charges, play};
 
     const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
     const BACKEND_CAPA: &str =
@@ -1242,18 +1242,15 @@ mod tests {
             let mut m = greeted();
             let mut throttle = Throttle::new(case.limit, case.already);
             let (_, backend) = play(&mut m, &mut throttle, case.steps);
-            let name = case.name;
-            assert_eq!(
-                throttle.charged, case.charged,
-                "{name}: charged; {backend:?}"
+            check_charges(
+                case.name,
+                &throttle,
+                &backend,
+                case.charged,
+                case.refused,
+                case.reached,
+                case.never,
             );
-            assert_eq!(throttle.refused, case.refused, "{name}: refused");
-            for s in case.reached {
-                assert!(backend.contains(s), "{name}: {s:?} not in {backend:?}");
-            }
-            for s in case.never {
-                assert!(!backend.contains(s), "{name}: {s:?} in {backend:?}");
-            }
         }
     }
 
