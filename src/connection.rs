@@ -106,7 +106,22 @@ pub async fn serve_connection(tcp: TcpStream, session: Session) {
 /// handshake where the listener asks for it, then the protocol's driver. Never panics on input:
 /// every error ends in an [`EndReason`]. The server calls it through [`serve_connection`];
 /// driver tests call it with one end of `tokio::io::duplex`.
-pub async fn serve_stream<S: Transport>(io: S, mut session: Session) {
+///
+/// Everything runs inside the session's one tracing span, which carries the listener, the
+/// protocol, the client and the session id, so no event inside restates them.
+pub async fn serve_stream<S: Transport>(io: S, session: Session) {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!(
+        "session",
+        listener = %session.listener.config.name,
+        protocol = %session.protocol(),
+        client = %session.client_addr,
+        session_id = %session.id,
+    );
+    serve_in_span(io, session).instrument(span).await;
+}
+
+async fn serve_in_span<S: Transport>(io: S, mut session: Session) {
     let listener = session.listener.clone();
     let client = match listener.config.tls {
         TlsMode::Starttls => ClientStream::Plain(io),
@@ -137,7 +152,7 @@ pub async fn serve_stream<S: Transport>(io: S, mut session: Session) {
                 }
                 Ok(Err(e)) => {
                     listener.metrics.handshake_failed(e.reason);
-                    tracing::debug!(listener = %listener.config.name, client = %session.client_addr, error = %e, "tls handshake failed");
+                    tracing::debug!(error = %e, "tls handshake failed");
                     session.log_close(&EndReason::TlsHandshakeFailed(e.detail()));
                     return;
                 }

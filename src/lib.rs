@@ -9,9 +9,11 @@
 //!   port 0. `connection` hands each accepted socket to its protocol's driver. [`fd_limit`]
 //!   raises the open-files limit at start and checks it against `max_connections`.
 //!   [`shared_state`] keeps those two counts in Redis/Valkey when replicas must share them.
-//! - Drivers: [`smtp::session`], and [`prelogin::serve`], the one pre-login loop that runs the
-//!   IMAP and POP3 not-authenticated state machines ([`imap::prelogin`], [`pop3::prelogin`])
-//!   through the contract in [`machine`], which sits at the bottom beside them.
+//! - The driver: [`driver::serve`], the one loop that runs every protocol's sans-I/O machine
+//!   ([`smtp::machine`], and the IMAP and POP3 not-authenticated machines [`imap::prelogin`],
+//!   [`pop3::prelogin`], which then hand over to the relay) through the contract in
+//!   [`machine`], which sits at the bottom beside them. The protocols' `session` modules only
+//!   build each machine's settings.
 //! - Below them: [`session`] (per-connection context, the client stream STARTTLS upgrades, timed
 //!   writes, the close log), [`close`] (why a session ended, and on which side), [`backend`] (each listener's pool of backend addresses:
 //!   selection, health, SNI routes, TLS to the backend; byte counting; the connector tests replace), `relay` (the post-login byte relay), `proxy_protocol` (the PROXY
@@ -29,6 +31,7 @@ pub mod close;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod dns;
+pub mod driver;
 pub mod fd_limit;
 pub mod imap;
 pub mod limits;
@@ -38,7 +41,6 @@ pub mod logging;
 pub mod machine;
 pub mod metrics;
 pub mod pop3;
-pub mod prelogin;
 pub mod proxy_header;
 pub(crate) mod proxy_protocol;
 pub(crate) mod relay;

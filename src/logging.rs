@@ -64,7 +64,9 @@ where
             let builder = tracing_subscriber::fmt()
                 .json()
                 .flatten_event(true)
-                .with_current_span(false)
+                // The session's span (listener, protocol, client, session id) as `span`.
+                .with_current_span(true)
+                .with_span_list(false)
                 .with_env_filter(filter)
                 .with_writer(writer)
                 .with_ansi(ansi)

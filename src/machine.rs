@@ -1,18 +1,48 @@
-//! The machine contract: what a protocol's sans-I/O not-authenticated state machine and the one
-//! I/O loop that drives it (`prelogin::serve`, one layer up) say to each other.
+//! The machine contract: what a protocol's sans-I/O session machine and the one I/O loop that
+//! drives it (`driver::serve`, one layer up) say to each other.
 //!
-//! It sits at the bottom layer, beside the codecs: the IMAP and POP3 machines
-//! ([`crate::imap::prelogin`], [`crate::pop3::prelogin`]) implement [`Machine`] from here and
-//! never import the driver, which imports this from above. Nothing here reads a socket, sleeps
-//! or logs: a machine takes bytes and says what happens next ([`Next`]), what it learned
-//! ([`Notice`]) and why it ended ([`End`]).
+//! It sits at the bottom layer, beside the codecs: the IMAP, POP3 and SMTP machines
+//! ([`crate::imap::prelogin`], [`crate::pop3::prelogin`], [`crate::smtp::machine`]) implement
+//! [`Machine`] from here and never import the driver, which imports this from above. Nothing
+//! here reads a socket, sleeps or logs: a machine takes bytes and says what happens next
+//! ([`Next`]), what it learned ([`Notice`]) and why it ended ([`End`]).
 //!
-//! Both protocols run the same phases before login (RFC 8314 §4.1): on a STARTTLS listener a
-//! cleartext dialogue answered locally with no backend, the TLS handshake, the backend
-//! connection, then only commands the gate parsed reach the backend, re-encoded, until the
-//! backend accepts a login and the session becomes a plain relay.
+//! All three protocols run the same phases (RFC 8314 §4.1): on a STARTTLS listener a cleartext
+//! dialogue answered locally with no backend, the TLS handshake, the backend connection, then
+//! only commands the gate parsed reach the backend, re-encoded. IMAP and POP3 become a plain
+//! relay once the backend accepts a login ([`Next::Authenticated`]); SMTP stays parsed to the
+//! end, since every message needs its Received field.
+
+use std::borrow::Cow;
+
+use rustls::{CipherSuite, NamedGroup, ProtocolVersion};
 
 use crate::line::Step;
+use crate::tls::names;
+
+/// What a machine knows of the client's TLS: the one typed record of "under TLS, with this
+/// cipher" (the Received `tls`/`group` clauses, the IMAP ID `tls` field). `None` where a
+/// machine holds an `Option<TlsFacts>` means cleartext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsFacts {
+    pub version: ProtocolVersion,
+    pub cipher: CipherSuite,
+    /// `None` when no key exchange happened (TLS 1.2 resumption).
+    pub group: Option<NamedGroup>,
+}
+
+impl TlsFacts {
+    /// The IANA cipher suite name, e.g. `TLS_AES_256_GCM_SHA384`, or `0x…` hex.
+    pub fn cipher_name(&self) -> Cow<'static, str> {
+        names::cipher_suite_name(u16::from(self.cipher))
+    }
+
+    /// The IANA group name, only when there is one (the Received `group` clause has no hex form).
+    pub fn iana_group_name(&self) -> Option<&'static str> {
+        self.group
+            .and_then(|group| names::known_group_name(u16::from(group)))
+    }
+}
 
 /// Where an IMAP ID "tls" field came from (a machine's notice, a metric's label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,11 +76,13 @@ pub enum Next {
     ChargeLogin,
 }
 
-/// Why the not-authenticated phase ended without a login.
+/// Why a session ended while its machine still ran (before login for IMAP and POP3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
     /// LOGOUT/QUIT, or the client closed.
     ClientClosed,
+    /// The proxy is shutting down and the session said goodbye ([`Machine::shutdown_begun`]).
+    Shutdown,
     BackendClosed,
     /// The backend refused service in a greeting the client never sees (POP3 `-ERR` after STLS,
     /// when the client already had mailfront's greeting): the client was told the service is
@@ -62,14 +94,34 @@ pub enum End {
     ProtocolViolation(String),
 }
 
+/// How the backend answered a login, for the `authentication` log line and metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthVerdict {
+    Success,
+    /// A wrong credential (IMAP `NO`, POP3 `-ERR`, SMTP 535).
+    Failure,
+    /// Neither: a cancelled exchange, an unknown mechanism, the backend's own trouble.
+    NotCompleted,
+}
+
+impl AuthVerdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthVerdict::Success => "success",
+            AuthVerdict::Failure => "failure",
+            AuthVerdict::NotCompleted => "not_completed",
+        }
+    }
+}
+
 /// Facts for metrics and logs, drained by the driver with [`Machine::take_notices`]. Never a
 /// credential: mechanisms are labels built from parsed commands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// The backend answered a login (IMAP LOGIN/AUTHENTICATE, POP3 PASS/APOP/AUTH); `charge`
-    /// says what becomes of the attempt's charge.
+    /// The backend answered a login (IMAP LOGIN/AUTHENTICATE, POP3 PASS/APOP/AUTH, SMTP AUTH);
+    /// `charge` says what becomes of the attempt's charge.
     Auth {
-        ok: bool,
+        verdict: AuthVerdict,
         mechanism: String,
         charge: Charge,
     },
@@ -80,12 +132,37 @@ pub enum Notice {
     AuthThrottled { mechanism: String },
     /// IMAP only: an ID carrying the `tls` field went to the backend.
     IdFieldAdded(IdSource),
-    /// IMAP only: the user name of a LOGIN the gate let through (charged, TLS up), for the close
-    /// line; never the password, and SASL payloads are not decoded for it.
+    /// The user name of a login the gate let through (charged, TLS up), for the close line;
+    /// never the password.
     User(Vec<u8>),
-    /// `backend_client_info` could not tell the backend the client's address (POP3: CAPA
-    /// without XCLIENT, or XCLIENT refused); logged once per listener.
+    /// `backend_client_info` could not tell the backend the client's address (not offered, or
+    /// refused); logged once per listener with [`Machine::client_info_warning`].
     ClientInfo(crate::client_info::Notice),
+    /// The session is past login without the relay (SMTP: a 235, or an accepted MAIL where
+    /// cleartext mail is allowed): the login deadline stops and the session leaves
+    /// `limits.connections_per_ip`.
+    PastLogin,
+    /// Bytes the client pipelined after STARTTLS/STLS, dropped before the handshake.
+    PipelinedAfterStartTls { octets: usize },
+    /// SMTP: a command refused by the gate, by its reason (never its reply bytes).
+    CommandRefused { reason: &'static str },
+    /// SMTP: the backend refused something mailfront sent on the client's behalf.
+    BackendRefused { what: &'static str, code: u16 },
+    /// SMTP: a Received field went to the backend.
+    ReceivedFieldAdded,
+    /// SMTP: the backend accepted a message; `size` is the client's octets.
+    MessageAccepted {
+        size: u64,
+        /// The message's number in this session, from 1.
+        number: u64,
+        received_id: Option<String>,
+        /// The first line of the backend's reply (its queue id).
+        reply: String,
+    },
+    /// SMTP: the backend refused a message at its end.
+    MessageRefused { size: u64, code: u16 },
+    /// SMTP: a bare CR or LF (`bare`: `cr`, `lf`) refused a message and dropped the backend.
+    BareLineEnding { bare: &'static str, in_bdat: bool },
 }
 
 /// What the backend's answer to a login means for `limits.auth_failures_per_ip`: the machine
@@ -100,9 +177,9 @@ pub enum Charge {
     Keep,
 }
 
-/// Where a not-authenticated session stands: the same phases for every protocol.
+/// Where a session stands: the same phases for every protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
+pub enum Phase {
     /// Before TLS on a STARTTLS listener: no backend.
     Cleartext,
     /// The driver is connecting.
@@ -117,9 +194,9 @@ pub(crate) enum Phase {
 }
 
 /// What every machine keeps the same way: its phase and the bytes in and out. A machine holds
-/// one and adds its protocol's state beside it.
+/// one and adds its protocol's state beside it; the contract's default methods work on it.
 #[derive(Debug)]
-pub(crate) struct Core {
+pub struct Core {
     pub(crate) phase: Phase,
     pub(crate) end: Option<End>,
     /// Client bytes not parsed yet (also those held while the backend works on a login).
@@ -182,9 +259,8 @@ impl Core {
 }
 
 /// A machine's side of [`pump_client`]: its parser and where parsed client events go.
-pub(crate) trait ClientEvents {
+pub(crate) trait ClientEvents: Machine {
     type Event;
-    fn core(&mut self) -> &mut Core;
     /// Whether the state lets the next client event be acted on now.
     fn may_take_event(&self) -> bool;
     /// The next event in `core().cbuf`, which the caller drains.
@@ -217,31 +293,53 @@ pub(crate) fn pump_client<M: ClientEvents>(machine: &mut M) -> bool {
             machine.on_event(event);
         }
         if machine.core().phase == Phase::StartTls {
-            machine.core().cbuf.clear();
+            let core = machine.core();
+            let octets = core.cbuf.len();
+            core.cbuf.clear();
+            if octets > 0 {
+                core.notices.push(Notice::PipelinedAfterStartTls { octets });
+            }
             return acted;
         }
     }
 }
 
-/// A protocol's not-authenticated state, as the shared driver loop sees it.
+/// A protocol's session, as the one driver loop sees it.
 ///
 /// The driver writes [`Machine::take_to_backend`] then [`Machine::take_to_client`] after every
 /// call, and acts on [`Machine::next`]. The machine never touches a socket or a clock: it says
 /// when the idle timer restarts ([`Machine::client_input`], [`Machine::backend_input`]) and whom
 /// a timeout is charged to ([`Machine::waiting_for_backend`]).
 pub trait Machine {
-    /// The protocol's name in logs and metric labels (`imap`, `pop3`).
+    /// The protocol's name in logs and metric labels (`imap`, `pop3`, `smtp`).
     const PROTOCOL: &'static str;
 
-    fn next(&self) -> Next;
+    /// One read from either side. SMTP reads more at once, since message content streams
+    /// through it.
+    const READ_CHUNK: usize = 16 * 1024;
+
+    /// The machine's [`Core`], which the default methods below work on.
+    fn core(&mut self) -> &mut Core;
+
+    fn core_ref(&self) -> &Core;
+
+    fn next(&self) -> Next {
+        self.core_ref().next()
+    }
 
     /// Bytes to write to the client now.
-    fn take_to_client(&mut self) -> Vec<u8>;
+    fn take_to_client(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.core().to_client)
+    }
 
     /// Bytes to write to the backend now.
-    fn take_to_backend(&mut self) -> Vec<u8>;
+    fn take_to_backend(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.core().to_backend)
+    }
 
-    fn take_notices(&mut self) -> Vec<Notice>;
+    fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.core().notices)
+    }
 
     /// The driver's answer to [`Next::ChargeLogin`]: granted, the held login goes out (the
     /// driver keeps its charge until the [`Notice::Auth`] that settles it); refused, the machine
@@ -263,38 +361,98 @@ pub trait Machine {
     /// The backend closed its side.
     fn backend_closed(&mut self);
 
-    /// The handshake after [`Next::StartTls`] succeeded, with this IANA cipher suite name.
-    fn tls_started(&mut self, cipher: String);
+    /// Reading from or writing to the backend failed (the driver dropped the connection). By
+    /// default the client gets [`Machine::bye_unavailable`] and the session ends.
+    fn backend_failed(&mut self) {
+        let bye = self.bye_unavailable();
+        let core = self.core();
+        core.to_backend.clear();
+        core.to_client.extend_from_slice(&bye);
+        core.finish(End::BackendClosed);
+    }
+
+    /// The handshake after [`Next::StartTls`] succeeded.
+    fn tls_started(&mut self, tls: TlsFacts);
 
     /// Once [`Next::Authenticated`]: client bytes sent after the login command, and backend
     /// bytes after its completion. Both go out before the plain relay.
-    fn held(&mut self) -> (Vec<u8>, Vec<u8>);
+    fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
+        self.core().held()
+    }
 
     /// Whether the driver should read from the client now: not while `hold_limit` client bytes
     /// are held, and never after STARTTLS (the handshake reads the socket itself).
-    fn wants_client_input(&self, hold_limit: usize) -> bool;
+    fn wants_client_input(&self, hold_limit: usize) -> bool {
+        self.core_ref().wants_client_input(hold_limit)
+    }
+
+    /// Whether the driver should read from the backend now (a machine that holds what it has
+    /// not asked for bounds it here).
+    fn wants_backend_input(&self) -> bool {
+        true
+    }
+
+    /// Whether the driver must close the backend connection now (SMTP drops it to abort a
+    /// message, or before reconnecting after STARTTLS). Asked after every step.
+    fn take_backend_close(&mut self) -> bool {
+        false
+    }
 
     /// Whether the next thing expected is the backend's: a timeout then is the backend's
-    /// ([`Machine::bye_unavailable`]), otherwise the client's ([`Machine::bye_idle`]).
+    /// ([`Machine::bye_backend_timeout`]), otherwise the client's ([`Machine::bye_idle`]).
     fn waiting_for_backend(&self) -> bool;
 
-    /// Sent before closing when the backend cannot be reached, fails or stays silent.
-    fn bye_unavailable() -> Vec<u8>;
+    /// Whether the backend's answer awaited is a message's verdict: `timeouts.data_reply`
+    /// bounds that wait instead of `timeouts.idle` (RFC 5321 §4.5.3.2.6 allows 10 minutes).
+    fn waits_for_verdict(&self) -> bool {
+        false
+    }
+
+    /// A graceful shutdown began. By default the session says [`Machine::bye_shutdown`] and
+    /// ends at once; a machine with work worth finishing (an SMTP message underway) ends on
+    /// its own once that work is done. The hard stop ends every session regardless.
+    fn shutdown_begun(&mut self) {
+        let bye = self.bye_shutdown();
+        let core = self.core();
+        core.to_client.extend_from_slice(&bye);
+        core.finish(End::Shutdown);
+    }
+
+    /// The once-per-listener warning for a `backend_client_info` problem, in this protocol's
+    /// words.
+    fn client_info_warning(problem: crate::client_info::Notice) -> &'static str;
+
+    /// Sent before closing when the backend cannot be reached or fails.
+    fn bye_unavailable(&self) -> Vec<u8>;
+
+    /// Sent before closing when the backend stayed silent past its timeout.
+    fn bye_backend_timeout(&self) -> Vec<u8> {
+        self.bye_unavailable()
+    }
 
     /// Sent before closing a client that was silent too long.
-    fn bye_idle() -> Vec<u8>;
+    fn bye_idle(&self) -> Vec<u8>;
 
     /// Sent before closing a client that had not logged in within `timeouts.login`.
-    fn bye_login_timeout() -> Vec<u8>;
+    fn bye_login_timeout(&self) -> Vec<u8>;
 
     /// Sent before closing because the proxy is shutting down.
-    fn bye_shutdown() -> Vec<u8>;
+    fn bye_shutdown(&self) -> Vec<u8>;
 }
 
 /// What the machines' unit tests share.
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::{Charge, Machine, Next, Notice};
+    use super::{Charge, Machine, Next, Notice, TlsFacts};
+
+    /// TLS 1.3 with `TLS_AES_128_GCM_SHA256` over x25519: what a test handshake negotiates.
+    pub(crate) fn tls13() -> TlsFacts {
+        TlsFacts {
+            version: rustls::ProtocolVersion::TLSv1_3,
+            cipher: rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            group: Some(rustls::NamedGroup::X25519),
+        }
+    }
 
     /// The driver's side of `limits.auth_failures_per_ip`, played in unit tests: it answers
     /// [`Next::ChargeLogin`] as the pre-login loop does and settles the charge on the

@@ -192,7 +192,6 @@ where
 pub async fn upgrade_client<S: Transport>(
     client: ClientStream<S>,
     listener: &ListenerContext,
-    client_addr: SocketAddr,
     draining: &CancellationToken,
 ) -> Result<(ClientStream<S>, TlsInfo, std::time::Duration), EndReason> {
     // Mid-handshake there is no way to say goodbye in the protocol: a graceful shutdown closes
@@ -202,7 +201,7 @@ pub async fn upgrade_client<S: Transport>(
         () = draining.cancelled() => return Err(EndReason::Shutdown),
     };
     upgraded.map_err(|e| {
-        tracing::debug!(listener = %listener.config.name, client = %client_addr, error = %e, "STARTTLS handshake failed");
+        tracing::debug!(error = %e, "STARTTLS handshake failed");
         match &e {
             UpgradeError::Handshake(h) => {
                 listener.metrics.handshake_failed(h.reason);
@@ -222,9 +221,6 @@ pub async fn upgrade_client<S: Transport>(
 pub struct LoginCharge {
     /// `None` without a throttle (driver tests): nothing to settle.
     held: Option<(AuthThrottle, AuthCharge)>,
-    listener: Arc<ListenerContext>,
-    client: SocketAddr,
-    protocol: &'static str,
 }
 
 impl LoginCharge {
@@ -245,9 +241,6 @@ impl Drop for LoginCharge {
     fn drop(&mut self) {
         if self.held.take().is_some() {
             tracing::debug!(
-                listener = %self.listener.config.name,
-                protocol = self.protocol,
-                client = %self.client,
                 "login attempt stays charged: the session ended before the backend's verdict"
             );
         }
@@ -352,7 +345,7 @@ impl Session {
     /// backend's verdict and settles it then ([`LoginCharge::refund`], [`LoginCharge::keep`]);
     /// a charge dropped unsettled (the session ended first) stays counted. With `shared_state`
     /// the charge is also taken in the shared store ([`AuthThrottle::charge`]).
-    pub async fn charge_login(&self, protocol: &'static str) -> Option<LoginCharge> {
+    pub async fn charge_login(&self) -> Option<LoginCharge> {
         let held = match &self.auth_throttle {
             Some(throttle) => Some((
                 throttle.clone(),
@@ -360,12 +353,7 @@ impl Session {
             )),
             None => None,
         };
-        Some(LoginCharge {
-            held,
-            listener: self.listener.clone(),
-            client: self.client_addr,
-            protocol,
-        })
+        Some(LoginCharge { held })
     }
 
     /// A login attempt refused locally because the address is throttled.
@@ -395,8 +383,6 @@ impl Session {
             m.starttls_upgrades.inc();
         }
         tracing::info!(
-            listener = %self.listener.config.name,
-            client = %self.client_addr,
             sni = info.sni.as_deref().unwrap_or("-"),
             tls_version = %info.version_name(),
             cipher = %info.cipher_name(),
@@ -437,12 +423,16 @@ impl Session {
                 m.backend_connect_duration
                     .observe(started.elapsed().as_secs_f64());
                 if !preamble.is_empty() {
-                    tracing::debug!(listener = %self.listener.config.name, client = %self.client_addr, bytes = preamble.len(), tls = self.tls.is_some(), "proxy protocol v2 header sent to the backend");
+                    tracing::debug!(
+                        bytes = preamble.len(),
+                        tls = self.tls.is_some(),
+                        "proxy protocol v2 header sent to the backend"
+                    );
                 }
             }
             Err(e) => {
                 m.backend_connect_failures.inc();
-                tracing::warn!(listener = %self.listener.config.name, client = %self.client_addr, error = %e, "backend unavailable");
+                tracing::warn!(error = %e, "backend unavailable");
             }
         }
         result

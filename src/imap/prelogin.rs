@@ -28,7 +28,10 @@ use crate::imap::response::{
 };
 use crate::line::Step;
 use crate::machine::IdSource;
-use crate::machine::{Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
+use crate::machine::{
+    AuthVerdict, Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, TlsFacts,
+    pump_client,
+};
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -778,7 +781,11 @@ impl Prelogin {
                 Charge::Keep
             };
             self.core.notices.push(Notice::Auth {
-                ok,
+                verdict: if ok {
+                    AuthVerdict::Success
+                } else {
+                    AuthVerdict::Failure
+                },
                 mechanism,
                 charge,
             });
@@ -827,10 +834,6 @@ impl Prelogin {
 impl ClientEvents for Prelogin {
     type Event = Event;
 
-    fn core(&mut self) -> &mut Core {
-        &mut self.core
-    }
-
     fn may_take_event(&self) -> bool {
         self.may_take_client_event()
     }
@@ -851,6 +854,14 @@ impl ClientEvents for Prelogin {
 impl Machine for Prelogin {
     const PROTOCOL: &'static str = "imap";
 
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn core_ref(&self) -> &Core {
+        &self.core
+    }
+
     fn next(&self) -> Next {
         if self.charging.is_some() && self.core.phase == Phase::Ready {
             return Next::ChargeLogin;
@@ -858,20 +869,8 @@ impl Machine for Prelogin {
         self.core.next()
     }
 
-    fn take_to_client(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.core.to_client)
-    }
-
-    fn take_to_backend(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.core.to_backend)
-    }
-
     fn login_charge(&mut self, granted: bool) {
         Prelogin::login_charge(self, granted);
-    }
-
-    fn take_notices(&mut self) -> Vec<Notice> {
-        std::mem::take(&mut self.core.notices)
     }
 
     /// Parsed commands restart the idle timer; so do any bytes while the client has the turn
@@ -896,35 +895,38 @@ impl Machine for Prelogin {
         Prelogin::backend_closed(self);
     }
 
-    fn tls_started(&mut self, cipher: String) {
-        Prelogin::tls_started(self, cipher);
-    }
-
-    fn held(&mut self) -> (Vec<u8>, Vec<u8>) {
-        self.core.held()
-    }
-
-    fn wants_client_input(&self, hold_limit: usize) -> bool {
-        self.core.wants_client_input(hold_limit)
+    fn tls_started(&mut self, tls: TlsFacts) {
+        Prelogin::tls_started(self, tls.cipher_name().into_owned());
     }
 
     fn waiting_for_backend(&self) -> bool {
         Prelogin::waiting_for_backend(self)
     }
 
-    fn bye_unavailable() -> Vec<u8> {
+    fn client_info_warning(problem: crate::client_info::Notice) -> &'static str {
+        match problem {
+            crate::client_info::Notice::NotOffered => {
+                "the backend does not offer ID; going on without it"
+            }
+            crate::client_info::Notice::Refused => {
+                "the backend refused mailfront's ID; sessions are closed with BYE [UNAVAILABLE] until it accepts it"
+            }
+        }
+    }
+
+    fn bye_unavailable(&self) -> Vec<u8> {
         reply::bye_unavailable()
     }
 
-    fn bye_idle() -> Vec<u8> {
+    fn bye_idle(&self) -> Vec<u8> {
         reply::bye_idle_timeout()
     }
 
-    fn bye_login_timeout() -> Vec<u8> {
+    fn bye_login_timeout(&self) -> Vec<u8> {
         reply::bye_login_timeout()
     }
 
-    fn bye_shutdown() -> Vec<u8> {
+    fn bye_shutdown(&self) -> Vec<u8> {
         reply::bye_shutdown()
     }
 }
@@ -1229,7 +1231,7 @@ mod tests {
             vec![
                 Notice::User(b"alice".to_vec()),
                 Notice::Auth {
-                    ok: false,
+                    verdict: AuthVerdict::Failure,
                     mechanism: "LOGIN".to_owned(),
                     charge: Charge::Keep,
                 },
@@ -1589,7 +1591,7 @@ mod tests {
                 Notice::User(b"alice".to_vec()),
                 Notice::IdFieldAdded(IdSource::Proxy),
                 Notice::Auth {
-                    ok: true,
+                    verdict: AuthVerdict::Success,
                     mechanism: "LOGIN".to_owned(),
                     charge: Charge::Refund,
                 }
@@ -1648,11 +1650,13 @@ mod tests {
         m.backend_input(b"b OK done\r\n");
         assert!(!m.waiting_for_backend());
         assert_eq!(m.next(), Next::Run);
-        assert!(
-            m.take_notices()
-                .iter()
-                .all(|n| !matches!(n, Notice::Auth { ok: true, .. }))
-        );
+        assert!(m.take_notices().iter().all(|n| !matches!(
+            n,
+            Notice::Auth {
+                verdict: AuthVerdict::Success,
+                ..
+            }
+        )));
     }
 
     #[test]

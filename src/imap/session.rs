@@ -1,5 +1,5 @@
 //! The IMAP session driver: the not-authenticated state ([`Prelogin`]) run by the shared
-//! pre-login loop ([`crate::prelogin::serve`]), then the plain byte relay.
+//! pre-login loop ([`crate::driver::serve`]), then the plain byte relay.
 
 use crate::imap::command;
 use crate::imap::prelogin::{Prelogin, Settings};
@@ -22,7 +22,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
         max_commands: limits.preauth_commands,
         client_info: if session.listener.config.backend_client_info {
             // The session's own id, also on its close line.
-            tracing::debug!(listener = %session.listener.config.name, client = %session.client_addr, session_id = %session.id, "x-session-id for the backend's ID");
+            tracing::debug!("x-session-id for the backend's ID");
             crate::client_info::imap_id_fields(session.client_addr, session.local_addr, &session.id)
         } else {
             Vec::new()
@@ -30,7 +30,10 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
     };
     // Client bytes held while the machine is not parsing them: one command's worth.
     let hold_limit = line + limits.imap_literal;
-    let cipher = session.tls.as_ref().map(|t| t.cipher_name().into_owned());
+    let cipher = session
+        .tls
+        .as_ref()
+        .map(|t| t.facts().cipher_name().into_owned());
     let machine = Prelogin::new(settings, cipher, fastrand::u64(..));
-    crate::prelogin::serve(machine, client, session, hold_limit).await
+    crate::driver::serve(machine, client, session, hold_limit).await
 }

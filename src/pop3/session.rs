@@ -1,5 +1,5 @@
-//! The POP3 session driver: the AUTHORIZATION state ([`Prelogin`]) run by the shared pre-login
-//! loop ([`crate::prelogin::serve`]), then the plain byte relay.
+//! The POP3 session driver: the AUTHORIZATION state ([`Prelogin`]) run by the one driver
+//! loop ([`crate::driver::serve`]), then the plain byte relay.
 
 use crate::pop3::codec::CommandLimits;
 use crate::pop3::prelogin::{Prelogin, Settings};
@@ -25,5 +25,5 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
     };
     let machine = Prelogin::new(settings, session.tls.is_some());
     let hold_limit = machine.longest_event();
-    crate::prelogin::serve(machine, client, session, hold_limit).await
+    crate::driver::serve(machine, client, session, hold_limit).await
 }

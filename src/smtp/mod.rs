@@ -29,6 +29,7 @@ pub mod command;
 pub mod data;
 pub mod ehlo;
 pub mod local_reply;
+pub mod machine;
 pub mod policy;
 pub mod received;
 pub mod receiver;

@@ -83,6 +83,15 @@ impl Line {
     pub fn into_text(self) -> Vec<u8> {
         self.text
     }
+
+    /// A line with no text, CRLF-terminated: what stands for an over-long line whose bytes
+    /// were dropped.
+    pub fn empty() -> Line {
+        Line {
+            text: Vec::new(),
+            bare_lf: false,
+        }
+    }
 }
 
 /// Accumulates bytes of the current line; at most one limit's worth is ever buffered.

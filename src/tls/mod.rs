@@ -84,6 +84,15 @@ impl TlsInfo {
             .and_then(|s| names::known_signature_scheme_name(u16::from(s)))
     }
 
+    /// What the protocol machines know of this handshake.
+    pub fn facts(&self) -> crate::machine::TlsFacts {
+        crate::machine::TlsFacts {
+            version: self.version,
+            cipher: self.cipher,
+            group: self.group,
+        }
+    }
+
     /// `TLSv1.2` or `TLSv1.3`.
     pub fn version_name(&self) -> Cow<'static, str> {
         names::protocol_version_name(self.version)

@@ -1,0 +1,1946 @@
+//! The SMTP session machine: everything mailfront decides in a submission session (465, 587),
+//! from the greeting to QUIT, as a sans-I/O state machine over bytes. The one driver loop
+//! (`driver::serve`, a layer up) owns the sockets, the timers and the TLS handshake and acts on
+//! what this machine says ([`Machine`]); nothing here reads a socket, sleeps, logs or looks at a
+//! clock (the Received field's date and id come from [`Settings`]).
+//!
+//! Shape of a session:
+//! - Implicit TLS (465): the driver connects at once; the backend's 220 is answered with
+//!   mailfront's own greeting (the backend's text may name internal hosts); any other greeting
+//!   (554, 421) is passed on and the session closes (RFC 5321 §3.1).
+//! - STARTTLS (587): nothing reaches a backend before TLS (RFC 8314 §4.1). mailfront greets at
+//!   once and answers the cleartext dialogue itself ([`cleartext::respond`]); the backend is
+//!   connected after the handshake (so a PROXY v2 header carries the TLS details), its greeting
+//!   swallowed (the client already has ours; anything but 220 gives the client `421 4.4.1` and
+//!   ends the session), and the client's new EHLO (RFC 3207 §4.2) is the first command it sees.
+//!   Idle cleartext clients hold no backend connection.
+//! - With `require_tls_for_mail: false`, a cleartext MAIL connects lazily: the client's EHLO or
+//!   HELO is replayed (written by mailfront from the parsed name, its reply swallowed but its
+//!   capabilities learned), then the session goes on in cleartext. A later STARTTLS drops that
+//!   backend connection (after every earlier reply came in) and connects afresh after the
+//!   handshake: the new connection's PROXY header carries TLS, and RFC 3207 §4.2 resets the
+//!   session state anyway.
+//! - `backend_client_info`, all or nothing: right after every backend greeting, before any client
+//!   command, mailfront says its own EHLO and, where XCLIENT is offered, sends XCLIENT with the
+//!   client's address ([`xclient`]) and swallows the new 220; a backend that offers XCLIENT and
+//!   refuses it ends the session with `421 4.7.0`. HELO, EHLO or neither: the same identity.
+//! - Client lines are framed one at a time ([`CommandReceiver`]) and judged by the gate
+//!   ([`policy::decide`]). What a forwarded command puts on the wire is mailfront's re-encoding
+//!   ([`canonical::encode`]), never the client's line; one that cannot be re-encoded gets
+//!   `500 5.5.2`. Forwarded commands go out at once (PIPELINING, RFC 2920); each leaves an
+//!   entry in one queue of expected replies, and replies mailfront writes itself take their
+//!   place in the same queue, so the client gets exactly one reply per command, in order. After
+//!   a command that ends a pipeline group (EHLO, DATA, AUTH, NOOP, QUIT, …), or after any command
+//!   when the backend does not offer PIPELINING, nothing more is written to the backend until
+//!   the replies are in (RFC 2920 §3.1). While replies are owed, the client is read only to
+//!   stream message content: every queued command can be answered without more client input,
+//!   so this never deadlocks and keeps memory O(one read).
+//! - STARTTLS is answered with 220 once every earlier reply went out; whatever the client
+//!   pipelined after it is dropped ([`crate::machine::pump_client`], CERT VU#555316).
+//! - A command or SASL line ended by a bare LF, or holding a bare CR or a NUL, is refused with
+//!   `500 5.5.2` and never forwarded (Postfix before 3.9 ends a command at a bare LF). Inside an
+//!   AUTH exchange the backend's exchange is cancelled with mailfront's own `*`.
+//! - After the backend's 354 the Received field is written (TLS sessions only), then the content
+//!   streams through [`DataScanner`] byte-exact. BDAT chunks stream by count; the first chunk of
+//!   a transaction carries the field and its announced size grows to match (RFC 3030 §2).
+//!
+//! Decisions where the RFCs leave a choice:
+//! - Bare CR/LF in content (smuggling defence): the backend connection is dropped at once, so
+//!   the truncated message can never be completed, the rest of the content is consumed, the
+//!   client gets `554 5.6.0` at its real end, then `421` to the next command (QUIT still gets
+//!   221). In BDAT content the replies owed for earlier commands are read first, then the backend
+//!   is dropped. No transparent reconnect: an authenticated session cannot be rebuilt without
+//!   replaying the client's credentials, which mailfront never keeps.
+//! - A backend that fails while content streams: the rest of the message is consumed, then the
+//!   client gets `421 4.4.1` and the session closes; never a 250 the backend did not send.
+//! - Graceful shutdown ([`Machine::shutdown_begun`]): a session with no message underway gets
+//!   `421 4.3.2` once the replies it is owed went out (RFC 5321 §3.8 allows it unsolicited), an
+//!   open envelope included. A message already in DATA or BDAT goes on to the backend's verdict,
+//!   which the client gets, then 421 and the close.
+//! - `limits.auth_failures_per_ip`: every AUTH is charged before it goes out
+//!   ([`Next::ChargeLogin`]; a throttled one is answered 454 here), and refunded on 235, on 501
+//!   and 504 (a cancelled exchange or an unknown mechanism: no credential was checked), on 4xx
+//!   (the backend's own trouble, though 421 closes the session and keeps it) and when mailfront
+//!   cancelled the exchange itself; every other answer, and a session that ends first, keeps it.
+//! - A message is counted only on the backend's 2xx to the end of data or to `BDAT … LAST`; its
+//!   size is the client's octets (the Received field not included).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use time::OffsetDateTime;
+
+use crate::client_info;
+use crate::config::TlsMode;
+use crate::line::Step;
+use crate::machine::{
+    AuthVerdict, Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, TlsFacts,
+    pump_client,
+};
+use crate::smtp::bdat::{self, ChunkReader, ContentScanner};
+use crate::smtp::canonical::{self, Encoded, Unencodable};
+use crate::smtp::cleartext::{self, Action};
+use crate::smtp::command::{Bdat, Command, SaslResponse};
+use crate::smtp::data::{BareLineEnding, DataEvent, DataScanner};
+use crate::smtp::ehlo::{BackendCapabilities, EhloContext, rewrite_ehlo};
+use crate::smtp::local_reply;
+use crate::smtp::policy::{self, ClientInput, GateState, Refusal, Verdict};
+use crate::smtp::received::{ReceivedId, ReceivedInfo, TlsCipher, WithProtocol, received_header};
+use crate::smtp::receiver::{CommandReceiver, Line, LineError, LineMode};
+use crate::smtp::reply::{Reply, ReplyReceiver};
+use crate::smtp::xclient;
+
+/// Most replies owed to the client at once. Past this the backend's replies are waited for
+/// before the next command is taken, so a client pipelining without end cannot grow the queue,
+/// or fill the backend's reply buffer until both sides stall.
+const MAX_PENDING_REPLIES: usize = 1000;
+/// Octets taken off the backend's `SIZE` so the Received field never pushes a message that
+/// passed `MAIL SIZE=` (RFC 1870) over the backend's limit. The field is about 250 octets.
+pub const RECEIVED_SIZE_RESERVE: u64 = 1024;
+/// Backend octets held while no reply is expected (an unsolicited 421 fits many times): past
+/// this the driver stops reading the backend until a command expects its answer.
+const UNSOLICITED_HOLD: usize = 16 * 1024;
+
+/// What the machine needs to know about its listener and client, set once per session.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listener: TlsMode,
+    pub require_tls_for_mail: bool,
+    /// Our own name, in greetings, replies and the Received `by` clause.
+    pub hostname: String,
+    /// `limits.smtp_line`: the longest command line read.
+    pub line_limit: usize,
+    /// The longest SASL response line (and AUTH command line) read.
+    pub auth_line_limit: usize,
+    /// `backend_client_info`: tell the backend the client's address with XCLIENT.
+    pub client_info: bool,
+    /// The client as the backend is told (XCLIENT) and the Received `from` clause reads it.
+    pub client: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    /// The date in a Received field: the wall clock in production, fixed in tests.
+    pub clock: fn() -> OffsetDateTime,
+    /// The id in a Received field: random in production, fixed in tests.
+    pub received_id: fn() -> ReceivedId,
+}
+
+/// A reply the machine waits for, and what it means for the session.
+#[derive(Debug)]
+enum Expect {
+    /// The backend's greeting; `first`: the client has not been greeted yet (implicit TLS).
+    Greeting {
+        first: bool,
+    },
+    /// mailfront's own EHLO before XCLIENT (`backend_client_info`).
+    IdentityEhlo {
+        first: bool,
+    },
+    Xclient {
+        first: bool,
+    },
+    Ehlo {
+        name: Vec<u8>,
+    },
+    Helo {
+        name: Vec<u8>,
+    },
+    /// The client's EHLO/HELO replayed on a lazily connected backend: the reply is swallowed
+    /// (the client had mailfront's own), its capabilities kept.
+    Replay {
+        ehlo: bool,
+    },
+    Auth,
+    /// An AUTH sent without its initial response ([`Encoded::AuthSplit`]): a `334` is answered
+    /// with `response` and never shown to the client; anything else answers the client's AUTH.
+    AuthSplit {
+        response: Vec<u8>,
+    },
+    /// Our `*` ending an exchange after a refused SASL line: its 501 is swallowed.
+    AuthCancel,
+    Mail,
+    Rcpt {
+        path: Option<Vec<u8>>,
+    },
+    Data,
+    DataEnd {
+        size: u64,
+    },
+    Bdat {
+        last: bool,
+        /// Client octets of the transaction's chunks so far.
+        size: u64,
+    },
+    /// RSET: a 2xx ends the transaction (RFC 5321 §4.1.1.5).
+    Rset,
+    Quit,
+    Other,
+}
+
+/// One entry of the reply queue: in command order.
+#[derive(Debug)]
+enum Pending {
+    /// A reply the backend owes; `barrier`: nothing more is taken from the client until it is
+    /// in (the command ended a pipeline group, or the backend does not pipeline).
+    Backend { expect: Expect, barrier: bool },
+    /// A reply mailfront writes itself.
+    Local(Vec<u8>),
+    /// A BDAT message refused for a bare CR/LF, once every earlier reply is in: the backend is
+    /// dropped so the message can never complete, and `554 5.6.0` answers the BDAT.
+    AbortBdat(BareLineEnding),
+}
+
+/// What the next client bytes are.
+#[derive(Debug)]
+enum Mode {
+    Command,
+    /// The line after a backend 334 (RFC 4954 §4): never a command.
+    Sasl,
+    /// Message content after a 354. `failed`: the backend went away; consume to the end.
+    Data {
+        scanner: DataScanner,
+        failed: bool,
+    },
+    /// A BDAT chunk: forwarded, or dropped for a refused BDAT.
+    Chunk {
+        reader: ChunkReader,
+        forward: bool,
+        failed: bool,
+        /// The chunk of a `BDAT … LAST`.
+        last: bool,
+        /// The message was refused for a bare CR/LF: consume the rest, then close.
+        refused: bool,
+    },
+    /// A message was refused for a bare CR/LF and the backend connection dropped.
+    Closing,
+}
+
+/// The backend connection as the machine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Not connected: before TLS on 587 (or before a lax session's first MAIL), or between a
+    /// lax session's STARTTLS and the new connection.
+    NotYet,
+    Up,
+    /// Dropped on purpose (a refused message, a refused identity) or lost.
+    Dropped,
+}
+
+/// What the client said in its last EHLO/HELO (after TLS, RFC 3207 §4.2).
+#[derive(Debug, Clone)]
+struct Greeting {
+    ehlo: bool,
+    name: Vec<u8>,
+}
+
+/// The mail transaction as mailfront follows it.
+#[derive(Debug, Default)]
+struct Transaction {
+    /// RCPTs the backend accepted since its 2xx to MAIL, and the last one's path.
+    accepted_rcpts: u32,
+    recipient: Option<Vec<u8>>,
+    /// A BDAT was sent in this transaction (the next chunk is not a first chunk).
+    bdat_started: bool,
+    bdat_size: u64,
+    /// The id written in this transaction's Received field, for the accept log line.
+    received_id: Option<ReceivedId>,
+    /// Line endings of the BDAT message so far, across its chunks.
+    content: ContentScanner,
+}
+
+impl Transaction {
+    /// RSET, a new MAIL or EHLO, or the end of a message: the next chunk is a first chunk.
+    fn restart_content(&mut self) {
+        self.bdat_started = false;
+        self.bdat_size = 0;
+        self.received_id = None;
+        self.content = ContentScanner::new();
+    }
+}
+
+/// Where the `limits.auth_failures_per_ip` charge of the next AUTH stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChargeState {
+    None,
+    /// [`Next::ChargeLogin`] is out; the AUTH line waits in `held`.
+    Asked,
+    /// Granted: the held AUTH goes out on its next delivery.
+    Granted,
+}
+
+/// One client event: a line, a line over its limit, or a step through message content.
+#[derive(Debug)]
+pub enum Event {
+    Line(Line),
+    TooLong(LineError),
+    /// A bare CR/LF was just found in DATA content.
+    DataRefusing(BareLineEnding),
+    /// The end of DATA content: `<CRLF>.<CRLF>`, clean (`None`) or after a refusal.
+    DataEnd(Option<BareLineEnding>),
+    /// A bare CR/LF was just found in a BDAT chunk.
+    ChunkRefusing(BareLineEnding),
+    /// The last octet of a BDAT chunk was consumed.
+    ChunkDone,
+}
+
+/// The SMTP session machine. See the module documentation.
+#[derive(Debug)]
+pub struct SmtpMachine {
+    core: Core,
+    settings: Settings,
+    link: Link,
+    gate: GateState,
+    caps: BackendCapabilities,
+    /// The client has a greeting (mailfront's, sent at once on 587).
+    greeted_client: bool,
+    /// A lazy connect: replay this EHLO/HELO once the backend is ready.
+    replay: bool,
+    greeting: Option<Greeting>,
+    tx: Transaction,
+    /// TLS on the client side: set at accept (465) or after the STARTTLS handshake.
+    tls: Option<TlsFacts>,
+    /// Mechanism of the AUTH exchange in progress, for logs.
+    auth_mechanism: String,
+    /// An AUTH charge is with the backend, settled by the exchange's final reply.
+    auth_charged: bool,
+    charge: ChargeState,
+    messages: u64,
+    mode: Mode,
+    pending: VecDeque<Pending>,
+    /// Backend entries in `pending`.
+    owed: usize,
+    /// A line taken from the client that waits for the queue to drain (STARTTLS, a BDAT that
+    /// starts a message, a lazy connect, an AUTH waiting for its charge, …).
+    held: Option<Line>,
+    receiver: CommandReceiver,
+    replies: ReplyReceiver,
+    /// The proxy is shutting down: end once nothing is underway.
+    draining: bool,
+    /// The backend connection must be closed now ([`Machine::take_backend_close`]).
+    close_backend: bool,
+}
+
+impl SmtpMachine {
+    /// A session whose client side is TLS already (`tls`: `Some` on 465), or a 587 session in
+    /// cleartext, greeted at once.
+    pub fn new(settings: Settings, tls: Option<TlsFacts>) -> SmtpMachine {
+        let mut core = Core::new(tls.is_some());
+        let greeted_client = tls.is_none();
+        if greeted_client {
+            core.to_client = local_reply::greeting(&settings.hostname);
+        }
+        let mut gate = GateState::new(settings.listener, settings.require_tls_for_mail);
+        gate.client_tls = tls.is_some();
+        SmtpMachine {
+            core,
+            receiver: CommandReceiver::new(settings.line_limit, settings.auth_line_limit),
+            settings,
+            link: Link::NotYet,
+            gate,
+            caps: BackendCapabilities::default(),
+            greeted_client,
+            replay: false,
+            greeting: None,
+            tx: Transaction::default(),
+            tls,
+            auth_mechanism: String::new(),
+            auth_charged: false,
+            charge: ChargeState::None,
+            messages: 0,
+            mode: Mode::Command,
+            pending: VecDeque::new(),
+            owed: 0,
+            held: None,
+            replies: ReplyReceiver::default(),
+            draining: false,
+            close_backend: false,
+        }
+    }
+
+    fn hostname(&self) -> &str {
+        &self.settings.hostname
+    }
+
+    fn reply_to_client(&mut self, bytes: &[u8]) {
+        self.core.to_client.extend_from_slice(bytes);
+    }
+
+    fn notice(&mut self, notice: Notice) {
+        self.core.notices.push(notice);
+    }
+
+    fn finish(&mut self, end: End) {
+        self.held = None;
+        self.charge = ChargeState::None;
+        self.core.cbuf.clear();
+        self.core.finish(end);
+    }
+
+    fn ended(&self) -> bool {
+        self.core.phase == Phase::Ended
+    }
+
+    /// Writes `bytes` to the backend; with no backend the client gets 421 and the session ends.
+    fn send(&mut self, bytes: &[u8]) -> bool {
+        if self.link != Link::Up {
+            self.backend_lost();
+            return false;
+        }
+        self.core.to_backend.extend_from_slice(bytes);
+        true
+    }
+
+    fn expect(&mut self, expect: Expect, barrier: bool) {
+        self.pending.push_back(Pending::Backend { expect, barrier });
+        self.owed += 1;
+    }
+
+    fn expect_first(&mut self, expect: Expect) {
+        self.pending.push_front(Pending::Backend {
+            expect,
+            barrier: true,
+        });
+        self.owed += 1;
+    }
+
+    fn local(&mut self, reply: &[u8]) {
+        self.pending.push_back(Pending::Local(reply.to_vec()));
+        self.flush_locals();
+    }
+
+    /// Moves every local reply at the front of the queue to the client (and runs a BDAT abort
+    /// that reached the front).
+    fn flush_locals(&mut self) {
+        loop {
+            match self.pending.front() {
+                Some(Pending::Local(_)) => {
+                    if let Some(Pending::Local(reply)) = self.pending.pop_front() {
+                        self.reply_to_client(&reply);
+                    }
+                }
+                Some(Pending::AbortBdat(_)) => {
+                    if let Some(Pending::AbortBdat(kind)) = self.pending.pop_front() {
+                        self.drop_backend();
+                        self.notice(Notice::BareLineEnding {
+                            bare: bare_name(kind),
+                            in_bdat: true,
+                        });
+                        self.reply_to_client(local_reply::BARE_LINE_ENDING);
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    fn drop_backend(&mut self) {
+        if self.link == Link::Up {
+            self.close_backend = true;
+        }
+        self.link = Link::Dropped;
+    }
+
+    /// The backend went away: the client gets 421 and the session ends.
+    fn backend_lost(&mut self) {
+        let reply = local_reply::backend_unavailable(self.hostname());
+        self.reply_to_client(&reply);
+        self.drop_backend();
+        self.finish(End::BackendClosed);
+    }
+
+    /// Whether a message is underway: from the DATA command (or a transaction's first BDAT)
+    /// until the backend's verdict on its end. A drain lets such a message finish, since
+    /// cutting it would make the client send all of it again; an envelope alone is cheap to
+    /// repeat, so a session with no message underway stops at once.
+    fn message_underway(&self) -> bool {
+        matches!(self.mode, Mode::Data { .. } | Mode::Chunk { .. })
+            || self.tx.bdat_started
+            || self.pending.iter().any(|p| {
+                matches!(
+                    p,
+                    Pending::Backend {
+                        expect: Expect::Data | Expect::DataEnd { .. } | Expect::Bdat { .. },
+                        ..
+                    }
+                )
+            })
+    }
+
+    /// During a drain: the goodbye once every owed reply went out and no message is underway.
+    fn check_stop(&mut self) {
+        if self.draining && !self.ended() && self.owed == 0 && !self.message_underway() {
+            let reply = local_reply::shutting_down(self.hostname());
+            self.reply_to_client(&reply);
+            self.finish(End::Shutdown);
+        }
+    }
+
+    /// Whether the next client line must wait for the backend's replies.
+    fn blocked(&self) -> bool {
+        self.charge == ChargeState::Asked
+            || self.owed >= MAX_PENDING_REPLIES
+            || (self.owed > 0
+                && (self.held.is_some()
+                    || self
+                        .pending
+                        .iter()
+                        .any(|p| matches!(p, Pending::Backend { barrier: true, .. }))))
+    }
+
+    fn pump(&mut self) {
+        if !self.ended() {
+            pump_client(self);
+        }
+        self.check_stop();
+    }
+
+    // ---- client lines ----------------------------------------------------------------------
+
+    /// A line with no backend connected (587 before TLS, or a lax session before its first
+    /// MAIL): answered here ([`cleartext::respond`]).
+    fn on_cleartext_line(&mut self, line: Line) {
+        if self.draining {
+            self.check_stop();
+            return;
+        }
+        let command = Command::from_line(&line);
+        match cleartext::respond(&self.gate, self.hostname(), &command) {
+            Action::Reply(_)
+                if matches!(command, Command::Ehlo(_) | Command::Helo(_))
+                    && canonical::encode(&command, line.text()).is_err() =>
+            {
+                // Answered here, but replayed to a backend later (a lazy connect): a name that
+                // could not be written then is refused now.
+                self.refuse(
+                    Refusal::TooLong(LineError::CommandTooLong {
+                        limit: canonical::COMMAND_LINE_LIMIT,
+                    }),
+                    &command,
+                );
+            }
+            Action::Reply(reply) => {
+                match &command {
+                    Command::Ehlo(name) | Command::Helo(name) => {
+                        self.greeting = Some(Greeting {
+                            ehlo: matches!(command, Command::Ehlo(_)),
+                            name: name.clone(),
+                        });
+                        self.tx.restart_content();
+                    }
+                    Command::Rset => self.tx.restart_content(),
+                    _ => {}
+                }
+                self.local(&reply);
+            }
+            Action::Refuse(refusal) => self.refuse(refusal, &command),
+            Action::DiscardChunk { octets, refusal } => {
+                self.refuse(refusal, &command);
+                self.start_chunk(octets, false, false);
+            }
+            Action::StartTls => self.start_tls(line),
+            Action::Quit => {
+                self.local(local_reply::CLOSING);
+                self.finish(End::ClientClosed);
+            }
+            Action::Connect => {
+                // Connect, replay the EHLO/HELO, then the gate judges this line again.
+                self.held = Some(line);
+                self.replay = self.greeting.is_some();
+                self.core.phase = Phase::Connecting;
+            }
+        }
+    }
+
+    /// A line with the backend connected.
+    fn on_line(&mut self, line: Line) {
+        if self.draining {
+            if self.owed > 0 {
+                self.held = Some(line);
+                return;
+            }
+            if !self.message_underway() {
+                self.check_stop();
+                return;
+            }
+        }
+        match self.mode {
+            Mode::Sasl => return self.on_sasl_line(&line),
+            Mode::Closing => {
+                if self.owed > 0 {
+                    self.held = Some(line);
+                } else {
+                    self.close_after_refusal(line.text());
+                }
+                return;
+            }
+            _ => {}
+        }
+        let command = Command::from_line(&line);
+        match policy::decide(&self.gate, ClientInput::Command(&command)) {
+            Verdict::Forward => self.forward(&command, line),
+            Verdict::Refuse(refusal) => self.refuse(refusal, &command),
+            Verdict::DiscardChunk { octets, refusal } => {
+                self.refuse(refusal, &command);
+                self.start_chunk(octets, false, false);
+            }
+            Verdict::StartTls => self.start_tls(line),
+        }
+    }
+
+    /// STARTTLS: 220 once every earlier reply went out; the driver then runs the handshake.
+    fn start_tls(&mut self, line: Line) {
+        // Every earlier command gets its reply before the 220 (RFC 2920 §3.1).
+        if self.owed > 0 {
+            self.held = Some(line);
+            return;
+        }
+        if self.link == Link::Up {
+            // A lax session that sent mail in cleartext: the backend is connected afresh after
+            // the handshake (RFC 3207 §4.2 resets the session anyway), so the new connection's
+            // PROXY header carries TLS and nothing of the cleartext session carries over.
+            self.close_backend = true;
+        }
+        self.link = Link::NotYet;
+        self.reply_to_client(local_reply::STARTTLS_READY);
+        self.core.phase = Phase::StartTls;
+    }
+
+    /// A line inside an AUTH exchange: forwarded as framed, never parsed as a command.
+    fn on_sasl_line(&mut self, line: &Line) {
+        self.mode = Mode::Command;
+        let response = SaslResponse::from_line(line);
+        match policy::decide(&self.gate, ClientInput::SaslResponse(response)) {
+            Verdict::Forward => {
+                if self.send(&line.to_wire()) {
+                    self.expect(Expect::Auth, true);
+                }
+            }
+            Verdict::Refuse(refusal) | Verdict::DiscardChunk { refusal, .. } => {
+                self.cancel_auth(refusal);
+            }
+            // The gate never starts TLS for a SASL line; refuse it as AUTH before TLS would be.
+            Verdict::StartTls => self.cancel_auth(Refusal::CleartextAuth),
+        }
+    }
+
+    /// Ends the backend's AUTH exchange with `*` (its 501 is swallowed) and answers `refusal`.
+    fn cancel_auth(&mut self, refusal: Refusal) {
+        if self.send(b"*\r\n") {
+            self.expect(Expect::AuthCancel, true);
+            self.notice(Notice::CommandRefused {
+                reason: refusal.as_str(),
+            });
+            self.local(refusal.reply());
+        }
+    }
+
+    fn on_too_long(&mut self, error: LineError) {
+        match self.mode {
+            Mode::Closing if self.owed == 0 => self.close_after_refusal(b""),
+            // The goodbye waits for the owed replies like a line would; an over-long line
+            // carries nothing worth keeping.
+            Mode::Closing => self.held = Some(Line::empty()),
+            Mode::Sasl => {
+                self.mode = Mode::Command;
+                self.cancel_auth(policy::too_long(&self.gate, error));
+            }
+            _ => self.refuse(policy::too_long(&self.gate, error), &Command::Unknown),
+        }
+    }
+
+    /// Answers a line the gate refused, in order with the other replies; the notice (a log line,
+    /// a metric) comes from the refusal's reason, never from its reply bytes.
+    fn refuse(&mut self, refusal: Refusal, command: &Command) {
+        if refusal == Refusal::CleartextAuth {
+            let mechanism = match command {
+                Command::Auth(auth) => mechanism_for_log(&auth.mechanism),
+                _ => "-".to_owned(),
+            };
+            self.notice(Notice::CleartextAuthRefused { mechanism });
+        } else {
+            self.notice(Notice::CommandRefused {
+                reason: refusal.as_str(),
+            });
+        }
+        self.local(refusal.reply());
+    }
+
+    /// Sends a command the gate let through and queues its reply.
+    fn forward(&mut self, command: &Command, line: Line) {
+        // The last gate: what cannot be written anew within its limit is never forwarded.
+        let encoded = match canonical::encode(command, line.text()) {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                let refusal = match error {
+                    Unencodable::TooLong { limit } => {
+                        Refusal::TooLong(LineError::CommandTooLong { limit })
+                    }
+                    Unencodable::Syntax(error) => Refusal::Syntax(error),
+                };
+                self.refuse(refusal, command);
+                if let Command::Bdat(bdat) = command {
+                    self.start_chunk(bdat.size, false, false);
+                }
+                return;
+            }
+        };
+        let expect = match command {
+            Command::Ehlo(name) | Command::Helo(name) => {
+                self.gate.needs_ehlo = false;
+                let name = name.clone();
+                if matches!(command, Command::Ehlo(_)) {
+                    Expect::Ehlo { name }
+                } else {
+                    Expect::Helo { name }
+                }
+            }
+            Command::Auth(auth) => {
+                match self.charge {
+                    ChargeState::Granted => self.charge = ChargeState::None,
+                    _ => {
+                        // Charged before it goes out, checked and counted in one step by the
+                        // driver; AUTH ends a pipeline group, so at most one exchange (and one
+                        // charge) is in flight.
+                        self.auth_mechanism = mechanism_for_log(&auth.mechanism);
+                        self.charge = ChargeState::Asked;
+                        self.held = Some(line);
+                        return;
+                    }
+                }
+                self.auth_charged = true;
+                Expect::Auth
+            }
+            // A new message starts when the backend says so (its 2xx to MAIL, RSET, EHLO or
+            // HELO), never when the command merely goes out: a refused MAIL inside an open BDAT
+            // transaction leaves that transaction, and its Received field, as they were.
+            Command::Mail(_) => Expect::Mail,
+            Command::Rcpt(rcpt) => Expect::Rcpt {
+                path: rcpt.forward_path.clone(),
+            },
+            Command::Data => Expect::Data,
+            Command::Bdat(bdat) => return self.forward_bdat(*bdat, line),
+            Command::Rset => Expect::Rset,
+            Command::Quit => Expect::Quit,
+            _ => Expect::Other,
+        };
+        let (wire, expect) = match encoded {
+            Encoded::Line(wire) => (wire, expect),
+            Encoded::AuthSplit { command, response } => (command, Expect::AuthSplit { response }),
+        };
+        let barrier = command.verb().ends_pipeline_group() || !self.caps.pipelining;
+        if self.send(&wire) {
+            self.expect(expect, barrier);
+        }
+    }
+
+    /// BDAT (RFC 3030): the first chunk of a transaction over TLS carries the Received field
+    /// and announces its grown size (RFC 3030 §2: the size counts every octet); later chunks
+    /// announce the client's size. Either way the line is mailfront's, and the size it announces
+    /// is exactly the number of octets it streams.
+    fn forward_bdat(&mut self, bdat: Bdat, line: Line) {
+        // Whether this chunk starts a message (and carries the Received field, whose `for`
+        // clause the RCPT replies decide) depends on replies still owed: read them first.
+        let starts_message = !self.tx.bdat_started && self.tls.is_some();
+        let decided_by_owed = self.pending.iter().any(|p| {
+            matches!(
+                p,
+                Pending::Backend {
+                    expect: Expect::Mail | Expect::Rset | Expect::Ehlo { .. } | Expect::Helo { .. },
+                    ..
+                }
+            )
+        });
+        if self.owed > 0 && (decided_by_owed || starts_message || (bdat.last && bdat.size == 0)) {
+            self.held = Some(line);
+            return;
+        }
+        if bdat.last && bdat.size == 0 && self.tx.content.finish().is_err() {
+            // The message would end with a bare CR: it must never complete.
+            self.drop_backend();
+            self.notice(Notice::BareLineEnding {
+                bare: bare_name(BareLineEnding::Cr),
+                in_bdat: true,
+            });
+            self.tx = Transaction::default();
+            self.local(local_reply::BARE_LINE_ENDING);
+            self.mode = Mode::Closing;
+            return;
+        }
+        let mut wire = bdat::bdat_command(bdat.size, bdat.last);
+        if !self.tx.bdat_started && self.tls.is_some() {
+            let header = self.received_field();
+            match bdat::first_chunk_command(bdat, header.len()) {
+                Ok(command) => {
+                    wire = command;
+                    wire.extend_from_slice(&header);
+                    self.notice(Notice::ReceivedFieldAdded);
+                }
+                Err(_) => {
+                    self.local(local_reply::BDAT_SYNTAX);
+                    self.start_chunk(bdat.size, false, false);
+                    return;
+                }
+            }
+        }
+        self.tx.bdat_started = true;
+        self.tx.bdat_size = self.tx.bdat_size.saturating_add(bdat.size);
+        if !self.send(&wire) {
+            return;
+        }
+        let size = self.tx.bdat_size;
+        self.expect(
+            Expect::Bdat {
+                last: bdat.last,
+                size,
+            },
+            !self.caps.pipelining,
+        );
+        self.start_chunk(bdat.size, true, bdat.last);
+    }
+
+    fn start_chunk(&mut self, octets: u64, forward: bool, last: bool) {
+        if octets > 0 {
+            self.mode = Mode::Chunk {
+                reader: ChunkReader::new(octets),
+                forward,
+                failed: false,
+                last,
+                refused: false,
+            };
+        }
+    }
+
+    /// After a refused message: QUIT gets 221, anything else 421; the session ends either way.
+    fn close_after_refusal(&mut self, line: &[u8]) {
+        if Command::parse(line) == Command::Quit {
+            self.reply_to_client(local_reply::CLOSING);
+            return self.finish(End::ClientClosed);
+        }
+        let reply = local_reply::closing_after_refusal(self.hostname());
+        self.reply_to_client(&reply);
+        self.finish(End::ProtocolViolation(
+            "bare CR or LF in message content".to_owned(),
+        ));
+    }
+
+    // ---- message content -------------------------------------------------------------------
+
+    /// Streams DATA content from `cbuf` up to `<CRLF>.<CRLF>`: the forwarded part goes to the
+    /// backend output as the scanner allows it.
+    fn data_step(&mut self) -> Step<Event> {
+        let Mode::Data { scanner, failed } = &mut self.mode else {
+            return Step {
+                consumed: 0,
+                event: None,
+            };
+        };
+        let step = scanner.scan(&self.core.cbuf);
+        if !*failed {
+            for part in step.forward_parts(&self.core.cbuf) {
+                self.core.to_backend.extend_from_slice(part);
+            }
+        }
+        let event = match step.event {
+            DataEvent::NeedMore => None,
+            DataEvent::Refusing(kind) => Some(Event::DataRefusing(kind)),
+            DataEvent::End => Some(Event::DataEnd(None)),
+            DataEvent::EndRefused(kind) => Some(Event::DataEnd(Some(kind))),
+        };
+        Step {
+            consumed: step.consumed,
+            event,
+        }
+    }
+
+    /// Streams (or drops) the octets of one BDAT chunk from `cbuf`.
+    fn chunk_step(&mut self) -> Step<Event> {
+        let Mode::Chunk {
+            reader,
+            forward,
+            failed,
+            last,
+            refused,
+        } = &mut self.mode
+        else {
+            return Step {
+                consumed: 0,
+                event: None,
+            };
+        };
+        if reader.is_done() {
+            return Step {
+                consumed: 0,
+                event: Some(Event::ChunkDone),
+            };
+        }
+        let n = reader.take(&self.core.cbuf);
+        let part = self.core.cbuf.get(..n).unwrap_or_default();
+        let mut event = None;
+        if *forward && !*failed && !*refused {
+            match self.tx.content.scan(part, *last && reader.is_done()) {
+                Ok(()) => self.core.to_backend.extend_from_slice(part),
+                Err(kind) => {
+                    // Nothing of this read is sent: the backend is about to be dropped.
+                    *refused = true;
+                    event = Some(Event::ChunkRefusing(kind));
+                }
+            }
+        }
+        if event.is_none() && reader.is_done() {
+            event = Some(Event::ChunkDone);
+        }
+        Step { consumed: n, event }
+    }
+
+    fn on_content(&mut self, event: Event) {
+        match event {
+            Event::DataRefusing(kind) => {
+                // data.rs: never send an end of data for this message; closing the connection
+                // makes the backend abandon the transaction (RFC 5321 §3.8).
+                self.drop_backend();
+                self.notice(Notice::BareLineEnding {
+                    bare: bare_name(kind),
+                    in_bdat: false,
+                });
+            }
+            Event::DataEnd(Some(_)) => {
+                self.mode = Mode::Closing;
+                self.tx = Transaction::default();
+                self.local(local_reply::BARE_LINE_ENDING);
+            }
+            Event::DataEnd(None) => {
+                let (size, failed) = match &self.mode {
+                    Mode::Data { scanner, failed } => (scanner.size(), *failed),
+                    _ => (0, true),
+                };
+                self.mode = Mode::Command;
+                if failed {
+                    return self.backend_lost();
+                }
+                // End of data ends a pipeline group (RFC 2920 §3.1).
+                self.expect(Expect::DataEnd { size }, true);
+            }
+            Event::ChunkRefusing(kind) => {
+                // The BDAT just sent is the last entry queued, and its reply can never come
+                // (its chunk will not be completed): the earlier replies are read first, then
+                // the backend is dropped and 554 answers this BDAT.
+                if matches!(self.pending.back(), Some(Pending::Backend { .. })) {
+                    self.pending.pop_back();
+                    self.owed = self.owed.saturating_sub(1);
+                }
+                self.tx = Transaction::default();
+                self.pending.push_back(Pending::AbortBdat(kind));
+                self.flush_locals();
+            }
+            Event::ChunkDone => {
+                let (failed, refused) = match &self.mode {
+                    Mode::Chunk {
+                        failed, refused, ..
+                    } => (*failed, *refused),
+                    _ => (false, false),
+                };
+                if refused {
+                    self.mode = Mode::Closing;
+                    return;
+                }
+                self.mode = Mode::Command;
+                if failed {
+                    self.backend_lost();
+                }
+            }
+            Event::Line(_) | Event::TooLong(_) => {}
+        }
+    }
+
+    // ---- backend replies -------------------------------------------------------------------
+
+    /// Parses the backend's replies while one is expected.
+    fn take_replies(&mut self) -> bool {
+        let mut progressed = false;
+        loop {
+            self.flush_locals();
+            if self.ended() || !matches!(self.pending.front(), Some(Pending::Backend { .. })) {
+                return progressed;
+            }
+            if self.core.bbuf.is_empty() {
+                return progressed;
+            }
+            let (n, result) = self.replies.receive(&self.core.bbuf);
+            let n = n.min(self.core.bbuf.len());
+            self.core.bbuf.drain(..n);
+            progressed |= n > 0;
+            match result {
+                Ok(None) => {
+                    if n == 0 {
+                        return progressed;
+                    }
+                }
+                Ok(Some(reply)) => {
+                    if let Some(Pending::Backend { expect, .. }) = self.pending.pop_front() {
+                        self.owed = self.owed.saturating_sub(1);
+                        self.on_reply(expect, reply);
+                    }
+                }
+                Err(e) => {
+                    let reply = local_reply::backend_error(self.hostname());
+                    self.reply_to_client(&reply);
+                    self.drop_backend();
+                    self.finish(End::BackendProtocol(e.to_string()));
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Relays (or rewrites) one backend reply and updates the session from it.
+    fn on_reply(&mut self, expect: Expect, reply: Reply) {
+        let code = reply.code();
+        match expect {
+            Expect::Greeting { first } => return self.on_greeting(first, &reply),
+            Expect::IdentityEhlo { first } => return self.on_identity_ehlo(first, &reply),
+            Expect::Xclient { first } => return self.on_xclient(first, &reply),
+            _ => {}
+        }
+        if code == 421 && !matches!(expect, Expect::AuthCancel) {
+            // The backend is closing (RFC 5321 §3.8): pass it on and close both sides.
+            self.reply_to_client(reply.raw());
+            self.drop_backend();
+            return self.finish(End::BackendClosed);
+        }
+        match expect {
+            Expect::Ehlo { name } => {
+                self.learn_capabilities(Some(&reply));
+                if reply.is_positive() {
+                    self.greeting = Some(Greeting { ehlo: true, name });
+                    self.tx.restart_content();
+                }
+                let ctx = EhloContext {
+                    client_tls: self.gate.client_tls,
+                    listener: self.gate.listener,
+                    hostname: Some(&self.settings.hostname),
+                    size_reserve: RECEIVED_SIZE_RESERVE,
+                };
+                let rewritten = rewrite_ehlo(&reply, &ctx);
+                self.reply_to_client(&rewritten);
+            }
+            Expect::Replay { ehlo } => {
+                self.learn_capabilities(ehlo.then_some(&reply));
+                if !reply.is_positive() {
+                    self.notice(Notice::BackendRefused {
+                        what: "the replayed EHLO/HELO",
+                        code,
+                    });
+                }
+            }
+            Expect::Helo { name } => {
+                self.learn_capabilities(None);
+                if reply.is_positive() {
+                    self.greeting = Some(Greeting { ehlo: false, name });
+                    self.tx.restart_content();
+                    let helo = local_reply::helo_reply(self.hostname());
+                    self.reply_to_client(&helo);
+                } else {
+                    self.reply_to_client(reply.raw());
+                }
+            }
+            Expect::AuthSplit { response } if code == 334 => {
+                // The empty challenge an initial response answers (RFC 4954 §4): the client
+                // sent its response already, with its AUTH.
+                if self.send(&response) {
+                    self.expect_first(Expect::Auth);
+                }
+            }
+            Expect::Auth | Expect::AuthSplit { .. } => {
+                self.on_auth_reply(code);
+                self.reply_to_client(reply.raw());
+            }
+            Expect::AuthCancel => {
+                // mailfront's own `*`: the refused SASL line never reached the backend.
+                self.settle_auth(AuthVerdict::NotCompleted, Charge::Refund);
+            }
+            Expect::Mail => {
+                if reply.is_positive() {
+                    self.tx.restart_content();
+                    self.tx.accepted_rcpts = 0;
+                    self.tx.recipient = None;
+                    if !self.gate.require_tls_for_mail {
+                        // Where cleartext mail is allowed, an accepted MAIL is this session's
+                        // login: the login clock stops, as after a successful AUTH.
+                        self.notice(Notice::PastLogin);
+                    }
+                }
+                self.reply_to_client(reply.raw());
+            }
+            Expect::Rcpt { path } => {
+                if reply.is_positive() {
+                    self.tx.accepted_rcpts = self.tx.accepted_rcpts.saturating_add(1);
+                    self.tx.recipient = path;
+                }
+                self.reply_to_client(reply.raw());
+            }
+            Expect::Data => {
+                self.reply_to_client(reply.raw());
+                if code == 354 {
+                    self.start_data();
+                }
+            }
+            Expect::DataEnd { size } | Expect::Bdat { last: true, size } => {
+                if reply.is_positive() {
+                    self.messages = self.messages.saturating_add(1);
+                    let first_line = reply.lines().next().unwrap_or_default();
+                    self.notice(Notice::MessageAccepted {
+                        size,
+                        number: self.messages,
+                        received_id: self
+                            .tx
+                            .received_id
+                            .as_ref()
+                            .map(|id| id.as_str().to_owned()),
+                        reply: String::from_utf8_lossy(first_line).into_owned(),
+                    });
+                } else {
+                    self.notice(Notice::MessageRefused { size, code });
+                }
+                self.tx.restart_content();
+                self.reply_to_client(reply.raw());
+            }
+            Expect::Rset => {
+                if reply.is_positive() {
+                    self.tx.restart_content();
+                }
+                self.reply_to_client(reply.raw());
+            }
+            Expect::Bdat { last: false, .. } | Expect::Other => {
+                self.reply_to_client(reply.raw());
+            }
+            Expect::Quit => {
+                self.reply_to_client(reply.raw());
+                self.finish(End::ClientClosed);
+            }
+            Expect::Greeting { .. } | Expect::IdentityEhlo { .. } | Expect::Xclient { .. } => {}
+        }
+    }
+
+    /// What the backend's EHLO offered (`None`: a HELO session, nothing offered).
+    fn learn_capabilities(&mut self, ehlo: Option<&Reply>) {
+        self.caps = ehlo.map_or_else(BackendCapabilities::default, BackendCapabilities::from_ehlo);
+        self.gate.backend_requiretls = self.caps.requiretls;
+        self.gate.backend_chunking = self.caps.chunking;
+    }
+
+    /// The backend's greeting. A 220 goes on to the client's identity; anything else ends the
+    /// session: passed on to a client not greeted yet, `421 4.4.1` to one that was.
+    fn on_greeting(&mut self, first: bool, reply: &Reply) {
+        if reply.code() == 220 {
+            return self.tell_client_identity(first);
+        }
+        self.notice(Notice::BackendRefused {
+            what: "the session at greeting",
+            code: reply.code(),
+        });
+        if first {
+            self.reply_to_client(reply.raw());
+        } else {
+            let reply = local_reply::backend_unavailable(self.hostname());
+            self.reply_to_client(&reply);
+        }
+        self.drop_backend();
+        self.finish(End::BackendUnavailable);
+    }
+
+    /// `backend_client_info`, all or nothing: right after the backend's 220 and before any
+    /// client command, mailfront says its own EHLO and, where the reply offers XCLIENT, sends
+    /// `XCLIENT NAME=[UNAVAILABLE] ADDR=… PORT=…` ([`xclient::command`]) and reads the new 220
+    /// (Postfix restarts its session: the client's own HELO/EHLO, or none, follows as the
+    /// client sent it). So every session carries the client's identity however it begins, and
+    /// no client text (its EHLO name) is ever an XCLIENT attribute.
+    fn tell_client_identity(&mut self, first: bool) {
+        if !self.settings.client_info {
+            return self.backend_ready(first);
+        }
+        let ehlo = format!("EHLO {}\r\n", xclient::ehlo_name(&self.settings.hostname));
+        if self.send(ehlo.as_bytes()) {
+            self.expect_first(Expect::IdentityEhlo { first });
+        }
+    }
+
+    fn on_identity_ehlo(&mut self, first: bool, reply: &Reply) {
+        match reply.code() {
+            421 => {
+                self.reply_to_client(reply.raw());
+                self.drop_backend();
+                return self.finish(End::BackendClosed);
+            }
+            250 => {}
+            code => return self.client_identity_refused("EHLO", code),
+        }
+        let Some(offered) = xclient::offered(reply) else {
+            self.notice(Notice::ClientInfo(client_info::Notice::NotOffered));
+            return self.backend_ready(first);
+        };
+        let facts = xclient::XclientFacts {
+            client: self.settings.client,
+            local: self.settings.local,
+        };
+        let Some(line) = xclient::command(&offered, &facts) else {
+            // XCLIENT without ADDR: the one thing it is for cannot be said.
+            return self.client_identity_refused("XCLIENT without ADDR", reply.code());
+        };
+        if self.send(&line) {
+            self.expect_first(Expect::Xclient { first });
+        }
+    }
+
+    fn on_xclient(&mut self, first: bool, reply: &Reply) {
+        match reply.code() {
+            220 => self.backend_ready(first),
+            421 => {
+                self.reply_to_client(reply.raw());
+                self.drop_backend();
+                self.finish(End::BackendClosed);
+            }
+            code => self.client_identity_refused("XCLIENT", code),
+        }
+    }
+
+    /// The backend would not take the client's identity: `421 4.7.0`, and the session ends.
+    fn client_identity_refused(&mut self, what: &str, code: u16) {
+        self.notice(Notice::ClientInfo(client_info::Notice::Refused));
+        let reply = local_reply::client_identity_refused(self.hostname());
+        self.reply_to_client(&reply);
+        self.drop_backend();
+        self.finish(End::BackendProtocol(format!(
+            "{what} refused ({code}) with backend_client_info"
+        )));
+    }
+
+    /// The backend greeted and knows who the client is: greet a client not greeted yet, replay
+    /// a lazy session's EHLO/HELO, and let commands flow.
+    fn backend_ready(&mut self, first: bool) {
+        self.core.phase = Phase::Ready;
+        if first {
+            self.greeted_client = true;
+            let greeting = local_reply::greeting(self.hostname());
+            self.reply_to_client(&greeting);
+        }
+        if std::mem::take(&mut self.replay)
+            && let Some(greeting) = self.greeting.clone()
+        {
+            // Written anew like any forwarded command; its length was checked when the
+            // cleartext EHLO/HELO was answered.
+            let verb: &[u8] = if greeting.ehlo { b"EHLO " } else { b"HELO " };
+            let text = [verb, greeting.name.as_slice()].concat();
+            let Ok(Encoded::Line(line)) = canonical::encode(&Command::parse(&text), &text) else {
+                return self.backend_lost();
+            };
+            if self.send(&line) {
+                // EHLO ends a pipeline group (RFC 2920 §3.1), and its capabilities decide
+                // the rest.
+                self.expect(
+                    Expect::Replay {
+                        ehlo: greeting.ehlo,
+                    },
+                    true,
+                );
+            }
+        }
+    }
+
+    fn on_auth_reply(&mut self, code: u16) {
+        if code == 334 {
+            self.mode = Mode::Sasl;
+            return;
+        }
+        let verdict = match code {
+            235 => {
+                self.gate.authenticated = true;
+                self.notice(Notice::PastLogin);
+                AuthVerdict::Success
+            }
+            535 => AuthVerdict::Failure,
+            _ => AuthVerdict::NotCompleted,
+        };
+        let charge = if code == 235 || (400..500).contains(&code) || matches!(code, 501 | 504) {
+            Charge::Refund
+        } else {
+            Charge::Keep
+        };
+        self.settle_auth(verdict, charge);
+    }
+
+    /// The AUTH exchange in flight ended: one notice, which settles its charge.
+    fn settle_auth(&mut self, verdict: AuthVerdict, charge: Charge) {
+        if std::mem::take(&mut self.auth_charged) {
+            let mechanism = self.auth_mechanism.clone();
+            self.notice(Notice::Auth {
+                verdict,
+                mechanism,
+                charge,
+            });
+        }
+    }
+
+    /// After the backend's 354: the Received field first (TLS only), then content.
+    fn start_data(&mut self) {
+        if self.tls.is_some() {
+            let header = self.received_field();
+            if !self.send(&header) {
+                return;
+            }
+            self.notice(Notice::ReceivedFieldAdded);
+        }
+        self.mode = Mode::Data {
+            scanner: DataScanner::new(),
+            failed: false,
+        };
+    }
+
+    /// The Received field for the current transaction (RFC 5321 §4.4, RFC 8314 §4.3).
+    fn received_field(&mut self) -> Vec<u8> {
+        let Some(tls) = self.tls else {
+            return Vec::new();
+        };
+        let id = (self.settings.received_id)();
+        let (ehlo, helo) = self
+            .greeting
+            .as_ref()
+            .map_or((true, &b""[..]), |g| (g.ehlo, g.name.as_slice()));
+        let recipient = (self.tx.accepted_rcpts == 1)
+            .then_some(self.tx.recipient.as_deref())
+            .flatten();
+        let header = received_header(&ReceivedInfo {
+            helo,
+            client_ip: self.settings.client.ip(),
+            hostname: &self.settings.hostname,
+            protocol: WithProtocol::for_session(ehlo, self.gate.authenticated),
+            id: &id,
+            recipient,
+            cipher: TlsCipher::negotiated(tls.cipher),
+            group: tls.iana_group_name(),
+            date: (self.settings.clock)(),
+        });
+        self.tx.received_id = Some(id);
+        header
+    }
+}
+
+impl ClientEvents for SmtpMachine {
+    type Event = Event;
+
+    fn may_take_event(&self) -> bool {
+        match self.core.phase {
+            Phase::Cleartext => self.held.is_none() || self.owed == 0,
+            Phase::Ready => match self.mode {
+                Mode::Data { .. } | Mode::Chunk { .. } => true,
+                _ => !self.blocked(),
+            },
+            _ => false,
+        }
+    }
+
+    fn parse_event(&mut self) -> Step<Event> {
+        if let Some(line) = self.held.take() {
+            return Step {
+                consumed: 0,
+                event: Some(Event::Line(line)),
+            };
+        }
+        let line_mode = match self.mode {
+            Mode::Data { .. } => return self.data_step(),
+            Mode::Chunk { .. } => return self.chunk_step(),
+            Mode::Sasl => LineMode::SaslResponse,
+            Mode::Command | Mode::Closing => LineMode::Command,
+        };
+        let input = &self.core.cbuf;
+        let (n, result) = self.receiver.receive(input, line_mode);
+        let consumed = n.max(1).min(input.len());
+        let event = match result {
+            Ok(None) => None,
+            Ok(Some(line)) => Some(Event::Line(line)),
+            Err(error) => Some(Event::TooLong(error)),
+        };
+        Step { consumed, event }
+    }
+
+    fn on_cleartext(&mut self, event: Event) {
+        match event {
+            Event::Line(line) => self.on_cleartext_line(line),
+            Event::TooLong(error) => self.on_too_long(error),
+            content => self.on_content(content),
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Line(line) => self.on_line(line),
+            Event::TooLong(error) => self.on_too_long(error),
+            content => self.on_content(content),
+        }
+    }
+}
+
+impl Machine for SmtpMachine {
+    const PROTOCOL: &'static str = "smtp";
+    /// One read from the client is also the most message content handled at once: large
+    /// reads keep the per-octet cost of streaming content low.
+    const READ_CHUNK: usize = 64 * 1024;
+
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn core_ref(&self) -> &Core {
+        &self.core
+    }
+
+    fn next(&self) -> Next {
+        if self.charge == ChargeState::Asked {
+            return Next::ChargeLogin;
+        }
+        self.core.next()
+    }
+
+    fn login_charge(&mut self, granted: bool) {
+        if self.charge != ChargeState::Asked {
+            return;
+        }
+        if granted {
+            self.charge = ChargeState::Granted;
+        } else {
+            // Answered here, in order with the replies owed: nothing reaches the backend.
+            self.charge = ChargeState::None;
+            self.held = None;
+            let mechanism = self.auth_mechanism.clone();
+            self.notice(Notice::AuthThrottled { mechanism });
+            self.local(local_reply::AUTH_THROTTLED);
+        }
+        self.pump();
+    }
+
+    fn client_input(&mut self, bytes: &[u8]) -> bool {
+        let was_waiting = self.waiting_for_backend();
+        self.core.cbuf.extend_from_slice(bytes);
+        self.pump();
+        !was_waiting
+    }
+
+    fn backend_input(&mut self, bytes: &[u8]) -> bool {
+        self.core.bbuf.extend_from_slice(bytes);
+        let progressed = self.take_replies();
+        self.pump();
+        progressed
+    }
+
+    fn backend_connected(&mut self) {
+        self.link = Link::Up;
+        self.core.phase = Phase::Greeting;
+        self.core.bbuf.clear();
+        self.replies = ReplyReceiver::default();
+        self.expect_first(Expect::Greeting {
+            first: !self.greeted_client,
+        });
+    }
+
+    fn backend_closed(&mut self) {
+        if self.ended() || self.link != Link::Up {
+            return;
+        }
+        match &mut self.mode {
+            // Consume the rest of the message; the client then gets 421 at its end.
+            Mode::Data { failed, .. } | Mode::Chunk { failed, .. } => {
+                *failed = true;
+                self.link = Link::Dropped;
+                self.core.to_backend.clear();
+            }
+            _ => {
+                // An unsolicited 421 before the close is the backend's own goodbye.
+                let (_, parsed) = self.replies.receive(&self.core.bbuf);
+                if let Ok(Some(reply)) = parsed
+                    && reply.code() == 421
+                {
+                    self.reply_to_client(reply.raw());
+                    self.link = Link::Dropped;
+                    return self.finish(End::BackendClosed);
+                }
+                self.backend_lost();
+            }
+        }
+    }
+
+    fn backend_failed(&mut self) {
+        self.backend_closed();
+    }
+
+    fn tls_started(&mut self, tls: TlsFacts) {
+        // RFC 3207 §4.2: the client forgets everything it learned, so does mailfront.
+        self.tls = Some(tls);
+        self.gate.client_tls = true;
+        self.gate.needs_ehlo = true;
+        self.greeting = None;
+        self.tx = Transaction::default();
+        self.mode = Mode::Command;
+        self.receiver.reset();
+        self.core.cbuf.clear();
+        self.learn_capabilities(None);
+        self.link = Link::NotYet;
+        self.core.phase = Phase::Connecting;
+    }
+
+    fn wants_client_input(&self, hold_limit: usize) -> bool {
+        if self.core.cbuf.len() >= hold_limit {
+            return false;
+        }
+        match self.core.phase {
+            Phase::Cleartext => true,
+            Phase::Greeting | Phase::Ready => match self.mode {
+                Mode::Data { .. } | Mode::Chunk { .. } => true,
+                _ => self.owed == 0 && self.charge != ChargeState::Asked,
+            },
+            _ => false,
+        }
+    }
+
+    fn wants_backend_input(&self) -> bool {
+        self.owed > 0 || self.core.bbuf.len() < UNSOLICITED_HOLD
+    }
+
+    fn take_backend_close(&mut self) -> bool {
+        std::mem::take(&mut self.close_backend)
+    }
+
+    fn waiting_for_backend(&self) -> bool {
+        self.core.phase == Phase::Greeting
+            || (self.owed > 0 && !matches!(self.mode, Mode::Data { .. } | Mode::Chunk { .. }))
+    }
+
+    fn waits_for_verdict(&self) -> bool {
+        matches!(
+            self.pending.front(),
+            Some(Pending::Backend {
+                expect: Expect::DataEnd { .. } | Expect::Bdat { .. },
+                ..
+            })
+        )
+    }
+
+    fn shutdown_begun(&mut self) {
+        self.draining = true;
+        self.check_stop();
+    }
+
+    fn client_info_warning(problem: client_info::Notice) -> &'static str {
+        match problem {
+            client_info::Notice::NotOffered => {
+                "the backend's EHLO does not offer XCLIENT (Postfix: smtpd_authorized_xclient_hosts must list mailfront); sessions go on as mailfront's own, so the backend must not trust mailfront's address (mynetworks) for relaying"
+            }
+            client_info::Notice::Refused => {
+                "the backend refused the client's identity; sessions are closed with 421 until it accepts XCLIENT"
+            }
+        }
+    }
+
+    fn bye_unavailable(&self) -> Vec<u8> {
+        local_reply::backend_unavailable(self.hostname())
+    }
+
+    fn bye_backend_timeout(&self) -> Vec<u8> {
+        local_reply::timeout(self.hostname())
+    }
+
+    fn bye_idle(&self) -> Vec<u8> {
+        local_reply::timeout(self.hostname())
+    }
+
+    fn bye_login_timeout(&self) -> Vec<u8> {
+        local_reply::login_timeout(self.hostname())
+    }
+
+    fn bye_shutdown(&self) -> Vec<u8> {
+        local_reply::shutting_down(self.hostname())
+    }
+}
+
+fn bare_name(kind: BareLineEnding) -> &'static str {
+    match kind {
+        BareLineEnding::Cr => "cr",
+        BareLineEnding::Lf => "lf",
+    }
+}
+
+/// The mechanism name as logged: SASL names are `[A-Z0-9-_]{1,20}` (RFC 4422 §3.1); anything
+/// else is client text and is not logged.
+fn mechanism_for_log(mechanism: &[u8]) -> String {
+    const MAX_MECHANISM_LOG: usize = 20;
+    let valid = !mechanism.is_empty()
+        && mechanism.len() <= MAX_MECHANISM_LOG
+        && mechanism
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+    if valid {
+        String::from_utf8_lossy(mechanism).to_ascii_uppercase()
+    } else {
+        "invalid".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::line::split::CHUNKS;
+    use crate::machine::testing::tls13;
+
+    const HOST: &str = "mx.example";
+    const EHLO_REPLY: &str =
+        "250-backend\r\n250-PIPELINING\r\n250-AUTH PLAIN\r\n250-CHUNKING\r\n250 SIZE 10000000\r\n";
+
+    fn settings(listener: TlsMode) -> Settings {
+        Settings {
+            listener,
+            require_tls_for_mail: true,
+            hostname: HOST.to_owned(),
+            line_limit: 2048,
+            auth_line_limit: 12288,
+            client_info: false,
+            client: "192.0.2.7:40000".parse().unwrap(),
+            local: "198.51.100.1:465".parse().unwrap(),
+            clock: || OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            received_id: || ReceivedId::new("FIXEDID").unwrap(),
+        }
+    }
+
+    /// The driver, played: connects when asked, answers charges with `grant`, and finishes a
+    /// STARTTLS handshake at once.
+    struct Run {
+        m: SmtpMachine,
+        client: Vec<u8>,
+        backend: Vec<u8>,
+        notices: Vec<Notice>,
+        closes: usize,
+        grant: bool,
+    }
+
+    impl Run {
+        fn new(listener: TlsMode) -> Run {
+            let tls = (listener == TlsMode::Implicit).then(tls13);
+            let mut run = Run {
+                m: SmtpMachine::new(settings(listener), tls),
+                client: Vec::new(),
+                backend: Vec::new(),
+                notices: Vec::new(),
+                closes: 0,
+                grant: true,
+            };
+            run.settle();
+            run
+        }
+
+        fn settle(&mut self) {
+            loop {
+                self.notices.extend(self.m.take_notices());
+                self.backend.extend(self.m.take_to_backend());
+                self.client.extend(self.m.take_to_client());
+                if self.m.take_backend_close() {
+                    self.closes += 1;
+                }
+                match self.m.next() {
+                    Next::ChargeLogin => self.m.login_charge(self.grant),
+                    Next::Connect => self.m.backend_connected(),
+                    Next::StartTls => self.m.tls_started(tls13()),
+                    _ => return,
+                }
+            }
+        }
+
+        fn client(&mut self, bytes: &str) {
+            self.m.client_input(bytes.as_bytes());
+            self.settle();
+        }
+
+        fn backend(&mut self, bytes: &str) {
+            self.m.backend_input(bytes.as_bytes());
+            self.settle();
+        }
+
+        fn take_client(&mut self) -> String {
+            String::from_utf8(std::mem::take(&mut self.client)).unwrap()
+        }
+
+        fn take_backend(&mut self) -> String {
+            String::from_utf8(std::mem::take(&mut self.backend)).unwrap()
+        }
+
+        /// An implicit session past the greeting and EHLO.
+        fn ready() -> Run {
+            let mut run = Run::new(TlsMode::Implicit);
+            run.backend("220 backend ESMTP\r\n");
+            run.client("EHLO me\r\n");
+            run.backend(EHLO_REPLY);
+            run.take_client();
+            run.take_backend();
+            run
+        }
+    }
+
+    #[test]
+    fn an_implicit_session_greets_once_the_backend_did_and_sends_commands_rewritten() {
+        let mut run = Run::new(TlsMode::Implicit);
+        assert_eq!(run.take_client(), "", "no greeting before the backend's");
+        assert!(run.m.waiting_for_backend());
+        run.backend("220 internal.host ESMTP Postfix\r\n");
+        assert_eq!(run.take_client().as_bytes(), local_reply::greeting(HOST));
+        run.client("ehlo   me\r\n");
+        assert_eq!(run.take_backend(), "EHLO me\r\n");
+        run.backend(EHLO_REPLY);
+        let ehlo = run.take_client();
+        assert!(
+            ehlo.contains("AUTH PLAIN") && !ehlo.contains("backend"),
+            "{ehlo}"
+        );
+        run.client("QUIT\r\n");
+        run.backend("221 bye\r\n");
+        assert_eq!(run.take_client(), "221 bye\r\n");
+        assert_eq!(run.m.next(), Next::End(End::ClientClosed));
+    }
+
+    #[test]
+    fn a_refused_greeting_reaches_a_client_not_greeted_yet_and_ends_the_session() {
+        let mut run = Run::new(TlsMode::Implicit);
+        run.backend("554 go away\r\n");
+        assert_eq!(run.take_client(), "554 go away\r\n");
+        assert_eq!(run.m.next(), Next::End(End::BackendUnavailable));
+    }
+
+    #[test]
+    fn auth_is_charged_before_it_leaves_and_settled_by_the_backend() {
+        let mut run = Run::ready();
+        run.m.client_input(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(run.m.next(), Next::ChargeLogin);
+        assert!(
+            run.m.take_to_backend().is_empty(),
+            "nothing before the charge"
+        );
+        run.settle();
+        assert_eq!(run.take_backend(), "AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        run.backend("235 2.7.0 Authentication successful\r\n");
+        assert_eq!(run.take_client(), "235 2.7.0 Authentication successful\r\n");
+        assert!(run.notices.contains(&Notice::Auth {
+            verdict: AuthVerdict::Success,
+            mechanism: "PLAIN".into(),
+            charge: Charge::Refund,
+        }));
+        assert!(run.notices.contains(&Notice::PastLogin));
+    }
+
+    #[test]
+    fn a_throttled_auth_is_answered_here_and_never_forwarded() {
+        let mut run = Run::ready();
+        run.grant = false;
+        run.client("AUTH PLAIN AGFsaWNlAHdyb25n\r\nNOOP\r\n");
+        assert_eq!(run.take_backend(), "NOOP\r\n");
+        run.backend("250 2.0.0 Ok\r\n");
+        assert_eq!(
+            run.take_client(),
+            format!(
+                "{}250 2.0.0 Ok\r\n",
+                String::from_utf8_lossy(local_reply::AUTH_THROTTLED)
+            )
+        );
+        assert!(run.notices.contains(&Notice::AuthThrottled {
+            mechanism: "PLAIN".into()
+        }));
+    }
+
+    #[test]
+    fn data_carries_one_received_field_and_the_content_byte_exact() {
+        let mut run = Run::ready();
+        run.client("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n");
+        assert_eq!(
+            run.take_backend(),
+            "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+        );
+        run.backend("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n");
+        let header = run.take_backend();
+        assert!(
+            header.starts_with("Received: from me (unknown [192.0.2.7])"),
+            "{header}"
+        );
+        assert!(header.contains("FIXEDID") && header.contains("for <b@example.org>"));
+        let content = "Subject: hi\r\n\r\n..dot-stuffed\r\nbody\r\n.\r\n";
+        run.client(content);
+        assert_eq!(run.take_backend(), content);
+        assert!(run.m.waits_for_verdict());
+        run.backend("250 2.0.0 Ok: queued as ABC\r\n");
+        assert!(
+            run.take_client()
+                .ends_with("354 go ahead\r\n250 2.0.0 Ok: queued as ABC\r\n")
+        );
+        assert!(run.notices.iter().any(|n| matches!(
+            n,
+            Notice::MessageAccepted { number: 1, received_id: Some(id), .. } if id == "FIXEDID"
+        )));
+        assert_eq!(
+            run.notices
+                .iter()
+                .filter(|n| **n == Notice::ReceivedFieldAdded)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_bare_lf_in_content_drops_the_backend_and_the_message_never_completes() {
+        let mut run = Run::ready();
+        run.client("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n");
+        run.backend("250 Ok\r\n250 Ok\r\n354 go ahead\r\n");
+        run.take_backend();
+        run.client("line\nsmuggled\r\n.\r\nNOOP\r\n");
+        assert_eq!(run.closes, 1);
+        assert!(!run.take_backend().contains("smuggled"));
+        let client = run.take_client();
+        assert!(client.contains("554 5.6.0"), "{client}");
+        assert!(
+            client.ends_with("4.7.0 closing\r\n") || client.contains("421"),
+            "{client}"
+        );
+        assert!(matches!(run.m.next(), Next::End(End::ProtocolViolation(_))));
+    }
+
+    #[test]
+    fn starttls_drops_what_was_pipelined_and_the_backend_comes_only_after_the_handshake() {
+        let mut run = Run::new(TlsMode::Starttls);
+        assert_eq!(run.take_client().as_bytes(), local_reply::greeting(HOST));
+        run.client("EHLO me\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        let replies = run.take_client();
+        assert!(
+            replies.contains("STARTTLS") && replies.contains("530 5.7.0"),
+            "{replies}"
+        );
+        assert!(
+            run.notices
+                .iter()
+                .any(|n| matches!(n, Notice::CleartextAuthRefused { .. }))
+        );
+        run.client("STARTTLS\r\nMAIL FROM:<evil@example.org>\r\n");
+        assert_eq!(run.take_client(), "220 2.0.0 Ready to start TLS\r\n");
+        assert!(
+            run.notices
+                .contains(&Notice::PipelinedAfterStartTls { octets: 30 })
+        );
+        // The played driver finished the handshake and connected.
+        assert_eq!(run.take_backend(), "");
+        run.backend("220 backend ESMTP\r\n");
+        assert_eq!(run.take_client(), "", "the backend's greeting is swallowed");
+        run.client("MAIL FROM:<a@example.org>\r\n");
+        assert!(
+            run.take_client().starts_with("503 5.5.1"),
+            "EHLO first after TLS"
+        );
+        run.client("EHLO me\r\n");
+        assert_eq!(run.take_backend(), "EHLO me\r\n");
+    }
+
+    #[test]
+    fn a_drain_lets_the_message_underway_finish_then_says_421() {
+        let mut run = Run::ready();
+        run.client("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n");
+        run.backend("250 Ok\r\n250 Ok\r\n354 go ahead\r\n");
+        run.client("part one\r\n");
+        run.m.shutdown_begun();
+        run.settle();
+        assert_eq!(run.m.next(), Next::Run, "the message goes on");
+        run.client("part two\r\n.\r\n");
+        run.backend("250 2.0.0 Ok: queued\r\n");
+        let client = run.take_client();
+        assert!(
+            client.contains("250 2.0.0 Ok: queued\r\n421 4.3.2"),
+            "{client}"
+        );
+        assert_eq!(run.m.next(), Next::End(End::Shutdown));
+    }
+
+    #[test]
+    fn a_drain_with_no_message_underway_says_421_at_once() {
+        let mut run = Run::ready();
+        run.m.shutdown_begun();
+        run.settle();
+        assert!(run.take_client().starts_with("421 4.3.2"));
+        assert_eq!(run.m.next(), Next::End(End::Shutdown));
+    }
+
+    #[test]
+    fn without_pipelining_one_command_at_a_time_reaches_the_backend() {
+        let mut run = Run::new(TlsMode::Implicit);
+        run.backend("220 backend ESMTP\r\n");
+        run.client("EHLO me\r\n");
+        run.backend("250-backend\r\n250 SIZE 1000\r\n");
+        run.take_backend();
+        run.client("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n");
+        assert_eq!(run.take_backend(), "MAIL FROM:<a@example.org>\r\n");
+        assert!(!run.m.wants_client_input(1 << 20), "replies first");
+        run.backend("250 Ok\r\n");
+        assert_eq!(run.take_backend(), "RCPT TO:<b@example.org>\r\n");
+    }
+
+    /// A small Postfix: answers every line it gets, content included.
+    fn postfix(run: &mut Run, in_data: &mut bool, pending: &mut Vec<u8>, seen: &mut Vec<u8>) {
+        seen.extend_from_slice(&run.backend);
+        pending.append(&mut run.backend);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let reply = if *in_data {
+                if line == b".\r\n" {
+                    *in_data = false;
+                    "250 2.0.0 Ok: queued\r\n"
+                } else {
+                    continue;
+                }
+            } else if line.starts_with(b"EHLO") {
+                EHLO_REPLY
+            } else if line.starts_with(b"DATA") {
+                *in_data = true;
+                "354 go ahead\r\n"
+            } else if line.starts_with(b"QUIT") {
+                "221 bye\r\n"
+            } else {
+                "250 Ok\r\n"
+            };
+            run.m.backend_input(reply.as_bytes());
+            run.settle();
+            seen.extend_from_slice(&run.backend);
+            pending.append(&mut run.backend);
+        }
+    }
+
+    #[test]
+    fn what_either_side_sees_does_not_depend_on_how_reads_split() {
+        let input = "EHLO me\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n";
+        let transcript = |chunk: usize| {
+            let mut run = Run::new(TlsMode::Implicit);
+            let mut seen = Vec::new();
+            let (mut in_data, mut pending) = (false, Vec::new());
+            run.backend("220 backend ESMTP\r\n");
+            for piece in input.as_bytes().chunks(chunk) {
+                run.m.client_input(piece);
+                run.settle();
+                postfix(&mut run, &mut in_data, &mut pending, &mut seen);
+            }
+            (
+                String::from_utf8(seen).unwrap(),
+                run.take_client(),
+                run.m.next(),
+            )
+        };
+        let whole = transcript(input.len());
+        assert!(whole.0.contains("Received: ") && whole.0.contains("body\r\n.\r\n"));
+        assert!(
+            whole
+                .1
+                .ends_with("250 2.0.0 Ok: queued\r\n250 Ok\r\n221 bye\r\n"),
+            "{}",
+            whole.1
+        );
+        assert_eq!(whole.2, Next::End(End::ClientClosed));
+        for chunk in CHUNKS {
+            assert_eq!(transcript(chunk), whole, "chunk {chunk}");
+        }
+    }
+}
