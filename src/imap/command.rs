@@ -1216,7 +1216,9 @@ mod tests {
     #[test]
     fn braces_inside_atoms_are_atom_text_not_literals() {
         check_table(&[
-            // The smuggling attempt: the LOGIN is a command of its own, for the gate.
+            // A smuggling attempt: were `x{24+}` a literal, the LOGIN line would hide inside the
+            // NOOP. A literal is a whole token (RFC 9051 §9), so this is atom text, and the LOGIN
+            // is a command of its own, for the gate.
             (
                 b"a2 NOOP x{24+}\r\na3 LOGIN alice secret1\r\n\r\n",
                 vec![

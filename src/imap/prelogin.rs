@@ -1130,7 +1130,8 @@ mod tests {
 
     #[test]
     fn a_login_hidden_behind_a_brace_in_an_atom_is_refused_before_tls() {
-        // The example: `x{24+}` is atom text, not a literal, for Dovecot and for us.
+        // `x{24+}` is atom text, not a literal (a literal is a whole token, RFC 9051 §9), for
+        // Dovecot and for us: taken for a literal, it would hide the LOGIN line from the gate.
         let mut m = cleartext();
         out(&mut m);
         m.client_input(b"a2 NOOP x{24+}\r\na3 LOGIN alice secret1\r\n\r\n");
