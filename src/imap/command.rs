@@ -231,6 +231,15 @@ impl Announcement {
     }
 }
 
+/// What one framing state made of the octets in front of it ([`CommandReceiver::next`]).
+#[derive(Debug)]
+enum Progress {
+    /// Consumed this many octets and moved to another state: go on with the rest.
+    More(usize),
+    /// The step to return, `consumed` counted from where this state began.
+    Done(Step<Event>),
+}
+
 /// The strict receiver; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct CommandReceiver {
@@ -272,118 +281,103 @@ impl CommandReceiver {
         let mut consumed = 0;
         loop {
             let rest = buf.get(consumed..).unwrap_or_default();
-            match self.state {
-                State::Failed => {
+            let progress = match self.state {
+                // Unrecoverable: everything is dropped.
+                State::Failed => Progress::Done(Step::need(rest.len())),
+                State::AwaitDecision { .. } => Progress::Done(Step::need(0)),
+                State::SkipLine => self.skip_line(rest),
+                State::Literal { remaining } => self.literal_octets(rest, remaining),
+                State::Sasl => Progress::Done(self.sasl_response(rest)),
+                State::Idle | State::Continuation => self.command_line(rest),
+            };
+            match progress {
+                Progress::More(n) => consumed += n,
+                Progress::Done(step) => {
                     return Step {
-                        consumed: buf.len(),
-                        event: None,
+                        consumed: consumed + step.consumed,
+                        event: step.event,
                     };
                 }
-                State::AwaitDecision { .. } => {
-                    return Step {
-                        consumed,
-                        event: None,
-                    };
-                }
-                State::SkipLine => match rest.iter().position(|&b| b == b'\n') {
-                    Some(pos) => {
-                        consumed += pos + 1;
-                        self.state = State::Idle;
-                    }
-                    None => {
-                        return Step {
-                            consumed: buf.len(),
-                            event: None,
-                        };
-                    }
-                },
-                State::Literal { remaining } => {
-                    let take = remaining.min(rest.len());
-                    self.literal
-                        .extend_from_slice(rest.get(..take).unwrap_or_default());
-                    consumed += take;
-                    let remaining = remaining - take;
-                    if remaining == 0 {
-                        self.parts
-                            .push(Part::Literal(std::mem::take(&mut self.literal)));
-                        self.state = State::Continuation;
-                    } else {
-                        self.state = State::Literal { remaining };
-                        return Step {
-                            consumed,
-                            event: None,
-                        };
-                    }
-                }
-                State::Sasl => {
-                    if rest.is_empty() {
-                        return Step {
-                            consumed,
-                            event: None,
-                        };
-                    }
-                    let event = match find_line(rest, self.limits.sasl_line) {
-                        Ok(None) => None,
-                        Ok(Some(n)) => {
-                            consumed += n;
-                            Some(Event::Sasl(sasl_line(rest.get(..n).unwrap_or_default())))
-                        }
-                        Err(_) => {
-                            // The backend waits for one whole response line; an endless one
-                            // cannot be resynchronised.
-                            consumed = buf.len();
-                            let error = CommandError::LineTooLong {
-                                limit: self.limits.sasl_line,
-                            };
-                            Some(self.reject(self.last_tag.clone(), error, true))
-                        }
-                    };
-                    return Step { consumed, event };
-                }
-                State::Idle | State::Continuation => {
-                    if rest.is_empty() {
-                        return Step {
-                            consumed,
-                            event: None,
-                        };
-                    }
-                    match find_line(rest, self.limits.line) {
-                        Ok(None) => {
-                            return Step {
-                                consumed,
-                                event: None,
-                            };
-                        }
-                        Ok(Some(n)) => {
-                            consumed += n;
-                            let line = rest.get(..n).unwrap_or_default();
-                            if let Some(event) = self.on_line(line) {
-                                return Step {
-                                    consumed,
-                                    event: Some(event),
-                                };
-                            }
-                        }
-                        Err(_) => {
-                            // Never parse from the middle of a line: drop it up to its LF.
-                            let head = rest.get(..self.limits.line).unwrap_or(rest);
-                            consumed += head.len();
-                            let tag = match self.state {
-                                State::Continuation => Some(self.tag.clone()),
-                                _ => tag_prefix(head),
-                            };
-                            let error = CommandError::LineTooLong {
-                                limit: self.limits.line,
-                            };
-                            let event = self.reject(tag, error, false);
-                            self.state = State::SkipLine;
-                            return Step {
-                                consumed,
-                                event: Some(event),
-                            };
-                        }
-                    }
-                }
+            }
+        }
+    }
+
+    /// [`State::SkipLine`]: drops octets up to and including the next LF.
+    fn skip_line(&mut self, rest: &[u8]) -> Progress {
+        match rest.iter().position(|&b| b == b'\n') {
+            Some(pos) => {
+                self.state = State::Idle;
+                Progress::More(pos + 1)
+            }
+            None => Progress::Done(Step::need(rest.len())),
+        }
+    }
+
+    /// [`State::Literal`]: takes up to `remaining` octets of literal content; a complete literal
+    /// becomes a part of the command and the line after it is awaited.
+    fn literal_octets(&mut self, rest: &[u8], remaining: usize) -> Progress {
+        let take = remaining.min(rest.len());
+        self.literal
+            .extend_from_slice(rest.get(..take).unwrap_or_default());
+        let remaining = remaining - take;
+        if remaining == 0 {
+            self.parts
+                .push(Part::Literal(std::mem::take(&mut self.literal)));
+            self.state = State::Continuation;
+            Progress::More(take)
+        } else {
+            self.state = State::Literal { remaining };
+            Progress::Done(Step::need(take))
+        }
+    }
+
+    /// [`State::Sasl`]: one whole response line, or nothing yet.
+    fn sasl_response(&mut self, rest: &[u8]) -> Step<Event> {
+        if rest.is_empty() {
+            return Step::need(0);
+        }
+        match find_line(rest, self.limits.sasl_line) {
+            Ok(None) => Step::need(0),
+            Ok(Some(n)) => {
+                Step::event(n, Event::Sasl(sasl_line(rest.get(..n).unwrap_or_default())))
+            }
+            Err(_) => {
+                // The backend waits for one whole response line; an endless one cannot be
+                // resynchronised.
+                let error = CommandError::LineTooLong {
+                    limit: self.limits.sasl_line,
+                };
+                let event = self.reject(self.last_tag.clone(), error, true);
+                Step::event(rest.len(), event)
+            }
+        }
+    }
+
+    /// [`State::Idle`] or [`State::Continuation`]: one line of a command. A line that does not
+    /// end the command (it announces a literal read unasked) lets the caller go on.
+    fn command_line(&mut self, rest: &[u8]) -> Progress {
+        if rest.is_empty() {
+            return Progress::Done(Step::need(0));
+        }
+        match find_line(rest, self.limits.line) {
+            Ok(None) => Progress::Done(Step::need(0)),
+            Ok(Some(n)) => match self.on_line(rest.get(..n).unwrap_or_default()) {
+                Some(event) => Progress::Done(Step::event(n, event)),
+                None => Progress::More(n),
+            },
+            Err(_) => {
+                // Never parse from the middle of a line: drop it up to its LF.
+                let head = rest.get(..self.limits.line).unwrap_or(rest);
+                let tag = match self.state {
+                    State::Continuation => Some(self.tag.clone()),
+                    _ => tag_prefix(head),
+                };
+                let error = CommandError::LineTooLong {
+                    limit: self.limits.line,
+                };
+                let event = self.reject(tag, error, false);
+                self.state = State::SkipLine;
+                Progress::Done(Step::event(head.len(), event))
             }
         }
     }
