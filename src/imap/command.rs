@@ -150,7 +150,8 @@ impl Rejection {
 pub enum SaslLine {
     /// `*`: the client cancels.
     Cancel,
-    /// Validated base64 (possibly empty), without the line end.
+    /// A valid response ([`crate::sasl::is_base64_response`]: base64, possibly empty, or `=`),
+    /// without the line end.
     Response(Vec<u8>),
     /// Anything else (not base64, bare LF line end, CR, NUL…): the driver cancels instead.
     Invalid,
@@ -812,7 +813,7 @@ fn parse_command(tag: &[u8], name: &[u8], parts: &[Part]) -> Option<Command> {
             }
             let initial_response = if args.eat(b' ') {
                 let ir = args.run(|_| true);
-                if !(ir == b"=" || (!ir.is_empty() && is_base64(ir))) {
+                if ir.is_empty() || !crate::sasl::is_base64_response(ir) {
                     return None;
                 }
                 Some(ir.to_vec())
@@ -865,40 +866,6 @@ fn parse_command(tag: &[u8], name: &[u8], parts: &[Part]) -> Option<Command> {
     args.at_end().then_some(command)
 }
 
-/// RFC 4648 §4 base64, padded, with zero pad bits (canonical, §3.5), possibly empty.
-fn is_base64(s: &[u8]) -> bool {
-    fn value(b: u8) -> Option<u8> {
-        match b {
-            b'A'..=b'Z' => Some(b - b'A'),
-            b'a'..=b'z' => Some(b - b'a' + 26),
-            b'0'..=b'9' => Some(b - b'0' + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    if !s.len().is_multiple_of(4) {
-        return false;
-    }
-    let data = s
-        .strip_suffix(b"==")
-        .or_else(|| s.strip_suffix(b"="))
-        .unwrap_or(s);
-    let padding = s.len() - data.len();
-    let mut last = 0;
-    for &b in data {
-        match value(b) {
-            Some(v) => last = v,
-            None => return false,
-        }
-    }
-    match padding {
-        2 => last & 0x0f == 0,
-        1 => last & 0x03 == 0,
-        _ => true,
-    }
-}
-
 /// Classifies one SASL response line (LF included).
 fn sasl_line(line: &[u8]) -> SaslLine {
     let content = line.strip_suffix(b"\n").unwrap_or(line);
@@ -907,7 +874,7 @@ fn sasl_line(line: &[u8]) -> SaslLine {
     };
     if content == b"*" {
         SaslLine::Cancel
-    } else if is_base64(content) {
+    } else if crate::sasl::is_base64_response(content) {
         SaslLine::Response(content.to_vec())
     } else {
         SaslLine::Invalid
@@ -990,7 +957,7 @@ pub fn encode(tag: &[u8], command: &Command, literal_plus: bool) -> Option<Vec<V
             w.raw(b" AUTHENTICATE ");
             w.raw(mechanism);
             if let Some(ir) = initial_response {
-                if !(ir == b"=" || (!ir.is_empty() && is_base64(ir))) {
+                if ir.is_empty() || !crate::sasl::is_base64_response(ir) {
                     return None;
                 }
                 w.raw(b" ");
