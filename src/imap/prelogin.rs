@@ -32,6 +32,7 @@ use crate::imap::response::{
 use crate::line::Step;
 use crate::machine::IdSource;
 use crate::machine::{Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, pump_client};
+use crate::sasl;
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -78,6 +79,9 @@ struct InFlight {
     /// AUTHENTICATE: mailfront sent the backend `*` (the client cancelled, or sent a line that
     /// is not base64), so no credential was checked and the refusal that follows is refunded.
     cancelled: bool,
+    /// AUTHENTICATE without an initial response: its mechanism, until the client's first SASL
+    /// line, which carries the user name ([`sasl::user_in_first_response`]).
+    user_from_first_line: Option<Vec<u8>>,
 }
 
 /// A LOGIN or AUTHENTICATE parsed, checked and encoded, held until the driver charged it
@@ -424,6 +428,12 @@ impl Prelogin {
             // `*` ends the exchange before the backend checked anything (RFC 9051 §6.2.2): its
             // refusal is not a wrong guess.
             flight.cancelled |= encoded == b"*\r\n";
+            if let Some(mechanism) = flight.user_from_first_line.take()
+                && let command::SaslLine::Response(response) = line
+                && let Some(user) = sasl::user_in_first_response(&mechanism, response)
+            {
+                self.core.notices.push(Notice::User(user));
+            }
             self.core.to_backend.extend_from_slice(&encoded);
         }
     }
@@ -446,6 +456,7 @@ impl Prelogin {
             pieces: VecDeque::new(),
             logout: false,
             cancelled: false,
+            user_from_first_line: None,
         });
     }
 
@@ -499,8 +510,8 @@ impl Prelogin {
         };
         match policy::decide(&self.gate(), Input::Charged { granted }) {
             Verdict::Forward => {
-                if let Command::Login { username, .. } = &command {
-                    self.core.notices.push(Notice::User(username.clone()));
+                if let Some(user) = login_user(&command) {
+                    self.core.notices.push(Notice::User(user));
                 }
                 self.send(tag, &command, pieces);
             }
@@ -539,6 +550,13 @@ impl Prelogin {
             pieces,
             logout: matches!(command, Command::Logout),
             cancelled: false,
+            user_from_first_line: match command {
+                Command::Authenticate {
+                    mechanism,
+                    initial_response: None,
+                } => Some(mechanism.clone()),
+                _ => None,
+            },
         };
         if flight.auth.is_some()
             && !self.caps.id
@@ -879,15 +897,22 @@ fn mechanism_label(name: &[u8], mechanism: Option<&[u8]>) -> String {
     if name.eq_ignore_ascii_case(b"LOGIN") {
         return "LOGIN".to_owned();
     }
-    let mech: String = String::from_utf8_lossy(mechanism.unwrap_or_default())
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(40)
-        .collect();
-    if mech.is_empty() {
-        "AUTHENTICATE".to_owned()
-    } else {
-        format!("AUTHENTICATE {}", mech.to_ascii_uppercase())
+    match mechanism {
+        Some(mechanism) => format!("AUTHENTICATE {}", sasl::mechanism_for_log(mechanism)),
+        None => "AUTHENTICATE".to_owned(),
+    }
+}
+
+/// The user name a login names as it goes out, for the session's close line: LOGIN's, or the
+/// one AUTHENTICATE's initial response carries (RFC 4959). Never the password.
+fn login_user(command: &Command) -> Option<Vec<u8>> {
+    match command {
+        Command::Login { username, .. } => Some(username.clone()),
+        Command::Authenticate {
+            mechanism,
+            initial_response: Some(response),
+        } => sasl::user_in_first_response(mechanism, response),
+        _ => None,
     }
 }
 
@@ -1792,6 +1817,85 @@ mod tests {
         assert_eq!(out(&mut m).1, "");
     }
 
+    /// The close line's `user`: what LOGIN names, and what AUTHENTICATE's first response
+    /// carries (with SASL-IR or on the first line), once the gate let the login through.
+    #[test]
+    fn authenticate_names_its_user_on_the_close_line_like_login() {
+        use base64::Engine as _;
+        let b64 = |raw: &[u8]| base64::engine::general_purpose::STANDARD.encode(raw);
+        let user = |name: &str| Notice::User(name.as_bytes().to_vec());
+        let failed = |m: &mut Prelogin, tag: &str| {
+            m.backend_input(format!("{tag} NO [AUTHENTICATIONFAILED] failed\r\n").as_bytes());
+            out(m);
+            m.take_notices()
+                .into_iter()
+                .filter(|n| matches!(n, Notice::User(_)))
+                .collect::<Vec<_>>()
+        };
+        let mut m = greeted("IMAP4rev1 SASL-IR AUTH=PLAIN");
+        out(&mut m);
+
+        // SASL-IR, PLAIN: the authentication identity, not the authorization identity.
+        let ir = b64(b"admin\0alice\0secret");
+        m.client_input(format!("a AUTHENTICATE PLAIN {ir}\r\n").as_bytes());
+        out(&mut m);
+        assert_eq!(m.take_notices(), [user("alice")]);
+        assert_eq!(failed(&mut m, "a"), []);
+
+        // No initial response: the first line after the backend's `+`, and only that one.
+        m.client_input(b"b AUTHENTICATE SCRAM-SHA-256\r\n");
+        out(&mut m);
+        assert_eq!(m.take_notices(), []);
+        m.backend_input(b"+ \r\n");
+        m.client_input(format!("{}\r\n", b64(b"n,,n=bob,r=nonce")).as_bytes());
+        out(&mut m);
+        assert_eq!(m.take_notices(), [user("bob")]);
+        m.backend_input(b"+ c2VydmVyLWZpcnN0\r\n");
+        m.client_input(format!("{}\r\n", b64(b"c=biws,r=nonce,n=mallory")).as_bytes());
+        out(&mut m);
+        assert_eq!(failed(&mut m, "b"), []);
+
+        // LOGIN: the name is the answer to `Username:`, never the one to `Password:`.
+        m.client_input(b"c AUTHENTICATE LOGIN\r\n");
+        out(&mut m);
+        m.backend_input(b"+ VXNlcm5hbWU6\r\n");
+        m.client_input(format!("{}\r\n", b64(b"carol")).as_bytes());
+        out(&mut m);
+        m.backend_input(b"+ UGFzc3dvcmQ6\r\n");
+        m.client_input(format!("{}\r\n", b64(b"hunter2")).as_bytes());
+        out(&mut m);
+        assert_eq!(failed(&mut m, "c"), [user("carol")]);
+
+        // A cancelled exchange, or a mechanism that carries no readable name: no user.
+        m.client_input(b"d AUTHENTICATE PLAIN\r\n");
+        out(&mut m);
+        m.backend_input(b"+ \r\n");
+        m.client_input(b"*\r\n");
+        out(&mut m);
+        assert_eq!(failed(&mut m, "d"), []);
+        m.client_input(b"e AUTHENTICATE EXTERNAL =\r\n");
+        out(&mut m);
+        assert_eq!(failed(&mut m, "e"), []);
+    }
+
+    #[test]
+    fn a_throttled_authenticate_names_no_user() {
+        let mut m = greeted("IMAP4rev1 SASL-IR AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(m.next(), Next::ChargeLogin);
+        m.login_charge(false);
+        let (client, backend) = out(&mut m);
+        assert!(client.starts_with("a NO [UNAVAILABLE]"), "{client}");
+        assert_eq!(backend, "");
+        assert_eq!(
+            m.take_notices(),
+            [Notice::AuthThrottled {
+                mechanism: "AUTHENTICATE PLAIN".to_owned()
+            }]
+        );
+    }
+
     #[test]
     fn the_logged_mechanism_never_carries_credentials() {
         assert_eq!(mechanism_label(b"login", None), "LOGIN");
@@ -1801,7 +1905,12 @@ mod tests {
         );
         assert_eq!(
             mechanism_label(b"AUTHENTICATE", Some(b"PL\"AIN")),
-            "AUTHENTICATE PLAIN"
+            "AUTHENTICATE invalid"
         );
+        assert_eq!(
+            mechanism_label(b"AUTHENTICATE", Some(b"AGFsaWNlAHNlY3JldA==")),
+            "AUTHENTICATE invalid"
+        );
+        assert_eq!(mechanism_label(b"authenticate", None), "AUTHENTICATE");
     }
 }
