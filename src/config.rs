@@ -11,10 +11,37 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+// One module per section, each with its written form, its defaults (config.yaml.example
+// documents the same values), its checked form and its `validate`; `Config::validate` runs
+// them all and reports every problem at once.
 mod backends;
+mod limits;
+mod listeners;
+mod log;
+mod shared_state;
+mod timeouts;
+mod tls;
 pub use backends::{
     BackendHealthSection, BackendList, BackendTls, BackendTlsSection, Backends, Route,
     RouteSection, SniPattern, literal_socket_addr,
+};
+pub use limits::{
+    DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_AUTH_FAILURES_PER_IP, DEFAULT_CONNECTIONS_PER_IP,
+    DEFAULT_IMAP_LINE, DEFAULT_IMAP_LITERAL, DEFAULT_LISTEN_BACKLOG, DEFAULT_POP3_LINE,
+    DEFAULT_PREAUTH_COMMANDS, DEFAULT_SMTP_LINE, Limits, LimitsSection, MAX_LISTEN_BACKLOG,
+};
+pub use listeners::{DEFAULT_MAX_CONNECTIONS, ListenerConfig, ListenerSection};
+pub use log::{LogFormat, LogSection, MetricsSection, log_filter};
+pub use shared_state::{
+    DEFAULT_SHARED_LEASE, DEFAULT_SHARED_TIMEOUT, SharedStateConfig, SharedStateSection,
+};
+pub use timeouts::{
+    DEFAULT_BACKEND_CONNECT, DEFAULT_DATA_REPLY, DEFAULT_IDLE, DEFAULT_LOGIN, DEFAULT_RELAY_IDLE,
+    DEFAULT_SHUTDOWN_GRACE, Timeouts, TimeoutsSection,
+};
+pub use tls::{
+    CertificateSection, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_RELOAD_INTERVAL, MAX_SESSION_TICKETS,
+    MinTlsVersion, TlsConfig, TlsSection,
 };
 
 /// The built-in default: `mailfront` with no `--config` runs exactly the shipped example.
@@ -88,24 +115,6 @@ impl TlsMode {
             TlsMode::Starttls => "starttls",
         }
     }
-}
-
-/// `tls.min_version`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum MinTlsVersion {
-    #[serde(rename = "1.2")]
-    Tls12,
-    #[serde(rename = "1.3")]
-    Tls13,
-}
-
-/// `log.format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
 }
 
 /// A duration written as "30s", "5m", "1h" or "250ms".
@@ -191,382 +200,6 @@ pub struct Config {
     pub shared_state: Option<SharedStateSection>,
 }
 
-/// `shared_state`: where the replicas keep the counts behind `limits.auth_failures_per_ip` and
-/// `limits.connections_per_ip`, so that N replicas enforce one budget, not N.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SharedStateSection {
-    /// `redis://[user[:password]@]host:port[/db]`, or `rediss://` for TLS (always verified).
-    pub redis: String,
-    /// A file whose content (one line, trailing newline ignored) is the password: a mounted
-    /// Kubernetes Secret. Overrides a password in the URL.
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// PEM bundle of the CA(s) that sign the server's certificate for `rediss://`; the
-    /// system's roots without it.
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// How long one operation may take before this replica counts alone (fails open).
-    #[serde(default = "default_shared_timeout")]
-    pub timeout: ConfigDuration,
-    /// Inserted after `mailfront:` in every key, so deployments can share one Redis.
-    #[serde(default)]
-    pub key_prefix: String,
-    /// How long a replica's connection slots outlive it if it dies without releasing them;
-    /// refreshed every third of it.
-    #[serde(default = "default_shared_lease")]
-    pub lease: ConfigDuration,
-}
-
-/// The checked `shared_state`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SharedStateConfig {
-    pub url: String,
-    pub password_file: Option<PathBuf>,
-    pub ca: Option<PathBuf>,
-    pub timeout: Duration,
-    pub key_prefix: String,
-    pub lease: Duration,
-}
-
-/// A Redis round trip on a cluster network is well under a millisecond; 50 ms means the store
-/// is in trouble, and a login waits at most that long before this replica counts alone.
-pub const DEFAULT_SHARED_TIMEOUT: Duration = Duration::from_millis(50);
-/// A killed replica's slots are freed within one lease (15 s), well inside 30 s; refreshing
-/// every 5 s leaves two refreshes of slack before a slow replica's lease runs out.
-pub const DEFAULT_SHARED_LEASE: Duration = Duration::from_secs(15);
-/// Operations that take longer than this are no protection: cap the configurable timeout.
-const MAX_SHARED_TIMEOUT: Duration = Duration::from_secs(5);
-/// Below a second, refreshes (a third of the lease) would be a busy loop.
-const MIN_SHARED_LEASE: Duration = Duration::from_secs(1);
-/// Key prefixes are parts of Redis key names: short, and no separator or glob characters.
-const MAX_KEY_PREFIX: usize = 64;
-
-fn default_shared_timeout() -> ConfigDuration {
-    ConfigDuration(DEFAULT_SHARED_TIMEOUT)
-}
-fn default_shared_lease() -> ConfigDuration {
-    ConfigDuration(DEFAULT_SHARED_LEASE)
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSection {
-    #[serde(default)]
-    pub certificates: Vec<CertificateSection>,
-    #[serde(default = "default_min_version")]
-    pub min_version: MinTlsVersion,
-    #[serde(default = "default_handshake_timeout")]
-    pub handshake_timeout: ConfigDuration,
-    #[serde(default = "default_reload_interval")]
-    pub reload_interval: ConfigDuration,
-    #[serde(default = "default_session_tickets")]
-    pub session_tickets: usize,
-    #[serde(default)]
-    pub ticket_key_file: Option<PathBuf>,
-}
-
-impl Default for TlsSection {
-    fn default() -> Self {
-        TlsSection {
-            certificates: Vec::new(),
-            min_version: default_min_version(),
-            handshake_timeout: default_handshake_timeout(),
-            reload_interval: default_reload_interval(),
-            session_tickets: default_session_tickets(),
-            ticket_key_file: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertificateSection {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenerSection {
-    pub name: String,
-    pub protocol: Protocol,
-    pub listen: String,
-    pub tls: TlsMode,
-    pub backend: BackendList,
-    #[serde(default)]
-    pub routes: Vec<RouteSection>,
-    #[serde(default)]
-    pub backend_tls: Option<BackendTlsSection>,
-    #[serde(default)]
-    pub backend_health: Option<BackendHealthSection>,
-    #[serde(default)]
-    pub max_connections: Option<usize>,
-    #[serde(default)]
-    pub require_tls_for_mail: Option<bool>,
-    #[serde(default)]
-    pub backend_proxy_protocol: bool,
-    #[serde(default)]
-    pub proxy_protocol_from: Vec<String>,
-    #[serde(default)]
-    pub backend_client_info: bool,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsSection {
-    pub listen: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogSection {
-    #[serde(default)]
-    pub format: LogFormat,
-    #[serde(default = "default_log_level")]
-    pub level: String,
-}
-
-impl Default for LogSection {
-    fn default() -> Self {
-        LogSection {
-            format: LogFormat::default(),
-            level: default_log_level(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TimeoutsSection {
-    #[serde(default = "default_backend_connect")]
-    pub backend_connect: ConfigDuration,
-    #[serde(default = "default_idle")]
-    pub idle: ConfigDuration,
-    #[serde(default = "default_login")]
-    pub login: ConfigDuration,
-    #[serde(default = "default_data_reply")]
-    pub data_reply: ConfigDuration,
-    #[serde(default = "default_relay_idle")]
-    pub relay_idle: ConfigDuration,
-    #[serde(default = "default_shutdown_grace")]
-    pub shutdown_grace: ConfigDuration,
-}
-
-impl Default for TimeoutsSection {
-    fn default() -> Self {
-        TimeoutsSection {
-            backend_connect: default_backend_connect(),
-            idle: default_idle(),
-            login: default_login(),
-            data_reply: default_data_reply(),
-            relay_idle: default_relay_idle(),
-            shutdown_grace: default_shutdown_grace(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsSection {
-    #[serde(default = "default_smtp_line")]
-    pub smtp_line: usize,
-    #[serde(default = "default_imap_line")]
-    pub imap_line: usize,
-    #[serde(default = "default_imap_literal")]
-    pub imap_literal: usize,
-    #[serde(default = "default_pop3_line")]
-    pub pop3_line: usize,
-    #[serde(default = "default_preauth_commands")]
-    pub preauth_commands: usize,
-    #[serde(default = "default_connections_per_ip")]
-    pub connections_per_ip: u32,
-    #[serde(default = "default_auth_failures_per_ip")]
-    pub auth_failures_per_ip: u32,
-    #[serde(default = "default_auth_failure_window")]
-    pub auth_failure_window: ConfigDuration,
-    #[serde(default = "default_listen_backlog")]
-    pub listen_backlog: u32,
-}
-
-impl Default for LimitsSection {
-    fn default() -> Self {
-        LimitsSection {
-            smtp_line: default_smtp_line(),
-            imap_line: default_imap_line(),
-            imap_literal: default_imap_literal(),
-            pop3_line: default_pop3_line(),
-            preauth_commands: default_preauth_commands(),
-            connections_per_ip: default_connections_per_ip(),
-            auth_failures_per_ip: default_auth_failures_per_ip(),
-            auth_failure_window: default_auth_failure_window(),
-            listen_backlog: default_listen_backlog(),
-        }
-    }
-}
-
-// Defaults live here, in one place; config.yaml.example documents the same values.
-
-/// A client that has not finished the TLS handshake in 10 s is gone or stalling on purpose: a
-/// real handshake takes a few round trips, well under a second even on a slow mobile link.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often certificate files are checked: a renewed certificate (cert-manager, certbot) is
-/// in service within seconds, and reading two small files every 5 s costs nothing.
-pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
-/// Most TLS 1.3 tickets per handshake: each is about 200 octets of the server's flight, and a
-/// mail client opens a handful of parallel connections at most.
-pub const MAX_SESSION_TICKETS: usize = 8;
-/// Connecting to the backend, which sits on the same host or network: 10 s is far beyond a
-/// healthy connect and still short enough that the client gets a clear refusal, not a hang.
-pub const DEFAULT_BACKEND_CONNECT: Duration = Duration::from_secs(10);
-/// Silence allowed before authentication or between SMTP commands: RFC 5321 §4.5.3.2.7 asks
-/// a server to wait at least 5 minutes for the next command.
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(5 * 60);
-/// The whole time from accept to authentication, however much the client sends: Dovecot's own
-/// `login_timeout` (3 min). A person typing a password or a client retrying a refused one needs
-/// seconds; a client trickling bytes to hold a pre-login session needs this to end.
-pub const DEFAULT_LOGIN: Duration = Duration::from_secs(3 * 60);
-/// The backend's reply after the end of message data: RFC 5321 §4.5.3.2.6 asks the client
-/// to wait 10 minutes for it, and mailfront is that client towards the backend.
-pub const DEFAULT_DATA_REPLY: Duration = Duration::from_secs(10 * 60);
-/// Silence allowed after IMAP/POP3 login: above the 29 minutes after which an IMAP client
-/// re-issues IDLE (RFC 9051 §6.3.13), so idling clients are never cut.
-pub const DEFAULT_RELAY_IDLE: Duration = Duration::from_secs(60 * 60);
-/// On SIGTERM, time for live sessions to finish (a message in flight, a LOGOUT): 30 s covers
-/// them, and deploy/ sets the pod's terminationGracePeriodSeconds (45) above it so Kubernetes
-/// does not kill the process first.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Longest SMTP command line mailfront reads (AUTH lines get 12288, RFC 4954 §4): Postfix's
-/// `line_length_limit`. What reaches the backend is never the client's line but mailfront's
-/// re-encoding of it, at most 512 octets (1280 for MAIL, 1024 for RCPT, see
-/// [`crate::smtp::canonical`]), so this bounds only what is read and judged; reading more than
-/// the longest line any backend takes serves nothing.
-pub const DEFAULT_SMTP_LINE: usize = 2048;
-/// Longest IMAP line before authentication: RFC 7162 §4 has clients keep command lines to
-/// about 8192 octets, so a server should accept that much.
-pub const DEFAULT_IMAP_LINE: usize = 8192;
-/// Largest IMAP literal before authentication. Only LOGIN and ID take strings then: a user name
-/// or password is at most a few hundred octets, an ID value at most 1024 (RFC 2971 §3.3), and
-/// tokens go through AUTHENTICATE, whose lines have their own bound. 8 KiB, the same as a
-/// command line (`limits.imap_line`), is still far above what Dovecot's login process takes
-/// for a command's arguments (about 1 KiB). A session holds up to a line and a literal while it
-/// reads a command, so this bounds what an unfinished literal costs: at 64 KiB it took a
-/// pre-login session from 31 to 91 KiB; at 8 KiB a session holds at most 16 KiB of command.
-pub const DEFAULT_IMAP_LITERAL: usize = 8 * 1024;
-/// Longest POP3 command line: RFC 1939 §3 allows 255 octets per command; twice that leaves
-/// room for long RFC 2449 arguments.
-pub const DEFAULT_POP3_LINE: usize = 512;
-/// IMAP/POP3 commands allowed before authentication succeeds: a real client needs fewer than
-/// ten (CAPABILITY, ID, STARTTLS, AUTHENTICATE and a retry), so 50 only stops a brute force.
-pub const DEFAULT_PREAUTH_COMMANDS: usize = 50;
-/// Sessions one client address (an IPv6 /64) may hold before authenticating, across all
-/// listeners: a mail client opens a handful (IMAP opens a few in parallel, plus SMTP), and even
-/// a NAT gateway in front of an office rarely has 50 logins in progress at one instant, because
-/// authenticated sessions do not count.
-pub const DEFAULT_CONNECTIONS_PER_IP: u32 = 50;
-/// Login attempts that did not succeed one client address (an IPv6 /64) may have in
-/// `limits.auth_failure_window` before its further attempts are refused here (each charged when
-/// sent, refunded on success): a person mistyping a password, or a phone retrying an old one on
-/// three accounts, stays well below 10.
-pub const DEFAULT_AUTH_FAILURES_PER_IP: u32 = 10;
-/// 10 failures per 10 minutes is one guess a minute: a dictionary attack on one address gets
-/// nowhere, and a throttled person waits minutes, not hours.
-pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(600);
-
-/// Connections the kernel queues, handshake done, before mailfront accepts them: nginx's 511.
-/// std's and tokio's 128 overflows in a reconnect storm (every client of a restarted replica
-/// at once), and an overflowing queue drops SYNs, which clients retry only after a second or
-/// more. Linux caps the value at `net.core.somaxconn` (4096 since 5.4).
-pub const DEFAULT_LISTEN_BACKLOG: u32 = 511;
-/// The largest `limits.listen_backlog`: `net.core.somaxconn`'s own historical maximum; a
-/// larger queue only holds clients longer than they will wait.
-pub const MAX_LISTEN_BACKLOG: u32 = 65535;
-
-/// A listener name labels metrics and logs: 64 octets is plenty for a name and keeps label
-/// values short.
-const MAX_LISTENER_NAME: usize = 64;
-
-// The smallest limits that still let a standards-following client work: below them a
-// configuration would refuse legitimate traffic, so validation says so.
-/// RFC 5321 §4.5.3.1.4: a command line of 512 octets must be accepted.
-const MIN_SMTP_LINE: usize = 512;
-/// An IMAP LOGIN line with a long user name and password, or a CAPABILITY-heavy ID, fits 1 KiB.
-const MIN_IMAP_LINE: usize = 1024;
-/// The same for a LOGIN argument sent as a literal.
-const MIN_IMAP_LITERAL: usize = 1024;
-/// RFC 1939 §3: a POP3 command line is at most 255 octets, so that much must be accepted.
-const MIN_POP3_LINE: usize = 255;
-/// At least the login command itself.
-const MIN_PREAUTH_COMMANDS: usize = 1;
-
-fn default_min_version() -> MinTlsVersion {
-    MinTlsVersion::Tls12
-}
-fn default_handshake_timeout() -> ConfigDuration {
-    ConfigDuration(DEFAULT_HANDSHAKE_TIMEOUT)
-}
-fn default_reload_interval() -> ConfigDuration {
-    ConfigDuration(DEFAULT_RELOAD_INTERVAL)
-}
-/// rustls' default: two tickets, so a client opening two connections at once resumes both
-/// (TLS 1.3 tickets are single-use, RFC 8446 §C.4).
-fn default_session_tickets() -> usize {
-    2
-}
-fn default_log_level() -> String {
-    "info".to_owned()
-}
-fn default_backend_connect() -> ConfigDuration {
-    ConfigDuration(DEFAULT_BACKEND_CONNECT)
-}
-fn default_idle() -> ConfigDuration {
-    ConfigDuration(DEFAULT_IDLE)
-}
-fn default_login() -> ConfigDuration {
-    ConfigDuration(DEFAULT_LOGIN)
-}
-fn default_data_reply() -> ConfigDuration {
-    ConfigDuration(DEFAULT_DATA_REPLY)
-}
-fn default_relay_idle() -> ConfigDuration {
-    ConfigDuration(DEFAULT_RELAY_IDLE)
-}
-fn default_shutdown_grace() -> ConfigDuration {
-    ConfigDuration(DEFAULT_SHUTDOWN_GRACE)
-}
-fn default_smtp_line() -> usize {
-    DEFAULT_SMTP_LINE
-}
-fn default_imap_line() -> usize {
-    DEFAULT_IMAP_LINE
-}
-fn default_imap_literal() -> usize {
-    DEFAULT_IMAP_LITERAL
-}
-fn default_pop3_line() -> usize {
-    DEFAULT_POP3_LINE
-}
-fn default_preauth_commands() -> usize {
-    DEFAULT_PREAUTH_COMMANDS
-}
-fn default_connections_per_ip() -> u32 {
-    DEFAULT_CONNECTIONS_PER_IP
-}
-fn default_auth_failures_per_ip() -> u32 {
-    DEFAULT_AUTH_FAILURES_PER_IP
-}
-fn default_auth_failure_window() -> ConfigDuration {
-    ConfigDuration(DEFAULT_AUTH_FAILURE_WINDOW)
-}
-fn default_listen_backlog() -> u32 {
-    DEFAULT_LISTEN_BACKLOG
-}
-
-/// Default cap on concurrent sessions per listener: an idle TLS session costs mailfront some
-/// tens of KiB, so 10,000 fit in a few hundred MiB, and the cap keeps a flood from taking the
-/// process (or the backend's process limit) down before it is noticed.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-
 /// A backend address: kept as written, because a DNS name is resolved again over time (every
 /// address it has is a backend of its own).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -613,68 +246,6 @@ fn parse_backend(text: &str) -> Result<BackendAddress, String> {
     })
 }
 
-/// A listener after validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerConfig {
-    pub name: String,
-    pub protocol: Protocol,
-    pub listen: SocketAddr,
-    pub tls: TlsMode,
-    /// `backend`, `routes`, `backend_tls` and `backend_health`.
-    pub backend: Backends,
-    pub max_connections: usize,
-    /// SMTP on a STARTTLS listener: refuse MAIL FROM before TLS (default true).
-    pub require_tls_for_mail: bool,
-    /// Send a PROXY protocol v2 header first on every backend connection, so the backend sees
-    /// the client's address (Postfix `smtpd_upstream_proxy_protocol`, Dovecot `haproxy = yes`).
-    pub backend_proxy_protocol: bool,
-    /// Load balancers allowed to connect, each connection starting with a PROXY protocol v1/v2
-    /// header whose source address then stands for the client; empty: off.
-    pub proxy_protocol_from: Vec<crate::cidr::Network>,
-    /// Tell the backend the client's address in its own protocol: SMTP and POP3 XCLIENT, IMAP
-    /// ID `x-originating-*` (see [`crate::client_info`]).
-    pub backend_client_info: bool,
-}
-
-/// TLS settings after validation. Certificate files are loaded (and checked) by [`crate::tls`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsConfig {
-    pub certificates: Vec<CertificateSection>,
-    pub min_version: MinTlsVersion,
-    pub handshake_timeout: Duration,
-    pub reload_interval: Duration,
-    /// TLS 1.3 tickets sent after each full handshake; 0: no tickets (nor TLS 1.2 ones).
-    pub session_tickets: usize,
-    /// Keys that seal tickets, shared by replicas; `None`: a key of this process only.
-    pub ticket_key_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Timeouts {
-    pub backend_connect: Duration,
-    pub idle: Duration,
-    /// From accept to authentication, not restarted by traffic (see [`DEFAULT_LOGIN`]).
-    pub login: Duration,
-    pub data_reply: Duration,
-    pub relay_idle: Duration,
-    pub shutdown_grace: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    pub smtp_line: usize,
-    pub imap_line: usize,
-    pub imap_literal: usize,
-    pub pop3_line: usize,
-    pub preauth_commands: usize,
-    /// Unauthenticated sessions per client address across all listeners; 0: no limit.
-    pub connections_per_ip: u32,
-    /// Login attempts that did not succeed per client address within `auth_failure_window`
-    /// ([`crate::limits::AuthThrottle`]); 0: no throttle.
-    pub auth_failures_per_ip: u32,
-    pub auth_failure_window: Duration,
-}
-
 /// The checked configuration the proxy runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeConfig {
@@ -713,365 +284,33 @@ impl Config {
                 format!("{:?} is not a valid DNS host name", self.hostname),
             );
         }
-
-        let certificates = self
-            .tls
-            .certificates
-            .iter()
-            .map(|c| CertificateSection {
-                cert: base_dir.join(&c.cert),
-                key: base_dir.join(&c.key),
-            })
-            .collect::<Vec<_>>();
-        if self.tls.handshake_timeout.0.is_zero() {
-            problem("tls.handshake_timeout".into(), "must be more than 0".into());
-        }
-        if self.tls.reload_interval.0.is_zero() {
-            problem("tls.reload_interval".into(), "must be more than 0".into());
-        }
-        if self.tls.session_tickets > MAX_SESSION_TICKETS {
-            problem(
-                "tls.session_tickets".into(),
-                format!("at most {MAX_SESSION_TICKETS} (0 turns tickets off)"),
-            );
-        }
-        if self.tls.ticket_key_file.is_some() && self.tls.session_tickets == 0 {
-            problem(
-                "tls.ticket_key_file".into(),
-                "set, but tls.session_tickets is 0: no ticket would use it".into(),
-            );
-        }
-
-        if self.listeners.is_empty() {
-            problem(
-                "listeners".into(),
-                "at least one listener is required".into(),
-            );
-        }
-        let mut listeners = Vec::new();
-        let mut names = std::collections::HashSet::new();
-        let mut addresses = std::collections::HashSet::new();
-        for (i, l) in self.listeners.iter().enumerate() {
-            let key = |field: &str| format!("listeners[{i}].{field}");
-            let name_ok = !l.name.is_empty()
-                && l.name.len() <= MAX_LISTENER_NAME
-                && l.name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !name_ok {
-                problem(
-                    key("name"),
-                    format!(
-                        "{:?} must be 1-{MAX_LISTENER_NAME} letters, digits, '-' or '_'",
-                        l.name
-                    ),
-                );
-            } else if !names.insert(l.name.clone()) {
-                problem(
-                    key("name"),
-                    format!("{:?} is used by another listener", l.name),
-                );
-            }
-            let listen = match l.listen.parse::<SocketAddr>() {
-                Ok(addr) => {
-                    if addr.port() != 0 && !addresses.insert(addr) {
-                        problem(key("listen"), format!("{addr} is used by another listener"));
-                    }
-                    Some(addr)
-                }
-                Err(_) => {
-                    problem(
-                        key("listen"),
-                        format!(
-                            "{:?} is not an address:port (IPv6 as \"[::]:993\")",
-                            l.listen
-                        ),
-                    );
-                    None
-                }
-            };
-            let backend = backends::validate(
-                &backends::Written {
-                    backend: &l.backend,
-                    routes: &l.routes,
-                    tls: l.backend_tls.as_ref(),
-                    health: l.backend_health.as_ref(),
-                },
-                base_dir,
-                &mut |field, message| problem(key(&field), message),
-            );
-            if l.max_connections == Some(0) {
-                problem(key("max_connections"), "must be at least 1".into());
-            }
-            if l.require_tls_for_mail.is_some()
-                && (l.protocol != Protocol::Smtp || l.tls != TlsMode::Starttls)
-            {
-                problem(
-                    key("require_tls_for_mail"),
-                    "applies only to smtp listeners with tls: starttls".into(),
-                );
-            }
-            let mut proxy_protocol_from = Vec::new();
-            for (i, net) in l.proxy_protocol_from.iter().enumerate() {
-                match crate::cidr::Network::parse(net) {
-                    Ok(n) => proxy_protocol_from.push(n),
-                    Err(message) => {
-                        problem(format!("{}[{i}]", key("proxy_protocol_from")), message)
-                    }
-                }
-            }
-            if let (Some(listen), Some(backend)) = (listen, backend) {
-                listeners.push(ListenerConfig {
-                    name: l.name.clone(),
-                    protocol: l.protocol,
-                    listen,
-                    tls: l.tls,
-                    backend,
-                    max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-                    require_tls_for_mail: l.require_tls_for_mail.unwrap_or(true),
-                    backend_proxy_protocol: l.backend_proxy_protocol,
-                    proxy_protocol_from,
-                    backend_client_info: l.backend_client_info,
-                });
-            }
-        }
-
-        let metrics_listen = match &self.metrics {
-            None => None,
-            Some(m) => match m.listen.parse::<SocketAddr>() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    problem(
-                        "metrics.listen".into(),
-                        format!("{:?} is not an address:port", m.listen),
-                    );
-                    None
-                }
-            },
-        };
-
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err()
-            || !log_directives_have_levels(&self.log.level)
-        {
-            problem(
-                "log.level".into(),
-                format!(
-                    "{:?} is not a level (error, warn, info, debug, trace) or filter",
-                    self.log.level
-                ),
-            );
-        }
-
-        let t = &self.timeouts;
-        for (name, value) in [
-            ("timeouts.backend_connect", t.backend_connect),
-            ("timeouts.idle", t.idle),
-            ("timeouts.login", t.login),
-            ("timeouts.data_reply", t.data_reply),
-            ("timeouts.relay_idle", t.relay_idle),
-        ] {
-            if value.0.is_zero() {
-                problem(name.into(), "must be more than 0".into());
-            }
-        }
-
-        let lim = &self.limits;
-        for (name, value, minimum) in [
-            ("limits.smtp_line", lim.smtp_line, MIN_SMTP_LINE),
-            ("limits.imap_line", lim.imap_line, MIN_IMAP_LINE),
-            ("limits.imap_literal", lim.imap_literal, MIN_IMAP_LITERAL),
-            ("limits.pop3_line", lim.pop3_line, MIN_POP3_LINE),
-            (
-                "limits.preauth_commands",
-                lim.preauth_commands,
-                MIN_PREAUTH_COMMANDS,
-            ),
-        ] {
-            if value < minimum {
-                problem(
-                    name.into(),
-                    format!("{value} is below the minimum of {minimum}"),
-                );
-            }
-        }
-
-        if lim.auth_failures_per_ip > crate::limits::MAX_AUTH_FAILURES_PER_IP {
-            problem(
-                "limits.auth_failures_per_ip".into(),
-                format!(
-                    "{} is above the maximum of {}",
-                    lim.auth_failures_per_ip,
-                    crate::limits::MAX_AUTH_FAILURES_PER_IP
-                ),
-            );
-        }
-        if !(1..=MAX_LISTEN_BACKLOG).contains(&lim.listen_backlog) {
-            problem(
-                "limits.listen_backlog".into(),
-                format!("{} is outside 1-{MAX_LISTEN_BACKLOG}", lim.listen_backlog),
-            );
-        }
-        if lim.auth_failures_per_ip > 0 && lim.auth_failure_window.0.is_zero() {
-            problem(
-                "limits.auth_failure_window".into(),
-                "must be more than 0 (set limits.auth_failures_per_ip to 0 to turn the throttle off)"
-                    .into(),
-            );
-        }
-
-        let shared_state = self.shared_state.as_ref().and_then(|section| {
-            let checked = validate_shared_state(section, base_dir);
-            if let Err(found) = &checked {
-                problems.extend(found.iter().cloned());
-            }
-            checked.ok()
-        });
+        let tls = tls::validate(&self.tls, base_dir, &mut problem);
+        let listeners = listeners::validate(&self.listeners, base_dir, &mut problem);
+        let metrics_listen = log::validate_metrics(self.metrics.as_ref(), &mut problem);
+        log::validate(&self.log, &mut problem);
+        let timeouts = timeouts::validate(&self.timeouts, &mut problem);
+        let limits = limits::validate(&self.limits, &mut problem);
+        let shared_state = self
+            .shared_state
+            .as_ref()
+            .and_then(|section| shared_state::validate(section, base_dir, &mut problem));
 
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
         Ok(RuntimeConfig {
             hostname: self.hostname.to_ascii_lowercase(),
-            tls: TlsConfig {
-                certificates,
-                min_version: self.tls.min_version,
-                handshake_timeout: self.tls.handshake_timeout.0,
-                reload_interval: self.tls.reload_interval.0,
-                session_tickets: self.tls.session_tickets,
-                ticket_key_file: self.tls.ticket_key_file.as_ref().map(|p| base_dir.join(p)),
-            },
+            tls,
             listeners,
             metrics_listen,
             log_format: self.log.format,
             log_level: self.log.level,
-            timeouts: Timeouts {
-                backend_connect: t.backend_connect.0,
-                idle: t.idle.0,
-                login: t.login.0,
-                data_reply: t.data_reply.0,
-                relay_idle: t.relay_idle.0,
-                shutdown_grace: t.shutdown_grace.0,
-            },
-            limits: Limits {
-                smtp_line: lim.smtp_line,
-                imap_line: lim.imap_line,
-                imap_literal: lim.imap_literal,
-                pop3_line: lim.pop3_line,
-                preauth_commands: lim.preauth_commands,
-                connections_per_ip: lim.connections_per_ip,
-                auth_failures_per_ip: lim.auth_failures_per_ip,
-                auth_failure_window: lim.auth_failure_window.0,
-            },
-            listen_backlog: lim.listen_backlog,
+            timeouts,
+            limits,
+            listen_backlog: self.limits.listen_backlog,
             shared_state,
         })
     }
-}
-
-/// Checks `shared_state` without touching the network or the files (the files are read when
-/// the client is built: at start, and by `mailfront check`).
-fn validate_shared_state(
-    section: &SharedStateSection,
-    base_dir: &Path,
-) -> Result<SharedStateConfig, Vec<ConfigProblem>> {
-    let mut problems = Vec::new();
-    let mut problem = |key: &str, message: String| {
-        problems.push(ConfigProblem {
-            key: format!("shared_state.{key}"),
-            message,
-        });
-    };
-    match crate::shared_state::check_url(&section.redis) {
-        Err(message) => problem("redis", message),
-        Ok(false) if section.ca.is_some() => problem(
-            "ca",
-            "set, but shared_state.redis is not rediss:// (TLS)".into(),
-        ),
-        Ok(_) => {}
-    }
-    if section.timeout.0.is_zero() || section.timeout.0 > MAX_SHARED_TIMEOUT {
-        problem(
-            "timeout",
-            format!("must be more than 0 and at most {MAX_SHARED_TIMEOUT:?}"),
-        );
-    }
-    if section.lease.0 < MIN_SHARED_LEASE {
-        problem("lease", format!("must be at least {MIN_SHARED_LEASE:?}"));
-    }
-    let prefix_ok = section.key_prefix.len() <= MAX_KEY_PREFIX
-        && section
-            .key_prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !prefix_ok {
-        problem(
-            "key_prefix",
-            format!(
-                "{:?} must be at most {MAX_KEY_PREFIX} letters, digits, '-', '_' or '.'",
-                section.key_prefix
-            ),
-        );
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    Ok(SharedStateConfig {
-        url: section.redis.clone(),
-        password_file: section.password_file.as_ref().map(|p| base_dir.join(p)),
-        ca: section.ca.as_ref().map(|p| base_dir.join(p)),
-        timeout: section.timeout.0,
-        key_prefix: section.key_prefix.clone(),
-        lease: section.lease.0,
-    })
-}
-
-/// The tracing filter mailfront runs with: the operator's (`log.level`, or `RUST_LOG`), with
-/// `rustls=error` added unless it names rustls itself or its default level is `debug` or
-/// `trace`. rustls logs a warning for what a peer sends (an alert, a message out of place, a
-/// malformed hello), one per connection at whatever pace a client likes; each failed handshake
-/// is already counted in `mailfront_tls_handshake_failures_total{reason}` and its cause is in
-/// the session's close line, so rustls's lines are shown only where debug lines are.
-pub fn log_filter(text: &str) -> String {
-    use tracing::level_filters::LevelFilter;
-    let mut names_rustls = false;
-    let mut debug_by_default = false;
-    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let target = directive
-            .split(['[', '='])
-            .next()
-            .unwrap_or_default()
-            .trim();
-        if !directive.contains(['[', '='])
-            && let Ok(level) = target.parse::<LevelFilter>()
-        {
-            debug_by_default = level >= LevelFilter::DEBUG;
-        } else if target == "rustls" || target.starts_with("rustls::") {
-            names_rustls = true;
-        }
-    }
-    if names_rustls || debug_by_default {
-        text.to_owned()
-    } else if text.trim().is_empty() {
-        "rustls=error".to_owned()
-    } else {
-        format!("{text},rustls=error")
-    }
-}
-
-/// Whether every directive of a `log.level` filter names a level. `EnvFilter` takes a bare word
-/// as a target (`warning` means "everything from the target `warning`"), so a misspelt level
-/// would pass and the proxy would then log nothing at all: a bare word must be a level, and
-/// `target=level` must end in one.
-fn log_directives_have_levels(text: &str) -> bool {
-    use tracing::level_filters::LevelFilter;
-    text.split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .all(|directive| match directive.rsplit_once('=') {
-            Some((_, level)) => level.trim().parse::<LevelFilter>().is_ok(),
-            None if directive.contains('[') => true,
-            None => directive.parse::<LevelFilter>().is_ok(),
-        })
 }
 
 /// Reads and validates a config file, or the embedded default when `path` is `None`.

@@ -20,7 +20,8 @@
 //!   v2 header sent to the backend), [`proxy_header`] (the PROXY header read from a load
 //!   balancer), [`client_info`] (the client's address told to the backend in its own protocol), [`tls`] (certificate store, SNI, hot reload, IANA names), [`metrics`].
 //! - At the bottom: [`config`] (the YAML model, validated into [`config::RuntimeConfig`]), `line`
-//!   (bounded line framing and the pull-style `Step`), `dns`, `transport`, and the sans-I/O
+//!   (bounded line framing and the pull-style `Step`), `dns`, `transport`, [`sasl`] (the SASL
+//!   rules the three protocols share), and the sans-I/O
 //!   codecs, gates and rewriters under [`smtp`], [`imap`] and [`pop3`].
 #![forbid(unsafe_code)]
 
@@ -45,6 +46,7 @@ pub mod proxy_header;
 pub(crate) mod proxy_protocol;
 pub(crate) mod relay;
 pub mod reload;
+pub mod sasl;
 pub mod server;
 pub mod session;
 pub mod shared_state;

@@ -12,6 +12,24 @@ pub struct Step<E> {
     pub event: Option<E>,
 }
 
+impl<E> Step<E> {
+    /// Drain `consumed` octets; nothing to act on until more input arrives.
+    pub fn need(consumed: usize) -> Step<E> {
+        Step {
+            consumed,
+            event: None,
+        }
+    }
+
+    /// Drain `consumed` octets, then act on `event`.
+    pub fn event(consumed: usize, event: E) -> Step<E> {
+        Step {
+            consumed,
+            event: Some(event),
+        }
+    }
+}
+
 /// A line grew past the limit before its terminating LF arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("line longer than {limit} octets")]

@@ -446,7 +446,7 @@ impl Session {
         let idle = self.listener.timeouts.relay_idle;
         tokio::select! {
             end = relay::relay(client, backend, &self.counters, idle) => match end {
-                    RelayEnd::Closed => EndReason::ClientClosed,
+                RelayEnd::Closed => EndReason::ClientClosed,
                 RelayEnd::Idle => EndReason::ClientIdle,
                 // A client's TLS close without close_notify ends here as a normal close (see
                 // `EndReason::client_io`): after LOGOUT or QUIT the backend's goodbye went

@@ -150,7 +150,8 @@ impl Rejection {
 pub enum SaslLine {
     /// `*`: the client cancels.
     Cancel,
-    /// Validated base64 (possibly empty), without the line end.
+    /// A valid response ([`crate::sasl::is_base64_response`]: base64, possibly empty, or `=`),
+    /// without the line end.
     Response(Vec<u8>),
     /// Anything else (not base64, bare LF line end, CR, NUL…): the driver cancels instead.
     Invalid,
@@ -231,6 +232,15 @@ impl Announcement {
     }
 }
 
+/// What one framing state made of the octets in front of it ([`CommandReceiver::next`]).
+#[derive(Debug)]
+enum Progress {
+    /// Consumed this many octets and moved to another state: go on with the rest.
+    More(usize),
+    /// The step to return, `consumed` counted from where this state began.
+    Done(Step<Event>),
+}
+
 /// The strict receiver; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct CommandReceiver {
@@ -272,118 +282,103 @@ impl CommandReceiver {
         let mut consumed = 0;
         loop {
             let rest = buf.get(consumed..).unwrap_or_default();
-            match self.state {
-                State::Failed => {
+            let progress = match self.state {
+                // Unrecoverable: everything is dropped.
+                State::Failed => Progress::Done(Step::need(rest.len())),
+                State::AwaitDecision { .. } => Progress::Done(Step::need(0)),
+                State::SkipLine => self.skip_line(rest),
+                State::Literal { remaining } => self.literal_octets(rest, remaining),
+                State::Sasl => Progress::Done(self.sasl_response(rest)),
+                State::Idle | State::Continuation => self.command_line(rest),
+            };
+            match progress {
+                Progress::More(n) => consumed += n,
+                Progress::Done(step) => {
                     return Step {
-                        consumed: buf.len(),
-                        event: None,
+                        consumed: consumed + step.consumed,
+                        event: step.event,
                     };
                 }
-                State::AwaitDecision { .. } => {
-                    return Step {
-                        consumed,
-                        event: None,
-                    };
-                }
-                State::SkipLine => match rest.iter().position(|&b| b == b'\n') {
-                    Some(pos) => {
-                        consumed += pos + 1;
-                        self.state = State::Idle;
-                    }
-                    None => {
-                        return Step {
-                            consumed: buf.len(),
-                            event: None,
-                        };
-                    }
-                },
-                State::Literal { remaining } => {
-                    let take = remaining.min(rest.len());
-                    self.literal
-                        .extend_from_slice(rest.get(..take).unwrap_or_default());
-                    consumed += take;
-                    let remaining = remaining - take;
-                    if remaining == 0 {
-                        self.parts
-                            .push(Part::Literal(std::mem::take(&mut self.literal)));
-                        self.state = State::Continuation;
-                    } else {
-                        self.state = State::Literal { remaining };
-                        return Step {
-                            consumed,
-                            event: None,
-                        };
-                    }
-                }
-                State::Sasl => {
-                    if rest.is_empty() {
-                        return Step {
-                            consumed,
-                            event: None,
-                        };
-                    }
-                    let event = match find_line(rest, self.limits.sasl_line) {
-                        Ok(None) => None,
-                        Ok(Some(n)) => {
-                            consumed += n;
-                            Some(Event::Sasl(sasl_line(rest.get(..n).unwrap_or_default())))
-                        }
-                        Err(_) => {
-                            // The backend waits for one whole response line; an endless one
-                            // cannot be resynchronised.
-                            consumed = buf.len();
-                            let error = CommandError::LineTooLong {
-                                limit: self.limits.sasl_line,
-                            };
-                            Some(self.reject(self.last_tag.clone(), error, true))
-                        }
-                    };
-                    return Step { consumed, event };
-                }
-                State::Idle | State::Continuation => {
-                    if rest.is_empty() {
-                        return Step {
-                            consumed,
-                            event: None,
-                        };
-                    }
-                    match find_line(rest, self.limits.line) {
-                        Ok(None) => {
-                            return Step {
-                                consumed,
-                                event: None,
-                            };
-                        }
-                        Ok(Some(n)) => {
-                            consumed += n;
-                            let line = rest.get(..n).unwrap_or_default();
-                            if let Some(event) = self.on_line(line) {
-                                return Step {
-                                    consumed,
-                                    event: Some(event),
-                                };
-                            }
-                        }
-                        Err(_) => {
-                            // Never parse from the middle of a line: drop it up to its LF.
-                            let head = rest.get(..self.limits.line).unwrap_or(rest);
-                            consumed += head.len();
-                            let tag = match self.state {
-                                State::Continuation => Some(self.tag.clone()),
-                                _ => tag_prefix(head),
-                            };
-                            let error = CommandError::LineTooLong {
-                                limit: self.limits.line,
-                            };
-                            let event = self.reject(tag, error, false);
-                            self.state = State::SkipLine;
-                            return Step {
-                                consumed,
-                                event: Some(event),
-                            };
-                        }
-                    }
-                }
+            }
+        }
+    }
+
+    /// [`State::SkipLine`]: drops octets up to and including the next LF.
+    fn skip_line(&mut self, rest: &[u8]) -> Progress {
+        match rest.iter().position(|&b| b == b'\n') {
+            Some(pos) => {
+                self.state = State::Idle;
+                Progress::More(pos + 1)
+            }
+            None => Progress::Done(Step::need(rest.len())),
+        }
+    }
+
+    /// [`State::Literal`]: takes up to `remaining` octets of literal content; a complete literal
+    /// becomes a part of the command and the line after it is awaited.
+    fn literal_octets(&mut self, rest: &[u8], remaining: usize) -> Progress {
+        let take = remaining.min(rest.len());
+        self.literal
+            .extend_from_slice(rest.get(..take).unwrap_or_default());
+        let remaining = remaining - take;
+        if remaining == 0 {
+            self.parts
+                .push(Part::Literal(std::mem::take(&mut self.literal)));
+            self.state = State::Continuation;
+            Progress::More(take)
+        } else {
+            self.state = State::Literal { remaining };
+            Progress::Done(Step::need(take))
+        }
+    }
+
+    /// [`State::Sasl`]: one whole response line, or nothing yet.
+    fn sasl_response(&mut self, rest: &[u8]) -> Step<Event> {
+        if rest.is_empty() {
+            return Step::need(0);
+        }
+        match find_line(rest, self.limits.sasl_line) {
+            Ok(None) => Step::need(0),
+            Ok(Some(n)) => {
+                Step::event(n, Event::Sasl(sasl_line(rest.get(..n).unwrap_or_default())))
+            }
+            Err(_) => {
+                // The backend waits for one whole response line; an endless one cannot be
+                // resynchronised.
+                let error = CommandError::LineTooLong {
+                    limit: self.limits.sasl_line,
+                };
+                let event = self.reject(self.last_tag.clone(), error, true);
+                Step::event(rest.len(), event)
+            }
+        }
+    }
+
+    /// [`State::Idle`] or [`State::Continuation`]: one line of a command. A line that does not
+    /// end the command (it announces a literal read unasked) lets the caller go on.
+    fn command_line(&mut self, rest: &[u8]) -> Progress {
+        if rest.is_empty() {
+            return Progress::Done(Step::need(0));
+        }
+        match find_line(rest, self.limits.line) {
+            Ok(None) => Progress::Done(Step::need(0)),
+            Ok(Some(n)) => match self.on_line(rest.get(..n).unwrap_or_default()) {
+                Some(event) => Progress::Done(Step::event(n, event)),
+                None => Progress::More(n),
+            },
+            Err(_) => {
+                // Never parse from the middle of a line: drop it up to its LF.
+                let head = rest.get(..self.limits.line).unwrap_or(rest);
+                let tag = match self.state {
+                    State::Continuation => Some(self.tag.clone()),
+                    _ => tag_prefix(head),
+                };
+                let error = CommandError::LineTooLong {
+                    limit: self.limits.line,
+                };
+                let event = self.reject(tag, error, false);
+                self.state = State::SkipLine;
+                Progress::Done(Step::event(head.len(), event))
             }
         }
     }
@@ -818,7 +813,7 @@ fn parse_command(tag: &[u8], name: &[u8], parts: &[Part]) -> Option<Command> {
             }
             let initial_response = if args.eat(b' ') {
                 let ir = args.run(|_| true);
-                if !(ir == b"=" || (!ir.is_empty() && is_base64(ir))) {
+                if ir.is_empty() || !crate::sasl::is_base64_response(ir) {
                     return None;
                 }
                 Some(ir.to_vec())
@@ -871,40 +866,6 @@ fn parse_command(tag: &[u8], name: &[u8], parts: &[Part]) -> Option<Command> {
     args.at_end().then_some(command)
 }
 
-/// RFC 4648 §4 base64, padded, with zero pad bits (canonical, §3.5), possibly empty.
-fn is_base64(s: &[u8]) -> bool {
-    fn value(b: u8) -> Option<u8> {
-        match b {
-            b'A'..=b'Z' => Some(b - b'A'),
-            b'a'..=b'z' => Some(b - b'a' + 26),
-            b'0'..=b'9' => Some(b - b'0' + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    if !s.len().is_multiple_of(4) {
-        return false;
-    }
-    let data = s
-        .strip_suffix(b"==")
-        .or_else(|| s.strip_suffix(b"="))
-        .unwrap_or(s);
-    let padding = s.len() - data.len();
-    let mut last = 0;
-    for &b in data {
-        match value(b) {
-            Some(v) => last = v,
-            None => return false,
-        }
-    }
-    match padding {
-        2 => last & 0x0f == 0,
-        1 => last & 0x03 == 0,
-        _ => true,
-    }
-}
-
 /// Classifies one SASL response line (LF included).
 fn sasl_line(line: &[u8]) -> SaslLine {
     let content = line.strip_suffix(b"\n").unwrap_or(line);
@@ -913,7 +874,7 @@ fn sasl_line(line: &[u8]) -> SaslLine {
     };
     if content == b"*" {
         SaslLine::Cancel
-    } else if is_base64(content) {
+    } else if crate::sasl::is_base64_response(content) {
         SaslLine::Response(content.to_vec())
     } else {
         SaslLine::Invalid
@@ -996,7 +957,7 @@ pub fn encode(tag: &[u8], command: &Command, literal_plus: bool) -> Option<Vec<V
             w.raw(b" AUTHENTICATE ");
             w.raw(mechanism);
             if let Some(ir) = initial_response {
-                if !(ir == b"=" || (!ir.is_empty() && is_base64(ir))) {
+                if ir.is_empty() || !crate::sasl::is_base64_response(ir) {
                     return None;
                 }
                 w.raw(b" ");
@@ -1216,7 +1177,9 @@ mod tests {
     #[test]
     fn braces_inside_atoms_are_atom_text_not_literals() {
         check_table(&[
-            // The smuggling attempt: the LOGIN is a command of its own, for the gate.
+            // A smuggling attempt: were `x{24+}` a literal, the LOGIN line would hide inside the
+            // NOOP. A literal is a whole token (RFC 9051 §9), so this is atom text, and the LOGIN
+            // is a command of its own, for the gate.
             (
                 b"a2 NOOP x{24+}\r\na3 LOGIN alice secret1\r\n\r\n",
                 vec![

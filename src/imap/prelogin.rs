@@ -22,6 +22,9 @@ use crate::config::TlsMode;
 use crate::imap::capability::{self, CapabilityView};
 use crate::imap::command::{self, Command, CommandReceiver, Event};
 use crate::imap::id;
+use crate::imap::policy::{
+    self, CLEARTEXT_CAPABILITIES, GateState, Input, Local, Refusal, Verdict,
+};
 use crate::imap::reply;
 use crate::imap::response::{
     Response, ResponseKind, ResponseLimits, ResponseReceiver, ServerEvent, Status,
@@ -32,6 +35,7 @@ use crate::machine::{
     AuthVerdict, Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, TlsFacts,
     pump_client,
 };
+use crate::sasl;
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -78,6 +82,9 @@ struct InFlight {
     /// AUTHENTICATE: mailfront sent the backend `*` (the client cancelled, or sent a line that
     /// is not base64), so no credential was checked and the refusal that follows is refunded.
     cancelled: bool,
+    /// AUTHENTICATE without an initial response: its mechanism, until the client's first SASL
+    /// line, which carries the user name ([`sasl::user_in_first_response`]).
+    user_from_first_line: Option<Vec<u8>>,
 }
 
 /// A LOGIN or AUTHENTICATE parsed, checked and encoded, held until the driver charged it
@@ -125,10 +132,6 @@ pub struct Prelogin {
     /// A login waiting for [`Machine::login_charge`]; client bytes wait behind it.
     charging: Option<Charging>,
 }
-
-/// Untagged capability list mailfront shows before TLS: it cannot know the backend's yet, and
-/// the client must ask again after STARTTLS anyway (RFC 9051 §6.2.1).
-const CLEARTEXT_CAPABILITIES: &[u8] = b"IMAP4rev1 STARTTLS LOGINDISABLED";
 
 impl Prelogin {
     /// A session whose client side is TLS already (`tls_cipher`: `Some` on implicit-TLS
@@ -326,141 +329,138 @@ impl Prelogin {
         }
     }
 
-    /// Before TLS on a STARTTLS listener: mailfront is the whole server.
-    fn cleartext(&mut self, event: Event) {
-        match event {
-            Event::Rejected(rejection) => self.rejected(rejection),
-            Event::Sasl(_) => {}
-            Event::LiteralRequested { tag, name, .. } => {
-                // No literal is ever taken before TLS: refusing before the `+` means the client
-                // never sends its octets (RFC 9051 §7.5).
-                self.rx.refuse_literal();
-                if !self.count_command() {
-                    return;
-                }
-                if is_credential_command(&name) {
-                    self.refuse_cleartext_auth(&tag, &name, None);
-                } else {
-                    self.core.to_client.extend_from_slice(&reply::tagged(
-                        &tag,
-                        "BAD",
-                        "Literal not accepted before STARTTLS",
-                    ));
-                }
-            }
-            Event::Command { tag, command } => {
-                if !self.count_command() {
-                    return;
-                }
-                match command {
-                    Command::Capability => {
-                        let mut out = b"* CAPABILITY ".to_vec();
-                        out.extend_from_slice(CLEARTEXT_CAPABILITIES);
-                        out.extend_from_slice(b"\r\n");
-                        out.extend_from_slice(&reply::tagged(&tag, "OK", "CAPABILITY completed"));
-                        self.core.to_client.extend_from_slice(&out);
-                    }
-                    Command::Noop => self.core.to_client.extend_from_slice(&reply::tagged(
-                        &tag,
-                        "OK",
-                        "NOOP completed",
-                    )),
-                    Command::Logout => {
-                        self.core
-                            .to_client
-                            .extend_from_slice(b"* BYE Logging out\r\n");
-                        self.core.to_client.extend_from_slice(&reply::tagged(
-                            &tag,
-                            "OK",
-                            "LOGOUT completed",
-                        ));
-                        self.core.finish(End::ClientClosed);
-                    }
-                    Command::StartTls => {
-                        self.core
-                            .to_client
-                            .extend_from_slice(&reply::starttls_ok(&tag));
-                        self.core.phase = Phase::StartTls;
-                    }
-                    Command::Login { .. } => self.refuse_cleartext_auth(&tag, b"LOGIN", None),
-                    Command::Authenticate { mechanism, .. } => {
-                        self.refuse_cleartext_auth(&tag, b"AUTHENTICATE", Some(&mechanism))
-                    }
-                    Command::Id(_) => self.core.to_client.extend_from_slice(&reply::id_nil(&tag)),
-                    Command::Other { name } => self.other_command(&tag, &name),
-                }
-            }
+    /// What the gate ([`policy::decide`]) needs to know.
+    fn gate(&self) -> GateState {
+        GateState {
+            tls: self.tls_active,
+            backend_id: self.caps.id,
+            backend_sasl_ir: self.caps.sasl_ir,
+            id_sent: self.id_sent,
         }
     }
 
-    fn refuse_cleartext_auth(&mut self, tag: &[u8], name: &[u8], mechanism: Option<&[u8]>) {
-        self.core.notices.push(Notice::CleartextAuthRefused {
-            mechanism: mechanism_label(name, mechanism),
-        });
-        self.core
-            .to_client
-            .extend_from_slice(&reply::privacy_required(tag));
-    }
-
-    /// A command mailfront never forwards before authentication.
-    fn other_command(&mut self, tag: &[u8], name: &[u8]) {
-        let answer = if name.eq_ignore_ascii_case(b"STARTTLS") {
-            reply::starttls_malformed(tag)
-        } else {
-            reply::not_before_authentication(tag)
-        };
-        self.core.to_client.extend_from_slice(&answer);
-    }
-
-    /// After TLS, with the backend greeted: gate, then forward re-encoded or answer here.
+    /// Every client event, before TLS (mailfront is the whole server, with no backend) and
+    /// after: framing refusals and SASL lines here, commands through the gate.
     fn on_client_event(&mut self, event: Event) {
         match event {
             Event::Rejected(rejection) => self.rejected(rejection),
-            Event::Sasl(line) => {
-                if let Some(flight) = self.in_flight.as_mut().filter(|f| f.sasl) {
-                    self.sasl_credit = self.sasl_credit.saturating_sub(1);
-                    let encoded = command::encode_sasl(&line);
-                    // `*` ends the exchange before the backend checked anything (RFC 9051
-                    // §6.2.2): its refusal is not a wrong guess.
-                    flight.cancelled |= encoded == b"*\r\n";
-                    self.core.to_backend.extend_from_slice(&encoded);
-                }
-            }
+            Event::Sasl(line) => self.sasl_line(&line),
             Event::LiteralRequested { tag, name, .. } => {
-                if name.eq_ignore_ascii_case(b"LOGIN") || name.eq_ignore_ascii_case(b"ID") {
-                    self.rx.accept_literal();
-                    self.core
-                        .to_client
-                        .extend_from_slice(&reply::continuation());
-                } else {
-                    self.rx.refuse_literal();
-                    if !self.count_command() {
-                        return;
+                match policy::decide(&self.gate(), Input::Literal { name: &name }) {
+                    Verdict::AcceptLiteral => {
+                        self.rx.accept_literal();
+                        self.core
+                            .to_client
+                            .extend_from_slice(&reply::continuation());
                     }
-                    let answer = if name.eq_ignore_ascii_case(b"AUTHENTICATE") {
-                        reply::authenticate_malformed(&tag)
-                    } else {
-                        reply::tagged(&tag, "BAD", "Literal not accepted here")
-                    };
-                    self.core.to_client.extend_from_slice(&answer);
+                    verdict => {
+                        // Refused before the `+`: the client never sends its octets
+                        // (RFC 9051 §7.5), and the command is dropped.
+                        self.rx.refuse_literal();
+                        if self.count_command() {
+                            self.answer(&tag, verdict, &mechanism_label(&name, None));
+                        }
+                    }
                 }
             }
             Event::Command { tag, command } => {
                 if !self.count_command() {
                     return;
                 }
-                if id::is_mailfront_tag(&tag) {
-                    // Reserved for mailfront's own commands, whose answers are swallowed.
-                    self.core.to_client.extend_from_slice(&reply::tagged(
-                        &tag,
-                        "BAD",
-                        "Tag reserved",
-                    ));
-                    return;
+                let input = Input::Command {
+                    tag: &tag,
+                    command: &command,
+                };
+                match policy::decide(&self.gate(), input) {
+                    Verdict::ForwardId => self.forward_id(tag, &command),
+                    Verdict::Forward => self.encode(tag, command, false),
+                    Verdict::ChargeLogin => self.encode(tag, command, true),
+                    verdict => self.answer(&tag, verdict, &command_label(&command)),
                 }
-                self.on_command(tag, command);
             }
         }
+    }
+
+    /// A verdict answered here: [`Verdict::Local`] or [`Verdict::Refuse`]. `label` names the
+    /// login for the notices of a refused one.
+    fn answer(&mut self, tag: &[u8], verdict: Verdict, label: &str) {
+        match verdict {
+            Verdict::Local(local) => {
+                self.core.to_client.extend_from_slice(&local.reply(tag));
+                match local {
+                    Local::Logout => self.core.finish(End::ClientClosed),
+                    Local::StartTls => self.core.phase = Phase::StartTls,
+                    Local::Capability | Local::Noop | Local::IdNil => {}
+                }
+            }
+            Verdict::Refuse(refusal) => {
+                let mechanism = label.to_owned();
+                match refusal {
+                    Refusal::CleartextAuth => self
+                        .core
+                        .notices
+                        .push(Notice::CleartextAuthRefused { mechanism }),
+                    Refusal::Throttled => {
+                        self.core.notices.push(Notice::AuthThrottled { mechanism })
+                    }
+                    _ => {}
+                }
+                self.core.to_client.extend_from_slice(&refusal.reply(tag));
+            }
+            // Sending needs a parsed command, which the callers keep: a verdict that sends
+            // never comes here (a literal's is accepted or refused, rule 1 of the gate).
+            Verdict::AcceptLiteral
+            | Verdict::ForwardId
+            | Verdict::ChargeLogin
+            | Verdict::Forward => {
+                self.core.to_client.extend_from_slice(&reply::tagged(
+                    tag,
+                    "BAD",
+                    "Command not accepted",
+                ));
+            }
+        }
+    }
+
+    /// During AUTHENTICATE: one client line goes to the backend, re-encoded, for the `+` it
+    /// answers. Outside one (before TLS there is none) it is dropped.
+    fn sasl_line(&mut self, line: &command::SaslLine) {
+        if let Some(flight) = self.in_flight.as_mut().filter(|f| f.sasl) {
+            self.sasl_credit = self.sasl_credit.saturating_sub(1);
+            let encoded = command::encode_sasl(line);
+            // `*` ends the exchange before the backend checked anything (RFC 9051 §6.2.2): its
+            // refusal is not a wrong guess.
+            flight.cancelled |= encoded == b"*\r\n";
+            if let Some(mechanism) = flight.user_from_first_line.take()
+                && let command::SaslLine::Response(response) = line
+                && let Some(user) = sasl::user_in_first_response(&mechanism, response)
+            {
+                self.core.notices.push(Notice::User(user));
+            }
+            self.core.to_backend.extend_from_slice(&encoded);
+        }
+    }
+
+    /// The client's first ID, with mailfront's fields added ([`Verdict::ForwardId`]).
+    fn forward_id(&mut self, tag: Vec<u8>, command: &Command) {
+        let Command::Id(id_command) = command else {
+            return;
+        };
+        let rewritten = id::rewrite_client_id(id_command, &self.our_id_fields());
+        self.id_sent = true;
+        self.core
+            .notices
+            .push(Notice::IdFieldAdded(IdSource::Client));
+        self.core.to_backend.extend_from_slice(&rewritten);
+        self.in_flight = Some(InFlight {
+            tag,
+            auth: None,
+            sasl: false,
+            pieces: VecDeque::new(),
+            logout: false,
+            cancelled: false,
+            user_from_first_line: None,
+        });
     }
 
     fn literal_plus(&self, command: &Command) -> bool {
@@ -477,53 +477,10 @@ impl Prelogin {
             }
     }
 
-    fn on_command(&mut self, tag: Vec<u8>, command: Command) {
-        match &command {
-            Command::StartTls => {
-                self.core
-                    .to_client
-                    .extend_from_slice(&reply::starttls_refused(&tag));
-                return;
-            }
-            Command::Other { name } => {
-                self.other_command(&tag, name);
-                return;
-            }
-            Command::Id(id_command) => {
-                if !self.caps.id || self.id_sent {
-                    // The backend's first ID carried our `tls`; a second one could only carry
-                    // fields we cannot vouch for (and Dovecot would log the first anyway).
-                    self.core.to_client.extend_from_slice(&reply::id_nil(&tag));
-                    return;
-                }
-                let rewritten = id::rewrite_client_id(id_command, &self.our_id_fields());
-                self.id_sent = true;
-                self.core
-                    .notices
-                    .push(Notice::IdFieldAdded(IdSource::Client));
-                self.core.to_backend.extend_from_slice(&rewritten);
-                self.in_flight = Some(InFlight {
-                    tag,
-                    auth: None,
-                    sasl: false,
-                    pieces: VecDeque::new(),
-                    logout: false,
-                    cancelled: false,
-                });
-                return;
-            }
-            Command::Authenticate {
-                initial_response: Some(_),
-                ..
-            } if !self.caps.sasl_ir => {
-                // Not shown to the client either: the backend's own answer (RFC 4959 §3).
-                self.core
-                    .to_client
-                    .extend_from_slice(&reply::sasl_ir_unsupported(&tag));
-                return;
-            }
-            _ => {}
-        }
+    /// Encodes a command the gate let through: sent at once, or, for a login, held until the
+    /// driver charged it ([`Next::ChargeLogin`]), before anything of it goes out, our ID
+    /// included.
+    fn encode(&mut self, tag: Vec<u8>, command: Command, charge: bool) {
         let literal_plus = self.literal_plus(&command);
         let Some(pieces) = command::encode(&tag, &command, literal_plus) else {
             self.core.to_client.extend_from_slice(&reply::tagged(
@@ -533,12 +490,7 @@ impl Prelogin {
             ));
             return;
         };
-        if matches!(
-            command,
-            Command::Login { .. } | Command::Authenticate { .. }
-        ) {
-            // Charged before anything of it goes out, our ID included: the driver answers with
-            // `login_charge`.
+        if charge {
             self.charging = Some(Charging {
                 tag,
                 command,
@@ -559,23 +511,15 @@ impl Prelogin {
         else {
             return;
         };
-        if granted {
-            if let Command::Login { username, .. } = &command {
-                self.core.notices.push(Notice::User(username.clone()));
-            }
-            self.send(tag, &command, pieces);
-        } else {
-            // Refused before anything goes out: neither our ID nor the credentials.
-            let mechanism = match &command {
-                Command::Authenticate { mechanism, .. } => {
-                    mechanism_label(b"AUTHENTICATE", Some(mechanism))
+        match policy::decide(&self.gate(), Input::Charged { granted }) {
+            Verdict::Forward => {
+                if let Some(user) = login_user(&command) {
+                    self.core.notices.push(Notice::User(user));
                 }
-                _ => mechanism_label(b"LOGIN", None),
-            };
-            self.core.notices.push(Notice::AuthThrottled { mechanism });
-            self.core
-                .to_client
-                .extend_from_slice(&reply::auth_throttled(&tag));
+                self.send(tag, &command, pieces);
+            }
+            // Refused before anything goes out: neither our ID nor the credentials.
+            verdict => self.answer(&tag, verdict, &command_label(&command)),
         }
         if self.core.phase == Phase::Ready {
             pump_client(self);
@@ -609,6 +553,13 @@ impl Prelogin {
             pieces,
             logout: matches!(command, Command::Logout),
             cancelled: false,
+            user_from_first_line: match command {
+                Command::Authenticate {
+                    mechanism,
+                    initial_response: None,
+                } => Some(mechanism.clone()),
+                _ => None,
+            },
         };
         if flight.auth.is_some()
             && !self.caps.id
@@ -843,7 +794,7 @@ impl ClientEvents for Prelogin {
     }
 
     fn on_cleartext(&mut self, event: Event) {
-        self.cleartext(event);
+        self.on_client_event(event);
     }
 
     fn on_event(&mut self, event: Event) {
@@ -931,9 +882,15 @@ impl Machine for Prelogin {
     }
 }
 
-/// LOGIN or AUTHENTICATE, whatever their case.
-fn is_credential_command(name: &[u8]) -> bool {
-    name.eq_ignore_ascii_case(b"LOGIN") || name.eq_ignore_ascii_case(b"AUTHENTICATE")
+/// The label of a login command for logs ([`mechanism_label`]); empty for any other command.
+fn command_label(command: &Command) -> String {
+    match command {
+        Command::Login { .. } => mechanism_label(b"LOGIN", None),
+        Command::Authenticate { mechanism, .. } => {
+            mechanism_label(b"AUTHENTICATE", Some(mechanism))
+        }
+        _ => String::new(),
+    }
 }
 
 /// `LOGIN` or `AUTHENTICATE <MECH>` for logs: never a credential, and only characters a SASL
@@ -942,15 +899,22 @@ fn mechanism_label(name: &[u8], mechanism: Option<&[u8]>) -> String {
     if name.eq_ignore_ascii_case(b"LOGIN") {
         return "LOGIN".to_owned();
     }
-    let mech: String = String::from_utf8_lossy(mechanism.unwrap_or_default())
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(40)
-        .collect();
-    if mech.is_empty() {
-        "AUTHENTICATE".to_owned()
-    } else {
-        format!("AUTHENTICATE {}", mech.to_ascii_uppercase())
+    match mechanism {
+        Some(mechanism) => format!("AUTHENTICATE {}", sasl::mechanism_for_log(mechanism)),
+        None => "AUTHENTICATE".to_owned(),
+    }
+}
+
+/// The user name a login names as it goes out, for the session's close line: LOGIN's, or the
+/// one AUTHENTICATE's initial response carries (RFC 4959). Never the password.
+fn login_user(command: &Command) -> Option<Vec<u8>> {
+    match command {
+        Command::Login { username, .. } => Some(username.clone()),
+        Command::Authenticate {
+            mechanism,
+            initial_response: Some(response),
+        } => sasl::user_in_first_response(mechanism, response),
+        _ => None,
     }
 }
 
@@ -1132,7 +1096,8 @@ mod tests {
 
     #[test]
     fn a_login_hidden_behind_a_brace_in_an_atom_is_refused_before_tls() {
-        // The issue's example: `x{24+}` is atom text, not a literal, for Dovecot and for us.
+        // `x{24+}` is atom text, not a literal (a literal is a whole token, RFC 9051 §9), for
+        // Dovecot and for us: taken for a literal, it would hide the LOGIN line from the gate.
         let mut m = cleartext();
         out(&mut m);
         m.client_input(b"a2 NOOP x{24+}\r\na3 LOGIN alice secret1\r\n\r\n");
@@ -1856,6 +1821,85 @@ mod tests {
         assert_eq!(out(&mut m).1, "");
     }
 
+    /// The close line's `user`: what LOGIN names, and what AUTHENTICATE's first response
+    /// carries (with SASL-IR or on the first line), once the gate let the login through.
+    #[test]
+    fn authenticate_names_its_user_on_the_close_line_like_login() {
+        use base64::Engine as _;
+        let b64 = |raw: &[u8]| base64::engine::general_purpose::STANDARD.encode(raw);
+        let user = |name: &str| Notice::User(name.as_bytes().to_vec());
+        let failed = |m: &mut Prelogin, tag: &str| {
+            m.backend_input(format!("{tag} NO [AUTHENTICATIONFAILED] failed\r\n").as_bytes());
+            out(m);
+            m.take_notices()
+                .into_iter()
+                .filter(|n| matches!(n, Notice::User(_)))
+                .collect::<Vec<_>>()
+        };
+        let mut m = greeted("IMAP4rev1 SASL-IR AUTH=PLAIN");
+        out(&mut m);
+
+        // SASL-IR, PLAIN: the authentication identity, not the authorization identity.
+        let ir = b64(b"admin\0alice\0secret");
+        m.client_input(format!("a AUTHENTICATE PLAIN {ir}\r\n").as_bytes());
+        out(&mut m);
+        assert_eq!(m.take_notices(), [user("alice")]);
+        assert_eq!(failed(&mut m, "a"), []);
+
+        // No initial response: the first line after the backend's `+`, and only that one.
+        m.client_input(b"b AUTHENTICATE SCRAM-SHA-256\r\n");
+        out(&mut m);
+        assert_eq!(m.take_notices(), []);
+        m.backend_input(b"+ \r\n");
+        m.client_input(format!("{}\r\n", b64(b"n,,n=bob,r=nonce")).as_bytes());
+        out(&mut m);
+        assert_eq!(m.take_notices(), [user("bob")]);
+        m.backend_input(b"+ c2VydmVyLWZpcnN0\r\n");
+        m.client_input(format!("{}\r\n", b64(b"c=biws,r=nonce,n=mallory")).as_bytes());
+        out(&mut m);
+        assert_eq!(failed(&mut m, "b"), []);
+
+        // LOGIN: the name is the answer to `Username:`, never the one to `Password:`.
+        m.client_input(b"c AUTHENTICATE LOGIN\r\n");
+        out(&mut m);
+        m.backend_input(b"+ VXNlcm5hbWU6\r\n");
+        m.client_input(format!("{}\r\n", b64(b"carol")).as_bytes());
+        out(&mut m);
+        m.backend_input(b"+ UGFzc3dvcmQ6\r\n");
+        m.client_input(format!("{}\r\n", b64(b"hunter2")).as_bytes());
+        out(&mut m);
+        assert_eq!(failed(&mut m, "c"), [user("carol")]);
+
+        // A cancelled exchange, or a mechanism that carries no readable name: no user.
+        m.client_input(b"d AUTHENTICATE PLAIN\r\n");
+        out(&mut m);
+        m.backend_input(b"+ \r\n");
+        m.client_input(b"*\r\n");
+        out(&mut m);
+        assert_eq!(failed(&mut m, "d"), []);
+        m.client_input(b"e AUTHENTICATE EXTERNAL =\r\n");
+        out(&mut m);
+        assert_eq!(failed(&mut m, "e"), []);
+    }
+
+    #[test]
+    fn a_throttled_authenticate_names_no_user() {
+        let mut m = greeted("IMAP4rev1 SASL-IR AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(m.next(), Next::ChargeLogin);
+        m.login_charge(false);
+        let (client, backend) = out(&mut m);
+        assert!(client.starts_with("a NO [UNAVAILABLE]"), "{client}");
+        assert_eq!(backend, "");
+        assert_eq!(
+            m.take_notices(),
+            [Notice::AuthThrottled {
+                mechanism: "AUTHENTICATE PLAIN".to_owned()
+            }]
+        );
+    }
+
     #[test]
     fn the_logged_mechanism_never_carries_credentials() {
         assert_eq!(mechanism_label(b"login", None), "LOGIN");
@@ -1865,7 +1909,12 @@ mod tests {
         );
         assert_eq!(
             mechanism_label(b"AUTHENTICATE", Some(b"PL\"AIN")),
-            "AUTHENTICATE PLAIN"
+            "AUTHENTICATE invalid"
         );
+        assert_eq!(
+            mechanism_label(b"AUTHENTICATE", Some(b"AGFsaWNlAHNlY3JldA==")),
+            "AUTHENTICATE invalid"
+        );
+        assert_eq!(mechanism_label(b"authenticate", None), "AUTHENTICATE");
     }
 }

@@ -11,7 +11,6 @@ use std::collections::VecDeque;
 
 use crate::line::Step;
 use crate::line::{find_line, trim_line_end};
-use crate::pop3::request::is_base64;
 
 /// Longest command line (`limits.pop3_line`; RFC 2449 §4 allows 255 octets, clients exceed it).
 pub const DEFAULT_COMMAND_LIMIT: usize = 512;
@@ -211,7 +210,9 @@ impl CommandReceiver {
                 Ok(Some(n)) => {
                     let line = match strict_content(rest.get(..n).unwrap_or_default()) {
                         Ok(b"*") => SaslLine::Cancel,
-                        Ok(data) if is_base64(data) => SaslLine::Response(data.to_vec()),
+                        Ok(data) if crate::sasl::is_base64_response(data) => {
+                            SaslLine::Response(data.to_vec())
+                        }
                         _ => SaslLine::Invalid,
                     };
                     (n, Some(ClientEvent::SaslResponse(line)))

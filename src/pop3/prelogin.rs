@@ -41,6 +41,7 @@ use crate::pop3::codec::{
 use crate::pop3::policy::{self, Decision, Local};
 use crate::pop3::reply;
 use crate::pop3::request::Request;
+use crate::sasl;
 
 /// What the machine needs to know about its session.
 #[derive(Debug, Clone)]
@@ -99,6 +100,9 @@ pub struct Prelogin {
     /// During AUTH: mailfront sent the backend `*` (the client cancelled, or sent a line that is
     /// not base64), so no credential was checked and the `-ERR` that follows is refunded.
     sasl_cancelled: bool,
+    /// AUTH without an initial response: its mechanism, until the client's first SASL line,
+    /// which carries the user name ([`sasl::user_in_first_response`]).
+    user_from_first_line: Option<Vec<u8>>,
 }
 
 impl Prelogin {
@@ -117,6 +121,7 @@ impl Prelogin {
             sasl_credit: 0,
             charging: None,
             sasl_cancelled: false,
+            user_from_first_line: None,
         };
         if !tls_active {
             let greeting = reply::greeting(&machine.settings.hostname);
@@ -274,6 +279,12 @@ impl Prelogin {
                 // `*` ends the exchange before the backend checked anything (RFC 5034 §4): its
                 // `-ERR` is not a wrong guess.
                 self.sasl_cancelled |= matches!(line, SaslLine::Cancel | SaslLine::Invalid);
+                if let Some(mechanism) = self.user_from_first_line.take()
+                    && let SaslLine::Response(response) = &line
+                    && let Some(user) = sasl::user_in_first_response(&mechanism, response)
+                {
+                    self.core.notices.push(Notice::User(user));
+                }
                 self.core.to_backend.extend_from_slice(&line.canonical());
             }
             ClientEvent::Command(cmd) => {
@@ -336,6 +347,26 @@ impl Prelogin {
 
     /// Sends a gated command in canonical form and queues what its response means.
     fn forward(&mut self, request: Request, expect: Expect) {
+        // The user name, for the session's close line, as it goes out (after the gate, and for
+        // APOP and AUTH after the charge); never the password.
+        match &request {
+            Request::User(name) | Request::Apop { name, .. } => {
+                self.core.notices.push(Notice::User(name.clone()));
+            }
+            Request::Auth {
+                mechanism,
+                initial: Some(response),
+            } => {
+                if let Some(user) = sasl::user_in_first_response(mechanism, response) {
+                    self.core.notices.push(Notice::User(user));
+                }
+            }
+            Request::Auth {
+                mechanism,
+                initial: None,
+            } => self.user_from_first_line = Some(mechanism.clone()),
+            _ => {}
+        }
         let sent = match &request {
             _ if matches!(expect, Expect::Authentication | Expect::Sasl) => {
                 Sent::Auth(request.log_name())
@@ -475,6 +506,7 @@ impl Prelogin {
                 Charge::Keep
             };
             self.sasl_cancelled = false;
+            self.user_from_first_line = None;
             self.core.notices.push(Notice::Auth {
                 verdict: if ok {
                     AuthVerdict::Success
@@ -691,6 +723,10 @@ mod tests {
         )
     }
 
+    fn user(name: &str) -> Notice {
+        Notice::User(name.as_bytes().to_vec())
+    }
+
     fn refused(mechanism: &str) -> Notice {
         Notice::CleartextAuthRefused {
             mechanism: mechanism.to_owned(),
@@ -806,7 +842,7 @@ mod tests {
         let (client, backend) = out(&mut m);
         assert_eq!(client, "", "nor the XCLIENT answer");
         assert_eq!(backend, "USER alice\r\nPASS secret\r\n");
-        assert!(m.take_notices().is_empty());
+        assert_eq!(m.take_notices(), vec![user("alice")]);
     }
 
     #[test]
@@ -922,7 +958,7 @@ mod tests {
         let (held_client, held_backend) = m.held();
         assert_eq!(held_client, b"LIST\r\nQUIT\r\n");
         assert_eq!(held_backend, b"+OK 2 messages");
-        assert_eq!(m.take_notices(), vec![auth(true, "PASS")]);
+        assert_eq!(m.take_notices(), vec![user("alice"), auth(true, "PASS")]);
     }
 
     #[test]
@@ -934,7 +970,7 @@ mod tests {
         let (client, backend) = out(&mut m);
         assert_eq!(client, "+OK\r\n-ERR [AUTH] Authentication failed.\r\n");
         assert_eq!(backend, "CAPA\r\nAUTH\r\n");
-        assert_eq!(m.take_notices(), vec![auth(false, "PASS")]);
+        assert_eq!(m.take_notices(), vec![user("alice"), auth(false, "PASS")]);
         m.backend_input(BACKEND_CAPA.as_bytes());
         m.backend_input(b"+OK\r\nPLAIN\r\nexternal\r\nLOGIN\r\n.\r\n");
         let (client, _) = out(&mut m);
@@ -973,16 +1009,19 @@ mod tests {
         assert_eq!(
             throttle.notices,
             vec![
+                user("alice"),
                 auth(false, "PASS"),
                 Notice::AuthThrottled {
                     mechanism: "PASS".to_owned()
                 },
+                // A throttled APOP names no user: it never went out.
                 Notice::AuthThrottled {
                     mechanism: "APOP".to_owned()
                 },
                 Notice::AuthThrottled {
                     mechanism: "AUTH PLAIN".to_owned()
                 },
+                user("bob"),
             ]
         );
         assert!(!m.rx.in_sasl(), "a refused AUTH starts no SASL exchange");
@@ -1290,14 +1329,18 @@ mod tests {
         assert_eq!(out(&mut m).1, "*\r\n");
         m.backend_input(b"-ERR [AUTH] cancelled\r\n");
         assert_eq!(out(&mut m).0, "-ERR [AUTH] cancelled\r\n");
-        // Cancelled: no credential was checked, the charge goes back.
+        // Cancelled: no credential was checked, the charge goes back. The first line named
+        // the user.
         assert_eq!(
             m.take_notices(),
-            vec![Notice::Auth {
-                verdict: AuthVerdict::Failure,
-                mechanism: "AUTH PLAIN".to_owned(),
-                charge: Charge::Refund,
-            }]
+            vec![
+                user("alice"),
+                Notice::Auth {
+                    verdict: AuthVerdict::Failure,
+                    mechanism: "AUTH PLAIN".to_owned(),
+                    charge: Charge::Refund,
+                }
+            ]
         );
         assert_eq!(m.next(), Next::Run);
         // Back to commands.
@@ -1306,7 +1349,74 @@ mod tests {
         m.backend_input(b"+OK Logged in.\r\n");
         assert_eq!(m.next(), Next::Authenticated);
         assert_eq!(m.held(), (b"NOOP\r\n".to_vec(), Vec::new()));
-        assert_eq!(m.take_notices(), vec![auth(true, "AUTH PLAIN")]);
+        assert_eq!(
+            m.take_notices(),
+            vec![user("alice"), auth(true, "AUTH PLAIN")]
+        );
+    }
+
+    /// The close line's `user`: USER's and APOP's name, and what AUTH's first response
+    /// carries, with an initial response or on the first line after the backend's `+`.
+    #[test]
+    fn user_apop_and_auth_name_the_user_on_the_close_line() {
+        use base64::Engine as _;
+        let b64 = |raw: &[u8]| base64::engine::general_purpose::STANDARD.encode(raw);
+        let users = |m: &mut Prelogin| {
+            out(m);
+            m.take_notices()
+                .into_iter()
+                .filter(|n| matches!(n, Notice::User(_)))
+                .collect::<Vec<_>>()
+        };
+        let failed = b"-ERR [AUTH] Authentication failed.\r\n";
+        let mut m = greeted();
+
+        m.client_input(b"APOP carol c4c9334bac560ecc979e58001b3e22fb\r\n");
+        assert_eq!(users(&mut m), [user("carol")]);
+        m.backend_input(failed);
+
+        let ir = b64(b"user=dave@example.com\x01auth=Bearer token\x01\x01");
+        m.client_input(format!("AUTH XOAUTH2 {ir}\r\n").as_bytes());
+        assert_eq!(users(&mut m), [user("dave@example.com")]);
+        m.backend_input(failed);
+
+        // No initial response: the first line names the user, later lines never do.
+        m.client_input(b"AUTH SCRAM-SHA-1\r\n");
+        assert_eq!(users(&mut m), []);
+        m.backend_input(b"+ \r\n");
+        m.client_input(format!("{}\r\n", b64(b"n,,n=erin,r=nonce")).as_bytes());
+        assert_eq!(users(&mut m), [user("erin")]);
+        m.backend_input(b"+ c2VydmVyLWZpcnN0\r\n");
+        m.client_input(format!("{}\r\n", b64(b"c=biws,r=nonce,n=mallory")).as_bytes());
+        assert_eq!(users(&mut m), []);
+        m.backend_input(failed);
+
+        // LOGIN: the answer to `Username:`; the password line is never decoded.
+        m.client_input(b"AUTH LOGIN\r\n");
+        assert_eq!(users(&mut m), []);
+        m.backend_input(b"+ VXNlcm5hbWU6\r\n");
+        m.client_input(format!("{}\r\n", b64(b"frank")).as_bytes());
+        assert_eq!(users(&mut m), [user("frank")]);
+        m.backend_input(b"+ UGFzc3dvcmQ6\r\n");
+        m.client_input(format!("{}\r\n", b64(b"hunter2")).as_bytes());
+        assert_eq!(users(&mut m), []);
+        m.backend_input(failed);
+
+        // An AUTH answered before its first line leaves nothing for the next exchange.
+        m.client_input(b"AUTH SCRAM-SHA-1\r\n");
+        assert_eq!(users(&mut m), []);
+        m.backend_input(failed);
+        m.client_input(b"AUTH PLAIN =\r\n");
+        assert_eq!(users(&mut m), []);
+        m.backend_input(b"+ \r\n");
+        m.client_input(format!("{}\r\n", b64(b"n,,n=grace,r=x")).as_bytes());
+        assert_eq!(
+            users(&mut m),
+            [],
+            "not the first line of the SCRAM exchange"
+        );
+        m.backend_input(failed);
+        assert_eq!(m.next(), Next::Run);
     }
 
     #[test]

@@ -320,7 +320,7 @@ impl SaslResponse {
     pub fn parse(line: &[u8]) -> SaslResponse {
         if line == b"*" {
             SaslResponse::Cancel
-        } else if crate::smtp::canonical::is_base64_text(line) {
+        } else if crate::sasl::is_base64_response(line) {
             SaslResponse::Data
         } else {
             SaslResponse::Invalid(SyntaxError::Sasl)
@@ -521,8 +521,7 @@ fn parse_auth(args: &[u8]) -> Option<Auth> {
         return None;
     }
     if let Some(initial) = initial
-        && initial != b"="
-        && (initial.is_empty() || !crate::smtp::canonical::is_base64_text(initial))
+        && (initial.is_empty() || !crate::sasl::is_base64_response(initial))
     {
         return None;
     }
