@@ -26,9 +26,18 @@ use mailfront::config::TlsMode;
 use mailfront::imap::command::Limits;
 use mailfront::imap::id::is_mailfront_tag;
 use mailfront::imap::prelogin::{Prelogin, Settings};
-use mailfront::machine::{Machine, Next};
+use mailfront::machine::{Machine, Next, TlsFacts};
 
 const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
+
+/// TLS 1.3 with [`CIPHER`] over x25519.
+fn tls13() -> TlsFacts {
+    TlsFacts {
+        version: rustls::ProtocolVersion::TLSv1_3,
+        cipher: rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+        group: Some(rustls::NamedGroup::X25519),
+    }
+}
 
 /// The fake backend: what it learned, and the oracle's checks.
 struct Backend {
@@ -236,7 +245,7 @@ fn settle(m: &mut Prelogin, backend: &mut Backend, client_tls: &mut bool) -> boo
             Next::StartTls => {
                 assert!(answers.is_empty());
                 *client_tls = true;
-                m.tls_started(CIPHER.to_owned());
+                m.tls_started(tls13());
                 continue;
             }
             Next::Connect => {
@@ -315,8 +324,8 @@ fuzz_target!(|data: &[u8]| {
         },
     };
     let mut client_tls = listener == TlsMode::Implicit;
-    let cipher = client_tls.then(|| CIPHER.to_owned());
-    let mut m = Prelogin::new(settings, cipher, u64::from(flags));
+    let tls = client_tls.then(tls13);
+    let mut m = Prelogin::new(settings, tls, u64::from(flags));
     if !settle(&mut m, &mut backend, &mut client_tls) {
         return;
     }

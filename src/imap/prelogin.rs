@@ -110,9 +110,8 @@ pub struct Prelogin {
     settings: Settings,
     /// Phase and the bytes in and out, kept as every machine keeps them.
     core: Core,
-    tls_active: bool,
-    /// The IANA cipher name, once TLS is up: the value of our ID `tls` field.
-    cipher: String,
+    /// The client's TLS, once up: its cipher is the value of our ID `tls` field.
+    tls: Option<TlsFacts>,
     rx: CommandReceiver,
     srx: ResponseReceiver,
     caps: BackendCaps,
@@ -134,17 +133,16 @@ pub struct Prelogin {
 }
 
 impl Prelogin {
-    /// A session whose client side is TLS already (`tls_cipher`: `Some` on implicit-TLS
-    /// listeners) or still cleartext on a STARTTLS listener.
-    pub fn new(settings: Settings, tls_cipher: Option<String>, tag_seed: u64) -> Prelogin {
-        let tls_active = tls_cipher.is_some();
+    /// A session whose client side is TLS already (`tls`: `Some` on implicit-TLS listeners)
+    /// or still cleartext on a STARTTLS listener.
+    pub fn new(settings: Settings, tls: Option<TlsFacts>, tag_seed: u64) -> Prelogin {
+        let tls_active = tls.is_some();
         let mut machine = Prelogin {
             rx: CommandReceiver::new(settings.limits),
             srx: ResponseReceiver::new(ResponseLimits::default()),
             settings,
             core: Core::new(tls_active),
-            tls_active,
-            cipher: tls_cipher.unwrap_or_default(),
+            tls,
             caps: BackendCaps::default(),
             own: None,
             in_flight: None,
@@ -195,9 +193,8 @@ impl Prelogin {
 
     /// The handshake after STARTTLS succeeded: start afresh with a new receiver (nothing the
     /// client sent before counts) and connect to the backend.
-    pub fn tls_started(&mut self, cipher: String) {
-        self.tls_active = true;
-        self.cipher = cipher;
+    pub fn tls_started(&mut self, tls: TlsFacts) {
+        self.tls = Some(tls);
         self.rx = CommandReceiver::new(self.settings.limits);
         self.core.cbuf.clear();
         self.core.phase = Phase::Connecting;
@@ -232,7 +229,7 @@ impl Prelogin {
     }
 
     fn view(&self) -> CapabilityView {
-        if self.tls_active {
+        if self.tls.is_some() {
             CapabilityView::Tls
         } else {
             CapabilityView::Cleartext
@@ -241,8 +238,8 @@ impl Prelogin {
 
     /// mailfront's ID fields: `tls`, then the client's address where `backend_client_info`
     /// is on.
-    fn our_id_fields(&self) -> Vec<(&str, &str)> {
-        let mut fields = vec![("tls", self.cipher.as_str())];
+    fn our_id_fields<'a>(&'a self, cipher: &'a str) -> Vec<(&'a str, &'a str)> {
+        let mut fields = vec![("tls", cipher)];
         fields.extend(
             self.settings
                 .client_info
@@ -250,6 +247,13 @@ impl Prelogin {
                 .map(|(f, v)| (*f, v.as_str())),
         );
         fields
+    }
+
+    /// The IANA name of the client's cipher; the gate forwards no ID before TLS, so it is
+    /// never asked for in cleartext.
+    fn cipher_name(&self) -> std::borrow::Cow<'static, str> {
+        self.tls
+            .map_or(std::borrow::Cow::Borrowed(""), |t| t.cipher_name())
     }
 
     fn own_tag(&mut self) -> Vec<u8> {
@@ -332,7 +336,7 @@ impl Prelogin {
     /// What the gate ([`policy::decide`]) needs to know.
     fn gate(&self) -> GateState {
         GateState {
-            tls: self.tls_active,
+            tls: self.tls.is_some(),
             backend_id: self.caps.id,
             backend_sasl_ir: self.caps.sasl_ir,
             id_sent: self.id_sent,
@@ -446,7 +450,8 @@ impl Prelogin {
         let Command::Id(id_command) = command else {
             return;
         };
-        let rewritten = id::rewrite_client_id(id_command, &self.our_id_fields());
+        let cipher = self.cipher_name();
+        let rewritten = id::rewrite_client_id(id_command, &self.our_id_fields(&cipher));
         self.id_sent = true;
         self.core
             .notices
@@ -575,7 +580,8 @@ impl Prelogin {
             // The backend learns the cipher (and, with backend_client_info, the client's
             // address) before any credential, in its first ID.
             let own_tag = self.own_tag();
-            let ours = id::build_id_command(&own_tag, &self.our_id_fields());
+            let cipher = self.cipher_name();
+            let ours = id::build_id_command(&own_tag, &self.our_id_fields(&cipher));
             self.core.to_backend.extend_from_slice(&ours);
             self.id_sent = true;
             self.core
@@ -847,7 +853,7 @@ impl Machine for Prelogin {
     }
 
     fn tls_started(&mut self, tls: TlsFacts) {
-        Prelogin::tls_started(self, tls.cipher_name().into_owned());
+        Prelogin::tls_started(self, tls);
     }
 
     fn waiting_for_backend(&self) -> bool {
@@ -941,7 +947,11 @@ mod tests {
 
     /// An implicit-TLS session greeted by a backend with `caps`.
     fn greeted(caps: &str) -> Prelogin {
-        let mut m = Prelogin::new(settings(TlsMode::Implicit), Some(CIPHER.to_owned()), 7);
+        let mut m = Prelogin::new(
+            settings(TlsMode::Implicit),
+            Some(crate::machine::testing::tls13()),
+            7,
+        );
         assert_eq!(m.next(), Next::Connect);
         m.backend_connected();
         let greeting = format!("* OK [CAPABILITY {caps}] backend ready\r\n");
@@ -1016,7 +1026,7 @@ mod tests {
             "198.51.100.1:993".parse().unwrap(),
             "S1",
         );
-        let mut m = Prelogin::new(settings, Some(CIPHER.to_owned()), 7);
+        let mut m = Prelogin::new(settings, Some(crate::machine::testing::tls13()), 7);
         m.backend_connected();
         let greeting = format!("* OK [CAPABILITY {caps}] backend ready\r\n");
         m.backend_input(greeting.as_bytes());
@@ -1155,7 +1165,7 @@ mod tests {
         assert_eq!(backend, "");
         assert_eq!(m.next(), Next::StartTls);
         assert!(!m.wants_client_input(1 << 20));
-        m.tls_started(CIPHER.to_owned());
+        m.tls_started(crate::machine::testing::tls13());
         assert_eq!(m.next(), Next::Connect);
         m.backend_connected();
         m.backend_input(b"* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] backend ready\r\n");
@@ -1676,7 +1686,11 @@ mod tests {
 
     #[test]
     fn a_preauth_greeting_is_never_relayed() {
-        let mut m = Prelogin::new(settings(TlsMode::Implicit), Some(CIPHER.to_owned()), 1);
+        let mut m = Prelogin::new(
+            settings(TlsMode::Implicit),
+            Some(crate::machine::testing::tls13()),
+            1,
+        );
         m.backend_connected();
         m.backend_input(b"* PREAUTH welcome\r\n");
         let (client, _) = out(&mut m);
@@ -1686,7 +1700,11 @@ mod tests {
 
     #[test]
     fn a_greeting_without_capabilities_makes_us_ask_unseen() {
-        let mut m = Prelogin::new(settings(TlsMode::Implicit), Some(CIPHER.to_owned()), 1);
+        let mut m = Prelogin::new(
+            settings(TlsMode::Implicit),
+            Some(crate::machine::testing::tls13()),
+            1,
+        );
         m.backend_connected();
         m.backend_input(b"* OK ready\r\n");
         let (client, backend) = out(&mut m);
@@ -1748,7 +1766,11 @@ mod tests {
         );
         assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
 
-        let mut m = Prelogin::new(limited(TlsMode::Implicit), Some(CIPHER.to_owned()), 1);
+        let mut m = Prelogin::new(
+            limited(TlsMode::Implicit),
+            Some(crate::machine::testing::tls13()),
+            1,
+        );
         m.backend_connected();
         m.backend_input(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n");
         out(&mut m);

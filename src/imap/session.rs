@@ -30,10 +30,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
     };
     // Client bytes held while the machine is not parsing them: one command's worth.
     let hold_limit = line + limits.imap_literal;
-    let cipher = session
-        .tls
-        .as_ref()
-        .map(|t| t.facts().cipher_name().into_owned());
-    let machine = Prelogin::new(settings, cipher, fastrand::u64(..));
+    let tls = session.tls.as_ref().map(|t| t.facts());
+    let machine = Prelogin::new(settings, tls, fastrand::u64(..));
     crate::driver::serve(machine, client, session, hold_limit).await
 }

@@ -77,6 +77,7 @@ use crate::machine::{
     AuthVerdict, Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, TlsFacts,
     pump_client,
 };
+use crate::sasl;
 use crate::smtp::bdat::{self, ChunkReader, ContentScanner};
 use crate::smtp::canonical::{self, Encoded, Unencodable};
 use crate::smtp::cleartext::{self, Action};
@@ -302,6 +303,9 @@ pub struct SmtpMachine {
     auth_mechanism: String,
     /// An AUTH charge is with the backend, settled by the exchange's final reply.
     auth_charged: bool,
+    /// The mechanism of an AUTH sent without an initial response: the first SASL line names
+    /// the user (for the close line).
+    user_from_first_line: Option<Vec<u8>>,
     charge: ChargeState,
     messages: u64,
     mode: Mode,
@@ -344,6 +348,7 @@ impl SmtpMachine {
             tls,
             auth_mechanism: String::new(),
             auth_charged: false,
+            user_from_first_line: None,
             charge: ChargeState::None,
             messages: 0,
             mode: Mode::Command,
@@ -610,6 +615,11 @@ impl SmtpMachine {
         let response = SaslResponse::from_line(line);
         match policy::decide(&self.gate, ClientInput::SaslResponse(response)) {
             Verdict::Forward => {
+                if let Some(mechanism) = self.user_from_first_line.take()
+                    && let Some(user) = sasl::user_in_first_response(&mechanism, line.text())
+                {
+                    self.notice(Notice::User(user));
+                }
                 if self.send(&line.to_wire()) {
                     self.expect(Expect::Auth, true);
                 }
@@ -652,7 +662,7 @@ impl SmtpMachine {
     fn refuse(&mut self, refusal: Refusal, command: &Command) {
         if refusal == Refusal::CleartextAuth {
             let mechanism = match command {
-                Command::Auth(auth) => mechanism_for_log(&auth.mechanism),
+                Command::Auth(auth) => sasl::mechanism_for_log(&auth.mechanism),
                 _ => "-".to_owned(),
             };
             self.notice(Notice::CleartextAuthRefused { mechanism });
@@ -700,13 +710,23 @@ impl SmtpMachine {
                         // Charged before it goes out, checked and counted in one step by the
                         // driver; AUTH ends a pipeline group, so at most one exchange (and one
                         // charge) is in flight.
-                        self.auth_mechanism = mechanism_for_log(&auth.mechanism);
+                        self.auth_mechanism = sasl::mechanism_for_log(&auth.mechanism);
                         self.charge = ChargeState::Asked;
                         self.held = Some(line);
                         return;
                     }
                 }
                 self.auth_charged = true;
+                // The user, for the close line; never the password.
+                match &auth.initial_response {
+                    Some(response) => {
+                        if let Some(user) = sasl::user_in_first_response(&auth.mechanism, response)
+                        {
+                            self.notice(Notice::User(user));
+                        }
+                    }
+                    None => self.user_from_first_line = Some(auth.mechanism.clone()),
+                }
                 Expect::Auth
             }
             // A new message starts when the backend says so (its 2xx to MAIL, RSET, EHLO or
@@ -1250,6 +1270,7 @@ impl SmtpMachine {
             self.mode = Mode::Sasl;
             return;
         }
+        self.user_from_first_line = None;
         let verdict = match code {
             235 => {
                 self.gate.authenticated = true;
@@ -1566,22 +1587,6 @@ fn bare_name(kind: BareLineEnding) -> &'static str {
     }
 }
 
-/// The mechanism name as logged: SASL names are `[A-Z0-9-_]{1,20}` (RFC 4422 §3.1); anything
-/// else is client text and is not logged.
-fn mechanism_for_log(mechanism: &[u8]) -> String {
-    const MAX_MECHANISM_LOG: usize = 20;
-    let valid = !mechanism.is_empty()
-        && mechanism.len() <= MAX_MECHANISM_LOG
-        && mechanism
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
-    if valid {
-        String::from_utf8_lossy(mechanism).to_ascii_uppercase()
-    } else {
-        "invalid".to_owned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1728,6 +1733,7 @@ mod tests {
             charge: Charge::Refund,
         }));
         assert!(run.notices.contains(&Notice::PastLogin));
+        assert!(run.notices.contains(&Notice::User(b"alice".to_vec())));
     }
 
     #[test]
