@@ -290,7 +290,8 @@ pub struct Session {
     pub id: String,
     /// The backend address of the last connect, for the close line.
     backend: std::sync::Mutex<Option<SocketAddr>>,
-    /// The user name of an IMAP LOGIN sent to the backend, for the close line.
+    /// The user name the last login named as it went to the backend (IMAP LOGIN and
+    /// AUTHENTICATE, POP3 USER, APOP and AUTH), for the close line.
     user: std::sync::Mutex<Option<String>>,
 }
 
