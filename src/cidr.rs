@@ -4,8 +4,9 @@
 use std::fmt;
 use std::net::IpAddr;
 
-/// One network. IPv4-mapped IPv6 peers (`::ffff:a.b.c.d`, from a dual-stack socket) match the
-/// IPv4 networks they map to.
+/// One network. Addresses are compared as given: admission (`src/admission.rs`) has already
+/// made an IPv4-mapped IPv6 peer (`::ffff:a.b.c.d`, from a dual-stack socket) the IPv4 address it
+/// stands for, so it matches the IPv4 networks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Network {
     addr: IpAddr,
@@ -45,10 +46,6 @@ impl Network {
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
         ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == self.addr
     }
 
@@ -93,7 +90,9 @@ mod tests {
     fn networks_hold_their_addresses_and_nothing_else() {
         let n = Network::parse("10.0.0.0/8").unwrap();
         assert!(n.contains(ip("10.1.2.3")));
-        assert!(n.contains(ip("::ffff:10.1.2.3")));
+        // A mapped peer matches as admission hands it over: as the IPv4 address it stands for.
+        let mapped = crate::admission::canonical("[::ffff:10.1.2.3]:1".parse().unwrap());
+        assert!(n.contains(mapped.ip()));
         assert!(!n.contains(ip("11.0.0.1")));
         assert!(!n.contains(ip("::a01:203")));
         let host = Network::parse("127.0.0.1").unwrap();

@@ -13,19 +13,10 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// An address as the backend should see it: an IPv4-mapped IPv6 peer (`::ffff:a.b.c.d`, from a
-/// dual-stack socket) is the IPv4 client it stands for.
-pub fn plain_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 /// The `ADDR` value of Postfix's XCLIENT: IPv6 addresses carry the `IPV6:` prefix of RFC 5321
 /// §4.1.3 address literals (Postfix XCLIENT_README: "the IPV6: prefix is required").
 pub fn smtp_xclient_addr(ip: IpAddr) -> String {
-    match plain_ip(ip) {
+    match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("IPV6:{v6}"),
     }
@@ -71,9 +62,9 @@ pub fn imap_id_fields(
     session_id: &str,
 ) -> Vec<(&'static str, String)> {
     vec![
-        ("x-originating-ip", plain_ip(client.ip()).to_string()),
+        ("x-originating-ip", client.ip().to_string()),
         ("x-originating-port", client.port().to_string()),
-        ("x-connected-ip", plain_ip(local.ip()).to_string()),
+        ("x-connected-ip", local.ip().to_string()),
         ("x-connected-port", local.port().to_string()),
         ("x-session-id", session_id.to_owned()),
     ]
@@ -82,12 +73,7 @@ pub fn imap_id_fields(
 /// POP3 XCLIENT (Dovecot's pop3-login, offered by the greeting's `[XCLIENT]` code to `login_trusted_networks`): the
 /// client's address and port. Dovecot parses `ADDR` as a bare address, no `IPV6:` prefix.
 pub fn pop3_xclient_command(client: SocketAddr) -> Vec<u8> {
-    format!(
-        "XCLIENT ADDR={} PORT={}\r\n",
-        plain_ip(client.ip()),
-        client.port()
-    )
-    .into_bytes()
+    format!("XCLIENT ADDR={} PORT={}\r\n", client.ip(), client.port()).into_bytes()
 }
 
 /// Something worth one log line per listener, not one per session: a backend that does not
@@ -132,17 +118,15 @@ mod tests {
     #[test]
     fn addresses_take_the_form_each_backend_parses() {
         let v4: IpAddr = "192.0.2.1".parse().unwrap();
-        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert_eq!(smtp_xclient_addr(v4), "192.0.2.1");
-        assert_eq!(smtp_xclient_addr(mapped), "192.0.2.1");
         assert_eq!(smtp_xclient_addr(v6), "IPV6:2001:db8::1");
         assert_eq!(
             pop3_xclient_command(SocketAddr::new(v6, 40000)),
             b"XCLIENT ADDR=2001:db8::1 PORT=40000\r\n"
         );
         assert_eq!(
-            pop3_xclient_command(SocketAddr::new(mapped, 1)),
+            pop3_xclient_command(SocketAddr::new(v4, 1)),
             b"XCLIENT ADDR=192.0.2.1 PORT=1\r\n"
         );
     }
@@ -150,7 +134,7 @@ mod tests {
     #[test]
     fn id_fields_name_both_ends_and_the_session() {
         let fields = imap_id_fields(
-            "[::ffff:192.0.2.1]:40000".parse().unwrap(),
+            "192.0.2.1:40000".parse().unwrap(),
             "[2001:db8::2]:993".parse().unwrap(),
             "abc",
         );

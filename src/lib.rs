@@ -6,7 +6,8 @@
 //!   [`limits`] counts each client address's unauthenticated sessions across listeners and
 //!   charges its login attempts (charged when sent, refunded on success);
 //!   [`server::Server::run`] takes already-bound sockets so tests run the proxy in-process on
-//!   port 0. `connection` hands each accepted socket to its protocol's driver. [`fd_limit`]
+//!   port 0. `admission` turns each accepted socket into a session (canonical addresses, the
+//!   PROXY header, the per-address limits); `connection` hands it to its protocol's driver. [`fd_limit`]
 //!   raises the open-files limit at start and checks it against `max_connections`.
 //!   [`shared_state`] keeps those two counts in Redis/Valkey when replicas must share them.
 //! - The driver: [`driver::serve`], the one loop that runs every protocol's sans-I/O machine
@@ -25,6 +26,7 @@
 //!   codecs, gates and rewriters under [`smtp`], [`imap`] and [`pop3`].
 #![forbid(unsafe_code)]
 
+pub(crate) mod admission;
 pub mod backend;
 pub mod cidr;
 pub mod client_info;

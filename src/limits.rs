@@ -12,8 +12,8 @@
 //!
 //! IPv6 addresses count by /64: one subscriber line or host is normally given a whole /64
 //! (RFC 6177 §2, RFC 7934), so counting single IPv6 addresses would let one client rotate through
-//! 2^64 of them. IPv6 addresses that embed an IPv4 client (IPv4-mapped, NAT64) count as that
-//! IPv4 address ([`IpKey`]).
+//! 2^64 of them. IPv6 addresses that embed an IPv4 client through a NAT64 count as that IPv4
+//! address ([`IpKey`]); IPv4-mapped ones never get here, admission made them IPv4 already.
 //!
 //! With `shared_state` both counts are also kept in Redis/Valkey ([`crate::shared_state`]), so
 //! the replicas of one deployment enforce one limit: the local table still answers first (an
@@ -34,8 +34,9 @@ use crate::shared_state::SharedState;
 ///
 /// IPv6 addresses that stand for an IPv4 client count as that IPv4 address, so a client counts
 /// the same however it reaches mailfront, and the clients behind a NAT64 are not lumped into
-/// the translator's one /64:
-/// - IPv4-mapped addresses (`::ffff:a.b.c.d`, RFC 4291 §2.5.5.2, seen on dual-stack sockets);
+/// the translator's one /64. IPv4-mapped addresses (`::ffff:a.b.c.d`, RFC 4291 §2.5.5.2, seen on
+/// dual-stack sockets) arrive as IPv4 already: admission (`src/admission.rs`) makes every
+/// client address canonical once, before any count. Here:
 /// - the NAT64 well-known prefix `64:ff9b::/96` (RFC 6052 §2.1), whose last 32 bits are the
 ///   IPv4 address (RFC 6052 §2.2, the /96 row);
 /// - the local-use prefix `64:ff9b:1::/48` (RFC 8215 §3). Operators carve their translation
@@ -76,9 +77,6 @@ impl IpKey {
         match ip {
             IpAddr::V4(v4) => IpKey::V4(v4),
             IpAddr::V6(v6) => {
-                if let Some(v4) = v6.to_ipv4_mapped() {
-                    return IpKey::V4(v4);
-                }
                 let bits = v6.to_bits();
                 if bits >> 32 == NAT64_WELL_KNOWN || bits >> 80 == NAT64_LOCAL_USE {
                     // The last 32 bits (the /96 embedding of RFC 6052 §2.2).
@@ -581,14 +579,23 @@ mod tests {
         );
     }
 
+    /// An address as admission hands it over (`src/admission.rs`): IPv4-mapped made IPv4.
+    fn admitted(s: &str) -> IpAddr {
+        crate::admission::canonical(std::net::SocketAddr::new(ip(s), 1)).ip()
+    }
+
     #[test]
     fn an_ipv4_mapped_address_counts_as_its_ipv4_address() {
         assert_eq!(
-            IpKey::of(ip("::ffff:192.0.2.1")),
+            IpKey::of(admitted("::ffff:192.0.2.1")),
             IpKey::V4("192.0.2.1".parse().unwrap())
         );
         // The deprecated IPv4-compatible form (RFC 4291 §2.5.5.1) is an ordinary IPv6 address.
         assert!(matches!(IpKey::of(ip("::192.0.2.1")), IpKey::V6Prefix(0)));
+        assert!(matches!(
+            IpKey::of(admitted("::192.0.2.1")),
+            IpKey::V6Prefix(0)
+        ));
     }
 
     #[test]
@@ -598,7 +605,7 @@ mod tests {
         let b = limiter.try_acquire(ip("192.0.2.1")).unwrap();
         assert!(limiter.try_acquire(ip("192.0.2.1")).is_none());
         // A mapped address is the same client.
-        assert!(limiter.try_acquire(ip("::ffff:192.0.2.1")).is_none());
+        assert!(limiter.try_acquire(admitted("::ffff:192.0.2.1")).is_none());
         let other = limiter.try_acquire(ip("192.0.2.2")).unwrap();
         assert_eq!(limiter.count(ip("192.0.2.1")), 2);
         drop(a);
@@ -647,7 +654,7 @@ mod tests {
         assert_eq!(IpKey::of(ip("64:ff9b:1:abcd:0:1:c000:221")), v4);
         // The same client whichever way it came: IPv4, mapped, NAT64.
         assert_eq!(IpKey::of(ip("192.0.2.33")), v4);
-        assert_eq!(IpKey::of(ip("::ffff:192.0.2.33")), v4);
+        assert_eq!(IpKey::of(admitted("::ffff:192.0.2.33")), v4);
         // Two clients behind one translator are two keys.
         assert_ne!(
             IpKey::of(ip("64:ff9b::192.0.2.33")),
@@ -678,7 +685,7 @@ mod tests {
         let throttle = AuthThrottle::new(1, WINDOW);
         let _c = throttle.try_charge(ip("64:ff9b::192.0.2.33")).unwrap();
         assert!(throttle.try_charge(ip("192.0.2.33")).is_none());
-        assert!(throttle.try_charge(ip("::ffff:192.0.2.33")).is_none());
+        assert!(throttle.try_charge(admitted("::ffff:192.0.2.33")).is_none());
         assert!(throttle.try_charge(ip("64:ff9b::192.0.2.34")).is_some());
     }
 
@@ -706,7 +713,7 @@ mod tests {
         assert!(throttle.try_charge(a).is_none(), "refused, and not added");
         assert_eq!(held(&throttle, a).len(), 2);
         // A mapped address is the same client; another address is not.
-        assert!(throttle.try_charge(ip("::ffff:192.0.2.1")).is_none());
+        assert!(throttle.try_charge(admitted("::ffff:192.0.2.1")).is_none());
         assert!(!throttle.throttled(ip("192.0.2.2")));
         // The first charge leaves the window 60 s after it was taken, the second 30 s later.
         tokio::time::advance(Duration::from_secs(29)).await;

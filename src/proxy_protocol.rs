@@ -66,8 +66,9 @@ pub const MAX_SSL_STRING_LEN: usize = 48;
 /// The header for a relayed connection: `client` is the peer of the client-facing socket,
 /// `local` the address the client connected to, `tls` what was negotiated if TLS is up now.
 ///
-/// Addresses: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, from a dual-stack socket) is sent
-/// as IPv4 (§6.1). Both addresses share one family; if they still differ after that, the IPv4
+/// Addresses: both share one family. Admission (`src/admission.rs`) has already made an
+/// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, from a dual-stack socket) IPv4, so an IPv4 client
+/// on a dual-stack listener gets a TCP4 header (§6.1). If the families still differ, the IPv4
 /// one is written as an IPv4-mapped IPv6 address and the header is TCP6, which loses nothing.
 pub fn encode_v2(client: SocketAddr, local: SocketAddr, tls: Option<&TlsInfo>) -> Vec<u8> {
     match tls {
@@ -98,7 +99,7 @@ struct SslDetails<'a> {
 
 fn encode(client: SocketAddr, local: SocketAddr, tls: Option<&SslDetails<'_>>) -> Vec<u8> {
     let mut body = Vec::with_capacity(128);
-    let family = match (unmap(client.ip()), unmap(local.ip())) {
+    let family = match (client.ip(), local.ip()) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
             body.extend_from_slice(&src.octets());
             body.extend_from_slice(&dst.octets());
@@ -170,13 +171,6 @@ fn push_tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
     out.push(kind);
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(value.get(..usize::from(len)).unwrap_or(value));
-}
-
-fn unmap(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 fn as_v6(ip: IpAddr) -> Ipv6Addr {
@@ -306,9 +300,11 @@ mod tests {
 
     #[test]
     fn ipv4_mapped_peer_is_sent_as_tcp4_with_both_addresses_mapped_down() {
+        // As admission hands the addresses over from a dual-stack socket.
+        let canonical = crate::admission::canonical;
         let d = decode(&encode_v2(
-            addr("[::ffff:203.0.113.9]:1234"),
-            addr("[::ffff:10.0.0.1]:465"),
+            canonical(addr("[::ffff:203.0.113.9]:1234")),
+            canonical(addr("[::ffff:10.0.0.1]:465")),
             None,
         ));
         assert_eq!(d.family, FAMILY_TCP4);

@@ -12,22 +12,21 @@ use std::time::Duration;
 use prometheus::Registry;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Admission;
 use crate::backend::{BackendConnector, Pool, tls::TlsSetupError};
-use crate::config::{self, ConfigError, ListenerConfig, RuntimeConfig, TlsMode};
-use crate::connection::{read_proxy_header, refuse_per_ip, serve_connection};
+use crate::config::{self, ConfigError, ListenerConfig, RuntimeConfig};
 use crate::limits::{AuthThrottle, PerIpLimiter};
 use crate::log_throttle::LogThrottle;
 use crate::logging::LogControl;
-use crate::metrics::{Metrics, ProxyHeaderResult, Readiness};
-use crate::proxy_header::Header as ProxyHeader;
+use crate::metrics::{Metrics, Readiness};
 use crate::reload::{self, Plan};
-use crate::session::{ListenerContext, Session};
+use crate::session::ListenerContext;
 use crate::shared_state::SharedState;
 use crate::tls::{
     self, CertStore, Handshaker, LoadedCertificate, ReloadOutcome, TicketKeyError, TicketKeys,
@@ -996,175 +995,13 @@ async fn accept_loop(
             }
         };
         context.metrics.accepted.inc();
-        let behind_balancer = !context.config.proxy_protocol_from.is_empty();
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             context.metrics.refused.inc();
             tracing::warn!(listener = %context.config.name, client = %peer, limit = context.config.max_connections, "connection limit reached: closing");
             drop(tcp);
             continue;
         };
-        // The address the client reached (for the PROXY header); the bound address if the
-        // socket cannot say, which only differs for wildcard binds.
-        let local_addr = tcp.local_addr().unwrap_or(context.config.listen);
-        if behind_balancer {
-            // Dovecot's haproxy_trusted_networks rule: only the balancers may connect, and
-            // their header names the client. Refused before any read, so a stranger cannot
-            // claim an address.
-            if !crate::cidr::any_contains(&context.config.proxy_protocol_from, peer.ip()) {
-                context.metrics.proxy_header(ProxyHeaderResult::Untrusted);
-                tracing::debug!(listener = %context.config.name, peer = %peer, "connection from outside proxy_protocol_from: closing");
-                drop(tcp);
-                continue;
-            }
-            // The header is read in the connection's own task: a slow balancer holds one
-            // permit, never the accept loop.
-            let admission = admission.clone();
-            tracker.spawn(async move {
-                admission.after_proxy_header(tcp, peer, local_addr).await;
-                drop(permit);
-            });
-            continue;
-        }
-        // Before any handshake: a refused address costs no TLS work (and no session task).
-        let Some(session) = admission.session(peer, local_addr, None) else {
-            if context.config.tls == TlsMode::Implicit {
-                drop(tcp);
-                continue;
-            }
-            // The listener's permit is held while the refusal is written, so refusals are
-            // bounded by max_connections like sessions are.
-            let context = context.clone();
-            tracker.spawn(async move {
-                refuse_per_ip(tcp, &context).await;
-                drop(permit);
-            });
-            continue;
-        };
-        let active = context.metrics.active.clone();
-        let admission = admission.clone();
-        tracker.spawn(async move {
-            let mut session = session;
-            if !admission.shared_admit(&mut session).await {
-                drop(session);
-                if admission.context.config.tls == TlsMode::Starttls {
-                    refuse_per_ip(tcp, &admission.context).await;
-                }
-                drop(permit);
-                return;
-            }
-            active.inc();
-            serve_connection(tcp, session).await;
-            active.dec();
-            drop(permit);
-        });
-    }
-}
-
-/// What turns an accepted connection into a session: the shared per-address tables and the
-/// shutdown signals.
-#[derive(Clone)]
-struct Admission {
-    context: Arc<ListenerContext>,
-    per_ip: PerIpLimiter,
-    auth_throttle: AuthThrottle,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
-}
-
-impl Admission {
-    /// A session for `client`, or `None` when its address is at `limits.connections_per_ip`
-    /// (counted and logged here; the caller closes or refuses).
-    fn session(
-        &self,
-        client: SocketAddr,
-        local: SocketAddr,
-        via: Option<SocketAddr>,
-    ) -> Option<Session> {
-        let context = &self.context;
-        let Some(per_ip_guard) = self.per_ip.try_acquire(client.ip()) else {
-            context.metrics.refused_per_ip.inc();
-            tracing::debug!(listener = %context.config.name, client = %client, limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached: refusing");
-            return None;
-        };
-        let mut session = Session::new(context.clone(), client, local, self.hard_stop.clone());
-        session.via = via;
-        // A child, so a session can never cancel the whole server's shutdown signal.
-        session.draining = self.shutdown.child_token();
-        session.per_ip = Some(per_ip_guard);
-        session.auth_throttle = Some(self.auth_throttle.clone());
-        Some(session)
-    }
-
-    /// With `shared_state`, the replicas' shared count of unauthenticated sessions on a session
-    /// the local count admitted (one bounded round trip, in the session's own task, never the
-    /// accept loop's). `false`: the address is at its limit across replicas (counted and
-    /// logged here; the caller refuses); with the store down, `true`.
-    async fn shared_admit(&self, session: &mut Session) -> bool {
-        let Some(guard) = session.per_ip.as_mut() else {
-            return true;
-        };
-        if guard.share().await {
-            return true;
-        }
-        let context = &self.context;
-        context.metrics.refused_per_ip.inc();
-        tracing::debug!(listener = %context.config.name, client = %session.client_addr, limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached across replicas: refusing");
-        false
-    }
-
-    /// A connection from a trusted balancer: reads its PROXY header, then serves the client it
-    /// names, whose address from then on is the session's everywhere (limits included).
-    async fn after_proxy_header(&self, mut tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
-        let context = &self.context;
-        // `tls.handshake_timeout` bounds the header too: it delays the handshake.
-        let timeout = context.handshaker.timeout();
-        // Nothing is served yet: a graceful shutdown closes the connection at once.
-        let header = tokio::select! {
-            header = read_proxy_header(&mut tcp, timeout) => header,
-            () = self.shutdown.cancelled() => return,
-        };
-        let (client, local) = match header {
-            Ok(ProxyHeader::Proxy {
-                source,
-                destination,
-            }) => {
-                context.metrics.proxy_header(ProxyHeaderResult::Proxy);
-                (source, destination)
-            }
-            Ok(ProxyHeader::Unknown) => {
-                // §2.1/§2.2: the receiver then uses the connection's own endpoints.
-                context.metrics.proxy_header(ProxyHeaderResult::Unknown);
-                tracing::debug!(listener = %context.config.name, peer = %peer, "PROXY header without addresses: serving the balancer's own address");
-                (peer, local)
-            }
-            Ok(ProxyHeader::Local) => {
-                // A balancer's health check (v2 LOCAL): nothing to serve, nothing to log.
-                context.metrics.proxy_header(ProxyHeaderResult::Local);
-                return;
-            }
-            Err(e) => {
-                context.metrics.proxy_header(e.result());
-                tracing::info!(listener = %context.config.name, peer = %peer, error = %e, "PROXY protocol header refused: closing");
-                return;
-            }
-        };
-        let Some(mut session) = self.session(client, local, Some(peer)) else {
-            if context.config.tls == TlsMode::Starttls {
-                refuse_per_ip(tcp, context).await;
-            }
-            return;
-        };
-        if !self.shared_admit(&mut session).await {
-            drop(session);
-            if context.config.tls == TlsMode::Starttls {
-                refuse_per_ip(tcp, context).await;
-            }
-            return;
-        }
-        let active = context.metrics.active.clone();
-        active.inc();
-        serve_connection(tcp, session).await;
-        active.dec();
+        admission.admit(tcp, peer, permit, &tracker);
     }
 }
 

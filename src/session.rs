@@ -253,7 +253,8 @@ pub struct Session {
     /// The client, as everything reads it: Received `from`, logs, `limits.connections_per_ip`,
     /// the auth throttle, and what the backend is told (PROXY v2, XCLIENT, ID). On listeners
     /// with `proxy_protocol_from` it is the load balancer's PROXY header source, otherwise the
-    /// socket's peer.
+    /// socket's peer; canonical either way (an IPv4 client of a dual-stack listener is its IPv4
+    /// address, not `::ffff:a.b.c.d`: `src/admission.rs`).
     pub client_addr: SocketAddr,
     /// The address the client connected to: the PROXY header's destination behind a balancer,
     /// our side of the client socket otherwise. The destination in the PROXY v2 header.
@@ -283,7 +284,8 @@ pub struct Session {
     pub id: String,
     /// The backend address of the last connect, for the close line.
     backend: std::sync::Mutex<Option<SocketAddr>>,
-    /// The user name of an IMAP LOGIN sent to the backend, for the close line.
+    /// The user name the last login named as it went to the backend (IMAP LOGIN and
+    /// AUTHENTICATE, POP3 USER, APOP and AUTH), for the close line.
     user: std::sync::Mutex<Option<String>>,
 }
 

@@ -328,6 +328,80 @@ async fn the_per_address_limit_counts_the_header_source_not_the_balancer() {
     }
 }
 
+/// A listener bound to a dual-stack `[::]` sees a balancer that connects over IPv4 as
+/// `::ffff:127.0.0.1`, and a balancer may name an IPv4 client in that mapped form too. Admission
+/// makes both IPv4, once: the balancer matches the IPv4 `proxy_protocol_from`, the client counts
+/// as its IPv4 address in `limits.connections_per_ip`, and the backend gets a TCP4 header.
+#[tokio::test]
+async fn mapped_addresses_are_admitted_as_their_ipv4_addresses() {
+    // Needs a dual-stack socket: IPv6, and IPv4 reaching it (Linux's default, bindv6only=0).
+    let Ok(probe) = std::net::TcpListener::bind("[::]:0") else {
+        eprintln!("skipped: no IPv6");
+        return;
+    };
+    let port = probe.local_addr().unwrap().port();
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        eprintln!("skipped: no dual-stack sockets");
+        return;
+    }
+    drop(probe);
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &[HOST], false);
+    let backend = FakeBackend::start_with(
+        FakeKind::Imap,
+        FakeOptions {
+            expect_proxy_v2: true,
+            ..FakeOptions::default()
+        },
+    )
+    .await;
+    let keys = format!("{BEHIND_LB}    backend_proxy_protocol: true\n");
+    let yaml =
+        config_yaml(
+            &[&cert],
+            &[listener("lb", "imap", "implicit", backend.addr, &keys)
+                .replace("127.0.0.1:0", "[::]:0")],
+            "limits:\n  connections_per_ip: 1\n",
+        );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
+    let lb = SocketAddr::from(([127, 0, 0, 1], proxy.addr("lb").port()));
+
+    let mut tcp = TcpStream::connect(lb).await.unwrap();
+    tcp.write_all(b"PROXY TCP6 ::ffff:203.0.113.7 ::ffff:198.51.100.1 40001 993\r\n")
+        .await
+        .unwrap();
+    let config = client_config(&pki.ca_der, &[&rustls::version::TLS13], None);
+    let mut io = BufReader::new(tls_upgrade(tcp, HOST, config).await.unwrap());
+    assert!(read_line(&mut io).await.starts_with("* OK"));
+    let headers = backend.proxy_headers.connections();
+    assert_eq!(headers.len(), 1);
+    let h = ppp::v2::Header::try_from(headers[0].as_slice()).unwrap();
+    match h.addresses {
+        ppp::v2::Addresses::IPv4(a) => {
+            assert_eq!(
+                SocketAddr::from((a.source_address, a.source_port)),
+                addr("203.0.113.7:40001")
+            );
+            assert_eq!(
+                SocketAddr::from((a.destination_address, a.destination_port)),
+                addr("198.51.100.1:993")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same client written as IPv4 is the same address, at its limit while the first has
+    // not logged in: closed before any handshake.
+    let mut tcp = TcpStream::connect(lb).await.unwrap();
+    tcp.write_all(&v2(addr("203.0.113.7:40002"), addr("198.51.100.1:993")))
+        .await
+        .unwrap();
+    assert!(closes_silently(&mut tcp).await);
+    eventually(|| metric(&proxy, "lb", "proxy") == 2).await;
+    assert_eq!(backend.proxy_headers.connections().len(), 1);
+    io.get_mut().write_all(b"z LOGOUT\r\n").await.unwrap();
+    let _ = read_until_tag(&mut io, "z").await;
+}
+
 #[tokio::test]
 async fn a_clients_own_proxy_header_gains_nothing_without_proxy_protocol_from() {
     let e = env(

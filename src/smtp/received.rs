@@ -189,9 +189,10 @@ pub fn received_header(info: &ReceivedInfo<'_>) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// `[192.0.2.10]` or `[IPv6:2001:db8::1]` (RFC 5321 §4.1.3); IPv4-mapped IPv6 shows as IPv4.
+/// `[192.0.2.10]` or `[IPv6:2001:db8::1]` (RFC 5321 §4.1.3). An IPv4 client on a dual-stack
+/// listener shows as IPv4: admission (`src/admission.rs`) made its mapped address IPv4 already.
 pub fn address_literal(ip: IpAddr) -> String {
-    match ip.to_canonical() {
+    match ip {
         IpAddr::V4(v4) => format!("[{v4}]"),
         IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
     }
@@ -645,10 +646,7 @@ mod tests {
             address_literal("2001:db8::1".parse().unwrap()),
             "[IPv6:2001:db8::1]"
         );
-        assert_eq!(
-            address_literal("::ffff:192.0.2.1".parse().unwrap()),
-            "[192.0.2.1]"
-        );
+        assert_eq!(address_literal("192.0.2.1".parse().unwrap()), "[192.0.2.1]");
         let id = ReceivedId::random();
         let header = text(received_header(&ReceivedInfo {
             client_ip: "2001:db8::1".parse().unwrap(),

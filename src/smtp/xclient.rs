@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 
-use crate::client_info::{plain_ip, smtp_xclient_addr, xtext};
+use crate::client_info::{smtp_xclient_addr, xtext};
 use crate::smtp::reply::Reply;
 
 /// The attributes a 250 EHLO reply lists after `XCLIENT`, upper-cased; `None` when XCLIENT is
@@ -68,7 +68,7 @@ pub fn command(offered: &[String], facts: &XclientFacts) -> Option<Vec<u8>> {
         parts.push(format!("PORT={}", facts.client.port()));
     }
     if has("DESTADDR") {
-        let dest = match plain_ip(facts.local.ip()) {
+        let dest = match facts.local.ip() {
             std::net::IpAddr::V6(v6) => format!("IPV6:{v6}"),
             v4 => v4.to_string(),
         };
@@ -148,10 +148,10 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_has_its_prefix_and_mapped_addresses_are_ipv4() {
+    fn ipv6_has_its_prefix_and_ipv4_has_none() {
         let mut f = facts();
         f.client = "[2001:db8::1]:1".parse().unwrap();
-        f.local = "[::ffff:198.51.100.2]:465".parse().unwrap();
+        f.local = "198.51.100.2:465".parse().unwrap();
         let all: Vec<String> = ["NAME", "ADDR", "PORT", "DESTADDR", "DESTPORT"]
             .map(str::to_owned)
             .to_vec();
