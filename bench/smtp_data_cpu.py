@@ -62,6 +62,9 @@ def submit(port, messages, mb):
         s.sendall(cmd); reply()
     line = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/" * 2)[:76] + b"\r\n"
     block = line * (1 << 14)  # ~1.28 MB
+    if mb * 1e6 < len(block):
+        # Small messages (e.g. --mb 0.01, the suite's 10 KB): one block of that size.
+        block = line * max(1, int(mb * 1e6 / len(line)))
     nblocks = max(1, int(mb * 1e6 / len(block)))
     sent = 0
     for _ in range(messages):

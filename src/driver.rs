@@ -95,8 +95,8 @@ async fn run<M: Machine, S: Transport>(
     let timeouts = session.listener.timeouts.clone();
     let mut last_activity = Instant::now();
     let mut login_deadline = Some(session.login_deadline());
-    // Whether the machine was told of a graceful shutdown; from then on only the hard stop ends
-    // the wait.
+    // Whether the machine was told of a graceful shutdown (it is told once; from then on it
+    // decides when to end, and the hard stop ends it regardless).
     let mut drain_told = false;
     let draining = session.draining.clone();
     let hard_stop = session.shutdown.clone();
@@ -230,7 +230,10 @@ async fn run<M: Machine, S: Transport>(
             // Stops and deadlines first: a read that is always ready (a client pipelining
             // without pause) must never win over them.
             biased;
-            () = hard_stop.cancelled(), if drain_told => {
+            // The hard stop (`timeouts.shutdown_grace` over) ends every session, a message
+            // underway included: the client gets the protocol's goodbye, never a success the
+            // backend did not send.
+            () = hard_stop.cancelled() => {
                 let bye = machine.bye_shutdown();
                 return goodbye(&mut client, &bye, session, EndReason::Shutdown).await;
             }
