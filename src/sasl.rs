@@ -18,17 +18,25 @@ use zeroize::Zeroizing;
 /// Longest SASL mechanism name (RFC 4422 §3.1: `sasl-mech = 1*20mech-char`).
 pub const MAX_MECHANISM_LEN: usize = 20;
 
-/// Whether `line` (without its line end) is a SASL response a backend may receive: base64 in
-/// the RFC 4648 §4 alphabet, whole 4-character quanta, `=` only as correct final padding, and
-/// zero pad bits (the canonical encoding, RFC 4648 §3.5); the empty string (an empty response
-/// on a continuation line); or `=` alone, the empty initial response (RFC 4954 §4,
-/// RFC 5034 §4, RFC 9051 §6.2.2), which carries nothing a backend could act on on a later line
-/// either. `*`, the client's cancel, is not base64: callers look for it first.
+/// Whether `line` (without its line end) is a SASL response a backend may receive on a
+/// continuation line: base64 in the RFC 4648 §4 alphabet, whole 4-character quanta, `=` only as
+/// correct final padding, and zero pad bits (the canonical encoding, RFC 4648 §3.5), or the
+/// empty string (an empty response). A lone `=` is not one: it means an empty *initial*
+/// response only ([`is_initial_response`]); on a continuation line IMAP refuses it (RFC 9051
+/// §6.2.2 grammar), and so does mailfront for every protocol. `*`, the client's cancel, is not
+/// base64: callers look for it first.
 ///
 /// Strict on purpose: a response line holds no separator or anything else a backend's tokenizer
 /// could act on, and every backend decodes what passes.
 pub fn is_base64_response(line: &[u8]) -> bool {
-    line == b"=" || STANDARD.decode(line).is_ok()
+    STANDARD.decode(line).is_ok()
+}
+
+/// Whether `response` is an initial response a command may carry (SMTP AUTH, IMAP
+/// AUTHENTICATE with SASL-IR, POP3 AUTH): non-empty base64 as [`is_base64_response`], or `=`
+/// alone, the empty initial response (RFC 4954 §4, RFC 5034 §4, RFC 4959 §3).
+pub fn is_initial_response(response: &[u8]) -> bool {
+    response == b"=" || (!response.is_empty() && is_base64_response(response))
 }
 
 /// A mechanism name for logs and metric labels: an RFC 4422 §3.1 name
@@ -205,10 +213,17 @@ mod tests {
     }
 
     #[test]
-    fn responses_are_strict_base64_or_a_lone_equals_sign() {
+    fn responses_are_strict_base64_and_a_lone_equals_sign_only_starts_an_exchange() {
+        assert!(is_initial_response(b"="));
+        assert!(!is_base64_response(b"="), "not on a continuation line");
+        assert!(
+            !is_initial_response(b""),
+            "an absent initial response is no argument"
+        );
+        assert!(is_initial_response(b"AGFsaWNlAHNlY3JldA=="));
+        assert!(!is_initial_response(b"QQ="));
         for ok in [
             &b""[..],
-            b"=",
             b"AAAA",
             b"AA==",
             b"AAA=",

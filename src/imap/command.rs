@@ -150,7 +150,7 @@ impl Rejection {
 pub enum SaslLine {
     /// `*`: the client cancels.
     Cancel,
-    /// A valid response ([`crate::sasl::is_base64_response`]: base64, possibly empty, or `=`),
+    /// A valid response ([`crate::sasl::is_base64_response`]: base64, possibly empty),
     /// without the line end.
     Response(Vec<u8>),
     /// Anything else (not base64, bare LF line end, CR, NUL…): the driver cancels instead.
@@ -813,7 +813,7 @@ fn parse_command(tag: &[u8], name: &[u8], parts: &[Part]) -> Option<Command> {
             }
             let initial_response = if args.eat(b' ') {
                 let ir = args.run(|_| true);
-                if ir.is_empty() || !crate::sasl::is_base64_response(ir) {
+                if !crate::sasl::is_initial_response(ir) {
                     return None;
                 }
                 Some(ir.to_vec())
@@ -957,7 +957,7 @@ pub fn encode(tag: &[u8], command: &Command, literal_plus: bool) -> Option<Vec<V
             w.raw(b" AUTHENTICATE ");
             w.raw(mechanism);
             if let Some(ir) = initial_response {
-                if ir.is_empty() || !crate::sasl::is_base64_response(ir) {
+                if !crate::sasl::is_initial_response(ir) {
                     return None;
                 }
                 w.raw(b" ");

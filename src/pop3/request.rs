@@ -126,7 +126,7 @@ impl Request {
                 }
                 // RFC 5034 §4: base64, or `=` for an empty initial response.
                 if let Some(ir) = initial
-                    && (ir.is_empty() || !crate::sasl::is_base64_response(ir))
+                    && !crate::sasl::is_initial_response(ir)
                 {
                     return Err(RequestError::InvalidInitialResponse);
                 }

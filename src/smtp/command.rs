@@ -521,7 +521,7 @@ fn parse_auth(args: &[u8]) -> Option<Auth> {
         return None;
     }
     if let Some(initial) = initial
-        && (initial.is_empty() || !crate::sasl::is_base64_response(initial))
+        && !crate::sasl::is_initial_response(initial)
     {
         return None;
     }
