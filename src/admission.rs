@@ -30,7 +30,7 @@ use crate::connection::serve_connection;
 use crate::limits::{AuthThrottle, PerIpLimiter};
 use crate::metrics::ProxyHeaderResult;
 use crate::proxy_header::{Header, HeaderError, HeaderReader};
-use crate::session::{ListenerContext, Session};
+use crate::session::{Admitted, ListenerContext, Session};
 
 /// An address as every later reader sees it: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
 /// RFC 4291 §2.5.5.2) is the IPv4 client it stands for, so an IPv4 client counts, matches and
@@ -116,13 +116,19 @@ impl Admission {
             tracing::debug!(listener = %context.config.name, client = %client, limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached: refusing");
             return None;
         };
-        let mut session = Session::new(context.clone(), client, local, self.hard_stop.clone());
-        session.via = via;
-        // A child, so a session can never cancel the whole server's shutdown signal.
-        session.draining = self.shutdown.child_token();
-        session.per_ip = Some(per_ip_guard);
-        session.auth_throttle = Some(self.auth_throttle.clone());
-        Some(session)
+        Some(Session::admitted(
+            context.clone(),
+            client,
+            local,
+            Admitted {
+                via,
+                hard_stop: self.hard_stop.clone(),
+                // A child, so a session can never cancel the whole server's shutdown signal.
+                draining: self.shutdown.child_token(),
+                per_ip: Some(per_ip_guard),
+                auth_throttle: Some(self.auth_throttle.clone()),
+            },
+        ))
     }
 
     /// With `shared_state`, the replicas' shared count of unauthenticated sessions on a session
@@ -130,7 +136,7 @@ impl Admission {
     /// accept loop's). `false`: the address is at its limit across replicas (counted and
     /// logged here; the caller refuses); with the store down, `true`.
     async fn shared_admit(&self, session: &mut Session) -> bool {
-        let Some(guard) = session.per_ip.as_mut() else {
+        let Some(guard) = session.per_ip_mut() else {
             return true;
         };
         if guard.share().await {
@@ -138,7 +144,7 @@ impl Admission {
         }
         let context = &self.context;
         context.metrics.refused_per_ip.inc();
-        tracing::debug!(listener = %context.config.name, client = %session.client_addr, limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached across replicas: refusing");
+        tracing::debug!(listener = %context.config.name, client = %session.client_addr(), limit = context.limits.connections_per_ip, "per-address limit of unauthenticated sessions reached across replicas: refusing");
         false
     }
 

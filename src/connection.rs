@@ -27,16 +27,16 @@ pub async fn serve_stream<S: Transport>(io: S, session: Session) {
     use tracing::Instrument as _;
     let span = tracing::info_span!(
         "session",
-        listener = %session.listener.config.name,
+        listener = %session.listener().config.name,
         protocol = %session.protocol(),
-        client = %session.client_addr,
-        session_id = %session.id,
+        client = %session.client_addr(),
+        session_id = %session.id(),
     );
     serve_in_span(io, session).instrument(span).await;
 }
 
 async fn serve_in_span<S: Transport>(io: S, mut session: Session) {
-    let listener = session.listener.clone();
+    let listener = session.listener().clone();
     let client = match listener.config.tls {
         TlsMode::Starttls => ClientStream::Plain(io),
         // The handshake counts towards `timeouts.login` too (it only matters when that is set
@@ -50,7 +50,7 @@ async fn serve_in_span<S: Transport>(io: S, mut session: Session) {
             // once, as it ends every pre-login session, not after `tls.handshake_timeout`.
             let handshake = tokio::select! {
                 result = tokio::time::timeout_at(deadline, handshake) => result,
-                () = session.draining.cancelled() => {
+                () = session.draining().cancelled() => {
                     session.log_close(&EndReason::Shutdown);
                     return;
                 }

@@ -92,14 +92,14 @@ async fn run<M: Machine, S: Transport>(
     let mut backend: Option<BackendStream> = None;
     // Why the backend went away, for the close line, when the machine then ends.
     let mut backend_error: Option<std::io::Error> = None;
-    let timeouts = session.listener.timeouts.clone();
+    let timeouts = session.listener().timeouts.clone();
     let mut last_activity = Instant::now();
     let mut login_deadline = Some(session.login_deadline());
     // Whether the machine was told of a graceful shutdown (it is told once; from then on it
     // decides when to end, and the hard stop ends it regardless).
     let mut drain_told = false;
-    let draining = session.draining.clone();
-    let hard_stop = session.shutdown.clone();
+    let draining = session.draining().clone();
+    let hard_stop = session.hard_stop().clone();
     let mut cchunk = vec![0u8; M::READ_CHUNK];
     let mut bchunk = vec![0u8; M::READ_CHUNK];
     // The charge of the login with the backend now: at most one, since the machines hold the
@@ -157,7 +157,7 @@ async fn run<M: Machine, S: Transport>(
             Next::StartTls => {
                 // Boxed, like the connect below: a future holds the state of its largest await
                 // for its whole life, and these two would otherwise sit in every idle session.
-                let upgrade = Box::pin(upgrade_client(client, &session.listener, &draining));
+                let upgrade = Box::pin(upgrade_client(client, session.listener(), &draining));
                 // The handshake is part of the time before login; mid-handshake there is no
                 // way to say goodbye in the protocol, so the connection just closes.
                 let upgraded = match login_deadline {
@@ -311,7 +311,7 @@ fn record_notices<M: Machine>(
 ) -> bool {
     let mut past_login = false;
     for notice in machine.take_notices() {
-        let metrics = &session.listener.metrics;
+        let metrics = &session.listener().metrics;
         match notice {
             Notice::Auth {
                 verdict,
@@ -332,7 +332,7 @@ fn record_notices<M: Machine>(
                 tracing::info!(
                     result = verdict.as_str(),
                     mechanism,
-                    cipher = %session.tls.as_ref().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
+                    cipher = %session.tls().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
                     "authentication"
                 );
             }
@@ -350,7 +350,7 @@ fn record_notices<M: Machine>(
                 tracing::info!(
                     result = "throttled",
                     mechanism,
-                    cipher = %session.tls.as_ref().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
+                    cipher = %session.tls().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
                     "authentication"
                 );
             }
@@ -358,7 +358,7 @@ fn record_notices<M: Machine>(
             Notice::User(name) => session.set_user(&name),
             Notice::ClientInfo(problem) => {
                 let what = M::client_info_warning(problem);
-                if session.listener.client_info_notices.first(problem) {
+                if session.listener().client_info_notices.first(problem) {
                     tracing::warn!("backend_client_info: {what}");
                 } else {
                     tracing::debug!("backend_client_info: {what}");
@@ -388,7 +388,7 @@ fn record_notices<M: Machine>(
                 tracing::info!(
                     size,
                     message_number = number,
-                    cipher = %session.tls.as_ref().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
+                    cipher = %session.tls().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
                     received_id = received_id.as_deref().unwrap_or("-"),
                     reply = %reply,
                     "message accepted"

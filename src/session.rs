@@ -247,41 +247,58 @@ impl Drop for LoginCharge {
     }
 }
 
-/// Per-connection state that protocol drivers read and update.
+/// What admission decided about a connection beside its addresses: built by the server's
+/// admission ([`crate::admission`]) and handed to [`Session::admitted`] once.
+pub struct Admitted {
+    /// The load balancer the connection came through, with `proxy_protocol_from`.
+    pub via: Option<SocketAddr>,
+    /// The hard stop: `timeouts.shutdown_grace` ran out.
+    pub hard_stop: CancellationToken,
+    /// The graceful drain began.
+    pub draining: CancellationToken,
+    /// The session's place in `limits.connections_per_ip`.
+    pub per_ip: Option<PerIpGuard>,
+    /// `limits.auth_failures_per_ip`.
+    pub auth_throttle: Option<AuthThrottle>,
+}
+
+/// Per-connection state, built once ([`Session::new`], [`Session::admitted`]) with private
+/// fields: the driver reads it through accessors and changes it only through the methods that
+/// say what happened (TLS up, login, user, backend).
 pub struct Session {
-    pub listener: Arc<ListenerContext>,
+    listener: Arc<ListenerContext>,
     /// The client, as everything reads it: Received `from`, logs, `limits.connections_per_ip`,
     /// the auth throttle, and what the backend is told (PROXY v2, XCLIENT, ID). On listeners
     /// with `proxy_protocol_from` it is the load balancer's PROXY header source, otherwise the
     /// socket's peer; canonical either way (an IPv4 client of a dual-stack listener is its IPv4
     /// address, not `::ffff:a.b.c.d`: `src/admission.rs`).
-    pub client_addr: SocketAddr,
+    client_addr: SocketAddr,
     /// The address the client connected to: the PROXY header's destination behind a balancer,
     /// our side of the client socket otherwise. The destination in the PROXY v2 header.
-    pub local_addr: SocketAddr,
+    local_addr: SocketAddr,
     /// The load balancer the connection came through (the socket's peer), on listeners with
     /// `proxy_protocol_from`; logged beside `client`.
-    pub via: Option<SocketAddr>,
+    via: Option<SocketAddr>,
     /// The hard stop: cancelled when `timeouts.shutdown_grace` runs out. It ends every session,
     /// authenticated relays included.
-    pub shutdown: CancellationToken,
+    shutdown: CancellationToken,
     /// Cancelled the moment a graceful shutdown begins (SIGTERM). Sessions that have not
     /// authenticated, and SMTP sessions with no message underway, say goodbye at once; a
     /// message in DATA/BDAT finishes first; authenticated relays wait for `shutdown`.
     /// [`Session::new`] sets it to `shutdown` itself (draining starts at the hard stop); the
     /// server replaces it with its own drain signal.
-    pub draining: CancellationToken,
-    pub counters: Arc<ByteCounters>,
+    draining: CancellationToken,
+    counters: Arc<ByteCounters>,
     /// Set once TLS is up (at accept for implicit listeners, after STARTTLS otherwise).
-    pub tls: Option<TlsInfo>,
-    pub started: Instant,
+    tls: Option<TlsInfo>,
+    started: Instant,
     /// This session's place in `limits.connections_per_ip`, held until it authenticates.
-    pub per_ip: Option<PerIpGuard>,
+    per_ip: Option<PerIpGuard>,
     /// `limits.auth_failures_per_ip`, shared by all listeners; `None` in driver tests.
-    pub auth_throttle: Option<AuthThrottle>,
+    auth_throttle: Option<AuthThrottle>,
     /// Names the session in the close line and, with `backend_client_info`, in the backend's
     /// log (IMAP ID `x-session-id`), so the two can be matched.
-    pub id: String,
+    id: String,
     /// The backend address of the last connect, for the close line.
     backend: std::sync::Mutex<Option<SocketAddr>>,
     /// The user name the last login named as it went to the backend (IMAP LOGIN and
@@ -319,6 +336,68 @@ impl Session {
             backend: std::sync::Mutex::new(None),
             user: std::sync::Mutex::new(None),
         }
+    }
+
+    /// A session the server admitted: [`Session::new`] with what admission decided.
+    pub fn admitted(
+        listener: Arc<ListenerContext>,
+        client_addr: SocketAddr,
+        local_addr: SocketAddr,
+        admission: Admitted,
+    ) -> Session {
+        let mut session = Session::new(listener, client_addr, local_addr, admission.hard_stop);
+        session.via = admission.via;
+        session.draining = admission.draining;
+        session.per_ip = admission.per_ip;
+        session.auth_throttle = admission.auth_throttle;
+        session
+    }
+
+    /// The same session, charging its logins against `throttle` (driver tests; the server
+    /// passes it in [`Admitted`]).
+    pub fn with_auth_throttle(mut self, throttle: AuthThrottle) -> Session {
+        self.auth_throttle = Some(throttle);
+        self
+    }
+
+    pub fn listener(&self) -> &Arc<ListenerContext> {
+        &self.listener
+    }
+
+    /// The client, as everything reads it (see the field).
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// The address the client connected to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// TLS, once up.
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    /// The session id of the close line and the IMAP ID `x-session-id`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Cancelled when the graceful drain begins.
+    pub fn draining(&self) -> &CancellationToken {
+        &self.draining
+    }
+
+    /// Cancelled at the hard stop.
+    pub fn hard_stop(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// The session's place in `limits.connections_per_ip`, while it holds one (admission's
+    /// shared count takes it there).
+    pub(crate) fn per_ip_mut(&mut self) -> Option<&mut PerIpGuard> {
+        self.per_ip.as_mut()
     }
 
     /// Notes the user name a login named, for the close line: at most [`MAX_LOGGED_USER`]

@@ -741,8 +741,7 @@ async fn smtp_auth_is_charged_when_sent_and_refunded_only_without_a_wrong_guess(
     let shared = throttle.clone();
     let (client_io, server_io) = duplex(PIPE);
     let server = tokio::spawn(async move {
-        let mut session = session(context.clone());
-        session.auth_throttle = Some(shared);
+        let mut session = session(context.clone()).with_auth_throttle(shared);
         let (client, info, took) = ClientStream::Plain(server_io)
             .upgrade(&context.handshaker)
             .await
@@ -849,8 +848,18 @@ async fn a_graceful_shutdown_ends_a_handshake_after_stls_at_once() {
     let (context, mut backends) = listener_with(Protocol::Pop3, TlsMode::Starttls, &pki, |_, _| {});
     let (mut client, server_io) = duplex(PIPE);
     let drain = CancellationToken::new();
-    let mut s = session(context);
-    s.draining = drain.clone();
+    let mut s = Session::admitted(
+        context,
+        "192.0.2.10:50000".parse().unwrap(),
+        "192.0.2.1:993".parse().unwrap(),
+        mailfront::session::Admitted {
+            via: None,
+            hard_stop: CancellationToken::new(),
+            draining: drain.clone(),
+            per_ip: None,
+            auth_throttle: None,
+        },
+    );
     let server = tokio::spawn(async move {
         mailfront::pop3::session::serve(ClientStream::Plain(server_io), &mut s).await
     });

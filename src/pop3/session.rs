@@ -8,9 +8,9 @@ use crate::transport::Transport;
 
 /// Serves one POP3 client connection from the first greeting to the close.
 pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session) -> EndReason {
-    let limits = &session.listener.limits;
+    let limits = &session.listener().limits;
     let settings = Settings {
-        listener: session.listener.config.tls,
+        listener: session.listener().config.tls,
         hostname: session.hostname().to_owned(),
         limits: CommandLimits {
             command: limits.pop3_line.max(16),
@@ -18,12 +18,12 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
         },
         max_commands: limits.preauth_commands,
         client_info: session
-            .listener
+            .listener()
             .config
             .backend_client_info
-            .then_some(session.client_addr),
+            .then_some(session.client_addr()),
     };
-    let machine = Prelogin::new(settings, session.tls.is_some());
+    let machine = Prelogin::new(settings, session.tls().is_some());
     let hold_limit = machine.longest_event();
     crate::driver::serve(machine, client, session, hold_limit).await
 }

@@ -12,7 +12,7 @@ use crate::transport::Transport;
 
 /// Serves one SMTP submission session (465 or 587) until QUIT, an error or shutdown.
 pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session) -> EndReason {
-    let listener = &session.listener;
+    let listener = &session.listener();
     let settings = Settings {
         listener: listener.config.tls,
         require_tls_for_mail: listener.config.require_tls_for_mail,
@@ -20,12 +20,12 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
         line_limit: listener.limits.smtp_line,
         auth_line_limit: DEFAULT_AUTH_LINE_LIMIT,
         client_info: listener.config.backend_client_info,
-        client: session.client_addr,
-        local: session.local_addr,
+        client: session.client_addr(),
+        local: session.local_addr(),
         clock: OffsetDateTime::now_utc,
         received_id: ReceivedId::random,
     };
-    let machine = SmtpMachine::new(settings, session.tls.as_ref().map(|t| t.facts()));
+    let machine = SmtpMachine::new(settings, session.tls().map(|t| t.facts()));
     // Client bytes held while the machine waits for replies: one command line's worth.
     let hold_limit = listener.limits.smtp_line;
     crate::driver::serve(machine, client, session, hold_limit).await
