@@ -397,6 +397,7 @@ fn record_notices<M: Machine>(
             Notice::MessageRefused { size, code } => {
                 tracing::info!(size, code, "message not accepted by the backend");
             }
+            Notice::BackendEhlo(reply) => session.listener().learned.set_ehlo(reply),
             Notice::BareLineEnding { bare, in_bdat } => {
                 tracing::warn!(
                     bare,

@@ -163,6 +163,9 @@ pub enum Notice {
     MessageRefused { size: u64, code: u16 },
     /// SMTP: a bare CR or LF (`bare`: `cr`, `lf`) refused a message and dropped the backend.
     BareLineEnding { bare: &'static str, in_bdat: bool },
+    /// SMTP: the backend's reply to an EHLO (raw), which later sessions of the listener answer
+    /// their EHLO with before they connect ([`Phase::Local`]).
+    BackendEhlo(Vec<u8>),
 }
 
 /// What the backend's answer to a login means for `limits.auth_failures_per_ip`: the machine
@@ -182,6 +185,10 @@ pub enum Charge {
 pub enum Phase {
     /// Before TLS on a STARTTLS listener: no backend.
     Cleartext,
+    /// TLS up and still no backend: the machine answers what it can itself, and connects when a
+    /// command needs the backend (SMTP: AUTH, MAIL), so sessions that never get that far cost
+    /// the backend nothing.
+    Local,
     /// The driver is connecting.
     Connecting,
     /// Waiting for the backend's greeting.
@@ -228,7 +235,7 @@ impl Core {
 
     pub(crate) fn next(&self) -> Next {
         match self.phase {
-            Phase::Cleartext | Phase::Greeting | Phase::Ready => Next::Run,
+            Phase::Cleartext | Phase::Local | Phase::Greeting | Phase::Ready => Next::Run,
             Phase::Connecting => Next::Connect,
             Phase::StartTls => Next::StartTls,
             Phase::Authenticated => Next::Authenticated,
@@ -245,7 +252,7 @@ impl Core {
     pub(crate) fn wants_client_input(&self, hold_limit: usize) -> bool {
         matches!(
             self.phase,
-            Phase::Cleartext | Phase::Greeting | Phase::Ready
+            Phase::Cleartext | Phase::Local | Phase::Greeting | Phase::Ready
         ) && self.cbuf.len() < hold_limit
     }
 

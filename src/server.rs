@@ -514,6 +514,7 @@ impl Live {
             metrics: self.metrics.listener(l),
             backend: BackendConnector::Pool(pool.clone()),
             client_info_notices: Default::default(),
+            learned: Default::default(),
             config: l.clone(),
         })
     }

@@ -45,6 +45,36 @@ pub struct ListenerContext {
     pub backend: BackendConnector,
     /// `backend_client_info` problems already logged for this listener.
     pub client_info_notices: crate::client_info::Notices,
+    /// What this listener's sessions learned of their backends, for the next ones.
+    pub learned: Learned,
+}
+
+/// What sessions of one listener learned from their backends and hand to the next ones: the
+/// backend's SMTP EHLO reply, which an SMTP session with TLS up answers its client's EHLO with
+/// before it connects (`smtp::machine`). Per replica and per listener; empty after a restart or
+/// a reload, until a session sees a backend again.
+#[derive(Debug, Default)]
+pub struct Learned {
+    ehlo: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl Learned {
+    pub fn ehlo(&self) -> Option<Vec<u8>> {
+        self.ehlo.lock().ok().and_then(|e| e.clone())
+    }
+
+    pub fn set_ehlo(&self, reply: Vec<u8>) {
+        if let Ok(mut ehlo) = self.ehlo.lock() {
+            *ehlo = Some(reply);
+        }
+    }
+
+    /// Forgets what was learned (the fuzz target starts every input from a known state).
+    pub fn forget(&self) {
+        if let Ok(mut ehlo) = self.ehlo.lock() {
+            *ehlo = None;
+        }
+    }
 }
 
 /// The client side of a session. STARTTLS turns `Plain` into `Tls` by [`ClientStream::upgrade`],

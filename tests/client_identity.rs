@@ -529,14 +529,21 @@ async fn smtp_xclient_names_the_client_before_any_client_command_and_stays_invis
 /// depends on what the client says first.
 #[tokio::test]
 async fn smtp_xclient_is_sent_for_helo_and_for_a_session_without_ehlo() {
+    // HELO is answered by mailfront; MAIL needs the backend, which then sees mailfront's EHLO
+    // and XCLIENT, the client's HELO replayed, and the MAIL.
     for (first, expect) in [
-        ("HELO old.client\r\n", "HELO old.client\r\n"),
-        ("NOOP\r\n", "NOOP\r\n"),
+        (
+            "HELO old.client\r\nMAIL FROM:<a@x.test>\r\n",
+            "HELO old.client\r\nMAIL FROM:<a@x.test>\r\n",
+        ),
+        ("MAIL FROM:<a@x.test>\r\n", "MAIL FROM:<a@x.test>\r\n"),
     ] {
         let (e, mut io) = xclient_env(false).await;
         assert!(read_smtp_reply(&mut io).await.starts_with("220 "));
         io.get_mut().write_all(first.as_bytes()).await.unwrap();
-        assert!(read_smtp_reply(&mut io).await.starts_with("250"));
+        for _ in 0..first.matches("\r\n").count() {
+            assert!(read_smtp_reply(&mut io).await.starts_with("250"));
+        }
         io.get_mut().write_all(b"QUIT\r\n").await.unwrap();
         assert!(read_smtp_reply(&mut io).await.starts_with("221"));
         let seen = e.backend.recorder.all_text();
@@ -548,12 +555,15 @@ async fn smtp_xclient_is_sent_for_helo_and_for_a_session_without_ehlo() {
 }
 
 /// A backend that offers XCLIENT and refuses mailfront's: the session was meant to carry the
-/// client's identity, so it ends with 421 before the client can say anything.
+/// client's identity, so it ends with 421 before any client command reaches the backend.
 #[tokio::test]
 async fn a_backend_refusing_xclient_closes_the_session_with_421() {
     let (e, mut io) = xclient_env(true).await;
-    let greeting = read_smtp_reply(&mut io).await;
-    assert!(greeting.starts_with("421 4.7.0 "), "{greeting}");
+    assert!(read_smtp_reply(&mut io).await.starts_with("220 "));
+    // The first EHLO connects (no backend EHLO learned yet).
+    io.get_mut().write_all(b"EHLO c.test\r\n").await.unwrap();
+    let refused = read_smtp_reply(&mut io).await;
+    assert!(refused.starts_with("421 4.7.0 "), "{refused}");
     let mut rest = Vec::new();
     io.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));

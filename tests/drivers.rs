@@ -147,6 +147,7 @@ fn listener_with(
         metrics,
         backend,
         client_info_notices: Default::default(),
+        learned: Default::default(),
     };
     (Arc::new(context), backends)
 }
@@ -309,8 +310,8 @@ async fn pop3_cleartext_dialogue_is_local_and_idles_out_after_exactly_the_idle_t
 }
 
 /// SMTP on a STARTTLS submission listener (587): the cleartext EHLO is answered locally, the
-/// STARTTLS handshake runs over the in-memory pipe, the backend is connected only then (its
-/// greeting swallowed), the client's new EHLO is relayed, and a backend that never answers the
+/// STARTTLS handshake runs over the in-memory pipe, the backend is connected only when the
+/// client's new EHLO needs it (its greeting swallowed), that EHLO is relayed, and a backend that never answers the
 /// end of data gets `timeouts.data_reply` (not `timeouts.idle`) of virtual time before the
 /// client is told `421 4.4.2`.
 #[tokio::test(start_paused = true)]
@@ -332,13 +333,16 @@ async fn smtp_starttls_then_a_silent_backend_after_data_times_out_after_exactly_
     assert_eq!(line(&mut plain).await, "220 2.0.0 Ready to start TLS\r\n");
     assert!(backends.try_recv().is_err(), "a backend before TLS");
     let mut client = tls_client(plain, &pki).await;
-
+    assert!(
+        backends.try_recv().is_err(),
+        "no backend before a command needs it"
+    );
+    client.write_all(b"EHLO client.example\r\n").await.unwrap();
     let mut backend = backends.recv().await.unwrap();
     backend
         .write_all(b"220 backend.internal ESMTP\r\n")
         .await
         .unwrap();
-    client.write_all(b"EHLO client.example\r\n").await.unwrap();
     expect(&mut backend, b"EHLO client.example\r\n").await;
     backend
         .write_all(b"250-backend.internal\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n")
@@ -650,10 +654,11 @@ async fn smtp_session_after_auth_outlives_the_login_timeout() {
         mailfront::smtp::session::serve(client, &mut session).await
     });
     let mut client = tls_client(client_io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+    // Greeted at once; the first EHLO connects (no backend EHLO learned yet).
     assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
     client.write_all(b"EHLO c.example\r\n").await.unwrap();
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
     expect(&mut backend, b"EHLO c.example\r\n").await;
     backend
         .write_all(b"250-backend\r\n250 AUTH PLAIN\r\n")
@@ -751,10 +756,11 @@ async fn smtp_auth_is_charged_when_sent_and_refunded_only_without_a_wrong_guess(
     });
     let ip = "192.0.2.10".parse().unwrap();
     let mut client = tls_client(client_io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+    // Greeted at once; the first EHLO connects (no backend EHLO learned yet).
     assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
     client.write_all(b"EHLO c.example\r\n").await.unwrap();
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
     expect(&mut backend, b"EHLO c.example\r\n").await;
     backend
         .write_all(b"250-backend\r\n250 AUTH PLAIN LOGIN\r\n")

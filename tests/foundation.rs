@@ -319,7 +319,16 @@ async fn unreachable_backend_gets_a_protocol_correct_goodbye() {
             .await
             .unwrap();
         let mut tls = BufReader::new(tls);
-        let line = read_line(&mut tls).await;
+        let mut line = read_line(&mut tls).await;
+        if name == "smtp" {
+            // SMTP greets at once and connects when a command needs the backend.
+            assert!(line.starts_with("220 "), "{line:?}");
+            tls.get_mut()
+                .write_all(b"EHLO c.example\r\n")
+                .await
+                .unwrap();
+            line = read_line(&mut tls).await;
+        }
         assert!(line.starts_with(expected), "{name}: {line:?}");
         assert!(line.ends_with("\r\n"));
     }

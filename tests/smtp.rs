@@ -854,10 +854,13 @@ async fn over_long_command_line_gets_500_5_5_2_and_the_session_goes_on() {
     );
 }
 
+/// The greeting is mailfront's, at once; a backend that refuses the session (its greeting is
+/// `554`) is met only when a command needs it, and that command gets the temporary failure
+/// `421 4.4.1`, never the backend's text.
 #[tokio::test]
-async fn backend_greeting_554_is_passed_on_and_the_session_closes() {
+async fn a_backend_refusing_at_greeting_gives_421_4_4_1_to_the_command_that_needed_it() {
     let options = FakeOptions {
-        smtp_greeting: "554 5.3.2 backend busy\r\n".into(),
+        smtp_greeting: "554 5.3.2 backend.test busy\r\n".into(),
         ..FakeOptions::default()
     };
     let env = env_with(options, "", "").await;
@@ -865,8 +868,56 @@ async fn backend_greeting_554_is_passed_on_and_the_session_closes() {
         .await
         .unwrap();
     let mut c = Client::tls(tls);
-    assert_eq!(c.reply().await, "554 5.3.2 backend busy\r\n");
+    assert_eq!(c.reply().await, format!("220 {HOST} ESMTP\r\n"));
+    assert_eq!(env.backend.recorder.connections().len(), 0);
+    let ehlo = c.cmd(&format!("EHLO {HELO}")).await;
+    assert!(ehlo.starts_with(&format!("421 4.4.1 {HOST} ")), "{ehlo}");
+    assert!(!ehlo.contains("backend.test"), "{ehlo}");
     assert_eq!(c.rest().await, "");
+}
+
+/// Once a backend's EHLO was seen, a TLS session that never authenticates costs the backend
+/// nothing: EHLO, NOOP, RSET and QUIT are answered from what the last backend EHLO said, and
+/// only AUTH (or MAIL) connects, replaying the client's EHLO first.
+#[tokio::test]
+async fn tls_sessions_that_never_authenticate_open_no_backend_connection() {
+    let env = env().await;
+    // The first session teaches the listener the backend's EHLO.
+    let mut first = implicit(&env).await;
+    assert!(first.cmd("QUIT").await.starts_with("221"));
+    let learned = env.backend.recorder.connections().len();
+    assert_eq!(learned, 1);
+    for _ in 0..20 {
+        let tls = tls_connect(env.proxy.addr("submissions"), HOST, env.config.clone())
+            .await
+            .unwrap();
+        let mut c = Client::tls(tls);
+        assert_eq!(c.reply().await, format!("220 {HOST} ESMTP\r\n"));
+        let ehlo = c.cmd(&format!("EHLO {HELO}")).await;
+        assert!(
+            ehlo.contains("AUTH PLAIN") && ehlo.contains("PIPELINING"),
+            "{ehlo}"
+        );
+        assert!(c.cmd("NOOP").await.starts_with("250"));
+        assert!(c.cmd("QUIT").await.starts_with("221"));
+    }
+    assert_eq!(env.backend.recorder.connections().len(), learned);
+    // AUTH connects; the backend sees the client's EHLO first, then the AUTH.
+    let tls = tls_connect(env.proxy.addr("submissions"), HOST, env.config.clone())
+        .await
+        .unwrap();
+    let mut c = Client::tls(tls);
+    c.reply().await;
+    c.cmd(&format!("EHLO {HELO}")).await;
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    let conns = env.backend.recorder.connections();
+    assert_eq!(conns.len(), learned + 1);
+    let seen = String::from_utf8_lossy(&conns[learned]).into_owned();
+    assert!(
+        seen.starts_with(&format!("EHLO {HELO}\r\nAUTH PLAIN ")),
+        "{seen}"
+    );
 }
 
 #[tokio::test]
@@ -1639,10 +1690,10 @@ async fn after_starttls_the_backend_is_connected_and_auth_and_a_message_go_throu
     assert_eq!(rest, body);
 }
 
-/// A backend that is unreachable or refuses the session once TLS is up: the client gets
-/// `421 4.4.1` at once and the session ends.
+/// A backend that is unreachable or refuses the session once TLS is up: the command that needs
+/// it gets `421 4.4.1` and the session ends.
 #[tokio::test]
-async fn a_backend_refusing_after_starttls_gives_421_4_4_1_at_once() {
+async fn a_backend_refusing_after_starttls_gives_421_4_4_1_to_the_command_that_needs_it() {
     let options = FakeOptions {
         smtp_greeting: "554 5.3.2 backend.test busy\r\n".into(),
         ..FakeOptions::default()
@@ -1655,7 +1706,8 @@ async fn a_backend_refusing_after_starttls_gives_421_4_4_1_at_once() {
         .await
         .unwrap();
     let mut t = Client::tls(tls);
-    let rest = t.rest().await;
+    // No backend until a command needs it; that command gets the temporary failure.
+    let rest = t.cmd(&format!("EHLO {HELO}")).await;
     assert!(rest.starts_with(&format!("421 4.4.1 {HOST} ")), "{rest}");
     assert!(!rest.contains("backend.test"), "{rest}");
 }

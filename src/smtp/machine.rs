@@ -123,6 +123,11 @@ pub struct Settings {
     pub clock: fn() -> OffsetDateTime,
     /// The id in a Received field: random in production, fixed in tests.
     pub received_id: fn() -> ReceivedId,
+    /// The backend's EHLO reply as an earlier session of this listener saw it: what an EHLO
+    /// with TLS up is answered with before the backend is connected ([`Phase::Local`]).
+    /// `None` until one was seen: the first EHLO then connects, so what the client is offered
+    /// is always what a backend said.
+    pub learned_ehlo: Option<Vec<u8>>,
 }
 
 /// A reply the machine waits for, and what it means for the session.
@@ -325,13 +330,15 @@ pub struct SmtpMachine {
 
 impl SmtpMachine {
     /// A session whose client side is TLS already (`tls`: `Some` on 465), or a 587 session in
-    /// cleartext, greeted at once.
+    /// cleartext; either way greeted at once, with no backend until a command needs it.
     pub fn new(settings: Settings, tls: Option<TlsFacts>) -> SmtpMachine {
-        let mut core = Core::new(tls.is_some());
-        let greeted_client = tls.is_none();
-        if greeted_client {
-            core.to_client = local_reply::greeting(&settings.hostname);
+        // No backend before a command needs one, on either listener: the greeting is ours.
+        let mut core = Core::new(false);
+        if tls.is_some() {
+            core.phase = Phase::Local;
         }
+        let greeted_client = true;
+        core.to_client = local_reply::greeting(&settings.hostname);
         let mut gate = GateState::new(settings.listener, settings.require_tls_for_mail);
         gate.client_tls = tls.is_some();
         SmtpMachine {
@@ -548,6 +555,94 @@ impl SmtpMachine {
             }
             Action::Connect => {
                 // Connect, replay the EHLO/HELO, then the gate judges this line again.
+                self.held = Some(line);
+                self.replay = self.greeting.is_some();
+                self.core.phase = Phase::Connecting;
+            }
+        }
+    }
+
+    /// A line with TLS up and no backend yet ([`Phase::Local`]): answered here when mailfront
+    /// can answer it truthfully, otherwise the backend is connected and the line judged again
+    /// by the gate once the client's EHLO/HELO was replayed to it.
+    fn on_local_line(&mut self, line: Line) {
+        if self.draining {
+            self.check_stop();
+            return;
+        }
+        let command = Command::from_line(&line);
+        let verdict = policy::decide(&self.gate, ClientInput::Command(&command));
+        let Verdict::Forward = verdict else {
+            return match verdict {
+                Verdict::Refuse(refusal) => self.refuse(refusal, &command),
+                Verdict::DiscardChunk { octets, refusal } => {
+                    self.refuse(refusal, &command);
+                    self.start_chunk(octets, false, false);
+                }
+                Verdict::StartTls => self.start_tls(line),
+                Verdict::Forward => {}
+            };
+        };
+        if matches!(command, Command::Ehlo(_) | Command::Helo(_))
+            && canonical::encode(&command, line.text()).is_err()
+        {
+            // Replayed to the backend later: a name that could not be written then is refused
+            // now.
+            let limit = canonical::COMMAND_LINE_LIMIT;
+            return self.refuse(
+                Refusal::TooLong(LineError::CommandTooLong { limit }),
+                &command,
+            );
+        }
+        let learned = self.settings.learned_ehlo.as_deref().and_then(Reply::parse);
+        match (&command, learned) {
+            (Command::Ehlo(name), Some(learned)) => {
+                self.greeting = Some(Greeting {
+                    ehlo: true,
+                    name: name.clone(),
+                });
+                self.gate.needs_ehlo = false;
+                self.tx.restart_content();
+                self.learn_capabilities(Some(&learned));
+                let ctx = EhloContext {
+                    client_tls: self.gate.client_tls,
+                    listener: self.gate.listener,
+                    hostname: Some(&self.settings.hostname),
+                    size_reserve: RECEIVED_SIZE_RESERVE,
+                };
+                let reply = rewrite_ehlo(&learned, &ctx);
+                self.local(&reply);
+            }
+            (Command::Helo(name), _) => {
+                self.greeting = Some(Greeting {
+                    ehlo: false,
+                    name: name.clone(),
+                });
+                self.gate.needs_ehlo = false;
+                self.tx.restart_content();
+                self.learn_capabilities(None);
+                let reply = local_reply::helo_reply(self.hostname());
+                self.local(&reply);
+            }
+            (Command::Noop, _) => self.local(local_reply::OK),
+            (Command::Rset, _) => {
+                self.tx.restart_content();
+                self.local(local_reply::OK);
+            }
+            (Command::Quit, _) => {
+                self.local(local_reply::CLOSING);
+                self.finish(End::ClientClosed);
+            }
+            // Without a MAIL (which connects) there is no transaction yet (RFC 5321 §4.1.4).
+            (Command::Rcpt(_) | Command::Data, _) => self.refuse(Refusal::NeedMail, &command),
+            (Command::Bdat(bdat), _) => {
+                self.refuse(Refusal::NeedMail, &command);
+                self.start_chunk(bdat.size, false, false);
+            }
+            (Command::Unknown, _) => self.refuse(Refusal::NotRecognized, &command),
+            // AUTH, MAIL, VRFY, EXPN, HELP, and an EHLO while no backend's capabilities are
+            // known: connect, replay the EHLO/HELO, then the gate judges this line again.
+            _ => {
                 self.held = Some(line);
                 self.replay = self.greeting.is_some();
                 self.core.phase = Phase::Connecting;
@@ -1030,6 +1125,9 @@ impl SmtpMachine {
             Expect::Ehlo { name } => {
                 self.learn_capabilities(Some(&reply));
                 if reply.is_positive() {
+                    self.notice(Notice::BackendEhlo(reply.raw().to_vec()));
+                }
+                if reply.is_positive() {
                     self.greeting = Some(Greeting { ehlo: true, name });
                     self.tx.restart_content();
                 }
@@ -1044,6 +1142,9 @@ impl SmtpMachine {
             }
             Expect::Replay { ehlo } => {
                 self.learn_capabilities(ehlo.then_some(&reply));
+                if ehlo && reply.is_positive() {
+                    self.notice(Notice::BackendEhlo(reply.raw().to_vec()));
+                }
                 if !reply.is_positive() {
                     self.notice(Notice::BackendRefused {
                         what: "the replayed EHLO/HELO",
@@ -1349,7 +1450,7 @@ impl ClientEvents for SmtpMachine {
 
     fn may_take_event(&self) -> bool {
         match self.core.phase {
-            Phase::Cleartext => self.held.is_none() || self.owed == 0,
+            Phase::Cleartext | Phase::Local => self.held.is_none() || self.owed == 0,
             Phase::Ready => match self.mode {
                 Mode::Data { .. } | Mode::Chunk { .. } => true,
                 _ => !self.blocked(),
@@ -1392,6 +1493,7 @@ impl ClientEvents for SmtpMachine {
 
     fn on_event(&mut self, event: Event) {
         match event {
+            Event::Line(line) if self.core.phase == Phase::Local => self.on_local_line(line),
             Event::Line(line) => self.on_line(line),
             Event::TooLong(error) => self.on_too_long(error),
             content => self.on_content(content),
@@ -1503,7 +1605,8 @@ impl Machine for SmtpMachine {
         self.core.cbuf.clear();
         self.learn_capabilities(None);
         self.link = Link::NotYet;
-        self.core.phase = Phase::Connecting;
+        // No backend until a command needs it, as on 465.
+        self.core.phase = Phase::Local;
     }
 
     fn wants_client_input(&self, hold_limit: usize) -> bool {
@@ -1511,7 +1614,7 @@ impl Machine for SmtpMachine {
             return false;
         }
         match self.core.phase {
-            Phase::Cleartext => true,
+            Phase::Cleartext | Phase::Local => true,
             Phase::Greeting | Phase::Ready => match self.mode {
                 Mode::Data { .. } | Mode::Chunk { .. } => true,
                 _ => self.owed == 0 && self.charge != ChargeState::Asked,
@@ -1609,6 +1712,7 @@ mod tests {
             local: "198.51.100.1:465".parse().unwrap(),
             clock: || OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
             received_id: || ReceivedId::new("FIXEDID").unwrap(),
+            learned_ehlo: None,
         }
     }
 
@@ -1676,8 +1780,8 @@ mod tests {
         /// An implicit session past the greeting and EHLO.
         fn ready() -> Run {
             let mut run = Run::new(TlsMode::Implicit);
-            run.backend("220 backend ESMTP\r\n");
             run.client("EHLO me\r\n");
+            run.backend("220 backend ESMTP\r\n");
             run.backend(EHLO_REPLY);
             run.take_client();
             run.take_backend();
@@ -1686,13 +1790,15 @@ mod tests {
     }
 
     #[test]
-    fn an_implicit_session_greets_once_the_backend_did_and_sends_commands_rewritten() {
+    fn an_implicit_session_is_greeted_at_once_and_the_first_ehlo_connects() {
         let mut run = Run::new(TlsMode::Implicit);
-        assert_eq!(run.take_client(), "", "no greeting before the backend's");
-        assert!(run.m.waiting_for_backend());
-        run.backend("220 internal.host ESMTP Postfix\r\n");
         assert_eq!(run.take_client().as_bytes(), local_reply::greeting(HOST));
+        assert_eq!(run.m.core.phase, Phase::Local, "no backend yet");
         run.client("ehlo   me\r\n");
+        // No backend has told this listener its capabilities yet: the EHLO connects.
+        assert_eq!(run.take_client(), "");
+        run.backend("220 internal.host ESMTP Postfix\r\n");
+        assert_eq!(run.take_client(), "", "the backend's greeting is swallowed");
         assert_eq!(run.take_backend(), "EHLO me\r\n");
         run.backend(EHLO_REPLY);
         let ehlo = run.take_client();
@@ -1700,17 +1806,84 @@ mod tests {
             ehlo.contains("AUTH PLAIN") && !ehlo.contains("backend"),
             "{ehlo}"
         );
+        assert!(
+            run.notices
+                .contains(&Notice::BackendEhlo(EHLO_REPLY.as_bytes().to_vec()))
+        );
         run.client("QUIT\r\n");
         run.backend("221 bye\r\n");
         assert_eq!(run.take_client(), "221 bye\r\n");
         assert_eq!(run.m.next(), Next::End(End::ClientClosed));
     }
 
+    /// An implicit session of a listener that learned its backend's EHLO.
+    fn learned() -> Run {
+        let mut settings = settings(TlsMode::Implicit);
+        settings.learned_ehlo = Some(EHLO_REPLY.as_bytes().to_vec());
+        let mut run = Run {
+            m: SmtpMachine::new(settings, Some(tls13())),
+            client: Vec::new(),
+            backend: Vec::new(),
+            notices: Vec::new(),
+            closes: 0,
+            grant: true,
+        };
+        run.settle();
+        run.take_client();
+        run
+    }
+
     #[test]
-    fn a_refused_greeting_reaches_a_client_not_greeted_yet_and_ends_the_session() {
-        let mut run = Run::new(TlsMode::Implicit);
+    fn a_session_that_never_authenticates_opens_no_backend() {
+        let mut run = learned();
+        run.client("EHLO me\r\nNOOP\r\nRSET\r\nRCPT TO:<b@example.org>\r\nFOO\r\nQUIT\r\n");
+        let replies = run.take_client();
+        assert!(replies.starts_with("250-mx.example\r\n"), "{replies}");
+        assert!(
+            replies.contains("AUTH PLAIN") && replies.contains("CHUNKING"),
+            "{replies}"
+        );
+        assert!(
+            replies.ends_with(
+                "250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n503 5.5.1 Error: need MAIL command\r\n\
+             500 5.5.1 Error: command not recognized\r\n221 2.0.0 Bye\r\n"
+            ),
+            "{replies}"
+        );
+        assert_eq!(run.m.next(), Next::End(End::ClientClosed));
+        assert_eq!(run.take_backend(), "", "nothing was ever connected");
+    }
+
+    #[test]
+    fn auth_connects_and_replays_the_ehlo_before_it() {
+        let mut run = learned();
+        run.client("EHLO me\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        assert!(run.take_client().contains("AUTH PLAIN"));
+        assert_eq!(run.take_backend(), "", "connecting");
+        run.backend("220 backend ESMTP\r\n");
+        assert_eq!(
+            run.take_backend(),
+            "EHLO me\r\n",
+            "the client's EHLO, replayed"
+        );
+        run.backend(EHLO_REPLY);
+        assert_eq!(
+            run.take_client(),
+            "",
+            "the replayed EHLO's reply is swallowed"
+        );
+        assert_eq!(run.take_backend(), "AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        run.backend("235 2.7.0 ok\r\n");
+        assert_eq!(run.take_client(), "235 2.7.0 ok\r\n");
+    }
+
+    #[test]
+    fn a_backend_refusing_at_greeting_gives_a_temporary_failure() {
+        let mut run = learned();
+        run.client("EHLO me\r\nMAIL FROM:<a@example.org>\r\n");
+        run.take_client();
         run.backend("554 go away\r\n");
-        assert_eq!(run.take_client(), "554 go away\r\n");
+        assert!(run.take_client().starts_with("421 4.4.1"));
         assert_eq!(run.m.next(), Next::End(End::BackendUnavailable));
     }
 
@@ -1831,16 +2004,16 @@ mod tests {
             run.notices
                 .contains(&Notice::PipelinedAfterStartTls { octets: 30 })
         );
-        // The played driver finished the handshake and connected.
-        assert_eq!(run.take_backend(), "");
-        run.backend("220 backend ESMTP\r\n");
-        assert_eq!(run.take_client(), "", "the backend's greeting is swallowed");
+        // The played driver finished the handshake; nothing needs the backend yet.
+        assert_eq!(run.m.core.phase, Phase::Local);
         run.client("MAIL FROM:<a@example.org>\r\n");
         assert!(
             run.take_client().starts_with("503 5.5.1"),
             "EHLO first after TLS"
         );
         run.client("EHLO me\r\n");
+        run.backend("220 backend ESMTP\r\n");
+        assert_eq!(run.take_client(), "", "the backend's greeting is swallowed");
         assert_eq!(run.take_backend(), "EHLO me\r\n");
     }
 
@@ -1875,8 +2048,8 @@ mod tests {
     #[test]
     fn without_pipelining_one_command_at_a_time_reaches_the_backend() {
         let mut run = Run::new(TlsMode::Implicit);
-        run.backend("220 backend ESMTP\r\n");
         run.client("EHLO me\r\n");
+        run.backend("220 backend ESMTP\r\n");
         run.backend("250-backend\r\n250 SIZE 1000\r\n");
         run.take_backend();
         run.client("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n");
@@ -1923,10 +2096,14 @@ mod tests {
             let mut run = Run::new(TlsMode::Implicit);
             let mut seen = Vec::new();
             let (mut in_data, mut pending) = (false, Vec::new());
-            run.backend("220 backend ESMTP\r\n");
+            let mut greeted = false;
             for piece in input.as_bytes().chunks(chunk) {
                 run.m.client_input(piece);
                 run.settle();
+                if !greeted && run.m.waiting_for_backend() {
+                    greeted = true;
+                    run.backend("220 backend ESMTP\r\n");
+                }
                 postfix(&mut run, &mut in_data, &mut pending, &mut seen);
             }
             (

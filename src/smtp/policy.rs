@@ -102,8 +102,10 @@ pub enum Refusal {
     AlreadyAuthenticated,
     /// BDAT when the backend does not offer CHUNKING.
     BdatNotSupported,
-    /// RCPT or DATA before TLS with no transaction open (no MAIL reached a backend).
+    /// RCPT, DATA or BDAT with no transaction open (no MAIL reached a backend yet).
     NeedMail,
+    /// A command mailfront does not know, answered while no backend is connected.
+    NotRecognized,
 }
 
 impl Refusal {
@@ -120,6 +122,7 @@ impl Refusal {
             Refusal::AlreadyAuthenticated => local_reply::ALREADY_AUTHENTICATED,
             Refusal::BdatNotSupported => local_reply::BDAT_NOT_SUPPORTED,
             Refusal::NeedMail => local_reply::NEED_MAIL,
+            Refusal::NotRecognized => local_reply::COMMAND_NOT_RECOGNIZED,
         }
     }
 
@@ -140,6 +143,7 @@ impl Refusal {
             Refusal::AlreadyAuthenticated => "already_authenticated",
             Refusal::BdatNotSupported => "bdat_not_supported",
             Refusal::NeedMail => "need_mail",
+            Refusal::NotRecognized => "not_recognized",
         }
     }
 }

@@ -24,6 +24,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
         local: session.local_addr(),
         clock: OffsetDateTime::now_utc,
         received_id: ReceivedId::random,
+        learned_ehlo: listener.learned.ehlo(),
     };
     let machine = SmtpMachine::new(settings, session.tls().map(|t| t.facts()));
     // Client bytes held while the machine waits for replies: one command line's worth.
