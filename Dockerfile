@@ -19,9 +19,16 @@
 # the rust tag, four for distroless). They are meant to be multi-platform indexes (the release
 # builds amd64 and arm64, and fails loudly on a single-platform digest). Check and bump them where
 # a registry is reachable: `docker buildx imagetools inspect <tag>` (or Dependabot/Renovate).
-
+#
+# Both are build arguments so that tests/image/check.sh can build from stand-ins made locally
+# where no registry is reachable (`--standin`: a debootstrap bookworm with the host's Rust
+# toolchain, and distroless cc's Debian package set); a release never sets them.
 # rust:1.95-slim-bookworm
-FROM docker.io/library/rust:1.95-slim-bookworm@sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082 AS build
+ARG BUILD_IMAGE=docker.io/library/rust:1.95-slim-bookworm@sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082
+# gcr.io/distroless/cc-debian12:nonroot
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
+
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 # Cargo's registry and the target directory live in BuildKit cache mounts, so a source change
 # rebuilds only mailfront, never the dependency graph. --locked: Cargo.lock is the truth; a build
@@ -46,8 +53,7 @@ RUN sed 's/^  listen: "127\.0\.0\.1:9090"/  listen: "0.0.0.0:9090"/' config.yaml
 
 # A default configuration, so `docker run IMAGE` works without mounts. Kubernetes mounts its own
 # at /etc/mailfront/config/ (a directory, so ConfigMap updates are visible; see the Helm chart).
-# gcr.io/distroless/cc-debian12:nonroot
-FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 # Set by the release workflow (.github/workflows/release.yml): the version, the repository the
 # image was built from and the commit.
 ARG VERSION=0.1.0
