@@ -7,6 +7,9 @@
 #   docker run --rm --read-only --stop-timeout 45 -p 10465:10465 -p 10993:10993 \
 #     -p 127.0.0.1:9090:9090 mailfront:dev
 #
+# tests/image/check.sh builds and runs it and checks all of this (with stand-in bases, in a copy
+# of this file, where no registry is reachable).
+#
 # The image listens on unprivileged ports only (10465/10587/10993/10995, metrics 9090); the
 # Kubernetes Service maps 465/587/993/995 onto them, so no NET_BIND_SERVICE capability is needed.
 
@@ -19,16 +22,9 @@
 # the rust tag, four for distroless). They are meant to be multi-platform indexes (the release
 # builds amd64 and arm64, and fails loudly on a single-platform digest). Check and bump them where
 # a registry is reachable: `docker buildx imagetools inspect <tag>` (or Dependabot/Renovate).
-#
-# Both are build arguments so that tests/image/check.sh can build from stand-ins made locally
-# where no registry is reachable (`--standin`: a debootstrap bookworm with the host's Rust
-# toolchain, and distroless cc's Debian package set); a release never sets them.
-# rust:1.95-slim-bookworm
-ARG BUILD_IMAGE=docker.io/library/rust:1.95-slim-bookworm@sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082
-# gcr.io/distroless/cc-debian12:nonroot
-ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 
-FROM ${BUILD_IMAGE} AS build
+# rust:1.95-slim-bookworm
+FROM docker.io/library/rust:1.95-slim-bookworm@sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082 AS build
 WORKDIR /src
 # Cargo's registry and the target directory live in BuildKit cache mounts, so a source change
 # rebuilds only mailfront, never the dependency graph. --locked: Cargo.lock is the truth; a build
@@ -53,7 +49,8 @@ RUN sed 's/^  listen: "127\.0\.0\.1:9090"/  listen: "0.0.0.0:9090"/' config.yaml
 
 # A default configuration, so `docker run IMAGE` works without mounts. Kubernetes mounts its own
 # at /etc/mailfront/config/ (a directory, so ConfigMap updates are visible; see the Helm chart).
-FROM ${RUNTIME_IMAGE} AS runtime
+# gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f AS runtime
 # Set by the release workflow (.github/workflows/release.yml): the version, the repository the
 # image was built from and the commit.
 ARG VERSION=0.1.0

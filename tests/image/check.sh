@@ -13,9 +13,12 @@
 #   tests/image/check.sh --standin       # builds FROM stand-in bases made here, no registry
 #
 # The container engine is podman, or docker where podman is missing ($MAILFRONT_IMAGE_ENGINE
-# chooses). Base images: the Dockerfile's pinned digests, or the build arguments BUILD_IMAGE and
-# RUNTIME_IMAGE from $MAILFRONT_BUILD_IMAGE and $MAILFRONT_RUNTIME_IMAGE (any image already in
-# the engine's store, e.g. one loaded with `podman load`).
+# chooses). Base images: the Dockerfile's pinned digests, or stand-ins: $MAILFRONT_BUILD_IMAGE
+# and $MAILFRONT_RUNTIME_IMAGE (any image in the engine's store, e.g. one `podman load`ed) take
+# the place of the `FROM … AS build` and `FROM … AS runtime` images, in a copy of the Dockerfile.
+# Not build arguments: a `FROM ${ARG}` hides the base images from Dependabot, which then stops
+# updating their digests (dependabot-core#2057), and the stage-name workaround for that
+# (`ARG B=pinned` … `FROM ${B}`) does not build with podman 4.3 (Debian 12's).
 #
 # --standin makes both bases locally, for machines that cannot reach a registry (needs root,
 # debootstrap and the Debian mirror; made once, then reused until --rebuild-standins):
@@ -172,7 +175,6 @@ EOF
     - "$STANDIN_RUNTIME"
 }
 
-build_args=()
 if [ "$standin" = 1 ]; then
   if [ "$(id -u)" != 0 ]; then echo "FAIL  --standin needs root (debootstrap, file ownership)" >&2; exit 1; fi
   for tool in debootstrap apt-get dpkg-deb rustc; do
@@ -188,12 +190,30 @@ if [ "$standin" = 1 ]; then
       echo "      ($(( $(date +%s) - start ))s)"
     fi
   done
-  build_args=(--build-arg "BUILD_IMAGE=$STANDIN_BUILD" --build-arg "RUNTIME_IMAGE=$STANDIN_RUNTIME")
-else
-  [ -n "${MAILFRONT_BUILD_IMAGE:-}" ] && build_args+=(--build-arg "BUILD_IMAGE=$MAILFRONT_BUILD_IMAGE")
-  [ -n "${MAILFRONT_RUNTIME_IMAGE:-}" ] && build_args+=(--build-arg "RUNTIME_IMAGE=$MAILFRONT_RUNTIME_IMAGE")
+  MAILFRONT_BUILD_IMAGE=$STANDIN_BUILD
+  MAILFRONT_RUNTIME_IMAGE=$STANDIN_RUNTIME
 fi
 [ "$failed" -eq 0 ] || finish
+
+# The Dockerfile, with the stand-in bases (if any) in its two FROM lines: the rest unchanged.
+dockerfile=$ROOT/Dockerfile
+bases="pinned bases"
+if [ -n "${MAILFRONT_BUILD_IMAGE:-}${MAILFRONT_RUNTIME_IMAGE:-}" ]; then
+  dockerfile=$WORK/Dockerfile
+  cp "$ROOT/Dockerfile" "$dockerfile"
+  substitute() { # STAGE IMAGE
+    [ -n "$2" ] || return 0
+    sed -i -E "s#^FROM [^ ]+ AS $1\$#FROM $2 AS $1#" "$dockerfile"
+    grep -qx "FROM $2 AS $1" "$dockerfile" || { echo "no 'FROM … AS $1' line in the Dockerfile"; return 1; }
+  }
+  substitute_bases() {
+    substitute build "${MAILFRONT_BUILD_IMAGE:-}" && substitute runtime "${MAILFRONT_RUNTIME_IMAGE:-}" &&
+      grep '^FROM' "$dockerfile"
+  }
+  check "the Dockerfile's FROM lines take the stand-in bases" substitute_bases
+  bases="FROM ${MAILFRONT_BUILD_IMAGE:-(pinned)} / ${MAILFRONT_RUNTIME_IMAGE:-(pinned)}"
+  [ "$failed" -eq 0 ] || finish
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Build
@@ -202,8 +222,8 @@ fi
 format=()
 [ "$ENGINE" = podman ] && format=(--format docker)
 start=$(date +%s)
-check "$ENGINE build (${build_args[*]:-pinned bases})" \
-  engine build "${format[@]}" "${LIMITS[@]}" --network host "${build_args[@]}" -t "$IMAGE" -f "$ROOT/Dockerfile" "$ROOT"
+check "$ENGINE build ($bases)" \
+  engine build "${format[@]}" "${LIMITS[@]}" --network host -t "$IMAGE" -f "$dockerfile" "$ROOT"
 echo "      ($(( $(date +%s) - start ))s)"
 [ "$failed" -eq 0 ] || finish
 size=$(engine image inspect --format '{{.Size}}' "$IMAGE")
