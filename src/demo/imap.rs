@@ -573,7 +573,7 @@ mod tests {
         let messages: Vec<Arc<[u8]>> = vec![Arc::from(&b"S: a\r\n\r\nbody\r\n"[..])];
         assert_eq!(
             fetch("1 BODY[]", true, &messages).unwrap(),
-            b"* 1 FETCH (UID 1 BODY[] {15}\r\nS: a\r\n\r\nbody\r\n)\r\n"
+            b"* 1 FETCH (UID 1 BODY[] {14}\r\nS: a\r\n\r\nbody\r\n)\r\n"
         );
         assert_eq!(
             fetch("1:* (BODY[TEXT])", false, &messages).unwrap(),
