@@ -7,6 +7,9 @@
 #   docker run --rm --read-only --stop-timeout 45 -p 10465:10465 -p 10993:10993 \
 #     -p 127.0.0.1:9090:9090 mailfront:dev
 #
+# tests/image/check.sh builds and runs it and checks all of this (with stand-in bases, in a copy
+# of this file, where no registry is reachable).
+#
 # The image listens on unprivileged ports only (10465/10587/10993/10995, metrics 9090); the
 # Kubernetes Service maps 465/587/993/995 onto them, so no NET_BIND_SERVICE capability is needed.
 

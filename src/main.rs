@@ -13,6 +13,8 @@ use mailfront::reload;
 use mailfront::server::{self, Control, Server};
 use mailfront::tls::CertStore;
 
+mod demo;
+
 #[derive(Parser)]
 #[command(
     name = "mailfront",
@@ -42,6 +44,9 @@ enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Try mailfront: small IMAP, POP3 and SMTP servers (user demo, password demo) with
+    /// mailfront in front of them, all on 127.0.0.1, a self-signed certificate, and what to try.
+    Demo(demo::DemoArgs),
     /// Ask a running mailfront whether it is ready: GET /readyz on the metrics address of the
     /// configuration, exit 0 on 200, else 1 (a Docker HEALTHCHECK in an image without a shell).
     Health {
@@ -71,6 +76,17 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("mailfront health: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo(_) if cli.config.is_some() => {
+            eprintln!("mailfront demo: --config does not apply (the demo makes its own)");
+            ExitCode::FAILURE
+        }
+        Command::Demo(args) => match demo::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mailfront demo: {}", chain(&e));
                 ExitCode::FAILURE
             }
         },

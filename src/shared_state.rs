@@ -40,6 +40,13 @@
 //! once it answers, operations use it again. The local counts kept meanwhile are not merged into
 //! the store: charges taken alone stay local (and keep counting locally), sessions admitted alone
 //! are not added to the shared total.
+//!
+//! # Password
+//!
+//! `password_file` (with an ACL user from the URL, or the default user) is read at start, and
+//! again each time the background task finds the store down: a password is only sent when a
+//! connection is made, so a rotated Secret matters once the store refuses or drops this
+//! replica, and is then used for the next connection (`SharedState::renew_password`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -51,6 +58,7 @@ use redis::{ConnectionAddr, IntoConnectionInfo, Script};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
 use crate::config::SharedStateConfig;
 use crate::limits::IpKey;
@@ -111,7 +119,7 @@ pub fn check_url(url: &str) -> Result<bool, String> {
 }
 
 /// Reads `password_file`: its content less one trailing newline.
-fn read_password(path: &std::path::Path) -> Result<String, SharedStateError> {
+fn read_password(path: &std::path::Path) -> Result<Zeroizing<String>, SharedStateError> {
     let fail = |detail: String| SharedStateError::PasswordFile {
         path: path.to_path_buf(),
         detail,
@@ -134,7 +142,7 @@ fn read_password(path: &std::path::Path) -> Result<String, SharedStateError> {
     if password.contains(['\r', '\n']) {
         return Err(fail("more than one line".into()));
     }
-    Ok(password.to_string())
+    Ok(Zeroizing::new(password.to_string()))
 }
 
 /// Reads `ca` and checks that it holds at least one certificate.
@@ -156,14 +164,26 @@ fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, SharedStateError> {
 /// Builds the client from the checked configuration, reading the password file and the CA;
 /// connects to nothing. `mailfront check` calls it too.
 pub fn client(config: &SharedStateConfig) -> Result<redis::Client, SharedStateError> {
+    let password = config
+        .password_file
+        .as_deref()
+        .map(read_password)
+        .transpose()?;
+    client_with(config, password.as_deref().map(String::as_str))
+}
+
+/// [`client`] with the password already read (`None`: the URL's, if any); reads the CA.
+fn client_with(
+    config: &SharedStateConfig,
+    password: Option<&str>,
+) -> Result<redis::Client, SharedStateError> {
     let tls = check_url(&config.url).map_err(SharedStateError::Url)?;
     let mut info = config
         .url
         .as_str()
         .into_connection_info()
         .map_err(|e| SharedStateError::Url(e.to_string()))?;
-    if let Some(path) = &config.password_file {
-        let password = read_password(path)?;
+    if let Some(password) = password {
         let settings = info.redis_settings().clone().set_password(password);
         info = info.set_redis_settings(settings);
     }
@@ -278,7 +298,10 @@ impl Op {
 /// (`Arc`); the background task ([`SharedState::maintain`]) connects, renews the lease and
 /// notices the store's return.
 pub struct SharedState {
-    client: redis::Client,
+    /// Kept to read `password_file` again (see `SharedState::renew_password`).
+    config: SharedStateConfig,
+    /// The client, and the password from `password_file` it was built with.
+    client: Mutex<(redis::Client, Option<Zeroizing<String>>)>,
     conn: Mutex<Option<ConnectionManager>>,
     up: AtomicBool,
     replica: String,
@@ -330,7 +353,12 @@ impl SharedState {
         config: &SharedStateConfig,
         registry: &Registry,
     ) -> Result<Arc<SharedState>, SharedStateError> {
-        let client = client(config)?;
+        let password = config
+            .password_file
+            .as_deref()
+            .map(read_password)
+            .transpose()?;
+        let client = client_with(config, password.as_deref().map(String::as_str))?;
         let up_gauge = IntGauge::new(
             "mailfront_shared_state_up",
             "1 while the shared store (shared_state.redis) answers; 0 while this replica counts alone",
@@ -353,7 +381,8 @@ impl SharedState {
             format!("mailfront:{}:", config.key_prefix)
         };
         Ok(Arc::new(SharedState {
-            client,
+            config: config.clone(),
+            client: Mutex::new((client, password)),
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
             replica: replica_id(),
@@ -378,6 +407,49 @@ impl SharedState {
     /// Whether operations go to the store now.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    fn redis_client(&self) -> redis::Client {
+        self.client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// While the store is down: reads `password_file` again and, when its content changed (a
+    /// rotated Secret), rebuilds the client with it and drops the connection, so the next
+    /// attempt authenticates with the new password. A password is only ever sent when a
+    /// connection is made, and an authenticated connection outlives a password change on the
+    /// server; so the file matters when the store refused or dropped this replica, which is
+    /// when it is read. A file that cannot be read keeps the password in use (logged at debug
+    /// level: the outage itself is logged already).
+    fn renew_password(&self) {
+        let Some(path) = &self.config.password_file else {
+            return;
+        };
+        let password = match read_password(path) {
+            Ok(password) => password,
+            Err(e) => {
+                tracing::debug!(error = %e, "shared_state.password_file: cannot read it again; keeping the password in use");
+                return;
+            }
+        };
+        let mut current = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.1.as_ref() == Some(&password) {
+            return;
+        }
+        match client_with(&self.config, Some(&password)) {
+            Ok(client) => {
+                *current = (client, Some(password));
+                drop(current);
+                *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                tracing::info!(path = %path.display(), "shared_state.password_file changed: connecting with the new password");
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "shared_state: cannot rebuild the client; keeping the password in use");
+            }
+        }
     }
 
     fn connection(&self) -> Option<ConnectionManager> {
@@ -539,6 +611,9 @@ impl SharedState {
     /// Connects if not connected yet, renews the lease and rewrites this replica's hash from
     /// `slots`; marks the store up or down by the outcome.
     async fn refresh_once(&self, slots: &[(IpKey, u32)]) {
+        if !self.is_up() {
+            self.renew_password();
+        }
         let conn = match self.connection() {
             Some(conn) => conn,
             None => {
@@ -548,7 +623,7 @@ impl SharedState {
                     .set_number_of_retries(1);
                 let made = tokio::time::timeout(
                     CONNECT_TIMEOUT,
-                    ConnectionManager::new_with_config(self.client.clone(), config),
+                    ConnectionManager::new_with_config(self.redis_client(), config),
                 )
                 .await;
                 match made {
@@ -621,7 +696,10 @@ impl SharedState {
     /// Pings the store once (`mailfront check --online`).
     pub async fn ping(&self) -> Result<(), SharedStateError> {
         let attempt = async {
-            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            let mut conn = self
+                .redis_client()
+                .get_multiplexed_async_connection()
+                .await?;
             redis::cmd("PING").query_async::<String>(&mut conn).await
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
@@ -664,7 +742,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pw");
         std::fs::write(&path, "s3cret\n").unwrap();
-        assert_eq!(read_password(&path).unwrap(), "s3cret");
+        assert_eq!(read_password(&path).unwrap().as_str(), "s3cret");
         std::fs::write(&path, "a\nb\n").unwrap();
         assert!(read_password(&path).is_err());
         std::fs::write(&path, "").unwrap();

@@ -27,6 +27,9 @@ struct Fleet {
     backend: FakeBackend,
     redis: RedisServer,
     prefix: String,
+    /// More `shared_state` keys (`password_file`), and the URL if not the server's own.
+    shared: String,
+    url: String,
     replicas: Vec<Proxy>,
 }
 
@@ -34,6 +37,18 @@ impl Fleet {
     /// `None` (SKIPPED) without redis-server.
     async fn start(test: &str, replicas: usize, limits: &str) -> Option<Fleet> {
         let redis = RedisServer::start(test)?;
+        let url = redis.url();
+        Some(Self::start_on(redis, &url, "", replicas, limits).await)
+    }
+
+    /// Replicas on a Redis already started, with `url` and more `shared_state` keys.
+    async fn start_on(
+        redis: RedisServer,
+        url: &str,
+        shared: &str,
+        replicas: usize,
+        limits: &str,
+    ) -> Fleet {
         let pki = Pki::new();
         let cert = pki.issue("mx", &[HOST], false);
         let backend = FakeBackend::start(FakeKind::Imap).await;
@@ -43,6 +58,8 @@ impl Fleet {
             backend,
             redis,
             prefix: format!("t{:08x}", fastrand::u32(..)),
+            shared: shared.to_owned(),
+            url: url.to_owned(),
             replicas: Vec::new(),
         };
         for _ in 0..replicas {
@@ -52,7 +69,7 @@ impl Fleet {
         for i in 0..replicas {
             fleet.wait_up(i).await;
         }
-        Some(fleet)
+        fleet
     }
 
     fn yaml(&self, limits: &str) -> String {
@@ -63,9 +80,8 @@ impl Fleet {
                 listener_yaml("starttls", "imap", "starttls", self.backend.addr),
             ],
             &format!(
-                "limits:\n{limits}shared_state:\n  redis: \"{}\"\n  key_prefix: {}\n  lease: 2s\n  timeout: 200ms\n",
-                self.redis.url(),
-                self.prefix
+                "limits:\n{limits}shared_state:\n  redis: \"{}\"\n  key_prefix: {}\n  lease: 2s\n  timeout: 200ms\n{}",
+                self.url, self.prefix, self.shared
             ),
         )
     }
@@ -390,4 +406,168 @@ async fn with_the_store_down_replicas_count_alone_and_resume_when_it_returns() {
         .await
         .unwrap();
     assert_eq!(live, 2);
+}
+
+/// The rules the Helm chart's Valkey gives mailfront's ACL user (`sharedState.valkey.auth`):
+/// read from the chart itself, so this test checks what the chart deploys.
+fn chart_acl_rules() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helm/mailfront/files/valkey-acl-rules"
+    ))
+    .unwrap()
+    .lines()
+    .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
+/// `shared_state.password_file` with an ACL user named in the URL, as the Helm chart's Valkey
+/// runs it: the default user off, mailfront's user limited to its keys and commands by the
+/// chart's rules. The counts are shared, and `mailfront check --online` logs in too.
+#[tokio::test]
+async fn a_password_file_and_an_acl_user_share_the_counts() {
+    let test = "a_password_file_and_an_acl_user_share_the_counts";
+    let Some(dir) = redis_server_or_skip(test).map(|_| tempfile::tempdir().unwrap()) else {
+        return;
+    };
+    let acl = dir.path().join("users.acl");
+    std::fs::write(
+        &acl,
+        format!(
+            "user default off\nuser mailfront on >s3cret-pw {}\n",
+            chart_acl_rules()
+        ),
+    )
+    .unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret-pw\n").unwrap();
+    let redis = RedisServer::start_with(
+        test,
+        &["--aclfile", acl.to_str().unwrap()],
+        "mailfront:s3cret-pw@",
+    )
+    .unwrap();
+    let url = format!("redis://mailfront@127.0.0.1:{}/0", redis.port);
+    let shared = format!("  password_file: {}\n", password.display());
+    let f = Fleet::start_on(
+        redis,
+        &url,
+        &shared,
+        2,
+        "  connections_per_ip: 2\n  auth_failures_per_ip: 2\n  auth_failure_window: 60s\n",
+    )
+    .await;
+    // One wrong password on each replica spends the budget of two: both now refuse.
+    for (i, tag) in [(0, "a"), (1, "b")] {
+        let mut c = f.imaps(i).await;
+        assert!(imap_login(&mut c, tag, "wrong").await.contains(FAILED));
+    }
+    for (i, tag) in [(0, "c"), (1, "d")] {
+        let mut c = f.imaps(i).await;
+        assert!(imap_login(&mut c, tag, "secret").await.contains(THROTTLED));
+    }
+    for i in 0..2 {
+        assert_eq!(f.metric(i, "mailfront_shared_state_up"), 1.0);
+        for op in ["charge", "acquire", "release", "refund"] {
+            assert_eq!(
+                f.metric(
+                    i,
+                    &format!("mailfront_shared_state_fallbacks_total{{op=\"{op}\"}}")
+                ),
+                0.0,
+                "replica {i}: {op} fell back to counting alone"
+            );
+        }
+    }
+    let mut redis = f.redis.client().await;
+    let held: i64 = redis::cmd("ZCARD")
+        .arg(format!("mailfront:{}:auth:127.0.0.1", f.prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(held, 2);
+
+    // mailfront check --online: the same URL and password file, one PING.
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname: {HOST}\nlisteners:\n  - name: imaps\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:1\"\nshared_state:\n  redis: \"{url}\"\n{shared}"
+        ),
+    )
+    .unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_mailfront"))
+        .args(["check", "--online", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && out.contains("PING answered"),
+        "{out}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    std::fs::write(&password, "wrong-pw\n").unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_mailfront"))
+        .args(["check", "--online", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!check.status.success(), "a wrong password passed the PING");
+}
+
+/// A rotated password: the server changes it and drops mailfront's connections (as a Valkey
+/// restarted with a new Secret does), and the Secret mounted as `password_file` changes. The
+/// replica's reconnection with the old password is refused; it counts alone meanwhile, reads
+/// the file again and is back in the store without a restart.
+#[tokio::test]
+async fn a_rotated_password_file_is_read_again_when_the_store_refuses() {
+    let test = "a_rotated_password_file_is_read_again_when_the_store_refuses";
+    let Some(redis) = RedisServer::start_with(test, &["--requirepass", "old-pw"], ":old-pw@")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "old-pw\n").unwrap();
+    let url = redis.url();
+    let shared = format!("  password_file: {}\n", password.display());
+    let f = Fleet::start_on(
+        redis,
+        &url,
+        &shared,
+        1,
+        "  connections_per_ip: 0\n  auth_failures_per_ip: 5\n  auth_failure_window: 60s\n",
+    )
+    .await;
+
+    std::fs::write(&password, "new-pw\n").unwrap();
+    let mut admin = f.redis.client().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("new-pw")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let down = || f.metric(0, "mailfront_shared_state_up") == 0.0;
+    eventually(down).await;
+    f.wait_up(0).await;
+    // And it counts in the store again.
+    let mut c = f.imaps(0).await;
+    assert!(imap_login(&mut c, "a", "wrong").await.contains(FAILED));
+    let held: i64 = redis::cmd("ZCARD")
+        .arg(format!("mailfront:{}:auth:127.0.0.1", f.prefix))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(held, 1);
 }

@@ -10,6 +10,10 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Configuration directives beyond the defaults (`--requirepass …`, `--aclfile …`).
+    extra: Vec<String>,
+    /// `user:password@` for the test's own client, where the server asks for one.
+    auth: String,
 }
 
 /// `redis-server`'s path, or `None` after a SKIPPED line; panics instead when
@@ -39,14 +43,27 @@ impl RedisServer {
     /// Starts `redis-server` on a free port, or `None` when it is missing (see
     /// [`redis_server_or_skip`]).
     pub fn start(test: &str) -> Option<RedisServer> {
+        Self::start_with(test, &[], "")
+    }
+
+    /// As [`RedisServer::start`], with more directives (`["--requirepass", "pw"]`) and the
+    /// `user:password@` (or `:password@`) the test's own [`RedisServer::client`] logs in with.
+    pub fn start_with(test: &str, extra: &[&str], auth: &str) -> Option<RedisServer> {
         redis_server_or_skip(test)?;
         let mut server = RedisServer {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            auth: auth.to_owned(),
         };
         server.restart();
         Some(server)
+    }
+
+    /// Its working directory (for files its directives name, such as an ACL file).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// `redis://127.0.0.1:<port>/0`.
@@ -74,6 +91,7 @@ impl RedisServer {
                 "--dir",
                 self.dir.path().to_str().unwrap(),
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -98,8 +116,9 @@ impl RedisServer {
         if s.write_all(b"PING\r\n").is_err() {
             return false;
         }
+        // With a password required, the answer is an error, which says it runs all the same.
         let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        s.read_exact(&mut buf).is_ok() && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
     }
 
     /// Stops it at once (SIGKILL), as a crash or a network cut would look to mailfront.
@@ -112,7 +131,7 @@ impl RedisServer {
 
     /// A client for the test's own look at the keys.
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
+        redis::Client::open(format!("redis://{}127.0.0.1:{}/0", self.auth, self.port))
             .unwrap()
             .get_multiplexed_async_connection()
             .await

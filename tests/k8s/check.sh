@@ -195,6 +195,11 @@ render kustomize kubectl kustomize "$ROOT/deploy"
 # shared_state: the chart's own Valkey, and an external Redis with a password Secret and a CA.
 render helm-valkey helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" \
   --set sharedState.valkey.enabled=true --set networkPolicy.egress.enabled=true
+# The chart's Valkey without a password, and with the password Secret of a GitOps setup.
+render helm-valkey-noauth helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" \
+  --set sharedState.valkey.enabled=true --set sharedState.valkey.auth.enabled=false
+render helm-valkey-secret helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" \
+  --set sharedState.valkey.enabled=true --set sharedState.valkey.auth.existingSecret=valkey-auth
 render helm-redis helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" \
   --set sharedState.redis.url=rediss://redis.example.org:6380/0 --set sharedState.redis.existingSecret=redis-auth \
   --set sharedState.redis.caSecret=redis-ca --set sharedState.redis.port=6380 --set sharedState.keyPrefix=prod \
@@ -247,10 +252,25 @@ if [ -n "${RENDERED[helm-valkey]:-}" ] && [ -n "${RENDERED[helm-redis]:-}" ]; th
 (lambda v, cfg: v["spec"]["replicas"] == 1 and v["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
  and v["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
  and "latest" not in v["spec"]["template"]["spec"]["containers"][0]["image"]
- and cfg["shared_state"]["redis"] == "redis://mailfront-valkey.mail.svc:6379/0"
+ and cfg["shared_state"]["redis"] == "redis://mailfront@mailfront-valkey.mail.svc:6379/0"
  and ("Service", "mailfront-valkey") in by and ("NetworkPolicy", "mailfront-valkey") in by
  and any(p.get("port") == 6379 for e in by[("NetworkPolicy", "mailfront")]["spec"]["egress"] for p in e.get("ports", [])))(
   by[("Deployment", "mailfront-valkey")], __import__("yaml").safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]))'
+  # The password: a generated Secret, its users.acl (default user off, mailfront's user with the
+  # password's SHA-256 and the rules of files/valkey-acl-rules) loaded by Valkey, which restarts
+  # when it changes, and its password mounted as mailfront's shared_state.password_file.
+  ACL_RULES=$CHART/files/valkey-acl-rules expect_rendered "sharedState.valkey.auth: a generated password Secret, Valkey's aclfile from it, mailfront's password_file" "${RENDERED[helm-valkey]}" '
+(lambda sec, v, m, cfg: (lambda pw, acl, rules: pw.isalnum() and len(pw) == 40
+   and acl == "user default off\nuser mailfront on #" + __import__("hashlib").sha256(pw.encode()).hexdigest() + " " + rules + "\n"
+   and v["spec"]["template"]["metadata"]["annotations"]["checksum/acl"] == __import__("hashlib").sha256(acl.encode()).hexdigest()
+   and v["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--aclfile", "/etc/valkey/acl/users.acl"]
+   and {"name": "acl", "secret": {"secretName": "mailfront-valkey-auth", "defaultMode": 288, "items": [{"key": "users.acl", "path": "users.acl"}]}} in v["spec"]["template"]["spec"]["volumes"]
+   and {"name": "shared-state-password", "secret": {"secretName": "mailfront-valkey-auth", "defaultMode": 288, "items": [{"key": "password", "path": "password"}]}} in m["volumes"]
+   and cfg["shared_state"]["password_file"] == "/etc/mailfront/shared-state/password/password")(
+     __import__("base64").b64decode(sec["data"]["password"]).decode(), __import__("base64").b64decode(sec["data"]["users.acl"]).decode(),
+     " ".join(l.strip() for l in open(__import__("os").environ["ACL_RULES"]) if l.strip() and not l.startswith("#"))))(
+  by[("Secret", "mailfront-valkey-auth")], by[("Deployment", "mailfront-valkey")], by[("Deployment", "mailfront")]["spec"]["template"]["spec"],
+  __import__("yaml").safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]))'
   expect_rendered "sharedState.redis: URL, password Secret and CA mounted and named in shared_state, egress on its port" "${RENDERED[helm-redis]}" '
 (lambda cfg, p: cfg["shared_state"] == {"redis": "rediss://redis.example.org:6380/0", "timeout": "50ms", "key_prefix": "prod",
    "password_file": "/etc/mailfront/shared-state/password/password", "ca": "/etc/mailfront/shared-state/ca/ca.crt"}
@@ -258,6 +278,49 @@ if [ -n "${RENDERED[helm-valkey]:-}" ] && [ -n "${RENDERED[helm-redis]:-}" ]; th
  and any(v.get("secret", {}).get("secretName") == "redis-ca" for v in p["volumes"])
  and any(q.get("port") == 6380 for e in by[("NetworkPolicy", "mailfront")]["spec"]["egress"] for q in e.get("ports", [])))(
   __import__("yaml").safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]), one("Deployment")["spec"]["template"]["spec"])'
+fi
+if [ -n "${RENDERED[helm-valkey-noauth]:-}" ] && [ -n "${RENDERED[helm-valkey-secret]:-}" ]; then
+  expect_rendered "sharedState.valkey.auth.enabled false: no password Secret, aclfile or password_file" "${RENDERED[helm-valkey-noauth]}" '
+(lambda cfg: cfg["shared_state"]["redis"] == "redis://mailfront-valkey.mail.svc:6379/0" and "password_file" not in cfg["shared_state"]
+ and ("Secret", "mailfront-valkey-auth") not in by and "--aclfile" not in str(by[("Deployment", "mailfront-valkey")])
+ and "shared-state-password" not in str(by[("Deployment", "mailfront")]))(
+  __import__("yaml").safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]))'
+  expect_rendered "sharedState.valkey.auth.existingSecret: no Secret rendered, Valkey and mailfront both mount it" "${RENDERED[helm-valkey-secret]}" '
+(lambda v, m: ("Secret", "mailfront-valkey-auth") not in by and "annotations" not in v["spec"]["template"]["metadata"]
+ and any(x.get("secret", {}).get("secretName") == "valkey-auth" for x in v["spec"]["template"]["spec"]["volumes"])
+ and any(x.get("secret", {}).get("secretName") == "valkey-auth" for x in m["spec"]["template"]["spec"]["volumes"]))(
+  by[("Deployment", "mailfront-valkey")], by[("Deployment", "mailfront")])'
+fi
+# The generated users.acl and password, live: a real redis-server loads the ACL file, refuses the
+# default user and lets mailfront's user in with the password, but not to FLUSHALL
+# (tests/shared_state.rs runs mailfront itself against the same rules).
+valkey_acl_live() {
+  local dir=$WORK/valkey-acl port pid answer anonymous flush
+  mkdir -p "$dir"
+  "$PY" - "${RENDERED[helm-valkey]}" "$dir" <<'EOF' || return 1
+import base64, sys, yaml
+sec = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "Secret" and d["metadata"]["name"] == "mailfront-valkey-auth"][0]
+open(sys.argv[2] + "/users.acl", "wb").write(base64.b64decode(sec["data"]["users.acl"]))
+open(sys.argv[2] + "/password", "wb").write(base64.b64decode(sec["data"]["password"]))
+EOF
+  port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" --aclfile "$dir/users.acl" >"$dir/log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 50); do
+    answer=$(redis-cli -p "$port" --user mailfront --pass "$(cat "$dir/password")" --no-auth-warning PING 2>&1)
+    [ "$answer" = PONG ] && break
+    sleep 0.1
+  done
+  anonymous=$(redis-cli -p "$port" PING 2>&1)
+  flush=$(redis-cli -p "$port" --user mailfront --pass "$(cat "$dir/password")" --no-auth-warning FLUSHALL 2>&1)
+  kill "$pid"; wait "$pid" 2>/dev/null
+  echo "mailfront: $answer; default user: $anonymous; mailfront FLUSHALL: $flush"
+  [ "$answer" = PONG ] && [[ "$anonymous" == *NOAUTH* ]] && [[ "$flush" == *NOPERM* ]]
+}
+if [ -n "${RENDERED[helm-valkey]:-}" ] && command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+  check "sharedState.valkey.auth live: redis-server loads the generated users.acl; mailfront's user gets in, the default user and FLUSHALL do not" valkey_acl_live
+else
+  skip "sharedState.valkey.auth live check" "no redis-server/redis-cli (apt-get install redis-server)"
 fi
 if [ -n "${RENDERED[helm-full]:-}" ]; then
   expect_rendered "full values: defaultCertificate first, listeners by name, a disabled listener nowhere" "${RENDERED[helm-full]}" '
@@ -650,6 +713,17 @@ done
 check "checkov Dockerfile" "$VENV/checkov" --quiet --compact --config-file "$ROOT/.checkov.yaml" \
   --framework dockerfile -f "$ROOT/Dockerfile"
 check "hadolint Dockerfile" "$VENV/hadolint" "$ROOT/Dockerfile"
+# What a release builds from: two literal FROM lines (so Dependabot can update them; a FROM
+# ${ARG} hides them from it), each a version tag pinned by digest, stages `build` and `runtime`
+# (tests/image/check.sh puts its stand-in bases into exactly these two lines).
+check "Dockerfile: FROM lines are name:tag@sha256:digest, stages build and runtime" "$PY" - "$ROOT/Dockerfile" <<'EOF'
+import re, sys
+froms = re.findall(r"^FROM (\S+) AS (\S+)$", open(sys.argv[1]).read(), re.M)
+assert [stage for _, stage in froms] == ["build", "runtime"], froms
+for ref, stage in froms:
+    m = re.fullmatch(r"[a-z0-9.-]+(/[a-z0-9._-]+)+:([A-Za-z0-9._-]+)@sha256:[0-9a-f]{64}", ref)
+    assert m and m.group(2) != "latest", f"{stage}: {ref} is not name:tag@sha256:digest"
+EOF
 
 # ---------------------------------------------------------------------------------------------
 # Alert rules and dashboard

@@ -328,7 +328,7 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- with include "mailfront.sharedStateURL" . }}
 {{- $shared := dict "redis" . "timeout" $.Values.sharedState.timeout }}
 {{- if $.Values.sharedState.keyPrefix }}{{ $_ := set $shared "key_prefix" $.Values.sharedState.keyPrefix }}{{ end }}
-{{- if and (not $.Values.sharedState.valkey.enabled) $.Values.sharedState.redis.existingSecret }}
+{{- if include "mailfront.sharedStatePasswordSecret" $ }}
 {{- $_ := set $shared "password_file" "/etc/mailfront/shared-state/password/password" }}
 {{- end }}
 {{- if and (not $.Values.sharedState.valkey.enabled) $.Values.sharedState.redis.caSecret }}
@@ -339,13 +339,44 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- toYaml $cfg }}
 {{- end }}
 
-{{/* shared_state.redis: the chart's Valkey, else sharedState.redis.url, else empty (off). */}}
+{{/*
+shared_state.redis: the chart's Valkey (as the ACL user "mailfront" when it asks for a password),
+else sharedState.redis.url, else empty (off).
+*/}}
 {{- define "mailfront.sharedStateURL" -}}
 {{- if .Values.sharedState.valkey.enabled -}}
-redis://{{ include "mailfront.fullname" . }}-valkey.{{ .Release.Namespace }}.svc:6379/0
+redis://{{ if .Values.sharedState.valkey.auth.enabled }}mailfront@{{ end }}{{ include "mailfront.fullname" . }}-valkey.{{ .Release.Namespace }}.svc:6379/0
 {{- else if .Values.sharedState.redis.url -}}
 {{ .Values.sharedState.redis.url }}
 {{- end -}}
+{{- end }}
+
+{{/*
+The Secret and key mounted as shared_state.password_file ("name/key"), or empty: the chart's
+Valkey's (its own generated Secret, or valkey.auth.existingSecret; key "password"), else
+sharedState.redis.existingSecret.
+*/}}
+{{- define "mailfront.sharedStatePasswordSecret" -}}
+{{- $v := .Values.sharedState.valkey -}}
+{{- if $v.enabled -}}
+{{- if $v.auth.enabled -}}{{ include "mailfront.valkeyAuthSecretName" . }}/password{{- end -}}
+{{- else if .Values.sharedState.redis.existingSecret -}}
+{{ .Values.sharedState.redis.existingSecret }}/{{ .Values.sharedState.redis.passwordKey }}
+{{- end -}}
+{{- end }}
+
+{{/* The Secret with the chart's Valkey's password and users.acl. */}}
+{{- define "mailfront.valkeyAuthSecretName" -}}
+{{- default (printf "%s-valkey-auth" (include "mailfront.fullname" .)) .Values.sharedState.valkey.auth.existingSecret -}}
+{{- end }}
+
+{{/* The rules of mailfront's ACL user in the chart's Valkey: files/valkey-acl-rules without comments. */}}
+{{- define "mailfront.valkeyAclRules" -}}
+{{- $rules := list }}
+{{- range $line := splitList "\n" (.Files.Get "files/valkey-acl-rules") }}
+{{- if and (trim $line) (not (hasPrefix "#" $line)) }}{{ $rules = append $rules (trim $line) }}{{ end }}
+{{- end }}
+{{- join " " $rules }}
 {{- end }}
 
 {{/* The Valkey pods' selector labels. */}}
