@@ -893,6 +893,7 @@ mod tests {
             backend_proxy_protocol: false,
             proxy_protocol_from: Vec::new(),
             backend_client_info: false,
+            routing: Default::default(),
         }
     }
 
