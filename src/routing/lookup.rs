@@ -2,8 +2,9 @@
 //! routing and authentication services operators already run for nginx mail answer mailfront
 //! unchanged.
 //!
-//! **Request**: `GET <url path>` with `Host`, `Auth-Method` (nginx's spelling: `plain`,
-//! `login`, `cram-md5`, `apop`, `external`, …), `Auth-User` and, only with
+//! **Request**: `GET <url path>` with `Host`, `Auth-Method` (nginx's spelling, see
+//! [`method_name`]: `plain` for PLAIN, LOGIN and USER/PASS alike, `cram-md5`, `apop`,
+//! `external`), `Auth-User` and, only with
 //! `send_password: true`, `Auth-Pass` (both escaped as nginx does: space, `"`, `%`, `'`,
 //! controls and octets above 0x7e as `%XX`), `Auth-Protocol` (`imap`, `pop3`, `smtp`),
 //! `Auth-Login-Attempt`, `Client-IP`, `Client-Port`, on TLS `Auth-SSL: on` with
