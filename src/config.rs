@@ -21,6 +21,7 @@ mod log;
 mod shared_state;
 mod timeouts;
 mod tls;
+pub use backends::MAX_BACKENDS;
 pub use backends::{
     BackendHealthSection, BackendList, BackendTls, BackendTlsSection, Backends, Route,
     RouteSection, SniPattern, literal_socket_addr,
@@ -30,7 +31,10 @@ pub use limits::{
     DEFAULT_IMAP_LINE, DEFAULT_IMAP_LITERAL, DEFAULT_LISTEN_BACKLOG, DEFAULT_POP3_LINE,
     DEFAULT_PREAUTH_COMMANDS, DEFAULT_SMTP_LINE, Limits, LimitsSection, MAX_LISTEN_BACKLOG,
 };
-pub use listeners::{DEFAULT_MAX_CONNECTIONS, ListenerConfig, ListenerSection};
+pub use listeners::{
+    DEFAULT_LOOKUP_CONCURRENCY, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_MAX_CONNECTIONS, ListenerConfig,
+    ListenerSection, LookupUrl, UserLookup, UserLookupSection, UserRouting,
+};
 pub use log::{LogFormat, LogSection, MetricsSection, log_filter};
 pub use shared_state::{
     DEFAULT_SHARED_LEASE, DEFAULT_SHARED_TIMEOUT, SharedStateConfig, SharedStateSection,
@@ -218,7 +222,9 @@ impl fmt::Display for BackendAddress {
     }
 }
 
-fn parse_backend(text: &str) -> Result<BackendAddress, String> {
+/// Parses one `host:port` (an IP address, IPv6 in brackets, or a DNS name): a `backend` entry,
+/// or a backend in a `user_map` file.
+pub(crate) fn parse_backend(text: &str) -> Result<BackendAddress, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(BackendAddress {
             host: addr.ip().to_string(),

@@ -10,6 +10,9 @@
 //!   PROXY header, the per-address limits); `connection` hands it to its protocol's driver. [`fd_limit`]
 //!   raises the open-files limit at start and checks it against `max_connections`.
 //!   [`shared_state`] keeps those two counts in Redis/Valkey when replicas must share them.
+//! - [`routing`]: the backend chosen by the user who logs in (`user_lookup`, nginx's
+//!   `auth_http`; `user_map`; `user_affinity`), each listener's router giving the pool a
+//!   target ([`backend::Pool::connect_to`]).
 //! - The driver: [`driver::serve`], the one loop that runs every protocol's sans-I/O machine
 //!   ([`smtp::machine`], and the IMAP and POP3 not-authenticated machines [`imap::prelogin`],
 //!   [`pop3::prelogin`], which then hand over to the relay) through the contract in
@@ -48,6 +51,7 @@ pub mod proxy_header;
 pub(crate) mod proxy_protocol;
 pub(crate) mod relay;
 pub mod reload;
+pub mod routing;
 pub mod sasl;
 pub mod server;
 pub mod session;

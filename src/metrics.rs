@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::close::CloseClass;
 use crate::config::{ListenerConfig, Protocol};
+use crate::routing::{RouteResult, Source};
 use crate::tls::{HandshakeFailure, LoadedCertificate, TlsInfo};
 
 /// One listener's per-backend-address families (`mailfront_backend_*{listener,backend}`).
@@ -165,6 +166,9 @@ pub struct Metrics {
     certificate_reloads: IntCounterVec,
     ticket_key_reloads: IntCounterVec,
     backend_ca_reloads: IntCounterVec,
+    user_routes: IntCounterVec,
+    user_lookup_duration: HistogramVec,
+    user_map_reloads: IntCounterVec,
     ready: IntGauge,
 }
 
@@ -447,8 +451,68 @@ impl Metrics {
                 "backend_tls.ca bundles re-read after a change, by listener and result; a failure keeps the bundle in service.",
                 &["listener", "result"],
             )?,
+            user_routes: counter(
+                r,
+                "mailfront_user_routes_total",
+                "Logins routed on listeners with user_affinity, user_map or user_lookup, once each, by the source that decided (lookup, map, affinity, pool) and result: ok; for lookup also refused (the service's Auth-Status), timeout, error (unreachable, not 2xx, a malformed answer), busy (user_lookup.max_concurrent lookups in flight for the whole timeout), disallowed (an Auth-Server outside user_lookup.allowed_backends).",
+                &["listener", "source", "result"],
+            )?,
+            user_lookup_duration: histogram(
+                r,
+                "mailfront_user_lookup_duration_seconds",
+                "Time a user_lookup (nginx auth_http) took, waiting for a free slot included, whatever it answered.",
+                &["listener"],
+                LATENCY_BUCKETS.to_vec(),
+            )?,
+            user_map_reloads: counter(
+                r,
+                "mailfront_user_map_reloads_total",
+                "user_map files re-read after a change (or SIGHUP), by listener and result; a failure keeps the map in service.",
+                &["listener", "result"],
+            )?,
             ready,
         })
+    }
+
+    /// The user routing handles of one listener, with the series its configuration can move
+    /// created at 0 (a listener without `user_*` keys gets none).
+    pub fn routing(&self, listener: &ListenerConfig) -> RoutingMetrics {
+        let name = listener.name.as_str();
+        let routing = &listener.routing;
+        if routing.lookup.is_some() {
+            for result in RouteResult::ALL {
+                self.user_routes.with_label_values(&[
+                    name,
+                    Source::Lookup.as_str(),
+                    result.as_str(),
+                ]);
+            }
+        }
+        if routing.map.is_some() {
+            self.user_routes.with_label_values(&[
+                name,
+                Source::Map.as_str(),
+                RouteResult::Ok.as_str(),
+            ]);
+            for result in ["success", "failure"] {
+                self.user_map_reloads.with_label_values(&[name, result]);
+            }
+        }
+        if routing.is_on() {
+            let last = if routing.affinity {
+                Source::Affinity
+            } else {
+                Source::Pool
+            };
+            self.user_routes
+                .with_label_values(&[name, last.as_str(), RouteResult::Ok.as_str()]);
+        }
+        RoutingMetrics {
+            listener: name.to_owned(),
+            routes: self.user_routes.clone(),
+            lookup_duration: self.user_lookup_duration.with_label_values(&[name]),
+            map_reloads: self.user_map_reloads.clone(),
+        }
     }
 
     /// The per-address backend families of one listener; addresses come from configuration and
@@ -610,6 +674,61 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// One listener's user routing handles ([`crate::routing::Router`]).
+#[derive(Clone)]
+pub struct RoutingMetrics {
+    listener: String,
+    routes: IntCounterVec,
+    lookup_duration: Histogram,
+    map_reloads: IntCounterVec,
+}
+
+impl RoutingMetrics {
+    /// One login routed by `source` with `result`.
+    pub fn routed(&self, source: Source, result: RouteResult) {
+        self.routes
+            .with_label_values(&[self.listener.as_str(), source.as_str(), result.as_str()])
+            .inc();
+    }
+
+    /// One lookup's duration.
+    pub fn lookup_took(&self, seconds: f64) {
+        self.lookup_duration.observe(seconds);
+    }
+
+    /// One `user_map` re-read that changed the map (`true`) or was refused (`false`).
+    pub fn map_reload(&self, success: bool) {
+        self.map_reloads
+            .with_label_values(&[
+                self.listener.as_str(),
+                if success { "success" } else { "failure" },
+            ])
+            .inc();
+    }
+
+    /// How many logins `source` routed with `result` (tests, diagnostics).
+    pub fn routes(&self, source: Source, result: RouteResult) -> u64 {
+        self.routes
+            .with_label_values(&[self.listener.as_str(), source.as_str(), result.as_str()])
+            .get()
+    }
+
+    /// Lookups observed (tests, diagnostics).
+    pub fn lookups(&self) -> u64 {
+        self.lookup_duration.get_sample_count()
+    }
+
+    /// `user_map` reloads with `success` (tests, diagnostics).
+    pub fn map_reloads(&self, success: bool) -> u64 {
+        self.map_reloads
+            .with_label_values(&[
+                self.listener.as_str(),
+                if success { "success" } else { "failure" },
+            ])
+            .get()
     }
 }
 
@@ -893,6 +1012,7 @@ mod tests {
             backend_proxy_protocol: false,
             proxy_protocol_from: Vec::new(),
             backend_client_info: false,
+            routing: Default::default(),
         }
     }
 

@@ -79,9 +79,16 @@ pub fn plan(old: &RuntimeConfig, new: &RuntimeConfig) -> Plan {
                         l.name, was.backend, l.backend
                     ));
                 }
+                if was.routing != l.routing {
+                    plan.changes.push(format!(
+                        "listeners.{}: user routing (user_affinity, user_map, user_lookup) for logins from now on",
+                        l.name
+                    ));
+                }
                 let mut was_rest = was.clone();
                 was_rest.listen = l.listen;
                 was_rest.backend = l.backend.clone();
+                was_rest.routing = l.routing.clone();
                 if was_rest != *l {
                     plan.changes.push(format!(
                         "listeners.{}: settings (protocol, tls, max_connections, proxy protocol, client info) apply to new sessions",
@@ -246,5 +253,20 @@ mod tests {
         }
         assert_eq!(p.log_level.as_deref(), Some("debug"));
         assert!(p.changes.iter().any(|c| c.starts_with("limits:")));
+    }
+
+    #[test]
+    fn user_routing_changes_are_named_and_apply_in_place() {
+        let new = format!("{BASE}    user_affinity: true\n");
+        let p = plan(&config(BASE), &config(&new));
+        assert!(
+            p.changes.iter().any(|c| c.contains("user routing")),
+            "{p:?}"
+        );
+        assert!(
+            !p.changes.iter().any(|c| c.contains("settings (protocol")),
+            "{p:?}"
+        );
+        assert!(p.needs_restart.is_empty() && p.added.is_empty() && p.rebound.is_empty());
     }
 }

@@ -26,6 +26,7 @@ use crate::log_throttle::LogThrottle;
 use crate::logging::LogControl;
 use crate::metrics::{Metrics, Readiness};
 use crate::reload::{self, Plan};
+use crate::routing::{Router, RoutingError};
 use crate::session::ListenerContext;
 use crate::shared_state::SharedState;
 use crate::tls::{
@@ -80,6 +81,12 @@ pub enum StartError {
         index: usize,
         name: String,
         source: TlsSetupError,
+    },
+    #[error("listeners[{index}] ({name}): {source}")]
+    Routing {
+        index: usize,
+        name: String,
+        source: RoutingError,
     },
 }
 
@@ -199,6 +206,8 @@ pub struct Server {
     readiness: Arc<Readiness>,
     /// Each listener's backends, by listener name.
     pools: Vec<(String, Arc<Pool>)>,
+    /// Each listener's user routing, by listener name.
+    routers: Vec<(String, Arc<Router>)>,
     source: Option<Source>,
     log: Option<Arc<dyn LogControl>>,
     /// `shared_state`: the limits' counts shared with the other replicas.
@@ -230,6 +239,16 @@ impl Server {
             })?;
             pools.push((l.name.clone(), pool));
         }
+        // Likewise a `user_map` or `user_lookup.ca_file` that cannot be used.
+        let mut routers = Vec::new();
+        for (index, l) in config.listeners.iter().enumerate() {
+            let router = new_router(l, &metrics).map_err(|source| StartError::Routing {
+                index,
+                name: l.name.clone(),
+                source,
+            })?;
+            routers.push((l.name.clone(), router));
+        }
         Ok(Server {
             config,
             store,
@@ -237,6 +256,7 @@ impl Server {
             metrics,
             readiness: Arc::new(Readiness::default()),
             pools,
+            routers,
             source: None,
             log: None,
             shared,
@@ -274,6 +294,7 @@ impl Server {
             metrics,
             readiness,
             pools,
+            routers,
             source,
             log,
             shared,
@@ -354,7 +375,14 @@ impl Server {
             else {
                 continue;
             };
-            live.start_listener(listener_config, Arc::new(listener), pool);
+            let Some(router) = routers
+                .iter()
+                .find(|(name, _)| *name == listener_config.name)
+                .map(|(_, router)| router.clone())
+            else {
+                continue;
+            };
+            live.start_listener(listener_config, Arc::new(listener), pool, router);
         }
         tracker.spawn(live.run(control.clone()));
 
@@ -415,6 +443,12 @@ fn new_pool(
     .map(Arc::new)
 }
 
+/// A listener's router, with its routing metrics. Reads `user_map` and `user_lookup.ca_file`
+/// (blocking).
+fn new_router(l: &ListenerConfig, metrics: &Metrics) -> Result<Arc<Router>, RoutingError> {
+    Router::new(l, metrics.routing(l)).map(Arc::new)
+}
+
 /// Sets the expiry gauge and warns about certificates that can never be served (the same name
 /// and key type as an earlier one), which `mailfront check` also reports.
 fn publish_certificates(metrics: &Metrics, loaded: &[LoadedCertificate]) {
@@ -459,6 +493,9 @@ struct LiveListener {
     config: ListenerConfig,
     socket: Arc<TcpListener>,
     pool: Arc<Pool>,
+    /// The listener's user routing (`user_affinity`, `user_map`, `user_lookup`), updated in
+    /// place by reloads.
+    router: Arc<Router>,
     /// Stops the pool's resolution and checks.
     maintain: CancellationToken,
     /// Stops the accept loop (the listener removed or moved).
@@ -525,6 +562,7 @@ impl Live {
         config: ListenerConfig,
         socket: Arc<TcpListener>,
         pool: Arc<Pool>,
+        router: Arc<Router>,
     ) {
         let maintain = self.shutdown.child_token();
         self.tracker.spawn(pool.clone().maintain(maintain.clone()));
@@ -535,6 +573,7 @@ impl Live {
             config,
             socket,
             pool,
+            router,
             maintain,
             accepting: self.shutdown.child_token(),
             context: sender,
@@ -587,6 +626,22 @@ impl Live {
             }
             self.reload_tls_files(forced).await;
             self.reload_backend_cas().await;
+            self.reload_user_routing(forced).await;
+        }
+    }
+
+    /// `user_map` files and `user_lookup.ca_file` bundles, on the certificates' schedule (and
+    /// at once on SIGHUP): a changed file is used by logins routed afterwards; a bad one keeps
+    /// the one in service, logged and counted (by the router).
+    async fn reload_user_routing(&self, forced: bool) {
+        for live in &self.listeners {
+            if !live.config.routing.is_on() {
+                continue;
+            }
+            let router = live.router.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || router.reload_files(forced)).await {
+                tracing::error!(error = %e, "user routing reload task failed");
+            }
         }
     }
 
@@ -704,9 +759,14 @@ impl Live {
             }
         }
         let mut pools: Vec<(String, Arc<Pool>)> = Vec::new();
+        let mut routers: Vec<(String, Arc<Router>)> = Vec::new();
         for (index, l) in plan.added.iter().enumerate() {
             match new_pool(&new, l, &self.metrics) {
                 Ok(pool) => pools.push((l.name.clone(), pool)),
+                Err(e) => problems.push(format!("listeners[{index}] ({}): {e}", l.name)),
+            }
+            match new_router(l, &self.metrics) {
+                Ok(router) => routers.push((l.name.clone(), router)),
                 Err(e) => problems.push(format!("listeners[{index}] ({}): {e}", l.name)),
             }
         }
@@ -782,6 +842,18 @@ impl Live {
             {
                 tracing::error!(listener = %l.name, error = %e, "backend_tls: keeping the previous backends");
             }
+            // Validated by the same check moments ago; a file that changed in between keeps the
+            // routing in service.
+            match live.router.update(l) {
+                Ok(true) => {
+                    // New series for what the listener routes by now.
+                    self.metrics.routing(l);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(listener = %l.name, error = %e, "user routing: keeping the previous settings");
+                }
+            }
             resize(
                 &live.permits,
                 live.config.max_connections,
@@ -807,8 +879,12 @@ impl Live {
                 .iter()
                 .find(|(name, _)| *name == l.name)
                 .map(|(_, p)| p.clone());
-            if let (Some(socket), Some(pool)) = (socket, pool) {
-                self.start_listener(l.clone(), socket, pool);
+            let router = routers
+                .iter()
+                .find(|(name, _)| *name == l.name)
+                .map(|(_, r)| r.clone());
+            if let (Some(socket), Some(pool), Some(router)) = (socket, pool, router) {
+                self.start_listener(l.clone(), socket, pool, router);
             }
         }
 
@@ -939,6 +1015,12 @@ pub enum CheckError {
         name: String,
         source: TlsSetupError,
     },
+    #[error("listeners[{index}] ({name}): {source}")]
+    Routing {
+        index: usize,
+        name: String,
+        source: RoutingError,
+    },
     #[error(transparent)]
     TicketKeys(#[from] TicketKeyError),
     #[error(transparent)]
@@ -946,8 +1028,9 @@ pub enum CheckError {
 }
 
 /// Parses and validates a configuration's text as `mailfront check` does: the YAML, every
-/// value, the `backend_tls` CA bundles and the ticket key file (the certificates are loaded
-/// by whoever uses them). Relative paths resolve against `base_dir` (the file's directory).
+/// value, the `backend_tls` CA bundles, each `user_map` (parsed whole) and
+/// `user_lookup.ca_file`, and the ticket key file (the certificates are loaded by whoever
+/// uses them). Relative paths resolve against `base_dir` (the file's directory).
 pub fn check(base_dir: &Path, text: &str) -> Result<RuntimeConfig, CheckError> {
     let base = base_dir;
     let config = config::Config::from_yaml(text)?.validate(base)?;
@@ -961,6 +1044,11 @@ pub fn check(base_dir: &Path, text: &str) -> Result<RuntimeConfig, CheckError> {
                 }
             })?;
         }
+        crate::routing::check(l).map_err(|source| CheckError::Routing {
+            index,
+            name: l.name.clone(),
+            source,
+        })?;
     }
     if let Some(path) = &config.tls.ticket_key_file {
         TicketKeys::load(path)?;
@@ -1021,5 +1109,45 @@ async fn reload_ticket_keys(keys: &Arc<TicketKeys>, metrics: &Metrics, forced: b
             tracing::error!(error = %e, "ticket key reload failed: keeping the keys in service");
         }
         Err(e) => tracing::error!(error = %e, "ticket key reload task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "hostname: mx.example.test\nlisteners:\n  - name: imaps\n    protocol: imap\n    listen: \"127.0.0.1:0\"\n    tls: implicit\n    backend: \"127.0.0.1:143\"\n";
+
+    /// `mailfront check` (and every reload) parses each `user_map` whole and builds each
+    /// `user_lookup` client, so a broken file is found before it is in service.
+    #[test]
+    fn check_parses_the_user_map_and_loads_the_lookup_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = format!("{CONFIG}    user_map: users.yaml\n");
+        let err = check(dir.path(), &map).unwrap_err().to_string();
+        assert!(
+            err.starts_with("listeners[0] (imaps): user_map ") && err.contains("cannot read"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("users.yaml"), "alice: 10.0.0.1\n").unwrap();
+        let err = check(dir.path(), &map).unwrap_err().to_string();
+        assert!(err.contains("\"alice\""), "{err}");
+        std::fs::write(dir.path().join("users.yaml"), "alice: \"10.0.0.1:143\"\n").unwrap();
+        let config = check(dir.path(), &map).unwrap();
+        assert_eq!(
+            config.listeners[0].routing.map.as_deref(),
+            Some(dir.path().join("users.yaml").as_path())
+        );
+        let lookup = format!(
+            "{CONFIG}    user_lookup:\n      url: \"https://auth.example/\"\n      ca_file: auth-ca.pem\n"
+        );
+        let err = check(dir.path(), &lookup).unwrap_err().to_string();
+        assert!(
+            err.starts_with("listeners[0] (imaps): user_lookup.ca_file "),
+            "{err}"
+        );
+        let bad_url = format!("{CONFIG}    user_lookup:\n      url: \"auth.example\"\n");
+        let err = check(dir.path(), &bad_url).unwrap_err().to_string();
+        assert!(err.contains("listeners[0].user_lookup.url"), "{err}");
     }
 }

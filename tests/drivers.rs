@@ -101,6 +101,7 @@ fn listener_with(
         backend_proxy_protocol: false,
         proxy_protocol_from: Vec::new(),
         backend_client_info: false,
+        routing: Default::default(),
     };
     let mut timeouts = Timeouts {
         backend_connect: Duration::from_secs(5),

@@ -177,6 +177,7 @@ fn listeners() -> &'static [Listener] {
                     backend_proxy_protocol: false,
                     proxy_protocol_from: Vec::new(),
                     backend_client_info: client_info,
+                    routing: Default::default(),
                 };
                 let (backend, backends) = BackendConnector::duplex(PIPE);
                 let listener_metrics = metrics.listener(&config);

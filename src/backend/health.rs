@@ -105,6 +105,39 @@ pub fn plan(candidates: &[Candidate], rotation: usize, now: Instant) -> Vec<usiz
     available
 }
 
+/// The order one session tries addresses in when the order is given (indexes into
+/// `candidates`, `preferred` a permutation of them): a user's affinity order, or the backends a
+/// user is mapped to. As [`plan`], but the available addresses keep `preferred`'s order
+/// instead of least connections: those available in that order, then, whatever happened, the
+/// unavailable one whose back-off ends first (the earlier in `preferred` on a tie), so a
+/// resting first choice is probed and taken back as soon as it answers; at most
+/// [`MAX_ATTEMPTS`].
+pub fn plan_in_order(candidates: &[Candidate], preferred: &[usize], now: Instant) -> Vec<usize> {
+    let mut available: Vec<usize> = preferred
+        .iter()
+        .copied()
+        .filter(|&i| candidates.get(i).is_some_and(|c| c.health.available(now)))
+        .collect();
+    let resting = preferred
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| {
+            candidates
+                .get(**i)
+                .is_some_and(|c| !c.health.available(now))
+        })
+        .min_by_key(|(rank, i)| (candidates.get(**i).and_then(|c| c.health.retry_at()), *rank))
+        .map(|(_, i)| *i);
+    available.truncate(
+        MAX_ATTEMPTS
+            .saturating_sub(usize::from(resting.is_some()))
+            .max(1),
+    );
+    available.extend(resting);
+    available.truncate(MAX_ATTEMPTS);
+    available
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +201,25 @@ mod tests {
         assert!(plan(&[], 0, now).is_empty());
         let many: Vec<Candidate> = (0..10).map(|_| up(0)).collect();
         assert_eq!(plan(&many, 0, now).len(), MAX_ATTEMPTS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_given_order_is_kept_resting_ones_skipped_and_one_probed_last() {
+        let now = Instant::now();
+        // Least connections plays no part: the order is the user's.
+        let c = [up(9), up(0), up(5), up(1)];
+        assert_eq!(plan_in_order(&c, &[2, 0, 3, 1], now), [2, 0, 3]);
+        // The first choice rests: the second, third, then the first is probed last.
+        let c = [down(now, 1), up(0), up(0), up(0)];
+        assert_eq!(plan_in_order(&c, &[0, 1, 2, 3], now), [1, 2, 0]);
+        // Once its back-off ends it is first again.
+        tokio::time::advance(backoff(1)).await;
+        assert_eq!(plan_in_order(&c, &[0, 1, 2, 3], Instant::now()), [0, 1, 2]);
+        // Every one resting: the one back first, the earlier in the order on a tie.
+        let now = Instant::now();
+        let all_down = [down(now, 2), down(now, 1), down(now, 1)];
+        assert_eq!(plan_in_order(&all_down, &[2, 1, 0], now), [2]);
+        assert!(plan_in_order(&[], &[], now).is_empty());
+        assert_eq!(plan_in_order(&[up(0)], &[0], now), [0]);
     }
 }

@@ -29,6 +29,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::sync::mpsc;
 
+use crate::routing::Target;
 use crate::transport::Transport;
 
 /// Why the backend could not be reached.
@@ -320,8 +321,24 @@ pub async fn connect(
     preamble: &[u8],
     sni: Option<&str>,
 ) -> Result<BackendStream, ConnectError> {
+    connect_to(connector, timeout, counters, preamble, sni, &Target::Pool).await
+}
+
+/// As [`connect`], for a login routed to `target` ([`crate::routing::Router::route`]): a
+/// [`Pool`] connects as [`Pool::connect_to`] says; a [`Connect`] (tests) has one way to the
+/// backend whatever the target, so every target uses it.
+pub async fn connect_to(
+    connector: &BackendConnector,
+    timeout: Duration,
+    counters: Arc<ByteCounters>,
+    preamble: &[u8],
+    sni: Option<&str>,
+    target: &Target,
+) -> Result<BackendStream, ConnectError> {
     let custom = match connector {
-        BackendConnector::Pool(pool) => return pool.connect(sni, counters, preamble).await,
+        BackendConnector::Pool(pool) => {
+            return pool.connect_to(target, sni, counters, preamble).await;
+        }
         BackendConnector::Custom(custom) => custom,
     };
     let name = connector.to_string();
@@ -400,5 +417,42 @@ mod tests {
         stream.read_to_end(&mut rest).await.unwrap();
         assert_eq!([&small[..], &rest].concat(), b"* OK hi\r\n* BYE\r\n");
         assert_eq!(counters.to_client(), 16);
+    }
+
+    #[tokio::test]
+    async fn a_custom_connector_serves_every_target() {
+        let (connector, mut backends) = BackendConnector::duplex(64);
+        let target = Target::Fixed {
+            backends: vec![crate::config::BackendAddress {
+                host: "10.0.0.9".into(),
+                port: 143,
+            }],
+            source: crate::routing::Source::Lookup,
+        };
+        for target in [
+            target,
+            Target::Affinity {
+                key: "alice".into(),
+            },
+            Target::Pool,
+        ] {
+            let counters = Arc::new(ByteCounters::default());
+            let mut stream = connect_to(
+                &connector,
+                Duration::from_secs(1),
+                counters.clone(),
+                b"PROXY",
+                None,
+                &target,
+            )
+            .await
+            .unwrap();
+            let mut peer = backends.recv().await.unwrap();
+            let mut got = [0u8; 5];
+            peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"PROXY");
+            assert_eq!(counters.to_backend(), 5);
+            stream.write_all(b"x").await.unwrap();
+        }
     }
 }

@@ -45,6 +45,7 @@ use super::tls::{BackendTlsClient, TlsSetupError};
 use super::{BackendStream, ByteCounters, ConnectError};
 use crate::config::{BackendAddress, Backends, ListenerConfig, Protocol, TlsMode};
 use crate::metrics::{BackendAddressMetrics, BackendFailure, BackendMetrics};
+use crate::routing::{Target, affinity};
 use crate::transport::Transport;
 
 /// How often names are looked up again: CoreDNS answers for a headless Service with a 30 s TTL
@@ -372,28 +373,64 @@ impl Pool {
 
     /// Opens a connection for a session whose client sent `sni`: the first matching route's
     /// backends, else the default ones, tried in [`health::plan`] order. `preamble` (the PROXY
-    /// header) goes first on the connection, before any TLS.
+    /// header) goes first on the connection, before any TLS. The same as
+    /// [`Pool::connect_to`] with [`Target::Pool`].
     pub async fn connect(
         self: &Arc<Self>,
         sni: Option<&str>,
         counters: Arc<ByteCounters>,
         preamble: &[u8],
     ) -> Result<BackendStream, ConnectError> {
+        self.connect_to(&Target::Pool, sni, counters, preamble)
+            .await
+    }
+
+    /// Opens a connection for a login routed to `target` ([`crate::routing`]):
+    /// - [`Target::Pool`]: the SNI route's backends (else the default), least connections;
+    /// - [`Target::Affinity`]: the same candidates (draining names left out) in the
+    ///   rendezvous order of the key ([`affinity::order`]), those out of rotation skipped but
+    ///   the order kept ([`health::plan_in_order`]): every replica sends the user to the same
+    ///   backend, the next one in the order while it is down, and back once it returns;
+    /// - [`Target::Fixed`]: exactly those backends, in order, with this listener's TLS and
+    ///   PROXY settings, never another (a mapped or looked-up backend that is down is the
+    ///   session's failure; drain does not apply, the mapping is explicit). An address that is
+    ///   also one of the pool's shares its health and session count; a name the pool does not
+    ///   know is looked up for this session (within `timeouts.backend_connect`).
+    ///
+    /// `preamble` (the PROXY header) goes first on the connection, before any TLS.
+    pub async fn connect_to(
+        self: &Arc<Self>,
+        target: &Target,
+        sni: Option<&str>,
+        counters: Arc<ByteCounters>,
+        preamble: &[u8],
+    ) -> Result<BackendStream, ConnectError> {
         let settings = self.settings();
-        let entries = settings.backends.for_sni(sni);
-        // A draining name takes no new session.
-        let serving: Vec<BackendAddress> = entries
-            .iter()
-            .filter(|e| !settings.backends.is_draining(e))
-            .cloned()
-            .collect();
-        let candidates = self.addresses(&serving, settings.connect_timeout).await;
+        let entries: Vec<BackendAddress> = match target {
+            Target::Fixed { backends, .. } => backends.clone(),
+            Target::Pool | Target::Affinity { .. } => settings.backends.for_sni(sni).to_vec(),
+        };
         let label = || {
             entries
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(",")
+        };
+        let candidates = match target {
+            Target::Fixed { .. } => {
+                self.fixed_addresses(&entries, settings.connect_timeout)
+                    .await
+            }
+            Target::Pool | Target::Affinity { .. } => {
+                // A draining name takes no new session.
+                let serving: Vec<BackendAddress> = entries
+                    .iter()
+                    .filter(|e| !settings.backends.is_draining(e))
+                    .cloned()
+                    .collect();
+                self.addresses(&serving, settings.connect_timeout).await
+            }
         };
         if candidates.is_empty() {
             return Err(ConnectError::Resolve {
@@ -418,11 +455,20 @@ impl Pool {
                     )
                 })
                 .collect();
-            health::plan(
-                &known,
-                self.rotation.fetch_add(1, Ordering::Relaxed),
-                Instant::now(),
-            )
+            let now = Instant::now();
+            match target {
+                Target::Pool => {
+                    health::plan(&known, self.rotation.fetch_add(1, Ordering::Relaxed), now)
+                }
+                Target::Affinity { key } => {
+                    let addrs: Vec<SocketAddr> = candidates.iter().map(|(a, _)| *a).collect();
+                    health::plan_in_order(&known, &affinity::order(key.as_bytes(), &addrs), now)
+                }
+                Target::Fixed { .. } => {
+                    let listed: Vec<usize> = (0..candidates.len()).collect();
+                    health::plan_in_order(&known, &listed, now)
+                }
+            }
         };
         let mut last = String::new();
         let mut attempts = 0;
@@ -456,6 +502,53 @@ impl Pool {
             attempts,
             last,
         })
+    }
+
+    /// The addresses of a [`Target::Fixed`]'s backends, in order, each with its host (for the
+    /// TLS name): IP literals as they are, names the pool resolves from its answers, other
+    /// names looked up now (not kept: the pool tracks only what it is configured with).
+    async fn fixed_addresses(
+        &self,
+        entries: &[BackendAddress],
+        timeout: Duration,
+    ) -> Vec<(SocketAddr, String)> {
+        let mut out: Vec<(SocketAddr, String)> = Vec::new();
+        for entry in entries {
+            let addrs = match crate::config::literal_socket_addr(entry) {
+                Some(addr) => vec![addr],
+                None if self.names().contains(entry) => {
+                    let cached = self.lock().resolved.get(entry).cloned();
+                    match cached {
+                        Some(addrs) if !addrs.is_empty() => addrs,
+                        _ => self.refresh(entry, timeout).await,
+                    }
+                }
+                None => {
+                    let lookup = tokio::net::lookup_host((entry.host.as_str(), entry.port));
+                    match tokio::time::timeout(timeout, lookup).await {
+                        Ok(Ok(found)) => {
+                            let mut addrs: Vec<SocketAddr> = found.collect();
+                            addrs.sort();
+                            addrs
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(listener = %self.listener, backend = %entry, error = %e, "cannot resolve the user's backend");
+                            Vec::new()
+                        }
+                        Err(_) => {
+                            tracing::warn!(listener = %self.listener, backend = %entry, "the user's backend: lookup timed out");
+                            Vec::new()
+                        }
+                    }
+                }
+            };
+            for addr in addrs {
+                if !out.iter().any(|(a, _)| *a == addr) {
+                    out.push((addr, entry.host.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// The addresses of `entries` with the host each came from (for the TLS name), looking up
@@ -572,11 +665,13 @@ impl Pool {
     }
 
     fn failed(&self, addr: SocketAddr, failure: &Failure, by: &'static str) {
-        self.metrics.failed(&addr.to_string(), failure.reason);
         let (was_up, backoff) = {
             let mut state = self.lock();
             match state.members.get_mut(&addr) {
                 Some(member) => {
+                    // Series exist for the pool's own addresses only: a mapped or looked-up
+                    // backend outside it is in the session's log line, not a label forever.
+                    self.metrics.failed(&addr.to_string(), failure.reason);
                     member.metrics.up.set(0);
                     let was_up = member.health.is_up();
                     (was_up, member.health.failed(Instant::now()))
@@ -868,6 +963,7 @@ mod tests {
             backend_proxy_protocol: false,
             proxy_protocol_from: Vec::new(),
             backend_client_info: false,
+            routing: Default::default(),
         };
         Arc::new(
             Pool::new(
@@ -911,5 +1007,214 @@ mod tests {
         drop(held);
         pool.install(&name, addrs(&["10.0.0.3:143", "10.0.0.4:143"]));
         assert_eq!(pool.lock().members.len(), 2);
+    }
+
+    /// A backend that greets every connection and holds it until the client goes; dropping
+    /// (aborting) the task closes the listening socket.
+    async fn greeter(addr: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = tcp.write_all(b"* OK ready\r\n").await;
+                    let mut buf = [0u8; 64];
+                    let _ = tcp.read(&mut buf).await;
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    fn pool_of(
+        registry: &prometheus::Registry,
+        addrs: &[SocketAddr],
+        drain: &[SocketAddr],
+    ) -> Arc<Pool> {
+        let metrics = crate::metrics::Metrics::register(registry).unwrap();
+        let address = |a: &SocketAddr| BackendAddress {
+            host: a.ip().to_string(),
+            port: a.port(),
+        };
+        let mut backends = Backends::single(address(&addrs[0]));
+        backends.default = addrs.iter().map(address).collect();
+        backends.draining = drain.iter().map(address).collect();
+        let listener = ListenerConfig {
+            name: "imaps".into(),
+            protocol: Protocol::Imap,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: TlsMode::Implicit,
+            backend: backends,
+            max_connections: 100,
+            require_tls_for_mail: true,
+            backend_proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
+            backend_client_info: false,
+            routing: Default::default(),
+        };
+        Arc::new(
+            Pool::new(
+                &listener,
+                "mx.example.test",
+                Duration::from_secs(2),
+                metrics.backends("imaps"),
+            )
+            .unwrap(),
+        )
+    }
+
+    async fn connect(pool: &Arc<Pool>, target: &Target) -> Result<BackendStream, ConnectError> {
+        pool.connect_to(target, None, Arc::new(ByteCounters::default()), &[])
+            .await
+    }
+
+    fn affinity(user: &str) -> Target {
+        Target::Affinity {
+            key: user.to_ascii_lowercase(),
+        }
+    }
+
+    fn fixed(addrs: &[SocketAddr]) -> Target {
+        Target::Fixed {
+            backends: addrs
+                .iter()
+                .map(|a| BackendAddress {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                })
+                .collect(),
+            source: crate::routing::Source::Map,
+        }
+    }
+
+    #[tokio::test]
+    async fn affinity_holds_every_session_of_a_user_on_one_backend_on_every_replica() {
+        let mut addrs = Vec::new();
+        for _ in 0..3 {
+            addrs.push(greeter("127.0.0.1:0").await.0);
+        }
+        let one = pool_of(&prometheus::Registry::new(), &addrs, &[]);
+        // Another replica, configured with the same backends in another order.
+        let mut reversed = addrs.clone();
+        reversed.reverse();
+        let other = pool_of(&prometheus::Registry::new(), &reversed, &[]);
+        let mut held = Vec::new();
+        for i in 0..8 {
+            let user = format!("user{i}@example.org");
+            let expected = addrs[affinity::order(user.as_bytes(), &addrs)[0]];
+            // Three sessions at once, as a mail client opens them: least connections would
+            // spread them; affinity keeps them together.
+            for _ in 0..3 {
+                let stream = connect(&one, &affinity(&user)).await.unwrap();
+                assert_eq!(stream.peer(), Some(expected), "{user}");
+                held.push(stream);
+            }
+            let elsewhere = connect(&other, &affinity(&user.to_ascii_uppercase()))
+                .await
+                .unwrap();
+            assert_eq!(
+                elsewhere.peer(),
+                Some(expected),
+                "{user} on the other replica"
+            );
+        }
+        let counted: u32 = addrs.iter().filter_map(|a| one.sessions_on(*a)).sum();
+        assert_eq!(counted, 24);
+    }
+
+    #[tokio::test]
+    async fn a_user_fails_over_to_the_next_in_hash_order_and_comes_back() {
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let (addr, task) = greeter("127.0.0.1:0").await;
+            addrs.push(addr);
+            tasks.push(task);
+        }
+        let pool = pool_of(&prometheus::Registry::new(), &addrs, &[]);
+        let user = "alice@example.org";
+        let order = affinity::order(user.as_bytes(), &addrs);
+        let (first, second) = (addrs[order[0]], addrs[order[1]]);
+        assert_eq!(
+            connect(&pool, &affinity(user)).await.unwrap().peer(),
+            Some(first)
+        );
+        // The first choice goes down: the session goes to the second, on every replica the
+        // same one, and the first rests.
+        tasks[order[0]].abort();
+        let _ = (&mut tasks[order[0]]).await;
+        assert_eq!(
+            connect(&pool, &affinity(user)).await.unwrap().peer(),
+            Some(second)
+        );
+        assert_eq!(
+            connect(&pool, &affinity(user)).await.unwrap().peer(),
+            Some(second)
+        );
+        // It comes back (an active check finds it up): so does the user.
+        let (back, _task) = greeter(&first.to_string()).await;
+        assert_eq!(back, first);
+        pool.succeeded(first, false);
+        assert_eq!(
+            connect(&pool, &affinity(user)).await.unwrap().peer(),
+            Some(first)
+        );
+    }
+
+    #[tokio::test]
+    async fn affinity_leaves_draining_backends_out_and_keeps_the_order() {
+        let mut addrs = Vec::new();
+        for _ in 0..3 {
+            addrs.push(greeter("127.0.0.1:0").await.0);
+        }
+        let user = "bob@example.org";
+        let order = affinity::order(user.as_bytes(), &addrs);
+        let pool = pool_of(&prometheus::Registry::new(), &addrs, &[addrs[order[0]]]);
+        assert_eq!(
+            connect(&pool, &affinity(user)).await.unwrap().peer(),
+            Some(addrs[order[1]])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fixed_target_gets_exactly_its_backends_in_order_and_never_another() {
+        let mut addrs = Vec::new();
+        for _ in 0..2 {
+            addrs.push(greeter("127.0.0.1:0").await.0);
+        }
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = closed.local_addr().unwrap();
+        drop(closed);
+        let (outside, _task) = greeter("127.0.0.1:0").await;
+        let pool = pool_of(
+            &prometheus::Registry::new(),
+            &[addrs[0], addrs[1], dead],
+            &[],
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                connect(&pool, &fixed(&[addrs[1]])).await.unwrap().peer(),
+                Some(addrs[1])
+            );
+        }
+        // In order: the first that answers.
+        assert_eq!(
+            connect(&pool, &fixed(&[dead, addrs[0]]))
+                .await
+                .unwrap()
+                .peer(),
+            Some(addrs[0])
+        );
+        // A mapped backend that is down is the session's failure, not another backend's
+        // session.
+        let err = connect(&pool, &fixed(&[dead])).await.unwrap_err();
+        assert!(matches!(err, ConnectError::Unavailable { .. }), "{err}");
+        // A backend outside the pool is reached with the pool's settings, and counted nowhere.
+        let stream = connect(&pool, &fixed(&[outside])).await.unwrap();
+        assert_eq!(stream.peer(), Some(outside));
+        assert_eq!(pool.sessions_on(outside), None);
+        // Target::Pool is today's connect.
+        let any = connect(&pool, &Target::Pool).await.unwrap().peer().unwrap();
+        assert!(addrs.contains(&any));
     }
 }
