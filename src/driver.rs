@@ -123,17 +123,31 @@ async fn run<M: Machine, S: Transport>(
             continue;
         }
         let out = machine.take_to_backend();
-        if !out.is_empty() {
+        // Content the machine judged in place: a range of the last client read, which `cchunk`
+        // still holds (the next read comes after these writes).
+        let passthrough = machine
+            .take_passthrough()
+            .and_then(|range| cchunk.get(range))
+            .unwrap_or_default();
+        let mut write_failed = false;
+        for bytes in [out.as_slice(), passthrough] {
+            if bytes.is_empty() {
+                continue;
+            }
             let written = match backend.as_mut() {
-                Some(b) => write_timed(b, &out, session).await,
+                Some(b) => write_timed(b, bytes, session).await,
                 None => Err(std::io::Error::from(std::io::ErrorKind::NotConnected)),
             };
             if let Err(e) = written {
                 backend = None;
                 backend_error = Some(e);
                 machine.backend_failed();
-                continue;
+                write_failed = true;
+                break;
             }
+        }
+        if write_failed {
+            continue;
         }
         if machine.take_backend_close() {
             backend = None;

@@ -344,6 +344,13 @@ pub trait Machine {
         std::mem::take(&mut self.core().to_backend)
     }
 
+    /// A range of the bytes the last [`Machine::client_input`] was given, to write to the
+    /// backend right after [`Machine::take_to_backend`]'s: message content the machine judged
+    /// in place, so the hot path of a large message copies nothing.
+    fn take_passthrough(&mut self) -> Option<std::ops::Range<usize>> {
+        None
+    }
+
     fn take_notices(&mut self) -> Vec<Notice> {
         std::mem::take(&mut self.core().notices)
     }

@@ -326,6 +326,10 @@ pub struct SmtpMachine {
     draining: bool,
     /// The backend connection must be closed now ([`Machine::take_backend_close`]).
     close_backend: bool,
+    /// Message content of the last [`Machine::client_input`] to write to the backend straight
+    /// from the driver's read buffer, after [`Machine::take_to_backend`]
+    /// ([`Machine::take_passthrough`]).
+    passthrough: Option<std::ops::Range<usize>>,
 }
 
 impl SmtpMachine {
@@ -365,6 +369,7 @@ impl SmtpMachine {
             replies: ReplyReceiver::default(),
             draining: false,
             close_backend: false,
+            passthrough: None,
         }
     }
 
@@ -938,6 +943,81 @@ impl SmtpMachine {
     }
 
     // ---- message content -------------------------------------------------------------------
+
+    /// The hot path of message content: when nothing is held from an earlier read and nothing
+    /// waits to go to the backend, content is scanned in the driver's own read buffer and the
+    /// part to forward is named as a range of it ([`Machine::take_passthrough`]) instead of
+    /// being copied twice (into `cbuf`, then into the backend output). What follows the
+    /// content in the same read (after the end of data) is kept in `cbuf` as usual; nothing of
+    /// it can reach the backend before the range, since the end of data is a barrier. A BDAT
+    /// chunk takes this path only when the read is all chunk, so a command after the chunk is
+    /// never written before it. Returns whether `bytes` was taken here.
+    fn stream_directly(&mut self, bytes: &[u8]) -> bool {
+        if !self.core.cbuf.is_empty()
+            || !self.core.to_backend.is_empty()
+            || self.passthrough.is_some()
+            || self.ended()
+        {
+            return false;
+        }
+        match &mut self.mode {
+            Mode::Data { scanner, failed } => {
+                let step = scanner.scan(bytes);
+                if !*failed {
+                    if step.held_cr {
+                        self.core.to_backend.push(b'\r');
+                    }
+                    if !step.forward.is_empty() {
+                        self.passthrough = Some(step.forward.clone());
+                    }
+                }
+                let event = match step.event {
+                    DataEvent::NeedMore => None,
+                    DataEvent::Refusing(kind) => Some(Event::DataRefusing(kind)),
+                    DataEvent::End => Some(Event::DataEnd(None)),
+                    DataEvent::EndRefused(kind) => Some(Event::DataEnd(Some(kind))),
+                };
+                self.core
+                    .cbuf
+                    .extend_from_slice(bytes.get(step.consumed..).unwrap_or_default());
+                if let Some(event) = event {
+                    self.on_content(event);
+                }
+                true
+            }
+            Mode::Chunk {
+                reader,
+                forward,
+                failed,
+                last,
+                refused,
+            } => {
+                if reader.remaining() < bytes.len() as u64 {
+                    return false;
+                }
+                let n = reader.take(bytes);
+                let done = reader.is_done();
+                let mut event = None;
+                if *forward && !*failed && !*refused {
+                    match self.tx.content.scan(bytes, *last && done) {
+                        Ok(()) => self.passthrough = Some(0..n),
+                        Err(kind) => {
+                            *refused = true;
+                            event = Some(Event::ChunkRefusing(kind));
+                        }
+                    }
+                }
+                if let Some(event) = event {
+                    self.on_content(event);
+                }
+                if done {
+                    self.on_content(Event::ChunkDone);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
 
     /// Streams DATA content from `cbuf` up to `<CRLF>.<CRLF>`: the forwarded part goes to the
     /// backend output as the scanner allows it.
@@ -1541,9 +1621,15 @@ impl Machine for SmtpMachine {
 
     fn client_input(&mut self, bytes: &[u8]) -> bool {
         let was_waiting = self.waiting_for_backend();
-        self.core.cbuf.extend_from_slice(bytes);
+        if !self.stream_directly(bytes) {
+            self.core.cbuf.extend_from_slice(bytes);
+        }
         self.pump();
         !was_waiting
+    }
+
+    fn take_passthrough(&mut self) -> Option<std::ops::Range<usize>> {
+        self.passthrough.take()
     }
 
     fn backend_input(&mut self, bytes: &[u8]) -> bool {
@@ -1760,7 +1846,17 @@ mod tests {
         }
 
         fn client(&mut self, bytes: &str) {
-            self.m.client_input(bytes.as_bytes());
+            self.feed(bytes.as_bytes());
+        }
+
+        /// Client bytes, as the driver gives them: the backend output first, then the content
+        /// the machine named in place.
+        fn feed(&mut self, bytes: &[u8]) {
+            self.m.client_input(bytes);
+            self.backend.extend(self.m.take_to_backend());
+            if let Some(range) = self.m.take_passthrough() {
+                self.backend.extend_from_slice(&bytes[range]);
+            }
             self.settle();
         }
 
@@ -1891,6 +1987,7 @@ mod tests {
     fn auth_is_charged_before_it_leaves_and_settled_by_the_backend() {
         let mut run = Run::ready();
         run.m.client_input(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(run.m.take_passthrough(), None);
         assert_eq!(run.m.next(), Next::ChargeLogin);
         assert!(
             run.m.take_to_backend().is_empty(),
@@ -1963,6 +2060,29 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn message_content_is_named_in_the_read_buffer_not_copied() {
+        let mut run = Run::ready();
+        run.client("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n");
+        run.backend("250 Ok\r\n250 Ok\r\n354 go ahead\r\n");
+        run.take_backend();
+        let content = b"Subject: x\r\n\r\nline one\r\nline two\r\n";
+        run.m.client_input(content);
+        assert!(run.m.take_to_backend().is_empty(), "nothing copied");
+        let range = run.m.take_passthrough().unwrap();
+        assert!(content.starts_with(&content[range]));
+        // A read that ends a BDAT chunk and holds the next command is copied instead, so the
+        // command can never overtake the chunk.
+        let mut run = Run::ready();
+        run.client("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n");
+        run.backend("250 Ok\r\n250 Ok\r\n");
+        run.client("BDAT 4\r\n");
+        run.take_backend();
+        run.m.client_input(b"abcdNOOP\r\n");
+        assert_eq!(run.m.take_passthrough(), None);
+        assert_eq!(run.m.take_to_backend(), b"abcdNOOP\r\n");
     }
 
     #[test]
@@ -2098,8 +2218,7 @@ mod tests {
             let (mut in_data, mut pending) = (false, Vec::new());
             let mut greeted = false;
             for piece in input.as_bytes().chunks(chunk) {
-                run.m.client_input(piece);
-                run.settle();
+                run.feed(piece);
                 if !greeted && run.m.waiting_for_backend() {
                     greeted = true;
                     run.backend("220 backend ESMTP\r\n");
