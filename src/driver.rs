@@ -100,6 +100,14 @@ async fn run<M: Machine, S: Transport>(
     let mut drain_told = false;
     let draining = session.draining().clone();
     let hard_stop = session.hard_stop().clone();
+    // One timer per deadline for the whole loop, moved rather than made anew on every turn: the
+    // loop turns once per read, and registering and cancelling a timer each time shows in a
+    // small message's cost.
+    let mut idle_at = last_activity + timeouts.idle;
+    let idle_timer = tokio::time::sleep_until(idle_at);
+    tokio::pin!(idle_timer);
+    let login_timer = tokio::time::sleep_until(login_deadline.unwrap_or(idle_at));
+    tokio::pin!(login_timer);
     let mut cchunk = vec![0u8; M::READ_CHUNK];
     let mut bchunk = vec![0u8; M::READ_CHUNK];
     // The charge of the login with the backend now: at most one, since the machines hold the
@@ -234,12 +242,11 @@ async fn run<M: Machine, S: Transport>(
                 _ => std::future::pending().await,
             }
         };
-        let login_expiry = async {
-            match login_deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        if deadline != idle_at {
+            // Later than before (the usual case): tokio only notes the new instant.
+            idle_timer.as_mut().reset(deadline);
+            idle_at = deadline;
+        }
         tokio::select! {
             // Stops and deadlines first: a read that is always ready (a client pipelining
             // without pause) must never win over them.
@@ -258,11 +265,11 @@ async fn run<M: Machine, S: Transport>(
                 drain_told = true;
                 machine.shutdown_begun();
             }
-            () = login_expiry => {
+            () = &mut login_timer, if login_deadline.is_some() => {
                 let bye = machine.bye_login_timeout();
                 return goodbye(&mut client, &bye, session, EndReason::LoginTimeout).await;
             }
-            () = tokio::time::sleep_until(deadline) => {
+            () = &mut idle_timer => {
                 let (bye, reason) = if waiting_backend {
                     tracing::warn!(timeout_s = wait.as_secs(), "backend reply timed out");
                     (machine.bye_backend_timeout(), EndReason::BackendTimeout)
