@@ -3,13 +3,11 @@
 //! real clients.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use base64::prelude::{BASE64_STANDARD, Engine as _};
-use common::*;
 use mailfront::smtp::received::check_received_abnf;
 use mailfront::tls::names::{cipher_suite_name, known_group_name};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
