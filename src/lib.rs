@@ -55,3 +55,12 @@ pub mod shared_state;
 pub mod smtp;
 pub mod tls;
 pub(crate) mod transport;
+
+/// What the integration tests drive directly that nothing outside the crate needs: not part of
+/// the API, and free to change with the tests.
+#[doc(hidden)]
+pub mod testing {
+    /// A connection served as the server serves an accepted one, over any stream (the driver
+    /// tests pass one end of `tokio::io::duplex`).
+    pub use crate::connection::serve_stream;
+}

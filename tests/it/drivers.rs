@@ -24,6 +24,8 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+mod timing;
+
 const HOST: &str = "mail.example.test";
 /// Distinct values, so a test can tell which deadline fired.
 const IDLE: Duration = Duration::from_secs(300);
