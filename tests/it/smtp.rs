@@ -1932,30 +1932,29 @@ const LOGIN_TIMEOUT_REPLY: &str =
     "421 4.4.2 mx.example.test Error: login timeout exceeded, closing transmission channel\r\n";
 
 /// `timeouts.login` from the config reaches the session (here below `timeouts.idle`, so only it
-/// can end a silent client), after EHLO on 465 and in cleartext on 587 with no backend, and the
-/// close is counted as `login_timeout`. A trickling client, an authenticated one, an accepted
-/// cleartext MAIL and the exact instant are `drivers::timing`'s and `drivers`'.
+/// can end a silent client), and the close is counted as `login_timeout`. In cleartext on 587,
+/// so no TLS handshake has to fit in the deadline on a loaded machine; no backend is connected.
+/// Trickling clients on 465 and 587, an authenticated one, an accepted cleartext MAIL and the
+/// exact instant are `drivers::timing`'s and `drivers`'.
 #[tokio::test]
 async fn a_client_is_cut_off_at_the_configured_login_timeout() {
     let env = env_with(
         FakeOptions::default(),
         "",
-        "timeouts:\n  login: 300ms\n  idle: 60s\n",
+        "timeouts:\n  login: 500ms\n  idle: 60s\n",
     )
     .await;
-    let mut c = implicit(&env).await;
+    let mut c = plain(&env).await;
     assert_eq!(c.rest().await, LOGIN_TIMEOUT_REPLY);
     eventually(|| {
         env.proxy.metrics.encode().lines().any(|l| {
-            l.contains("listener=\"submissions\"")
+            l.contains("listener=\"submission\"")
                 && l.contains("reason=\"login_timeout\"")
                 && l.ends_with(" 1")
         })
     })
     .await;
-    let mut c = plain(&env).await;
-    assert_eq!(c.rest().await, LOGIN_TIMEOUT_REPLY);
-    assert_eq!(backend_connections(&env), 1, "only 465's");
+    assert_eq!(backend_connections(&env), 0);
 }
 /// The smuggling class of a backend that cuts command lines short (Postfix reads 2048 octets
 /// and skips the rest): padding that moves a BDAT size, or anything else, past the cut can no
