@@ -63,4 +63,6 @@ pub mod testing {
     /// A connection served as the server serves an accepted one, over any stream (the driver
     /// tests pass one end of `tokio::io::duplex`).
     pub use crate::connection::serve_stream;
+    /// The RFC 5321/8314 grammar of a Received field, to check the one the proxy wrote.
+    pub use crate::smtp::received::check_received_abnf;
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use base64::prelude::{BASE64_STANDARD, Engine as _};
-use mailfront::smtp::received::check_received_abnf;
+use mailfront::testing::check_received_abnf;
 use mailfront::tls::names::{cipher_suite_name, known_group_name};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
