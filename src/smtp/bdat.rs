@@ -30,11 +30,6 @@ impl ChunkReader {
         ChunkReader { remaining: size }
     }
 
-    /// Octets of the chunk still to come.
-    pub fn remaining(&self) -> u64 {
-        self.remaining
-    }
-
     pub fn is_done(&self) -> bool {
         self.remaining == 0
     }
