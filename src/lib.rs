@@ -59,3 +59,14 @@ pub mod shared_state;
 pub mod smtp;
 pub mod tls;
 pub(crate) mod transport;
+
+/// What the integration tests drive directly that nothing outside the crate needs: not part of
+/// the API, and free to change with the tests.
+#[doc(hidden)]
+pub mod testing {
+    /// A connection served as the server serves an accepted one, over any stream (the driver
+    /// tests pass one end of `tokio::io::duplex`).
+    pub use crate::connection::serve_stream;
+    /// The RFC 5321/8314 grammar of a Received field, to check the one the proxy wrote.
+    pub use crate::smtp::received::check_received_abnf;
+}

@@ -124,7 +124,8 @@ impl Inner {
 
 impl PerIpLimiter {
     /// `limit` sessions per address; 0 turns the limit off.
-    pub fn new(limit: u32) -> PerIpLimiter {
+    #[cfg(test)]
+    pub(crate) fn new(limit: u32) -> PerIpLimiter {
         PerIpLimiter::with_shared(limit, None)
     }
 
@@ -186,7 +187,8 @@ impl PerIpLimiter {
     }
 
     /// Unauthenticated sessions counted for `ip` now.
-    pub fn count(&self, ip: IpAddr) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn count(&self, ip: IpAddr) -> u32 {
         self.inner
             .counts()
             .get(&IpKey::of(ip))
@@ -195,7 +197,8 @@ impl PerIpLimiter {
     }
 
     /// Addresses with at least one counted session (the table's size).
-    pub fn addresses(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn addresses(&self) -> usize {
         self.inner.counts().len()
     }
 }
@@ -377,11 +380,12 @@ impl ThrottleInner {
 impl AuthThrottle {
     /// `limit` attempts per address within `window`; a `limit` of 0 turns the throttle off.
     pub fn new(limit: u32, window: Duration) -> AuthThrottle {
-        AuthThrottle::with_capacity(limit, window, AUTH_THROTTLE_ADDRESSES)
+        AuthThrottle::build(limit, window, AUTH_THROTTLE_ADDRESSES, None)
     }
 
     /// As [`AuthThrottle::new`], remembering at most `capacity` addresses (at least one).
-    pub fn with_capacity(limit: u32, window: Duration, capacity: usize) -> AuthThrottle {
+    #[cfg(test)]
+    pub(crate) fn with_capacity(limit: u32, window: Duration, capacity: usize) -> AuthThrottle {
         AuthThrottle::build(limit, window, capacity, None)
     }
 
@@ -526,7 +530,8 @@ impl AuthThrottle {
     }
 
     /// Addresses remembered now (the table's size).
-    pub fn addresses(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn addresses(&self) -> usize {
         self.inner.table().charges.len()
     }
 }

@@ -281,10 +281,6 @@ impl Server {
         &self.metrics
     }
 
-    pub fn cert_store(&self) -> &Arc<CertStore> {
-        &self.store
-    }
-
     /// Serves until `control.shutdown` is cancelled, then drains for the grace period.
     pub async fn run(self, bound: Bound, control: Control) -> Result<(), StartError> {
         let Server {

@@ -17,7 +17,7 @@
 //! - `flags` bits 0-1: listener. 0 and 1: implicit TLS (465); with 1 the listener learned the
 //!   backend's EHLO from an earlier session. The client side is an in-memory pipe with no TLS
 //!   record layer and the session is given a [`TlsInfo`] as a real handshake would
-//!   (tests/drivers.rs runs real handshakes; one per execution would dominate the run).
+//!   (tests/it/drivers.rs runs real handshakes; one per execution would dominate the run).
 //!   2: STARTTLS (587) with `require_tls_for_mail` (default); 3: the same with it off. On 587
 //!   the client's bytes are cleartext: a STARTTLS it sends starts a handshake over the rest of
 //!   the input, which fails, so only the cleartext part of a 587 session is fuzzed.

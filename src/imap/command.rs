@@ -399,7 +399,8 @@ impl CommandReceiver {
     }
 
     /// True while waiting for the driver's accept/refuse decision.
-    pub fn awaits_literal_decision(&self) -> bool {
+    #[cfg(test)]
+    fn awaits_literal_decision(&self) -> bool {
         matches!(self.state, State::AwaitDecision { .. })
     }
 
@@ -424,7 +425,8 @@ impl CommandReceiver {
     }
 
     /// No partial command buffered: between commands, not in SASL, not awaiting a decision.
-    pub fn is_idle(&self) -> bool {
+    #[cfg(test)]
+    fn is_idle(&self) -> bool {
         self.state == State::Idle
     }
 

@@ -99,7 +99,8 @@ impl Response {
     }
 
     /// The response carries a `[CAPABILITY …]` code.
-    pub fn has_capability_code(&self) -> bool {
+    #[cfg(test)]
+    fn has_capability_code(&self) -> bool {
         self.code
             .as_deref()
             .is_some_and(|code| code.eq_ignore_ascii_case(b"CAPABILITY"))
@@ -174,14 +175,6 @@ impl ResponseReceiver {
             greeted: false,
             partial: Vec::new(),
             first_line_len: 0,
-        }
-    }
-
-    /// A receiver whose greeting was already seen (for example after mailfront's own exchange).
-    pub fn after_greeting(limits: ResponseLimits) -> Self {
-        ResponseReceiver {
-            greeted: true,
-            ..Self::new(limits)
         }
     }
 

@@ -398,11 +398,6 @@ impl ResponseReceiver {
         self.expected.push_back(expect);
     }
 
-    /// Commands forwarded but not yet answered.
-    pub fn outstanding(&self) -> usize {
-        self.expected.len()
-    }
-
     pub fn next(&mut self, buf: &[u8]) -> Step<ServerEvent> {
         let mut consumed = 0;
         loop {

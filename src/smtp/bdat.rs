@@ -30,13 +30,13 @@ impl ChunkReader {
         ChunkReader { remaining: size }
     }
 
+    pub fn is_done(&self) -> bool {
+        self.remaining == 0
+    }
+
     /// Octets of the chunk still to come.
     pub fn remaining(&self) -> u64 {
         self.remaining
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.remaining == 0
     }
 
     /// Takes the chunk's share of `input`: `input[..n]` belongs to the chunk (forward it, or

@@ -120,11 +120,6 @@ impl DataScanner {
         self.at == At::Done
     }
 
-    /// The violation that refused this message, if any.
-    pub fn violation(&self) -> Option<BareLineEnding> {
-        self.violation
-    }
-
     /// Octets of message content received from the client so far: dot-stuffing and line ends
     /// counted as sent, the final `.CRLF` not counted once the end is seen.
     pub fn size(&self) -> u64 {

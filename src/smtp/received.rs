@@ -30,6 +30,7 @@ const FALLBACK_HOSTNAME: &str = "localhost";
 /// Length of a random id: 62^12 (about 2^71) values, so ids do not repeat in a log's lifetime.
 const ID_LEN: usize = 12;
 /// Longest caller-chosen id: a session id fits, and the clause stays short.
+#[cfg(test)]
 const MAX_ID_LEN: usize = 64;
 /// Longest cipher or group name written: IANA names are under 60 characters, so anything
 /// longer is not one and is left out (or written in hex) rather than put in a header.
@@ -77,8 +78,9 @@ impl ReceivedId {
         ReceivedId((0..ID_LEN).map(|_| fastrand::alphanumeric()).collect())
     }
 
-    /// An id chosen by the caller (e.g. the session id): 1–64 ASCII letters and digits.
-    pub fn new(id: &str) -> Option<Self> {
+    /// An id chosen by the caller (tests: a fixed one): 1–64 ASCII letters and digits.
+    #[cfg(test)]
+    pub(crate) fn new(id: &str) -> Option<Self> {
         (!id.is_empty() && id.len() <= MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric()))
             .then(|| ReceivedId(id.to_owned()))
     }
@@ -284,7 +286,8 @@ fn sanitised_comment(text: &[u8]) -> String {
 }
 
 // ---- A small checker for the RFC 8314 §4.3 clauses inside an RFC 5321 §4.4 Stamp. ----
-// Public but hidden: the integration tests check the field the proxy really wrote with it.
+// Public but hidden: the integration tests check the field the proxy really wrote with it,
+// through `mailfront::testing`.
 
 /// Checks a Received field as mailfront writes it: the physical layout (CRLF only, WSP-led
 /// continuation lines, no line over 998 octets), then the unfolded Stamp: clause order, the

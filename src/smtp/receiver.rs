@@ -80,7 +80,8 @@ impl Line {
         wire
     }
 
-    pub fn into_text(self) -> Vec<u8> {
+    #[cfg(test)]
+    fn into_text(self) -> Vec<u8> {
         self.text
     }
 
@@ -130,7 +131,8 @@ impl CommandReceiver {
     }
 
     /// True when no partial line is buffered (the client is between commands).
-    pub fn is_idle(&self) -> bool {
+    #[cfg(test)]
+    fn is_idle(&self) -> bool {
         self.partial.is_empty() && self.discarding.is_none()
     }
 

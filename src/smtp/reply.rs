@@ -80,10 +80,6 @@ impl Reply {
         &self.raw
     }
 
-    pub fn into_raw(self) -> Vec<u8> {
-        self.raw
-    }
-
     /// Each line's text, without code, separator or terminator.
     pub fn lines(&self) -> impl Iterator<Item = &[u8]> {
         self.texts
@@ -97,12 +93,14 @@ impl Reply {
     }
 
     /// 3yz: intermediate (354 after DATA, 334 in AUTH).
-    pub fn is_intermediate(&self) -> bool {
+    #[cfg(test)]
+    fn is_intermediate(&self) -> bool {
         (300..400).contains(&self.code)
     }
 
     /// 4yz or 5yz.
-    pub fn is_negative(&self) -> bool {
+    #[cfg(test)]
+    fn is_negative(&self) -> bool {
         self.code >= 400
     }
 
@@ -188,7 +186,8 @@ impl ReplyReceiver {
     }
 
     /// True when no part of a reply is buffered.
-    pub fn is_idle(&self) -> bool {
+    #[cfg(test)]
+    fn is_idle(&self) -> bool {
         self.raw.is_empty() && !self.discarding
     }
 

@@ -4,12 +4,10 @@
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use base64::prelude::{BASE64_STANDARD, Engine as _};
-use common::*;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -479,6 +477,8 @@ async fn the_default_literal_limit_takes_8_kib_and_refuses_more() {
     assert!(command(&mut c, "c", "NOOP").await.contains("c OK"));
 }
 
+/// `timeouts.idle` from the config reaches the session: a short one ends a silent client with
+/// the BYE. The exact instant is `drivers::imap_implicit_tls_idle_client_is_logged_out_after_exactly_the_idle_timeout`'s.
 #[tokio::test]
 async fn an_idle_client_gets_bye_before_login() {
     let s = setup(
@@ -488,17 +488,17 @@ async fn an_idle_client_gets_bye_before_login() {
     )
     .await;
     let (mut c, _, _) = s.connect().await;
-    let started = tokio::time::Instant::now();
     assert_eq!(
         read_line(&mut c).await,
         "* BYE Autologout; idle for too long\r\n"
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// The server's shutdown reaches a session before login. A grace far longer than the test: the
+/// goodbye must not wait for it (`read_line` gives up after `TIMEOUT`, well inside the grace);
+/// that it comes at once is `drivers::timing::imap_shutdown_before_login_says_bye_at_once`.
 #[tokio::test]
 async fn shutdown_before_login_says_bye() {
-    // A grace far longer than the test: the goodbye must not wait for it.
     let s = setup(
         "implicit",
         FakeOptions::default(),
@@ -506,13 +506,11 @@ async fn shutdown_before_login_says_bye() {
     )
     .await;
     let (mut c, _, _) = s.connect().await;
-    let started = tokio::time::Instant::now();
     s.proxy.control.shutdown.cancel();
     assert_eq!(
         read_line(&mut c).await,
         "* BYE [UNAVAILABLE] Server shutting down\r\n"
     );
-    assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 /// An HTTP GET on the admin endpoint: the status line, or "" when nothing answers.
@@ -530,6 +528,10 @@ async fn admin_status(s: &Setup, path: &str) -> String {
     out.lines().next().unwrap_or_default().to_owned()
 }
 
+/// The server's side of the drain: readiness off at once, the cleartext session's BYE, and the
+/// relay kept until the configured grace runs out, when the server's hard stop closes it. The
+/// session's side to the exact instant (BYE at once, the relay closed the instant the hard stop
+/// comes) is `drivers::timing`'s.
 #[tokio::test]
 async fn drain_says_bye_before_login_at_once_and_keeps_relays_until_the_grace_runs_out() {
     const GRACE: Duration = Duration::from_secs(2);
@@ -570,7 +572,6 @@ async fn drain_says_bye_before_login_at_once_and_keeps_relays_until_the_grace_ru
         "* BYE [UNAVAILABLE] Server shutting down\r\n"
     );
     assert_eq!(read_line(&mut cleartext).await, "", "closed");
-    assert!(started.elapsed() < Duration::from_secs(1));
     // Not ready at once, while the admin endpoint still answers during the drain.
     assert!(s.metrics().contains("mailfront_ready 0"));
     assert_eq!(
@@ -582,16 +583,14 @@ async fn drain_says_bye_before_login_at_once_and_keeps_relays_until_the_grace_ru
     let reply = command(&mut relayed, "c", "SELECT INBOX").await;
     assert!(reply.contains("c OK"), "{reply}");
     assert!(started.elapsed() < GRACE);
-    // …until shutdown_grace runs out, when the proxy closes it.
+    // …until shutdown_grace runs out, when the proxy closes it (not before; and within
+    // TIMEOUT, not never).
     let mut rest = Vec::new();
     use tokio::io::AsyncReadExt;
-    let _ = tokio::time::timeout(TIMEOUT, relayed.read_to_end(&mut rest)).await;
+    let closed = tokio::time::timeout(TIMEOUT, relayed.read_to_end(&mut rest)).await;
     let took = started.elapsed();
+    assert!(closed.is_ok(), "the relay outlived the grace");
     assert!(took >= GRACE - Duration::from_millis(100), "{took:?}");
-    assert!(
-        took < GRACE + mailfront::server::AFTER_HARD_STOP + Duration::from_secs(1),
-        "{took:?}"
-    );
     assert!(s.metrics().contains(
         r#"mailfront_sessions_closed_total{listener="imap",protocol="imap",reason="shutdown",side="proxy"} 2"#
     ));
@@ -915,31 +914,6 @@ async fn a_client_id_never_reaches_a_backend_without_id() {
 }
 
 #[tokio::test]
-async fn a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
-    let options = FakeOptions {
-        silent_auth: true,
-        ..FakeOptions::default()
-    };
-    let s = setup("implicit", options, "timeouts:\n  idle: 400ms\n").await;
-    let (mut c, _, _) = s.connect().await;
-    send(&mut c, b"a LOGIN u secret\r\n").await;
-    let started = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            r = tokio::io::AsyncBufReadExt::fill_buf(&mut c) => { r.unwrap(); break; }
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-        assert!(started.elapsed() < Duration::from_secs(3), "no timeout");
-        send(&mut c, b"x").await;
-    }
-    assert_eq!(
-        read_line(&mut c).await,
-        "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
-    );
-    assert!(started.elapsed() < Duration::from_millis(1500));
-}
-
-#[tokio::test]
 async fn logout_ends_with_close_notify_before_and_after_login() {
     let s = setup("implicit", FakeOptions::default(), "").await;
     // read_line fails on a TCP close without close_notify (rustls: unexpected EOF).
@@ -1058,64 +1032,29 @@ async fn after_tls_only_parsed_commands_reach_the_backend_and_a_forged_second_id
     assert_only_canonical_commands(&seen);
 }
 
-/// Sends one byte every 100 ms until the proxy says something; returns how long that took.
-async fn trickle_until_answered<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut BufReader<S>,
-    bytes: &[u8],
-) -> Duration {
-    let started = tokio::time::Instant::now();
-    for byte in bytes.iter().cycle() {
-        tokio::select! {
-            r = tokio::io::AsyncBufReadExt::fill_buf(c) => { r.unwrap(); break; }
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-        assert!(started.elapsed() < Duration::from_secs(5), "never cut off");
-        send(c, &[*byte]).await;
-    }
-    started.elapsed()
-}
-
-const LOGIN_TIMEOUT: &str = "timeouts:\n  login: 600ms\n  idle: 5s\n";
-
+/// `timeouts.login` from the config reaches the session (here below `timeouts.idle`, so only
+/// it can end a silent client), and the close is counted as `login_timeout` on the client's
+/// side. In cleartext on 143, so no TLS handshake has to fit in the deadline on a loaded
+/// machine; no backend is connected. Trickling clients on 993 and 143, a logged-in one and the
+/// exact instant are `drivers::timing`'s and `drivers`'.
 #[tokio::test]
-async fn a_trickling_client_is_cut_off_at_the_login_timeout() {
-    let s = setup("implicit", FakeOptions::default(), LOGIN_TIMEOUT).await;
-    let (mut c, _, _) = s.connect().await;
-    let took = trickle_until_answered(&mut c, b"a NOOP").await;
+async fn a_client_is_cut_off_at_the_configured_login_timeout() {
+    let s = setup(
+        "starttls",
+        FakeOptions::default(),
+        "timeouts:\n  login: 500ms\n  idle: 60s\n",
+    )
+    .await;
+    let (mut c, _) = s.connect_plain().await;
     assert_eq!(
         read_line(&mut c).await,
         "* BYE Autologout; login took too long\r\n"
     );
     assert_eq!(read_line(&mut c).await, "");
-    assert!(
-        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
     eventually(|| {
         s.metrics()
             .contains("reason=\"login_timeout\",side=\"client\"} 1")
     })
     .await;
-    // Same in cleartext on a STARTTLS listener, where no backend is connected at all.
-    let s = setup("starttls", FakeOptions::default(), LOGIN_TIMEOUT).await;
-    let (mut c, _) = s.connect_plain().await;
-    trickle_until_answered(&mut c, b"a NOOP").await;
-    assert_eq!(
-        read_line(&mut c).await,
-        "* BYE Autologout; login took too long\r\n"
-    );
     assert!(s.backend.recorder.connections().is_empty());
-}
-
-#[tokio::test]
-async fn a_logged_in_client_is_not_cut_off_at_the_login_timeout() {
-    let s = setup("implicit", FakeOptions::default(), LOGIN_TIMEOUT).await;
-    let (mut c, _, _) = s.connect().await;
-    assert!(
-        command(&mut c, "a", "LOGIN u secret")
-            .await
-            .contains("a OK")
-    );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(command(&mut c, "b", "NOOP").await.contains("b OK"));
 }

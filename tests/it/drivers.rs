@@ -1,13 +1,15 @@
 //! Driver-level tests: each protocol driver runs in-process over `tokio::io::duplex` (client
 //! side and backend side alike) with paused time, so timeouts are checked to the exact virtual
-//! second and every byte either side sees is asserted. The real-socket tests in the other files
+//! second and every byte either side sees is asserted. The real-socket tests in the other modules
 //! are the outer layer; these need no sockets, no fake backend server and no wall-clock waits.
+//! The test CA and the TLS client config are common's.
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{IssuedCert, Pki, client_config, tls_upgrade};
 use mailfront::backend::BackendConnector;
 use mailfront::config::{
     BackendAddress, Backends, CertificateSection, Limits, ListenerConfig, MinTlsVersion, Protocol,
@@ -16,14 +18,13 @@ use mailfront::config::{
 use mailfront::metrics::Metrics;
 use mailfront::session::{ClientStream, EndReason, ListenerContext, Session};
 use mailfront::tls::{self, CertStore, Handshaker};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, duplex};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
+
+mod timing;
 
 const HOST: &str = "mail.example.test";
 /// Distinct values, so a test can tell which deadline fired.
@@ -36,37 +37,16 @@ const SHORT_LOGIN: Duration = Duration::from_secs(60);
 /// In-memory pipe capacity each way: larger than anything one test step writes.
 const PIPE: usize = 64 * 1024;
 
-/// A test CA and a server certificate for [`HOST`] signed by it.
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: CertificateDer<'static>,
-    cert: CertificateSection,
+/// common's test CA, and one server certificate for [`HOST`] issued by it.
+struct Certs {
+    pki: Pki,
+    leaf: IssuedCert,
 }
 
-fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca = ca_params.clone().self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![HOST.to_owned()])
-        .unwrap()
-        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("leaf.crt");
-    let key_path = dir.path().join("leaf.key");
-    std::fs::write(&cert, leaf.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    Pki {
-        _dir: dir,
-        ca: ca.der().clone(),
-        cert: CertificateSection {
-            cert,
-            key: key_path,
-        },
-    }
+fn pki() -> Certs {
+    let pki = Pki::new();
+    let leaf = pki.issue("leaf", &[HOST], false);
+    Certs { pki, leaf }
 }
 
 /// One listener's context, built in-process, whose backend is reached through in-memory pipes:
@@ -74,7 +54,7 @@ fn pki() -> Pki {
 fn listener(
     protocol: Protocol,
     tls_mode: TlsMode,
-    pki: &Pki,
+    pki: &Certs,
 ) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
     listener_with(protocol, tls_mode, pki, |_, _| {})
 }
@@ -83,7 +63,7 @@ fn listener(
 fn listener_with(
     protocol: Protocol,
     tls_mode: TlsMode,
-    pki: &Pki,
+    pki: &Certs,
     adjust: impl FnOnce(&mut ListenerConfig, &mut Timeouts),
 ) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
     let mut config = ListenerConfig {
@@ -113,7 +93,10 @@ fn listener_with(
     };
     adjust(&mut config, &mut timeouts);
     let tls_config = TlsConfig {
-        certificates: vec![pki.cert.clone()],
+        certificates: vec![CertificateSection {
+            cert: pki.leaf.cert.clone(),
+            key: pki.leaf.key.clone(),
+        }],
         min_version: MinTlsVersion::Tls12,
         handshake_timeout: Duration::from_secs(10),
         reload_interval: Duration::from_secs(60),
@@ -162,26 +145,18 @@ fn session(context: Arc<ListenerContext>) -> Session {
     )
 }
 
-/// The client side of a TLS handshake over `io`, trusting the test CA.
-async fn tls_client<S: AsyncRead + AsyncWrite + Unpin>(io: S, pki: &Pki) -> TlsStream<S> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(HOST).unwrap(), io)
-        .await
-        .unwrap()
+/// The client side of a TLS handshake over `io`, trusting the test CA, with rustls's default
+/// versions.
+async fn tls_client<S: AsyncRead + AsyncWrite + Unpin>(io: S, pki: &Certs) -> TlsStream<S> {
+    let config = client_config(&pki.pki.ca_der, rustls::DEFAULT_VERSIONS, None);
+    tls_upgrade(io, HOST, config).await.unwrap()
 }
 
 /// Reads one line up to and including LF, octet by octet: nothing past it is consumed, so the
 /// same stream can be handed to a TLS handshake right after. No timer of its own: with paused
-/// time a stuck session would auto-advance to its own deadline, never hang the test.
+/// time a stuck session would auto-advance to its own deadline, never hang the test. (common's
+/// `read_line` reads through a `BufReader` and gives up after `common::TIMEOUT`, which paused time
+/// reaches at once whenever the session under test waits longer, as most tests here do.)
 async fn line<R: AsyncRead + Unpin>(r: &mut R) -> String {
     let mut out = Vec::new();
     let mut octet = [0u8; 1];
@@ -509,7 +484,7 @@ async fn imap_unreachable_backend_is_a_bye_unavailable() {
 fn short_login(
     protocol: Protocol,
     tls_mode: TlsMode,
-    pki: &Pki,
+    pki: &Certs,
 ) -> (Arc<ListenerContext>, UnboundedReceiver<DuplexStream>) {
     listener_with(protocol, tls_mode, pki, |_, timeouts| {
         timeouts.login = SHORT_LOGIN;

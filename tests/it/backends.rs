@@ -4,12 +4,10 @@
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncWriteExt, BufReader};
 
 /// One listener's YAML with a list of backends and `extra` keys (indented 4).
@@ -188,8 +186,15 @@ async fn a_killed_backend_fails_its_sessions_cleanly_new_sessions_go_elsewhere_a
     assert!(up, "the revived backend was never seen up");
     drop(held);
     drop(fresh);
-    // With the old sessions gone, the next three spread over all three again.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // With the old sessions gone (ended in the proxy, so no longer counted against their
+    // backends), the next three spread over all three again.
+    eventually(|| {
+        proxy
+            .metrics
+            .encode()
+            .contains(r#"mailfront_connections_active{listener="imaps",protocol="imap"} 0"#)
+    })
+    .await;
     let mut names = std::collections::HashSet::new();
     let mut again = Vec::new();
     for _ in 0..3 {

@@ -2,12 +2,10 @@
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
 fn both_versions() -> Vec<&'static rustls::SupportedProtocolVersion> {
@@ -979,25 +977,40 @@ async fn health_subcommand_exits_0_only_while_the_proxy_is_ready() {
 }
 
 /// SIGTERM while a client on an implicit-TLS port has connected but sent no ClientHello: the
-/// connection is closed at once, as every pre-login session is, not at `tls.handshake_timeout`
-/// (10 s by default), and the close line says `shutdown`.
+/// server's drain reaches the handshake, and the connection is closed, as every pre-login session
+/// is, not at `tls.handshake_timeout` (set far past `TIMEOUT` here). That it is closed at once,
+/// and counted as `shutdown`, is
+/// `drivers::timing::a_graceful_shutdown_closes_a_connection_that_has_not_sent_its_client_hello_at_once`'s.
 #[tokio::test]
 async fn a_graceful_shutdown_closes_a_connection_that_has_not_sent_its_client_hello() {
-    let OneListener {
-        pki: _pki,
-        cert: _,
-        backend,
-        proxy,
-    } = one_listener(FakeKind::Echo, "e", "imap").await;
+    let pki = Pki::new();
+    let cert = pki.issue("mx", &["mx.example.test"], false);
+    let backend = FakeBackend::start(FakeKind::Echo).await;
+    let yaml = config_yaml(
+        &[&cert],
+        &[listener_yaml("e", "imap", "implicit", backend.addr)],
+        "",
+    )
+    .replace(
+        "  reload_interval: 100ms\n",
+        "  reload_interval: 100ms\n  handshake_timeout: 60s\n",
+    );
+    let proxy = Proxy::start(&yaml, pki.dir.path()).await;
     let mut tcp = tokio::net::TcpStream::connect(proxy.addr("e"))
         .await
         .unwrap();
-    // Let the proxy accept it and start waiting for the hello.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Accepted, and waiting for the hello.
+    eventually(|| {
+        proxy
+            .metrics
+            .encode()
+            .contains(r#"mailfront_connections_active{listener="e",protocol="imap"} 1"#)
+    })
+    .await;
     proxy.control.shutdown.cancel();
     let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "still open 2 s after shutdown began");
+    let read = tokio::time::timeout(TIMEOUT, tcp.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "still open {TIMEOUT:?} after shutdown began");
     assert!(rest.is_empty());
     assert!(backend.recorder.connections().is_empty());
 }

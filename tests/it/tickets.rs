@@ -4,12 +4,10 @@
 //! service; `tls.session_tickets: 0` sends none.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use rustls::HandshakeKind;
 use tokio::io::BufReader;
 

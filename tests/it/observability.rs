@@ -3,10 +3,8 @@
 //! reasons with the side they happened on, and per-protocol families only where they can move.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
+use crate::common::*;
 use base64::prelude::{BASE64_STANDARD, Engine as _};
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

@@ -4,17 +4,15 @@
 //! without a byte (a load balancer's health check) counts as `closed_before_hello`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-const TLS1_0_HELLO: &[u8] = include_bytes!("data/client_hello/openssl-tls1_0.bin");
-const TLS1_1_HELLO: &[u8] = include_bytes!("data/client_hello/openssl-tls1_1.bin");
-const TLS1_2_HELLO: &[u8] = include_bytes!("data/client_hello/openssl-tls1_2.bin");
+const TLS1_0_HELLO: &[u8] = include_bytes!("../data/client_hello/openssl-tls1_0.bin");
+const TLS1_1_HELLO: &[u8] = include_bytes!("../data/client_hello/openssl-tls1_1.bin");
+const TLS1_2_HELLO: &[u8] = include_bytes!("../data/client_hello/openssl-tls1_2.bin");
 
 /// A fatal protocol_version alert (RFC 8446 §6.2).
 const PROTOCOL_VERSION_ALERT: &[u8] = &[21, 3, 3, 0, 2, 2, 70];

@@ -113,10 +113,16 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no listener {name}"))
     }
 
+    /// A graceful shutdown, waited for: it must finish within [`TIMEOUT`]. A test that still
+    /// holds an authenticated session drops it first, or the drain waits out
+    /// `timeouts.shutdown_grace` (30 s by default) and this fails instead of hiding the wait.
     pub async fn stop(mut self) {
         self.control.shutdown.cancel();
         let handle = std::mem::replace(&mut self.handle, tokio::spawn(async {}));
-        let _ = tokio::time::timeout(TIMEOUT, handle).await;
+        tokio::time::timeout(TIMEOUT, handle)
+            .await
+            .expect("the proxy did not stop within TIMEOUT: a session still open?")
+            .unwrap();
     }
 }
 

@@ -61,11 +61,6 @@ impl RedisServer {
         Some(server)
     }
 
-    /// Its working directory (for files its directives name, such as an ACL file).
-    pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
-    }
-
     /// `redis://127.0.0.1:<port>/0`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)

@@ -5,16 +5,12 @@
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-// Only tool_or_skip is used here: the rest of the harness would warn as unused.
-#[allow(unused_imports)]
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use common::tool_or_skip;
+use crate::common::tool_or_skip;
 
 /// The README's "try it" block: the lines of the first ```sh block after the marker comment.
 fn readme_try_it() -> Vec<String> {

@@ -5,13 +5,11 @@
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use common::*;
+use crate::common::*;
 use mailfront::server::ReloadReport;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -222,11 +220,14 @@ async fn an_added_listener_serves_and_a_removed_one_stops_accepting_but_keeps_it
         TcpStream::connect(old_addr).await.is_err(),
         "the removed listener still accepts"
     );
+    // Relays wait out the shutdown grace: closed here, the stop is at once.
+    drop((on_old, on_new));
     proxy.stop().await;
 }
 
 /// Everything the process logs, for the one test that changes the log level (the subscriber is
-/// global to this test binary).
+/// global to the test binary, so it also catches what the tests running beside it log; the
+/// test looks only for its own client's lines, and turns logging off when done).
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
@@ -276,10 +277,16 @@ async fn a_changed_log_level_applies_at_once() {
             format!("127.0.0.1:{port}")
         }
     };
+    // The client's address whole: 127.0.0.1:4567 must not match another test's :45678.
     let logged = |client: &str| {
         String::from_utf8_lossy(&captured.0.lock().unwrap())
             .lines()
-            .any(|l| l.contains("tls handshake failed") && l.contains(client))
+            .any(|l| {
+                l.contains("tls handshake failed")
+                    && l.match_indices(client).any(|(at, _)| {
+                        !l[at + client.len()..].starts_with(|c: char| c.is_ascii_digit())
+                    })
+            })
     };
     let quiet = probe(&proxy).await;
     setup.write(&listeners, "log:\n  level: debug\n");
@@ -294,6 +301,8 @@ async fn a_changed_log_level_applies_at_once() {
     eventually(|| logged(&loud)).await;
     assert!(!logged(&quiet));
     proxy.stop().await;
+    // The rest of the binary's tests log nothing into the buffer.
+    mailfront::logging::LogControl::set_level(&**handle, "off").unwrap();
 }
 
 #[tokio::test]
@@ -330,6 +339,7 @@ async fn an_invalid_file_changes_nothing_names_every_problem_and_is_counted() {
     assert_eq!(served_by(&mut held).await.as_deref(), Some("a"));
     let mut new = setup.login(&proxy, "imaps").await;
     assert_eq!(served_by(&mut new).await.as_deref(), Some("a"));
+    drop((held, new));
     proxy.stop().await;
 }
 
@@ -370,6 +380,7 @@ async fn a_drained_backend_takes_no_new_session_and_keeps_its_own() {
     };
     assert_eq!(draining(a.addr), Some(1.0), "{text}");
     assert_eq!(draining(b.addr), Some(0.0), "{text}");
+    drop(on_a);
     proxy.stop().await;
 }
 

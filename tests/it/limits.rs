@@ -9,11 +9,9 @@
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -327,7 +325,10 @@ async fn an_smtp_session_stops_counting_at_a_successful_auth() {
 
 // ---- limits.auth_failures_per_ip ----------------------------------------------------------
 
-/// Long enough for three logins on a loaded machine, short enough to wait out in a test.
+/// Waited out on paused time (the tests below run with `start_paused`, as the charging tests
+/// further down do: the sockets are real, the clock virtual), so no wall-clock second passes and
+/// a loaded machine cannot run three logins past it. The window's exact edges, and that no
+/// refused attempt reaches the backend, are `drivers::timing`'s.
 const WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 
 type Tls = BufReader<tokio_rustls::client::TlsStream<TcpStream>>;
@@ -409,7 +410,7 @@ async fn smtp_ehlo(c: &mut Tls) {
     assert!(read_smtp_reply(c).await.starts_with("250"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn imap_logins_are_refused_locally_after_the_failures_while_a_second_address_is_served() {
     let s = throttled_setup().await;
     let (mut a, _) = s.tls_from("127.0.0.1:0", "imaps").await;
@@ -453,7 +454,7 @@ async fn imap_logins_are_refused_locally_after_the_failures_while_a_second_addre
     assert!(imap_login(&mut again, "f", "secret").await.contains("f OK"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pop3_pass_is_refused_locally_after_the_failures_while_a_second_address_is_served() {
     let s = throttled_setup().await;
     let (mut a, _) = s.tls_from("127.0.0.1:0", "pop3s").await;
@@ -494,7 +495,7 @@ async fn pop3_pass_is_refused_locally_after_the_failures_while_a_second_address_
     assert_eq!(pop3_login(&mut a, "secret").await, "+OK Logged in.\r\n");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn smtp_auth_gets_454_after_the_failures_while_a_second_address_is_served() {
     let s = throttled_setup().await;
     let (mut a, greeting) = s.tls_from("127.0.0.1:0", "submissions").await;

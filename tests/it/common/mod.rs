@@ -8,7 +8,6 @@
 //! - `redis`: a real `redis-server` on a free loopback port (`shared_state` tests).
 //!
 //! Everything is re-exported here, so test files just `use common::*`.
-#![allow(dead_code)]
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -22,18 +21,12 @@ mod redis;
 
 use std::time::Duration;
 
-// Only the tests that run the real binary use it.
-#[allow(unused_imports)]
 pub use binary::*;
 pub use client::*;
 pub use fake_backend::*;
-// Only tests/backends.rs uses the fleet.
-#[allow(unused_imports)]
 pub use fleet::*;
 pub use pki::*;
 pub use proxy::*;
-// Only tests/shared_state.rs runs redis-server.
-#[allow(unused_imports)]
 pub use redis::*;
 
 /// How long any single wait in a test may take before the test fails instead of hanging.
