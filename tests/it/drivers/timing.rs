@@ -134,10 +134,11 @@ async fn smtp_idle_client_gets_421_4_4_2_after_exactly_the_idle_timeout() {
     let (context, mut backends) = listener(Protocol::Smtp, TlsMode::Implicit, &pki);
     let (io, server) = start(session(context));
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+    // Greeted at once; the first EHLO connects (no backend EHLO learned yet).
     assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
     client.write_all(b"EHLO c.example\r\n").await.unwrap();
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
     expect(&mut backend, b"EHLO c.example\r\n").await;
     backend
         .write_all(b"250-backend\r\n250 AUTH PLAIN\r\n")
@@ -300,10 +301,11 @@ async fn smtp_a_trickling_client_is_cut_off_at_exactly_the_login_timeout() {
     let started = Instant::now();
     let (io, server) = start(session(context.clone()));
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+    // Greeted at once; the first EHLO connects (no backend EHLO learned yet).
     assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
     client.write_all(b"EHLO c.example\r\n").await.unwrap();
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
     expect(&mut backend, b"EHLO c.example\r\n").await;
     backend.write_all(b"250 backend\r\n").await.unwrap();
     smtp_reply(&mut client).await;
@@ -482,10 +484,11 @@ async fn smtp_a_throttled_address_may_auth_again_exactly_when_its_failures_leave
     let pki = pki();
     let (throttle, io, server, mut backends) = throttled(Protocol::Smtp, &pki);
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+    // Greeted at once; the first EHLO connects (no backend EHLO learned yet).
     assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
     client.write_all(b"EHLO c.example\r\n").await.unwrap();
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
     expect(&mut backend, b"EHLO c.example\r\n").await;
     backend
         .write_all(b"250-backend\r\n250 AUTH PLAIN\r\n")
@@ -669,10 +672,11 @@ async fn smtp_shutdown_sends_421_4_3_2_between_commands_at_once() {
     let (s, drain, hard_stop) = draining(context);
     let (io, server) = start(s);
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+    // Greeted at once; the first EHLO connects (no backend EHLO learned yet).
     assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
     client.write_all(b"EHLO c.example\r\n").await.unwrap();
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
     expect(&mut backend, b"EHLO c.example\r\n").await;
     backend.write_all(b"250 backend\r\n").await.unwrap();
     smtp_reply(&mut client).await;
@@ -709,10 +713,11 @@ async fn smtp_drain_between_bdat_chunks_lets_the_message_finish_then_421() {
     let (s, drain, _) = draining(context);
     let (io, server) = start(s);
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
+    // Greeted at once; the first EHLO connects (no backend EHLO learned yet).
     assert_eq!(line(&mut client).await, format!("220 {HOST} ESMTP\r\n"));
     client.write_all(b"EHLO c.example\r\n").await.unwrap();
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"220 backend ESMTP\r\n").await.unwrap();
     expect(&mut backend, b"EHLO c.example\r\n").await;
     backend
         .write_all(b"250-backend\r\n250 CHUNKING\r\n")
