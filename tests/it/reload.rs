@@ -216,10 +216,23 @@ async fn an_added_listener_serves_and_a_removed_one_stops_accepting_but_keeps_it
     let mut on_new = setup.login(&proxy, "new").await;
     assert_eq!(served_by(&mut on_new).await.as_deref(), Some("a"));
     assert_eq!(served_by(&mut on_old).await.as_deref(), Some("a"));
-    assert!(
-        TcpStream::connect(old_addr).await.is_err(),
-        "the removed listener still accepts"
-    );
+    // The freed port may already be another test's listener (every test shares this process
+    // and the machine's ports): what must hold is that the removed listener takes nothing.
+    let accepted = |proxy: &Proxy| {
+        proxy
+            .metrics
+            .encode()
+            .lines()
+            .find(|l| l.starts_with(r#"mailfront_connections_accepted_total{listener="old"}"#))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = accepted(&proxy);
+    if let Ok(stranger) = TcpStream::connect(old_addr).await {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(stranger);
+        assert_eq!(accepted(&proxy), before, "the removed listener still accepts");
+    }
     // Relays wait out the shutdown grace: closed here, the stop is at once.
     drop((on_old, on_new));
     proxy.stop().await;
