@@ -73,7 +73,7 @@ pub const DEFAULT_PORTS: Ports = Ports {
 };
 
 /// The commands to try, each with what it shows: the README's quick start lists the same ones
-/// for [`DEFAULT_PORTS`] (tests/quickstart.rs checks that they match, then runs them).
+/// for [`DEFAULT_PORTS`] (tests/it/quickstart.rs checks that they match, then runs them).
 pub fn try_it(p: Ports) -> Vec<(&'static str, String)> {
     let Ports {
         imaps,

@@ -246,7 +246,7 @@ fn expectation(command: &str) -> (&'static str, &'static [&'static str]) {
     let (_, tool, needles) = table
         .iter()
         .find(|(key, _, _)| command.contains(key))
-        .unwrap_or_else(|| panic!("tests/quickstart.rs has no expectation for: {command}"));
+        .unwrap_or_else(|| panic!("tests/it/quickstart.rs has no expectation for: {command}"));
     (tool, needles)
 }
 

@@ -231,7 +231,11 @@ async fn an_added_listener_serves_and_a_removed_one_stops_accepting_but_keeps_it
     if let Ok(stranger) = TcpStream::connect(old_addr).await {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         drop(stranger);
-        assert_eq!(accepted(&proxy), before, "the removed listener still accepts");
+        assert_eq!(
+            accepted(&proxy),
+            before,
+            "the removed listener still accepts"
+        );
     }
     // Relays wait out the shutdown grace: closed here, the stop is at once.
     drop((on_old, on_new));
