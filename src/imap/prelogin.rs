@@ -50,6 +50,11 @@ pub struct Settings {
     /// fields ([`crate::client_info::imap_id_fields`]) sent beside `tls` in the first ID; empty
     /// when off.
     pub client_info: Vec<(&'static str, String)>,
+    /// The pre-login capability list this listener's backend sent an earlier session (the
+    /// tokens after `CAPABILITY`, raw; [`crate::session::Learned`]): with it, a session with TLS
+    /// up greets and answers its client itself and connects only for a login ([`Phase::Local`]).
+    /// `None` until a session saw the backend's: the session then connects at once.
+    pub learned_capability: Option<Vec<u8>>,
 }
 
 /// A command of ours in flight; its responses never reach the client.
@@ -130,6 +135,18 @@ pub struct Prelogin {
     tag_seed: u64,
     /// A login waiting for [`Machine::login_charge`]; client bytes wait behind it.
     charging: Option<Charging>,
+    /// The backend's pre-login capability list as known now (learned by an earlier session, or
+    /// from this session's backend): what [`Phase::Local`] shows, rewritten for TLS.
+    known_capability: Option<Vec<u8>>,
+    /// The client had mailfront's greeting (cleartext, or [`Phase::Local`]'s): the backend's is
+    /// swallowed.
+    greeted: bool,
+    /// A LOGIN/AUTHENTICATE parsed in [`Phase::Local`], judged again by the gate once the
+    /// backend is connected and its capabilities are known.
+    held_login: Option<(Vec<u8>, Command)>,
+    /// The client's first ID, answered `ID NIL` in [`Phase::Local`]: its fields go to the
+    /// backend beside mailfront's, in the ID sent before the login.
+    client_id: Option<id::IdCommand>,
 }
 
 impl Prelogin {
@@ -154,19 +171,50 @@ impl Prelogin {
             logout: false,
             tag_seed,
             charging: None,
+            known_capability: None,
+            greeted: !tls_active,
+            held_login: None,
+            client_id: None,
         };
-        if !tls_active {
-            let greeting = format!(
-                "* OK [CAPABILITY {}] {} ready\r\n",
-                String::from_utf8_lossy(CLEARTEXT_CAPABILITIES),
-                machine.settings.hostname
-            );
-            machine
-                .core
-                .to_client
-                .extend_from_slice(greeting.as_bytes());
+        if let Some(list) = machine.settings.learned_capability.clone() {
+            machine.set_caps(&list);
+            machine.known_capability = Some(list);
+        }
+        if tls_active {
+            machine.tls_up();
+        } else {
+            machine.greet(CLEARTEXT_CAPABILITIES.to_vec());
         }
         machine
+    }
+
+    /// mailfront's own greeting (RFC 9051 §7.1.1: a `CAPABILITY` code spares the client a
+    /// round trip).
+    fn greet(&mut self, capabilities: Vec<u8>) {
+        let greeting = format!(
+            "* OK [CAPABILITY {}] {} ready\r\n",
+            String::from_utf8_lossy(&capabilities),
+            self.settings.hostname
+        );
+        self.core.to_client.extend_from_slice(greeting.as_bytes());
+        self.greeted = true;
+    }
+
+    /// TLS is up (implicit, or after STARTTLS). With the backend's capabilities known, the
+    /// session stays local until a login ([`Phase::Local`]): on implicit TLS mailfront greets
+    /// with them; after STARTTLS the client had mailfront's greeting already and asks again
+    /// (RFC 9051 §6.2.1). Unknown, it connects at once, and the backend's greeting (implicit)
+    /// or its capabilities teach this listener's next sessions.
+    fn tls_up(&mut self) {
+        match self.known_capability.clone() {
+            Some(list) => {
+                self.core.phase = Phase::Local;
+                if !self.greeted {
+                    self.greet(capability::rewrite_list(&list, CapabilityView::Tls));
+                }
+            }
+            None => self.core.phase = Phase::Connecting,
+        }
     }
 
     /// Whether the next thing expected is the backend's: the idle timer then measures the
@@ -177,6 +225,7 @@ impl Prelogin {
             Phase::Ready => {
                 self.own.is_some()
                     || self.deferred.is_some()
+                    || self.held_login.is_some()
                     || (self.in_flight.is_some() && !(self.rx.in_sasl() && self.sasl_credit > 0))
             }
             _ => false,
@@ -192,12 +241,12 @@ impl Prelogin {
     }
 
     /// The handshake after STARTTLS succeeded: start afresh with a new receiver (nothing the
-    /// client sent before counts) and connect to the backend.
+    /// client sent before counts), then answer locally or connect ([`Prelogin::tls_up`]).
     pub fn tls_started(&mut self, tls: TlsFacts) {
         self.tls = Some(tls);
         self.rx = CommandReceiver::new(self.settings.limits);
         self.core.cbuf.clear();
-        self.core.phase = Phase::Connecting;
+        self.tls_up();
     }
 
     /// Client bytes arrived. Returns whether anything was acted on (the idle timer restarts
@@ -264,30 +313,50 @@ impl Prelogin {
         id::mailfront_tag(self.tag_seed)
     }
 
+    /// Learns the backend's pre-login capabilities from a response that carries them, and
+    /// hands a list that differs from the one known to the listener's next sessions
+    /// ([`Notice::BackendImapCapability`]).
     fn learn(&mut self, raw: &[u8]) {
-        if let Some(tokens) = capability::capabilities(raw) {
-            let has = |name: &[u8]| tokens.iter().any(|t| t.eq_ignore_ascii_case(name));
-            self.caps = BackendCaps {
-                id: has(b"ID"),
-                sasl_ir: has(b"SASL-IR"),
-                literal_plus: has(b"LITERAL+"),
-                literal_minus: has(b"LITERAL-"),
-            };
+        let Some(list) = capability::capabilities(raw).map(|tokens| tokens.join(&b' ')) else {
+            return;
+        };
+        self.set_caps(&list);
+        if self.known_capability.as_deref() != Some(list.as_slice()) {
+            self.core
+                .notices
+                .push(Notice::BackendImapCapability(list.clone()));
+            self.known_capability = Some(list);
         }
+    }
+
+    /// What a capability list (space-separated tokens) changes in what mailfront sends.
+    fn set_caps(&mut self, list: &[u8]) {
+        let has = |name: &[u8]| {
+            list.split(|&b| b == b' ')
+                .any(|t| t.eq_ignore_ascii_case(name))
+        };
+        self.caps = BackendCaps {
+            id: has(b"ID"),
+            sasl_ir: has(b"SASL-IR"),
+            literal_plus: has(b"LITERAL+"),
+            literal_minus: has(b"LITERAL-"),
+        };
     }
 
     // ---- client side -------------------------------------------------------------------
 
     fn may_take_client_event(&self) -> bool {
         match self.core.phase {
-            Phase::Cleartext => true,
+            Phase::Cleartext | Phase::Local => true,
             Phase::Ready => {
                 // After LOGOUT went out, or the backend said BYE, it is leaving: nothing more
-                // goes to it (RFC 9051 §7.1.5). A login waiting for its charge goes first.
+                // goes to it (RFC 9051 §7.1.5). A login waiting for its charge, or for the
+                // gate's second look, goes first.
                 if self.own.is_some()
                     || self.deferred.is_some()
                     || self.logout
                     || self.charging.is_some()
+                    || self.held_login.is_some()
                 {
                     return false;
                 }
@@ -371,17 +440,73 @@ impl Prelogin {
                 if !self.count_command() {
                     return;
                 }
-                let input = Input::Command {
-                    tag: &tag,
-                    command: &command,
-                };
-                match policy::decide(&self.gate(), input) {
-                    Verdict::ForwardId => self.forward_id(tag, &command),
-                    Verdict::Forward => self.encode(tag, command, false),
-                    Verdict::ChargeLogin => self.encode(tag, command, true),
-                    verdict => self.answer(&tag, verdict, &command_label(&command)),
+                if self.core.phase == Phase::Local {
+                    self.on_local_command(tag, command);
+                } else {
+                    self.judge(tag, command);
                 }
             }
+        }
+    }
+
+    /// A command through the gate, with a backend connected (or none needed, in cleartext).
+    fn judge(&mut self, tag: Vec<u8>, command: Command) {
+        let input = Input::Command {
+            tag: &tag,
+            command: &command,
+        };
+        match policy::decide(&self.gate(), input) {
+            Verdict::ForwardId => self.forward_id(tag, &command),
+            Verdict::Forward => self.encode(tag, command, false),
+            Verdict::ChargeLogin => self.encode(tag, command, true),
+            verdict => self.answer(&tag, verdict, &command_label(&command)),
+        }
+    }
+
+    /// A command with TLS up and no backend ([`Phase::Local`]), judged by the gate on the
+    /// learned capabilities. What the gate would forward is answered here as the backend would
+    /// (CAPABILITY from the learned list, rewritten for TLS; NOOP; LOGOUT, RFC 9051 §6.1.3); the
+    /// client's first ID is answered `ID NIL` (RFC 2971 §3.2) and kept for the ID mailfront
+    /// sends before the login. Only a login needs the backend: it is held, the driver connects,
+    /// and the gate judges it again on what the backend then says ([`Prelogin::release_held`]).
+    fn on_local_command(&mut self, tag: Vec<u8>, command: Command) {
+        let input = Input::Command {
+            tag: &tag,
+            command: &command,
+        };
+        match (policy::decide(&self.gate(), input), command) {
+            (Verdict::ChargeLogin, command) => {
+                self.held_login = Some((tag, command));
+                self.core.phase = Phase::Connecting;
+            }
+            (Verdict::ForwardId, Command::Id(client)) => {
+                self.client_id.get_or_insert(client);
+                self.answer(&tag, Verdict::Local(Local::IdNil), "");
+            }
+            (Verdict::Forward, Command::Capability) => {
+                let list = self.known_capability.as_deref().unwrap_or_default();
+                let mut out = b"* CAPABILITY ".to_vec();
+                out.extend_from_slice(&capability::rewrite_list(list, CapabilityView::Tls));
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&reply::tagged(&tag, "OK", "CAPABILITY completed"));
+                self.core.to_client.extend_from_slice(&out);
+            }
+            (Verdict::Forward, Command::Noop) => {
+                self.answer(&tag, Verdict::Local(Local::Noop), "");
+            }
+            (Verdict::Forward, Command::Logout) => {
+                self.answer(&tag, Verdict::Local(Local::Logout), "");
+            }
+            (verdict, command) => self.answer(&tag, verdict, &command_label(&command)),
+        }
+    }
+
+    /// The backend is ready and its capabilities known: the login held in [`Phase::Local`]
+    /// goes through the gate (SASL-IR as the backend says now), the charge and the encoding,
+    /// as if it had just arrived.
+    fn release_held(&mut self) {
+        if let Some((tag, command)) = self.held_login.take() {
+            self.judge(tag, command);
         }
     }
 
@@ -578,15 +703,24 @@ impl Prelogin {
         }
         if flight.auth.is_some() && self.caps.id && !self.id_sent {
             // The backend learns the cipher (and, with backend_client_info, the client's
-            // address) before any credential, in its first ID.
+            // address) before any credential, in its first ID: with the client's fields when
+            // its ID was answered locally ([`Phase::Local`]).
             let own_tag = self.own_tag();
             let cipher = self.cipher_name();
-            let ours = id::build_id_command(&own_tag, &self.our_id_fields(&cipher));
+            let (ours, source) = match self.client_id.take() {
+                Some(mut client) => {
+                    client.tag = own_tag.clone();
+                    let fields = self.our_id_fields(&cipher);
+                    (id::rewrite_client_id(&client, &fields), IdSource::Client)
+                }
+                None => (
+                    id::build_id_command(&own_tag, &self.our_id_fields(&cipher)),
+                    IdSource::Proxy,
+                ),
+            };
             self.core.to_backend.extend_from_slice(&ours);
             self.id_sent = true;
-            self.core
-                .notices
-                .push(Notice::IdFieldAdded(IdSource::Proxy));
+            self.core.notices.push(Notice::IdFieldAdded(source));
             self.own = Some(Own::Id(own_tag));
             self.deferred = Some(flight);
             self.deferred_first = first;
@@ -658,16 +792,20 @@ impl Prelogin {
         }
         let known = capability::capabilities(&greeting.raw).is_some();
         self.learn(&greeting.raw);
-        if self.settings.listener == TlsMode::Implicit {
-            // The client's only greeting. After STARTTLS the client had ours already and asks
-            // for capabilities again (RFC 9051 §6.2.1), so the backend's is not shown.
+        if !self.greeted {
+            // The client's only greeting. After STARTTLS, or once mailfront greeted with TLS up
+            // ([`Phase::Local`]), the client had ours already, so the backend's is not shown.
             let shown =
                 capability::rewrite_response(&greeting.raw, self.view()).unwrap_or(greeting.raw);
             self.core.to_client.extend_from_slice(&shown);
+            self.greeted = true;
         }
         self.core.phase = Phase::Ready;
-        if !known {
-            // Learn ID/SASL-IR/LITERAL+ without showing the client anything.
+        if known {
+            self.release_held();
+        } else {
+            // Learn ID/SASL-IR/LITERAL+ without showing the client anything; a held login
+            // waits for the completion.
             let tag = self.own_tag();
             self.core.to_backend.extend_from_slice(&tag);
             self.core.to_backend.extend_from_slice(b" CAPABILITY\r\n");
@@ -699,6 +837,8 @@ impl Prelogin {
                     let first = std::mem::take(&mut self.deferred_first);
                     self.core.to_backend.extend_from_slice(&first);
                     self.in_flight = Some(flight);
+                } else {
+                    self.release_held();
                 }
                 return;
             }
@@ -938,6 +1078,7 @@ mod tests {
             limits: command::Limits::default(),
             max_commands: 50,
             client_info: Vec::new(),
+            learned_capability: None,
         }
     }
 
@@ -957,6 +1098,11 @@ mod tests {
         let greeting = format!("* OK [CAPABILITY {caps}] backend ready\r\n");
         m.backend_input(greeting.as_bytes());
         assert_eq!(m.next(), Next::Run);
+        assert_eq!(
+            m.take_notices(),
+            [Notice::BackendImapCapability(caps.as_bytes().to_vec())],
+            "the listener's next sessions learn the greeting's capabilities"
+        );
         m
     }
 
@@ -1030,6 +1176,7 @@ mod tests {
         m.backend_connected();
         let greeting = format!("* OK [CAPABILITY {caps}] backend ready\r\n");
         m.backend_input(greeting.as_bytes());
+        m.take_notices();
         m
     }
 
