@@ -51,7 +51,7 @@ pub struct Settings {
     /// when off.
     pub client_info: Vec<(&'static str, String)>,
     /// The pre-login capability list this listener's backend sent an earlier session (the
-    /// tokens after `CAPABILITY`, raw; [`crate::session::Learned`]): with it, a session with TLS
+    /// tokens after `CAPABILITY`, raw, the listener's `Learned`): with it, a session with TLS
     /// up greets and answers its client itself and connects only for a login ([`Phase::Local`]).
     /// `None` until a session saw the backend's: the session then connects at once.
     pub learned_capability: Option<Vec<u8>>,
@@ -2085,5 +2085,254 @@ mod tests {
             "AUTHENTICATE invalid"
         );
         assert_eq!(mechanism_label(b"authenticate", None), "AUTHENTICATE");
+    }
+
+    // ---- Phase::Local: TLS up, no backend until a login ----------------------------------
+
+    /// What an earlier session learned of the backend: Dovecot's pre-login list.
+    const LEARNED: &str = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=EXTERNAL";
+
+    fn learned(listener: TlsMode, learned: &str) -> Prelogin {
+        let mut settings = settings(listener);
+        settings.learned_capability = Some(learned.as_bytes().to_vec());
+        let tls = (listener == TlsMode::Implicit).then(crate::machine::testing::tls13);
+        Prelogin::new(settings, tls, 7)
+    }
+
+    #[test]
+    fn with_learned_capabilities_a_session_is_answered_without_a_backend() {
+        let mut m = learned(TlsMode::Implicit, LEARNED);
+        assert_eq!(m.next(), Next::Run, "no connection at TLS up");
+        m.client_input(
+            b"a CAPABILITY\r\nb NOOP\r\nc ID (\"name\" \"mutt\")\r\nd STARTTLS\r\ne SELECT INBOX\r\nf ID NIL\r\ng LOGOUT\r\n",
+        );
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] mx.example.test ready\r\n\
+             * CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN\r\na OK CAPABILITY completed\r\n\
+             b OK NOOP completed\r\n\
+             * ID NIL\r\nc OK ID completed\r\n\
+             d BAD TLS is already active\r\n\
+             e BAD Command not allowed before authentication\r\n\
+             * ID NIL\r\nf OK ID completed\r\n\
+             * BYE Logging out\r\ng OK LOGOUT completed\r\n"
+        );
+        assert_eq!(m.next(), Next::End(End::ClientClosed));
+        assert_eq!(m.take_notices(), []);
+    }
+
+    /// The client's whole side of a lazy login, and the backend's once connected.
+    const LAZY_CLIENT: &str =
+        "a CAPABILITY\r\nb ID (\"name\" \"mutt\")\r\nc LOGIN alice {6}\r\nsecret\r\n";
+
+    /// Plays [`LAZY_CLIENT`] in `chunks`, connects when asked, and answers as Dovecot does;
+    /// returns what each side saw.
+    fn lazy_login(chunks: &[&[u8]]) -> (String, String, Vec<Notice>) {
+        let mut m = learned(TlsMode::Implicit, LEARNED);
+        let (mut client, mut backend) = out(&mut m);
+        for chunk in chunks {
+            m.client_input(chunk);
+            let (c, b) = out(&mut m);
+            client.push_str(&c);
+            backend.push_str(&b);
+        }
+        assert_eq!(backend, "", "nothing before the login is complete");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(format!("* OK [CAPABILITY {LEARNED}] Dovecot ready.\r\n").as_bytes());
+        let (c, b) = out(&mut m);
+        client.push_str(&c);
+        backend.push_str(&b);
+        let tag = own_tag(&b);
+        m.backend_input(format!("* ID NIL\r\n{tag} OK ID completed.\r\n").as_bytes());
+        let (c, b) = out(&mut m);
+        client.push_str(&c);
+        backend.push_str(&b);
+        m.backend_input(b"c OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n");
+        let (c, b) = out(&mut m);
+        client.push_str(&c);
+        backend.push_str(&b);
+        assert_eq!(m.next(), Next::Authenticated);
+        (client, backend.replace(&tag, "TAG"), m.take_notices())
+    }
+
+    #[test]
+    fn a_login_connects_and_goes_after_our_id_carrying_the_clients_fields() {
+        let (client, backend, notices) = lazy_login(&[LAZY_CLIENT.as_bytes()]);
+        assert_eq!(
+            client,
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] mx.example.test ready\r\n\
+             * CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN\r\na OK CAPABILITY completed\r\n\
+             * ID NIL\r\nb OK ID completed\r\n\
+             + Ready for literal data\r\n\
+             c OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+            "the backend's greeting is swallowed"
+        );
+        assert_eq!(
+            backend,
+            format!(
+                "TAG ID (\"name\" \"mutt\" \"tls\" \"{CIPHER}\")\r\nc LOGIN \"alice\" \"secret\"\r\n"
+            )
+        );
+        assert_eq!(
+            notices,
+            [
+                Notice::User(b"alice".to_vec()),
+                Notice::IdFieldAdded(IdSource::Client),
+                Notice::Auth {
+                    verdict: AuthVerdict::Success,
+                    mechanism: "LOGIN".to_owned(),
+                    charge: Charge::Refund,
+                },
+            ],
+            "the learned list is unchanged: no new notice"
+        );
+    }
+
+    #[test]
+    fn a_lazy_login_is_split_invariant() {
+        let whole = lazy_login(&[LAZY_CLIENT.as_bytes()]);
+        let bytes = LAZY_CLIENT.as_bytes();
+        for at in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(at);
+            assert_eq!(lazy_login(&[a, b]), whole, "split at {at}");
+        }
+        let single: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(lazy_login(&single), whole, "one octet at a time");
+    }
+
+    #[test]
+    fn authenticate_continuations_work_after_a_lazy_connect() {
+        let mut m = learned(TlsMode::Implicit, "IMAP4rev1 AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a AUTHENTICATE PLAIN\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(b"* OK ready\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "");
+        let tag = own_tag(&backend);
+        assert_eq!(
+            backend,
+            format!("{tag} CAPABILITY\r\n"),
+            "asked unseen first"
+        );
+        m.backend_input(
+            format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{tag} OK done\r\n").as_bytes(),
+        );
+        let (client, backend) = out(&mut m);
+        assert_eq!(
+            (client.as_str(), backend.as_str()),
+            ("", "a AUTHENTICATE PLAIN\r\n")
+        );
+        m.backend_input(b"+ \r\n");
+        assert_eq!(out(&mut m).0, "+ \r\n");
+        m.client_input(b"AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(out(&mut m).1, "AGFsaWNlAHNlY3JldA==\r\n");
+        m.backend_input(b"a OK Logged in\r\n");
+        assert_eq!(out(&mut m).0, "a OK Logged in\r\n");
+        assert_eq!(m.next(), Next::Authenticated);
+    }
+
+    /// The gate judges the held login again on what the backend says now: a backend that lost
+    /// SASL-IR since it was learned gets no initial response, and the next sessions learn it.
+    #[test]
+    fn a_held_login_is_judged_again_on_the_connected_backends_capabilities() {
+        let mut m = learned(TlsMode::Implicit, "IMAP4rev1 SASL-IR AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            String::from_utf8_lossy(&reply::sasl_ir_unsupported(b"a"))
+        );
+        assert_eq!(
+            m.take_notices(),
+            [Notice::BackendImapCapability(
+                b"IMAP4rev1 AUTH=PLAIN".to_vec()
+            )]
+        );
+        assert_eq!(m.next(), Next::Run);
+    }
+
+    #[test]
+    fn a_backend_down_or_saying_bye_fails_the_held_login_as_unavailable() {
+        let mut m = learned(TlsMode::Implicit, LEARNED);
+        out(&mut m);
+        m.client_input(b"a LOGIN alice secret\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_failed();
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
+        );
+        assert_eq!(m.next(), Next::End(End::BackendClosed));
+
+        let mut m = learned(TlsMode::Implicit, LEARNED);
+        out(&mut m);
+        m.client_input(b"a LOGIN alice secret\r\n");
+        m.backend_connected();
+        m.backend_input(b"* BYE [UNAVAILABLE] Too many connections\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "", "the credential never leaves");
+        assert_eq!(client, "* BYE [UNAVAILABLE] Too many connections\r\n");
+        assert_eq!(m.next(), Next::End(End::BackendClosed));
+    }
+
+    #[test]
+    fn after_starttls_a_learned_listener_stays_local_and_an_unknown_one_connects() {
+        let mut m = learned(TlsMode::Starttls, LEARNED);
+        out(&mut m);
+        m.client_input(b"s STARTTLS\r\n");
+        out(&mut m);
+        m.tls_started(crate::machine::testing::tls13());
+        assert_eq!(m.next(), Next::Run);
+        m.client_input(b"a CAPABILITY\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            "* CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN\r\na OK CAPABILITY completed\r\n",
+            "no second greeting (RFC 9051 §6.2.1)"
+        );
+
+        let mut m = cleartext();
+        out(&mut m);
+        m.client_input(b"s STARTTLS\r\n");
+        out(&mut m);
+        m.tls_started(crate::machine::testing::tls13());
+        assert_eq!(m.next(), Next::Connect, "unknown: connect at once to learn");
+    }
+
+    #[test]
+    fn unknown_capabilities_connect_at_once_and_are_learned_from_an_own_capability() {
+        let mut m = Prelogin::new(
+            settings(TlsMode::Implicit),
+            Some(crate::machine::testing::tls13()),
+            1,
+        );
+        assert_eq!(m.next(), Next::Connect);
+        assert_eq!(
+            out(&mut m),
+            (String::new(), String::new()),
+            "no greeting of ours"
+        );
+        m.backend_connected();
+        m.backend_input(b"* OK ready\r\n");
+        let (_, backend) = out(&mut m);
+        let tag = own_tag(&backend);
+        m.backend_input(format!("* CAPABILITY IMAP4rev1 ID\r\n{tag} OK done\r\n").as_bytes());
+        assert_eq!(
+            m.take_notices(),
+            [Notice::BackendImapCapability(b"IMAP4rev1 ID".to_vec())]
+        );
     }
 }
