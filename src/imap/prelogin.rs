@@ -15,6 +15,20 @@
 //!   command past the gate.
 //! - The first ID the backend receives carries mailfront's `tls` field; a later client ID is
 //!   answered here and never forwarded.
+//!
+//! With TLS up the machine connects only when a command needs the backend: LOGIN and
+//! AUTHENTICATE ([`Phase::Local`], as SMTP does for AUTH and MAIL). Until then mailfront greets
+//! (implicit TLS; after STARTTLS the client had the cleartext greeting, RFC 9051 §6.2.1) and
+//! answers CAPABILITY from the pre-login list the listener's backend showed an earlier session
+//! ([`Settings::learned_capability`], rewritten with [`CapabilityView::Tls`]), NOOP, LOGOUT, and
+//! ID with `ID NIL` (RFC 2971 §3.2): the client's first ID is kept and its fields go beside
+//! mailfront's in the ID sent before the login. The gate judges every command on the learned
+//! list; a login is held, the driver connects, the backend's greeting is swallowed, and the gate
+//! judges the login again on what the backend says now (a SASL-IR it lost is refused here), then
+//! the charge and the encoding go as for any login. While no list is learned (the first sessions
+//! after a start or reload) a session connects at once, as before: the backend's greeting (on
+//! implicit TLS, the client's only one) or mailfront's own CAPABILITY teaches the listener
+//! ([`Notice::BackendImapCapability`]), so a client is never offered what no backend said.
 
 use std::collections::VecDeque;
 
