@@ -419,6 +419,9 @@ fn record_notices<M: Machine>(
                 tracing::info!(size, code, "message not accepted by the backend");
             }
             Notice::BackendEhlo(reply) => session.listener().learned.set_ehlo(reply),
+            Notice::BackendImapCapability(list) => {
+                session.listener().learned.set_imap_capability(list)
+            }
             Notice::BareLineEnding { bare, in_bdat } => {
                 tracing::warn!(
                     bare,

@@ -166,6 +166,10 @@ pub enum Notice {
     /// SMTP: the backend's reply to an EHLO (raw), which later sessions of the listener answer
     /// their EHLO with before they connect ([`Phase::Local`]).
     BackendEhlo(Vec<u8>),
+    /// IMAP: the backend's pre-login capability list (the tokens after `CAPABILITY`, raw), which
+    /// later sessions of the listener greet and answer CAPABILITY with before they connect
+    /// ([`Phase::Local`]).
+    BackendImapCapability(Vec<u8>),
 }
 
 /// What the backend's answer to a login means for `limits.auth_failures_per_ip`: the machine

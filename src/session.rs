@@ -51,11 +51,14 @@ pub struct ListenerContext {
 
 /// What sessions of one listener learned from their backends and hand to the next ones: the
 /// backend's SMTP EHLO reply, which an SMTP session with TLS up answers its client's EHLO with
-/// before it connects (`smtp::machine`). Per replica and per listener; empty after a restart or
-/// a reload, until a session sees a backend again.
+/// before it connects (`smtp::machine`), and the backend's IMAP pre-login capability list, which
+/// an IMAP session with TLS up greets and answers CAPABILITY with before it connects
+/// (`imap::prelogin`). Per replica and per listener; empty after a restart or a reload, until a
+/// session sees a backend again.
 #[derive(Debug, Default)]
 pub struct Learned {
     ehlo: std::sync::Mutex<Option<Vec<u8>>>,
+    imap_capability: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl Learned {
@@ -69,10 +72,25 @@ impl Learned {
         }
     }
 
+    /// The IMAP backend's pre-login capability list (the tokens after `CAPABILITY`, as the
+    /// backend wrote them).
+    pub fn imap_capability(&self) -> Option<Vec<u8>> {
+        self.imap_capability.lock().ok().and_then(|c| c.clone())
+    }
+
+    pub fn set_imap_capability(&self, list: Vec<u8>) {
+        if let Ok(mut capability) = self.imap_capability.lock() {
+            *capability = Some(list);
+        }
+    }
+
     /// Forgets what was learned (the fuzz target starts every input from a known state).
     pub fn forget(&self) {
         if let Ok(mut ehlo) = self.ehlo.lock() {
             *ehlo = None;
+        }
+        if let Ok(mut capability) = self.imap_capability.lock() {
+            *capability = None;
         }
     }
 }

@@ -12,7 +12,11 @@
 //!   only to a backend that offers LITERAL+ (or LITERAL- up to 4096 octets);
 //! - during AUTHENTICATE, one SASL line per `+` the backend sent;
 //! - a login goes out only after the driver granted its charge (`Next::ChargeLogin`): with the
-//!   throttle refusing, no LOGIN or AUTHENTICATE reaches the backend at all.
+//!   throttle refusing, no LOGIN or AUTHENTICATE reaches the backend at all;
+//! - nothing is written for the backend before the machine asked to connect; and where the
+//!   listener learned its backend's capabilities (from an earlier session; here the backend's
+//!   own list or a stale richer one), the machine asks to connect only once the client sent a
+//!   LOGIN or AUTHENTICATE (the connection is for the login), and at TLS up otherwise.
 #![no_main]
 
 use imap_codec::decode::{AuthenticateDataDecodeError, CommandDecodeError, Decoder};
@@ -233,23 +237,54 @@ fn text(tag: &[u8]) -> String {
     String::from_utf8_lossy(tag).into_owned()
 }
 
+/// The driver's side of the connection: whether it connected, whether sessions start local
+/// (capabilities learned), and the client bytes fed so far.
+struct Link {
+    connected: bool,
+    learned: bool,
+    fed: Vec<u8>,
+}
+
+impl Link {
+    /// Whether the client sent something that may be a login command.
+    fn login_fed(&self) -> bool {
+        let fed = self.fed.to_ascii_uppercase();
+        [b"LOGIN".as_slice(), b"AUTHENTICATE"]
+            .iter()
+            .any(|word| fed.windows(word.len()).any(|w| w == *word))
+    }
+}
+
 /// Moves bytes between the machine and the backend until nothing more happens. Returns false
 /// once the session left the not-authenticated state.
-fn settle(m: &mut Prelogin, backend: &mut Backend, client_tls: &mut bool) -> bool {
+fn settle(m: &mut Prelogin, backend: &mut Backend, client_tls: &mut bool, link: &mut Link) -> bool {
     for _ in 0..64 {
         let _ = m.take_to_client();
         let sent = m.take_to_backend();
+        assert!(
+            link.connected || sent.is_empty(),
+            "bytes for a backend never connected: {sent:?}"
+        );
         let answers = backend.receive(&sent, *client_tls);
         match m.next() {
             Next::End(_) | Next::Authenticated => return false,
             Next::StartTls => {
                 assert!(answers.is_empty());
                 *client_tls = true;
+                // Nothing the client sent before the handshake counts after it.
+                link.fed.clear();
                 m.tls_started(tls13());
                 continue;
             }
             Next::Connect => {
                 assert!(*client_tls, "a backend connection before TLS");
+                assert!(!link.connected, "a second connection");
+                assert!(
+                    !link.learned || link.login_fed(),
+                    "a connection with capabilities learned and no login: {:?}",
+                    link.fed
+                );
+                link.connected = true;
                 m.backend_connected();
                 m.backend_input(&backend.greeting());
                 continue;
@@ -322,18 +357,31 @@ fuzz_target!(|data: &[u8]| {
         } else {
             Vec::new()
         },
+        // What an earlier session of the listener learned: nothing, the backend's list, or a
+        // stale one richer than the backend's (the gate judges the login again once connected).
+        learned_capability: match (flags & 128 != 0, chunk & 128 != 0) {
+            (false, _) => None,
+            (true, false) => Some(caps.as_bytes().to_vec()),
+            (true, true) => Some(b"IMAP4rev1 ID SASL-IR LITERAL+ AUTH=PLAIN".to_vec()),
+        },
+    };
+    let mut link = Link {
+        connected: false,
+        learned: settings.learned_capability.is_some(),
+        fed: Vec::new(),
     };
     let mut client_tls = listener == TlsMode::Implicit;
     let tls = client_tls.then(tls13);
     let mut m = Prelogin::new(settings, tls, u64::from(flags));
-    if !settle(&mut m, &mut backend, &mut client_tls) {
+    if !settle(&mut m, &mut backend, &mut client_tls, &mut link) {
         return;
     }
     for piece in client.chunks(usize::from(chunk % 32) + 1) {
         if m.wants_client_input(1 << 16) {
+            link.fed.extend_from_slice(piece);
             m.client_input(piece);
         }
-        if !settle(&mut m, &mut backend, &mut client_tls) {
+        if !settle(&mut m, &mut backend, &mut client_tls, &mut link) {
             return;
         }
     }

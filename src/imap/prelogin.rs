@@ -15,6 +15,20 @@
 //!   command past the gate.
 //! - The first ID the backend receives carries mailfront's `tls` field; a later client ID is
 //!   answered here and never forwarded.
+//!
+//! With TLS up the machine connects only when a command needs the backend: LOGIN and
+//! AUTHENTICATE ([`Phase::Local`], as SMTP does for AUTH and MAIL). Until then mailfront greets
+//! (implicit TLS; after STARTTLS the client had the cleartext greeting, RFC 9051 §6.2.1) and
+//! answers CAPABILITY from the pre-login list the listener's backend showed an earlier session
+//! ([`Settings::learned_capability`], rewritten with [`CapabilityView::Tls`]), NOOP, LOGOUT, and
+//! ID with `ID NIL` (RFC 2971 §3.2): the client's first ID is kept and its fields go beside
+//! mailfront's in the ID sent before the login. The gate judges every command on the learned
+//! list; a login is held, the driver connects, the backend's greeting is swallowed, and the gate
+//! judges the login again on what the backend says now (a SASL-IR it lost is refused here), then
+//! the charge and the encoding go as for any login. While no list is learned (the first sessions
+//! after a start or reload) a session connects at once, as before: the backend's greeting (on
+//! implicit TLS, the client's only one) or mailfront's own CAPABILITY teaches the listener
+//! ([`Notice::BackendImapCapability`]), so a client is never offered what no backend said.
 
 use std::collections::VecDeque;
 
@@ -50,6 +64,11 @@ pub struct Settings {
     /// fields ([`crate::client_info::imap_id_fields`]) sent beside `tls` in the first ID; empty
     /// when off.
     pub client_info: Vec<(&'static str, String)>,
+    /// The pre-login capability list this listener's backend sent an earlier session (the
+    /// tokens after `CAPABILITY`, raw, the listener's `Learned`): with it, a session with TLS
+    /// up greets and answers its client itself and connects only for a login ([`Phase::Local`]).
+    /// `None` until a session saw the backend's: the session then connects at once.
+    pub learned_capability: Option<Vec<u8>>,
 }
 
 /// A command of ours in flight; its responses never reach the client.
@@ -130,6 +149,18 @@ pub struct Prelogin {
     tag_seed: u64,
     /// A login waiting for [`Machine::login_charge`]; client bytes wait behind it.
     charging: Option<Charging>,
+    /// The backend's pre-login capability list as known now (learned by an earlier session, or
+    /// from this session's backend): what [`Phase::Local`] shows, rewritten for TLS.
+    known_capability: Option<Vec<u8>>,
+    /// The client had mailfront's greeting (cleartext, or [`Phase::Local`]'s): the backend's is
+    /// swallowed.
+    greeted: bool,
+    /// A LOGIN/AUTHENTICATE parsed in [`Phase::Local`], judged again by the gate once the
+    /// backend is connected and its capabilities are known.
+    held_login: Option<(Vec<u8>, Command)>,
+    /// The client's first ID, answered `ID NIL` in [`Phase::Local`]: its fields go to the
+    /// backend beside mailfront's, in the ID sent before the login.
+    client_id: Option<id::IdCommand>,
 }
 
 impl Prelogin {
@@ -154,19 +185,50 @@ impl Prelogin {
             logout: false,
             tag_seed,
             charging: None,
+            known_capability: None,
+            greeted: !tls_active,
+            held_login: None,
+            client_id: None,
         };
-        if !tls_active {
-            let greeting = format!(
-                "* OK [CAPABILITY {}] {} ready\r\n",
-                String::from_utf8_lossy(CLEARTEXT_CAPABILITIES),
-                machine.settings.hostname
-            );
-            machine
-                .core
-                .to_client
-                .extend_from_slice(greeting.as_bytes());
+        if let Some(list) = machine.settings.learned_capability.clone() {
+            machine.set_caps(&list);
+            machine.known_capability = Some(list);
+        }
+        if tls_active {
+            machine.tls_up();
+        } else {
+            machine.greet(CLEARTEXT_CAPABILITIES.to_vec());
         }
         machine
+    }
+
+    /// mailfront's own greeting (RFC 9051 §7.1.1: a `CAPABILITY` code spares the client a
+    /// round trip).
+    fn greet(&mut self, capabilities: Vec<u8>) {
+        let greeting = format!(
+            "* OK [CAPABILITY {}] {} ready\r\n",
+            String::from_utf8_lossy(&capabilities),
+            self.settings.hostname
+        );
+        self.core.to_client.extend_from_slice(greeting.as_bytes());
+        self.greeted = true;
+    }
+
+    /// TLS is up (implicit, or after STARTTLS). With the backend's capabilities known, the
+    /// session stays local until a login ([`Phase::Local`]): on implicit TLS mailfront greets
+    /// with them; after STARTTLS the client had mailfront's greeting already and asks again
+    /// (RFC 9051 §6.2.1). Unknown, it connects at once, and the backend's greeting (implicit)
+    /// or its capabilities teach this listener's next sessions.
+    fn tls_up(&mut self) {
+        match self.known_capability.clone() {
+            Some(list) => {
+                self.core.phase = Phase::Local;
+                if !self.greeted {
+                    self.greet(capability::rewrite_list(&list, CapabilityView::Tls));
+                }
+            }
+            None => self.core.phase = Phase::Connecting,
+        }
     }
 
     /// Whether the next thing expected is the backend's: the idle timer then measures the
@@ -177,6 +239,7 @@ impl Prelogin {
             Phase::Ready => {
                 self.own.is_some()
                     || self.deferred.is_some()
+                    || self.held_login.is_some()
                     || (self.in_flight.is_some() && !(self.rx.in_sasl() && self.sasl_credit > 0))
             }
             _ => false,
@@ -192,12 +255,12 @@ impl Prelogin {
     }
 
     /// The handshake after STARTTLS succeeded: start afresh with a new receiver (nothing the
-    /// client sent before counts) and connect to the backend.
+    /// client sent before counts), then answer locally or connect ([`Prelogin::tls_up`]).
     pub fn tls_started(&mut self, tls: TlsFacts) {
         self.tls = Some(tls);
         self.rx = CommandReceiver::new(self.settings.limits);
         self.core.cbuf.clear();
-        self.core.phase = Phase::Connecting;
+        self.tls_up();
     }
 
     /// Client bytes arrived. Returns whether anything was acted on (the idle timer restarts
@@ -264,30 +327,50 @@ impl Prelogin {
         id::mailfront_tag(self.tag_seed)
     }
 
+    /// Learns the backend's pre-login capabilities from a response that carries them, and
+    /// hands a list that differs from the one known to the listener's next sessions
+    /// ([`Notice::BackendImapCapability`]).
     fn learn(&mut self, raw: &[u8]) {
-        if let Some(tokens) = capability::capabilities(raw) {
-            let has = |name: &[u8]| tokens.iter().any(|t| t.eq_ignore_ascii_case(name));
-            self.caps = BackendCaps {
-                id: has(b"ID"),
-                sasl_ir: has(b"SASL-IR"),
-                literal_plus: has(b"LITERAL+"),
-                literal_minus: has(b"LITERAL-"),
-            };
+        let Some(list) = capability::capabilities(raw).map(|tokens| tokens.join(&b' ')) else {
+            return;
+        };
+        self.set_caps(&list);
+        if self.known_capability.as_deref() != Some(list.as_slice()) {
+            self.core
+                .notices
+                .push(Notice::BackendImapCapability(list.clone()));
+            self.known_capability = Some(list);
         }
+    }
+
+    /// What a capability list (space-separated tokens) changes in what mailfront sends.
+    fn set_caps(&mut self, list: &[u8]) {
+        let has = |name: &[u8]| {
+            list.split(|&b| b == b' ')
+                .any(|t| t.eq_ignore_ascii_case(name))
+        };
+        self.caps = BackendCaps {
+            id: has(b"ID"),
+            sasl_ir: has(b"SASL-IR"),
+            literal_plus: has(b"LITERAL+"),
+            literal_minus: has(b"LITERAL-"),
+        };
     }
 
     // ---- client side -------------------------------------------------------------------
 
     fn may_take_client_event(&self) -> bool {
         match self.core.phase {
-            Phase::Cleartext => true,
+            Phase::Cleartext | Phase::Local => true,
             Phase::Ready => {
                 // After LOGOUT went out, or the backend said BYE, it is leaving: nothing more
-                // goes to it (RFC 9051 §7.1.5). A login waiting for its charge goes first.
+                // goes to it (RFC 9051 §7.1.5). A login waiting for its charge, or for the
+                // gate's second look, goes first.
                 if self.own.is_some()
                     || self.deferred.is_some()
                     || self.logout
                     || self.charging.is_some()
+                    || self.held_login.is_some()
                 {
                     return false;
                 }
@@ -371,17 +454,73 @@ impl Prelogin {
                 if !self.count_command() {
                     return;
                 }
-                let input = Input::Command {
-                    tag: &tag,
-                    command: &command,
-                };
-                match policy::decide(&self.gate(), input) {
-                    Verdict::ForwardId => self.forward_id(tag, &command),
-                    Verdict::Forward => self.encode(tag, command, false),
-                    Verdict::ChargeLogin => self.encode(tag, command, true),
-                    verdict => self.answer(&tag, verdict, &command_label(&command)),
+                if self.core.phase == Phase::Local {
+                    self.on_local_command(tag, command);
+                } else {
+                    self.judge(tag, command);
                 }
             }
+        }
+    }
+
+    /// A command through the gate, with a backend connected (or none needed, in cleartext).
+    fn judge(&mut self, tag: Vec<u8>, command: Command) {
+        let input = Input::Command {
+            tag: &tag,
+            command: &command,
+        };
+        match policy::decide(&self.gate(), input) {
+            Verdict::ForwardId => self.forward_id(tag, &command),
+            Verdict::Forward => self.encode(tag, command, false),
+            Verdict::ChargeLogin => self.encode(tag, command, true),
+            verdict => self.answer(&tag, verdict, &command_label(&command)),
+        }
+    }
+
+    /// A command with TLS up and no backend ([`Phase::Local`]), judged by the gate on the
+    /// learned capabilities. What the gate would forward is answered here as the backend would
+    /// (CAPABILITY from the learned list, rewritten for TLS; NOOP; LOGOUT, RFC 9051 §6.1.3); the
+    /// client's first ID is answered `ID NIL` (RFC 2971 §3.2) and kept for the ID mailfront
+    /// sends before the login. Only a login needs the backend: it is held, the driver connects,
+    /// and the gate judges it again on what the backend then says ([`Prelogin::release_held`]).
+    fn on_local_command(&mut self, tag: Vec<u8>, command: Command) {
+        let input = Input::Command {
+            tag: &tag,
+            command: &command,
+        };
+        match (policy::decide(&self.gate(), input), command) {
+            (Verdict::ChargeLogin, command) => {
+                self.held_login = Some((tag, command));
+                self.core.phase = Phase::Connecting;
+            }
+            (Verdict::ForwardId, Command::Id(client)) => {
+                self.client_id.get_or_insert(client);
+                self.answer(&tag, Verdict::Local(Local::IdNil), "");
+            }
+            (Verdict::Forward, Command::Capability) => {
+                let list = self.known_capability.as_deref().unwrap_or_default();
+                let mut out = b"* CAPABILITY ".to_vec();
+                out.extend_from_slice(&capability::rewrite_list(list, CapabilityView::Tls));
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&reply::tagged(&tag, "OK", "CAPABILITY completed"));
+                self.core.to_client.extend_from_slice(&out);
+            }
+            (Verdict::Forward, Command::Noop) => {
+                self.answer(&tag, Verdict::Local(Local::Noop), "");
+            }
+            (Verdict::Forward, Command::Logout) => {
+                self.answer(&tag, Verdict::Local(Local::Logout), "");
+            }
+            (verdict, command) => self.answer(&tag, verdict, &command_label(&command)),
+        }
+    }
+
+    /// The backend is ready and its capabilities known: the login held in [`Phase::Local`]
+    /// goes through the gate (SASL-IR as the backend says now), the charge and the encoding,
+    /// as if it had just arrived.
+    fn release_held(&mut self) {
+        if let Some((tag, command)) = self.held_login.take() {
+            self.judge(tag, command);
         }
     }
 
@@ -578,15 +717,24 @@ impl Prelogin {
         }
         if flight.auth.is_some() && self.caps.id && !self.id_sent {
             // The backend learns the cipher (and, with backend_client_info, the client's
-            // address) before any credential, in its first ID.
+            // address) before any credential, in its first ID: with the client's fields when
+            // its ID was answered locally ([`Phase::Local`]).
             let own_tag = self.own_tag();
             let cipher = self.cipher_name();
-            let ours = id::build_id_command(&own_tag, &self.our_id_fields(&cipher));
+            let (ours, source) = match self.client_id.take() {
+                Some(mut client) => {
+                    client.tag = own_tag.clone();
+                    let fields = self.our_id_fields(&cipher);
+                    (id::rewrite_client_id(&client, &fields), IdSource::Client)
+                }
+                None => (
+                    id::build_id_command(&own_tag, &self.our_id_fields(&cipher)),
+                    IdSource::Proxy,
+                ),
+            };
             self.core.to_backend.extend_from_slice(&ours);
             self.id_sent = true;
-            self.core
-                .notices
-                .push(Notice::IdFieldAdded(IdSource::Proxy));
+            self.core.notices.push(Notice::IdFieldAdded(source));
             self.own = Some(Own::Id(own_tag));
             self.deferred = Some(flight);
             self.deferred_first = first;
@@ -658,16 +806,20 @@ impl Prelogin {
         }
         let known = capability::capabilities(&greeting.raw).is_some();
         self.learn(&greeting.raw);
-        if self.settings.listener == TlsMode::Implicit {
-            // The client's only greeting. After STARTTLS the client had ours already and asks
-            // for capabilities again (RFC 9051 §6.2.1), so the backend's is not shown.
+        if !self.greeted {
+            // The client's only greeting. After STARTTLS, or once mailfront greeted with TLS up
+            // ([`Phase::Local`]), the client had ours already, so the backend's is not shown.
             let shown =
                 capability::rewrite_response(&greeting.raw, self.view()).unwrap_or(greeting.raw);
             self.core.to_client.extend_from_slice(&shown);
+            self.greeted = true;
         }
         self.core.phase = Phase::Ready;
-        if !known {
-            // Learn ID/SASL-IR/LITERAL+ without showing the client anything.
+        if known {
+            self.release_held();
+        } else {
+            // Learn ID/SASL-IR/LITERAL+ without showing the client anything; a held login
+            // waits for the completion.
             let tag = self.own_tag();
             self.core.to_backend.extend_from_slice(&tag);
             self.core.to_backend.extend_from_slice(b" CAPABILITY\r\n");
@@ -699,6 +851,8 @@ impl Prelogin {
                     let first = std::mem::take(&mut self.deferred_first);
                     self.core.to_backend.extend_from_slice(&first);
                     self.in_flight = Some(flight);
+                } else {
+                    self.release_held();
                 }
                 return;
             }
@@ -938,6 +1092,7 @@ mod tests {
             limits: command::Limits::default(),
             max_commands: 50,
             client_info: Vec::new(),
+            learned_capability: None,
         }
     }
 
@@ -957,6 +1112,11 @@ mod tests {
         let greeting = format!("* OK [CAPABILITY {caps}] backend ready\r\n");
         m.backend_input(greeting.as_bytes());
         assert_eq!(m.next(), Next::Run);
+        assert_eq!(
+            m.take_notices(),
+            [Notice::BackendImapCapability(caps.as_bytes().to_vec())],
+            "the listener's next sessions learn the greeting's capabilities"
+        );
         m
     }
 
@@ -1030,6 +1190,7 @@ mod tests {
         m.backend_connected();
         let greeting = format!("* OK [CAPABILITY {caps}] backend ready\r\n");
         m.backend_input(greeting.as_bytes());
+        m.take_notices();
         m
     }
 
@@ -1938,5 +2099,254 @@ mod tests {
             "AUTHENTICATE invalid"
         );
         assert_eq!(mechanism_label(b"authenticate", None), "AUTHENTICATE");
+    }
+
+    // ---- Phase::Local: TLS up, no backend until a login ----------------------------------
+
+    /// What an earlier session learned of the backend: Dovecot's pre-login list.
+    const LEARNED: &str = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=EXTERNAL";
+
+    fn learned(listener: TlsMode, learned: &str) -> Prelogin {
+        let mut settings = settings(listener);
+        settings.learned_capability = Some(learned.as_bytes().to_vec());
+        let tls = (listener == TlsMode::Implicit).then(crate::machine::testing::tls13);
+        Prelogin::new(settings, tls, 7)
+    }
+
+    #[test]
+    fn with_learned_capabilities_a_session_is_answered_without_a_backend() {
+        let mut m = learned(TlsMode::Implicit, LEARNED);
+        assert_eq!(m.next(), Next::Run, "no connection at TLS up");
+        m.client_input(
+            b"a CAPABILITY\r\nb NOOP\r\nc ID (\"name\" \"mutt\")\r\nd STARTTLS\r\ne SELECT INBOX\r\nf ID NIL\r\ng LOGOUT\r\n",
+        );
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] mx.example.test ready\r\n\
+             * CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN\r\na OK CAPABILITY completed\r\n\
+             b OK NOOP completed\r\n\
+             * ID NIL\r\nc OK ID completed\r\n\
+             d BAD TLS is already active\r\n\
+             e BAD Command not allowed before authentication\r\n\
+             * ID NIL\r\nf OK ID completed\r\n\
+             * BYE Logging out\r\ng OK LOGOUT completed\r\n"
+        );
+        assert_eq!(m.next(), Next::End(End::ClientClosed));
+        assert_eq!(m.take_notices(), []);
+    }
+
+    /// The client's whole side of a lazy login, and the backend's once connected.
+    const LAZY_CLIENT: &str =
+        "a CAPABILITY\r\nb ID (\"name\" \"mutt\")\r\nc LOGIN alice {6}\r\nsecret\r\n";
+
+    /// Plays [`LAZY_CLIENT`] in `chunks`, connects when asked, and answers as Dovecot does;
+    /// returns what each side saw.
+    fn lazy_login(chunks: &[&[u8]]) -> (String, String, Vec<Notice>) {
+        let mut m = learned(TlsMode::Implicit, LEARNED);
+        let (mut client, mut backend) = out(&mut m);
+        for chunk in chunks {
+            m.client_input(chunk);
+            let (c, b) = out(&mut m);
+            client.push_str(&c);
+            backend.push_str(&b);
+        }
+        assert_eq!(backend, "", "nothing before the login is complete");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(format!("* OK [CAPABILITY {LEARNED}] Dovecot ready.\r\n").as_bytes());
+        let (c, b) = out(&mut m);
+        client.push_str(&c);
+        backend.push_str(&b);
+        let tag = own_tag(&b);
+        m.backend_input(format!("* ID NIL\r\n{tag} OK ID completed.\r\n").as_bytes());
+        let (c, b) = out(&mut m);
+        client.push_str(&c);
+        backend.push_str(&b);
+        m.backend_input(b"c OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n");
+        let (c, b) = out(&mut m);
+        client.push_str(&c);
+        backend.push_str(&b);
+        assert_eq!(m.next(), Next::Authenticated);
+        (client, backend.replace(&tag, "TAG"), m.take_notices())
+    }
+
+    #[test]
+    fn a_login_connects_and_goes_after_our_id_carrying_the_clients_fields() {
+        let (client, backend, notices) = lazy_login(&[LAZY_CLIENT.as_bytes()]);
+        assert_eq!(
+            client,
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] mx.example.test ready\r\n\
+             * CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN\r\na OK CAPABILITY completed\r\n\
+             * ID NIL\r\nb OK ID completed\r\n\
+             + Ready for literal data\r\n\
+             c OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+            "the backend's greeting is swallowed"
+        );
+        assert_eq!(
+            backend,
+            format!(
+                "TAG ID (\"name\" \"mutt\" \"tls\" \"{CIPHER}\")\r\nc LOGIN \"alice\" \"secret\"\r\n"
+            )
+        );
+        assert_eq!(
+            notices,
+            [
+                Notice::User(b"alice".to_vec()),
+                Notice::IdFieldAdded(IdSource::Client),
+                Notice::Auth {
+                    verdict: AuthVerdict::Success,
+                    mechanism: "LOGIN".to_owned(),
+                    charge: Charge::Refund,
+                },
+            ],
+            "the learned list is unchanged: no new notice"
+        );
+    }
+
+    #[test]
+    fn a_lazy_login_is_split_invariant() {
+        let whole = lazy_login(&[LAZY_CLIENT.as_bytes()]);
+        let bytes = LAZY_CLIENT.as_bytes();
+        for at in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(at);
+            assert_eq!(lazy_login(&[a, b]), whole, "split at {at}");
+        }
+        let single: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(lazy_login(&single), whole, "one octet at a time");
+    }
+
+    #[test]
+    fn authenticate_continuations_work_after_a_lazy_connect() {
+        let mut m = learned(TlsMode::Implicit, "IMAP4rev1 AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a AUTHENTICATE PLAIN\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(b"* OK ready\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "");
+        let tag = own_tag(&backend);
+        assert_eq!(
+            backend,
+            format!("{tag} CAPABILITY\r\n"),
+            "asked unseen first"
+        );
+        m.backend_input(
+            format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{tag} OK done\r\n").as_bytes(),
+        );
+        let (client, backend) = out(&mut m);
+        assert_eq!(
+            (client.as_str(), backend.as_str()),
+            ("", "a AUTHENTICATE PLAIN\r\n")
+        );
+        m.backend_input(b"+ \r\n");
+        assert_eq!(out(&mut m).0, "+ \r\n");
+        m.client_input(b"AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(out(&mut m).1, "AGFsaWNlAHNlY3JldA==\r\n");
+        m.backend_input(b"a OK Logged in\r\n");
+        assert_eq!(out(&mut m).0, "a OK Logged in\r\n");
+        assert_eq!(m.next(), Next::Authenticated);
+    }
+
+    /// The gate judges the held login again on what the backend says now: a backend that lost
+    /// SASL-IR since it was learned gets no initial response, and the next sessions learn it.
+    #[test]
+    fn a_held_login_is_judged_again_on_the_connected_backends_capabilities() {
+        let mut m = learned(TlsMode::Implicit, "IMAP4rev1 SASL-IR AUTH=PLAIN");
+        out(&mut m);
+        m.client_input(b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            String::from_utf8_lossy(&reply::sasl_ir_unsupported(b"a"))
+        );
+        assert_eq!(
+            m.take_notices(),
+            [Notice::BackendImapCapability(
+                b"IMAP4rev1 AUTH=PLAIN".to_vec()
+            )]
+        );
+        assert_eq!(m.next(), Next::Run);
+    }
+
+    #[test]
+    fn a_backend_down_or_saying_bye_fails_the_held_login_as_unavailable() {
+        let mut m = learned(TlsMode::Implicit, LEARNED);
+        out(&mut m);
+        m.client_input(b"a LOGIN alice secret\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_failed();
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
+        );
+        assert_eq!(m.next(), Next::End(End::BackendClosed));
+
+        let mut m = learned(TlsMode::Implicit, LEARNED);
+        out(&mut m);
+        m.client_input(b"a LOGIN alice secret\r\n");
+        m.backend_connected();
+        m.backend_input(b"* BYE [UNAVAILABLE] Too many connections\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "", "the credential never leaves");
+        assert_eq!(client, "* BYE [UNAVAILABLE] Too many connections\r\n");
+        assert_eq!(m.next(), Next::End(End::BackendClosed));
+    }
+
+    #[test]
+    fn after_starttls_a_learned_listener_stays_local_and_an_unknown_one_connects() {
+        let mut m = learned(TlsMode::Starttls, LEARNED);
+        out(&mut m);
+        m.client_input(b"s STARTTLS\r\n");
+        out(&mut m);
+        m.tls_started(crate::machine::testing::tls13());
+        assert_eq!(m.next(), Next::Run);
+        m.client_input(b"a CAPABILITY\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            "* CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN\r\na OK CAPABILITY completed\r\n",
+            "no second greeting (RFC 9051 §6.2.1)"
+        );
+
+        let mut m = cleartext();
+        out(&mut m);
+        m.client_input(b"s STARTTLS\r\n");
+        out(&mut m);
+        m.tls_started(crate::machine::testing::tls13());
+        assert_eq!(m.next(), Next::Connect, "unknown: connect at once to learn");
+    }
+
+    #[test]
+    fn unknown_capabilities_connect_at_once_and_are_learned_from_an_own_capability() {
+        let mut m = Prelogin::new(
+            settings(TlsMode::Implicit),
+            Some(crate::machine::testing::tls13()),
+            1,
+        );
+        assert_eq!(m.next(), Next::Connect);
+        assert_eq!(
+            out(&mut m),
+            (String::new(), String::new()),
+            "no greeting of ours"
+        );
+        m.backend_connected();
+        m.backend_input(b"* OK ready\r\n");
+        let (_, backend) = out(&mut m);
+        let tag = own_tag(&backend);
+        m.backend_input(format!("* CAPABILITY IMAP4rev1 ID\r\n{tag} OK done\r\n").as_bytes());
+        assert_eq!(
+            m.take_notices(),
+            [Notice::BackendImapCapability(b"IMAP4rev1 ID".to_vec())]
+        );
     }
 }

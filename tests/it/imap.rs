@@ -1058,3 +1058,63 @@ async fn a_client_is_cut_off_at_the_configured_login_timeout() {
     .await;
     assert!(s.backend.recorder.connections().is_empty());
 }
+
+/// The issue's 100 silent TLS connections that took all of Dovecot's login processes: once the
+/// listener learned its backend's capabilities (from the first session's greeting), sessions
+/// with TLS up are greeted and answered by mailfront, and only a login connects.
+#[tokio::test]
+async fn silent_and_capability_only_tls_sessions_open_no_backend_connection_once_learned() {
+    // All 50 come from 127.0.0.1: the per-address limit (tests/limits.rs) is off here.
+    let s = setup(
+        "implicit",
+        FakeOptions::default(),
+        "limits:\n  connections_per_ip: 0\n",
+    )
+    .await;
+    // The first session connects at once and learns the backend's capabilities from its greeting.
+    let (mut c, greeting, _) = s.connect().await;
+    assert!(greeting.contains("SASL-IR"), "{greeting}");
+    assert!(command(&mut c, "a", "LOGOUT").await.contains("a OK"));
+    drop(c);
+    assert_eq!(s.backend.recorder.connections().len(), 1);
+
+    let local_greeting = format!(
+        "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] {HOST} ready\r\n"
+    );
+    let mut held = Vec::new();
+    for i in 0..50 {
+        let (mut c, greeting, _) = s.connect().await;
+        assert_eq!(greeting, local_greeting, "session {i}");
+        if i % 2 == 1 {
+            assert_eq!(
+                command(&mut c, "a", "CAPABILITY").await,
+                "* CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN\r\n\
+                 a OK CAPABILITY completed\r\n"
+            );
+            assert!(command(&mut c, "b", "NOOP").await.contains("b OK"));
+        }
+        held.push(c);
+    }
+    assert_eq!(
+        s.backend.recorder.connections().len(),
+        1,
+        "no backend before a login"
+    );
+
+    // A login connects, and goes after mailfront's ID carrying the client's fields and `tls`.
+    let (mut c, _, cipher) = s.connect().await;
+    let id = command(&mut c, "a", "ID (\"name\" \"it\")").await;
+    assert_eq!(id, "* ID NIL\r\na OK ID completed\r\n");
+    let reply = command(&mut c, "b", "LOGIN alice secret").await;
+    assert!(reply.starts_with("b OK"), "{reply}");
+    let conns = s.backend.recorder.connections();
+    assert_eq!(conns.len(), 2);
+    let seen = String::from_utf8_lossy(&conns[1]).into_owned();
+    let id_at = seen
+        .find(&format!(" ID (\"name\" \"it\" \"tls\" \"{cipher}\")\r\n"))
+        .unwrap_or_else(|| panic!("{seen}"));
+    let login_at = seen.find("b LOGIN").unwrap_or_else(|| panic!("{seen}"));
+    assert!(id_at < login_at, "{seen}");
+    assert!(!seen.contains("CAPABILITY\r\n"), "{seen}");
+    drop(held);
+}
