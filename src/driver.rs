@@ -419,6 +419,9 @@ fn record_notices<M: Machine>(
                 tracing::info!(size, code, "message not accepted by the backend");
             }
             Notice::BackendEhlo(reply) => session.listener().learned.set_ehlo(reply),
+            Notice::BackendPop3Capa(response) => {
+                session.listener().learned.set_pop3_capa(response);
+            }
             Notice::BareLineEnding { bare, in_bdat } => {
                 tracing::warn!(
                     bare,

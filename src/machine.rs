@@ -166,6 +166,9 @@ pub enum Notice {
     /// SMTP: the backend's reply to an EHLO (raw), which later sessions of the listener answer
     /// their EHLO with before they connect ([`Phase::Local`]).
     BackendEhlo(Vec<u8>),
+    /// POP3: the backend's answer to CAPA (raw), which later sessions of the listener answer
+    /// their CAPA with before they connect ([`Phase::Local`]).
+    BackendPop3Capa(Vec<u8>),
 }
 
 /// What the backend's answer to a login means for `limits.auth_failures_per_ip`: the machine

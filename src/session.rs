@@ -51,11 +51,13 @@ pub struct ListenerContext {
 
 /// What sessions of one listener learned from their backends and hand to the next ones: the
 /// backend's SMTP EHLO reply, which an SMTP session with TLS up answers its client's EHLO with
-/// before it connects (`smtp::machine`). Per replica and per listener; empty after a restart or
-/// a reload, until a session sees a backend again.
+/// before it connects (`smtp::machine`), and the backend's POP3 CAPA response, which a POP3
+/// session answers CAPA with before it connects (`pop3::prelogin`). Per replica and per
+/// listener; empty after a restart or a reload, until a session sees a backend again.
 #[derive(Debug, Default)]
 pub struct Learned {
     ehlo: std::sync::Mutex<Option<Vec<u8>>>,
+    pop3_capa: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl Learned {
@@ -69,10 +71,23 @@ impl Learned {
         }
     }
 
+    pub fn pop3_capa(&self) -> Option<Vec<u8>> {
+        self.pop3_capa.lock().ok().and_then(|c| c.clone())
+    }
+
+    pub fn set_pop3_capa(&self, response: Vec<u8>) {
+        if let Ok(mut capa) = self.pop3_capa.lock() {
+            *capa = Some(response);
+        }
+    }
+
     /// Forgets what was learned (the fuzz target starts every input from a known state).
     pub fn forget(&self) {
         if let Ok(mut ehlo) = self.ehlo.lock() {
             *ehlo = None;
+        }
+        if let Ok(mut capa) = self.pop3_capa.lock() {
+            *capa = None;
         }
     }
 }
