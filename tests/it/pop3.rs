@@ -230,6 +230,34 @@ async fn the_cleartext_dialogue_is_answered_locally_and_credentials_are_refused(
     );
 }
 
+/// Once one session's CAPA taught the listener its backend's capabilities, silent and CAPA-only
+/// TLS sessions cost the backend nothing: CAPA is answered from what was learned, with the same
+/// TLS view, and only a login would connect.
+#[tokio::test]
+async fn fifty_silent_or_capa_only_tls_sessions_open_no_backend_connection_once_capa_is_learned() {
+    let s = setup("implicit", "limits:\n  connections_per_ip: 0\n").await;
+    let mut first = s.connect().await;
+    let learned = multiline(&mut first, "CAPA").await;
+    assert!(learned.contains("SASL PLAIN\r\n"), "{learned}");
+    assert_eq!(line(&mut first, "QUIT").await, "+OK Logging out.\r\n");
+    assert_eq!(read_line(&mut first).await, "");
+    assert_eq!(s.backend.recorder.connections().len(), 1, "the first CAPA");
+
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        let mut c = s.connect().await;
+        if i % 2 == 0 {
+            assert_eq!(multiline(&mut c, "CAPA").await, learned);
+        }
+        clients.push(c);
+    }
+    // QUIT is answered here too.
+    assert_eq!(line(&mut clients[1], "QUIT").await, "+OK Logging out\r\n");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.backend.recorder.connections().len(), 1);
+    drop(clients);
+}
+
 #[tokio::test]
 async fn two_hundred_idle_cleartext_pop3_connections_open_no_backend_connection() {
     // All 200 come from 127.0.0.1: the per-address limit (tests/limits.rs) is off here.
