@@ -70,8 +70,8 @@ pub struct Settings {
     /// `backend_client_info`: the client's address, told to the backend by XCLIENT when its
     /// greeting or CAPA offers it, before any client command goes on.
     pub client_info: Option<std::net::SocketAddr>,
-    /// The backend's CAPA response a session of this listener saw before (raw,
-    /// [`crate::session::Learned`]): the answer to CAPA before the backend is connected. `None`
+    /// The backend's CAPA response a session of this listener saw before (raw, kept by the
+    /// listener for its sessions): the answer to CAPA before the backend is connected. `None`
     /// until one was seen: then CAPA connects.
     pub learned_capa: Option<Vec<u8>>,
 }
