@@ -420,7 +420,10 @@ fn record_notices<M: Machine>(
             }
             Notice::BackendEhlo(reply) => session.listener().learned.set_ehlo(reply),
             Notice::BackendImapCapability(list) => {
-                session.listener().learned.set_imap_capability(list)
+                session.listener().learned.set_imap_capability(list);
+            }
+            Notice::BackendPop3Capa(response) => {
+                session.listener().learned.set_pop3_capa(response);
             }
             Notice::BareLineEnding { bare, in_bdat } => {
                 tracing::warn!(

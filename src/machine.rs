@@ -170,6 +170,9 @@ pub enum Notice {
     /// later sessions of the listener greet and answer CAPABILITY with before they connect
     /// ([`Phase::Local`]).
     BackendImapCapability(Vec<u8>),
+    /// POP3: the backend's answer to CAPA (raw), which later sessions of the listener answer
+    /// their CAPA with before they connect ([`Phase::Local`]).
+    BackendPop3Capa(Vec<u8>),
 }
 
 /// What the backend's answer to a login means for `limits.auth_failures_per_ip`: the machine

@@ -51,14 +51,16 @@ pub struct ListenerContext {
 
 /// What sessions of one listener learned from their backends and hand to the next ones: the
 /// backend's SMTP EHLO reply, which an SMTP session with TLS up answers its client's EHLO with
-/// before it connects (`smtp::machine`), and the backend's IMAP pre-login capability list, which
+/// before it connects (`smtp::machine`); the backend's IMAP pre-login capability list, which
 /// an IMAP session with TLS up greets and answers CAPABILITY with before it connects
-/// (`imap::prelogin`). Per replica and per listener; empty after a restart or a reload, until a
-/// session sees a backend again.
+/// (`imap::prelogin`); and the backend's POP3 CAPA response, which a POP3 session answers CAPA
+/// with before it connects (`pop3::prelogin`). Per replica and per listener; empty after a
+/// restart or a reload, until a session sees a backend again.
 #[derive(Debug, Default)]
 pub struct Learned {
     ehlo: std::sync::Mutex<Option<Vec<u8>>>,
     imap_capability: std::sync::Mutex<Option<Vec<u8>>>,
+    pop3_capa: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl Learned {
@@ -84,6 +86,16 @@ impl Learned {
         }
     }
 
+    pub fn pop3_capa(&self) -> Option<Vec<u8>> {
+        self.pop3_capa.lock().ok().and_then(|c| c.clone())
+    }
+
+    pub fn set_pop3_capa(&self, response: Vec<u8>) {
+        if let Ok(mut capa) = self.pop3_capa.lock() {
+            *capa = Some(response);
+        }
+    }
+
     /// Forgets what was learned (the fuzz target starts every input from a known state).
     pub fn forget(&self) {
         if let Ok(mut ehlo) = self.ehlo.lock() {
@@ -91,6 +103,9 @@ impl Learned {
         }
         if let Ok(mut capability) = self.imap_capability.lock() {
             *capability = None;
+        }
+        if let Ok(mut capa) = self.pop3_capa.lock() {
+            *capa = None;
         }
     }
 }

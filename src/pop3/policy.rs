@@ -72,8 +72,9 @@ pub enum Decision {
     Reply(Vec<u8>),
 }
 
-/// Decides a command received over TLS (implicit, or after STLS) before authentication.
-pub fn after_tls(listener: TlsMode, cmd: &Command) -> Decision {
+/// Decides a command received over TLS (implicit, or after STLS) before authentication, the
+/// same on every listener.
+pub fn after_tls(cmd: &Command) -> Decision {
     // Dovecot and Postfix trust these from mailfront's address; a client must never reach them.
     if cmd.is("XCLIENT") || cmd.is("XOIP") {
         return Decision::Reply(reply::err_not_permitted());
@@ -88,13 +89,12 @@ pub fn after_tls(listener: TlsMode, cmd: &Command) -> Decision {
         Request::Noop | Request::Rset => {
             return Decision::Reply(reply::err_not_authorized_yet());
         }
-        // After STLS the client never saw the backend's greeting, so it has no APOP timestamp
-        // (RFC 1939 §7) to digest: whatever it sends cannot be right.
-        Request::Apop { .. } if listener == TlsMode::Starttls => {
-            return Decision::Reply(reply::err_apop_unavailable());
-        }
+        // The client never sees the backend's greeting: mailfront greets every session itself
+        // (on 995 too, since the backend is connected only for a login), with no APOP
+        // timestamp (RFC 1939 §7) to digest, so whatever it sends cannot be right.
+        Request::Apop { .. } => return Decision::Reply(reply::err_apop_unavailable()),
         Request::Capa | Request::AuthList => Expect::MultiLine,
-        Request::Pass(_) | Request::Apop { .. } => Expect::Authentication,
+        Request::Pass(_) => Expect::Authentication,
         Request::Auth { .. } => Expect::Sasl,
         Request::User(_) | Request::Quit => Expect::SingleLine,
     };
@@ -184,87 +184,42 @@ mod tests {
         let err = |reply: &[u8]| Err(reply.to_vec());
         let not_permitted = reply::err_not_permitted();
         let unknown = b"-ERR Unknown command\r\n";
-        type Row<'a> = (TlsMode, &'a [u8], Result<(Vec<u8>, Expect), Vec<u8>>);
+        type Row<'a> = (&'a [u8], Result<(Vec<u8>, Expect), Vec<u8>>);
         let rows: Vec<Row> = vec![
+            (b"user alice\r\n", fwd(b"USER alice\r\n", SingleLine)),
+            (b"USER\r\n", err(b"-ERR Missing argument\r\n")),
+            (b"PASS a b \r\n", fwd(b"PASS a b \r\n", Authentication)),
+            // mailfront greets every session itself, with no APOP timestamp (RFC 1939 §7): a
+            // client has nothing to digest, on 995 as on 110.
             (
-                TlsMode::Implicit,
-                b"user alice\r\n",
-                fwd(b"USER alice\r\n", SingleLine),
-            ),
-            (
-                TlsMode::Implicit,
-                b"USER\r\n",
-                err(b"-ERR Missing argument\r\n"),
-            ),
-            (
-                TlsMode::Implicit,
-                b"PASS a b \r\n",
-                fwd(b"PASS a b \r\n", Authentication),
-            ),
-            (
-                TlsMode::Implicit,
-                b"apop alice c4c9334bac560ecc979e58001b3e22fb\r\n",
-                fwd(
-                    b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n",
-                    Authentication,
-                ),
-            ),
-            (
-                TlsMode::Starttls,
                 b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n",
                 Err(reply::err_apop_unavailable()),
             ),
+            (b"auth plain =\r\n", fwd(b"AUTH PLAIN =\r\n", Sasl)),
+            (b"AUTH PLAIN\r\n", fwd(b"AUTH PLAIN\r\n", Sasl)),
+            (b"AUTH\r\n", fwd(b"AUTH\r\n", MultiLine)),
             (
-                TlsMode::Implicit,
-                b"auth plain =\r\n",
-                fwd(b"AUTH PLAIN =\r\n", Sasl),
-            ),
-            (
-                TlsMode::Starttls,
-                b"AUTH PLAIN\r\n",
-                fwd(b"AUTH PLAIN\r\n", Sasl),
-            ),
-            (TlsMode::Implicit, b"AUTH\r\n", fwd(b"AUTH\r\n", MultiLine)),
-            (
-                TlsMode::Implicit,
                 b"AUTH PLAIN AG!=\r\n",
                 err(b"-ERR Invalid base64 in the initial response\r\n"),
             ),
-            (TlsMode::Starttls, b"CAPA\r\n", fwd(b"CAPA\r\n", MultiLine)),
-            (TlsMode::Starttls, b"QUIT\r\n", fwd(b"QUIT\r\n", SingleLine)),
-            (TlsMode::Starttls, b"STLS\r\n", Err(reply::stls_refused())),
-            (TlsMode::Implicit, b"STLS\r\n", Err(reply::stls_refused())),
-            (
-                TlsMode::Implicit,
-                b"STLS x\r\n",
-                Err(reply::stls_malformed()),
-            ),
-            (
-                TlsMode::Implicit,
-                b"NOOP\r\n",
-                Err(reply::err_not_authorized_yet()),
-            ),
-            (
-                TlsMode::Implicit,
-                b"XCLIENT ADDR=1.2.3.4\r\n",
-                Err(not_permitted.clone()),
-            ),
-            (TlsMode::Starttls, b"xoip 1.2.3.4\r\n", Err(not_permitted)),
-            (TlsMode::Implicit, b"LIST\r\n", err(unknown)),
-            (TlsMode::Implicit, b"RETR 1\r\n", err(unknown)),
-            (TlsMode::Implicit, b"UTF8\r\n", err(unknown)),
+            (b"CAPA\r\n", fwd(b"CAPA\r\n", MultiLine)),
+            (b"QUIT\r\n", fwd(b"QUIT\r\n", SingleLine)),
+            (b"STLS\r\n", Err(reply::stls_refused())),
+            (b"STLS\r\n", Err(reply::stls_refused())),
+            (b"STLS x\r\n", Err(reply::stls_malformed())),
+            (b"NOOP\r\n", Err(reply::err_not_authorized_yet())),
+            (b"XCLIENT ADDR=1.2.3.4\r\n", Err(not_permitted.clone())),
+            (b"xoip 1.2.3.4\r\n", Err(not_permitted)),
+            (b"LIST\r\n", err(unknown)),
+            (b"RETR 1\r\n", err(unknown)),
+            (b"UTF8\r\n", err(unknown)),
         ];
-        for (listener, line, want) in rows {
-            let got = match after_tls(listener, &cmd(line)) {
+        for (line, want) in rows {
+            let got = match after_tls(&cmd(line)) {
                 Decision::Forward { request, expect } => Ok((request.canonical(), expect)),
                 Decision::Reply(r) => Err(r),
             };
-            assert_eq!(
-                got,
-                want,
-                "{listener:?} {:?}",
-                String::from_utf8_lossy(line)
-            );
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(line));
         }
     }
 
@@ -299,7 +254,7 @@ mod tests {
                             return false;
                         }
                     },
-                    ClientEvent::Command(c) => match after_tls(TlsMode::Starttls, c) {
+                    ClientEvent::Command(c) => match after_tls(c) {
                         Decision::Reply(r) => replies.extend_from_slice(&r),
                         Decision::Forward { request, expect } => {
                             backend.extend_from_slice(&request.canonical());

@@ -12,6 +12,21 @@
 //!   after the handshake. Whatever was pipelined after STLS is dropped (RFC 2595 §4,
 //!   CERT VU#555316). After TLS the backend's greeting is swallowed: the client had ours, and
 //!   asks CAPA again (RFC 2595 §4).
+//! - With TLS up (at once on 995, after STLS on 110) there is still no backend
+//!   ([`Phase::Local`]): mailfront greets every session itself and answers what it can: CAPA
+//!   from the response this listener's sessions learned from the backend
+//!   ([`Settings::learned_capa`], shown with the same TLS view as a live one), USER (`+OK`,
+//!   remembered), QUIT, and the gate's own refusals. Only a command that needs the backend
+//!   connects: PASS after a USER, AUTH (with or without a mechanism), and CAPA while nothing is
+//!   learned yet. Answering that first CAPA with a guess would hide the backend's SASL
+//!   mechanisms from the client, and nothing would ever learn the real list; one connection per
+//!   listener (per replica, after each start or reload) teaches every later session. The line
+//!   is held while the driver connects; once the backend greeted (its greeting swallowed, a
+//!   `-ERR` one or a failed connect told as `-ERR [SYS/TEMP]`) and `backend_client_info` ran,
+//!   the remembered USER goes out right before a PASS (its answer swallowed: the client had
+//!   mailfront's `+OK`), and the gate judges the held line again as if it came now. Sessions
+//!   that never log in cost the backend nothing. APOP is refused on every listener: the client
+//!   never sees the backend's greeting and its timestamp (RFC 1939 §7).
 //! - Over TLS and until the backend accepts a login, only commands [`policy::after_tls`] parsed
 //!   and allowed reach the backend, written by mailfront in canonical form. PASS, APOP and AUTH
 //!   hold every later client byte until the backend's answer: `+OK` → relay (RFC 1939 §6),
@@ -55,6 +70,10 @@ pub struct Settings {
     /// `backend_client_info`: the client's address, told to the backend by XCLIENT when its
     /// greeting or CAPA offers it, before any client command goes on.
     pub client_info: Option<std::net::SocketAddr>,
+    /// The backend's CAPA response a session of this listener saw before (raw, kept by the
+    /// listener for its sessions): the answer to CAPA before the backend is connected. `None`
+    /// until one was seen: then CAPA connects.
+    pub learned_capa: Option<Vec<u8>>,
 }
 
 /// What a forwarded command was, to treat its response.
@@ -75,6 +94,9 @@ enum Sent {
     ProbeCapa,
     /// mailfront's own XCLIENT; the client never sees its answer.
     Xclient,
+    /// The client's USER, answered `+OK` by mailfront before the backend was connected and sent
+    /// right before its PASS: the client never sees the backend's answer.
+    ReplayedUser,
 }
 
 /// The POP3 AUTHORIZATION state of one session.
@@ -82,8 +104,6 @@ pub struct Prelogin {
     settings: Settings,
     /// Phase and the bytes in and out, kept as every machine keeps them.
     core: Core,
-    /// The session began in cleartext: the backend's greeting is not the client's.
-    swallow_greeting: bool,
     rx: CommandReceiver,
     srx: ResponseReceiver,
     /// Forwarded commands in order, parallel to the response receiver's expectations
@@ -103,18 +123,22 @@ pub struct Prelogin {
     /// AUTH without an initial response: its mechanism, until the client's first SASL line,
     /// which carries the user name ([`sasl::user_in_first_response`]).
     user_from_first_line: Option<Vec<u8>>,
+    /// A USER answered by mailfront and not sent yet: it goes right before the PASS.
+    user: Option<Vec<u8>>,
+    /// The line that made the machine connect, judged by the gate again once the backend is
+    /// greeted; later client bytes wait behind it.
+    held: Option<Command>,
 }
 
 impl Prelogin {
     /// A session whose client side is TLS already (`tls_active`: implicit-TLS listeners) or
-    /// still cleartext on a `starttls` listener, which gets mailfront's greeting at once.
+    /// still cleartext on a `starttls` listener; either gets mailfront's greeting at once.
     pub fn new(settings: Settings, tls_active: bool) -> Prelogin {
         let mut machine = Prelogin {
             rx: CommandReceiver::new(settings.limits),
             srx: ResponseReceiver::new(ResponseLimits::default()),
             settings,
             core: Core::new(tls_active),
-            swallow_greeting: !tls_active,
             sent: VecDeque::new(),
             commands: 0,
             quit: false,
@@ -122,11 +146,16 @@ impl Prelogin {
             charging: None,
             sasl_cancelled: false,
             user_from_first_line: None,
+            user: None,
+            held: None,
         };
-        if !tls_active {
-            let greeting = reply::greeting(&machine.settings.hostname);
-            machine.core.to_client.extend_from_slice(&greeting);
+        if tls_active {
+            // No backend until a command needs it.
+            machine.core.phase = Phase::Local;
         }
+        // Always mailfront's: the backend is connected later, if ever.
+        let greeting = reply::greeting(&machine.settings.hostname);
+        machine.core.to_client.extend_from_slice(&greeting);
         machine
     }
 
@@ -158,12 +187,12 @@ impl Prelogin {
     }
 
     /// The handshake after STLS succeeded: start afresh with a new receiver (nothing the client
-    /// sent before counts) and connect to the backend. The command count goes on.
+    /// sent before counts), still without a backend ([`Phase::Local`]). The command count goes
+    /// on.
     pub fn tls_started(&mut self) {
-        self.swallow_greeting = true;
         self.rx = CommandReceiver::new(self.settings.limits);
         self.core.cbuf.clear();
-        self.core.phase = Phase::Connecting;
+        self.core.phase = Phase::Local;
     }
 
     /// Client bytes arrived. Returns whether the idle timer restarts: in cleartext only when a
@@ -210,11 +239,17 @@ impl Prelogin {
 
     fn may_take_client_event(&self) -> bool {
         match self.core.phase {
-            Phase::Cleartext => true,
+            Phase::Cleartext | Phase::Local => true,
             // While PASS/APOP/AUTH is unanswered only its SASL responses go on, one per `+`.
             // After QUIT went out the backend is leaving: nothing more goes to it (RFC 1939 §6).
             // A login waiting for its charge goes first.
-            Phase::Ready if self.quit || self.client_info_pending() || self.charging.is_some() => {
+            // A held line goes before anything pipelined after it.
+            Phase::Ready
+                if self.quit
+                    || self.client_info_pending()
+                    || self.charging.is_some()
+                    || self.held.is_some() =>
+            {
                 false
             }
             Phase::Ready => !self.auth_in_flight() || (self.rx.in_sasl() && self.sasl_credit > 0),
@@ -288,8 +323,22 @@ impl Prelogin {
                 self.core.to_backend.extend_from_slice(&line.canonical());
             }
             ClientEvent::Command(cmd) => {
-                if self.count_command() {
-                    self.on_decision(policy::after_tls(self.settings.listener, &cmd));
+                if !self.count_command() {
+                    return;
+                }
+                if self.core.phase == Phase::Local {
+                    self.on_local_command(cmd);
+                } else if cmd.is("PASS") && self.user.is_some() {
+                    // Connected for something else (a first CAPA) after a USER answered here:
+                    // that USER goes out first.
+                    self.held = Some(cmd);
+                    self.release_held();
+                } else {
+                    if cmd.is("USER") {
+                        // The backend gets this one: the one answered here is forgotten.
+                        self.user = None;
+                    }
+                    self.on_decision(policy::after_tls(&cmd));
                 }
             }
             ClientEvent::Rejected(rejection) => {
@@ -304,6 +353,78 @@ impl Prelogin {
                 }
             }
         }
+    }
+
+    /// A command with TLS up and no backend yet ([`Phase::Local`]): answered here when
+    /// mailfront can, otherwise held while the driver connects.
+    fn on_local_command(&mut self, cmd: Command) {
+        let request = match policy::after_tls(&cmd) {
+            Decision::Reply(answer) => {
+                self.core.to_client.extend_from_slice(&answer);
+                return;
+            }
+            Decision::Forward { request, .. } => request,
+        };
+        match request {
+            // RFC 1939 §7: USER alone checks nothing a client could not learn from PASS's
+            // answer; the name goes to the backend right before the PASS.
+            Request::User(name) => {
+                self.user = Some(name);
+                self.core.to_client.extend_from_slice(&reply::user_ok());
+            }
+            // RFC 1939 §6: no UPDATE state without a login.
+            Request::Quit => {
+                self.core.to_client.extend_from_slice(&reply::quit_ok());
+                self.core.finish(End::ClientClosed);
+            }
+            Request::Capa if self.settings.learned_capa.is_some() => {
+                let learned = self.settings.learned_capa.as_deref().unwrap_or_default();
+                let shown = capa::rewrite_capa(learned, CapaView::Tls);
+                self.core.to_client.extend_from_slice(&shown);
+            }
+            // RFC 1939 §7: PASS only right after a USER.
+            Request::Pass(_) if self.user.is_none() => {
+                self.core.to_client.extend_from_slice(&reply::err_no_user());
+            }
+            // PASS, AUTH, and CAPA while nothing is learned: the backend is needed.
+            _ => {
+                self.held = Some(cmd);
+                self.core.phase = Phase::Connecting;
+            }
+        }
+    }
+
+    /// Once the backend is greeted and told the client's address (`backend_client_info`): a
+    /// remembered USER goes out right before the held PASS, then the gate judges the held line
+    /// again, as if it came now. Returns whether the held line was acted on.
+    fn release_held(&mut self) -> bool {
+        if self.core.phase != Phase::Ready || self.client_info_pending() || self.charging.is_some()
+        {
+            return false;
+        }
+        let Some(held) = &self.held else {
+            return false;
+        };
+        if held.is("PASS")
+            && let Some(name) = self.user.take()
+        {
+            self.core.notices.push(Notice::User(name.clone()));
+            self.sent.push_back(Sent::ReplayedUser);
+            self.srx.expect(Expect::SingleLine);
+            self.core
+                .to_backend
+                .extend_from_slice(&Request::User(name).canonical());
+        }
+        if !self.sent.is_empty() {
+            // The replayed USER's answer, or a response owed to a command before the held
+            // line, comes first.
+            return false;
+        }
+        let Some(held) = self.held.take() else {
+            return false;
+        };
+        self.on_decision(policy::after_tls(&held));
+        true
     }
 
     fn on_decision(&mut self, decision: Decision) {
@@ -413,7 +534,11 @@ impl Prelogin {
                 ServerEvent::Response(response) => self.on_response(response),
             }
         }
-        self.core.phase == Phase::Ready && pump_client(self)
+        if self.core.phase != Phase::Ready {
+            return false;
+        }
+        let released = self.release_held();
+        pump_client(self) || released
     }
 
     fn on_greeting(&mut self, greeting: Response) {
@@ -430,23 +555,14 @@ impl Prelogin {
                 self.core.to_backend.extend_from_slice(b"CAPA\r\n");
             }
         }
-        if self.swallow_greeting {
-            // The client had mailfront's greeting in cleartext; a refusal now can only be told
-            // as unavailability.
-            if greeting.status != Status::Ok {
-                self.core
-                    .to_client
-                    .extend_from_slice(&reply::err_unavailable());
-                self.core.finish(End::BackendUnavailable);
-            }
-            return;
-        }
-        // The client's only greeting, APOP timestamp included (RFC 1939 §7).
-        self.core
-            .to_client
-            .extend_from_slice(&capa::rewrite_greeting(&greeting.raw));
+        // Swallowed: the client had mailfront's greeting, and a refusal now can only be told
+        // as unavailability.
         if greeting.status != Status::Ok {
-            self.core.finish(End::BackendClosed);
+            self.held = None;
+            self.core
+                .to_client
+                .extend_from_slice(&reply::err_unavailable());
+            self.core.finish(End::BackendUnavailable);
         }
     }
 
@@ -462,9 +578,14 @@ impl Prelogin {
         };
         let shown = match (&sent, response.status) {
             (Some(Sent::ProbeCapa), status) => {
+                if status == Status::Ok {
+                    self.learn_capa(&response.raw);
+                }
                 self.after_probe(status == Status::Ok && offers_xclient(&response.raw));
                 return;
             }
+            // Whatever the backend thought of it, the PASS after it will say (RFC 1939 §7).
+            (Some(Sent::ReplayedUser), _) => return,
             (Some(Sent::Xclient), status) => {
                 if status != Status::Ok {
                     // backend_client_info is all or nothing: a backend that offers XCLIENT and
@@ -479,7 +600,10 @@ impl Prelogin {
                 }
                 return;
             }
-            (Some(Sent::Capa), Status::Ok) => capa::rewrite_capa(&response.raw, CapaView::Tls),
+            (Some(Sent::Capa), Status::Ok) => {
+                self.learn_capa(&response.raw);
+                capa::rewrite_capa(&response.raw, CapaView::Tls)
+            }
             (Some(Sent::Mechanisms), Status::Ok) => capa::rewrite_mechanisms(&response.raw),
             _ => response.raw.clone(),
         };
@@ -548,6 +672,14 @@ impl Prelogin {
                 .notices
                 .push(Notice::ClientInfo(ClientInfoNotice::NotOffered)),
         }
+    }
+
+    /// The backend's CAPA response, for the listener's next sessions to answer CAPA with
+    /// before they connect.
+    fn learn_capa(&mut self, raw: &[u8]) {
+        self.core
+            .notices
+            .push(Notice::BackendPop3Capa(raw.to_vec()));
     }
 
     /// mailfront's own CAPA or XCLIENT is unanswered: client commands wait, so no credential
@@ -679,6 +811,8 @@ mod tests {
 
     const BACKEND_CAPA: &str =
         "+OK\r\nTOP\r\nUIDL\r\nUSER\r\nSTLS\r\nSASL PLAIN EXTERNAL\r\nPIPELINING\r\n.\r\n";
+    /// [`BACKEND_CAPA`] as a client over TLS sees it.
+    const SHOWN_CAPA: &str = "+OK\r\nTOP\r\nUIDL\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n";
 
     fn settings(listener: TlsMode) -> Settings {
         Settings {
@@ -687,6 +821,7 @@ mod tests {
             limits: CommandLimits::default(),
             max_commands: 50,
             client_info: None,
+            learned_capa: None,
         }
     }
 
@@ -694,20 +829,31 @@ mod tests {
         Prelogin::new(settings(TlsMode::Starttls), false)
     }
 
-    /// An implicit-TLS session greeted by the backend; the greeting already taken.
+    /// An implicit-TLS session whose listener learned nothing yet, connected by its first CAPA:
+    /// greeted by mailfront, then the backend's greeting swallowed and its CAPA shown.
     fn greeted() -> Prelogin {
         let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
-        assert_eq!(m.next(), Next::Connect);
+        assert_eq!(m.next(), Next::Run, "no backend before a command needs it");
+        let (client, _) = out(&mut m);
+        assert_eq!(client, "+OK mx.example.test ready\r\n");
+        m.client_input(b"CAPA\r\n");
+        assert_eq!(m.next(), Next::Connect, "nothing learned: CAPA connects");
         m.backend_connected();
         assert!(m.waiting_for_backend());
         m.backend_input(b"+OK [XCLIENT] Dovecot ready <1896.697170952@dbc.example>\r\n");
         assert_eq!(m.next(), Next::Run);
         let (client, backend) = out(&mut m);
-        assert_eq!(
-            client, "+OK Dovecot ready <1896.697170952@dbc.example>\r\n",
-            "the XCLIENT code is mailfront's business, the APOP timestamp the client's"
-        );
+        assert_eq!(client, "", "the backend's greeting is swallowed");
+        assert_eq!(backend, "CAPA\r\n");
+        m.backend_input(BACKEND_CAPA.as_bytes());
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, SHOWN_CAPA);
         assert_eq!(backend, "");
+        assert_eq!(
+            m.take_notices(),
+            [Notice::BackendPop3Capa(BACKEND_CAPA.as_bytes().to_vec())],
+            "learned for the listener's next sessions"
+        );
         m
     }
 
@@ -792,6 +938,156 @@ mod tests {
         );
     }
 
+    /// An implicit-TLS session of a listener that learned its backend's CAPA.
+    fn learned() -> Prelogin {
+        let settings = Settings {
+            learned_capa: Some(BACKEND_CAPA.as_bytes().to_vec()),
+            ..settings(TlsMode::Implicit)
+        };
+        let mut m = Prelogin::new(settings, true);
+        assert_eq!(out(&mut m).0, "+OK mx.example.test ready\r\n");
+        m
+    }
+
+    #[test]
+    fn over_tls_everything_but_a_login_is_answered_without_a_backend() {
+        let mut m = learned();
+        m.client_input(
+            b"CAPA\r\nUSER alice\r\nNOOP\r\nRSET\r\nSTLS\r\n\
+              APOP alice c4c9334bac560ecc979e58001b3e22fb\r\nXCLIENT ADDR=192.0.2.1\r\n\
+              LIST\r\nUSER\r\nAUTH PLAIN !!!\r\nCAPA\r\nQUIT\r\nPASS late\r\n",
+        );
+        assert_eq!(m.next(), Next::End(End::ClientClosed));
+        let (client, backend) = out(&mut m);
+        assert_eq!(backend, "");
+        assert_eq!(
+            client,
+            [
+                SHOWN_CAPA,
+                "+OK\r\n",
+                "-ERR Command not valid before authentication\r\n",
+                "-ERR Command not valid before authentication\r\n",
+                "-ERR Command not permitted when TLS active\r\n",
+                "-ERR APOP not available here; use USER/PASS or AUTH\r\n",
+                "-ERR Command not permitted\r\n",
+                "-ERR Unknown command\r\n",
+                "-ERR Missing argument\r\n",
+                "-ERR Invalid base64 in the initial response\r\n",
+                SHOWN_CAPA,
+                "+OK Logging out\r\n",
+            ]
+            .concat(),
+            "the learned CAPA with the TLS view; nothing after QUIT is answered"
+        );
+        assert_eq!(m.take_notices(), [], "USER names nobody until it goes out");
+    }
+
+    #[test]
+    fn pass_without_user_is_refused_here() {
+        let mut m = learned();
+        m.client_input(b"PASS secret\r\n");
+        assert_eq!(m.next(), Next::Run, "no connection for it");
+        assert_eq!(
+            out(&mut m),
+            ("-ERR No user name given\r\n".to_owned(), String::new())
+        );
+    }
+
+    #[test]
+    fn the_last_user_goes_out_right_before_pass_and_its_answer_is_swallowed() {
+        for user_answer in ["+OK\r\n", "-ERR [AUTH] no such user\r\n"] {
+            let mut m = learned();
+            m.client_input(b"USER alice\r\nUSER bob\r\nPASS secret\r\nCAPA\r\n");
+            assert_eq!(m.next(), Next::Connect, "PASS connects");
+            assert_eq!(out(&mut m), ("+OK\r\n+OK\r\n".to_owned(), String::new()));
+            m.backend_connected();
+            m.backend_input(b"+OK Dovecot ready.\r\n");
+            assert_eq!(out(&mut m), (String::new(), "USER bob\r\n".to_owned()));
+            m.backend_input(user_answer.as_bytes());
+            assert_eq!(m.next(), Next::ChargeLogin, "the held PASS, judged again");
+            assert_eq!(out(&mut m), (String::new(), "PASS secret\r\n".to_owned()));
+            m.backend_input(b"-ERR [AUTH] Authentication failed.\r\n");
+            let (client, backend) = out(&mut m);
+            assert_eq!(client, "-ERR [AUTH] Authentication failed.\r\n");
+            assert_eq!(
+                backend, "CAPA\r\n",
+                "now connected: CAPA goes to the backend"
+            );
+            assert_eq!(
+                m.take_notices(),
+                vec![user("bob"), auth(false, "PASS")],
+                "{user_answer}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_user_answered_here_goes_out_before_a_pass_on_a_connection_made_for_capa() {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        out(&mut m);
+        m.client_input(b"USER alice\r\nCAPA\r\nPASS secret\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        assert_eq!(out(&mut m), ("+OK\r\n".to_owned(), String::new()));
+        m.backend_connected();
+        m.backend_input(b"+OK ready\r\n");
+        assert_eq!(
+            out(&mut m),
+            (String::new(), "CAPA\r\nUSER alice\r\n".to_owned()),
+            "the USER right before its PASS, which waits for its answer"
+        );
+        m.backend_input(BACKEND_CAPA.as_bytes());
+        assert_eq!(out(&mut m), (SHOWN_CAPA.to_owned(), String::new()));
+        m.backend_input(b"+OK\r\n");
+        assert_eq!(out(&mut m), (String::new(), "PASS secret\r\n".to_owned()));
+    }
+
+    #[test]
+    fn auth_connects_without_the_remembered_user_and_its_exchange_goes_on() {
+        let mut m = learned();
+        m.client_input(b"USER alice\r\nAUTH PLAIN\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(b"+OK ready\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+OK\r\n");
+        assert_eq!(backend, "AUTH PLAIN\r\n", "AUTH names its own user");
+        m.backend_input(b"+ \r\n");
+        m.client_input(b"AGFsaWNlAHNlY3JldA==\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "+ \r\n");
+        assert_eq!(backend, "AGFsaWNlAHNlY3JldA==\r\n");
+        m.backend_input(b"+OK Logged in.\r\n");
+        assert_eq!(m.next(), Next::Authenticated);
+        assert_eq!(
+            m.take_notices(),
+            vec![user("alice"), auth(true, "AUTH PLAIN")]
+        );
+
+        // A bare AUTH (the mechanism list) connects too.
+        let mut m = learned();
+        m.client_input(b"AUTH\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        m.backend_connected();
+        m.backend_input(b"+OK ready\r\n");
+        assert_eq!(out(&mut m).1, "AUTH\r\n");
+    }
+
+    /// Nothing learned yet: CAPA connects, rather than guess a list without the backend's SASL
+    /// mechanisms; its answer is what the listener's next sessions are answered with.
+    #[test]
+    fn capa_connects_while_nothing_is_learned_and_teaches_the_next_sessions() {
+        let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        out(&mut m);
+        m.client_input(b"USER a\r\nCAPA\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        let mut m = greeted();
+        m.client_input(b"CAPA\r\n");
+        assert_eq!(out(&mut m).1, "CAPA\r\n", "once connected, asked again");
+        m.backend_input(b"-ERR no\r\n");
+        out(&mut m);
+        assert_eq!(m.take_notices(), [], "a refusal teaches nothing");
+    }
+
     #[test]
     fn bare_lf_cr_and_nul_lines_are_refused_and_what_follows_is_gated() {
         let bare_lf = "-ERR Command lines must end with CRLF\r\n";
@@ -812,11 +1108,15 @@ mod tests {
         assert_eq!(backend, "USER a\r\nUSER b\r\n");
     }
 
-    /// An implicit-TLS session with `backend_client_info`, greeted by the backend.
-    fn with_client_info() -> Prelogin {
+    /// An implicit-TLS session with `backend_client_info`, connected by the client's `first`
+    /// lines and greeted by the backend; what mailfront wrote so far taken.
+    fn with_client_info(first: &[u8]) -> Prelogin {
         let mut settings = settings(TlsMode::Implicit);
         settings.client_info = Some("[2001:db8::7]:40000".parse().unwrap());
         let mut m = Prelogin::new(settings, true);
+        m.client_input(first);
+        assert_eq!(m.next(), Next::Connect);
+        assert_eq!(out(&mut m).1, "", "nothing before the backend is connected");
         m.backend_connected();
         m.backend_input(b"+OK Dovecot ready.\r\n");
         m
@@ -824,16 +1124,14 @@ mod tests {
 
     #[test]
     fn xclient_goes_first_and_client_commands_wait_for_its_answer() {
-        let mut m = with_client_info();
+        // The client pipelines credentials: USER is answered here, PASS connects.
+        let mut m = with_client_info(b"USER alice\r\nPASS secret\r\n");
         let (client, backend) = out(&mut m);
-        assert_eq!(client, "+OK Dovecot ready.\r\n");
+        assert_eq!(client, "", "the backend's greeting is swallowed");
         assert_eq!(
             backend, "CAPA\r\n",
             "mailfront's own CAPA before anything of the client's"
         );
-        // The client pipelines credentials: nothing goes on until XCLIENT was answered.
-        m.client_input(b"USER alice\r\nPASS secret\r\n");
-        assert_eq!(out(&mut m), (String::new(), String::new()));
         m.backend_input(b"+OK\r\nTOP\r\nXCLIENT\r\nUSER\r\n.\r\n");
         let (client, backend) = out(&mut m);
         assert_eq!(client, "", "the client never sees mailfront's CAPA");
@@ -841,8 +1139,26 @@ mod tests {
         m.backend_input(b"+OK\r\n");
         let (client, backend) = out(&mut m);
         assert_eq!(client, "", "nor the XCLIENT answer");
-        assert_eq!(backend, "USER alice\r\nPASS secret\r\n");
-        assert_eq!(m.take_notices(), vec![user("alice")]);
+        assert_eq!(
+            backend, "USER alice\r\n",
+            "the USER first, PASS after its answer"
+        );
+        m.backend_input(b"+OK\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "", "the client had mailfront's +OK to USER");
+        assert_eq!(backend, "PASS secret\r\n");
+        m.backend_input(b"+OK Logged in.\r\n");
+        let (client, _) = out(&mut m);
+        assert_eq!(client, "+OK Logged in.\r\n");
+        assert_eq!(m.next(), Next::Authenticated);
+        assert_eq!(
+            m.take_notices(),
+            vec![
+                Notice::BackendPop3Capa(b"+OK\r\nTOP\r\nXCLIENT\r\nUSER\r\n.\r\n".to_vec()),
+                user("alice"),
+                auth(true, "PASS"),
+            ]
+        );
     }
 
     #[test]
@@ -850,11 +1166,12 @@ mod tests {
         let mut settings = settings(TlsMode::Implicit);
         settings.client_info = Some("192.0.2.7:40000".parse().unwrap());
         let mut m = Prelogin::new(settings, true);
+        m.client_input(b"CAPA\r\n");
+        assert_eq!(m.next(), Next::Connect);
         m.backend_connected();
         m.backend_input(b"+OK [XCLIENT] Dovecot ready.\r\n");
-        m.client_input(b"CAPA\r\n");
         let (client, backend) = out(&mut m);
-        assert_eq!(client, "+OK Dovecot ready.\r\n");
+        assert_eq!(client, "+OK mx.example.test ready\r\n");
         assert_eq!(
             backend, "XCLIENT ADDR=192.0.2.7 PORT=40000\r\n",
             "no CAPA probe needed"
@@ -865,15 +1182,17 @@ mod tests {
 
     #[test]
     fn a_backend_without_xclient_is_noticed_and_the_session_goes_on() {
-        let mut m = with_client_info();
+        let mut m = with_client_info(b"CAPA\r\n");
         out(&mut m);
-        m.client_input(b"CAPA\r\n");
         m.backend_input(BACKEND_CAPA.as_bytes());
         let (client, backend) = out(&mut m);
         assert_eq!((client.as_str(), backend.as_str()), ("", "CAPA\r\n"));
         assert_eq!(
             m.take_notices(),
-            [Notice::ClientInfo(ClientInfoNotice::NotOffered)]
+            [
+                Notice::BackendPop3Capa(BACKEND_CAPA.as_bytes().to_vec()),
+                Notice::ClientInfo(ClientInfoNotice::NotOffered)
+            ]
         );
     }
 
@@ -881,16 +1200,15 @@ mod tests {
     /// login from mailfront's own address, so the session ends before any client command.
     #[test]
     fn a_backend_refusing_xclient_ends_the_session_before_any_client_command() {
-        let mut m = with_client_info();
+        let mut m = with_client_info(b"USER alice\r\nPASS secret\r\n");
         out(&mut m);
         m.backend_input(b"+OK\r\nXCLIENT\r\n.\r\n");
-        m.client_input(b"USER alice\r\nPASS secret\r\n");
         m.backend_input(b"-ERR You're not allowed\r\n");
         let (client, backend) = out(&mut m);
         assert_eq!(client, "-ERR [SYS/TEMP] Server temporarily unavailable\r\n");
         assert_eq!(backend, "XCLIENT ADDR=2001:db8::7 PORT=40000\r\n");
         assert_eq!(
-            m.take_notices(),
+            m.take_notices()[1..],
             [Notice::ClientInfo(ClientInfoNotice::Refused)]
         );
         assert_eq!(m.next(), Next::End(End::BackendUnavailable));
@@ -915,13 +1233,17 @@ mod tests {
             "the dropped USER was never seen"
         );
         Machine::tls_started(&mut m, crate::machine::testing::tls13());
-        assert_eq!(m.next(), Next::Connect);
+        assert_eq!(m.next(), Next::Run, "no backend until a command needs it");
+        m.client_input(b"CAPA\r\n");
+        assert_eq!(
+            m.next(),
+            Next::Connect,
+            "nothing learned yet: CAPA connects"
+        );
         m.backend_connected();
         m.backend_input(b"+OK Dovecot ready <1.2@backend>\r\n");
         // The backend's greeting is not shown: the client had ours (RFC 2595 §4).
-        assert_eq!(out(&mut m), (String::new(), String::new()));
-        m.client_input(b"CAPA\r\n");
-        assert_eq!(out(&mut m).1, "CAPA\r\n");
+        assert_eq!(out(&mut m), (String::new(), "CAPA\r\n".to_owned()));
         m.backend_input(BACKEND_CAPA.as_bytes());
         assert_eq!(
             out(&mut m).0,
@@ -998,11 +1320,10 @@ mod tests {
             ],
         );
         let throttled = "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n";
+        let apop = "-ERR APOP not available here; use USER/PASS or AUTH\r\n";
         assert_eq!(
             client,
-            format!(
-                "+OK\r\n-ERR [AUTH] Authentication failed.\r\n{throttled}{throttled}{throttled}"
-            )
+            format!("+OK\r\n-ERR [AUTH] Authentication failed.\r\n{throttled}{apop}{throttled}")
         );
         // USER alone is no attempt: it still goes.
         assert_eq!(backend, "USER alice\r\nPASS wrong\r\nUSER bob\r\n");
@@ -1014,10 +1335,7 @@ mod tests {
                 Notice::AuthThrottled {
                     mechanism: "PASS".to_owned()
                 },
-                // A throttled APOP names no user: it never went out.
-                Notice::AuthThrottled {
-                    mechanism: "APOP".to_owned()
-                },
+                // APOP is refused by the gate, never charged.
                 Notice::AuthThrottled {
                     mechanism: "AUTH PLAIN".to_owned()
                 },
@@ -1137,30 +1455,14 @@ mod tests {
                 never: &[],
             },
             Case {
-                name: "APOP refused keeps",
+                name: "APOP is refused by the gate, never charged",
                 limit: 3,
                 already: 0,
-                steps: &[
-                    C("APOP alice 0123456789abcdef0123456789abcdef\r\n"),
-                    B(FAILED),
-                ],
-                charged: 1,
-                refused: 0,
-                reached: &["APOP alice"],
-                never: &[],
-            },
-            Case {
-                name: "APOP accepted is refunded",
-                limit: 3,
-                already: 0,
-                steps: &[
-                    C("APOP alice 0123456789abcdef0123456789abcdef\r\n"),
-                    B("+OK in\r\n"),
-                ],
+                steps: &[C("APOP alice 0123456789abcdef0123456789abcdef\r\n")],
                 charged: 0,
                 refused: 0,
-                reached: &["APOP alice"],
-                never: &[],
+                reached: &[],
+                never: &["APOP"],
             },
             Case {
                 name: "AUTH with an initial response refused keeps",
@@ -1358,7 +1660,7 @@ mod tests {
     /// The close line's `user`: USER's and APOP's name, and what AUTH's first response
     /// carries, with an initial response or on the first line after the backend's `+`.
     #[test]
-    fn user_apop_and_auth_name_the_user_on_the_close_line() {
+    fn user_and_auth_name_the_user_on_the_close_line() {
         use base64::Engine as _;
         let b64 = |raw: &[u8]| base64::engine::general_purpose::STANDARD.encode(raw);
         let users = |m: &mut Prelogin| {
@@ -1371,9 +1673,9 @@ mod tests {
         let failed = b"-ERR [AUTH] Authentication failed.\r\n";
         let mut m = greeted();
 
+        // APOP never goes out (no timestamp to digest), so it names nobody.
         m.client_input(b"APOP carol c4c9334bac560ecc979e58001b3e22fb\r\n");
-        assert_eq!(users(&mut m), [user("carol")]);
-        m.backend_input(failed);
+        assert_eq!(users(&mut m), []);
 
         let ir = b64(b"user=dave@example.com\x01auth=Bearer token\x01\x01");
         m.client_input(format!("AUTH XOAUTH2 {ir}\r\n").as_bytes());
@@ -1431,11 +1733,10 @@ mod tests {
             },
             true,
         );
+        m.client_input(b"AUTH PLAIN\r\n");
         m.backend_connected();
         m.backend_input(b"+OK ready\r\n");
-        out(&mut m);
-        m.client_input(b"AUTH PLAIN\r\n");
-        out(&mut m);
+        assert_eq!(out(&mut m).1, "AUTH PLAIN\r\n");
         m.backend_input(b"+ \r\n");
         out(&mut m);
         m.client_input(&[b'A'; 40]);
@@ -1445,34 +1746,38 @@ mod tests {
         assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
     }
 
+    /// The client had mailfront's greeting, on either listener: a backend refusing service in
+    /// its own can only be told as unavailability.
     #[test]
-    fn a_refusing_backend_after_stls_is_reported_as_unavailable() {
-        let mut m = cleartext();
-        m.client_input(b"STLS\r\n");
-        m.tls_started();
-        m.backend_connected();
-        out(&mut m);
-        m.backend_input(b"-ERR [SYS/TEMP] too busy\r\n");
-        assert_eq!(
-            out(&mut m).0,
-            "-ERR [SYS/TEMP] Server temporarily unavailable\r\n"
-        );
-        assert_eq!(m.next(), Next::End(End::BackendUnavailable));
-    }
-
-    #[test]
-    fn a_refusing_backend_on_an_implicit_listener_is_shown_as_is() {
-        let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
-        m.backend_connected();
-        m.backend_input(b"-ERR [SYS/TEMP] too busy\r\n");
-        assert_eq!(out(&mut m).0, "-ERR [SYS/TEMP] too busy\r\n");
-        assert_eq!(m.next(), Next::End(End::BackendClosed));
+    fn a_refusing_backend_is_reported_as_unavailable() {
+        let mut after_stls = cleartext();
+        after_stls.client_input(b"STLS\r\n");
+        after_stls.tls_started();
+        out(&mut after_stls);
+        let implicit = Prelogin::new(settings(TlsMode::Implicit), true);
+        for mut m in [after_stls, implicit] {
+            m.client_input(b"USER a\r\nPASS b\r\n");
+            assert_eq!(m.next(), Next::Connect);
+            m.backend_connected();
+            out(&mut m);
+            m.backend_input(b"-ERR [SYS/TEMP] too busy\r\n");
+            assert_eq!(
+                out(&mut m),
+                (
+                    "-ERR [SYS/TEMP] Server temporarily unavailable\r\n".to_owned(),
+                    String::new()
+                )
+            );
+            assert_eq!(m.next(), Next::End(End::BackendUnavailable));
+        }
     }
 
     #[test]
     fn a_backend_breaking_the_protocol_ends_the_session() {
         let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        m.client_input(b"CAPA\r\n");
         m.backend_connected();
+        out(&mut m);
         m.backend_input(b"* OK IMAP here\r\n");
         assert_eq!(
             out(&mut m).0,
@@ -1489,12 +1794,14 @@ mod tests {
     #[test]
     fn a_backend_close_is_a_goodbye_only_after_quit() {
         let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        m.client_input(b"CAPA\r\n");
         m.backend_connected();
+        out(&mut m);
         m.backend_closed();
         assert_eq!(
             out(&mut m).0,
             "-ERR [SYS/TEMP] Server temporarily unavailable\r\n",
-            "a client with no greeting yet is told"
+            "a client waiting for the backend is told"
         );
         assert_eq!(m.next(), Next::End(End::BackendClosed));
 
@@ -1548,31 +1855,35 @@ mod tests {
         let mut m = Prelogin::new(limited(TlsMode::Starttls), false);
         m.client_input(b"CAPA\r\nSTLS\r\n");
         m.tls_started();
-        m.backend_connected();
-        m.backend_input(b"+OK ready\r\n");
         out(&mut m);
         m.client_input(b"USER a\r\nBOGUS\r\n");
         let (client, backend) = out(&mut m);
-        assert_eq!(backend, "USER a\r\n");
-        assert_eq!(client, "-ERR Too many commands before authentication\r\n");
+        assert_eq!(backend, "", "no backend yet");
+        assert_eq!(
+            client,
+            "+OK\r\n-ERR Too many commands before authentication\r\n"
+        );
         assert!(matches!(m.next(), Next::End(End::ProtocolViolation(_))));
     }
 
     #[test]
     fn client_lines_wait_for_the_backend_greeting() {
         let mut m = Prelogin::new(settings(TlsMode::Implicit), true);
+        out(&mut m);
+        m.client_input(b"CAPA\r\n");
+        assert_eq!(m.next(), Next::Connect);
+        assert!(!m.wants_client_input(100), "nothing read while connecting");
         m.backend_connected();
         assert!(m.wants_client_input(100));
         assert!(
-            !m.client_input(b"CAPA\r\n"),
+            !m.client_input(b"USER a\r\n"),
             "held bytes do not restart the timer"
         );
-        assert_eq!(out(&mut m).1, "");
+        assert_eq!(out(&mut m), (String::new(), String::new()));
         assert!(m.backend_input(b"+OK ready\r\n"));
         let (client, backend) = out(&mut m);
-        assert_eq!(client, "+OK ready\r\n");
-        assert_eq!(backend, "CAPA\r\n");
-        assert!(!m.wants_client_input(0));
+        assert_eq!(client, "");
+        assert_eq!(backend, "CAPA\r\nUSER a\r\n", "the held line first");
     }
 
     #[test]
@@ -1644,9 +1955,13 @@ mod tests {
 
     /// Everything a session writes to either side when the client's bytes come in `chunk`-sized
     /// reads (0 = all at once) and the backend's answers in `chunk`-sized reads too.
-    fn transcript(listener: TlsMode, input: &[u8], chunk: usize) -> Transcript {
+    fn transcript(listener: TlsMode, learned: bool, input: &[u8], chunk: usize) -> Transcript {
         let size = |len: usize| if chunk == 0 { len.max(1) } else { chunk };
-        let mut m = Prelogin::new(settings(listener), listener == TlsMode::Implicit);
+        let settings = Settings {
+            learned_capa: learned.then(|| BACKEND_CAPA.as_bytes().to_vec()),
+            ..settings(listener)
+        };
+        let mut m = Prelogin::new(settings, listener == TlsMode::Implicit);
         let (mut client, mut backend) = (Vec::new(), Vec::new());
         let mut pending_line = Vec::new();
         let feed_backend = |m: &mut Prelogin, bytes: &[u8]| {
@@ -1714,11 +2029,18 @@ mod tests {
         Transcript {
             client: String::from_utf8_lossy(&client).into_owned(),
             backend: String::from_utf8_lossy(&backend).into_owned(),
-            // How many octets STLS dropped depends on where a read ended; what ran does not.
+            // How many octets STLS dropped depends on where a read ended, and whether a CAPA
+            // was learned before or after a pipelined USER went out on when the backend's
+            // answer came; what ran does not.
             notices: m
                 .take_notices()
                 .into_iter()
-                .filter(|n| !matches!(n, Notice::PipelinedAfterStartTls { .. }))
+                .filter(|n| {
+                    !matches!(
+                        n,
+                        Notice::PipelinedAfterStartTls { .. } | Notice::BackendPop3Capa(_)
+                    )
+                })
                 .collect(),
             next: m.next(),
             relayed: (held_client, held_backend),
@@ -1732,11 +2054,17 @@ mod tests {
         let implicit_input: &[u8] = b"CAPA\r\nAUTH\r\nUSER alice\r\nPASS wrong\r\n\
               AUTH PLAIN\r\nAGFsaWNlAHdyb25n\r\nAUTH PLAIN\r\nXCLIENT A=1\r\n\
               US\0ER x\r\nUSER alice\r\nPASS secret\r\nLIST\r\n";
-        for (listener, input) in [
-            (TlsMode::Starttls, cleartext_input),
-            (TlsMode::Implicit, implicit_input),
+        // A listener that learned CAPA answers it here; USER is answered here too and goes out
+        // right before PASS, which connects.
+        let learned_input: &[u8] = b"CAPA\r\nUSER alice\r\nNOOP\r\nPASS wrong\r\n\
+              AUTH PLAIN\r\nAGFsaWNlAHdyb25n\r\nAUTH PLAIN\r\nXCLIENT A=1\r\n\
+              US\0ER x\r\nAUTH\r\nUSER alice\r\nPASS secret\r\nLIST\r\n";
+        for (listener, learned, input) in [
+            (TlsMode::Starttls, false, cleartext_input),
+            (TlsMode::Implicit, false, implicit_input),
+            (TlsMode::Implicit, true, learned_input),
         ] {
-            let whole = transcript(listener, input, 0);
+            let whole = transcript(listener, learned, input, 0);
             // The scenario reaches the login, through every kind of exchange.
             assert_eq!(whole.next, Next::Authenticated, "{listener:?} {whole:?}");
             assert!(
@@ -1756,7 +2084,7 @@ mod tests {
             );
             for chunk in CHUNKS {
                 assert_eq!(
-                    transcript(listener, input, chunk),
+                    transcript(listener, learned, input, chunk),
                     whole,
                     "{listener:?} chunk {chunk}"
                 );

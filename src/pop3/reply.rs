@@ -21,6 +21,17 @@ pub fn capa_before_tls() -> Vec<u8> {
     b"+OK Capability list follows\r\nSTLS\r\n.\r\n".to_vec()
 }
 
+/// PASS with no USER before it (RFC 1939 §7: PASS only right after a successful USER).
+pub fn err_no_user() -> Vec<u8> {
+    b"-ERR No user name given\r\n".to_vec()
+}
+
+/// USER over TLS before the backend is connected (RFC 1939 §7): remembered, and sent to the
+/// backend right before the PASS that needs it.
+pub fn user_ok() -> Vec<u8> {
+    b"+OK\r\n".to_vec()
+}
+
 /// QUIT before STLS (RFC 1939 §6: no UPDATE state without a login).
 pub fn quit_ok() -> Vec<u8> {
     b"+OK Logging out\r\n".to_vec()
@@ -31,7 +42,8 @@ pub fn err_not_authorized_yet() -> Vec<u8> {
     b"-ERR Command not valid before authentication\r\n".to_vec()
 }
 
-/// APOP on a `starttls` listener: the client never saw the backend's timestamp (RFC 1939 §7).
+/// APOP on any listener: the client never saw the backend's timestamp (RFC 1939 §7), only
+/// mailfront's greeting, which has none.
 pub fn err_apop_unavailable() -> Vec<u8> {
     b"-ERR APOP not available here; use USER/PASS or AUTH\r\n".to_vec()
 }

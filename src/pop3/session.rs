@@ -22,6 +22,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
             .config
             .backend_client_info
             .then_some(session.client_addr()),
+        learned_capa: session.listener().learned.pop3_capa(),
     };
     let machine = Prelogin::new(settings, session.tls().is_some());
     let hold_limit = machine.longest_event();

@@ -396,9 +396,10 @@ async fn smtp_starttls_then_a_silent_backend_after_data_times_out_after_exactly_
     assert_eq!(server.await.unwrap(), EndReason::BackendTimeout);
 }
 
-/// POP3 after STLS: the backend is connected through the connector only once TLS is up, so its
-/// PROXY v2 header (written first, before any POP3 byte) describes a TLS session; the backend's
-/// greeting is swallowed (the client had ours) and the client's new CAPA is relayed.
+/// POP3 after STLS: the backend is connected through the connector only once TLS is up and a
+/// command needs it (here the first CAPA, nothing learned yet), so its PROXY v2 header (written
+/// first, before any POP3 byte) describes a TLS session; the backend's greeting is swallowed (the
+/// client had ours) and the client's new CAPA is relayed.
 #[tokio::test(start_paused = true)]
 async fn pop3_after_stls_the_backend_gets_the_proxy_header_then_only_the_clients_capa() {
     let pki = pki();
@@ -416,6 +417,7 @@ async fn pop3_after_stls_the_backend_gets_the_proxy_header_then_only_the_clients
     plain.write_all(b"STLS\r\nUSER mallory\r\n").await.unwrap();
     assert_eq!(line(&mut plain).await, "+OK Begin TLS negotiation\r\n");
     let mut client = tls_client(plain, &pki).await;
+    client.write_all(b"CAPA\r\n").await.unwrap();
 
     let mut backend = backends.recv().await.unwrap();
     let mut head = [0u8; 16];
@@ -432,7 +434,6 @@ async fn pop3_after_stls_the_backend_gets_the_proxy_header_then_only_the_clients
     assert!(body[12..].contains(&0x20), "{body:?}");
 
     backend.write_all(b"+OK backend ready\r\n").await.unwrap();
-    client.write_all(b"CAPA\r\n").await.unwrap();
     expect(&mut backend, b"CAPA\r\n").await;
     backend
         .write_all(b"+OK\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\n.\r\n")

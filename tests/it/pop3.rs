@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 const HOST: &str = "mx.example.test";
 const REFUSED: &str = "-ERR [AUTH] Cleartext authentication disallowed; issue STLS first\r\n";
-/// Our own greeting on a `starttls` listener: no backend is connected yet.
+/// Our own greeting, on every listener: no backend is connected yet.
 const LOCAL_GREETING: &str = "+OK mx.example.test ready\r\n";
 const NOT_YET: &str = "-ERR Command not valid before authentication\r\n";
 const BARE_LF: &str = "-ERR Command lines must end with CRLF\r\n";
@@ -62,7 +62,8 @@ impl Setup {
             .await
             .unwrap();
         let mut tls = BufReader::new(tls);
-        assert_eq!(read_line(&mut tls).await, "+OK fake POP3 ready\r\n");
+        // mailfront's own: the backend is connected only when a command needs it.
+        assert_eq!(read_line(&mut tls).await, LOCAL_GREETING);
         tls
     }
 
@@ -229,6 +230,34 @@ async fn the_cleartext_dialogue_is_answered_locally_and_credentials_are_refused(
     );
 }
 
+/// Once one session's CAPA taught the listener its backend's capabilities, silent and CAPA-only
+/// TLS sessions cost the backend nothing: CAPA is answered from what was learned, with the same
+/// TLS view, and only a login would connect.
+#[tokio::test]
+async fn fifty_silent_or_capa_only_tls_sessions_open_no_backend_connection_once_capa_is_learned() {
+    let s = setup("implicit", "limits:\n  connections_per_ip: 0\n").await;
+    let mut first = s.connect().await;
+    let learned = multiline(&mut first, "CAPA").await;
+    assert!(learned.contains("SASL PLAIN\r\n"), "{learned}");
+    assert_eq!(line(&mut first, "QUIT").await, "+OK Logging out.\r\n");
+    assert_eq!(read_line(&mut first).await, "");
+    assert_eq!(s.backend.recorder.connections().len(), 1, "the first CAPA");
+
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        let mut c = s.connect().await;
+        if i % 2 == 0 {
+            assert_eq!(multiline(&mut c, "CAPA").await, learned);
+        }
+        clients.push(c);
+    }
+    // QUIT is answered here too.
+    assert_eq!(line(&mut clients[1], "QUIT").await, "+OK Logging out\r\n");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.backend.recorder.connections().len(), 1);
+    drop(clients);
+}
+
 #[tokio::test]
 async fn two_hundred_idle_cleartext_pop3_connections_open_no_backend_connection() {
     // All 200 come from 127.0.0.1: the per-address limit (tests/limits.rs) is off here.
@@ -316,13 +345,14 @@ async fn after_stls_user_pass_and_auth_plain_reach_the_backend_as_canonical_line
         line(&mut c, &format!("Auth Plain {ir}")).await,
         "+OK Logged in.\r\n"
     );
-    // APOP needs the backend's greeting timestamp, which an STLS client never saw.
+    // APOP needs the backend's greeting timestamp, which an STLS client never saw; QUIT before
+    // a login is answered here: no backend connection for this session.
     let mut d = s.connect_stls().await;
     assert_eq!(
         line(&mut d, "APOP u c4c9334bac560ecc979e58001b3e22fb").await,
         "-ERR APOP not available here; use USER/PASS or AUTH\r\n"
     );
-    assert_eq!(line(&mut d, "QUIT").await, "+OK Logging out.\r\n");
+    assert_eq!(line(&mut d, "QUIT").await, "+OK Logging out\r\n");
 
     assert_eq!(
         s.backend.recorder.connections(),
@@ -330,7 +360,6 @@ async fn after_stls_user_pass_and_auth_plain_reach_the_backend_as_canonical_line
             b"USER u\r\nPASS secret\r\nSTAT\r\n".to_vec(),
             format!("AUTH PLAIN\r\n{ir}\r\nLIST\r\n").into_bytes(),
             format!("AUTH PLAIN {ir}\r\n").into_bytes(),
-            b"QUIT\r\n".to_vec(),
         ]
     );
 }
@@ -367,9 +396,10 @@ async fn bare_lf_bare_cr_and_nul_are_refused_before_and_after_tls_and_never_forw
     tokio::time::sleep(Duration::from_millis(50)).await;
     send(&mut c, b"\n").await;
     assert_eq!(read_line(&mut c).await, "+OK Logged in.\r\n");
+    // USER was answered here, and went out only right before its PASS.
     assert_eq!(
         s.backend.recorder.connections(),
-        vec![b"USER u\r\nAUTH PLAIN\r\n*\r\nAUTH PLAIN\r\n*\r\nPASS secret\r\n".to_vec()]
+        vec![b"AUTH PLAIN\r\n*\r\nAUTH PLAIN\r\n*\r\nUSER u\r\nPASS secret\r\n".to_vec()]
     );
 }
 
@@ -383,6 +413,11 @@ async fn a_line_of_exactly_the_limit_is_forwarded_and_one_octet_more_is_refused(
     assert_eq!(line(&mut c, &exact).await, "+OK\r\n");
     let over = format!("USER {}", "y".repeat(294));
     assert_eq!(line(&mut c, &over).await, "-ERR Command line too long\r\n");
+    // The remembered USER goes out right before its PASS, which connects.
+    assert_eq!(
+        line(&mut c, "PASS wrong").await,
+        "-ERR [AUTH] Authentication failed.\r\n"
+    );
     // AUTH continuations may be 12288 octets (base64 comes in quanta of 4: 12284 + CRLF is the
     // longest valid one; the line limit itself is checked in the codec's unit tests).
     assert_eq!(line(&mut c, "AUTH PLAIN").await, "+ \r\n");
@@ -390,7 +425,7 @@ async fn a_line_of_exactly_the_limit_is_forwarded_and_one_octet_more_is_refused(
     assert!(line(&mut c, &long).await.starts_with("-ERR [AUTH]"));
     let seen = s.backend.recorder.all_text();
     assert!(
-        seen == format!("{exact}\r\nAUTH PLAIN\r\n{long}\r\n"),
+        seen == format!("{exact}\r\nPASS wrong\r\nAUTH PLAIN\r\n{long}\r\n"),
         "{} octets seen",
         seen.len()
     );
@@ -410,7 +445,10 @@ async fn a_backend_that_refuses_or_is_gone_after_stls_gets_sys_temp() {
         ..FakeOptions::default()
     };
     let s = setup_with("starttls", options, "").await;
+    // The backend is connected for the login: USER is answered here, PASS connects.
     let mut c = s.connect_stls().await;
+    send(&mut c, b"USER u\r\nPASS secret\r\n").await;
+    assert_eq!(read_line(&mut c).await, "+OK\r\n");
     assert_eq!(
         read_line(&mut c).await,
         "-ERR [SYS/TEMP] Server temporarily unavailable\r\n"
@@ -436,6 +474,7 @@ async fn a_backend_that_refuses_or_is_gone_after_stls_gets_sys_temp() {
     let config = client_config(&pki.ca_der, &[&rustls::version::TLS13], None);
     let tls = tls_upgrade(c.into_inner(), HOST, config).await.unwrap();
     let mut c = BufReader::new(tls);
+    send(&mut c, b"AUTH PLAIN\r\n").await;
     assert!(read_line(&mut c).await.starts_with("-ERR [SYS/TEMP] "));
 }
 
@@ -462,6 +501,7 @@ async fn the_proxy_header_after_stls_carries_the_tls_details() {
     };
     let mut c = s.connect_stls().await;
     assert_eq!(line(&mut c, "USER u").await, "+OK\r\n");
+    assert_eq!(line(&mut c, "PASS secret").await, "+OK Logged in.\r\n");
     let headers = s.backend.proxy_headers.connections();
     assert_eq!(headers.len(), 1);
     // PROXY v2 over IPv4: 16 fixed octets, 12 of addresses, then TLVs (type, u16 length).
@@ -676,35 +716,28 @@ async fn auth_without_a_mechanism_lists_mechanisms_over_tls_without_external() {
     );
 }
 
+/// APOP digests the greeting's timestamp (RFC 1939 §7), and the client only ever sees
+/// mailfront's greeting, which has none: on 995 as on 110, APOP is refused here and opens no
+/// backend connection, even when the backend's own greeting carries a timestamp.
 #[tokio::test]
-async fn apop_sees_the_backend_timestamp_and_logs_in_over_tls() {
-    let greeting = "+OK fake POP3 ready <1896.697170952@backend.test>\r\n";
+async fn apop_is_refused_over_implicit_tls_too_for_want_of_a_timestamp() {
     let options = FakeOptions {
-        pop3_greeting: greeting.into(),
-        slow_auth: true,
+        pop3_greeting: "+OK fake POP3 ready <1896.697170952@backend.test>\r\n".into(),
         ..FakeOptions::default()
     };
     let s = setup_with("implicit", options, "").await;
-    let tls = tls_connect(s.proxy.addr("pop3"), HOST, s.config())
-        .await
-        .unwrap();
-    let mut c = BufReader::new(tls);
+    let mut c = s.connect().await;
     assert_eq!(
-        read_line(&mut c).await,
-        greeting,
-        "byte-exact, timestamp kept"
+        line(&mut c, "APOP u c4c9334bac560ecc979e58001b3e22fb").await,
+        "-ERR APOP not available here; use USER/PASS or AUTH\r\n"
     );
-    // STAT waits for the APOP answer (the fake refuses if it arrives early).
-    send(
-        &mut c,
-        b"APOP u c4c9334bac560ecc979e58001b3e22fb\r\nSTAT\r\n",
-    )
-    .await;
-    assert_eq!(read_line(&mut c).await, "+OK Logged in.\r\n");
-    assert!(read_line(&mut c).await.starts_with("+OK 1 "));
-    assert!(s.metrics().contains(
-        r#"mailfront_auth_outcomes_total{listener="pop3",protocol="pop3",result="success"} 1"#
-    ));
+    assert_eq!(line(&mut c, "USER u").await, "+OK\r\n");
+    assert_eq!(line(&mut c, "PASS secret").await, "+OK Logged in.\r\n");
+    assert_eq!(
+        s.backend.recorder.connections(),
+        vec![b"USER u\r\nPASS secret\r\n".to_vec()],
+        "the APOP never went out"
+    );
 }
 
 #[tokio::test]
@@ -712,7 +745,11 @@ async fn quit_ends_with_close_notify_before_and_after_login() {
     let s = setup("implicit", "").await;
     // read_line fails on a TCP close without close_notify (rustls: unexpected EOF).
     let mut c = s.connect().await;
-    assert_eq!(line(&mut c, "QUIT").await, "+OK Logging out.\r\n");
+    assert_eq!(
+        line(&mut c, "QUIT").await,
+        "+OK Logging out\r\n",
+        "mailfront's own"
+    );
     assert_eq!(read_line(&mut c).await, "");
     let mut c = s.connect().await;
     assert_eq!(line(&mut c, "USER u").await, "+OK\r\n");

@@ -228,7 +228,12 @@ async fn implicit_pop3_without_sni_sends_ssl_tlv_but_no_authority() {
     };
     let mut io = BufReader::new(tls);
     assert!(read_line(&mut io).await.starts_with("+OK"));
-    io.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+    // The backend is connected for a login (USER alone is answered by mailfront).
+    io.get_mut()
+        .write_all(b"USER u\r\nPASS secret\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_line(&mut io).await, "+OK\r\n");
     let _ = read_line(&mut io).await;
 
     let headers = e.backend.proxy_headers.connections();

@@ -86,16 +86,15 @@ fn assert_login_timeout(context: &ListenerContext, reason: &EndReason) {
 // ---- idle -------------------------------------------------------------------------------------
 
 /// From `pop3::an_idle_client_is_told_before_the_close`: on an implicit-TLS listener, a client
-/// that says nothing after the backend's greeting is told so exactly `timeouts.idle` later.
+/// that says nothing after mailfront's greeting is told so exactly `timeouts.idle` later, and no
+/// backend was ever connected.
 #[tokio::test(start_paused = true)]
 async fn pop3_an_idle_client_is_told_before_the_close_after_exactly_the_idle_timeout() {
     let pki = pki();
     let (context, mut backends) = listener(Protocol::Pop3, TlsMode::Implicit, &pki);
     let (io, server) = start(session(context));
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"+OK fake POP3 ready\r\n").await.unwrap();
-    assert_eq!(line(&mut client).await, "+OK fake POP3 ready\r\n");
+    assert_eq!(line(&mut client).await, format!("+OK {HOST} ready\r\n"));
     let greeted = Instant::now();
     assert_eq!(
         line(&mut client).await,
@@ -104,6 +103,7 @@ async fn pop3_an_idle_client_is_told_before_the_close_after_exactly_the_idle_tim
     assert_eq!(greeted.elapsed(), IDLE);
     assert_eq!(rest(&mut client).await, "");
     assert_eq!(server.await.unwrap(), EndReason::ClientIdle);
+    assert!(backends.try_recv().is_err(), "no backend connection");
 }
 
 /// From `pop3::an_idle_cleartext_client_is_told_before_the_close`: octets that never end a line
@@ -187,14 +187,15 @@ async fn pop3_a_silent_backend_is_not_kept_alive_by_a_trickling_client() {
     let (context, mut backends) = listener(Protocol::Pop3, TlsMode::Implicit, &pki);
     let (io, server) = start(session(context));
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"+OK fake POP3 ready\r\n").await.unwrap();
-    assert_eq!(line(&mut client).await, "+OK fake POP3 ready\r\n");
+    // mailfront's greeting and +OK to USER; the PASS connects, right after the USER goes out.
+    assert_eq!(line(&mut client).await, format!("+OK {HOST} ready\r\n"));
     client.write_all(b"USER u\r\n").await.unwrap();
-    expect(&mut backend, b"USER u\r\n").await;
-    backend.write_all(b"+OK\r\n").await.unwrap();
     assert_eq!(line(&mut client).await, "+OK\r\n");
     client.write_all(b"PASS secret\r\n").await.unwrap();
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"+OK fake POP3 ready\r\n").await.unwrap();
+    expect(&mut backend, b"USER u\r\n").await;
+    backend.write_all(b"+OK\r\n").await.unwrap();
     expect(&mut backend, b"PASS secret\r\n").await;
     let sent = Instant::now();
     assert_eq!(
@@ -278,9 +279,7 @@ async fn pop3_a_trickling_client_is_cut_off_at_exactly_the_login_timeout() {
     let started = Instant::now();
     let (io, server) = start(session(context.clone()));
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"+OK fake POP3 ready\r\n").await.unwrap();
-    assert_eq!(line(&mut client).await, "+OK fake POP3 ready\r\n");
+    assert_eq!(line(&mut client).await, format!("+OK {HOST} ready\r\n"));
     assert_eq!(
         trickle_until_answered(&mut client, b"CAPA", 2 * SHORT_LOGIN).await,
         "-ERR Disconnected: login took too long\r\n"
@@ -288,6 +287,7 @@ async fn pop3_a_trickling_client_is_cut_off_at_exactly_the_login_timeout() {
     assert_eq!(started.elapsed(), SHORT_LOGIN);
     assert_eq!(rest(&mut client).await, "");
     assert_login_timeout(&context, &server.await.unwrap());
+    assert!(backends.try_recv().is_err(), "a backend was connected");
 }
 
 /// From `smtp::a_trickling_client_is_cut_off_at_the_login_timeout`: after EHLO on 465, and in
@@ -338,14 +338,15 @@ async fn pop3_session_logged_in_outlives_the_login_timeout() {
     let (context, mut backends) = short_login(Protocol::Pop3, TlsMode::Implicit, &pki);
     let (io, server) = start(session(context));
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"+OK fake POP3 ready\r\n").await.unwrap();
-    assert_eq!(line(&mut client).await, "+OK fake POP3 ready\r\n");
+    // mailfront's greeting and +OK to USER; the PASS connects, right after the USER goes out.
+    assert_eq!(line(&mut client).await, format!("+OK {HOST} ready\r\n"));
     client.write_all(b"USER u\r\n").await.unwrap();
-    expect(&mut backend, b"USER u\r\n").await;
-    backend.write_all(b"+OK\r\n").await.unwrap();
     assert_eq!(line(&mut client).await, "+OK\r\n");
     client.write_all(b"PASS secret\r\n").await.unwrap();
+    let mut backend = backends.recv().await.unwrap();
+    backend.write_all(b"+OK fake POP3 ready\r\n").await.unwrap();
+    expect(&mut backend, b"USER u\r\n").await;
+    backend.write_all(b"+OK\r\n").await.unwrap();
     expect(&mut backend, b"PASS secret\r\n").await;
     backend.write_all(b"+OK Logged in.\r\n").await.unwrap();
     assert_eq!(line(&mut client).await, "+OK Logged in.\r\n");
@@ -433,18 +434,26 @@ async fn pop3_a_throttled_address_may_log_in_again_exactly_when_its_failures_lea
     let pki = pki();
     let (throttle, io, server, mut backends) = throttled(Protocol::Pop3, &pki);
     let mut client = tls_client(io, &pki).await;
+    assert_eq!(line(&mut client).await, format!("+OK {HOST} ready\r\n"));
+    // The first USER is answered here and goes out right before the first PASS, which connects.
+    client.write_all(b"USER u\r\n").await.unwrap();
+    assert_eq!(line(&mut client).await, "+OK\r\n");
+    client.write_all(b"PASS wrong\r\n").await.unwrap();
     let mut backend = backends.recv().await.unwrap();
     backend.write_all(b"+OK fake POP3 ready\r\n").await.unwrap();
-    assert_eq!(line(&mut client).await, "+OK fake POP3 ready\r\n");
+    expect(&mut backend, b"USER u\r\n").await;
+    backend.write_all(b"+OK\r\n").await.unwrap();
     let user = async |client: &mut TlsStream<DuplexStream>, backend: &mut DuplexStream| {
         client.write_all(b"USER u\r\n").await.unwrap();
         expect(backend, b"USER u\r\n").await;
         backend.write_all(b"+OK\r\n").await.unwrap();
         assert_eq!(line(client).await, "+OK\r\n");
     };
-    for _ in 0..2 {
-        user(&mut client, &mut backend).await;
-        client.write_all(b"PASS wrong\r\n").await.unwrap();
+    for round in 0..2 {
+        if round > 0 {
+            user(&mut client, &mut backend).await;
+            client.write_all(b"PASS wrong\r\n").await.unwrap();
+        }
         expect(&mut backend, b"PASS wrong\r\n").await;
         backend
             .write_all(b"-ERR [AUTH] Authentication failed.\r\n")
@@ -645,9 +654,7 @@ async fn pop3_shutdown_before_login_says_goodbye_at_once() {
     let (s, drain, hard_stop) = draining(context);
     let (io, server) = start(s);
     let mut client = tls_client(io, &pki).await;
-    let mut backend = backends.recv().await.unwrap();
-    backend.write_all(b"+OK fake POP3 ready\r\n").await.unwrap();
-    assert_eq!(line(&mut client).await, "+OK fake POP3 ready\r\n");
+    assert_eq!(line(&mut client).await, format!("+OK {HOST} ready\r\n"));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let began = Instant::now();
     drain.cancel();
@@ -659,6 +666,7 @@ async fn pop3_shutdown_before_login_says_goodbye_at_once() {
     assert_eq!(began.elapsed(), Duration::ZERO);
     assert_eq!(server.await.unwrap(), EndReason::Shutdown);
     assert!(!hard_stop.is_cancelled());
+    assert!(backends.try_recv().is_err(), "no backend connection");
 }
 
 /// From `smtp::shutdown_sends_421_4_3_2_between_commands`: between transactions on 465, and in
