@@ -292,11 +292,12 @@ fn is_token(name: &str) -> bool {
 }
 
 /// Whether sessions apply `user_affinity`, `user_map` and `user_lookup` yet. The routing layer
-/// (`crate::routing`, `Pool::connect_to`) is built and unit-tested, but every IMAP and POP3
-/// session still connects to a backend before its login, so it cannot be routed by user. Until
-/// the sessions connect at login and ask the router, a configuration that sets these keys is
-/// refused, never run with them silently ignored: on shared storage, a user split over two
-/// backends corrupts its indexes. The lib's own unit tests build routed listeners.
+/// (`crate::routing`, `Pool::connect_to`) is built and unit-tested, and sessions now connect at
+/// login, but they do not ask the router yet (and the first sessions after a start still
+/// connect before the login, to learn the backend's capabilities). Until they do, a
+/// configuration that sets these keys is refused, never run with them silently ignored: on
+/// shared storage, a user split over two backends corrupts its indexes. The lib's own unit
+/// tests build routed listeners.
 const USER_ROUTING_IN_SESSIONS: bool = cfg!(test);
 
 /// Checks `user_affinity`, `user_map` and `user_lookup` of one listener; `problem(key,
