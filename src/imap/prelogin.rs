@@ -152,6 +152,10 @@ pub struct Prelogin {
     /// The backend's pre-login capability list as known now (learned by an earlier session, or
     /// from this session's backend): what [`Phase::Local`] shows, rewritten for TLS.
     known_capability: Option<Vec<u8>>,
+    /// A LOGIN or AUTHENTICATE went to the backend: from then on a capability list may be the
+    /// post-login one (RFC 9051 §6.2.2), which is never learned for later sessions' pre-login
+    /// answers.
+    login_sent: bool,
     /// The client had mailfront's greeting (cleartext, or [`Phase::Local`]'s): the backend's is
     /// swallowed.
     greeted: bool,
@@ -186,6 +190,7 @@ impl Prelogin {
             tag_seed,
             charging: None,
             known_capability: None,
+            login_sent: false,
             greeted: !tls_active,
             held_login: None,
             client_id: None,
@@ -335,7 +340,10 @@ impl Prelogin {
             return;
         };
         self.set_caps(&list);
-        if self.known_capability.as_deref() != Some(list.as_slice()) {
+        // Only a pre-login list is handed on: after a login went out, a list may be the
+        // post-login one (no AUTH=, LOGINDISABLED-free, SORT, THREAD, …), which would leave the
+        // next sessions' clients without a mechanism to log in with.
+        if !self.login_sent && self.known_capability.as_deref() != Some(list.as_slice()) {
             self.core
                 .notices
                 .push(Notice::BackendImapCapability(list.clone()));
@@ -689,6 +697,9 @@ impl Prelogin {
         if sasl {
             // Every later client line is a SASL response until the completion (RFC 9051 §6.2.2).
             self.rx.begin_sasl();
+        }
+        if auth.is_some() {
+            self.login_sent = true;
         }
         let flight = InFlight {
             tag,
@@ -1130,6 +1141,25 @@ mod tests {
             String::from_utf8_lossy(&m.take_to_client()).into_owned(),
             String::from_utf8_lossy(&m.take_to_backend()).into_owned(),
         )
+    }
+
+    #[test]
+    fn a_capability_list_after_a_login_went_out_is_never_learned() {
+        let mut m = greeted("IMAP4rev1 AUTH=PLAIN SASL-IR");
+        m.client_input(b"a LOGIN user secret\r\n");
+        out(&mut m);
+        // Whatever the backend says now may be its post-login list (RFC 9051 §6.2.2): a later
+        // session answering CAPABILITY with it would offer no mechanism to log in with.
+        m.backend_input(
+            b"* CAPABILITY IMAP4rev1 SORT THREAD=REFS\r\na NO [AUTHENTICATIONFAILED] no\r\n",
+        );
+        out(&mut m);
+        assert!(
+            !m.take_notices()
+                .iter()
+                .any(|n| matches!(n, Notice::BackendImapCapability(_))),
+            "a list seen after a login was handed on"
+        );
     }
 
     /// The tag of the ID mailfront sent itself (`mf…`).
