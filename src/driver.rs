@@ -353,7 +353,7 @@ fn record_notices<M: Machine>(
                 tracing::info!(
                     result = verdict.as_str(),
                     mechanism,
-                    cipher = %session.tls().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
+                    cipher = %cipher_name(session),
                     "authentication"
                 );
             }
@@ -371,7 +371,7 @@ fn record_notices<M: Machine>(
                 tracing::info!(
                     result = "throttled",
                     mechanism,
-                    cipher = %session.tls().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
+                    cipher = %cipher_name(session),
                     "authentication"
                 );
             }
@@ -409,7 +409,7 @@ fn record_notices<M: Machine>(
                 tracing::info!(
                     size,
                     message_number = number,
-                    cipher = %session.tls().map_or("none".into(), crate::tls::TlsInfo::cipher_name),
+                    cipher = %cipher_name(session),
                     received_id = received_id.as_deref().unwrap_or("-"),
                     reply = %reply,
                     "message accepted"
@@ -435,4 +435,11 @@ fn record_notices<M: Machine>(
         }
     }
     past_login
+}
+
+/// The client's cipher for log lines: its IANA name, `none` in cleartext.
+fn cipher_name(session: &Session) -> std::borrow::Cow<'static, str> {
+    session
+        .tls()
+        .map_or("none".into(), crate::tls::TlsInfo::cipher_name)
 }

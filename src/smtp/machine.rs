@@ -521,28 +521,10 @@ impl SmtpMachine {
         }
         let command = Command::from_line(&line);
         match cleartext::respond(&self.gate, self.hostname(), &command) {
-            Action::Reply(_)
-                if matches!(command, Command::Ehlo(_) | Command::Helo(_))
-                    && canonical::encode(&command, line.text()).is_err() =>
-            {
-                // Answered here, but replayed to a backend later (a lazy connect): a name that
-                // could not be written then is refused now.
-                self.refuse(
-                    Refusal::TooLong(LineError::CommandTooLong {
-                        limit: canonical::COMMAND_LINE_LIMIT,
-                    }),
-                    &command,
-                );
-            }
+            Action::Reply(_) if self.refused_as_unreplayable(&command, &line) => {}
             Action::Reply(reply) => {
                 match &command {
-                    Command::Ehlo(name) | Command::Helo(name) => {
-                        self.greeting = Some(Greeting {
-                            ehlo: matches!(command, Command::Ehlo(_)),
-                            name: name.clone(),
-                        });
-                        self.tx.restart_content();
-                    }
+                    Command::Ehlo(_) | Command::Helo(_) => self.greeted_by(&command),
                     Command::Rset => self.tx.restart_content(),
                     _ => {}
                 }
@@ -567,6 +549,45 @@ impl SmtpMachine {
         }
     }
 
+    /// An EHLO/HELO mailfront answers itself but may replay to a backend later (a lazy
+    /// connect): a name that could not be written then is refused now. Returns whether it was.
+    fn refused_as_unreplayable(&mut self, command: &Command, line: &Line) -> bool {
+        let unreplayable = matches!(command, Command::Ehlo(_) | Command::Helo(_))
+            && canonical::encode(command, line.text()).is_err();
+        if unreplayable {
+            let limit = canonical::COMMAND_LINE_LIMIT;
+            self.refuse(
+                Refusal::TooLong(LineError::CommandTooLong { limit }),
+                command,
+            );
+        }
+        unreplayable
+    }
+
+    /// The client's EHLO/HELO, answered here: kept for a replay and for the Received field, and
+    /// a new transaction begins (RFC 5321 §4.1.4).
+    fn greeted_by(&mut self, command: &Command) {
+        if let Command::Ehlo(name) | Command::Helo(name) = command {
+            self.greeting = Some(Greeting {
+                ehlo: matches!(command, Command::Ehlo(_)),
+                name: name.clone(),
+            });
+            self.tx.restart_content();
+        }
+    }
+
+    /// A backend's EHLO reply as the client sees it: our name, what must not show hidden, SIZE
+    /// less the Received field's room ([`rewrite_ehlo`]).
+    fn ehlo_for_client(&self, reply: &Reply) -> Vec<u8> {
+        let ctx = EhloContext {
+            client_tls: self.gate.client_tls,
+            listener: self.gate.listener,
+            hostname: Some(&self.settings.hostname),
+            size_reserve: RECEIVED_SIZE_RESERVE,
+        };
+        rewrite_ehlo(reply, &ctx)
+    }
+
     /// A line with TLS up and no backend yet ([`Phase::Local`]): answered here when mailfront
     /// can answer it truthfully, otherwise the backend is connected and the line judged again
     /// by the gate once the client's EHLO/HELO was replayed to it.
@@ -588,43 +609,21 @@ impl SmtpMachine {
                 Verdict::Forward => {}
             };
         };
-        if matches!(command, Command::Ehlo(_) | Command::Helo(_))
-            && canonical::encode(&command, line.text()).is_err()
-        {
-            // Replayed to the backend later: a name that could not be written then is refused
-            // now.
-            let limit = canonical::COMMAND_LINE_LIMIT;
-            return self.refuse(
-                Refusal::TooLong(LineError::CommandTooLong { limit }),
-                &command,
-            );
+        if self.refused_as_unreplayable(&command, &line) {
+            return;
         }
         let learned = self.settings.learned_ehlo.as_deref().and_then(Reply::parse);
         match (&command, learned) {
-            (Command::Ehlo(name), Some(learned)) => {
-                self.greeting = Some(Greeting {
-                    ehlo: true,
-                    name: name.clone(),
-                });
+            (Command::Ehlo(_), Some(learned)) => {
+                self.greeted_by(&command);
                 self.gate.needs_ehlo = false;
-                self.tx.restart_content();
                 self.learn_capabilities(Some(&learned));
-                let ctx = EhloContext {
-                    client_tls: self.gate.client_tls,
-                    listener: self.gate.listener,
-                    hostname: Some(&self.settings.hostname),
-                    size_reserve: RECEIVED_SIZE_RESERVE,
-                };
-                let reply = rewrite_ehlo(&learned, &ctx);
+                let reply = self.ehlo_for_client(&learned);
                 self.local(&reply);
             }
-            (Command::Helo(name), _) => {
-                self.greeting = Some(Greeting {
-                    ehlo: false,
-                    name: name.clone(),
-                });
+            (Command::Helo(_), _) => {
+                self.greeted_by(&command);
                 self.gate.needs_ehlo = false;
-                self.tx.restart_content();
                 self.learn_capabilities(None);
                 let reply = local_reply::helo_reply(self.hostname());
                 self.local(&reply);
@@ -1211,13 +1210,7 @@ impl SmtpMachine {
                     self.greeting = Some(Greeting { ehlo: true, name });
                     self.tx.restart_content();
                 }
-                let ctx = EhloContext {
-                    client_tls: self.gate.client_tls,
-                    listener: self.gate.listener,
-                    hostname: Some(&self.settings.hostname),
-                    size_reserve: RECEIVED_SIZE_RESERVE,
-                };
-                let rewritten = rewrite_ehlo(&reply, &ctx);
+                let rewritten = self.ehlo_for_client(&reply);
                 self.reply_to_client(&rewritten);
             }
             Expect::Replay { ehlo } => {
