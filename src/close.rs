@@ -42,6 +42,9 @@ pub enum EndReason {
     /// The client had not authenticated within `timeouts.login` of its connection, however much
     /// it sent meanwhile.
     LoginTimeout,
+    /// `user_lookup` refused a login without `Auth-Wait`: the session ends after the refusal,
+    /// as nginx's does.
+    LoginRefused,
     BackendTimeout,
     BackendUnavailable,
     /// The handshake failed; the detail is its reason class and cause.
@@ -136,6 +139,7 @@ impl EndReason {
             EndReason::BackendClosed => CloseClass::BackendClosed,
             EndReason::ClientIdle => CloseClass::ClientIdle,
             EndReason::LoginTimeout => CloseClass::LoginTimeout,
+            EndReason::LoginRefused => CloseClass::LoginRefused,
             EndReason::BackendTimeout => CloseClass::BackendTimeout,
             EndReason::BackendUnavailable => CloseClass::BackendUnavailable,
             EndReason::TlsHandshakeFailed(_) => CloseClass::TlsHandshakeFailed,
@@ -171,10 +175,11 @@ pub enum CloseClass {
     ClientIo,
     BackendIo,
     LoginTimeout,
+    LoginRefused,
 }
 
 impl CloseClass {
-    pub const ALL: [CloseClass; 12] = [
+    pub const ALL: [CloseClass; 13] = [
         CloseClass::ClientClosed,
         CloseClass::BackendClosed,
         CloseClass::ClientIdle,
@@ -187,6 +192,7 @@ impl CloseClass {
         CloseClass::ClientIo,
         CloseClass::BackendIo,
         CloseClass::LoginTimeout,
+        CloseClass::LoginRefused,
     ];
 
     /// Position in [`CloseClass::ALL`], for an array of counter handles.
@@ -200,6 +206,7 @@ impl CloseClass {
             CloseClass::BackendClosed => "backend_closed",
             CloseClass::ClientIdle => "client_idle",
             CloseClass::LoginTimeout => "login_timeout",
+            CloseClass::LoginRefused => "login_refused",
             CloseClass::BackendTimeout => "backend_timeout",
             CloseClass::BackendUnavailable => "backend_unavailable",
             CloseClass::TlsHandshakeFailed => "tls_handshake_failed",
@@ -216,6 +223,7 @@ impl CloseClass {
             CloseClass::ClientClosed
             | CloseClass::ClientIdle
             | CloseClass::LoginTimeout
+            | CloseClass::LoginRefused
             | CloseClass::ClientProtocolViolation
             | CloseClass::ClientIo => Side::Client,
             CloseClass::BackendClosed
@@ -240,6 +248,7 @@ mod tests {
             (EndReason::BackendClosed, "backend_closed", "backend"),
             (EndReason::ClientIdle, "client_idle", "client"),
             (EndReason::LoginTimeout, "login_timeout", "client"),
+            (EndReason::LoginRefused, "login_refused", "client"),
             (EndReason::BackendTimeout, "backend_timeout", "backend"),
             (
                 EndReason::BackendUnavailable,

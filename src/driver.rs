@@ -320,6 +320,7 @@ fn end_reason(end: End, backend_error: Option<std::io::Error>) -> EndReason {
         End::BackendUnavailable => EndReason::BackendUnavailable,
         End::BackendProtocol(detail) => EndReason::backend_violation(detail),
         End::ProtocolViolation(detail) => EndReason::client_violation(detail),
+        End::LoginRefused => EndReason::LoginRefused,
     }
 }
 

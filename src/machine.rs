@@ -76,6 +76,56 @@ pub enum Next {
     ChargeLogin,
 }
 
+/// The login a machine holds when it says [`Next::Connect`] on a listener that routes by user
+/// (`user_affinity`, `user_map`, `user_lookup`): what [`crate::routing::Router`] needs to pick
+/// the backend ([`Machine::login_facts`]). Never logged whole: it may carry the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LoginFacts {
+    /// The authentication identity as the client sent it (decoded from SASL), never the
+    /// authorization identity.
+    pub user: Vec<u8>,
+    /// The password, where the login carries one mailfront has seen (IMAP LOGIN, POP3 PASS,
+    /// SASL PLAIN and LOGIN): sent to `user_lookup` only with `send_password: true`.
+    pub password: Option<Vec<u8>>,
+    /// The command or SASL mechanism, as the gate spells it (`LOGIN`, `USER`, `PLAIN`,
+    /// `SCRAM-SHA-256`): the lookup's `Auth-Method` ([`crate::routing::lookup::method_name`]).
+    pub mechanism: String,
+    /// SMTP: the client's EHLO/HELO argument (`Auth-SMTP-Helo`).
+    pub helo: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for LoginFacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginFacts")
+            .field("user", &String::from_utf8_lossy(&self.user))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("mechanism", &self.mechanism)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the router gave a login no backend ([`Machine::route_failed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteFailure {
+    /// `user_lookup` refused the login (its `Auth-Status`, sanitized to printable ASCII): the
+    /// machine answers the login command with the protocol's authentication failure carrying
+    /// `text` (SMTP: `smtp_code`, e.g. `535 5.7.8`, when the lookup gave an
+    /// `Auth-Error-Code`), a [`Notice::Auth`] with [`AuthVerdict::Failure`] and
+    /// [`Charge::Keep`], then goes on without a backend when `go_on` (nginx: the answer had an
+    /// `Auth-Wait`, already waited), or ends with [`End::LoginRefused`].
+    Refused {
+        text: String,
+        smtp_code: Option<String>,
+        go_on: bool,
+    },
+    /// No backend for this login now (the lookup failed or timed out, or the chosen backend
+    /// could not be reached): the protocol's temporary failure (`NO [UNAVAILABLE]`,
+    /// `454 4.7.0`, `-ERR [SYS/TEMP]`) to the login command, a [`Notice::Auth`] with
+    /// [`AuthVerdict::NotCompleted`] and [`Charge::Refund`], and the session goes on without
+    /// a backend (the client may try again). Never another backend.
+    Unavailable,
+}
+
 /// Why a session ended while its machine still ran (before login for IMAP and POP3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
@@ -92,6 +142,9 @@ pub enum End {
     BackendProtocol(String),
     /// The client broke the protocol or a limit badly enough to close.
     ProtocolViolation(String),
+    /// `user_lookup` refused a login without `Auth-Wait`: as nginx does, the session ends after
+    /// the refusal.
+    LoginRefused,
 }
 
 /// How the backend answered a login, for the `authentication` log line and metric.
@@ -381,6 +434,24 @@ pub trait Machine {
 
     /// The backend closed its side.
     fn backend_closed(&mut self);
+    /// On a listener that routes by user, the login that made the machine say
+    /// [`Next::Connect`]: the driver asks the router with it, then connects to what it chose
+    /// (or calls [`Machine::route_failed`]). `None`: the machine connects for something that is
+    /// not a login (SMTP MAIL where cleartext mail is allowed), which goes to the listener's
+    /// pool. A routed machine connects for nothing else: a session that never logs in costs
+    /// no backend connection, and a login never reaches a backend chosen before its name was
+    /// known.
+    fn login_facts(&self) -> Option<LoginFacts> {
+        None
+    }
+
+    /// The router gave the held login no backend, or the chosen backend could not be reached
+    /// ([`RouteFailure`]): the machine answers the login command itself and, unless it ends,
+    /// goes on without a backend, as before the login.
+    fn route_failed(&mut self, failure: RouteFailure) {
+        let _ = failure;
+        self.backend_failed();
+    }
 
     /// Reading from or writing to the backend failed (the driver dropped the connection). By
     /// default the client gets [`Machine::bye_unavailable`] and the session ends.

@@ -548,6 +548,7 @@ impl Live {
             backend: BackendConnector::Pool(pool.clone()),
             client_info_notices: Default::default(),
             learned: Default::default(),
+            router: None,
             config: l.clone(),
         })
     }

@@ -47,6 +47,18 @@ pub struct ListenerContext {
     pub client_info_notices: crate::client_info::Notices,
     /// What this listener's sessions learned of their backends, for the next ones.
     pub learned: Learned,
+    /// The listener's user routing (`user_affinity`, `user_map`, `user_lookup`); `None` in
+    /// driver tests that route nothing.
+    pub router: Option<std::sync::Arc<crate::routing::Router>>,
+}
+
+impl ListenerContext {
+    /// Whether this listener chooses the backend by the user who logs in: its sessions then
+    /// connect only with a login's name in hand ([`crate::machine::Machine::login_facts`]),
+    /// never before.
+    pub fn routes_users(&self) -> bool {
+        self.router.as_ref().is_some_and(|r| r.needs_user())
+    }
 }
 
 /// What sessions of one listener learned from their backends and hand to the next ones: the

@@ -207,6 +207,7 @@ fn listeners() -> &'static [Listener] {
                     backend,
                     client_info_notices: Default::default(),
                     learned: Default::default(),
+                    router: None,
                 };
                 out.push(Listener {
                     context: Arc::new(context),
