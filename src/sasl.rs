@@ -107,6 +107,41 @@ pub fn user_in_first_response(mechanism: &[u8], response_b64: &[u8]) -> Option<V
     }
 }
 
+/// Whether a login with `mechanism` can be routed by user (`user_affinity`, `user_map`,
+/// `user_lookup`): the client's first response names the user ([`user_in_first_response`]),
+/// so mailfront can hold it until the backend is chosen. CRAM-MD5 and DIGEST-MD5 name the user
+/// only after the server's challenge, which the backend would have to send before it is
+/// chosen; EXTERNAL, GSSAPI, NTLM, ANONYMOUS and the rest name none a proxy can read. A routed
+/// listener hides the others from its capabilities and refuses them.
+pub fn is_routable(mechanism: &[u8]) -> bool {
+    let is = |name: &[u8]| mechanism.eq_ignore_ascii_case(name);
+    is(b"PLAIN")
+        || is(b"LOGIN")
+        || is(b"OAUTHBEARER")
+        || is(b"XOAUTH2")
+        || mechanism
+            .get(..6)
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"SCRAM-"))
+}
+
+/// The password of a PLAIN response (base64, as sent), for `user_lookup.send_password`; wiped
+/// when dropped. `None` when malformed.
+pub fn plain_password(response_b64: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let decoded = decode(response_b64)?;
+    let mut parts = decoded.split(|&b| b == 0);
+    let (_authzid, _authcid, passwd) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Zeroizing::new(passwd.to_vec()))
+}
+
+/// The password a LOGIN mechanism client sends (base64, as sent) in answer to `Password:`,
+/// for `user_lookup.send_password`; wiped when dropped. `None` when not strict base64.
+pub fn login_mechanism_password(line_b64: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    decode(line_b64)
+}
+
 /// Strict base64 decoding; `=` (an empty initial response) decodes to nothing. Wiped on drop:
 /// a PLAIN response holds the password.
 fn decode(b64: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
@@ -446,5 +481,51 @@ mod tests {
             let label = mechanism_for_log(&raw);
             assert!(label.len() <= MAX_MECHANISM_LEN);
         }
+    }
+
+    #[test]
+    fn routable_mechanisms_name_the_user_in_their_first_response() {
+        for routable in [
+            "PLAIN",
+            "login",
+            "SCRAM-SHA-256",
+            "scram-sha-1-plus",
+            "OAUTHBEARER",
+            "XOAUTH2",
+        ] {
+            assert!(is_routable(routable.as_bytes()), "{routable}");
+        }
+        for not in [
+            "CRAM-MD5",
+            "DIGEST-MD5",
+            "EXTERNAL",
+            "GSSAPI",
+            "NTLM",
+            "ANONYMOUS",
+            "SCRAM",
+            "",
+        ] {
+            assert!(!is_routable(not.as_bytes()), "{not}");
+        }
+    }
+
+    #[test]
+    fn passwords_come_out_of_plain_and_login_responses() {
+        let plain = STANDARD.encode(b"admin\0alice\0s3cret");
+        assert_eq!(
+            plain_password(plain.as_bytes())
+                .as_deref()
+                .map(Vec::as_slice),
+            Some(&b"s3cret"[..])
+        );
+        assert!(plain_password(STANDARD.encode(b"alice\0s3cret").as_bytes()).is_none());
+        assert!(plain_password(b"not base64!").is_none());
+        let login = STANDARD.encode(b"pw");
+        assert_eq!(
+            login_mechanism_password(login.as_bytes())
+                .as_deref()
+                .map(Vec::as_slice),
+            Some(&b"pw"[..])
+        );
     }
 }
