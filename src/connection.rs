@@ -82,6 +82,11 @@ async fn protocol_session<S: Transport>(
     client: ClientStream<S>,
     session: &mut Session,
 ) -> EndReason {
+    // A listener that routes by user connects only with a login in hand: what its sessions
+    // show before login is learned by a probe while unknown (one per listener at a time).
+    if session.listener().routes_users() {
+        Box::pin(crate::probe::ensure_learned(session.listener())).await;
+    }
     // Each driver boxed: a future is as large as its largest variant, so unboxed an idle IMAP
     // session would carry the SMTP driver's state too.
     match session.protocol() {

@@ -14,8 +14,9 @@ use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::backend::BackendStream;
-use crate::machine::{AuthVerdict, Charge, End, Machine, Next, Notice};
+use crate::machine::{AuthVerdict, Charge, End, LoginFacts, Machine, Next, Notice, RouteFailure};
 use crate::metrics::AuthResult;
+use crate::routing::{RouteError, RouteRequest, Router, Source, Target};
 use crate::session::{ClientStream, EndReason, LoginCharge, Session, upgrade_client, write_timed};
 use crate::transport::Transport;
 
@@ -114,8 +115,11 @@ async fn run<M: Machine, S: Transport>(
     // client's bytes until a login's verdict. Dropped unsettled when the session ends first, it
     // stays counted (a client that hangs up before a slow failure still pays).
     let mut charge: Option<LoginCharge> = None;
+    // Logins routed so far (nginx's `Auth-Login-Attempt`), and what chose the backend now.
+    let mut login_attempts: u32 = 0;
+    let mut route_source: Option<Source> = None;
     loop {
-        if record_notices(&mut machine, session, &mut charge) {
+        if record_notices(&mut machine, session, &mut charge, route_source) {
             login_deadline = None;
         }
         if machine.next() == Next::ChargeLogin {
@@ -159,6 +163,7 @@ async fn run<M: Machine, S: Transport>(
         }
         if machine.take_backend_close() {
             backend = None;
+            route_source = None;
         }
         let out = machine.take_to_client();
         let next = machine.next();
@@ -198,8 +203,84 @@ async fn run<M: Machine, S: Transport>(
                 continue;
             }
             Next::Connect => {
-                match Box::pin(session.connect_backend()).await {
-                    Ok(b) => backend = Some(b),
+                // On a listener that routes by user, the machine holds a login: the router
+                // chooses its backend, or refuses it, before anything connects.
+                let routed = session
+                    .listener()
+                    .router
+                    .clone()
+                    .filter(|r| r.needs_user())
+                    .zip(machine.login_facts());
+                let routed_login = routed.is_some();
+                let target = match routed {
+                    None => Target::Pool,
+                    Some((router, facts)) => {
+                        login_attempts = login_attempts.saturating_add(1);
+                        let routed =
+                            Box::pin(route_login(&router, session, &facts, login_attempts));
+                        let answer = tokio::select! {
+                            biased;
+                            () = hard_stop.cancelled() => {
+                                let bye = machine.bye_shutdown();
+                                return goodbye(&mut client, &bye, session, EndReason::Shutdown).await;
+                            }
+                            answer = routed => answer,
+                        };
+                        match answer {
+                            Ok(target) => target,
+                            Err(refusal) => {
+                                let failure = match refusal {
+                                    RouteError::Unavailable { reason } => {
+                                        tracing::warn!(user = %String::from_utf8_lossy(&facts.user), reason, "no backend for this login: temporary failure");
+                                        RouteFailure::Unavailable
+                                    }
+                                    RouteError::Refused {
+                                        text,
+                                        smtp_code,
+                                        wait,
+                                    } => {
+                                        // nginx's Auth-Wait: the answer waits that long (within
+                                        // the login deadline), and the client may try again.
+                                        if let Some(wait) = wait {
+                                            let until = Instant::now() + wait;
+                                            let until =
+                                                login_deadline.map_or(until, |d| until.min(d));
+                                            tokio::select! {
+                                                biased;
+                                                () = hard_stop.cancelled() => {
+                                                    let bye = machine.bye_shutdown();
+                                                    return goodbye(&mut client, &bye, session, EndReason::Shutdown).await;
+                                                }
+                                                () = tokio::time::sleep_until(until) => {}
+                                            }
+                                        }
+                                        RouteFailure::Refused {
+                                            text,
+                                            smtp_code,
+                                            go_on: wait.is_some(),
+                                        }
+                                    }
+                                };
+                                machine.route_failed(failure);
+                                last_activity = Instant::now();
+                                continue;
+                            }
+                        }
+                    }
+                };
+                match Box::pin(session.connect_backend_to(&target)).await {
+                    Ok(b) => {
+                        backend = Some(b);
+                        route_source = Some(target.source());
+                    }
+                    // A routed login whose backend is down is a temporary failure of that
+                    // login, never another backend's session (a wrong backend is worse than
+                    // none); the client may try again.
+                    Err(_) if routed_login => {
+                        machine.route_failed(RouteFailure::Unavailable);
+                        last_activity = Instant::now();
+                        continue;
+                    }
                     Err(_) => {
                         let bye = machine.bye_unavailable();
                         return goodbye(&mut client, &bye, session, EndReason::BackendUnavailable)
@@ -310,6 +391,30 @@ async fn run<M: Machine, S: Transport>(
     }
 }
 
+/// Asks `router` where the login in `facts` goes (nginx's `auth_http` fields from the session).
+async fn route_login(
+    router: &Router,
+    session: &Session,
+    facts: &LoginFacts,
+    attempt: u32,
+) -> Result<Target, RouteError> {
+    let tls = session.tls();
+    let version = tls.map(crate::tls::TlsInfo::version_name);
+    let cipher = tls.map(crate::tls::TlsInfo::cipher_name);
+    let method = crate::routing::lookup::method_name(&facts.mechanism);
+    let request = RouteRequest {
+        protocol: session.protocol(),
+        user: &facts.user,
+        password: facts.password.as_deref(),
+        method: &method,
+        attempt,
+        client: session.client_addr(),
+        tls: version.as_deref().zip(cipher.as_deref()),
+        helo: facts.helo.as_deref(),
+    };
+    router.route(&request).await
+}
+
 fn end_reason(end: End, backend_error: Option<std::io::Error>) -> EndReason {
     match end {
         End::ClientClosed => EndReason::ClientClosed,
@@ -330,6 +435,7 @@ fn record_notices<M: Machine>(
     machine: &mut M,
     session: &mut Session,
     login: &mut Option<LoginCharge>,
+    route: Option<Source>,
 ) -> bool {
     let mut past_login = false;
     for notice in machine.take_notices() {
@@ -351,10 +457,14 @@ fn record_notices<M: Machine>(
                     AuthVerdict::Failure => metrics.auth_outcome(AuthResult::Failure),
                     AuthVerdict::NotCompleted => {}
                 }
+                // On a routed listener: what chose the backend, and which it was.
+                let routed = session.listener().routes_users();
                 tracing::info!(
                     result = verdict.as_str(),
                     mechanism,
                     cipher = %cipher_name(session),
+                    route = route.filter(|_| routed).map(Source::as_str),
+                    backend = session.backend_addr().filter(|_| routed && route.is_some()).map(tracing::field::display),
                     "authentication"
                 );
             }

@@ -47,6 +47,7 @@ pub mod logging;
 pub mod machine;
 pub mod metrics;
 pub mod pop3;
+pub mod probe;
 pub mod proxy_header;
 pub(crate) mod proxy_protocol;
 pub(crate) mod relay;

@@ -538,7 +538,12 @@ struct Prepared {
 }
 
 impl Live {
-    fn context(&self, l: &ListenerConfig, pool: &Arc<Pool>) -> Arc<ListenerContext> {
+    fn context(
+        &self,
+        l: &ListenerConfig,
+        pool: &Arc<Pool>,
+        router: &Arc<Router>,
+    ) -> Arc<ListenerContext> {
         Arc::new(ListenerContext {
             hostname: self.config.hostname.clone(),
             timeouts: self.config.timeouts.clone(),
@@ -548,7 +553,7 @@ impl Live {
             backend: BackendConnector::Pool(pool.clone()),
             client_info_notices: Default::default(),
             learned: Default::default(),
-            router: None,
+            router: Some(router.clone()),
             config: l.clone(),
         })
     }
@@ -563,7 +568,7 @@ impl Live {
     ) {
         let maintain = self.shutdown.child_token();
         self.tracker.spawn(pool.clone().maintain(maintain.clone()));
-        let context = self.context(&config, &pool);
+        let context = self.context(&config, &pool, &router);
         let (sender, contexts) = watch::channel(context);
         let live = LiveListener {
             permits: Arc::new(Semaphore::new(config.max_connections)),
@@ -857,7 +862,7 @@ impl Live {
                 l.max_connections,
             );
             live.config = l.clone();
-            let context = self.context(l, &live.pool);
+            let context = self.context(l, &live.pool, &live.router);
             live.context.send_replace(context);
             if let Some((_, socket)) = sockets.iter().find(|(name, _)| *name == l.name) {
                 live.accepting.cancel();

@@ -73,9 +73,21 @@ pub struct Learned {
     ehlo: std::sync::Mutex<Option<Vec<u8>>>,
     imap_capability: std::sync::Mutex<Option<Vec<u8>>>,
     pop3_capa: std::sync::Mutex<Option<Vec<u8>>>,
+    /// Held while a capability probe runs ([`crate::probe::ensure_learned`]): one at a time.
+    pub(crate) probing: tokio::sync::Mutex<()>,
 }
 
 impl Learned {
+    /// Whether what a session of `protocol` shows before login is known.
+    pub fn knows(&self, protocol: crate::config::Protocol) -> bool {
+        use crate::config::Protocol;
+        match protocol {
+            Protocol::Imap => self.imap_capability().is_some(),
+            Protocol::Pop3 => self.pop3_capa().is_some(),
+            Protocol::Smtp => self.ehlo().is_some(),
+        }
+    }
+
     pub fn ehlo(&self) -> Option<Vec<u8>> {
         self.ehlo.lock().ok().and_then(|e| e.clone())
     }
@@ -440,6 +452,11 @@ impl Session {
     }
 
     /// The client, as everything reads it (see the field).
+    /// The backend this session is connected to, once it is.
+    pub fn backend_addr(&self) -> Option<SocketAddr> {
+        self.backend.lock().ok().and_then(|b| *b)
+    }
+
     pub fn client_addr(&self) -> SocketAddr {
         self.client_addr
     }
@@ -550,11 +567,19 @@ impl Session {
         self.tls = Some(info);
     }
 
-    /// Connects to the backend, recording the time or failure. With `backend_proxy_protocol`
+    /// Connects to the backend (the listener's pool), recording the time or failure. With `backend_proxy_protocol`
     /// the PROXY v2 header is the first thing written. It describes the session as it is at
     /// connect time: drivers connect only once TLS is up (after STARTTLS on those listeners), so
     /// the header carries the SSL TLV; only SMTP's cleartext mail, where allowed, connects before.
     pub async fn connect_backend(&self) -> Result<BackendStream, ConnectError> {
+        self.connect_backend_to(&crate::routing::Target::Pool).await
+    }
+
+    /// As [`Session::connect_backend`], for a login the listener's router sent to `target`.
+    pub async fn connect_backend_to(
+        &self,
+        target: &crate::routing::Target,
+    ) -> Result<BackendStream, ConnectError> {
         let started = Instant::now();
         let m = &self.listener.metrics;
         let preamble = if self.listener.config.backend_proxy_protocol {
@@ -562,13 +587,14 @@ impl Session {
         } else {
             Vec::new()
         };
-        let result = backend::connect(
+        let result = backend::connect_to(
             &self.listener.backend,
             self.listener.timeouts.backend_connect,
             self.counters.clone(),
             &preamble,
             // `routes` choose by the name the client asked for: known once TLS is up.
             self.tls.as_ref().and_then(|t| t.sni.as_deref()),
+            target,
         )
         .await;
         match &result {

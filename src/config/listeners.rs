@@ -291,15 +291,6 @@ fn is_token(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// Whether sessions apply `user_affinity`, `user_map` and `user_lookup` yet. The routing layer
-/// (`crate::routing`, `Pool::connect_to`) is built and unit-tested, and sessions now connect at
-/// login, but they do not ask the router yet (and the first sessions after a start still
-/// connect before the login, to learn the backend's capabilities). Until they do, a
-/// configuration that sets these keys is refused, never run with them silently ignored: on
-/// shared storage, a user split over two backends corrupts its indexes. The lib's own unit
-/// tests build routed listeners.
-const USER_ROUTING_IN_SESSIONS: bool = cfg!(test);
-
 /// Checks `user_affinity`, `user_map` and `user_lookup` of one listener; `problem(key,
 /// message)` gets each fault, the key relative to the listener.
 fn validate_routing(
@@ -312,21 +303,6 @@ fn validate_routing(
         ok = false;
         problem(key.to_owned(), message);
     };
-    if !USER_ROUTING_IN_SESSIONS {
-        let set = [
-            ("user_affinity", l.user_affinity),
-            ("user_map", l.user_map.is_some()),
-            ("user_lookup", l.user_lookup.is_some()),
-        ];
-        for (key, _) in set.iter().filter(|(_, on)| *on) {
-            problem(
-                key,
-                "is not active in this version: sessions still choose their backend before the \
-                 login, so routing by user is refused rather than ignored"
-                    .to_owned(),
-            );
-        }
-    }
     let lookup = l.user_lookup.as_ref().and_then(|section| {
         let url = LookupUrl::parse(&section.url)
             .map_err(|message| problem("user_lookup.url", message))

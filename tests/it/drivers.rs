@@ -132,6 +132,7 @@ fn listener_with(
         backend,
         client_info_notices: Default::default(),
         learned: Default::default(),
+        router: None,
     };
     (Arc::new(context), backends)
 }
