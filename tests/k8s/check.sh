@@ -212,6 +212,18 @@ expect_failure "chart refuses unknown mailfront config keys (deny_unknown_fields
   helm template "$RELEASE" "$CHART" --set config.tls.min_versoin=1.3
 expect_failure "chart refuses image tag latest" \
   helm template "$RELEASE" "$CHART" --set image.tag=latest
+expect_failure "chart refuses a listener userMap that names no userMaps entry" \
+  helm template "$RELEASE" "$CHART" --set listeners.imaps.userMap=shards
+expect_failure "chart refuses a userMaps entry with both entries and existingConfigMap (schema)" \
+  helm template "$RELEASE" "$CHART" --set 'userMaps.shards.entries.@example\.org=dovecot:143' --set userMaps.shards.existingConfigMap=x
+expect_failure "chart refuses a userMaps entry with both entries and existingConfigMap (template, schema skipped)" \
+  helm template "$RELEASE" "$CHART" --skip-schema-validation --set 'userMaps.shards.entries.@example\.org=dovecot:143' --set userMaps.shards.existingConfigMap=x
+expect_failure "chart refuses user map names that differ only in case (mailfront would refuse the file)" \
+  helm template "$RELEASE" "$CHART" --set 'userMaps.shards.entries.alice=dovecot:143' --set 'userMaps.shards.entries.Alice=dovecot:143'
+expect_failure "chart refuses a listener with both userMap and user_map" \
+  helm template "$RELEASE" "$CHART" --set 'userMaps.shards.entries.alice=dovecot:143' --set listeners.imaps.userMap=shards --set listeners.imaps.user_map=/x.yaml
+expect_failure "chart refuses an unknown user_lookup key (deny_unknown_fields)" \
+  helm template "$RELEASE" "$CHART" --set listeners.imaps.user_lookup.url=http://auth:8080/ --set listeners.imaps.user_lookup.send_pasword=true
 
 # Structural expectations that the schemas cannot express.
 expect_rendered() { # NAME FILE PYTHON-EXPR over `docs` (list of objects)
@@ -232,7 +244,7 @@ EOF
 }
 if [ -n "${RENDERED[helm-full]:-}" ]; then
   expect_rendered "full values render every optional object" "${RENDERED[helm-full]}" \
-    '{"ServiceMonitor","PrometheusRule","Certificate","HorizontalPodAutoscaler","PodDisruptionBudget","NetworkPolicy","ServiceAccount"} <= kinds and sum(d["kind"]=="ConfigMap" for d in docs) == 2'
+    '{"ServiceMonitor","PrometheusRule","Certificate","HorizontalPodAutoscaler","PodDisruptionBudget","NetworkPolicy","ServiceAccount"} <= kinds and sorted(d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap") == ["mailfront-config", "mailfront-dashboard", "mailfront-user-map-shards"]'
   expect_rendered "full values: HPA owns replicas, grace 120s, digest-pinned image" "${RENDERED[helm-full]}" \
     '"replicas" not in one("Deployment")["spec"] and one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120 and "@sha256:" in one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]'
   expect_rendered "full values: existingSecret (GitOps mode) renders no Secret and no rotation CronJob, RBAC or ServiceAccount for it" "${RENDERED[helm-full]}" \
@@ -328,12 +340,42 @@ if [ -n "${RENDERED[helm-full]:-}" ]; then
  and sorted(l["name"] for l in cfg["listeners"]) == ["imaps", "pop3s", "pop3s-lb", "submission", "submissions"]
  and "imap-starttls" not in str(docs))(
   __import__("yaml").safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]))'
-  expect_rendered "full values: NetworkPolicy egress on backendTargetPorts (587, not the Service port 10587), extraIngress/extraEgress, in-cluster clients by selector" "${RENDERED[helm-full]}" '
-(lambda np: sorted(p["port"] for p in np["egress"][1]["ports"]) == [110, 587, 993] and np["egress"][2]["ports"] == [{"protocol": "TCP", "port": 4190}]
+  expect_rendered "full values: NetworkPolicy egress on backendTargetPorts (587, not the Service port 10587) and the user map's ports (1993), the user_lookup port, extraIngress/extraEgress, in-cluster clients by selector" "${RENDERED[helm-full]}" '
+(lambda np: sorted(p["port"] for p in np["egress"][1]["ports"]) == [110, 587, 993, 1993]
+ and np["egress"][2] == {"ports": [{"protocol": "TCP", "port": 8443}], "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "auth-service"}}}]}
+ and np["egress"][3]["ports"] == [{"protocol": "TCP", "port": 4190}]
  and np["ingress"][2]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "blackbox-exporter"
  and any("podSelector" in f for f in np["ingress"][0]["from"]))(one("NetworkPolicy")["spec"])'
+  # Routing by user (userMaps, user_affinity, user_lookup): the map a ConfigMap mounted as a
+  # directory (never subPath, so the kubelet's updates reach mailfront, which re-reads the file
+  # itself), no checksum that would roll the pods on a map change, the keys as mailfront names them.
+  expect_rendered "full values: user maps as ConfigMaps mounted as directories (no subPath, no checksum annotation); user_affinity, user_map, user_lookup in the listener config" "${RENDERED[helm-full]}" '
+(lambda cfg, pod, meta: (lambda ls, vols, mounts:
+    yaml.safe_load(by[("ConfigMap", "mailfront-user-map-shards")]["data"]["users.yaml"]) == {
+        "alice@example.org": "10.0.0.5:993", "@example.org": ["dovecot-a.mail.svc.cluster.local:1993", "10.0.0.7:993"],
+        "@Example.NET": "dovecot.customer-a.svc.cluster.local:993"}
+    and ("ConfigMap", "mailfront-user-map-migration") not in by
+    and vols["user-map-shards"]["configMap"] == {"name": "mailfront-user-map-shards", "defaultMode": 0o444, "items": [{"key": "users.yaml", "path": "users.yaml"}]}
+    and vols["user-map-migration"]["configMap"] == {"name": "mail-user-map", "defaultMode": 0o444, "items": [{"key": "who-is-where.yaml", "path": "users.yaml"}]}
+    and mounts["user-map-shards"] == {"name": "user-map-shards", "mountPath": "/etc/mailfront/user-maps/shards", "readOnly": True}
+    and mounts["user-map-migration"] == {"name": "user-map-migration", "mountPath": "/etc/mailfront/user-maps/migration", "readOnly": True}
+    and not any("subPath" in m or "subPathExpr" in m for m in pod["containers"][0]["volumeMounts"])
+    and "checksum" not in str(meta.get("annotations")) and "user-map" not in str(meta.get("annotations"))
+    and ls["imaps"]["user_affinity"] is True and ls["imaps"]["user_map"] == "/etc/mailfront/user-maps/shards/users.yaml"
+    and ls["pop3s"]["user_map"] == "/etc/mailfront/user-maps/migration/users.yaml"
+    and ls["submissions"]["user_lookup"] == {"url": "https://auth.mail.svc.cluster.local:8443/nginx-auth", "timeout": "3s",
+        "send_password": True, "allowed_backends": ["10.0.0.0/24", "fd00:25::/64"], "max_concurrent": 64,
+        "ca_file": "/etc/mailfront/backend-ca/auth/ca.crt", "headers": {"X-Auth-Key": "not-a-secret-in-a-configmap"}}
+    and vols["backend-ca-auth"]["secret"]["secretName"] == "auth-service-ca"
+    and not any(k.startswith("user") or k == "userMap" for n in ("pop3s-lb", "submission") for k in ls[n]))(
+  {l["name"]: l for l in cfg["listeners"]}, {v["name"]: v for v in pod["volumes"]},
+  {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}))(
+  yaml.safe_load(by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]),
+  by[("Deployment", "mailfront")]["spec"]["template"]["spec"], by[("Deployment", "mailfront")]["spec"]["template"]["metadata"])'
 fi
 if [ -n "${RENDERED[helm-default]:-}" ]; then
+  expect_rendered "helm-default: no user map, no user routing keys" "${RENDERED[helm-default]}" \
+    '"user-map" not in str(docs) and "user_" not in by[("ConfigMap", "mailfront-config")]["data"]["config.yaml"]'
   expect_rendered "helm-default: a generated ticket key Secret (two 80-byte keys, kept on uninstall), mounted and configured" "${RENDERED[helm-default]}" '
 (lambda s, p: len(__import__("base64").b64decode(s["data"]["ticket.keys"])) == 160
  and s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -425,7 +467,12 @@ example |= {"tls.certificates[].cert", "tls.certificates[].key", "listeners[].ma
             "listeners[].backend_tls.mode", "listeners[].backend_tls.ca",
             "listeners[].backend_tls.server_name", "listeners[].backend_health",
             "listeners[].backend_health.interval",
-            "listeners[].proxy_protocol_from", "listeners[].backend_client_info", "tls.ticket_key_file"}
+            "listeners[].proxy_protocol_from", "listeners[].backend_client_info", "tls.ticket_key_file",
+            "listeners[].user_affinity", "listeners[].user_map", "listeners[].user_lookup",
+            "listeners[].user_lookup.url", "listeners[].user_lookup.timeout",
+            "listeners[].user_lookup.send_password", "listeners[].user_lookup.allowed_backends",
+            "listeners[].user_lookup.max_concurrent", "listeners[].user_lookup.ca_file",
+            "listeners[].user_lookup.headers", "listeners[].user_lookup.headers.X-Auth-Key"}
 rendered = paths(yaml.safe_load(yaml.safe_load(open(sys.argv[2]))["data"]["config.yaml"]))
 missing = sorted(example - rendered)
 extra = sorted(rendered - example)
@@ -449,6 +496,30 @@ then
   check "README example values render" helm template "$RELEASE" "$CHART" -f "$WORK/readme-values.yaml"
 else
   fail "README example values render" "$WORK/readme.log"
+fi
+# Each example of "Routing users to backends" renders, and sets the keys it is about.
+if "$PY" - "$readme" "$WORK/readme-routing" >"$WORK/readme-routing.log" 2>&1 <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+section = re.search(r"^## Routing users to backends\n(.*?)^## ", text, re.S | re.M)
+assert section, "no section 'Routing users to backends' in the chart README"
+blocks = re.findall(r"```yaml\n(.*?)```", section.group(1), re.S)
+assert len(blocks) == 4, f"{len(blocks)} yaml blocks, want 4 (affinity, map entries, existing map, lookup)"
+for i, b in enumerate(blocks):
+    open(f"{sys.argv[2]}.{i}.yaml", "w").write(b)
+EOF
+then
+  # shellcheck disable=SC2016
+  check "README routing examples render (affinity, map, existing ConfigMap map, lookup)" bash -c '
+    set -e; w=$0
+    "$@" -f "$w.0.yaml" | grep -q "user_affinity: true"
+    "$@" -f "$w.1.yaml" | grep -q "user_map: /etc/mailfront/user-maps/shards/users.yaml"
+    "$@" -f "$w.1.yaml" | grep -q "name: mailfront-user-map-shards"
+    "$@" -f "$w.2.yaml" | grep -q "name: mail-user-map"
+    "$@" -f "$w.3.yaml" | grep -q "ca_file: /etc/mailfront/backend-ca/auth/ca.crt"' \
+    "$WORK/readme-routing" helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE"
+else
+  fail "README routing examples render" "$WORK/readme-routing.log"
 fi
 check "README values table covers every key of values.yaml" "$PY" - "$CHART/values.yaml" "$readme" <<'EOF'
 import sys, yaml
@@ -864,9 +935,18 @@ else
       cms=("$WORK/$r.d"/ConfigMap.*config*.yaml)
       cm=${cms[0]}
       if [ ! -f "$cm" ]; then fail "mailfront check --config ($r): no config ConfigMap"; continue; fi
-      "$PY" - "$cm" "$WORK/$r.config.yaml" "$certs" <<'EOF'
+      "$PY" - "$cm" "$WORK/$r.config.yaml" "$certs" "$WORK/$r.yaml" <<'EOF'
 import re, sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))["data"]["config.yaml"]
+# User maps (userMaps mounts): the chart's rendered map itself, a stand-in for an existing ConfigMap.
+maps = {d["metadata"]["name"]: d["data"]["users.yaml"] for d in yaml.safe_load_all(open(sys.argv[4]))
+        if d and d["kind"] == "ConfigMap" and "users.yaml" in d.get("data", {})}
+def user_map(m):
+    path = f"{sys.argv[3]}/user-map-{m.group(1)}.yaml"
+    text = next((t for n, t in maps.items() if n.endswith("-user-map-" + m.group(1))), '"@example.org": "10.0.0.5:143"\n')
+    open(path, "w").write(text)
+    return path
+cfg = re.sub(r"/etc/mailfront/user-maps/([^/\s]+)/users\.yaml", user_map, cfg)
 cfg = re.sub(r"/etc/mailfront/tls/[^/\s]+/(tls\.(crt|key))", sys.argv[3] + r"/\1", cfg)
 # backend_tls CA bundles (backendCa mounts): the same certificate stands in for them.
 cfg = re.sub(r"/etc/mailfront/backend-ca/[^/\s]+/[^\s]+", sys.argv[3] + "/tls.crt", cfg)
@@ -875,8 +955,22 @@ cfg = cfg.replace("/etc/mailfront/tickets/ticket.keys", sys.argv[3] + "/ticket.k
 cfg = cfg.replace("/etc/mailfront/shared-state/password/password", sys.argv[3] + "/redis-password")
 cfg = cfg.replace("/etc/mailfront/shared-state/ca/ca.crt", sys.argv[3] + "/tls.crt")
 open(sys.argv[2], "w").write(cfg)
+# The same without user_affinity, user_map and user_lookup, for a mailfront that refuses them.
+c = yaml.safe_load(cfg)
+for l in c["listeners"]:
+    for k in ("user_affinity", "user_map", "user_lookup"):
+        l.pop(k, None)
+open(sys.argv[2] + ".unrouted", "w").write(yaml.safe_dump(c, sort_keys=False))
 EOF
-      check "mailfront check --config ($r)" "$MF" check --config "$WORK/$r.config.yaml"
+      # A mailfront whose sessions do not route by user yet refuses these keys ("is not active
+      # in this version"): then the rest of the config is checked without them, and said so.
+      if grep -q -e "user_affinity:" -e "user_map:" -e "user_lookup:" "$WORK/$r.config.yaml" \
+          && [[ $("$MF" check --config "$WORK/$r.config.yaml" 2>&1) == *"is not active in this version"* ]]; then
+        check "mailfront check --config ($r, without user routing: this mailfront refuses it as not active yet)" \
+          "$MF" check --config "$WORK/$r.config.yaml.unrouted"
+      else
+        check "mailfront check --config ($r)" "$MF" check --config "$WORK/$r.config.yaml"
+      fi
     done
     # And the contract itself: config.yaml.example must pass too.
     check "mailfront check --config config.yaml.example" "$MF" check --config "$ROOT/config.yaml.example"

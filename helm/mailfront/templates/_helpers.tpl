@@ -178,12 +178,21 @@ first by name. One per line.
 {{- end }}
 {{- end }}
 
-{{/* Every backend address (host:port) of one listener: `backend` and its routes' backends. */}}
+{{/*
+Every backend address (host:port) of one listener: `backend`, its routes' backends and those of
+its userMap when the chart renders that map (`entries`): dict "l" LISTENER "root" $.
+*/}}
 {{- define "mailfront.backendAddresses" -}}
+{{- $l := .l }}
 {{- $backends := list }}
+{{- if kindIs "slice" $l.backend }}{{ $backends = concat $backends $l.backend }}{{ else }}{{ $backends = append $backends $l.backend }}{{ end }}
+{{- range $l.routes }}
 {{- if kindIs "slice" .backend }}{{ $backends = concat $backends .backend }}{{ else }}{{ $backends = append $backends .backend }}{{ end }}
-{{- range .routes }}
-{{- if kindIs "slice" .backend }}{{ $backends = concat $backends .backend }}{{ else }}{{ $backends = append $backends .backend }}{{ end }}
+{{- end }}
+{{- with $l.userMap }}
+{{- range $user, $b := (index ($.root.Values.userMaps | default dict) . | default dict).entries }}
+{{- if kindIs "slice" $b }}{{ $backends = concat $backends $b }}{{ else if $b }}{{ $backends = append $backends $b }}{{ end }}
+{{- end }}
 {{- end }}
 {{- range $backends }}
 {{ . }}
@@ -202,7 +211,7 @@ a Service's DNAT): each listener's backendTargetPorts, else the ports its backen
 {{- if $l.backendTargetPorts }}
 {{- $ports = $l.backendTargetPorts }}
 {{- else }}
-{{- range splitList "\n" (include "mailfront.backendAddresses" $l | trim) }}
+{{- range splitList "\n" (include "mailfront.backendAddresses" (dict "l" $l "root" $) | trim) }}
 {{- $ports = append $ports (regexFind "[0-9]+$" .) }}
 {{- end }}
 {{- end }}
@@ -210,6 +219,49 @@ a Service's DNAT): each listener's backendTargetPorts, else the ports its backen
 {{- if not (hasKey $seen (toString .)) }}
 {{- $_ := set $seen (toString .) true }}
 {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The enabled userMaps entries' names (sorted), one per line; each has `entries` or
+`existingConfigMap`, not both, and no two entries' names differ only in case (mailfront compares
+them case-insensitively and would refuse the file).
+*/}}
+{{- define "mailfront.userMapNames" -}}
+{{- range $name, $m := .Values.userMaps }}
+{{- if and $m (dig "enabled" true $m) }}
+{{- if eq (hasKey $m "entries") (not (empty $m.existingConfigMap)) }}
+{{- fail (printf "userMaps.%s: set either entries (a map the chart renders) or existingConfigMap" $name) }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $user, $backends := $m.entries }}
+{{- if $backends }}
+{{- if hasKey $seen (lower $user) }}
+{{- fail (printf "userMaps.%s.entries: %q and %q differ only in case (mailfront compares names case-insensitively)" $name (get $seen (lower $user)) $user) }}
+{{- end }}
+{{- $_ := set $seen (lower $user) $user }}
+{{- end }}
+{{- end }}
+{{ $name }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ports of the enabled listeners' user_lookup URLs (the scheme's default when none is
+written), one per line, each once.
+*/}}
+{{- define "mailfront.userLookupPorts" -}}
+{{- $seen := dict }}
+{{- range $name := splitList "\n" (include "mailfront.listenerNames" . | trim) }}
+{{- with (index $.Values.listeners $name).user_lookup }}
+{{- $u := urlParse .url }}
+{{- $port := regexFind ":[0-9]+$" $u.host | trimPrefix ":" | default (ternary "443" "80" (eq (lower $u.scheme) "https")) }}
+{{- if not (hasKey $seen $port) }}
+{{- $_ := set $seen $port true }}
+{{ $port }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -314,8 +366,17 @@ the Secret mounts, listen addresses from the container ports, metrics.listen).
 {{- range $name := splitList "\n" (include "mailfront.listenerNames" . | trim) }}
 {{- $in := index $.Values.listeners $name }}
 {{- $l := dict "name" $name "listen" (printf "%s:%d" $.Values.bindAddress (int $in.containerPort)) }}
-{{- range $key := list "protocol" "tls" "backend" "require_tls_for_mail" "max_connections" "backend_proxy_protocol" "routes" "backend_tls" "backend_health" "backend_client_info" }}
+{{- range $key := list "protocol" "tls" "backend" "require_tls_for_mail" "max_connections" "backend_proxy_protocol" "routes" "backend_tls" "backend_health" "backend_client_info" "user_affinity" "user_map" "user_lookup" }}
 {{- if hasKey $in $key }}{{ $_ := set $l $key (index $in $key) }}{{ end }}
+{{- end }}
+{{- with $in.userMap }}
+{{- if hasKey $in "user_map" }}
+{{- fail (printf "listeners.%s: set userMap (an entry of userMaps) or user_map (a path of your own), not both" $name) }}
+{{- end }}
+{{- if not (has . (splitList "\n" (include "mailfront.userMapNames" $ | trim))) }}
+{{- fail (printf "listeners.%s.userMap %q names no enabled entry of userMaps" $name .) }}
+{{- end }}
+{{- $_ := set $l "user_map" (printf "/etc/mailfront/user-maps/%s/users.yaml" .) }}
 {{- end }}
 {{- if hasKey $in "proxy_protocol_from" }}{{ $_ := set $l "proxy_protocol_from" $in.proxy_protocol_from }}{{ else if $.Values.proxyProtocolFrom }}{{ $_ := set $l "proxy_protocol_from" $.Values.proxyProtocolFrom }}{{ end }}
 {{- $listeners = append $listeners $l }}
