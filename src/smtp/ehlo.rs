@@ -24,6 +24,7 @@
 //! the last line uses `250 `.
 
 use crate::config::TlsMode;
+use crate::sasl;
 use crate::smtp::reply::Reply;
 
 /// SASL mechanisms never offered to clients.
@@ -116,16 +117,54 @@ pub fn rewrite_ehlo(reply: &Reply, ctx: &EhloContext<'_>) -> Vec<u8> {
     if ctx.listener == TlsMode::Starttls && !ctx.client_tls {
         out.push(b"STARTTLS".to_vec());
     }
-    let code = reply.code().to_string();
+    assemble(reply.code(), &out)
+}
+
+/// On a listener that routes by user: `reply` (an EHLO reply as the client would see it)
+/// without the SASL mechanisms that cannot be routed ([`sasl::is_routable`]: CRAM-MD5,
+/// DIGEST-MD5, EXTERNAL, GSSAPI, …), on `AUTH` and legacy `AUTH=` lines alike; a line left with
+/// none is dropped. mailfront refuses those mechanisms on such a listener (their first response
+/// names no user, so no backend can be chosen for them), and offering them would only invite
+/// that refusal (RFC 4954 §3: the client picks from what EHLO lists). Replies other than 250
+/// pass unchanged.
+pub fn routable_mechanisms_only(reply: &Reply) -> Vec<u8> {
+    if reply.code() != 250 {
+        return reply.raw().to_vec();
+    }
+    let mut lines = reply.lines();
+    let mut out: Vec<Vec<u8>> = vec![lines.next().unwrap_or_default().to_vec()];
+    for text in lines {
+        if is_auth_line(text) {
+            out.extend(filter_auth(text, sasl::is_routable));
+        } else {
+            out.push(text.to_vec());
+        }
+    }
+    assemble(reply.code(), &out)
+}
+
+/// One reply from its code and line texts, the continuation markers rebuilt so the last line
+/// uses `code SP`.
+fn assemble(code: u16, texts: &[Vec<u8>]) -> Vec<u8> {
+    let code = code.to_string();
     let mut raw = Vec::new();
-    let count = out.len();
-    for (i, text) in out.iter().enumerate() {
+    let count = texts.len();
+    for (i, text) in texts.iter().enumerate() {
         raw.extend_from_slice(code.as_bytes());
         raw.push(if i + 1 == count { b' ' } else { b'-' });
         raw.extend_from_slice(text);
         raw.extend_from_slice(b"\r\n");
     }
     raw
+}
+
+/// An `AUTH …` or legacy `AUTH=…` keyword line.
+fn is_auth_line(text: &[u8]) -> bool {
+    let keyword = words(text).next().unwrap_or_default();
+    keyword.eq_ignore_ascii_case(b"AUTH")
+        || keyword
+            .split_at_checked(5)
+            .is_some_and(|(head, _)| head.eq_ignore_ascii_case(b"AUTH="))
 }
 
 fn words(text: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -153,11 +192,11 @@ fn keep_keyword(text: &[u8], ctx: &EhloContext<'_>) -> Option<Vec<u8>> {
     if is(b"STARTTLS") || is(b"XCLIENT") || is(b"XFORWARD") || is(b"BINARYMIME") {
         return None;
     }
-    let legacy_auth = keyword
-        .split_at_checked(5)
-        .is_some_and(|(head, _)| head.eq_ignore_ascii_case(b"AUTH="));
-    if is(b"AUTH") || legacy_auth {
-        return ctx.client_tls.then(|| filter_auth(text)).flatten();
+    if is_auth_line(text) {
+        return ctx
+            .client_tls
+            .then(|| filter_auth(text, relayable))
+            .flatten();
     }
     if is(b"REQUIRETLS") {
         return ctx.client_tls.then(|| text.to_vec());
@@ -168,9 +207,16 @@ fn keep_keyword(text: &[u8], ctx: &EhloContext<'_>) -> Option<Vec<u8>> {
     Some(text.to_vec())
 }
 
-/// Drops unrelayable mechanisms from an `AUTH m1 m2` or legacy `AUTH=m1 m2` line; `None` if
-/// none is left.
-fn filter_auth(text: &[u8]) -> Option<Vec<u8>> {
+/// Whether mailfront can relay a mechanism at all ([`UNRELAYABLE_MECHANISMS`]).
+fn relayable(mechanism: &[u8]) -> bool {
+    !UNRELAYABLE_MECHANISMS
+        .iter()
+        .any(|bad| mechanism.eq_ignore_ascii_case(bad))
+}
+
+/// Keeps the mechanisms `keep` accepts on an `AUTH m1 m2` or legacy `AUTH=m1 m2` line; `None`
+/// if none is left.
+fn filter_auth(text: &[u8], keep: fn(&[u8]) -> bool) -> Option<Vec<u8>> {
     let mut parts = words(text);
     let first = parts.next()?;
     // `AUTH=PLAIN LOGIN`: the first mechanism is glued to the keyword.
@@ -178,13 +224,11 @@ fn filter_auth(text: &[u8]) -> Option<Vec<u8>> {
         Some((head, mech)) if head.eq_ignore_ascii_case(b"AUTH=") => (head, Some(mech)),
         _ => (first, None),
     };
-    let relayable = |m: &&[u8]| {
-        !m.is_empty()
-            && !UNRELAYABLE_MECHANISMS
-                .iter()
-                .any(|bad| m.eq_ignore_ascii_case(bad))
-    };
-    let mechanisms: Vec<&[u8]> = glued.into_iter().chain(parts).filter(relayable).collect();
+    let mechanisms: Vec<&[u8]> = glued
+        .into_iter()
+        .chain(parts)
+        .filter(|m| !m.is_empty() && keep(m))
+        .collect();
     if mechanisms.is_empty() {
         return None;
     }
@@ -324,6 +368,27 @@ mod tests {
         let raw = b"250-b\r\n250-AUTH GSSAPI EXTERNAL\r\n250-AUTH=DIGEST-MD5\r\n250 X\r\n";
         let out = rewrite_ehlo(&Reply::parse(raw).unwrap(), &ctx(true, TlsMode::Implicit));
         assert_eq!(keywords(&out), vec!["X"]);
+    }
+
+    #[test]
+    fn a_routed_listener_shows_only_mechanisms_that_name_the_user_first() {
+        let raw = b"250-b\r\n250-AUTH PLAIN CRAM-MD5 LOGIN scram-sha-256 DIGEST-MD5\r\n\
+250-AUTH=CRAM-MD5 XOAUTH2\r\n250-AUTH NTLM GSSAPI\r\n250 PIPELINING\r\n";
+        let out = routable_mechanisms_only(&Reply::parse(raw).unwrap());
+        assert_eq!(
+            out,
+            b"250-b\r\n250-AUTH PLAIN LOGIN scram-sha-256\r\n250-AUTH=XOAUTH2\r\n\
+250 PIPELINING\r\n"
+        );
+        // The last line going away leaves the markers right; other replies pass unchanged.
+        let out =
+            routable_mechanisms_only(&Reply::parse(b"250-b\r\n250 AUTH CRAM-MD5\r\n").unwrap());
+        assert_eq!(out, b"250 b\r\n");
+        let refusal = b"554 5.7.1 no\r\n";
+        assert_eq!(
+            routable_mechanisms_only(&Reply::parse(refusal).unwrap()),
+            refusal
+        );
     }
 
     #[test]

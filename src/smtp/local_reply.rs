@@ -59,6 +59,85 @@ pub const BDAT_NOT_SUPPORTED: &[u8] = b"502 5.5.1 Error: command not implemented
 pub const BARE_LINE_ENDING: &[u8] =
     b"554 5.6.0 Message refused: bare CR or LF in message content\r\n";
 
+/// A command that needs a login, before one on a listener that routes by user: no backend is
+/// chosen before a login names the user, so MAIL (where mail needs TLS), VRFY, EXPN and HELP are
+/// answered here (RFC 4954 §6: 530 5.7.0, "Authentication required").
+pub const AUTH_REQUIRED: &[u8] = b"530 5.7.0 Authentication required\r\n";
+/// AUTH naming a mechanism that cannot be routed by user (CRAM-MD5, DIGEST-MD5, EXTERNAL,
+/// GSSAPI, …) on a listener that routes by user: RFC 4954 §4 rejects an unsupported mechanism
+/// with 504.
+pub const MECHANISM_NOT_ROUTABLE: &[u8] = b"504 5.5.4 Unrecognized authentication type\r\n";
+/// The client's `*` to a challenge mailfront wrote itself (RFC 4954 §4: the AUTH is rejected with
+/// 501); no backend was contacted.
+pub const AUTH_CANCELLED: &[u8] = b"501 5.7.0 Authentication aborted\r\n";
+/// A login whose user name cannot be read (a malformed PLAIN, OAUTHBEARER without `a=`), on a
+/// listener that routes by user: a failed authentication (RFC 4954 §6: 535 5.7.8), answered here.
+pub const AUTH_FAILED: &[u8] = b"535 5.7.8 Authentication credentials invalid\r\n";
+/// The code of a login refused by `user_lookup` when it gave no `Auth-Error-Code`
+/// (RFC 4954 §6: 535 5.7.8, as nginx answers).
+pub const AUTH_REFUSED_CODE: &str = "535 5.7.8";
+/// No backend for a login now (the lookup failed, the chosen backend is down): RFC 4954 §6's
+/// temporary authentication failure, so the client tries again later.
+pub const AUTH_UNAVAILABLE: &[u8] = b"454 4.7.0 Temporary authentication failure\r\n";
+/// The empty challenge mailfront writes itself for an AUTH without an initial response on a
+/// listener that routes by user (RFC 4954 §4: `334` SP and base64, here none).
+pub const SASL_EMPTY_CHALLENGE: &[u8] = b"334 \r\n";
+/// The LOGIN mechanism's challenges, played by mailfront on a listener that routes by user:
+/// `Username:` and `Password:` in base64 (draft-murchison-sasl-login §2, as nginx writes them).
+pub const LOGIN_USERNAME_CHALLENGE: &[u8] = b"334 VXNlcm5hbWU6\r\n";
+pub const LOGIN_PASSWORD_CHALLENGE: &[u8] = b"334 UGFzc3dvcmQ6\r\n";
+
+/// Longest text of a `user_lookup` refusal put in a reply: with its code it stays well within
+/// RFC 5321 §4.5.3.1.5's 512-octet reply line.
+const MAX_REFUSAL_TEXT: usize = 400;
+
+/// A login `user_lookup` refused: `code` is its `Auth-Error-Code` (`535 5.7.0`), used only when
+/// it reads as a 4yz/5yz code with an enhanced status code (RFC 3463) of the same class, else
+/// [`AUTH_REFUSED_CODE`]; `text` its `Auth-Status`, printable ASCII only (anything else becomes
+/// `?`, so it can never end the line or start another reply), bounded.
+pub fn auth_refused(code: Option<&str>, text: &str) -> Vec<u8> {
+    let code = code
+        .filter(|code| is_failure_code(code))
+        .unwrap_or(AUTH_REFUSED_CODE);
+    let text: String = text
+        .chars()
+        .take(MAX_REFUSAL_TEXT)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    let text = text.trim();
+    let text = if text.is_empty() {
+        "Authentication credentials invalid"
+    } else {
+        text
+    };
+    format!("{code} {text}\r\n").into_bytes()
+}
+
+/// `4yz x.y.z` or `5yz x.y.z` with the enhanced code's class equal to the reply's first digit
+/// (RFC 3463 §2: 1 to 3 digits per subject and detail).
+fn is_failure_code(code: &str) -> bool {
+    let Some((reply, enhanced)) = code.split_once(' ') else {
+        return false;
+    };
+    let reply_ok = reply.len() == 3
+        && reply.bytes().all(|b| b.is_ascii_digit())
+        && matches!(reply.as_bytes().first(), Some(b'4' | b'5'));
+    let mut parts = enhanced.split('.');
+    let class_ok = parts.next() == reply.get(..1);
+    let rest_ok = (0..2).all(|_| {
+        parts
+            .next()
+            .is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+    });
+    reply_ok && class_ok && rest_ok && parts.next().is_none()
+}
+
 /// The greeting mailfront sends (RFC 5321 §4.2): it names the configured hostname, because the
 /// backend's own greeting may name an internal host.
 pub fn greeting(hostname: &str) -> Vec<u8> {
@@ -71,6 +150,21 @@ pub fn greeting(hostname: &str) -> Vec<u8> {
 pub fn cleartext_ehlo(hostname: &str) -> Vec<u8> {
     format!(
         "250-{}\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n",
+        reply_text(hostname)
+    )
+    .into_bytes()
+}
+
+/// mailfront's EHLO reply after TLS on a listener that routes by user, while no backend has
+/// told the listener its own (the driver probes one before it builds a routed session, so this
+/// is rare): only what mailfront honours with any submission backend, since it never connects
+/// to learn more. PIPELINING, because mailfront itself holds commands back from a backend that
+/// does not pipeline (RFC 2920 §3.1); `AUTH PLAIN`, the one mechanism every submission backend
+/// offers over TLS (RFC 4616; Dovecot's default `auth_mechanisms`). Nothing else: SIZE,
+/// 8BITMIME, SMTPUTF8, CHUNKING, ENHANCEDSTATUSCODES and the rest depend on the backend.
+pub fn routed_ehlo(hostname: &str) -> Vec<u8> {
+    format!(
+        "250-{}\r\n250-PIPELINING\r\n250 AUTH PLAIN\r\n",
         reply_text(hostname)
     )
     .into_bytes()
@@ -198,6 +292,11 @@ mod tests {
             BDAT_NOT_SUPPORTED,
             BARE_LINE_ENDING,
             CLOSING,
+            AUTH_REQUIRED,
+            MECHANISM_NOT_ROUTABLE,
+            AUTH_CANCELLED,
+            AUTH_FAILED,
+            AUTH_UNAVAILABLE,
         ] {
             let reply = Reply::parse(raw).unwrap();
             assert!(reply.enhanced_status().is_some(), "{raw:?}");
@@ -241,5 +340,51 @@ mod tests {
         assert!(backend_unavailable("h").starts_with(b"421 4.4.1 h "));
         assert!(timeout("h").starts_with(b"421 4.4.2 h "));
         assert!(shutting_down("h").starts_with(b"421 4.3.2 h "));
+    }
+
+    #[test]
+    fn a_lookup_refusal_keeps_a_valid_code_and_a_clean_text() {
+        assert_eq!(
+            auth_refused(None, "Invalid login or password"),
+            b"535 5.7.8 Invalid login or password\r\n"
+        );
+        assert_eq!(auth_refused(Some("535 5.7.0"), "Bad"), b"535 5.7.0 Bad\r\n");
+        assert_eq!(
+            auth_refused(Some("451 4.3.0"), "later"),
+            b"451 4.3.0 later\r\n"
+        );
+        for bad in [
+            "250 2.0.0",
+            "535 4.7.0",
+            "535",
+            "53 5.7.0",
+            "535 5.7",
+            "535 5.7.0.1",
+            "535 5.7.0\r\n250 x",
+            "535 5.7.0000",
+        ] {
+            assert!(
+                auth_refused(Some(bad), "x").starts_with(b"535 5.7.8 x"),
+                "{bad:?}"
+            );
+        }
+        let evil = auth_refused(None, "no\r\n235 2.7.0 ok");
+        assert_eq!(evil, b"535 5.7.8 no??235 2.7.0 ok\r\n");
+        assert_eq!(
+            auth_refused(None, " "),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        let long = auth_refused(None, &"x".repeat(2000));
+        assert!(long.len() <= 512 && Reply::parse(&long).is_some());
+    }
+
+    #[test]
+    fn the_routed_ehlo_offers_only_what_any_backend_honours() {
+        let ehlo = routed_ehlo("mx\r\n250 injected");
+        let reply = Reply::parse(&ehlo).unwrap();
+        assert_eq!(
+            reply.lines().collect::<Vec<_>>(),
+            [&b"mx??250?injected"[..], b"PIPELINING", b"AUTH PLAIN"]
+        );
     }
 }

@@ -44,6 +44,23 @@
 //!   streams through [`DataScanner`] byte-exact. BDAT chunks stream by count; the first chunk of
 //!   a transaction carries the field and its announced size grows to match (RFC 3030 §2).
 //!
+//! - A listener that routes by user ([`Settings::routed`]: `user_affinity`, `user_map`,
+//!   `user_lookup`) connects for nothing but a complete AUTH, and for MAIL only where mail needs
+//!   no login (`require_tls_for_mail: false`, the listener's pool, [`Machine::login_facts`]
+//!   `None`). EHLO is answered from the learned one (without the mechanisms that cannot be
+//!   routed, [`sasl::is_routable`]) or [`local_reply::routed_ehlo`]; MAIL, VRFY, EXPN and HELP
+//!   get `530 5.7.0` (RFC 4954 §6); AUTH with a mechanism that cannot be routed `504 5.5.4`.
+//!   mailfront plays the start of the exchange (`334 ` for an AUTH without an initial
+//!   response, LOGIN's `Username:` and `Password:`) until it holds the response that names the
+//!   user; a `*` gets `501 5.7.0`, neither charged nor forwarded. The complete login is charged,
+//!   then connected for with its facts; after the greeting and the replayed EHLO/HELO the AUTH
+//!   goes without its initial response, and the backend's 334s are answered with the held
+//!   responses (swallowed) until none is left, after which the exchange relays as any. A login
+//!   the backend does not accept, or the router refuses ([`Machine::route_failed`]), leaves no
+//!   backend behind: `QUIT`, the connection closed, and the session goes on as before any
+//!   backend, so the next AUTH (perhaps another user, who may live elsewhere) is routed afresh.
+//!   A backend of the pool chosen for a MAIL is left the same way at the first AUTH.
+//!
 //! Decisions where the RFCs leave a choice:
 //! - Bare CR/LF in content (smuggling defence): the backend connection is dropped at once, so
 //!   the truncated message can never be completed, the rest of the content is consumed, the
@@ -69,13 +86,14 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
 use crate::client_info;
 use crate::config::TlsMode;
 use crate::line::Step;
 use crate::machine::{
-    AuthVerdict, Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, TlsFacts,
-    pump_client,
+    AuthVerdict, Charge, ClientEvents, Core, End, LoginFacts, Machine, Next, Notice, Phase,
+    RouteFailure, TlsFacts, pump_client,
 };
 use crate::sasl;
 use crate::smtp::bdat::{self, ChunkReader, ContentScanner};
@@ -83,7 +101,7 @@ use crate::smtp::canonical::{self, Encoded, Unencodable};
 use crate::smtp::cleartext::{self, Action};
 use crate::smtp::command::{Bdat, Command, SaslResponse};
 use crate::smtp::data::{BareLineEnding, DataEvent, DataScanner};
-use crate::smtp::ehlo::{BackendCapabilities, EhloContext, rewrite_ehlo};
+use crate::smtp::ehlo::{self, BackendCapabilities, EhloContext, rewrite_ehlo};
 use crate::smtp::local_reply;
 use crate::smtp::policy::{self, ClientInput, GateState, Refusal, Verdict};
 use crate::smtp::received::{ReceivedId, ReceivedInfo, TlsCipher, WithProtocol, received_header};
@@ -126,8 +144,13 @@ pub struct Settings {
     /// The backend's EHLO reply as an earlier session of this listener saw it: what an EHLO
     /// with TLS up is answered with before the backend is connected ([`Phase::Local`]).
     /// `None` until one was seen: the first EHLO then connects, so what the client is offered
-    /// is always what a backend said.
+    /// is always what a backend said (on a routed listener it gets [`local_reply::routed_ehlo`]
+    /// instead: a routed session connects for nothing but a login).
     pub learned_ehlo: Option<Vec<u8>>,
+    /// The listener routes by user (`user_affinity`, `user_map`, `user_lookup`;
+    /// [`crate::session::ListenerContext::routes_users`]): no backend before a complete AUTH,
+    /// which mailfront holds until the router chose one ([`Machine::login_facts`]).
+    pub routed: bool,
 }
 
 /// A reply the machine waits for, and what it means for the session.
@@ -163,6 +186,10 @@ enum Expect {
     },
     /// Our `*` ending an exchange after a refused SASL line: its 501 is swallowed.
     AuthCancel,
+    /// The AUTH of a login held for routing, sent without its initial response: each `334` is
+    /// answered with the next held response and never shown to the client; once none is left
+    /// the exchange relays as [`Expect::Auth`]. Any other reply answers the client's AUTH.
+    RoutedAuth,
     Mail,
     Rcpt {
         path: Option<Vec<u8>>,
@@ -273,6 +300,43 @@ enum ChargeState {
     Granted,
 }
 
+/// A login on a routed session (`Settings::routed`), held by mailfront from the client's AUTH
+/// until the router chose its backend, then replayed to that backend. Never printed whole: it
+/// holds the client's responses and may hold a password (all wiped when dropped).
+struct RoutedLogin {
+    /// The mechanism, as the client wrote it (RFC 4422 §3.1 characters, checked by the parser).
+    mechanism: Vec<u8>,
+    stage: RouteStage,
+    /// The client's responses (base64 as sent, without CRLF), to answer the backend's 334s with.
+    responses: VecDeque<Zeroizing<Vec<u8>>>,
+    /// The authentication identity, `None` when the first response names none mailfront can
+    /// read (the login then fails here).
+    user: Option<Vec<u8>>,
+    password: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for RoutedLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoutedLogin")
+            .field("mechanism", &String::from_utf8_lossy(&self.mechanism))
+            .field("stage", &self.stage)
+            .field("responses", &self.responses.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a [`RoutedLogin`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RouteStage {
+    /// mailfront wrote its own first challenge (`334 ` or LOGIN's `Username:`); the next client
+    /// line is the first response.
+    FirstResponse,
+    /// LOGIN: mailfront wrote `Password:`; the next client line is the password.
+    Password,
+    /// Complete: being charged, routed, connected, or with the backend.
+    Held,
+}
+
 /// One client event: a line, a line over its limit, or a step through message content.
 #[derive(Debug)]
 pub enum Event {
@@ -330,6 +394,9 @@ pub struct SmtpMachine {
     /// from the driver's read buffer, after [`Machine::take_to_backend`]
     /// ([`Machine::take_passthrough`]).
     passthrough: Option<std::ops::Range<usize>>,
+    /// A routed session's login held by mailfront, from its AUTH until the backend answers
+    /// something other than a 334 that a held response answers.
+    routed: Option<RoutedLogin>,
 }
 
 impl SmtpMachine {
@@ -370,6 +437,7 @@ impl SmtpMachine {
             draining: false,
             close_backend: false,
             passthrough: None,
+            routed: None,
         }
     }
 
@@ -585,7 +653,16 @@ impl SmtpMachine {
             hostname: Some(&self.settings.hostname),
             size_reserve: RECEIVED_SIZE_RESERVE,
         };
-        rewrite_ehlo(reply, &ctx)
+        let rewritten = rewrite_ehlo(reply, &ctx);
+        if !self.settings.routed {
+            return rewritten;
+        }
+        // A routed session refuses the mechanisms it cannot route: none is offered, whether the
+        // list was learned or is the live backend's.
+        match Reply::parse(&rewritten) {
+            Some(reply) => ehlo::routable_mechanisms_only(&reply),
+            None => rewritten,
+        }
     }
 
     /// A line with TLS up and no backend yet ([`Phase::Local`]): answered here when mailfront
@@ -595,6 +672,9 @@ impl SmtpMachine {
         if self.draining {
             self.check_stop();
             return;
+        }
+        if matches!(self.mode, Mode::Sasl) {
+            return self.on_routed_response(&line);
         }
         let command = Command::from_line(&line);
         let verdict = policy::decide(&self.gate, ClientInput::Command(&command));
@@ -621,6 +701,23 @@ impl SmtpMachine {
                 let reply = self.ehlo_for_client(&learned);
                 self.local(&reply);
             }
+            // A routed session never connects to learn what to offer.
+            (Command::Ehlo(_), None) if self.settings.routed => {
+                self.greeted_by(&command);
+                self.gate.needs_ehlo = false;
+                self.learn_capabilities(None);
+                let reply = local_reply::routed_ehlo(self.hostname());
+                self.local(&reply);
+            }
+            (Command::Auth(_), _) if self.settings.routed => self.start_routed_login(&command),
+            // No backend is chosen before a login names the user (RFC 4954 §6: 530 for what
+            // needs one); MAIL connects only where mail needs no login (the listener's pool).
+            (Command::Mail(_), _) if self.settings.routed && self.gate.require_tls_for_mail => {
+                self.refuse(Refusal::AuthRequired, &command);
+            }
+            (Command::Vrfy | Command::Expn | Command::Help, _) if self.settings.routed => {
+                self.refuse(Refusal::AuthRequired, &command);
+            }
             (Command::Helo(_), _) => {
                 self.greeted_by(&command);
                 self.gate.needs_ehlo = false;
@@ -645,13 +742,174 @@ impl SmtpMachine {
             }
             (Command::Unknown, _) => self.refuse(Refusal::NotRecognized, &command),
             // AUTH, MAIL, VRFY, EXPN, HELP, and an EHLO while no backend's capabilities are
-            // known: connect, replay the EHLO/HELO, then the gate judges this line again.
+            // known (on a routed session: only MAIL where mail needs no login): connect, replay
+            // the EHLO/HELO, then the gate judges this line again.
             _ => {
                 self.held = Some(line);
                 self.replay = self.greeting.is_some();
                 self.core.phase = Phase::Connecting;
             }
         }
+    }
+
+    // ---- routed sessions -------------------------------------------------------------------
+
+    /// AUTH on a routed session, with no backend (RFC 4954 §4): mailfront plays the start of
+    /// the exchange itself until it holds the client's first response (for LOGIN, both), which
+    /// names the user the router needs; nothing reaches a backend before.
+    fn start_routed_login(&mut self, command: &Command) {
+        let Command::Auth(auth) = command else {
+            return;
+        };
+        if !sasl::is_routable(&auth.mechanism) {
+            // RFC 4954 §4: 504 for a mechanism not supported; never forwarded.
+            return self.refuse(Refusal::MechanismNotRoutable, command);
+        }
+        self.auth_mechanism = sasl::mechanism_for_log(&auth.mechanism);
+        let login = RoutedLogin {
+            mechanism: auth.mechanism.clone(),
+            stage: RouteStage::FirstResponse,
+            responses: VecDeque::new(),
+            user: None,
+            password: None,
+        };
+        match &auth.initial_response {
+            Some(response) => self.take_routed_response(login, response),
+            None => {
+                // RFC 4954 §4: with no initial response the server sends an empty challenge;
+                // LOGIN's first is `Username:` (draft-murchison-sasl-login §2).
+                let challenge = if is_login_mechanism(&login.mechanism) {
+                    local_reply::LOGIN_USERNAME_CHALLENGE
+                } else {
+                    local_reply::SASL_EMPTY_CHALLENGE
+                };
+                self.routed = Some(login);
+                self.mode = Mode::Sasl;
+                self.local(challenge);
+            }
+        }
+    }
+
+    /// A client line answering a challenge mailfront wrote itself: `*` cancels (RFC 4954 §4:
+    /// 501), a line that is not base64 gets the syntax error, neither charged nor forwarded.
+    fn on_routed_response(&mut self, line: &Line) {
+        self.mode = Mode::Command;
+        let Some(login) = self.routed.take() else {
+            return;
+        };
+        let response = SaslResponse::from_line(line);
+        if response == SaslResponse::Cancel {
+            self.notice(Notice::CommandRefused {
+                reason: "auth_cancelled",
+            });
+            return self.local(local_reply::AUTH_CANCELLED);
+        }
+        match policy::decide(&self.gate, ClientInput::SaslResponse(response)) {
+            Verdict::Forward => self.take_routed_response(login, line.text()),
+            Verdict::Refuse(refusal) | Verdict::DiscardChunk { refusal, .. } => {
+                self.refuse(refusal, &Command::Unknown);
+            }
+            // The gate never starts TLS for a SASL line, and this one comes with TLS up.
+            Verdict::StartTls => self.refuse(Refusal::CleartextAuth, &Command::Unknown),
+        }
+    }
+
+    /// One response of a routed login (`response`: base64 as sent, or `=` for an empty initial
+    /// response, RFC 4954 §4), held for the backend. Once the login is complete it is charged
+    /// ([`Next::ChargeLogin`]), then connected for ([`SmtpMachine::routed_charge`]).
+    fn take_routed_response(&mut self, mut login: RoutedLogin, response: &[u8]) {
+        // On the backend's continuation line an empty response is an empty line, never `=`.
+        let held = if response == b"=" { &b""[..] } else { response };
+        match login.stage {
+            RouteStage::FirstResponse => {
+                login.user = sasl::user_in_first_response(&login.mechanism, response);
+                if login.mechanism.eq_ignore_ascii_case(b"PLAIN") {
+                    login.password = sasl::plain_password(response);
+                }
+                login.responses.push_back(Zeroizing::new(held.to_vec()));
+                if is_login_mechanism(&login.mechanism) && login.user.is_some() {
+                    // draft-murchison-sasl-login §2: the password answers the second challenge.
+                    login.stage = RouteStage::Password;
+                    self.routed = Some(login);
+                    self.mode = Mode::Sasl;
+                    return self.local(local_reply::LOGIN_PASSWORD_CHALLENGE);
+                }
+            }
+            RouteStage::Password => {
+                login.password = sasl::login_mechanism_password(response);
+                login.responses.push_back(Zeroizing::new(held.to_vec()));
+            }
+            RouteStage::Held => {}
+        }
+        login.stage = RouteStage::Held;
+        self.routed = Some(login);
+        // Charged before anything goes out, like every AUTH; one whose user cannot be read too:
+        // it is a login attempt all the same.
+        self.charge = ChargeState::Asked;
+    }
+
+    /// The driver's answer to the charge of a complete routed login: granted, a login whose
+    /// user cannot be read fails here (535), any other connects ([`Machine::login_facts`]) and
+    /// its AUTH waits in `held` for the backend's greeting and the replayed EHLO/HELO.
+    fn routed_charge(&mut self, granted: bool) {
+        self.charge = ChargeState::None;
+        if !granted {
+            self.routed = None;
+            let mechanism = self.auth_mechanism.clone();
+            self.notice(Notice::AuthThrottled { mechanism });
+            return self.local(local_reply::AUTH_THROTTLED);
+        }
+        self.auth_charged = true;
+        let Some((user, mechanism)) = self
+            .routed
+            .as_ref()
+            .and_then(|login| Some((login.user.clone()?, login.mechanism.clone())))
+        else {
+            // A malformed PLAIN, an OAUTHBEARER without `a=`: no backend can be chosen, and
+            // none would take it (RFC 4954 §6: 535 5.7.8).
+            self.routed = None;
+            self.settle_auth(AuthVerdict::Failure, Charge::Keep);
+            return self.local(local_reply::AUTH_FAILED);
+        };
+        self.notice(Notice::User(user));
+        // Sent without its initial response (the backend may lack it, RFC 4954 §4 allows
+        // either); the held responses answer its 334s ([`Expect::RoutedAuth`]).
+        self.held = Some(Line::own([&b"AUTH "[..], &mechanism].concat()));
+        self.replay = self.greeting.is_some();
+        self.core.phase = Phase::Connecting;
+    }
+
+    /// A routed session leaves its backend and goes on as before any backend
+    /// ([`Phase::Local`]): after a login that did not succeed (the next AUTH may name another
+    /// user, who may live elsewhere, so RSET is not enough), or, before a login, a backend the
+    /// listener's pool chose for a MAIL. `QUIT` is its goodbye (RFC 5321 §4.1.1.10), then the
+    /// connection is closed.
+    fn leave_backend(&mut self) {
+        if self.link == Link::Up {
+            self.core.to_backend.extend_from_slice(b"QUIT\r\n");
+            self.close_backend = true;
+        }
+        self.link = Link::NotYet;
+        self.core.phase = Phase::Local;
+        self.core.bbuf.clear();
+        self.replies = ReplyReceiver::default();
+        self.pending.retain(|p| matches!(p, Pending::Local(_)));
+        self.owed = 0;
+        self.mode = Mode::Command;
+        self.routed = None;
+        self.held = None;
+        self.replay = false;
+        self.tx = Transaction::default();
+    }
+
+    /// No backend for the routed login now (its backend refused service or went away before
+    /// the login's end): RFC 4954 §6's temporary failure to the AUTH, its charge refunded (no
+    /// credential was judged), and the session goes on without a backend: the client may try
+    /// again, never on another backend.
+    fn login_unavailable(&mut self) {
+        self.settle_auth(AuthVerdict::NotCompleted, Charge::Refund);
+        self.leave_backend();
+        self.local(local_reply::AUTH_UNAVAILABLE);
     }
 
     /// A line with the backend connected.
@@ -679,6 +937,21 @@ impl SmtpMachine {
             _ => {}
         }
         let command = Command::from_line(&line);
+        if self.settings.routed
+            && self.routed.is_none()
+            && !self.gate.authenticated
+            && matches!(command, Command::Auth(_))
+        {
+            // The backend was the pool's, for a MAIL where mail needs no login: chosen before
+            // the user was known, it is left once every owed reply is in, and the AUTH is
+            // routed afresh.
+            if self.owed > 0 {
+                self.held = Some(line);
+                return;
+            }
+            self.leave_backend();
+            return self.on_local_line(line);
+        }
         match policy::decide(&self.gate, ClientInput::Command(&command)) {
             Verdict::Forward => self.forward(&command, line),
             Verdict::Refuse(refusal) => self.refuse(refusal, &command),
@@ -748,6 +1021,12 @@ impl SmtpMachine {
             // The goodbye waits for the owed replies like a line would; an over-long line
             // carries nothing worth keeping.
             Mode::Closing => self.held = Some(Line::empty()),
+            // A response to mailfront's own challenge on a routed session: no backend to cancel.
+            Mode::Sasl if self.core.phase == Phase::Local => {
+                self.mode = Mode::Command;
+                self.routed = None;
+                self.refuse(policy::too_long(&self.gate, error), &Command::Unknown);
+            }
             Mode::Sasl => {
                 self.mode = Mode::Command;
                 self.cancel_auth(policy::too_long(&self.gate, error));
@@ -802,6 +1081,8 @@ impl SmtpMachine {
                     Expect::Helo { name }
                 }
             }
+            // The login held for routing, charged before the connect (its user noticed then).
+            Command::Auth(_) if self.routed.is_some() => Expect::RoutedAuth,
             Command::Auth(auth) => {
                 match self.charge {
                     ChargeState::Granted => self.charge = ChargeState::None,
@@ -1247,9 +1528,40 @@ impl SmtpMachine {
                 self.on_auth_reply(code);
                 self.reply_to_client(reply.raw());
             }
+            Expect::RoutedAuth if code == 334 => {
+                let next = self
+                    .routed
+                    .as_mut()
+                    .and_then(|login| login.responses.pop_front());
+                match next {
+                    // The client answered this challenge already, to mailfront's own.
+                    Some(response) => {
+                        let wire = Zeroizing::new([response.as_slice(), b"\r\n"].concat());
+                        if self.send(&wire) {
+                            self.expect_first(Expect::RoutedAuth);
+                        }
+                    }
+                    // Every held response is used: the rest of the exchange is the client's
+                    // (a SCRAM server-first message), relayed as any.
+                    None => {
+                        self.routed = None;
+                        self.on_auth_reply(code);
+                        self.reply_to_client(reply.raw());
+                    }
+                }
+            }
+            Expect::RoutedAuth => {
+                // A completion where a challenge was due: it answers the client's AUTH.
+                self.routed = None;
+                self.reply_to_client(reply.raw());
+                self.on_auth_reply(code);
+            }
             Expect::AuthCancel => {
                 // mailfront's own `*`: the refused SASL line never reached the backend.
                 self.settle_auth(AuthVerdict::NotCompleted, Charge::Refund);
+                if self.settings.routed {
+                    self.leave_backend();
+                }
             }
             Expect::Mail => {
                 if reply.is_positive() {
@@ -1331,6 +1643,11 @@ impl SmtpMachine {
             what: "the session at greeting",
             code: reply.code(),
         });
+        if self.routed.is_some() {
+            // The backend chosen for a login refused service: that login's temporary failure,
+            // never another backend.
+            return self.login_unavailable();
+        }
         if first {
             self.reply_to_client(reply.raw());
         } else {
@@ -1460,6 +1777,11 @@ impl SmtpMachine {
             Charge::Keep
         };
         self.settle_auth(verdict, charge);
+        if self.settings.routed && code != 235 {
+            // A login that did not succeed leaves no backend behind: the next one is routed
+            // afresh.
+            self.leave_backend();
+        }
     }
 
     /// The AUTH exchange in flight ended: one notice, which settles its charge.
@@ -1523,7 +1845,10 @@ impl ClientEvents for SmtpMachine {
 
     fn may_take_event(&self) -> bool {
         match self.core.phase {
-            Phase::Cleartext | Phase::Local => self.held.is_none() || self.owed == 0,
+            // Not while a routed login waits for its charge.
+            Phase::Cleartext | Phase::Local => {
+                (self.held.is_none() || self.owed == 0) && self.charge != ChargeState::Asked
+            }
             Phase::Ready => match self.mode {
                 Mode::Data { .. } | Mode::Chunk { .. } => true,
                 _ => !self.blocked(),
@@ -1599,6 +1924,10 @@ impl Machine for SmtpMachine {
         if self.charge != ChargeState::Asked {
             return;
         }
+        if self.routed.is_some() {
+            self.routed_charge(granted);
+            return self.pump();
+        }
         if granted {
             self.charge = ChargeState::Granted;
         } else {
@@ -1646,6 +1975,13 @@ impl Machine for SmtpMachine {
         if self.ended() || self.link != Link::Up {
             return;
         }
+        if self.settings.routed && self.auth_charged {
+            // The backend of a routed login went away before the login's end: its temporary
+            // failure, and the session goes on without a backend (the driver dropped it).
+            self.link = Link::Dropped;
+            self.login_unavailable();
+            return self.pump();
+        }
         match &mut self.mode {
             // Consume the rest of the message; the client then gets 421 at its end.
             Mode::Data { failed, .. } | Mode::Chunk { failed, .. } => {
@@ -1670,6 +2006,56 @@ impl Machine for SmtpMachine {
 
     fn backend_failed(&mut self) {
         self.backend_closed();
+    }
+
+    fn login_facts(&self) -> Option<LoginFacts> {
+        if !self.settings.routed {
+            return None;
+        }
+        let login = self.routed.as_ref()?;
+        Some(LoginFacts {
+            user: login.user.clone()?,
+            password: login.password.as_ref().map(|p| p.to_vec()),
+            mechanism: self.auth_mechanism.clone(),
+            helo: self
+                .greeting
+                .as_ref()
+                .map(|g| g.name.clone())
+                .filter(|name| !name.is_empty()),
+        })
+    }
+
+    fn route_failed(&mut self, failure: RouteFailure) {
+        if self.ended() {
+            return;
+        }
+        if self.routed.is_none() {
+            if self.core.phase == Phase::Connecting {
+                // Not a login (a MAIL where mail needs no login): as when a connect fails.
+                let bye = self.bye_unavailable();
+                self.reply_to_client(&bye);
+                self.finish(End::BackendUnavailable);
+            }
+            return;
+        }
+        match failure {
+            RouteFailure::Refused {
+                text,
+                smtp_code,
+                go_on,
+            } => {
+                self.settle_auth(AuthVerdict::Failure, Charge::Keep);
+                self.leave_backend();
+                let reply = local_reply::auth_refused(smtp_code.as_deref(), &text);
+                self.local(&reply);
+                if !go_on {
+                    // As nginx: a refusal without `Auth-Wait` ends the session.
+                    return self.finish(End::LoginRefused);
+                }
+            }
+            RouteFailure::Unavailable => self.login_unavailable(),
+        }
+        self.pump();
     }
 
     fn tls_started(&mut self, tls: TlsFacts) {
@@ -1762,6 +2148,11 @@ impl Machine for SmtpMachine {
     }
 }
 
+/// The LOGIN mechanism, whose user name and password come as two responses of their own.
+fn is_login_mechanism(mechanism: &[u8]) -> bool {
+    mechanism.eq_ignore_ascii_case(b"LOGIN")
+}
+
 fn bare_name(kind: BareLineEnding) -> &'static str {
     match kind {
         BareLineEnding::Cr => "cr",
@@ -1773,7 +2164,7 @@ fn bare_name(kind: BareLineEnding) -> &'static str {
 mod tests {
     use super::*;
     use crate::line::split::CHUNKS;
-    use crate::machine::testing::tls13;
+    use crate::machine::testing::{Throttle, check_charges, tls13};
 
     const HOST: &str = "mx.example";
     const EHLO_REPLY: &str =
@@ -1792,6 +2183,7 @@ mod tests {
             clock: || OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
             received_id: || ReceivedId::new("FIXEDID").unwrap(),
             learned_ehlo: None,
+            routed: false,
         }
     }
 
@@ -1804,18 +2196,32 @@ mod tests {
         notices: Vec<Notice>,
         closes: usize,
         grant: bool,
+        /// When set, charges are answered and settled by the throttle (which checks that
+        /// every verdict settles a charge) instead of `grant`.
+        throttle: Option<Throttle>,
+        /// What the machine said at each [`Next::Connect`] ([`Machine::login_facts`]).
+        facts: Vec<Option<LoginFacts>>,
+        /// The router's answers to the next connects; a connect with none left succeeds.
+        routes: VecDeque<RouteFailure>,
     }
 
     impl Run {
         fn new(listener: TlsMode) -> Run {
             let tls = (listener == TlsMode::Implicit).then(tls13);
+            Run::with(settings(listener), tls)
+        }
+
+        fn with(settings: Settings, tls: Option<TlsFacts>) -> Run {
             let mut run = Run {
-                m: SmtpMachine::new(settings(listener), tls),
+                m: SmtpMachine::new(settings, tls),
                 client: Vec::new(),
                 backend: Vec::new(),
                 notices: Vec::new(),
                 closes: 0,
                 grant: true,
+                throttle: None,
+                facts: Vec::new(),
+                routes: VecDeque::new(),
             };
             run.settle();
             run
@@ -1823,7 +2229,13 @@ mod tests {
 
         fn settle(&mut self) {
             loop {
-                self.notices.extend(self.m.take_notices());
+                match self.throttle.as_mut() {
+                    Some(throttle) => {
+                        throttle.run(&mut self.m);
+                        self.notices.append(&mut throttle.notices);
+                    }
+                    None => self.notices.extend(self.m.take_notices()),
+                }
                 self.backend.extend(self.m.take_to_backend());
                 self.client.extend(self.m.take_to_client());
                 if self.m.take_backend_close() {
@@ -1831,7 +2243,13 @@ mod tests {
                 }
                 match self.m.next() {
                     Next::ChargeLogin => self.m.login_charge(self.grant),
-                    Next::Connect => self.m.backend_connected(),
+                    Next::Connect => {
+                        self.facts.push(self.m.login_facts());
+                        match self.routes.pop_front() {
+                            Some(failure) => self.m.route_failed(failure),
+                            None => self.m.backend_connected(),
+                        }
+                    }
                     Next::StartTls => self.m.tls_started(tls13()),
                     _ => return,
                 }
@@ -1909,15 +2327,7 @@ mod tests {
     fn learned() -> Run {
         let mut settings = settings(TlsMode::Implicit);
         settings.learned_ehlo = Some(EHLO_REPLY.as_bytes().to_vec());
-        let mut run = Run {
-            m: SmtpMachine::new(settings, Some(tls13())),
-            client: Vec::new(),
-            backend: Vec::new(),
-            notices: Vec::new(),
-            closes: 0,
-            grant: true,
-        };
-        run.settle();
+        let mut run = Run::with(settings, Some(tls13()));
         run.take_client();
         run
     }
@@ -2236,6 +2646,657 @@ mod tests {
         assert_eq!(whole.2, Next::End(End::ClientClosed));
         for chunk in CHUNKS {
             assert_eq!(transcript(chunk), whole, "chunk {chunk}");
+        }
+    }
+
+    // ---- routed sessions ---------------------------------------------------------------------
+
+    /// What a routed listener learned: mechanisms that can and cannot be routed.
+    const ROUTED_EHLO: &str = "250-backend\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN CRAM-MD5 SCRAM-SHA-256 GSSAPI\r\n250-AUTH=CRAM-MD5\r\n250-CHUNKING\r\n250 SIZE 10000000\r\n";
+    /// `\0alice\0secret` and `\0bob\0pw`.
+    const ALICE: &str = "AGFsaWNlAHNlY3JldA==";
+    const BOB: &str = "AGJvYgBwdw==";
+    /// `alice` and `secret`, LOGIN's two responses.
+    const ALICE_NAME: &str = "YWxpY2U=";
+    const SECRET: &str = "c2VjcmV0";
+
+    /// An implicit session of a routed listener, greeted (and its greeting taken); `learned`:
+    /// the listener learned [`ROUTED_EHLO`].
+    fn routed(learned: bool) -> Run {
+        let mut settings = settings(TlsMode::Implicit);
+        settings.routed = true;
+        settings.learned_ehlo = learned.then(|| ROUTED_EHLO.as_bytes().to_vec());
+        let mut run = Run::with(settings, Some(tls13()));
+        run.throttle = Some(Throttle::new(10, 0));
+        run.take_client();
+        run
+    }
+
+    fn facts(
+        user: &str,
+        password: Option<&str>,
+        mechanism: &str,
+        helo: Option<&str>,
+    ) -> LoginFacts {
+        LoginFacts {
+            user: user.as_bytes().to_vec(),
+            password: password.map(|p| p.as_bytes().to_vec()),
+            mechanism: mechanism.to_owned(),
+            helo: helo.map(|h| h.as_bytes().to_vec()),
+        }
+    }
+
+    fn charged(run: &Run) -> u32 {
+        run.throttle.as_ref().map_or(0, |t| t.charged)
+    }
+
+    /// The backend's side of a routed login up to its AUTH: greeting, then the replayed EHLO.
+    fn greet_and_replay(run: &mut Run) {
+        run.backend("220 backend ESMTP\r\n");
+        assert_eq!(
+            run.take_backend(),
+            "EHLO me\r\n",
+            "the client's EHLO, replayed"
+        );
+        run.backend(EHLO_REPLY);
+        assert_eq!(
+            run.take_client(),
+            "",
+            "the replayed EHLO's reply is swallowed"
+        );
+    }
+
+    #[test]
+    fn a_routed_session_connects_for_nothing_but_a_complete_login() {
+        let table: &[(&str, &str)] = &[
+            ("EHLO again\r\n", "250-mx.example\r\n"),
+            ("HELO me\r\n", "250 mx.example\r\n"),
+            ("NOOP\r\n", "250 2.0.0 Ok\r\n"),
+            ("RSET\r\n", "250 2.0.0 Ok\r\n"),
+            (
+                "MAIL FROM:<a@example.org>\r\n",
+                "530 5.7.0 Authentication required\r\n",
+            ),
+            ("VRFY bob\r\n", "530 5.7.0 Authentication required\r\n"),
+            ("EXPN list\r\n", "530 5.7.0 Authentication required\r\n"),
+            ("HELP\r\n", "530 5.7.0 Authentication required\r\n"),
+            ("RCPT TO:<b@example.org>\r\n", "503 5.5.1"),
+            ("DATA\r\n", "503 5.5.1"),
+            ("BDAT 3 LAST\r\nabc", "50"),
+            ("FOO\r\n", "500 5.5.1"),
+            ("STARTTLS\r\n", "554 5.5.1"),
+            ("XCLIENT ADDR=192.0.2.1\r\n", "500 5.5.1"),
+            (
+                "AUTH CRAM-MD5\r\n",
+                "504 5.5.4 Unrecognized authentication type\r\n",
+            ),
+            ("AUTH GSSAPI\r\n", "504 5.5.4"),
+            ("AUTH EXTERNAL =\r\n", "504 5.5.4"),
+            ("AUTH PLAIN !!\r\n", "501 5.5.4 Syntax: AUTH"),
+            // Exchanges not complete yet: mailfront's own challenges.
+            ("AUTH PLAIN\r\n", "334 \r\n"),
+            ("AUTH SCRAM-SHA-256\r\n", "334 \r\n"),
+            ("AUTH LOGIN\r\n", "334 VXNlcm5hbWU6\r\n"),
+            ("AUTH LOGIN YWxpY2U=\r\n", "334 UGFzc3dvcmQ6\r\n"),
+            (
+                "AUTH LOGIN\r\nYWxpY2U=\r\n",
+                "334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n",
+            ),
+            // Cancelled, or not base64: answered here, nothing charged.
+            (
+                "AUTH PLAIN\r\n*\r\n",
+                "334 \r\n501 5.7.0 Authentication aborted\r\n",
+            ),
+            (
+                "AUTH LOGIN YWxpY2U=\r\n*\r\n",
+                "334 UGFzc3dvcmQ6\r\n501 5.7.0 Authentication aborted\r\n",
+            ),
+            (
+                "AUTH PLAIN\r\n!!!!\r\n",
+                "334 \r\n501 5.5.2 Cannot decode response\r\n",
+            ),
+            ("AUTH PLAIN\r\nQUIT\nNOOP\r\n", "334 \r\n500 5.5.2"),
+            ("QUIT\r\n", "221 2.0.0 Bye\r\n"),
+        ];
+        for learned in [true, false] {
+            for (input, reply) in table {
+                let mut run = routed(learned);
+                run.client("EHLO me\r\n");
+                assert!(run.take_client().starts_with("250-mx.example\r\n"));
+                run.client(input);
+                let client = run.take_client();
+                assert!(
+                    client.starts_with(reply),
+                    "{input:?} (learned: {learned}): {client:?}"
+                );
+                assert_eq!(run.facts, Vec::new(), "{input:?}: connected");
+                assert_eq!(run.take_backend(), "", "{input:?}");
+                assert_eq!(charged(&run), 0, "{input:?}");
+                assert_ne!(run.m.next(), Next::Connect, "{input:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_routed_ehlo_shows_only_mechanisms_that_can_be_routed() {
+        let mut run = routed(true);
+        run.client("EHLO me\r\n");
+        assert_eq!(
+            run.take_client(),
+            "250-mx.example\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN SCRAM-SHA-256\r\n\
+             250-CHUNKING\r\n250 SIZE 9998976\r\n"
+        );
+        // Nothing learned: the built-in list, never a connect to learn one.
+        let mut run = routed(false);
+        run.client("EHLO me\r\n");
+        assert_eq!(
+            run.take_client(),
+            "250-mx.example\r\n250-PIPELINING\r\n250 AUTH PLAIN\r\n"
+        );
+        assert!(run.facts.is_empty());
+        // Live, after the login: the backend's list, filtered the same way.
+        let mut run = routed(true);
+        run.client(&format!("EHLO me\r\nAUTH PLAIN {ALICE}\r\n"));
+        run.take_client();
+        greet_and_replay(&mut run);
+        run.backend("334 \r\n");
+        run.backend("235 2.7.0 ok\r\n");
+        run.client("EHLO again\r\n");
+        assert!(run.take_backend().ends_with("EHLO again\r\n"));
+        run.backend(ROUTED_EHLO);
+        let ehlo = run.take_client();
+        assert!(
+            ehlo.ends_with(
+                "250-AUTH PLAIN LOGIN SCRAM-SHA-256\r\n250-CHUNKING\r\n250 SIZE 9998976\r\n"
+            ),
+            "{ehlo}"
+        );
+        assert!(
+            !ehlo.contains("CRAM-MD5") && !ehlo.contains("GSSAPI"),
+            "{ehlo}"
+        );
+        // A non-routable mechanism is refused here, uncharged, never forwarded.
+        let mut run = routed(true);
+        run.client("EHLO me\r\nAUTH cram-md5\r\nNOOP\r\n");
+        assert!(
+            run.take_client()
+                .ends_with("504 5.5.4 Unrecognized authentication type\r\n250 2.0.0 Ok\r\n")
+        );
+        assert!(run.notices.contains(&Notice::CommandRefused {
+            reason: "mechanism_not_routable"
+        }));
+        assert!(run.facts.is_empty() && run.take_backend().is_empty());
+    }
+
+    #[test]
+    fn auth_plain_with_an_initial_response_is_routed_then_replayed_without_it() {
+        let mut run = routed(true);
+        run.client(&format!("EHLO me\r\nAUTH PLAIN {ALICE}\r\n"));
+        assert!(run.take_client().starts_with("250-"), "only the EHLO reply");
+        assert_eq!(
+            run.facts,
+            vec![Some(facts("alice", Some("secret"), "PLAIN", Some("me")))]
+        );
+        assert_eq!(run.take_backend(), "", "connecting");
+        greet_and_replay(&mut run);
+        assert_eq!(run.take_backend(), "AUTH PLAIN\r\n", "no initial response");
+        run.backend("334 \r\n");
+        assert_eq!(run.take_client(), "", "the backend's 334 is swallowed");
+        assert_eq!(run.take_backend(), format!("{ALICE}\r\n"));
+        run.backend("235 2.7.0 Authentication successful\r\n");
+        assert_eq!(run.take_client(), "235 2.7.0 Authentication successful\r\n");
+        assert!(run.notices.contains(&Notice::User(b"alice".to_vec())));
+        assert!(run.notices.contains(&Notice::PastLogin));
+        assert!(run.notices.contains(&Notice::Auth {
+            verdict: AuthVerdict::Success,
+            mechanism: "PLAIN".into(),
+            charge: Charge::Refund,
+        }));
+        assert_eq!(charged(&run), 0);
+        assert_eq!(run.closes, 0);
+        // Past the login, commands flow to this backend.
+        run.client("MAIL FROM:<a@example.org>\r\n");
+        assert_eq!(run.take_backend(), "MAIL FROM:<a@example.org>\r\n");
+    }
+
+    #[test]
+    fn auth_plain_without_an_initial_response_gets_mailfronts_own_challenge() {
+        let mut run = routed(true);
+        run.client("EHLO me\r\nAUTH plain\r\n");
+        assert!(run.take_client().ends_with("250 SIZE 9998976\r\n334 \r\n"));
+        assert!(run.facts.is_empty(), "the response names the user");
+        run.client(&format!("{ALICE}\r\n"));
+        assert_eq!(
+            run.facts,
+            vec![Some(facts("alice", Some("secret"), "PLAIN", Some("me")))]
+        );
+        greet_and_replay(&mut run);
+        assert_eq!(run.take_backend(), "AUTH PLAIN\r\n");
+        run.backend("334 \r\n");
+        assert_eq!(run.take_backend(), format!("{ALICE}\r\n"));
+        run.backend("235 2.7.0 ok\r\n");
+        assert_eq!(run.take_client(), "235 2.7.0 ok\r\n");
+    }
+
+    #[test]
+    fn auth_login_is_played_by_mailfront_and_replayed_to_the_backend() {
+        for with_initial in [false, true] {
+            let mut run = routed(true);
+            run.client("EHLO me\r\n");
+            run.take_client();
+            if with_initial {
+                run.client(&format!("AUTH LOGIN {ALICE_NAME}\r\n"));
+                assert_eq!(run.take_client(), "334 UGFzc3dvcmQ6\r\n");
+            } else {
+                run.client("AUTH LOGIN\r\n");
+                assert_eq!(run.take_client(), "334 VXNlcm5hbWU6\r\n");
+                run.client(&format!("{ALICE_NAME}\r\n"));
+                assert_eq!(run.take_client(), "334 UGFzc3dvcmQ6\r\n");
+            }
+            assert!(run.facts.is_empty());
+            run.client(&format!("{SECRET}\r\n"));
+            assert_eq!(
+                run.facts,
+                vec![Some(facts("alice", Some("secret"), "LOGIN", Some("me")))]
+            );
+            greet_and_replay(&mut run);
+            assert_eq!(run.take_backend(), "AUTH LOGIN\r\n");
+            run.backend("334 VXNlcm5hbWU6\r\n");
+            assert_eq!(run.take_backend(), format!("{ALICE_NAME}\r\n"));
+            run.backend("334 UGFzc3dvcmQ6\r\n");
+            assert_eq!(run.take_backend(), format!("{SECRET}\r\n"));
+            assert_eq!(run.take_client(), "", "both challenges swallowed");
+            run.backend("235 2.7.0 ok\r\n");
+            assert_eq!(run.take_client(), "235 2.7.0 ok\r\n");
+            assert_eq!(charged(&run), 0);
+        }
+    }
+
+    #[test]
+    fn a_scram_exchange_replays_the_first_message_then_relays() {
+        let mut run = routed(true);
+        // `n,,n=alice,r=abc`; no EHLO: nothing to replay, and no helo for the router.
+        run.client("AUTH SCRAM-SHA-256 biwsbj1hbGljZSxyPWFiYw==\r\n");
+        assert_eq!(
+            run.facts,
+            vec![Some(facts("alice", None, "SCRAM-SHA-256", None))]
+        );
+        run.backend("220 backend ESMTP\r\n");
+        assert_eq!(run.take_backend(), "AUTH SCRAM-SHA-256\r\n");
+        run.backend("334 \r\n");
+        assert_eq!(run.take_backend(), "biwsbj1hbGljZSxyPWFiYw==\r\n");
+        assert_eq!(run.take_client(), "");
+        // The server-first message is the client's to answer.
+        run.backend("334 cj1hYmNkZWYscz1jMkZzZEE9PSxpPTQwOTY=\r\n");
+        assert_eq!(
+            run.take_client(),
+            "334 cj1hYmNkZWYscz1jMkZzZEE9PSxpPTQwOTY=\r\n"
+        );
+        run.client("Yz1iaXdzLHI9YWJjZGVmLHA9cHJvb2Y=\r\n");
+        assert_eq!(run.take_backend(), "Yz1iaXdzLHI9YWJjZGVmLHA9cHJvb2Y=\r\n");
+        run.backend("235 2.7.0 ok\r\n");
+        assert_eq!(run.take_client(), "235 2.7.0 ok\r\n");
+        assert_eq!(charged(&run), 0);
+    }
+
+    #[test]
+    fn mail_where_mail_needs_no_login_goes_to_the_pool_and_a_later_auth_is_routed_afresh() {
+        let mut settings = settings(TlsMode::Implicit);
+        settings.routed = true;
+        settings.require_tls_for_mail = false;
+        settings.learned_ehlo = Some(ROUTED_EHLO.as_bytes().to_vec());
+        let mut run = Run::with(settings, Some(tls13()));
+        run.throttle = Some(Throttle::new(10, 0));
+        run.take_client();
+        run.client("EHLO me\r\nMAIL FROM:<a@example.org>\r\n");
+        assert!(run.take_client().starts_with("250-mx.example\r\n"));
+        assert_eq!(run.facts, vec![None], "the listener's pool");
+        greet_and_replay(&mut run);
+        assert_eq!(run.take_backend(), "MAIL FROM:<a@example.org>\r\n");
+        run.backend("250 2.1.0 Ok\r\n");
+        assert_eq!(run.take_client(), "250 2.1.0 Ok\r\n");
+        // That backend was chosen before the user was known: left, and the AUTH routed.
+        run.client(&format!("RSET\r\nAUTH PLAIN {ALICE}\r\n"));
+        assert_eq!(run.take_backend(), "RSET\r\n");
+        run.backend("250 2.0.0 Ok\r\n");
+        assert_eq!(run.take_client(), "250 2.0.0 Ok\r\n");
+        assert_eq!(run.take_backend(), "QUIT\r\n");
+        assert_eq!(run.closes, 1);
+        assert_eq!(
+            run.facts,
+            vec![
+                None,
+                Some(facts("alice", Some("secret"), "PLAIN", Some("me")))
+            ]
+        );
+        greet_and_replay(&mut run);
+        assert_eq!(run.take_backend(), "AUTH PLAIN\r\n");
+        run.backend("334 \r\n");
+        run.backend("235 2.7.0 ok\r\n");
+        assert_eq!(run.take_client(), "235 2.7.0 ok\r\n");
+    }
+
+    #[test]
+    fn a_refusing_router_answers_the_login_and_ends_only_without_go_on() {
+        for go_on in [true, false] {
+            let mut run = routed(true);
+            run.routes.push_back(RouteFailure::Refused {
+                text: "Invalid login or password".into(),
+                smtp_code: go_on.then(|| "535 5.7.0".to_owned()),
+                go_on,
+            });
+            run.client(&format!("EHLO me\r\nAUTH PLAIN {ALICE}\r\nNOOP\r\n"));
+            let client = run.take_client();
+            assert_eq!(run.facts.len(), 1);
+            assert!(run.notices.contains(&Notice::Auth {
+                verdict: AuthVerdict::Failure,
+                mechanism: "PLAIN".into(),
+                charge: Charge::Keep,
+            }));
+            assert_eq!(charged(&run), 1, "kept");
+            assert_eq!(run.take_backend(), "");
+            if go_on {
+                assert!(
+                    client.ends_with("535 5.7.0 Invalid login or password\r\n250 2.0.0 Ok\r\n"),
+                    "{client}"
+                );
+                assert_eq!(run.m.next(), Next::Run);
+            } else {
+                assert!(
+                    client.ends_with("535 5.7.8 Invalid login or password\r\n"),
+                    "{client}"
+                );
+                assert_eq!(run.m.next(), Next::End(End::LoginRefused));
+            }
+        }
+    }
+
+    #[test]
+    fn no_backend_now_is_a_temporary_failure_and_the_next_login_is_routed_again() {
+        let mut run = routed(true);
+        run.routes.push_back(RouteFailure::Unavailable);
+        run.client(&format!("EHLO me\r\nAUTH PLAIN {ALICE}\r\n"));
+        assert!(
+            run.take_client()
+                .ends_with("454 4.7.0 Temporary authentication failure\r\n")
+        );
+        assert!(run.notices.contains(&Notice::Auth {
+            verdict: AuthVerdict::NotCompleted,
+            mechanism: "PLAIN".into(),
+            charge: Charge::Refund,
+        }));
+        assert_eq!(charged(&run), 0, "refunded");
+        assert_eq!(run.m.next(), Next::Run);
+        run.client(&format!("AUTH PLAIN {BOB}\r\n"));
+        assert_eq!(
+            run.facts,
+            vec![
+                Some(facts("alice", Some("secret"), "PLAIN", Some("me"))),
+                Some(facts("bob", Some("pw"), "PLAIN", Some("me"))),
+            ]
+        );
+        greet_and_replay(&mut run);
+        assert_eq!(run.take_backend(), "AUTH PLAIN\r\n");
+        run.backend("334 \r\n");
+        assert_eq!(run.take_backend(), format!("{BOB}\r\n"));
+        run.backend("235 2.7.0 ok\r\n");
+        assert_eq!(run.take_client(), "235 2.7.0 ok\r\n");
+    }
+
+    #[test]
+    fn a_login_the_backend_refuses_leaves_no_backend_and_the_next_is_routed_afresh() {
+        let mut run = routed(true);
+        run.client(&format!("EHLO me\r\nAUTH PLAIN {ALICE}\r\n"));
+        run.take_client();
+        greet_and_replay(&mut run);
+        run.backend("334 \r\n");
+        run.take_backend();
+        run.backend("535 5.7.8 Error: authentication failed\r\n");
+        assert_eq!(
+            run.take_client(),
+            "535 5.7.8 Error: authentication failed\r\n"
+        );
+        assert_eq!(run.take_backend(), "QUIT\r\n", "a goodbye, then the close");
+        assert_eq!(run.closes, 1);
+        assert_eq!(run.m.core.phase, Phase::Local);
+        assert_eq!(charged(&run), 1);
+        // Another user, who may live elsewhere: a fresh connect with new facts.
+        run.client(&format!("AUTH PLAIN {BOB}\r\n"));
+        assert_eq!(run.facts.len(), 2);
+        assert_eq!(
+            run.facts[1],
+            Some(facts("bob", Some("pw"), "PLAIN", Some("me")))
+        );
+        greet_and_replay(&mut run);
+        assert_eq!(run.take_backend(), "AUTH PLAIN\r\n");
+        run.backend("334 \r\n");
+        assert_eq!(run.take_backend(), format!("{BOB}\r\n"));
+        run.backend("235 2.7.0 ok\r\n");
+        assert_eq!(run.take_client(), "235 2.7.0 ok\r\n");
+        assert_eq!(charged(&run), 1, "alice's failure stays counted");
+    }
+
+    #[test]
+    fn a_completion_instead_of_a_challenge_answers_the_clients_auth() {
+        for (reply, verdict, charge, kept) in [
+            (
+                "504 5.5.4 Unrecognized authentication type\r\n",
+                AuthVerdict::NotCompleted,
+                Charge::Refund,
+                0,
+            ),
+            (
+                "535 5.7.8 Error: authentication failed\r\n",
+                AuthVerdict::Failure,
+                Charge::Keep,
+                1,
+            ),
+            (
+                "454 4.7.0 Temporary authentication failure\r\n",
+                AuthVerdict::NotCompleted,
+                Charge::Refund,
+                0,
+            ),
+        ] {
+            let mut run = routed(true);
+            run.client(&format!("EHLO me\r\nAUTH LOGIN {ALICE_NAME}\r\n"));
+            run.client(&format!("{SECRET}\r\n"));
+            run.take_client();
+            greet_and_replay(&mut run);
+            assert_eq!(run.take_backend(), "AUTH LOGIN\r\n");
+            run.backend(reply);
+            assert_eq!(run.take_client(), reply);
+            assert_eq!(run.take_backend(), "QUIT\r\n", "no held response went out");
+            assert!(run.notices.contains(&Notice::Auth {
+                verdict,
+                mechanism: "LOGIN".into(),
+                charge,
+            }));
+            assert_eq!(charged(&run), kept, "{reply}");
+            assert_eq!(run.m.core.phase, Phase::Local);
+        }
+    }
+
+    #[test]
+    fn a_login_whose_user_cannot_be_read_fails_here_and_is_charged() {
+        // A PLAIN message without its NULs; an OAUTHBEARER without `a=`.
+        for auth in [
+            "AUTH PLAIN YWxpY2UAc2VjcmV0\r\n",
+            "AUTH OAUTHBEARER biwsAWF1dGg9QmVhcmVyIHgBAQ==\r\n",
+            "AUTH PLAIN =\r\n",
+            "AUTH LOGIN =\r\n",
+        ] {
+            let mut run = routed(true);
+            run.client(&format!("EHLO me\r\n{auth}NOOP\r\n"));
+            assert!(
+                run.take_client()
+                    .ends_with("535 5.7.8 Authentication credentials invalid\r\n250 2.0.0 Ok\r\n"),
+                "{auth}"
+            );
+            assert!(run.facts.is_empty(), "{auth}");
+            assert_eq!(run.take_backend(), "");
+            assert_eq!(charged(&run), 1, "{auth}");
+            assert!(run.notices.iter().any(|n| matches!(
+                n,
+                Notice::Auth {
+                    verdict: AuthVerdict::Failure,
+                    ..
+                }
+            )));
+        }
+    }
+
+    #[test]
+    fn a_routed_backend_that_fails_before_the_logins_end_is_a_temporary_failure() {
+        // It refuses service at its greeting, or closes mid-exchange.
+        for fail in [
+            |run: &mut Run| run.backend("554 5.3.2 busy\r\n"),
+            |run: &mut Run| {
+                greet_and_replay(run);
+                run.m.backend_closed();
+                run.settle();
+            },
+        ] {
+            let mut run = routed(true);
+            run.client(&format!("EHLO me\r\nAUTH PLAIN {ALICE}\r\n"));
+            run.take_client();
+            fail(&mut run);
+            assert!(
+                run.take_client()
+                    .ends_with("454 4.7.0 Temporary authentication failure\r\n")
+            );
+            assert_eq!(charged(&run), 0);
+            assert_eq!(run.m.next(), Next::Run, "the session goes on");
+            run.take_backend();
+            run.client(&format!("AUTH PLAIN {BOB}\r\n"));
+            assert_eq!(run.facts.len(), 2, "routed again");
+        }
+    }
+
+    #[test]
+    fn routed_logins_settle_their_charges() {
+        use crate::machine::testing::Step::{self, Backend, Client};
+        struct Row {
+            name: &'static str,
+            routes: Vec<RouteFailure>,
+            steps: Vec<Step>,
+            charged: u32,
+            refused: u32,
+            reached: &'static [&'static str],
+            never: &'static [&'static str],
+        }
+        let greeted = |mut steps: Vec<Step>| {
+            let mut all = vec![
+                Client("EHLO me\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+                Backend("220 backend ESMTP\r\n"),
+                Backend(EHLO_REPLY),
+            ];
+            all.append(&mut steps);
+            all
+        };
+        let rows = vec![
+            Row {
+                name: "success",
+                routes: vec![],
+                steps: greeted(vec![Backend("334 \r\n"), Backend("235 2.7.0 ok\r\n")]),
+                charged: 0,
+                refused: 0,
+                reached: &["AUTH PLAIN\r\n", "AGFsaWNlAHNlY3JldA==\r\n"],
+                never: &["QUIT"],
+            },
+            Row {
+                name: "the backend refuses",
+                routes: vec![],
+                steps: greeted(vec![Backend("334 \r\n"), Backend("535 5.7.8 no\r\n")]),
+                charged: 1,
+                refused: 0,
+                reached: &["AGFsaWNlAHNlY3JldA==\r\n", "QUIT\r\n"],
+                never: &[],
+            },
+            Row {
+                name: "the router refuses, go on",
+                routes: vec![RouteFailure::Refused {
+                    text: "no".into(),
+                    smtp_code: None,
+                    go_on: true,
+                }],
+                steps: vec![Client("EHLO me\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &[],
+                never: &["AUTH"],
+            },
+            Row {
+                name: "no backend now",
+                routes: vec![RouteFailure::Unavailable],
+                steps: vec![Client("EHLO me\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")],
+                charged: 0,
+                refused: 0,
+                reached: &[],
+                never: &["AUTH"],
+            },
+            Row {
+                name: "cancelled",
+                routes: vec![],
+                steps: vec![Client("EHLO me\r\nAUTH LOGIN\r\n*\r\n")],
+                charged: 0,
+                refused: 0,
+                reached: &[],
+                never: &["AUTH"],
+            },
+            Row {
+                name: "unreadable user",
+                routes: vec![],
+                steps: vec![Client("EHLO me\r\nAUTH PLAIN YWxpY2UAc2VjcmV0\r\n")],
+                charged: 1,
+                refused: 0,
+                reached: &[],
+                never: &["AUTH"],
+            },
+            Row {
+                name: "two failures, then one throttled",
+                routes: vec![],
+                steps: vec![
+                    Client("EHLO me\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+                    Backend("220 backend ESMTP\r\n"),
+                    Backend(EHLO_REPLY),
+                    Backend("334 \r\n"),
+                    Backend("535 5.7.8 no\r\n"),
+                    Client("AUTH PLAIN YWxpY2UAc2VjcmV0\r\n"),
+                    Client("AUTH PLAIN AGJvYgBwdw==\r\n"),
+                ],
+                charged: 2,
+                refused: 1,
+                reached: &["AGFsaWNlAHNlY3JldA==\r\n"],
+                never: &["AGJvYgBwdw=="],
+            },
+        ];
+        for row in rows {
+            let mut run = routed(true);
+            run.throttle = Some(Throttle::new(3, 1));
+            run.routes = row.routes.into_iter().collect();
+            for step in &row.steps {
+                match step {
+                    Client(bytes) => run.client(bytes),
+                    Backend(bytes) => run.backend(bytes),
+                    Step::BackendClosed => {
+                        run.m.backend_closed();
+                        run.settle();
+                    }
+                }
+            }
+            let backend = run.take_backend();
+            let throttle = run.throttle.as_ref().unwrap();
+            // One charge was taken by another session before this one.
+            check_charges(
+                row.name,
+                throttle,
+                &backend,
+                row.charged + 1,
+                row.refused,
+                row.reached,
+                row.never,
+            );
         }
     }
 }

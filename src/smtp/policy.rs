@@ -106,6 +106,12 @@ pub enum Refusal {
     NeedMail,
     /// A command mailfront does not know, answered while no backend is connected.
     NotRecognized,
+    /// On a listener that routes by user, a command that needs a login before one (MAIL where
+    /// mail needs TLS, VRFY, EXPN, HELP): no backend is chosen before a login names the user.
+    AuthRequired,
+    /// On a listener that routes by user, AUTH with a mechanism whose first response does not
+    /// name the user ([`crate::sasl::is_routable`]).
+    MechanismNotRoutable,
 }
 
 impl Refusal {
@@ -123,6 +129,8 @@ impl Refusal {
             Refusal::BdatNotSupported => local_reply::BDAT_NOT_SUPPORTED,
             Refusal::NeedMail => local_reply::NEED_MAIL,
             Refusal::NotRecognized => local_reply::COMMAND_NOT_RECOGNIZED,
+            Refusal::AuthRequired => local_reply::AUTH_REQUIRED,
+            Refusal::MechanismNotRoutable => local_reply::MECHANISM_NOT_ROUTABLE,
         }
     }
 
@@ -144,6 +152,8 @@ impl Refusal {
             Refusal::BdatNotSupported => "bdat_not_supported",
             Refusal::NeedMail => "need_mail",
             Refusal::NotRecognized => "not_recognized",
+            Refusal::AuthRequired => "auth_required",
+            Refusal::MechanismNotRoutable => "mechanism_not_routable",
         }
     }
 }

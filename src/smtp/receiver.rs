@@ -85,6 +85,15 @@ impl Line {
         self.text
     }
 
+    /// A CRLF-terminated line of mailfront's own making (the AUTH of a login held for routing,
+    /// which goes through the gate like a client's line once the backend is connected).
+    pub(crate) fn own(text: Vec<u8>) -> Line {
+        Line {
+            text,
+            bare_lf: false,
+        }
+    }
+
     /// A line with no text, CRLF-terminated: what stands for an over-long line whose bytes
     /// were dropped.
     pub fn empty() -> Line {

@@ -25,6 +25,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
         clock: OffsetDateTime::now_utc,
         received_id: ReceivedId::random,
         learned_ehlo: listener.learned.ehlo(),
+        routed: listener.routes_users(),
     };
     let machine = SmtpMachine::new(settings, session.tls().map(|t| t.facts()));
     // Client bytes held while the machine waits for replies: one command line's worth.
