@@ -955,22 +955,8 @@ cfg = cfg.replace("/etc/mailfront/tickets/ticket.keys", sys.argv[3] + "/ticket.k
 cfg = cfg.replace("/etc/mailfront/shared-state/password/password", sys.argv[3] + "/redis-password")
 cfg = cfg.replace("/etc/mailfront/shared-state/ca/ca.crt", sys.argv[3] + "/tls.crt")
 open(sys.argv[2], "w").write(cfg)
-# The same without user_affinity, user_map and user_lookup, for a mailfront that refuses them.
-c = yaml.safe_load(cfg)
-for l in c["listeners"]:
-    for k in ("user_affinity", "user_map", "user_lookup"):
-        l.pop(k, None)
-open(sys.argv[2] + ".unrouted", "w").write(yaml.safe_dump(c, sort_keys=False))
 EOF
-      # A mailfront whose sessions do not route by user yet refuses these keys ("is not active
-      # in this version"): then the rest of the config is checked without them, and said so.
-      if grep -q -e "user_affinity:" -e "user_map:" -e "user_lookup:" "$WORK/$r.config.yaml" \
-          && [[ $("$MF" check --config "$WORK/$r.config.yaml" 2>&1) == *"is not active in this version"* ]]; then
-        check "mailfront check --config ($r, without user routing: this mailfront refuses it as not active yet)" \
-          "$MF" check --config "$WORK/$r.config.yaml.unrouted"
-      else
-        check "mailfront check --config ($r)" "$MF" check --config "$WORK/$r.config.yaml"
-      fi
+      check "mailfront check --config ($r)" "$MF" check --config "$WORK/$r.config.yaml"
     done
     # And the contract itself: config.yaml.example must pass too.
     check "mailfront check --config config.yaml.example" "$MF" check --config "$ROOT/config.yaml.example"
