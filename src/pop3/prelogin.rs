@@ -473,11 +473,14 @@ impl Prelogin {
                 if !self.count_command() {
                     return;
                 }
-                self.core.to_client.extend_from_slice(&rejection.reply());
                 if rejection.fatal {
-                    // An over-long SASL line: the backend waits for a whole one.
+                    // An over-long SASL line: the backend waits for a whole one. The session
+                    // ends with this reply, so it goes now.
+                    self.core.to_client.extend_from_slice(&rejection.reply());
                     self.core
                         .finish(End::ProtocolViolation(rejection.error.to_string()));
+                } else {
+                    self.reply_in_order(rejection.reply());
                 }
             }
         }
@@ -599,7 +602,18 @@ impl Prelogin {
                 self.charging = Some((request, expect));
             }
             Decision::Forward { request, expect } => self.forward(request, expect),
-            Decision::Reply(answer) => self.core.to_client.extend_from_slice(&answer),
+            Decision::Reply(answer) => self.reply_in_order(answer),
+        }
+    }
+
+    /// A reply of mailfront's own to a client line: after the responses to the commands
+    /// forwarded before it, since responses come in the order of the commands (RFC 2449 §6.6,
+    /// RFC 1939 §3).
+    fn reply_in_order(&mut self, answer: Vec<u8>) {
+        if self.sent.is_empty() {
+            self.core.to_client.extend_from_slice(&answer);
+        } else {
+            self.sent.push_back(Sent::Local(answer));
         }
     }
 
@@ -1586,8 +1600,41 @@ mod tests {
         let mut m = greeted();
         m.client_input(input);
         let (client, backend) = out(&mut m);
-        assert_eq!(client, [bare_lf, octet, octet].concat());
+        assert_eq!(client, bare_lf);
         assert_eq!(backend, "USER a\r\nUSER b\r\n");
+        // The refusals of the lines after USER a come after its response, in order.
+        m.backend_input(b"+OK a\r\n+OK b\r\n");
+        assert_eq!(
+            out(&mut m).0,
+            ["+OK a\r\n", octet, octet, "+OK b\r\n"].concat()
+        );
+    }
+
+    /// Once connected, a line refused here that was pipelined behind a forwarded command is
+    /// answered after that command's response, not before it (RFC 2449 §6.6).
+    #[test]
+    fn a_local_refusal_waits_for_the_responses_owed_before_it() {
+        let mut m = greeted();
+        m.client_input(b"CAPA\r\nXCLIENT ADDR=192.0.2.1\r\nNOOP\r\nUSER a\r\nSTLS\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "", "nothing before CAPA's response");
+        assert_eq!(backend, "CAPA\r\nUSER a\r\n");
+        m.backend_input(BACKEND_CAPA.as_bytes());
+        assert_eq!(
+            out(&mut m).0,
+            [
+                SHOWN_CAPA,
+                "-ERR Command not permitted\r\n",
+                "-ERR Command not valid before authentication\r\n",
+            ]
+            .concat()
+        );
+        m.backend_input(b"+OK\r\n");
+        assert_eq!(
+            out(&mut m).0,
+            "+OK\r\n-ERR Command not permitted when TLS active\r\n"
+        );
+        assert!(!m.waiting_for_backend());
     }
 
     /// An implicit-TLS session with `backend_client_info`, connected by the client's `first`
