@@ -14,6 +14,10 @@ pub enum CapaView {
     /// TLS active: the cleartext backend's `STLS` hidden, and `EXTERNAL` removed from `SASL`
     /// because the client certificate never reaches the backend (RFC 8314 §4.2).
     Tls,
+    /// As [`CapaView::Tls`], on a listener that routes by user: `SASL` keeps only the
+    /// mechanisms whose first client response names the user ([`crate::sasl::is_routable`]),
+    /// since mailfront must hold the login before it knows the backend.
+    Routed,
 }
 
 fn first_word(line: &[u8]) -> &[u8] {
@@ -48,12 +52,18 @@ pub fn rewrite_capa(raw: &[u8], view: CapaView) -> Vec<u8> {
             // which could not use it anyway (refused by the gate).
             _ if is("XCLIENT") => {}
             CapaView::Cleartext if is("USER") || is("SASL") => {}
-            CapaView::Tls if is("STLS") => {}
-            CapaView::Tls if is("SASL") => {
+            CapaView::Tls | CapaView::Routed if is("STLS") => {}
+            CapaView::Tls | CapaView::Routed if is("SASL") => {
                 let content = trim_line_end(line);
                 let kept: Vec<&[u8]> = content
                     .split(|&b| b == b' ')
-                    .filter(|token| !token.eq_ignore_ascii_case(b"EXTERNAL"))
+                    .enumerate()
+                    .filter(|(i, token)| {
+                        *i == 0
+                            || (!token.eq_ignore_ascii_case(b"EXTERNAL")
+                                && (view != CapaView::Routed || crate::sasl::is_routable(token)))
+                    })
+                    .map(|(_, token)| token)
                     .collect();
                 if kept.len() > 1 {
                     out.extend_from_slice(&kept.join(&b' '));
@@ -85,6 +95,24 @@ pub fn rewrite_mechanisms(raw: &[u8]) -> Vec<u8> {
         .iter()
         .filter(|line| !first_word(line).eq_ignore_ascii_case(b"EXTERNAL"))
         .flat_map(|line| line.iter().copied())
+        .collect()
+}
+
+/// The mechanisms of a CAPA response's `SASL` line (RFC 2449 §6.3) that a listener routing by
+/// user can route ([`crate::sasl::is_routable`]), in the backend's order: what mailfront answers
+/// `AUTH` with no argument with, without a backend. None when the response is not a `+OK` one or
+/// has no `SASL` line.
+pub fn routable_mechanisms(raw: &[u8]) -> Vec<&[u8]> {
+    if !raw.starts_with(b"+OK") {
+        return Vec::new();
+    }
+    raw.split_inclusive(|&b| b == b'\n')
+        .skip(1)
+        .map(trim_line_end)
+        .take_while(|line| *line != b".")
+        .filter(|line| first_word(line).eq_ignore_ascii_case(b"SASL"))
+        .flat_map(|line| line.split(|&b| b == b' ').skip(1))
+        .filter(|token| !token.is_empty() && crate::sasl::is_routable(token))
         .collect()
 }
 
@@ -146,6 +174,35 @@ mod tests {
             rewrite_capa(b"+OK\r\nSASL EXTERNAL\r\n.\r\n", CapaView::Tls),
             b"+OK\r\n.\r\n"
         );
+    }
+
+    #[test]
+    fn a_routed_listener_shows_only_the_mechanisms_it_can_route() {
+        let capa = b"+OK\r\nSTLS\r\nUSER\r\nSASL PLAIN CRAM-MD5 LOGIN EXTERNAL SCRAM-SHA-256 GSSAPI\r\n.\r\n";
+        assert_eq!(
+            rewrite_capa(capa, CapaView::Routed),
+            b"+OK\r\nUSER\r\nSASL PLAIN LOGIN SCRAM-SHA-256\r\n.\r\n"
+        );
+        assert_eq!(
+            rewrite_capa(
+                b"+OK\r\nSASL CRAM-MD5 DIGEST-MD5\r\nTOP\r\n.\r\n",
+                CapaView::Routed
+            ),
+            b"+OK\r\nTOP\r\n.\r\n",
+            "a SASL line with nothing routable goes"
+        );
+        assert_eq!(
+            rewrite_capa(CAPA, CapaView::Tls),
+            b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n",
+            "the TLS view keeps what it kept"
+        );
+        assert_eq!(
+            routable_mechanisms(capa),
+            [&b"PLAIN"[..], b"LOGIN", b"SCRAM-SHA-256"]
+        );
+        for raw in [&b"-ERR no\r\n"[..], b"+OK\r\nUSER\r\n.\r\n", b""] {
+            assert!(routable_mechanisms(raw).is_empty());
+        }
     }
 
     #[test]

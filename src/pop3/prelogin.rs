@@ -35,6 +35,21 @@
 //!   `XCLIENT`, which Dovecot trusts from mailfront) would otherwise reach the backend as a
 //!   command.
 //!
+//! - On a listener that routes by user ([`Settings::routed`]: `user_affinity`, `user_map`,
+//!   `user_lookup`) the backend depends on who logs in, so nothing connects before a complete
+//!   login: CAPA and a bare AUTH are answered from the learned CAPA (or a built-in list,
+//!   [`reply::capa_routed_default`]) with only the SASL mechanisms whose first response names
+//!   the user ([`sasl::is_routable`]); USER is answered `+OK` and PASS completes the login;
+//!   AUTH with a routable mechanism is played here up to the client's first response (both
+//!   responses for LOGIN, whose `Username:`/`Password:` challenges mailfront sends, as nginx
+//!   does), any other mechanism is refused. The held login is charged, then the driver routes
+//!   it ([`Machine::login_facts`]) and connects, or tells the machine why not
+//!   ([`Machine::route_failed`]). The chosen backend then gets the login as above, AUTH always
+//!   without an initial response and each held response answering one of its `+`
+//!   continuations, which the client never sees. A login the backend refuses leaves no backend
+//!   behind: mailfront says QUIT, drops the connection and answers locally again, so the next
+//!   login (maybe another user's) is routed afresh.
+//!
 //! Idle timer: in cleartext only a whole line restarts it, so trickled bytes do not hold a
 //! session. Over TLS, bytes restart it while the turn is the client's; while a forwarded command
 //! is unanswered only backend bytes and parsed client lines do.
@@ -45,8 +60,8 @@ use crate::client_info::Notice as ClientInfoNotice;
 use crate::config::TlsMode;
 use crate::line::Step;
 use crate::machine::{
-    AuthVerdict, Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, TlsFacts,
-    pump_client,
+    AuthVerdict, Charge, ClientEvents, Core, End, LoginFacts, Machine, Next, Notice, Phase,
+    RouteFailure, TlsFacts, pump_client,
 };
 use crate::pop3::capa::{self, CapaView};
 use crate::pop3::codec::{
@@ -74,6 +89,94 @@ pub struct Settings {
     /// listener for its sessions): the answer to CAPA before the backend is connected. `None`
     /// until one was seen: then CAPA connects.
     pub learned_capa: Option<Vec<u8>>,
+    /// The listener chooses the backend by the user who logs in (`user_affinity`, `user_map`,
+    /// `user_lookup`): nothing connects before a complete login, which the driver routes with
+    /// [`Machine::login_facts`]. CAPA then never connects, even with nothing learned.
+    pub routed: bool,
+}
+
+/// A SASL exchange mailfront plays itself on a routed listener, before any backend: the
+/// client's responses to its challenges, until the one that names the user is in hand.
+struct LocalSasl {
+    /// Upper-cased, routable ([`sasl::is_routable`]).
+    mechanism: Vec<u8>,
+    /// Base64 as the client sent it; an initial `=` is an empty response (RFC 5034 §4).
+    responses: Vec<Vec<u8>>,
+}
+
+impl LocalSasl {
+    /// How many responses mailfront holds before it routes: the first names the user; LOGIN
+    /// sends the name and the password as two responses (draft-murchison-sasl-login §2), and
+    /// both are held so that the chosen backend gets the whole exchange from mailfront.
+    fn wanted(&self) -> usize {
+        if self.mechanism == b"LOGIN" { 2 } else { 1 }
+    }
+}
+
+/// What a held login sends once the chosen backend is greeted.
+enum Replay {
+    /// RFC 1939 §7: USER (`None` once sent; its answer swallowed), then PASS.
+    Pass {
+        user: Option<Vec<u8>>,
+        password: Vec<u8>,
+    },
+    /// RFC 5034 §4: `AUTH mechanism` without an initial response (the backend may not take
+    /// one), each held response answering one `+` continuation.
+    Sasl {
+        mechanism: Vec<u8>,
+        responses: Vec<Vec<u8>>,
+    },
+}
+
+/// A complete login on a routed listener, held whole: charged first, then routed, then sent
+/// to the backend chosen for its user once that backend is greeted.
+struct HeldLogin {
+    /// The authentication identity; `None` when it cannot be read (a malformed PLAIN message,
+    /// OAUTHBEARER without `a=`): such a login is answered here as failed and never routed.
+    user: Option<Vec<u8>>,
+    replay: Replay,
+}
+
+impl HeldLogin {
+    /// The login's name in logs and [`Notice::Auth`], as [`Request::log_name`] writes it.
+    fn label(&self) -> String {
+        match &self.replay {
+            Replay::Pass { .. } => "PASS".to_owned(),
+            Replay::Sasl { mechanism, .. } => {
+                format!("AUTH {}", sasl::mechanism_for_log(mechanism))
+            }
+        }
+    }
+
+    fn facts(&self) -> Option<LoginFacts> {
+        let user = self.user.clone()?;
+        let (mechanism, password) = match &self.replay {
+            Replay::Pass { password, .. } => ("USER".to_owned(), Some(password.clone())),
+            Replay::Sasl {
+                mechanism,
+                responses,
+            } => {
+                let password = match mechanism.as_slice() {
+                    b"PLAIN" => responses
+                        .first()
+                        .and_then(|r| sasl::plain_password(r))
+                        .map(|p| p.to_vec()),
+                    b"LOGIN" => responses
+                        .get(1)
+                        .and_then(|r| sasl::login_mechanism_password(r))
+                        .map(|p| p.to_vec()),
+                    _ => None,
+                };
+                (String::from_utf8_lossy(mechanism).into_owned(), password)
+            }
+        };
+        Some(LoginFacts {
+            user,
+            password,
+            mechanism,
+            helo: None,
+        })
+    }
 }
 
 /// What a forwarded command was, to treat its response.
@@ -128,6 +231,16 @@ pub struct Prelogin {
     /// The line that made the machine connect, judged by the gate again once the backend is
     /// greeted; later client bytes wait behind it.
     held: Option<Command>,
+    /// Routed: an AUTH exchange mailfront plays itself before the login is complete.
+    collecting: Option<LocalSasl>,
+    /// Routed: a complete login, waiting for its charge ([`Phase::Local`]), its backend
+    /// ([`Phase::Connecting`]) or that backend's greeting; client bytes wait behind it.
+    login: Option<HeldLogin>,
+    /// Routed: SASL responses held for the backend's next `+` continuations, once the AUTH
+    /// went out.
+    replay: VecDeque<Vec<u8>>,
+    /// Routed: the backend refused a login and must be dropped ([`Machine::take_backend_close`]).
+    close_backend: bool,
 }
 
 impl Prelogin {
@@ -148,6 +261,10 @@ impl Prelogin {
             user_from_first_line: None,
             user: None,
             held: None,
+            collecting: None,
+            login: None,
+            replay: VecDeque::new(),
+            close_backend: false,
         };
         if tls_active {
             // No backend until a command needs it.
@@ -217,6 +334,11 @@ impl Prelogin {
         if matches!(self.core.phase, Phase::Ended | Phase::Authenticated) {
             return;
         }
+        if self.login.is_some() && matches!(self.core.phase, Phase::Greeting | Phase::Ready) {
+            // Routed, before the login went out: the chosen backend is unavailable.
+            self.route_failed(RouteFailure::Unavailable);
+            return;
+        }
         if self.core.phase == Phase::Greeting {
             self.core
                 .to_client
@@ -239,7 +361,9 @@ impl Prelogin {
 
     fn may_take_client_event(&self) -> bool {
         match self.core.phase {
-            Phase::Cleartext | Phase::Local => true,
+            Phase::Cleartext => true,
+            // A routed login waiting for its charge goes first.
+            Phase::Local => self.login.is_none(),
             // While PASS/APOP/AUTH is unanswered only its SASL responses go on, one per `+`.
             // After QUIT went out the backend is leaving: nothing more goes to it (RFC 1939 §6).
             // A login waiting for its charge goes first.
@@ -248,7 +372,8 @@ impl Prelogin {
                 if self.quit
                     || self.client_info_pending()
                     || self.charging.is_some()
-                    || self.held.is_some() =>
+                    || self.held.is_some()
+                    || self.login.is_some() =>
             {
                 false
             }
@@ -308,6 +433,9 @@ impl Prelogin {
     /// Over TLS, with the backend greeted: gate, then forward re-encoded or answer here.
     fn on_client_event(&mut self, event: ClientEvent) {
         match event {
+            ClientEvent::SaslResponse(line) if self.core.phase == Phase::Local => {
+                self.on_local_sasl(line);
+            }
             ClientEvent::SaslResponse(line) => {
                 // Not a command: the answer to a `+` the backend sent.
                 self.sasl_credit = self.sasl_credit.saturating_sub(1);
@@ -345,11 +473,14 @@ impl Prelogin {
                 if !self.count_command() {
                     return;
                 }
-                self.core.to_client.extend_from_slice(&rejection.reply());
                 if rejection.fatal {
-                    // An over-long SASL line: the backend waits for a whole one.
+                    // An over-long SASL line: the backend waits for a whole one. The session
+                    // ends with this reply, so it goes now.
+                    self.core.to_client.extend_from_slice(&rejection.reply());
                     self.core
                         .finish(End::ProtocolViolation(rejection.error.to_string()));
+                } else {
+                    self.reply_in_order(rejection.reply());
                 }
             }
         }
@@ -377,6 +508,21 @@ impl Prelogin {
                 self.core.to_client.extend_from_slice(&reply::quit_ok());
                 self.core.finish(End::ClientClosed);
             }
+            // Routed: never a connection to learn a list, which the backend chosen for nobody
+            // would give; the learned one or the built-in one, with only the mechanisms that
+            // can be routed.
+            Request::Capa if self.settings.routed => {
+                let shown = match &self.settings.learned_capa {
+                    Some(learned) => capa::rewrite_capa(learned, CapaView::Routed),
+                    None => reply::capa_routed_default(),
+                };
+                self.core.to_client.extend_from_slice(&shown);
+            }
+            Request::AuthList if self.settings.routed => {
+                let learned = self.settings.learned_capa.as_deref().unwrap_or_default();
+                let list = reply::mechanism_list(capa::routable_mechanisms(learned));
+                self.core.to_client.extend_from_slice(&list);
+            }
             Request::Capa if self.settings.learned_capa.is_some() => {
                 let learned = self.settings.learned_capa.as_deref().unwrap_or_default();
                 let shown = capa::rewrite_capa(learned, CapaView::Tls);
@@ -385,6 +531,23 @@ impl Prelogin {
             // RFC 1939 §7: PASS only right after a USER.
             Request::Pass(_) if self.user.is_none() => {
                 self.core.to_client.extend_from_slice(&reply::err_no_user());
+            }
+            // Routed: USER then PASS is a complete login, the user named by USER (RFC 1939 §7).
+            Request::Pass(password) if self.settings.routed => {
+                let user = self.user.take();
+                self.login = Some(HeldLogin {
+                    user: user.clone(),
+                    replay: Replay::Pass { user, password },
+                });
+            }
+            Request::Auth { mechanism, initial } if self.settings.routed => {
+                self.begin_local_sasl(mechanism, initial);
+            }
+            // Routed: nothing else is a login, and nothing else connects.
+            _ if self.settings.routed => {
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::err_not_authorized_yet());
             }
             // PASS, AUTH, and CAPA while nothing is learned: the backend is needed.
             _ => {
@@ -401,6 +564,9 @@ impl Prelogin {
         if self.core.phase != Phase::Ready || self.client_info_pending() || self.charging.is_some()
         {
             return false;
+        }
+        if self.login.is_some() {
+            return self.release_login();
         }
         let Some(held) = &self.held else {
             return false;
@@ -436,12 +602,27 @@ impl Prelogin {
                 self.charging = Some((request, expect));
             }
             Decision::Forward { request, expect } => self.forward(request, expect),
-            Decision::Reply(answer) => self.core.to_client.extend_from_slice(&answer),
+            Decision::Reply(answer) => self.reply_in_order(answer),
+        }
+    }
+
+    /// A reply of mailfront's own to a client line: after the responses to the commands
+    /// forwarded before it, since responses come in the order of the commands (RFC 2449 §6.6,
+    /// RFC 1939 §3).
+    fn reply_in_order(&mut self, answer: Vec<u8>) {
+        if self.sent.is_empty() {
+            self.core.to_client.extend_from_slice(&answer);
+        } else {
+            self.sent.push_back(Sent::Local(answer));
         }
     }
 
     /// See [`Machine::login_charge`].
     pub fn login_charge(&mut self, granted: bool) {
+        if self.core.phase == Phase::Local && self.login.is_some() {
+            self.charge_routed(granted);
+            return;
+        }
         let Some((request, expect)) = self.charging.take() else {
             return;
         };
@@ -488,6 +669,11 @@ impl Prelogin {
             } => self.user_from_first_line = Some(mechanism.clone()),
             _ => {}
         }
+        self.send(request, expect);
+    }
+
+    /// Writes a command to the backend in canonical form and queues what its response means.
+    fn send(&mut self, request: Request, expect: Expect) {
         let sent = match &request {
             _ if matches!(expect, Expect::Authentication | Expect::Sasl) => {
                 Sent::Auth(request.log_name())
@@ -525,6 +711,7 @@ impl Prelogin {
             };
             match event {
                 ServerEvent::Rejected(e) => {
+                    self.refund_held_login();
                     self.core
                         .to_client
                         .extend_from_slice(&reply::err_unavailable());
@@ -533,6 +720,11 @@ impl Prelogin {
                 ServerEvent::Greeting(greeting) => self.on_greeting(greeting),
                 ServerEvent::Response(response) => self.on_response(response),
             }
+        }
+        if self.core.phase == Phase::Local {
+            // Routed, the backend dropped after a login it refused: what the client pipelined
+            // is answered here again.
+            return pump_client(self);
         }
         if self.core.phase != Phase::Ready {
             return false;
@@ -557,6 +749,13 @@ impl Prelogin {
         }
         // Swallowed: the client had mailfront's greeting, and a refusal now can only be told
         // as unavailability.
+        if greeting.status != Status::Ok && self.login.is_some() {
+            // Routed: the backend chosen for this user refuses service, which is the router's
+            // Unavailable: no other backend, and the session goes on without one.
+            self.close_backend = true;
+            self.abandon_login(RouteFailure::Unavailable);
+            return;
+        }
         if greeting.status != Status::Ok {
             self.held = None;
             self.core
@@ -568,6 +767,17 @@ impl Prelogin {
 
     fn on_response(&mut self, response: Response) {
         let is_final = response.is_final();
+        if !is_final
+            && matches!(self.sent.front(), Some(Sent::Auth(_)))
+            && let Some(held) = self.replay.pop_front()
+        {
+            // Routed: the client answered this continuation before the backend was chosen
+            // (RFC 5034 §4, one response per `+`); it never sees the continuation.
+            self.core
+                .to_backend
+                .extend_from_slice(&SaslLine::Response(held).canonical());
+            return;
+        }
         if !is_final && self.rx.in_sasl() {
             self.sasl_credit = self.sasl_credit.saturating_add(1);
         }
@@ -593,6 +803,7 @@ impl Prelogin {
                     self.core
                         .notices
                         .push(Notice::ClientInfo(ClientInfoNotice::Refused));
+                    self.refund_held_login();
                     self.core
                         .to_client
                         .extend_from_slice(&reply::err_unavailable());
@@ -631,6 +842,8 @@ impl Prelogin {
             };
             self.sasl_cancelled = false;
             self.user_from_first_line = None;
+            // A completion before the held responses were used: it answers the login.
+            self.replay.clear();
             self.core.notices.push(Notice::Auth {
                 verdict: if ok {
                     AuthVerdict::Success
@@ -646,12 +859,254 @@ impl Prelogin {
                 return;
             }
             self.rx.end_sasl();
+            if self.settings.routed {
+                self.leave_backend();
+                return;
+            }
         }
         if quit_answered {
             // The reply to QUIT is the last word (RFC 1939 §6): the session ends with it, and
             // the reply leaves together with the close instead of waiting for the backend's.
             self.core.finish(End::ClientClosed);
         }
+    }
+}
+
+/// Routed listeners: the login held whole before any backend, and its end.
+impl Prelogin {
+    /// AUTH on a routed listener: only a mechanism whose first response names the user can be
+    /// routed; its exchange is played here until that response is held.
+    fn begin_local_sasl(&mut self, mechanism: Vec<u8>, initial: Option<Vec<u8>>) {
+        if !sasl::is_routable(&mechanism) {
+            // CRAM-MD5, DIGEST-MD5 (the name comes after the backend's challenge), EXTERNAL,
+            // GSSAPI, …: never offered here, refused as unsupported (RFC 5034 §4).
+            self.core
+                .to_client
+                .extend_from_slice(&reply::err_mechanism_unsupported());
+            return;
+        }
+        // RFC 5034 §4: `=` is an empty initial response.
+        let responses = initial
+            .map(|ir| if ir == b"=" { Vec::new() } else { ir })
+            .into_iter()
+            .collect();
+        self.collecting = Some(LocalSasl {
+            mechanism,
+            responses,
+        });
+        self.next_local_challenge();
+    }
+
+    /// Sends mailfront's next challenge, or holds the login once every response it needs is
+    /// in hand.
+    fn next_local_challenge(&mut self) {
+        let Some(exchange) = &self.collecting else {
+            return;
+        };
+        let held = exchange.responses.len();
+        if held < exchange.wanted() {
+            let challenge = match (exchange.mechanism.as_slice(), held) {
+                (b"LOGIN", 0) => reply::sasl_username_challenge(),
+                (b"LOGIN", _) => reply::sasl_password_challenge(),
+                _ => reply::sasl_empty_challenge(),
+            };
+            self.core.to_client.extend_from_slice(&challenge);
+            // Every client line is a SASL response until the exchange ends (RFC 5034 §4).
+            self.rx.begin_sasl();
+            return;
+        }
+        let Some(exchange) = self.collecting.take() else {
+            return;
+        };
+        // Client lines wait unparsed until the backend's answer; the exchange with the backend
+        // begins the receiver's SASL state again.
+        self.rx.end_sasl();
+        let user = exchange
+            .responses
+            .first()
+            .and_then(|first| sasl::user_in_first_response(&exchange.mechanism, first));
+        self.login = Some(HeldLogin {
+            user,
+            replay: Replay::Sasl {
+                mechanism: exchange.mechanism,
+                responses: exchange.responses,
+            },
+        });
+    }
+
+    /// A client line answering one of mailfront's own challenges.
+    fn on_local_sasl(&mut self, line: SaslLine) {
+        let answer = match line {
+            SaslLine::Response(response) => {
+                if let Some(exchange) = &mut self.collecting {
+                    exchange.responses.push(response);
+                }
+                if self.collecting.is_some() {
+                    self.next_local_challenge();
+                    return;
+                }
+                reply::err_sasl_response_invalid()
+            }
+            // RFC 5034 §4: `*` cancels, and the AUTH gets a negative response. No backend, no
+            // credential checked, no charge.
+            SaslLine::Cancel => reply::err_auth_cancelled(),
+            SaslLine::Invalid => reply::err_sasl_response_invalid(),
+        };
+        self.collecting = None;
+        self.rx.end_sasl();
+        self.core.to_client.extend_from_slice(&answer);
+    }
+
+    /// The driver's answer to the charge of a held routed login: granted, the driver routes it
+    /// (unless its user cannot be read: a failed login, answered here); refused, the throttled
+    /// reply. Either way what the client pipelined then goes on.
+    fn charge_routed(&mut self, granted: bool) {
+        let Some(login) = self.login.take() else {
+            return;
+        };
+        if !granted {
+            self.core.notices.push(Notice::AuthThrottled {
+                mechanism: login.label(),
+            });
+            self.core
+                .to_client
+                .extend_from_slice(&reply::err_auth_throttled());
+        } else if let Some(user) = &login.user {
+            // The close line's user, as the login is let through.
+            self.core.notices.push(Notice::User(user.clone()));
+            self.login = Some(login);
+            self.core.phase = Phase::Connecting;
+            return;
+        } else {
+            // A login attempt all the same: its charge stays.
+            self.core.notices.push(Notice::Auth {
+                verdict: AuthVerdict::Failure,
+                mechanism: login.label(),
+                charge: Charge::Keep,
+            });
+            self.core
+                .to_client
+                .extend_from_slice(&reply::err_auth_failed());
+        }
+        pump_client(self);
+    }
+
+    /// The chosen backend is greeted and told the client's address: the held login goes out,
+    /// USER first and PASS after its answer, or AUTH without an initial response.
+    fn release_login(&mut self) -> bool {
+        if let Some(HeldLogin {
+            replay: Replay::Pass { user, .. },
+            ..
+        }) = &mut self.login
+            && let Some(name) = user.take()
+        {
+            self.sent.push_back(Sent::ReplayedUser);
+            self.srx.expect(Expect::SingleLine);
+            self.core
+                .to_backend
+                .extend_from_slice(&Request::User(name).canonical());
+        }
+        if !self.sent.is_empty() {
+            return false;
+        }
+        let Some(login) = self.login.take() else {
+            return false;
+        };
+        match login.replay {
+            Replay::Pass { password, .. } => {
+                self.send(Request::Pass(password), Expect::Authentication);
+            }
+            Replay::Sasl {
+                mechanism,
+                responses,
+            } => {
+                self.replay = responses.into();
+                self.send(
+                    Request::Auth {
+                        mechanism,
+                        initial: None,
+                    },
+                    Expect::Sasl,
+                );
+            }
+        }
+        true
+    }
+
+    /// The router gave the held login no backend, or its backend failed before the login went
+    /// out: answered here, and the session goes on without a backend unless the refusal ends
+    /// it (nginx ends a session refused without `Auth-Wait`).
+    fn abandon_login(&mut self, failure: RouteFailure) {
+        let Some(login) = self.login.take() else {
+            return;
+        };
+        let mechanism = login.label();
+        self.reset_backend_state();
+        self.core.phase = Phase::Local;
+        match failure {
+            RouteFailure::Refused { text, go_on, .. } => {
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::err_login_refused(&text));
+                self.core.notices.push(Notice::Auth {
+                    verdict: AuthVerdict::Failure,
+                    mechanism,
+                    charge: Charge::Keep,
+                });
+                if !go_on {
+                    self.core.finish(End::LoginRefused);
+                }
+            }
+            // RFC 3206 SYS/TEMP: try again later, maybe on another backend of the affinity.
+            RouteFailure::Unavailable => {
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::err_unavailable());
+                self.core.notices.push(Notice::Auth {
+                    verdict: AuthVerdict::NotCompleted,
+                    mechanism,
+                    charge: Charge::Refund,
+                });
+            }
+        }
+    }
+
+    /// The session ends before a held login went out: no credential was checked.
+    fn refund_held_login(&mut self) {
+        if let Some(login) = self.login.take() {
+            self.core.notices.push(Notice::Auth {
+                verdict: AuthVerdict::NotCompleted,
+                mechanism: login.label(),
+                charge: Charge::Refund,
+            });
+        }
+    }
+
+    /// Routed: the backend refused a login, so it goes: the next login may name another user,
+    /// who may live elsewhere. QUIT in the AUTHORIZATION state ends its session at once
+    /// (RFC 1939 §6); nothing of its answer is read.
+    fn leave_backend(&mut self) {
+        self.reset_backend_state();
+        self.core
+            .to_backend
+            .extend_from_slice(&Request::Quit.canonical());
+        self.close_backend = true;
+        self.core.phase = Phase::Local;
+    }
+
+    /// Forgets everything about a backend connection, as before the first one: nothing more
+    /// goes to it.
+    fn reset_backend_state(&mut self) {
+        self.core.to_backend.clear();
+        self.srx = ResponseReceiver::new(ResponseLimits::default());
+        self.sent.clear();
+        self.core.bbuf.clear();
+        self.sasl_credit = 0;
+        self.sasl_cancelled = false;
+        self.user_from_first_line = None;
+        self.replay.clear();
+        self.quit = false;
+        self.rx.end_sasl();
     }
 }
 
@@ -735,7 +1190,47 @@ impl Machine for Prelogin {
         if self.charging.is_some() && self.core.phase == Phase::Ready {
             return Next::ChargeLogin;
         }
+        if self.login.is_some() && self.core.phase == Phase::Local {
+            return Next::ChargeLogin;
+        }
         self.core.next()
+    }
+
+    fn login_facts(&self) -> Option<LoginFacts> {
+        if self.core.phase != Phase::Connecting {
+            return None;
+        }
+        self.login.as_ref().and_then(HeldLogin::facts)
+    }
+
+    fn route_failed(&mut self, failure: RouteFailure) {
+        if self.login.is_none() {
+            // Nothing held: no routed login to answer.
+            self.backend_failed();
+            return;
+        }
+        self.close_backend |= matches!(self.core.phase, Phase::Greeting | Phase::Ready);
+        self.abandon_login(failure);
+        if self.core.phase == Phase::Local {
+            pump_client(self);
+        }
+    }
+
+    fn backend_failed(&mut self) {
+        if self.login.is_some() {
+            // Routed, before the login went out: the chosen backend is unavailable.
+            self.route_failed(RouteFailure::Unavailable);
+            return;
+        }
+        self.core.to_backend.clear();
+        self.core
+            .to_client
+            .extend_from_slice(&reply::err_unavailable());
+        self.core.finish(End::BackendClosed);
+    }
+
+    fn take_backend_close(&mut self) -> bool {
+        std::mem::take(&mut self.close_backend)
     }
 
     fn login_charge(&mut self, granted: bool) {
@@ -822,6 +1317,7 @@ mod tests {
             max_commands: 50,
             client_info: None,
             learned_capa: None,
+            routed: false,
         }
     }
 
@@ -1104,8 +1600,41 @@ mod tests {
         let mut m = greeted();
         m.client_input(input);
         let (client, backend) = out(&mut m);
-        assert_eq!(client, [bare_lf, octet, octet].concat());
+        assert_eq!(client, bare_lf);
         assert_eq!(backend, "USER a\r\nUSER b\r\n");
+        // The refusals of the lines after USER a come after its response, in order.
+        m.backend_input(b"+OK a\r\n+OK b\r\n");
+        assert_eq!(
+            out(&mut m).0,
+            ["+OK a\r\n", octet, octet, "+OK b\r\n"].concat()
+        );
+    }
+
+    /// Once connected, a line refused here that was pipelined behind a forwarded command is
+    /// answered after that command's response, not before it (RFC 2449 §6.6).
+    #[test]
+    fn a_local_refusal_waits_for_the_responses_owed_before_it() {
+        let mut m = greeted();
+        m.client_input(b"CAPA\r\nXCLIENT ADDR=192.0.2.1\r\nNOOP\r\nUSER a\r\nSTLS\r\n");
+        let (client, backend) = out(&mut m);
+        assert_eq!(client, "", "nothing before CAPA's response");
+        assert_eq!(backend, "CAPA\r\nUSER a\r\n");
+        m.backend_input(BACKEND_CAPA.as_bytes());
+        assert_eq!(
+            out(&mut m).0,
+            [
+                SHOWN_CAPA,
+                "-ERR Command not permitted\r\n",
+                "-ERR Command not valid before authentication\r\n",
+            ]
+            .concat()
+        );
+        m.backend_input(b"+OK\r\n");
+        assert_eq!(
+            out(&mut m).0,
+            "+OK\r\n-ERR Command not permitted when TLS active\r\n"
+        );
+        assert!(!m.waiting_for_backend());
     }
 
     /// An implicit-TLS session with `backend_client_info`, connected by the client's `first`
@@ -2087,6 +2616,943 @@ mod tests {
                     transcript(listener, learned, input, chunk),
                     whole,
                     "{listener:?} chunk {chunk}"
+                );
+            }
+        }
+    }
+
+    /// Listeners that route by user (`Settings::routed`): nothing connects before a complete
+    /// login, which is held whole, charged, routed, then replayed to the chosen backend.
+    mod routed {
+        use super::*;
+
+        /// The backend CAPA the listener learned: mechanisms that can be routed and some that
+        /// cannot.
+        const LEARNED: &str = "+OK\r\nTOP\r\nUIDL\r\nUSER\r\nSTLS\r\n\
+            SASL PLAIN CRAM-MD5 LOGIN SCRAM-SHA-256 EXTERNAL GSSAPI\r\nPIPELINING\r\n.\r\n";
+        /// [`LEARNED`] as a routed session shows it.
+        const SHOWN: &str = "+OK\r\nTOP\r\nUIDL\r\nUSER\r\nSASL PLAIN LOGIN SCRAM-SHA-256\r\n\
+            PIPELINING\r\n.\r\n";
+        const BUILT_IN: &str = "+OK Capability list follows\r\nUSER\r\n.\r\n";
+        const GREETING: &str = "+OK Dovecot ready.\r\n";
+        const FAILED: &str = "-ERR [AUTH] Authentication failed.\r\n";
+        const UNAVAILABLE: &str = "-ERR [SYS/TEMP] Server temporarily unavailable\r\n";
+        /// `\0alice\0secret`.
+        const PLAIN_ALICE: &str = "AGFsaWNlAHNlY3JldA==";
+
+        fn session(learned: bool) -> Prelogin {
+            let settings = Settings {
+                routed: true,
+                learned_capa: learned.then(|| LEARNED.as_bytes().to_vec()),
+                ..settings(TlsMode::Implicit)
+            };
+            let mut m = Prelogin::new(settings, true);
+            assert_eq!(m.next(), Next::Run, "no backend at the handshake");
+            assert_eq!(out(&mut m).0, "+OK mx.example.test ready\r\n");
+            m
+        }
+
+        /// What a routed test plays, as the driver would.
+        #[derive(Debug, Clone)]
+        enum R {
+            C(&'static str),
+            B(&'static str),
+            /// The machine says Connect: the driver routes its facts, connects, and the backend
+            /// sends this greeting.
+            Connect(&'static str),
+            /// The machine says Connect: the router (or the connection) fails.
+            Fail(RouteFailure),
+            Closed,
+        }
+
+        #[derive(Debug, Default)]
+        struct Seen {
+            client: String,
+            backend: String,
+            /// `login_facts()` at each Connect.
+            facts: Vec<LoginFacts>,
+            /// How often the machine dropped the backend.
+            closes: usize,
+        }
+
+        fn facts(user: &str, password: Option<&str>, mechanism: &str) -> LoginFacts {
+            LoginFacts {
+                user: user.as_bytes().to_vec(),
+                password: password.map(|p| p.as_bytes().to_vec()),
+                mechanism: mechanism.to_owned(),
+                helo: None,
+            }
+        }
+
+        fn refused(text: &str, go_on: bool) -> RouteFailure {
+            RouteFailure::Refused {
+                text: text.to_owned(),
+                smtp_code: None,
+                go_on,
+            }
+        }
+
+        /// Plays `steps` with `throttle` answering every charge; a Connect the steps do not
+        /// play is a failure: nothing may connect unseen.
+        fn play_routed(m: &mut Prelogin, throttle: &mut Throttle, steps: &[R]) -> Seen {
+            let mut seen = Seen::default();
+            let drain = |m: &mut Prelogin, throttle: &mut Throttle, seen: &mut Seen| {
+                throttle.run(m);
+                seen.client
+                    .push_str(&String::from_utf8_lossy(&m.take_to_client()));
+                seen.backend
+                    .push_str(&String::from_utf8_lossy(&m.take_to_backend()));
+                seen.closes += usize::from(m.take_backend_close());
+            };
+            drain(m, throttle, &mut seen);
+            for step in steps {
+                let connecting = m.next() == Next::Connect;
+                match step {
+                    R::Connect(_) | R::Fail(_) => {
+                        assert!(connecting, "{step:?}: no Connect; {seen:?}");
+                        seen.facts.push(m.login_facts().expect("facts at Connect"));
+                    }
+                    _ => assert!(!connecting, "{step:?} while connecting; {seen:?}"),
+                }
+                match step {
+                    R::C(bytes) => {
+                        m.client_input(bytes.as_bytes());
+                    }
+                    R::B(bytes) => {
+                        m.backend_input(bytes.as_bytes());
+                    }
+                    R::Connect(greeting) => {
+                        m.backend_connected();
+                        m.backend_input(greeting.as_bytes());
+                    }
+                    R::Fail(failure) => m.route_failed(failure.clone()),
+                    R::Closed => m.backend_closed(),
+                }
+                drain(m, throttle, &mut seen);
+            }
+            seen
+        }
+
+        fn granted() -> Throttle {
+            Throttle::new(10, 0)
+        }
+
+        fn auth(verdict: AuthVerdict, mechanism: &str, charge: Charge) -> Notice {
+            Notice::Auth {
+                verdict,
+                mechanism: mechanism.to_owned(),
+                charge,
+            }
+        }
+
+        /// Every command but a complete login is answered here, learned list or not, on 995 and
+        /// on 110 after STLS: no Connect, nothing to a backend, no charge.
+        #[test]
+        fn nothing_but_a_complete_login_connects() {
+            let not_yet = "-ERR Command not valid before authentication\r\n";
+            let unsupported = "-ERR Unsupported authentication mechanism\r\n";
+            let rows: &[(&str, &str)] = &[
+                ("USER alice\r\n", "+OK\r\n"),
+                ("NOOP\r\n", not_yet),
+                ("RSET\r\n", not_yet),
+                ("STLS\r\n", "-ERR Command not permitted when TLS active\r\n"),
+                (
+                    "APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n",
+                    "-ERR APOP not available here; use USER/PASS or AUTH\r\n",
+                ),
+                (
+                    "XCLIENT ADDR=192.0.2.1\r\n",
+                    "-ERR Command not permitted\r\n",
+                ),
+                ("LIST\r\n", "-ERR Unknown command\r\n"),
+                ("STAT\r\n", "-ERR Unknown command\r\n"),
+                ("PASS secret\r\n", "-ERR No user name given\r\n"),
+                ("USER\r\n", "-ERR Missing argument\r\n"),
+                ("CAPA now\r\n", "-ERR Command takes no arguments\r\n"),
+                (
+                    "AUTH PLAIN !!!\r\n",
+                    "-ERR Invalid base64 in the initial response\r\n",
+                ),
+                ("AUTH CRAM-MD5\r\n", unsupported),
+                ("AUTH DIGEST-MD5\r\n", unsupported),
+                ("AUTH EXTERNAL =\r\n", unsupported),
+                ("AUTH GSSAPI\r\n", unsupported),
+                ("AUTH NTLM TlRMTVNTUAABAAAA\r\n", unsupported),
+                ("AUTH PLAIN\r\n", "+ \r\n"),
+                ("AUTH SCRAM-SHA-256\r\n", "+ \r\n"),
+                ("AUTH LOGIN\r\n", "+ VXNlcm5hbWU6\r\n"),
+                ("AUTH LOGIN YWxpY2U=\r\n", "+ UGFzc3dvcmQ6\r\n"),
+                ("QUIT\r\n", "+OK Logging out\r\n"),
+            ];
+            let after_stls = || {
+                let settings = Settings {
+                    routed: true,
+                    ..settings(TlsMode::Starttls)
+                };
+                let mut m = Prelogin::new(settings, false);
+                m.client_input(b"CAPA\r\nSTLS\r\n");
+                Machine::tls_started(&mut m, crate::machine::testing::tls13());
+                out(&mut m);
+                m
+            };
+            for (name, learned) in [("995", false), ("995 learned", true), ("110", false)] {
+                let fresh = || {
+                    if name == "110" {
+                        after_stls()
+                    } else {
+                        session(learned)
+                    }
+                };
+                let (capa, list) = if learned {
+                    (SHOWN, "+OK\r\nPLAIN\r\nLOGIN\r\nSCRAM-SHA-256\r\n.\r\n")
+                } else {
+                    (BUILT_IN, "+OK\r\n.\r\n")
+                };
+                let all = rows
+                    .iter()
+                    .copied()
+                    .chain([("CAPA\r\n", capa), ("AUTH\r\n", list)]);
+                for (line, answer) in all {
+                    let mut m = fresh();
+                    let mut throttle = granted();
+                    let seen = play_routed(&mut m, &mut throttle, &[R::C(line)]);
+                    assert_eq!(seen.client, answer, "{name}: {line:?}");
+                    assert_eq!(seen.backend, "", "{name}: {line:?}");
+                    assert_ne!(m.next(), Next::Connect, "{name}: {line:?}");
+                    assert_eq!(m.login_facts(), None, "{name}: {line:?}");
+                    assert_eq!((throttle.charged, throttle.refused), (0, 0), "{line:?}");
+                    assert_eq!(throttle.notices, [], "{name}: {line:?}");
+                }
+            }
+        }
+
+        #[test]
+        fn user_and_pass_are_held_then_replayed_to_the_chosen_backend() {
+            let mut m = session(true);
+            let mut throttle = granted();
+            let seen = play_routed(
+                &mut m,
+                &mut throttle,
+                &[
+                    R::C("USER alice\r\nPASS secret\r\nLIST\r\n"),
+                    R::Connect(GREETING),
+                    R::B("+OK\r\n"),
+                    R::B("+OK Logged in.\r\n+OK 2 messages"),
+                ],
+            );
+            assert_eq!(seen.client, "+OK\r\n+OK Logged in.\r\n");
+            assert_eq!(seen.backend, "USER alice\r\nPASS secret\r\n");
+            assert_eq!(seen.facts, [facts("alice", Some("secret"), "USER")]);
+            assert_eq!(m.next(), Next::Authenticated);
+            assert_eq!(m.held(), (b"LIST\r\n".to_vec(), b"+OK 2 messages".to_vec()));
+            assert_eq!(
+                throttle.notices,
+                [
+                    user("alice"),
+                    auth(AuthVerdict::Success, "PASS", Charge::Refund)
+                ]
+            );
+            assert_eq!(throttle.charged, 0);
+        }
+
+        /// AUTH goes out without an initial response whatever the client sent (the backend
+        /// may lack SASL-IR), and each held response answers one continuation the client
+        /// never sees.
+        #[test]
+        fn auth_plain_with_and_without_an_initial_response() {
+            let with_ir: &[R] = &[R::C("AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nLIST\r\n")];
+            let without: &[R] = &[
+                R::C("AUTH PLAIN\r\n"),
+                R::C("AGFsaWNlAHNlY3JldA==\r\nLIST\r\n"),
+            ];
+            for (first, challenge) in [(with_ir, ""), (without, "+ \r\n")] {
+                let mut m = session(false);
+                let mut throttle = granted();
+                let mut steps = first.to_vec();
+                steps.extend([
+                    R::Connect(GREETING),
+                    R::B("+ \r\n"),
+                    R::B("+OK Logged in.\r\n"),
+                ]);
+                let seen = play_routed(&mut m, &mut throttle, &steps);
+                assert_eq!(seen.client, format!("{challenge}+OK Logged in.\r\n"));
+                assert_eq!(seen.backend, format!("AUTH PLAIN\r\n{PLAIN_ALICE}\r\n"));
+                assert_eq!(seen.facts, [facts("alice", Some("secret"), "PLAIN")]);
+                assert_eq!(m.next(), Next::Authenticated);
+                assert_eq!(m.held().0, b"LIST\r\n");
+                assert_eq!(
+                    throttle.notices,
+                    [
+                        user("alice"),
+                        auth(AuthVerdict::Success, "AUTH PLAIN", Charge::Refund)
+                    ]
+                );
+            }
+        }
+
+        /// LOGIN: mailfront sends `Username:` and `Password:` itself and holds both answers
+        /// (an initial response is the user name), then answers the backend's own two.
+        #[test]
+        fn auth_login_plays_both_challenges_here() {
+            let in_steps: &[R] = &[
+                R::C("AUTH LOGIN\r\n"),
+                R::C("YWxpY2U=\r\n"),
+                R::C("c2VjcmV0\r\n"),
+            ];
+            let with_ir: &[R] = &[R::C("AUTH LOGIN YWxpY2U=\r\n"), R::C("c2VjcmV0\r\n")];
+            for (first, challenges) in [
+                (in_steps, "+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n"),
+                (with_ir, "+ UGFzc3dvcmQ6\r\n"),
+            ] {
+                let mut m = session(true);
+                let mut throttle = granted();
+                let mut steps = first.to_vec();
+                steps.extend([
+                    R::Connect(GREETING),
+                    R::B("+ VXNlcm5hbWU6\r\n"),
+                    R::B("+ UGFzc3dvcmQ6\r\n"),
+                    R::B("+OK Logged in.\r\n"),
+                ]);
+                let seen = play_routed(&mut m, &mut throttle, &steps);
+                assert_eq!(seen.client, format!("{challenges}+OK Logged in.\r\n"));
+                assert_eq!(seen.backend, "AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n");
+                assert_eq!(seen.facts, [facts("alice", Some("secret"), "LOGIN")]);
+                assert_eq!(m.next(), Next::Authenticated);
+            }
+        }
+
+        /// SCRAM: the client-first message is held; the backend's server-first is the client's
+        /// to answer, and the exchange relays from there as without routing.
+        #[test]
+        fn auth_scram_holds_the_first_message_and_relays_the_rest() {
+            const CLIENT_FIRST: &str = "biwsbj1hbGljZSxyPXJPcHJOR2Z3RWJlUldnYk5Fa3FP";
+            const SERVER_FIRST: &str = "+ cj1yT3ByTkdmd0ViZVJXZ2JORWtxTyVodllEcFdVYTJSYVRDQWZ1eEZJbGopaE5sRiRrMCxzPVcyMlphSjBTTlk3c29Fc1VFamI2Z1E9PSxpPTQwOTY=\r\n";
+            const CLIENT_FINAL: &str = "Yz1iaXdzLHI9ck9wck5HZndFYmVSV2diTkVrcU8laHZZRHBXVWEyUmFUQ0FmdXhGSWxqKWhObEYkazAscD1kSHpiWmFwV0lrNGpVaE4rVXRlOXl0YWc5empmTUhnc3FtbWl6N0FuZFZRPQ==\r\n";
+            const SERVER_FINAL: &str =
+                "+ dj02cnJpVFJCaTIzV3BSUi93dHVwK21NaFVaVW4vZEI1bkxUSlJzamw5NUc0PQ==\r\n";
+            let mut m = session(true);
+            let mut throttle = granted();
+            let seen = play_routed(
+                &mut m,
+                &mut throttle,
+                &[
+                    R::C("AUTH SCRAM-SHA-256\r\n"),
+                    R::C("biwsbj1hbGljZSxyPXJPcHJOR2Z3RWJlUldnYk5Fa3FP\r\n"),
+                    R::Connect(GREETING),
+                    R::B("+ \r\n"),
+                    R::B(SERVER_FIRST),
+                    R::C(CLIENT_FINAL),
+                    R::B(SERVER_FINAL),
+                    R::C("\r\n"),
+                    R::B("+OK Logged in.\r\n"),
+                ],
+            );
+            assert_eq!(
+                seen.client,
+                format!("+ \r\n{SERVER_FIRST}{SERVER_FINAL}+OK Logged in.\r\n")
+            );
+            assert_eq!(
+                seen.backend,
+                format!("AUTH SCRAM-SHA-256\r\n{CLIENT_FIRST}\r\n{CLIENT_FINAL}\r\n")
+            );
+            assert_eq!(seen.facts, [facts("alice", None, "SCRAM-SHA-256")]);
+            assert_eq!(m.next(), Next::Authenticated);
+            assert_eq!(
+                throttle.notices,
+                [
+                    user("alice"),
+                    auth(AuthVerdict::Success, "AUTH SCRAM-SHA-256", Charge::Refund)
+                ]
+            );
+        }
+
+        /// `*` at one of mailfront's challenges, or a line that is not base64, ends the AUTH
+        /// here: no backend, no charge, and commands parse again.
+        #[test]
+        fn a_cancel_or_a_bad_response_ends_the_exchange_here() {
+            let cancelled = "-ERR Authentication cancelled\r\n";
+            let invalid = "-ERR Invalid base64 in the response\r\n";
+            let cases: &[(&[&str], &str)] = &[
+                (&["AUTH PLAIN\r\n", "*\r\n"], "+ \r\n"),
+                (
+                    &["AUTH LOGIN\r\n", "YWxpY2U=\r\n", "*\r\n"],
+                    "+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n",
+                ),
+                (&["AUTH SCRAM-SHA-1\r\n", "*\r\n"], "+ \r\n"),
+            ];
+            for (lines, challenges) in cases {
+                for (last, answer) in [(None, cancelled), (Some("not base64!\r\n"), invalid)] {
+                    let mut m = session(true);
+                    let mut throttle = granted();
+                    let mut steps: Vec<R> = lines.iter().copied().map(R::C).collect();
+                    if let Some(bad) = last {
+                        steps.pop();
+                        steps.push(R::C(bad));
+                    }
+                    steps.push(R::C("CAPA\r\n"));
+                    let seen = play_routed(&mut m, &mut throttle, &steps);
+                    assert_eq!(
+                        seen.client,
+                        format!("{challenges}{answer}{SHOWN}"),
+                        "{lines:?}"
+                    );
+                    assert_eq!(seen.backend, "");
+                    assert_eq!((throttle.charged, throttle.notices.len()), (0, 0));
+                    assert_eq!(m.next(), Next::Run);
+                }
+            }
+        }
+
+        /// A login whose user name cannot be read is a failed login, charged, never routed.
+        #[test]
+        fn a_login_without_a_readable_user_fails_here_and_is_charged() {
+            for line in [
+                // PLAIN with one NUL.
+                "AUTH PLAIN AGFsaWNl\r\n",
+                "AUTH PLAIN =\r\n",
+                // OAUTHBEARER without `a=`.
+                "AUTH OAUTHBEARER biwsAWF1dGg9QmVhcmVyIHgBAQ==\r\n",
+                "AUTH LOGIN =\r\n",
+            ] {
+                let mut m = session(true);
+                let mut throttle = granted();
+                let seen = play_routed(&mut m, &mut throttle, &[R::C(line), R::C("c2VjcmV0\r\n")]);
+                let challenge = if line.starts_with("AUTH LOGIN") {
+                    "+ UGFzc3dvcmQ6\r\n"
+                } else {
+                    ""
+                };
+                let after = if challenge.is_empty() {
+                    // Not in an exchange any more: the next line is a command.
+                    "-ERR Unknown command\r\n"
+                } else {
+                    ""
+                };
+                assert_eq!(
+                    seen.client,
+                    format!("{challenge}-ERR [AUTH] Authentication failed\r\n{after}"),
+                    "{line:?}"
+                );
+                assert_eq!(seen.backend, "");
+                assert_eq!(throttle.charged, 1, "{line:?}");
+                let label = if line.contains("OAUTHBEARER") {
+                    "AUTH OAUTHBEARER"
+                } else if line.contains("LOGIN") {
+                    "AUTH LOGIN"
+                } else {
+                    "AUTH PLAIN"
+                };
+                assert_eq!(
+                    throttle.notices,
+                    [auth(AuthVerdict::Failure, label, Charge::Keep)]
+                );
+                assert_eq!(m.next(), Next::Run);
+            }
+        }
+
+        #[test]
+        fn a_lookup_refusal_goes_on_with_what_was_pipelined_when_told_to() {
+            let mut m = session(true);
+            let mut throttle = granted();
+            let seen = play_routed(
+                &mut m,
+                &mut throttle,
+                &[
+                    R::C("USER alice\r\nPASS secret\r\nUSER bob\r\nPASS pw\r\n"),
+                    R::Fail(refused("Account disabled\r\nQUIT", true)),
+                    R::Connect(GREETING),
+                    R::B("+OK\r\n"),
+                    R::B("+OK Logged in.\r\n"),
+                ],
+            );
+            assert_eq!(
+                seen.client, "+OK\r\n-ERR [AUTH] Account disabledQUIT\r\n+OK\r\n+OK Logged in.\r\n",
+                "the text kept to printable ASCII"
+            );
+            assert_eq!(seen.backend, "USER bob\r\nPASS pw\r\n");
+            assert_eq!(
+                seen.facts,
+                [
+                    facts("alice", Some("secret"), "USER"),
+                    facts("bob", Some("pw"), "USER")
+                ]
+            );
+            assert_eq!(
+                throttle.notices,
+                [
+                    user("alice"),
+                    auth(AuthVerdict::Failure, "PASS", Charge::Keep),
+                    user("bob"),
+                    auth(AuthVerdict::Success, "PASS", Charge::Refund),
+                ]
+            );
+            assert_eq!(throttle.charged, 1, "the refusal stays charged");
+            assert_eq!(m.next(), Next::Authenticated);
+        }
+
+        #[test]
+        fn a_lookup_refusal_without_wait_ends_the_session() {
+            let mut m = session(true);
+            let mut throttle = granted();
+            let seen = play_routed(
+                &mut m,
+                &mut throttle,
+                &[
+                    R::C("AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nUSER bob\r\n"),
+                    R::Fail(refused("Go away", false)),
+                ],
+            );
+            assert_eq!(seen.client, "-ERR [AUTH] Go away\r\n");
+            assert_eq!(seen.backend, "");
+            assert_eq!(m.next(), Next::End(End::LoginRefused));
+            assert_eq!(
+                throttle.notices,
+                [
+                    user("alice"),
+                    auth(AuthVerdict::Failure, "AUTH PLAIN", Charge::Keep)
+                ]
+            );
+            assert_eq!(throttle.charged, 1);
+        }
+
+        /// No backend now is a temporary failure, refunded, and the session goes on: the next
+        /// login is routed again with its own facts.
+        #[test]
+        fn unavailable_is_temporary_and_the_next_login_is_routed_again() {
+            let mut m = session(true);
+            let mut throttle = granted();
+            let seen = play_routed(
+                &mut m,
+                &mut throttle,
+                &[
+                    R::C("USER alice\r\nPASS secret\r\n"),
+                    R::Fail(RouteFailure::Unavailable),
+                    R::C("AUTH LOGIN\r\n"),
+                    R::C("Ym9i\r\n"),
+                    R::C("cHc=\r\n"),
+                    R::Connect(GREETING),
+                    R::B("+ VXNlcm5hbWU6\r\n"),
+                    R::B("+ UGFzc3dvcmQ6\r\n"),
+                    R::B(FAILED),
+                ],
+            );
+            assert_eq!(
+                seen.client,
+                format!("+OK\r\n{UNAVAILABLE}+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n{FAILED}")
+            );
+            assert_eq!(seen.backend, "AUTH LOGIN\r\nYm9i\r\ncHc=\r\nQUIT\r\n");
+            assert_eq!(
+                seen.facts,
+                [
+                    facts("alice", Some("secret"), "USER"),
+                    facts("bob", Some("pw"), "LOGIN")
+                ]
+            );
+            assert_eq!(
+                throttle.notices,
+                [
+                    user("alice"),
+                    auth(AuthVerdict::NotCompleted, "PASS", Charge::Refund),
+                    user("bob"),
+                    auth(AuthVerdict::Failure, "AUTH LOGIN", Charge::Keep),
+                ]
+            );
+            assert_eq!(throttle.charged, 1);
+            assert_eq!(seen.closes, 1, "the refusing backend is dropped");
+            assert_eq!(m.next(), Next::Run);
+        }
+
+        /// A refused login leaves no backend behind: QUIT, dropped, and the next login (another
+        /// user, maybe elsewhere) is routed afresh.
+        #[test]
+        fn a_login_the_backend_refuses_drops_it_and_the_next_is_routed_afresh() {
+            let mut m = session(true);
+            let mut throttle = granted();
+            let seen = play_routed(
+                &mut m,
+                &mut throttle,
+                &[
+                    R::C("USER alice\r\nPASS wrong\r\n"),
+                    R::Connect(GREETING),
+                    R::B("+OK\r\n"),
+                    R::B(FAILED),
+                    R::C("CAPA\r\nUSER bob\r\nPASS secret\r\n"),
+                    R::Connect("+OK other backend\r\n"),
+                    R::B("+OK\r\n"),
+                    R::B("+OK Logged in.\r\n"),
+                ],
+            );
+            assert_eq!(
+                seen.client,
+                format!("+OK\r\n{FAILED}{SHOWN}+OK\r\n+OK Logged in.\r\n"),
+                "CAPA answered here again, with no backend"
+            );
+            assert_eq!(
+                seen.backend,
+                "USER alice\r\nPASS wrong\r\nQUIT\r\nUSER bob\r\nPASS secret\r\n"
+            );
+            assert_eq!(seen.closes, 1);
+            assert_eq!(
+                seen.facts,
+                [
+                    facts("alice", Some("wrong"), "USER"),
+                    facts("bob", Some("secret"), "USER")
+                ]
+            );
+            assert_eq!(m.next(), Next::Authenticated);
+            assert_eq!(throttle.charged, 1);
+        }
+
+        /// The same when the refusal and the next login were pipelined together.
+        #[test]
+        fn a_pipelined_second_login_waits_for_the_refusal_then_reroutes() {
+            let mut m = session(true);
+            let mut throttle = granted();
+            let seen = play_routed(
+                &mut m,
+                &mut throttle,
+                &[
+                    R::C("AUTH PLAIN AGFsaWNlAHdyb25n\r\nAUTH PLAIN AGJvYgBwdw==\r\n"),
+                    R::Connect(GREETING),
+                    R::B("+ \r\n"),
+                    R::B(FAILED),
+                    R::Connect(GREETING),
+                ],
+            );
+            assert_eq!(seen.client, FAILED);
+            assert_eq!(
+                seen.backend,
+                "AUTH PLAIN\r\nAGFsaWNlAHdyb25n\r\nQUIT\r\nAUTH PLAIN\r\n"
+            );
+            assert_eq!(
+                seen.facts,
+                [
+                    facts("alice", Some("wrong"), "PLAIN"),
+                    facts("bob", Some("pw"), "PLAIN")
+                ]
+            );
+            assert_eq!(seen.closes, 1);
+            assert!(m.waiting_for_backend());
+        }
+
+        /// The backend answers AUTH with a completion instead of a continuation: that is the
+        /// answer to the client's AUTH, and the held response never goes out.
+        #[test]
+        fn a_completion_instead_of_a_continuation_answers_the_login() {
+            let mut m = session(true);
+            let mut throttle = granted();
+            let seen = play_routed(
+                &mut m,
+                &mut throttle,
+                &[
+                    R::C("AUTH PLAIN\r\n"),
+                    R::C("AGFsaWNlAHNlY3JldA==\r\nCAPA\r\n"),
+                    R::Connect(GREETING),
+                    R::B("-ERR [SYS/PERM] PLAIN not enabled\r\n"),
+                ],
+            );
+            assert_eq!(
+                seen.client,
+                format!("+ \r\n-ERR [SYS/PERM] PLAIN not enabled\r\n{SHOWN}")
+            );
+            assert_eq!(seen.backend, "AUTH PLAIN\r\nQUIT\r\n");
+            assert_eq!(
+                throttle.notices,
+                [
+                    user("alice"),
+                    auth(AuthVerdict::Failure, "AUTH PLAIN", Charge::Keep)
+                ]
+            );
+            assert_eq!(seen.closes, 1);
+            assert_eq!(m.next(), Next::Run);
+        }
+
+        /// A backend that fails before the login went out is the router's Unavailable: the
+        /// session goes on without it and the attempt is refunded.
+        #[test]
+        fn a_backend_failing_before_the_login_went_out_is_unavailable() {
+            for name in [
+                "connect failed",
+                "closed before its greeting",
+                "-ERR greeting",
+                "I/O error while XCLIENT is probed",
+            ] {
+                let settings = Settings {
+                    routed: true,
+                    learned_capa: Some(LEARNED.as_bytes().to_vec()),
+                    client_info: name
+                        .starts_with("I/O")
+                        .then(|| "192.0.2.7:1".parse().unwrap()),
+                    ..settings(TlsMode::Implicit)
+                };
+                let mut m = Prelogin::new(settings, true);
+                m.take_to_client();
+                let mut throttle = granted();
+                m.client_input(b"USER alice\r\nPASS secret\r\nCAPA\r\n");
+                throttle.run(&mut m);
+                assert_eq!(m.next(), Next::Connect, "{name}");
+                assert_eq!(m.take_to_client(), b"+OK\r\n");
+                if name == "connect failed" {
+                    m.route_failed(RouteFailure::Unavailable);
+                } else {
+                    m.backend_connected();
+                    match name {
+                        "closed before its greeting" => m.backend_closed(),
+                        "-ERR greeting" => {
+                            m.backend_input(b"-ERR [SYS/TEMP] busy\r\n");
+                        }
+                        _ => {
+                            m.backend_input(GREETING.as_bytes());
+                            assert_eq!(m.take_to_backend(), b"CAPA\r\n");
+                            Machine::backend_failed(&mut m);
+                        }
+                    }
+                }
+                throttle.run(&mut m);
+                let client = String::from_utf8_lossy(&m.take_to_client()).into_owned();
+                assert_eq!(client, format!("{UNAVAILABLE}{SHOWN}"), "{name}");
+                assert_eq!(m.take_to_backend(), b"", "{name}");
+                assert_eq!(
+                    m.take_backend_close(),
+                    name != "connect failed",
+                    "{name}: a backend connected is dropped"
+                );
+                assert_eq!(m.next(), Next::Run, "{name}");
+                assert_eq!(throttle.charged, 0, "{name}");
+                assert_eq!(
+                    throttle.notices,
+                    [
+                        user("alice"),
+                        auth(AuthVerdict::NotCompleted, "PASS", Charge::Refund)
+                    ],
+                    "{name}"
+                );
+            }
+        }
+
+        /// With `backend_client_info`, the held login waits for XCLIENT's answer.
+        #[test]
+        fn the_held_login_goes_out_after_xclient() {
+            let settings = Settings {
+                routed: true,
+                client_info: Some("192.0.2.7:40000".parse().unwrap()),
+                ..settings(TlsMode::Implicit)
+            };
+            let mut m = Prelogin::new(settings, true);
+            let mut throttle = granted();
+            let seen = play_routed(
+                &mut m,
+                &mut throttle,
+                &[
+                    R::C("AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+                    R::Connect("+OK [XCLIENT] Dovecot ready.\r\n"),
+                    R::B("+OK\r\n"),
+                    R::B("+ \r\n"),
+                    R::B("+OK Logged in.\r\n"),
+                ],
+            );
+            assert_eq!(
+                seen.backend,
+                format!("XCLIENT ADDR=192.0.2.7 PORT=40000\r\nAUTH PLAIN\r\n{PLAIN_ALICE}\r\n")
+            );
+            assert_eq!(
+                seen.client,
+                "+OK mx.example.test ready\r\n+OK Logged in.\r\n"
+            );
+            assert_eq!(m.next(), Next::Authenticated);
+        }
+
+        /// The auth throttle's accounting on a routed listener: what stays charged after each
+        /// path, and what never reaches a backend.
+        #[test]
+        fn every_routed_login_path_is_charged_before_it_is_routed() {
+            struct Case {
+                name: &'static str,
+                limit: u32,
+                already: u32,
+                steps: Vec<R>,
+                charged: u32,
+                refused: u32,
+                reached: &'static [&'static str],
+                never: &'static [&'static str],
+            }
+            let cases = [
+                Case {
+                    name: "USER alone is never charged",
+                    limit: 1,
+                    already: 1,
+                    steps: vec![R::C("USER alice\r\n")],
+                    charged: 1,
+                    refused: 0,
+                    reached: &[],
+                    never: &["USER"],
+                },
+                Case {
+                    name: "a throttled login is never routed",
+                    limit: 1,
+                    already: 1,
+                    steps: vec![R::C("USER u\r\nPASS p\r\nAUTH PLAIN AHUAcA==\r\n")],
+                    charged: 1,
+                    refused: 2,
+                    reached: &[],
+                    never: &["PASS", "AUTH"],
+                },
+                Case {
+                    name: "refused by the backend keeps",
+                    limit: 3,
+                    already: 0,
+                    steps: vec![
+                        R::C("USER u\r\nPASS wrong\r\n"),
+                        R::Connect(GREETING),
+                        R::B("+OK\r\n"),
+                        R::B(FAILED),
+                    ],
+                    charged: 1,
+                    refused: 0,
+                    reached: &["PASS wrong", "QUIT"],
+                    never: &[],
+                },
+                Case {
+                    name: "accepted is refunded",
+                    limit: 3,
+                    already: 0,
+                    steps: vec![
+                        R::C("AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+                        R::Connect(GREETING),
+                        R::B("+ \r\n"),
+                        R::B("+OK\r\n"),
+                    ],
+                    charged: 0,
+                    refused: 0,
+                    reached: &[PLAIN_ALICE],
+                    never: &["QUIT"],
+                },
+                Case {
+                    name: "the lookup's refusal keeps",
+                    limit: 3,
+                    already: 0,
+                    steps: vec![R::C("USER u\r\nPASS p\r\n"), R::Fail(refused("no", true))],
+                    charged: 1,
+                    refused: 0,
+                    reached: &[],
+                    never: &["PASS"],
+                },
+                Case {
+                    name: "no backend for it is refunded",
+                    limit: 3,
+                    already: 0,
+                    steps: vec![
+                        R::C("USER u\r\nPASS p\r\n"),
+                        R::Fail(RouteFailure::Unavailable),
+                    ],
+                    charged: 0,
+                    refused: 0,
+                    reached: &[],
+                    never: &["PASS"],
+                },
+                Case {
+                    name: "a cancel at mailfront's challenge is never charged",
+                    limit: 1,
+                    already: 1,
+                    steps: vec![R::C("AUTH PLAIN\r\n*\r\n")],
+                    charged: 1,
+                    refused: 0,
+                    reached: &[],
+                    never: &["AUTH"],
+                },
+                Case {
+                    name: "a mechanism that cannot be routed is never charged",
+                    limit: 1,
+                    already: 1,
+                    steps: vec![R::C("AUTH CRAM-MD5\r\n")],
+                    charged: 1,
+                    refused: 0,
+                    reached: &[],
+                    never: &["AUTH"],
+                },
+                Case {
+                    name: "an unreadable user is charged",
+                    limit: 3,
+                    already: 0,
+                    steps: vec![R::C("AUTH PLAIN AGFsaWNl\r\n")],
+                    charged: 1,
+                    refused: 0,
+                    reached: &[],
+                    never: &["AUTH"],
+                },
+                Case {
+                    name: "cancelled with the backend is refunded",
+                    limit: 3,
+                    already: 0,
+                    steps: vec![
+                        R::C("AUTH SCRAM-SHA-1 biwsbj1hbGljZSxyPXJPcHJOR2Z3RWJlUldnYk5Fa3FP\r\n"),
+                        R::Connect(GREETING),
+                        R::B("+ \r\n"),
+                        R::B("+ cj1yT3By\r\n"),
+                        R::C("*\r\n"),
+                        R::B("-ERR cancelled\r\n"),
+                    ],
+                    charged: 0,
+                    refused: 0,
+                    reached: &["*\r\n", "QUIT"],
+                    never: &[],
+                },
+                Case {
+                    name: "a backend closing mid-login keeps",
+                    limit: 3,
+                    already: 0,
+                    steps: vec![
+                        R::C("USER u\r\nPASS wrong\r\n"),
+                        R::Connect(GREETING),
+                        R::B("+OK\r\n"),
+                        R::Closed,
+                    ],
+                    charged: 1,
+                    refused: 0,
+                    reached: &["PASS wrong"],
+                    never: &[],
+                },
+                Case {
+                    name: "a backend closing before the login went out is refunded",
+                    limit: 3,
+                    already: 0,
+                    steps: vec![
+                        R::C("USER u\r\nPASS wrong\r\n"),
+                        R::Connect(GREETING),
+                        R::Closed,
+                    ],
+                    charged: 0,
+                    refused: 0,
+                    reached: &["USER u"],
+                    never: &["PASS"],
+                },
+                Case {
+                    name: "a refusal frees the place for the next pipelined login",
+                    limit: 1,
+                    already: 0,
+                    steps: vec![
+                        R::C("USER u\r\nPASS p\r\nUSER v\r\nPASS q\r\n"),
+                        R::Fail(RouteFailure::Unavailable),
+                        R::Connect(GREETING),
+                    ],
+                    charged: 1,
+                    refused: 0,
+                    reached: &["USER v"],
+                    never: &["USER u"],
+                },
+            ];
+            for case in cases {
+                let mut m = session(true);
+                let mut throttle = Throttle::new(case.limit, case.already);
+                let seen = play_routed(&mut m, &mut throttle, &case.steps);
+                check_charges(
+                    case.name,
+                    &throttle,
+                    &seen.backend,
+                    case.charged,
+                    case.refused,
+                    case.reached,
+                    case.never,
                 );
             }
         }

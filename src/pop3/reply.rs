@@ -108,3 +108,87 @@ pub fn err_auth_throttled() -> Vec<u8> {
 pub fn err_shutdown() -> Vec<u8> {
     b"-ERR [SYS/TEMP] Server shutting down\r\n".to_vec()
 }
+
+/// CAPA on a listener that routes by user while its sessions learned nothing of the backends
+/// yet: only what mailfront can honour with any POP3 backend, since it never connects to learn
+/// more. USER/PASS is the one login every RFC 1939 server takes (§7); SASL (RFC 5034) is
+/// optional, so no mechanism is offered; TOP, UIDL and PIPELINING concern the TRANSACTION
+/// state, which is the backend's, and are left out rather than promised (RFC 2449 §5: a client
+/// asks CAPA again after login).
+pub fn capa_routed_default() -> Vec<u8> {
+    b"+OK Capability list follows\r\nUSER\r\n.\r\n".to_vec()
+}
+
+/// The answer to `AUTH` with no argument (the RFC 1734-style mechanism list Dovecot answers),
+/// written here on a listener that routes by user.
+pub fn mechanism_list<'a>(mechanisms: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = b"+OK\r\n".to_vec();
+    for mechanism in mechanisms {
+        out.extend_from_slice(mechanism);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// AUTH naming a mechanism a listener that routes by user cannot route (CRAM-MD5, EXTERNAL, …):
+/// RFC 5034 §4, an unsupported mechanism gets a negative response.
+pub fn err_mechanism_unsupported() -> Vec<u8> {
+    b"-ERR Unsupported authentication mechanism\r\n".to_vec()
+}
+
+/// An empty server challenge (RFC 5034 §4: `+` SP and the base64 challenge, here none), written
+/// by mailfront to get the client's first response before any backend is chosen.
+pub fn sasl_empty_challenge() -> Vec<u8> {
+    b"+ \r\n".to_vec()
+}
+
+/// The LOGIN mechanism's first challenge, `Username:` in base64 (draft-murchison-sasl-login
+/// §2.1), played by mailfront as nginx does.
+pub fn sasl_username_challenge() -> Vec<u8> {
+    b"+ VXNlcm5hbWU6\r\n".to_vec()
+}
+
+/// The LOGIN mechanism's second challenge, `Password:` in base64.
+pub fn sasl_password_challenge() -> Vec<u8> {
+    b"+ UGFzc3dvcmQ6\r\n".to_vec()
+}
+
+/// The client answered a challenge of mailfront's own with `*`: RFC 5034 §4, the server
+/// rejects the AUTH command with a negative response. No credential was checked.
+pub fn err_auth_cancelled() -> Vec<u8> {
+    b"-ERR Authentication cancelled\r\n".to_vec()
+}
+
+/// The client answered a challenge of mailfront's own with a line that is not base64
+/// (RFC 5034 §4: responses are base64).
+pub fn err_sasl_response_invalid() -> Vec<u8> {
+    b"-ERR Invalid base64 in the response\r\n".to_vec()
+}
+
+/// A login whose user name cannot be read (a malformed PLAIN message, OAUTHBEARER without
+/// `a=`): it cannot be routed, and it is answered as the failed login it is (RFC 3206 AUTH).
+pub fn err_auth_failed() -> Vec<u8> {
+    b"-ERR [AUTH] Authentication failed\r\n".to_vec()
+}
+
+/// Longest text of a `user_lookup` refusal written back: RFC 1939 §3 keeps a response line
+/// within 512 octets, CRLF and the `-ERR [AUTH] ` before it included.
+const REFUSAL_TEXT_LIMIT: usize = 400;
+
+/// `user_lookup` refused the login (its `Auth-Status`): RFC 3206 AUTH, with the lookup's text
+/// kept to printable ASCII and [`REFUSAL_TEXT_LIMIT`] octets, whatever reached the machine.
+pub fn err_login_refused(text: &str) -> Vec<u8> {
+    let text: String = text
+        .chars()
+        .filter(|c| matches!(c, ' '..='~'))
+        .take(REFUSAL_TEXT_LIMIT)
+        .collect();
+    let text = text.trim();
+    let text = if text.is_empty() {
+        "Authentication failed"
+    } else {
+        text
+    };
+    format!("-ERR [AUTH] {text}\r\n").into_bytes()
+}

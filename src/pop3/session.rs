@@ -23,6 +23,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
             .backend_client_info
             .then_some(session.client_addr()),
         learned_capa: session.listener().learned.pop3_capa(),
+        routed: session.listener().routes_users(),
     };
     let machine = Prelogin::new(settings, session.tls().is_some());
     let hold_limit = machine.longest_event();
