@@ -77,7 +77,7 @@ pub enum Next {
 }
 
 /// The login a machine holds when it says [`Next::Connect`] on a listener that routes by user
-/// (`user_affinity`, `user_map`, `user_lookup`): what [`crate::routing::Router`] needs to pick
+/// (`user_affinity`, `user_map`, `user_lookup`): what the listener's router needs to pick
 /// the backend ([`Machine::login_facts`]). Never logged whole: it may carry the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct LoginFacts {
@@ -88,7 +88,7 @@ pub struct LoginFacts {
     /// SASL PLAIN and LOGIN): sent to `user_lookup` only with `send_password: true`.
     pub password: Option<Vec<u8>>,
     /// The command or SASL mechanism, as the gate spells it (`LOGIN`, `USER`, `PLAIN`,
-    /// `SCRAM-SHA-256`): the lookup's `Auth-Method` ([`crate::routing::lookup::method_name`]).
+    /// `SCRAM-SHA-256`): the lookup's `Auth-Method` (in nginx's spelling, which the driver derives).
     pub mechanism: String,
     /// SMTP: the client's EHLO/HELO argument (`Auth-SMTP-Helo`).
     pub helo: Option<Vec<u8>>,

@@ -148,7 +148,7 @@ pub struct Settings {
     /// instead: a routed session connects for nothing but a login).
     pub learned_ehlo: Option<Vec<u8>>,
     /// The listener routes by user (`user_affinity`, `user_map`, `user_lookup`;
-    /// [`crate::session::ListenerContext::routes_users`]): no backend before a complete AUTH,
+    /// `ListenerContext::routes_users` in the session layer): no backend before a complete AUTH,
     /// which mailfront holds until the router chose one ([`Machine::login_facts`]).
     pub routed: bool,
 }
