@@ -5,6 +5,7 @@
 
 use crate::imap::response::response_code;
 use crate::line::trim_line_end;
+use crate::sasl;
 
 /// Which advertisement the client must see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +20,12 @@ pub enum CapabilityView {
     /// capability"), and `AUTH=EXTERNAL`, because the client certificate never reaches the
     /// backend (RFC 8314 §4.2).
     Tls,
+    /// [`CapabilityView::Tls`] on a listener that routes by user (`user_affinity`, `user_map`,
+    /// `user_lookup`): every `AUTH=` mechanism that cannot be routed ([`sasl::is_routable`]:
+    /// CRAM-MD5, DIGEST-MD5, GSSAPI, …) goes too, since mailfront must read the user name from
+    /// the client's first response before it chooses the backend that would send a challenge
+    /// (issue 22; RFC 9051 §6.2.2 lets a server offer the mechanisms it likes).
+    TlsRouted,
 }
 
 fn is_removed(token: &[u8], view: CapabilityView) -> bool {
@@ -32,6 +39,14 @@ fn is_removed(token: &[u8], view: CapabilityView) -> bool {
         }
         CapabilityView::Tls => {
             upper("STARTTLS") || upper("LOGINDISABLED") || upper("AUTH=EXTERNAL")
+        }
+        CapabilityView::TlsRouted => {
+            is_removed(token, CapabilityView::Tls)
+                || token
+                    .split_at_checked(5)
+                    .is_some_and(|(prefix, mechanism)| {
+                        prefix.eq_ignore_ascii_case(b"AUTH=") && !sasl::is_routable(mechanism)
+                    })
         }
     }
 }
@@ -178,6 +193,31 @@ mod tests {
             CapabilityView::Tls,
         );
         assert_eq!(out, b"* CAPABILITY IMAP4rev1 AUTH=PLAIN ID\r\n");
+    }
+
+    #[test]
+    fn the_routed_view_also_hides_every_mechanism_that_cannot_be_routed() {
+        let list =
+            b"IMAP4rev1 STARTTLS SASL-IR AUTH=PLAIN AUTH=CRAM-MD5 auth=login AUTH=DIGEST-MD5 \
+                     AUTH=SCRAM-SHA-256 AUTH=GSSAPI AUTH=OAUTHBEARER AUTH=XOAUTH2 AUTH=EXTERNAL \
+                     AUTH=NTLM AUTH= ID";
+        assert_eq!(
+            rewrite_list(list, CapabilityView::TlsRouted),
+            b"IMAP4rev1 SASL-IR AUTH=PLAIN auth=login AUTH=SCRAM-SHA-256 AUTH=OAUTHBEARER \
+              AUTH=XOAUTH2 ID"
+        );
+        assert_eq!(
+            rw(
+                b"a NO [CAPABILITY IMAP4rev1 AUTH=CRAM-MD5 AUTH=PLAIN] no\r\n",
+                CapabilityView::TlsRouted
+            ),
+            b"a NO [CAPABILITY IMAP4rev1 AUTH=PLAIN] no\r\n"
+        );
+        assert_eq!(
+            rewrite_list(b"IMAP4rev1 AUTH=CRAM-MD5", CapabilityView::Tls),
+            b"IMAP4rev1 AUTH=CRAM-MD5",
+            "only a routed listener hides them"
+        );
     }
 
     #[test]

@@ -29,6 +29,25 @@
 //! after a start or reload) a session connects at once, as before: the backend's greeting (on
 //! implicit TLS, the client's only one) or mailfront's own CAPABILITY teaches the listener
 //! ([`Notice::BackendImapCapability`]), so a client is never offered what no backend said.
+//!
+//! On a listener that routes by user ([`Settings::routed`]: `user_affinity`, `user_map`,
+//! `user_lookup`) the backend depends on who logs in, so the machine connects for nothing but a
+//! complete login, whose name the driver's router reads ([`Machine::login_facts`]):
+//! - With TLS up it always stays local, answering from the learned list or, while none is,
+//!   from [`ROUTED_CAPABILITIES`]; the mechanisms it cannot route ([`sasl::is_routable`]) are
+//!   hidden from every list ([`CapabilityView::TlsRouted`]) and refused here.
+//! - LOGIN is complete as it arrives. AUTHENTICATE is complete once mailfront holds the client's
+//!   first response (the initial response, or the answer to its own empty `+`); for the LOGIN
+//!   mechanism mailfront plays `Username:` and `Password:` itself, as nginx does. A `*` or a
+//!   line that is not base64 ends it here with a tagged BAD; a login whose user cannot be read
+//!   fails here, charged.
+//! - The login is charged ([`Next::ChargeLogin`]), then the driver routes it and connects
+//!   ([`Next::Connect`]) or answers [`Machine::route_failed`]. Once connected, the backend gets
+//!   our ID and the login as on any listener, AUTHENTICATE without an initial response, and
+//!   each backend `+` is answered with the next held response, unseen by the client.
+//! - A login the backend refuses (or one that cannot go out) leaves that backend: a LOGOUT, the
+//!   driver drops the connection ([`Machine::take_backend_close`]), and the session is local
+//!   again, so the next login is routed afresh.
 
 use std::collections::VecDeque;
 
@@ -46,8 +65,8 @@ use crate::imap::response::{
 use crate::line::Step;
 use crate::machine::IdSource;
 use crate::machine::{
-    AuthVerdict, Charge, ClientEvents, Core, End, Machine, Next, Notice, Phase, TlsFacts,
-    pump_client,
+    AuthVerdict, Charge, ClientEvents, Core, End, LoginFacts, Machine, Next, Notice, Phase,
+    RouteFailure, TlsFacts, pump_client,
 };
 use crate::sasl;
 
@@ -67,9 +86,25 @@ pub struct Settings {
     /// The pre-login capability list this listener's backend sent an earlier session (the
     /// tokens after `CAPABILITY`, raw, the listener's `Learned`): with it, a session with TLS
     /// up greets and answers its client itself and connects only for a login ([`Phase::Local`]).
-    /// `None` until a session saw the backend's: the session then connects at once.
+    /// `None` until a session saw the backend's: the session then connects at once (but on a
+    /// routed listener, which answers from [`ROUTED_CAPABILITIES`] then).
     pub learned_capability: Option<Vec<u8>>,
+    /// The listener routes by user (`user_affinity`, `user_map`, `user_lookup`,
+    /// [`crate::session::ListenerContext::routes_users`]): the session connects only for a
+    /// complete login, whose user name the driver's router reads from
+    /// [`Machine::login_facts`]; see the module documentation.
+    pub routed: bool,
 }
+
+/// What a routed session ([`Settings::routed`]) greets and answers CAPABILITY with while its
+/// listener learned nothing of its backends: only what mailfront honours with any IMAP backend,
+/// since it never connects to learn (issue 22). `IMAP4rev1`: the LOGIN command is in every
+/// IMAP4rev1 server (RFC 3501 §6.2.3, RFC 9051 §6.2.3); no `AUTH=`, since no mechanism is
+/// mandatory to a server (RFC 9051 §6.2.2 names PLAIN for clients and TLS servers, but a backend
+/// behind mailfront may not offer it), and no `SASL-IR` without one; `ID`, which mailfront
+/// answers itself before a login (`ID NIL`, RFC 2971 §3.2) whatever the backend. Nothing
+/// post-login (IDLE, ENABLE…): the backend's own list reaches the client with the login's `OK`.
+pub const ROUTED_CAPABILITIES: &[u8] = b"IMAP4rev1 ID";
 
 /// A command of ours in flight; its responses never reach the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +139,107 @@ struct InFlight {
     /// AUTHENTICATE without an initial response: its mechanism, until the client's first SASL
     /// line, which carries the user name ([`sasl::user_in_first_response`]).
     user_from_first_line: Option<Vec<u8>>,
+    /// AUTHENTICATE on a routed session: the client's responses mailfront held, each the answer
+    /// to the next backend `+`, which the client never sees ([`RoutedLogin`]).
+    held_responses: VecDeque<Vec<u8>>,
+}
+
+/// A login on a routed session ([`Settings::routed`]), from its command until the backend's
+/// completion: mailfront holds it whole (for AUTHENTICATE, playing the first challenges itself)
+/// so that the router knows the user before any backend is chosen.
+#[derive(Debug)]
+struct RoutedLogin {
+    tag: Vec<u8>,
+    /// `LOGIN`, or `AUTHENTICATE` without its initial response (that went to `responses`: the
+    /// backend always gets the mechanism alone, as it may lack SASL-IR).
+    command: Command,
+    /// The client's SASL responses, base64 as sent (an initial response `=` as empty), one for
+    /// each backend `+`. At most two ([`RoutedLogin::needed`]), each within the receiver's
+    /// `sasl_line` limit.
+    responses: Vec<Vec<u8>>,
+    stage: RouteStage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RouteStage {
+    /// AUTHENTICATE: mailfront wrote its own continuation and waits for the client's response.
+    Collecting,
+    /// Complete: waits for the driver's charge ([`Next::ChargeLogin`]).
+    Charging,
+    /// Charged: the driver routes it and connects ([`Phase::Connecting`]), then the greeting.
+    Routing,
+    /// Sent to the chosen backend: waits for its completion.
+    Sent,
+}
+
+impl RoutedLogin {
+    fn mechanism(&self) -> Option<&[u8]> {
+        match &self.command {
+            Command::Authenticate { mechanism, .. } => Some(mechanism),
+            _ => None,
+        }
+    }
+
+    fn is_login_mechanism(&self) -> bool {
+        self.mechanism()
+            .is_some_and(|m| m.eq_ignore_ascii_case(b"LOGIN"))
+    }
+
+    /// The responses mailfront holds before the login is complete: none for the LOGIN command;
+    /// the user name then the password for the LOGIN mechanism (draft-murchison-sasl-login §2);
+    /// one for the rest, whose first response names the user (RFC 4616 §2, RFC 5802 §5.1,
+    /// RFC 7628 §3.1).
+    fn needed(&self) -> usize {
+        match self.mechanism() {
+            None => 0,
+            Some(_) if self.is_login_mechanism() => 2,
+            Some(_) => 1,
+        }
+    }
+
+    /// The authentication identity: LOGIN's user argument, or what the first SASL response
+    /// names ([`sasl::user_in_first_response`]). `None` when it cannot be read, or is empty or
+    /// holds a NUL, CR or LF (a router key and a log field must be one clean name).
+    fn user(&self) -> Option<Vec<u8>> {
+        match &self.command {
+            Command::Login { username, .. } => {
+                let clean = !username.is_empty()
+                    && !username.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n'));
+                clean.then(|| username.clone())
+            }
+            Command::Authenticate { mechanism, .. } => {
+                sasl::user_in_first_response(mechanism, self.responses.first()?)
+            }
+            _ => None,
+        }
+    }
+
+    /// The password, where mailfront sees one: LOGIN's, PLAIN's, the LOGIN mechanism's second
+    /// response.
+    fn password(&self) -> Option<Vec<u8>> {
+        match &self.command {
+            Command::Login { password, .. } => Some(password.clone()),
+            Command::Authenticate { mechanism, .. } if mechanism.eq_ignore_ascii_case(b"PLAIN") => {
+                sasl::plain_password(self.responses.first()?).map(|p| p.to_vec())
+            }
+            Command::Authenticate { .. } if self.is_login_mechanism() => {
+                sasl::login_mechanism_password(self.responses.get(1)?).map(|p| p.to_vec())
+            }
+            _ => None,
+        }
+    }
+
+    fn facts(&self) -> Option<LoginFacts> {
+        Some(LoginFacts {
+            user: self.user()?,
+            password: self.password(),
+            mechanism: match self.mechanism() {
+                Some(mechanism) => sasl::mechanism_for_log(mechanism),
+                None => "LOGIN".to_owned(),
+            },
+            helo: None,
+        })
+    }
 }
 
 /// A LOGIN or AUTHENTICATE parsed, checked and encoded, held until the driver charged it
@@ -163,8 +299,16 @@ pub struct Prelogin {
     /// backend is connected and its capabilities are known.
     held_login: Option<(Vec<u8>, Command)>,
     /// The client's first ID, answered `ID NIL` in [`Phase::Local`]: its fields go to the
-    /// backend beside mailfront's, in the ID sent before the login.
+    /// backend beside mailfront's, in the ID sent before the login (on a routed session, to
+    /// every backend a login is routed to).
     client_id: Option<id::IdCommand>,
+    /// A routed session's login ([`Settings::routed`]).
+    route: Option<RoutedLogin>,
+    /// A routed session left its backend after a failed login: the driver drops the connection
+    /// ([`Machine::take_backend_close`]).
+    close_backend: bool,
+    /// A routed session handed the backend's list on ([`Notice::BackendImapCapability`]) once.
+    handed_on: bool,
 }
 
 impl Prelogin {
@@ -194,8 +338,16 @@ impl Prelogin {
             greeted: !tls_active,
             held_login: None,
             client_id: None,
+            route: None,
+            close_backend: false,
+            handed_on: false,
         };
-        if let Some(list) = machine.settings.learned_capability.clone() {
+        let known = match machine.settings.learned_capability.clone() {
+            // A routed session never connects to learn: it answers from the built-in list.
+            None if machine.settings.routed => Some(ROUTED_CAPABILITIES.to_vec()),
+            known => known,
+        };
+        if let Some(list) = known {
             machine.set_caps(&list);
             machine.known_capability = Some(list);
         }
@@ -229,7 +381,7 @@ impl Prelogin {
             Some(list) => {
                 self.core.phase = Phase::Local;
                 if !self.greeted {
-                    self.greet(capability::rewrite_list(&list, CapabilityView::Tls));
+                    self.greet(capability::rewrite_list(&list, self.tls_view()));
                 }
             }
             None => self.core.phase = Phase::Connecting,
@@ -283,7 +435,15 @@ impl Prelogin {
 
     /// The backend closed its side.
     pub fn backend_closed(&mut self) {
-        if matches!(self.core.phase, Phase::Ended | Phase::Authenticated) {
+        // No backend before TLS, nor in [`Phase::Local`] (a routed session left its own).
+        if matches!(
+            self.core.phase,
+            Phase::Ended | Phase::Authenticated | Phase::Cleartext | Phase::Local
+        ) {
+            return;
+        }
+        if self.routing() {
+            self.routed_unavailable();
             return;
         }
         if self.logout {
@@ -298,9 +458,18 @@ impl Prelogin {
 
     fn view(&self) -> CapabilityView {
         if self.tls.is_some() {
-            CapabilityView::Tls
+            self.tls_view()
         } else {
             CapabilityView::Cleartext
+        }
+    }
+
+    /// The view with TLS up: a routed listener also hides the mechanisms it cannot route.
+    fn tls_view(&self) -> CapabilityView {
+        if self.settings.routed {
+            CapabilityView::TlsRouted
+        } else {
+            CapabilityView::Tls
         }
     }
 
@@ -340,6 +509,17 @@ impl Prelogin {
             return;
         };
         self.set_caps(&list);
+        if self.settings.routed {
+            // What a routed session shows stays the listener's (the driver probes its backends
+            // for it): this backend is one user's. Only where nothing was learned is the first
+            // pre-login list handed on, so the next sessions show a backend's truth rather than
+            // the built-in list.
+            if !self.login_sent && self.settings.learned_capability.is_none() && !self.handed_on {
+                self.handed_on = true;
+                self.core.notices.push(Notice::BackendImapCapability(list));
+            }
+            return;
+        }
         // Only a pre-login list is handed on: after a login went out, a list may be the
         // post-login one (no AUTH=, LOGINDISABLED-free, SORT, THREAD, …), which would leave the
         // next sessions' clients without a mechanism to log in with.
@@ -369,7 +549,13 @@ impl Prelogin {
 
     fn may_take_client_event(&self) -> bool {
         match self.core.phase {
-            Phase::Cleartext | Phase::Local => true,
+            Phase::Cleartext => true,
+            // A routed login waits for its charge and its backend; only the responses mailfront
+            // asked for are read meanwhile.
+            Phase::Local => self
+                .route
+                .as_ref()
+                .is_none_or(|route| route.stage == RouteStage::Collecting),
             Phase::Ready => {
                 // After LOGOUT went out, or the backend said BYE, it is leaving: nothing more
                 // goes to it (RFC 9051 §7.1.5). A login waiting for its charge, or for the
@@ -497,6 +683,9 @@ impl Prelogin {
             command: &command,
         };
         match (policy::decide(&self.gate(), input), command) {
+            (Verdict::ChargeLogin, command) if self.settings.routed => {
+                self.routed_login(tag, command);
+            }
             (Verdict::ChargeLogin, command) => {
                 self.held_login = Some((tag, command));
                 self.core.phase = Phase::Connecting;
@@ -508,7 +697,7 @@ impl Prelogin {
             (Verdict::Forward, Command::Capability) => {
                 let list = self.known_capability.as_deref().unwrap_or_default();
                 let mut out = b"* CAPABILITY ".to_vec();
-                out.extend_from_slice(&capability::rewrite_list(list, CapabilityView::Tls));
+                out.extend_from_slice(&capability::rewrite_list(list, self.tls_view()));
                 out.extend_from_slice(b"\r\n");
                 out.extend_from_slice(&reply::tagged(&tag, "OK", "CAPABILITY completed"));
                 self.core.to_client.extend_from_slice(&out);
@@ -527,6 +716,10 @@ impl Prelogin {
     /// goes through the gate (SASL-IR as the backend says now), the charge and the encoding,
     /// as if it had just arrived.
     fn release_held(&mut self) {
+        if self.settings.routed {
+            self.release_routed();
+            return;
+        }
         if let Some((tag, command)) = self.held_login.take() {
             self.judge(tag, command);
         }
@@ -576,6 +769,14 @@ impl Prelogin {
     /// During AUTHENTICATE: one client line goes to the backend, re-encoded, for the `+` it
     /// answers. Outside one (before TLS there is none) it is dropped.
     fn sasl_line(&mut self, line: &command::SaslLine) {
+        if self
+            .route
+            .as_ref()
+            .is_some_and(|route| route.stage == RouteStage::Collecting)
+        {
+            self.routed_response(line);
+            return;
+        }
         if let Some(flight) = self.in_flight.as_mut().filter(|f| f.sasl) {
             self.sasl_credit = self.sasl_credit.saturating_sub(1);
             let encoded = command::encode_sasl(line);
@@ -612,6 +813,7 @@ impl Prelogin {
             logout: false,
             cancelled: false,
             user_from_first_line: None,
+            held_responses: VecDeque::new(),
         });
     }
 
@@ -655,6 +857,14 @@ impl Prelogin {
 
     /// See [`Machine::login_charge`].
     pub fn login_charge(&mut self, granted: bool) {
+        if self
+            .route
+            .as_ref()
+            .is_some_and(|route| route.stage == RouteStage::Charging)
+        {
+            self.routed_charge(granted);
+            return;
+        }
         let Some(Charging {
             tag,
             command,
@@ -715,6 +925,7 @@ impl Prelogin {
                 } => Some(mechanism.clone()),
                 _ => None,
             },
+            held_responses: VecDeque::new(),
         };
         if flight.auth.is_some()
             && !self.caps.id
@@ -732,7 +943,13 @@ impl Prelogin {
             // its ID was answered locally ([`Phase::Local`]).
             let own_tag = self.own_tag();
             let cipher = self.cipher_name();
-            let (ours, source) = match self.client_id.take() {
+            // A routed session keeps it for the backend of its next login, if this one fails.
+            let client_id = if self.settings.routed {
+                self.client_id.clone()
+            } else {
+                self.client_id.take()
+            };
+            let (ours, source) = match client_id {
                 Some(mut client) => {
                     client.tag = own_tag.clone();
                     let fields = self.our_id_fields(&cipher);
@@ -791,8 +1008,9 @@ impl Prelogin {
                 }
             }
         }
-        // A completion may have freed the client side.
-        if self.core.phase == Phase::Ready && pump_client(self) {
+        // A completion may have freed the client side (on a routed session, a failed login's
+        // took it back to [`Phase::Local`]).
+        if matches!(self.core.phase, Phase::Ready | Phase::Local) && pump_client(self) {
             acted = true;
         }
         acted
@@ -806,6 +1024,12 @@ impl Prelogin {
                 self.core.finish(End::BackendProtocol(
                     "backend greeted with PREAUTH".to_owned(),
                 ));
+                return;
+            }
+            Some(Status::Bye) if self.settings.routed => {
+                // The user's backend refuses service now: the login's temporary failure, and
+                // the session goes on without it (issue 22: never another backend).
+                self.routed_unavailable();
                 return;
             }
             Some(Status::Bye) => {
@@ -891,6 +1115,7 @@ impl Prelogin {
         };
         let logged_out = completed.as_ref().is_some_and(|flight| flight.logout)
             && response.status == Some(Status::Ok);
+        let mut failed_login = false;
         if let Some((mechanism, cancelled)) =
             completed.and_then(|flight| flight.auth.map(|m| (m, flight.cancelled)))
         {
@@ -919,6 +1144,7 @@ impl Prelogin {
                 return;
             }
             self.rx.end_sasl();
+            failed_login = self.settings.routed;
         }
         if response.kind == ResponseKind::Untagged && response.status == Some(Status::Bye) {
             // The backend is closing; its close then ends the session as a goodbye.
@@ -934,6 +1160,9 @@ impl Prelogin {
             // backend's.
             self.core.finish(End::ClientClosed);
         }
+        if failed_login {
+            self.leave_backend(true);
+        }
     }
 
     fn on_continuation(&mut self, response: Response) {
@@ -946,9 +1175,284 @@ impl Prelogin {
             self.core.to_backend.extend_from_slice(&piece);
             return;
         }
+        if flight.sasl
+            && let Some(response) = flight.held_responses.pop_front()
+        {
+            // A routed login's response mailfront held: the backend's challenge is the one the
+            // client already answered to mailfront's own `+`, so it is swallowed.
+            self.core
+                .to_backend
+                .extend_from_slice(&command::encode_sasl(&command::SaslLine::Response(
+                    response,
+                )));
+            return;
+        }
         if flight.sasl {
             self.sasl_credit = self.sasl_credit.saturating_add(1);
             self.core.to_client.extend_from_slice(&response.raw);
+        }
+    }
+}
+
+/// A routed session ([`Settings::routed`]): the login held whole, routed, replayed, and the
+/// backend left behind when it fails.
+impl Prelogin {
+    /// A LOGIN or AUTHENTICATE the gate would charge, on a routed session in [`Phase::Local`]:
+    /// held until mailfront has the user name. LOGIN is complete at once; AUTHENTICATE waits for
+    /// its first response ([`Prelogin::collect`]).
+    fn routed_login(&mut self, tag: Vec<u8>, command: Command) {
+        let (command, responses) = match command {
+            Command::Authenticate { mechanism, .. } if !sasl::is_routable(&mechanism) => {
+                // Hidden from the capabilities ([`CapabilityView::TlsRouted`]), and never
+                // forwarded: no backend can be chosen before its challenge.
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::mechanism_not_routable(&tag));
+                return;
+            }
+            Command::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                // `=` is an empty initial response (RFC 4959 §3); the backend gets every
+                // response on a continuation line, where it is written empty.
+                let responses = initial_response
+                    .map(|ir| if ir == b"=" { Vec::new() } else { ir })
+                    .into_iter()
+                    .collect();
+                let command = Command::Authenticate {
+                    mechanism,
+                    initial_response: None,
+                };
+                (command, responses)
+            }
+            command @ Command::Login { .. } => (command, Vec::new()),
+            // The gate charges only logins.
+            command => {
+                self.answer(&tag, Verdict::Forward, &command_label(&command));
+                return;
+            }
+        };
+        self.route = Some(RoutedLogin {
+            tag,
+            command,
+            responses,
+            stage: RouteStage::Collecting,
+        });
+        self.collect();
+    }
+
+    /// Asks the client for the next response mailfront holds with its own continuation, or,
+    /// once it has them all, goes on to the charge. A LOGIN mechanism user name that cannot be
+    /// read fails without asking for the password.
+    fn collect(&mut self) {
+        let Some(route) = self
+            .route
+            .as_mut()
+            .filter(|route| route.stage == RouteStage::Collecting)
+        else {
+            return;
+        };
+        let held = route.responses.len();
+        if held >= route.needed() || (held > 0 && route.user().is_none()) {
+            route.stage = RouteStage::Charging;
+            self.rx.end_sasl();
+            return;
+        }
+        let challenge = match (route.is_login_mechanism(), held) {
+            (true, 0) => reply::SASL_LOGIN_USERNAME,
+            (true, _) => reply::SASL_LOGIN_PASSWORD,
+            (false, _) => reply::SASL_CONTINUATION,
+        };
+        self.core.to_client.extend_from_slice(challenge);
+        if !self.rx.in_sasl() {
+            // Every client line is a SASL response until the exchange ends (RFC 9051 §6.2.2).
+            self.rx.begin_sasl();
+        }
+    }
+
+    /// The client's answer to a continuation mailfront sent itself: held, or the exchange ends
+    /// here with a tagged BAD (a cancel, or a line that is not base64: RFC 9051 §6.2.2), with
+    /// no backend contacted and nothing charged.
+    fn routed_response(&mut self, line: &command::SaslLine) {
+        match line {
+            command::SaslLine::Response(response) => {
+                if let Some(route) = self.route.as_mut() {
+                    route.responses.push(response.clone());
+                }
+                self.collect();
+            }
+            command::SaslLine::Cancel | command::SaslLine::Invalid => {
+                let Some(route) = self.route.take() else {
+                    return;
+                };
+                self.rx.end_sasl();
+                let bad = match line {
+                    command::SaslLine::Cancel => reply::authenticate_cancelled(&route.tag),
+                    _ => reply::authenticate_invalid(&route.tag),
+                };
+                self.core.to_client.extend_from_slice(&bad);
+            }
+        }
+    }
+
+    /// The driver's answer to a routed login's [`Next::ChargeLogin`]: granted, the driver routes
+    /// it ([`Phase::Connecting`], [`Machine::login_facts`]); a login whose user cannot be read
+    /// fails here, charged (it is a guess like any other); refused, the throttled reply.
+    fn routed_charge(&mut self, granted: bool) {
+        let Some(mut route) = self.route.take() else {
+            return;
+        };
+        let label = command_label(&route.command);
+        match policy::decide(&self.gate(), Input::Charged { granted }) {
+            Verdict::Forward => match route.user() {
+                Some(user) => {
+                    self.core.notices.push(Notice::User(user));
+                    route.stage = RouteStage::Routing;
+                    self.route = Some(route);
+                    self.core.phase = Phase::Connecting;
+                    return;
+                }
+                None => {
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::authentication_failed(&route.tag));
+                    self.core.notices.push(Notice::Auth {
+                        verdict: AuthVerdict::Failure,
+                        mechanism: label,
+                        charge: Charge::Keep,
+                    });
+                }
+            },
+            verdict => self.answer(&route.tag, verdict, &label),
+        }
+        if self.core.phase == Phase::Local {
+            pump_client(self);
+        }
+    }
+
+    /// The chosen backend is ready and its capabilities known: the routed login goes out, after
+    /// mailfront's ID where the backend takes one. AUTHENTICATE goes without an initial response
+    /// (the backend may lack SASL-IR), and the responses mailfront holds answer the backend's
+    /// continuations ([`Prelogin::on_continuation`]).
+    fn release_routed(&mut self) {
+        let Some(route) = self
+            .route
+            .as_mut()
+            .filter(|route| route.stage == RouteStage::Routing)
+        else {
+            return;
+        };
+        route.stage = RouteStage::Sent;
+        let (tag, command) = (route.tag.clone(), route.command.clone());
+        let held: VecDeque<Vec<u8>> = route.responses.iter().cloned().collect();
+        let literal_plus = self.literal_plus(&command);
+        let Some(pieces) = command::encode(&tag, &command, literal_plus) else {
+            // The receiver parsed it, so it encodes; one that would not goes nowhere.
+            self.route_failed(RouteFailure::Unavailable);
+            return;
+        };
+        self.send(tag, &command, pieces);
+        if let Some(flight) = self.deferred.as_mut().or(self.in_flight.as_mut()) {
+            // The user was named at the charge.
+            flight.user_from_first_line = None;
+            flight.held_responses = held;
+        }
+    }
+
+    /// See [`Machine::route_failed`]; also what a routed session does when its backend refuses
+    /// service before the login went out (a `BYE` greeting, a close, an I/O error).
+    pub fn route_failed(&mut self, failure: RouteFailure) {
+        let Some(route) = self.route.take().filter(|route| {
+            self.settings.routed && matches!(route.stage, RouteStage::Routing | RouteStage::Sent)
+        }) else {
+            // No routed login waits: as any backend failure.
+            Machine::backend_failed(self);
+            return;
+        };
+        let label = command_label(&route.command);
+        // The driver is still connecting when the router answers, or a connection failed.
+        let connected = !matches!(self.core.phase, Phase::Connecting | Phase::Local);
+        self.core.to_backend.clear();
+        self.leave_backend(false);
+        self.close_backend = connected;
+        match failure {
+            RouteFailure::Refused { text, go_on, .. } => {
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::login_refused(&route.tag, &text));
+                self.core.notices.push(Notice::Auth {
+                    verdict: AuthVerdict::Failure,
+                    mechanism: label,
+                    charge: Charge::Keep,
+                });
+                if !go_on {
+                    self.core
+                        .to_client
+                        .extend_from_slice(&reply::bye_login_refused());
+                    self.core.finish(End::LoginRefused);
+                }
+            }
+            RouteFailure::Unavailable => {
+                self.core
+                    .to_client
+                    .extend_from_slice(&reply::login_unavailable(&route.tag));
+                self.core.notices.push(Notice::Auth {
+                    verdict: AuthVerdict::NotCompleted,
+                    mechanism: label,
+                    charge: Charge::Refund,
+                });
+            }
+        }
+        if self.core.phase == Phase::Local {
+            pump_client(self);
+        }
+    }
+
+    /// The user's backend refuses service before the login went out: the login's temporary
+    /// failure ([`RouteFailure::Unavailable`]), never another backend (issue 22).
+    fn routed_unavailable(&mut self) {
+        self.route_failed(RouteFailure::Unavailable);
+    }
+
+    /// Whether a routed login is with the backend before its credentials went out.
+    fn routing(&self) -> bool {
+        self.settings.routed
+            && self
+                .route
+                .as_ref()
+                .is_some_and(|route| route.stage == RouteStage::Routing)
+    }
+
+    /// A routed session leaves its backend (after a failed login, or one that never went out):
+    /// back to [`Phase::Local`] with nothing of that backend kept, so the next login is routed
+    /// afresh (it may name another user, who may live elsewhere). `goodbye`: a LOGOUT goes
+    /// first (RFC 9051 §6.1.3), so the backend logs a client that left rather than one lost.
+    fn leave_backend(&mut self, goodbye: bool) {
+        if goodbye {
+            let tag = self.own_tag();
+            self.core.to_backend.extend_from_slice(&tag);
+            self.core.to_backend.extend_from_slice(b" LOGOUT\r\n");
+        }
+        self.srx = ResponseReceiver::new(ResponseLimits::default());
+        self.core.bbuf.clear();
+        self.own = None;
+        self.in_flight = None;
+        self.deferred = None;
+        self.deferred_first.clear();
+        self.sasl_credit = 0;
+        self.id_sent = false;
+        self.login_sent = false;
+        self.logout = false;
+        self.route = None;
+        self.rx.end_sasl();
+        // The gate judges the next login on what the client was shown.
+        if let Some(list) = self.known_capability.clone() {
+            self.set_caps(&list);
+        }
+        self.close_backend = true;
+        if self.core.phase != Phase::Ended {
+            self.core.phase = Phase::Local;
         }
     }
 }
@@ -988,7 +1492,53 @@ impl Machine for Prelogin {
         if self.charging.is_some() && self.core.phase == Phase::Ready {
             return Next::ChargeLogin;
         }
+        if self.core.phase == Phase::Local
+            && self
+                .route
+                .as_ref()
+                .is_some_and(|route| route.stage == RouteStage::Charging)
+        {
+            return Next::ChargeLogin;
+        }
         self.core.next()
+    }
+
+    fn login_facts(&self) -> Option<LoginFacts> {
+        self.route
+            .as_ref()
+            .filter(|route| {
+                self.settings.routed
+                    && matches!(route.stage, RouteStage::Routing | RouteStage::Sent)
+            })
+            .and_then(RoutedLogin::facts)
+    }
+
+    fn route_failed(&mut self, failure: RouteFailure) {
+        Prelogin::route_failed(self, failure);
+    }
+
+    /// With no backend ([`Phase::Local`]: a routed session just left its own, and the driver
+    /// failed to write the goodbye) there is nothing to fail. A routed login whose backend
+    /// fails before the credentials went out gets the temporary failure, and the session goes
+    /// on; otherwise the client is told the service is unavailable and the session ends.
+    fn backend_failed(&mut self) {
+        if self.core.phase == Phase::Local {
+            self.core.to_backend.clear();
+            return;
+        }
+        if self.routing() {
+            self.routed_unavailable();
+            return;
+        }
+        self.core.to_backend.clear();
+        self.core
+            .to_client
+            .extend_from_slice(&reply::bye_unavailable());
+        self.core.finish(End::BackendClosed);
+    }
+
+    fn take_backend_close(&mut self) -> bool {
+        std::mem::take(&mut self.close_backend)
     }
 
     fn login_charge(&mut self, granted: bool) {
@@ -1104,6 +1654,7 @@ mod tests {
             max_commands: 50,
             client_info: Vec::new(),
             learned_capability: None,
+            routed: false,
         }
     }
 
@@ -2377,6 +2928,1126 @@ mod tests {
         assert_eq!(
             m.take_notices(),
             [Notice::BackendImapCapability(b"IMAP4rev1 ID".to_vec())]
+        );
+    }
+}
+
+/// A listener that routes by user ([`Settings::routed`]): no backend before a complete login,
+/// each login form held whole and replayed, and a failed login leaving no backend behind.
+#[cfg(test)]
+mod routed_tests {
+    use super::*;
+    use crate::machine::testing::{Throttle, check_charges, tls13};
+    use base64::Engine as _;
+
+    const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
+    /// A backend's list, as the driver's probe learned it.
+    const CAPS: &str = "IMAP4rev1 SASL-IR LITERAL+ AUTH=PLAIN AUTH=LOGIN AUTH=SCRAM-SHA-256";
+
+    fn b64(raw: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    }
+
+    fn routed(listener: TlsMode, learned: Option<&str>) -> Prelogin {
+        let settings = Settings {
+            listener,
+            hostname: "mx.example.test".to_owned(),
+            limits: command::Limits::default(),
+            max_commands: 50,
+            client_info: Vec::new(),
+            learned_capability: learned.map(|l| l.as_bytes().to_vec()),
+            routed: true,
+        };
+        let tls = (listener == TlsMode::Implicit).then(tls13);
+        Prelogin::new(settings, tls, 7)
+    }
+
+    /// One step of the driver's side.
+    #[derive(Debug, Clone)]
+    enum R {
+        /// Client bytes.
+        C(String),
+        /// Backend bytes; `TAG` stands for mailfront's last own tag.
+        B(String),
+        /// The machine must say [`Next::Connect`]: the driver notes the facts and connects.
+        Connect,
+        /// The machine must say [`Next::Connect`]: the router gives the login no backend.
+        Fail(RouteFailure),
+        /// The backend closes.
+        Closed,
+    }
+
+    fn c(s: &str) -> R {
+        R::C(s.to_owned())
+    }
+
+    fn b(s: &str) -> R {
+        R::B(s.to_owned())
+    }
+
+    /// What the driver saw: bytes each way (own tags as `TAG`, each backend close the machine
+    /// asked for as `<close>`), the facts of every connection, and the notices.
+    #[derive(Debug, Default)]
+    struct Seen {
+        client: String,
+        backend: String,
+        facts: Vec<LoginFacts>,
+    }
+
+    fn drain(m: &mut Prelogin, throttle: &mut Throttle, seen: &mut Seen, last_tag: &mut String) {
+        throttle.run(m);
+        seen.client
+            .push_str(&String::from_utf8_lossy(&m.take_to_client()));
+        let backend = String::from_utf8_lossy(&m.take_to_backend()).into_owned();
+        for line in backend.split("\r\n") {
+            if let Some(tag) = line.split(' ').next().filter(|t| t.starts_with("mf")) {
+                *last_tag = tag.to_owned();
+            }
+        }
+        if last_tag.is_empty() {
+            seen.backend.push_str(&backend);
+        } else {
+            seen.backend
+                .push_str(&backend.replace(last_tag.as_str(), "TAG"));
+        }
+        if m.take_backend_close() {
+            seen.backend.push_str("<close>");
+        }
+    }
+
+    /// Plays `steps` as the driver would, with `throttle` answering the charges.
+    fn drive(m: &mut Prelogin, throttle: &mut Throttle, steps: &[R]) -> Seen {
+        let mut seen = Seen::default();
+        let mut last_tag = String::new();
+        drain(m, throttle, &mut seen, &mut last_tag);
+        for step in steps {
+            match step {
+                R::C(bytes) => {
+                    assert_ne!(m.next(), Next::Connect, "client bytes while connecting");
+                    m.client_input(bytes.as_bytes());
+                }
+                R::B(bytes) => {
+                    m.backend_input(bytes.replace("TAG", &last_tag).as_bytes());
+                }
+                R::Connect | R::Fail(_) => {
+                    assert_eq!(m.next(), Next::Connect, "{step:?}; {seen:?}");
+                    let facts = m.login_facts().expect("a connection with no login facts");
+                    seen.facts.push(facts);
+                    match step {
+                        R::Fail(failure) => m.route_failed(failure.clone()),
+                        _ => m.backend_connected(),
+                    }
+                }
+                R::Closed => m.backend_closed(),
+            }
+            drain(m, throttle, &mut seen, &mut last_tag);
+        }
+        seen
+    }
+
+    fn facts(user: &str, password: Option<&str>, mechanism: &str) -> LoginFacts {
+        LoginFacts {
+            user: user.as_bytes().to_vec(),
+            password: password.map(|p| p.as_bytes().to_vec()),
+            mechanism: mechanism.to_owned(),
+            helo: None,
+        }
+    }
+
+    fn greeting(caps: &str) -> R {
+        b(&format!("* OK [CAPABILITY {caps}] backend ready\r\n"))
+    }
+
+    /// Our greeting with the learned list, as a routed implicit-TLS client sees it.
+    fn our_greeting(caps: &str) -> String {
+        format!("* OK [CAPABILITY {caps}] mx.example.test ready\r\n")
+    }
+
+    #[test]
+    fn no_local_command_connects_before_a_complete_login() {
+        let locals = [
+            "a CAPABILITY\r\n",
+            "a NOOP\r\n",
+            "a ID (\"name\" \"mutt\")\r\n",
+            "a ID NIL\r\n",
+            "a STARTTLS\r\n",
+            "a SELECT INBOX\r\n",
+            "a ENABLE UTF8=ACCEPT\r\n",
+            "a XCLIENT ADDR=192.0.2.1\r\n",
+            "a COMPRESS DEFLATE\r\n",
+            "mf0123456789abcdef LOGIN alice secret\r\n",
+            "bare lf\n",
+            "a LOGIN alice\r\n",
+            "a LOGIN {5}\r\nali",
+            "a AUTHENTICATE PLAIN\r\n",
+            "a AUTHENTICATE PLAIN\r\n*\r\n",
+            "a AUTHENTICATE PLAIN\r\nnot base64!\r\n",
+            "a AUTHENTICATE LOGIN\r\n",
+            "a AUTHENTICATE LOGIN\r\nYWxpY2U=\r\n",
+            "a AUTHENTICATE LOGIN YWxpY2U=\r\n",
+            "a AUTHENTICATE LOGIN YWxpY2U=\r\n*\r\n",
+            "a AUTHENTICATE SCRAM-SHA-256\r\n",
+            "a AUTHENTICATE CRAM-MD5\r\n",
+            "a AUTHENTICATE DIGEST-MD5\r\n",
+            "a AUTHENTICATE EXTERNAL =\r\n",
+            "a AUTHENTICATE GSSAPI\r\n",
+            "a AUTHENTICATE PLAIN {5}\r\n",
+            "a AUTHENTICATE\r\n",
+            "a LOGOUT\r\n",
+        ];
+        for learned in [None, Some(CAPS)] {
+            for listener in [TlsMode::Implicit, TlsMode::Starttls] {
+                for local in locals {
+                    let mut m = routed(listener, learned);
+                    assert_ne!(m.next(), Next::Connect, "{local:?}: at TLS up");
+                    if listener == TlsMode::Starttls {
+                        m.client_input(b"s STARTTLS\r\n");
+                        assert_eq!(m.next(), Next::StartTls);
+                        m.tls_started(tls13());
+                        assert_ne!(m.next(), Next::Connect, "after the handshake");
+                    }
+                    let mut throttle = Throttle::new(5, 0);
+                    let seen = drive(&mut m, &mut throttle, &[c(local)]);
+                    assert_ne!(m.next(), Next::Connect, "{local:?} ({learned:?})");
+                    assert_eq!(m.login_facts(), None, "{local:?}");
+                    assert_eq!(seen.backend, "", "{local:?}");
+                    assert_eq!(throttle.charged, 0, "{local:?}: charged");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_learned_answers_from_the_built_in_list_and_never_connects_to_learn() {
+        let mut m = routed(TlsMode::Implicit, None);
+        let mut throttle = Throttle::new(5, 0);
+        let seen = drive(
+            &mut m,
+            &mut throttle,
+            &[c("a CAPABILITY\r\nb ID NIL\r\nc NOOP\r\n")],
+        );
+        assert_eq!(
+            seen.client,
+            "* OK [CAPABILITY IMAP4rev1 ID] mx.example.test ready\r\n\
+             * CAPABILITY IMAP4rev1 ID\r\na OK CAPABILITY completed\r\n\
+             * ID NIL\r\nb OK ID completed\r\n\
+             c OK NOOP completed\r\n"
+        );
+        assert_eq!(m.next(), Next::Run);
+        // A login connects, and the first backend's pre-login list is handed on once, since
+        // the listener has none; what this session shows stays the built-in list.
+        let seen = drive(
+            &mut m,
+            &mut throttle,
+            &[
+                c("d LOGIN alice wrong\r\n"),
+                R::Connect,
+                b("* OK ready\r\n"),
+                b("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nTAG OK done\r\n"),
+                b("d NO [AUTHENTICATIONFAILED] no\r\n"),
+                c("e CAPABILITY\r\nf LOGIN alice secret\r\n"),
+                R::Connect,
+                greeting("IMAP4rev1 AUTH=PLAIN"),
+            ],
+        );
+        assert_eq!(
+            seen.backend,
+            "TAG CAPABILITY\r\nd LOGIN \"alice\" \"wrong\"\r\nTAG LOGOUT\r\n<close>\
+             f LOGIN \"alice\" \"secret\"\r\n"
+        );
+        assert_eq!(
+            seen.client,
+            "d NO [AUTHENTICATIONFAILED] no\r\n\
+             * CAPABILITY IMAP4rev1 ID\r\ne OK CAPABILITY completed\r\n"
+        );
+        let handed: Vec<_> = throttle
+            .notices
+            .iter()
+            .filter(|n| matches!(n, Notice::BackendImapCapability(_)))
+            .collect();
+        assert_eq!(
+            handed,
+            [&Notice::BackendImapCapability(
+                b"IMAP4rev1 AUTH=PLAIN".to_vec()
+            )]
+        );
+
+        // A listener that learned its list keeps it: a routed session never hands on a user's
+        // backend's list.
+        let mut m = routed(TlsMode::Implicit, Some(CAPS));
+        let mut throttle = Throttle::new(5, 0);
+        drive(
+            &mut m,
+            &mut throttle,
+            &[
+                c("a LOGIN alice secret\r\n"),
+                R::Connect,
+                greeting("IMAP4rev1 AUTH=PLAIN"),
+            ],
+        );
+        assert!(
+            !throttle
+                .notices
+                .iter()
+                .any(|n| matches!(n, Notice::BackendImapCapability(_)))
+        );
+    }
+
+    /// One way to log in: the client's steps up to a complete login, what mailfront writes to
+    /// the client meanwhile, the backend's side once connected, and the facts routed.
+    struct Form {
+        name: &'static str,
+        client: Vec<R>,
+        to_client: String,
+        backend: Vec<R>,
+        to_backend: String,
+        /// The client after the connection (the backend's challenges it sees, its `OK`).
+        to_client_after: String,
+        facts: LoginFacts,
+    }
+
+    #[allow(clippy::too_many_lines, reason = "one table of every login form")]
+    fn imap_forms() -> Vec<Form> {
+        let plain = b64(b"\0alice\0secret");
+        let plain_authz = b64(b"admin\0alice\0secret");
+        let user = b64(b"alice");
+        let pass = b64(b"secret");
+        let scram_first = b64(b"n,,n=al=2Cice,r=rOprNGfwEbeRWgbNEkqO");
+        let scram_server = b64(
+            b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+        );
+        let scram_final = b64(b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=");
+        let oauth = b64(b"n,a=alice@example.org,\x01auth=Bearer tok\x01\x01");
+        let xoauth = b64(b"user=alice@example.org\x01auth=Bearer tok\x01\x01");
+        let ok = "a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n";
+        vec![
+            Form {
+                name: "LOGIN",
+                client: vec![c("a LOGIN alice secret\r\n")],
+                to_client: String::new(),
+                backend: vec![greeting(CAPS), b(ok)],
+                to_backend: "a LOGIN \"alice\" \"secret\"\r\n".to_owned(),
+                to_client_after: ok.to_owned(),
+                facts: facts("alice", Some("secret"), "LOGIN"),
+            },
+            Form {
+                name: "LOGIN with literals, to a backend without LITERAL+",
+                client: vec![
+                    c("a LOGIN {5}\r\n"),
+                    c("alice {7}\r\n"),
+                    c("s\u{e9}cret\r\n"),
+                ],
+                to_client: "+ Ready for literal data\r\n+ Ready for literal data\r\n".to_owned(),
+                backend: vec![greeting("IMAP4rev1"), b("+ go\r\n"), b(ok)],
+                to_backend: "a LOGIN \"alice\" {7}\r\ns\u{e9}cret\r\n".to_owned(),
+                to_client_after: ok.to_owned(),
+                facts: facts("alice", Some("s\u{e9}cret"), "LOGIN"),
+            },
+            Form {
+                name: "AUTHENTICATE PLAIN with an initial response",
+                client: vec![c(&format!("a AUTHENTICATE PLAIN {plain}\r\n"))],
+                to_client: String::new(),
+                backend: vec![greeting(CAPS), b("+ \r\n"), b(ok)],
+                to_backend: format!("a AUTHENTICATE PLAIN\r\n{plain}\r\n"),
+                to_client_after: ok.to_owned(),
+                facts: facts("alice", Some("secret"), "PLAIN"),
+            },
+            Form {
+                name: "AUTHENTICATE PLAIN in steps, with an authorization identity",
+                client: vec![
+                    c("a AUTHENTICATE plain\r\n"),
+                    c(&format!("{plain_authz}\r\n")),
+                ],
+                to_client: "+ \r\n".to_owned(),
+                backend: vec![greeting(CAPS), b("+ \r\n"), b(ok)],
+                to_backend: format!("a AUTHENTICATE PLAIN\r\n{plain_authz}\r\n"),
+                to_client_after: ok.to_owned(),
+                facts: facts("alice", Some("secret"), "PLAIN"),
+            },
+            Form {
+                name: "AUTHENTICATE LOGIN, both challenges ours",
+                client: vec![
+                    c("a AUTHENTICATE LOGIN\r\n"),
+                    c(&format!("{user}\r\n")),
+                    c(&format!("{pass}\r\n")),
+                ],
+                to_client: "+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n".to_owned(),
+                backend: vec![
+                    greeting(CAPS),
+                    b("+ VXNlcm5hbWU6\r\n"),
+                    b("+ UGFzc3dvcmQ6\r\n"),
+                    b(ok),
+                ],
+                to_backend: format!("a AUTHENTICATE LOGIN\r\n{user}\r\n{pass}\r\n"),
+                to_client_after: ok.to_owned(),
+                facts: facts("alice", Some("secret"), "LOGIN"),
+            },
+            Form {
+                name: "AUTHENTICATE LOGIN with the user name as initial response",
+                client: vec![
+                    c(&format!("a AUTHENTICATE LOGIN {user}\r\n")),
+                    c(&format!("{pass}\r\n")),
+                ],
+                to_client: "+ UGFzc3dvcmQ6\r\n".to_owned(),
+                backend: vec![
+                    greeting(CAPS),
+                    b("+ VXNlcm5hbWU6\r\n"),
+                    b("+ UGFzc3dvcmQ6\r\n"),
+                    b(ok),
+                ],
+                to_backend: format!("a AUTHENTICATE LOGIN\r\n{user}\r\n{pass}\r\n"),
+                to_client_after: ok.to_owned(),
+                facts: facts("alice", Some("secret"), "LOGIN"),
+            },
+            Form {
+                name: "AUTHENTICATE SCRAM-SHA-256: the exchange relays once the first response is used",
+                client: vec![
+                    c("a AUTHENTICATE SCRAM-SHA-256\r\n"),
+                    c(&format!("{scram_first}\r\n")),
+                ],
+                to_client: "+ \r\n".to_owned(),
+                backend: vec![
+                    greeting(CAPS),
+                    b("+ \r\n"),
+                    b(&format!("+ {scram_server}\r\n")),
+                    c(&format!("{scram_final}\r\n")),
+                    b("+ dj1ybUY5cHFWOFM3c3VBb1pXamE0ZEpSa0ZzS1E9\r\n"),
+                    c("\r\n"),
+                    b(ok),
+                ],
+                to_backend: format!(
+                    "a AUTHENTICATE SCRAM-SHA-256\r\n{scram_first}\r\n{scram_final}\r\n\r\n"
+                ),
+                to_client_after: format!(
+                    "+ {scram_server}\r\n+ dj1ybUY5cHFWOFM3c3VBb1pXamE0ZEpSa0ZzS1E9\r\n{ok}"
+                ),
+                facts: facts("al,ice", None, "SCRAM-SHA-256"),
+            },
+            Form {
+                name: "AUTHENTICATE OAUTHBEARER with an initial response",
+                client: vec![c(&format!("a AUTHENTICATE OAUTHBEARER {oauth}\r\n"))],
+                to_client: String::new(),
+                backend: vec![greeting(CAPS), b("+ \r\n"), b(ok)],
+                to_backend: format!("a AUTHENTICATE OAUTHBEARER\r\n{oauth}\r\n"),
+                to_client_after: ok.to_owned(),
+                facts: facts("alice@example.org", None, "OAUTHBEARER"),
+            },
+            Form {
+                name: "AUTHENTICATE XOAUTH2 in steps",
+                client: vec![c("a AUTHENTICATE XOAUTH2\r\n"), c(&format!("{xoauth}\r\n"))],
+                to_client: "+ \r\n".to_owned(),
+                backend: vec![greeting(CAPS), b("+ \r\n"), b(ok)],
+                to_backend: format!("a AUTHENTICATE XOAUTH2\r\n{xoauth}\r\n"),
+                to_client_after: ok.to_owned(),
+                facts: facts("alice@example.org", None, "XOAUTH2"),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_login_form_is_held_whole_routed_and_replayed() {
+        for form in imap_forms() {
+            let name = form.name;
+            let mut m = routed(TlsMode::Implicit, Some(CAPS));
+            let mut throttle = Throttle::new(5, 0);
+            let greeted = drive(&mut m, &mut throttle, &[]);
+            assert_eq!(greeted.client, our_greeting(CAPS), "{name}");
+            let last = form.client.len() - 1;
+            for (i, step) in form.client.iter().enumerate() {
+                let seen = drive(&mut m, &mut throttle, std::slice::from_ref(step));
+                assert_eq!(seen.backend, "", "{name}: step {i}");
+                if i < last {
+                    assert_eq!(m.next(), Next::Run, "{name}: connects at step {i}");
+                    assert_eq!(m.login_facts(), None, "{name}");
+                }
+            }
+            assert_eq!(m.next(), Next::Connect, "{name}: complete");
+            assert_eq!(m.login_facts(), Some(form.facts.clone()), "{name}");
+            let mut steps = vec![R::Connect];
+            steps.extend(form.backend.iter().cloned());
+            let seen = drive(&mut m, &mut throttle, &steps);
+            assert_eq!(seen.backend, form.to_backend, "{name}: to the backend");
+            assert_eq!(seen.facts, [form.facts.clone()], "{name}");
+            assert_eq!(m.next(), Next::Authenticated, "{name}");
+            let mut whole = drive(
+                &mut routed(TlsMode::Implicit, Some(CAPS)),
+                &mut Throttle::new(5, 0),
+                &form.client,
+            )
+            .client;
+            whole.replace_range(..our_greeting(CAPS).len(), "");
+            assert_eq!(
+                whole, form.to_client,
+                "{name}: to the client before connecting"
+            );
+            assert_eq!(
+                seen.client, form.to_client_after,
+                "{name}: to the client after"
+            );
+            assert_eq!(throttle.charged, 0, "{name}: refunded");
+            let users: Vec<_> = throttle
+                .notices
+                .iter()
+                .filter(|n| matches!(n, Notice::User(_)))
+                .collect();
+            assert_eq!(users, [&Notice::User(form.facts.user.clone())], "{name}");
+        }
+    }
+
+    #[test]
+    fn a_routed_authenticate_login_is_split_invariant() {
+        let user = b64(b"alice");
+        let pass = b64(b"secret");
+        let input = format!("x NOOP\r\na AUTHENTICATE LOGIN\r\n{user}\r\n{pass}\r\n");
+        let play = |chunks: &[&[u8]]| {
+            let mut m = routed(TlsMode::Implicit, Some(CAPS));
+            let mut out = Vec::new();
+            for chunk in chunks {
+                m.client_input(chunk);
+                out.extend_from_slice(&m.take_to_client());
+            }
+            while m.next() == Next::ChargeLogin {
+                m.login_charge(true);
+            }
+            (
+                String::from_utf8_lossy(&out).into_owned(),
+                m.next(),
+                m.login_facts(),
+            )
+        };
+        let whole = play(&[input.as_bytes()]);
+        assert_eq!(whole.1, Next::Connect);
+        assert_eq!(whole.2, Some(facts("alice", Some("secret"), "LOGIN")));
+        let bytes = input.as_bytes();
+        for at in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(at);
+            assert_eq!(play(&[a, b]), whole, "split at {at}");
+        }
+        let single: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(play(&single), whole, "one octet at a time");
+    }
+
+    #[test]
+    fn a_cancel_or_a_line_that_is_not_base64_ends_the_exchange_here() {
+        for (second, reply) in [
+            ("*\r\n", "a BAD Authentication cancelled\r\n"),
+            ("not base64!\r\n", "a BAD Invalid base64 response\r\n"),
+        ] {
+            for first in [
+                "a AUTHENTICATE PLAIN\r\n",
+                "a AUTHENTICATE LOGIN\r\nYWxpY2U=\r\n",
+            ] {
+                let mut m = routed(TlsMode::Implicit, Some(CAPS));
+                let mut throttle = Throttle::new(5, 0);
+                let seen = drive(
+                    &mut m,
+                    &mut throttle,
+                    &[c(first), c(second), c("b NOOP\r\n")],
+                );
+                assert!(
+                    seen.client
+                        .ends_with(&format!("{reply}b OK NOOP completed\r\n")),
+                    "{seen:?}"
+                );
+                assert_eq!(seen.backend, "");
+                assert_eq!(m.next(), Next::Run);
+                assert_eq!(
+                    (throttle.charged, throttle.refused),
+                    (0, 0),
+                    "never charged"
+                );
+                assert!(throttle.notices.is_empty(), "{:?}", throttle.notices);
+            }
+        }
+    }
+
+    #[test]
+    fn a_login_whose_user_cannot_be_read_fails_here_charged() {
+        let cases = [
+            "a AUTHENTICATE PLAIN =\r\n".to_owned(),
+            format!("a AUTHENTICATE PLAIN {}\r\n", b64(b"alice\0secret")),
+            format!("a AUTHENTICATE PLAIN\r\n{}\r\n", b64(b"\0\0secret")),
+            format!(
+                "a AUTHENTICATE OAUTHBEARER {}\r\n",
+                b64(b"n,,\x01auth=Bearer tok\x01\x01")
+            ),
+            format!("a AUTHENTICATE SCRAM-SHA-1 {}\r\n", b64(b"n,,r=abc")),
+            "a AUTHENTICATE LOGIN\r\n\r\n".to_owned(),
+            format!("a AUTHENTICATE LOGIN {}\r\n", b64(b"al\nice")),
+            "a LOGIN \"\" secret\r\n".to_owned(),
+            "a LOGIN {7}\r\nal\r\nice secret\r\n".to_owned(),
+        ];
+        for case in cases {
+            let mut m = routed(TlsMode::Implicit, Some(CAPS));
+            let mut throttle = Throttle::new(5, 0);
+            let seen = drive(
+                &mut m,
+                &mut throttle,
+                &[R::C(case.clone()), c("b NOOP\r\n")],
+            );
+            assert!(
+                seen.client.ends_with(
+                    "a NO [AUTHENTICATIONFAILED] Authentication failed\r\nb OK NOOP completed\r\n"
+                ),
+                "{case:?}: {seen:?}"
+            );
+            assert!(
+                !seen.client.contains("UGFzc3dvcmQ6"),
+                "{case:?}: no password asked"
+            );
+            assert_eq!(seen.backend, "", "{case:?}");
+            assert_eq!(m.next(), Next::Run, "{case:?}");
+            assert_eq!(throttle.charged, 1, "{case:?}: a guess like any other");
+        }
+    }
+
+    #[test]
+    fn mechanisms_that_cannot_be_routed_are_hidden_and_refused_here() {
+        let learned = "IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=CRAM-MD5 AUTH=DIGEST-MD5 AUTH=GSSAPI AUTH=EXTERNAL AUTH=SCRAM-SHA-1";
+        let shown = "IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=SCRAM-SHA-1";
+        let mut m = routed(TlsMode::Implicit, Some(learned));
+        let mut throttle = Throttle::new(5, 0);
+        let seen = drive(
+            &mut m,
+            &mut throttle,
+            &[c(
+                "a CAPABILITY\r\nb AUTHENTICATE CRAM-MD5\r\nc AUTHENTICATE GSSAPI =\r\nd AUTHENTICATE digest-md5\r\n",
+            )],
+        );
+        assert_eq!(
+            seen.client,
+            format!(
+                "{}* CAPABILITY {shown}\r\na OK CAPABILITY completed\r\n\
+                 b NO Unsupported authentication mechanism\r\n\
+                 c NO Unsupported authentication mechanism\r\n\
+                 d NO Unsupported authentication mechanism\r\n",
+                our_greeting(shown)
+            )
+        );
+        assert_eq!(seen.backend, "");
+        assert_eq!(m.next(), Next::Run);
+        assert_eq!(throttle.charged, 0);
+        // A list the backend shows live, during a login, is rewritten the same way.
+        let seen = drive(
+            &mut m,
+            &mut throttle,
+            &[
+                c("e LOGIN alice wrong\r\n"),
+                R::Connect,
+                greeting(learned),
+                b("e NO [CAPABILITY IMAP4rev1 AUTH=CRAM-MD5 AUTH=PLAIN] no\r\n"),
+            ],
+        );
+        assert_eq!(seen.client, "e NO [CAPABILITY IMAP4rev1 AUTH=PLAIN] no\r\n");
+        // After STARTTLS too.
+        let mut m = routed(TlsMode::Starttls, Some(learned));
+        m.client_input(b"s STARTTLS\r\n");
+        m.take_to_client();
+        m.tls_started(tls13());
+        m.client_input(b"a CAPABILITY\r\n");
+        assert_eq!(
+            String::from_utf8_lossy(&m.take_to_client()),
+            format!("* CAPABILITY {shown}\r\na OK CAPABILITY completed\r\n")
+        );
+    }
+
+    #[test]
+    fn a_refused_route_answers_the_login_and_goes_on_or_ends() {
+        let refused = |go_on| {
+            R::Fail(RouteFailure::Refused {
+                text: "Invalid login\r\n* OK".to_owned(),
+                smtp_code: Some("535 5.7.8".to_owned()),
+                go_on,
+            })
+        };
+        // With Auth-Wait: the session goes on, and the next login is routed afresh.
+        let mut m = routed(TlsMode::Implicit, Some(CAPS));
+        let mut throttle = Throttle::new(5, 0);
+        let seen = drive(
+            &mut m,
+            &mut throttle,
+            &[
+                c("a LOGIN alice wrong\r\nb LOGIN bob secret\r\n"),
+                refused(true),
+                R::Connect,
+                greeting(CAPS),
+            ],
+        );
+        assert_eq!(
+            seen.client,
+            format!(
+                "{}a NO [AUTHENTICATIONFAILED] Invalid login* OK\r\n",
+                our_greeting(CAPS)
+            )
+        );
+        assert_eq!(seen.backend, "b LOGIN \"bob\" \"secret\"\r\n");
+        assert_eq!(
+            seen.facts,
+            [
+                facts("alice", Some("wrong"), "LOGIN"),
+                facts("bob", Some("secret"), "LOGIN")
+            ]
+        );
+        assert!(throttle.notices.contains(&Notice::Auth {
+            verdict: AuthVerdict::Failure,
+            mechanism: "LOGIN".to_owned(),
+            charge: Charge::Keep,
+        }));
+        assert_eq!(
+            throttle.charged, 2,
+            "the refusal stays counted, bob is with the backend"
+        );
+
+        // Without: the refusal, then the session ends.
+        let mut m = routed(TlsMode::Implicit, Some(CAPS));
+        let mut throttle = Throttle::new(5, 0);
+        let seen = drive(
+            &mut m,
+            &mut throttle,
+            &[
+                c(&format!(
+                    "a AUTHENTICATE PLAIN {}\r\nb NOOP\r\n",
+                    b64(b"\0alice\0wrong")
+                )),
+                refused(false),
+            ],
+        );
+        assert!(
+            seen.client.ends_with(
+                "a NO [AUTHENTICATIONFAILED] Invalid login* OK\r\n* BYE Login refused\r\n"
+            ),
+            "{seen:?}"
+        );
+        assert_eq!(seen.backend, "");
+        assert_eq!(m.next(), Next::End(End::LoginRefused));
+        assert_eq!(throttle.charged, 1);
+        assert!(throttle.notices.contains(&Notice::Auth {
+            verdict: AuthVerdict::Failure,
+            mechanism: "AUTHENTICATE PLAIN".to_owned(),
+            charge: Charge::Keep,
+        }));
+    }
+
+    #[test]
+    fn an_unavailable_route_is_a_temporary_failure_and_a_second_login_connects_again() {
+        let user = b64(b"alice");
+        let pass = b64(b"secret");
+        let mut m = routed(TlsMode::Implicit, Some(CAPS));
+        let mut throttle = Throttle::new(1, 0);
+        let seen = drive(
+            &mut m,
+            &mut throttle,
+            &[
+                c("a LOGIN alice secret\r\n"),
+                R::Fail(RouteFailure::Unavailable),
+                c(&format!("b AUTHENTICATE LOGIN {user}\r\n{pass}\r\n")),
+                R::Connect,
+                greeting(CAPS),
+                b("+ VXNlcm5hbWU6\r\n"),
+                b("+ UGFzc3dvcmQ6\r\n"),
+                b("b OK Logged in\r\n"),
+            ],
+        );
+        assert_eq!(
+            seen.client,
+            format!(
+                "{}a NO [UNAVAILABLE] Server temporarily unavailable, try again later\r\n\
+                 + UGFzc3dvcmQ6\r\nb OK Logged in\r\n",
+                our_greeting(CAPS)
+            )
+        );
+        assert_eq!(
+            seen.backend,
+            format!("b AUTHENTICATE LOGIN\r\n{user}\r\n{pass}\r\n"),
+            "no backend was connected, none is closed"
+        );
+        assert_eq!(
+            seen.facts,
+            [
+                facts("alice", Some("secret"), "LOGIN"),
+                facts("alice", Some("secret"), "LOGIN")
+            ]
+        );
+        assert_eq!(m.next(), Next::Authenticated);
+        assert_eq!(
+            throttle.charged, 0,
+            "refunded, so the limit of 1 let the second in"
+        );
+        assert!(throttle.notices.contains(&Notice::Auth {
+            verdict: AuthVerdict::NotCompleted,
+            mechanism: "LOGIN".to_owned(),
+            charge: Charge::Refund,
+        }));
+    }
+
+    #[test]
+    fn a_backend_that_refuses_service_before_the_login_went_out_is_unavailable() {
+        for trouble in [
+            vec![b("* BYE [UNAVAILABLE] Too many connections\r\n")],
+            vec![R::Closed],
+            vec![b("* OK ready\r\n"), R::Closed],
+        ] {
+            let mut m = routed(TlsMode::Implicit, Some(CAPS));
+            let mut throttle = Throttle::new(5, 0);
+            let mut steps = vec![c("a LOGIN alice secret\r\nb NOOP\r\n"), R::Connect];
+            steps.extend(trouble.clone());
+            let seen = drive(&mut m, &mut throttle, &steps);
+            assert!(
+                seen.client.ends_with(
+                    "a NO [UNAVAILABLE] Server temporarily unavailable, try again later\r\nb OK NOOP completed\r\n"
+                ),
+                "{trouble:?}: {seen:?}"
+            );
+            assert!(!seen.backend.contains("secret"), "{trouble:?}");
+            assert!(seen.backend.ends_with("<close>"), "{trouble:?}");
+            assert_eq!(m.next(), Next::Run, "{trouble:?}");
+            assert_eq!(throttle.charged, 0, "{trouble:?}");
+        }
+        // Once the credentials went out, a backend that closes ends the session as before.
+        let mut m = routed(TlsMode::Implicit, Some(CAPS));
+        let mut throttle = Throttle::new(5, 0);
+        drive(
+            &mut m,
+            &mut throttle,
+            &[
+                c("a LOGIN alice secret\r\n"),
+                R::Connect,
+                greeting(CAPS),
+                R::Closed,
+            ],
+        );
+        assert_eq!(m.next(), Next::End(End::BackendClosed));
+        assert_eq!(throttle.charged, 1);
+    }
+
+    #[test]
+    fn a_login_the_backend_refuses_leaves_it_and_the_next_login_is_routed_afresh() {
+        let mut m = routed(TlsMode::Implicit, Some("IMAP4rev1 ID SASL-IR AUTH=PLAIN"));
+        let mut throttle = Throttle::new(5, 0);
+        let seen = drive(
+            &mut m,
+            &mut throttle,
+            &[
+                c("i ID (\"name\" \"mutt\")\r\na LOGIN alice wrong\r\nb LOGIN bob secret\r\n"),
+                R::Connect,
+                greeting("IMAP4rev1 ID AUTH=PLAIN"),
+                b("* ID NIL\r\nTAG OK done\r\n"),
+                b("a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+                R::Connect,
+                greeting("IMAP4rev1 ID AUTH=PLAIN"),
+                b("* ID NIL\r\nTAG OK done\r\n"),
+                b("b OK Logged in\r\n"),
+            ],
+        );
+        let id = format!("TAG ID (\"name\" \"mutt\" \"tls\" \"{CIPHER}\")\r\n");
+        assert_eq!(
+            seen.backend,
+            format!(
+                "{id}a LOGIN \"alice\" \"wrong\"\r\nTAG LOGOUT\r\n<close>{id}b LOGIN \"bob\" \"secret\"\r\n"
+            ),
+            "each backend gets the client's ID, then the login"
+        );
+        assert_eq!(
+            seen.client,
+            format!(
+                "{}* ID NIL\r\ni OK ID completed\r\n\
+                 a NO [AUTHENTICATIONFAILED] Authentication failed.\r\nb OK Logged in\r\n",
+                our_greeting("IMAP4rev1 ID SASL-IR AUTH=PLAIN")
+            )
+        );
+        assert_eq!(
+            seen.facts,
+            [
+                facts("alice", Some("wrong"), "LOGIN"),
+                facts("bob", Some("secret"), "LOGIN")
+            ]
+        );
+        assert_eq!(m.next(), Next::Authenticated);
+        assert_eq!(
+            throttle.charged, 1,
+            "alice's failure counts, bob's success not"
+        );
+    }
+
+    #[test]
+    fn a_completion_instead_of_a_continuation_answers_the_clients_command() {
+        let plain = b64(b"\0alice\0secret");
+        for (completion, verdict) in [
+            (
+                "a NO [CANNOT] Unsupported authentication mechanism\r\n",
+                AuthVerdict::Failure,
+            ),
+            ("a BAD Unknown command\r\n", AuthVerdict::Failure),
+        ] {
+            let mut m = routed(TlsMode::Implicit, Some(CAPS));
+            let mut throttle = Throttle::new(5, 0);
+            let seen = drive(
+                &mut m,
+                &mut throttle,
+                &[
+                    c(&format!("a AUTHENTICATE PLAIN {plain}\r\nb NOOP\r\n")),
+                    R::Connect,
+                    greeting(CAPS),
+                    b(completion),
+                ],
+            );
+            assert_eq!(
+                seen.backend, "a AUTHENTICATE PLAIN\r\nTAG LOGOUT\r\n<close>",
+                "the held response never went out"
+            );
+            assert!(
+                seen.client
+                    .ends_with(&format!("{completion}b OK NOOP completed\r\n")),
+                "{seen:?}"
+            );
+            assert_eq!(m.next(), Next::Run);
+            assert_eq!(
+                throttle.charged, 1,
+                "as today: a NO or BAD keeps the charge"
+            );
+            assert!(throttle.notices.contains(&Notice::Auth {
+                verdict,
+                mechanism: "AUTHENTICATE PLAIN".to_owned(),
+                charge: Charge::Keep,
+            }));
+        }
+    }
+
+    /// The throttle's accounting on a routed listener: charged before the connection, settled
+    /// by the backend's verdict or the router's.
+    #[test]
+    fn every_routed_login_path_settles_its_charge() {
+        struct Case {
+            name: &'static str,
+            limit: u32,
+            already: u32,
+            steps: Vec<R>,
+            charged: u32,
+            refused: u32,
+            connects: usize,
+            reached: &'static [&'static str],
+            never: &'static [&'static str],
+        }
+        let plain = b64(b"\0alice\0secret");
+        let cases = [
+            Case {
+                name: "refused by the backend: kept",
+                limit: 3,
+                already: 0,
+                steps: vec![
+                    c("a LOGIN alice wrong\r\n"),
+                    R::Connect,
+                    greeting(CAPS),
+                    b("a NO [AUTHENTICATIONFAILED] no\r\n"),
+                ],
+                charged: 1,
+                refused: 0,
+                connects: 1,
+                reached: &["wrong", "LOGOUT"],
+                never: &[],
+            },
+            Case {
+                name: "accepted: refunded",
+                limit: 3,
+                already: 0,
+                steps: vec![
+                    c(&format!("a AUTHENTICATE PLAIN\r\n{plain}\r\n")),
+                    R::Connect,
+                    greeting(CAPS),
+                    b("+ \r\n"),
+                    b("a OK Logged in\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                connects: 1,
+                reached: &["AGFsaWNlAHNlY3JldA=="],
+                never: &[],
+            },
+            Case {
+                name: "throttled: answered here, never routed",
+                limit: 1,
+                already: 1,
+                steps: vec![c(&format!(
+                    "a LOGIN alice secret\r\nb AUTHENTICATE PLAIN {plain}\r\n"
+                ))],
+                charged: 1,
+                refused: 2,
+                connects: 0,
+                reached: &[],
+                never: &["alice", "AUTHENTICATE"],
+            },
+            Case {
+                name: "pipelined logins past the limit, each routed in turn",
+                limit: 2,
+                already: 0,
+                steps: vec![
+                    c("a LOGIN u w1\r\nb LOGIN u w2\r\nc LOGIN u w3\r\n"),
+                    R::Connect,
+                    greeting(CAPS),
+                    b("a NO [AUTHENTICATIONFAILED] no\r\n"),
+                    R::Connect,
+                    greeting(CAPS),
+                    b("b NO [AUTHENTICATIONFAILED] no\r\n"),
+                ],
+                charged: 2,
+                refused: 1,
+                connects: 2,
+                reached: &["w1", "w2"],
+                never: &["w3"],
+            },
+            Case {
+                name: "a hang-up while routed keeps the charge",
+                limit: 3,
+                already: 0,
+                steps: vec![c("a LOGIN alice secret\r\n")],
+                charged: 1,
+                refused: 0,
+                connects: 0,
+                reached: &[],
+                never: &["alice"],
+            },
+            Case {
+                name: "the router refuses: kept",
+                limit: 3,
+                already: 0,
+                steps: vec![
+                    c("a LOGIN alice secret\r\n"),
+                    R::Fail(RouteFailure::Refused {
+                        text: "no".to_owned(),
+                        smtp_code: None,
+                        go_on: true,
+                    }),
+                ],
+                charged: 1,
+                refused: 0,
+                connects: 1,
+                reached: &[],
+                never: &["alice"],
+            },
+            Case {
+                name: "no backend: refunded",
+                limit: 3,
+                already: 0,
+                steps: vec![
+                    c("a LOGIN alice secret\r\n"),
+                    R::Fail(RouteFailure::Unavailable),
+                ],
+                charged: 0,
+                refused: 0,
+                connects: 1,
+                reached: &[],
+                never: &["alice"],
+            },
+            Case {
+                name: "cancelled before routing: never charged",
+                limit: 3,
+                already: 0,
+                steps: vec![c("a AUTHENTICATE PLAIN\r\n*\r\n")],
+                charged: 0,
+                refused: 0,
+                connects: 0,
+                reached: &[],
+                never: &["AUTHENTICATE"],
+            },
+            Case {
+                name: "cancelled by the client once relayed: refunded",
+                limit: 3,
+                already: 0,
+                steps: vec![
+                    c(&format!(
+                        "a AUTHENTICATE SCRAM-SHA-256 {}\r\n",
+                        b64(b"n,,n=alice,r=abc")
+                    )),
+                    R::Connect,
+                    greeting(CAPS),
+                    b("+ \r\n"),
+                    b("+ cj1hYmNkZWY=\r\n"),
+                    c("*\r\n"),
+                    b("a BAD Authentication aborted\r\n"),
+                ],
+                charged: 0,
+                refused: 0,
+                connects: 1,
+                reached: &["*\r\n", "LOGOUT"],
+                never: &[],
+            },
+            Case {
+                name: "an unroutable mechanism: never charged",
+                limit: 3,
+                already: 0,
+                steps: vec![c("a AUTHENTICATE CRAM-MD5\r\n")],
+                charged: 0,
+                refused: 0,
+                connects: 0,
+                reached: &[],
+                never: &["CRAM"],
+            },
+        ];
+        for case in cases {
+            let mut m = routed(TlsMode::Implicit, Some(CAPS));
+            let mut throttle = Throttle::new(case.limit, case.already);
+            let seen = drive(&mut m, &mut throttle, &case.steps);
+            assert_eq!(seen.facts.len(), case.connects, "{}: connects", case.name);
+            check_charges(
+                case.name,
+                &throttle,
+                &seen.backend,
+                case.charged,
+                case.refused,
+                case.reached,
+                case.never,
+            );
+        }
+    }
+
+    #[test]
+    fn a_routed_starttls_session_stays_local_after_the_handshake_even_with_nothing_learned() {
+        let mut m = routed(TlsMode::Starttls, None);
+        let mut throttle = Throttle::new(5, 0);
+        let seen = drive(&mut m, &mut throttle, &[c("s STARTTLS\r\n")]);
+        assert!(seen.client.ends_with("s OK Begin TLS negotiation now\r\n"));
+        m.tls_started(tls13());
+        let seen = drive(
+            &mut m,
+            &mut throttle,
+            &[
+                c("a CAPABILITY\r\nb LOGIN alice secret\r\n"),
+                R::Connect,
+                b("* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n"),
+            ],
+        );
+        assert_eq!(
+            seen.client, "* CAPABILITY IMAP4rev1 ID\r\na OK CAPABILITY completed\r\n",
+            "no second greeting (RFC 9051 §6.2.1), the backend's swallowed"
+        );
+        assert_eq!(seen.backend, "b LOGIN \"alice\" \"secret\"\r\n");
+    }
+
+    #[test]
+    fn a_session_that_is_not_routed_names_no_login_facts() {
+        let mut settings = Settings {
+            listener: TlsMode::Implicit,
+            hostname: "mx.example.test".to_owned(),
+            limits: command::Limits::default(),
+            max_commands: 50,
+            client_info: Vec::new(),
+            learned_capability: Some(CAPS.as_bytes().to_vec()),
+            routed: false,
+        };
+        let mut m = Prelogin::new(settings.clone(), Some(tls13()), 7);
+        m.client_input(b"a AUTHENTICATE CRAM-MD5\r\n");
+        assert_eq!(
+            m.next(),
+            Next::Connect,
+            "connects as before: the backend answers it"
+        );
+        assert_eq!(m.login_facts(), None);
+        settings.learned_capability = None;
+        let m = Prelogin::new(settings, Some(tls13()), 7);
+        assert_eq!(
+            m.next(),
+            Next::Connect,
+            "connects at once to learn, as before"
         );
     }
 }

@@ -114,6 +114,77 @@ pub fn auth_throttled(tag: &[u8]) -> Vec<u8> {
     )
 }
 
+/// The longest text of a `user_lookup` refusal shown to the client: an `Auth-Status` is one
+/// short sentence (nginx's are), and a reply line stays far within any client's limit.
+pub const MAX_REFUSAL_TEXT: usize = 200;
+
+/// A login `user_lookup` refused on a routed listener (issue 22): its `Auth-Status` text, kept
+/// to printable ASCII and [`MAX_REFUSAL_TEXT`] octets so no CR, LF or control reaches the
+/// client (RFC 9051 §7.1 `text`), under AUTHENTICATIONFAILED (RFC 5530 §3).
+pub fn login_refused(tag: &[u8], text: &str) -> Vec<u8> {
+    let text: String = text
+        .chars()
+        .filter(|c| matches!(c, ' '..='~'))
+        .take(MAX_REFUSAL_TEXT)
+        .collect();
+    let text = match text.trim() {
+        "" => "Authentication failed",
+        text => text,
+    };
+    tagged(tag, "NO", &format!("[AUTHENTICATIONFAILED] {text}"))
+}
+
+/// A routed login whose user name mailfront cannot read (a malformed PLAIN response,
+/// OAUTHBEARER without `a=`): no backend can be chosen, so it fails here as a wrong credential
+/// would (RFC 5530 §3 AUTHENTICATIONFAILED).
+pub fn authentication_failed(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed")
+}
+
+/// A routed login with no backend now (the lookup failed, the user's backend is down): a
+/// temporary failure (RFC 5530 §3 UNAVAILABLE); the client may try again.
+pub fn login_unavailable(tag: &[u8]) -> Vec<u8> {
+    tagged(
+        tag,
+        "NO",
+        "[UNAVAILABLE] Server temporarily unavailable, try again later",
+    )
+}
+
+/// AUTHENTICATE with a mechanism a routed listener cannot route (CRAM-MD5, DIGEST-MD5,
+/// GSSAPI…), hidden from its capabilities too: "NO - unsupported authentication mechanism"
+/// (RFC 9051 §6.2.2).
+pub fn mechanism_not_routable(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "NO", "Unsupported authentication mechanism")
+}
+
+/// The client cancelled (`*`) an AUTHENTICATE mailfront was answering itself: "it MUST reject
+/// the AUTHENTICATE command by sending a tagged BAD response" (RFC 9051 §6.2.2).
+pub fn authenticate_cancelled(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "BAD", "Authentication cancelled")
+}
+
+/// A response that is not base64 to a challenge mailfront sent itself: tagged BAD
+/// (RFC 9051 §6.2.2, "an invalid base64 string").
+pub fn authenticate_invalid(tag: &[u8]) -> Vec<u8> {
+    tagged(tag, "BAD", "Invalid base64 response")
+}
+
+/// The session ends after a login `user_lookup` refused without `Auth-Wait` (as nginx does):
+/// the server is closing the connection (RFC 9051 §7.1.5).
+pub fn bye_login_refused() -> Vec<u8> {
+    b"* BYE Login refused\r\n".to_vec()
+}
+
+/// mailfront's own empty challenge (RFC 9051 §6.2.2, `"+" SP base64`, here empty): a routed
+/// listener holds the client's first response before it chooses the backend.
+pub const SASL_CONTINUATION: &[u8] = b"+ \r\n";
+
+/// The LOGIN mechanism's challenges, which a routed listener sends itself as nginx does:
+/// `Username:` and `Password:` in base64 (draft-murchison-sasl-login §2).
+pub const SASL_LOGIN_USERNAME: &[u8] = b"+ VXNlcm5hbWU6\r\n";
+pub const SASL_LOGIN_PASSWORD: &[u8] = b"+ UGFzc3dvcmQ6\r\n";
+
 /// The proxy is shutting down.
 pub fn bye_shutdown() -> Vec<u8> {
     b"* BYE [UNAVAILABLE] Server shutting down\r\n".to_vec()
@@ -127,4 +198,47 @@ pub fn bye_protocol_error() -> Vec<u8> {
 /// A `+` continuation mailfront sends itself for a literal it accepted (RFC 9051 §7.5).
 pub fn continuation() -> Vec<u8> {
     b"+ Ready for literal data\r\n".to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_text_reaches_the_client_as_one_clean_line() {
+        assert_eq!(
+            login_refused(b"a", "Invalid login or password"),
+            b"a NO [AUTHENTICATIONFAILED] Invalid login or password\r\n"
+        );
+        assert_eq!(
+            login_refused(b"a", "bad\r\n* OK injected\u{7}\u{e9}"),
+            b"a NO [AUTHENTICATIONFAILED] bad* OK injected\r\n"
+        );
+        assert_eq!(
+            login_refused(b"a", " \r\n"),
+            b"a NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+        );
+        let long = login_refused(b"a", &"x".repeat(5000));
+        assert_eq!(
+            long.len(),
+            "a NO [AUTHENTICATIONFAILED] \r\n".len() + MAX_REFUSAL_TEXT
+        );
+    }
+
+    #[test]
+    fn the_login_mechanism_challenges_are_username_and_password() {
+        use base64::Engine as _;
+        let decode = |line: &[u8]| {
+            let b64 = line
+                .strip_prefix(b"+ ")
+                .unwrap()
+                .strip_suffix(b"\r\n")
+                .unwrap();
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap()
+        };
+        assert_eq!(decode(SASL_LOGIN_USERNAME), b"Username:");
+        assert_eq!(decode(SASL_LOGIN_PASSWORD), b"Password:");
+    }
 }

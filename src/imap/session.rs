@@ -21,6 +21,7 @@ pub async fn serve<S: Transport>(client: ClientStream<S>, session: &mut Session)
         },
         max_commands: limits.preauth_commands,
         learned_capability: session.listener().learned.imap_capability(),
+        routed: session.listener().routes_users(),
         client_info: if session.listener().config.backend_client_info {
             // The session's own id, also on its close line.
             tracing::debug!("x-session-id for the backend's ID");
