@@ -90,7 +90,7 @@ pub struct Settings {
     /// routed listener, which answers from [`ROUTED_CAPABILITIES`] then).
     pub learned_capability: Option<Vec<u8>>,
     /// The listener routes by user (`user_affinity`, `user_map`, `user_lookup`,
-    /// [`crate::session::ListenerContext::routes_users`]): the session connects only for a
+    /// `ListenerContext::routes_users` in the session layer): the session connects only for a
     /// complete login, whose user name the driver's router reads from
     /// [`Machine::login_facts`]; see the module documentation.
     pub routed: bool,
