@@ -117,9 +117,10 @@ async fn run<M: Machine, S: Transport>(
     let mut charge: Option<LoginCharge> = None;
     // Logins routed so far (nginx's `Auth-Login-Attempt`), and what chose the backend now.
     let mut login_attempts: u32 = 0;
-    let mut route_source: Option<Source> = None;
+    // On a routed listener: what chose the login's backend, and the backend while connected.
+    let mut route: Option<(Source, Option<std::net::SocketAddr>)> = None;
     loop {
-        if record_notices(&mut machine, session, &mut charge, route_source) {
+        if record_notices(&mut machine, session, &mut charge, route) {
             login_deadline = None;
         }
         if machine.next() == Next::ChargeLogin {
@@ -163,7 +164,7 @@ async fn run<M: Machine, S: Transport>(
         }
         if machine.take_backend_close() {
             backend = None;
-            route_source = None;
+            route = None;
         }
         let out = machine.take_to_client();
         let next = machine.next();
@@ -261,6 +262,8 @@ async fn run<M: Machine, S: Transport>(
                                         }
                                     }
                                 };
+                                // Only a lookup refuses or fails a login.
+                                route = Some((Source::Lookup, None));
                                 machine.route_failed(failure);
                                 last_activity = Instant::now();
                                 continue;
@@ -270,13 +273,14 @@ async fn run<M: Machine, S: Transport>(
                 };
                 match Box::pin(session.connect_backend_to(&target)).await {
                     Ok(b) => {
+                        route = routed_login.then(|| (target.source(), b.peer()));
                         backend = Some(b);
-                        route_source = Some(target.source());
                     }
                     // A routed login whose backend is down is a temporary failure of that
                     // login, never another backend's session (a wrong backend is worse than
                     // none); the client may try again.
                     Err(_) if routed_login => {
+                        route = Some((target.source(), None));
                         machine.route_failed(RouteFailure::Unavailable);
                         last_activity = Instant::now();
                         continue;
@@ -435,7 +439,7 @@ fn record_notices<M: Machine>(
     machine: &mut M,
     session: &mut Session,
     login: &mut Option<LoginCharge>,
-    route: Option<Source>,
+    route: Option<(Source, Option<std::net::SocketAddr>)>,
 ) -> bool {
     let mut past_login = false;
     for notice in machine.take_notices() {
@@ -457,14 +461,14 @@ fn record_notices<M: Machine>(
                     AuthVerdict::Failure => metrics.auth_outcome(AuthResult::Failure),
                     AuthVerdict::NotCompleted => {}
                 }
-                // On a routed listener: what chose the backend, and which it was.
-                let routed = session.listener().routes_users();
+                // On a routed listener: what chose the backend, and which it was (none when
+                // the router or the backend failed the login).
                 tracing::info!(
                     result = verdict.as_str(),
                     mechanism,
                     cipher = %cipher_name(session),
-                    route = route.filter(|_| routed).map(Source::as_str),
-                    backend = session.backend_addr().filter(|_| routed && route.is_some()).map(tracing::field::display),
+                    route = route.map(|(source, _)| source.as_str()),
+                    backend = route.and_then(|(_, backend)| backend).map(tracing::field::display),
                     "authentication"
                 );
             }

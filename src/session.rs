@@ -452,11 +452,6 @@ impl Session {
     }
 
     /// The client, as everything reads it (see the field).
-    /// The backend this session is connected to, once it is.
-    pub fn backend_addr(&self) -> Option<SocketAddr> {
-        self.backend.lock().ok().and_then(|b| *b)
-    }
-
     pub fn client_addr(&self) -> SocketAddr {
         self.client_addr
     }
