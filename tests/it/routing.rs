@@ -371,6 +371,9 @@ async fn affinity_fails_over_to_the_same_next_backend_on_every_replica_and_comes
             );
         }
     }
+    // A session opened meanwhile, held across the return.
+    let (mut stays, reply) = imap_login(one.addr("imaps"), setup.client.clone(), user, "pw").await;
+    assert_eq!(logged_in_at(&reply), Some(next.clone()), "{reply}");
 
     // Back on the same port: once its back-off (1 s after one failure) runs out, the user's
     // new sessions go home again, on both replicas; meanwhile never to a third backend.
@@ -392,6 +395,10 @@ async fn affinity_fails_over_to_the_same_next_backend_on_every_replica_and_comes
             home
         );
     }
+    // Only new sessions move.
+    let noop = imap(&mut stays, "n", "NOOP").await;
+    assert!(noop.contains(&format!("served by {next}")), "{noop}");
+    drop(stays);
     one.stop().await;
     two.stop().await;
 }
