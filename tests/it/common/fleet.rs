@@ -88,6 +88,30 @@ struct Seen {
     /// Sessions that got past the greeting (and TLS).
     sessions: Arc<AtomicUsize>,
     logins: Arc<Mutex<Vec<FleetLogin>>>,
+    /// One more capability to advertise ([`FleetBackend::advertise`]).
+    extra: Arc<Mutex<Option<String>>>,
+}
+
+impl Seen {
+    fn extra(&self) -> Option<String> {
+        self.extra.lock().unwrap().clone()
+    }
+
+    /// The IMAP capability list, the extra capability last.
+    fn imap_capabilities(&self) -> String {
+        match self.extra() {
+            Some(extra) => format!("{FLEET_IMAP_CAPABILITIES} {extra}"),
+            None => FLEET_IMAP_CAPABILITIES.to_owned(),
+        }
+    }
+
+    /// The SMTP EHLO keywords or POP3 CAPA lines, the extra one first.
+    fn keywords(&self, list: &[&str]) -> Vec<String> {
+        self.extra()
+            .into_iter()
+            .chain(list.iter().map(|k| (*k).to_owned()))
+            .collect()
+    }
 }
 
 /// How a fleet backend protects its port.
@@ -178,6 +202,12 @@ impl FleetBackend {
         self.seen.logins.lock().unwrap().clone()
     }
 
+    /// Advertises one more capability from now on: an IMAP capability (last), an SMTP EHLO
+    /// keyword or a POP3 CAPA line (first), so a backend can be told apart by what it offers.
+    pub fn advertise(&self, capability: &str) {
+        *self.seen.extra.lock().unwrap() = Some(capability.to_owned());
+    }
+
     /// Closes the port and every open connection at once, as a crashed server would.
     pub fn kill(&mut self) {
         if let Some(mut tasks) = self.tasks.take() {
@@ -244,7 +274,7 @@ async fn serve_one(
         }
         FleetTls::Starttls(config) => {
             let mut plain = BufReader::new(tcp);
-            greet(plain.get_mut(), name, speaks).await?;
+            greet(plain.get_mut(), name, speaks, seen).await?;
             loop {
                 let line = read(&mut plain).await?;
                 let upper = line.to_ascii_uppercase();
@@ -291,9 +321,13 @@ async fn greet<W: AsyncWrite + Unpin>(
     w: &mut W,
     name: &str,
     speaks: Tongue,
+    seen: &Seen,
 ) -> std::io::Result<()> {
     let greeting = match speaks {
-        Tongue::Imap => format!("* OK [CAPABILITY {FLEET_IMAP_CAPABILITIES}] {name} ready\r\n"),
+        Tongue::Imap => format!(
+            "* OK [CAPABILITY {}] {name} ready\r\n",
+            seen.imap_capabilities()
+        ),
         Tongue::Smtp => format!("220 {name} ESMTP\r\n"),
         // With an APOP timestamp (RFC 1939 §7), which a client of a routed listener never sees.
         Tongue::Pop3 => format!("+OK {name} ready <1896.697170952@{name}>\r\n"),
@@ -470,7 +504,7 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
     seen: &Seen,
 ) -> std::io::Result<()> {
     if greeting {
-        greet(s.get_mut(), name, speaks).await?;
+        greet(s.get_mut(), name, speaks, seen).await?;
     }
     let mut pop3_user: Option<String> = None;
     loop {
@@ -484,7 +518,8 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
                 let (command, args) = rest.split_once(' ').unwrap_or((rest, ""));
                 match command.to_ascii_uppercase().as_str() {
                     "CAPABILITY" => {
-                        format!("* CAPABILITY {FLEET_IMAP_CAPABILITIES}\r\n{tag} OK done\r\n")
+                        let list = seen.imap_capabilities();
+                        format!("* CAPABILITY {list}\r\n{tag} OK done\r\n")
                     }
                     "ID" => format!("* ID NIL\r\n{tag} OK done\r\n"),
                     "LOGIN" => {
@@ -513,8 +548,9 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
             Tongue::Smtp => match tag.to_ascii_uppercase().as_str() {
                 "EHLO" => {
                     let mut reply = format!("250-{name}\r\n");
-                    for (i, keyword) in FLEET_SMTP_EHLO.iter().enumerate() {
-                        let last = i + 1 == FLEET_SMTP_EHLO.len();
+                    let keywords = seen.keywords(&FLEET_SMTP_EHLO);
+                    for (i, keyword) in keywords.iter().enumerate() {
+                        let last = i + 1 == keywords.len();
                         reply
                             .push_str(&format!("250{}{keyword}\r\n", if last { ' ' } else { '-' }));
                     }
@@ -536,8 +572,8 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
             Tongue::Pop3 => match tag.to_ascii_uppercase().as_str() {
                 "CAPA" => {
                     let mut reply = String::from("+OK capabilities follow\r\n");
-                    for capability in FLEET_POP3_CAPA {
-                        reply.push_str(capability);
+                    for capability in seen.keywords(&FLEET_POP3_CAPA) {
+                        reply.push_str(&capability);
                         reply.push_str("\r\n");
                     }
                     reply.push_str(".\r\n");
