@@ -862,10 +862,7 @@ async fn lookup_refusal_text_reaches_the_client_no_backend_is_contacted_and_the_
             ),
         ])
         .await;
-    let accepted = |fleet: [&FleetBackend; 3]| fleet.map(FleetBackend::accepted);
-
     let mut s = imap_session(proxy.addr("imaps"), setup.client.clone()).await;
-    let before = accepted([&b0, &p0, &s0]);
     let reply = imap(&mut s, "a", "LOGIN mallory secret").await;
     assert!(
         reply.ends_with("a NO [AUTHENTICATIONFAILED] Invalid login or password\r\n"),
@@ -892,9 +889,10 @@ async fn lookup_refusal_text_reaches_the_client_no_backend_is_contacted_and_the_
     let rest = read_to_end(&mut s).await;
     assert!(!rest.starts_with("2"), "{rest}");
 
+    // Each listener's backend saw its capability probe, nothing else.
     assert_eq!(
-        accepted([&b0, &p0, &s0]),
-        before,
+        [&b0, &p0, &s0].map(FleetBackend::accepted),
+        [1, 1, 1],
         "a refused login reached a backend"
     );
     assert!(b0.logins().is_empty() && p0.logins().is_empty() && s0.logins().is_empty());
@@ -955,14 +953,16 @@ async fn lookup_auth_wait_delays_the_refusal_and_the_client_may_try_again() {
 }
 
 /// A lookup service that cannot be reached, or does not answer within `user_lookup.timeout`,
-/// gives the login a temporary failure; no backend is tried and the session goes on.
+/// gives the login the protocol's temporary failure (`NO [UNAVAILABLE]`, `454 4.7.0`,
+/// `-ERR [SYS/TEMP]`); no backend is tried and the session goes on.
 #[tokio::test]
 async fn lookup_unreachable_or_timed_out_is_a_temporary_failure_and_the_session_goes_on() {
     let setup = Setup::new();
     let (b0, b1) = (fleet("b0", "imap").await, fleet("b1", "imap").await);
+    let (p0, s0) = (fleet("p0", "pop3").await, fleet("s0", "smtp").await);
     let to = b1.addr;
     let slow = AuthHttp::start(move |_| AuthReply::ok(to).after(Duration::from_secs(3))).await;
-    let dead = closed_port();
+    let dead = format!("http://{}/auth", closed_port());
     let proxy = setup
         .proxy(&[
             listener(
@@ -970,7 +970,7 @@ async fn lookup_unreachable_or_timed_out_is_a_temporary_failure_and_the_session_
                 "imap",
                 "implicit",
                 &[b0.addr],
-                &user_lookup(&format!("http://{dead}/auth"), ""),
+                &user_lookup(&dead, ""),
             ),
             listener(
                 "imaps-slow",
@@ -978,6 +978,20 @@ async fn lookup_unreachable_or_timed_out_is_a_temporary_failure_and_the_session_
                 "implicit",
                 &[b0.addr],
                 &user_lookup(&slow.url("/auth"), ""),
+            ),
+            listener(
+                "pop3s-dead",
+                "pop3",
+                "implicit",
+                &[p0.addr],
+                &user_lookup(&dead, ""),
+            ),
+            listener(
+                "smtps-dead",
+                "smtp",
+                "implicit",
+                &[s0.addr],
+                &user_lookup(&dead, ""),
             ),
         ])
         .await;
@@ -999,7 +1013,43 @@ async fn lookup_unreachable_or_timed_out_is_a_temporary_failure_and_the_session_
         drop(s);
     }
     assert_eq!(slow.requests().len(), 2);
+    // Every lookup timed, answered or not.
+    let text = proxy.metrics.encode();
+    for name in ["imaps-dead", "imaps-slow"] {
+        let series = format!("mailfront_user_lookup_duration_seconds_count{{listener=\"{name}\"}}");
+        assert_eq!(metric(&text, &series), Some(2.0), "{series} in:\n{text}");
+    }
+
+    let mut s = tls(proxy.addr("pop3s-dead"), setup.client.clone()).await;
+    assert!(read_line(&mut s).await.starts_with("+OK"));
+    send(&mut s, "USER alice").await;
+    assert!(read_line(&mut s).await.starts_with("+OK"));
+    send(&mut s, "PASS secret").await;
+    assert!(read_line(&mut s).await.starts_with("-ERR [SYS/TEMP]"));
+    send(&mut s, &format!("AUTH PLAIN {}", b64("\0alice\0secret"))).await;
+    assert!(read_line(&mut s).await.starts_with("-ERR [SYS/TEMP]"));
+    send(&mut s, "NOOP").await;
+    assert!(read_line(&mut s).await.starts_with("-ERR"), "not logged in");
+    drop(s);
+
+    let mut s = tls(proxy.addr("smtps-dead"), setup.client.clone()).await;
+    assert!(read_smtp_reply(&mut s).await.starts_with("220"));
+    send(&mut s, "EHLO client.example.test").await;
+    assert!(read_smtp_reply(&mut s).await.starts_with("250"));
+    send(&mut s, &format!("AUTH PLAIN {}", b64("\0alice\0secret"))).await;
+    let reply = read_smtp_reply(&mut s).await;
+    assert!(reply.starts_with("454 4.7.0"), "{reply}");
+    send(&mut s, "NOOP").await;
+    assert!(
+        read_smtp_reply(&mut s).await.starts_with("250"),
+        "the session goes on"
+    );
+    drop(s);
+
+    assert_eq!(routes(&proxy, "pop3s-dead", "lookup", "error"), 2.0);
+    assert_eq!(routes(&proxy, "smtps-dead", "lookup", "error"), 1.0);
     assert!(b0.logins().is_empty() && b1.logins().is_empty());
+    assert!(p0.logins().is_empty() && s0.logins().is_empty());
     assert_eq!(b1.accepted(), 0);
     proxy.stop().await;
 }
@@ -1351,7 +1401,23 @@ async fn imap_authenticate_plain_with_and_without_initial_response_and_login_are
             login("LOGIN", "", "dave@example.net", "pw-d"),
         ]
     );
+    // A mechanism whose user name comes only after the backend's challenge cannot be routed:
+    // hidden, and refused here without a backend.
+    let mut s = imap_session(addr, setup.client.clone()).await;
+    let caps = imap(&mut s, "c", "CAPABILITY").await;
+    assert!(!caps.contains("CRAM-MD5"), "{caps}");
+    let reply = imap(&mut s, "a", "AUTHENTICATE CRAM-MD5").await;
+    assert!(reply.starts_with("a NO"), "{reply}");
+    drop(s);
     assert!(b0.logins().is_empty());
+    assert_eq!(
+        [&b0, &b1, &b2]
+            .map(FleetBackend::accepted)
+            .iter()
+            .sum::<usize>(),
+        4,
+        "the probe and three logins"
+    );
     assert_eq!(routes(&proxy, "imaps", "map", "ok"), 3.0);
     proxy.stop().await;
 }
@@ -1554,6 +1620,99 @@ async fn lazy_connect_smtp_starttls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazy_connect_pop3_implicit_tls() {
     lazy_connect("pop3", "implicit", pop3_expected()).await;
+}
+
+/// What a session shows before login, on a routed implicit-TLS listener of `protocol`: IMAP
+/// capability tokens, SMTP EHLO keywords, POP3 CAPA lines.
+async fn shown_before_login(
+    protocol: &'static str,
+    addr: SocketAddr,
+    client: Arc<rustls::ClientConfig>,
+) -> Vec<String> {
+    never_logs_in(protocol, "implicit", addr, client)
+        .await
+        .0
+        .capabilities
+}
+
+/// What a routed listener shows before login is its own backends' (learned by the probe): a
+/// login routed to a mapped backend outside the pool (a legacy server offering something else)
+/// does not change what the listener's next sessions are shown.
+#[tokio::test]
+async fn a_mapped_backends_capabilities_do_not_become_what_the_listener_shows_before_login() {
+    let setup = Setup::new();
+    let mut fleets = Vec::new();
+    let mut listeners = Vec::new();
+    for protocol in ["imap", "smtp", "pop3"] {
+        let (pool, legacy) = (
+            fleet("pool", protocol).await,
+            fleet("legacy", protocol).await,
+        );
+        legacy.advertise("XLEGACY");
+        let map = format!("{protocol}.yaml");
+        setup.write(&map, &map_text(&[("alice@example.org", &legacy)]));
+        listeners.push(listener(
+            protocol,
+            protocol,
+            "implicit",
+            &[pool.addr],
+            &format!("    user_map: {map}\n"),
+        ));
+        fleets.push((protocol, pool, legacy));
+    }
+    let proxy = setup.proxy(&listeners).await;
+    let expected = [imap_expected(), smtp_expected(), pop3_expected()];
+    let mut leaked = Vec::new();
+    for ((protocol, _pool, legacy), expected) in fleets.iter().zip(expected) {
+        let addr = proxy.addr(protocol);
+        let before = shown_before_login(protocol, addr, setup.client.clone()).await;
+        assert_eq!(before, expected, "{protocol}");
+        // alice logs in on the legacy backend.
+        let mut s = tls(addr, setup.client.clone()).await;
+        match *protocol {
+            "imap" => {
+                read_line(&mut s).await;
+                let reply = imap(&mut s, "a", "LOGIN alice@example.org secret").await;
+                assert_eq!(logged_in_at(&reply).as_deref(), Some("legacy"), "{reply}");
+            }
+            "smtp" => {
+                read_smtp_reply(&mut s).await;
+                send(&mut s, "EHLO client.example.test").await;
+                read_smtp_reply(&mut s).await;
+                send(
+                    &mut s,
+                    &format!("AUTH PLAIN {}", b64("\0alice@example.org\0secret")),
+                )
+                .await;
+                let reply = read_smtp_reply(&mut s).await;
+                assert_eq!(
+                    authenticated_at(&reply).as_deref(),
+                    Some("legacy"),
+                    "{reply}"
+                );
+            }
+            _ => {
+                read_line(&mut s).await;
+                send(
+                    &mut s,
+                    &format!("AUTH PLAIN {}", b64("\0alice@example.org\0secret")),
+                )
+                .await;
+                assert_eq!(read_line(&mut s).await, "+OK legacy logged in\r\n");
+            }
+        }
+        assert_eq!(legacy.logins().len(), 1, "{protocol}");
+        drop(s);
+        let after = shown_before_login(protocol, addr, setup.client.clone()).await;
+        if after != expected {
+            leaked.push(format!("{protocol}: {after:?}"));
+        }
+    }
+    assert!(
+        leaked.is_empty(),
+        "the legacy backend's capabilities became the listener's: {leaked:?}"
+    );
+    proxy.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
