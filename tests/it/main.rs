@@ -20,6 +20,7 @@ mod pop3;
 mod proxy_protocol;
 mod quickstart;
 mod reload;
+mod routing;
 mod shared_state;
 mod smtp;
 mod tickets;

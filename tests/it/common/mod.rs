@@ -4,13 +4,16 @@
 //! - `fake_backend`: fake SMTP/IMAP/POP3/echo backends that record every byte they receive;
 //! - `client`: a real rustls client and line readers;
 //! - `binary`: the real binary as a child process, with its JSON log lines;
-//! - `fleet`: backends that can be killed and revived, optionally behind TLS (pool tests);
+//! - `fleet`: backends that can be killed and revived, optionally behind TLS, that name
+//!   themselves in their replies and record the logins they get (pool and routing tests);
+//! - `auth_http`: a fake nginx `auth_http` service that records each request (routing tests);
 //! - `redis`: a real `redis-server` on a free loopback port (`shared_state` tests).
 //!
 //! Everything is re-exported here, so test files just `use common::*`.
 // Helpers outside #[test] functions: clippy's allow-*-in-tests does not reach them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod auth_http;
 mod binary;
 mod client;
 mod fake_backend;
@@ -21,6 +24,7 @@ mod redis;
 
 use std::time::Duration;
 
+pub use auth_http::*;
 pub use binary::*;
 pub use client::*;
 pub use fake_backend::*;
