@@ -533,6 +533,14 @@ fn record_notices<M: Machine>(
             Notice::MessageRefused { size, code } => {
                 tracing::info!(size, code, "message not accepted by the backend");
             }
+            // What a mapped or looked-up backend shows is its own: a legacy server one user
+            // lives on must not become what every session of the listener is shown before
+            // login (the listener's pool, affinity included, teaches it).
+            Notice::BackendEhlo(_)
+            | Notice::BackendImapCapability(_)
+            | Notice::BackendPop3Capa(_)
+                if route
+                    .is_some_and(|(source, _)| matches!(source, Source::Map | Source::Lookup)) => {}
             Notice::BackendEhlo(reply) => session.listener().learned.set_ehlo(reply),
             Notice::BackendImapCapability(list) => {
                 session.listener().learned.set_imap_capability(list);
