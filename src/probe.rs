@@ -14,8 +14,9 @@
 //! start costs the backend one connection.
 //!
 //! What it learns is what the machines learn from a live session ([`Notice::BackendEhlo`],
-//! …), in the same raw form. A probe that fails leaves nothing learned; the next session tries
-//! again (a backend that is down fails fast through the pool's health state).
+//! …), in the same raw form. A probe that fails leaves nothing learned, and sessions go on with
+//! the machines' built-in lists (what any backend of the protocol honours) until a probe
+//! [`RETRY_AFTER_FAILURE`] later succeeds.
 //!
 //! [`Notice::BackendEhlo`]: crate::machine::Notice::BackendEhlo
 
@@ -31,6 +32,10 @@ use crate::session::ListenerContext;
 /// The most a probe reads from a backend: a greeting and a capability list are a few hundred
 /// octets; a backend that sends more is not answering the question.
 const MAX_PROBE_READ: usize = 64 * 1024;
+
+/// After a failed probe, sessions go on with nothing learned for this long before one probes
+/// again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
 /// The longest a probe waits for the backend's replies, once connected.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,13 +63,20 @@ pub async fn ensure_learned(listener: &ListenerContext) -> bool {
     if listener.learned.knows(protocol) {
         return true;
     }
-    let _probing = listener.learned.probing.lock().await;
+    let mut last_failure = listener.learned.probing.lock().await;
     if listener.learned.knows(protocol) {
         return true;
     }
+    // Sessions that waited for a probe that just failed do not each try again in turn (behind
+    // a black-holed backend, one after another, each for the whole connect timeout): they go
+    // on with nothing learned until the retry interval is over.
     let started = tokio::time::Instant::now();
+    if last_failure.is_some_and(|at| started.duration_since(at) < RETRY_AFTER_FAILURE) {
+        return false;
+    }
     match probe(listener).await {
         Ok(()) => {
+            *last_failure = None;
             tracing::info!(
                 took_ms = started.elapsed().as_millis() as u64,
                 "learned the backend's pre-login capabilities"
@@ -72,6 +84,7 @@ pub async fn ensure_learned(listener: &ListenerContext) -> bool {
             true
         }
         Err(e) => {
+            *last_failure = Some(tokio::time::Instant::now());
             tracing::warn!(error = %e, "capability probe failed: the backend's pre-login capabilities are unknown");
             false
         }

@@ -73,8 +73,9 @@ pub struct Learned {
     ehlo: std::sync::Mutex<Option<Vec<u8>>>,
     imap_capability: std::sync::Mutex<Option<Vec<u8>>>,
     pop3_capa: std::sync::Mutex<Option<Vec<u8>>>,
-    /// Held while a capability probe runs ([`crate::probe::ensure_learned`]): one at a time.
-    pub(crate) probing: tokio::sync::Mutex<()>,
+    /// Held while a capability probe runs ([`crate::probe::ensure_learned`]): one at a time;
+    /// inside, when the last probe failed.
+    pub(crate) probing: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Learned {

@@ -1827,3 +1827,71 @@ async fn the_authentication_log_line_names_the_route_and_the_backend() {
         "{metrics}"
     );
 }
+
+/// A listener whose own backends do not answer (a silent pool: the probe cannot learn what to
+/// show before login) still greets every session at once, with one probe for a burst of
+/// sessions rather than one each in turn, and a mapped user on a live backend still logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_pool_costs_one_probe_for_a_burst_and_mapped_users_still_log_in() {
+    let setup = Setup::new();
+    let live = fleet("live", "imap").await;
+    // Accepts and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    setup.write(
+        "users.yaml",
+        &format!("erin@example.org: \"{}\"\n", live.addr),
+    );
+    let yaml = config_yaml(
+        &[&setup.cert],
+        &[listener(
+            "imaps",
+            "imap",
+            "implicit",
+            &[silent_addr],
+            "    user_map: users.yaml\n",
+        )],
+        &EXTRA.replacen(
+            "shutdown_grace: 200ms\n",
+            "shutdown_grace: 200ms\n  backend_connect: 300ms\n",
+            1,
+        ),
+    );
+    let proxy = Proxy::start(&yaml, setup.dir()).await;
+    let started = Instant::now();
+    let mut sessions = JoinSet::new();
+    for _ in 0..8 {
+        let (addr, client) = (proxy.addr("imaps"), setup.client.clone());
+        sessions.spawn(async move {
+            let mut s = imap_session(addr, client).await;
+            imap(&mut s, "c", "CAPABILITY").await
+        });
+    }
+    while let Some(reply) = sessions.join_next().await {
+        let reply = reply.unwrap();
+        assert!(reply.contains("* CAPABILITY IMAP4rev1"), "{reply}");
+        assert!(reply.contains("c OK"), "{reply}");
+    }
+    // One probe for the burst, bounded by timeouts.backend_connect; not eight in a row.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the burst waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let mut s = imap_session(proxy.addr("imaps"), setup.client.clone()).await;
+    let reply = imap(&mut s, "a", "LOGIN erin@example.org secret").await;
+    assert_eq!(logged_in_at(&reply).as_deref(), Some("live"), "{reply}");
+    drop(s);
+    proxy.stop().await;
+    hold.abort();
+}
