@@ -1202,7 +1202,7 @@ impl Prelogin {
     /// its first response ([`Prelogin::collect`]).
     fn routed_login(&mut self, tag: Vec<u8>, command: Command) {
         let (command, responses) = match command {
-            Command::Authenticate { mechanism, .. } if !sasl::is_routable(&mechanism) => {
+            Command::Authenticate { mechanism, .. } if !capability::routable(&mechanism) => {
                 // Hidden from the capabilities ([`CapabilityView::TlsRouted`]), and never
                 // forwarded: no backend can be chosen before its challenge.
                 self.core
@@ -3091,6 +3091,7 @@ mod routed_tests {
             "a AUTHENTICATE DIGEST-MD5\r\n",
             "a AUTHENTICATE EXTERNAL =\r\n",
             "a AUTHENTICATE GSSAPI\r\n",
+            "a AUTHENTICATE SCRAM-SHA-256-AND-MORE-THAN-20 biwsbj1hbGljZSxyPWFiYw==\r\n",
             "a AUTHENTICATE PLAIN {5}\r\n",
             "a AUTHENTICATE\r\n",
             "a LOGOUT\r\n",
