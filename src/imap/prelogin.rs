@@ -3368,7 +3368,7 @@ mod routed_tests {
             steps.extend(form.backend.iter().cloned());
             let seen = drive(&mut m, &mut throttle, &steps);
             assert_eq!(seen.backend, form.to_backend, "{name}: to the backend");
-            assert_eq!(seen.facts, [form.facts.clone()], "{name}");
+            assert_eq!(seen.facts, std::slice::from_ref(&form.facts), "{name}");
             assert_eq!(m.next(), Next::Authenticated, "{name}");
             let mut whole = drive(
                 &mut routed(TlsMode::Implicit, Some(CAPS)),
