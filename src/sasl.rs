@@ -124,6 +124,16 @@ pub fn is_routable(mechanism: &[u8]) -> bool {
             .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"SCRAM-"))
 }
 
+/// Whether `name` is a SASL mechanism name (RFC 4422 §3.1: `[A-Z0-9-_]{1,20}`, compared without
+/// regard to case): what [`mechanism_for_log`] writes as itself rather than `"invalid"`. A
+/// protocol's grammar may take longer names (an IMAP atom), which no mechanism has.
+pub fn is_mechanism_name(name: &[u8]) -> bool {
+    (1..=MAX_MECHANISM_LEN).contains(&name.len())
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// The password of a PLAIN response (base64, as sent), for `user_lookup.send_password`; wiped
 /// when dropped. `None` when malformed.
 pub fn plain_password(response_b64: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
@@ -506,6 +516,25 @@ mod tests {
             "",
         ] {
             assert!(!is_routable(not.as_bytes()), "{not}");
+        }
+    }
+
+    #[test]
+    fn mechanism_names_are_what_the_log_writes_as_themselves() {
+        for name in [&b"PLAIN"[..], b"scram-sha-256", b"X_OAUTH-2", &[b'A'; 20]] {
+            assert!(is_mechanism_name(name), "{name:?}");
+            assert_ne!(mechanism_for_log(name), "invalid");
+        }
+        for name in [
+            &b""[..],
+            &[b'A'; 21],
+            b"SCRAM-SHA-256AUTHENTICATE",
+            b"PL.AIN",
+            b"PLAIN ",
+            b"PL\xc3\xa4IN",
+        ] {
+            assert!(!is_mechanism_name(name), "{name:?}");
+            assert_eq!(mechanism_for_log(name), "invalid");
         }
     }
 

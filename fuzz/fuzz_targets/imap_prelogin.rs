@@ -16,7 +16,16 @@
 //! - nothing is written for the backend before the machine asked to connect; and where the
 //!   listener learned its backend's capabilities (from an earlier session; here the backend's
 //!   own list or a stale richer one), the machine asks to connect only once the client sent a
-//!   LOGIN or AUTHENTICATE (the connection is for the login), and at TLS up otherwise.
+//!   LOGIN or AUTHENTICATE (the connection is for the login), and at TLS up otherwise;
+//! - on a listener that routes by user (`Settings::routed`, from the length byte), whatever was
+//!   learned: the machine asks to connect only after a complete login command since its last
+//!   backend (LOGIN, or AUTHENTICATE once mailfront holds its first response: the initial
+//!   response, or a line after mailfront's own `+`), and `login_facts()` is then `Some` with a
+//!   non-empty user (and the password for LOGIN and PLAIN); the backend gets AUTHENTICATE
+//!   without an initial response and only with a mechanism that can be routed, none of which
+//!   the client is ever shown among the capabilities; the router refuses or has no backend
+//!   for some logins (`route_failed`), and after a failed login the machine drops the backend
+//!   and may connect afresh for the next one.
 #![no_main]
 
 use imap_codec::decode::{AuthenticateDataDecodeError, CommandDecodeError, Decoder};
@@ -30,7 +39,7 @@ use mailfront::config::TlsMode;
 use mailfront::imap::command::Limits;
 use mailfront::imap::id::is_mailfront_tag;
 use mailfront::imap::prelogin::{Prelogin, Settings};
-use mailfront::machine::{Machine, Next, TlsFacts};
+use mailfront::machine::{Machine, Next, RouteFailure, TlsFacts};
 
 const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
 
@@ -60,9 +69,22 @@ struct Backend {
     closed: bool,
     /// The driver refuses every charge: no login may arrive.
     throttled: bool,
+    /// The listener routes by user: AUTHENTICATE comes without an initial response, and only
+    /// with a mechanism that can be routed.
+    routed: bool,
 }
 
 impl Backend {
+    /// The machine dropped this connection (a routed session after a failed login): the next
+    /// one is a fresh backend, which takes its own ID.
+    fn reconnect(&mut self) {
+        self.input.clear();
+        self.continued_at = None;
+        self.sasl = None;
+        self.ids = 0;
+        self.closed = false;
+    }
+
     fn has(&self, cap: &str) -> bool {
         self.caps.split(' ').any(|c| c.eq_ignore_ascii_case(cap))
     }
@@ -100,6 +122,12 @@ impl Backend {
                     }
                     Ok((rest, AuthenticateData::Continue(_))) => {
                         assert!(rest.is_empty());
+                        if credit > 1 {
+                            // The LOGIN mechanism's second challenge.
+                            self.sasl = Some((tag, credit - 1));
+                            out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
+                            continue;
+                        }
                         self.verdict(&tag)
                     }
                     Err(AuthenticateDataDecodeError::Incomplete) => {
@@ -195,6 +223,13 @@ impl Backend {
                 );
                 format!("* ID NIL\r\n{t} OK done\r\n")
             }
+            CommandBody::Logout if ours => {
+                // A routed session leaving this backend after a failed login.
+                assert!(self.routed, "mailfront's own LOGOUT off a routed listener");
+                assert!(self.sasl.is_none(), "mailfront's LOGOUT inside AUTHENTICATE");
+                self.closed = true;
+                format!("* BYE bye\r\n{t} OK done\r\n")
+            }
             _ if ours => panic!("mailfront's own tag on a client command"),
             CommandBody::Noop => format!("{t} OK done\r\n"),
             CommandBody::Logout => {
@@ -206,12 +241,27 @@ impl Backend {
                 self.verdict(&tag)
             }
             CommandBody::Authenticate {
-                initial_response, ..
+                mechanism,
+                initial_response,
             } => {
                 self.id_first();
+                let login = mechanism.as_ref().eq_ignore_ascii_case("LOGIN");
+                if self.routed {
+                    assert!(
+                        initial_response.is_none(),
+                        "a routed AUTHENTICATE with its initial response"
+                    );
+                    assert!(
+                        mailfront::sasl::is_routable(mechanism.as_ref().as_bytes()),
+                        "a mechanism that cannot be routed reached the backend"
+                    );
+                }
                 if initial_response.is_some() {
                     assert!(self.has("SASL-IR"), "an initial response without SASL-IR");
                     self.verdict(&tag)
+                } else if login {
+                    self.sasl = Some((tag.clone(), 2));
+                    "+ VXNlcm5hbWU6\r\n".to_owned()
                 } else {
                     self.sasl = Some((tag.clone(), 1));
                     "+ \r\n".to_owned()
@@ -243,6 +293,12 @@ struct Link {
     connected: bool,
     learned: bool,
     fed: Vec<u8>,
+    /// The listener routes by user.
+    routed: bool,
+    /// Routed: connections asked for so far, those the router failed included.
+    connects: u32,
+    /// Routed: whether the router fails some logins.
+    route_failures: bool,
 }
 
 impl Link {
@@ -253,19 +309,116 @@ impl Link {
             .iter()
             .any(|word| fed.windows(word.len()).any(|w| w == *word))
     }
+
+    /// Routed: the oracle for a connection. Each connection is for a login command of its own
+    /// (the client may have pipelined it before the previous one), and an AUTHENTICATE is
+    /// complete: its first response was held (the LOGIN mechanism also its password), so the
+    /// facts name a user the client sent.
+    fn check_routed_connect(&self, m: &Prelogin) {
+        let facts = m
+            .login_facts()
+            .expect("a routed connection without login facts");
+        assert!(!facts.user.is_empty(), "a routed login with an empty user");
+        let fed = self.fed.to_ascii_uppercase();
+        let count = |word: &[u8]| fed.windows(word.len()).filter(|w| *w == word).count();
+        let has = |word: &[u8]| count(word) > 0;
+        let logins = count(b"LOGIN") + count(b"AUTHENTICATE");
+        assert!(
+            usize::try_from(self.connects).unwrap_or(usize::MAX) <= logins,
+            "{} routed connections for {logins} login commands: {:?}",
+            self.connects,
+            self.fed
+        );
+        let mechanism = facts.mechanism.as_bytes();
+        assert!(
+            mailfront::sasl::is_routable(mechanism),
+            "facts for a mechanism that cannot be routed: {mechanism:?}"
+        );
+        if facts.mechanism == "LOGIN" || facts.mechanism == "PLAIN" {
+            assert!(facts.password.is_some(), "LOGIN or PLAIN without its password");
+        }
+        if facts.mechanism != "LOGIN" {
+            assert!(has(b"AUTHENTICATE"), "SASL facts without AUTHENTICATE");
+            assert!(has(mechanism), "facts for a mechanism never named");
+        }
+        // The user comes from what the client sent since: a base64 response that names it (the
+        // first one held), or, for the LOGIN command, the name itself (unless escaped).
+        let named = self
+            .fed
+            .split(|&b| matches!(b, b' ' | b'\r' | b'\n'))
+            .any(|token| {
+                mailfront::sasl::user_in_first_response(mechanism, token).as_deref()
+                    == Some(facts.user.as_slice())
+            });
+        let literally = facts.mechanism == "LOGIN"
+            && (self.fed.contains(&b'\\')
+                || self
+                    .fed
+                    .windows(facts.user.len())
+                    .any(|w| w == facts.user.as_slice()));
+        assert!(
+            named || literally,
+            "a routed user the client never sent: {facts:?}"
+        );
+    }
+
+    /// Routed: what the router says for this connection.
+    fn route_failure(&self) -> Option<RouteFailure> {
+        if !self.route_failures {
+            return None;
+        }
+        match self.connects % 3 {
+            1 => Some(RouteFailure::Unavailable),
+            2 => Some(RouteFailure::Refused {
+                text: "Invalid\r\nlogin".to_owned(),
+                smtp_code: None,
+                go_on: self.connects < 8,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Routed: a client must never be shown a mechanism that cannot be routed.
+fn check_shown(written: &[u8]) {
+    for line in written.split(|&b| b == b'\n') {
+        if !line.starts_with(b"* ") {
+            continue;
+        }
+        let upper = line.to_ascii_uppercase();
+        for token in upper.split(|&b| b == b' ' || b == b']' || b == b'\r') {
+            if let Some(mechanism) = token.strip_prefix(b"AUTH=") {
+                assert!(
+                    mailfront::sasl::is_routable(mechanism),
+                    "a routed client was shown {:?}",
+                    String::from_utf8_lossy(token)
+                );
+            }
+        }
+    }
 }
 
 /// Moves bytes between the machine and the backend until nothing more happens. Returns false
 /// once the session left the not-authenticated state.
 fn settle(m: &mut Prelogin, backend: &mut Backend, client_tls: &mut bool, link: &mut Link) -> bool {
     for _ in 0..64 {
-        let _ = m.take_to_client();
+        let written = m.take_to_client();
+        if link.routed {
+            check_shown(&written);
+        }
         let sent = m.take_to_backend();
         assert!(
             link.connected || sent.is_empty(),
             "bytes for a backend never connected: {sent:?}"
         );
-        let answers = backend.receive(&sent, *client_tls);
+        let mut answers = backend.receive(&sent, *client_tls);
+        if m.take_backend_close() {
+            assert!(link.routed, "a backend dropped before login off a routed listener");
+            // The driver drops the connection: nothing more comes from that backend.
+            answers.clear();
+            backend.reconnect();
+            link.connected = false;
+        }
         match m.next() {
             Next::End(_) | Next::Authenticated => return false,
             Next::StartTls => {
@@ -280,10 +433,20 @@ fn settle(m: &mut Prelogin, backend: &mut Backend, client_tls: &mut bool, link: 
                 assert!(*client_tls, "a backend connection before TLS");
                 assert!(!link.connected, "a second connection");
                 assert!(
-                    !link.learned || link.login_fed(),
+                    !(link.learned || link.routed) || link.login_fed(),
                     "a connection with capabilities learned and no login: {:?}",
                     link.fed
                 );
+                if link.routed {
+                    link.connects += 1;
+                    link.check_routed_connect(m);
+                    if let Some(failure) = link.route_failure() {
+                        m.route_failed(failure);
+                        continue;
+                    }
+                } else {
+                    assert_eq!(m.login_facts(), None, "login facts off a routed listener");
+                }
                 link.connected = true;
                 m.backend_connected();
                 m.backend_input(&backend.greeting());
@@ -322,7 +485,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let caps = match (flags >> 1) & 3 {
         0 => "IMAP4rev1 ID SASL-IR LITERAL+ AUTH=PLAIN",
-        1 => "IMAP4rev1 AUTH=PLAIN",
+        1 => "IMAP4rev1 AUTH=PLAIN AUTH=CRAM-MD5 AUTH=LOGIN",
         2 => "IMAP4rev1 ID LITERAL- AUTH=PLAIN",
         _ => "IMAP4rev1 ID SASL-IR",
     };
@@ -337,6 +500,7 @@ fuzz_target!(|data: &[u8]| {
         client_ip: (flags & 32 != 0).then_some("192.0.2.7"),
         closed: false,
         throttled: flags & 64 != 0,
+        routed: chunk & 64 != 0,
     };
     let settings = Settings {
         listener,
@@ -364,11 +528,15 @@ fuzz_target!(|data: &[u8]| {
             (true, false) => Some(caps.as_bytes().to_vec()),
             (true, true) => Some(b"IMAP4rev1 ID SASL-IR LITERAL+ AUTH=PLAIN".to_vec()),
         },
+        routed: chunk & 64 != 0,
     };
     let mut link = Link {
         connected: false,
         learned: settings.learned_capability.is_some(),
         fed: Vec::new(),
+        routed: settings.routed,
+        connects: 0,
+        route_failures: chunk & 32 != 0,
     };
     let mut client_tls = listener == TlsMode::Implicit;
     let tls = client_tls.then(tls13);

@@ -21,10 +21,10 @@ pub enum CapabilityView {
     /// backend (RFC 8314 §4.2).
     Tls,
     /// [`CapabilityView::Tls`] on a listener that routes by user (`user_affinity`, `user_map`,
-    /// `user_lookup`): every `AUTH=` mechanism that cannot be routed ([`sasl::is_routable`]:
+    /// `user_lookup`): every `AUTH=` mechanism that cannot be routed ([`routable`]:
     /// CRAM-MD5, DIGEST-MD5, GSSAPI, …) goes too, since mailfront must read the user name from
     /// the client's first response before it chooses the backend that would send a challenge
-    /// (issue 22; RFC 9051 §6.2.2 lets a server offer the mechanisms it likes).
+    /// (issue 22).
     TlsRouted,
 }
 
@@ -45,10 +45,17 @@ fn is_removed(token: &[u8], view: CapabilityView) -> bool {
                 || token
                     .split_at_checked(5)
                     .is_some_and(|(prefix, mechanism)| {
-                        prefix.eq_ignore_ascii_case(b"AUTH=") && !sasl::is_routable(mechanism)
+                        prefix.eq_ignore_ascii_case(b"AUTH=") && !routable(mechanism)
                     })
         }
     }
+}
+
+/// Whether a routed listener offers and takes `mechanism`: a SASL mechanism name
+/// ([`sasl::is_mechanism_name`], at most 20 characters, which an IMAP atom need not be) whose
+/// first client response names the user ([`sasl::is_routable`]).
+pub fn routable(mechanism: &[u8]) -> bool {
+    sasl::is_mechanism_name(mechanism) && sasl::is_routable(mechanism)
 }
 
 /// Rewrites a space-separated capability list (the part after `CAPABILITY `).
@@ -200,7 +207,7 @@ mod tests {
         let list =
             b"IMAP4rev1 STARTTLS SASL-IR AUTH=PLAIN AUTH=CRAM-MD5 auth=login AUTH=DIGEST-MD5 \
                      AUTH=SCRAM-SHA-256 AUTH=GSSAPI AUTH=OAUTHBEARER AUTH=XOAUTH2 AUTH=EXTERNAL \
-                     AUTH=NTLM AUTH= ID";
+                     AUTH=NTLM AUTH= AUTH=SCRAM-SHA-256-AND-MORE-THAN-20 ID";
         assert_eq!(
             rewrite_list(list, CapabilityView::TlsRouted),
             b"IMAP4rev1 SASL-IR AUTH=PLAIN auth=login AUTH=SCRAM-SHA-256 AUTH=OAUTHBEARER \

@@ -99,11 +99,12 @@ pub struct Settings {
 /// What a routed session ([`Settings::routed`]) greets and answers CAPABILITY with while its
 /// listener learned nothing of its backends: only what mailfront honours with any IMAP backend,
 /// since it never connects to learn (issue 22). `IMAP4rev1`: the LOGIN command is in every
-/// IMAP4rev1 server (RFC 3501 §6.2.3, RFC 9051 §6.2.3); no `AUTH=`, since no mechanism is
-/// mandatory to a server (RFC 9051 §6.2.2 names PLAIN for clients and TLS servers, but a backend
-/// behind mailfront may not offer it), and no `SASL-IR` without one; `ID`, which mailfront
-/// answers itself before a login (`ID NIL`, RFC 2971 §3.2) whatever the backend. Nothing
-/// post-login (IDLE, ENABLE…): the backend's own list reaches the client with the login's `OK`.
+/// IMAP4rev1 server (RFC 3501 §6.2.3, RFC 9051 §6.2.3); no `AUTH=`: even PLAIN, mandatory to
+/// implement (RFC 3501 §6.1.1, RFC 9051 §6.1.1), may be left off by a backend's configuration,
+/// and a client that picked it would fail where LOGIN works; no `SASL-IR` without a mechanism;
+/// `ID`, which mailfront answers itself before a login (`ID NIL`, RFC 2971 §3.2) whatever the
+/// backend. Nothing post-login (IDLE, ENABLE…): the backend's own list reaches the client with
+/// the login's `OK`.
 pub const ROUTED_CAPABILITIES: &[u8] = b"IMAP4rev1 ID";
 
 /// A command of ours in flight; its responses never reach the client.
@@ -1202,7 +1203,7 @@ impl Prelogin {
     /// its first response ([`Prelogin::collect`]).
     fn routed_login(&mut self, tag: Vec<u8>, command: Command) {
         let (command, responses) = match command {
-            Command::Authenticate { mechanism, .. } if !sasl::is_routable(&mechanism) => {
+            Command::Authenticate { mechanism, .. } if !capability::routable(&mechanism) => {
                 // Hidden from the capabilities ([`CapabilityView::TlsRouted`]), and never
                 // forwarded: no backend can be chosen before its challenge.
                 self.core
@@ -3091,6 +3092,7 @@ mod routed_tests {
             "a AUTHENTICATE DIGEST-MD5\r\n",
             "a AUTHENTICATE EXTERNAL =\r\n",
             "a AUTHENTICATE GSSAPI\r\n",
+            "a AUTHENTICATE SCRAM-SHA-256-AND-MORE-THAN-20 biwsbj1hbGljZSxyPWFiYw==\r\n",
             "a AUTHENTICATE PLAIN {5}\r\n",
             "a AUTHENTICATE\r\n",
             "a LOGOUT\r\n",
@@ -3367,7 +3369,7 @@ mod routed_tests {
             steps.extend(form.backend.iter().cloned());
             let seen = drive(&mut m, &mut throttle, &steps);
             assert_eq!(seen.backend, form.to_backend, "{name}: to the backend");
-            assert_eq!(seen.facts, [form.facts.clone()], "{name}");
+            assert_eq!(seen.facts, std::slice::from_ref(&form.facts), "{name}");
             assert_eq!(m.next(), Next::Authenticated, "{name}");
             let mut whole = drive(
                 &mut routed(TlsMode::Implicit, Some(CAPS)),
