@@ -409,7 +409,7 @@ async fn route_login(
     let request = RouteRequest {
         protocol: session.protocol(),
         user: &facts.user,
-        password: facts.password.as_deref(),
+        password: facts.password.as_ref().map(|p| p.as_slice()),
         method: &method,
         attempt,
         client: session.client_addr(),

@@ -85,8 +85,9 @@ pub struct LoginFacts {
     /// authorization identity.
     pub user: Vec<u8>,
     /// The password, where the login carries one mailfront has seen (IMAP LOGIN, POP3 PASS,
-    /// SASL PLAIN and LOGIN): sent to `user_lookup` only with `send_password: true`.
-    pub password: Option<Vec<u8>>,
+    /// SASL PLAIN and LOGIN): sent to `user_lookup` only with `send_password: true`; wiped
+    /// when dropped.
+    pub password: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// The command or SASL mechanism, as the gate spells it (`LOGIN`, `USER`, `PLAIN`,
     /// `SCRAM-SHA-256`): the lookup's `Auth-Method` (in nginx's spelling, which the driver derives).
     pub mechanism: String,

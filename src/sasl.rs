@@ -115,13 +115,16 @@ pub fn user_in_first_response(mechanism: &[u8], response_b64: &[u8]) -> Option<V
 /// listener hides the others from its capabilities and refuses them.
 pub fn is_routable(mechanism: &[u8]) -> bool {
     let is = |name: &[u8]| mechanism.eq_ignore_ascii_case(name);
-    is(b"PLAIN")
-        || is(b"LOGIN")
-        || is(b"OAUTHBEARER")
-        || is(b"XOAUTH2")
-        || mechanism
-            .get(..6)
-            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"SCRAM-"))
+    // A name of the RFC 4422 §3.1 shape only: `SCRAM-SHA-256AUTHENTICATE` is no mechanism (the
+    // IMAP fuzz target found it routed, logged as `invalid`).
+    is_mechanism_name(mechanism)
+        && (is(b"PLAIN")
+            || is(b"LOGIN")
+            || is(b"OAUTHBEARER")
+            || is(b"XOAUTH2")
+            || mechanism
+                .get(..6)
+                .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"SCRAM-")))
 }
 
 /// Whether `name` is a SASL mechanism name (RFC 4422 §3.1: `[A-Z0-9-_]{1,20}`, compared without
@@ -514,6 +517,8 @@ mod tests {
             "ANONYMOUS",
             "SCRAM",
             "",
+            "SCRAM-SHA-256AUTHENTICATE",
+            "SCRAM-SHA 256",
         ] {
             assert!(!is_routable(not.as_bytes()), "{not}");
         }

@@ -233,7 +233,7 @@ impl RoutedLogin {
     fn facts(&self) -> Option<LoginFacts> {
         Some(LoginFacts {
             user: self.user()?,
-            password: self.password(),
+            password: self.password().map(zeroize::Zeroizing::new),
             mechanism: match self.mechanism() {
                 Some(mechanism) => sasl::mechanism_for_log(mechanism),
                 None => "LOGIN".to_owned(),
@@ -3049,7 +3049,7 @@ mod routed_tests {
     fn facts(user: &str, password: Option<&str>, mechanism: &str) -> LoginFacts {
         LoginFacts {
             user: user.as_bytes().to_vec(),
-            password: password.map(|p| p.as_bytes().to_vec()),
+            password: password.map(|p| zeroize::Zeroizing::new(p.as_bytes().to_vec())),
             mechanism: mechanism.to_owned(),
             helo: None,
         }

@@ -172,7 +172,7 @@ impl HeldLogin {
         };
         Some(LoginFacts {
             user,
-            password,
+            password: password.map(zeroize::Zeroizing::new),
             mechanism,
             helo: None,
         })
@@ -2678,7 +2678,7 @@ mod tests {
         fn facts(user: &str, password: Option<&str>, mechanism: &str) -> LoginFacts {
             LoginFacts {
                 user: user.as_bytes().to_vec(),
-                password: password.map(|p| p.as_bytes().to_vec()),
+                password: password.map(|p| zeroize::Zeroizing::new(p.as_bytes().to_vec())),
                 mechanism: mechanism.to_owned(),
                 helo: None,
             }

@@ -2015,7 +2015,7 @@ impl Machine for SmtpMachine {
         let login = self.routed.as_ref()?;
         Some(LoginFacts {
             user: login.user.clone()?,
-            password: login.password.as_ref().map(|p| p.to_vec()),
+            password: login.password.clone(),
             mechanism: self.auth_mechanism.clone(),
             helo: self
                 .greeting
@@ -2680,7 +2680,7 @@ mod tests {
     ) -> LoginFacts {
         LoginFacts {
             user: user.as_bytes().to_vec(),
-            password: password.map(|p| p.as_bytes().to_vec()),
+            password: password.map(|p| zeroize::Zeroizing::new(p.as_bytes().to_vec())),
             mechanism: mechanism.to_owned(),
             helo: helo.map(|h| h.as_bytes().to_vec()),
         }
