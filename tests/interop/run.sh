@@ -474,8 +474,10 @@ start_postfix() {
     # `postfix start` runs post-install to create the queue directories with the right owners.
     postfix -c "$POSTFIX_CONF" start >"$T/postfix.start.out" 2>&1 || {
         cat "$T/postfix.start.out" >&2; return 1; }
+    # Not P_POSTFIX_RA/RB: their smtpd exits without its routing Dovecot's auth socket (6c
+    # starts it later), and master then throttles the service for a minute.
     python3 "$MFI" waitport --timeout 20 "$P_POSTFIX" "$P_POSTFIX_PP" "$P_POSTFIX_XC" \
-        "$P_POSTFIX_HX" "$P_POSTFIX_HN" "$P_POSTFIX_RA" "$P_POSTFIX_RB"
+        "$P_POSTFIX_HX" "$P_POSTFIX_HN"
 }
 
 # ---------------------------------------------------------------------------------------------
