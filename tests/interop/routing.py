@@ -258,7 +258,7 @@ class Context:
             outcomes = sub.items() if isinstance(sub, dict) else [(name, None)]
         except Fail as e:
             outcomes = [(name, str(e))]
-        except (OSError, EOFError, ssl.SSLError, smtplib.SMTPException,
+        except (OSError, EOFError, ssl.SSLError, smtplib.SMTPException, subprocess.SubprocessError,
                 imaplib.IMAP4.error, poplib.error_proto) as e:
             outcomes = [(name, f"{type(e).__name__}: {e}")]
         with open(os.path.join(self.args.outdir, f"{name}.txt"), "w") as f:
@@ -679,6 +679,90 @@ def case_affinity(ctx):
     return results
 
 
+def port_closed(port):
+    try:
+        with socket.create_connection((HOST, port), 1):
+            return False
+    except OSError:
+        return True
+
+
+def case_failover(ctx):
+    """imaps-failover (affinity over both instances, passive health): route1..route6
+    log in once each, each on one instance. route1's instance X is stopped: route1 logs in on
+    the other one, and a user whose instance is the other stays there (only the users of the
+    backend that is down move). X is started again: within 15 s route1 logs in on X again."""
+    args = ctx.args
+    port = args.imaps_failover
+    users = [f"route{n}@example.test" for n in range(1, 7)]
+
+    def login_where(user):
+        b = Backends(ctx)
+        close_all([imap_session(ctx, port, "login", user)])
+        c = wait_until(lambda: b.dovecot_logins("imap").get((user, "a")) or
+                       b.dovecot_logins("imap").get((user, "b")), 10)
+        where = place(b.dovecot_logins("imap"), user)
+        if not c or where["a"] + where["b"] != 1:
+            raise Fail(f"{user}: expected one login in the logs, got {where}")
+        return "a" if where["a"] else "b"
+
+    home = {u: login_where(u) for u in users}
+    ctx.note("before:", home)
+    x = home[users[0]]
+    y = "b" if x == "a" else "a"
+    stay = next((u for u in users[1:] if home[u] == y), None)
+    conf = {"a": args.dovecot_a_conf, "b": args.dovecot_b_conf}[x]
+    x_port = (args.dovecot_a if x == "a" else args.dovecot_b)[0]
+    results = {}
+    subprocess.run(["doveadm", "-c", conf, "stop"], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20, check=False)
+    try:
+        if not wait_until(lambda: port_closed(x_port), 15):
+            raise Fail(f"fixture: route-{x} still accepts connections after doveadm stop")
+        ctx.note(f"route-{x} stopped")
+        problems = []
+        try:
+            where = login_where(users[0])
+            if where != y:
+                problems.append(f"{users[0]} logged in on route-{where} while route-{x} was down")
+        except (Fail, OSError, EOFError, ssl.SSLError, imaplib.IMAP4.error) as e:
+            problems.append(f"{users[0]} could not log in while its route-{x} was down: {e}")
+        if stay:
+            try:
+                where = login_where(stay)
+                if where != y:
+                    problems.append(f"{stay} moved from route-{y} to route-{where}")
+            except (Fail, OSError, EOFError, ssl.SSLError, imaplib.IMAP4.error) as e:
+                problems.append(f"{stay} (on route-{y}) could not log in: {e}")
+        else:
+            ctx.note(f"no user of the six on route-{y}: the stay check is skipped")
+        results["route-affinity-imap-failover-moves-only-the-down-backends-users"] = \
+            "; ".join(problems) or None
+    finally:
+        # Dovecot's daemon keeps inherited pipes open: nothing captured.
+        started = subprocess.run(["dovecot", "-c", conf], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 timeout=20, check=False)
+        ctx.note(f"route-{x} started again: rc {started.returncode}")
+    reason = f"{users[0]} did not return to route-{x} within 15 s"
+    if wait_until(lambda: not port_closed(x_port), 15):
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                where = login_where(users[0])
+                ctx.note(f"after restart: {users[0]} on route-{where}")
+                if where == x:
+                    reason = None
+                    break
+            except (Fail, OSError, EOFError, ssl.SSLError, imaplib.IMAP4.error) as e:
+                ctx.note(f"after restart: {e}")
+            time.sleep(1)
+    else:
+        reason = f"fixture: route-{x} did not start again"
+    results["route-affinity-imap-user-returns-when-backend-is-back"] = reason
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # cases: user_map
 
@@ -871,6 +955,8 @@ def cmd_run(args):
     ctx.run("route-map-smtp", case_map_smtp)
     ctx.run("route-observability-metrics-and-auth-log", case_observability)
     ctx.run("route-map-imap-reload", case_map_reload)
+    # Last: it stops and restarts one instance.
+    ctx.run("route-affinity-imap-failover", case_failover)
 
 
 def main():
@@ -893,8 +979,10 @@ def main():
     for name in ("postfix-a", "postfix-b", "imaps-affinity", "imap-affinity", "imaps-map",
                  "pop3s-map", "submissions-map", "imaps-direct", "pop3s-direct",
                  "submissions-direct", "imaps-lazy", "pop3s-lazy", "submissions-lazy",
-                 "submission-lazy", "imaps-unrouted-lazy"):
+                 "submission-lazy", "imaps-unrouted-lazy", "imaps-failover"):
         p.add_argument(f"--{name}", type=int, required=True)
+    p.add_argument("--dovecot-a-conf", required=True)
+    p.add_argument("--dovecot-b-conf", required=True)
     p.add_argument("--outdir", required=True)
     p.set_defaults(func=cmd_run)
     args = ap.parse_args()

@@ -186,8 +186,8 @@ read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
         P_RT_IMAPS_AFF P_RT_IMAP_AFF P_RT_IMAPS_MAP P_RT_POP3S_MAP P_RT_SMTPS_MAP \
         P_RT_IMAPS_DIRECT P_RT_POP3S_DIRECT P_RT_SMTPS_DIRECT \
         P_RT_IMAPS_LAZY P_RT_POP3S_LAZY P_RT_SMTPS_LAZY P_RT_SUBMISSION_LAZY P_RT_IMAPS_UNROUTED \
-        P_RT_METRICS \
-        < <(python3 "$MFI" freeports 60)
+        P_RT_METRICS P_RT_IMAPS_FAILOVER \
+        < <(python3 "$MFI" freeports 61)
 # *_PP: backend ports that require a PROXY protocol v2 header, and the mailfront listeners with
 # backend_proxy_protocol: true in front of them. The client cases connect from 127.0.0.2 so the
 # backends' records can tell the client's address from mailfront's (127.0.0.1).
@@ -1616,6 +1616,10 @@ RTCONF
         rt_listener submission-lazy smtp "$P_RT_SUBMISSION_LAZY" starttls "[$sa, $sb]" \
             "user_affinity: true"
         rt_listener imaps-unrouted-lazy imap "$P_RT_IMAPS_UNROUTED" implicit "$ib"
+        # The failover case stops and restarts an instance. Passive health only: active checks
+        # would add connections the lazy cases count.
+        rt_listener imaps-failover imap "$P_RT_IMAPS_FAILOVER" implicit "[$ia, $ib]" \
+            "user_affinity: true"
     } >"$RT_MF_CONF"
 }
 
@@ -1662,7 +1666,9 @@ run_routing_cases() {
         --pop3s-direct "$P_RT_POP3S_DIRECT" --submissions-direct "$P_RT_SMTPS_DIRECT" \
         --imaps-lazy "$P_RT_IMAPS_LAZY" --pop3s-lazy "$P_RT_POP3S_LAZY" \
         --submissions-lazy "$P_RT_SMTPS_LAZY" --submission-lazy "$P_RT_SUBMISSION_LAZY" \
-        --imaps-unrouted-lazy "$P_RT_IMAPS_UNROUTED" --rcpt "$USER_NAME" \
+        --imaps-unrouted-lazy "$P_RT_IMAPS_UNROUTED" --imaps-failover "$P_RT_IMAPS_FAILOVER" \
+        --dovecot-a-conf "$RT_DIR/dovecot-route-a/dovecot.conf" \
+        --dovecot-b-conf "$RT_DIR/dovecot-route-b/dovecot.conf" --rcpt "$USER_NAME" \
         --outdir "$RT_DIR" 2>"$T/routing.err")
     st=$?
     while IFS= read -r line; do
