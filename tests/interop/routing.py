@@ -604,6 +604,34 @@ def case_caps_smtp(ctx, port):
         raise Fail("; ".join(problems))
 
 
+def case_unroutable_refused(ctx, port):
+    """AUTHENTICATE CRAM-MD5 (hidden: the user is named only after the challenge) on a routed
+    listener is refused by mailfront itself: a tagged NO or BAD, no `+` challenge, and no
+    connection to either instance (the listener's probe has already run)."""
+    s, _greeting = open_prelogin(ctx, "imap", port, False)
+    b = Backends(ctx)
+    with s:
+        s.sendall(b"x AUTHENTICATE CRAM-MD5\r\n")
+        reply = recv_line(s, 15)
+        if reply.startswith(b"+"):
+            s.sendall(b"*\r\n")
+            reply += mfi.read_until(s, mfi.tagged("x"), 10)
+        s.sendall(b"z LOGOUT\r\n")
+        mfi.read_until(s, mfi.tagged("z"), 5)
+    ctx.note("AUTHENTICATE CRAM-MD5 ->", reply)
+    time.sleep(1)
+    seen = b.dovecot_connections("imap")
+    for side, line in seen:
+        ctx.note(f"route-{side}: {line}")
+    problems = []
+    if not re.match(rb"x (NO|BAD)", reply):
+        problems.append(f"AUTHENTICATE CRAM-MD5 got {reply[:80]!r}, want a tagged NO/BAD")
+    if seen:
+        problems.append(f"{len(seen)} backend connection(s) for it")
+    if problems:
+        raise Fail("; ".join(problems))
+
+
 # ---------------------------------------------------------------------------------------------
 # cases: affinity
 
@@ -687,6 +715,31 @@ def port_closed(port):
         return True
 
 
+def mapped_down(ctx, user, x):
+    """While route-x is down, `user` (mapped to it) gets IMAP's temporary failure on imaps-map,
+    `NO [UNAVAILABLE]`, and logs in nowhere: a wrong backend is worse than none."""
+    b = Backends(ctx)
+    try:
+        m = imap_open(ctx, ctx.args.imaps_map)
+    except (OSError, ssl.SSLError, imaplib.IMAP4.error) as e:
+        return f"connect: {e}"
+    try:
+        typ, data = m._simple_command("LOGIN", user, ctx.args.password)
+        answer = f"{typ} {data}"
+    except imaplib.IMAP4.error as e:
+        answer = f"NO {e}"
+    finally:
+        close_all([m])
+    ctx.note(f"{user} mapped to route-{x}, which is down: {answer}")
+    time.sleep(1)
+    logged = place(b.dovecot_logins("imap"), user)
+    if logged["a"] or logged["b"]:
+        return f"{user} logged in on another instance while its mapped route-{x} was down: {logged}"
+    if "UNAVAILABLE" not in answer.upper() or answer.startswith("OK"):
+        return f"{user}: expected NO [UNAVAILABLE] while route-{x} is down, got {answer}"
+    return None
+
+
 def case_failover(ctx):
     """imaps-failover (affinity over both instances, passive health): route1..route6
     log in once each, each on one instance. route1's instance X is stopped: route1 logs in on
@@ -738,6 +791,8 @@ def case_failover(ctx):
             ctx.note(f"no user of the six on route-{y}: the stay check is skipped")
         results["route-affinity-imap-failover-moves-only-the-down-backends-users"] = \
             "; ".join(problems) or None
+        results["route-map-imap-mapped-backend-down-is-unavailable-not-another"] = \
+            mapped_down(ctx, "mapa@example.test" if x == "a" else "mapb@example.test", x)
     finally:
         # Dovecot's daemon keeps inherited pipes open: nothing captured.
         started = subprocess.run(["dovecot", "-c", conf], stdin=subprocess.DEVNULL,
@@ -888,9 +943,12 @@ def case_map_reload(ctx):
     except (Fail, OSError, EOFError, ssl.SSLError, imaplib.IMAP4.error) as e:
         reason = f"mapa login after the bad file: {e}"
     results["route-map-imap-bad-file-keeps-old-map"] = reason
+    mf = Log(args.mailfront_log)
     with open(args.map_imap + ".tmp", "w") as f:
         f.write(original)
     os.replace(args.map_imap + ".tmp", args.map_imap)
+    if not wait_until(lambda: reloaded(mf.text()), 15):
+        ctx.note("the original map was not reloaded within 15 s")
     return results
 
 
@@ -949,6 +1007,8 @@ def cmd_run(args):
     ctx.run("route-caps-pop3s-map-prelogin-is-dovecots-less-hidden", case_caps_pop3, args.pop3s_map)
     ctx.run("route-caps-submissions-map-ehlo-is-postfixs-less-hidden", case_caps_smtp,
             args.submissions_map)
+    ctx.run("route-imaps-affinity-cram-md5-refused-without-backend", case_unroutable_refused,
+            args.imaps_affinity)
     ctx.run("route-affinity-imap", case_affinity)
     ctx.run("route-map-imap", case_map_imap)
     ctx.run("route-map-pop3", case_map_pop3)
