@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # mailfront interop suite: real Dovecot and Postfix behind mailfront, real clients in front.
 #
-#   tests/interop/run.sh [--keep] [--backend-only] [--no-install] [--no-testssl]
+#   tests/interop/run.sh [--keep] [--backend-only] [--routing-only] [--no-install] [--no-testssl]
 #
 #   --keep          leave Dovecot, Postfix and mailfront running and print how to reach them
 #   --backend-only  start Dovecot and Postfix and check them directly (no mailfront needed)
+#   --routing-only  the backend checks and the routing-by-user section (route-*) only
 #   --no-install    never call apt-get (fail if a tool is missing)
 #   --no-testssl    skip the testssl.sh cases (they take most of the run time)
 #
@@ -21,14 +22,15 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 MFI="$HERE/mfi.py"
 
-KEEP=0 BACKEND_ONLY=0 INSTALL=1 TESTSSL=1
+KEEP=0 BACKEND_ONLY=0 ROUTING_ONLY=0 INSTALL=1 TESTSSL=1
 for arg in "$@"; do
     case "$arg" in
         --keep) KEEP=1 ;;
         --backend-only) BACKEND_ONLY=1 ;;
+        --routing-only) ROUTING_ONLY=1 ;;
         --no-install) INSTALL=0 ;;
         --no-testssl) TESTSSL=0 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -113,6 +115,7 @@ cleanup() {
     [ -n "${MF_PID:-}" ] && kill "$MF_PID" 2>/dev/null && wait "$MF_PID" 2>/dev/null
     [ -f "$T/postfix/etc/main.cf" ] && postfix -c "$T/postfix/etc" stop >/dev/null 2>&1
     [ -f "$T/dovecot/dovecot.conf" ] && doveadm -c "$T/dovecot/dovecot.conf" stop >/dev/null 2>&1
+    stop_route_dovecots
     local pid
     for pid in "${PIDS_TO_KILL[@]}"; do kill "$pid" 2>/dev/null; done
     # Give the masters a moment to take their children down, then remove the directory.
@@ -134,6 +137,12 @@ LEAK_PASS="leak-$(head -c 9 /dev/urandom | base64 | tr '+/' 'xy')"
 # The adversarial corpus (corpus.py) gives every case its own victim account, all in the passdb
 # below: mallory-victim-NNN@example.test with password vpNNN-$ADV_SECRET.
 ADV_SECRET="$(head -c 6 /dev/urandom | base64 | tr '+/' 'xy')"
+# The routing section (6c): route1..route12 are spread by user_affinity; mapa, mapb and the
+# maps.example.test ones are placed by user_map files. One password for all of them.
+ROUTE_USERS=()
+for i in $(seq 1 12); do ROUTE_USERS+=("route$i@example.test"); done
+ROUTE_USERS+=(mapa@example.test mapb@example.test dora@maps.example.test erin@maps.example.test)
+ROUTE_PASS="route-$(head -c 9 /dev/urandom | base64 | tr '+/' 'xy')"
 CORPUS="$HERE/corpus.py"
 HOSTNAME_MF=mx.example.test
 MAILDIR="$T/mail/example.test/user"
@@ -172,7 +181,13 @@ read -r P_DOVECOT_IMAP P_DOVECOT_POP3 P_POSTFIX \
         P_IMAPS_TH P_POP3S_TH P_METRICS_TH \
         P_REDIS P_IMAPS_SA P_METRICS_SA P_IMAPS_SB P_METRICS_SB \
         P_IMAPS_SC P_METRICS_SC P_IMAPS_SD P_METRICS_SD \
-        < <(python3 "$MFI" freeports 40)
+        P_DOVECOT_RA_IMAP P_DOVECOT_RA_POP3 P_DOVECOT_RB_IMAP P_DOVECOT_RB_POP3 \
+        P_POSTFIX_RA P_POSTFIX_RB \
+        P_RT_IMAPS_AFF P_RT_IMAP_AFF P_RT_IMAPS_MAP P_RT_POP3S_MAP P_RT_SMTPS_MAP \
+        P_RT_IMAPS_DIRECT P_RT_POP3S_DIRECT P_RT_SMTPS_DIRECT \
+        P_RT_IMAPS_LAZY P_RT_POP3S_LAZY P_RT_SMTPS_LAZY P_RT_SUBMISSION_LAZY P_RT_IMAPS_UNROUTED \
+        P_RT_METRICS P_RT_IMAPS_FAILOVER \
+        < <(python3 "$MFI" freeports 61)
 # *_PP: backend ports that require a PROXY protocol v2 header, and the mailfront listeners with
 # backend_proxy_protocol: true in front of them. The client cases connect from 127.0.0.2 so the
 # backends' records can tell the client's address from mailfront's (127.0.0.1).
@@ -190,6 +205,10 @@ PP_CLIENT=127.0.0.2
 # one keeps its defaults. P_REDIS: a redis-server for shared_state; *_SA, *_SB: two more mailfronts
 # like *_TH (imaps only) sharing their counts through it, *_SC, *_SD: two that do not (each its
 # own key_prefix), the shared-state cases' control.
+# *_RA / *_RB and P_RT_*: the routing-by-user section (6c, routing.py): two more Dovecot instances
+# (route-a, route-b) serving the same Maildir tree and passwd file, two more Postfix smtpd
+# services (syslog names postfix-interop/route-a and /route-b), and a mailfront whose listeners
+# choose among them by the login name (user_affinity, user_map).
 
 # ---------------------------------------------------------------------------------------------
 # 3. Dovecot
@@ -206,6 +225,10 @@ write_dovecot_conf() {
     printf '%s:{PLAIN}%s\n%s:{PLAIN}%s\n' "$USER_NAME" "$USER_PASS" "$LEAK_USER" "$LEAK_PASS" \
         >"$T/dovecot/passwd"
     python3 "$CORPUS" accounts --secret "$ADV_SECRET" >>"$T/dovecot/passwd" || return 1
+    # The routing section's accounts (6c), in every Dovecot instance's passdb.
+    local u
+    for u in "${ROUTE_USERS[@]}"; do printf '%s:{PLAIN}%s\n' "$u" "$ROUTE_PASS"; done \
+        >>"$T/dovecot/passwd"
     chmod 644 "$T/dovecot/passwd"
     mkdir -p "$T/dovecot/run" "$T/dovecot/state"
     if [ "$(printf '%s\n2.4\n' "$major_minor" | sort -V | head -n1)" = "2.4" ]; then
@@ -412,6 +435,14 @@ EOF
   -o debug_peer_list=127.0.0.1,127.0.0.2
   -o smtpd_relay_restrictions=permit_mynetworks,permit_sasl_authenticated,reject_unauth_destination
   -o smtpd_recipient_restrictions=
+# The routing section's two submission backends, told apart by their syslog names, each
+# authenticating through its own routing Dovecot (6c), whose mechanisms its EHLO then offers.
+127.0.0.1:$P_POSTFIX_RA inet n -      n       -       -       smtpd
+  -o syslog_name=postfix-interop/route-a
+  -o smtpd_sasl_path=$RT_DIR/dovecot-route-a/auth-postfix
+127.0.0.1:$P_POSTFIX_RB inet n -      n       -       -       smtpd
+  -o syslog_name=postfix-interop/route-b
+  -o smtpd_sasl_path=$RT_DIR/dovecot-route-b/auth-postfix
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -443,6 +474,8 @@ start_postfix() {
     # `postfix start` runs post-install to create the queue directories with the right owners.
     postfix -c "$POSTFIX_CONF" start >"$T/postfix.start.out" 2>&1 || {
         cat "$T/postfix.start.out" >&2; return 1; }
+    # Not P_POSTFIX_RA/RB: their smtpd exits without its routing Dovecot's auth socket (6c
+    # starts it later), and master then throttles the service for a minute.
     python3 "$MFI" waitport --timeout 20 "$P_POSTFIX" "$P_POSTFIX_PP" "$P_POSTFIX_XC" \
         "$P_POSTFIX_HX" "$P_POSTFIX_HN"
 }
@@ -1432,6 +1465,234 @@ run_backend_tls_cases() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# 6c. The backend chosen by the user who logs in (listeners[].user_affinity, user_map; issue 22).
+# Two more Dovecot instances, route-a and route-b, serve the same Maildir tree from the same
+# passwd file, as Dovecot backends on shared storage do; each has its own base_dir, log file and
+# greeting, so its log says who logged in where. They offer CRAM-MD5 and DIGEST-MD5 (which a
+# routed listener must hide: the user is named only after the backend's challenge) and
+# SCRAM-SHA-256 (which it may keep). A mailfront of its own (routing/mailfront-routing.yaml)
+# fronts them and Postfix's route-a/route-b smtpd services; routing.py runs the cases.
+
+RT_DIR="$T/routing"
+RT_MF_CONF="$RT_DIR/mailfront-routing.yaml"
+RT_MF_LOG="$T/mailfront-routing.log"
+RT_DOVECOT_A_LOG="$T/dovecot-route-a.log"
+RT_DOVECOT_B_LOG="$T/dovecot-route-b.log"
+ROUTING="$HERE/routing.py"
+
+# start_route_dovecot NAME IMAP_PORT POP3_PORT LOG
+start_route_dovecot() {
+    local d="$RT_DIR/dovecot-$1"
+    mkdir -p "$d/run" "$d/state"
+    cat >"$d/dovecot.conf" <<RTCONF
+base_dir = $d/run
+state_dir = $d/state
+instance_name = mailfront-interop-$1
+log_path = $4
+login_greeting = Dovecot $1 ready.
+protocols = imap pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login cram-md5 digest-md5 scram-sha-256
+default_internal_user = dovecot
+default_login_user = dovenull
+mail_location = maildir:$T/mail/%d/%n
+first_valid_uid = 1
+passdb {
+  driver = passwd-file
+  args = $T/dovecot/passwd
+}
+userdb {
+  driver = static
+  args = uid=$MAIL_UID gid=$MAIL_GID home=$T/mail/%d/%n
+}
+service imap-login {
+  inet_listener imap {
+    address = 127.0.0.1
+    port = $2
+  }
+  inet_listener imaps {
+    port = 0
+  }
+}
+service pop3-login {
+  inet_listener pop3 {
+    address = 127.0.0.1
+    port = $3
+  }
+  inet_listener pop3s {
+    port = 0
+  }
+}
+service auth {
+  unix_listener $d/auth-postfix {
+    mode = 0666
+  }
+}
+RTCONF
+    dovecot -c "$d/dovecot.conf" 2>"$d/dovecot.start.err" || { cat "$d/dovecot.start.err" >&2; return 1; }
+    python3 "$MFI" waitport --timeout 20 "$2" "$3"
+}
+
+stop_route_dovecots() {
+    local n
+    for n in route-a route-b; do
+        [ -f "$RT_DIR/dovecot-$n/dovecot.conf" ] &&
+            doveadm -c "$RT_DIR/dovecot-$n/dovecot.conf" stop >/dev/null 2>&1
+    done
+}
+
+# write_route_map FILE NAME=ADDR...: a user_map file (src/routing/user_map.rs), one entry a line.
+write_route_map() {
+    local f=$1 kv; shift
+    : >"$f"
+    for kv in "$@"; do printf '"%s": "%s"\n' "${kv%%=*}" "${kv#*=}" >>"$f"; done
+}
+
+# The maps: mapa and erin@maps.example.test (an exact name, which wins over its domain) to
+# route-a; mapb and the rest of maps.example.test to route-b; everyone else gets the listener's
+# own backend, route-a. The reload case rewrites the IMAP map.
+write_route_maps() {
+    local a=127.0.0.1:$P_DOVECOT_RA_IMAP b=127.0.0.1:$P_DOVECOT_RB_IMAP
+    write_route_map "$RT_DIR/map-imap.yaml" "mapa@example.test=$a" "mapb@example.test=$b" \
+        "@maps.example.test=$b" "erin@maps.example.test=$a"
+    write_route_map "$RT_DIR/map-pop3.yaml" "mapa@example.test=127.0.0.1:$P_DOVECOT_RA_POP3" \
+        "mapb@example.test=127.0.0.1:$P_DOVECOT_RB_POP3"
+    write_route_map "$RT_DIR/map-smtp.yaml" "mapa@example.test=127.0.0.1:$P_POSTFIX_RA" \
+        "mapb@example.test=127.0.0.1:$P_POSTFIX_RB"
+}
+
+# rt_listener NAME PROTOCOL PORT TLS BACKEND [LINE...]: one listener of the routing mailfront.
+rt_listener() {
+    printf '  - name: %s\n    protocol: %s\n    listen: "127.0.0.1:%s"\n    tls: %s\n    backend: %s\n' \
+        "$1" "$2" "$3" "$4" "$5"
+    shift 5
+    local line
+    for line in "$@"; do printf '    %s\n' "$line"; done
+}
+
+write_route_mailfront_conf() {
+    local ia="\"127.0.0.1:$P_DOVECOT_RA_IMAP\"" ib="\"127.0.0.1:$P_DOVECOT_RB_IMAP\""
+    local pa="\"127.0.0.1:$P_DOVECOT_RA_POP3\"" pb="\"127.0.0.1:$P_DOVECOT_RB_POP3\""
+    local sa="\"127.0.0.1:$P_POSTFIX_RA\"" sb="\"127.0.0.1:$P_POSTFIX_RB\""
+    {
+        cat <<RTCONF
+# Written by tests/interop/run.sh (6c): listeners that choose the backend by the login name.
+hostname: $HOSTNAME_MF
+tls:
+  certificates:
+    - cert: $T/tls/server.crt
+      key: $T/tls/server.key
+  # user_map files are re-read on the certificates' schedule: the reload case waits for it.
+  reload_interval: 1s
+metrics:
+  listen: "127.0.0.1:$P_RT_METRICS"
+log:
+  format: text
+  level: debug
+timeouts:
+  shutdown_grace: 1s
+listeners:
+RTCONF
+        # Affinity over both instances, implicit TLS and STARTTLS: the same backend list, so the
+        # same order for a user on both.
+        rt_listener imaps-affinity imap "$P_RT_IMAPS_AFF" implicit "[$ia, $ib]" "user_affinity: true"
+        rt_listener imap-affinity imap "$P_RT_IMAP_AFF" starttls "[$ia, $ib]" "user_affinity: true"
+        # Maps (relative to this file), route-a the listener's own backend: the unmapped users'.
+        rt_listener imaps-map imap "$P_RT_IMAPS_MAP" implicit "$ia" "user_map: map-imap.yaml"
+        rt_listener pop3s-map pop3 "$P_RT_POP3S_MAP" implicit "$pa" "user_map: map-pop3.yaml"
+        rt_listener submissions-map smtp "$P_RT_SMTPS_MAP" implicit "$sa" "user_map: map-smtp.yaml"
+        # The same backends without routing: what mailfront shows of them before login when it
+        # does not route (the capability cases compare).
+        rt_listener imaps-direct imap "$P_RT_IMAPS_DIRECT" implicit "$ia"
+        rt_listener pop3s-direct pop3 "$P_RT_POP3S_DIRECT" implicit "$pa"
+        rt_listener submissions-direct smtp "$P_RT_SMTPS_DIRECT" implicit "$sa"
+        # Used only by the lazy-connect cases, so the backend connections they count are theirs.
+        rt_listener imaps-lazy imap "$P_RT_IMAPS_LAZY" implicit "[$ia, $ib]" "user_affinity: true"
+        rt_listener pop3s-lazy pop3 "$P_RT_POP3S_LAZY" implicit "[$pa, $pb]" "user_affinity: true"
+        rt_listener submissions-lazy smtp "$P_RT_SMTPS_LAZY" implicit "[$sa, $sb]" \
+            "user_affinity: true"
+        rt_listener submission-lazy smtp "$P_RT_SUBMISSION_LAZY" starttls "[$sa, $sb]" \
+            "user_affinity: true"
+        rt_listener imaps-unrouted-lazy imap "$P_RT_IMAPS_UNROUTED" implicit "$ib"
+        # The failover case stops and restarts an instance. Passive health only: active checks
+        # would add connections the lazy cases count.
+        rt_listener imaps-failover imap "$P_RT_IMAPS_FAILOVER" implicit "[$ia, $ib]" \
+            "user_affinity: true"
+    } >"$RT_MF_CONF"
+}
+
+start_routing_fixture() {
+    mkdir -p "$RT_DIR"
+    start_route_dovecot route-a "$P_DOVECOT_RA_IMAP" "$P_DOVECOT_RA_POP3" "$RT_DOVECOT_A_LOG" ||
+        return 1
+    start_route_dovecot route-b "$P_DOVECOT_RB_IMAP" "$P_DOVECOT_RB_POP3" "$RT_DOVECOT_B_LOG" ||
+        return 1
+    write_route_maps
+    write_route_mailfront_conf
+    "$MF_BIN" --config "$RT_MF_CONF" >"$RT_MF_LOG" 2>&1 &
+    RT_MF_PID=$!
+    PIDS_TO_KILL+=("$RT_MF_PID")
+    # Metrics first: a TCP connect to a listener is a session, which the lazy cases would count.
+    if ! python3 "$MFI" waitport --timeout 30 "$P_RT_METRICS" 2>"$RT_DIR/wait.err"; then
+        echo "$(cat "$RT_DIR/wait.err"); mailfront-routing log tail: $(tail -n 3 "$RT_MF_LOG" | tr '\n' ' ')" >&2
+        return 1
+    fi
+    kill -0 "$RT_MF_PID" 2>/dev/null ||
+        { echo "mailfront-routing exited: $(tail -n 3 "$RT_MF_LOG" | tr '\n' ' ')" >&2; return 1; }
+}
+
+# routing.py runs every case and prints one `PASS name` / `FAIL name: reason` line per case;
+# what each case saw (sessions, log lines, capability lists) goes to $T/routing/<case>.txt.
+run_routing_cases() {
+    if ! start_routing_fixture 2>"$T/routing.start.err"; then
+        fail route-fixture "$(tail -n 1 "$T/routing.start.err")"
+        stop_route_dovecots
+        return
+    fi
+    run_case route-mailfront-config-check "$MF_BIN" check --config "$RT_MF_CONF"
+    local out st line name n=0 t0=$SECONDS
+    out=$(python3 "$ROUTING" run --cafile "$CA" --sni "$HOSTNAME_MF" --password "$ROUTE_PASS" \
+        --dovecot-a-log "$RT_DOVECOT_A_LOG" --dovecot-b-log "$RT_DOVECOT_B_LOG" \
+        --postfix-log "$POSTFIX_LOG" --mailfront-log "$RT_MF_LOG" --mailfront-pid "$RT_MF_PID" \
+        --metrics "$P_RT_METRICS" --map-imap "$RT_DIR/map-imap.yaml" \
+        --dovecot-a "$P_DOVECOT_RA_IMAP" "$P_DOVECOT_RA_POP3" \
+        --dovecot-b "$P_DOVECOT_RB_IMAP" "$P_DOVECOT_RB_POP3" \
+        --postfix-a "$P_POSTFIX_RA" --postfix-b "$P_POSTFIX_RB" \
+        --imaps-affinity "$P_RT_IMAPS_AFF" --imap-affinity "$P_RT_IMAP_AFF" \
+        --imaps-map "$P_RT_IMAPS_MAP" --pop3s-map "$P_RT_POP3S_MAP" \
+        --submissions-map "$P_RT_SMTPS_MAP" --imaps-direct "$P_RT_IMAPS_DIRECT" \
+        --pop3s-direct "$P_RT_POP3S_DIRECT" --submissions-direct "$P_RT_SMTPS_DIRECT" \
+        --imaps-lazy "$P_RT_IMAPS_LAZY" --pop3s-lazy "$P_RT_POP3S_LAZY" \
+        --submissions-lazy "$P_RT_SMTPS_LAZY" --submission-lazy "$P_RT_SUBMISSION_LAZY" \
+        --imaps-unrouted-lazy "$P_RT_IMAPS_UNROUTED" --imaps-failover "$P_RT_IMAPS_FAILOVER" \
+        --dovecot-a-conf "$RT_DIR/dovecot-route-a/dovecot.conf" \
+        --dovecot-b-conf "$RT_DIR/dovecot-route-b/dovecot.conf" --rcpt "$USER_NAME" \
+        --outdir "$RT_DIR" 2>"$T/routing.err")
+    st=$?
+    while IFS= read -r line; do
+        case "$line" in
+            "PASS "*) pass "${line#PASS }"; n=$((n + 1)) ;;
+            "FAIL "*) name=${line#FAIL }; fail "${name%%: *}" "${name#*: }"; n=$((n + 1)) ;;
+        esac
+    done <<<"$out"
+    if [ "$st" != 0 ] || [ "$n" = 0 ]; then
+        fail route-cases "routing.py exit $st after $n cases: $(tail -n 1 "$T/routing.err")"
+    fi
+    if kill -0 "$RT_MF_PID" 2>/dev/null; then
+        pass route-mailfront-still-running
+    else
+        fail route-mailfront-still-running "exited: $(tail -n 3 "$RT_MF_LOG" | tr '\n' ' ')"
+    fi
+    log "routing section: $n cases in $((SECONDS - t0)) s"
+    if [ "$KEEP" != 1 ]; then
+        kill "$RT_MF_PID" 2>/dev/null
+        stop_route_dovecots
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
 # 7. run
 
 export MFI
@@ -1446,7 +1707,10 @@ run_case backend-dovecot-imap-login-and-id-log case_backend_imap
 run_case backend-dovecot-pop3-login case_backend_pop3
 run_case backend-logs-record-credentials case_backend_logs_record_credentials
 
-if [ "$BACKEND_ONLY" = 0 ]; then
+if [ "$ROUTING_ONLY" = 1 ]; then
+    MF_BIN=$(find_mailfront)
+    run_routing_cases
+elif [ "$BACKEND_ONLY" = 0 ]; then
     if start_mailfront 2>"$T/mf.start.err"; then
         pass mailfront-starts
         run_case mailfront-config-check case_config_check
@@ -1508,6 +1772,7 @@ if [ "$BACKEND_ONLY" = 0 ]; then
         run_case smtp-hostile-swaks-465-xclient-submission case_swaks_hostile_465
         run_smtp_hostile
         run_backend_tls_cases
+        run_routing_cases
         # Last: the wrong passwords below count against Dovecot's own auth penalty too.
         if start_throttle_mailfront 2>"$T/mf-throttle.start.err"; then
             run_case auth-throttle-imap-hangup-before-verdict \
@@ -1581,6 +1846,17 @@ EOF
   swaks --server 127.0.0.1 --port $P_POSTFIX --auth PLAIN --auth-user $USER_NAME --auth-password '$USER_PASS' --to $USER_NAME
   curl --user '$USER_NAME:$USER_PASS' 'imap://127.0.0.1:$P_DOVECOT_IMAP/INBOX;MAILINDEX=1'
   curl --user '$USER_NAME:$USER_PASS' pop3://127.0.0.1:$P_DOVECOT_POP3/1
+EOF
+    fi
+    if [ -n "${RT_MF_PID:-}" ]; then
+        cat <<EOF
+
+Routing by user (6c; stop with: kill $RT_MF_PID; doveadm -c $RT_DIR/dovecot-route-a/dovecot.conf stop; doveadm -c $RT_DIR/dovecot-route-b/dovecot.conf stop)
+  users ${ROUTE_USERS[*]}  password $ROUTE_PASS
+  Dovecot route-a imap $P_DOVECOT_RA_IMAP pop3 $P_DOVECOT_RA_POP3 (log $RT_DOVECOT_A_LOG), route-b imap $P_DOVECOT_RB_IMAP pop3 $P_DOVECOT_RB_POP3 (log $RT_DOVECOT_B_LOG)
+  Postfix route-a $P_POSTFIX_RA, route-b $P_POSTFIX_RB (syslog names postfix-interop/route-a, /route-b in $POSTFIX_LOG)
+  mailfront ($RT_MF_CONF, log $RT_MF_LOG): imaps-affinity $P_RT_IMAPS_AFF, imap-affinity $P_RT_IMAP_AFF (starttls), imaps-map $P_RT_IMAPS_MAP, pop3s-map $P_RT_POP3S_MAP, submissions-map $P_RT_SMTPS_MAP, imaps-direct $P_RT_IMAPS_DIRECT, metrics $P_RT_METRICS
+  openssl s_client -connect 127.0.0.1:$P_RT_IMAPS_AFF -servername $HOSTNAME_MF -CAfile $CA -crlf
 EOF
     fi
 fi
