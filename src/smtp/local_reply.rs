@@ -59,6 +59,10 @@ pub const BDAT_NOT_SUPPORTED: &[u8] = b"502 5.5.1 Error: command not implemented
 pub const BARE_LINE_ENDING: &[u8] =
     b"554 5.6.0 Message refused: bare CR or LF in message content\r\n";
 
+/// AUTH during a mail transaction (RFC 4954 §4), on a routed session whose MAIL went to the
+/// listener's pool (Postfix's wording).
+pub const AUTH_IN_TRANSACTION: &[u8] = b"503 5.5.1 Error: MAIL transaction in progress\r\n";
+
 /// A command that needs a login, before one on a listener that routes by user: no backend is
 /// chosen before a login names the user, so MAIL (where mail needs TLS), VRFY, EXPN and HELP are
 /// answered here (RFC 4954 §6: 530 5.7.0, "Authentication required").

@@ -278,11 +278,15 @@ struct Transaction {
     received_id: Option<ReceivedId>,
     /// Line endings of the BDAT message so far, across its chunks.
     content: ContentScanner,
+    /// The backend accepted a MAIL and the transaction has not ended (RSET, EHLO/HELO, the
+    /// message's end): RFC 4954 §4 forbids AUTH now.
+    open: bool,
 }
 
 impl Transaction {
     /// RSET, a new MAIL or EHLO, or the end of a message: the next chunk is a first chunk.
     fn restart_content(&mut self) {
+        self.open = false;
         self.bdat_started = false;
         self.bdat_size = 0;
         self.received_id = None;
@@ -949,6 +953,11 @@ impl SmtpMachine {
                 self.held = Some(line);
                 return;
             }
+            // RFC 4954 §4: "An AUTH command issued during a mail transaction MUST be rejected
+            // with a 503 reply"; leaving the backend would drop the transaction unseen.
+            if self.tx.open {
+                return self.local(local_reply::AUTH_IN_TRANSACTION);
+            }
             self.leave_backend();
             return self.on_local_line(line);
         }
@@ -1566,6 +1575,7 @@ impl SmtpMachine {
             Expect::Mail => {
                 if reply.is_positive() {
                     self.tx.restart_content();
+                    self.tx.open = true;
                     self.tx.accepted_rcpts = 0;
                     self.tx.recipient = None;
                     if !self.gate.require_tls_for_mail {
@@ -2955,6 +2965,14 @@ mod tests {
         assert_eq!(run.take_backend(), "MAIL FROM:<a@example.org>\r\n");
         run.backend("250 2.1.0 Ok\r\n");
         assert_eq!(run.take_client(), "250 2.1.0 Ok\r\n");
+        // RFC 4954 §4: no AUTH during the transaction, and the transaction stays.
+        run.client(&format!("AUTH PLAIN {ALICE}\r\n"));
+        assert_eq!(
+            run.take_client(),
+            "503 5.5.1 Error: MAIL transaction in progress\r\n"
+        );
+        assert_eq!(run.take_backend(), "");
+        assert_eq!(run.closes, 0);
         // That backend was chosen before the user was known: left, and the AUTH routed.
         run.client(&format!("RSET\r\nAUTH PLAIN {ALICE}\r\n"));
         assert_eq!(run.take_backend(), "RSET\r\n");
