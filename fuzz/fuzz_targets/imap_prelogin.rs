@@ -226,7 +226,10 @@ impl Backend {
             CommandBody::Logout if ours => {
                 // A routed session leaving this backend after a failed login.
                 assert!(self.routed, "mailfront's own LOGOUT off a routed listener");
-                assert!(self.sasl.is_none(), "mailfront's LOGOUT inside AUTHENTICATE");
+                assert!(
+                    self.sasl.is_none(),
+                    "mailfront's LOGOUT inside AUTHENTICATE"
+                );
                 self.closed = true;
                 format!("* BYE bye\r\n{t} OK done\r\n")
             }
@@ -335,7 +338,10 @@ impl Link {
             "facts for a mechanism that cannot be routed: {mechanism:?}"
         );
         if facts.mechanism == "LOGIN" || facts.mechanism == "PLAIN" {
-            assert!(facts.password.is_some(), "LOGIN or PLAIN without its password");
+            assert!(
+                facts.password.is_some(),
+                "LOGIN or PLAIN without its password"
+            );
         }
         if facts.mechanism != "LOGIN" {
             assert!(has(b"AUTHENTICATE"), "SASL facts without AUTHENTICATE");
@@ -413,7 +419,10 @@ fn settle(m: &mut Prelogin, backend: &mut Backend, client_tls: &mut bool, link: 
         );
         let mut answers = backend.receive(&sent, *client_tls);
         if m.take_backend_close() {
-            assert!(link.routed, "a backend dropped before login off a routed listener");
+            assert!(
+                link.routed,
+                "a backend dropped before login off a routed listener"
+            );
             // The driver drops the connection: nothing more comes from that backend.
             answers.clear();
             backend.reconnect();

@@ -3,7 +3,8 @@
 //! a differential check of what the gate lets through: before TLS nothing reaches the backend;
 //! after TLS the bytes written to the backend, re-parsed by a strict framer written here from
 //! RFC 1939 / RFC 5034, are CRLF-terminated lines without CR, LF or NUL inside, each a
-//! whitelisted command or an AUTH continuation, never XCLIENT/XOIP.
+//! whitelisted command or an AUTH continuation, never XCLIENT/XOIP; and the CAPA a listener that
+//! routes by user shows offers only mechanisms that name the user first, and no STLS.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -82,6 +83,29 @@ fn check_backend_line(line: &[u8], sasl: bool) {
     assert_ne!(keyword, b"APOP");
 }
 
+/// What a listener that routes by user shows: no `STLS` (TLS is up), and on the `SASL` line only
+/// mechanisms whose first client response names the user, each a valid mechanism name.
+fn check_routed_capa(shown: &[u8]) {
+    for line in shown.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut words = line.split(|&b| b == b' ');
+        let keyword = words.next().unwrap_or_default();
+        assert!(
+            !keyword.eq_ignore_ascii_case(b"STLS"),
+            "STLS shown: {shown:?}"
+        );
+        if keyword.eq_ignore_ascii_case(b"SASL") {
+            for mechanism in words.filter(|w| !w.is_empty()) {
+                assert!(
+                    mailfront::sasl::is_routable(mechanism),
+                    "{:?} shown on a routed listener: {shown:?}",
+                    String::from_utf8_lossy(mechanism)
+                );
+            }
+        }
+    }
+}
+
 fn run_server(input: &[u8], chunk: usize, expects: &[Expect]) -> Vec<ServerEvent> {
     let mut rx = ResponseReceiver::new(ResponseLimits {
         line: 64,
@@ -104,10 +128,11 @@ fn run_server(input: &[u8], chunk: usize, expects: &[Expect]) -> Vec<ServerEvent
                     rewrite_greeting(&r.raw);
                 }
                 ServerEvent::Response(r) => {
-                    for view in [CapaView::Cleartext, CapaView::Tls] {
+                    for view in [CapaView::Cleartext, CapaView::Tls, CapaView::Routed] {
                         let once = rewrite_capa(&r.raw, view);
                         assert_eq!(rewrite_capa(&once, view), once);
                     }
+                    check_routed_capa(&rewrite_capa(&r.raw, CapaView::Routed));
                 }
                 ServerEvent::Rejected(_) => {}
             }
