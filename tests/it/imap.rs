@@ -1172,3 +1172,50 @@ async fn silent_and_capability_only_tls_sessions_open_no_backend_connection_once
     assert!(!seen.contains("CAPABILITY\r\n"), "{seen}");
     drop(held);
 }
+
+/// Issue 22's lazy connect on a listener that does not route by user: 20 sessions at once that
+/// only handshake, read the greeting, ask CAPABILITY and LOG OUT cost the backend exactly one
+/// connection, the listener's capability probe (the sessions that arrive while it runs wait for
+/// its answer), and every one is greeted by mailfront, with the capabilities the probe learned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_tls_sessions_that_never_log_in_cost_one_probe_on_an_unrouted_listener() {
+    // All 20 come from 127.0.0.1: the per-address limit (tests/limits.rs) is off here.
+    let s = std::sync::Arc::new(
+        setup(
+            "implicit",
+            FakeOptions::default(),
+            "limits:\n  connections_per_ip: 0\n",
+        )
+        .await,
+    );
+    let capabilities = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN";
+    let mut sessions = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let s = s.clone();
+        sessions.spawn(async move {
+            let (mut c, greeting, _) = s.connect().await;
+            let capability = command(&mut c, "a", "CAPABILITY").await;
+            let logout = command(&mut c, "b", "LOGOUT").await;
+            (greeting, capability, logout)
+        });
+    }
+    while let Some(done) = sessions.join_next().await {
+        let (greeting, capability, logout) = done.unwrap();
+        assert_eq!(
+            greeting,
+            format!("* OK [CAPABILITY {capabilities}] {HOST} ready\r\n")
+        );
+        assert_eq!(
+            capability,
+            format!("* CAPABILITY {capabilities}\r\na OK CAPABILITY completed\r\n")
+        );
+        assert!(
+            logout.starts_with("* BYE ") && logout.contains("b OK"),
+            "{logout}"
+        );
+    }
+    let accepted = s.backend.recorder.accepted_connections();
+    assert_eq!(accepted.len(), 1, "backend connections for 20 sessions");
+    assert_eq!(accepted[0], b"P1 CAPABILITY\r\nP2 LOGOUT\r\n");
+    assert_eq!(s.backend.recorder.probes(), 1);
+}
