@@ -1,7 +1,9 @@
 //! One admitted client connection, from the first byte to the close log line: the implicit TLS
-//! handshake where the listener asks for it, then the protocol's driver. This is the server
-//! layer's hand-off to the drivers, so dependencies point one way: server → admission →
-//! connection → drivers (smtp, imap, pop3 through prelogin) → session, backend, relay, tls.
+//! handshake where the listener asks for it, the listener's capability probe while what its
+//! sessions show before login is unknown ([`crate::probe`]), then the protocol's driver. This
+//! is the server layer's hand-off to the drivers, so dependencies point one way: server →
+//! admission → connection → drivers (smtp, imap, pop3 through prelogin) → session, backend,
+//! relay, tls.
 
 use tokio::net::TcpStream;
 
@@ -77,16 +79,18 @@ async fn serve_in_span<S: Transport>(io: S, mut session: Session) {
     session.log_close(&reason);
 }
 
-/// Hands the session to its protocol's driver.
+/// Hands the session to its protocol's driver, once its listener knows what to show before
+/// login (or its probe failed).
 async fn protocol_session<S: Transport>(
     client: ClientStream<S>,
     session: &mut Session,
 ) -> EndReason {
-    // A listener that routes by user connects only with a login in hand: what its sessions
-    // show before login is learned by a probe while unknown (one per listener at a time).
-    if session.listener().routes_users() {
-        Box::pin(crate::probe::ensure_learned(session.listener())).await;
-    }
+    // No session connects before a command needs the backend, on any listener (issue 22): what
+    // a session shows before login is learned by the capability probe while it is unknown, one
+    // per listener at a time. Only after a failed probe do the machines' fallbacks apply: a
+    // session of a listener that does not route by user connects early and learns from its
+    // own backend; a routed one answers from the built-in lists.
+    Box::pin(crate::probe::ensure_learned(session.listener())).await;
     // Each driver boxed: a future is as large as its largest variant, so unboxed an idle IMAP
     // session would carry the SMTP driver's state too.
     match session.protocol() {

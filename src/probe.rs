@@ -1,22 +1,28 @@
-//! The capability probe: what a listener that routes by user shows its clients before login,
-//! learned from one of its backends without a client.
+//! The capability probe: what a listener's sessions show their clients before login, learned
+//! from one of its backends without a client.
 //!
-//! A listener with `user_affinity`, `user_map` or `user_lookup` connects to a backend only with
-//! a login's name in hand (issue "The backend chosen by the user who logs in"), so no session
-//! may connect early to learn the backend's pre-login capabilities, as sessions of other
-//! listeners do. While the listener's [`Learned`](crate::session::Learned) holds nothing for its
-//! protocol, the session (before its machine is built) runs this probe: one connection to the
-//! listener's pool, as any session's (backend TLS, STARTTLS and the PROXY header included; the
-//! PROXY header is a `LOCAL` one, RFC: haproxy proxy-protocol §2.2, since no client is behind
-//! it), the greeting, then `CAPABILITY` (IMAP, RFC 9051 §6.1.1), `EHLO` (SMTP, RFC 5321 §4.1.1.1)
-//! or `CAPA` (POP3, RFC 2449 §5), and the protocol's goodbye. One probe at a time per listener:
-//! sessions that arrive meanwhile wait for its answer instead of probing too, so a burst after a
-//! start costs the backend one connection.
+//! No session connects to a backend before a command needs one (issue "The backend chosen by
+//! the user who logs in": sessions that never log in cost no backend connection, on any
+//! listener). A session with TLS up therefore greets and answers CAPABILITY, EHLO or CAPA itself,
+//! from what its listener's [`Learned`](crate::session::Learned) holds. While that holds nothing
+//! for the listener's protocol (after a start or a reload), the session, before its machine is
+//! built, runs this probe: one connection to the listener's pool, as any session's (backend TLS,
+//! STARTTLS and the PROXY header included; the PROXY header is a `LOCAL` one, RFC: haproxy
+//! proxy-protocol §2.2, since no client is behind it), the greeting, then `CAPABILITY` (IMAP,
+//! RFC 9051 §6.1.1), `EHLO` (SMTP, RFC 5321 §4.1.1.1) or `CAPA` (POP3, RFC 2449 §5), and the
+//! protocol's goodbye. One probe at a time per listener: sessions that arrive meanwhile wait for
+//! its answer instead of probing too, so a burst after a start costs the backend one connection.
 //!
 //! What it learns is what the machines learn from a live session ([`Notice::BackendEhlo`],
-//! …), in the same raw form. A probe that fails leaves nothing learned, and sessions go on with
-//! the machines' built-in lists (what any backend of the protocol honours) until a probe
-//! [`RETRY_AFTER_FAILURE`] later succeeds.
+//! …), in the same raw form. A probe that fails leaves nothing learned until a probe
+//! [`RETRY_AFTER_FAILURE`] later succeeds. Meanwhile sessions fall back on what the machines do
+//! with nothing learned:
+//! - on a listener that routes by user (`user_affinity`, `user_map`, `user_lookup`), which
+//!   connects only with a login's name in hand, they answer from the machines' built-in lists
+//!   (what any backend of the protocol honours);
+//! - on any other listener, a session connects early (IMAP as soon as TLS is up, SMTP at EHLO,
+//!   POP3 at CAPA) so that what its client is offered is what a backend said, and what it sees
+//!   teaches the listener.
 //!
 //! [`Notice::BackendEhlo`]: crate::machine::Notice::BackendEhlo
 

@@ -45,7 +45,8 @@ pub struct ListenerContext {
     pub backend: BackendConnector,
     /// `backend_client_info` problems already logged for this listener.
     pub client_info_notices: crate::client_info::Notices,
-    /// What this listener's sessions learned of their backends, for the next ones.
+    /// What this listener learned of its backends (by its capability probe, then from its
+    /// sessions), for its sessions.
     pub learned: Learned,
     /// The listener's user routing (`user_affinity`, `user_map`, `user_lookup`); `None` in
     /// driver tests that route nothing.
@@ -61,13 +62,17 @@ impl ListenerContext {
     }
 }
 
-/// What sessions of one listener learned from their backends and hand to the next ones: the
+/// What one listener knows of its backends' pre-login dialogue, for its sessions: the
 /// backend's SMTP EHLO reply, which an SMTP session with TLS up answers its client's EHLO with
 /// before it connects (`smtp::machine`); the backend's IMAP pre-login capability list, which
 /// an IMAP session with TLS up greets and answers CAPABILITY with before it connects
 /// (`imap::prelogin`); and the backend's POP3 CAPA response, which a POP3 session answers CAPA
 /// with before it connects (`pop3::prelogin`). Per replica and per listener; empty after a
-/// restart or a reload, until a session sees a backend again.
+/// restart or a reload, until the listener's capability probe ([`crate::probe`], run by the
+/// first session while its protocol's entry is empty) fills it. Sessions that reach a backend
+/// keep it current with what they see (the listener's pool only, not a mapped or looked-up
+/// backend), and after a failed probe a session of a listener that does not route by user
+/// connects early to fill it (the machines' fallback).
 #[derive(Debug, Default)]
 pub struct Learned {
     ehlo: std::sync::Mutex<Option<Vec<u8>>>,

@@ -19,16 +19,18 @@
 //! With TLS up the machine connects only when a command needs the backend: LOGIN and
 //! AUTHENTICATE ([`Phase::Local`], as SMTP does for AUTH and MAIL). Until then mailfront greets
 //! (implicit TLS; after STARTTLS the client had the cleartext greeting, RFC 9051 §6.2.1) and
-//! answers CAPABILITY from the pre-login list the listener's backend showed an earlier session
+//! answers CAPABILITY from the pre-login list the listener learned of its backend
 //! ([`Settings::learned_capability`], rewritten with [`CapabilityView::Tls`]), NOOP, LOGOUT, and
 //! ID with `ID NIL` (RFC 2971 §3.2): the client's first ID is kept and its fields go beside
 //! mailfront's in the ID sent before the login. The gate judges every command on the learned
 //! list; a login is held, the driver connects, the backend's greeting is swallowed, and the gate
 //! judges the login again on what the backend says now (a SASL-IR it lost is refused here), then
-//! the charge and the encoding go as for any login. While no list is learned (the first sessions
-//! after a start or reload) a session connects at once, as before: the backend's greeting (on
-//! implicit TLS, the client's only one) or mailfront's own CAPABILITY teaches the listener
-//! ([`Notice::BackendImapCapability`]), so a client is never offered what no backend said.
+//! the charge and the encoding go as for any login. The list is learned before the first
+//! session after a start or reload is served, by the listener's capability probe (`probe`, a
+//! layer up). Only while none is learned, because that probe failed, does a session connect at
+//! once (the fallback): the backend's greeting (on implicit TLS, the client's only one) or
+//! mailfront's own CAPABILITY teaches the listener ([`Notice::BackendImapCapability`]), so a
+//! client is never offered what no backend said.
 //!
 //! On a listener that routes by user ([`Settings::routed`]: `user_affinity`, `user_map`,
 //! `user_lookup`) the backend depends on who logs in, so the machine connects for nothing but a
@@ -83,11 +85,12 @@ pub struct Settings {
     /// fields ([`crate::client_info::imap_id_fields`]) sent beside `tls` in the first ID; empty
     /// when off.
     pub client_info: Vec<(&'static str, String)>,
-    /// The pre-login capability list this listener's backend sent an earlier session (the
-    /// tokens after `CAPABILITY`, raw, the listener's `Learned`): with it, a session with TLS
-    /// up greets and answers its client itself and connects only for a login ([`Phase::Local`]).
-    /// `None` until a session saw the backend's: the session then connects at once (but on a
-    /// routed listener, which answers from [`ROUTED_CAPABILITIES`] then).
+    /// The pre-login capability list the listener learned of its backend (the tokens after
+    /// `CAPABILITY`, raw, the listener's `Learned`: its capability probe's, or what a session
+    /// saw since): with it, a session with TLS up greets and answers its client itself and
+    /// connects only for a login ([`Phase::Local`]). `None` only when the probe failed: the
+    /// session then connects at once, as the fallback (but on a routed listener, which answers
+    /// from [`ROUTED_CAPABILITIES`] then).
     pub learned_capability: Option<Vec<u8>>,
     /// The listener routes by user (`user_affinity`, `user_map`, `user_lookup`,
     /// `ListenerContext::routes_users` in the session layer): the session connects only for a
@@ -286,8 +289,8 @@ pub struct Prelogin {
     tag_seed: u64,
     /// A login waiting for [`Machine::login_charge`]; client bytes wait behind it.
     charging: Option<Charging>,
-    /// The backend's pre-login capability list as known now (learned by an earlier session, or
-    /// from this session's backend): what [`Phase::Local`] shows, rewritten for TLS.
+    /// The backend's pre-login capability list as known now (learned by the listener, or from
+    /// this session's backend): what [`Phase::Local`] shows, rewritten for TLS.
     known_capability: Option<Vec<u8>>,
     /// A LOGIN or AUTHENTICATE went to the backend: from then on a capability list may be the
     /// post-login one (RFC 9051 §6.2.2), which is never learned for later sessions' pre-login
@@ -375,8 +378,8 @@ impl Prelogin {
     /// TLS is up (implicit, or after STARTTLS). With the backend's capabilities known, the
     /// session stays local until a login ([`Phase::Local`]): on implicit TLS mailfront greets
     /// with them; after STARTTLS the client had mailfront's greeting already and asks again
-    /// (RFC 9051 §6.2.1). Unknown, it connects at once, and the backend's greeting (implicit)
-    /// or its capabilities teach this listener's next sessions.
+    /// (RFC 9051 §6.2.1). Unknown (the listener's probe failed), it connects at once, and the
+    /// backend's greeting (implicit) or its capabilities teach this listener's next sessions.
     fn tls_up(&mut self) {
         match self.known_capability.clone() {
             Some(list) => {

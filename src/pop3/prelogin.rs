@@ -14,14 +14,14 @@
 //!   asks CAPA again (RFC 2595 §4).
 //! - With TLS up (at once on 995, after STLS on 110) there is still no backend
 //!   ([`Phase::Local`]): mailfront greets every session itself and answers what it can: CAPA
-//!   from the response this listener's sessions learned from the backend
-//!   ([`Settings::learned_capa`], shown with the same TLS view as a live one), USER (`+OK`,
-//!   remembered), QUIT, and the gate's own refusals. Only a command that needs the backend
-//!   connects: PASS after a USER, AUTH (with or without a mechanism), and CAPA while nothing is
-//!   learned yet. Answering that first CAPA with a guess would hide the backend's SASL
-//!   mechanisms from the client, and nothing would ever learn the real list; one connection per
-//!   listener (per replica, after each start or reload) teaches every later session. The line
-//!   is held while the driver connects; once the backend greeted (its greeting swallowed, a
+//!   from the response this listener learned of the backend ([`Settings::learned_capa`], by
+//!   its capability probe, `probe` a layer up, before the first session after a start or
+//!   reload is served; shown with the same TLS view as a live one), USER (`+OK`, remembered),
+//!   QUIT, and the gate's own refusals. Only a command that needs the backend connects: PASS
+//!   after a USER, AUTH (with or without a mechanism), and, as the fallback when the probe
+//!   failed and nothing is learned, CAPA. Answering that CAPA with a guess would hide the
+//!   backend's SASL mechanisms from the client, and nothing would ever learn the real list; the
+//!   one connection teaches every later session. The line is held while the driver connects; once the backend greeted (its greeting swallowed, a
 //!   `-ERR` one or a failed connect told as `-ERR [SYS/TEMP]`) and `backend_client_info` ran,
 //!   the remembered USER goes out right before a PASS (its answer swallowed: the client had
 //!   mailfront's `+OK`), and the gate judges the held line again as if it came now. Sessions
@@ -85,9 +85,9 @@ pub struct Settings {
     /// `backend_client_info`: the client's address, told to the backend by XCLIENT when its
     /// greeting or CAPA offers it, before any client command goes on.
     pub client_info: Option<std::net::SocketAddr>,
-    /// The backend's CAPA response a session of this listener saw before (raw, kept by the
-    /// listener for its sessions): the answer to CAPA before the backend is connected. `None`
-    /// until one was seen: then CAPA connects.
+    /// The backend's CAPA response as the listener learned it (raw, by its capability probe or
+    /// from a session since): the answer to CAPA before the backend is connected. `None` only
+    /// when the probe failed: then CAPA connects (the fallback).
     pub learned_capa: Option<Vec<u8>>,
     /// The listener chooses the backend by the user who logs in (`user_affinity`, `user_map`,
     /// `user_lookup`): nothing connects before a complete login, which the driver routes with

@@ -5,12 +5,18 @@
 //! clock (the Received field's date and id come from [`Settings`]).
 //!
 //! Shape of a session:
-//! - Implicit TLS (465): the driver connects at once; the backend's 220 is answered with
-//!   mailfront's own greeting (the backend's text may name internal hosts); any other greeting
-//!   (554, 421) is passed on and the session closes (RFC 5321 §3.1).
+//! - Implicit TLS (465): mailfront greets at once, with no backend; EHLO is answered from the
+//!   backend's EHLO as the listener learned it ([`Settings::learned_ehlo`]: by its capability
+//!   probe, `probe` a layer up, before the first session after a start or reload is served),
+//!   and the backend is connected when a command needs it (AUTH, or MAIL where mail needs no
+//!   login). Only when that probe failed and nothing is learned does the first EHLO connect (the
+//!   fallback), so what the client is offered is always what a backend said. A backend greeting
+//!   other than 220 gives the command that needed it `421 4.4.1` and ends the session (RFC 5321
+//!   §3.1), never the backend's text.
 //! - STARTTLS (587): nothing reaches a backend before TLS (RFC 8314 §4.1). mailfront greets at
 //!   once and answers the cleartext dialogue itself ([`cleartext::respond`]); the backend is
-//!   connected after the handshake (so a PROXY v2 header carries the TLS details), its greeting
+//!   connected only after the handshake, as on 465 when a command needs it (so a PROXY v2
+//!   header carries the TLS details), its greeting
 //!   swallowed (the client already has ours; anything but 220 gives the client `421 4.4.1` and
 //!   ends the session), and the client's new EHLO (RFC 3207 §4.2) is the first command it sees.
 //!   Idle cleartext clients hold no backend connection.
@@ -141,11 +147,12 @@ pub struct Settings {
     pub clock: fn() -> OffsetDateTime,
     /// The id in a Received field: random in production, fixed in tests.
     pub received_id: fn() -> ReceivedId,
-    /// The backend's EHLO reply as an earlier session of this listener saw it: what an EHLO
-    /// with TLS up is answered with before the backend is connected ([`Phase::Local`]).
-    /// `None` until one was seen: the first EHLO then connects, so what the client is offered
-    /// is always what a backend said (on a routed listener it gets [`local_reply::routed_ehlo`]
-    /// instead: a routed session connects for nothing but a login).
+    /// The backend's EHLO reply as this listener learned it (its capability probe's, or what a
+    /// session saw since): what an EHLO with TLS up is answered with before the backend is
+    /// connected ([`Phase::Local`]). `None` only when the probe failed: the first EHLO then
+    /// connects (the fallback), so what the client is offered is always what a backend said (on
+    /// a routed listener it gets [`local_reply::routed_ehlo`] instead: a routed session connects
+    /// for nothing but a login).
     pub learned_ehlo: Option<Vec<u8>>,
     /// The listener routes by user (`user_affinity`, `user_map`, `user_lookup`;
     /// `ListenerContext::routes_users` in the session layer): no backend before a complete AUTH,

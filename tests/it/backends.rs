@@ -84,10 +84,14 @@ async fn sessions_spread_evenly_over_three_backends_by_least_connections() {
     for _ in 0..9 {
         held.push(imap_login(proxy.addr("imaps"), "mx.example.test", &pki).await);
     }
-    let counts: Vec<usize> = fleet.iter().map(FleetBackend::sessions).collect();
+    // The first session waited for the listener's capability probe, one connection to one of
+    // the backends, over before any session connected.
+    let probes: Vec<usize> = fleet.iter().map(FleetBackend::probes).collect();
+    assert_eq!(probes.iter().sum::<usize>(), 1, "{probes:?}");
+    let counts: Vec<usize> = fleet.iter().map(FleetBackend::client_sessions).collect();
     assert_eq!(counts, [3, 3, 3]);
     let text = scrape_proxy(&proxy).await;
-    for b in &addrs {
+    for (b, probes) in addrs.iter().zip(probes) {
         assert_eq!(
             metric(
                 &text,
@@ -96,19 +100,21 @@ async fn sessions_spread_evenly_over_three_backends_by_least_connections() {
             Some(3.0),
             "{text}"
         );
+        // The probe's connection counts as one of its backend's.
         assert_eq!(
             metric(
                 &text,
                 &series("mailfront_backend_sessions_total", "imaps", *b)
             ),
-            Some(3.0)
+            Some((3 + probes) as f64)
         );
         assert_eq!(
             metric(&text, &series("mailfront_backend_up", "imaps", *b)),
             Some(1.0)
         );
     }
-    // With all idle, ties rotate: the first three sessions went to three different backends.
+    // With all idle (the probe's connection closed), ties rotate: the first three sessions went
+    // to three different backends.
     let mut seen = std::collections::HashSet::new();
     for s in held.iter_mut().take(3) {
         seen.insert(served_by(s).await.unwrap());
@@ -290,7 +296,7 @@ async fn sni_routes_choose_the_backend_on_an_implicit_listener() {
 async fn sni_routes_choose_the_backend_on_a_starttls_listener_after_the_handshake() {
     let (pki, fleet, proxy) = routed("submission", Speaks::Smtp, "starttls").await;
     for (sni, expected) in ROUTED {
-        let counts: Vec<usize> = fleet.iter().map(FleetBackend::sessions).collect();
+        let counts: Vec<usize> = fleet.iter().map(FleetBackend::client_sessions).collect();
         let tcp = tokio::net::TcpStream::connect(proxy.addr("submission"))
             .await
             .unwrap();
@@ -302,18 +308,26 @@ async fn sni_routes_choose_the_backend_on_a_starttls_listener_after_the_handshak
             .await
             .unwrap();
         read_smtp_reply(&mut plain).await;
-        // Nothing reached any backend in cleartext.
+        // No session reached any backend in cleartext. The listener's capability probe ran
+        // once, before the first session was greeted (no client behind it, so no SNI: the
+        // listener's default backend).
         assert_eq!(
-            fleet.iter().map(FleetBackend::sessions).collect::<Vec<_>>(),
+            fleet
+                .iter()
+                .map(FleetBackend::client_sessions)
+                .collect::<Vec<_>>(),
             counts
+        );
+        assert_eq!(
+            fleet.iter().map(FleetBackend::probes).collect::<Vec<_>>(),
+            [0, 0, 1]
         );
         plain.get_mut().write_all(b"STARTTLS\r\n").await.unwrap();
         assert!(read_smtp_reply(&mut plain).await.starts_with("220 "));
         let config = client_config(&pki.ca_der, &[&rustls::version::TLS13], None);
         let tls = tls_upgrade(plain.into_inner(), sni, config).await.unwrap();
         let mut s = BufReader::new(tls);
-        // MAIL needs the backend (EHLO and NOOP may be answered from what an earlier
-        // session's backend said).
+        // MAIL needs the backend (EHLO and NOOP are answered from what the probe learned).
         s.get_mut()
             .write_all(b"EHLO client.example\r\nMAIL FROM:<a@example.test>\r\n")
             .await
@@ -323,7 +337,7 @@ async fn sni_routes_choose_the_backend_on_a_starttls_listener_after_the_handshak
         assert!(mail.contains(&format!("b{expected}")), "{sni}: {mail}");
         for (i, b) in fleet.iter().enumerate() {
             let grew = usize::from(i == expected);
-            assert_eq!(b.sessions(), counts[i] + grew, "{sni} on b{i}");
+            assert_eq!(b.client_sessions(), counts[i] + grew, "{sni} on b{i}");
         }
     }
     proxy.stop().await;
@@ -388,9 +402,11 @@ async fn an_implicit_tls_backend_is_verified_against_ca_and_a_wrong_ca_is_a_temp
         "* BYE [UNAVAILABLE] Server temporarily unavailable\r\n"
     );
     let text = scrape_proxy(&proxy).await;
+    // Two: the listener's capability probe, then the session, which (nothing learned) fell back
+    // to connecting at once.
     assert!(
         text.contains(&format!(
-            "mailfront_backend_failures_total{{backend=\"{}\",listener=\"wrong\",reason=\"tls\"}} 1",
+            "mailfront_backend_failures_total{{backend=\"{}\",listener=\"wrong\",reason=\"tls\"}} 2",
             b.addr
         )),
         "{text}"
@@ -440,7 +456,9 @@ async fn starttls_to_the_backend_happens_before_anything_of_the_clients() {
     let proxy = Proxy::start(&yaml, pki.dir.path()).await;
     let mut s = imap_login(proxy.addr("imaps"), "mx.example.test", &pki).await;
     assert_eq!(served_by(&mut s).await.unwrap(), "imap-tls");
-    assert_eq!(imap.sessions(), 1);
+    // The listener's probe went through the backend's STARTTLS too.
+    assert_eq!(imap.probes(), 1);
+    assert_eq!(imap.client_sessions(), 1);
 
     let config = client_config(&pki.ca_der, &[&rustls::version::TLS13], None);
     let tls = tls_connect(proxy.addr("smtps"), "mx.example.test", config)
@@ -452,13 +470,15 @@ async fn starttls_to_the_backend_happens_before_anything_of_the_clients() {
             .await
             .starts_with("220 mx.example.test")
     );
+    // MAIL needs the backend (EHLO is answered from what the probe learned).
     m.get_mut()
-        .write_all(b"EHLO client.example\r\nNOOP\r\n")
+        .write_all(b"EHLO client.example\r\nMAIL FROM:<a@example.test>\r\n")
         .await
         .unwrap();
     assert!(read_smtp_reply(&mut m).await.starts_with("250"));
     assert!(read_smtp_reply(&mut m).await.contains("smtp-tls"));
-    assert_eq!(smtp.sessions(), 1);
+    assert_eq!(smtp.probes(), 1);
+    assert_eq!(smtp.client_sessions(), 1);
     proxy.stop().await;
 }
 
@@ -480,12 +500,14 @@ async fn a_dns_name_stands_for_every_address_it_resolves_to() {
         assert_eq!(served_by(&mut s).await.unwrap(), "b0");
     }
     let text = scrape_proxy(&proxy).await;
+    // The four sessions and the listener's capability probe.
+    assert_eq!(b.probes(), 1);
     assert_eq!(
         metric(
             &text,
             &series("mailfront_backend_sessions_total", "imaps", b.addr)
         ),
-        Some(4.0),
+        Some(5.0),
         "{text}"
     );
     proxy.stop().await;
@@ -521,8 +543,9 @@ async fn a_silent_backend_and_one_that_closes_before_greeting_are_stepped_over()
     let extra = "timeouts:\n  backend_connect: 500ms\n  shutdown_grace: 200ms\n";
     let yaml = config_yaml(&[&cert], &[listener], extra);
     let proxy = Proxy::start(&yaml, pki.dir.path()).await;
-    // The first session meets both (least connections, ties in listed order at first), the
-    // next ones find them resting: every client is served by the good one.
+    // The listener's capability probe, before the first session, meets both (least
+    // connections, ties in listed order at first); the sessions find them resting: every
+    // client is served by the good one.
     for _ in 0..3 {
         let mut s = imap_login(proxy.addr("imaps"), "mx.example.test", &pki).await;
         assert_eq!(served_by(&mut s).await.unwrap(), "good");
@@ -542,12 +565,15 @@ async fn a_silent_backend_and_one_that_closes_before_greeting_are_stepped_over()
         metric(&text, &series("mailfront_backend_up", "imaps", silent_addr)),
         Some(0.0)
     );
+    // The three sessions and the probe.
+    assert_eq!(good.probes(), 1);
+    assert_eq!(good.client_sessions(), 3);
     assert_eq!(
         metric(
             &text,
             &series("mailfront_backend_sessions_total", "imaps", good.addr)
         ),
-        Some(3.0)
+        Some(4.0)
     );
     proxy.stop().await;
 }

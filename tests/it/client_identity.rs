@@ -152,9 +152,17 @@ async fn a_trusted_balancers_v2_header_names_the_client_to_the_backend() {
     let reached = addr("198.51.100.1:993");
     let mut io = through_balancer(&e, "lb", client, reached).await;
     assert!(read_line(&mut io).await.starts_with("* OK"));
-    io.get_mut().write_all(b"z LOGOUT\r\n").await.unwrap();
+    // The backend is connected for the login.
+    io.get_mut()
+        .write_all(b"a LOGIN u secret\r\nz LOGOUT\r\n")
+        .await
+        .unwrap();
+    assert!(read_until_tag(&mut io, "a").await.contains("a OK"));
     let _ = read_until_tag(&mut io, "z").await;
 
+    // The listener's capability probe had a LOCAL header (kept apart); the session's names the
+    // client.
+    assert_eq!(e.backend.proxy_headers.probes(), 1);
     let headers = e.backend.proxy_headers.connections();
     assert_eq!(headers.len(), 1);
     let h = ppp::v2::Header::try_from(headers[0].as_slice()).unwrap();
@@ -371,6 +379,20 @@ async fn mapped_addresses_are_admitted_as_their_ipv4_addresses() {
     let config = client_config(&pki.ca_der, &[&rustls::version::TLS13], None);
     let mut io = BufReader::new(tls_upgrade(tcp, HOST, config).await.unwrap());
     assert!(read_line(&mut io).await.starts_with("* OK"));
+    // The same client written as IPv4 is the same address, at its limit while the first has
+    // not logged in: closed before any handshake.
+    let mut tcp = TcpStream::connect(lb).await.unwrap();
+    tcp.write_all(&v2(addr("203.0.113.7:40002"), addr("198.51.100.1:993")))
+        .await
+        .unwrap();
+    assert!(closes_silently(&mut tcp).await);
+    eventually(|| metric(&proxy, "lb", "proxy") == 2).await;
+    // The first logs in, so its backend is connected, with a TCP4 header.
+    io.get_mut()
+        .write_all(b"a LOGIN u secret\r\n")
+        .await
+        .unwrap();
+    assert!(read_until_tag(&mut io, "a").await.contains("a OK"));
     let headers = backend.proxy_headers.connections();
     assert_eq!(headers.len(), 1);
     let h = ppp::v2::Header::try_from(headers[0].as_slice()).unwrap();
@@ -387,15 +409,6 @@ async fn mapped_addresses_are_admitted_as_their_ipv4_addresses() {
         }
         other => panic!("{other:?}"),
     }
-    // The same client written as IPv4 is the same address, at its limit while the first has
-    // not logged in: closed before any handshake.
-    let mut tcp = TcpStream::connect(lb).await.unwrap();
-    tcp.write_all(&v2(addr("203.0.113.7:40002"), addr("198.51.100.1:993")))
-        .await
-        .unwrap();
-    assert!(closes_silently(&mut tcp).await);
-    eventually(|| metric(&proxy, "lb", "proxy") == 2).await;
-    assert_eq!(backend.proxy_headers.connections().len(), 1);
     io.get_mut().write_all(b"z LOGOUT\r\n").await.unwrap();
     let _ = read_until_tag(&mut io, "z").await;
 }
@@ -444,8 +457,14 @@ async fn a_clients_own_proxy_header_gains_nothing_without_proxy_protocol_from() 
         .await
         .unwrap();
     let mut io = BufReader::new(tls);
-    io.get_mut().write_all(b"EHLO c\r\nQUIT\r\n").await.unwrap();
+    // A login, so that the backend is connected.
+    let auth = format!(
+        "EHLO c\r\nAUTH PLAIN {}\r\nQUIT\r\n",
+        BASE64_STANDARD.encode(b"\0user\0secret")
+    );
+    io.get_mut().write_all(auth.as_bytes()).await.unwrap();
     assert!(read_smtp_reply(&mut io).await.starts_with("250"));
+    assert!(read_smtp_reply(&mut io).await.starts_with("235"));
     let _ = read_smtp_reply(&mut io).await;
     let headers = e.backend.proxy_headers.connections();
     assert_eq!(headers.len(), 1);
@@ -506,7 +525,13 @@ async fn smtp_xclient_names_the_client_before_any_client_command_and_stays_invis
         .await
         .unwrap();
     let ehlo = read_smtp_reply(&mut io).await;
-    io.get_mut().write_all(b"NOOP\r\nQUIT\r\n").await.unwrap();
+    // The login connects (EHLO was answered from what the probe learned).
+    let auth = format!(
+        "AUTH PLAIN {}\r\nNOOP\r\nQUIT\r\n",
+        BASE64_STANDARD.encode(b"\0user\0secret")
+    );
+    io.get_mut().write_all(auth.as_bytes()).await.unwrap();
+    assert!(read_smtp_reply(&mut io).await.starts_with("235"));
     assert!(read_smtp_reply(&mut io).await.starts_with("250"));
     assert!(read_smtp_reply(&mut io).await.starts_with("221"));
     assert!(ehlo.starts_with("250-"), "{ehlo}");
@@ -518,7 +543,10 @@ async fn smtp_xclient_names_the_client_before_any_client_command_and_stays_invis
     assert!(!ehlo.contains("XCLIENT") && !ehlo.contains("220"), "{ehlo}");
     let seen = e.backend.recorder.all_text();
     assert!(
-        seen.starts_with(&format!("{XCLIENT_PREAMBLE}EHLO client+x.test\r\nNOOP\r\n")),
+        seen.starts_with(&format!(
+            "{XCLIENT_PREAMBLE}EHLO client+x.test\r\nAUTH PLAIN {}\r\nNOOP\r\n",
+            BASE64_STANDARD.encode(b"\0user\0secret")
+        )),
         "{seen}"
     );
 }
@@ -558,8 +586,13 @@ async fn smtp_xclient_is_sent_for_helo_and_for_a_session_without_ehlo() {
 async fn a_backend_refusing_xclient_closes_the_session_with_421() {
     let (e, mut io) = xclient_env(true).await;
     assert!(read_smtp_reply(&mut io).await.starts_with("220 "));
-    // The first EHLO connects (no backend EHLO learned yet).
+    // EHLO is answered from what the probe learned; MAIL connects.
     io.get_mut().write_all(b"EHLO c.test\r\n").await.unwrap();
+    assert!(read_smtp_reply(&mut io).await.starts_with("250"));
+    io.get_mut()
+        .write_all(b"MAIL FROM:<a@x.test>\r\n")
+        .await
+        .unwrap();
     let refused = read_smtp_reply(&mut io).await;
     assert!(refused.starts_with("421 4.7.0 "), "{refused}");
     let mut rest = Vec::new();
@@ -575,6 +608,7 @@ async fn a_backend_refusing_xclient_closes_the_session_with_421() {
         seen.contains("XCLIENT NAME=[UNAVAILABLE] ADDR=203.0.113.7 "),
         "{seen}"
     );
+    assert!(!seen.contains("MAIL"), "{seen}");
 }
 
 #[tokio::test]
@@ -606,11 +640,20 @@ async fn pop3_xclient_and_imap_id_carry_the_header_source() {
         }
     }
     assert!(!capa.contains("XCLIENT"), "{capa}");
-    io.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+    // CAPA was answered from what the probe learned; the login connects.
+    io.get_mut()
+        .write_all(b"USER u\r\nPASS secret\r\nQUIT\r\n")
+        .await
+        .unwrap();
+    assert!(read_line(&mut io).await.starts_with("+OK"));
+    assert!(read_line(&mut io).await.starts_with("+OK"));
     let _ = read_line(&mut io).await;
     let seen = e.backend.recorder.all_text();
+    // mailfront's CAPA asks the live backend whether it offers XCLIENT, before any credential.
     assert!(
-        seen.starts_with("CAPA\r\nXCLIENT ADDR=203.0.113.8 PORT=40003\r\nCAPA\r\nQUIT\r\n"),
+        seen.starts_with(
+            "CAPA\r\nXCLIENT ADDR=203.0.113.8 PORT=40003\r\nUSER u\r\nPASS secret\r\n"
+        ),
         "{seen}"
     );
 

@@ -96,9 +96,17 @@ fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
 
-/// Everything the backend received on its first connection, as text.
+/// Everything the backend received on its first connection, as text (the listener's capability
+/// probe, which ran before any session, left out).
 fn first_connection(backend: &FakeBackend) -> String {
     String::from_utf8_lossy(&backend.recorder.connections()[0]).into_owned()
+}
+
+/// Whether `line` is `command` under one of mailfront's own tags (`mf…`), as it sends the ID it
+/// writes before a login.
+fn ours(line: &str, command: &str) -> bool {
+    line.split_once(' ')
+        .is_some_and(|(tag, rest)| tag.starts_with("mf") && rest == command)
 }
 
 #[tokio::test]
@@ -106,14 +114,19 @@ async fn client_id_arrives_with_the_negotiated_cipher_and_without_forged_fields(
     let s = setup("implicit", FakeOptions::default(), "").await;
     let (mut c, greeting, cipher) = s.connect().await;
     assert!(greeting.starts_with("* OK [CAPABILITY "), "{greeting}");
+    // Before a login mailfront answers ID itself (RFC 2971 §3.2) and keeps the client's fields
+    // for the ID it sends the backend right before the login.
     let reply = command(
         &mut c,
         "a",
         r#"ID ("name" "mutt" "TLS" "forged" "X-Originating-IP" "1.2.3.4" "x-multiplex" "0")"#,
     )
     .await;
-    assert!(reply.contains("* ID (\"name\" \"fake\")"), "{reply}");
-    assert!(reply.contains("a OK"), "{reply}");
+    assert_eq!(reply, "* ID NIL\r\na OK ID completed\r\n");
+    assert!(
+        s.backend.recorder.connections().is_empty(),
+        "no backend yet"
+    );
     assert!(
         command(&mut c, "b", "LOGIN u secret")
             .await
@@ -121,12 +134,15 @@ async fn client_id_arrives_with_the_negotiated_cipher_and_without_forged_fields(
     );
 
     let seen = first_connection(&s.backend);
+    let first = seen.lines().next().unwrap();
     assert!(
-        seen.starts_with(&format!(
-            "a ID (\"name\" \"mutt\" \"tls\" \"{cipher}\")\r\n"
-        )),
+        ours(
+            first,
+            &format!("ID (\"name\" \"mutt\" \"tls\" \"{cipher}\")")
+        ),
         "{seen}"
     );
+    assert_eq!(seen.lines().nth(1), Some("b LOGIN \"u\" \"secret\""));
     assert!(!seen.contains("forged") && !seen.contains("1.2.3.4") && !seen.contains("multiplex"));
     assert_eq!(count(&seen, " ID "), 1, "no second ID of ours: {seen}");
     assert!(s.metrics().contains(
@@ -138,9 +154,19 @@ async fn client_id_arrives_with_the_negotiated_cipher_and_without_forged_fields(
 async fn id_nil_becomes_a_list_holding_only_our_field() {
     let s = setup("implicit", FakeOptions::default(), "").await;
     let (mut c, _, cipher) = s.connect().await;
-    assert!(command(&mut c, "a", "ID NIL").await.contains("a OK"));
-    eventually(|| s.backend.recorder.all_text() == format!("a ID (\"tls\" \"{cipher}\")\r\n"))
-        .await;
+    assert_eq!(
+        command(&mut c, "a", "ID NIL").await,
+        "* ID NIL\r\na OK ID completed\r\n"
+    );
+    assert!(
+        command(&mut c, "b", "LOGIN u secret")
+            .await
+            .contains("b OK")
+    );
+    let seen = first_connection(&s.backend);
+    let first = seen.lines().next().unwrap();
+    assert!(ours(first, &format!("ID (\"tls\" \"{cipher}\")")), "{seen}");
+    assert_eq!(count(&seen, " ID "), 1, "{seen}");
 }
 
 #[tokio::test]
@@ -246,9 +272,10 @@ async fn implicit_tls_capabilities_hide_starttls_and_logindisabled() {
     };
     let s = setup("implicit", options, "").await;
     let (mut c, greeting, _) = s.connect().await;
+    // mailfront's own greeting, with the capabilities its probe learned from the backend.
     assert_eq!(
         greeting,
-        "* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] fake IMAP ready\r\n"
+        format!("* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] {HOST} ready\r\n")
     );
     let reply = command(&mut c, "a", "CAPABILITY").await;
     assert!(
@@ -358,6 +385,8 @@ async fn login_pipelined_after_starttls_is_discarded_and_login_works_after_tls()
     );
 }
 
+/// A backend whose greeting names no capabilities: the listener's probe asks CAPABILITY, no
+/// client sees that exchange, and sessions are greeted by mailfront with what it learned.
 #[tokio::test]
 async fn a_greeting_without_capabilities_is_probed_and_the_probe_stays_hidden() {
     let options = FakeOptions {
@@ -366,16 +395,21 @@ async fn a_greeting_without_capabilities_is_probed_and_the_probe_stays_hidden() 
     };
     let s = setup("implicit", options, "").await;
     let (mut c, greeting, cipher) = s.connect().await;
-    assert_eq!(greeting, "* OK fake IMAP ready\r\n");
+    assert_eq!(
+        greeting,
+        format!(
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] {HOST} ready\r\n"
+        )
+    );
+    assert_eq!(s.backend.recorder.probes(), 1);
     let reply = command(&mut c, "a", "LOGIN u secret").await;
     assert!(!reply.contains("CAPABILITY IMAP4rev1 SASL-IR"), "{reply}");
     assert!(reply.starts_with("a OK"), "{reply}");
     let seen = first_connection(&s.backend);
     let lines: Vec<&str> = seen.lines().collect();
-    assert!(
-        lines[0].starts_with("mf") && lines[0].ends_with(" CAPABILITY"),
-        "{seen}"
-    );
+    // The login's own connection asks too, the greeting having said nothing; the client never
+    // sees the answer.
+    assert!(ours(lines[0], "CAPABILITY"), "{seen}");
     assert!(
         lines[1].ends_with(&format!(" ID (\"tls\" \"{cipher}\")")),
         "{seen}"
@@ -875,12 +909,10 @@ async fn an_id_with_literals_is_rewritten_and_a_second_id_is_answered_here() {
     send(&mut c, b"a ID (\"name\" {4}\r\n").await;
     assert!(read_line(&mut c).await.starts_with("+"));
     send(&mut c, b"mutt {3+}\r\nTLS \"forged\")\r\n").await;
+    // Answered here before a login (RFC 2971 §3.2); its fields are kept for the backend.
     let reply = read_until_tag(&mut c, "a").await;
-    assert!(
-        reply.contains("* ID (\"name\" \"fake\")\r\na OK"),
-        "{reply}"
-    );
-    // The backend already learned the cipher: a second ID never reaches it.
+    assert_eq!(reply, "* ID NIL\r\na OK ID completed\r\n");
+    // Only the first ID's fields go to the backend: a second one is answered here and dropped.
     let reply = command(&mut c, "b", "ID (\"tls\" \"forged-again\")").await;
     assert_eq!(reply, "* ID NIL\r\nb OK ID completed\r\n");
     assert!(
@@ -889,10 +921,12 @@ async fn an_id_with_literals_is_rewritten_and_a_second_id_is_answered_here() {
             .contains("c OK")
     );
     let seen = first_connection(&s.backend);
-    assert_eq!(
-        seen,
-        format!("a ID (\"name\" \"mutt\" \"tls\" \"{cipher}\")\r\nc LOGIN \"u\" \"secret\"\r\n")
+    let (id, login) = seen.split_once("\r\n").unwrap();
+    assert!(
+        ours(id, &format!("ID (\"name\" \"mutt\" \"tls\" \"{cipher}\")")),
+        "{seen}"
     );
+    assert_eq!(login, "c LOGIN \"u\" \"secret\"\r\n");
 }
 
 #[tokio::test]
@@ -949,13 +983,22 @@ async fn two_hundred_idle_cleartext_connections_open_no_backend_connection() {
     let (mut c, _) = s.connect_plain().await;
     assert!(command(&mut c, "a", "NOOP").await.contains("a OK"));
     assert_eq!(s.backend.recorder.connections().len(), 0);
-    // After STARTTLS the backend is connected, once.
+    // The listener's one capability probe, for all 201.
+    assert_eq!(s.backend.recorder.probes(), 1);
+    // After STARTTLS CAPABILITY is answered from what the probe learned; a login connects, once.
     send(&mut c, b"b STARTTLS\r\n").await;
     assert!(read_line(&mut c).await.starts_with("b OK"));
     let tls = tls_upgrade(c.into_inner(), HOST, s.config()).await.unwrap();
     let mut c = BufReader::new(tls);
     assert!(command(&mut c, "c", "CAPABILITY").await.contains("c OK"));
+    assert_eq!(s.backend.recorder.connections().len(), 0);
+    assert!(
+        command(&mut c, "d", "LOGIN u secret")
+            .await
+            .contains("d OK")
+    );
     assert_eq!(s.backend.recorder.connections().len(), 1);
+    assert_eq!(s.backend.recorder.probes(), 1);
     drop(idle);
 }
 
@@ -1024,11 +1067,20 @@ async fn after_tls_only_parsed_commands_reach_the_backend_and_a_forged_second_id
     assert!(reply.contains("* ID NIL\r\na3 OK"), "{reply}");
     assert!(reply.contains("A5 BAD"), "{reply}");
     assert!(reply.contains("a6 OK"), "{reply}");
-    let seen = first_connection(&s.backend);
-    assert_eq!(
-        seen,
-        format!("a1 ID (\"name\" \"mutt\" \"tls\" \"{cipher}\")\r\na6 NOOP\r\n")
+    // All of it answered here: no backend before a login.
+    assert!(s.backend.recorder.connections().is_empty());
+    assert!(
+        command(&mut c, "a7", "LOGIN u secret")
+            .await
+            .contains("a7 OK")
     );
+    let seen = first_connection(&s.backend);
+    let (id, login) = seen.split_once("\r\n").unwrap();
+    assert!(
+        ours(id, &format!("ID (\"name\" \"mutt\" \"tls\" \"{cipher}\")")),
+        "{seen}"
+    );
+    assert_eq!(login, "a7 LOGIN \"u\" \"secret\"\r\n");
     assert_only_canonical_commands(&seen);
 }
 
@@ -1059,9 +1111,9 @@ async fn a_client_is_cut_off_at_the_configured_login_timeout() {
     assert!(s.backend.recorder.connections().is_empty());
 }
 
-/// The issue's 100 silent TLS connections that took all of Dovecot's login processes: once the
-/// listener learned its backend's capabilities (from the first session's greeting), sessions
-/// with TLS up are greeted and answered by mailfront, and only a login connects.
+/// The issue's 100 silent TLS connections that took all of Dovecot's login processes: the
+/// listener learns its backend's capabilities with one probe, so sessions with TLS up, the
+/// first one included, are greeted and answered by mailfront, and only a login connects.
 #[tokio::test]
 async fn silent_and_capability_only_tls_sessions_open_no_backend_connection_once_learned() {
     // All 50 come from 127.0.0.1: the per-address limit (tests/limits.rs) is off here.
@@ -1071,16 +1123,17 @@ async fn silent_and_capability_only_tls_sessions_open_no_backend_connection_once
         "limits:\n  connections_per_ip: 0\n",
     )
     .await;
-    // The first session connects at once and learns the backend's capabilities from its greeting.
-    let (mut c, greeting, _) = s.connect().await;
-    assert!(greeting.contains("SASL-IR"), "{greeting}");
-    assert!(command(&mut c, "a", "LOGOUT").await.contains("a OK"));
-    drop(c);
-    assert_eq!(s.backend.recorder.connections().len(), 1);
-
     let local_greeting = format!(
         "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] {HOST} ready\r\n"
     );
+    // The first session waits for the probe and is greeted by mailfront with what it learned.
+    let (mut c, greeting, _) = s.connect().await;
+    assert_eq!(greeting, local_greeting);
+    assert!(command(&mut c, "a", "LOGOUT").await.contains("a OK"));
+    drop(c);
+    assert_eq!(s.backend.recorder.probes(), 1);
+    assert_eq!(s.backend.recorder.connections().len(), 0);
+
     let mut held = Vec::new();
     for i in 0..50 {
         let (mut c, greeting, _) = s.connect().await;
@@ -1097,9 +1150,10 @@ async fn silent_and_capability_only_tls_sessions_open_no_backend_connection_once
     }
     assert_eq!(
         s.backend.recorder.connections().len(),
-        1,
+        0,
         "no backend before a login"
     );
+    assert_eq!(s.backend.recorder.probes(), 1);
 
     // A login connects, and goes after mailfront's ID carrying the client's fields and `tls`.
     let (mut c, _, cipher) = s.connect().await;
@@ -1108,8 +1162,8 @@ async fn silent_and_capability_only_tls_sessions_open_no_backend_connection_once
     let reply = command(&mut c, "b", "LOGIN alice secret").await;
     assert!(reply.starts_with("b OK"), "{reply}");
     let conns = s.backend.recorder.connections();
-    assert_eq!(conns.len(), 2);
-    let seen = String::from_utf8_lossy(&conns[1]).into_owned();
+    assert_eq!(conns.len(), 1);
+    let seen = String::from_utf8_lossy(&conns[0]).into_owned();
     let id_at = seen
         .find(&format!(" ID (\"name\" \"it\" \"tls\" \"{cipher}\")\r\n"))
         .unwrap_or_else(|| panic!("{seen}"));
@@ -1117,4 +1171,51 @@ async fn silent_and_capability_only_tls_sessions_open_no_backend_connection_once
     assert!(id_at < login_at, "{seen}");
     assert!(!seen.contains("CAPABILITY\r\n"), "{seen}");
     drop(held);
+}
+
+/// Issue 22's lazy connect on a listener that does not route by user: 20 sessions at once that
+/// only handshake, read the greeting, ask CAPABILITY and LOG OUT cost the backend exactly one
+/// connection, the listener's capability probe (the sessions that arrive while it runs wait for
+/// its answer), and every one is greeted by mailfront, with the capabilities the probe learned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_tls_sessions_that_never_log_in_cost_one_probe_on_an_unrouted_listener() {
+    // All 20 come from 127.0.0.1: the per-address limit (tests/limits.rs) is off here.
+    let s = std::sync::Arc::new(
+        setup(
+            "implicit",
+            FakeOptions::default(),
+            "limits:\n  connections_per_ip: 0\n",
+        )
+        .await,
+    );
+    let capabilities = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN";
+    let mut sessions = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let s = s.clone();
+        sessions.spawn(async move {
+            let (mut c, greeting, _) = s.connect().await;
+            let capability = command(&mut c, "a", "CAPABILITY").await;
+            let logout = command(&mut c, "b", "LOGOUT").await;
+            (greeting, capability, logout)
+        });
+    }
+    while let Some(done) = sessions.join_next().await {
+        let (greeting, capability, logout) = done.unwrap();
+        assert_eq!(
+            greeting,
+            format!("* OK [CAPABILITY {capabilities}] {HOST} ready\r\n")
+        );
+        assert_eq!(
+            capability,
+            format!("* CAPABILITY {capabilities}\r\na OK CAPABILITY completed\r\n")
+        );
+        assert!(
+            logout.starts_with("* BYE ") && logout.contains("b OK"),
+            "{logout}"
+        );
+    }
+    let accepted = s.backend.recorder.accepted_connections();
+    assert_eq!(accepted.len(), 1, "backend connections for 20 sessions");
+    assert_eq!(accepted[0], b"P1 CAPABILITY\r\nP2 LOGOUT\r\n");
+    assert_eq!(s.backend.recorder.probes(), 1);
 }

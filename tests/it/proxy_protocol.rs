@@ -176,6 +176,13 @@ async fn implicit_imap_header_names_the_client_with_ssl_tlv_cipher_and_sni_autho
     io.get_mut().write_all(b"b LOGOUT\r\n").await.unwrap();
     let _ = read_until_tag(&mut io, "b").await;
 
+    // The listener's capability probe came first, with a LOCAL header and no addresses: no
+    // client is behind it (§2.2).
+    let every = e.backend.proxy_headers.accepted_connections();
+    assert_eq!(every.len(), 2, "the probe's and the session's");
+    assert_eq!(every[0][..12], PROXY_V2_SIGNATURE);
+    assert_eq!(every[0][12..], [0x20, 0x00, 0x00, 0x00], "version 2, LOCAL");
+    assert_eq!(e.backend.proxy_headers.probes(), 1);
     let headers = e.backend.proxy_headers.connections();
     assert_eq!(headers.len(), 1, "one header per backend connection");
     let h = decode(&headers[0]);
@@ -347,7 +354,12 @@ async fn ipv6_client_gets_a_tcp6_header() {
     let tls = tls_upgrade(tcp, HOST, config).await.unwrap();
     let mut io = BufReader::new(tls);
     assert!(read_line(&mut io).await.starts_with("* OK"));
-    io.get_mut().write_all(b"z LOGOUT\r\n").await.unwrap();
+    // The backend is connected for the login.
+    io.get_mut()
+        .write_all(b"a LOGIN user secret\r\nz LOGOUT\r\n")
+        .await
+        .unwrap();
+    assert!(read_until_tag(&mut io, "a").await.contains("a OK"));
     let _ = read_until_tag(&mut io, "z").await;
 
     let headers = e.backend.proxy_headers.connections();
@@ -374,10 +386,15 @@ async fn without_the_option_the_backend_gets_no_header() {
     let tls = tls_connect(proxy.addr("l"), HOST, config).await.unwrap();
     let mut io = BufReader::new(tls);
     assert!(read_line(&mut io).await.starts_with("* OK"));
-    io.get_mut().write_all(b"z LOGOUT\r\n").await.unwrap();
+    io.get_mut()
+        .write_all(b"a LOGIN user secret\r\nz LOGOUT\r\n")
+        .await
+        .unwrap();
+    assert!(read_until_tag(&mut io, "a").await.contains("a OK"));
     let _ = read_until_tag(&mut io, "z").await;
-    eventually(|| !backend.recorder.all().is_empty()).await;
+    eventually(|| String::from_utf8_lossy(&backend.recorder.all()).ends_with("z LOGOUT\r\n")).await;
     let first = backend.recorder.connections().remove(0);
     assert!(!first.starts_with(&PROXY_V2_SIGNATURE[..4]), "{first:?}");
-    assert!(String::from_utf8_lossy(&first).ends_with("z LOGOUT\r\n"));
+    // The probe had no header either: the fake recognised its bare requests.
+    assert_eq!(backend.recorder.probes(), 1);
 }

@@ -841,20 +841,25 @@ async fn backend_dying_mid_data_gives_the_client_421_never_250() {
 async fn over_long_command_line_gets_500_5_5_2_and_the_session_goes_on() {
     let env = env().await;
     let mut c = implicit(&env).await;
+    // Logged in, so that a NOOP goes to the backend (before a login mailfront answers it).
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
     let long = format!("NOOP {}\r\nNOOP\r\n", "x".repeat(5000));
     c.send(long).await;
     assert_eq!(c.reply().await, "500 5.5.2 Line too long\r\n");
     assert!(c.reply().await.starts_with("250"));
     let all = env.backend.recorder.all_text();
+    assert!(all.ends_with("\r\nNOOP\r\n"), "the next line was: {all}");
     assert!(
         !all.contains("xxxx"),
         "nothing of the long line was forwarded"
     );
 }
 
-/// The greeting is mailfront's, at once; a backend that refuses the session (its greeting is
-/// `554`) is met only when a command needs it, and that command gets the temporary failure
-/// `421 4.4.1`, never the backend's text.
+/// The greeting is mailfront's; a backend that refuses the session (its greeting is `554`)
+/// refuses the listener's capability probe too, so nothing is learned and the session falls
+/// back to connecting at the first command that needs the backend (EHLO, with nothing to
+/// answer it from); that command gets the temporary failure `421 4.4.1`, never the backend's
+/// text.
 #[tokio::test]
 async fn a_backend_refusing_at_greeting_gives_421_4_4_1_to_the_command_that_needed_it() {
     let options = FakeOptions {
@@ -867,24 +872,30 @@ async fn a_backend_refusing_at_greeting_gives_421_4_4_1_to_the_command_that_need
         .unwrap();
     let mut c = Client::tls(tls);
     assert_eq!(c.reply().await, format!("220 {HOST} ESMTP\r\n"));
-    assert_eq!(env.backend.recorder.connections().len(), 0);
+    // Only the probe, which said nothing after the 554 (so the fake cannot tell it from a
+    // session): no connection of the session's before a command needs one.
+    let probe = env.backend.recorder.accepted_connections();
+    assert_eq!(probe, vec![Vec::<u8>::new()]);
     let ehlo = c.cmd(&format!("EHLO {HELO}")).await;
     assert!(ehlo.starts_with(&format!("421 4.4.1 {HOST} ")), "{ehlo}");
     assert!(!ehlo.contains("backend.test"), "{ehlo}");
     assert_eq!(c.rest().await, "");
+    assert_eq!(env.backend.recorder.accepted_connections().len(), 2);
 }
 
-/// Once a backend's EHLO was seen, a TLS session that never authenticates costs the backend
-/// nothing: EHLO, NOOP, RSET and QUIT are answered from what the last backend EHLO said, and
-/// only AUTH (or MAIL) connects, replaying the client's EHLO first.
+/// Once the listener's probe learned the backend's EHLO (before its first session is served),
+/// a TLS session that never authenticates costs the backend nothing: EHLO, NOOP, RSET and QUIT
+/// are answered from what the backend's EHLO said, and only AUTH (or MAIL) connects, replaying
+/// the client's EHLO first.
 #[tokio::test]
 async fn tls_sessions_that_never_authenticate_open_no_backend_connection() {
     let env = env().await;
-    // The first session teaches the listener the backend's EHLO.
+    // The first session is answered from what the probe learned, like every later one.
     let mut first = implicit(&env).await;
     assert!(first.cmd("QUIT").await.starts_with("221"));
+    assert_eq!(env.backend.recorder.probes(), 1);
     let learned = env.backend.recorder.connections().len();
-    assert_eq!(learned, 1);
+    assert_eq!(learned, 0);
     for _ in 0..20 {
         let tls = tls_connect(env.proxy.addr("submissions"), HOST, env.config.clone())
             .await
@@ -916,6 +927,7 @@ async fn tls_sessions_that_never_authenticate_open_no_backend_connection() {
         seen.starts_with(&format!("EHLO {HELO}\r\nAUTH PLAIN ")),
         "{seen}"
     );
+    assert_eq!(env.backend.recorder.probes(), 1);
 }
 
 /// `timeouts.idle` from the config reaches the session: a short one ends a silent client with
@@ -1019,11 +1031,30 @@ async fn sigterm_during_a_10_mb_data_delivers_the_message_then_421() {
 }
 /// A backend that takes a message as far as `reset_after` content octets, then resets the
 /// connection (SO_LINGER 0: an RST, as when the process is killed and the kernel cleans up).
+/// Its first connection is the listener's capability probe, which it answers like any other
+/// and which ends with QUIT; the next one is the session's.
 async fn backend_reset_mid_data(reset_after: usize) -> std::net::SocketAddr {
     use tokio::io::AsyncBufReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
+        // The probe's connection: its EHLO is answered with a 250, its QUIT ends it.
+        let Ok((mut probe, _)) = listener.accept().await else {
+            return;
+        };
+        probe.write_all(b"220 backend.test\r\n").await.unwrap();
+        let mut probe = BufReader::new(probe);
+        let mut line = Vec::new();
+        while probe.read_until(b'\n', &mut line).await.unwrap_or(0) > 0 {
+            let quit = line.eq_ignore_ascii_case(b"QUIT\r\n");
+            let reply: &[u8] = if quit { b"221 bye\r\n" } else { b"250 ok\r\n" };
+            probe.get_mut().write_all(reply).await.unwrap();
+            if quit {
+                break;
+            }
+            line.clear();
+        }
+        drop(probe);
         let Ok((stream, _)) = listener.accept().await else {
             return;
         };
@@ -1452,6 +1483,8 @@ async fn a_backend_421_is_relayed_and_both_sides_are_closed() {
     };
     let env = env_with(options, "", "").await;
     let mut c = implicit(&env).await;
+    // Before a login NOOP is answered here: the login connects, then NOOP is the backend's.
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
     c.send("NOOP\r\nRSET\r\n").await;
     assert_eq!(c.reply().await, "421 4.3.0 backend.test going down\r\n");
     let rest = read_to_close(&mut c).await.unwrap();
@@ -1864,6 +1897,8 @@ async fn bare_line_endings_in_auth_continuations_and_cancels_are_refused_and_nev
 async fn a_crlf_split_across_reads_and_a_line_of_exactly_the_limit_are_accepted() {
     let env = env().await;
     let mut c = implicit(&env).await;
+    // Logged in, so that NOOP goes to the backend (before a login mailfront answers it).
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
     c.send("NOOP split\r").await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.send("\n").await;
@@ -2070,6 +2105,8 @@ async fn padded_command_lines_reach_the_backend_rewritten_and_chunks_stay_chunks
 async fn a_bdat_line_past_the_read_limit_is_refused_and_what_follows_is_judged_as_commands() {
     let env = env().await;
     let mut c = implicit(&env).await;
+    // Logged in, so that the backend is connected while the lines are judged.
+    assert!(c.cmd(&auth_plain("secret")).await.starts_with("235"));
     let bdat = format!("BDAT{}300 LAST", " ".repeat(2040));
     c.send(format!("{bdat}\r\nXCLIENT LOGIN=victim@example.test\r\n"))
         .await;
@@ -2080,6 +2117,7 @@ async fn a_bdat_line_past_the_read_limit_is_refused_and_what_follows_is_judged_a
     );
     assert!(c.cmd("NOOP").await.starts_with("250"));
     let all = env.backend.recorder.all_text();
+    assert!(all.ends_with("\r\nNOOP\r\n"), "{all}");
     assert!(!all.contains("BDAT") && !all.contains("XCLIENT"), "{all}");
 }
 

@@ -15,14 +15,89 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::TIMEOUT;
 
-/// What a fake backend received, per connection.
-#[derive(Clone, Default)]
-pub struct Recorder(pub Arc<Mutex<Vec<Vec<u8>>>>);
+/// What one connection to a fake backend received.
+#[derive(Clone, Debug, Default)]
+struct Received {
+    /// With `FakeOptions::expect_proxy_v2`: its PROXY v2 header, whole.
+    proxy_header: Option<Vec<u8>>,
+    /// Every octet after the header.
+    bytes: Vec<u8>,
+}
+
+impl Received {
+    /// Whether this connection was mailfront's capability probe: it received exactly the
+    /// probe's requests ([`is_probe`]), after a PROXY v2 header (if any) whose command is
+    /// `LOCAL` (HAProxy `doc/proxy-protocol.txt` §2.2: no client behind it).
+    fn is_probe(&self) -> bool {
+        is_probe(&self.bytes)
+            && self
+                .proxy_header
+                .as_ref()
+                .is_none_or(|h| h.get(12) == Some(&PROXY_V2_LOCAL))
+    }
+}
+
+/// What a fake backend received, per connection: the octets after any PROXY header
+/// (`FakeBackend::recorder`), or the PROXY v2 headers (`FakeBackend::proxy_headers`).
+///
+/// mailfront's capability probe (`mailfront::probe`: one connection per listener while what its
+/// sessions show before login is unknown) is no client's session, so it is kept out of
+/// [`Recorder::connections`] (and its `LOCAL` header out of the headers) and counted by
+/// [`Recorder::probes`]. It is told apart by its complete transcript ([`is_probe`]): a probe
+/// only ever sends those octets, and a session sends exactly them only in the machines'
+/// fallback after a failed probe, where a POP3 session connects at its client's CAPA and the
+/// client then only says QUIT (no test here counts such a session), or where an SMTP client
+/// calls itself by mailfront's name. A probe still under way counts as a connection until its
+/// goodbye arrives; a session starts only once its listener's probe is over.
+#[derive(Clone)]
+pub struct Recorder {
+    log: Arc<Mutex<Vec<Received>>>,
+    headers: bool,
+}
+
+/// The name mailfront calls itself in the tests' configs (`config_yaml`), which its SMTP probe
+/// says in its EHLO.
+pub const PROXY_HOSTNAME: &str = "mx.example.test";
+
+/// Whether `received` is exactly what mailfront's capability probe sends a backend after the
+/// greeting: the capability request and the goodbye of IMAP (RFC 9051 §6.1.1, §6.1.3), POP3
+/// (RFC 2449 §5, RFC 1939 §6) or SMTP (RFC 5321 §4.1.1.1, §4.1.1.10).
+fn is_probe(received: &[u8]) -> bool {
+    let smtp = format!("EHLO {PROXY_HOSTNAME}\r\nQUIT\r\n");
+    received == b"P1 CAPABILITY\r\nP2 LOGOUT\r\n"
+        || received == b"CAPA\r\nQUIT\r\n"
+        || received == smtp.as_bytes()
+}
 
 impl Recorder {
+    /// What each connection received (or its PROXY header), in the order they were accepted,
+    /// the capability probes left out.
     pub fn connections(&self) -> Vec<Vec<u8>> {
-        self.0.lock().unwrap().clone()
+        self.view(false)
     }
+    /// How many connections were mailfront's capability probe.
+    pub fn probes(&self) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.is_probe())
+            .count()
+    }
+    /// As [`Recorder::connections`], the probes included.
+    pub fn accepted_connections(&self) -> Vec<Vec<u8>> {
+        self.view(true)
+    }
+    fn view(&self, probes: bool) -> Vec<Vec<u8>> {
+        let log = self.log.lock().unwrap();
+        let kept = log.iter().filter(|c| probes || !c.is_probe());
+        if self.headers {
+            kept.filter_map(|c| c.proxy_header.clone()).collect()
+        } else {
+            kept.map(|c| c.bytes.clone()).collect()
+        }
+    }
+    /// Every octet the connections received, one after the other, the probes' left out.
     pub fn all(&self) -> Vec<u8> {
         self.connections().concat()
     }
@@ -30,12 +105,17 @@ impl Recorder {
         String::from_utf8_lossy(&self.all()).into_owned()
     }
     fn new_connection(&self) -> usize {
-        let mut v = self.0.lock().unwrap();
-        v.push(Vec::new());
+        let mut v = self.log.lock().unwrap();
+        v.push(Received::default());
         v.len() - 1
     }
     fn append(&self, index: usize, bytes: &[u8]) {
-        self.0.lock().unwrap()[index].extend_from_slice(bytes);
+        self.log.lock().unwrap()[index]
+            .bytes
+            .extend_from_slice(bytes);
+    }
+    fn set_proxy_header(&self, index: usize, header: Vec<u8>) {
+        self.log.lock().unwrap()[index].proxy_header = Some(header);
     }
 }
 
@@ -66,10 +146,13 @@ impl FakeBackend {
     pub async fn start_with(kind: FakeKind, options: FakeOptions) -> FakeBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let recorder = Recorder::default();
-        let proxy_headers = Recorder::default();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder {
+            log: log.clone(),
+            headers: false,
+        };
+        let proxy_headers = Recorder { log, headers: true };
         let r = recorder.clone();
-        let headers = proxy_headers.clone();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 // Like the proxy's own sockets: two answers written back to back leave at once
@@ -79,16 +162,12 @@ impl FakeBackend {
                 let index = r.new_connection();
                 let r = r.clone();
                 let options = options.clone();
-                let headers = headers.clone();
                 tokio::spawn(async move {
                     if options.expect_proxy_v2 {
                         // Like Postfix/Dovecot: the header must come first, whole, before we
                         // greet; anything else and the connection is dropped.
                         match tokio::time::timeout(TIMEOUT, read_proxy_v2(&mut stream)).await {
-                            Ok(Ok(header)) => {
-                                let i = headers.new_connection();
-                                headers.append(i, &header);
-                            }
+                            Ok(Ok(header)) => r.set_proxy_header(index, header),
                             _ => return,
                         }
                     }
@@ -118,6 +197,9 @@ impl FakeBackend {
 pub const PROXY_V2_SIGNATURE: [u8; 12] = [
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
 ];
+
+/// A PROXY v2 header's 13th octet for version 2, command `LOCAL` (§2.2).
+const PROXY_V2_LOCAL: u8 = 0x20;
 
 /// Reads one PROXY v2 header: 16 fixed bytes, then `len` more. Fails on a wrong signature.
 async fn read_proxy_v2(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {

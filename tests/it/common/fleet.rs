@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::TIMEOUT;
+use super::fake_backend::PROXY_HOSTNAME;
 use super::pki::IssuedCert;
 
 /// What a fleet backend speaks (POP3: [`FleetBackend::start_pop3`]; the pool tests match on
@@ -85,8 +86,10 @@ pub struct FleetLogin {
 struct Seen {
     /// TCP connections accepted.
     accepted: Arc<AtomicUsize>,
-    /// Sessions that got past the greeting (and TLS).
+    /// Sessions that got past the greeting (and TLS), mailfront's capability probes included.
     sessions: Arc<AtomicUsize>,
+    /// Of those, the ones that were mailfront's capability probe ([`is_probe`]).
+    probes: Arc<AtomicUsize>,
     logins: Arc<Mutex<Vec<FleetLogin>>>,
     /// One more capability to advertise ([`FleetBackend::advertise`]).
     extra: Arc<Mutex<Option<String>>>,
@@ -149,7 +152,8 @@ pub struct FleetBackend {
     pub addr: SocketAddr,
     speaks: Tongue,
     tls: FleetTls,
-    /// Sessions that got past the greeting (and TLS), over every life of this backend.
+    /// Sessions that got past the greeting (and TLS), over every life of this backend,
+    /// mailfront's capability probes included ([`FleetBackend::probes`]).
     pub sessions: Arc<AtomicUsize>,
     seen: Seen,
     tasks: Option<JoinSet<()>>,
@@ -189,6 +193,21 @@ impl FleetBackend {
 
     pub fn sessions(&self) -> usize {
         self.sessions.load(Ordering::SeqCst)
+    }
+
+    /// How many of [`FleetBackend::sessions`] were mailfront's capability probe (one per
+    /// listener while what its sessions show before login is unknown): after the greeting (and
+    /// TLS, STARTTLS included) exactly the probe's request and goodbye, counted before the
+    /// goodbye is answered, so before the probe is over and any session goes on. (As with the
+    /// fake backends' `Recorder`, a session of the machines' fallback after a failed probe that
+    /// sends just those lines would count here too; no test counts one.)
+    pub fn probes(&self) -> usize {
+        self.seen.probes.load(Ordering::SeqCst)
+    }
+
+    /// [`FleetBackend::sessions`] less the probes: the clients' sessions.
+    pub fn client_sessions(&self) -> usize {
+        self.sessions() - self.probes()
     }
 
     /// TCP connections accepted, over every life of this backend (a connection that never
@@ -495,6 +514,19 @@ fn accept(seen: &Seen, login: FleetLogin) -> bool {
     ok
 }
 
+/// Whether `commands` (the lines after the greeting and any TLS) are exactly what mailfront's
+/// capability probe sends: `CAPABILITY` and `LOGOUT` under its tags (IMAP), `CAPA` and `QUIT`
+/// (POP3), `EHLO` with mailfront's name and `QUIT` (SMTP).
+fn is_probe(speaks: Tongue, commands: &[String]) -> bool {
+    let ehlo = format!("EHLO {PROXY_HOSTNAME}");
+    let probe: [&str; 2] = match speaks {
+        Tongue::Imap => ["P1 CAPABILITY", "P2 LOGOUT"],
+        Tongue::Pop3 => ["CAPA", "QUIT"],
+        Tongue::Smtp => [&ehlo, "QUIT"],
+    };
+    commands == probe
+}
+
 /// The session proper: every reply names the backend, so a client can tell which one it got.
 async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: BufReader<S>,
@@ -507,11 +539,17 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
         greet(s.get_mut(), name, speaks, seen).await?;
     }
     let mut pop3_user: Option<String> = None;
+    // Every command of this session, to tell mailfront's capability probe at its goodbye.
+    let mut commands: Vec<String> = Vec::new();
     loop {
         let line = match speaks {
             Tongue::Imap => read_imap_command(&mut s).await?,
             Tongue::Smtp | Tongue::Pop3 => read(&mut s).await?,
         };
+        commands.push(line.clone());
+        if is_probe(speaks, &commands) {
+            seen.probes.fetch_add(1, Ordering::SeqCst);
+        }
         let (tag, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
         let reply = match speaks {
             Tongue::Imap => {

@@ -6,7 +6,7 @@ use std::path::Path;
 use mailfront::server::{self, Control, Server};
 
 use super::TIMEOUT;
-use super::fake_backend::{FakeBackend, FakeKind};
+use super::fake_backend::{FakeBackend, FakeKind, PROXY_HOSTNAME};
 use super::pki::{IssuedCert, Pki};
 
 /// A proxy running in-process.
@@ -141,9 +141,9 @@ pub fn listener_yaml(name: &str, protocol: &str, tls: &str, backend: SocketAddr)
 
 /// A full config with the given certificates and listeners.
 pub fn config_yaml(certs: &[&IssuedCert], listeners: &[String], extra: &str) -> String {
-    let mut yaml = String::from("hostname: mx.example.test\ntls:\n  certificates:\n");
+    let mut yaml = format!("hostname: {PROXY_HOSTNAME}\ntls:\n  certificates:\n");
     if certs.is_empty() {
-        yaml = String::from("hostname: mx.example.test\ntls:\n  certificates: []\n");
+        yaml = format!("hostname: {PROXY_HOSTNAME}\ntls:\n  certificates: []\n");
     }
     for c in certs {
         yaml.push_str(&format!(
