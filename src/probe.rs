@@ -15,7 +15,8 @@
 //!
 //! What it learns is what the machines learn from a live session ([`Notice::BackendEhlo`],
 //! …), in the same raw form. A probe that fails leaves nothing learned until a probe
-//! [`RETRY_AFTER_FAILURE`] later succeeds. Meanwhile sessions fall back on what the machines do
+//! [`RETRY_AFTER_FAILURE`] later succeeds, and what one learned is asked again in the background
+//! every [`REFRESH_EVERY`] (a refresh that fails keeps it). Meanwhile sessions fall back on what the machines do
 //! with nothing learned:
 //! - on a listener that routes by user (`user_affinity`, `user_map`, `user_lookup`), which
 //!   connects only with a login's name in hand, they answer from the machines' built-in lists
@@ -30,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 use crate::backend::{self, BackendStream, ByteCounters};
 use crate::config::Protocol;
@@ -42,6 +44,13 @@ const MAX_PROBE_READ: usize = 64 * 1024;
 /// After a failed probe, sessions go on with nothing learned for this long before one probes
 /// again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// What a probe learned is asked again this often (in the background, by the first session
+/// after it is due).
+pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
+
+/// The longest a probe waits for the backend's answer to its goodbye.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The longest a probe waits for the backend's replies, once connected.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,26 +72,59 @@ pub enum ProbeError {
 
 /// Makes sure `listener` knows its backend's pre-login capabilities for its protocol, probing
 /// a backend when it does not; returns whether they are known afterwards. Sessions that call
-/// this while a probe runs wait for it and do not probe again.
-pub async fn ensure_learned(listener: &ListenerContext) -> bool {
+/// this while a probe runs wait for it and do not probe again. What a probe learned is asked
+/// again every [`REFRESH_EVERY`], in the background: a session never waits for a refresh.
+pub async fn ensure_learned(listener: &Arc<ListenerContext>) -> bool {
     let protocol = listener.config.protocol;
     if listener.learned.knows(protocol) {
+        refresh_if_stale(listener);
         return true;
     }
-    let mut last_failure = listener.learned.probing.lock().await;
+    let mut state = listener.learned.probing.lock().await;
     if listener.learned.knows(protocol) {
         return true;
     }
     // Sessions that waited for a probe that just failed do not each try again in turn (behind
     // a black-holed backend, one after another, each for the whole connect timeout): they go
     // on with nothing learned until the retry interval is over.
-    let started = tokio::time::Instant::now();
-    if last_failure.is_some_and(|at| started.duration_since(at) < RETRY_AFTER_FAILURE) {
+    let started = Instant::now();
+    if state
+        .last_failure
+        .is_some_and(|at| started.duration_since(at) < RETRY_AFTER_FAILURE)
+    {
         return false;
     }
+    run_probe(listener, &mut state).await
+}
+
+/// Starts a background probe when the last successful one is [`REFRESH_EVERY`] old and none
+/// runs: a backend upgraded meanwhile (a mechanism added or removed) is what later sessions
+/// show. A refresh that fails keeps what was learned.
+fn refresh_if_stale(listener: &Arc<ListenerContext>) {
+    let Ok(state) = listener.learned.probing.try_lock() else {
+        return;
+    };
+    if !state.is_stale(Instant::now()) {
+        return;
+    }
+    drop(state);
+    let listener = listener.clone();
+    tokio::spawn(async move {
+        let mut state = listener.learned.probing.lock().await;
+        // Another session's refresh may have run meanwhile.
+        if state.is_stale(Instant::now()) {
+            run_probe(&listener, &mut state).await;
+        }
+    });
+}
+
+/// One probe under the listener's probe lock, its outcome logged and kept in `state`.
+async fn run_probe(listener: &ListenerContext, state: &mut ProbeState) -> bool {
+    let started = Instant::now();
     match probe(listener).await {
         Ok(()) => {
-            *last_failure = None;
+            state.last_failure = None;
+            state.last_success = Some(Instant::now());
             tracing::info!(
                 took_ms = started.elapsed().as_millis() as u64,
                 "learned the backend's pre-login capabilities"
@@ -90,10 +132,30 @@ pub async fn ensure_learned(listener: &ListenerContext) -> bool {
             true
         }
         Err(e) => {
-            *last_failure = Some(tokio::time::Instant::now());
-            tracing::warn!(error = %e, "capability probe failed: the backend's pre-login capabilities are unknown");
+            state.last_failure = Some(Instant::now());
+            tracing::warn!(error = %e, known = listener.learned.knows(listener.config.protocol), "capability probe failed");
             false
         }
+    }
+}
+
+/// When the listener's probes last succeeded and failed (inside its probe lock).
+#[derive(Debug, Default)]
+pub struct ProbeState {
+    last_success: Option<Instant>,
+    last_failure: Option<Instant>,
+}
+
+impl ProbeState {
+    /// Whether what the last successful probe learned is due to be asked again (never when
+    /// nothing was learned by a probe: a session then probes in the foreground); a failed
+    /// refresh waits [`RETRY_AFTER_FAILURE`] before the next, as a failed first probe does.
+    fn is_stale(&self, now: Instant) -> bool {
+        self.last_success
+            .is_some_and(|at| now.duration_since(at) >= REFRESH_EVERY)
+            && self
+                .last_failure
+                .is_none_or(|at| now.duration_since(at) >= RETRY_AFTER_FAILURE)
     }
 }
 
@@ -132,9 +194,13 @@ async fn probe(listener: &ListenerContext) -> Result<(), ProbeError> {
             Protocol::Imap => b"P2 LOGOUT\r\n",
             Protocol::Pop3 | Protocol::Smtp => b"QUIT\r\n",
         };
-        // Best effort: the answer is in hand.
-        let _ = stream.write_all(goodbye).await;
-        let _ = reader.reply(&mut stream, protocol, Some(b"P2")).await;
+        // Best effort, and short: the answer is in hand, and sessions that queued behind the
+        // probe wait for this too.
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            stream.write_all(goodbye).await?;
+            reader.reply(&mut stream, protocol, Some(b"P2")).await
+        })
+        .await;
         Ok(())
     };
     let result = tokio::time::timeout(REPLY_TIMEOUT, exchange)

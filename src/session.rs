@@ -79,8 +79,8 @@ pub struct Learned {
     imap_capability: std::sync::Mutex<Option<Vec<u8>>>,
     pop3_capa: std::sync::Mutex<Option<Vec<u8>>>,
     /// Held while a capability probe runs ([`crate::probe::ensure_learned`]): one at a time;
-    /// inside, when the last probe failed.
-    pub(crate) probing: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// inside, when the last ones succeeded and failed.
+    pub(crate) probing: tokio::sync::Mutex<crate::probe::ProbeState>,
 }
 
 impl Learned {

@@ -857,3 +857,73 @@ async fn a_graceful_shutdown_ends_a_handshake_after_stls_at_once() {
     assert_eq!(started.elapsed(), Duration::from_secs(1));
     assert!(backends.try_recv().is_err(), "a backend was connected");
 }
+
+/// Plays a Dovecot-like backend for one capability probe on `backend`, offering `capability`.
+async fn answer_probe(backend: &mut DuplexStream, capability: &str) {
+    backend.write_all(b"* OK ready\r\n").await.unwrap();
+    assert_eq!(line(backend).await, "P1 CAPABILITY\r\n");
+    let answer = format!("* CAPABILITY {capability}\r\nP1 OK done\r\n");
+    backend.write_all(answer.as_bytes()).await.unwrap();
+    assert_eq!(line(backend).await, "P2 LOGOUT\r\n");
+    backend.write_all(b"* BYE\r\nP2 OK bye\r\n").await.unwrap();
+}
+
+/// The capability probe: the first call learns in the foreground, later ones do not wait and
+/// connect to nothing until `REFRESH_EVERY` has passed; then one session's call starts a
+/// background refresh, whose answer later sessions show; a refresh that fails keeps what was
+/// learned and is tried again after the retry interval, not at every session.
+#[tokio::test(start_paused = true)]
+async fn the_capability_probe_learns_once_then_refreshes_in_the_background() {
+    let pki = pki();
+    let (context, mut backends) = listener(Protocol::Imap, TlsMode::Implicit, &pki);
+    let first = tokio::spawn({
+        let context = context.clone();
+        async move { mailfront::probe::ensure_learned(&context).await }
+    });
+    let mut backend = backends.recv().await.unwrap();
+    answer_probe(&mut backend, "IMAP4rev1 AUTH=PLAIN").await;
+    assert!(first.await.unwrap());
+    assert_eq!(
+        context.learned.imap_capability().as_deref(),
+        Some(&b"IMAP4rev1 AUTH=PLAIN"[..])
+    );
+    // Known and fresh: no connection.
+    assert!(mailfront::probe::ensure_learned(&context).await);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        backends.try_recv().is_err(),
+        "a fresh list was probed again"
+    );
+
+    // Due: the session goes on at once, and a refresh runs beside it.
+    tokio::time::sleep(mailfront::probe::REFRESH_EVERY).await;
+    assert!(mailfront::probe::ensure_learned(&context).await);
+    let mut backend = backends.recv().await.unwrap();
+    answer_probe(&mut backend, "IMAP4rev1 AUTH=PLAIN AUTH=SCRAM-SHA-256").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        context.learned.imap_capability().as_deref(),
+        Some(&b"IMAP4rev1 AUTH=PLAIN AUTH=SCRAM-SHA-256"[..])
+    );
+
+    // A refresh that fails (the backend hangs up) keeps the list, and is not retried by every
+    // session at once.
+    tokio::time::sleep(mailfront::probe::REFRESH_EVERY).await;
+    assert!(mailfront::probe::ensure_learned(&context).await);
+    drop(backends.recv().await.unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        context.learned.imap_capability().as_deref(),
+        Some(&b"IMAP4rev1 AUTH=PLAIN AUTH=SCRAM-SHA-256"[..])
+    );
+    assert!(mailfront::probe::ensure_learned(&context).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        backends.try_recv().is_err(),
+        "retried before the retry interval"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(mailfront::probe::ensure_learned(&context).await);
+    let mut backend = backends.recv().await.unwrap();
+    answer_probe(&mut backend, "IMAP4rev1").await;
+}
