@@ -20,6 +20,9 @@ use crate::routing::{RouteError, RouteRequest, Router, Source, Target};
 use crate::session::{ClientStream, EndReason, LoginCharge, Session, upgrade_client, write_timed};
 use crate::transport::Transport;
 
+/// The client read buffer a session starts with: a few command lines' worth.
+const FIRST_CLIENT_CHUNK: usize = 4 * 1024;
+
 /// Runs a protocol's session on one connection: the machine until it ends or, for IMAP and
 /// POP3, until the backend accepts a login, then the plain relay. `hold_limit` bounds the
 /// client bytes held while the machine is not parsing them (it adds one read).
@@ -109,8 +112,12 @@ async fn run<M: Machine, S: Transport>(
     tokio::pin!(idle_timer);
     let login_timer = tokio::time::sleep_until(login_deadline.unwrap_or(idle_at));
     tokio::pin!(login_timer);
-    let mut cchunk = vec![0u8; M::READ_CHUNK];
-    let mut bchunk = vec![0u8; M::READ_CHUNK];
+    // Read buffers sized for what a session needs: most never log in (probes, scanners) and
+    // send a few short lines, and have no backend at all. The client's grows to `READ_CHUNK`
+    // once a read fills it (message content streaming through); the backend's is made at the
+    // first backend read.
+    let mut cchunk = vec![0u8; FIRST_CLIENT_CHUNK.min(M::READ_CHUNK)];
+    let mut bchunk: Vec<u8> = Vec::new();
     // The charge of the login with the backend now: at most one, since the machines hold the
     // client's bytes until a login's verdict. Dropped unsettled when the session ends first, it
     // stays counted (a client that hangs up before a slow failure still pays).
@@ -321,6 +328,9 @@ async fn run<M: Machine, S: Transport>(
         };
         let deadline = last_activity + wait;
         let read_backend = backend.is_some() && machine.wants_backend_input();
+        if read_backend && bchunk.is_empty() {
+            bchunk.resize(M::READ_CHUNK, 0);
+        }
         let backend_read = async {
             match backend.as_mut() {
                 Some(b) if read_backend => b.read(&mut bchunk).await,
@@ -371,6 +381,12 @@ async fn run<M: Machine, S: Transport>(
                 Ok(n) => {
                     if machine.client_input(cchunk.get(..n).unwrap_or_default()) {
                         last_activity = Instant::now();
+                    }
+                    // A full read: more is coming faster than lines; read it in larger pieces
+                    // (after this read's bytes are taken: the machine's passthrough range
+                    // points into them, and growing keeps them).
+                    if n == cchunk.len() && cchunk.len() < M::READ_CHUNK {
+                        cchunk.resize(M::READ_CHUNK, 0);
                     }
                 }
                 Err(e) => return Err(EndReason::client_io(&e)),
