@@ -127,6 +127,26 @@ pub enum RouteFailure {
     Unavailable,
 }
 
+/// The longest `user_lookup` refusal text a machine shows: an `Auth-Status` is one short
+/// sentence (nginx's are), and a reply line stays far within every protocol's limit (IMAP, POP3
+/// RFC 2449 §4's 512 octets, SMTP RFC 5321 §4.5.3.1.5's 512).
+pub const MAX_REFUSAL_TEXT: usize = 200;
+
+/// A `user_lookup` refusal text fit for any protocol's reply line, whatever reached the
+/// machine: printable ASCII only (so no CR, LF or control can end the line or start another
+/// reply), at most [`MAX_REFUSAL_TEXT`] characters, trimmed; `fallback` when nothing is left.
+pub fn refusal_text(text: &str, fallback: &'static str) -> String {
+    let kept: String = text
+        .chars()
+        .filter(|c| matches!(c, ' '..='~'))
+        .take(MAX_REFUSAL_TEXT)
+        .collect();
+    match kept.trim() {
+        "" => fallback.to_owned(),
+        trimmed => trimmed.to_owned(),
+    }
+}
+
 /// Why a session ended while its machine still ran (before login for IMAP and POP3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {

@@ -114,23 +114,11 @@ pub fn auth_throttled(tag: &[u8]) -> Vec<u8> {
     )
 }
 
-/// The longest text of a `user_lookup` refusal shown to the client: an `Auth-Status` is one
-/// short sentence (nginx's are), and a reply line stays far within any client's limit.
-pub const MAX_REFUSAL_TEXT: usize = 200;
-
 /// A login `user_lookup` refused on a routed listener (issue 22): its `Auth-Status` text, kept
-/// to printable ASCII and [`MAX_REFUSAL_TEXT`] octets so no CR, LF or control reaches the
+/// to printable ASCII and [`crate::machine::MAX_REFUSAL_TEXT`] octets so no CR, LF or control reaches the
 /// client (RFC 9051 §7.1 `text`), under AUTHENTICATIONFAILED (RFC 5530 §3).
 pub fn login_refused(tag: &[u8], text: &str) -> Vec<u8> {
-    let text: String = text
-        .chars()
-        .filter(|c| matches!(c, ' '..='~'))
-        .take(MAX_REFUSAL_TEXT)
-        .collect();
-    let text = match text.trim() {
-        "" => "Authentication failed",
-        text => text,
-    };
+    let text = crate::machine::refusal_text(text, "Authentication failed");
     tagged(tag, "NO", &format!("[AUTHENTICATIONFAILED] {text}"))
 }
 
@@ -221,7 +209,7 @@ mod tests {
         let long = login_refused(b"a", &"x".repeat(5000));
         assert_eq!(
             long.len(),
-            "a NO [AUTHENTICATIONFAILED] \r\n".len() + MAX_REFUSAL_TEXT
+            "a NO [AUTHENTICATIONFAILED] \r\n".len() + crate::machine::MAX_REFUSAL_TEXT
         );
     }
 

@@ -172,23 +172,9 @@ pub fn err_auth_failed() -> Vec<u8> {
     b"-ERR [AUTH] Authentication failed\r\n".to_vec()
 }
 
-/// Longest text of a `user_lookup` refusal written back: RFC 1939 §3 keeps a response line
-/// within 512 octets, CRLF and the `-ERR [AUTH] ` before it included.
-const REFUSAL_TEXT_LIMIT: usize = 400;
-
 /// `user_lookup` refused the login (its `Auth-Status`): RFC 3206 AUTH, with the lookup's text
-/// kept to printable ASCII and [`REFUSAL_TEXT_LIMIT`] octets, whatever reached the machine.
+/// kept to printable ASCII and [`crate::machine::MAX_REFUSAL_TEXT`] octets, whatever reached the machine.
 pub fn err_login_refused(text: &str) -> Vec<u8> {
-    let text: String = text
-        .chars()
-        .filter(|c| matches!(c, ' '..='~'))
-        .take(REFUSAL_TEXT_LIMIT)
-        .collect();
-    let text = text.trim();
-    let text = if text.is_empty() {
-        "Authentication failed"
-    } else {
-        text
-    };
+    let text = crate::machine::refusal_text(text, "Authentication failed");
     format!("-ERR [AUTH] {text}\r\n").into_bytes()
 }

@@ -91,35 +91,15 @@ pub const SASL_EMPTY_CHALLENGE: &[u8] = b"334 \r\n";
 pub const LOGIN_USERNAME_CHALLENGE: &[u8] = b"334 VXNlcm5hbWU6\r\n";
 pub const LOGIN_PASSWORD_CHALLENGE: &[u8] = b"334 UGFzc3dvcmQ6\r\n";
 
-/// Longest text of a `user_lookup` refusal put in a reply: with its code it stays well within
-/// RFC 5321 §4.5.3.1.5's 512-octet reply line.
-const MAX_REFUSAL_TEXT: usize = 400;
-
 /// A login `user_lookup` refused: `code` is its `Auth-Error-Code` (`535 5.7.0`), used only when
 /// it reads as a 4yz/5yz code with an enhanced status code (RFC 3463) of the same class, else
-/// [`AUTH_REFUSED_CODE`]; `text` its `Auth-Status`, printable ASCII only (anything else becomes
-/// `?`, so it can never end the line or start another reply), bounded.
+/// [`AUTH_REFUSED_CODE`]; `text` its `Auth-Status` as [`crate::machine::refusal_text`] keeps
+/// it (printable ASCII only, so it can never end the line or start another reply, bounded).
 pub fn auth_refused(code: Option<&str>, text: &str) -> Vec<u8> {
     let code = code
         .filter(|code| is_failure_code(code))
         .unwrap_or(AUTH_REFUSED_CODE);
-    let text: String = text
-        .chars()
-        .take(MAX_REFUSAL_TEXT)
-        .map(|c| {
-            if c == ' ' || c.is_ascii_graphic() {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    let text = text.trim();
-    let text = if text.is_empty() {
-        "Authentication credentials invalid"
-    } else {
-        text
-    };
+    let text = crate::machine::refusal_text(text, "Authentication credentials invalid");
     format!("{code} {text}\r\n").into_bytes()
 }
 
@@ -373,7 +353,8 @@ mod tests {
             );
         }
         let evil = auth_refused(None, "no\r\n235 2.7.0 ok");
-        assert_eq!(evil, b"535 5.7.8 no??235 2.7.0 ok\r\n");
+        // The CR LF are dropped: one line, which no client reads as a second reply.
+        assert_eq!(evil, b"535 5.7.8 no235 2.7.0 ok\r\n");
         assert_eq!(
             auth_refused(None, " "),
             b"535 5.7.8 Authentication credentials invalid\r\n"
