@@ -224,51 +224,24 @@ async fn run<M: Machine, S: Transport>(
                     None => Target::Pool,
                     Some((router, facts)) => {
                         login_attempts = login_attempts.saturating_add(1);
-                        let routed =
-                            Box::pin(route_login(&router, session, &facts, login_attempts));
+                        let routing = Box::pin(route_login(
+                            &router,
+                            session,
+                            &facts,
+                            login_attempts,
+                            login_deadline,
+                        ));
                         let answer = tokio::select! {
                             biased;
                             () = hard_stop.cancelled() => {
                                 let bye = machine.bye_shutdown();
                                 return goodbye(&mut client, &bye, session, EndReason::Shutdown).await;
                             }
-                            answer = routed => answer,
+                            answer = routing => answer,
                         };
                         match answer {
                             Ok(target) => target,
-                            Err(refusal) => {
-                                let failure = match refusal {
-                                    RouteError::Unavailable { reason } => {
-                                        tracing::warn!(user = %String::from_utf8_lossy(&facts.user), reason, "no backend for this login: temporary failure");
-                                        RouteFailure::Unavailable
-                                    }
-                                    RouteError::Refused {
-                                        text,
-                                        smtp_code,
-                                        wait,
-                                    } => {
-                                        // nginx's Auth-Wait: the answer waits that long (within
-                                        // the login deadline), and the client may try again.
-                                        if let Some(wait) = wait {
-                                            let until = Instant::now() + wait;
-                                            let until =
-                                                login_deadline.map_or(until, |d| until.min(d));
-                                            tokio::select! {
-                                                biased;
-                                                () = hard_stop.cancelled() => {
-                                                    let bye = machine.bye_shutdown();
-                                                    return goodbye(&mut client, &bye, session, EndReason::Shutdown).await;
-                                                }
-                                                () = tokio::time::sleep_until(until) => {}
-                                            }
-                                        }
-                                        RouteFailure::Refused {
-                                            text,
-                                            smtp_code,
-                                            go_on: wait.is_some(),
-                                        }
-                                    }
-                                };
+                            Err(failure) => {
                                 // Only a lookup refuses or fails a login.
                                 route = Some((Source::Lookup, None));
                                 machine.route_failed(failure);
@@ -411,13 +384,16 @@ async fn run<M: Machine, S: Transport>(
     }
 }
 
-/// Asks `router` where the login in `facts` goes (nginx's `auth_http` fields from the session).
+/// Asks `router` where the login in `facts` goes (nginx's `auth_http` fields from the session),
+/// or what the machine answers instead. A lookup's refusal with `Auth-Wait` is answered that
+/// much later (within the login deadline), as nginx does, and the client may try again.
 async fn route_login(
     router: &Router,
     session: &Session,
     facts: &LoginFacts,
     attempt: u32,
-) -> Result<Target, RouteError> {
+    login_deadline: Option<Instant>,
+) -> Result<Target, RouteFailure> {
     let tls = session.tls();
     let version = tls.map(crate::tls::TlsInfo::version_name);
     let cipher = tls.map(crate::tls::TlsInfo::cipher_name);
@@ -432,7 +408,28 @@ async fn route_login(
         tls: version.as_deref().zip(cipher.as_deref()),
         helo: facts.helo.as_deref(),
     };
-    router.route(&request).await
+    match router.route(&request).await {
+        Ok(target) => Ok(target),
+        Err(RouteError::Unavailable { reason }) => {
+            tracing::warn!(user = %String::from_utf8_lossy(&facts.user), reason, "no backend for this login: temporary failure");
+            Err(RouteFailure::Unavailable)
+        }
+        Err(RouteError::Refused {
+            text,
+            smtp_code,
+            wait,
+        }) => {
+            if let Some(wait) = wait {
+                let until = Instant::now() + wait;
+                tokio::time::sleep_until(login_deadline.map_or(until, |d| until.min(d))).await;
+            }
+            Err(RouteFailure::Refused {
+                text,
+                smtp_code,
+                go_on: wait.is_some(),
+            })
+        }
+    }
 }
 
 fn end_reason(end: End, backend_error: Option<std::io::Error>) -> EndReason {
