@@ -568,15 +568,11 @@ impl Session {
         self.tls = Some(info);
     }
 
-    /// Connects to the backend (the listener's pool), recording the time or failure. With `backend_proxy_protocol`
-    /// the PROXY v2 header is the first thing written. It describes the session as it is at
-    /// connect time: drivers connect only once TLS is up (after STARTTLS on those listeners), so
-    /// the header carries the SSL TLV; only SMTP's cleartext mail, where allowed, connects before.
-    pub async fn connect_backend(&self) -> Result<BackendStream, ConnectError> {
-        self.connect_backend_to(&crate::routing::Target::Pool).await
-    }
-
-    /// As [`Session::connect_backend`], for a login the listener's router sent to `target`.
+    /// Connects to the backend `target` names (the listener's pool, or where the listener's
+    /// router sent a login), recording the time or failure. With `backend_proxy_protocol` the
+    /// PROXY v2 header is the first thing written. It describes the session as it is at connect
+    /// time: drivers connect only once TLS is up (after STARTTLS on those listeners), so the
+    /// header carries the SSL TLV; only SMTP's cleartext mail, where allowed, connects before.
     pub async fn connect_backend_to(
         &self,
         target: &crate::routing::Target,
